@@ -1,0 +1,35 @@
+"""k-NN probe, DINO protocol: L2-normalised features, cosine similarity, votes weighted by
+exp(sim / T); multi-label tasks vote per label. Every k is scored from one top-k search."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dinoscale.metrics import macro_auroc
+from dinoscale.probes import ProbeResult, Split, register_probe
+
+
+def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4096) -> dict[int, np.ndarray]:
+    """Per-label scores in [0, 1] for each k (k is clipped to the number of training samples)."""
+    tx = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)
+    ty = torch.as_tensor(train_y, dtype=torch.float32)
+    ks = sorted({min(k, tx.shape[0]) for k in ks})
+    out = {k: [] for k in ks}
+    for start in range(0, len(query_x), chunk):
+        q = torch.nn.functional.normalize(torch.as_tensor(query_x[start:start + chunk], dtype=torch.float32), dim=1)
+        sim, idx = (q @ tx.T).topk(ks[-1], dim=1)  # sorted, most similar first
+        w = (sim / temperature).exp()
+        votes = w.unsqueeze(-1) * ty[idx]  # (q, kmax, C)
+        for k in ks:
+            out[k].append((votes[:, :k].sum(1) / w[:, :k].sum(1, keepdim=True)).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@register_probe("knn")
+def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
+    val_scores = knn_scores(train.x, train.y, val.x, spec.ks, spec.temperature)
+    val_metric = {k: macro_auroc(val.y, s) for k, s in val_scores.items()}
+    best_k = max(val_metric, key=lambda k: (np.nan_to_num(val_metric[k], nan=-1), -k))
+    test_scores = knn_scores(train.x, train.y, test.x, [best_k], spec.temperature)[best_k]
+    return ProbeResult(test_scores=test_scores, val_metric=float(val_metric[best_k]), selected={"k": best_k}, candidates=len(val_metric))

@@ -1,0 +1,347 @@
+"""The sweep spec: one YAML file, validated by pydantic before anything starts.
+
+Every model forbids unknown keys, so a misspelt key is an error that names its full path
+(``probes.1.temprature``) and the keys that are allowed there, never a silent default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODALITIES = ("xray", "ct", "mri", "wsi", "em", "petct")
+
+# DINOv2/DINOv3 linear-evaluation grid: 13 learning rates from 1e-5 to 0.1 (scaled by batch/256).
+DEFAULT_LINEAR_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file, the field path and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PhantomSpec(Strict):
+    """Built-in deterministic phantom data (labelled 'phantom' wherever a result appears)."""
+
+    seed: int = Field(0, description="generator seed; the same seed gives the same images and labels")
+    n_patients: int = Field(120, ge=12, description="number of synthetic patients")
+    images_per_patient: tuple[int, int] = Field((2, 4), description="min, max images per patient")
+    image_size: int = Field(256, ge=64, le=2048, description="side of the stored square images (pixels)")
+
+    @field_validator("images_per_patient")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"expected 1 <= min <= max, got {list(v)}")
+        return v
+
+
+class SplitSpec(Strict):
+    """Patient-level split: no patient is ever in two splits."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="fraction of patients held out for validation")
+    test_fraction: float = Field(0.25, gt=0, lt=0.6, description="fraction of patients for test (when no official list)")
+    seed: int = Field(0, description="seed of the patient shuffle")
+    official: bool = Field(True, description="use the dataset's official split lists where it has them")
+
+
+class DatasetSpec(Strict):
+    name: str = Field(description="dataset adapter name (see `dinoscale datasets`)")
+    root: str | None = Field(None, description="data root for real datasets; ${ENV_VARS} are expanded at run time")
+    phantom: PhantomSpec | None = Field(None, description="phantom generator settings (phantom datasets only)")
+    split: SplitSpec = SplitSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from dinoscale.data import dataset_names
+
+        if v not in dataset_names():
+            raise ValueError(_unknown_name("dataset", v, dataset_names()))
+        return v
+
+    @model_validator(mode="after")
+    def _phantom_only_for_phantoms(self) -> "DatasetSpec":
+        from dinoscale.data import is_phantom
+
+        if is_phantom(self.name):
+            if self.root is not None:
+                raise ValueError(f"dataset '{self.name}' is generated; it takes no 'root'")
+        else:
+            if self.phantom is not None:
+                raise ValueError(f"'phantom' settings only apply to phantom datasets, not '{self.name}'")
+            if not self.root:
+                raise ValueError(f"dataset '{self.name}' is real data and needs a 'root' (its folder)")
+        return self
+
+
+class BackboneSpec(Strict):
+    name: str = Field(description="backbone registry name, e.g. dinov3-vitb16 (see `dinoscale backbones`)")
+    weights: str = Field(
+        "random",
+        description="'random' (seeded init, labelled as such), 'hub' (the registry's pretrained tag through timm), "
+        "or a path to a .safetensors / .pth state dict",
+    )
+    weights_seed: int = Field(0, description="seed of the random init when weights='random'")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from dinoscale.models import backbone_names
+
+        if v not in backbone_names():
+            raise ValueError(_unknown_name("backbone", v, backbone_names()))
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+class LinearProbeSpec(Strict):
+    """Many linear heads trained at once on the same features, one per (lr, wd); chosen on val."""
+
+    kind: Literal["linear"]
+    learning_rates: list[float] = Field(default_factory=lambda: list(DEFAULT_LINEAR_LRS), min_length=1)
+    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1, description="lr is scaled by batch_size/256 (DINOv2 protocol)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+    @property
+    def label(self) -> str:
+        return "linear"
+
+
+class KnnProbeSpec(Strict):
+    """DINO k-NN: L2-normalised features, cosine similarity, softmax(sim/T)-weighted votes per label."""
+
+    kind: Literal["knn"]
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 100, 200], min_length=1)
+    temperature: float = Field(0.07, gt=0)
+
+    @property
+    def label(self) -> str:
+        return "knn"
+
+
+ProbeSpec = Annotated[Union[LinearProbeSpec, KnnProbeSpec], Field(discriminator="kind")]
+
+
+class SearchSpec(Strict):
+    metric: Literal["macro_auroc"] = Field("macro_auroc", description="metric that selects a probe's hyper-parameters")
+    select_on: Literal["val"] = Field("val", description="split the selection is made on; test is reported, never selected on")
+
+
+class FeaturesSpec(Strict):
+    tokens: Literal["cls_mean_patch", "cls", "mean_patch"] = Field(
+        "cls_mean_patch", description="classification features; registers are always excluded"
+    )
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype in the feature store")
+    interpolation: Literal["bilinear", "bicubic", "area"] = "bicubic"
+    batch_size: int = Field(32, ge=1)
+
+
+class BootstrapSpec(Strict):
+    resamples: int = Field(1000, ge=50)
+    level: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 0
+
+
+class MetricsSpec(Strict):
+    primary: Literal["macro_auroc"] = "macro_auroc"
+    bootstrap: BootstrapSpec = BootstrapSpec()
+
+
+class ResourcesSpec(Strict):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0.25, ge=0, le=1, description="used only where the cluster has GPUs")
+    cpus_per_extraction: float = Field(1, gt=0)
+    gpus_per_extraction: float = Field(1, ge=0, le=1, description="used only where the cluster has GPUs")
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class TrackingSpec(Strict):
+    uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI (relative sqlite paths: project folder)")
+    experiment: str | None = Field(None, description="default: dinoscale-<modality>")
+    artifact_location: str | None = Field(None, description="default for sqlite: mlartifacts/ beside the database")
+
+
+class StorageSpec(Strict):
+    path: str = Field(".dinoscale", description="root for the feature store, Tune state and generated data; "
+                      "on a cluster a path every node sees")
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="existing cluster ('auto', 'ray://host:10001'); none: embedded Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    modality: Literal["xray", "ct", "mri", "wsi", "em", "petct"]
+    profile: Literal["demo", "paper"]
+    description: str = ""
+    dataset: DatasetSpec
+    backbones: list[BackboneSpec] = Field(min_length=1)
+    resolutions: list[int] = Field(min_length=1)
+    probes: list[ProbeSpec] = Field(min_length=1)
+    strategies: list[Literal["frozen"]] = Field(default_factory=lambda: ["frozen"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    search: SearchSpec = SearchSpec()
+    features: FeaturesSpec = FeaturesSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    storage: StorageSpec = StorageSpec()
+    ray: RaySpec = RaySpec()
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolutions(cls, v: list[int]) -> list[int]:
+        bad = [r for r in v if r < 16 or r % 16]
+        if bad:
+            raise ValueError(f"resolutions must be multiples of the patch size 16, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate resolutions in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_axes(self) -> "SweepSpec":
+        names = [b.name + "@" + b.weights for b in self.backbones]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate backbones: {names}")
+        kinds = [p.kind for p in self.probes]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each probe kind may appear once, got {kinds}")
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"dinoscale-{self.modality}"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.profile == "demo"
+
+    def digest(self) -> str:
+        """Hash of the resolved spec (every default filled in)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading and error messages
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain safe_load keeps the last one silently)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict, source: str = "<spec>") -> SweepSpec:
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe_error(err, raw) for err in e.errors()]
+        raise SpecError(f"{source}: {len(lines)} problem(s) in the spec:\n" + "\n".join(f"  - {x}" for x in lines)) from None
+
+
+def _describe_error(err: dict, raw: dict) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in ("linear", "knn"))]
+    path = ".".join(str(p) for p in loc) or "<top>"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], raw)
+        bad = str(loc[-1])
+        hint = difflib.get_close_matches(bad, allowed, n=1)
+        msg = f"{path}: unknown key '{bad}'"
+        if hint:
+            msg += f" (did you mean '{hint[0]}'?)"
+        return msg + f"; allowed here: {', '.join(sorted(allowed))}"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{path}: {msg}"
+
+
+def _allowed_keys(loc: list, raw: dict) -> list[str]:
+    """Field names of the model found by walking ``loc`` from SweepSpec (lists and unions included)."""
+    model: Any = SweepSpec
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else {}
+            continue
+        field = model.model_fields.get(part)
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+        if field is None:
+            return []
+        model = _model_of(field.annotation, node)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_of(annotation: Any, node: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = typing.get_args(annotation)
+    candidates = []
+    for a in args:
+        m = _model_of(a, node)
+        if m is not None:
+            candidates.append(m)
+    if len(candidates) > 1 and isinstance(node, dict):
+        for m in candidates:
+            kind = m.model_fields.get("kind")
+            if kind is not None and node.get("kind") in typing.get_args(kind.annotation):
+                return m
+    return candidates[0] if candidates else None
+
+
+def _unknown_name(what: str, value: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(value, known, n=1)
+    msg = f"unknown {what} '{value}'"
+    if hint:
+        msg += f" (did you mean '{hint[0]}'?)"
+    return msg + f"; known: {', '.join(known)}"

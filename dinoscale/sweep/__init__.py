@@ -1,0 +1,1 @@
+"""Sweep orchestration: plan, extraction stage, Ray Tune trials, summary."""

@@ -1,0 +1,90 @@
+"""Terminal output: the demo banner, the plan and the final summary (rich tables)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from dinoscale.sweep.plan import Plan
+
+import sys
+
+# Logs and CI are not terminals: give tables room instead of rich's 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+def provenance_lines(plan: Plan) -> list[str]:
+    spec = plan.spec
+    lines = []
+    if plan.dataset is not None and plan.dataset.is_phantom:
+        pv = plan.dataset.provenance
+        lines.append(f"data: PHANTOM ({pv['data.generator']}, seed {pv['data.seed']}) - synthetic, not patient data")
+    elif plan.dataset is not None:
+        lines.append(f"data: {plan.dataset.provenance.get('data.name')} at {plan.dataset.root}")
+    weights = Counter(b.weights if b.weights in ("random", "hub") else "file" for b in spec.backbones)
+    if weights.get("random"):
+        lines.append(f"weights: RANDOM init for {weights['random']} of {len(spec.backbones)} backbone(s) - no pretrained features")
+    if weights.get("hub") or weights.get("file"):
+        lines.append(f"weights: pretrained ({weights.get('hub', 0)} hub, {weights.get('file', 0)} local file)")
+    return lines
+
+
+def print_banner(plan: Plan) -> None:
+    spec = plan.spec
+    lines = provenance_lines(plan)
+    demo = spec.is_demo or any("PHANTOM" in x or "RANDOM" in x for x in lines)
+    title = f"dinoscale sweep '{spec.name}' - {spec.modality}, {spec.profile} profile"
+    body = "\n".join(lines)
+    if demo:
+        body = "[bold]DEMO RUN: the numbers exercise the pipeline; they say nothing about DINOv3 on real data.[/bold]\n" + body
+    console.print(Panel(body, title=title, border_style="yellow" if demo else "green"))
+
+
+def print_plan(plan: Plan) -> None:
+    spec = plan.spec
+    n_cached = len(plan.feature_sets) - len(plan.missing)
+    t = Table(title=f"Feature sets - one backbone forward pass per backbone x resolution x split: "
+                    f"{n_cached} cached, {len(plan.missing)} to extract")
+    for col in ("backbone", "params", "resolution", "images (train/val/test)", "status", "est. GFLOP", "keys"):
+        t.add_column(col, justify="right" if col in ("params", "resolution", "est. GFLOP") else "left")
+    groups: dict = {}
+    for fs in plan.feature_sets:
+        groups.setdefault((fs.backbone.name, fs.resolution), []).append(fs)
+    for (name, res), sets in groups.items():
+        cached = sum(f.cached for f in sets)
+        if sets[0].key is None:
+            status = "[red]no data[/red]"
+        elif cached == len(sets):
+            status = "[green]cached[/green]"
+        else:
+            status = f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]"
+        todo = sum(f.gflops for f in sets if not f.cached)
+        t.add_row(name, f"{sets[0].backbone.n_params / 1e6:.2f}M", str(res), "/".join(str(f.n_images) for f in sets),
+                  status, f"{todo:,.0f}", " ".join(f.key.digest[:8] for f in sets) if sets[0].key else "-")
+    console.print(t)
+    axes = (f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
+            f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds")
+    console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
+    missing_images = sum(f.n_images for f in plan.missing)
+    console.print(f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
+                  f"{missing_images} image forward passes, ~{plan.estimated_gflops():,.0f} GFLOP (2 x params x tokens estimate)")
+    if plan.dataset_error:
+        console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
+
+
+def print_summary(rows: list[dict], title: str) -> None:
+    t = Table(title=title)
+    for col in ("cell", "params", "res", "probe", "test macro AUROC [95% CI]", "val", "selected", "state"):
+        t.add_column(col)
+    for r in sorted(rows, key=lambda r: (r["probe"], r["resolution"], r["n_params"])):
+        if r.get("state") == "FINISHED":
+            auroc = f"{r['test_macro_auroc']:.3f} [{r['test_macro_auroc_ci_low']:.3f}, {r['test_macro_auroc_ci_high']:.3f}]"
+            val = f"{r['val_macro_auroc']:.3f}"
+        else:
+            auroc, val = "-", "-"
+        t.add_row(r["backbone"], f"{r['n_params'] / 1e6:.2f}M", str(r["resolution"]), r["probe"], auroc, val,
+                  r.get("selected", ""), r.get("state", "?"))
+    console.print(t)

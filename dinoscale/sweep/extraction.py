@@ -1,0 +1,122 @@
+"""Extraction stage: every missing feature set of the plan is computed exactly once, as Ray tasks.
+
+Work is grouped by (backbone, weights, resolution) so that a model is built once and runs over
+all three splits; each split is stored under its own key. Trials never extract.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.sweep.plan import Plan
+
+
+@dataclass
+class ExtractionJob:
+    backbone: str
+    weights: str
+    weights_seed: int
+    resolution: int
+    tokens: str
+    interpolation: str
+    batch_size: int
+    splits: list[tuple[str, FeatureKey, list[str], list[str]]]  # (split, key, paths, sample_ids)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backbone}@{self.resolution}"
+
+
+@dataclass
+class ExtractionReport:
+    feature_sets_extracted: int = 0
+    feature_sets_cached: int = 0
+    images: int = 0
+    forward_batches: int = 0
+    forward_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    per_job: list[dict] = field(default_factory=list)
+
+
+def plan_jobs(plan: Plan) -> list[ExtractionJob]:
+    if plan.dataset is None:
+        raise RuntimeError(f"cannot extract without data: {plan.dataset_error}")
+    spec, jobs = plan.spec, {}
+    for fs in plan.missing:
+        df = plan.dataset.split(fs.split)
+        bb = fs.backbone
+        job = jobs.setdefault(
+            (bb.name, bb.weights, fs.resolution),
+            ExtractionJob(bb.name, bb.weights, bb.weights_seed, fs.resolution, spec.features.tokens,
+                          spec.features.interpolation, spec.features.batch_size, []),
+        )
+        job.splits.append((fs.split, fs.key, df["path"].tolist(), df["sample_id"].astype(str).tolist()))
+    return list(jobs.values())
+
+
+def run_job(job: ExtractionJob, store_root: str) -> dict:
+    """Plain function (callable without Ray): build the backbone once, extract and store each split."""
+    import torch
+
+    from dinoscale.features.extract import extract_features, pick_device
+    from dinoscale.models import load_backbone
+
+    store = FeatureStore(store_root)
+    t0 = time.perf_counter()
+    backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
+    device = pick_device()
+    out = {"job": job.label, "device": str(device), "images": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0}
+    for split, key, paths, ids in job.splits:
+        if store.has(key):  # written meanwhile by another worker
+            continue
+        feats, stats = extract_features(backbone, paths, job.resolution, job.tokens, job.interpolation, job.batch_size, device)
+        if backbone.weights["digest"] != key.weights_digest:
+            raise RuntimeError(f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}")
+        store.put(key, feats, ids, extra={"backbone_name": job.backbone, "split": split, "n_params": backbone.n_params,
+                                          "weights_kind": backbone.weights["kind"], "seconds": stats.seconds})
+        out["images"] += stats.images
+        out["batches"] += stats.forward_passes
+        out["forward_seconds"] += stats.seconds
+        out["stored"] += 1
+    out["wall_seconds"] = time.perf_counter() - t0
+    del backbone
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_extraction_stage(plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None) -> ExtractionReport:
+    """Submit one Ray task per job (GPU resources where the cluster has GPUs) and wait for all."""
+    import ray
+
+    report = ExtractionReport(feature_sets_cached=len(plan.feature_sets) - len(plan.missing))
+    jobs = plan_jobs(plan)
+    if not jobs:
+        return report
+    t0 = time.perf_counter()
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
+    pending = {remote.remote(job, str(store_root)): job for job in jobs}
+    errors = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(done[0])
+        try:
+            res = ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - collected, reported together below
+            errors.append(f"{job.label}: {e}")
+            continue
+        report.per_job.append(res)
+        report.feature_sets_extracted += res["stored"]
+        report.images += res["images"]
+        report.forward_batches += res["batches"]
+        report.forward_seconds += res["forward_seconds"]
+        if on_done:
+            on_done(res)
+    report.wall_seconds = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError("feature extraction failed:\n" + "\n".join(errors))
+    return report

@@ -1,0 +1,190 @@
+"""The plan: the grid of cells, the feature sets they need (cached or to extract) and the cost.
+
+A cell is (dataset, backbone, resolution, probe, strategy, seed). A feature set is one backbone
+forward pass over one split at one resolution; every cell of that backbone and resolution shares
+it, whatever its probe or seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dinoscale.data import SPLITS, DataError, PreparedDataset, prepare_dataset
+from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.models import get_backbone, weights_identity
+from dinoscale.spec import SweepSpec
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    weights: str
+    weights_seed: int
+    weights_kind: str
+    weights_digest: str
+    arch_id: str
+    n_params: int
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_facts(name: str, tag: str | None) -> tuple[int, int, tuple, tuple]:
+    """Parameter count, patch size, mean, std: measured on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    defn = get_backbone(name)
+    with torch.device("meta"):
+        model = timm.create_model(defn.timm_name + (f".{tag}" if tag else ""), pretrained=False, num_classes=0, **defn.arch_overrides)
+    patch = model.patch_embed.patch_size
+    cfg = model.pretrained_cfg
+    return (
+        sum(p.numel() for p in model.parameters()),
+        int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+        tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+
+
+def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
+    defn = get_backbone(name)
+    ident = weights_identity(defn, weights, seed)
+    n_params, patch, mean, std = _arch_facts(name, defn.hub_tag if ident["kind"] == "hub" else None)
+    return BackboneInfo(name, weights, seed, ident["kind"], ident["digest"], defn.arch_id, n_params, patch, mean, std)
+
+
+@dataclass(frozen=True)
+class FeatureSetPlan:
+    backbone: BackboneInfo
+    resolution: int
+    split: str
+    key: FeatureKey | None  # None when the data is not available (plan without data)
+    n_images: int
+    cached: bool
+
+    @property
+    def tokens_per_image(self) -> int:
+        return 5 + (self.resolution // self.backbone.patch_size) ** 2
+
+    @property
+    def gflops(self) -> float:
+        """Rough forward cost: 2 x params x tokens (ignores attention's quadratic term)."""
+        return 2 * self.backbone.n_params * self.tokens_per_image * self.n_images / 1e9
+
+
+@dataclass(frozen=True)
+class Cell:
+    backbone: BackboneInfo
+    resolution: int
+    probe: str
+    strategy: str
+    seed: int
+    feature_keys: tuple[tuple[str, str], ...]  # (split, feature-store digest)
+    trial_key: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.backbone.name}_r{self.resolution}_{self.probe}_{self.strategy}_s{self.seed}"
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    dataset: PreparedDataset | None
+    dataset_error: str | None
+    cells: list[Cell]
+    feature_sets: list[FeatureSetPlan]
+    storage: Path
+
+    @property
+    def missing(self) -> list[FeatureSetPlan]:
+        return [f for f in self.feature_sets if not f.cached]
+
+    @property
+    def is_runnable(self) -> bool:
+        return self.dataset is not None
+
+    def estimated_gflops(self) -> float:
+        return sum(f.gflops for f in self.missing)
+
+    def cell(self, cell_id: str) -> Cell:
+        return next(c for c in self.cells if c.id == cell_id)
+
+
+def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
+    p = Path(spec.storage.path).expanduser()
+    return p if p.is_absolute() else (project_dir or Path.cwd()) / p
+
+
+def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str) -> FeatureKey:
+    f = spec.features
+    return FeatureKey(
+        backbone=bb.arch_id,
+        weights_digest=bb.weights_digest,
+        resolution=resolution,
+        interpolation=f.interpolation,
+        normalisation=f"mean={list(bb.mean)},std={list(bb.std)}",
+        tokens=f.tokens,
+        manifest_digest=manifest_digest,
+        dtype=f.dtype,
+    )
+
+
+def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
+    """Deterministic identity of a cell's result: same spec content + same cell -> same key."""
+    probe = next(p for p in spec.probes if p.kind == cell_fields["probe"])
+    blob = json.dumps(
+        {
+            "sweep": spec.name,
+            "dataset": spec.dataset.model_dump(mode="json"),
+            "probe": probe.model_dump(mode="json"),
+            "metrics": spec.metrics.model_dump(mode="json"),
+            "features": spec.features.model_dump(mode="json"),
+            **cell_fields,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: bool = False) -> Plan:
+    root = storage_root(spec, project_dir)
+    store = FeatureStore(root / "features")
+    try:
+        ds: PreparedDataset | None = prepare_dataset(spec.dataset, root)
+        ds_error = None
+    except DataError as e:
+        if require_data:
+            raise
+        ds, ds_error = None, str(e)
+
+    infos = [backbone_info(b.name, b.weights, b.weights_seed) for b in spec.backbones]
+    feature_sets: list[FeatureSetPlan] = []
+    keys: dict[tuple[str, int], dict[str, str]] = {}
+    for bb, res in itertools.product(infos, spec.resolutions):
+        if res % bb.patch_size:
+            raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
+        for split in SPLITS:
+            if ds is None:
+                feature_sets.append(FeatureSetPlan(bb, res, split, None, 0, False))
+                continue
+            key = feature_key(spec, bb, res, ds.manifest_digest(split))
+            keys.setdefault((bb.name, res), {})[split] = key.digest
+            feature_sets.append(FeatureSetPlan(bb, res, split, key, int((ds.manifest["split"] == split).sum()), store.has(key)))
+
+    cells = []
+    for bb, res, probe, strategy, seed in itertools.product(infos, spec.resolutions, spec.probes, spec.strategies, spec.seeds):
+        fk = keys.get((bb.name, res), {})
+        fields = {
+            "backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": probe.kind,
+            "strategy": strategy, "seed": seed, "features": fk,
+        }
+        cells.append(Cell(bb, res, probe.kind, strategy, seed, tuple(sorted(fk.items())), _trial_key(spec, fields)))
+    return Plan(spec, ds, ds_error, cells, feature_sets, root)

@@ -1,0 +1,149 @@
+"""One cell = one trial: read cached features, fit the probe (selected on val), score test with a
+patient-level bootstrap interval, and record it all in the cell's MLflow child run.
+
+``evaluate_cell`` is a plain function (testable without Ray); ``cell_trainable`` is what Ray Tune
+runs: it wraps it with the MLflow child run and ``tune.report``.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dinoscale.features import FeatureStore
+from dinoscale.metrics import auroc_per_class, patient_bootstrap
+from dinoscale.probes import Split, run_probe
+from dinoscale.spec import SweepSpec
+from dinoscale.sweep.plan import Cell
+
+
+@dataclass
+class SplitLabels:
+    sample_ids: list[str]
+    patient_ids: np.ndarray
+    labels: np.ndarray  # (n, C)
+
+
+@dataclass
+class SweepContext:
+    """Everything a trial needs, shipped once to the workers (``tune.with_parameters``)."""
+
+    spec_json: dict
+    cells: dict[str, Cell]
+    classes: list[str]
+    splits: dict[str, SplitLabels]
+    store_root: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    run_tags: dict[str, str] = field(default_factory=dict)  # provenance etc., copied to every child
+
+    @property
+    def spec(self) -> SweepSpec:
+        return SweepSpec.model_validate(self.spec_json)
+
+
+def _load_split(store: FeatureStore, digest: str, split: str, labels: SplitLabels) -> Split:
+    fs = store.get(digest)
+    if fs.sample_ids != labels.sample_ids:
+        raise RuntimeError(f"feature set {digest} ({split}) lists other samples than the manifest; extract again")
+    return Split(fs.features.astype(np.float32), labels.labels)
+
+
+def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
+    spec = ctx.spec
+    store = FeatureStore(ctx.store_root)
+    keys = dict(cell.feature_keys)
+    t0 = time.perf_counter()
+    train, val, test = (_load_split(store, keys[s], s, ctx.splits[s]) for s in ("train", "val", "test"))
+    t_load = time.perf_counter() - t0
+    probe_spec = next(p for p in spec.probes if p.kind == cell.probe)
+    t1 = time.perf_counter()
+    result = run_probe(probe_spec, train, val, test, seed=cell.seed)
+    t_probe = time.perf_counter() - t1
+    bs = spec.metrics.bootstrap
+    test_labels = ctx.splits["test"]
+    ci = patient_bootstrap(test.y, result.test_scores, test_labels.patient_ids, resamples=bs.resamples, level=bs.level, seed=bs.seed)
+    per_class = auroc_per_class(test.y, result.test_scores)
+    metrics = {
+        **ci.as_dict("test_macro_auroc"),
+        "val_macro_auroc": result.val_metric,
+        **{f"test_auroc_{c}": float(v) for c, v in zip(ctx.classes, per_class) if np.isfinite(v)},
+        # numeric axes mirrored as metrics (MLflow sorts params as strings)
+        "n_params": cell.backbone.n_params,
+        "resolution": cell.resolution,
+        "tokens_per_image": 5 + (cell.resolution // cell.backbone.patch_size) ** 2,
+        "seed": cell.seed,
+        "feature_dim": train.x.shape[1],
+        "n_train": len(train.y), "n_val": len(val.y), "n_test": len(test.y),
+        "n_test_patients": len(set(test_labels.patient_ids)),
+        "bootstrap_resamples_valid": ci.resamples,
+        "probe_candidates": result.candidates,
+        "time_feature_load_s": t_load,
+        "time_probe_s": t_probe,
+        **{f"selected_{k}": v for k, v in result.selected.items() if isinstance(v, (int, float))},
+    }
+    predictions = pd.DataFrame({"sample_id": test_labels.sample_ids, "patient_id": test_labels.patient_ids})
+    for j, c in enumerate(ctx.classes):
+        predictions[f"label_{c}"] = test.y[:, j].astype(int)
+        predictions[f"score_{c}"] = result.test_scores[:, j]
+    return {"metrics": metrics, "selected": result.selected, "predictions": predictions}
+
+
+def cell_params(cell: Cell, spec: SweepSpec) -> dict:
+    probe = next(p for p in spec.probes if p.kind == cell.probe)
+    params = {
+        "cell": cell.id, "dataset": spec.dataset.name, "modality": spec.modality, "backbone": cell.backbone.name,
+        "backbone_arch": cell.backbone.arch_id, "weights": cell.backbone.weights, "n_params": cell.backbone.n_params,
+        "resolution": cell.resolution, "probe": cell.probe, "strategy": cell.strategy, "seed": cell.seed,
+        "tokens": spec.features.tokens, "interpolation": spec.features.interpolation, "feature_dtype": spec.features.dtype,
+        "bootstrap_resamples": spec.metrics.bootstrap.resamples, "bootstrap_level": spec.metrics.bootstrap.level,
+    }
+    params.update({f"probe.{k}": v for k, v in probe.model_dump().items() if k != "kind"})
+    return params
+
+
+def cell_trainable(config: dict, ctx: SweepContext) -> None:
+    """The Ray Tune function trainable for one cell."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from dinoscale.tracking import find_or_create_child, log_batch, with_retries
+
+    cell = ctx.cells[config["cell"]]
+    client = MlflowClient(ctx.tracking_uri)
+    trial_ctx = tune.get_context()
+    tags = {
+        **ctx.run_tags,
+        "dinoscale.cell": cell.id,
+        "weights.kind": cell.backbone.weights_kind,
+        "weights.digest": cell.backbone.weights_digest,
+        "ray.trial_id": trial_ctx.get_trial_id() or "",
+        "ray.node_id": ray.get_runtime_context().get_node_id(),
+        "features.keys": ",".join(f"{s}:{d}" for s, d in cell.feature_keys),
+    }
+    run_id = with_retries(find_or_create_child, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, cell.id, tags)
+    with_retries(log_batch, client, run_id, tags=tags)
+    try:
+        out = evaluate_cell(cell, ctx)
+        with_retries(log_batch, client, run_id, params=cell_params(cell, ctx.spec), metrics=out["metrics"],
+                     tags={f"selected.{k}": v for k, v in out["selected"].items()})
+        buf = io.StringIO()
+        out["predictions"].to_csv(buf, index=False)
+        client.log_text(run_id, buf.getvalue(), "predictions/test.csv")
+        with_retries(client.set_terminated, run_id, "FINISHED")
+    except BaseException:
+        tb = traceback.format_exc()
+        try:
+            client.log_text(run_id, tb, "error/traceback.txt")
+            with_retries(client.set_tag, run_id, "dinoscale.error", tb.strip().splitlines()[-1][:500])
+            with_retries(client.set_terminated, run_id, "FAILED")
+        finally:
+            raise
+    tune.report({**out["metrics"], "mlflow_run_id": run_id, "cell": cell.id})

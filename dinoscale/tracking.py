@@ -1,0 +1,104 @@
+"""MLflow conventions: experiment per modality, parent run per sweep, one child run per cell.
+
+A child run is found again by its deterministic trial key (tag ``dinoscale.trial_key``) under its
+parent, so a retried or resumed trial reuses its run instead of duplicating it. Numeric sweep axes
+are logged as params *and* metrics, because MLflow sorts params as strings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_RUN_ID = "mlflow.parentRunId"
+TRIAL_KEY = "dinoscale.trial_key"
+SWEEP_ID = "dinoscale.sweep_id"
+ROLE = "dinoscale.role"
+DEMO_NOTE = "DEMO: phantom data and/or random weights - numbers exercise the pipeline, they say nothing about DINOv3"
+
+
+def resolve_tracking_uri(uri: str, project_dir: Path | None = None) -> str:
+    """Make a relative sqlite path absolute (relative to the project folder), so workers agree."""
+    env = os.environ.get("DINOSCALE_TRACKING_URI")
+    uri = env or uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        uri = "sqlite:///" + str(((project_dir or Path.cwd()) / rel).resolve())
+    return uri
+
+
+def default_artifact_location(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(project_dir: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir or Path.cwd(), capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_dir or Path.cwd(), capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TRIAL_KEY}` = '{trial_key}'",
+        max_results=2,
+    )
+    return runs[0] if runs else None
+
+
+def find_or_create_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str, tags: dict[str, str]) -> str:
+    existing = find_child(client, experiment_id, parent_run_id, trial_key)
+    if existing is not None:
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    all_tags = {PARENT_RUN_ID: parent_run_id, TRIAL_KEY: trial_key, ROLE: "cell", **tags}
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def log_batch(client: MlflowClient, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
+    """Log in chunks that stay under MLflow's per-request limits (100 params, 1000 metrics)."""
+    ts = int(time.time() * 1000)
+    p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    m = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items() if v is not None]
+    t = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(p), 1), 100):
+        client.log_batch(run_id, params=p[i:i + 100])
+    for i in range(0, len(m), 1000):
+        client.log_batch(run_id, metrics=m[i:i + 1000])
+    for i in range(0, len(t), 100):
+        client.log_batch(run_id, tags=t[i:i + 100])
+
+
+def with_retries(fn, *args, attempts: int = 5, **kwargs):
+    """SQLite allows one writer at a time; concurrent trials may briefly see 'database is locked'."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - retried only for lock contention
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
