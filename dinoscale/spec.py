@@ -304,20 +304,25 @@ def _describe_error(err: dict, raw: dict) -> str:
 
 def _allowed_keys(loc: list, raw: dict) -> list[str]:
     """Field names of the model found by walking ``loc`` from SweepSpec (lists and unions included)."""
-    model: Any = SweepSpec
+    import typing
+
+    annotation: Any = SweepSpec
     node: Any = raw
     for part in loc:
         if isinstance(part, int):
             node = node[part] if isinstance(node, list) and part < len(node) else {}
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            list_args = [typing.get_args(a) for a in args] if typing.get_origin(annotation) is not list else [args]
+            annotation = next((a[0] for a in list_args if a), None)
             continue
-        field = model.model_fields.get(part)
-        node = node.get(part, {}) if isinstance(node, dict) else {}
+        model = _model_of(annotation, node)
+        field = model.model_fields.get(part) if model is not None else None
         if field is None:
             return []
-        model = _model_of(field.annotation, node)
-        if model is None:
-            return []
-    return list(model.model_fields)
+        annotation = field.annotation
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    model = _model_of(annotation, node)
+    return list(model.model_fields) if model is not None else []
 
 
 def _model_of(annotation: Any, node: Any) -> Any:

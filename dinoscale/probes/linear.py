@@ -59,10 +59,17 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
         val_scores = torch.sigmoid(torch.einsum("nd,hdc->hnc", xva, w) + b).numpy()
         test_scores = torch.sigmoid(torch.einsum("nd,hdc->hnc", xte, w) + b).numpy()
     val_metrics = np.array([macro_auroc(val.y, s) for s in val_scores])
-    best = int(np.nanargmax(np.where(np.isfinite(val_metrics), val_metrics, -np.inf)))
+    # ties in val AUROC (common when val is easy) are broken by val BCE: a barely trained head
+    # ranks perfectly by chance of its init far less often than it calibrates well
+    eps = 1e-7
+    yv = val.y[None].astype(np.float64)
+    val_loss = -(yv * np.log(val_scores + eps) + (1 - yv) * np.log(1 - val_scores + eps)).mean(axis=(1, 2))
+    order = np.lexsort((val_loss, -np.nan_to_num(val_metrics, nan=-np.inf)))
+    best = int(order[0])
     return ProbeResult(
         test_scores=test_scores[best],
         val_metric=float(val_metrics[best]),
         selected={"lr": grid[best][0], "weight_decay": grid[best][1]},
         candidates=n_heads,
+        extra={"val_bce": float(val_loss[best])},
     )

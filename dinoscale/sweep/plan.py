@@ -144,7 +144,7 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
         {
             "sweep": spec.name,
             "dataset": spec.dataset.model_dump(mode="json"),
-            "probe": probe.model_dump(mode="json"),
+            "probe_config": probe.model_dump(mode="json"),
             "metrics": spec.metrics.model_dump(mode="json"),
             "features": spec.features.model_dump(mode="json"),
             **cell_fields,

@@ -1,0 +1,45 @@
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def tiny_spec_dict(tmp_path: Path, **overrides) -> dict:
+    """A demo spec small enough for tests: 2 backbones x 2 resolutions x 2 probes, ~100 images."""
+    spec = yaml.safe_load((ROOT / "sweeps" / "demo" / "xray.yaml").read_text())
+    spec.update({
+        "name": "xray-test",
+        "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}, {"name": "dinov3-demo-s", "weights": "random"}],
+        "resolutions": [32, 64],
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+        "storage": {"path": str(tmp_path / "store")},
+        "ray": {"num_cpus": 2},
+    })
+    spec["dataset"] = copy.deepcopy(spec["dataset"])
+    spec["dataset"]["phantom"].update({"n_patients": 30, "images_per_patient": [2, 4], "image_size": 128})
+    spec["probes"][0]["epochs"] = 20
+    spec["metrics"] = {"bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}}
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    from dinoscale.spec import parse_spec
+
+    return parse_spec(tiny_spec_dict(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the session (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,102 @@
+"""Feature store keys, atomic writes, verification; extraction of CLS ⊕ mean-patch features."""
+
+import dataclasses
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+
+from dinoscale.features import FeatureKey, FeatureStore, FeatureStoreError
+from dinoscale.features.extract import extract_features, pool_tokens
+
+KEY = FeatureKey("vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc123", "float16")
+
+
+@pytest.mark.parametrize("field, value", [("resolution", 128), ("weights_digest", "sha256:x"), ("interpolation", "bilinear"),
+                                          ("tokens", "cls"), ("manifest_digest", "def"), ("dtype", "float32"),
+                                          ("normalisation", "other"), ("backbone", "vit_base_patch16_dinov3"),
+                                          ("extractor_version", "2")])
+def test_every_key_field_changes_the_digest(field, value):
+    assert dataclasses.replace(KEY, **{field: value}).digest != KEY.digest
+
+
+def test_put_get_roundtrip_stores_float16(tmp_path):
+    store = FeatureStore(tmp_path)
+    x = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
+    assert not store.has(KEY)
+    store.put(KEY, x, [f"s{i}" for i in range(10)])
+    assert store.has(KEY)
+    fs = store.get(KEY)
+    assert fs.features.dtype == np.float16 and fs.sample_ids[3] == "s3"
+    np.testing.assert_allclose(fs.features, x, atol=1e-2)
+    assert store.get(KEY.digest).meta["shape"] == [10, 8]
+
+
+def test_corruption_is_detected_on_read(tmp_path):
+    store = FeatureStore(tmp_path)
+    path = store.put(KEY, np.ones((4, 4), np.float32), list("abcd"))
+    raw = bytearray((path / "features.npy").read_bytes())
+    raw[-1] ^= 0xFF
+    (path / "features.npy").write_bytes(bytes(raw))
+    with pytest.raises(FeatureStoreError, match="checksum mismatch"):
+        store.get(KEY)
+
+
+def test_a_killed_writer_leaves_nothing_readable(tmp_path):
+    store = FeatureStore(tmp_path)
+
+    class Boom(np.ndarray):
+        def astype(self, *a, **k):
+            raise KeyboardInterrupt  # the writer dies mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        store.put(KEY, np.ones((3, 3)).view(Boom), list("abc"))
+    assert not store.has(KEY)
+    assert not any(tmp_path.rglob("features.npy"))
+
+
+def _writer(root, seed):
+    FeatureStore(root).put(KEY, np.full((256, 64), seed, np.float32), [str(i) for i in range(256)])
+
+
+def test_concurrent_writers_of_one_key_leave_one_valid_entry(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    fs = FeatureStore(tmp_path).get(KEY)  # verified checksum: one writer's complete copy
+    assert len(np.unique(fs.features)) == 1
+    assert len(list(tmp_path.rglob("meta.json"))) == 1
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_pool_tokens_excludes_registers():
+    t = torch.zeros(1, 5 + 4, 2)
+    t[0, 0] = 1.0  # CLS
+    t[0, 1:5] = 100.0  # registers: must not leak into the patch mean
+    t[0, 5:] = torch.tensor([2.0, 4.0])
+    assert pool_tokens(t, 5, "cls_mean_patch").tolist() == [[1.0, 1.0, 2.0, 4.0]]
+    assert pool_tokens(t, 5, "cls").tolist() == [[1.0, 1.0]]
+    assert pool_tokens(t, 5, "mean_patch").tolist() == [[2.0, 4.0]]
+
+
+def test_extract_features_from_files(tmp_path):
+    from PIL import Image
+
+    from dinoscale.models import load_backbone
+
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (80, 80), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    bb = load_backbone("dinov3-demo-xs", "random", 0)
+    feats, stats = extract_features(bb, paths, resolution=48, batch_size=2, device=torch.device("cpu"))
+    assert feats.shape == (5, 2 * 96)
+    assert stats.images == 5 and stats.forward_passes == 3
+    again, _ = extract_features(bb, paths[2:3], resolution=48, batch_size=1, device=torch.device("cpu"))
+    np.testing.assert_allclose(again[0], feats[2], atol=1e-5)  # batch composition does not change a sample's features

@@ -1,0 +1,61 @@
+"""The plan: cells, feature sets, cache status, trial keys - before anything runs."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from dinoscale.cli import app
+from dinoscale.features import FeatureStore
+from dinoscale.spec import load_spec, parse_spec
+from dinoscale.sweep.plan import build_plan
+
+from conftest import tiny_spec_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_grid_feature_sets_and_trial_keys(tmp_path, tiny_spec):
+    plan = build_plan(tiny_spec, tmp_path)
+    assert len(plan.cells) == 2 * 2 * 2
+    assert len(plan.feature_sets) == 2 * 2 * 3 and len(plan.missing) == 12
+    assert len({c.trial_key for c in plan.cells}) == len(plan.cells)
+    # probes of one backbone x resolution share its feature sets
+    lin, knn = (next(c for c in plan.cells if c.probe == p and c.resolution == 32 and c.backbone.name == "dinov3-demo-xs") for p in ("linear", "knn"))
+    assert lin.feature_keys == knn.feature_keys
+    assert plan.estimated_gflops() > 0
+    # the same spec plans the same keys; a changed probe setting changes only that probe's trial keys
+    again = build_plan(parse_spec(tiny_spec_dict(tmp_path)), tmp_path)
+    assert [c.trial_key for c in again.cells] == [c.trial_key for c in plan.cells]
+    raw = tiny_spec_dict(tmp_path)
+    raw["probes"][1]["ks"] = [5]
+    changed = build_plan(parse_spec(raw), tmp_path)
+    for a, b in zip(plan.cells, changed.cells):
+        assert (a.trial_key == b.trial_key) == (a.probe == "linear")
+
+
+def test_cache_status_follows_the_store(tmp_path, tiny_spec):
+    import numpy as np
+
+    plan = build_plan(tiny_spec, tmp_path)
+    fs = plan.missing[0]
+    FeatureStore(plan.storage / "features").put(fs.key, np.zeros((fs.n_images, 4)), [str(i) for i in range(fs.n_images)])
+    replanned = build_plan(tiny_spec, tmp_path)
+    assert len(replanned.missing) == 11
+    assert [f for f in replanned.feature_sets if f.cached][0].key == fs.key
+
+
+def test_paper_profile_plans_without_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOSCALE_DATA", str(tmp_path / "no-data-here"))
+    plan = build_plan(load_spec(ROOT / "sweeps/xray.yaml"), tmp_path)
+    assert len(plan.cells) == 3 * 4 * 2 * 3
+    assert plan.dataset is None and "Data_Entry_2017.csv" in plan.dataset_error
+    assert {f.backbone.n_params for f in plan.feature_sets} == {21_586_944, 85_641_216, 303_079_424}
+    assert plan.estimated_gflops() == 0  # unknown without data, never invented
+
+
+def test_cli_plan_prints_the_grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["plan", str(ROOT / "sweeps/xray.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "72 cells" in res.output and "Data not available" in res.output
+    assert "dinov3-vitl16" in res.output

@@ -1,0 +1,91 @@
+"""End to end with real Ray Tune and a real SQLite MLflow store (no mocks)."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dinoscale.spec import parse_spec
+from dinoscale.sweep.runner import run_sweep
+
+from conftest import tiny_spec_dict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("project")
+    spec = parse_spec(tiny_spec_dict(tmp))
+    first = run_sweep(spec, project_dir=tmp, quiet=True)
+    return tmp, spec, first
+
+
+def _children(client, exp_id, parent_id):
+    return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
+
+
+def test_sweep_records_one_child_run_per_cell_with_provenance(project):
+    tmp, spec, out = project
+    assert [r["state"] for r in out.rows] == ["FINISHED"] * 8
+    client = MlflowClient(out.tracking_uri)
+    exp = client.get_experiment_by_name("dinoscale-xray")
+    parents = client.search_runs([exp.experiment_id], "tags.`dinoscale.role` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["dinoscale.demo"] == "true"
+    children = _children(client, exp.experiment_id, out.parent_run_id)
+    assert len(children) == 8
+    assert len({c.data.tags["dinoscale.trial_key"] for c in children}) == 8
+    for c in children:
+        m, t, p = c.data.metrics, c.data.tags, c.data.params
+        assert c.info.status == "FINISHED"
+        assert m["test_macro_auroc_ci_low"] <= m["test_macro_auroc"] <= m["test_macro_auroc_ci_high"]
+        assert 0.0 <= m["test_macro_auroc"] <= 1.0
+        assert t["data.source"] == "phantom" and t["data.generator"].startswith("phantom-xray") and t["data.seed"] == "0"
+        assert t["weights.kind"] == "random" and t["weights.digest"].startswith("random-seed0")
+        assert t["ray.node_id"] and t["ray.trial_id"]
+        assert m["resolution"] == int(p["resolution"]) and m["n_params"] == int(p["n_params"])  # axes as metrics too
+        preds = client.download_artifacts(c.info.run_id, "predictions/test.csv", str(tmp / c.info.run_id))
+        assert sum(1 for _ in open(preds)) == 1 + int(m["n_test"])
+    # parent run carries the resolved spec and the scaling report
+    arts = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
+    assert {"report/report.md", "report/auroc_vs_params.png", "report/auroc_vs_resolution.png"} <= arts
+    assert (tmp / "reports" / "xray" / "report.md").read_text().count("PHANTOM") >= 1
+    assert out.extraction.feature_sets_extracted == 12
+
+
+def test_rerun_extracts_nothing_and_reproduces_results(project):
+    tmp, spec, first = project
+    second = run_sweep(spec, project_dir=tmp, quiet=True)
+    assert second.plan.missing == []
+    assert second.extraction.feature_sets_extracted == 0 and second.extraction.images == 0
+    a = {r["cell"]: r["test_macro_auroc"] for r in first.rows}
+    b = {r["cell"]: r["test_macro_auroc"] for r in second.rows}
+    assert a == b
+    client = MlflowClient(second.tracking_uri)
+    metrics = client.get_run(second.parent_run_id).data.metrics
+    assert metrics["extraction_feature_sets_extracted"] == 0 and metrics["extraction_feature_sets_cached"] == 12
+
+
+def test_failed_trial_is_recorded_with_traceback_while_the_sweep_goes_on(project):
+    tmp, spec, first = project
+    victim = next(c for c in first.plan.cells if c.backbone.name == "dinov3-demo-xs" and c.resolution == 32)
+    digest = dict(victim.feature_keys)["test"]
+    npy = tmp / "store" / "features" / digest[:2] / digest / "features.npy"
+    raw = bytearray(npy.read_bytes())
+    raw[-2] ^= 0xFF
+    npy.write_bytes(bytes(raw))
+
+    out = run_sweep(spec, project_dir=tmp, quiet=True)
+    failed = {r["cell"] for r in out.rows if r["state"] == "FAILED"}
+    assert failed == {f"dinov3-demo-xs_r32_{p}_frozen_s0" for p in ("linear", "knn")}
+    client = MlflowClient(out.tracking_uri)
+    children = _children(client, out.experiment_id, out.parent_run_id)
+    assert len(children) == 8  # the retried trials reused their runs
+    for c in children:
+        if c.data.tags["dinoscale.cell"] in failed:
+            assert c.info.status == "FAILED"
+            tb = client.download_artifacts(c.info.run_id, "error/traceback.txt", str(tmp / "tb" / c.info.run_id))
+            assert "checksum mismatch" in open(tb).read()
+        else:
+            assert c.info.status == "FINISHED"
