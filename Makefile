@@ -7,6 +7,7 @@ MODALITY ?= xray
 PROFILE  ?= demo
 SPEC     ?= $(if $(filter paper,$(PROFILE)),sweeps/$(MODALITY).yaml,sweeps/demo/$(MODALITY).yaml)
 ADDRESS  ?=
+RESUME   ?=
 PORT     ?= 5000
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -32,7 +33,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 sweep: $(STAMP)
-	$(BIN)/dinoscale sweep $(SPEC) $(if $(ADDRESS),--address $(ADDRESS))
+	$(BIN)/dinoscale sweep $(SPEC) $(if $(ADDRESS),--address $(ADDRESS)) $(if $(RESUME),--resume)
 
 plan: $(STAMP)
 	$(BIN)/dinoscale plan $(SPEC)

@@ -102,3 +102,25 @@ def with_retries(fn, *args, attempts: int = 5, **kwargs):
             if "locked" not in str(e).lower() or i == attempts - 1:
                 raise
             time.sleep(0.2 * 2**i)
+
+
+def split_dataset_inputs(ds) -> list:
+    """The split manifests as MLflow datasets (name, digest = manifest digest, context = split)."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for split in ("train", "val", "test"):
+        df = ds.split(split).drop(columns=["path"])
+        # source: the folder the files are in (a phantom's generated folder is labelled by its name)
+        dataset = mlflow.data.from_pandas(df, source=str(ds.root), name=f"{ds.name}-{split}", digest=ds.manifest_digest(split))
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
+    return inputs
+
+
+def finished_child_metrics(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, primary: str) -> dict | None:
+    """Metrics of a cell already recorded FINISHED under this parent (the record makes resumes idempotent)."""
+    run = find_child(client, experiment_id, parent_run_id, trial_key)
+    if run is None or run.info.status != "FINISHED" or primary not in run.data.metrics:
+        return None
+    return {**run.data.metrics, "mlflow_run_id": run.info.run_id}

@@ -35,11 +35,19 @@ def tiny_spec(tmp_path):
     return parse_spec(tiny_spec_dict(tmp_path))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One embedded Ray for the session (starting Ray costs seconds)."""
+    """An embedded Ray for the tests that need one (started once and kept; cluster tests replace it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

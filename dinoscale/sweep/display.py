@@ -88,3 +88,62 @@ def print_summary(rows: list[dict], title: str) -> None:
         t.add_row(r["backbone"], f"{r['n_params'] / 1e6:.2f}M", str(r["resolution"]), r["probe"], auroc, val,
                   r.get("selected", ""), r.get("state", "?"))
     console.print(t)
+
+
+class SweepProgress:
+    """Live table of cells (state, test AUROC, elapsed) with a progress bar on a terminal;
+    one line per finished cell in logs and CI."""
+
+    def __init__(self, cell_ids: list[str]):
+        import time
+
+        self._time = time.perf_counter
+        self.cells = {c: {"state": "PENDING", "auroc": "", "started": None, "elapsed": ""} for c in cell_ids}
+        self.done = 0
+        self.live = None
+
+    def __enter__(self):
+        if console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=console, refresh_per_second=2)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def update(self, cell: str, state: str, result: dict | None = None) -> None:
+        row = self.cells[cell]
+        if state == "RUNNING" and row["started"] is None:
+            row["started"] = self._time()
+        if state in ("FINISHED", "FAILED"):
+            self.done += 1
+            if row["started"] is not None:
+                row["elapsed"] = f"{self._time() - row['started']:.1f}s"
+        if result and result.get("test_macro_auroc") is not None:
+            r = result
+            row["auroc"] = f"{r['test_macro_auroc']:.3f} [{r['test_macro_auroc_ci_low']:.3f}, {r['test_macro_auroc_ci_high']:.3f}]"
+        row["state"] = state
+        if self.live is not None:
+            self.live.update(self._render())
+        elif state in ("FINISHED", "FAILED", "RETRYING"):
+            colour = {"FINISHED": "", "FAILED": "[red]", "RETRYING": "[yellow]"}[state]
+            detail = f"test macro AUROC {row['auroc']}" if state == "FINISHED" else state + (" (traceback in its MLflow run)" if state == "FAILED" else "")
+            console.print(f"  [{self.done}/{len(self.cells)}] {colour}{cell}: {detail}")
+
+    def _render(self):
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+
+        t = Table(title="cells")
+        for col in ("cell", "state", "test macro AUROC [95% CI]", "elapsed"):
+            t.add_column(col)
+        colours = {"FINISHED": "green", "FAILED": "red", "RUNNING": "cyan", "RETRYING": "yellow", "PENDING": "dim"}
+        for cell, row in self.cells.items():
+            elapsed = row["elapsed"] or (f"{self._time() - row['started']:.0f}s" if row["started"] else "")
+            t.add_row(cell, f"[{colours[row['state']]}]{row['state']}[/]", row["auroc"], elapsed)
+        bar = ProgressBar(total=len(self.cells), completed=self.done, width=60)
+        return Group(t, bar, f"{self.done}/{len(self.cells)} cells done")

@@ -119,8 +119,11 @@ class Plan:
 
 
 def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
-    p = Path(spec.storage.path).expanduser()
-    return p if p.is_absolute() else (project_dir or Path.cwd()) / p
+    """The one storage setting: DINOSCALE_STORAGE if set, else the spec's ``storage.path``."""
+    import os
+
+    p = Path(os.path.expandvars(os.environ.get("DINOSCALE_STORAGE") or spec.storage.path)).expanduser()
+    return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
 
 
 def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str) -> FeatureKey:

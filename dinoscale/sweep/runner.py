@@ -1,5 +1,11 @@
 """Run a sweep: plan -> MLflow parent run -> extraction stage (Ray tasks) -> trials (Ray Tune)
--> summary -> analysis attached to the parent run."""
+-> summary -> analysis attached to the parent run.
+
+A sweep leaves its state under ``<storage>/sweeps/<name>/`` so that ``resume=True`` finds its parent
+run and Tune experiment again: finished cells are not rerun (Tune's state, and the MLflow record as a
+second line of defence), cached feature sets are not extracted again, and every cell keeps exactly
+one child run.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from ray import tune
 
 from dinoscale.spec import SweepSpec
-from dinoscale.sweep.display import console, print_banner, print_plan, print_summary, provenance_lines
-from dinoscale.sweep.plan import Plan, build_plan
+from dinoscale.sweep.display import SweepProgress, console, print_banner, print_plan, print_summary, provenance_lines
+from dinoscale.sweep.plan import Cell, Plan, build_plan
+from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tracking import (
     DEMO_NOTE, ROLE, SWEEP_ID, default_artifact_location, ensure_experiment, git_commit, log_batch, resolve_tracking_uri,
+    split_dataset_inputs,
 )
+
+TRAINING_STRATEGIES = {"lora", "full"}
 
 
 @dataclass
@@ -29,6 +38,7 @@ class SweepOutcome:
     extraction: object
     wall_seconds: float
     report_dir: Path | None
+    state: SweepState
 
 
 def _init_ray(spec: SweepSpec, address: str | None) -> None:
@@ -45,6 +55,13 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
         ray.init(address=address, runtime_env={"py_modules": [str(Path(dinoscale.__file__).parent)]}, log_to_driver=False)
     else:
         ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, float]:
+    """Frozen-encoder trials share a GPU (fraction); training trials take a whole one; CPU-only clusters: no GPU."""
+    res = spec.resources
+    gpu = res.gpus_per_training_trial if cell.strategy in TRAINING_STRATEGIES else res.gpus_per_trial
+    return {"CPU": res.cpus_per_trial, "GPU": gpu if has_gpu else 0}
 
 
 def provenance_tags(plan: Plan) -> dict[str, str]:
@@ -66,13 +83,36 @@ def provenance_tags(plan: Plan) -> dict[str, str]:
     return tags
 
 
+def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project_dir: Path, resume: bool) -> SweepState:
+    """Create the sweep's parent run, or find it again when resuming."""
+    if resume:
+        state = SweepState.for_resume(plan.storage, spec.name, spec.digest())
+        client.update_run(state.parent_run_id, status="RUNNING")
+        client.set_tag(state.parent_run_id, "dinoscale.resumes", str(state.attempts - 1))
+        return state
+    exp_id = ensure_experiment(client, spec.experiment_name, spec.tracking.artifact_location or default_artifact_location(tracking_uri))
+    sweep_id = new_sweep_id(spec.name)
+    commit = git_commit(project_dir)
+    parent = client.create_run(exp_id, run_name=sweep_id, tags={
+        **provenance_tags(plan), SWEEP_ID: sweep_id, ROLE: "sweep", "dinoscale.spec_digest": spec.digest(),
+        "mlflow.source.git.commit": commit,
+    })
+    parent_id = parent.info.run_id
+    client.log_text(parent_id, spec.resolved_yaml(), "spec/resolved.yaml")
+    log_batch(client, parent_id, params={
+        "sweep": spec.name, "dataset": spec.dataset.name, "backbones": ",".join(b.name for b in spec.backbones),
+        "resolutions": ",".join(map(str, spec.resolutions)), "probes": ",".join(p.kind for p in spec.probes),
+        "strategies": ",".join(spec.strategies), "seeds": ",".join(map(str, spec.seeds)), "cells": len(plan.cells),
+    })
+    client.log_inputs(parent_id, datasets=split_dataset_inputs(plan.dataset))
+    return SweepState(sweep_id, spec.name, spec.digest(), parent_id, exp_id, tracking_uri,
+                      str(plan.storage / "tune" / sweep_id), started=time.time())
+
+
 def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | None = None,
-              analyze: bool = True, quiet: bool = False) -> SweepOutcome:
+              analyze: bool = True, quiet: bool = False, resume: bool = False) -> SweepOutcome:
     import ray
     from mlflow.tracking import MlflowClient
-
-    from dinoscale.sweep.extraction import run_extraction_stage
-    from dinoscale.sweep.trial import SplitLabels, SweepContext, cell_trainable
 
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
@@ -83,123 +123,164 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
 
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
     client = MlflowClient(tracking_uri)
-    exp_id = ensure_experiment(client, spec.experiment_name, spec.tracking.artifact_location or default_artifact_location(tracking_uri))
-    sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = provenance_tags(plan)
-    parent = client.create_run(exp_id, run_name=sweep_id, tags={
-        **tags, SWEEP_ID: sweep_id, ROLE: "sweep", "dinoscale.spec_digest": spec.digest(),
-        "mlflow.source.git.commit": git_commit(project_dir),
-    })
-    parent_id = parent.info.run_id
-    client.log_text(parent_id, spec.resolved_yaml(), "spec/resolved.yaml")
-    log_batch(client, parent_id, params={
-        "sweep": spec.name, "dataset": spec.dataset.name, "backbones": ",".join(b.name for b in spec.backbones),
-        "resolutions": ",".join(map(str, spec.resolutions)), "probes": ",".join(p.kind for p in spec.probes),
-        "strategies": ",".join(spec.strategies), "seeds": ",".join(map(str, spec.seeds)), "cells": len(plan.cells),
-    })
+    state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume)
+    state.save(plan.storage)
+    parent_id, step = state.parent_run_id, state.attempts - 1
     if not quiet:
-        console.print(f"MLflow: experiment '{spec.experiment_name}', parent run {parent_id} ({tracking_uri})")
+        verb = f"resuming sweep {state.sweep_id} (attempt {state.attempts})" if resume else f"sweep {state.sweep_id}"
+        console.print(f"MLflow: {verb}, experiment '{spec.experiment_name}', parent run {parent_id} ({tracking_uri})")
 
+    rows: list[dict] = []
     try:
         _init_ray(spec, address)
-        # -- extraction stage: every missing feature set exactly once
-        if not quiet:
-            console.print(f"[bold]Extraction stage:[/bold] {len(plan.missing)} feature set(s) to extract, "
-                          f"{len(plan.feature_sets) - len(plan.missing)} cached")
-        on_done = None if quiet else (lambda r: console.print(
-            f"  extracted {r['job']}: {r['images']} images in {r['forward_seconds']:.1f}s on {r['device']}"))
-        res = spec.resources
-        extraction = run_extraction_stage(plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction, on_done)
-        log_batch(client, parent_id, metrics={
-            "extraction_feature_sets_extracted": extraction.feature_sets_extracted,
-            "extraction_feature_sets_cached": extraction.feature_sets_cached,
-            "extraction_images_forwarded": extraction.images,
-            "extraction_forward_seconds": extraction.forward_seconds,
-            "extraction_wall_seconds": extraction.wall_seconds,
-        })
-        if not quiet:
-            console.print(f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
-                          f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall")
-
-        # -- trial stage: one Ray Tune trial per cell
-        ds = plan.dataset
-        ctx = SweepContext(
-            spec_json=spec.model_dump(mode="json"),
-            cells={c.id: c for c in plan.cells},
-            classes=ds.classes,
-            splits={s: SplitLabels(ds.split(s)["sample_id"].astype(str).tolist(), ds.split(s)["patient_id"].astype(str).to_numpy(),
-                                   ds.labels(s)) for s in ("train", "val", "test")},
-            store_root=str(plan.storage / "features"),
-            tracking_uri=tracking_uri,
-            experiment_id=exp_id,
-            parent_run_id=parent_id,
-            run_tags={**tags, SWEEP_ID: sweep_id},
-        )
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial if has_gpu else 0}
-        trainable = tune.with_resources(tune.with_parameters(cell_trainable, ctx=ctx), resources)
-        t_trials = time.perf_counter()
-        if not quiet:
-            console.print(f"[bold]Trial stage:[/bold] {len(plan.cells)} trials on Ray Tune ({resources})")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search([c.id for c in plan.cells])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=sweep_id,
-                storage_path=str(plan.storage / "tune"),
-                failure_config=tune.FailureConfig(max_failures=1),
-                verbose=0,
-                callbacks=[] if quiet else [_ProgressCallback(len(plan.cells))],
-            ),
-        )
-        grid = tuner.fit()
-        trials_seconds = time.perf_counter() - t_trials
+        extraction = _extraction_stage(plan, client, parent_id, step, quiet)
+        grid, trials_seconds = _trial_stage(plan, state, client, quiet)
         rows = _collect_rows(plan, grid)
         n_failed = sum(r["state"] != "FINISHED" for r in rows)
-        log_batch(client, parent_id, metrics={
+        log_batch(client, parent_id, step=step, metrics={
             "trials_total": len(rows), "trials_failed": n_failed, "trials_wall_seconds": trials_seconds,
-            "sweep_wall_seconds": time.perf_counter() - t0,
-            **_best_metrics(rows),
+            "trials_reused_from_record": sum(r["reused"] for r in rows), **_best_metrics(rows),
         })
         if not quiet:
-            print_summary(rows, f"{spec.name}: test macro AUROC with patient-level {int(spec.metrics.bootstrap.level * 100)}% bootstrap CI"
-                          + (" - DEMO (phantom data / random weights)" if tags.get("dinoscale.demo") == "true" else ""))
+            demo = client.get_run(parent_id).data.tags.get("dinoscale.demo") == "true"
+            print_summary(rows, f"{spec.name}: test macro AUROC with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
+                          f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if demo else ""))
         report_dir = None
-        if analyze:
+        if analyze and n_failed < len(rows):
             from dinoscale.analysis import analyze_sweep
 
             report_dir = analyze_sweep(tracking_uri, spec.experiment_name, parent_id, project_dir / "reports" / spec.modality,
                                        provenance=provenance_lines(plan), quiet=quiet)
         client.set_terminated(parent_id, "FINISHED")
+        state.status = "finished"
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
+        state.status = "failed"
         raise
+    finally:
+        state.save(plan.storage)
     wall = time.perf_counter() - t0
-    client.log_metric(parent_id, "sweep_wall_seconds", wall)
+    client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
         console.print(f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok. "
                       f"Browse with `make ui`; report: {report_dir / 'report.md' if report_dir else '-'}")
-    return SweepOutcome(plan, parent_id, exp_id, tracking_uri, rows, extraction, wall, report_dir)
+    return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
+
+
+def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool):
+    from dinoscale.sweep.extraction import run_extraction_stage
+
+    if not quiet:
+        console.print(f"[bold]Extraction stage:[/bold] {len(plan.missing)} feature set(s) to extract, "
+                      f"{len(plan.feature_sets) - len(plan.missing)} cached")
+    on_done = None if quiet else (lambda r: console.print(
+        f"  extracted {r['job']}: {r['images']} images in {r['forward_seconds']:.1f}s on {r['device']}"))
+    res = plan.spec.resources
+    extraction = run_extraction_stage(plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction, on_done)
+    log_batch(client, parent_id, step=step, metrics={
+        "extraction_feature_sets_extracted": extraction.feature_sets_extracted,
+        "extraction_feature_sets_cached": extraction.feature_sets_cached,
+        "extraction_images_forwarded": extraction.images,
+        "extraction_forward_seconds": extraction.forward_seconds,
+        "extraction_wall_seconds": extraction.wall_seconds,
+    })
+    if not quiet:
+        console.print(f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
+                      f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall")
+    return extraction
+
+
+def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool):
+    import ray
+
+    from dinoscale.sweep.trial import SplitLabels, SweepContext, cell_trainable
+
+    spec, ds = plan.spec, plan.dataset
+    parent_tags = client.get_run(state.parent_run_id).data.tags
+    run_tags = {k: v for k, v in parent_tags.items() if k.startswith(("data.", "weights.kinds", "dinoscale.profile",
+                                                                     "dinoscale.modality", "dinoscale.demo", "dinoscale.note"))}
+    ctx = SweepContext(
+        spec_json=spec.model_dump(mode="json"),
+        cells={c.id: c for c in plan.cells},
+        classes=ds.classes,
+        splits={s: SplitLabels(ds.split(s)["sample_id"].astype(str).tolist(), ds.split(s)["patient_id"].astype(str).to_numpy(),
+                               ds.labels(s)) for s in ("train", "val", "test")},
+        store_root=str(plan.storage / "features"),
+        tracking_uri=state.tracking_uri,
+        experiment_id=state.experiment_id,
+        parent_run_id=state.parent_run_id,
+        run_tags={**run_tags, SWEEP_ID: state.sweep_id, "mlflow.source.git.commit": parent_tags.get("mlflow.source.git.commit", "")},
+        dataset_inputs=split_dataset_inputs(ds),
+    )
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cells = ctx.cells
+    trainable = tune.with_resources(tune.with_parameters(cell_trainable, ctx=ctx),
+                                    lambda config: trial_resources(cells[config["cell"]], spec, has_gpu))
+    progress = None if quiet else SweepProgress([c.id for c in plan.cells])
+    timer = _TrialTimer()
+    callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
+    run_config = tune.RunConfig(
+        name=state.sweep_id,
+        storage_path=str(Path(state.tune_path).parent),
+        failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
+        verbose=0,
+        callbacks=callbacks,
+    )
+    if not quiet:
+        sample = trial_resources(plan.cells[0], spec, has_gpu)
+        console.print(f"[bold]Trial stage:[/bold] {len(plan.cells)} trials on Ray Tune (e.g. {sample} per {plan.cells[0].strategy} trial)")
+    t0 = time.perf_counter()
+    if state.attempts > 1 and tune.Tuner.can_restore(state.tune_path):
+        tuner = tune.Tuner.restore(state.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search([c.id for c in plan.cells])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials, reuse_actors=True),
+            run_config=run_config,
+        )
+    if progress:
+        with progress:
+            grid = tuner.fit()
+    else:
+        grid = tuner.fit()
+    grid.trial_wall_s = timer.wall  # seen from the driver: scheduling + actor start + the trial's own work
+    return grid, time.perf_counter() - t0
+
+
+class _TrialTimer(tune.Callback):
+    """Wall time of each trial as the driver sees it (start -> complete), for the overhead benchmark."""
+
+    def __init__(self):
+        self.started: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.config["cell"], time.perf_counter())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        cell = trial.config["cell"]
+        self.wall[cell] = time.perf_counter() - self.started.get(cell, time.perf_counter())
 
 
 class _ProgressCallback(tune.Callback):
-    """Prints one line per finished or failed cell (Tune's own table is switched off)."""
+    """Feeds the live cell table (Tune's own table is switched off)."""
 
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
+    def __init__(self, progress: SweepProgress):
+        self.progress = progress
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.progress.update(trial.config["cell"], "RUNNING")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        r = trial.last_result or {}
-        auroc = r.get("test_macro_auroc")
-        msg = (f"{auroc:.3f} [{r.get('test_macro_auroc_ci_low', np.nan):.3f}, {r.get('test_macro_auroc_ci_high', np.nan):.3f}]"
-               if auroc is not None else "-")
-        console.print(f"  [{self.done}/{self.total}] {trial.config['cell']}: test macro AUROC {msg}")
+        self.progress.update(trial.config["cell"], "FINISHED", trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        console.print(f"  [{self.done}/{self.total}] [red]{trial.config['cell']} FAILED[/red] (traceback in its MLflow run)")
+        self.progress.update(trial.config["cell"], "FAILED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.progress.update(trial.config["cell"], "RETRYING")
 
 
 def _collect_rows(plan: Plan, grid) -> list[dict]:
@@ -215,7 +296,8 @@ def _collect_rows(plan: Plan, grid) -> list[dict]:
             "test_macro_auroc": m.get("test_macro_auroc"), "test_macro_auroc_ci_low": m.get("test_macro_auroc_ci_low"),
             "test_macro_auroc_ci_high": m.get("test_macro_auroc_ci_high"), "val_macro_auroc": m.get("val_macro_auroc"),
             "selected": ", ".join(f"{k[9:]}={m[k]:g}" for k in sorted(m) if k.startswith("selected_")),
-            "mlflow_run_id": m.get("mlflow_run_id"),
+            "mlflow_run_id": m.get("mlflow_run_id"), "reused": int(m.get("reused_record", 0) or 0),
+            "time_own_work_s": m.get("time_own_work_s"), "trial_wall_s": getattr(grid, "trial_wall_s", {}).get(cid),
         })
     return rows
 

@@ -42,6 +42,7 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     run_tags: dict[str, str] = field(default_factory=dict)  # provenance etc., copied to every child
+    dataset_inputs: list = field(default_factory=list)  # split manifests as MLflow datasets
 
     @property
     def spec(self) -> SweepSpec:
@@ -109,15 +110,25 @@ def cell_params(cell: Cell, spec: SweepSpec) -> dict:
 
 
 def cell_trainable(config: dict, ctx: SweepContext) -> None:
-    """The Ray Tune function trainable for one cell."""
+    """The Ray Tune function trainable for one cell.
+
+    The MLflow record is checked first: a cell whose child run already FINISHED under this parent
+    (a resumed sweep, a retry after its node died) reports the recorded metrics instead of redoing
+    the work. Every evaluation increments the run's ``dinoscale.evaluations`` tag.
+    """
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from dinoscale.tracking import find_or_create_child, log_batch, with_retries
+    from dinoscale.tracking import finished_child_metrics, find_or_create_child, log_batch, with_retries
 
+    t_start = time.perf_counter()
     cell = ctx.cells[config["cell"]]
     client = MlflowClient(ctx.tracking_uri)
+    done = with_retries(finished_child_metrics, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, "test_macro_auroc")
+    if done is not None:
+        tune.report({**done, "cell": cell.id, "reused_record": 1, "time_own_work_s": time.perf_counter() - t_start})
+        return
     trial_ctx = tune.get_context()
     tags = {
         **ctx.run_tags,
@@ -129,7 +140,11 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
         "features.keys": ",".join(f"{s}:{d}" for s, d in cell.feature_keys),
     }
     run_id = with_retries(find_or_create_child, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, cell.id, tags)
+    previous = client.get_run(run_id).data.tags.get("dinoscale.evaluations", "0")
+    tags["dinoscale.evaluations"] = str(int(previous) + 1)
     with_retries(log_batch, client, run_id, tags=tags)
+    if ctx.dataset_inputs and previous == "0":
+        with_retries(client.log_inputs, run_id, datasets=ctx.dataset_inputs)
     try:
         out = evaluate_cell(cell, ctx)
         with_retries(log_batch, client, run_id, params=cell_params(cell, ctx.spec), metrics=out["metrics"],
@@ -146,4 +161,5 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
             with_retries(client.set_terminated, run_id, "FAILED")
         finally:
             raise
-    tune.report({**out["metrics"], "mlflow_run_id": run_id, "cell": cell.id})
+    tune.report({**out["metrics"], "mlflow_run_id": run_id, "cell": cell.id, "reused_record": 0,
+                 "time_own_work_s": time.perf_counter() - t_start})
