@@ -1,59 +1,209 @@
-"""Scaling fits: exponents recovered from a known law; verdicts on constructed cases; the report."""
+"""Scaling analysis: exponents recovered from known laws, verdicts on constructed cases, paired
+resampling over patients and seeds, strategy comparisons, and the report from a CSV or MLflow."""
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
-from dinoscale.analysis import fit_power_law, results_from_csv, write_report
+from dinoscale.analysis import bootstrap_cells, fit_curve, fit_power_law, results_from_csv, write_report
+from dinoscale.analysis.compare import compare_strategies
 from dinoscale.cli import app
 
 
-def _law(x, a=2.0, alpha=0.3):
-    return 1 - a * np.asarray(x, float) ** (-alpha)
+def _saturating_metric(x, floor=0.1, a=0.3, alpha=0.35, x0=1e6):
+    return 1 - (floor + a * (np.asarray(x, float) / x0) ** (-alpha))
 
 
-def test_exponent_recovered_from_noisy_known_law():
+# ---------------------------------------------------------------- fits recover known laws
+
+@pytest.mark.parametrize("noise_seed", [0, 1, 2])
+def test_saturating_law_recovered_with_intervals(noise_seed):
+    x = np.geomspace(1e6, 1e9, 8)
+    rng = np.random.default_rng(noise_seed)
+    metric = _saturating_metric(x) + rng.normal(0, 0.003, len(x))
+    fit = fit_power_law(x, metric, metric - 0.006, metric + 0.006, axis="params")
+    assert abs(fit.alpha - 0.35) < 0.06
+    assert fit.alpha_low <= 0.35 <= fit.alpha_high
+    assert abs(fit.floor - 0.1) < 0.02 and fit.floor_low <= 0.1 <= fit.floor_high
+    assert fit.verdict == "improves with params" and fit.exponent_identified
+    # the bootstrap band on the curve contains the truth across the range
+    truth = _saturating_metric(fit.band["x"])
+    assert np.mean((fit.band["low"] <= truth) & (truth <= fit.band["high"])) > 0.9
+    assert fit.extrapolation is not None and fit.extrapolation.consistent
+
+
+def test_pure_power_law_recovered():
     rng = np.random.default_rng(0)
     x = np.geomspace(1e6, 3e8, 6)
-    truth = _law(x, a=20.0, alpha=0.25)
+    truth = 1 - 20.0 * x ** (-0.25)
     metric = truth + rng.normal(0, 0.002, len(x))
     fit = fit_power_law(x, metric, metric - 0.004, metric + 0.004, axis="params")
     assert abs(fit.alpha - 0.25) < 0.03
-    assert fit.alpha_low < 0.25 < fit.alpha_high
-    assert fit.verdict.startswith("improves")
+    assert fit.alpha_low <= 0.25 <= fit.alpha_high
     np.testing.assert_allclose(fit.predict_metric(x), truth, atol=0.01)
 
 
+def test_robust_loss_shrugs_off_one_outlying_point():
+    x = np.geomspace(1e6, 1e9, 8)
+    metric = _saturating_metric(x)
+    metric[3] += 0.06  # twenty standard deviations off the law
+    fit = fit_power_law(x, metric, metric - 0.006, metric + 0.006, axis="params")
+    assert abs(fit.alpha - 0.35) < 0.05
+
+
+def test_broken_power_law_found_where_the_slope_changes():
+    x = np.geomspace(1e6, 1e10, 9)
+    u = np.log(x / 1e8)
+    err = 0.2 * np.exp(-np.where(u < 0, 0.4 * u, 0.02 * u))  # steep, then almost flat beyond 1e8
+    metric = 1 - err
+    fit = fit_power_law(x, metric, metric - 0.004, metric + 0.004, axis="params")
+    assert fit.broken is not None and fit.broken.delta_aicc > 2
+    assert 3e7 < fit.broken.break_x < 3e8
+    assert fit.broken.alpha_before > 0.3 and abs(fit.broken.alpha_after) < 0.1
+
+
+def test_leave_largest_out_flags_a_law_that_does_not_extrapolate():
+    x = np.geomspace(1e6, 1e9, 7)
+    metric = _saturating_metric(x)
+    metric[-1] += 0.05  # the largest model jumps far above the saturating trend
+    fit = fit_power_law(x, metric, metric - 0.005, metric + 0.005, axis="params")
+    assert fit.extrapolation is not None and not fit.extrapolation.consistent
+    assert "does NOT extrapolate" in fit.extrapolation.describe("params")
+
+
+# ---------------------------------------------------------------- verdicts
+
+X4 = np.array([1e6, 4e6, 1.6e7, 6.4e7])
+
+
+def _verdict(metric, half_width):
+    metric = np.array(metric)
+    return fit_power_law(X4, metric, metric - half_width, metric + half_width, "params")
+
+
 def test_verdicts_on_constructed_cases():
-    x = np.array([1e6, 4e6, 1.6e7, 6.4e7])
-    tight = 0.005
-    up = np.array([0.70, 0.78, 0.84, 0.88])
-    assert fit_power_law(x, up, up - tight, up + tight, "params").verdict == "improves with params"
-    down = up[::-1]
-    assert fit_power_law(x, down, down - tight, down + tight, "params").verdict == "degrades with params"
-    peak = np.array([0.70, 0.85, 0.86, 0.72])
-    assert fit_power_law(x, peak, peak - tight, peak + tight, "params").verdict == "peaks at params=1.6e+07"
-    flat = np.array([0.80, 0.81, 0.79, 0.805])
-    v = fit_power_law(x, flat, flat - 0.05, flat + 0.05, "params").verdict
-    assert v.startswith("no reliable trend")
-    sat = np.array([0.70, 0.80, 0.850, 0.852])
-    assert "saturating beyond params=1.6e+07" in fit_power_law(x, sat, sat - 0.01, sat + 0.01, "params").verdict
+    up = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)
+    assert (up.trend, up.verdict) == ("improves", "improves with params") and up.exponent_identified
+    down = _verdict([0.88, 0.84, 0.78, 0.70], 0.005)
+    assert (down.trend, down.verdict) == ("degrades", "degrades with params") and down.alpha_high < 0
+    peak = _verdict([0.70, 0.85, 0.86, 0.72], 0.005)
+    assert (peak.trend, peak.verdict) == ("peaks", "peaks at params=1.6e+07") and not peak.exponent_identified
+    flat = _verdict([0.80, 0.81, 0.79, 0.805], 0.05)
+    assert flat.trend == "no_trend" and flat.verdict == "no reliable trend with params (intervals overlap)"
+    assert not flat.exponent_identified  # never a confident exponent from noise
+    for fit in (up, down, peak, flat):  # intervals exist even where alpha = 0 makes floor and A one parameter
+        assert np.isfinite([fit.floor_low, fit.floor_high]).all() and np.isfinite(fit.band["low"]).all()
+    sat = _verdict([0.70, 0.80, 0.850, 0.852], 0.01)
+    assert sat.trend == "saturates" and sat.verdict == "improves with params, saturates beyond params=1.6e+07"
 
 
-def test_too_few_points_gives_no_exponent():
-    fit = fit_power_law([1e6, 1e7], [0.7, 0.8], [0.68, 0.78], [0.72, 0.82], "params")
-    assert fit.alpha is None and fit.verdict.startswith("too few points to fit (2 < 3)")
-    assert "beats the smallest" in fit.verdict
+def test_steady_small_gains_are_improvement_not_saturation():
+    # each step is within noise, the whole run is not, and the gain per decade does not drop
+    x = np.geomspace(1e6, 1e8, 5)
+    steady = np.array([0.80, 0.81, 0.82, 0.83, 0.84])
+    fit = fit_power_law(x, steady, steady - 0.012, steady + 0.012, "params")
+    assert fit.trend == "improves" and fit.verdict == "improves with params"
 
 
-def _table():
+def test_three_points_give_too_few_points_and_no_exponent():
+    fit = fit_power_law([1e6, 1e7, 1e8], [0.70, 0.80, 0.85], [0.69, 0.79, 0.84], [0.71, 0.81, 0.86], "params")
+    assert fit.verdict.startswith("too few points to fit (3 < 4 distinct params values)")
+    assert fit.verdict.endswith("improves with params")  # what the points alone say, caveat first
+    assert fit.alpha is None and fit.amplitude is None and fit.band is None and not fit.fitted
+    two = fit_power_law([1e6, 1e7], [0.7, 0.8], [0.68, 0.78], [0.72, 0.82], "params")
+    assert two.alpha is None and two.verdict.startswith("too few points to fit (2 < 4")
+
+
+def test_duplicate_x_is_refused_with_the_axis_named():
+    with pytest.raises(ValueError, match=r"fit_curve\(params\): x values must be distinct"):
+        fit_curve([1e6, 1e6, 1e7, 1e8], [0.7, 0.71, 0.8, 0.85], np.full((10, 4), 0.8), "params")
+
+
+# ---------------------------------------------------------------- resampling: patients, seeds, strategies
+
+def _predictions(n_patients, signal, rng, classes=("a", "b")):
+    """Per-sample test predictions with 2 images per patient; ``signal`` scales how well scores separate."""
+    pid = np.repeat([f"p{i}" for i in range(n_patients)], 2)
+    df = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(pid))], "patient_id": pid})
+    for c in classes:
+        y = rng.integers(0, 2, len(pid))
+        df[f"label_{c}"] = y
+        df[f"score_{c}"] = y * signal + rng.normal(0, 1, len(pid))
+    return df
+
+
+def _run(run_id, strategy, metric, low, high, seed=0, **kw):
+    row = dict(run_id=run_id, modality="xray", dataset="toy", backbone="b", n_params=1_000_000, resolution=224,
+               probe="linear", strategy=strategy, seed=seed, test_macro_auroc=metric, test_macro_auroc_ci_low=low,
+               test_macro_auroc_ci_high=high)
+    return {**row, **kw}
+
+
+def test_patient_resampling_pairs_cells_and_sharpens_strategy_comparison():
+    from dinoscale.metrics import macro_auroc, patient_bootstrap
+
+    rng = np.random.default_rng(0)
+    frozen = _predictions(60, 1.0, rng)
+    lora = frozen.copy()
+    for c in ("a", "b"):  # same noise per sample, a little more signal: a small but consistent gain
+        lora[f"score_{c}"] = frozen[f"score_{c}"] + 0.15 * frozen[f"label_{c}"]
+    runs = []
+    for rid, p in (("f", frozen), ("l", lora)):
+        y, s = p[["label_a", "label_b"]].to_numpy(), p[["score_a", "score_b"]].to_numpy()
+        ci = patient_bootstrap(y, s, p["patient_id"].to_numpy(), resamples=300)
+        runs.append(_run(rid, "frozen" if rid == "f" else "lora", macro_auroc(y, s), ci.low, ci.high))
+    runs = pd.DataFrame(runs)
+    assert runs.test_macro_auroc_ci_high[0] > runs.test_macro_auroc_ci_low[1]  # per-cell intervals overlap
+
+    paired = compare_strategies(bootstrap_cells(runs, {"f": frozen, "l": lora}, resamples=400)).iloc[0]
+    assert (paired.baseline, paired.other, paired.paired) == ("frozen", "lora", "paired over patients")
+    assert paired.verdict == "lora better than frozen" and paired.delta_low > 0
+
+    unpaired = compare_strategies(bootstrap_cells(runs, None, resamples=400)).iloc[0]
+    assert unpaired.paired == "unpaired (independent draws)"
+    assert unpaired.verdict == "no reliable difference between lora and frozen"
+
+
+def test_seed_spread_widens_the_cell_interval():
+    runs = pd.DataFrame([_run("s0", "frozen", 0.70, 0.69, 0.71, seed=0), _run("s1", "frozen", 0.80, 0.79, 0.81, seed=1)])
+    cell = bootstrap_cells(runs, resamples=400).cells.iloc[0]
+    assert cell.seeds == 2 and cell.metric == pytest.approx(0.75)
+    assert cell.low < 0.72 and cell.high > 0.78  # wider than either seed's own interval
+
+
+def test_strategies_compared_generically_over_the_strategy_column():
+    runs = pd.DataFrame([_run("f", "frozen", 0.70, 0.69, 0.71), _run("l", "lora", 0.80, 0.79, 0.81),
+                         _run("x", "full", 0.75, 0.60, 0.90), _run("z", "zz-custom", 0.70, 0.69, 0.71)])
+    cmp = compare_strategies(bootstrap_cells(runs, resamples=400))
+    assert len(cmp) == 6  # every pair once, cheapest strategy as baseline
+    verdicts = dict(zip(zip(cmp.baseline, cmp.other), cmp.verdict))
+    assert verdicts[("frozen", "lora")] == "lora better than frozen"
+    assert verdicts[("lora", "zz-custom")] == "zz-custom worse than lora"
+    assert verdicts[("frozen", "full")].startswith("no reliable difference")
+
+
+def test_missing_interval_without_predictions_is_an_error_naming_the_run():
+    runs = pd.DataFrame([_run("r7", "frozen", 0.7, np.nan, np.nan)])
+    with pytest.raises(ValueError, match="run r7 .*no confidence interval and no per-sample predictions"):
+        bootstrap_cells(runs)
+
+
+# ---------------------------------------------------------------- reports
+
+def _table(strategies=("frozen",), tokens=True):
     rows = []
-    for probe in ("linear", "knn"):
-        for res in (64, 128, 224):
-            for name, n in (("a", 1e6), ("b", 4e6), ("c", 1.6e7)):
-                m = _law(n, 5, 0.2) - (0.02 if probe == "knn" else 0) + res / 1e4
-                rows.append(dict(backbone=name, n_params=int(n), resolution=res, probe=probe, strategy="frozen", seed=0,
-                                 test_macro_auroc=m, test_macro_auroc_ci_low=m - 0.01, test_macro_auroc_ci_high=m + 0.01))
+    for strategy in strategies:
+        for probe in ("linear", "knn"):
+            for res in (64, 128, 224):
+                for name, n in (("a", 1e6), ("b", 4e6), ("c", 1.6e7), ("d", 6.4e7)):
+                    m = _saturating_metric(n, 0.1, 0.2, 0.3) - (0.02 if probe == "knn" else 0) + res / 1e4
+                    m += 0.05 if strategy == "lora" else 0
+                    row = dict(backbone=name, n_params=int(n), resolution=res, probe=probe, strategy=strategy, seed=0,
+                               test_macro_auroc=m, test_macro_auroc_ci_low=m - 0.01, test_macro_auroc_ci_high=m + 0.01)
+                    if tokens:
+                        row["tokens_per_image"] = 5 + (res // 16) ** 2
+                    rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -63,28 +213,112 @@ def test_report_from_csv_has_plots_provenance_and_fits(tmp_path):
     res = CliRunner().invoke(app, ["analyze", "--csv", str(csv), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     rep = tmp_path / "rep"
-    for f in ("report.md", "auroc_vs_params.png", "auroc_vs_resolution.png", "fits.csv", "results.csv"):
-        assert (rep / f).stat().st_size > 0
-    md = (rep / "report.md").read_text()
-    assert md.splitlines()[2].startswith("> **results table")  # provenance first
-    fits = pd.read_csv(rep / "fits.csv")
-    assert len(fits) == 2 * (3 + 3)
-    assert (fits[fits.axis == "params"].verdict.str.startswith("improves")).all()
-    assert (fits.alpha[fits.axis == "params"] - 0.2).abs().max() < 0.05
+    for f in ("report.md", "report.html", "verdicts.md", "auroc_vs_params.png", "auroc_vs_resolution.png",
+              "auroc_vs_gflops.png", "fits.csv", "results.csv"):
+        assert (rep / f).stat().st_size > 0, f
     assert (rep / "auroc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    md = (rep / "report.md").read_text().splitlines()
+    assert md[2].startswith("> **results table")  # provenance first
+    assert md[3] == "> **data: not stated in the results**" and md[4] == "> **weights: not stated in the results**"
+    fits = pd.read_csv(rep / "fits.csv")
+    # per probe: params at 3 resolutions, resolution at 4 backbones, gflops pooled
+    assert len(fits) == 2 * (3 + 4 + 1)
+    params = fits[fits.axis == "params"]
+    assert (params.trend == "improves").all() and (params.alpha - 0.3).abs().max() < 0.05
+    resolution = fits[fits.axis == "resolution"]
+    assert resolution.verdict.str.startswith("too few points to fit (3 < 4").all() and resolution.alpha.isna().all()
+    gflops = fits[fits.axis == "gflops"]
+    assert gflops.notes.str.contains("estimated as 2 x params x tokens").all()
+    assert not (rep / "strategies.csv").exists()
+
+
+def test_gflops_axis_skipped_when_neither_logged_nor_estimable(tmp_path):
+    write_report(_table(tokens=False), tmp_path, "t", ["data: x", "weights: y"])
+    fits = pd.read_csv(tmp_path / "fits.csv")
+    assert set(fits.axis) == {"params", "resolution"} and not (tmp_path / "auroc_vs_gflops.png").exists()
+
+
+def test_report_compares_strategies_and_names_the_best(tmp_path):
+    write_report(_table(strategies=("frozen", "lora")), tmp_path, "t", ["data: x", "weights: y"])
+    cmp = pd.read_csv(tmp_path / "strategies.csv")
+    assert len(cmp) == 2 * 3 * 4 and (cmp.verdict == "lora better than frozen").all()
+    md = (tmp_path / "report.md").read_text()
+    assert "lora vs frozen over 24 matched cell(s): better in 24" in md
+    assert "- unknown: d (64.00M params) at 224px, linear probe, lora" in md
+    assert "chosen on test (optimistic" in md
+    assert (tmp_path / "strategies.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_several_modalities_get_their_own_figures_and_verdicts(tmp_path):
+    rows = [dict(modality=mod, backbone=b, n_params=int(n), resolution=224, probe="linear", strategy="frozen", seed=0,
+                 test_macro_auroc=m, test_macro_auroc_ci_low=m - 0.01, test_macro_auroc_ci_high=m + 0.01)
+            for mod, shift in (("xray", 0.0), ("ct", -0.1))
+            for b, n in (("a", 1e6), ("b", 4e6), ("c", 1.6e7), ("d", 6.4e7))
+            for m in [_saturating_metric(n, 0.1, 0.2, 0.3) + shift]]
+    write_report(pd.DataFrame(rows), tmp_path, "two modalities", ["data: x", "weights: y"])
+    assert (tmp_path / "xray_auroc_vs_params.png").exists() and (tmp_path / "ct_auroc_vs_params.png").exists()
+    md = (tmp_path / "verdicts.md").read_text()
+    assert "### ct" in md and "### xray" in md
+    assert "- ct: d (64.00M params)" in md and "- xray: d (64.00M params)" in md  # best configuration per modality
 
 
 def test_csv_missing_columns_is_named(tmp_path):
-    import pytest
-
     csv = tmp_path / "bad.csv"
     _table().drop(columns=["resolution"]).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['resolution'\]"):
         results_from_csv(csv)
 
 
-def test_write_report_refuses_empty(tmp_path):
-    import pytest
+def test_csv_missing_metric_value_names_the_line(tmp_path):
+    csv = tmp_path / "gap.csv"
+    t = _table()
+    t.loc[4, "test_macro_auroc_ci_low"] = np.nan
+    t.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"gap.csv: row\(s\) \[6\]"):
+        results_from_csv(csv)
 
+
+def test_write_report_refuses_empty(tmp_path):
     with pytest.raises(ValueError, match="no finished cells"):
         write_report(_table().iloc[0:0], tmp_path, "t", [])
+
+
+def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_path):
+    """A sweep recorded the way trial.py records it (params, metrics, predictions/test.csv), without Ray."""
+    from mlflow.tracking import MlflowClient
+
+    from dinoscale.analysis import analyze_sweep
+    from dinoscale.metrics import macro_auroc, patient_bootstrap
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("dinoscale-toy", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"dinoscale.role": "sweep", "dinoscale.sweep_id": "toy-1", "data.source": "phantom",
+                                          "data.generator": "phantom-toy v1", "data.seed": "0", "weights.kinds": "random"})
+    rng = np.random.default_rng(1)
+    base = _predictions(40, 0.0, rng)
+    for i, n in enumerate((1e6, 4e6, 1.6e7, 6.4e7)):
+        p = base.copy()
+        for c in ("a", "b"):  # bigger backbones separate the classes better
+            p[f"score_{c}"] = base[f"score_{c}"] + (0.4 + 0.4 * i) * base[f"label_{c}"]
+        y, s = p[["label_a", "label_b"]].to_numpy(), p[["score_a", "score_b"]].to_numpy()
+        ci = patient_bootstrap(y, s, p["patient_id"].to_numpy(), resamples=200)
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id})
+        rid = run.info.run_id
+        for k, v in {"modality": "toy", "dataset": "toyset", "backbone": f"bb{i}", "probe": "linear",
+                     "strategy": "frozen", "weights": "random"}.items():
+            client.log_param(rid, k, v)
+        for k, v in {"n_params": n, "resolution": 224, "seed": 0, "tokens_per_image": 201,
+                     **ci.as_dict("test_macro_auroc"), "val_macro_auroc": macro_auroc(y, s)}.items():
+            client.log_metric(rid, k, v)
+        client.log_text(rid, p.to_csv(index=False), "predictions/test.csv")
+        client.set_terminated(rid, "FINISHED")
+
+    out = analyze_sweep(uri, "dinoscale-toy", None, tmp_path / "reports" / "toy", quiet=True)
+    cells = pd.read_csv(out / "results.csv")
+    assert (cells.uncertainty == "patients (per-sample predictions) + 1 seed(s)").all()
+    fits = pd.read_csv(out / "fits.csv")
+    assert fits.set_index("axis").loc["params", "trend"] in ("improves", "saturates")
+    assert "PHANTOM" in (out / "report.md").read_text().splitlines()[2]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/fits.csv", "report/auroc_vs_params.png"} <= arts

@@ -1,107 +1,170 @@
-"""Plots (PNG), a CSV of fits and a markdown report. Provenance comes first, always."""
+"""The report: PNG plots, fitted parameters (CSV), a markdown summary and a self-contained HTML page.
+Provenance of data and weights comes first, always."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from dinoscale.analysis.scaling import fit_power_law
+from dinoscale.analysis.compare import best_configurations, compare_strategies, summarize_strategies
+from dinoscale.analysis.curves import AXES, Curve, build_curves, fits_table
+from dinoscale.analysis.html import render_html
+from dinoscale.analysis.plots import plot_axis, plot_strategies
+from dinoscale.analysis.resample import CellDraws, bootstrap_cells
+from dinoscale.analysis.scaling import MIN_POINTS, MIN_POINTS_BROKEN, MIN_POINTS_EXTRAPOLATION
+from dinoscale.analysis.sources import complete_columns, provenance_gaps
 
-METRIC = "test_macro_auroc"
-
-
-def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds; interval: mean of the per-seed bounds (seed-aware intervals come with more seeds)."""
-    keys = ["probe", "strategy", "backbone", "n_params", "resolution"]
-    return df.groupby(keys, as_index=False).agg(
-        auroc=(METRIC, "mean"), low=(f"{METRIC}_ci_low", "mean"), high=(f"{METRIC}_ci_high", "mean"), seeds=("seed", "nunique"),
-    )
+RESAMPLES = 500
 
 
-def fit_table(agg: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for (probe, strategy), g in agg.groupby(["probe", "strategy"]):
-        for res, h in g.groupby("resolution"):
-            f = fit_power_law(h["n_params"], h["auroc"], h["low"], h["high"], axis="params")
-            rows.append({"probe": probe, "strategy": strategy, "axis": "params", "at": f"resolution={res}", **_fit_row(f)})
-        for bb, h in g.groupby("backbone"):
-            f = fit_power_law(h["resolution"], h["auroc"], h["low"], h["high"], axis="resolution")
-            rows.append({"probe": probe, "strategy": strategy, "axis": "resolution", "at": f"backbone={bb}", **_fit_row(f)})
-    return pd.DataFrame(rows)
+@dataclass
+class ReportContent:
+    """What both the markdown and the HTML say, in order."""
+
+    title: str
+    provenance: list[str]
+    method: list[str]
+    figures: list[tuple[str, Path]]  # (caption, file in the report folder)
+    verdicts: dict[str, list[str]]  # modality -> lines
+    best: list[str]
+    strategies: list[str]
+    cells: pd.DataFrame
+    fits: pd.DataFrame
+    comparisons: pd.DataFrame
+    files: list[str] = field(default_factory=list)
 
 
-def _fit_row(f) -> dict:
-    return {"n_points": f.n_points, "alpha": f.alpha, "alpha_ci_low": f.alpha_low, "alpha_ci_high": f.alpha_high,
-            "amplitude": f.amplitude, "verdict": f.verdict}
+def _method(cd: CellDraws) -> list[str]:
+    sources = ", ".join(sorted(set(cd.cells["uncertainty"])))
+    return [
+        "Error E = 1 - test macro AUROC, fitted per (modality, dataset, probe, strategy) as a saturating power law "
+        "E = floor + A * x^(-alpha) (robust soft-L1 loss, several starts); alpha > 0 means larger x is better.",
+        f"No exponent below {MIN_POINTS} distinct x values: the verdict then says 'too few points to fit'. A one-break "
+        f"broken power law is fitted from {MIN_POINTS_BROKEN} points; a leave-largest-out extrapolation check from "
+        f"{MIN_POINTS_EXTRAPOLATION}.",
+        f"Verdicts compare the points themselves through paired bootstrap draws ({len(cd.draws)} resamples; "
+        f"uncertainty from {sources}); 'no reliable trend' means the 95% intervals of the differences include zero.",
+    ]
 
 
-def _plot(agg: pd.DataFrame, fits: pd.DataFrame, x: str, series: str, path: Path, title: str, provenance: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    probes = sorted(agg["probe"].unique())
-    fig, axes = plt.subplots(1, len(probes), figsize=(5.2 * len(probes), 4.2), squeeze=False, sharey=True)
-    for ax, probe in zip(axes[0], probes):
-        g = agg[agg["probe"] == probe]
-        for i, (name, h) in enumerate(g.groupby(series)):
-            h = h.sort_values(x)
-            color = f"C{i}"
-            ax.plot(h[x], h["auroc"], "o-", color=color, label=f"{series}={name}")
-            ax.fill_between(h[x], h["low"], h["high"], color=color, alpha=0.15)
-            axis = "params" if x == "n_params" else "resolution"
-            at = f"{'resolution' if axis == 'params' else 'backbone'}={name}"
-            f = fits[(fits["probe"] == probe) & (fits["axis"] == axis) & (fits["at"] == at)]
-            if len(f) and pd.notna(f.iloc[0]["alpha"]):
-                xs = np.geomspace(h[x].min(), h[x].max(), 50)
-                ax.plot(xs, 1 - f.iloc[0]["amplitude"] * xs ** (-f.iloc[0]["alpha"]), "--", color=color, alpha=0.7)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters" if x == "n_params" else "input resolution (px)")
-        ax.set_title(f"probe: {probe}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("test macro AUROC (band: 95% CI, dashed: power-law fit)")
-    fig.suptitle(f"{title}\n{provenance}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _exponent_words(c: Curve) -> str:
+    f = c.fit
+    if f.exponent_identified:
+        return (f" (alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}], "
+                f"floor error {f.floor:.3f} [{f.floor_low:.3f}, {f.floor_high:.3f}])")
+    return " (power law fitted, exponent not identified by the data)" if f.fitted else ""
 
 
-def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: list[str]) -> Path:
+def _verdict_line(c: Curve) -> str:
+    g, f = c.group, c.fit
+    line = f"{g['dataset']} {g['probe']}/{g['strategy']}, vs {c.axis} at {c.at}: {f.verdict}{_exponent_words(c)}"
+    if f.broken is not None and f.broken.delta_aicc > 2:
+        line += (f"; a break at {c.axis}={f.broken.break_x:.3g} fits better (alpha {f.broken.alpha_before:.2f} "
+                 f"then {f.broken.alpha_after:.2f})")
+    if f.extrapolation is not None:
+        line += f"; leave-largest-out: {f.extrapolation.describe(c.axis)}"
+    return line
+
+
+def _best_lines(best: pd.DataFrame) -> list[str]:
+    return [f"{r.modality}: {r.backbone} ({r.n_params / 1e6:.2f}M params) at {r.resolution}px, {r.probe} probe, "
+            f"{r.strategy}: test macro AUROC {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
+            for r in best.itertuples()]
+
+
+def _figures(curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str) -> list[tuple[str, Path]]:
+    figures = []
+    modalities = sorted({c.group["modality"] for c in curves})
+    for modality in modalities:
+        prefix = "" if len(modalities) == 1 else f"{modality}_"
+        mine = [c for c in curves if c.group["modality"] == modality]
+        for axis in AXES:
+            p = plot_axis(mine, axis, out_dir / f"{prefix}auroc_vs_{axis}.png", f"{title} - {modality}", prov)
+            if p is not None:
+                figures.append((f"{modality}: AUROC vs {axis}", p))
+    p = plot_strategies(comparisons, out_dir / "strategies.png", f"{title}: strategy differences")
+    if p is not None:
+        figures.append(("strategy differences (other - baseline)", p))
+    return figures
+
+
+def _markdown(rc: ReportContent) -> str:
+    md = [f"# Scaling report: {rc.title}", ""]
+    md += [f"> **{line}**" for line in rc.provenance] + [""]
+    md += rc.method + [""]
+    md += [f"![{cap}]({p.name})\n" for cap, p in rc.figures]
+    md += _verdicts_markdown(rc).splitlines()
+    md += ["", "## Results", "", _cells_markdown(rc.cells)]
+    md += ["", f"Files: {', '.join(rc.files)}."]
+    return "\n".join(md) + "\n"
+
+
+def _verdicts_markdown(rc: ReportContent) -> str:
+    md = ["## Verdicts", ""]
+    for modality, lines in rc.verdicts.items():
+        md += [f"### {modality}", ""] + [f"- {v}" for v in lines] + [""]
+    md += ["## Best configuration", ""] + [f"- {b}" for b in rc.best] + [""]
+    md += ["## Strategies", ""] + ([f"- {s}" for s in rc.strategies] or ["- only one strategy in these results"])
+    return "\n".join(md) + "\n"
+
+
+def _cells_markdown(cells: pd.DataFrame) -> str:
+    table = ["| modality | dataset | probe | strategy | backbone | params | resolution | test macro AUROC [95% CI] | seeds |",
+             "|---|---|---|---|---|---:|---:|---|---:|"]
+    for r in cells.sort_values(["modality", "dataset", "probe", "strategy", "resolution", "n_params"]).itertuples():
+        table.append(f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
+                     f"{r.resolution} | {r.metric:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |")
+    return "\n".join(table)
+
+
+def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: list[str] | None,
+                 predictions: dict[str, pd.DataFrame] | None = None, resamples: int = RESAMPLES, seed: int = 0) -> Path:
+    """Analyse a results table (one row per run) and write the report folder; returns it.
+
+    ``predictions``: run_id -> per-sample test predictions, for patient-level paired resampling.
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if df.empty:
         raise ValueError("no finished cells to analyse")
-    agg = _aggregate(df)
-    fits = fit_table(agg)
-    fits.to_csv(out_dir / "fits.csv", index=False)
-    agg.to_csv(out_dir / "results.csv", index=False)
-    prov = " | ".join(provenance) if provenance else "provenance unknown"
-    _plot(agg, fits, "n_params", "resolution", out_dir / "auroc_vs_params.png", title, prov)
-    _plot(agg, fits, "resolution", "backbone", out_dir / "auroc_vs_resolution.png", title, prov)
-
-    verdicts = ["## Verdicts", ""]
-    for r in fits.itertuples():
-        exp = f" (alpha={r.alpha:.2f} [{r.alpha_ci_low:.2f}, {r.alpha_ci_high:.2f}])" if pd.notna(r.alpha) else ""
-        verdicts.append(f"- {r.probe}/{r.strategy}, vs {r.axis} at {r.at}: {r.verdict}{exp}")
-    best = agg.loc[agg["auroc"].idxmax()]
-    verdicts += ["", f"Best cell on test: {best.backbone} at {best.resolution}px, {best.probe} probe: "
-                     f"AUROC {best.auroc:.3f} [{best.low:.3f}, {best.high:.3f}]"]
-    (out_dir / "verdicts.md").write_text("\n".join(verdicts) + "\n")
-
-    table = ["| probe | strategy | backbone | params | resolution | test macro AUROC [95% CI] | seeds |", "|---|---|---|---:|---:|---|---:|"]
-    for r in agg.sort_values(["probe", "resolution", "n_params"]).itertuples():
-        table.append(f"| {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | {r.resolution} | "
-                     f"{r.auroc:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |")
-    md = [f"# Scaling report: {title}", ""]
-    md += [f"> **{line}**" for line in provenance] + [""]
-    md += ["Error E = 1 - AUROC fitted as E = A * x^(-alpha) where there are at least 3 points; alpha > 0 means "
-           "bigger is better. Intervals: patient-level bootstrap per cell; the exponent's from redrawing each point "
-           "within its interval.", ""]
-    md += ["![AUROC vs parameters](auroc_vs_params.png)", "", "![AUROC vs resolution](auroc_vs_resolution.png)", ""]
-    md += (out_dir / "verdicts.md").read_text().splitlines() + ["", "## Results", ""] + table
-    md += ["", "Fitted parameters: `fits.csv`; aggregated results: `results.csv`."]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    _clear_previous(out_dir)
+    runs = complete_columns(df)
+    provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
+    cd = bootstrap_cells(runs, predictions, resamples=resamples, seed=seed)
+    curves = build_curves(cd, seed=seed)
+    comparisons = compare_strategies(cd)
+    rc = ReportContent(
+        title=title, provenance=provenance, method=_method(cd),
+        figures=_figures(curves, comparisons, out_dir, title, " | ".join(provenance)),
+        verdicts={m: [_verdict_line(c) for c in curves if c.group["modality"] == m]
+                  for m in sorted({c.group["modality"] for c in curves})},
+        best=_best_lines(best_configurations(cd)), strategies=summarize_strategies(comparisons),
+        cells=cd.cells, fits=fits_table(curves), comparisons=comparisons,
+    )
+    _write_files(rc, out_dir)
     return out_dir
+
+
+_OWN_OUTPUTS = ("*auroc_vs_*.png", "strategies.png", "strategies.csv")
+
+
+def _clear_previous(out_dir: Path) -> None:
+    """Figures of an earlier report that this one does not redraw must not be attached as if current."""
+    for pattern in _OWN_OUTPUTS:
+        for f in out_dir.glob(pattern):
+            f.unlink()
+
+
+def _write_files(rc: ReportContent, out_dir: Path) -> None:
+    rc.fits.to_csv(out_dir / "fits.csv", index=False)
+    rc.cells.to_csv(out_dir / "results.csv", index=False)
+    rc.files = ["fits.csv (fitted parameters)", "results.csv (cells with intervals)"]
+    if not rc.comparisons.empty:
+        rc.comparisons.to_csv(out_dir / "strategies.csv", index=False)
+        rc.files.append("strategies.csv (strategy differences)")
+    rc.files += ["report.html (self-contained)", "verdicts.md"]
+    (out_dir / "verdicts.md").write_text(_verdicts_markdown(rc))
+    (out_dir / "report.md").write_text(_markdown(rc))
+    (out_dir / "report.html").write_text(render_html(rc), encoding="utf-8")

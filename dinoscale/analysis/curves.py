@@ -1,0 +1,113 @@
+"""Which curves a sweep holds, and their fits.
+
+Per (modality, dataset, probe, strategy): error against parameters (one curve per resolution),
+against input resolution (one per backbone; tokens grow as resolution squared) and against forward
+GFLOPs per image (all cells pooled). GFLOPs are taken as logged; where a run did not log them they
+are estimated as 2 x params x tokens (and the report says so); with neither, that axis is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dinoscale.analysis.resample import CellDraws
+from dinoscale.analysis.scaling import ScalingFit, fit_curve
+
+GROUP_KEYS = ["modality", "dataset", "probe", "strategy"]
+AXES = {  # axis -> (x column, the column each curve holds fixed, or None when all cells pool)
+    "params": ("n_params", "resolution"),
+    "resolution": ("resolution", "backbone"),
+    "gflops": ("gflops", None),
+}
+AXIS_LABELS = {"params": "parameters", "resolution": "input resolution (px)", "gflops": "forward GFLOPs per image"}
+
+
+@dataclass
+class Curve:
+    group: dict
+    axis: str
+    at: str
+    x: np.ndarray
+    metric: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    point_labels: list[str]
+    fit: ScalingFit
+    notes: list[str] = field(default_factory=list)
+
+
+def gflops_column(cells: pd.DataFrame) -> tuple[pd.Series, str | None]:
+    """Logged GFLOPs, else the 2 x params x tokens estimate, else nothing (never invented)."""
+    logged = pd.to_numeric(cells["gflops"], errors="coerce")
+    if logged.notna().all():
+        return logged, "GFLOPs as logged by the runs"
+    tokens = pd.to_numeric(cells["tokens_per_image"], errors="coerce")
+    if tokens.notna().all():
+        return 2 * cells["n_params"] * tokens / 1e9, "GFLOPs estimated as 2 x params x tokens per image (not measured)"
+    return pd.Series(np.nan, index=cells.index), None
+
+
+def _merge_equal_x(x: np.ndarray, index: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    return [(float(v), index[x == v]) for v in np.unique(x)]
+
+
+def _curve(cd: CellDraws, sub: pd.DataFrame, x_col: str, axis: str, at: str, group: dict, seed: int) -> Curve:
+    merged = _merge_equal_x(sub[x_col].to_numpy(float), sub.index.to_numpy())
+    draws = np.column_stack([cd.draws[:, idx].mean(axis=1) for _, idx in merged])
+    metric = np.array([cd.cells.loc[idx, "metric"].mean() for _, idx in merged])
+    q = (1 - cd.level) / 2
+    low, high = np.nanquantile(draws, q, axis=0), np.nanquantile(draws, 1 - q, axis=0)
+    labels = [" + ".join(f"{b}@{r}" for b, r in cd.cells.loc[idx, ["backbone", "resolution"]].itertuples(index=False))
+              for _, idx in merged]
+    notes = ["cells sharing an x were averaged"] if any(len(idx) > 1 for _, idx in merged) else []
+    x = np.array([v for v, _ in merged])
+    fit = fit_curve(x, metric, draws, axis, level=cd.level, seed=seed)
+    return Curve(group, axis, at, x, metric, low, high, labels, fit, notes)
+
+
+def build_curves(cd: CellDraws, seed: int = 0) -> list[Curve]:
+    cells = cd.cells.copy()
+    curves = []
+    for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
+        group = dict(zip(GROUP_KEYS, gkey))
+        for axis, (x_col, fixed) in AXES.items():
+            sub = g.copy()
+            note = None
+            if axis == "gflops":
+                sub["gflops"], note = gflops_column(sub)
+                if note is None:
+                    continue
+            slices = [("all backbones x resolutions", sub)] if fixed is None else \
+                [(f"{fixed}={v}", s) for v, s in sub.groupby(fixed, sort=True)]
+            for at, s in slices:
+                c = _curve(cd, s, x_col, axis, at, group, seed)
+                if note:
+                    c.notes.append(note)
+                curves.append(c)
+    return curves
+
+
+def fits_table(curves: list[Curve]) -> pd.DataFrame:
+    return pd.DataFrame([_fit_row(c) for c in curves])
+
+
+def _fit_row(c: Curve) -> dict:
+    f = c.fit
+    row = {**c.group, "axis": c.axis, "at": c.at, "n_points": f.n_points, "trend": f.trend, "verdict": f.verdict,
+           "family": "saturating power law" if f.fitted else None,
+           "alpha": f.alpha, "alpha_ci_low": f.alpha_low, "alpha_ci_high": f.alpha_high,
+           "exponent_identified": f.exponent_identified, "amplitude": f.amplitude,
+           "floor_error": f.floor, "floor_error_ci_low": f.floor_low, "floor_error_ci_high": f.floor_high,
+           "resamples_fitted": f.resamples_fitted}
+    b = f.broken
+    row.update({"broken_break_x": b and b.break_x, "broken_alpha_before": b and b.alpha_before,
+                "broken_alpha_after": b and b.alpha_after, "broken_delta_aicc": b and b.delta_aicc})
+    e = f.extrapolation
+    row.update({"lolo_x": e and e.x, "lolo_predicted": e and e.predicted, "lolo_predicted_low": e and e.predicted_low,
+                "lolo_predicted_high": e and e.predicted_high, "lolo_observed": e and e.observed,
+                "lolo_consistent": e and e.consistent})
+    row["notes"] = "; ".join(c.notes + f.notes)
+    return row

@@ -1,0 +1,132 @@
+"""Bootstrap draws of every cell's seed-averaged metric, paired across cells where possible.
+
+A *cell* is one configuration (modality, dataset, probe, strategy, backbone, resolution) over its
+seeds. Its draws combine two sources of noise:
+
+* **patients**: where runs logged per-sample predictions, one patient resample (all of a patient's
+  images together) is drawn per replicate and applied to *every* run scored on the same test set,
+  so differences between cells (the points of a curve, frozen vs LoRA) are paired;
+* otherwise each run is redrawn independently from its own logged interval (normal approximation);
+
+and then **seeds**: each replicate averages the cell's seeds resampled with replacement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+
+from dinoscale.analysis.sources import complete_columns
+from dinoscale.metrics import auroc_per_class
+
+CELL_KEYS = ["modality", "dataset", "probe", "strategy", "backbone", "n_params", "resolution"]
+METRIC = "test_macro_auroc"
+
+
+@dataclass
+class CellDraws:
+    cells: pd.DataFrame  # one row per cell: CELL_KEYS, metric, low, high, seeds, uncertainty, pairing, ...
+    draws: np.ndarray  # (resamples, len(cells)) draws of each cell's seed-averaged metric
+    level: float
+
+    def columns(self, index) -> np.ndarray:
+        return self.draws[:, np.asarray(index)]
+
+
+def _aligned(preds: pd.DataFrame, order: pd.Index) -> pd.DataFrame:
+    return preds.set_index("sample_id").loc[order]
+
+
+def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray:
+    """(resamples, runs) macro AUROC under shared patient resamples; all runs share one test set."""
+    base = preds[0].set_index("sample_id")
+    order = base.index
+    patients = base["patient_id"].astype(str).to_numpy()
+    labels, scores, owner = [], [], []
+    for j, p in enumerate(preds):
+        p = _aligned(p, order)
+        classes = [c[len("label_"):] for c in p.columns if c.startswith("label_")]
+        labels.append(p[[f"label_{c}" for c in classes]].to_numpy(float))
+        scores.append(p[[f"score_{c}" for c in classes]].to_numpy(float))
+        owner += [j] * len(classes)
+    y, s, owner = np.hstack(labels), np.hstack(scores), np.array(owner)
+    _, inverse = np.unique(patients, return_inverse=True)
+    groups = [np.flatnonzero(inverse == i) for i in range(inverse.max() + 1)]
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # each run's first class column
+    out = np.empty((resamples, len(preds)))
+    for b in range(resamples):
+        idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        per_class = auroc_per_class(y[idx], s[idx])
+        defined = np.isfinite(per_class)
+        # macro = mean over each run's classes that are defined in this resample
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[b] = np.add.reduceat(np.where(defined, per_class, 0), starts) / np.add.reduceat(defined, starts)
+    return out
+
+
+def _test_set_signature(p: pd.DataFrame) -> str:
+    ids = "\n".join(sorted(p["sample_id"].astype(str)))
+    return hashlib.sha1(ids.encode()).hexdigest()[:12]
+
+
+def _interval_draws(row, resamples: int, level: float, rng) -> np.ndarray:
+    lo, hi = row[f"{METRIC}_ci_low"], row[f"{METRIC}_ci_high"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"run {row['run_id']} ({row['backbone']}, {row['resolution']}px, {row['probe']}): no confidence "
+                         f"interval and no per-sample predictions, so its uncertainty is unknown; log {METRIC}_ci_low/_high")
+    sd = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - level) / 2))
+    return np.clip(row[METRIC] + rng.normal(0, 1, resamples) * sd, 0, 1)
+
+
+def run_draws(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], resamples: int, level: float,
+              rng) -> tuple[np.ndarray, list[str]]:
+    """Draws per run, and per run its pairing group ('' when drawn independently)."""
+    out = np.empty((resamples, len(runs)))
+    pairing = [""] * len(runs)
+    position = {rid: i for i, rid in enumerate(runs["run_id"])}
+    by_test_set: dict[str, list[str]] = {}
+    for rid in runs["run_id"]:
+        if rid in predictions:
+            by_test_set.setdefault(_test_set_signature(predictions[rid]), []).append(rid)
+    for signature, rids in by_test_set.items():
+        draws = _patient_draws([predictions[r] for r in rids], resamples, rng)
+        for j, rid in enumerate(rids):
+            out[:, position[rid]] = draws[:, j]
+            pairing[position[rid]] = f"patients:{signature}"
+    for i, row in enumerate(runs.to_dict("records")):
+        if not pairing[i]:
+            out[:, i] = _interval_draws(row, resamples, level, rng)
+    return out, pairing
+
+
+def bootstrap_cells(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame] | None = None, resamples: int = 500,
+                    level: float = 0.95, seed: int = 0) -> CellDraws:
+    """Seed-averaged cells with paired bootstrap draws (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    runs = complete_columns(runs).reset_index(drop=True)
+    per_run, pairing = run_draws(runs, predictions or {}, resamples, level, rng)
+    runs = runs.assign(_pairing=pairing)
+    rows, columns = [], []
+    for key, g in runs.groupby(CELL_KEYS, sort=True, dropna=False):
+        idx = g.index.to_numpy()
+        # resample seeds with replacement inside every replicate
+        pick = idx[rng.integers(0, len(idx), (resamples, len(idx)))]
+        cell = np.nanmean(per_run[np.arange(resamples)[:, None], pick], axis=1)
+        columns.append(cell)
+        q = (1 - level) / 2
+        rows.append({**dict(zip(CELL_KEYS, key)), "metric": g[METRIC].mean(),
+                     "low": float(np.nanquantile(cell, q)), "high": float(np.nanquantile(cell, 1 - q)),
+                     "seeds": g["seed"].nunique(), "val_metric": pd.to_numeric(g["val_macro_auroc"], errors="coerce").mean(),
+                     "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
+                     "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
+                     "uncertainty": _uncertainty_words(g), "pairing": ",".join(sorted(set(g["_pairing"])))})
+    return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level)
+
+
+def _uncertainty_words(g: pd.DataFrame) -> str:
+    source = "patients (per-sample predictions)" if (g["_pairing"] != "").all() else "per-run intervals"
+    return f"{source} + {g['seed'].nunique()} seed(s)"
