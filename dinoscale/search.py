@@ -1,0 +1,181 @@
+"""Per-cell hyper-parameter search: an Optuna study inside one cell.
+
+Every cell gets the same budget (``n_trials``) so scaling curves compare like with like. TPE is
+seeded; LoRA / full trials report their val metric every epoch and a MedianPruner stops hopeless
+ones. Selection is on val only; the caller scores the returned best configuration on test.
+
+- ``search_probe(spec, train, val, test, n_trials, seed)``: frozen probes on cached features. Each
+  trial overrides some of the probe spec's fields (``PROBE_SPACES``); the probe still does its own
+  vectorised grid (e.g. all lr x wd heads) inside a trial.
+- ``search_finetune(make_model, train, val, base_cfg, n_trials, seed, storage_dir)``: LoRA / full.
+  With ``storage_dir`` the study lives in SQLite there and every trial checkpoints, so a retried
+  Ray trial continues the study instead of restarting it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SpaceFn = Callable[[Any, Any], dict]  # (optuna.Trial, base spec/config) -> field overrides
+
+
+def _linear_space(trial, spec) -> dict:
+    return {"epochs": trial.suggest_int("epochs", 10, 100, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256, 512])}
+
+
+def _knn_space(trial, spec) -> dict:
+    return {"temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True)}
+
+
+def _logreg_space(trial, spec) -> dict:
+    c = trial.suggest_float("C", 1e-4, 1e2, log=True)
+    return {"cs": [c]}
+
+
+def _bag_space(trial, spec) -> dict:
+    out = {"learning_rates": [trial.suggest_float("lr", 1e-5, 1e-2, log=True)],
+           "weight_decays": [trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)]}
+    if spec.kind == "abmil":
+        out["hidden_dim"] = trial.suggest_categorical("hidden_dim", [64, 128, 256])
+        out["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
+    return out
+
+
+def _seg_space(trial, spec) -> dict:
+    return {"learning_rates": [trial.suggest_float("lr", 1e-4, 1e-2, log=True)],
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
+
+
+PROBE_SPACES: dict[str, SpaceFn] = {
+    "linear": _linear_space, "knn": _knn_space, "logreg": _logreg_space, "pool": _bag_space,
+    "abmil": _bag_space, "segmentation": _seg_space, "affinity": _seg_space,
+}
+
+
+def finetune_space(trial, cfg) -> dict:
+    out = {"lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True),
+           "weight_decay": trial.suggest_float("weight_decay", 1e-4, 1e-1, log=True)}
+    if cfg.strategy == "lora":
+        out["lora_rank"] = trial.suggest_categorical("lora_rank", [4, 8, 16])
+    else:
+        out["layer_decay"] = trial.suggest_float("layer_decay", 0.5, 0.95)
+    return out
+
+
+@dataclass
+class StudyResult:
+    best_params: dict
+    best_value: float
+    best_trial: int
+    n_complete: int
+    n_pruned: int
+    trials: list[dict] = field(default_factory=list)  # number, state, value, params
+
+
+def _summary(study) -> StudyResult:
+    import optuna
+
+    states = [t.state for t in study.trials]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(done, key=lambda t: t.value) if done else None
+    return StudyResult(
+        best_params=dict(best.params) if best else {}, best_value=float(best.value) if best else float("nan"),
+        best_trial=best.number if best else -1, n_complete=len(done),
+        n_pruned=sum(s == optuna.trial.TrialState.PRUNED for s in states),
+        trials=[{"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params)} for t in study.trials],
+    )
+
+
+def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed: int = 0, pruner=None,
+              storage: str | None = None, study_name: str = "cell") -> tuple[StudyResult, Any]:
+    """Maximise ``objective(trial) -> (val_metric, payload)``; returns the summary and the payload of the
+    best trial run in this process (None when the best finished in an earlier, interrupted process).
+    With ``storage``, finished trials count towards ``n_trials`` and are not rerun."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 2)))
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(),
+                                storage=storage, study_name=study_name, load_if_exists=storage is not None)
+    best: dict = {"value": -np.inf, "payload": None, "number": -1}
+
+    def wrapped(trial):
+        value, payload = objective(trial)
+        if np.isfinite(value) and value > best["value"]:
+            best.update(value=value, payload=payload, number=trial.number)
+        return float(value) if np.isfinite(value) else float("-inf")
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = n_trials - sum(t.state in finished for t in study.trials)
+    if remaining > 0:
+        study.optimize(wrapped, n_trials=remaining)
+    summary = _summary(study)
+    return summary, best["payload"] if best["number"] == summary.best_trial else None
+
+
+def search_probe(spec, train, val, test, n_trials: int = 10, seed: int = 0, space: SpaceFn | None = None):
+    """Returns ``(ProbeResult of the best val configuration, StudyResult)``; the result's ``selected``
+    merges the study's parameters with the probe's own inner choice."""
+    from dinoscale.probes import run_probe
+
+    space = space or PROBE_SPACES[spec.kind]
+
+    def objective(trial):
+        trial_spec = spec.model_copy(update=space(trial, spec))
+        trial_spec = type(spec).model_validate(trial_spec.model_dump())  # re-validate the overrides
+        res = run_probe(trial_spec, train, val, test, seed=seed)
+        return res.val_metric, res
+
+    summary, result = run_study(objective, n_trials, seed)
+    result.selected = {**summary.best_params, **result.selected}
+    result.extra["search_trials"] = n_trials
+    return result, summary
+
+
+def search_finetune(make_model: Callable[[Any], Any], train, val, base_cfg, n_trials: int = 8, seed: int = 0,
+                    space: SpaceFn | None = None, storage_dir: str | Path | None = None, device=None,
+                    n_startup_trials: int = 2, n_warmup_epochs: int = 1, on_epoch=None):
+    """LoRA / full search with median pruning on the per-epoch val metric.
+
+    ``make_model(cfg) -> ImageClassifier`` (e.g. ``lambda c: build_classifier(load_backbone(...).model, C, c)``).
+    Returns ``(FinetuneResult of the best trial, with its best-val weights loaded; StudyResult)``.
+    ``on_epoch(trial_number, epoch, record)`` is called after every epoch (e.g. to report to Tune)."""
+    import optuna
+
+    from dinoscale.train import finetune
+
+    space = space or finetune_space
+    storage = None
+    if storage_dir is not None:
+        Path(storage_dir).mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{Path(storage_dir).resolve() / 'optuna.db'}"
+
+    def cfg_of(params_or_trial) -> Any:
+        return dataclasses.replace(base_cfg, **space(params_or_trial, base_cfg))
+
+    def run(trial, cfg):
+        ckpt = Path(storage_dir) / f"trial_{trial.number}" if storage_dir is not None else None
+
+        def report(epoch, record):
+            if on_epoch is not None:
+                on_epoch(trial.number, epoch, record)
+            trial.report(record["val_metric"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        res = finetune(make_model(cfg), train, val, cfg, checkpoint_dir=ckpt, on_epoch=report, device=device)
+        return res.best_val, res
+
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_epochs)
+    summary, best = run_study(lambda t: run(t, cfg_of(t)), n_trials, seed, pruner, storage)
+    if best is None and summary.best_trial >= 0:  # best finished before an interruption: reload it
+        cfg = cfg_of(optuna.trial.FixedTrial(summary.best_params))
+        ckpt = Path(storage_dir) / f"trial_{summary.best_trial}"
+        best = finetune(make_model(cfg), train, val, cfg, checkpoint_dir=ckpt, device=device)
+    return best, summary
