@@ -134,7 +134,136 @@ class KnnProbeSpec(Strict):
         return "knn"
 
 
-ProbeSpec = Annotated[Union[LinearProbeSpec, KnnProbeSpec], Field(discriminator="kind")]
+class LogRegProbeSpec(Strict):
+    """L2-regularised logistic regression (scikit-learn, one binary model per label), C chosen on val."""
+
+    kind: Literal["logreg"]
+    cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1,
+                            description="inverse regularisation strengths compared on val")
+    max_iter: int = Field(1000, ge=10)
+
+    @property
+    def label(self) -> str:
+        return "logreg"
+
+
+class PoolProbeSpec(Strict):
+    """3D classification from slice features: pool each volume's slices (mean / max / trained attention),
+    then a linear head; pooling, lr and wd chosen on val."""
+
+    kind: Literal["pool"]
+    poolings: list[Literal["mean", "max", "attention"]] = Field(
+        default_factory=lambda: ["mean", "max", "attention"], min_length=1, description="pooling modes compared on val")
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
+    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1, description="volumes per step")
+    attention_dim: int = Field(128, ge=1, description="hidden size of the attention pooling")
+
+    @property
+    def label(self) -> str:
+        return "pool"
+
+
+class AbmilProbeSpec(Strict):
+    """Gated-attention MIL (Ilse et al. 2018) on bags of tile features (WSI); lr and wd chosen on val."""
+
+    kind: Literal["abmil"]
+    hidden_dim: int = Field(128, ge=1, description="width of the instance embedding and of the attention")
+    dropout: float = Field(0.25, ge=0, lt=1)
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3], min_length=1)
+    weight_decays: list[float] = Field(default_factory=lambda: [1e-4], min_length=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1, description="bags per step (bags are padded and masked)")
+
+    @property
+    def label(self) -> str:
+        return "abmil"
+
+
+class SegmentationProbeSpec(Strict):
+    """Segmentation head on frozen patch-token grids; Dice+CE, AdamW, cosine; lr chosen on val by Dice."""
+
+    kind: Literal["segmentation"]
+    head: Literal["linear", "conv", "conv3d"] = Field(
+        "linear", description="linear: BatchNorm + 1x1 conv, bilinear up; conv: light 2D decoder; "
+        "conv3d: slice maps stacked into a light 3D decoder")
+    n_classes: int = Field(2, ge=2, description="including background (label 0)")
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    hidden_dim: int = Field(64, ge=1, description="decoder width (conv heads)")
+
+    @property
+    def label(self) -> str:
+        return f"seg-{self.head}"
+
+
+class AffinityProbeSpec(Strict):
+    """EM instances: nearest-neighbour affinities from a light decoder, thresholded and agglomerated by
+    connected components; the threshold is chosen on val by adapted Rand error."""
+
+    kind: Literal["affinity"]
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    hidden_dim: int = Field(64, ge=1)
+    thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9], min_length=1)
+    min_size: int = Field(4, ge=0, description="segments smaller than this (pixels) become background")
+
+    @property
+    def label(self) -> str:
+        return "affinity"
+
+
+ProbeSpec = Annotated[
+    Union[LinearProbeSpec, KnnProbeSpec, LogRegProbeSpec, PoolProbeSpec, AbmilProbeSpec, SegmentationProbeSpec,
+          AffinityProbeSpec],
+    Field(discriminator="kind"),
+]
+
+PROBE_KINDS = ("linear", "knn", "logreg", "pool", "abmil", "segmentation", "affinity")
+
+
+class LoraStrategySpec(Strict):
+    """LoRA through peft on the attention projections of the backbone, plus a trained head."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[Literal["qkv", "proj", "fc1", "fc2"]] = Field(default_factory=lambda: ["qkv", "proj"], min_length=1,
+                                                               description="module names inside each block")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    patience: int | None = Field(3, ge=1, description="early stopping on val (epochs without improvement)")
+    grad_checkpointing: bool = False
+
+
+class FullStrategySpec(Strict):
+    """End-to-end fine-tuning with layer-wise learning-rate decay, AdamW, warm-up + cosine."""
+
+    kind: Literal["full"] = "full"
+    lr: float = Field(1e-4, gt=0, description="learning rate of the head and last block; earlier layers decay")
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    patience: int | None = Field(3, ge=1)
+    grad_checkpointing: bool = False
+
+
+class FinetuningSpec(Strict):
+    """Settings of the strategies that train the encoder (one cell per backbone x resolution x seed)."""
+
+    lora: LoraStrategySpec = Field(default_factory=LoraStrategySpec)
+    full: FullStrategySpec = Field(default_factory=FullStrategySpec)
 
 
 class SearchSpec(Strict):
@@ -143,8 +272,9 @@ class SearchSpec(Strict):
 
 
 class FeaturesSpec(Strict):
-    tokens: Literal["cls_mean_patch", "cls", "mean_patch"] = Field(
-        "cls_mean_patch", description="classification features; registers are always excluded"
+    tokens: Literal["cls_mean_patch", "cls", "mean_patch", "last4_cls", "last4_cls_mean_patch", "patch_grid"] = Field(
+        "cls_mean_patch", description="features; registers are always excluded. last4_*: CLS of the last 4 blocks "
+        "(DINOv2 linear eval, + mean patch); patch_grid: [N, D, H/p, W/p] for segmentation probes"
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype in the feature store")
     interpolation: Literal["bilinear", "bicubic", "area"] = "bicubic"
@@ -164,10 +294,17 @@ class MetricsSpec(Strict):
 
 class ResourcesSpec(Strict):
     cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float = Field(0.25, ge=0, le=1, description="used only where the cluster has GPUs")
+    gpus_per_trial: float = Field(0.25, ge=0, le=1, description="frozen-encoder trials (probes on cached features) share "
+                                  "a GPU; used only where the cluster has GPUs")
+    gpus_per_training_trial: float = Field(1, ge=0, le=1, description="lora / full fine-tuning trials train the encoder; "
+                                           "used only where the cluster has GPUs")
     cpus_per_extraction: float = Field(1, gt=0)
     gpus_per_extraction: float = Field(1, ge=0, le=1, description="used only where the cluster has GPUs")
     max_concurrent_trials: int | None = Field(None, ge=1)
+    trial_retries: int = Field(2, ge=0, description="retries of a failed trial (a lost node, a crash) before it is "
+                               "recorded FAILED")
+    assumed_gpu_tflops: float = Field(100.0, gt=0, description="sustained bf16 TFLOP/s assumed for the plan's "
+                                      "GPU-hour estimate (a planning figure, not a measurement)")
 
 
 class TrackingSpec(Strict):
@@ -177,8 +314,9 @@ class TrackingSpec(Strict):
 
 
 class StorageSpec(Strict):
-    path: str = Field(".dinoscale", description="root for the feature store, Tune state and generated data; "
-                      "on a cluster a path every node sees")
+    path: str = Field(".dinoscale", description="root for the feature store, Tune state, sweep state and generated "
+                      "data; on a cluster a path every node sees. The environment variable DINOSCALE_STORAGE "
+                      "overrides it (one setting for the whole cluster)")
 
 
 class RaySpec(Strict):
@@ -195,7 +333,10 @@ class SweepSpec(Strict):
     backbones: list[BackboneSpec] = Field(min_length=1)
     resolutions: list[int] = Field(min_length=1)
     probes: list[ProbeSpec] = Field(min_length=1)
-    strategies: list[Literal["frozen"]] = Field(default_factory=lambda: ["frozen"], min_length=1)
+    strategies: list[Literal["frozen", "lora", "full"]] = Field(
+        default_factory=lambda: ["frozen"], min_length=1,
+        description="frozen: probes on cached features; lora / full: the encoder is trained (settings under 'finetuning')")
+    finetuning: FinetuningSpec = Field(default_factory=FinetuningSpec, description="lora / full settings")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     search: SearchSpec = SearchSpec()
     features: FeaturesSpec = FeaturesSpec()
@@ -286,7 +427,7 @@ def parse_spec(raw: dict, source: str = "<spec>") -> SweepSpec:
 
 
 def _describe_error(err: dict, raw: dict) -> str:
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in ("linear", "knn"))]
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in PROBE_KINDS)]
     path = ".".join(str(p) for p in loc) or "<top>"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1], raw)

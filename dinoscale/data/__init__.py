@@ -59,14 +59,24 @@ class PreparedDataset:
 
 
 _REGISTRY: dict[str, tuple[Callable[..., PreparedDataset], bool]] = {}
+_PUBLISHED_IMAGES: dict[str, int] = {}
 
 
-def register_dataset(name: str, phantom: bool = False):
+def register_dataset(name: str, phantom: bool = False, published_images: int | None = None):
+    """``published_images``: the dataset's size as published, for cost estimates when the data is not here."""
+
     def deco(fn: Callable[..., PreparedDataset]):
         _REGISTRY[name] = (fn, phantom)
+        if published_images:
+            _PUBLISHED_IMAGES[name] = published_images
         return fn
 
     return deco
+
+
+def published_images(name: str) -> int | None:
+    _load_adapters()
+    return _PUBLISHED_IMAGES.get(name)
 
 
 def _load_adapters() -> None:

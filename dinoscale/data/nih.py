@@ -13,6 +13,7 @@ Val is carved from the official train_val list by patient (the official lists ha
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ CLASSES = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 ]
-LAYOUT = __doc__.split("Expected under ``root``::")[1].split("Val is carved")[0].rstrip()
+LAYOUT = __doc__.split("Expected under ``root``::")[1].split("Val is carved")[0].strip("\n").rstrip()
 SOURCE = "https://nihcc.app.box.com/v/ChestXray-NIHCC (or Kaggle: nih-chest-xrays/data)"
 
 
@@ -45,12 +46,14 @@ def _index_images(root: Path) -> dict[str, Path]:
     return found
 
 
-@register_dataset("nih-chestxray14")
+@register_dataset("nih-chestxray14", published_images=112_120)
 def prepare_nih(spec, storage: Path) -> PreparedDataset:
     root = Path(os.path.expandvars(spec.root)).expanduser()
     if not root.is_dir():
+        unset = [v for v in re.findall(r"\$\{?(\w+)", str(root))]
+        hint = f" (environment variable(s) {', '.join(unset)} not set)" if unset else ""
         raise DataError(
-            f"NIH ChestX-ray14: data root '{root}' (from '{spec.root}') does not exist. Expected layout:\n"
+            f"NIH ChestX-ray14: data root '{root}'{hint} does not exist. Expected layout:\n"
             f"{LAYOUT}\nSource: {SOURCE}"
         )
     entries = pd.read_csv(_entry_csv(root))

@@ -69,8 +69,22 @@ def print_plan(plan: Plan) -> None:
             f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds")
     console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
     missing_images = sum(f.n_images for f in plan.missing)
+    if plan.dataset is None:
+        from dinoscale.data import published_images
+
+        n_sets = len({(f.backbone.name, f.resolution) for f in plan.feature_sets})
+        missing_images = (published_images(spec.dataset.name) or 0) * n_sets
+    res = spec.resources
+    gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
     console.print(f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
-                  f"{missing_images} image forward passes, ~{plan.estimated_gflops():,.0f} GFLOP (2 x params x tokens estimate)")
+                  f"{missing_images:,} image forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
+                  f"~{plan.estimated_gflops():,.0f} GFLOP (2 x params x tokens estimate) "
+                  f"= ~{gpu_hours:.3g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s")
+    console.print(f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "
+                  f"frozen trial {res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU; lora/full trial "
+                  f"{res.cpus_per_trial:g} CPU + {res.gpus_per_training_trial:g} GPU (GPU shares apply only where the "
+                  f"cluster has GPUs); {res.trial_retries} retries per trial"
+                  + (f"; at most {res.max_concurrent_trials} trials at once" if res.max_concurrent_trials else ""))
     if plan.dataset_error:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
 

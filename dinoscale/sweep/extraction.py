@@ -58,28 +58,38 @@ def plan_jobs(plan: Plan) -> list[ExtractionJob]:
 
 
 def run_job(job: ExtractionJob, store_root: str) -> dict:
-    """Plain function (callable without Ray): build the backbone once, extract and store each split."""
+    """Plain function (callable without Ray): build the backbone once, extract and store each split.
+
+    ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach."""
     import torch
 
     from dinoscale.features.extract import extract_features, pick_device
     from dinoscale.models import load_backbone
 
+    from dinoscale.models import gflops_per_image
+
     store = FeatureStore(store_root)
     t0 = time.perf_counter()
     backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
     device = pick_device()
-    out = {"job": job.label, "device": str(device), "images": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0}
+    gflops = gflops_per_image(job.backbone, job.resolution)
+    out = {"job": job.label, "device": str(device), "images": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0,
+           "gflops_per_image": gflops, "oom_backoffs": 0, "weights_sha256": backbone.weights.get("sha256", "")}
     for split, key, paths, ids in job.splits:
         if store.has(key):  # written meanwhile by another worker
             continue
-        feats, stats = extract_features(backbone, paths, job.resolution, job.tokens, job.interpolation, job.batch_size, device)
+        feats, stats = extract_features(backbone, paths, job.resolution, job.tokens, job.interpolation, job.batch_size,
+                                        device, out_dtype=key.dtype)
         if backbone.weights["digest"] != key.weights_digest:
             raise RuntimeError(f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}")
         store.put(key, feats, ids, extra={"backbone_name": job.backbone, "split": split, "n_params": backbone.n_params,
-                                          "weights_kind": backbone.weights["kind"], "seconds": stats.seconds})
+                                          "weights_kind": backbone.weights["kind"], "seconds": stats.seconds,
+                                          "gflops_per_image": gflops, "device": str(device),
+                                          **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {})})
         out["images"] += stats.images
         out["batches"] += stats.forward_passes
         out["forward_seconds"] += stats.seconds
+        out["oom_backoffs"] += stats.oom_backoffs
         out["stored"] += 1
     out["wall_seconds"] = time.perf_counter() - t0
     del backbone

@@ -112,6 +112,13 @@ class Plan:
         return self.dataset is not None
 
     def estimated_gflops(self) -> float:
+        """Forward cost of the missing feature sets; without data, from the dataset's published size."""
+        if self.dataset is None:
+            from dinoscale.data import published_images
+
+            n = published_images(self.spec.dataset.name) or 0
+            sets = {(f.backbone, f.resolution): f for f in self.feature_sets}.values()
+            return sum(2 * f.backbone.n_params * f.tokens_per_image * n / 1e9 for f in sets)
         return sum(f.gflops for f in self.missing)
 
     def cell(self, cell_id: str) -> Cell:
@@ -140,14 +147,18 @@ def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_dig
     )
 
 
+TRAINING_STRATEGIES = ("lora", "full")
+FINETUNE_HEAD = "head"  # the probe label of lora / full cells: a linear head trained with the encoder
+
+
 def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
     """Deterministic identity of a cell's result: same spec content + same cell -> same key."""
-    probe = next(p for p in spec.probes if p.kind == cell_fields["probe"])
+    probe = next((p for p in spec.probes if p.kind == cell_fields["probe"]), None)
     blob = json.dumps(
         {
             "sweep": spec.name,
             "dataset": spec.dataset.model_dump(mode="json"),
-            "probe_config": probe.model_dump(mode="json"),
+            "probe_config": probe.model_dump(mode="json") if probe else None,
             "metrics": spec.metrics.model_dump(mode="json"),
             "features": spec.features.model_dump(mode="json"),
             **cell_fields,
@@ -171,10 +182,14 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
     infos = [backbone_info(b.name, b.weights, b.weights_seed) for b in spec.backbones]
     feature_sets: list[FeatureSetPlan] = []
     keys: dict[tuple[str, int], dict[str, str]] = {}
+    needs_features = "frozen" in spec.strategies
     for bb, res in itertools.product(infos, spec.resolutions):
         if res % bb.patch_size:
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
         for split in SPLITS:
+            if ds is not None and not needs_features:
+                keys.setdefault((bb.name, res), {})[split] = ds.manifest_digest(split)
+                continue
             if ds is None:
                 feature_sets.append(FeatureSetPlan(bb, res, split, None, 0, False))
                 continue
@@ -183,11 +198,19 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             feature_sets.append(FeatureSetPlan(bb, res, split, key, int((ds.manifest["split"] == split).sum()), store.has(key)))
 
     cells = []
-    for bb, res, probe, strategy, seed in itertools.product(infos, spec.resolutions, spec.probes, spec.strategies, spec.seeds):
-        fk = keys.get((bb.name, res), {})
-        fields = {
-            "backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": probe.kind,
-            "strategy": strategy, "seed": seed, "features": fk,
-        }
-        cells.append(Cell(bb, res, probe.kind, strategy, seed, tuple(sorted(fk.items())), _trial_key(spec, fields)))
+    for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
+        if strategy in TRAINING_STRATEGIES:
+            # the encoder is trained on images: a linear head, no cached features
+            fields = {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": FINETUNE_HEAD,
+                      "strategy": strategy, "seed": seed, "manifest": keys.get((bb.name, res), {}),
+                      "finetuning": getattr(spec.finetuning, strategy).model_dump(mode="json")}
+            cells.append(Cell(bb, res, FINETUNE_HEAD, strategy, seed, (), _trial_key(spec, fields)))
+            continue
+        for probe in spec.probes:
+            fk = keys.get((bb.name, res), {})
+            fields = {
+                "backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": probe.kind,
+                "strategy": strategy, "seed": seed, "features": fk,
+            }
+            cells.append(Cell(bb, res, probe.kind, strategy, seed, tuple(sorted(fk.items())), _trial_key(spec, fields)))
     return Plan(spec, ds, ds_error, cells, feature_sets, root)

@@ -18,15 +18,12 @@ from ray import tune
 
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.display import SweepProgress, console, print_banner, print_plan, print_summary, provenance_lines
-from dinoscale.sweep.plan import Cell, Plan, build_plan
+from dinoscale.sweep.plan import TRAINING_STRATEGIES, Cell, Plan, build_plan
 from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tracking import (
     DEMO_NOTE, ROLE, SWEEP_ID, default_artifact_location, ensure_experiment, git_commit, log_batch, resolve_tracking_uri,
     split_dataset_inputs,
 )
-
-TRAINING_STRATEGIES = {"lora", "full"}
-
 
 @dataclass
 class SweepOutcome:
@@ -131,6 +128,7 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
         console.print(f"MLflow: {verb}, experiment '{spec.experiment_name}', parent run {parent_id} ({tracking_uri})")
 
     rows: list[dict] = []
+    monitor = _system_metrics(parent_id, tracking_uri, step)
     try:
         _init_ray(spec, address)
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
@@ -159,12 +157,27 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
         raise
     finally:
         state.save(plan.storage)
+        if monitor is not None:
+            monitor.finish()
     wall = time.perf_counter() - t0
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
         console.print(f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok. "
                       f"Browse with `make ui`; report: {report_dir / 'report.md' if report_dir else '-'}")
     return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
+
+
+def _system_metrics(run_id: str, tracking_uri: str, step: int):
+    """CPU/memory/GPU of the driver node, logged to the parent run every 10 s (MLflow system metrics)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri, resume_logging=step > 0)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - optional telemetry must never stop a sweep
+        console.print(f"[yellow]system metrics off: {e}[/yellow]")
+        return None
 
 
 def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool):
@@ -204,7 +217,8 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool):
         cells={c.id: c for c in plan.cells},
         classes=ds.classes,
         splits={s: SplitLabels(ds.split(s)["sample_id"].astype(str).tolist(), ds.split(s)["patient_id"].astype(str).to_numpy(),
-                               ds.labels(s)) for s in ("train", "val", "test")},
+                               ds.labels(s), ds.split(s)["path"].tolist()) for s in ("train", "val", "test")},
+        checkpoint_root=str(plan.storage / "checkpoints"),
         store_root=str(plan.storage / "features"),
         tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id,

@@ -11,15 +11,17 @@ import io
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from dinoscale.features import FeatureStore
 from dinoscale.metrics import auroc_per_class, patient_bootstrap
 from dinoscale.probes import Split, run_probe
 from dinoscale.spec import SweepSpec
-from dinoscale.sweep.plan import Cell
+from dinoscale.sweep.plan import TRAINING_STRATEGIES, Cell
 
 
 @dataclass
@@ -27,6 +29,7 @@ class SplitLabels:
     sample_ids: list[str]
     patient_ids: np.ndarray
     labels: np.ndarray  # (n, C)
+    paths: list[str] = field(default_factory=list)  # image files, for strategies that train the encoder
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SweepContext:
     parent_run_id: str
     run_tags: dict[str, str] = field(default_factory=dict)  # provenance etc., copied to every child
     dataset_inputs: list = field(default_factory=list)  # split manifests as MLflow datasets
+    checkpoint_root: str | None = None  # lora / full checkpoints, keyed by trial key (on shared storage)
 
     @property
     def spec(self) -> SweepSpec:
@@ -56,7 +60,9 @@ def _load_split(store: FeatureStore, digest: str, split: str, labels: SplitLabel
     return Split(fs.features.astype(np.float32), labels.labels)
 
 
-def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
+def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = None, on_epoch=None) -> dict:
+    if cell.strategy in TRAINING_STRATEGIES:
+        return evaluate_finetune_cell(cell, ctx, checkpoint_root, on_epoch)
     spec = ctx.spec
     store = FeatureStore(ctx.store_root)
     keys = dict(cell.feature_keys)
@@ -67,37 +73,86 @@ def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
     t1 = time.perf_counter()
     result = run_probe(probe_spec, train, val, test, seed=cell.seed)
     t_probe = time.perf_counter() - t1
-    bs = spec.metrics.bootstrap
+    extra = {"feature_dim": train.x.shape[1], "probe_candidates": result.candidates, "time_feature_load_s": t_load,
+             "time_probe_s": t_probe}
+    return _scored(cell, ctx, result.test_scores, result.val_metric, result.selected, extra)
+
+
+def _scored(cell: Cell, ctx: SweepContext, test_scores: np.ndarray, val_metric: float, selected: dict, extra: dict) -> dict:
+    """Test metrics with the patient-level interval, the mirrored axes, and per-sample predictions."""
+    bs = ctx.spec.metrics.bootstrap
     test_labels = ctx.splits["test"]
-    ci = patient_bootstrap(test.y, result.test_scores, test_labels.patient_ids, resamples=bs.resamples, level=bs.level, seed=bs.seed)
-    per_class = auroc_per_class(test.y, result.test_scores)
+    y = test_labels.labels
+    ci = patient_bootstrap(y, test_scores, test_labels.patient_ids, resamples=bs.resamples, level=bs.level, seed=bs.seed)
+    per_class = auroc_per_class(y, test_scores)
     metrics = {
         **ci.as_dict("test_macro_auroc"),
-        "val_macro_auroc": result.val_metric,
+        "val_macro_auroc": val_metric,
         **{f"test_auroc_{c}": float(v) for c, v in zip(ctx.classes, per_class) if np.isfinite(v)},
         # numeric axes mirrored as metrics (MLflow sorts params as strings)
         "n_params": cell.backbone.n_params,
         "resolution": cell.resolution,
         "tokens_per_image": 5 + (cell.resolution // cell.backbone.patch_size) ** 2,
         "seed": cell.seed,
-        "feature_dim": train.x.shape[1],
-        "n_train": len(train.y), "n_val": len(val.y), "n_test": len(test.y),
+        "n_train": len(ctx.splits["train"].labels), "n_val": len(ctx.splits["val"].labels), "n_test": len(y),
         "n_test_patients": len(set(test_labels.patient_ids)),
         "bootstrap_resamples_valid": ci.resamples,
-        "probe_candidates": result.candidates,
-        "time_feature_load_s": t_load,
-        "time_probe_s": t_probe,
-        **{f"selected_{k}": v for k, v in result.selected.items() if isinstance(v, (int, float))},
+        **extra,
+        **{f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))},
     }
     predictions = pd.DataFrame({"sample_id": test_labels.sample_ids, "patient_id": test_labels.patient_ids})
     for j, c in enumerate(ctx.classes):
-        predictions[f"label_{c}"] = test.y[:, j].astype(int)
-        predictions[f"score_{c}"] = result.test_scores[:, j]
-    return {"metrics": metrics, "selected": result.selected, "predictions": predictions}
+        predictions[f"label_{c}"] = y[:, j].astype(int)
+        predictions[f"score_{c}"] = test_scores[:, j]
+    return {"metrics": metrics, "selected": selected, "predictions": predictions}
+
+
+class _LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, split: SplitLabels, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.split.paths[i]), torch.as_tensor(self.split.labels[i], dtype=torch.float32)
+
+
+def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None, on_epoch=None) -> dict:
+    """lora / full: train the encoder + a linear head on images (early-stopped on val), score test.
+
+    Checkpoints go under ``<checkpoint_root>/<trial key>`` so a retried or resumed trial continues
+    from its last epoch instead of restarting.
+    """
+    from dinoscale.data.preprocess import build_transform
+    from dinoscale.models import load_backbone
+    from dinoscale.train import FinetuneConfig, build_classifier, finetune, predict
+
+    spec = ctx.spec
+    strategy_spec = getattr(spec.finetuning, cell.strategy)
+    cfg = FinetuneConfig.from_spec(strategy_spec, seed=cell.seed)
+    bb = load_backbone(cell.backbone.name, cell.backbone.weights, cell.backbone.weights_seed)
+    model = build_classifier(bb.model, len(ctx.classes), cfg, num_prefix_tokens=bb.num_prefix_tokens)
+    transform = build_transform(cell.resolution, bb.mean, bb.std, spec.features.interpolation)
+    train_ds, val_ds, test_ds = (_LabelledImages(ctx.splits[s], transform) for s in ("train", "val", "test"))
+    ckpt = str(Path(checkpoint_root) / cell.trial_key) if checkpoint_root else None
+    t0 = time.perf_counter()
+    res = finetune(model, train_ds, val_ds, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch)
+    test_scores = predict(res.model, test_ds, batch_size=cfg.batch_size)
+    n_trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
+    extra = {"time_train_s": time.perf_counter() - t0, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
+             "trainable_params": n_trainable, "resumed_from_epoch": -1 if res.resumed_from_epoch is None else res.resumed_from_epoch}
+    selected = {"lr": cfg.lr, "best_epoch": res.best_epoch}
+    return _scored(cell, ctx, test_scores, res.best_val, selected, extra)
 
 
 def cell_params(cell: Cell, spec: SweepSpec) -> dict:
-    probe = next(p for p in spec.probes if p.kind == cell.probe)
+    if cell.strategy in TRAINING_STRATEGIES:
+        probe = getattr(spec.finetuning, cell.strategy)
+        prefix = cell.strategy
+    else:
+        probe = next(p for p in spec.probes if p.kind == cell.probe)
+        prefix = "probe"
     params = {
         "cell": cell.id, "dataset": spec.dataset.name, "modality": spec.modality, "backbone": cell.backbone.name,
         "backbone_arch": cell.backbone.arch_id, "weights": cell.backbone.weights, "n_params": cell.backbone.n_params,
@@ -105,7 +160,7 @@ def cell_params(cell: Cell, spec: SweepSpec) -> dict:
         "tokens": spec.features.tokens, "interpolation": spec.features.interpolation, "feature_dtype": spec.features.dtype,
         "bootstrap_resamples": spec.metrics.bootstrap.resamples, "bootstrap_level": spec.metrics.bootstrap.level,
     }
-    params.update({f"probe.{k}": v for k, v in probe.model_dump().items() if k != "kind"})
+    params.update({f"{prefix}.{k}": v for k, v in probe.model_dump().items() if k != "kind"})
     return params
 
 
@@ -145,8 +200,11 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
     with_retries(log_batch, client, run_id, tags=tags)
     if ctx.dataset_inputs and previous == "0":
         with_retries(client.log_inputs, run_id, datasets=ctx.dataset_inputs)
+    def report_epoch(epoch: int, record: dict) -> None:  # lora / full: intermediate val metric for the scheduler
+        tune.report({"epoch": epoch, "val_macro_auroc": record.get("val_metric", float("nan")), "cell": cell.id})
+
     try:
-        out = evaluate_cell(cell, ctx)
+        out = evaluate_cell(cell, ctx, checkpoint_root=ctx.checkpoint_root, on_epoch=report_epoch)
         with_retries(log_batch, client, run_id, params=cell_params(cell, ctx.spec), metrics=out["metrics"],
                      tags={f"selected.{k}": v for k, v in out["selected"].items()})
         buf = io.StringIO()
