@@ -269,6 +269,10 @@ class FinetuningSpec(Strict):
 class SearchSpec(Strict):
     metric: Literal["macro_auroc"] = Field("macro_auroc", description="metric that selects a probe's hyper-parameters")
     select_on: Literal["val"] = Field("val", description="split the selection is made on; test is reported, never selected on")
+    n_trials: int = Field(1, ge=1, description="Optuna trials per frozen cell (seeded TPE over the probe's search space, "
+                          "dinoscale.search.PROBE_SPACES); 1: the probe's own built-in grid only. The same budget for "
+                          "every cell, so curves compare like with like")
+    seed: int = Field(0, description="seed of the per-cell Optuna sampler")
 
 
 class FeaturesSpec(Strict):

@@ -161,6 +161,7 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
             "probe_config": probe.model_dump(mode="json") if probe else None,
             "metrics": spec.metrics.model_dump(mode="json"),
             "features": spec.features.model_dump(mode="json"),
+            "search": spec.search.model_dump(mode="json"),
             **cell_fields,
         },
         sort_keys=True,

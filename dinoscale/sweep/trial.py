@@ -71,10 +71,15 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
     t_load = time.perf_counter() - t0
     probe_spec = next(p for p in spec.probes if p.kind == cell.probe)
     t1 = time.perf_counter()
-    result = run_probe(probe_spec, train, val, test, seed=cell.seed)
+    if spec.search.n_trials > 1:
+        from dinoscale.search import search_probe
+
+        result, _ = search_probe(probe_spec, train, val, test, n_trials=spec.search.n_trials, seed=spec.search.seed + cell.seed)
+    else:
+        result = run_probe(probe_spec, train, val, test, seed=cell.seed)
     t_probe = time.perf_counter() - t1
     extra = {"feature_dim": train.x.shape[1], "probe_candidates": result.candidates, "time_feature_load_s": t_load,
-             "time_probe_s": t_probe}
+             "time_probe_s": t_probe, "search_trials": spec.search.n_trials}
     return _scored(cell, ctx, result.test_scores, result.val_metric, result.selected, extra)
 
 
