@@ -57,7 +57,7 @@ def test_unknown_top_level_and_backbone_keys():
     (lambda r: r.update(resolutions=[100]), "resolutions: Value error, resolutions must be multiples of the patch size 16"),
     (lambda r: r["backbones"].append({"name": "dinov3-vitz16"}), "unknown backbone 'dinov3-vitz16'"),
     (lambda r: r["dataset"].update(name="nih-chestxray"), "unknown dataset 'nih-chestxray' (did you mean 'nih-chestxray14'?)"),
-    (lambda r: r.update(strategies=["lora"]), "strategies.0"),
+    (lambda r: r.update(strategies=["adapter"]), "strategies.0"),
     (lambda r: r["probes"].append({"kind": "svm"}), "probes.2"),
     (lambda r: r.pop("modality"), "modality: required field is missing"),
 ])

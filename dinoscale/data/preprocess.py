@@ -16,28 +16,22 @@ _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
 
 
 def build_transform(resolution: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"):
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, NormalizeIntensity, RepeatChannel, Resize, ScaleIntensity
+    """path -> [3, resolution, resolution] tensor. Any 2D file MONAI reads (PNG, TIFF, JPEG, DICOM with
+    rescale slope/intercept and MONOCHROME1 inverted) via ``dinoscale.data.readers.read_image``."""
+    from monai.transforms import Compose, NormalizeIntensity, RepeatChannel, Resize, ScaleIntensity
 
-    load = LoadImage(image_only=True, reader="PILReader", reverse_indexing=False)
+    from dinoscale.data.readers import read_image
+
     tail = Compose([
         ScaleIntensity(minv=0.0, maxv=1.0),
         Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True),
         RepeatChannel(repeats=3),
         NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True),
     ])
-    to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
 
     def transform(path: str) -> torch.Tensor:
-        try:
-            img = load(path)
-        except Exception as e:  # MONAI wraps reader errors; name the file either way
-            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-        if img.ndim == 3:  # RGB(A) PNG of a grey image: average the colour channels
-            img = img[..., :3].mean(-1)
-        if img.ndim != 2:
-            raise DataError(f"{path}: expected a 2D image, got shape {tuple(img.shape)}")
-        out = tail(to_channel_first(img))
-        return torch.as_tensor(out, dtype=torch.float32)
+        img = read_image(path)  # [rows, cols] float32; errors name the file
+        return torch.as_tensor(tail(img[None]), dtype=torch.float32)
 
     return transform
 
@@ -52,3 +46,53 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(self.paths[i])
+
+
+# ---------------------------------------------------------------- 3D volumes, slice by slice
+
+
+def build_volume_transform(
+    resolution: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    window: tuple[float, float] | None = None,
+):
+    """(load_volume, slice_transform) for slice-wise extraction of 3D volumes (NIfTI, DICOM series, ...).
+
+    ``load_volume(path)`` reads through MONAI's readers and maps intensities to [0, 1] once per
+    volume (a CT ``window`` in HU if given, else the volume's min-max), so that every slice of a volume
+    shares one intensity scale. ``slice_transform(slice2d)`` resizes one slice and normalises it like a
+    2D image.
+    """
+    from monai.transforms import EnsureChannelFirst, LoadImage, NormalizeIntensity, RepeatChannel, Resize, ScaleIntensity, ScaleIntensityRange
+
+    load = LoadImage(image_only=True)
+    scale = (ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+             if window is not None else ScaleIntensity(minv=0.0, maxv=1.0))
+    resize = Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True)
+    to3 = RepeatChannel(repeats=3)
+    norm = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)
+    to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
+
+    def load_volume(path: str) -> torch.Tensor:
+        try:
+            vol = load(path)
+        except Exception as e:  # MONAI wraps reader errors; name the file either way
+            raise DataError(f"{path}: cannot read volume ({type(e).__name__}: {e})") from e
+        if vol.ndim == 4 and vol.shape[-1] == 1:
+            vol = vol[..., 0]
+        if vol.ndim != 3:
+            raise DataError(f"{path}: expected a 3D volume, got shape {tuple(vol.shape)}")
+        return _plain(scale(_plain(vol)))
+
+    def slice_transform(img2d: torch.Tensor) -> torch.Tensor:
+        return _plain(norm(to3(resize(to_channel_first(img2d)))))
+
+    return load_volume, slice_transform
+
+
+def _plain(x) -> torch.Tensor:
+    """A plain float32 tensor (MONAI's MetaTensor carries metadata that slows collation)."""
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return x.to(torch.float32)

@@ -1,0 +1,303 @@
+"""Adapters for published layouts (each tested on a small fixture written in that exact layout).
+
+Every adapter: a missing root names the expected layout and the source; labels outside the class
+list are errors naming the label and the file/row; splits are official where the dataset has them,
+else patient-level. 3D adapters read NIfTI headers only (n_slices, shape checks), never voxels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dinoscale.data import DataError, PreparedDataset, register_dataset
+from dinoscale.data.layout import check_labels, data_root, patient_splits, require
+
+
+def _header_shape(path: Path, on_bad: str, skipped: list) -> tuple[int, ...] | None:
+    import nibabel as nib
+
+    try:
+        return tuple(int(x) for x in nib.load(str(path)).shape)
+    except Exception as e:
+        if on_bad == "skip":
+            skipped.append({"path": str(path), "reason": f"{type(e).__name__}: {e}"})
+            return None
+        raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
+
+
+def _same_shape(img: Path, img_shape, other: Path, other_shape) -> None:
+    if tuple(img_shape[:3]) != tuple(other_shape[:3]):
+        raise DataError(f"{other}: shape {tuple(other_shape[:3])} does not match its image {img} {tuple(img_shape[:3])}")
+
+
+def _real(spec, title, root, split_how, **kw) -> dict:
+    return {"data.source": "real", "data.name": title, "data.root": str(root), "data.split": split_how, **kw}
+
+
+# ---------------------------------------------------------------- RSNA Pneumonia (DICOM)
+
+RSNA_LAYOUT = """    stage_2_train_labels.csv       patientId,x,y,width,height,Target (one row per box; Target 0/1)
+    stage_2_train_images/<patientId>.dcm"""
+RSNA_SOURCE = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (RSNA / Kaggle)"
+
+
+@register_dataset("rsna-pneumonia", published_images=26_684)
+def prepare_rsna(spec, storage: Path) -> PreparedDataset:
+    root = data_root(spec, "RSNA Pneumonia", RSNA_LAYOUT, RSNA_SOURCE)
+    csv = require(root / "stage_2_train_labels.csv", "RSNA Pneumonia", RSNA_LAYOUT)
+    raw = pd.read_csv(csv, dtype={"patientId": str})
+    bad = ~raw["Target"].isin([0, 1])
+    if bad.any():
+        i = int(bad.idxmax())
+        raise DataError(f"{csv}, line {i + 2}: label Target={raw['Target'][i]} not in the class list [0, 1]")
+    per = raw.groupby("patientId", sort=True)["Target"].max()
+    images = root / "stage_2_train_images"
+    df = pd.DataFrame({"sample_id": per.index, "patient_id": per.index,
+                       "path": [str(images / f"{p}.dcm") for p in per.index], "Pneumonia": per.to_numpy().astype(int)})
+    absent = [p for p in df["path"] if not Path(p).is_file()]
+    if absent and spec.on_bad_file == "error":
+        raise DataError(f"RSNA Pneumonia: {len(absent)} image(s) in {csv.name} missing (first: {absent[0]}). Expected layout:\n{RSNA_LAYOUT}")
+    df["split"], how = patient_splits(df, spec)  # the MGCA split list is not public in this layout
+    return PreparedDataset(spec.name, "multilabel", ["Pneumonia"], df, _real(spec, "RSNA Pneumonia", root, how), root)
+
+
+# ---------------------------------------------------------------- CT-RATE (NIfTI + multi-abnormality labels)
+
+CT_RATE_CLASSES = [
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
+    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
+    "Peribronchial thickening", "Consolidation", "Bronchiectasis", "Interlobular septal thickening",
+]
+CT_RATE_LAYOUT = """    dataset/train/train_<patient>/train_<patient>_<scan>/train_<patient>_<scan>_<recon>.nii.gz
+    dataset/valid/valid_<patient>/...                                  (official validation = test here)
+    dataset/multi_abnormality_labels/{train,valid}_predicted_labels.csv   VolumeName + 18 abnormality columns"""
+CT_RATE_SOURCE = "https://huggingface.co/datasets/ibrahimhamamci/CT-RATE"
+
+
+@register_dataset("ct-rate", published_images=50_188)
+def prepare_ct_rate(spec, storage: Path) -> PreparedDataset:
+    root = data_root(spec, "CT-RATE", CT_RATE_LAYOUT, CT_RATE_SOURCE)
+    base = root / "dataset" if (root / "dataset").is_dir() else root
+    frames = []
+    for part, split in (("train", "train"), ("valid", "test")):
+        csv = base / "multi_abnormality_labels" / f"{part}_predicted_labels.csv"
+        if csv.is_file():
+            lab = pd.read_csv(csv)
+            extra = [c for c in lab.columns if c not in CT_RATE_CLASSES and c != "VolumeName"]
+            if extra:
+                raise DataError(f"{csv}: label(s) {extra} not in the class list {CT_RATE_CLASSES}")
+            for c in CT_RATE_CLASSES:
+                bad = ~lab[c].isin([0, 1])
+                if bad.any():
+                    raise DataError(f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value {lab[c][bad.idxmax()]!r} is not 0 or 1")
+            frames.append(lab.assign(split=split, _csv=str(csv)))
+    if not frames:
+        raise DataError(f"CT-RATE: no multi_abnormality_labels/*_predicted_labels.csv under {base}. Expected layout:\n{CT_RATE_LAYOUT}")
+    lab = pd.concat(frames, ignore_index=True)[["VolumeName", *CT_RATE_CLASSES, "split", "_csv"]]
+    files = {p.name: p for p in base.rglob("*.nii.gz")}
+    rows, skipped = [], []
+    for r in lab.itertuples(index=False):
+        name = r.VolumeName
+        p = files.get(name)
+        if p is None:
+            if spec.on_bad_file == "skip":
+                skipped.append({"sample_id": name.removesuffix(".nii.gz"), "path": name, "reason": "missing"})
+                continue
+            raise DataError(f"CT-RATE: volume {name} (listed in {Path(r[-1]).name}) not found under {base}. Expected layout:\n{CT_RATE_LAYOUT}")
+        shape = _header_shape(p, spec.on_bad_file, skipped)
+        if shape is None:
+            continue
+        rows.append({"sample_id": name.removesuffix(".nii.gz"), "patient_id": "_".join(name.split("_")[:2]),
+                     "path": str(p), "n_slices": shape[2], "split": r.split,
+                     **{c: int(v) for c, v in zip(CT_RATE_CLASSES, r[1:1 + len(CT_RATE_CLASSES)])}})
+    df = pd.DataFrame(rows)
+    df["split"], how = patient_splits(df, spec, df["split"])
+    ds = PreparedDataset(spec.name, "multilabel", list(CT_RATE_CLASSES), df, _real(spec, "CT-RATE", root, how), root)
+    ds.skipped.extend(skipped)
+    return ds
+
+
+# ---------------------------------------------------------------- MedMNIST+ (.npz, 2D and 3D, any size)
+
+MEDMNIST_LAYOUT = """    <subset>.npz   e.g. chestmnist_224.npz, organmnist3d_64.npz (28 px files: chestmnist.npz)
+                   arrays train/val/test_images, train/val/test_labels (the official split)"""
+MEDMNIST_SOURCE = "https://medmnist.com (Zenodo record 10519652; `pip install medmnist` downloads them)"
+
+
+@register_dataset("medmnist", task="auto")
+def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
+    root = data_root(spec, "MedMNIST+", MEDMNIST_LAYOUT, MEDMNIST_SOURCE)
+    if not spec.subset:
+        raise DataError(f"MedMNIST+: name the file with dataset.subset (e.g. 'organmnist3d_64'); found: "
+                        f"{sorted(p.stem for p in root.glob('*.npz'))}")
+    path = require(root / f"{spec.subset}.npz", "MedMNIST+", MEDMNIST_LAYOUT)
+    frames = []
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for split in ("train", "val", "test"):
+                y = z[f"{split}_labels"]
+                shape = z[f"{split}_images"].shape  # MedMNIST npz are stored uncompressed: cheap header read
+                frames.append((split, y.reshape(len(y), -1), shape))
+    except (KeyError, ValueError, OSError) as e:
+        raise DataError(f"{path}: not a MedMNIST+ file ({type(e).__name__}: {e})") from e
+    multilabel = frames[0][1].shape[1] > 1
+    n_cls = frames[0][1].shape[1] if multilabel else int(max(f[1].max() for f in frames)) + 1
+    classes = list(spec.classes) if spec.classes else [f"class_{k}" for k in range(n_cls)]
+    if len(classes) != n_cls:
+        raise DataError(f"{path}: {n_cls} classes in the labels, {len(classes)} named in dataset.classes")
+    rows = []
+    for split, y, shape in frames:
+        if not multilabel and (y.min() < 0 or y.max() >= n_cls):
+            raise DataError(f"{path}: {split}_labels has label {int(y.max())} outside classes 0..{n_cls - 1}")
+        onehot = y if multilabel else np.eye(n_cls, dtype=int)[y[:, 0]]
+        for i in range(len(y)):
+            rows.append({"sample_id": f"{split}_{i}", "patient_id": f"{split}_{i}", "path": str(path), "npz_index": i,
+                         "split": split, **({"n_slices": shape[1]} if len(shape) == 4 else {}),
+                         **dict(zip(classes, onehot[i].astype(int).tolist()))})
+    df = pd.DataFrame(rows)
+    return PreparedDataset(spec.name, "multilabel" if multilabel else "multiclass", classes, df,
+                           _real(spec, f"MedMNIST+ {spec.subset}", root, "official (no patient ids: sample-level)"), root)
+
+
+# ---------------------------------------------------------------- Medical Segmentation Decathlon
+
+MSD_LAYOUT = """    <TaskXX_Name>/dataset.json     labels {"0": "background", ...}, training [{image, label}]
+    <TaskXX_Name>/imagesTr/*.nii.gz, <TaskXX_Name>/labelsTr/*.nii.gz"""
+MSD_SOURCE = "http://medicaldecathlon.com (CC-BY-SA 4.0)"
+
+
+@register_dataset("msd", task="segmentation")
+def prepare_msd(spec, storage: Path) -> PreparedDataset:
+    root = data_root(spec, "Medical Segmentation Decathlon", MSD_LAYOUT, MSD_SOURCE)
+    task_dir = root / spec.subset if spec.subset else root
+    meta_path = require(task_dir / "dataset.json", "Medical Segmentation Decathlon", MSD_LAYOUT)
+    meta = json.loads(meta_path.read_text())
+    labels = {int(k): v for k, v in meta.get("labels", {}).items() if int(k) != 0}
+    rows, skipped = [], []
+    for entry in meta.get("training", []):
+        img, lab = (task_dir / entry["image"]).resolve(), (task_dir / entry["label"]).resolve()
+        shapes = []
+        for p in (img, lab):
+            if not p.is_file() and spec.on_bad_file == "error":
+                raise DataError(f"{meta_path}: {p} not found. Expected layout:\n{MSD_LAYOUT}")
+            shapes.append(_header_shape(p, spec.on_bad_file, skipped) if p.is_file() else None)
+        if None in shapes:
+            continue
+        _same_shape(img, shapes[0], lab, shapes[1])
+        case = img.name.removesuffix(".nii.gz")
+        rows.append({"sample_id": case, "patient_id": case, "path": str(img), "mask_path": str(lab), "n_slices": shapes[0][2]})
+    df = pd.DataFrame(rows)
+    df["split"], how = patient_splits(df, spec)  # MSD publishes no labelled test set; 5-fold CV is by case
+    ds = PreparedDataset(spec.name, "segmentation", [], df, _real(spec, f"MSD {task_dir.name}", root, how), root, mask_labels=labels)
+    ds.skipped.extend(skipped)
+    return ds
+
+
+# ---------------------------------------------------------------- AutoPET (PET/CT NIfTI pairs)
+
+AUTOPET_LAYOUT = """    <patient>/<study>/CTres.nii.gz   CT resampled to PET space (HU)
+    <patient>/<study>/SUV.nii.gz     PET in SUV
+    <patient>/<study>/SEG.nii.gz     lesion mask (1 = lesion)"""
+AUTOPET_SOURCE = "https://autopet.grand-challenge.org (TCIA FDG-PET-CT-Lesions, NIfTI release)"
+
+
+@register_dataset("autopet", task="segmentation", published_images=1_014)
+def prepare_autopet(spec, storage: Path) -> PreparedDataset:
+    root = data_root(spec, "AutoPET", AUTOPET_LAYOUT, AUTOPET_SOURCE)
+    rows, skipped = [], []
+    for ct in sorted(root.glob("*/*/CTres.nii.gz")):
+        study = ct.parent
+        trio = [ct, study / "SUV.nii.gz", study / "SEG.nii.gz"]
+        for p in trio[1:]:
+            if not p.is_file() and spec.on_bad_file == "error":
+                raise DataError(f"AutoPET: {p} missing beside {ct}. Expected layout:\n{AUTOPET_LAYOUT}")
+        shapes = [_header_shape(p, spec.on_bad_file, skipped) if p.is_file() else None for p in trio]
+        if None in shapes:
+            continue
+        for p, s in zip(trio[1:], shapes[1:]):
+            _same_shape(ct, shapes[0], p, s)
+        rows.append({"sample_id": f"{study.parent.name}/{study.name}", "patient_id": study.parent.name, "path": str(ct),
+                     "pet_path": str(trio[1]), "mask_path": str(trio[2]), "n_slices": shapes[0][2]})
+    if not rows:
+        raise DataError(f"AutoPET: no <patient>/<study>/CTres.nii.gz under {root}. Expected layout:\n{AUTOPET_LAYOUT}")
+    df = pd.DataFrame(rows)
+    df["split"], how = patient_splits(df, spec)
+    ds = PreparedDataset(spec.name, "segmentation", [], df, _real(spec, "AutoPET", root, how), root, mask_labels={1: "lesion"})
+    ds.skipped.extend(skipped)
+    return ds
+
+
+# ---------------------------------------------------------------- tiled WSI bags (tile folders per slide)
+
+WSI_LAYOUT = """    slides.csv                 slide_id,label[,patient_id][,split]   (label: normal | tumor)
+    <slide_id>/*.png|jpg|tif   the slide's tiles (e.g. 224 px at 20x, tissue only)"""
+WSI_SOURCE = "Camelyon16/17 (https://camelyon17.grand-challenge.org), tiled with your tiler of choice"
+
+
+@register_dataset("wsi-tiles", task="mil", published_images=399)
+def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
+    root = data_root(spec, "WSI tile bags", WSI_LAYOUT, WSI_SOURCE)
+    csv = require(root / "slides.csv", "WSI tile bags", WSI_LAYOUT)
+    slides = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    allowed = ["normal", "tumor"]
+    for i, lab in enumerate(slides["label"]):
+        if lab not in allowed:
+            raise DataError(f"{csv}, line {i + 2}: label '{lab}' not in the class list {allowed}")
+    rows = []
+    for s in slides.itertuples(index=False):
+        tiles = sorted(p for p in (root / s.slide_id).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+        if not tiles:
+            raise DataError(f"WSI tile bags: slide '{s.slide_id}' (in {csv.name}) has no tiles in {root / s.slide_id}")
+        pid = getattr(s, "patient_id", "") or s.slide_id
+        for t in tiles:
+            rows.append({"sample_id": f"{s.slide_id}/{t.stem}", "patient_id": pid, "bag_id": s.slide_id, "path": str(t),
+                         "tumor": int(s.label == "tumor"), "_split": getattr(s, "split", "")})
+    df = pd.DataFrame(rows)
+    official = df.pop("_split")
+    df["split"], how = patient_splits(df, spec, official if (official != "").all() else None)
+    return PreparedDataset(spec.name, "mil", ["tumor"], df, _real(spec, "WSI tile bags", root, how), root)
+
+
+# ---------------------------------------------------------------- CREMI (HDF5 EM volumes + neuron ids)
+
+CREMI_LAYOUT = """    sample_A_20160501.hdf (and B, C; .hdf/.h5)   volumes/raw [z, y, x] uint8,
+                                                 volumes/labels/neuron_ids [z, y, x] uint64"""
+CREMI_SOURCE = "https://cremi.org/data/"
+
+
+@register_dataset("cremi", task="instance_segmentation", published_images=3)
+def prepare_cremi(spec, storage: Path) -> PreparedDataset:
+    import h5py
+
+    root = data_root(spec, "CREMI", CREMI_LAYOUT, CREMI_SOURCE)
+    wanted = [s.strip() for s in (spec.subset or "A,B,C").split(",")]
+    rows = []
+    for s in wanted:
+        found = sorted([*root.glob(f"sample_{s}_*.hdf"), *root.glob(f"sample_{s}*.h5"), *root.glob(f"sample_{s}.hdf")])
+        if not found:
+            raise DataError(f"CREMI: no file for sample {s} under {root}. Expected layout:\n{CREMI_LAYOUT}\nSource: {CREMI_SOURCE}")
+        path = found[0]
+        try:
+            with h5py.File(path, "r") as f:
+                raw, ids = f["volumes/raw"].shape, f["volumes/labels/neuron_ids"].shape
+        except (OSError, KeyError) as e:
+            raise DataError(f"{path}: not a CREMI volume ({type(e).__name__}: {e})") from e
+        if raw != ids:
+            raise DataError(f"{path}: neuron_ids shape {ids} does not match raw {raw}")
+        # the paper's protocol: first sections train, last test (val in between), per sample
+        n = raw[0]
+        n_test = max(1, round(spec.split.test_fraction * n))
+        n_val = max(1, round(spec.split.val_fraction * n))
+        cuts = {"train": (0, n - n_test - n_val), "val": (n - n_test - n_val, n - n_test), "test": (n - n_test, n)}
+        for split, (z0, z1) in cuts.items():
+            rows.append({"sample_id": f"{s}:{z0}-{z1}", "patient_id": f"{s}:{split}", "path": str(path),
+                         "volume_key": "volumes/raw", "mask_key": "volumes/labels/neuron_ids",
+                         "z_start": z0, "z_stop": z1, "n_slices": z1 - z0, "split": split})
+    df = pd.DataFrame(rows)
+    return PreparedDataset(spec.name, "instance_segmentation", [], df,
+                           _real(spec, "CREMI", root, "first sections train, last test (per sample)"), root)

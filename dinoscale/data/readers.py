@@ -1,0 +1,181 @@
+"""Reading medical images through MONAI's readers (imported lazily: MONAI takes ~10 s to import).
+
+- DICOM (PydicomReader): RescaleSlope/Intercept applied (CT in Hounsfield units), MONOCHROME1
+  inverted so that dense tissue is bright, as for MONOCHROME2 and PNG radiographs.
+- NIfTI (NibabelReader): reoriented to RAS with MONAI's ``Orientation``, optional
+  resampling to a voxel spacing; array layout [X, Y, Z] (axial slice k is ``vol[..., k]``).
+- PNG / JPEG / TIFF (PILReader): [rows, cols], colour averaged to grey.
+
+Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing
+and scaling to [0, 1] are separate steps (``to_unit``), then ``to_model_input`` resizes, repeats
+grey to 3 channels and normalises with the backbone's mean/std.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dinoscale.data import DataError
+from dinoscale.data.windows import window_range
+
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
+_RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def file_kind(path: str | Path) -> str:
+    name = str(path).lower()
+    if name.endswith(".dcm") or name.endswith(".dicom"):
+        return "dicom"
+    if name.endswith(_VOLUME_SUFFIXES):
+        return "nifti"
+    if name.endswith(_RASTER_SUFFIXES):
+        return "raster"
+    if name.endswith((".h5", ".hdf", ".hdf5")):
+        return "hdf5"
+    return "dicom" if _has_dicom_preamble(path) else "unknown"
+
+
+def _has_dicom_preamble(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def _loader(kind: str):
+    from monai.data import NibabelReader, PILReader, PydicomReader
+    from monai.transforms import LoadImage
+
+    if kind == "dicom":
+        # swap_ij=False keeps [rows, cols] (display order) for a single 2D file
+        return LoadImage(image_only=True, reader=PydicomReader(swap_ij=False, prune_metadata=False))
+    if kind == "nifti":
+        return LoadImage(image_only=True, reader=NibabelReader(), ensure_channel_first=True)
+    return LoadImage(image_only=True, reader=PILReader(reverse_indexing=False))
+
+
+def _read(kind: str, path):
+    try:
+        return _loader(kind)(str(path))
+    except DataError:
+        raise
+    except Exception as e:  # MONAI wraps reader errors; name the file either way
+        raise DataError(f"{path}: cannot read {kind} file ({type(e).__name__}: {e})") from e
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """One DICOM file -> float32 [rows, cols] in modality units (HU for CT), MONOCHROME1 inverted."""
+    img = _read("dicom", path)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    photometric = str(img.meta.get("00280004", {}).get("Value", [""])[0]) if isinstance(img.meta.get("00280004"), dict) else ""
+    if photometric == "MONOCHROME1":  # low values are bright: flip within the image's own range
+        arr = arr.max() + arr.min() - arr
+    return arr
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """A 2D image of any supported kind -> float32 [rows, cols] (grey; colour averaged)."""
+    kind = file_kind(path)
+    if kind == "dicom":
+        arr = read_dicom(path)
+    elif kind == "raster":
+        arr = np.asarray(_read("raster", path), dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr[..., :3].mean(-1)
+    else:
+        raise DataError(f"{path}: not a 2D image file ({kind}); volumes are read with read_volume")
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2D image, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def read_volume(
+    path: str | Path | Sequence[str | Path], orientation: str | None = "RAS", spacing: Sequence[float] | None = None,
+    mode: str = "bilinear",
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A NIfTI volume (or a list of co-registered ones, stacked as channels) -> ([C, X, Y, Z] float32, spacing).
+
+    ``orientation``: axis codes to reorient to (None keeps the file's); ``spacing``: resample to this
+    voxel size in mm (``mode`` 'nearest' for label maps).
+    """
+    from monai.transforms import Orientation, Spacing
+
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    chans = []
+    for p in paths:
+        img = _read("nifti", p)
+        if img.ndim == 5 and img.shape[-1] == 1:  # [1, X, Y, Z, 1]
+            img = img[..., 0]
+        if img.ndim == 3:  # a 2D NIfTI: add a singleton Z
+            img = img[..., None]
+        if img.ndim != 4:
+            raise DataError(f"{p}: expected a 3D volume, got shape {tuple(img.shape[1:])}")
+        if orientation:
+            img = Orientation(axcodes=orientation)(img)
+        if spacing is not None:
+            img = Spacing(pixdim=tuple(spacing), mode=mode)(img)
+        chans.append(img)
+    if len({tuple(c.shape[1:]) for c in chans}) > 1:
+        raise DataError(f"volumes {[str(p) for p in paths]} differ in shape {[tuple(c.shape[1:]) for c in chans]}")
+    vox = tuple(float(x) for x in chans[0].pixdim[:3])
+    return np.concatenate([np.asarray(c, dtype=np.float32) for c in chans], axis=0), vox
+
+
+def to_unit(arr: np.ndarray, window=None, normalise: str = "minmax") -> np.ndarray:
+    """Intensities -> [0, 1]: a CT ``window`` (preset or HU range, clipped) if given, else ``normalise``:
+    'minmax' (the array's range), 'percentile' (0.5-99.5 %, robust for MRI/PET), or 'zscore' (then
+    squashed by a logistic so the output stays in [0, 1])."""
+    from monai.transforms import ScaleIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    arr = np.asarray(arr, dtype=np.float32)
+    if window is not None:
+        lo, hi = window_range(window)
+        out = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(arr)
+    elif normalise == "minmax":
+        out = ScaleIntensity(minv=0.0, maxv=1.0)(arr)
+    elif normalise == "percentile":
+        out = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(arr)
+    elif normalise == "zscore":
+        z = (arr - arr.mean()) / (arr.std() + 1e-6)
+        out = 1.0 / (1.0 + np.exp(-z))
+    else:
+        raise ValueError(f"unknown normalisation '{normalise}' (minmax, percentile, zscore)")
+    return np.asarray(out, dtype=np.float32)
+
+
+def to_model_input(img2d: np.ndarray, resolution: int, mean: Sequence[float], std: Sequence[float],
+                   interpolation: str = "bicubic"):
+    """A [0, 1] grey slice -> [3, resolution, resolution] float32 tensor normalised for the backbone."""
+    import torch
+    from monai.transforms import NormalizeIntensity, RepeatChannel, Resize
+
+    x = torch.as_tensor(np.asarray(img2d, dtype=np.float32))[None]
+    x = Resize(spatial_size=(resolution, resolution), mode=interpolation, anti_aliasing=True)(x)
+    x = RepeatChannel(repeats=3)(x)
+    x = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)(x)
+    return torch.as_tensor(x).to(torch.float32)
+
+
+def iter_slices(paths: Sequence[str | Path], axis: int = -1, window=None, normalise: str = "minmax",
+                channel: int = 0, loader=None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (volume index, slice index, 2D slice in [0, 1]) volume after volume.
+
+    Only one volume is in memory at a time: a volume is read when its first slice is asked for and
+    released before the next is read. Intensities are scaled per volume (not per slice), so slices
+    of one volume share one scale.
+    """
+    read = loader or (lambda p: read_volume(p)[0])
+    for v, path in enumerate(paths):
+        vol = read(path)
+        vol = to_unit(vol[channel] if vol.ndim == 4 else vol, window, normalise)
+        for k in range(vol.shape[axis]):
+            yield v, k, np.take(vol, k, axis=axis)
+        del vol
