@@ -31,7 +31,7 @@ def build_transform(resolution: int, mean: Sequence[float], std: Sequence[float]
 
     def transform(path: str) -> torch.Tensor:
         img = read_image(path)  # [rows, cols] float32; errors name the file
-        return torch.as_tensor(tail(img[None]), dtype=torch.float32)
+        return torch.as_tensor(tail(img[None]), dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, no MetaTensor
 
     return transform
 
