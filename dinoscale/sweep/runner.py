@@ -47,9 +47,15 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
         import dinoscale
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-        # Ship the project to the workers of an existing cluster.
-        ray.init(address=address, runtime_env={"py_modules": [str(Path(dinoscale.__file__).parent)]}, log_to_driver=False)
+        if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+            # Inside `ray job submit`: the job's runtime env already ships the code, and a second one
+            # would make Ray delete the job's working dir under the running driver.
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # Ship the project to the workers of an existing cluster.
+            ray.init(address=address, runtime_env={"py_modules": [str(Path(dinoscale.__path__[0]))]}, log_to_driver=False)
     else:
         ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
 
