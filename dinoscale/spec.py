@@ -36,6 +36,8 @@ class PhantomSpec(Strict):
     n_patients: int = Field(120, ge=12, description="number of synthetic patients")
     images_per_patient: tuple[int, int] = Field((2, 4), description="min, max images per patient")
     image_size: int = Field(256, ge=64, le=2048, description="side of the stored square images (pixels)")
+    depth: int = Field(32, ge=8, le=512, description="3D phantoms (ct, mri, em, petct): slices per volume")
+    tiles_per_slide: int = Field(16, ge=4, le=1024, description="phantom-wsi: tiles per slide (a slide's bag)")
 
     @field_validator("images_per_patient")
     @classmethod
@@ -59,6 +61,28 @@ class DatasetSpec(Strict):
     root: str | None = Field(None, description="data root for real datasets; ${ENV_VARS} are expanded at run time")
     phantom: PhantomSpec | None = Field(None, description="phantom generator settings (phantom datasets only)")
     split: SplitSpec = SplitSpec()
+    subset: str | None = Field(
+        None, description="part of a multi-part dataset: a MedMNIST+ file ('organmnist3d_64'), a Decathlon task "
+        "folder ('Task09_Spleen'), CREMI samples ('A,B,C')")
+    classes: list[str] | None = Field(
+        None, description="generic 'manifest' adapter: the class list (a label outside it is an error)")
+    window: str | tuple[float, float] | None = Field(
+        None, description="CT window mapped to [0, 1]: a preset (lung, mediastinum, bone, brain, abdomen) or "
+        "[HU min, HU max]; none: each image's min-max")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "
+        "and drops unreadable ones, recorded as skipped (logged with the run)")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v):
+        from dinoscale.data.windows import CT_WINDOWS
+
+        if isinstance(v, str) and v not in CT_WINDOWS:
+            raise ValueError(_unknown_name("window preset", v, sorted(CT_WINDOWS)))
+        if isinstance(v, tuple) and not v[0] < v[1]:
+            raise ValueError(f"window must be [HU min, HU max] with min < max, got {list(v)}")
+        return v
 
     @field_validator("name")
     @classmethod
