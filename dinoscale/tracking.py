@@ -107,11 +107,14 @@ def with_retries(fn, *args, attempts: int = 5, **kwargs):
 def split_dataset_inputs(ds) -> list:
     """The split manifests as MLflow datasets (name, digest = manifest digest, context = split)."""
     import mlflow.data
+    import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
     inputs = []
     for split in ("train", "val", "test"):
         df = ds.split(split).drop(columns=["path"])
+        # 0/1 label columns as float: MLflow's schema inference warns on integer columns
+        df = df.astype({c: "float64" for c in df.columns if pd.api.types.is_integer_dtype(df[c])})
         # source: the folder the files are in (a phantom's generated folder is labelled by its name)
         dataset = mlflow.data.from_pandas(df, source=str(ds.root), name=f"{ds.name}-{split}", digest=ds.manifest_digest(split))
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
