@@ -44,19 +44,22 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: embedded local Ray)"),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
     no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
+    resume: bool = typer.Option(False, "--resume", help="resume the latest unfinished sweep of this spec from its storage "
+                                "path: finished cells are not rerun, cached features not extracted, MLflow runs reused"),
 ) -> None:
     """Run the sweep: extraction stage, one Ray Tune trial per cell, MLflow record, scaling report."""
     import os
 
     from dinoscale.data import DataError
     from dinoscale.sweep.runner import run_sweep
+    from dinoscale.sweep.state import ResumeError
 
     s = _load(spec)
     if tracking_uri:
         os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
     try:
-        out = run_sweep(s, address=address, analyze=not no_analysis)
-    except DataError as e:
+        out = run_sweep(s, address=address, analyze=not no_analysis, resume=resume)
+    except (DataError, ResumeError) as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
     if any(r["state"] != "FINISHED" for r in out.rows):
@@ -106,6 +109,105 @@ def datasets() -> None:
 
     for n in dataset_names():
         typer.echo(f"{n:20s} {'phantom (generated)' if is_phantom(n) else 'real (needs a data root)'}")
+
+
+# ---------------------------------------------------------------- cache: the feature store
+
+cache_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The feature store: list, verify and remove entries.")
+app.add_typer(cache_app, name="cache")
+
+_STORE_HELP = "feature store root: a path or an fsspec URL (s3://bucket/prefix); default: <spec storage>/features"
+
+
+def _feature_store(spec: Optional[Path], store: Optional[str]):
+    from dinoscale.features import FeatureStore
+
+    if store:
+        return FeatureStore(store)
+    if spec is not None:
+        from dinoscale.sweep.plan import storage_root
+
+        return FeatureStore(f"{storage_root(_load(spec))}/features")
+    return FeatureStore(".dinoscale/features")
+
+
+@cache_app.command("ls")
+def cache_ls(
+    spec: Optional[Path] = typer.Argument(None, help="sweep spec whose storage path holds the store"),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+) -> None:
+    """List the entries: digest, backbone, resolution, tokens, split, shape, dtype, size."""
+    fs = _feature_store(spec, store)
+    entries = fs.entries()
+    for m in entries:
+        k = m.get("key", {})
+        n_bytes = 2 if m.get("dtype") == "float16" else 4
+        size = n_bytes
+        for d in m.get("shape", []):
+            size *= d
+        typer.echo(f"{m['digest']}  {m.get('backbone_name', k.get('backbone', '?')):22s} r{k.get('resolution', '?'):<5} "
+                   f"{k.get('tokens', '?'):22s} {m.get('split', '?'):6s} {'x'.join(map(str, m.get('shape', []))):14s} "
+                   f"{m.get('dtype', '?'):8s} {size / 2**20:8.2f} MiB  weights {k.get('weights_digest', '?')[:40]}")
+    typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {fs.url}")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    digests: Optional[list[str]] = typer.Argument(None, help="entries to check (default: all)"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+) -> None:
+    """Re-read entries and check their sha256 and shape; exit 1 if any is damaged."""
+    fs = _feature_store(spec, store)
+    todo = digests or [m["digest"] for m in fs.entries()]
+    bad = 0
+    for d in todo:
+        problem = fs.verify(d)
+        if problem:
+            bad += 1
+            typer.secho(f"{d}  BAD  {problem}", fg="red")
+        else:
+            typer.echo(f"{d}  ok")
+    typer.echo(f"{len(todo) - bad} ok, {bad} damaged in {fs.url}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@cache_app.command("rm")
+def cache_rm(
+    digests: Optional[list[str]] = typer.Argument(None, help="entries to remove"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    all_: bool = typer.Option(False, "--all", help="remove every entry"),
+    damaged: bool = typer.Option(False, "--damaged", help="remove entries that fail verification"),
+    stale_hours: Optional[float] = typer.Option(None, "--stale", help="remove leftovers of killed writers older than this many hours"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
+) -> None:
+    """Remove entries (by digest, --all or --damaged) and/or stale leftovers of killed writers."""
+    fs = _feature_store(spec, store)
+    if not (digests or all_ or damaged or stale_hours is not None):
+        typer.secho("nothing to remove: give digests, --all, --damaged or --stale HOURS", fg="red", err=True)
+        raise typer.Exit(2)
+    todo = list(digests or [])
+    if all_:
+        if not yes:
+            typer.confirm(f"remove every entry of {fs.url}?", abort=True)
+        todo += [m["digest"] for m in fs.entries()]
+    if damaged:
+        todo += [m["digest"] for m in fs.entries() if fs.verify(m["digest"])]
+    missing = 0
+    for d in dict.fromkeys(todo):
+        if fs.remove(d):
+            typer.echo(f"removed {d}")
+        else:
+            missing += 1
+            typer.secho(f"{d}: not in {fs.url}", fg="yellow", err=True)
+    if stale_hours is not None:
+        for p in fs.stale(stale_hours * 3600):
+            fs.remove_path(p)
+            typer.echo(f"removed stale {p}")
+    if missing:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -120,10 +120,10 @@ class BackboneSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from dinoscale.models import backbone_names
+        from dinoscale.models import backbone_names, is_backbone
 
-        if v not in backbone_names():
-            raise ValueError(_unknown_name("backbone", v, backbone_names()))
+        if not is_backbone(v):
+            raise ValueError(_unknown_name("backbone", v, backbone_names()) + " (or any timm model as 'timm:<name>')")
         return v
 
     @property
@@ -377,12 +377,21 @@ class SweepSpec(Strict):
     @field_validator("resolutions")
     @classmethod
     def _resolutions(cls, v: list[int]) -> list[int]:
-        bad = [r for r in v if r < 16 or r % 16]
+        bad = [r for r in v if r < 16]
         if bad:
-            raise ValueError(f"resolutions must be multiples of the patch size 16, got {bad}")
+            raise ValueError(f"resolutions must be at least 16 px, got {bad}")
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate resolutions in {v}")
         return v
+
+    @model_validator(mode="after")
+    def _resolutions_fit_patches(self) -> "SweepSpec":
+        # the registry's DINOv3 / demo backbones use 16 px patches; timm:<name> models are checked by the plan
+        if any(not b.name.startswith("timm:") for b in self.backbones):
+            bad = [r for r in self.resolutions if r % 16]
+            if bad:
+                raise ValueError(f"resolutions must be multiples of the patch size 16, got {bad}")
+        return self
 
     @model_validator(mode="after")
     def _unique_axes(self) -> "SweepSpec":

@@ -100,3 +100,100 @@ def test_extract_features_from_files(tmp_path):
     assert stats.images == 5 and stats.forward_passes == 3
     again, _ = extract_features(bb, paths[2:3], resolution=48, batch_size=1, device=torch.device("cpu"))
     np.testing.assert_allclose(again[0], feats[2], atol=1e-5)  # batch composition does not change a sample's features
+
+
+# ---------------------------------------------------------------- object storage through fsspec
+
+
+@pytest.fixture
+def mem_store():
+    import uuid
+
+    import fsspec
+
+    url = f"memory://dinoscale-{uuid.uuid4().hex[:8]}/features"
+    yield FeatureStore(url)
+    mem = fsspec.filesystem("memory")
+    if mem.exists(url):
+        mem.rm(url, recursive=True)
+
+
+def test_object_store_roundtrip_and_verification(mem_store):
+    assert not mem_store.local and not mem_store.has(KEY)
+    x = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+    loc = mem_store.put(KEY, x, list("abcdef"))
+    fs = mem_store.get(KEY)
+    assert fs.features.dtype == np.float16 and fs.sample_ids == list("abcdef")
+    np.testing.assert_allclose(fs.features, x, atol=1e-2)
+    assert [m["digest"] for m in mem_store.entries()] == [KEY.digest]
+    data = f"{loc}/{fs.meta['data_file']}"
+    raw = bytearray(mem_store.fs.cat_file(data))
+    raw[-1] ^= 0xFF
+    mem_store.fs.pipe_file(data, bytes(raw))
+    with pytest.raises(FeatureStoreError, match="checksum mismatch"):
+        mem_store.get(KEY)
+    assert mem_store.remove(KEY.digest) and not mem_store.has(KEY) and mem_store.entries() == []
+
+
+def test_object_store_killed_writer_leaves_only_an_orphan(mem_store, monkeypatch):
+    real = mem_store.fs.pipe_file
+
+    def die_before_commit(path, value, **kw):
+        if path.endswith("meta.json"):
+            raise KeyboardInterrupt  # killed between the data PUT and the meta PUT
+        return real(path, value, **kw)
+
+    monkeypatch.setattr(mem_store.fs, "pipe_file", die_before_commit)
+    with pytest.raises(KeyboardInterrupt):
+        mem_store.put(KEY, np.ones((3, 3), np.float32), list("abc"))
+    monkeypatch.setattr(mem_store.fs, "pipe_file", real)
+    assert not mem_store.has(KEY) and mem_store.entries() == []
+    with pytest.raises(FeatureStoreError, match="not in the store"):
+        mem_store.get(KEY)
+    orphans = mem_store.stale(older_than_s=0)
+    assert len(orphans) == 1 and "features-" in orphans[0]
+    mem_store.put(KEY, np.ones((3, 3), np.float32), list("abc"))  # a later writer commits normally
+    assert mem_store.get(KEY).features.shape == (3, 3)
+
+
+def test_object_store_concurrent_writers_end_with_one_valid_entry(mem_store):
+    import threading
+
+    barrier = threading.Barrier(4)
+    real_has = mem_store.has
+
+    def racing_has(key):  # every writer passes the "already there?" check before any commits
+        result = real_has(key)
+        if not result and threading.current_thread() is not threading.main_thread():
+            try:
+                barrier.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                pass
+        return result
+
+    mem_store.has = racing_has
+    threads = [threading.Thread(target=mem_store.put, args=(KEY, np.full((64, 8), i, np.float32), [str(j) for j in range(64)]))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    mem_store.has = real_has
+    fs = mem_store.get(KEY)  # verified: meta.json names one writer's complete data
+    assert len(np.unique(fs.features)) == 1 and len(mem_store.entries()) == 1
+
+
+def test_local_store_remove_and_stale_leftovers(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.put(KEY, np.ones((2, 2), np.float32), ["a", "b"])
+    (tmp_path / KEY.digest[:2] / ".tmp-deadbeef-1234").mkdir()
+    assert store.stale(older_than_s=3600) == []  # may still be a live writer
+    assert len(store.stale(older_than_s=0)) == 1
+    assert store.remove(KEY.digest) and not store.has(KEY) and not store.remove(KEY.digest)
+
+
+def test_store_accepts_a_file_url(tmp_path):
+    store = FeatureStore(f"file://{tmp_path}")
+    assert store.local
+    store.put(KEY, np.ones((2, 2), np.float32), ["a", "b"])
+    assert FeatureStore(tmp_path).has(KEY)

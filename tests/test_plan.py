@@ -64,3 +64,18 @@ def test_cli_plan_prints_the_grid(tmp_path, monkeypatch):
     assert "from the published dataset size" in res.output and "GPU-hours" in res.output
     assert "DINOSCALE_DATA not set" in res.output
     assert "dinov3-vitl16" in res.output
+
+
+def test_any_timm_model_by_name_with_measured_facts(tmp_path):
+    import pytest
+
+    raw = tiny_spec_dict(tmp_path, backbones=[{"name": "timm:vit_small_patch14_dinov2"}], resolutions=[56])
+    plan = build_plan(parse_spec(raw), tmp_path)
+    bb = plan.cells[0].backbone
+    assert bb.n_params > 20e6 and bb.patch_size == 14 and bb.num_prefix_tokens == 1
+    assert plan.feature_sets[0].tokens_per_image == 1 + 16
+    assert plan.feature_sets[0].gflops > 0
+    # CLS features from a CNN (no CLS token) fail at plan time, before anything runs
+    raw = tiny_spec_dict(tmp_path, backbones=[{"name": "timm:convnext_atto"}], features={"tokens": "cls"})
+    with pytest.raises(Exception, match="(?i)cls"):
+        build_plan(parse_spec(raw), tmp_path)

@@ -58,7 +58,7 @@ def _run_row(r) -> dict:
         "probe": p.get("probe"), "strategy": p.get("strategy"), "seed": int(m.get("seed", 0)),
         "test_macro_auroc": m.get("test_macro_auroc"), "test_macro_auroc_ci_low": m.get("test_macro_auroc_ci_low"),
         "test_macro_auroc_ci_high": m.get("test_macro_auroc_ci_high"), "val_macro_auroc": m.get("val_macro_auroc"),
-        "tokens_per_image": m.get("tokens_per_image"), "gflops": m.get("gflops"), "run_id": r.info.run_id,
+        "tokens_per_image": m.get("tokens_per_image"), "gflops": m.get("gflops_per_image", m.get("gflops")), "run_id": r.info.run_id,
     }
 
 

@@ -1,37 +1,132 @@
-"""Backbone forward passes: images on disk -> classification features (CLS ⊕ mean patch tokens)."""
+"""Backbone forward passes: 2D images or 3D volumes on disk -> features of one token set.
+
+Token sets (registers are always excluded):
+
+- ``cls``                 the CLS token of the last block (normed)
+- ``mean_patch``          the mean of the last block's patch tokens (CNNs: global average pool)
+- ``cls_mean_patch``      CLS ⊕ mean patch (the DINOv3 classification features)
+- ``last<n>_cls``         the CLS tokens of the last n blocks, each normed, concatenated (DINOv2 linear eval)
+- ``last<n>_cls_mean_patch``  the same ⊕ the mean patch of the last block (DINOv2's ``avgpool=True``)
+- ``patch_grid``          the patch-token grid [N, D, H/p, W/p] for segmentation probes
+
+GPU: ``inference_mode``, bf16 autocast, channels-last, pinned-memory DataLoader workers, and a
+batch that halves on CUDA out-of-memory and retries (sticky for the rest of the run).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from dinoscale.models import LoadedBackbone
+from dinoscale.models import BackboneFacts, LoadedBackbone
+
+log = logging.getLogger(__name__)
+
+_LAST_N = re.compile(r"^last(\d+)_cls(_mean_patch)?$")
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, token_set: str) -> torch.Tensor:
-    """``tokens``: [B, 1 + registers + patches, D] from ``forward_features`` (already normed).
+@dataclass(frozen=True)
+class TokenSet:
+    name: str
+    n_last: int = 0  # > 0: CLS of the last n blocks
+    cls: bool = False
+    mean_patch: bool = False
+    grid: bool = False
 
-    Registers (indices 1..num_prefix_tokens-1) are always excluded.
-    """
-    cls = tokens[:, 0]
+
+def parse_token_set(name: str) -> TokenSet:
+    fixed = {
+        "cls": TokenSet(name, cls=True),
+        "mean_patch": TokenSet(name, mean_patch=True),
+        "cls_mean_patch": TokenSet(name, cls=True, mean_patch=True),
+        "patch_grid": TokenSet(name, grid=True),
+    }
+    if name in fixed:
+        return fixed[name]
+    m = _LAST_N.match(name)
+    if m and int(m.group(1)) >= 1:
+        return TokenSet(name, n_last=int(m.group(1)), cls=True, mean_patch=bool(m.group(2)))
+    raise ValueError(f"unknown token set '{name}'; known: {', '.join(fixed)}, last<n>_cls, last<n>_cls_mean_patch")
+
+
+def check_token_set(backbone: LoadedBackbone | BackboneFacts, token_set: str) -> TokenSet:
+    """Fail before any forward pass (or at plan time, given ``backbone_facts``) when the backbone cannot
+    give this token set."""
+    ts = parse_token_set(token_set)
+    facts = backbone.facts if isinstance(backbone, LoadedBackbone) else backbone
+    name = facts.name if facts else backbone.defn.name
+    has_cls = facts.has_cls if facts else True
+    if ts.cls and not has_cls:
+        raise ValueError(f"backbone '{name}' has no CLS token; token set '{token_set}' needs one "
+                         "(use 'mean_patch' or 'patch_grid')")
+    if ts.n_last and facts is not None and facts.output != "tokens":
+        raise ValueError(f"backbone '{name}' has no token blocks for '{token_set}'")
+    return ts
+
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, token_set: str, has_cls: bool = True) -> torch.Tensor:
+    """``tokens``: [B, prefix + patches, D] from ``forward_features`` (already normed), or [B, D, h, w]
+    from a CNN. Prefix tokens are ``[CLS?, registers...]``; registers never leak into the features."""
+    ts = parse_token_set(token_set)
+    if tokens.ndim == 4:  # CNN feature map: no CLS, no registers
+        if ts.cls:
+            raise ValueError(f"token set '{token_set}' needs a CLS token; a CNN feature map has none")
+        return tokens.float() if ts.grid else tokens.mean((2, 3))
     patches = tokens[:, num_prefix_tokens:]
-    if token_set == "cls":
-        return cls
-    if token_set == "mean_patch":
-        return patches.mean(1)
-    if token_set == "cls_mean_patch":
-        return torch.cat([cls, patches.mean(1)], dim=-1)
-    raise ValueError(f"unknown token set '{token_set}'")
+    if ts.grid:
+        n = patches.shape[1]
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"cannot reshape {n} patch tokens into a square grid")
+        return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    if ts.n_last:
+        raise ValueError("last-n token sets need the intermediate blocks: use forward_token_set")
+    if ts.cls and not has_cls:
+        raise ValueError(f"token set '{token_set}' needs a CLS token; this model has none")
+    parts = ([tokens[:, 0]] if ts.cls else []) + ([patches.mean(1)] if ts.mean_patch else [])
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def forward_token_set(backbone: LoadedBackbone, x: torch.Tensor, ts: TokenSet) -> torch.Tensor:
+    """One forward pass of ``x`` through the backbone, reduced to the token set."""
+    model = backbone.model
+    if ts.n_last:
+        # Each intermediate block's tokens go through the final norm (DINOv2 ``get_intermediate_layers(norm=True)``).
+        inter = model.forward_intermediates(x, indices=ts.n_last, norm=True, return_prefix_tokens=True,
+                                            output_fmt="NCHW", intermediates_only=True)
+        parts = [prefix[:, 0] for _, prefix in inter]
+        if ts.mean_patch:
+            parts.append(inter[-1][0].mean((2, 3)))
+        return torch.cat(parts, dim=-1)
+    tokens = model.forward_features(x)
+    if ts.grid and tokens.ndim == 3:
+        p = backbone.patch_size
+        grid = tokens[:, backbone.num_prefix_tokens:]
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        return grid.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], h, w)
+    return pool_tokens(tokens, backbone.num_prefix_tokens, ts.name, backbone.has_cls)
 
 
 @dataclass
 class ExtractionStats:
     images: int
-    forward_passes: int  # batches through the backbone
+    forward_passes: int  # batches through the backbone (after any OOM back-off)
     seconds: float
+    batch_size: int = 0  # the batch size in use at the end (smaller than asked after an OOM back-off)
+    oom_backoffs: int = 0
+    slices: int = 0  # 3D: 2D slices forwarded
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.slices or self.images) / self.seconds if self.seconds > 0 else 0.0
 
 
 def pick_device() -> torch.device:
@@ -39,33 +134,193 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def default_workers(device: torch.device) -> int:
+    """CPU: 0 (the forward pass already uses every core; decoding inline avoids oversubscription).
+    GPU: enough decoding processes to keep the GPU fed, leaving one core to the driver loop."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class _Runner:
+    """Forwards host batches through the model in chunks; on CUDA OOM halves the chunk and retries."""
+
+    def __init__(self, backbone: LoadedBackbone, ts: TokenSet, device: torch.device, batch_size: int):
+        self.backbone, self.ts, self.device = backbone, ts, device
+        self.micro, self.passes, self.backoffs = batch_size, 0, 0
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs, i = [], 0
+        while i < x.shape[0]:
+            m = self.micro
+            try:
+                outs.append(self._forward(x[i:i + m]))
+            except _OOM:
+                if m == 1:
+                    raise
+                oom = True
+            else:
+                oom = False
+            if oom:  # outside the except block: the failed chunk's tensors are released first
+                self.micro, self.backoffs = max(1, m // 2), self.backoffs + 1
+                if self.cuda:
+                    torch.cuda.empty_cache()
+                log.warning("out of memory at batch %d: retrying with batch %d", m, self.micro)
+                continue
+            i += m
+            self.passes += 1
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.to(self.device, non_blocking=True)
+        if self.cuda:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            y = forward_token_set(self.backbone, chunk, self.ts)
+        return y.float().cpu()
+
+
+def _progress(total: int, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    # disable=None: quiet when stderr is not a terminal (Ray workers, CI logs).
+    return tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress, leave=False)
+
+
+def _prepare(backbone: LoadedBackbone, device: torch.device):
+    model = backbone.model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: LoadedBackbone,
-    paths: list[str],
+    paths: Sequence[str] | torch.utils.data.Dataset,
     resolution: int,
     token_set: str = "cls_mean_patch",
     interpolation: str = "bicubic",
     batch_size: int = 32,
     device: torch.device | None = None,
+    num_workers: int | None = None,
+    progress: bool | None = None,
+    out_dtype: str = "float32",
 ) -> tuple[np.ndarray, ExtractionStats]:
+    """Features of 2D images, in input order: [N, D] (or [N, D, H/p, W/p] for ``patch_grid``).
+
+    ``paths``: image files (read through MONAI) or any Dataset of preprocessed [3, H, W] tensors.
+    """
     from dinoscale.data.preprocess import ImageFiles, build_transform
 
+    ts = check_token_set(backbone, token_set)
+    if resolution % backbone.patch_size:
+        raise ValueError(f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}")
     device = device or pick_device()
-    model = backbone.model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    transform = build_transform(resolution, backbone.mean, backbone.std, interpolation)
-    workers = 0 if device.type == "cpu" else min(8, max(1, (torch.get_num_threads() or 2) // 2))
+    _prepare(backbone, device)
+    if isinstance(paths, torch.utils.data.Dataset):
+        dataset = paths
+    else:
+        dataset = ImageFiles(list(paths), build_transform(resolution, backbone.mean, backbone.std, interpolation))
+    workers = default_workers(device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False,
     )
-    out, batches, t0 = [], 0, time.perf_counter()
-    for x in loader:
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = model.forward_features(x)
-        out.append(pool_tokens(tokens.float(), backbone.num_prefix_tokens, token_set).cpu())
-        batches += 1
-    feats = torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-    return feats, ExtractionStats(len(paths), batches, time.perf_counter() - t0)
+    run = _Runner(backbone, ts, device, batch_size)
+    out: np.ndarray | None = None
+    n, done, t0 = len(dataset), 0, time.perf_counter()
+    with _progress(n, f"{backbone.defn.name}@{resolution}", progress) as bar:
+        for x in loader:
+            y = run(x).numpy()
+            if out is None:  # preallocate once: memory = the result, not the result twice
+                out = np.empty((n, *y.shape[1:]), dtype=out_dtype)
+            out[done:done + len(y)] = y
+            done += len(y)
+            bar.update(len(y))
+    feats = out if out is not None else np.zeros((0, 0), out_dtype)
+    return feats, ExtractionStats(n, run.passes, time.perf_counter() - t0, run.micro, run.backoffs)
+
+
+class _VolumeSlices(torch.utils.data.IterableDataset):
+    """Streams (volume index, slice count, slice tensor) one volume at a time per worker, so memory is
+    one volume per worker plus the prefetched batches, whatever the number of volumes."""
+
+    def __init__(self, paths: Sequence[str], load_volume, slice_transform, axis: int):
+        self.paths, self.load_volume, self.slice_transform, self.axis = list(paths), load_volume, slice_transform, axis
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for v in range(wid, len(self.paths), nw):
+            vol = self.load_volume(self.paths[v])  # [H, W, D] float in [0, 1]
+            n = vol.shape[self.axis]
+            for k in range(n):
+                yield v, n, self.slice_transform(vol.select(self.axis, k))
+            del vol
+
+
+@torch.inference_mode()
+def extract_volume_features(
+    backbone: LoadedBackbone,
+    paths: Sequence[str],
+    resolution: int,
+    token_set: str = "cls_mean_patch",
+    pool: str = "mean",
+    interpolation: str = "bicubic",
+    batch_size: int = 32,
+    axis: int = -1,
+    window: tuple[float, float] | None = None,
+    device: torch.device | None = None,
+    num_workers: int | None = None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, ExtractionStats]:
+    """Per-volume features of 3D volumes (NIfTI etc. through MONAI), slice by slice along ``axis``.
+
+    Slice features are pooled per volume as they stream past (``pool``: mean, max, or mean_max =
+    mean ⊕ max); only [volumes, D] running sums/maxima are kept. ``window``: CT window (HU min, max)
+    mapped to [0, 1]; default: each volume's min-max.
+    """
+    from dinoscale.data.preprocess import build_volume_transform
+
+    if pool not in ("mean", "max", "mean_max"):
+        raise ValueError(f"unknown volume pooling '{pool}' (mean, max, mean_max)")
+    ts = check_token_set(backbone, token_set)
+    if ts.grid:
+        raise ValueError("patch_grid of volumes is not pooled per volume; extract slices with extract_features")
+    device = device or pick_device()
+    _prepare(backbone, device)
+    load_volume, slice_transform = build_volume_transform(resolution, backbone.mean, backbone.std, interpolation, window)
+    workers = default_workers(device) if num_workers is None else min(num_workers, len(paths))
+    loader = torch.utils.data.DataLoader(
+        _VolumeSlices(paths, load_volume, slice_transform, axis), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+    run = _Runner(backbone, ts, device, batch_size)
+    sums: np.ndarray | None = None
+    maxs: np.ndarray | None = None
+    seen = np.zeros(len(paths), np.int64)
+    expected = np.zeros(len(paths), np.int64)
+    slices, t0 = 0, time.perf_counter()
+    with _progress(len(paths), f"{backbone.defn.name}@{resolution} volumes", progress) as bar:
+        for vidx, nslices, x in loader:
+            y = run(x).double().numpy()
+            if sums is None:
+                sums = np.zeros((len(paths), y.shape[1]))
+                maxs = np.full((len(paths), y.shape[1]), -np.inf)
+            v = vidx.numpy()
+            np.add.at(sums, v, y)
+            np.maximum.at(maxs, v, y)
+            np.add.at(seen, v, 1)
+            expected[v] = nslices.numpy()
+            slices += len(v)
+            bar.update(int(((seen == expected) & (expected > 0)).sum()) - bar.n)
+    if sums is None:
+        return np.zeros((0, 0), np.float32), ExtractionStats(0, 0, time.perf_counter() - t0)
+    if (seen != expected).any():
+        raise RuntimeError(f"volume slices lost in streaming: {np.flatnonzero(seen != expected).tolist()}")
+    mean = sums / seen[:, None]
+    feats = {"mean": mean, "max": maxs, "mean_max": np.concatenate([mean, maxs], 1)}[pool]
+    stats = ExtractionStats(len(paths), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, slices)
+    return feats.astype(np.float32), stats

@@ -2,11 +2,17 @@
 
 from dinoscale.models.backbones import (  # noqa: F401
     BACKBONES,
+    TIMM_PREFIX,
     BackboneDef,
+    BackboneFacts,
     LoadedBackbone,
     WeightsError,
+    backbone_facts,
     backbone_names,
     get_backbone,
+    gflops_per_image,
+    hub_weights_file,
+    is_backbone,
     load_backbone,
     weights_identity,
 )

@@ -7,7 +7,6 @@ it, whatever its probe or seed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from dinoscale.data import SPLITS, DataError, PreparedDataset, prepare_dataset
 from dinoscale.features import FeatureKey, FeatureStore
-from dinoscale.models import get_backbone, weights_identity
+from dinoscale.models import backbone_facts, get_backbone, gflops_per_image, weights_identity
 from dinoscale.spec import SweepSpec
 
 
@@ -32,32 +31,23 @@ class BackboneInfo:
     patch_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    num_prefix_tokens: int = 5  # CLS + registers (DINOv3: 1 + 4)
 
+    def tokens_per_image(self, resolution: int) -> int:
+        return self.num_prefix_tokens + (resolution // self.patch_size) ** 2
 
-@functools.lru_cache(maxsize=None)
-def _arch_facts(name: str, tag: str | None) -> tuple[int, int, tuple, tuple]:
-    """Parameter count, patch size, mean, std: measured on the meta device (no memory, no weights)."""
-    import timm
-    import torch
-
-    defn = get_backbone(name)
-    with torch.device("meta"):
-        model = timm.create_model(defn.timm_name + (f".{tag}" if tag else ""), pretrained=False, num_classes=0, **defn.arch_overrides)
-    patch = model.patch_embed.patch_size
-    cfg = model.pretrained_cfg
-    return (
-        sum(p.numel() for p in model.parameters()),
-        int(patch[0] if isinstance(patch, (tuple, list)) else patch),
-        tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-    )
+    def gflops_per_image(self, resolution: int) -> float:
+        """Measured with torch's FlopCounterMode on the meta device (dinoscale.models.gflops_per_image)."""
+        return gflops_per_image(self.name, resolution)
 
 
 def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
+    """Identity of the weights + facts measured from the model on the meta device (no memory, no weights)."""
     defn = get_backbone(name)
     ident = weights_identity(defn, weights, seed)
-    n_params, patch, mean, std = _arch_facts(name, defn.hub_tag if ident["kind"] == "hub" else None)
-    return BackboneInfo(name, weights, seed, ident["kind"], ident["digest"], defn.arch_id, n_params, patch, mean, std)
+    facts = backbone_facts(name, hub=ident["kind"] == "hub")
+    return BackboneInfo(name, weights, seed, ident["kind"], ident["digest"], defn.arch_id, facts.n_params,
+                        facts.patch_size, tuple(facts.mean), tuple(facts.std), facts.num_prefix_tokens)
 
 
 @dataclass(frozen=True)
@@ -71,12 +61,12 @@ class FeatureSetPlan:
 
     @property
     def tokens_per_image(self) -> int:
-        return 5 + (self.resolution // self.backbone.patch_size) ** 2
+        return self.backbone.tokens_per_image(self.resolution)
 
     @property
     def gflops(self) -> float:
-        """Rough forward cost: 2 x params x tokens (ignores attention's quadratic term)."""
-        return 2 * self.backbone.n_params * self.tokens_per_image * self.n_images / 1e9
+        """Forward cost of the split: measured GFLOPs per image x images."""
+        return self.backbone.gflops_per_image(self.resolution) * self.n_images
 
 
 @dataclass(frozen=True)
@@ -118,7 +108,7 @@ class Plan:
 
             n = published_images(self.spec.dataset.name) or 0
             sets = {(f.backbone, f.resolution): f for f in self.feature_sets}.values()
-            return sum(2 * f.backbone.n_params * f.tokens_per_image * n / 1e9 for f in sets)
+            return sum(f.backbone.gflops_per_image(f.resolution) * n for f in sets)
         return sum(f.gflops for f in self.missing)
 
     def cell(self, cell_id: str) -> Cell:
@@ -181,6 +171,11 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         ds, ds_error = None, str(e)
 
     infos = [backbone_info(b.name, b.weights, b.weights_seed) for b in spec.backbones]
+    if "frozen" in spec.strategies:
+        from dinoscale.features.extract import check_token_set
+
+        for b in spec.backbones:  # e.g. CLS features from a model without a CLS token: fail before anything runs
+            check_token_set(backbone_facts(b.name), spec.features.tokens)
     feature_sets: list[FeatureSetPlan] = []
     keys: dict[tuple[str, int], dict[str, str]] = {}
     needs_features = "frozen" in spec.strategies

@@ -202,7 +202,10 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
         "extraction_images_forwarded": extraction.images,
         "extraction_forward_seconds": extraction.forward_seconds,
         "extraction_wall_seconds": extraction.wall_seconds,
+        "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
     })
+    for job in extraction.per_job:  # what each job measured: GFLOPs per image, the loaded weights' sha256
+        client.log_dict(parent_id, job, f"extraction/{job['job'].replace('@', '_r')}.json")
     if not quiet:
         console.print(f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
                       f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall")

@@ -97,7 +97,8 @@ def _scored(cell: Cell, ctx: SweepContext, test_scores: np.ndarray, val_metric: 
         # numeric axes mirrored as metrics (MLflow sorts params as strings)
         "n_params": cell.backbone.n_params,
         "resolution": cell.resolution,
-        "tokens_per_image": 5 + (cell.resolution // cell.backbone.patch_size) ** 2,
+        "tokens_per_image": cell.backbone.tokens_per_image(cell.resolution),
+        "gflops_per_image": cell.backbone.gflops_per_image(cell.resolution),  # the compute axis
         "seed": cell.seed,
         "n_train": len(ctx.splits["train"].labels), "n_val": len(ctx.splits["val"].labels), "n_test": len(y),
         "n_test_patients": len(set(test_labels.patient_ids)),
@@ -162,6 +163,7 @@ def cell_params(cell: Cell, spec: SweepSpec) -> dict:
         "cell": cell.id, "dataset": spec.dataset.name, "modality": spec.modality, "backbone": cell.backbone.name,
         "backbone_arch": cell.backbone.arch_id, "weights": cell.backbone.weights, "n_params": cell.backbone.n_params,
         "resolution": cell.resolution, "probe": cell.probe, "strategy": cell.strategy, "seed": cell.seed,
+        "gflops_per_image": round(cell.backbone.gflops_per_image(cell.resolution), 4),
         "tokens": spec.features.tokens, "interpolation": spec.features.interpolation, "feature_dtype": spec.features.dtype,
         "bootstrap_resamples": spec.metrics.bootstrap.resamples, "bootstrap_level": spec.metrics.bootstrap.level,
     }
