@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -116,7 +117,9 @@ def split_dataset_inputs(ds) -> list:
         # 0/1 label columns as float: MLflow's schema inference warns on integer columns
         df = df.astype({c: "float64" for c in df.columns if pd.api.types.is_integer_dtype(df[c])})
         # source: the folder the files are in (a phantom's generated folder is labelled by its name)
-        dataset = mlflow.data.from_pandas(df, source=str(ds.root), name=f"{ds.name}-{split}", digest=ds.manifest_digest(split))
+        with warnings.catch_warnings():  # a local folder matches two equivalent MLflow source types
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=str(ds.root), name=f"{ds.name}-{split}", digest=ds.manifest_digest(split))
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
     return inputs
 

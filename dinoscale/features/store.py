@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXTRACTOR_VERSION = "1"
+EXTRACTOR_VERSION = "2"  # 2: torch anti-aliased resize instead of MONAI Gaussian pre-smoothing
 DATA_FILE = "features.npy"  # local layout; object stores use features-<uuid>.npy named in meta.json
 
 

@@ -78,8 +78,8 @@ def print_plan(plan: Plan) -> None:
     gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
     console.print(f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
                   f"{missing_images:,} image forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
-                  f"~{plan.estimated_gflops():,.0f} GFLOP (2 x params x tokens estimate) "
-                  f"= ~{gpu_hours:.3g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s")
+                  f"~{plan.estimated_gflops():,.0f} GFLOP (FLOPs per image measured on each model) "
+                  f"= ~{gpu_hours:.2g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s")
     console.print(f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "
                   f"frozen trial {res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU; lora/full trial "
                   f"{res.cpus_per_trial:g} CPU + {res.gpus_per_training_trial:g} GPU (GPU shares apply only where the "
