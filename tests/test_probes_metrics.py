@@ -5,9 +5,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dinoscale.metrics import auroc_per_class, macro_auroc, patient_bootstrap
-from dinoscale.probes import Split, run_probe
+from dinoscale.probes import run_probe
 from dinoscale.probes.knn import knn_scores
 from dinoscale.spec import KnnProbeSpec, LinearProbeSpec
+from conftest import separable_splits as _separable
 
 
 def test_auroc_matches_sklearn_with_ties():
@@ -58,13 +59,6 @@ def test_bootstrap_resamples_patients_not_images():
     assert (ci_pat.high - ci_pat.low) > 2 * (ci_img.high - ci_img.low)
 
 
-def _separable(n=240, d=16, c=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, (n, c)).astype(np.float32)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    x[:, :c] += 4 * (2 * y - 1)
-    parts = np.split(np.arange(n), [n // 2, 3 * n // 4])
-    return [Split(x[p], y[p]) for p in parts]
 
 
 def test_linear_probe_on_separable_data_reaches_auroc_1():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dinoscale.metrics import adapted_rand_error, macro_auroc
-from dinoscale.probes import BagSplit, SegSplit, Split, run_probe
+from dinoscale.probes import BagSplit, SegSplit, run_probe
 from dinoscale.probes.mil import ABMIL, _pad
 from dinoscale.probes.segmentation import affinity_targets, agglomerate_affinities, build_head
 from dinoscale.search import search_probe
@@ -13,14 +13,7 @@ from dinoscale.spec import (
     AbmilProbeSpec, AffinityProbeSpec, KnnProbeSpec, LogRegProbeSpec, PoolProbeSpec, SegmentationProbeSpec, parse_spec,
 )
 
-
-def _separable(n=240, d=16, c=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, (n, c)).astype(np.float32)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    x[:, :c] += 4 * (2 * y - 1)
-    parts = np.split(np.arange(n), [n // 2, 3 * n // 4])
-    return [Split(x[p], y[p]) for p in parts]
+from conftest import separable_splits as _separable
 
 
 def test_logreg_probe_on_separable_data_ranks_almost_perfectly():
@@ -119,7 +112,6 @@ def test_affinities_round_trip_to_the_same_instances():
 
 
 def test_affinity_probe_runs_and_selects_a_threshold():
-    rng = np.random.default_rng(0)
     base = _seg_data(14, 0)
     # instances: label connected blobs 1..k; here one blob per image
     train, val, test = SegSplit(base.x[:8], base.y[:8]), SegSplit(base.x[8:11], base.y[8:11]), SegSplit(base.x[11:], base.y[11:])

@@ -1,6 +1,5 @@
 """End to end with real Ray Tune and a real SQLite MLflow store (no mocks)."""
 
-import json
 
 import pytest
 from mlflow.tracking import MlflowClient

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dinoscale.data import DataError, PreparedDataset, register_dataset
-from dinoscale.data.layout import check_labels, data_root, patient_splits, require
+from dinoscale.data.layout import data_root, patient_splits, require
 
 
 def _header_shape(path: Path, on_bad: str, skipped: list) -> tuple[int, ...] | None:

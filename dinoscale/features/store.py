@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinoscale.digest import sha256_file
+
 EXTRACTOR_VERSION = "2"  # 2: torch anti-aliased resize instead of MONAI Gaussian pre-smoothing
 DATA_FILE = "features.npy"  # local layout; object stores use features-<uuid>.npy named in meta.json
 
@@ -122,7 +124,7 @@ class FeatureStore:
                 np.save(f, arr, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
-            meta = self._meta(key, arr, _sha256_file(tmp / DATA_FILE), sample_ids, extra, DATA_FILE)
+            meta = self._meta(key, arr, sha256_file(tmp / DATA_FILE), sample_ids, extra, DATA_FILE)
             # meta.json is written last: its presence marks a complete entry.
             (tmp / "meta.json").write_text(json.dumps(meta))
             try:
@@ -241,9 +243,3 @@ class FeatureStore:
             self.fs.rm(path, recursive=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

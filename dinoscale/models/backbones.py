@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import socket
@@ -26,6 +25,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+
+from dinoscale.digest import sha256_file
 
 TIMM_PREFIX = "timm:"
 
@@ -211,12 +212,6 @@ def gflops_per_image(name: str, resolution: int) -> float:
 # ---------------------------------------------------------------- weights
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, str]:
@@ -233,7 +228,7 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
     path = Path(os.path.expandvars(weights)).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' not found (backbone '{defn.name}')")
-    return {"kind": "file", "digest": "sha256:" + _sha256_file(path), "path": str(path)}
+    return {"kind": "file", "digest": "sha256:" + sha256_file(path), "path": str(path)}
 
 
 def _truthy(v: str | None) -> bool:
@@ -372,7 +367,7 @@ def load_backbone(name: str, weights: str = "random", seed: int = 0) -> LoadedBa
         path = hub_weights_file(defn)
         model = _create(defn, defn.hub_tag, pretrained=False)
         _load_file_into(model, defn, path)
-        ident = dict(ident, path=str(path), sha256=_sha256_file(path))
+        ident = dict(ident, path=str(path), sha256=sha256_file(path))
     else:
         path = Path(ident["path"])
         model = _create(defn, pretrained=False)

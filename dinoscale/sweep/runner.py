@@ -114,7 +114,6 @@ def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project
 
 def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | None = None,
               analyze: bool = True, quiet: bool = False, resume: bool = False) -> SweepOutcome:
-    import ray
     from mlflow.tracking import MlflowClient
 
     t0 = time.perf_counter()
