@@ -51,7 +51,7 @@ def sweep(
     import os
 
     from dinoscale.data import DataError
-    from dinoscale.sweep.runner import run_sweep
+    from dinoscale.sweep.runner import NotRunnableError, run_sweep
     from dinoscale.sweep.state import ResumeError
 
     s = _load(spec)
@@ -59,7 +59,7 @@ def sweep(
         os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
     try:
         out = run_sweep(s, address=address, analyze=not no_analysis, resume=resume)
-    except (DataError, ResumeError) as e:
+    except (DataError, ResumeError, NotRunnableError) as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
     if any(r["state"] != "FINISHED" for r in out.rows):

@@ -305,6 +305,8 @@ class FeaturesSpec(Strict):
         "(DINOv2 linear eval, + mean patch); patch_grid: [N, D, H/p, W/p] for segmentation probes"
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype in the feature store")
+    volume_pool: Literal["mean", "max", "mean_max"] = Field(
+        "mean", description="3D classification (volumes): slice features pooled per volume (the reference benchmark: mean)")
     interpolation: Literal["bilinear", "bicubic", "area"] = "bicubic"
     batch_size: int = Field(32, ge=1)
 

@@ -1,6 +1,8 @@
 """End to end with real Ray Tune and a real SQLite MLflow store (no mocks)."""
 
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -10,6 +12,8 @@ from dinoscale.sweep.runner import run_sweep
 from conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +111,36 @@ def test_frozen_lora_and_full_strategies_in_one_sweep(tmp_path, ray_local):
     # checkpoints are kept under the storage path, keyed by trial key, for retries and resumes
     ckpts = list((tmp_path / "store" / "checkpoints").glob("*/finetune_state.pt"))
     assert len(ckpts) == 2
+
+
+def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local):
+    """3D classification: slice features pooled per volume (CT window in the key), then the same probes."""
+    import yaml
+
+    from dinoscale.features import FeatureStore
+
+    raw = yaml.safe_load(open(ROOT / "sweeps/demo/ct.yaml"))
+    raw.update(backbones=[{"name": "dinov3-demo-xs", "weights": "random"}], resolutions=[32],
+               tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")})
+    raw["dataset"]["phantom"].update(n_patients=16, depth=8)
+    raw["metrics"] = {"bootstrap": {"resamples": 200}}
+    out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
+    assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
+    ds = out.plan.dataset
+    entries = FeatureStore(tmp_path / "store" / "features").entries()
+    assert len(entries) == 3
+    for e in entries:
+        assert e["key"]["tokens"] == "cls_mean_patch@volume-mean" and "window=[-1350.0, 150.0]" in e["key"]["normalisation"]
+        assert e["shape"][0] == (ds.manifest["split"] == e["split"]).sum()  # one row per volume
+    assert out.extraction.images == len(ds.manifest)
+
+
+def test_segmentation_specs_plan_but_refuse_to_run_with_a_clear_error(tmp_path):
+    import yaml
+
+    from dinoscale.sweep.runner import NotRunnableError
+
+    raw = yaml.safe_load(open(ROOT / "sweeps/demo/mri.yaml"))
+    raw.update(tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")})
+    with pytest.raises(NotRunnableError, match="segmentation task"):
+        run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)

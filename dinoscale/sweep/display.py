@@ -68,7 +68,7 @@ def print_plan(plan: Plan) -> None:
     axes = (f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
             f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds")
     console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
-    missing_images = sum(f.n_images for f in plan.missing)
+    missing_images = sum(f.n_slices or f.n_images for f in plan.missing)
     if plan.dataset is None:
         from dinoscale.data import published_images
 
@@ -77,7 +77,7 @@ def print_plan(plan: Plan) -> None:
     res = spec.resources
     gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
     console.print(f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
-                  f"{missing_images:,} image forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
+                  f"{missing_images:,} image (or slice) forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
                   f"~{plan.estimated_gflops():,.0f} GFLOP (FLOPs per image measured on each model) "
                   f"= ~{gpu_hours:.2g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s")
     console.print(f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "

@@ -24,6 +24,8 @@ class ExtractionJob:
     interpolation: str
     batch_size: int
     splits: list[tuple[str, FeatureKey, list[str], list[str]]]  # (split, key, paths, sample_ids)
+    volume_pool: str | None = None  # set: 3D volumes, slice features pooled per volume
+    window: tuple[float, float] | None = None  # CT window (HU) for volumes
 
     @property
     def label(self) -> str:
@@ -44,14 +46,18 @@ class ExtractionReport:
 def plan_jobs(plan: Plan) -> list[ExtractionJob]:
     if plan.dataset is None:
         raise RuntimeError(f"cannot extract without data: {plan.dataset_error}")
+    from dinoscale.sweep.plan import is_volume_dataset, volume_window
+
     spec, jobs = plan.spec, {}
+    volume = is_volume_dataset(plan.dataset)
     for fs in plan.missing:
         df = plan.dataset.split(fs.split)
         bb = fs.backbone
         job = jobs.setdefault(
             (bb.name, bb.weights, fs.resolution),
             ExtractionJob(bb.name, bb.weights, bb.weights_seed, fs.resolution, spec.features.tokens,
-                          spec.features.interpolation, spec.features.batch_size, []),
+                          spec.features.interpolation, spec.features.batch_size, [],
+                          spec.features.volume_pool if volume else None, volume_window(spec) if volume else None),
         )
         job.splits.append((fs.split, fs.key, df["path"].tolist(), df["sample_id"].astype(str).tolist()))
     return list(jobs.values())
@@ -63,7 +69,7 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
     ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach."""
     import torch
 
-    from dinoscale.features.extract import extract_features, pick_device
+    from dinoscale.features.extract import extract_features, extract_volume_features, pick_device
     from dinoscale.models import load_backbone
 
     from dinoscale.models import gflops_per_image
@@ -73,13 +79,17 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
     backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
     device = pick_device()
     gflops = gflops_per_image(job.backbone, job.resolution)
-    out = {"job": job.label, "device": str(device), "images": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0,
+    out = {"job": job.label, "device": str(device), "images": 0, "slices": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0,
            "gflops_per_image": gflops, "oom_backoffs": 0, "weights_sha256": backbone.weights.get("sha256", "")}
     for split, key, paths, ids in job.splits:
         if store.has(key):  # written meanwhile by another worker
             continue
-        feats, stats = extract_features(backbone, paths, job.resolution, job.tokens, job.interpolation, job.batch_size,
-                                        device, out_dtype=key.dtype)
+        if job.volume_pool:
+            feats, stats = extract_volume_features(backbone, paths, job.resolution, job.tokens, job.volume_pool,
+                                                   job.interpolation, job.batch_size, window=job.window, device=device)
+        else:
+            feats, stats = extract_features(backbone, paths, job.resolution, job.tokens, job.interpolation, job.batch_size,
+                                            device, out_dtype=key.dtype)
         if backbone.weights["digest"] != key.weights_digest:
             raise RuntimeError(f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}")
         store.put(key, feats, ids, extra={"backbone_name": job.backbone, "split": split, "n_params": backbone.n_params,
@@ -87,6 +97,7 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
                                           "gflops_per_image": gflops, "device": str(device),
                                           **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {})})
         out["images"] += stats.images
+        out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
         out["batches"] += stats.forward_passes
         out["forward_seconds"] += stats.seconds
         out["oom_backoffs"] += stats.oom_backoffs

@@ -56,8 +56,9 @@ class FeatureSetPlan:
     resolution: int
     split: str
     key: FeatureKey | None  # None when the data is not available (plan without data)
-    n_images: int
+    n_images: int  # images, or volumes for 3D classification
     cached: bool
+    n_slices: int = 0  # backbone forward passes per image / volume, summed (= n_images for 2D)
 
     @property
     def tokens_per_image(self) -> int:
@@ -65,8 +66,8 @@ class FeatureSetPlan:
 
     @property
     def gflops(self) -> float:
-        """Forward cost of the split: measured GFLOPs per image x images."""
-        return self.backbone.gflops_per_image(self.resolution) * self.n_images
+        """Forward cost of the split: measured GFLOPs per image (slice) x images (slices)."""
+        return self.backbone.gflops_per_image(self.resolution) * max(self.n_slices, self.n_images)
 
 
 @dataclass(frozen=True)
@@ -123,21 +124,35 @@ def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
     return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
 
 
-def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str) -> FeatureKey:
+def is_volume_dataset(ds: PreparedDataset) -> bool:
+    """3D classification: one row per volume, slices extracted and pooled per volume."""
+    return ds.task in CLASSIFICATION_TASKS and "n_slices" in ds.manifest.columns
+
+
+def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
+    from dinoscale.data.windows import window_range
+
+    return window_range(spec.dataset.window) if spec.dataset.window is not None else None
+
+
+def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, volume: bool = False) -> FeatureKey:
     f = spec.features
+    # volumes: the CT window and the per-volume pooling change the features, so they are part of the key
+    window = volume_window(spec) if volume else None
     return FeatureKey(
         backbone=bb.arch_id,
         weights_digest=bb.weights_digest,
         resolution=resolution,
         interpolation=f.interpolation,
-        normalisation=f"mean={list(bb.mean)},std={list(bb.std)}",
-        tokens=f.tokens,
+        normalisation=f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else ""),
+        tokens=f.tokens + (f"@volume-{f.volume_pool}" if volume else ""),
         manifest_digest=manifest_digest,
         dtype=f.dtype,
     )
 
 
 TRAINING_STRATEGIES = ("lora", "full")
+CLASSIFICATION_TASKS = ("multilabel", "multiclass")
 FINETUNE_HEAD = "head"  # the probe label of lora / full cells: a linear head trained with the encoder
 
 
@@ -189,9 +204,12 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             if ds is None:
                 feature_sets.append(FeatureSetPlan(bb, res, split, None, 0, False))
                 continue
-            key = feature_key(spec, bb, res, ds.manifest_digest(split))
+            volume = is_volume_dataset(ds)
+            key = feature_key(spec, bb, res, ds.manifest_digest(split), volume)
             keys.setdefault((bb.name, res), {})[split] = key.digest
-            feature_sets.append(FeatureSetPlan(bb, res, split, key, int((ds.manifest["split"] == split).sum()), store.has(key)))
+            rows = ds.manifest[ds.manifest["split"] == split]
+            n_slices = int(rows["n_slices"].sum()) if volume else len(rows)
+            feature_sets.append(FeatureSetPlan(bb, res, split, key, len(rows), store.has(key), n_slices))
 
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):

@@ -18,12 +18,28 @@ from ray import tune
 
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.display import SweepProgress, console, print_banner, print_plan, print_summary, provenance_lines
-from dinoscale.sweep.plan import TRAINING_STRATEGIES, Cell, Plan, build_plan
+from dinoscale.sweep.plan import CLASSIFICATION_TASKS, TRAINING_STRATEGIES, Cell, Plan, build_plan, is_volume_dataset
 from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tracking import (
     DEMO_NOTE, ROLE, SWEEP_ID, default_artifact_location, ensure_experiment, git_commit, log_batch, resolve_tracking_uri,
     split_dataset_inputs,
 )
+
+class NotRunnableError(RuntimeError):
+    """A valid spec whose cells this version cannot run yet (said before anything starts)."""
+
+
+def check_runnable(plan: Plan) -> None:
+    ds, spec = plan.dataset, plan.spec
+    if ds.task not in CLASSIFICATION_TASKS:
+        raise NotRunnableError(
+            f"dataset '{ds.name}' is a {ds.task} task; the trial stage runs classification cells (2D images and 3D "
+            "volumes) so far. Segmentation / MIL cells are not wired in yet: `dinoscale plan` works, `sweep` does not.")
+    training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
+    if training and is_volume_dataset(ds):
+        raise NotRunnableError(f"strategies {training} train the encoder on 2D images; '{ds.name}' holds 3D volumes. "
+                               "Use strategies: [frozen] (slice features pooled per volume).")
+
 
 @dataclass
 class SweepOutcome:
@@ -57,7 +73,8 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
             # Ship the project to the workers of an existing cluster.
             ray.init(address=address, runtime_env={"py_modules": [str(Path(dinoscale.__path__[0]))]}, log_to_driver=False)
     else:
-        ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+        # address="local": a fresh embedded Ray even when a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, float]:
@@ -119,6 +136,7 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
     plan = build_plan(spec, project_dir, require_data=True)
+    check_runnable(plan)
     if not quiet:
         print_banner(plan)
         print_plan(plan)
@@ -191,10 +209,13 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
     if not quiet:
         console.print(f"[bold]Extraction stage:[/bold] {len(plan.missing)} feature set(s) to extract, "
                       f"{len(plan.feature_sets) - len(plan.missing)} cached")
-    on_done = None if quiet else (lambda r: console.print(
-        f"  extracted {r['job']}: {r['images']} images in {r['forward_seconds']:.1f}s on {r['device']}"))
+    def on_done(r: dict) -> None:
+        what = (f"{r['images']} volumes ({r['slices']} slices)" if r.get("slices", 0) > r["images"] else f"{r['images']} images")
+        console.print(f"  extracted {r['job']}: {what} in {r['forward_seconds']:.1f}s on {r['device']}")
+
     res = plan.spec.resources
-    extraction = run_extraction_stage(plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction, on_done)
+    extraction = run_extraction_stage(plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction,
+                                      None if quiet else on_done)
     log_batch(client, parent_id, step=step, metrics={
         "extraction_feature_sets_extracted": extraction.feature_sets_extracted,
         "extraction_feature_sets_cached": extraction.feature_sets_cached,
