@@ -153,12 +153,15 @@ def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_dig
 
 TRAINING_STRATEGIES = ("lora", "full")
 CLASSIFICATION_TASKS = ("multilabel", "multiclass")
-FINETUNE_HEAD = "head"  # the probe label of lora / full cells: a linear head trained with the encoder
+# The probe label of lora / full cells: a linear head trained with the encoder. Labelled 'linear' so
+# that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in comparisons.
+FINETUNE_HEAD = "linear"
 
 
 def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
     """Deterministic identity of a cell's result: same spec content + same cell -> same key."""
-    probe = next((p for p in spec.probes if p.kind == cell_fields["probe"]), None)
+    trained = cell_fields["strategy"] in TRAINING_STRATEGIES  # their head is configured under 'finetuning'
+    probe = None if trained else next((p for p in spec.probes if p.kind == cell_fields["probe"]), None)
     blob = json.dumps(
         {
             "sweep": spec.name,
