@@ -43,6 +43,17 @@ class Interval:
         return {name: self.value, f"{name}_ci_low": self.low, f"{name}_ci_high": self.high}
 
 
+def _patient_resamples(patient_ids: np.ndarray, resamples: int, seed: int):
+    """Sample indices of ``resamples`` draws of *patients* with replacement (a patient's images go together)."""
+    patient_ids = np.asarray(patient_ids).astype(str)
+    uniq, inverse = np.unique(patient_ids, return_inverse=True)
+    groups = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        pick = rng.integers(0, len(groups), len(groups))
+        yield np.concatenate([groups[i] for i in pick])
+
+
 def patient_bootstrap(
     y: np.ndarray,
     s: np.ndarray,
@@ -53,14 +64,9 @@ def patient_bootstrap(
     seed: int = 0,
 ) -> Interval:
     """Percentile interval from resampling *patients* with replacement (all of a patient's images go together)."""
-    patient_ids = np.asarray(patient_ids).astype(str)
-    uniq, inverse = np.unique(patient_ids, return_inverse=True)
-    groups = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
+    draws = _patient_resamples(patient_ids, resamples, seed)
     values = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(groups), len(groups))
-        idx = np.concatenate([groups[i] for i in pick])
+    for idx in draws:
         v = metric(y[idx], s[idx])
         if np.isfinite(v):
             values.append(v)
@@ -194,14 +200,9 @@ def paired_bootstrap(
     """Compare two cells scored on the *same* test samples: each resample draws patients once and
     evaluates both cells on it, so the interval is on the difference, not two overlapping intervals.
     For per-volume segmentation values use ``metric=mean_score`` with ``s_a``/``s_b`` the values."""
-    patient_ids = np.asarray(patient_ids).astype(str)
-    uniq, inverse = np.unique(patient_ids, return_inverse=True)
-    groups = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
+    draws = _patient_resamples(patient_ids, resamples, seed)
     diffs = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(groups), len(groups))
-        idx = np.concatenate([groups[i] for i in pick])
+    for idx in draws:
         d = metric(y[idx], s_a[idx]) - metric(y[idx], s_b[idx])
         if np.isfinite(d):
             diffs.append(d)

@@ -103,7 +103,8 @@ def provenance_tags(plan: Plan) -> dict[str, str]:
     return tags
 
 
-def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project_dir: Path, resume: bool) -> SweepState:
+def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project_dir: Path, resume: bool,
+                 dataset_inputs: list) -> SweepState:
     """Create the sweep's parent run, or find it again when resuming."""
     if resume:
         state = SweepState.for_resume(plan.storage, spec.name, spec.digest())
@@ -124,7 +125,7 @@ def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project
         "resolutions": ",".join(map(str, spec.resolutions)), "probes": ",".join(p.kind for p in spec.probes),
         "strategies": ",".join(spec.strategies), "seeds": ",".join(map(str, spec.seeds)), "cells": len(plan.cells),
     })
-    client.log_inputs(parent_id, datasets=split_dataset_inputs(plan.dataset))
+    client.log_inputs(parent_id, datasets=dataset_inputs)
     return SweepState(sweep_id, spec.name, spec.digest(), parent_id, exp_id, tracking_uri,
                       str(plan.storage / "tune" / sweep_id), started=time.time())
 
@@ -143,7 +144,8 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
 
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
     client = MlflowClient(tracking_uri)
-    state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume)
+    dataset_inputs = split_dataset_inputs(plan.dataset)  # built once: the parent and every child log them
+    state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume, dataset_inputs)
     state.save(plan.storage)
     parent_id, step = state.parent_run_id, state.attempts - 1
     if not quiet:
@@ -155,7 +157,7 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
     try:
         _init_ray(spec, address)
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
-        grid, trials_seconds = _trial_stage(plan, state, client, quiet)
+        grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs)
         rows = _collect_rows(plan, grid)
         n_failed = sum(r["state"] != "FINISHED" for r in rows)
         log_batch(client, parent_id, step=step, metrics={
@@ -232,7 +234,7 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
     return extraction
 
 
-def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool):
+def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inputs: list):
     import ray
 
     from dinoscale.sweep.trial import SplitLabels, SweepContext, cell_trainable
@@ -253,7 +255,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool):
         experiment_id=state.experiment_id,
         parent_run_id=state.parent_run_id,
         run_tags={**run_tags, SWEEP_ID: state.sweep_id, "mlflow.source.git.commit": parent_tags.get("mlflow.source.git.commit", "")},
-        dataset_inputs=split_dataset_inputs(ds),
+        dataset_inputs=dataset_inputs,
     )
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cells = ctx.cells
