@@ -69,19 +69,34 @@ def sweep(
 @app.command()
 def analyze(
     spec: Optional[Path] = typer.Argument(None, help="sweep spec: analyse its latest sweep in MLflow"),
-    csv: Optional[Path] = typer.Option(None, help="analyse a results table instead (columns as results.csv)"),
+    csv: Optional[Path] = typer.Option(None, help="analyse a results table instead (one row per run: backbone, n_params, "
+                                                  "resolution, probe, strategy, seed, test_<metric>, _ci_low, _ci_high)"),
     run_id: Optional[str] = typer.Option(None, help="parent run of the sweep (default: the latest)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: reports/<modality>)"),
+    headline: Optional[str] = typer.Option(None, help="with --csv: the metric to analyse (e.g. test_dice, voi) when the "
+                                                      "table holds several (default: detected from its columns)"),
+    goal: Optional[str] = typer.Option(None, help="with --csv: max | min, for a metric dinoscale does not know"),
 ) -> None:
-    """Fit scaling curves and write plots + a markdown report (and attach them to the sweep's parent run)."""
+    """Fit scaling curves and write plots + a markdown report (and attach them to the sweep's parent run).
+
+    A sweep's metric is the headline its parent run recorded (AUROC, Dice, VOI...; lower-is-better ones
+    such as VOI are ranked and judged as such)."""
     from dinoscale.analysis import analyze_sweep, results_from_csv, write_report
     from dinoscale.tracking import resolve_tracking_uri
 
     if csv is not None:
-        df = results_from_csv(csv)
+        try:
+            df = results_from_csv(csv, headline, goal)
+        except ValueError as e:
+            typer.secho(str(e), fg="red", err=True)
+            raise typer.Exit(2) from None
         d = write_report(df, out or Path("reports") / csv.stem, title=csv.name, provenance=[f"results table {csv}"])
-        typer.echo(f"Report: {d / 'report.md'}")
+        h = df.attrs["headline"]
+        typer.echo(f"Report on {h.test} ({'higher' if h.goal == 'max' else 'lower'} is better): {d / 'report.md'}")
         return
+    if headline or goal:
+        typer.secho("--headline / --goal apply to --csv only: a sweep's headline is read from its parent run", fg="red", err=True)
+        raise typer.Exit(2)
     if spec is None:
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)

@@ -1,4 +1,7 @@
-"""Analysis: reads only the tracking store (or a results CSV), fits scaling curves, writes a report."""
+"""Analysis: reads only the tracking store (or a results CSV), fits scaling curves, writes a report.
+
+Everything follows the sweep's headline metric (``dinoscale.headline``): AUROC, Dice, VOI... and its
+goal (higher or lower is better)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from dinoscale.analysis.report import write_report
 from dinoscale.analysis.resample import bootstrap_cells  # noqa: F401
 from dinoscale.analysis.scaling import ScalingFit, fit_curve, fit_power_law  # noqa: F401
 from dinoscale.analysis.sources import (  # noqa: F401
-    RESULT_COLUMNS, provenance_from_tags, results_from_csv, results_from_mlflow,
+    RESULT_COLUMNS, detect_headline, provenance_from_tags, resolve_headline, result_columns, results_from_csv,
+    results_from_mlflow, sweep_headline,
 )
 
 REPORT_ARTIFACT_DIR = "report"
@@ -20,11 +24,14 @@ def analyze_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None,
     from mlflow.tracking import MlflowClient
 
     df, info = results_from_mlflow(tracking_uri, experiment, parent_run_id, with_predictions=True)
-    tags = info["tags"]
+    tags, headline = info["tags"], info["headline"]
+    if df.empty:
+        raise LookupError(f"no finished run of sweep {info['parent_run_id']} in '{experiment}' logged its headline "
+                          f"{headline.test}; nothing to analyse")
     if provenance is None:
         provenance = provenance_from_tags(tags)
     out_dir = write_report(df, Path(out_dir), title=f"{experiment} / {tags.get('dinoscale.sweep_id', info['parent_run_id'])}",
-                           provenance=provenance, predictions=info["predictions"])
+                           provenance=provenance, predictions=info["predictions"], headline=headline)
     client = MlflowClient(tracking_uri)
     for f in sorted(out_dir.iterdir()):
         if f.is_file():
@@ -32,7 +39,8 @@ def analyze_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None,
     if not quiet:
         from dinoscale.sweep.display import console
 
-        console.print(f"Report: {out_dir / 'report.html'} and report.md (also attached to parent run {info['parent_run_id']}); "
+        console.print(f"Report on {headline.test} ({'higher' if headline.goal == 'max' else 'lower'} is better): "
+                      f"{out_dir / 'report.html'} and report.md (also attached to parent run {info['parent_run_id']}); "
                       f"patient-level resampling for {len(info['predictions'])}/{len(df)} runs")
         console.print((out_dir / "verdicts.md").read_text())
     return out_dir

@@ -1,7 +1,8 @@
 """Which curves a sweep holds, and their fits.
 
-Per (modality, dataset, probe, strategy): error against parameters (one curve per resolution),
-against input resolution (one per backbone; tokens grow as resolution squared) and against forward
+Per (modality, dataset, probe, strategy): the headline's error (1 - metric for a higher-is-better
+headline, the metric itself for a lower-is-better one: ``scaling.to_error``) against parameters
+(one curve per resolution), against input resolution (one per backbone; tokens grow as resolution squared) and against forward
 GFLOPs per image (all cells pooled). GFLOPs are taken as logged; where a run did not log them they
 are estimated as 2 x params x tokens (and the report says so); with neither, that axis is skipped.
 """
@@ -15,6 +16,7 @@ import pandas as pd
 
 from dinoscale.analysis.resample import CellDraws
 from dinoscale.analysis.scaling import ScalingFit, fit_curve
+from dinoscale.headline import AUROC, Headline
 
 GROUP_KEYS = ["modality", "dataset", "probe", "strategy"]
 AXES = {  # axis -> (x column, the column each curve holds fixed, or None when all cells pool)
@@ -64,7 +66,7 @@ def _curve(cd: CellDraws, sub: pd.DataFrame, x_col: str, axis: str, at: str, gro
               for _, idx in merged]
     notes = ["cells sharing an x were averaged"] if any(len(idx) > 1 for _, idx in merged) else []
     x = np.array([v for v, _ in merged])
-    fit = fit_curve(x, metric, draws, axis, level=cd.level, seed=seed)
+    fit = fit_curve(x, metric, draws, axis, level=cd.level, seed=seed, goal=cd.headline.goal)
     return Curve(group, axis, at, x, metric, low, high, labels, fit, notes)
 
 
@@ -90,14 +92,19 @@ def build_curves(cd: CellDraws, seed: int = 0) -> list[Curve]:
     return curves
 
 
-def fits_table(curves: list[Curve]) -> pd.DataFrame:
-    return pd.DataFrame([_fit_row(c) for c in curves])
+def fitted_error(headline: Headline) -> str:
+    """What the law's E is, in the headline's MLflow name: ``1 - test_dice`` or ``test_voi``."""
+    return f"1 - {headline.test}" if headline.goal == "max" else headline.test
 
 
-def _fit_row(c: Curve) -> dict:
+def fits_table(curves: list[Curve], headline: Headline = AUROC) -> pd.DataFrame:
+    return pd.DataFrame([_fit_row(c, headline) for c in curves])
+
+
+def _fit_row(c: Curve, headline: Headline = AUROC) -> dict:
     f = c.fit
     row = {**c.group, "axis": c.axis, "at": c.at, "n_points": f.n_points, "trend": f.trend, "verdict": f.verdict,
-           "family": "saturating power law" if f.fitted else None,
+           "family": "saturating power law" if f.fitted else None, "error": fitted_error(headline),
            "alpha": f.alpha, "alpha_ci_low": f.alpha_low, "alpha_ci_high": f.alpha_high,
            "exponent_identified": f.exponent_identified, "amplitude": f.amplitude,
            "floor_error": f.floor, "floor_error_ci_low": f.floor_low, "floor_error_ci_high": f.floor_high,

@@ -18,8 +18,8 @@ table{border-collapse:collapse;font-size:12px;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 figure{margin:1em 0} figcaption{font-size:13px;color:#555}
 """
-_FITS_SHOWN = ["modality", "dataset", "probe", "strategy", "axis", "at", "n_points", "trend", "alpha", "alpha_ci_low",
-               "alpha_ci_high", "floor_error", "lolo_consistent"]
+_FITS_SHOWN = ["modality", "dataset", "probe", "strategy", "axis", "at", "n_points", "trend", "error", "alpha",
+               "alpha_ci_low", "alpha_ci_high", "floor_error", "lolo_consistent"]
 
 
 def _is_demo(provenance: list[str]) -> bool:
@@ -50,6 +50,13 @@ def _table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
     return shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0, escape=True)
 
 
+def _cells(rc) -> str:
+    h = rc.headline
+    cells = rc.cells.drop(columns=["pairing", "headline", "goal"], errors="ignore")
+    return _table(cells.rename(columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high",
+                                        "val_metric": h.val}))
+
+
 def render_html(rc) -> str:
     """``rc``: a report.ReportContent."""
     parts = [f"<h1>Scaling report: {escape(rc.title)}</h1>", _provenance(rc.provenance), "<h2>Method</h2>", _list(rc.method)]
@@ -62,6 +69,6 @@ def render_html(rc) -> str:
     parts += ["<h2>Fitted parameters</h2>", _table(rc.fits, _FITS_SHOWN), "<p>All columns: fits.csv.</p>"]
     if not rc.comparisons.empty:
         parts += ["<h2>Strategy differences</h2>", _table(rc.comparisons)]
-    parts += ["<h2>Cells</h2>", _table(rc.cells.drop(columns=["pairing"], errors="ignore"))]
+    parts += ["<h2>Cells</h2>", _cells(rc)]
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(rc.title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")

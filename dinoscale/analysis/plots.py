@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinoscale.analysis.curves import AXIS_LABELS, Curve
+from dinoscale.analysis.curves import AXIS_LABELS, Curve, fitted_error
+from dinoscale.headline import AUROC, Headline
 
 
 def _pyplot():
@@ -41,8 +42,9 @@ def _panel(ax, curves: list[Curve]) -> None:
     ax.legend(fontsize=6, loc="best")
 
 
-def plot_axis(curves: list[Curve], axis: str, path: Path, title: str, provenance: str) -> Path | None:
-    """One figure for one modality and axis; None when there is nothing on that axis."""
+def plot_axis(curves: list[Curve], axis: str, path: Path, title: str, provenance: str,
+              headline: Headline = AUROC) -> Path | None:
+    """One figure for one modality and axis (y: the headline); None when there is nothing on that axis."""
     curves = [c for c in curves if c.axis == axis]
     if not curves:
         return None
@@ -61,9 +63,10 @@ def plot_axis(curves: list[Curve], axis: str, path: Path, title: str, provenance
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("test macro AUROC", fontsize=8)
+        ax.set_ylabel(headline.label, fontsize=8)
     notes = sorted({note for c in curves for note in c.notes if "GFLOPs" in note})
-    legend = "shaded: measured 95% bootstrap CI; dashed: saturating power law fit, dotted: its 95% CI"
+    legend = (f"shaded: measured 95% bootstrap CI; dashed: saturating power law fit on E = {fitted_error(headline)}, "
+              "dotted: its 95% CI")
     width = 60 * cols  # characters that fit across the figure at this font size
     head = [textwrap.fill(line, width) for line in [title, provenance, *notes, legend]]
     fig.suptitle("\n".join(head), fontsize=8)
@@ -73,7 +76,7 @@ def plot_axis(curves: list[Curve], axis: str, path: Path, title: str, provenance
     return path
 
 
-def plot_strategies(comparisons: pd.DataFrame, path: Path, title: str) -> Path | None:
+def plot_strategies(comparisons: pd.DataFrame, path: Path, title: str, headline: Headline = AUROC) -> Path | None:
     """Forest plot of strategy differences; None when only one strategy was run."""
     if comparisons.empty:
         return None
@@ -86,7 +89,8 @@ def plot_strategies(comparisons: pd.DataFrame, path: Path, title: str) -> Path |
     ax.errorbar(d, y, xerr=np.clip(err, 0, None), fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(y, labels, fontsize=7)
-    ax.set_xlabel("difference in test macro AUROC (95% CI)")
+    better = "right" if headline.goal == "max" else "left"
+    ax.set_xlabel(f"difference in {headline.test} (95% CI; other better to the {better} of 0)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

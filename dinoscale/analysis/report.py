@@ -1,5 +1,7 @@
 """The report: PNG plots, fitted parameters (CSV), a markdown summary and a self-contained HTML page.
-Provenance of data and weights comes first, always."""
+Provenance of data and weights comes first, always; then which headline metric it is about and
+which way is better. Plots are ``[<modality>_]<stem>_vs_<axis>.png`` (``sources.file_stem``:
+``auroc``, ``dice``, ``voi``...)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from dinoscale.analysis.html import render_html
 from dinoscale.analysis.plots import plot_axis, plot_strategies
 from dinoscale.analysis.resample import CellDraws, bootstrap_cells
 from dinoscale.analysis.scaling import MIN_POINTS, MIN_POINTS_BROKEN, MIN_POINTS_EXTRAPOLATION
-from dinoscale.analysis.sources import complete_columns, provenance_gaps
+from dinoscale.analysis.sources import (
+    KNOWN_HEADLINES, complete_columns, detect_headline, direction, file_stem, provenance_gaps, short_name,
+)
+from dinoscale.headline import AUROC, Headline
 
 RESAMPLES = 500
 
@@ -34,12 +39,24 @@ class ReportContent:
     fits: pd.DataFrame
     comparisons: pd.DataFrame
     files: list[str] = field(default_factory=list)
+    headline: Headline = AUROC
+
+
+def _headline_line(h: Headline) -> str:
+    moves = "increases" if h.goal == "max" else "decreases"
+    named = h.label if direction(h) in h.label else f"{h.label}, {direction(h)}"
+    return (f"Headline metric: {named} ({h.test}). 'Improves' means it {moves}; "
+            f"the best configuration is the one with the {'highest' if h.goal == 'max' else 'lowest'} value.")
 
 
 def _method(cd: CellDraws) -> list[str]:
     sources = ", ".join(sorted(set(cd.cells["uncertainty"])))
+    h = cd.headline
+    error = (f"Error E = 1 - {h.label}" if h.goal == "max" else
+             f"Error E = {h.test} itself ({direction(h)}: it is already an error, so it is fitted untransformed, no sign flip)")
     return [
-        "Error E = 1 - test macro AUROC, fitted per (modality, dataset, probe, strategy) as a saturating power law "
+        _headline_line(h),
+        f"{error}, fitted per (modality, dataset, probe, strategy) as a saturating power law "
         "E = floor + A * x^(-alpha) (robust soft-L1 loss, several starts); alpha > 0 means larger x is better.",
         f"No exponent below {MIN_POINTS} distinct x values: the verdict then says 'too few points to fit'. A one-break "
         f"broken power law is fitted from {MIN_POINTS_BROKEN} points; a leave-largest-out extrapolation check from "
@@ -49,17 +66,18 @@ def _method(cd: CellDraws) -> list[str]:
     ]
 
 
-def _exponent_words(c: Curve) -> str:
+def _exponent_words(c: Curve, h: Headline = AUROC) -> str:
     f = c.fit
     if f.exponent_identified:
+        floor = "floor error" if h.goal == "max" else f"floor {short_name(h)}"
         return (f" (alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}], "
-                f"floor error {f.floor:.3f} [{f.floor_low:.3f}, {f.floor_high:.3f}])")
+                f"{floor} {f.floor:.3f} [{f.floor_low:.3f}, {f.floor_high:.3f}])")
     return " (power law fitted, exponent not identified by the data)" if f.fitted else ""
 
 
-def _verdict_line(c: Curve) -> str:
+def _verdict_line(c: Curve, h: Headline = AUROC) -> str:
     g, f = c.group, c.fit
-    line = f"{g['dataset']} {g['probe']}/{g['strategy']}, vs {c.axis} at {c.at}: {f.verdict}{_exponent_words(c)}"
+    line = f"{g['dataset']} {g['probe']}/{g['strategy']}, vs {c.axis} at {c.at}: {f.verdict}{_exponent_words(c, h)}"
     if f.broken is not None and f.broken.delta_aicc > 2:
         line += (f"; a break at {c.axis}={f.broken.break_x:.3g} fits better (alpha {f.broken.alpha_before:.2f} "
                  f"then {f.broken.alpha_after:.2f})")
@@ -68,23 +86,24 @@ def _verdict_line(c: Curve) -> str:
     return line
 
 
-def _best_lines(best: pd.DataFrame) -> list[str]:
+def _best_lines(best: pd.DataFrame, h: Headline = AUROC) -> list[str]:
     return [f"{r.modality}: {r.backbone} ({r.n_params / 1e6:.2f}M params) at {r.resolution}px, {r.probe} probe, "
-            f"{r.strategy}: test macro AUROC {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
+            f"{r.strategy}: {h.label} {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
             for r in best.itertuples()]
 
 
-def _figures(curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str) -> list[tuple[str, Path]]:
+def _figures(curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str,
+             h: Headline = AUROC) -> list[tuple[str, Path]]:
     figures = []
     modalities = sorted({c.group["modality"] for c in curves})
     for modality in modalities:
         prefix = "" if len(modalities) == 1 else f"{modality}_"
         mine = [c for c in curves if c.group["modality"] == modality]
         for axis in AXES:
-            p = plot_axis(mine, axis, out_dir / f"{prefix}auroc_vs_{axis}.png", f"{title} - {modality}", prov)
+            p = plot_axis(mine, axis, out_dir / f"{prefix}{file_stem(h)}_vs_{axis}.png", f"{title} - {modality}", prov, h)
             if p is not None:
-                figures.append((f"{modality}: AUROC vs {axis}", p))
-    p = plot_strategies(comparisons, out_dir / "strategies.png", f"{title}: strategy differences")
+                figures.append((f"{modality}: {short_name(h)} vs {axis} ({direction(h)})", p))
+    p = plot_strategies(comparisons, out_dir / "strategies.png", f"{title}: strategy differences", h)
     if p is not None:
         figures.append(("strategy differences (other - baseline)", p))
     return figures
@@ -96,13 +115,13 @@ def _markdown(rc: ReportContent) -> str:
     md += rc.method + [""]
     md += [f"![{cap}]({p.name})\n" for cap, p in rc.figures]
     md += _verdicts_markdown(rc).splitlines()
-    md += ["", "## Results", "", _cells_markdown(rc.cells)]
+    md += ["", "## Results", "", _cells_markdown(rc.cells, rc.headline)]
     md += ["", f"Files: {', '.join(rc.files)}."]
     return "\n".join(md) + "\n"
 
 
 def _verdicts_markdown(rc: ReportContent) -> str:
-    md = ["## Verdicts", ""]
+    md = ["## Verdicts", "", _headline_line(rc.headline), ""]
     for modality, lines in rc.verdicts.items():
         md += [f"### {modality}", ""] + [f"- {v}" for v in lines] + [""]
     md += ["## Best configuration", ""] + [f"- {b}" for b in rc.best] + [""]
@@ -110,8 +129,8 @@ def _verdicts_markdown(rc: ReportContent) -> str:
     return "\n".join(md) + "\n"
 
 
-def _cells_markdown(cells: pd.DataFrame) -> str:
-    table = ["| modality | dataset | probe | strategy | backbone | params | resolution | test macro AUROC [95% CI] | seeds |",
+def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
+    table = [f"| modality | dataset | probe | strategy | backbone | params | resolution | {h.label} [95% CI] | seeds |",
              "|---|---|---|---|---|---:|---:|---|---:|"]
     for r in cells.sort_values(["modality", "dataset", "probe", "strategy", "resolution", "n_params"]).itertuples():
         table.append(f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
@@ -120,41 +139,51 @@ def _cells_markdown(cells: pd.DataFrame) -> str:
 
 
 def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: list[str] | None,
-                 predictions: dict[str, pd.DataFrame] | None = None, resamples: int = RESAMPLES, seed: int = 0) -> Path:
+                 predictions: dict[str, pd.DataFrame] | None = None, resamples: int = RESAMPLES, seed: int = 0,
+                 headline: Headline | None = None) -> Path:
     """Analyse a results table (one row per run) and write the report folder; returns it.
 
     ``predictions``: run_id -> per-sample test predictions, for patient-level paired resampling.
+    ``headline``: the metric the table holds (default: ``df.attrs['headline']`` as set by
+    ``results_from_mlflow`` / ``results_from_csv``, else detected from the columns).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if df.empty:
         raise ValueError("no finished cells to analyse")
-    _clear_previous(out_dir)
+    headline = headline or df.attrs.get("headline") or detect_headline(df.columns)
+    _clear_previous(out_dir, headline)
     runs = complete_columns(df)
     provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
-    cd = bootstrap_cells(runs, predictions, resamples=resamples, seed=seed)
+    cd = bootstrap_cells(runs, predictions, resamples=resamples, seed=seed, headline=headline)
     curves = build_curves(cd, seed=seed)
     comparisons = compare_strategies(cd)
     rc = ReportContent(
         title=title, provenance=provenance, method=_method(cd),
-        figures=_figures(curves, comparisons, out_dir, title, " | ".join(provenance)),
-        verdicts={m: [_verdict_line(c) for c in curves if c.group["modality"] == m]
+        figures=_figures(curves, comparisons, out_dir, title, " | ".join(provenance), headline),
+        verdicts={m: [_verdict_line(c, headline) for c in curves if c.group["modality"] == m]
                   for m in sorted({c.group["modality"] for c in curves})},
-        best=_best_lines(best_configurations(cd)), strategies=summarize_strategies(comparisons),
-        cells=cd.cells, fits=fits_table(curves), comparisons=comparisons,
+        best=_best_lines(best_configurations(cd), headline), strategies=summarize_strategies(comparisons, headline),
+        cells=cd.cells.assign(headline=headline.test, goal=headline.goal),
+        fits=fits_table(curves, headline), comparisons=comparisons, headline=headline,
     )
     _write_files(rc, out_dir)
     return out_dir
 
 
-_OWN_OUTPUTS = ("*auroc_vs_*.png", "strategies.png", "strategies.csv")
+def _plot_patterns(stems) -> tuple[str, ...]:
+    return tuple(f"*{stem}_vs_{axis}.png" for stem in stems for axis in AXES)
 
 
-def _clear_previous(out_dir: Path) -> None:
+# every headline's plots (an earlier report in the same folder may have been on another metric)
+_OWN_OUTPUTS = _plot_patterns(sorted({file_stem(h) for h in KNOWN_HEADLINES})) + ("strategies.png", "strategies.csv")
+
+
+def _clear_previous(out_dir: Path, headline: Headline = AUROC) -> None:
     """Figures of an earlier report that this one does not redraw must not be attached as if current."""
-    for pattern in _OWN_OUTPUTS:
+    for pattern in _OWN_OUTPUTS + _plot_patterns([file_stem(headline)]):
         for f in out_dir.glob(pattern):
-            f.unlink()
+            f.unlink(missing_ok=True)
 
 
 def _write_files(rc: ReportContent, out_dir: Path) -> None:

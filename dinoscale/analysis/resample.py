@@ -4,27 +4,35 @@ A *cell* is one configuration (modality, dataset, probe, strategy, backbone, res
 seeds. Its draws combine two sources of noise:
 
 * **patients**: where runs logged per-sample predictions, one patient resample (all of a patient's
-  images together) is drawn per replicate and applied to *every* run scored on the same test set,
-  so differences between cells (the points of a curve, frozen vs LoRA) are paired;
+  images or volumes together, ``dinoscale.metrics._patient_resamples``) is drawn per replicate and
+  applied to *every* run scored on the same test set, so differences between cells (the points of a
+  curve, frozen vs LoRA) are paired. The headline is recomputed on each resample: macro AUROC from
+  labels and scores, or for a per-volume headline (Dice, VOI...) the mean of its per-volume column
+  (NaN values skipped, as ``dinoscale.metrics.mean_score``);
 * otherwise each run is redrawn independently from its own logged interval (normal approximation);
 
 and then **seeds**: each replicate averages the cell's seeds resampled with replacement.
+
+Run tables come in as ``sources`` gives them (metric columns named for the headline) and are
+turned into the internal naming (``metric``, ``metric_ci_low``, ...) by ``sources.as_generic``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
-from dinoscale.analysis.sources import complete_columns
-from dinoscale.metrics import auroc_per_class
+from dinoscale.analysis.sources import as_generic
+from dinoscale.headline import AUROC, Headline
+from dinoscale.metrics import _patient_resamples, auroc_per_class
 
 CELL_KEYS = ["modality", "dataset", "probe", "strategy", "backbone", "n_params", "resolution"]
-METRIC = "test_macro_auroc"
+METRIC = "metric"  # the headline's test value in the internal naming (sources.as_generic)
 
 
 @dataclass
@@ -32,6 +40,7 @@ class CellDraws:
     cells: pd.DataFrame  # one row per cell: CELL_KEYS, metric, low, high, seeds, uncertainty, pairing, ...
     draws: np.ndarray  # (resamples, len(cells)) draws of each cell's seed-averaged metric
     level: float
+    headline: Headline = field(default=AUROC)  # what "metric" is, and whether higher or lower is better
 
     def columns(self, index) -> np.ndarray:
         return self.draws[:, np.asarray(index)]
@@ -41,25 +50,28 @@ def _aligned(preds: pd.DataFrame, order: pd.Index) -> pd.DataFrame:
     return preds.set_index("sample_id").loc[order]
 
 
-def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray:
-    """(resamples, runs) macro AUROC under shared patient resamples; all runs share one test set."""
+def _shared_patients(preds: list[pd.DataFrame], resamples: int, rng):
+    """The runs' predictions aligned on the first run's sample order, and its patient resamples."""
     base = preds[0].set_index("sample_id")
     order = base.index
     patients = base["patient_id"].astype(str).to_numpy()
+    draws = _patient_resamples(patients, resamples, seed=int(rng.integers(2**63)))
+    return [_aligned(p, order) for p in preds], draws
+
+
+def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray:
+    """(resamples, runs) macro AUROC under shared patient resamples; all runs share one test set."""
+    aligned, draws = _shared_patients(preds, resamples, rng)
     labels, scores, owner = [], [], []
-    for j, p in enumerate(preds):
-        p = _aligned(p, order)
+    for j, p in enumerate(aligned):
         classes = [c[len("label_"):] for c in p.columns if c.startswith("label_")]
         labels.append(p[[f"label_{c}" for c in classes]].to_numpy(float))
         scores.append(p[[f"score_{c}" for c in classes]].to_numpy(float))
         owner += [j] * len(classes)
     y, s, owner = np.hstack(labels), np.hstack(scores), np.array(owner)
-    _, inverse = np.unique(patients, return_inverse=True)
-    groups = [np.flatnonzero(inverse == i) for i in range(inverse.max() + 1)]
     starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # each run's first class column
     out = np.empty((resamples, len(preds)))
-    for b in range(resamples):
-        idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+    for b, idx in enumerate(draws):
         per_class = auroc_per_class(y[idx], s[idx])
         defined = np.isfinite(per_class)
         # macro = mean over each run's classes that are defined in this resample
@@ -68,47 +80,78 @@ def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray
     return out
 
 
+def _volume_draws(preds: list[pd.DataFrame], column: str, resamples: int, rng) -> np.ndarray:
+    """(resamples, runs) mean of a per-volume metric under shared patient resamples (NaN volumes skipped,
+    NaN where a resample has no defined value: ``metrics.mean_score`` for every run at once)."""
+    aligned, draws = _shared_patients(preds, resamples, rng)
+    values = np.column_stack([p[column].to_numpy(float) for p in aligned])  # (samples, runs)
+    out = np.empty((resamples, len(preds)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-NaN column is NaN, as intended
+        for b, idx in enumerate(draws):
+            out[b] = np.nanmean(values[idx], axis=0)
+    return out
+
+
 def _test_set_signature(p: pd.DataFrame) -> str:
     ids = "\n".join(sorted(p["sample_id"].astype(str)))
     return hashlib.sha1(ids.encode()).hexdigest()[:12]
 
 
-def _interval_draws(row, resamples: int, level: float, rng) -> np.ndarray:
+def metric_range(headline: Headline) -> tuple[float, float]:
+    """Where the headline's values can lie: higher-is-better headlines are scores in [0, 1] (AUROC, Dice);
+    lower-is-better ones are errors or distances, >= 0 (VOI, HD95, adapted Rand error)."""
+    return (0.0, 1.0) if headline.goal == "max" else (0.0, np.inf)
+
+
+def _interval_draws(row, resamples: int, level: float, rng, headline: Headline = AUROC) -> np.ndarray:
     lo, hi = row[f"{METRIC}_ci_low"], row[f"{METRIC}_ci_high"]
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"run {row['run_id']} ({row['backbone']}, {row['resolution']}px, {row['probe']}): no confidence "
-                         f"interval and no per-sample predictions, so its uncertainty is unknown; log {METRIC}_ci_low/_high")
+                         f"interval and no per-sample predictions, so its uncertainty is unknown; "
+                         f"log {headline.test}_ci_low/_high")
     sd = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - level) / 2))
-    return np.clip(row[METRIC] + rng.normal(0, 1, resamples) * sd, 0, 1)
+    return np.clip(row[METRIC] + rng.normal(0, 1, resamples) * sd, *metric_range(headline))
+
+
+def _usable(p: pd.DataFrame, headline: Headline) -> bool:
+    """Predictions the headline can be recomputed from (others are left out; the run uses its interval)."""
+    if headline.per_volume:
+        return headline.name in p.columns
+    return headline.name == AUROC.name and any(c.startswith("label_") for c in p.columns)
 
 
 def run_draws(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], resamples: int, level: float,
-              rng) -> tuple[np.ndarray, list[str]]:
-    """Draws per run, and per run its pairing group ('' when drawn independently)."""
+              rng, headline: Headline = AUROC) -> tuple[np.ndarray, list[str]]:
+    """Draws per run (``runs`` in the internal naming), and per run its pairing group ('' when drawn independently)."""
     out = np.empty((resamples, len(runs)))
     pairing = [""] * len(runs)
     position = {rid: i for i, rid in enumerate(runs["run_id"])}
     by_test_set: dict[str, list[str]] = {}
     for rid in runs["run_id"]:
-        if rid in predictions:
+        if rid in predictions and _usable(predictions[rid], headline):
             by_test_set.setdefault(_test_set_signature(predictions[rid]), []).append(rid)
     for signature, rids in by_test_set.items():
-        draws = _patient_draws([predictions[r] for r in rids], resamples, rng)
+        preds = [predictions[r] for r in rids]
+        draws = (_volume_draws(preds, headline.name, resamples, rng) if headline.per_volume
+                 else _patient_draws(preds, resamples, rng))
         for j, rid in enumerate(rids):
             out[:, position[rid]] = draws[:, j]
             pairing[position[rid]] = f"patients:{signature}"
     for i, row in enumerate(runs.to_dict("records")):
         if not pairing[i]:
-            out[:, i] = _interval_draws(row, resamples, level, rng)
+            out[:, i] = _interval_draws(row, resamples, level, rng, headline)
     return out, pairing
 
 
 def bootstrap_cells(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame] | None = None, resamples: int = 500,
-                    level: float = 0.95, seed: int = 0) -> CellDraws:
-    """Seed-averaged cells with paired bootstrap draws (see the module docstring)."""
+                    level: float = 0.95, seed: int = 0, headline: Headline | None = None) -> CellDraws:
+    """Seed-averaged cells with paired bootstrap draws (see the module docstring). ``headline``: which
+    metric the run table holds (default: ``runs.attrs['headline']``, else detected from its columns)."""
     rng = np.random.default_rng(seed)
-    runs = complete_columns(runs).reset_index(drop=True)
-    per_run, pairing = run_draws(runs, predictions or {}, resamples, level, rng)
+    runs, headline = as_generic(runs, headline or runs.attrs.get("headline"))
+    runs = runs.reset_index(drop=True)
+    per_run, pairing = run_draws(runs, predictions or {}, resamples, level, rng, headline)
     runs = runs.assign(_pairing=pairing)
     rows, columns = [], []
     for key, g in runs.groupby(CELL_KEYS, sort=True, dropna=False):
@@ -120,11 +163,11 @@ def bootstrap_cells(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame] | N
         q = (1 - level) / 2
         rows.append({**dict(zip(CELL_KEYS, key)), "metric": g[METRIC].mean(),
                      "low": float(np.nanquantile(cell, q)), "high": float(np.nanquantile(cell, 1 - q)),
-                     "seeds": g["seed"].nunique(), "val_metric": pd.to_numeric(g["val_macro_auroc"], errors="coerce").mean(),
+                     "seeds": g["seed"].nunique(), "val_metric": g["val_metric"].mean(),
                      "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
                      "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
                      "uncertainty": _uncertainty_words(g), "pairing": ",".join(sorted(set(g["_pairing"])))})
-    return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level)
+    return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
 
 
 def _uncertainty_words(g: pd.DataFrame) -> str:

@@ -7,10 +7,13 @@ points when per-sample predictions exist), over seeds, or redrawn from each poin
 * The **verdict** is model-free: it compares points through their paired draws (improves /
   saturates beyond X / peaks at X / degrades / no reliable trend), so it never rests on a
   functional form the data cannot support.
-* The **fit** is on error E = 1 - metric: a saturating power law E = floor + A * x^(-alpha) with a
-  robust loss (soft L1). The point fit starts from a global profile over alpha plus generic starts
-  and is polished by scipy's least_squares; every draw is refitted by the (vectorised) profile for
-  intervals on the parameters and on the curve. It needs MIN_POINTS distinct x: with fewer there is no exponent at all, and the
+* The **fit** is on an error E: E = 1 - metric for a higher-is-better metric in [0, 1] (AUROC, Dice),
+  E = metric itself for a lower-is-better one (VOI, HD95: already an error, >= 0; no transform and
+  no sign flip). Verdicts judge -E, so "improves" always means the metric gets better. The law is a
+  saturating power law E = floor + A * x^(-alpha) with a robust loss (soft L1). The point fit
+  starts from a global profile over alpha plus generic starts and is polished by scipy's
+  least_squares; every draw is refitted by the (vectorised) profile for intervals on the
+  parameters and on the curve. It needs MIN_POINTS distinct x: with fewer there is no exponent at all, and the
   verdict says "too few points to fit". A one-break broken power law is fitted where
   MIN_POINTS_BROKEN points exist, and a leave-largest-out check says whether the law extrapolates.
 """
@@ -30,6 +33,23 @@ FIT_RESAMPLES = 400  # refits per curve for the intervals (vectorised: cheap)
 _MONOTONE = ("improves", "saturates", "degrades")
 _ALPHA_BOUND = 5.0  # |alpha| beyond this is not a scaling law but a step
 _ERR_SD_FLOOR = 1e-3  # a point known "exactly" would otherwise dominate the weighted loss
+
+
+def to_error(values, goal: str = "max"):
+    """The fitted error: 1 - metric for a higher-is-better metric in [0, 1], the metric itself for a
+    lower-is-better one (it is already an error). Its own inverse, so it also maps errors back."""
+    values = np.asarray(values, dtype=float)
+    if goal not in ("max", "min"):
+        raise ValueError(f"goal must be 'max' or 'min', not {goal!r}")
+    return 1 - values if goal == "max" else values
+
+
+def error_words(goal: str, metric: str = "metric") -> str:
+    return f"E = 1 - {metric}" if goal == "max" else f"E = {metric} (lower is better: fitted as it is)"
+
+
+def _error_upper(goal: str) -> float:
+    return 1.0 if goal == "max" else np.inf
 
 
 @dataclass
@@ -75,7 +95,7 @@ class ScalingFit:
     amplitude: float | None  # A in the axis' own units
     verdict: str
     trend: str = "no_trend"  # improves | saturates | peaks | degrades | no_trend | too_few_points
-    floor: float | None = None  # irreducible error of the saturating law
+    floor: float | None = None  # irreducible error of the saturating law (see ``goal``: 1 - metric, or the metric)
     floor_low: float | None = None
     floor_high: float | None = None
     band: dict[str, np.ndarray] | None = None  # x, metric (median), low, high of the fitted curve
@@ -83,6 +103,7 @@ class ScalingFit:
     extrapolation: Extrapolation | None = None
     resamples_fitted: int = 0
     notes: list[str] = field(default_factory=list)
+    goal: str = "max"  # of the metric: "max" (error = 1 - metric) or "min" (error = metric)
 
     @property
     def fitted(self) -> bool:
@@ -95,7 +116,7 @@ class ScalingFit:
                 and max(abs(self.alpha_low), abs(self.alpha_high)) < _ALPHA_BOUND * 0.99)
 
     def predict_metric(self, x: np.ndarray) -> np.ndarray:
-        return 1 - (self.floor or 0.0) - self.amplitude * np.asarray(x, dtype=float) ** (-self.alpha)
+        return to_error((self.floor or 0.0) + self.amplitude * np.asarray(x, dtype=float) ** (-self.alpha), self.goal)
 
 
 # ---------------------------------------------------------------- verdicts (model-free)
@@ -178,7 +199,8 @@ def _saturating_starts(u, err):
 
 
 def _saturating_bounds(u, err):
-    return np.array([0.0, -50.0, -_ALPHA_BOUND]), np.array([1.0, 50.0, _ALPHA_BOUND])
+    # an error of a [0, 1] score is at most 1; an error-like metric (VOI) can exceed it
+    return np.array([0.0, -50.0, -_ALPHA_BOUND]), np.array([max(1.0, float(np.max(err))), 50.0, _ALPHA_BOUND])
 
 
 def _broken_starts(u, err):
@@ -232,8 +254,8 @@ def _aicc(family: str, theta, u, err, sd) -> float:
 
 # ---------------------------------------------------------------- fitting with bootstrap
 
-def _error_draws(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    err_draws = 1 - draws
+def _error_draws(draws: np.ndarray, goal: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    err_draws = to_error(draws, goal)
     sd = np.maximum(np.nanstd(err_draws, axis=0), _ERR_SD_FLOOR)
     return err_draws, sd
 
@@ -260,7 +282,7 @@ def _solve_linear_part(alphas, u, e, w, sd):
         floor = np.where(pinned, 0.0, floor)
         # no power-law part at all: a constant (also at alpha = 0, where floor and A are one parameter)
         flat = ~(amp > 0) | ~np.isfinite(amp) | (np.abs(det) <= 1e-9 * sw * sgg)
-        floor = np.clip(np.where(flat, se / sw, floor), 0, 1)
+        floor = np.maximum(np.where(flat, se / sw, floor), 0)
         amp = np.where(flat, 0.0, amp)
     r = (floor[..., None] + amp[..., None] * g - e) / sd
     return floor, amp, r
@@ -308,64 +330,69 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _extrapolation(x, metric, draws, level, resamples, rng) -> Extrapolation | None:
+def _extrapolation(x, metric, draws, level, resamples, rng, goal: str = "max") -> Extrapolation | None:
     u_ref = float(np.mean(np.log(x[:-1])))
-    u, err = np.log(x[:-1]) - u_ref, 1 - metric[:-1]
-    err_draws, sd = _error_draws(draws[:, :-1])
+    u, err = np.log(x[:-1]) - u_ref, to_error(metric[:-1], goal)
+    err_draws, sd = _error_draws(draws[:, :-1], goal)
     fit = _point_fit(u, err, sd)
     if fit is None:
         return None
     thetas = _bootstrap_thetas(u, err_draws, sd, resamples, rng)
     u_last = np.log(x[-1]) - u_ref
-    pred = np.clip(1 - _saturating(thetas.T, u_last), 0, 1)
+    top = _error_upper(goal)
+    pred = to_error(np.clip(_saturating(thetas.T, u_last), 0, top), goal)
     if len(pred) < 10:
         return None
     lo, hi = _interval(pred, level)
     olo, ohi = _interval(draws[:, -1][np.isfinite(draws[:, -1])], level)
-    return Extrapolation(float(x[-1]), float(np.clip(1 - _saturating(fit[0], u_last), 0, 1)), lo, hi, float(metric[-1]), olo, ohi)
+    point = float(to_error(np.clip(_saturating(fit[0], u_last), 0, top), goal))
+    return Extrapolation(float(x[-1]), point, lo, hi, float(metric[-1]), olo, ohi)
 
 
-def fit_curve(x, metric, draws, axis: str, level: float = 0.95, resamples: int = FIT_RESAMPLES, seed: int = 0) -> ScalingFit:
-    """Fit one curve. ``metric`` is higher-is-better in [0, 1]; ``draws`` (B, points) its bootstrap draws."""
+def fit_curve(x, metric, draws, axis: str, level: float = 0.95, resamples: int = FIT_RESAMPLES, seed: int = 0,
+              goal: str = "max") -> ScalingFit:
+    """Fit one curve. ``metric``: higher-is-better in [0, 1] (``goal='max'``) or lower-is-better and >= 0
+    (``goal='min'``); ``draws`` (B, points) its bootstrap draws. Verdicts and the law are on the error
+    (``to_error``), so "improves" always means the metric gets better."""
     x, metric, draws = np.asarray(x, float), np.asarray(metric, float), np.asarray(draws, float)
     order = np.argsort(x)
     x, metric, draws = x[order], metric[order], draws[:, order]
     if len(np.unique(x)) != len(x):
         raise ValueError(f"fit_curve({axis}): x values must be distinct (average cells sharing an x first): {x}")
     n = len(x)
-    trend, words = judge_trend(x, metric, draws, axis, level)
+    u_ref = float(np.mean(np.log(x)))  # centring log x keeps A and alpha decoupled in the fit
+    u, err = np.log(x) - u_ref, to_error(metric, goal)
+    err_draws, sd = _error_draws(draws, goal)
+    trend, words = judge_trend(x, -err, -err_draws, axis, level)  # -error: higher is better, whatever the goal
     if n < MIN_POINTS:
         why = "a single point" if n < 2 else words
         return ScalingFit(axis, n, None, None, None, None,
                           f"too few points to fit ({n} < {MIN_POINTS} distinct {axis} values); the points alone: {why}",
-                          trend="too_few_points" if n < 2 else trend)
+                          trend="too_few_points" if n < 2 else trend, goal=goal)
     rng = np.random.default_rng(seed)
-    u_ref = float(np.mean(np.log(x)))  # centring log x keeps A and alpha decoupled in the fit
-    u, err = np.log(x) - u_ref, 1 - metric
-    err_draws, sd = _error_draws(draws)
     point = _point_fit(u, err, sd)
     if point is None:
         return ScalingFit(axis, n, None, None, None, None, f"{words}; the power-law fit failed", trend=trend,
-                          notes=["least squares did not converge from any start"])
+                          notes=["least squares did not converge from any start"], goal=goal)
     theta = point[0]
     thetas = _bootstrap_thetas(u, err_draws, sd, resamples, rng)
     amplitude = float(np.exp(theta[1] + theta[2] * u_ref))  # A in the axis' own units
     fit = ScalingFit(axis, n, float(theta[2]), *_interval(thetas[:, 2], level), amplitude, words,
-                     trend=trend, floor=float(theta[0]), resamples_fitted=len(thetas))
+                     trend=trend, floor=float(theta[0]), resamples_fitted=len(thetas), goal=goal)
     fit.floor_low, fit.floor_high = _interval(thetas[:, 0], level)
-    fit.band = _curve_band(x, u_ref, thetas, level)
+    fit.band = _curve_band(x, u_ref, thetas, level, goal)
     if n >= MIN_POINTS_BROKEN:
         fit.broken = _fit_broken(u, err, sd, theta, u_ref)
     if n >= MIN_POINTS_EXTRAPOLATION and trend in _MONOTONE:  # a law that does not describe the data cannot extrapolate it
-        fit.extrapolation = _extrapolation(x, metric, draws, level, resamples, rng)
+        fit.extrapolation = _extrapolation(x, metric, draws, level, resamples, rng, goal)
     if trend == "peaks":
         fit.notes.append("a saturating power law cannot peak: its exponent is not a description of this curve")
     return fit
 
 
-def _curve_band(x, u_ref, thetas, level) -> dict[str, np.ndarray]:
+def _curve_band(x, u_ref, thetas, level, goal: str = "max") -> dict[str, np.ndarray]:
     grid = np.geomspace(x[0], x[-1], 60)
-    curves = 1 - np.array([_saturating(t, np.log(grid) - u_ref) for t in thetas])
+    curves = to_error(np.array([_saturating(t, np.log(grid) - u_ref) for t in thetas]), goal)
     lo, hi = np.quantile(curves, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
     return {"x": grid, "metric": np.median(curves, axis=0), "low": lo, "high": hi}
 
@@ -379,10 +406,12 @@ def _fit_broken(u, err, sd, theta_saturating, u_ref) -> BrokenFit | None:
     return BrokenFit(float(np.exp(ub + u_ref)), float(a1), float(a2), float(delta))
 
 
-def fit_power_law(x, metric, low, high, axis: str, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> ScalingFit:
+def fit_power_law(x, metric, low, high, axis: str, resamples: int = 2000, level: float = 0.95, seed: int = 0,
+                  goal: str = "max") -> ScalingFit:
     """A curve known only through each point's interval: draws are redrawn independently from it."""
     metric, low, high = (np.asarray(a, dtype=float) for a in (metric, low, high))
     z = NormalDist().inv_cdf(1 - (1 - level) / 2)
     sd = np.maximum((high - low) / (2 * z), 1e-4)
     draws = metric + np.random.default_rng(seed).normal(0, 1, (resamples, len(metric))) * sd
-    return fit_curve(x, metric, np.clip(draws, 0, 1), axis, level=level, seed=seed)
+    draws = np.clip(draws, 0, 1) if goal == "max" else np.clip(draws, 0, None)  # a score in [0, 1]; an error >= 0
+    return fit_curve(x, metric, draws, axis, level=level, seed=seed, goal=goal)

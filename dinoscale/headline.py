@@ -1,0 +1,56 @@
+"""The headline metric of each task: what a trial selects on (val), reports with an interval (test),
+and what the analysis plots, fits and ranks.
+
+MLflow names: ``test_<name>`` (+ ``_ci_low`` / ``_ci_high``) and ``val_<name>`` on every child run;
+the sweep's parent run carries ``dinoscale.headline`` (= ``test_<name>``) and
+``dinoscale.headline_goal`` (max | min). Per-sample test predictions (``predictions/test.csv``):
+
+- classification / MIL: ``sample_id, patient_id, label_<class>, score_<class>`` (one row per image,
+  volume or slide); the analysis recomputes macro AUROC on patient resamples.
+- segmentation / instance segmentation: ``sample_id, patient_id`` and one column per per-volume
+  metric (``dice``, ``hd95``, ``voi``, ``arand``, ...); the headline's column is ``<name>`` and the
+  analysis resamples patients and averages it (NaN values skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Headline:
+    name: str  # e.g. "macro_auroc", "dice", "voi"
+    goal: str  # "max" or "min"
+    label: str  # for plots and tables
+    per_volume: bool  # predictions are per-volume metric values (not labels + scores)
+
+    @property
+    def test(self) -> str:
+        return f"test_{self.name}"
+
+    @property
+    def val(self) -> str:
+        return f"val_{self.name}"
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.goal == "max" else a < b
+
+    def tags(self) -> dict[str, str]:
+        return {"dinoscale.headline": self.test, "dinoscale.headline_goal": self.goal}
+
+
+AUROC = Headline("macro_auroc", "max", "test macro AUROC", per_volume=False)
+DICE = Headline("dice", "max", "test mean foreground Dice", per_volume=True)
+VOI = Headline("voi", "min", "test VOI (split + merge, bits; lower is better)", per_volume=True)
+
+_BY_TASK = {"multilabel": AUROC, "multiclass": AUROC, "mil": AUROC, "segmentation": DICE, "instance_segmentation": VOI}
+_BY_TEST_NAME = {h.test: h for h in (AUROC, DICE, VOI)}
+
+
+def headline_for_task(task: str) -> Headline:
+    return _BY_TASK[task]
+
+
+def headline_from_tags(tags: dict) -> Headline:
+    """The headline a sweep recorded (sweeps from before headlines existed: AUROC)."""
+    return _BY_TEST_NAME.get(tags.get("dinoscale.headline", AUROC.test), AUROC)
