@@ -242,8 +242,12 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
     ``spacing`` units. NaN where the class is missing from the prediction or the ground truth."""
     from monai.metrics import compute_hausdorff_distance
 
+    import warnings
+
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
-    h = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing).numpy().astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below) and about its own deprecations
+        h = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing).numpy().astype(np.float64)
     missing = (t.flatten(2).sum(-1) == 0) | (p.flatten(2).sum(-1) == 0)
     h[missing[:, 1:].numpy()] = np.nan
     h[~np.isfinite(h)] = np.nan
@@ -297,30 +301,51 @@ def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool = T
     return float(1 - f), float(precision), float(recall)
 
 
+def segmentation_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, class_names: list[str] | None = None,
+                            hd95: bool = True) -> dict[str, np.ndarray]:
+    """Per-volume values from label maps (n_volumes, *spatial): ``dice`` (mean over the foreground classes
+    present in the prediction or the ground truth), ``dice_<class>`` and ``hd95`` (mean over classes, in
+    voxels). NaN where undefined (a class absent from both; HD95 of a missed or spurious class)."""
+    names = class_names or [str(c) for c in range(1, n_classes)]
+    d = dice_per_volume(pred, target, n_classes)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
+            out = {"dice": np.nanmean(d, axis=1)}
+            out.update({f"dice_{n}": d[:, j] for j, n in enumerate(names)})
+            if hd95:
+                out["hd95"] = np.nanmean(hd95_per_volume(pred, target, n_classes), axis=1)
+    return out
+
+
+def instance_per_volume(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-volume EM instance metrics: ``voi`` (split + merge, bits), ``voi_split``, ``voi_merge``, ``arand``."""
+    vals = np.array([[*variation_of_information(p, t), adapted_rand_error(p, t)[0]] for p, t in zip(pred, target)])
+    return {"voi": vals[:, 0] + vals[:, 1], "voi_split": vals[:, 0], "voi_merge": vals[:, 1], "arand": vals[:, 2]}
+
+
+def summarise_per_volume(values: dict[str, np.ndarray], patient_ids: np.ndarray | None = None, resamples: int = 1000,
+                         level: float = 0.95, seed: int = 0, prefix: str = "test_") -> dict[str, float]:
+    """Each per-volume metric's mean with its per-patient (or per-volume) bootstrap interval."""
+    out = {}
+    for name, v in values.items():
+        if np.isfinite(np.asarray(v, dtype=np.float64)).any():
+            out.update(volume_bootstrap(v, patient_ids, resamples, level, seed).as_dict(prefix + name))
+    return out
+
+
 def segmentation_summary(pred: np.ndarray, target: np.ndarray, n_classes: int, patient_ids: np.ndarray | None = None,
                          class_names: list[str] | None = None, hd95: bool = True, resamples: int = 1000,
                          level: float = 0.95, seed: int = 0) -> dict[str, float]:
     """Headline segmentation metrics with per-volume (or per-patient) bootstrap intervals: mean foreground
     Dice (+ per class) and HD95. ``pred``/``target``: label maps (n_volumes, *spatial)."""
-    names = class_names or [str(c) for c in range(1, n_classes)]
-    d = dice_per_volume(pred, target, n_classes)
-    out = volume_bootstrap(d, patient_ids, resamples, level, seed).as_dict("test_dice")
-    for j, name in enumerate(names):
-        if np.isfinite(d[:, j]).any():
-            out[f"test_dice_{name}"] = float(np.nanmean(d[:, j]))
-    if hd95:
-        h = hd95_per_volume(pred, target, n_classes)
-        if np.isfinite(h).any():
-            out.update(volume_bootstrap(h, patient_ids, resamples, level, seed).as_dict("test_hd95"))
-    return out
+    values = segmentation_per_volume(pred, target, n_classes, class_names, hd95)
+    return summarise_per_volume(values, patient_ids, resamples, level, seed)
 
 
 def instance_summary(pred: np.ndarray, target: np.ndarray, patient_ids: np.ndarray | None = None,
                      resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     """EM instance metrics per volume with intervals: VOI split / merge / sum and adapted Rand error."""
-    vals = np.array([[*variation_of_information(p, t), adapted_rand_error(p, t)[0]] for p, t in zip(pred, target)])
-    out = {}
-    for name, v in (("test_voi_split", vals[:, 0]), ("test_voi_merge", vals[:, 1]),
-                    ("test_voi", vals[:, 0] + vals[:, 1]), ("test_arand", vals[:, 2])):
-        out.update(volume_bootstrap(v, patient_ids, resamples, level, seed).as_dict(name))
-    return out
+    return summarise_per_volume(instance_per_volume(pred, target), patient_ids, resamples, level, seed)

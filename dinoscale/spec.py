@@ -225,8 +225,9 @@ class SegmentationProbeSpec(Strict):
 
 
 class AffinityProbeSpec(Strict):
-    """EM instances: nearest-neighbour affinities from a light decoder, thresholded and agglomerated by
-    connected components; the threshold is chosen on val by adapted Rand error."""
+    """EM instances: nearest-neighbour affinities from a light decoder, turned into instances by a seeded
+    watershed (seeds: regions whose affinities all exceed the threshold) or by connected components of the
+    thresholded affinity graph; lr and threshold are chosen on val by VOI."""
 
     kind: Literal["affinity"]
     learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
@@ -235,7 +236,10 @@ class AffinityProbeSpec(Strict):
     batch_size: int = Field(8, ge=1)
     hidden_dim: int = Field(64, ge=1)
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9], min_length=1)
-    min_size: int = Field(4, ge=0, description="segments smaller than this (pixels) become background")
+    min_size: int = Field(4, ge=0, description="segments (components) or seeds (watershed) smaller than this (pixels) are dropped")
+    agglomeration: Literal["watershed", "components"] = Field(
+        "watershed", description="watershed: seeds grown over the boundary map (robust to leaks); components: "
+                                 "connected components of edges above the threshold (one leak merges two objects)")
 
     @property
     def label(self) -> str:

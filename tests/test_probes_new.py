@@ -118,7 +118,8 @@ def test_affinity_probe_runs_and_selects_a_threshold():
     spec = AffinityProbeSpec(kind="affinity", learning_rates=[1e-2], epochs=5, batch_size=4, hidden_dim=8, thresholds=[0.5, 0.9])
     res = run_probe(spec, train, val, test)
     assert res.test_scores.shape == test.y.shape and res.selected["threshold"] in (0.5, 0.9)
-    assert 0 <= res.val_metric <= 1
+    assert res.val_metric == pytest.approx(-res.extra["val_voi"]) and res.extra["val_voi"] >= 0
+    assert 0 <= res.extra["val_arand"] <= 1
 
 
 def test_search_probe_uses_a_fixed_budget_and_reports_the_val_choice():

@@ -7,7 +7,7 @@ several scales (so that resolution and model size matter). Every result is tagge
 - ``phantom-mri``: T1-like head volumes + a label mask: 1 ventricles (large), 2 tumour (medium,
   in some patients), 3 lesions (small, a few voxels, in some patients). Bias field, arbitrary units.
 - ``phantom-wsi``: one tile folder per slide (RGB PNG tiles, H&E-like); slide label ``tumor`` =
-  a few tiles (10-25 %) hold clusters of large dark nuclei; one manifest row per tile (bag_id).
+  a few tiles (4-15 %, at least one) hold small clusters of larger, darker nuclei; one manifest row per tile (bag_id).
 - ``phantom-em``: anisotropic EM-like volumes: neurons as 3D Voronoi cells, dark membranes on their
   boundaries, mitochondria; mask = neuron instance ids (uint32, 0 = none).
 - ``phantom-petct``: CT (HU) + PET (SUV) pairs, AutoPET-style files, lesion mask (1 = lesion);
@@ -27,7 +27,7 @@ from dinoscale.data import PreparedDataset, register_dataset
 from dinoscale.data.layout import atomic_dir
 from dinoscale.data.splits import assign_patient_splits
 
-VERSION = "1"
+VERSION = "2"  # 2: spheres are round in millimetres (v1 flattened them along z to under a slice)
 CT_CLASSES = ["nodule", "effusion", "emphysema"]
 MRI_LABELS = {1: "ventricles", 2: "tumour", 3: "lesion"}
 PETCT_LABELS = {1: "lesion"}
@@ -45,6 +45,21 @@ def _grid(n: int, depth: int):
     x = (np.arange(n) + 0.5) / n
     z = (np.arange(depth) + 0.5) / depth
     return np.meshgrid(x, x, z, indexing="ij")  # [X, Y, Z] in [0, 1]
+
+
+CT_FIELD_MM = 256.0 * 1.4  # a ~36 cm field at any matrix size
+MRI_SPACING = (1.0, 1.0, 2.0)  # mm
+EM_SPACING = (4.0, 4.0, 40.0)  # nm: sections 10x thicker than the pixel
+
+
+def _ct_spacing(n: int) -> tuple[float, float, float]:
+    return (CT_FIELD_MM / n, CT_FIELD_MM / n, 2.5)
+
+
+def _z_aniso(n: int, depth: int, spacing) -> float:
+    """For ``_ball``: the z extent of the volume over its x extent (physical units), so that a radius
+    given as a fraction of the field is round in millimetres (or nanometres)."""
+    return depth * spacing[2] / (n * spacing[0])
 
 
 def _ball(xx, yy, zz, c, r, aniso=1.0):
@@ -72,7 +87,7 @@ def _render_ct(n, depth, findings, rng):
         for _ in range(rng.integers(1, 4)):
             cx, cy = centres[rng.integers(2)]
             c = (cx + rng.uniform(-0.05, 0.05), cy + rng.uniform(-0.12, 0.12), rng.uniform(0.3, 0.7))
-            hu[_ball(xx, yy, zz, c, rng.uniform(0.015, 0.025), aniso=n / depth / 2) & lungs] = 30.0
+            hu[_ball(xx, yy, zz, c, rng.uniform(0.015, 0.025), aniso=_z_aniso(n, depth, _ct_spacing(n))) & lungs] = 30.0
     if findings[1]:  # effusion: fluid (15 HU) in the posterior third of one lung, lower half
         cx, _ = centres[rng.integers(2)]
         side = np.abs(xx - cx) < 0.15
@@ -99,12 +114,12 @@ def _render_mri(n, depth, has_tumour, has_lesions, rng):
     img[vent], mask[vent] = 0.15, 1
     if has_tumour:
         c = (0.5 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.22), rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65))
-        t = _ball(xx, yy, zz, c, rng.uniform(0.06, 0.1), aniso=n / depth / 2) & brain & ~vent
+        t = _ball(xx, yy, zz, c, rng.uniform(0.06, 0.1), aniso=_z_aniso(n, depth, MRI_SPACING)) & brain & ~vent
         img[t], mask[t] = 0.35 + 0.1 * rng.random(t.sum()), 2
     if has_lesions:
         for _ in range(rng.integers(3, 7)):
             c = (0.5 + rng.uniform(-0.2, 0.2), 0.5 + rng.uniform(-0.25, 0.25), rng.uniform(0.3, 0.7))
-            les = _ball(xx, yy, zz, c, 0.018, aniso=n / depth / 2) & (r2 < 0.45) & (mask == 0)
+            les = _ball(xx, yy, zz, c, 0.018, aniso=_z_aniso(n, depth, MRI_SPACING)) & (r2 < 0.45) & (mask == 0)
             img[les], mask[les] = 0.3, 3
     bias = 1 + 0.2 * (xx - 0.5) + 0.1 * (yy - 0.5)
     return (np.clip(img * bias + rng.normal(0, 0.02, img.shape), 0, None) * 1000).astype(np.float32), mask
@@ -116,8 +131,9 @@ def _render_em(n, depth, rng):
     xx, yy, zz = _grid(n, depth)
     k = int(rng.integers(20, 35))
     seeds = rng.random((k, 3))
-    pts = np.stack([xx, yy, zz * depth / n * 4], -1).reshape(-1, 3)  # anisotropy: sections 4x thicker
-    seeds[:, 2] *= depth / n * 4
+    za = _z_aniso(n, depth, EM_SPACING)  # z in x units: sections 10x thicker than a pixel
+    pts = np.stack([xx, yy, zz * za], -1).reshape(-1, 3)
+    seeds[:, 2] *= za
     d, idx = cKDTree(seeds).query(pts, k=2)
     ids = (idx[:, 0] + 1).reshape(xx.shape).astype(np.uint32)
     membrane = ((d[:, 1] - d[:, 0]) < 1.6 / n).reshape(xx.shape)
@@ -125,7 +141,7 @@ def _render_em(n, depth, rng):
     img[membrane] = 0.2
     for _ in range(int(rng.integers(5, 12))):  # mitochondria: dark ellipsoids inside cells
         c = rng.random(3)
-        img[_ball(xx, yy, zz, c, rng.uniform(0.02, 0.04), aniso=1.0) & ~membrane] = 0.35
+        img[_ball(xx, yy, zz, c, rng.uniform(0.02, 0.04), aniso=_z_aniso(n, depth, EM_SPACING)) & ~membrane] = 0.35
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), ids
 
 
@@ -145,7 +161,7 @@ def _render_petct(n, depth, n_lesions, rng):
         organ = lungs if rng.random() < 0.6 else liver
         cand = np.argwhere(organ)
         c = (cand[rng.integers(len(cand))] + 0.5) / np.array([n, n, depth])
-        les = _ball(xx, yy, zz, c, rng.choice([0.03, 0.05, 0.08]), aniso=n / depth / 2) & body
+        les = _ball(xx, yy, zz, c, rng.choice([0.03, 0.05, 0.08]), aniso=_z_aniso(n, depth, _ct_spacing(n))) & body
         hu[les], suv[les], mask[les] = 35.0, rng.uniform(5, 15), 1
     suv = suv + np.abs(rng.normal(0, 0.1, suv.shape))
     return np.clip(hu + rng.normal(0, 10, hu.shape), -1024, 3071), suv.astype(np.float32), mask
@@ -160,7 +176,7 @@ def _patients(ph, nmin_max=None):
 
 def _writer(kind: str, ph):
     n, depth = ph.image_size, ph.depth
-    sp = (256.0 * 1.4 / n, 256.0 * 1.4 / n, 2.5)  # mm: a ~36 cm field at any matrix size
+    sp = _ct_spacing(n)
 
     def write(tmp: Path) -> None:
         rows = []
@@ -178,23 +194,23 @@ def _writer(kind: str, ph):
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
                     img, mask = _render_mri(n, depth, rng.random() < 0.6, rng.random() < 0.5, rng)
-                    _save_nifti(tmp / f"{sid}.nii.gz", img, (1.0, 1.0, 2.0), np.float32)
-                    _save_nifti(tmp / f"{sid}_seg.nii.gz", mask, (1.0, 1.0, 2.0), np.uint8)
+                    _save_nifti(tmp / f"{sid}.nii.gz", img, MRI_SPACING, np.float32)
+                    _save_nifti(tmp / f"{sid}_seg.nii.gz", mask, MRI_SPACING, np.uint8)
                     rows.append({"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz",
                                  "mask_path": f"{sid}_seg.nii.gz", "n_slices": depth})
             elif kind == "em":
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
                     img, ids = _render_em(n, depth, rng)
-                    _save_nifti(tmp / f"{sid}.nii.gz", img, (4.0, 4.0, 40.0), np.uint8)  # nm
-                    _save_nifti(tmp / f"{sid}_ids.nii.gz", ids, (4.0, 4.0, 40.0), np.uint32)
+                    _save_nifti(tmp / f"{sid}.nii.gz", img, EM_SPACING, np.uint8)  # nm
+                    _save_nifti(tmp / f"{sid}_ids.nii.gz", ids, EM_SPACING, np.uint32)
                     rows.append({"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz",
                                  "mask_path": f"{sid}_ids.nii.gz", "n_slices": depth})
             elif kind == "petct":
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
                     (tmp / sid).mkdir()
-                    ct, suv, mask = _render_petct(n, depth, int(rng.integers(0, 4)) if rng.random() < 0.75 else 0, rng)
+                    ct, suv, mask = _render_petct(n, depth, int(rng.integers(1, 4)) if rng.random() < 0.75 else 0, rng)
                     _save_nifti(tmp / sid / "CTres.nii.gz", ct, sp, np.int16)
                     _save_nifti(tmp / sid / "SUV.nii.gz", suv, sp, np.float32)
                     _save_nifti(tmp / sid / "SEG.nii.gz", mask, sp, np.uint8)
@@ -207,7 +223,7 @@ def _writer(kind: str, ph):
                     slide = f"{pid}_S{i}"
                     (tmp / slide).mkdir()
                     tumour = rng.random() < 0.45
-                    n_pos = int(round(ph.tiles_per_slide * rng.uniform(0.1, 0.25))) if tumour else 0
+                    n_pos = max(1, int(round(ph.tiles_per_slide * rng.uniform(0.04, 0.15)))) if tumour else 0
                     pos = set(rng.choice(ph.tiles_per_slide, n_pos, replace=False).tolist())
                     for t in range(ph.tiles_per_slide):
                         tile = _render_tile(n, t in pos, rng)
@@ -229,11 +245,11 @@ def _render_tile(n: int, tumour: bool, rng) -> np.ndarray:
         cy, cx = rng.random(2)
         hema += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (1.2 / n) ** 2))
     if tumour:
-        for _ in range(int(rng.integers(2, 4))):  # clusters
+        for _ in range(int(rng.integers(1, 3))):  # clusters
             ccy, ccx = rng.uniform(0.2, 0.8, 2)
-            for _ in range(int(rng.integers(10, 20))):
+            for _ in range(int(rng.integers(5, 12))):
                 cy, cx = ccy + rng.normal(0, 0.08), ccx + rng.normal(0, 0.08)
-                hema += 1.5 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (3.0 / n) ** 2))
+                hema += 0.9 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (2.2 / n) ** 2))
     hema = np.clip(hema, 0, 1)
     r = 0.93 - 0.1 * stroma - 0.55 * hema
     g = 0.75 - 0.25 * stroma - 0.6 * hema

@@ -65,31 +65,40 @@ class ImageFiles(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- 3D volumes, slice by slice
 
 
+PET_SUV_RANGE = (0.0, 10.0)  # PET in SUV mapped to [0, 1] (clipped) when fused with CT
+
+
 def build_volume_transform(
     resolution: int,
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str = "bicubic",
     window: tuple[float, float] | None = None,
+    fuse_pet: bool = False,
 ):
     """(load_volume, slice_transform) for slice-wise extraction of 3D volumes (NIfTI, DICOM series, ...).
 
     ``load_volume(path)`` reads through MONAI's readers and maps intensities to [0, 1] once per
     volume (a CT ``window`` in HU if given, else the volume's min-max), so that every slice of a volume
     shares one intensity scale. ``slice_transform(slice2d)`` resizes one slice and normalises it like a
-    2D image.
+    2D image (grey repeated to 3 channels).
+
+    ``fuse_pet``: ``load_volume((ct_path, pet_path))`` reads a co-registered PET/CT pair; the three
+    input channels are CT (windowed), PET (SUV in ``PET_SUV_RANGE``, clipped) and their mean, so one
+    forward pass sees both modalities. The two volumes must have the same shape.
     """
     from monai.transforms import EnsureChannelFirst, LoadImage, NormalizeIntensity, RepeatChannel, Resize, ScaleIntensity, ScaleIntensityRange
 
     load = LoadImage(image_only=True)
     scale = (ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
              if window is not None else ScaleIntensity(minv=0.0, maxv=1.0))
+    suv = ScaleIntensityRange(a_min=PET_SUV_RANGE[0], a_max=PET_SUV_RANGE[1], b_min=0.0, b_max=1.0, clip=True)
     resize = Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True)
     to3 = RepeatChannel(repeats=3)
     norm = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
 
-    def load_volume(path: str) -> torch.Tensor:
+    def read3d(path: str) -> torch.Tensor:
         try:
             vol = load(path)
         except Exception as e:  # MONAI wraps reader errors; name the file either way
@@ -98,9 +107,21 @@ def build_volume_transform(
             vol = vol[..., 0]
         if vol.ndim != 3:
             raise DataError(f"{path}: expected a 3D volume, got shape {tuple(vol.shape)}")
-        return _plain(scale(_plain(vol)))
+        return vol
+
+    def load_volume(item) -> torch.Tensor:
+        if not fuse_pet:
+            return _plain(scale(_plain(read3d(item))))
+        ct_path, pet_path = item
+        ct, pet = read3d(ct_path), read3d(pet_path)
+        if ct.shape != pet.shape:
+            raise DataError(f"{pet_path}: PET shape {tuple(pet.shape)} differs from its CT {ct_path} {tuple(ct.shape)}")
+        return torch.stack([_plain(scale(_plain(ct))), _plain(suv(_plain(pet)))])  # [2, H, W, D]
 
     def slice_transform(img2d: torch.Tensor) -> torch.Tensor:
+        if img2d.ndim == 3:  # fused PET/CT slice [2, H, W] -> CT, PET, mean
+            x = resize(img2d)
+            return _plain(norm(torch.cat([x, x.mean(0, keepdim=True)])))
         return _plain(norm(to3(resize(to_channel_first(img2d)))))
 
     return load_volume, slice_transform

@@ -247,17 +247,17 @@ class _VolumeSlices(torch.utils.data.IterableDataset):
     """Streams (volume index, slice count, slice tensor) one volume at a time per worker, so memory is
     one volume per worker plus the prefetched batches, whatever the number of volumes."""
 
-    def __init__(self, paths: Sequence[str], load_volume, slice_transform, axis: int):
+    def __init__(self, paths: Sequence, load_volume, slice_transform, axis: int):
         self.paths, self.load_volume, self.slice_transform, self.axis = list(paths), load_volume, slice_transform, axis
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for v in range(wid, len(self.paths), nw):
-            vol = self.load_volume(self.paths[v])  # [H, W, D] float in [0, 1]
+            vol = self.load_volume(self.paths[v])  # [H, W, D] (or [C, H, W, D]) float in [0, 1]
             n = vol.shape[self.axis]
             for k in range(n):
-                yield v, n, self.slice_transform(vol.select(self.axis, k))
+                yield v, k, n, self.slice_transform(vol.select(self.axis, k))
             del vol
 
 
@@ -304,7 +304,7 @@ def extract_volume_features(
     expected = np.zeros(len(paths), np.int64)
     slices, t0 = 0, time.perf_counter()
     with _progress(len(paths), f"{backbone.defn.name}@{resolution} volumes", progress) as bar:
-        for vidx, nslices, x in loader:
+        for vidx, _, nslices, x in loader:
             y = run(x).double().numpy()
             if sums is None:
                 sums = np.zeros((len(paths), y.shape[1]))
@@ -324,3 +324,70 @@ def extract_volume_features(
     feats = {"mean": mean, "max": maxs, "mean_max": np.concatenate([mean, maxs], 1)}[pool]
     stats = ExtractionStats(len(paths), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, slices)
     return feats.astype(np.float32), stats
+
+
+@torch.inference_mode()
+def extract_volume_slices(
+    backbone: LoadedBackbone,
+    paths: Sequence[str],
+    n_slices: Sequence[int],
+    resolution: int,
+    token_set: str = "patch_grid",
+    interpolation: str = "bicubic",
+    batch_size: int = 32,
+    axis: int = -1,
+    window: tuple[float, float] | None = None,
+    pet_paths: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    num_workers: int | None = None,
+    progress: bool | None = None,
+    out_dtype: str = "float32",
+) -> tuple[np.ndarray, ExtractionStats]:
+    """Per-slice features of 3D volumes, one row per slice, volume after volume (slice k of volume v at
+    row ``sum(n_slices[:v]) + k``): [sum(n_slices), D] or, for ``patch_grid``, [sum, D, h, w].
+
+    The rows feed segmentation heads (slice feature maps, stacked back into volumes by the trial) and
+    the attention pooling of 3D classification. ``n_slices``: the manifest's slice count per volume;
+    a volume with another count is an error naming its file. ``pet_paths``: PET volumes co-registered
+    with the CT ``paths``, fused into the three input channels (see ``build_volume_transform``).
+    """
+    from dinoscale.data import DataError
+    from dinoscale.data.preprocess import build_volume_transform
+
+    ts = check_token_set(backbone, token_set)
+    if resolution % backbone.patch_size:
+        raise ValueError(f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}")
+    device = device or pick_device()
+    _prepare(backbone, device)
+    load_volume, slice_transform = build_volume_transform(resolution, backbone.mean, backbone.std, interpolation, window,
+                                                          fuse_pet=pet_paths is not None)
+    items = list(zip(paths, pet_paths)) if pet_paths is not None else list(paths)
+    offsets = np.concatenate([[0], np.cumsum(n_slices)]).astype(np.int64)
+    workers = default_workers(device) if num_workers is None else min(num_workers, len(items))
+    loader = torch.utils.data.DataLoader(
+        _VolumeSlices(items, load_volume, slice_transform, axis), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+    run = _Runner(backbone, ts, device, batch_size)
+    out: np.ndarray | None = None
+    seen = np.zeros(offsets[-1], bool)
+    t0 = time.perf_counter()
+    with _progress(int(offsets[-1]), f"{backbone.defn.name}@{resolution} slices", progress) as bar:
+        for vidx, kidx, nslices, x in loader:
+            v, k, n = vidx.numpy(), kidx.numpy(), nslices.numpy()
+            bad = np.flatnonzero(n != np.asarray(n_slices)[v])
+            if len(bad):
+                i = int(v[bad[0]])
+                raise DataError(f"{paths[i]}: {int(n[bad[0]])} slices along axis {axis}, the manifest says {n_slices[i]}")
+            y = run(x).numpy()
+            if out is None:  # preallocated once: memory = the result
+                out = np.empty((int(offsets[-1]), *y.shape[1:]), dtype=out_dtype)
+            rows = offsets[v] + k
+            out[rows] = y
+            seen[rows] = True
+            bar.update(len(rows))
+    if out is None:
+        return np.zeros((0, 0), out_dtype), ExtractionStats(0, 0, time.perf_counter() - t0)
+    if not seen.all():
+        raise RuntimeError(f"volume slices lost in streaming: rows {np.flatnonzero(~seen)[:10].tolist()}")
+    return out, ExtractionStats(len(items), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, int(offsets[-1]))

@@ -89,14 +89,21 @@ def print_plan(plan: Plan) -> None:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
 
 
-def print_summary(rows: list[dict], title: str) -> None:
+def _with_ci(value, low, high) -> str:
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def print_summary(rows: list[dict], title: str, headline=None) -> None:
+    from dinoscale.headline import AUROC
+
+    headline = headline or AUROC
     t = Table(title=title)
-    for col in ("cell", "params", "res", "probe", "test macro AUROC [95% CI]", "val", "selected", "state"):
+    for col in ("cell", "params", "res", "probe", f"{headline.test} [95% CI]", "val", "selected", "state"):
         t.add_column(col)
     for r in sorted(rows, key=lambda r: (r["probe"], r["resolution"], r["n_params"])):
         if r.get("state") == "FINISHED":
-            auroc = f"{r['test_macro_auroc']:.3f} [{r['test_macro_auroc_ci_low']:.3f}, {r['test_macro_auroc_ci_high']:.3f}]"
-            val = f"{r['val_macro_auroc']:.3f}"
+            auroc = _with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"])
+            val = f"{r['val_metric']:.3f}"
         else:
             auroc, val = "-", "-"
         t.add_row(r["backbone"], f"{r['n_params'] / 1e6:.2f}M", str(r["resolution"]), r["probe"], auroc, val,
@@ -105,12 +112,15 @@ def print_summary(rows: list[dict], title: str) -> None:
 
 
 class SweepProgress:
-    """Live table of cells (state, test AUROC, elapsed) with a progress bar on a terminal;
+    """Live table of cells (state, test headline metric, elapsed) with a progress bar on a terminal;
     one line per finished cell in logs and CI."""
 
-    def __init__(self, cell_ids: list[str]):
+    def __init__(self, cell_ids: list[str], headline=None):
         import time
 
+        from dinoscale.headline import AUROC
+
+        self.metric = (headline or AUROC).test
         self._time = time.perf_counter
         self.cells = {c: {"state": "PENDING", "auroc": "", "started": None, "elapsed": ""} for c in cell_ids}
         self.done = 0
@@ -137,15 +147,15 @@ class SweepProgress:
             self.done += 1
             if row["started"] is not None:
                 row["elapsed"] = f"{self._time() - row['started']:.1f}s"
-        if result and result.get("test_macro_auroc") is not None:
-            r = result
-            row["auroc"] = f"{r['test_macro_auroc']:.3f} [{r['test_macro_auroc_ci_low']:.3f}, {r['test_macro_auroc_ci_high']:.3f}]"
+        m = self.metric
+        if result and result.get(m) is not None:
+            row["auroc"] = _with_ci(result[m], result[f"{m}_ci_low"], result[f"{m}_ci_high"])
         row["state"] = state
         if self.live is not None:
             self.live.update(self._render())
         elif state in ("FINISHED", "FAILED", "RETRYING"):
             colour = {"FINISHED": "", "FAILED": "[red]", "RETRYING": "[yellow]"}[state]
-            detail = f"test macro AUROC {row['auroc']}" if state == "FINISHED" else state + (" (traceback in its MLflow run)" if state == "FAILED" else "")
+            detail = f"{self.metric} {row['auroc']}" if state == "FINISHED" else state + (" (traceback in its MLflow run)" if state == "FAILED" else "")
             console.print(f"  [{self.done}/{len(self.cells)}] {colour}{cell}: {detail}")
 
     def _render(self):
@@ -153,7 +163,7 @@ class SweepProgress:
         from rich.progress_bar import ProgressBar
 
         t = Table(title="cells")
-        for col in ("cell", "state", "test macro AUROC [95% CI]", "elapsed"):
+        for col in ("cell", "state", f"{self.metric} [95% CI]", "elapsed"):
             t.add_column(col)
         colours = {"FINISHED": "green", "FAILED": "red", "RUNNING": "cyan", "RETRYING": "yellow", "PENDING": "dim"}
         for cell, row in self.cells.items():

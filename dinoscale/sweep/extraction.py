@@ -15,16 +15,37 @@ from dinoscale.sweep.plan import Plan
 
 
 @dataclass
+class SplitInputs:
+    """One feature set to write: a split of the dataset in one view (see ``dinoscale.sweep.plan.VIEWS``)."""
+
+    split: str
+    key: FeatureKey
+    view: str  # images | volumes | slices
+    tokens: str
+    paths: list[str]
+    sample_ids: list[str]  # one per path (image / volume)
+    n_slices: list[int] | None = None  # volumes: the manifest's slice counts
+    pet_paths: list[str] | None = None  # PET/CT: the PET volume of each CT
+
+    def row_ids(self) -> list[str]:
+        """The ids of the stored rows: one per image or volume, or ``<volume>#<slice>`` per slice."""
+        return slice_row_ids(self.sample_ids, self.n_slices) if self.view == "slices" else list(self.sample_ids)
+
+
+def slice_row_ids(sample_ids, n_slices) -> list[str]:
+    return [f"{sid}#{k}" for sid, n in zip(sample_ids, n_slices) for k in range(int(n))]
+
+
+@dataclass
 class ExtractionJob:
     backbone: str
     weights: str
     weights_seed: int
     resolution: int
-    tokens: str
     interpolation: str
     batch_size: int
-    splits: list[tuple[str, FeatureKey, list[str], list[str]]]  # (split, key, paths, sample_ids)
-    volume_pool: str | None = None  # set: 3D volumes, slice features pooled per volume
+    splits: list[SplitInputs]
+    volume_pool: str = "mean"  # volumes view: how slice features are pooled per volume
     window: tuple[float, float] | None = None  # CT window (HU) for volumes
 
     @property
@@ -36,7 +57,7 @@ class ExtractionJob:
 class ExtractionReport:
     feature_sets_extracted: int = 0
     feature_sets_cached: int = 0
-    images: int = 0
+    images: int = 0  # backbone inputs forwarded: 2D images, or slices of volumes
     forward_batches: int = 0
     forward_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -46,20 +67,23 @@ class ExtractionReport:
 def plan_jobs(plan: Plan) -> list[ExtractionJob]:
     if plan.dataset is None:
         raise RuntimeError(f"cannot extract without data: {plan.dataset_error}")
-    from dinoscale.sweep.plan import is_volume_dataset, volume_window
+    from dinoscale.sweep.plan import volume_window
 
     spec, jobs = plan.spec, {}
-    volume = is_volume_dataset(plan.dataset)
     for fs in plan.missing:
         df = plan.dataset.split(fs.split)
         bb = fs.backbone
         job = jobs.setdefault(
             (bb.name, bb.weights, fs.resolution),
-            ExtractionJob(bb.name, bb.weights, bb.weights_seed, fs.resolution, spec.features.tokens,
-                          spec.features.interpolation, spec.features.batch_size, [],
-                          spec.features.volume_pool if volume else None, volume_window(spec) if volume else None),
+            ExtractionJob(bb.name, bb.weights, bb.weights_seed, fs.resolution, spec.features.interpolation,
+                          spec.features.batch_size, [], spec.features.volume_pool, volume_window(spec)),
         )
-        job.splits.append((fs.split, fs.key, df["path"].tolist(), df["sample_id"].astype(str).tolist()))
+        volumes = fs.view != "images"
+        job.splits.append(SplitInputs(
+            fs.split, fs.key, fs.view, fs.key.tokens.split("@")[0], df["path"].tolist(), df["sample_id"].astype(str).tolist(),
+            df["n_slices"].astype(int).tolist() if volumes else None,
+            df["pet_path"].tolist() if volumes and "pet_path" in df.columns else None,
+        ))
     return list(jobs.values())
 
 
@@ -69,10 +93,8 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
     ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach."""
     import torch
 
-    from dinoscale.features.extract import extract_features, extract_volume_features, pick_device
-    from dinoscale.models import load_backbone
-
-    from dinoscale.models import gflops_per_image
+    from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices, pick_device
+    from dinoscale.models import gflops_per_image, load_backbone
 
     store = FeatureStore(store_root)
     t0 = time.perf_counter()
@@ -81,21 +103,26 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
     gflops = gflops_per_image(job.backbone, job.resolution)
     out = {"job": job.label, "device": str(device), "images": 0, "slices": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0,
            "gflops_per_image": gflops, "oom_backoffs": 0, "weights_sha256": backbone.weights.get("sha256", "")}
-    for split, key, paths, ids in job.splits:
+    for s in job.splits:
+        key = s.key
         if store.has(key):  # written meanwhile by another worker
             continue
-        if job.volume_pool:
-            feats, stats = extract_volume_features(backbone, paths, job.resolution, job.tokens, job.volume_pool,
+        if s.view == "volumes":
+            feats, stats = extract_volume_features(backbone, s.paths, job.resolution, s.tokens, job.volume_pool,
                                                    job.interpolation, job.batch_size, window=job.window, device=device)
+        elif s.view == "slices":
+            feats, stats = extract_volume_slices(backbone, s.paths, s.n_slices, job.resolution, s.tokens, job.interpolation,
+                                                 job.batch_size, window=job.window, pet_paths=s.pet_paths, device=device,
+                                                 out_dtype=key.dtype)
         else:
-            feats, stats = extract_features(backbone, paths, job.resolution, job.tokens, job.interpolation, job.batch_size,
+            feats, stats = extract_features(backbone, s.paths, job.resolution, s.tokens, job.interpolation, job.batch_size,
                                             device, out_dtype=key.dtype)
         if backbone.weights["digest"] != key.weights_digest:
             raise RuntimeError(f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}")
-        store.put(key, feats, ids, extra={"backbone_name": job.backbone, "split": split, "n_params": backbone.n_params,
-                                          "weights_kind": backbone.weights["kind"], "seconds": stats.seconds,
-                                          "gflops_per_image": gflops, "device": str(device),
-                                          **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {})})
+        store.put(key, feats, s.row_ids(), extra={
+            "backbone_name": job.backbone, "split": s.split, "view": s.view, "n_params": backbone.n_params,
+            "weights_kind": backbone.weights["kind"], "seconds": stats.seconds, "gflops_per_image": gflops, "device": str(device),
+            **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {})})
         out["images"] += stats.images
         out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
         out["batches"] += stats.forward_passes
@@ -132,7 +159,7 @@ def run_extraction_stage(plan: Plan, store_root: Path, num_cpus: float, num_gpus
             continue
         report.per_job.append(res)
         report.feature_sets_extracted += res["stored"]
-        report.images += res["images"]
+        report.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
         report.forward_batches += res["batches"]
         report.forward_seconds += res["forward_seconds"]
         if on_done:

@@ -59,6 +59,7 @@ class FeatureSetPlan:
     n_images: int  # images, or volumes for 3D classification
     cached: bool
     n_slices: int = 0  # backbone forward passes per image / volume, summed (= n_images for 2D)
+    view: str = "images"  # how the rows are laid out: see VIEWS
 
     @property
     def tokens_per_image(self) -> int:
@@ -129,30 +130,79 @@ def is_volume_dataset(ds: PreparedDataset) -> bool:
     return ds.task in CLASSIFICATION_TASKS and "n_slices" in ds.manifest.columns
 
 
+def has_volumes(ds: PreparedDataset) -> bool:
+    return "n_slices" in ds.manifest.columns
+
+
 def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
     from dinoscale.data.windows import window_range
 
     return window_range(spec.dataset.window) if spec.dataset.window is not None else None
 
 
-def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, volume: bool = False) -> FeatureKey:
+TRAINING_STRATEGIES = ("lora", "full")
+CLASSIFICATION_TASKS = ("multilabel", "multiclass")
+DENSE_TASKS = ("segmentation", "instance_segmentation")
+DENSE_PROBES = ("segmentation", "affinity")  # heads on patch-token grids
+BAG_PROBES = ("pool", "abmil")  # slice / tile features grouped per volume / slide
+# Which probes serve which task (checked before a sweep starts).
+TASK_PROBES = {
+    "multilabel": ("linear", "knn", "logreg", "pool"),
+    "multiclass": ("linear", "knn", "logreg", "pool"),
+    "mil": ("abmil", "pool"),
+    "segmentation": ("segmentation",),
+    "instance_segmentation": ("affinity",),
+}
+# The rows of a feature set:
+#   images  - one per manifest row (2D images; WSI tiles, grouped per slide by the trial)
+#   volumes - one per volume, slice features pooled as they stream past (3D classification)
+#   slices  - one per slice of each volume, in volume order (segmentation heads; attention pooling)
+VIEWS = ("images", "volumes", "slices")
+GRID_TOKENS = "patch_grid"
+
+
+def feature_view(volumes: bool, probe: str) -> str:
+    """The view a probe reads; ``volumes``: the dataset is 3D (manifest column n_slices)."""
+    if not volumes:
+        return "images"
+    return "slices" if probe in DENSE_PROBES or probe == "pool" else "volumes"
+
+
+def view_tokens(spec: SweepSpec, probe: str) -> str:
+    """Segmentation heads read the patch-token grid (DESIGN.md); every other probe the spec's token set."""
+    return GRID_TOKENS if probe in DENSE_PROBES else spec.features.tokens
+
+
+def uses_pet(ds: PreparedDataset) -> bool:
+    return "pet_path" in ds.manifest.columns
+
+
+def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, volume: bool = False,
+                view: str | None = None, tokens: str | None = None, pet: bool = False) -> FeatureKey:
+    """``view`` (images | volumes | slices); ``volume=True`` is the older spelling of view='volumes'."""
+    from dinoscale.data.preprocess import PET_SUV_RANGE
+
     f = spec.features
-    # volumes: the CT window and the per-volume pooling change the features, so they are part of the key
-    window = volume_window(spec) if volume else None
+    view = view or ("volumes" if volume else "images")
+    tokens = tokens or f.tokens
+    # volumes: the CT window, the PET fusion and the per-volume pooling change the features: all in the key
+    window = volume_window(spec) if view != "images" else None
+    norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
+    if pet:
+        norm += f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"
+    suffix = {"images": "", "volumes": f"@volume-{f.volume_pool}", "slices": "@slices"}[view]
     return FeatureKey(
         backbone=bb.arch_id,
         weights_digest=bb.weights_digest,
         resolution=resolution,
         interpolation=f.interpolation,
-        normalisation=f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else ""),
-        tokens=f.tokens + (f"@volume-{f.volume_pool}" if volume else ""),
+        normalisation=norm,
+        tokens=tokens + suffix,
         manifest_digest=manifest_digest,
         dtype=f.dtype,
     )
 
 
-TRAINING_STRATEGIES = ("lora", "full")
-CLASSIFICATION_TASKS = ("multilabel", "multiclass")
 # The probe label of lora / full cells: a linear head trained with the encoder. Labelled 'linear' so
 # that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in comparisons.
 FINETUNE_HEAD = "linear"
@@ -195,36 +245,37 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         for b in spec.backbones:  # e.g. CLS features from a model without a CLS token: fail before anything runs
             check_token_set(backbone_facts(b.name), spec.features.tokens)
     feature_sets: list[FeatureSetPlan] = []
-    keys: dict[tuple[str, int], dict[str, str]] = {}
-    needs_features = "frozen" in spec.strategies
+    manifests: dict[str, str] = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
+    keys: dict[tuple[str, int, str], dict[str, str]] = {}  # (backbone, resolution, view) -> split -> digest
+    frozen = "frozen" in spec.strategies
     for bb, res in itertools.product(infos, spec.resolutions):
         if res % bb.patch_size:
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
-        for split in SPLITS:
-            if ds is not None and not needs_features:
-                keys.setdefault((bb.name, res), {})[split] = ds.manifest_digest(split)
-                continue
-            if ds is None:
-                feature_sets.append(FeatureSetPlan(bb, res, split, None, 0, False))
-                continue
-            volume = is_volume_dataset(ds)
-            key = feature_key(spec, bb, res, ds.manifest_digest(split), volume)
-            keys.setdefault((bb.name, res), {})[split] = key.digest
-            rows = ds.manifest[ds.manifest["split"] == split]
-            n_slices = int(rows["n_slices"].sum()) if volume else len(rows)
-            feature_sets.append(FeatureSetPlan(bb, res, split, key, len(rows), store.has(key), n_slices))
+        if not frozen:
+            continue
+        if ds is None:
+            feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False) for split in SPLITS)
+            continue
+        views = {feature_view(has_volumes(ds), p.kind): view_tokens(spec, p.kind) for p in spec.probes}
+        for view, tokens in views.items():
+            for split in SPLITS:
+                key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, pet=view != "images" and uses_pet(ds))
+                keys.setdefault((bb.name, res, view), {})[split] = key.digest
+                rows = ds.manifest[ds.manifest["split"] == split]
+                n_slices = int(rows["n_slices"].sum()) if view != "images" else len(rows)
+                feature_sets.append(FeatureSetPlan(bb, res, split, key, len(rows), store.has(key), n_slices, view))
 
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
         if strategy in TRAINING_STRATEGIES:
             # the encoder is trained on images: a linear head, no cached features
             fields = {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": FINETUNE_HEAD,
-                      "strategy": strategy, "seed": seed, "manifest": keys.get((bb.name, res), {}),
+                      "strategy": strategy, "seed": seed, "manifest": manifests,
                       "finetuning": getattr(spec.finetuning, strategy).model_dump(mode="json")}
             cells.append(Cell(bb, res, FINETUNE_HEAD, strategy, seed, (), _trial_key(spec, fields)))
             continue
         for probe in spec.probes:
-            fk = keys.get((bb.name, res), {})
+            fk = keys.get((bb.name, res, feature_view(has_volumes(ds), probe.kind)), {}) if ds is not None else {}
             fields = {
                 "backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": probe.kind,
                 "strategy": strategy, "seed": seed, "features": fk,

@@ -18,7 +18,10 @@ from ray import tune
 
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.display import SweepProgress, console, print_banner, print_plan, print_summary, provenance_lines
-from dinoscale.sweep.plan import CLASSIFICATION_TASKS, TRAINING_STRATEGIES, Cell, Plan, build_plan, is_volume_dataset
+from dinoscale.headline import headline_for_task
+from dinoscale.sweep.plan import (
+    CLASSIFICATION_TASKS, DENSE_PROBES, GRID_TOKENS, TASK_PROBES, TRAINING_STRATEGIES, Cell, Plan, build_plan, has_volumes,
+)
 from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tracking import (
     DEMO_NOTE, ROLE, SWEEP_ID, default_artifact_location, ensure_experiment, git_commit, log_batch, resolve_tracking_uri,
@@ -30,15 +33,27 @@ class NotRunnableError(RuntimeError):
 
 
 def check_runnable(plan: Plan) -> None:
+    """Probes that fit the dataset's task, token sets that fit the probes, strategies that fit the data:
+    checked before anything starts."""
     ds, spec = plan.dataset, plan.spec
-    if ds.task not in CLASSIFICATION_TASKS:
-        raise NotRunnableError(
-            f"dataset '{ds.name}' is a {ds.task} task; the trial stage runs classification cells (2D images and 3D "
-            "volumes) so far. Segmentation / MIL cells are not wired in yet: `dinoscale plan` works, `sweep` does not.")
+    if ds.task not in TASK_PROBES:
+        raise NotRunnableError(f"dataset '{ds.name}' has task '{ds.task}', which no probe serves")
+    wrong = [p.kind for p in spec.probes if p.kind not in TASK_PROBES[ds.task]]
+    if wrong:
+        raise NotRunnableError(f"probe(s) {wrong} do not fit dataset '{ds.name}' ({ds.task} task); "
+                               f"probes for {ds.task}: {', '.join(TASK_PROBES[ds.task])}")
+    if "pool" in [p.kind for p in spec.probes] and ds.task != "mil" and not has_volumes(ds):
+        raise NotRunnableError(f"probe 'pool' pools the slices of 3D volumes; '{ds.name}' holds 2D images")
+    if "frozen" in spec.strategies and spec.features.tokens == GRID_TOKENS and any(p.kind not in DENSE_PROBES for p in spec.probes):
+        raise NotRunnableError("features.tokens 'patch_grid' is the input of segmentation heads; classification and "
+                               "bag probes need a vector per image (e.g. cls_mean_patch)")
+    if any(c in ds.manifest.columns for c in ("volume_key", "z_start")):
+        raise NotRunnableError(f"dataset '{ds.name}' holds HDF5 volumes (CREMI layout); extraction reads NIfTI / DICOM / "
+                               "raster files so far - convert the volumes to NIfTI and use the 'manifest' adapter")
     training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
-    if training and is_volume_dataset(ds):
-        raise NotRunnableError(f"strategies {training} train the encoder on 2D images; '{ds.name}' holds 3D volumes. "
-                               "Use strategies: [frozen] (slice features pooled per volume).")
+    if training and (has_volumes(ds) or ds.task not in CLASSIFICATION_TASKS):
+        raise NotRunnableError(f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
+                               f"{ds.task} dataset{' of 3D volumes' if has_volumes(ds) else ''}. Use strategies: [frozen].")
 
 
 @dataclass
@@ -93,6 +108,8 @@ def provenance_tags(plan: Plan) -> dict[str, str]:
     kinds = sorted({b.weights_kind for b in {c.backbone for c in plan.cells}})
     demo = spec.is_demo or ds.is_phantom or "random" in kinds
     tags.update({
+        **headline_for_task(ds.task).tags(),
+        "dinoscale.task": ds.task,
         "dinoscale.profile": spec.profile,
         "dinoscale.modality": spec.modality,
         "dinoscale.demo": str(demo).lower(),
@@ -158,16 +175,17 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
         _init_ray(spec, address)
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
         grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs)
-        rows = _collect_rows(plan, grid)
+        headline = headline_for_task(plan.dataset.task)
+        rows = _collect_rows(plan, grid, headline)
         n_failed = sum(r["state"] != "FINISHED" for r in rows)
         log_batch(client, parent_id, step=step, metrics={
             "trials_total": len(rows), "trials_failed": n_failed, "trials_wall_seconds": trials_seconds,
-            "trials_reused_from_record": sum(r["reused"] for r in rows), **_best_metrics(rows),
+            "trials_reused_from_record": sum(r["reused"] for r in rows), **_best_metrics(rows, headline),
         })
         if not quiet:
             demo = client.get_run(parent_id).data.tags.get("dinoscale.demo") == "true"
-            print_summary(rows, f"{spec.name}: test macro AUROC with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
-                          f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if demo else ""))
+            print_summary(rows, f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
+                          f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if demo else ""), headline)
         report_dir = None
         if analyze and n_failed < len(rows):
             from dinoscale.analysis import analyze_sweep
@@ -237,7 +255,7 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
 def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inputs: list):
     import ray
 
-    from dinoscale.sweep.trial import SplitLabels, SweepContext, cell_trainable
+    from dinoscale.sweep.trial import SweepContext, cell_trainable, split_labels
 
     spec, ds = plan.spec, plan.dataset
     parent_tags = client.get_run(state.parent_run_id).data.tags
@@ -247,8 +265,9 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
         spec_json=spec.model_dump(mode="json"),
         cells={c.id: c for c in plan.cells},
         classes=ds.classes,
-        splits={s: SplitLabels(ds.split(s)["sample_id"].astype(str).tolist(), ds.split(s)["patient_id"].astype(str).to_numpy(),
-                               ds.labels(s), ds.split(s)["path"].tolist()) for s in ("train", "val", "test")},
+        splits={s: split_labels(ds, s) for s in ("train", "val", "test")},
+        task=ds.task,
+        mask_labels=dict(ds.mask_labels),
         checkpoint_root=str(plan.storage / "checkpoints"),
         store_root=str(plan.storage / "features"),
         tracking_uri=state.tracking_uri,
@@ -261,7 +280,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     cells = ctx.cells
     trainable = tune.with_resources(tune.with_parameters(cell_trainable, ctx=ctx),
                                     lambda config: trial_resources(cells[config["cell"]], spec, has_gpu))
-    progress = None if quiet else SweepProgress([c.id for c in plan.cells])
+    progress = None if quiet else SweepProgress([c.id for c in plan.cells], headline_for_task(ds.task))
     timer = _TrialTimer()
     callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
     run_config = tune.RunConfig(
@@ -328,7 +347,9 @@ class _ProgressCallback(tune.Callback):
         self.progress.update(trial.config["cell"], "RETRYING")
 
 
-def _collect_rows(plan: Plan, grid) -> list[dict]:
+def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
+    """One row per cell; ``metric`` / ``metric_ci_low`` / ``metric_ci_high`` / ``val_metric`` hold the headline."""
+    h = headline
     rows = []
     for result in grid:
         cid = result.config["cell"] if result.config else None
@@ -337,9 +358,9 @@ def _collect_rows(plan: Plan, grid) -> list[dict]:
         rows.append({
             "cell": cid, "backbone": cell.backbone.name, "n_params": cell.backbone.n_params,
             "resolution": cell.resolution, "probe": cell.probe, "strategy": cell.strategy, "seed": cell.seed,
-            "state": "FINISHED" if result.error is None and "test_macro_auroc" in m else "FAILED",
-            "test_macro_auroc": m.get("test_macro_auroc"), "test_macro_auroc_ci_low": m.get("test_macro_auroc_ci_low"),
-            "test_macro_auroc_ci_high": m.get("test_macro_auroc_ci_high"), "val_macro_auroc": m.get("val_macro_auroc"),
+            "state": "FINISHED" if result.error is None and h.test in m else "FAILED",
+            "metric": m.get(h.test), "metric_ci_low": m.get(f"{h.test}_ci_low"), "metric_ci_high": m.get(f"{h.test}_ci_high"),
+            "val_metric": m.get(h.val), h.test: m.get(h.test),
             "selected": ", ".join(f"{k[9:]}={m[k]:g}" for k in sorted(m) if k.startswith("selected_")),
             "mlflow_run_id": m.get("mlflow_run_id"), "reused": int(m.get("reused_record", 0) or 0),
             "time_own_work_s": m.get("time_own_work_s"), "trial_wall_s": getattr(grid, "trial_wall_s", {}).get(cid),
@@ -347,9 +368,10 @@ def _collect_rows(plan: Plan, grid) -> list[dict]:
     return rows
 
 
-def _best_metrics(rows: list[dict]) -> dict:
-    ok = [r for r in rows if r["state"] == "FINISHED"]
+def _best_metrics(rows: list[dict], headline) -> dict:
+    ok = [r for r in rows if r["state"] == "FINISHED" and r["val_metric"] is not None]
     if not ok:
         return {}
-    best = max(ok, key=lambda r: r["val_macro_auroc"])  # chosen on val, reported on test
-    return {"best_val_macro_auroc": best["val_macro_auroc"], "best_cell_test_macro_auroc": best["test_macro_auroc"]}
+    sign = 1 if headline.goal == "max" else -1
+    best = max(ok, key=lambda r: sign * r["val_metric"])  # chosen on val, reported on test
+    return {f"best_{headline.val}": best["val_metric"], f"best_cell_{headline.test}": best["metric"]}

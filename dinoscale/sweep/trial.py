@@ -26,10 +26,47 @@ from dinoscale.sweep.plan import TRAINING_STRATEGIES, Cell
 
 @dataclass
 class SplitLabels:
+    """One split as the metric sees it: one entry per unit scored (an image, a volume or a slide)."""
+
     sample_ids: list[str]
     patient_ids: np.ndarray
-    labels: np.ndarray  # (n, C)
+    labels: np.ndarray  # (n, C); (n, 0) for segmentation tasks
     paths: list[str] = field(default_factory=list)  # image files, for strategies that train the encoder
+    members: list[list[str]] | None = None  # MIL: the feature rows (tiles) of each slide
+    n_slices: list[int] | None = None  # volumes: slices per volume (feature rows '<id>#<k>')
+    mask_paths: list[str] | None = None  # segmentation: label map of each image / volume
+
+    def row_groups(self, view: str) -> list[list[str]]:
+        """The feature-store row ids that make up each unit, for a feature set of ``view``."""
+        from dinoscale.sweep.extraction import slice_row_ids
+
+        if view == "slices":
+            return [slice_row_ids([sid], [n]) for sid, n in zip(self.sample_ids, self.n_slices)]
+        if self.members is not None:
+            return self.members
+        return [[sid] for sid in self.sample_ids]
+
+
+def split_labels(ds, split: str) -> SplitLabels:
+    """The units of a prepared dataset's split: rows of the manifest, or slides (bags of tile rows)."""
+    df = ds.split(split)
+    ids = df["sample_id"].astype(str)
+    if ds.task == "mil":
+        df = df.assign(bag_id=df["bag_id"].astype(str), sample_id=ids)
+        mixed = df.groupby("bag_id")[ds.classes].nunique().gt(1).any(axis=1)
+        if mixed.any():
+            raise ValueError(f"slide(s) {list(mixed.index[mixed])[:5]} have tiles with different slide labels")
+        first = df.drop_duplicates("bag_id")  # slides in order of first appearance
+        members = df.groupby("bag_id", sort=False)["sample_id"].apply(list)
+        return SplitLabels(first["bag_id"].tolist(), first["patient_id"].astype(str).to_numpy(),
+                           first[ds.classes].to_numpy(dtype="float32"), [], members=members.loc[first["bag_id"]].tolist())
+    return SplitLabels(
+        ids.tolist(), df["patient_id"].astype(str).to_numpy(),
+        df[ds.classes].to_numpy(dtype="float32") if ds.classes else np.zeros((len(df), 0), np.float32),
+        df["path"].tolist(),
+        n_slices=df["n_slices"].astype(int).tolist() if "n_slices" in df.columns else None,
+        mask_paths=df["mask_path"].tolist() if "mask_path" in df.columns else None,
+    )
 
 
 @dataclass
@@ -47,29 +84,74 @@ class SweepContext:
     run_tags: dict[str, str] = field(default_factory=dict)  # provenance etc., copied to every child
     dataset_inputs: list = field(default_factory=list)  # split manifests as MLflow datasets
     checkpoint_root: str | None = None  # lora / full checkpoints, keyed by trial key (on shared storage)
+    task: str = "multilabel"  # the dataset's task (dinoscale.data.TASKS): decides the probe inputs and the headline
+    mask_labels: dict[int, str] = field(default_factory=dict)  # segmentation: mask value -> structure
 
     @property
     def spec(self) -> SweepSpec:
         return SweepSpec.model_validate(self.spec_json)
 
 
-def _load_split(store: FeatureStore, digest: str, split: str, labels: SplitLabels) -> Split:
+def _load_rows(store: FeatureStore, digest: str, split: str, groups: list[list[str]]) -> list[np.ndarray]:
+    """The cached rows of each unit (in unit order), checked against what the manifest lists."""
     fs = store.get(digest)
-    if fs.sample_ids != labels.sample_ids:
+    index = {sid: i for i, sid in enumerate(fs.sample_ids)}
+    wanted = [sid for g in groups for sid in g]
+    if len(index) != len(fs.sample_ids) or len(wanted) != len(index) or any(sid not in index for sid in wanted):
         raise RuntimeError(f"feature set {digest} ({split}) lists other samples than the manifest; extract again")
-    return Split(fs.features.astype(np.float32), labels.labels)
+    x = fs.features
+    return [x[[index[sid] for sid in g]] for g in groups]
+
+
+def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str, view: str):
+    """The probe's input for one split: ``Split`` (one feature row per unit), ``BagSplit`` (rows grouped
+    per volume / slide) or ``SegSplit`` (slice grids stacked per volume + label maps)."""
+    from dinoscale.probes import BagSplit, SegSplit
+    from dinoscale.sweep.plan import BAG_PROBES, DENSE_PROBES
+
+    labels = ctx.splits[split]
+    rows = _load_rows(store, dict(cell.feature_keys)[split], split, labels.row_groups(view))
+    if cell.probe in DENSE_PROBES:
+        from dinoscale.data.masks import load_label_maps
+
+        x = _stack(rows, labels, "feature maps")
+        if view == "images":
+            x = x[:, 0]  # (n, D, h, w): one 2D image per unit
+        n_classes = _probe_spec(cell, ctx.spec).n_classes if cell.probe == "segmentation" else None
+        y = load_label_maps(labels.mask_paths, labels.n_slices if view == "slices" else None, n_classes)
+        return SegSplit(x.astype(np.float32), y, labels.patient_ids)
+    if cell.probe in BAG_PROBES:
+        return BagSplit([r.astype(np.float32) for r in rows], labels.labels)
+    return Split(np.concatenate(rows).astype(np.float32), labels.labels)
+
+
+def _probe_spec(cell: Cell, spec: SweepSpec):
+    return next(p for p in spec.probes if p.kind == cell.probe)
+
+
+def _stack(rows: list[np.ndarray], labels: SplitLabels, what: str) -> np.ndarray:
+    shapes = {r.shape for r in rows}
+    if len(shapes) > 1:
+        first = rows[0].shape
+        odd = next(i for i, r in enumerate(rows) if r.shape != first)
+        raise ValueError(f"{what}: volume {labels.sample_ids[odd]} has shape {rows[odd].shape}, {labels.sample_ids[0]} "
+                         f"{first}; segmentation cells stack volumes, so every volume needs the same number of slices "
+                         "(resample or crop the volumes to one shape)")
+    return np.stack(rows)
 
 
 def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = None, on_epoch=None) -> dict:
     if cell.strategy in TRAINING_STRATEGIES:
         return evaluate_finetune_cell(cell, ctx, checkpoint_root, on_epoch)
+    from dinoscale.sweep.plan import feature_view
+
     spec = ctx.spec
     store = FeatureStore(ctx.store_root)
-    keys = dict(cell.feature_keys)
+    view = feature_view(ctx.splits["train"].n_slices is not None, cell.probe)
     t0 = time.perf_counter()
-    train, val, test = (_load_split(store, keys[s], s, ctx.splits[s]) for s in ("train", "val", "test"))
+    train, val, test = (_probe_inputs(cell, ctx, store, s, view) for s in ("train", "val", "test"))
     t_load = time.perf_counter() - t0
-    probe_spec = next(p for p in spec.probes if p.kind == cell.probe)
+    probe_spec = _probe_spec(cell, spec)
     t1 = time.perf_counter()
     if spec.search.n_trials > 1:
         from dinoscale.search import search_probe
@@ -78,9 +160,30 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
     else:
         result = run_probe(probe_spec, train, val, test, seed=cell.seed)
     t_probe = time.perf_counter() - t1
-    extra = {"feature_dim": train.x.shape[1], "probe_candidates": result.candidates, "time_feature_load_s": t_load,
+    dim = train.x[0].shape[-1] if isinstance(train.x, list) else train.x.shape[-3 if train.x.ndim >= 4 else 1]
+    extra = {"feature_dim": dim, "probe_candidates": result.candidates, "time_feature_load_s": t_load,
              "time_probe_s": t_probe, "search_trials": spec.search.n_trials}
+    if ctx.task in ("segmentation", "instance_segmentation"):
+        return _scored_dense(cell, ctx, result.test_scores, test.y, result.val_metric, result.selected, extra)
     return _scored(cell, ctx, result.test_scores, result.val_metric, result.selected, extra)
+
+
+def _axes(cell: Cell, ctx: SweepContext) -> dict:
+    """Numeric sweep axes mirrored as metrics (MLflow sorts params as strings), and the split sizes."""
+    test = ctx.splits["test"]
+    return {
+        "n_params": cell.backbone.n_params,
+        "resolution": cell.resolution,
+        "tokens_per_image": cell.backbone.tokens_per_image(cell.resolution),
+        "gflops_per_image": cell.backbone.gflops_per_image(cell.resolution),  # the compute axis
+        "seed": cell.seed,
+        "n_train": len(ctx.splits["train"].sample_ids), "n_val": len(ctx.splits["val"].sample_ids), "n_test": len(test.sample_ids),
+        "n_test_patients": len(set(test.patient_ids)),
+    }
+
+
+def _selected_metrics(selected: dict) -> dict:
+    return {f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))}
 
 
 def _scored(cell: Cell, ctx: SweepContext, test_scores: np.ndarray, val_metric: float, selected: dict, extra: dict) -> dict:
@@ -94,22 +197,45 @@ def _scored(cell: Cell, ctx: SweepContext, test_scores: np.ndarray, val_metric: 
         **ci.as_dict("test_macro_auroc"),
         "val_macro_auroc": val_metric,
         **{f"test_auroc_{c}": float(v) for c, v in zip(ctx.classes, per_class) if np.isfinite(v)},
-        # numeric axes mirrored as metrics (MLflow sorts params as strings)
-        "n_params": cell.backbone.n_params,
-        "resolution": cell.resolution,
-        "tokens_per_image": cell.backbone.tokens_per_image(cell.resolution),
-        "gflops_per_image": cell.backbone.gflops_per_image(cell.resolution),  # the compute axis
-        "seed": cell.seed,
-        "n_train": len(ctx.splits["train"].labels), "n_val": len(ctx.splits["val"].labels), "n_test": len(y),
-        "n_test_patients": len(set(test_labels.patient_ids)),
+        **_axes(cell, ctx),
         "bootstrap_resamples_valid": ci.resamples,
         **extra,
-        **{f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))},
+        **_selected_metrics(selected),
     }
     predictions = pd.DataFrame({"sample_id": test_labels.sample_ids, "patient_id": test_labels.patient_ids})
     for j, c in enumerate(ctx.classes):
         predictions[f"label_{c}"] = y[:, j].astype(int)
         predictions[f"score_{c}"] = test_scores[:, j]
+    return {"metrics": metrics, "selected": selected, "predictions": predictions}
+
+
+def _scored_dense(cell: Cell, ctx: SweepContext, pred: np.ndarray, target: np.ndarray, val_metric: float, selected: dict,
+                  extra: dict) -> dict:
+    """Segmentation (Dice, per class, HD95) or EM instances (VOI, ARAND): per-volume values, their means
+    with patient-level intervals, and the per-volume table as the run's predictions."""
+    from dinoscale.headline import headline_for_task
+    from dinoscale.metrics import instance_per_volume, segmentation_per_volume, summarise_per_volume
+
+    bs = ctx.spec.metrics.bootstrap
+    test = ctx.splits["test"]
+    head = headline_for_task(ctx.task)
+    if ctx.task == "segmentation":
+        n_classes = _probe_spec(cell, ctx.spec).n_classes
+        names = [ctx.mask_labels.get(c, str(c)) for c in range(1, n_classes)]
+        values = segmentation_per_volume(pred, target, n_classes, names)
+    else:
+        values = instance_per_volume(pred, target)
+    metrics = {
+        **summarise_per_volume(values, test.patient_ids, bs.resamples, bs.level, bs.seed),
+        head.val: val_metric if head.goal == "max" else -val_metric,  # probes maximise: VOI is selected as -VOI
+        **_axes(cell, ctx),
+        "n_test_volumes_scored": int(np.isfinite(values[head.name]).sum()),
+        **extra,
+        **_selected_metrics(selected),
+    }
+    if head.test not in metrics:
+        raise RuntimeError(f"no test volume has a defined {head.name} (every volume empty in both prediction and mask)")
+    predictions = pd.DataFrame({"sample_id": test.sample_ids, "patient_id": test.patient_ids, **values})
     return {"metrics": metrics, "selected": selected, "predictions": predictions}
 
 
@@ -182,12 +308,14 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from dinoscale.headline import headline_for_task
     from dinoscale.tracking import finished_child_metrics, find_or_create_child, log_batch, with_retries
 
     t_start = time.perf_counter()
     cell = ctx.cells[config["cell"]]
     client = MlflowClient(ctx.tracking_uri)
-    done = with_retries(finished_child_metrics, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, "test_macro_auroc")
+    headline = headline_for_task(ctx.task)
+    done = with_retries(finished_child_metrics, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, headline.test)
     if done is not None:
         tune.report({**done, "cell": cell.id, "reused_record": 1, "time_own_work_s": time.perf_counter() - t_start})
         return

@@ -1,0 +1,59 @@
+"""Label maps for segmentation trials, read the way their images were read for extraction.
+
+Volumes go through the same MONAI ``LoadImage`` as ``build_volume_transform`` (no reorientation on
+either side), so voxel (i, j, k) of a mask is voxel (i, j, k) of its image by construction; slice k
+along the last axis is feature row ``<volume>#<k>``. 2D masks are read with MONAI's PIL reader.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from dinoscale.data import DataError
+
+
+def _read_mask(path: str) -> np.ndarray:
+    from monai.transforms import LoadImage
+
+    try:
+        arr = np.asarray(LoadImage(image_only=True)(str(path)))
+    except Exception as e:  # MONAI wraps reader errors; name the file either way
+        raise DataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from e
+    if arr.ndim >= 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if np.any(arr != np.round(arr)):
+        raise DataError(f"{path}: a label map holds integers; found fractional values")
+    return arr.astype(np.int64)
+
+
+def load_label_maps(mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None) -> np.ndarray:
+    """(n, H, W) for 2D images, (n, S, H, W) for volumes (slices along the file's last axis).
+
+    ``n_classes``: semantic labels must lie in [0, n_classes); None: instance ids (any non-negative).
+    Every mask must have the same shape (they are stacked), and a volume's mask as many slices as the
+    manifest says its image has."""
+    if not mask_paths:
+        raise DataError("this dataset lists no masks (manifest column 'mask_path'); segmentation probes need them")
+    maps = []
+    for i, path in enumerate(mask_paths):
+        arr = _read_mask(path)
+        if n_slices is not None:
+            if arr.ndim != 3 or arr.shape[-1] != int(n_slices[i]):
+                raise DataError(f"{path}: mask of shape {tuple(arr.shape)} does not match its image "
+                                f"({int(n_slices[i])} slices along the last axis)")
+            arr = np.moveaxis(arr, -1, 0)  # (S, H, W)
+        elif arr.ndim != 2:
+            raise DataError(f"{path}: expected a 2D label map, got shape {tuple(arr.shape)}")
+        if arr.min(initial=0) < 0:
+            raise DataError(f"{path}: negative label {int(arr.min())}")
+        if n_classes is not None and arr.max(initial=0) >= n_classes:
+            bad = sorted(int(v) for v in np.unique(arr[arr >= n_classes]))
+            raise DataError(f"{path}: label value(s) {bad[:10]} outside the probe's {n_classes} classes "
+                            f"(0..{n_classes - 1}); set the probe's n_classes to the dataset's label count")
+        if maps and arr.shape != maps[0].shape:
+            raise DataError(f"{path}: mask shape {tuple(arr.shape)} differs from {mask_paths[0]} {tuple(maps[0].shape)}; "
+                            "segmentation cells stack volumes, so every image / volume needs one shape")
+        maps.append(arr)
+    return np.stack(maps)
