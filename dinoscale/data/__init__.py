@@ -59,14 +59,14 @@ class PreparedDataset:
             h.update(f"{self.name}|{','.join(self.classes)}|{split}\n".encode())
             for row in df.itertuples(index=False):
                 p = Path(row.path)
-                size = p.stat().st_size if p.exists() else -1
+                size = _size(p)
                 labels = "".join(str(int(getattr(row, c))) for c in self.classes) if self.classes else ""
                 h.update(f"{row.sample_id}|{row.patient_id}|{p.name}|{size}|{labels}\n".encode())
                 for col in extra:  # only for manifests that have them: 2D digests are unchanged
                     v = getattr(row, col)
                     if col in FILE_COLUMNS and isinstance(v, str) and v:
                         q = Path(v)
-                        v = f"{q.name}:{q.stat().st_size if q.exists() else -1}"
+                        v = f"{q.name}:{_size(q)}"
                     h.update(f"{col}={v}\n".encode())
             self._digests[split] = h.hexdigest()[:16]
         return self._digests[split]
@@ -74,6 +74,14 @@ class PreparedDataset:
     @property
     def is_phantom(self) -> bool:
         return self.provenance.get("data.source") == "phantom"
+
+
+def _size(p: Path) -> str | int:
+    """A file's size; for a folder (a DICOM series) its file count and total size; -1 when missing."""
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        return f"{len(files)}files:{sum(f.stat().st_size for f in files)}"
+    return p.stat().st_size if p.exists() else -1
 
 
 _REGISTRY: dict[str, tuple[Callable[..., PreparedDataset], bool]] = {}

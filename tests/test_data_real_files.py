@@ -1,0 +1,93 @@
+"""Real files that ship inside installed packages (pydicom's MR and CT, nibabel's NIfTI test volumes),
+read through dinoscale's MONAI readers: shape, orientation and intensity units."""
+
+import copy
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def test_real_mr_slice_keeps_its_values_and_layout():
+    from dinoscale.data.readers import read_image
+
+    path = get_testdata_file("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.Modality == "MR" and ds.PhotometricInterpretation == "MONOCHROME2" and "RescaleSlope" not in ds
+    img = read_image(path)
+    assert img.shape == (ds.Rows, ds.Columns) == (64, 64)  # [rows, cols], display order
+    np.testing.assert_array_equal(img, ds.pixel_array.astype(np.float32))  # no rescale: MR arbitrary units
+
+
+def _series(folder: Path, order=(3, 0, 4, 1, 2), spacing=2.5) -> list[int]:
+    """A 5-slice CT series built from pydicom's real CT slice: files written in shuffled order, each slice
+    at its own table position with a marker value in its corner."""
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder.mkdir()
+    for i, k in enumerate(order):
+        ds = copy.deepcopy(src)
+        arr = ds.pixel_array.copy()
+        arr[0, 0] = 1000 + 10 * k
+        ds.PixelData = arr.tobytes()
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing]
+        ds.SliceLocation, ds.InstanceNumber = k * spacing, k + 1
+        ds.save_as(folder / f"img{i:02d}.dcm")
+    return [1000 + 10 * k + int(src.RescaleIntercept) for k in range(len(order))]  # HU, by position
+
+
+def test_dicom_series_folder_is_one_volume_sorted_by_position_in_hu(tmp_path):
+    from dinoscale.data.preprocess import build_volume_transform
+
+    expected_hu = _series(tmp_path / "series")
+    lo, hi = -1024.0, 3071.0
+    load, _ = build_volume_transform(32, [0.5] * 3, [0.5] * 3, window=(lo, hi))
+    vol = load(str(tmp_path / "series"))
+    assert tuple(vol.shape) == (128, 128, 5)  # rows x cols x slices, whatever the file order
+    np.testing.assert_allclose(vol[0, 0, :].numpy(), (np.array(expected_hu) - lo) / (hi - lo), rtol=1e-6)
+
+
+def test_a_dicom_series_feeds_volume_extraction_and_its_digest_tracks_the_files(tmp_path):
+    from dinoscale.data.manifest import prepare_manifest  # noqa: F401  (registration)
+    from dinoscale.features.extract import extract_volume_slices
+    from dinoscale.models import load_backbone
+
+    _series(tmp_path / "s1")
+    xs = load_backbone("dinov3-demo-xs", "random", seed=0)
+    import torch
+
+    feats, stats = extract_volume_slices(xs, [str(tmp_path / "s1")], [5], 32, "cls_mean_patch", window=(-160, 240),
+                                         device=torch.device("cpu"), num_workers=0)
+    assert feats.shape == (5, 2 * xs.model.num_features) and stats.slices == 5
+    from dinoscale.data import PreparedDataset
+
+    df = pd.DataFrame({"sample_id": ["a"], "patient_id": ["p"], "path": [str(tmp_path / "s1")], "split": ["train"], "n_slices": [5]})
+    before = PreparedDataset("x", "segmentation", [], df, {}, tmp_path).manifest_digest("train")
+    (tmp_path / "s1" / "img00.dcm").unlink()  # one slice less: another dataset
+    after = PreparedDataset("x", "segmentation", [], df, {}, tmp_path).manifest_digest("train")
+    assert before != after
+
+
+def test_real_las_nifti_is_reoriented_to_ras():
+    from dinoscale.data.readers import read_volume
+
+    img = nib.load(NIB_DATA / "anatomical.nii")
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+    vol, spacing = read_volume(NIB_DATA / "anatomical.nii")
+    assert vol.shape == (1, 33, 41, 25) and spacing == (2.0, 2.0, 2.0)
+    np.testing.assert_array_equal(vol[0], np.flip(np.asarray(img.dataobj, dtype=np.float32), axis=0))  # L->R: x flipped
+
+
+def test_real_anisotropic_nifti_keeps_its_spacing_and_can_be_resampled():
+    from dinoscale.data.readers import read_volume
+
+    vol, spacing = read_volume(NIB_DATA / "standard.nii.gz")
+    assert vol.shape == (1, 4, 5, 7) and spacing == (1.0, 3.0, 2.0)
+    np.testing.assert_array_equal(vol[0], np.asarray(nib.load(NIB_DATA / "standard.nii.gz").dataobj, dtype=np.float32))
+    iso, sp = read_volume(NIB_DATA / "standard.nii.gz", spacing=(1.0, 1.0, 1.0), mode="nearest")
+    assert sp == pytest.approx((1.0, 1.0, 1.0)) and iso.shape[1:] == (4, 13, 13)  # 5 x 3 mm -> 13, 7 x 2 mm -> 13
