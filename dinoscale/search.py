@@ -9,7 +9,9 @@ ones. Selection is on val only; the caller scores the returned best configuratio
   vectorised grid (e.g. all lr x wd heads) inside a trial.
 - ``search_finetune(make_model, train, val, base_cfg, n_trials, seed, storage_dir)``: LoRA / full.
   With ``storage_dir`` the study lives in SQLite there and every trial checkpoints, so a retried
-  Ray trial continues the study instead of restarting it.
+  Ray trial continues the study instead of restarting it: finished (complete or pruned) trials are
+  kept, and a trial that was interrupted (failed, or left running by a killed process) is run again
+  with its parameters from its last epoch checkpoint. One process at a time per ``storage_dir``.
 """
 
 from __future__ import annotations
@@ -88,21 +90,43 @@ def _summary(study) -> StudyResult:
         best_params=dict(best.params) if best else {}, best_value=float(best.value) if best else float("nan"),
         best_trial=best.number if best else -1, n_complete=len(done),
         n_pruned=sum(s == optuna.trial.TrialState.PRUNED for s in states),
-        trials=[{"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params)} for t in study.trials],
+        trials=[{"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
+                 "user_attrs": dict(t.user_attrs)} for t in study.trials],
     )
 
 
+def _requeue_interrupted(study) -> None:
+    """Queue one retry of each interrupted trial (FAIL, or RUNNING left by a process that died: only one
+    process uses a study at a time) with its parameters, unless a retry is already queued or finished.
+    The retry carries ``resumes_trial`` (the first trial of the chain), which names its checkpoint."""
+    import optuna
+
+    states = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        study.tell(t.number, state=states.FAIL)
+    root = {t.number: t.user_attrs.get("resumes_trial", t.number) for t in study.trials}
+    handled = {root[t.number] for t in study.trials if t.state != states.FAIL}  # queued, or finished
+    for t in study.get_trials(deepcopy=False, states=(states.FAIL,)):  # oldest first; latest params win
+        if root[t.number] not in handled:
+            handled.add(root[t.number])
+            last = [u for u in study.trials if root[u.number] == root[t.number]][-1]
+            study.enqueue_trial(dict(last.params), user_attrs={"resumes_trial": root[t.number]})
+
+
 def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed: int = 0, pruner=None,
-              storage: str | None = None, study_name: str = "cell") -> tuple[StudyResult, Any]:
+              storage: str | None = None, study_name: str = "cell", retry_interrupted: bool = False) -> tuple[StudyResult, Any]:
     """Maximise ``objective(trial) -> (val_metric, payload)``; returns the summary and the payload of the
     best trial run in this process (None when the best finished in an earlier, interrupted process).
-    With ``storage``, finished trials count towards ``n_trials`` and are not rerun."""
+    With ``storage``, finished trials count towards ``n_trials`` and are not rerun; with
+    ``retry_interrupted`` too, interrupted trials are queued again first (``_requeue_interrupted``)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 2)))
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(),
                                 storage=storage, study_name=study_name, load_if_exists=storage is not None)
+    if retry_interrupted and storage is not None:
+        _requeue_interrupted(study)
     best: dict = {"value": -np.inf, "payload": None, "number": -1}
 
     def wrapped(trial):
@@ -147,6 +171,7 @@ def search_finetune(make_model: Callable[[Any], Any], train, val, base_cfg, n_tr
     Returns ``(FinetuneResult of the best trial, with its best-val weights loaded; StudyResult)``.
     ``on_epoch(trial_number, epoch, record)`` is called after every epoch (e.g. to report to Tune)."""
     import optuna
+    import torch
 
     from dinoscale.train import finetune
 
@@ -159,8 +184,15 @@ def search_finetune(make_model: Callable[[Any], Any], train, val, base_cfg, n_tr
     def cfg_of(params_or_trial) -> Any:
         return dataclasses.replace(base_cfg, **space(params_or_trial, base_cfg))
 
+    def checkpoint(number: int, user_attrs: dict) -> Path | None:  # a retried trial continues its first try's
+        return Path(storage_dir) / f"trial_{user_attrs.get('resumes_trial', number)}" if storage_dir is not None else None
+
+    def model_for(cfg):
+        torch.manual_seed(cfg.seed)  # head / adapter init: the same for every trial, whatever ran before
+        return make_model(cfg)
+
     def run(trial, cfg):
-        ckpt = Path(storage_dir) / f"trial_{trial.number}" if storage_dir is not None else None
+        ckpt = checkpoint(trial.number, trial.user_attrs)
 
         def report(epoch, record):
             if on_epoch is not None:
@@ -169,13 +201,13 @@ def search_finetune(make_model: Callable[[Any], Any], train, val, base_cfg, n_tr
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        res = finetune(make_model(cfg), train, val, cfg, checkpoint_dir=ckpt, on_epoch=report, device=device)
+        res = finetune(model_for(cfg), train, val, cfg, checkpoint_dir=ckpt, on_epoch=report, device=device)
         return res.best_val, res
 
     pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_epochs)
-    summary, best = run_study(lambda t: run(t, cfg_of(t)), n_trials, seed, pruner, storage)
+    summary, best = run_study(lambda t: run(t, cfg_of(t)), n_trials, seed, pruner, storage, retry_interrupted=True)
     if best is None and summary.best_trial >= 0:  # best finished before an interruption: reload it
         cfg = cfg_of(optuna.trial.FixedTrial(summary.best_params))
-        ckpt = Path(storage_dir) / f"trial_{summary.best_trial}"
-        best = finetune(make_model(cfg), train, val, cfg, checkpoint_dir=ckpt, device=device)
+        ckpt = checkpoint(summary.best_trial, summary.trials[summary.best_trial]["user_attrs"])
+        best = finetune(model_for(cfg), train, val, cfg, checkpoint_dir=ckpt, device=device)
     return best, summary
