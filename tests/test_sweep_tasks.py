@@ -151,3 +151,25 @@ def test_ct_pool_probe_reads_slice_rows_and_linear_reads_pooled_volumes(tmp_path
     pool = next(r for r in runs if r.data.params["probe"] == "pool")
     assert pool.data.tags["selected.pooling"] in ("mean", "attention")
     assert int(pool.data.metrics["n_test"]) == len(out.plan.dataset.split("test"))
+
+
+def test_cremi_hdf5_section_blocks_run_as_volumes(tmp_path, ray_local):
+    import h5py
+
+    ids = np.ones((20, 32, 32), np.uint64)
+    ids[:, :16, 16:], ids[:, 16:, :16], ids[:, 16:, 16:] = 2, 3, 4  # four neurons per section
+    raw = np.full(ids.shape, 200, np.uint8)
+    raw[:, 15:17, :], raw[:, :, 15:17] = 40, 40  # dark membranes between them
+    for s in "AB":
+        with h5py.File(tmp_path / f"sample_{s}_20160501.hdf", "w") as f:
+            f["volumes/raw"], f["volumes/labels/neuron_ids"] = raw, ids
+    raw_spec = _spec(tmp_path, "em", {"kind": "affinity", "epochs": 3, "thresholds": [0.5], "batch_size": 2, "hidden_dim": 8})
+    raw_spec["dataset"] = {"name": "cremi", "root": str(tmp_path), "subset": "A,B", "split": {"val_fraction": 0.2, "test_fraction": 0.25}}
+    raw_spec["resolutions"], raw_spec["profile"] = [32], "paper"
+    out = run_sweep(parse_spec(raw_spec), project_dir=tmp_path, quiet=True, analyze=False)
+    assert [r["state"] for r in out.rows] == ["FINISHED"]
+    assert {f.split: f.n_slices for f in out.plan.feature_sets} == {"train": 22, "val": 8, "test": 10}  # 11 / 4 / 5 sections x 2
+    client, runs = _children(out)
+    m = runs[0].data.metrics
+    assert m["n_test"] == 2 and np.isfinite(m["test_voi"]) and runs[0].data.tags["data.source"] == "real"
+    assert _predictions(client, runs[0].info.run_id)["sample_id"].tolist() == ["A:15-20", "B:15-20"]

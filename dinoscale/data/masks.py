@@ -17,6 +17,10 @@ from dinoscale.data import DataError
 def _read_mask(path: str) -> np.ndarray:
     from monai.transforms import LoadImage
 
+    from dinoscale.data.readers import is_hdf5_ref, read_hdf5_ref
+
+    if is_hdf5_ref(path):  # CREMI neuron ids: read like their raw sections
+        return read_hdf5_ref(path).astype(np.int64)
     try:
         arr = np.asarray(LoadImage(image_only=True)(str(path)))
     except Exception as e:  # MONAI wraps reader errors; name the file either way

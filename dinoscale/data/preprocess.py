@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from dinoscale.data import DataError
@@ -99,6 +100,10 @@ def build_volume_transform(
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
 
     def read3d(path: str) -> torch.Tensor:
+        from dinoscale.data.readers import is_hdf5_ref, read_hdf5_ref
+
+        if is_hdf5_ref(path):  # CREMI: a block of sections of an HDF5 dataset
+            return torch.as_tensor(read_hdf5_ref(path).astype(np.float32))
         try:
             vol = load(path)
         except Exception as e:  # MONAI wraps reader errors; name the file either way

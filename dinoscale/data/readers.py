@@ -179,3 +179,34 @@ def iter_slices(paths: Sequence[str | Path], axis: int = -1, window=None, normal
         for k in range(vol.shape[axis]):
             yield v, k, np.take(vol, k, axis=axis)
         del vol
+
+
+# ---------------------------------------------------------------- HDF5 volumes (CREMI)
+
+_REF_SEP = "::"
+
+
+def hdf5_ref(path: str, key: str, z_start: int, z_stop: int) -> str:
+    """A block of sections of an HDF5 dataset as one volume: ``<file>::<dataset>::<z0>:<z1>``."""
+    return f"{path}{_REF_SEP}{key}{_REF_SEP}{int(z_start)}:{int(z_stop)}"
+
+
+def is_hdf5_ref(ref) -> bool:
+    return isinstance(ref, str) and ref.count(_REF_SEP) == 2
+
+
+def read_hdf5_ref(ref: str) -> np.ndarray:
+    """The sections [z0, z1) of an HDF5 dataset stored [z, y, x] -> an array [x, y, z] (NIfTI's layout:
+    section k is ``vol[..., k]``), so images and masks read this way stay voxel-aligned."""
+    import h5py
+
+    path, key, zz = ref.split(_REF_SEP)
+    z0, z1 = (int(v) for v in zz.split(":"))
+    try:
+        with h5py.File(path, "r") as f:
+            arr = f[key][z0:z1]
+    except (OSError, KeyError) as e:
+        raise DataError(f"{path}: cannot read dataset '{key}' sections {z0}-{z1} ({type(e).__name__}: {e})") from e
+    if arr.ndim != 3 or arr.shape[0] != z1 - z0:
+        raise DataError(f"{path}: dataset '{key}' sections {z0}-{z1} have shape {arr.shape}; expected [z, y, x]")
+    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))

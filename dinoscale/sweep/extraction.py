@@ -32,6 +32,15 @@ class SplitInputs:
         return slice_row_ids(self.sample_ids, self.n_slices) if self.view == "slices" else list(self.sample_ids)
 
 
+def volume_paths(df, column: str = "path", key_column: str = "volume_key") -> list[str]:
+    """What the readers open for each row: the file, or for HDF5 blocks (CREMI) ``file::dataset::z0:z1``."""
+    if key_column not in df.columns:
+        return df[column].tolist()
+    from dinoscale.data.readers import hdf5_ref
+
+    return [hdf5_ref(p, k, z0, z1) for p, k, z0, z1 in zip(df[column], df[key_column], df["z_start"], df["z_stop"])]
+
+
 def slice_row_ids(sample_ids, n_slices) -> list[str]:
     return [f"{sid}#{k}" for sid, n in zip(sample_ids, n_slices) for k in range(int(n))]
 
@@ -80,7 +89,7 @@ def plan_jobs(plan: Plan) -> list[ExtractionJob]:
         )
         volumes = fs.view != "images"
         job.splits.append(SplitInputs(
-            fs.split, fs.key, fs.view, fs.key.tokens.split("@")[0], df["path"].tolist(), df["sample_id"].astype(str).tolist(),
+            fs.split, fs.key, fs.view, fs.key.tokens.split("@")[0], volume_paths(df), df["sample_id"].astype(str).tolist(),
             df["n_slices"].astype(int).tolist() if volumes else None,
             df["pet_path"].tolist() if volumes and "pet_path" in df.columns else None,
         ))

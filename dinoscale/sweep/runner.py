@@ -47,9 +47,6 @@ def check_runnable(plan: Plan) -> None:
     if "frozen" in spec.strategies and spec.features.tokens == GRID_TOKENS and any(p.kind not in DENSE_PROBES for p in spec.probes):
         raise NotRunnableError("features.tokens 'patch_grid' is the input of segmentation heads; classification and "
                                "bag probes need a vector per image (e.g. cls_mean_patch)")
-    if any(c in ds.manifest.columns for c in ("volume_key", "z_start")):
-        raise NotRunnableError(f"dataset '{ds.name}' holds HDF5 volumes (CREMI layout); extraction reads NIfTI / DICOM / "
-                               "raster files so far - convert the volumes to NIfTI and use the 'manifest' adapter")
     training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
     if training and (has_volumes(ds) or ds.task not in CLASSIFICATION_TASKS):
         raise NotRunnableError(f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "

@@ -49,6 +49,8 @@ class SplitLabels:
 
 def split_labels(ds, split: str) -> SplitLabels:
     """The units of a prepared dataset's split: rows of the manifest, or slides (bags of tile rows)."""
+    from dinoscale.sweep.extraction import volume_paths
+
     df = ds.split(split)
     ids = df["sample_id"].astype(str)
     if ds.task == "mil":
@@ -65,7 +67,8 @@ def split_labels(ds, split: str) -> SplitLabels:
         df[ds.classes].to_numpy(dtype="float32") if ds.classes else np.zeros((len(df), 0), np.float32),
         df["path"].tolist(),
         n_slices=df["n_slices"].astype(int).tolist() if "n_slices" in df.columns else None,
-        mask_paths=df["mask_path"].tolist() if "mask_path" in df.columns else None,
+        mask_paths=(volume_paths(df, "path", "mask_key") if "mask_key" in df.columns
+                    else df["mask_path"].tolist() if "mask_path" in df.columns else None),
     )
 
 
