@@ -185,7 +185,15 @@ def bench_knn(n=50_000, d=768, q=2_000, c=5, ks=(10, 20, 100, 200), t=0.07):
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
     knn_scores(tx, ty, qx, [20], t)
-    print(f"[knn] single k=20: ours {time.perf_counter() - t0:.2f} s, sklearn {t_one:.2f} s")
+    t_one_ours = time.perf_counter() - t0
+    print(f"[knn] single k=20: ours {t_one_ours:.2f} s, sklearn {t_one:.2f} s")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "probes_knn.json").write_text(json.dumps({
+        "machine": _machine(), "torch_threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
+        "n_train": n, "dim": d, "queries": q, "labels": c, "ks": list(ks), "temperature": t,
+        "ours_s": t_ours, "sklearn_s": t_sk, "speedup": t_sk / t_ours, "identical_neighbour_sets": float(same.mean()),
+        "max_similarity_gap_at_mismatch": max(ties) if ties else 0.0, "max_score_diff": max_diff,
+        "single_k20": {"ours_s": t_one_ours, "sklearn_s": t_one, "speedup": t_one / t_one_ours}}, indent=2))
     return same.mean() > 0.999
 
 
