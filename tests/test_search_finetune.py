@@ -7,24 +7,15 @@ from collections import defaultdict
 import numpy as np
 import optuna
 import pytest
-import torch
-from torch.utils.data import TensorDataset
 
 from dinoscale.metrics import macro_auroc
 from dinoscale.models import load_backbone
 from dinoscale.search import finetune_space, search_finetune
 from dinoscale.train import FinetuneConfig, build_classifier, predict
 
+from test_train_strategies import _data  # the same two-label toy images
+
 pytestmark = pytest.mark.slow  # several short fine-tuning trials per test: ~30 s for the file on 2 shared CPU cores
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n, 2), generator=g).float()
-    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
-    x[:, 0, :16] += (2 * y[:, 0] - 1)[:, None, None]  # label 0 in the top half of channel 0
-    x[:, 1, 16:] += (2 * y[:, 1] - 1)[:, None, None]
-    return TensorDataset(x, y)
 
 
 TRAIN, VAL = _data(24, 0), _data(12, 1)

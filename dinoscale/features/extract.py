@@ -261,6 +261,16 @@ class _VolumeSlices(torch.utils.data.IterableDataset):
             del vol
 
 
+def _volume_loader(items: Sequence, load_volume, slice_transform, axis: int, batch_size: int, device: torch.device,
+                   num_workers: int | None) -> torch.utils.data.DataLoader:
+    """Batches of (volume index, slice index, slice count, slice tensor), one volume in memory per worker."""
+    workers = default_workers(device) if num_workers is None else min(num_workers, len(items))
+    return torch.utils.data.DataLoader(
+        _VolumeSlices(items, load_volume, slice_transform, axis), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+
+
 @torch.inference_mode()
 def extract_volume_features(
     backbone: LoadedBackbone,
@@ -292,11 +302,7 @@ def extract_volume_features(
     device = device or pick_device()
     _prepare(backbone, device)
     load_volume, slice_transform = build_volume_transform(resolution, backbone.mean, backbone.std, interpolation, window)
-    workers = default_workers(device) if num_workers is None else min(num_workers, len(paths))
-    loader = torch.utils.data.DataLoader(
-        _VolumeSlices(paths, load_volume, slice_transform, axis), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-    )
+    loader = _volume_loader(paths, load_volume, slice_transform, axis, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
     sums: np.ndarray | None = None
     maxs: np.ndarray | None = None
@@ -363,11 +369,7 @@ def extract_volume_slices(
                                                           fuse_pet=pet_paths is not None)
     items = list(zip(paths, pet_paths)) if pet_paths is not None else list(paths)
     offsets = np.concatenate([[0], np.cumsum(n_slices)]).astype(np.int64)
-    workers = default_workers(device) if num_workers is None else min(num_workers, len(items))
-    loader = torch.utils.data.DataLoader(
-        _VolumeSlices(items, load_volume, slice_transform, axis), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-    )
+    loader = _volume_loader(items, load_volume, slice_transform, axis, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
     out: np.ndarray | None = None
     seen = np.zeros(offsets[-1], bool)
