@@ -53,7 +53,6 @@ def test_dicom_series_folder_is_one_volume_sorted_by_position_in_hu(tmp_path):
 
 
 def test_a_dicom_series_feeds_volume_extraction_and_its_digest_tracks_the_files(tmp_path):
-    from dinoscale.data.manifest import prepare_manifest  # noqa: F401  (registration)
     from dinoscale.features.extract import extract_volume_slices
     from dinoscale.models import load_backbone
 

@@ -3,7 +3,6 @@ MLflow, phantom volumes on disk, DINOv3-architecture models with random weights 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
