@@ -38,6 +38,30 @@ def plan(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
     print_plan(p)
 
 
+@app.command("tile-slides")
+def tile_slides_cmd(
+    slides: Path = typer.Argument(..., help="a slide file or a folder of slides (.svs, .ndpi, .mrxs, .tif, ...)"),
+    out: Path = typer.Argument(..., help="root of the tile bags: <out>/<slide>/tile_<x>_<y>.png (the wsi-tiles layout)"),
+    tile_size: int = typer.Option(224, help="tile edge in pixels at the chosen level"),
+    mpp: Optional[float] = typer.Option(None, help="microns per pixel wanted (picks the closest pyramid level; e.g. 0.5 for 20x)"),
+    level: Optional[int] = typer.Option(None, help="pyramid level (instead of --mpp; default 0)"),
+    min_tissue: float = typer.Option(0.5, help="keep tiles with at least this fraction of tissue pixels"),
+) -> None:
+    """Cut whole-slide images into tissue tiles with OpenSlide (pip install 'dinoscale[wsi]')."""
+    from dinoscale.data import DataError
+    from dinoscale.data.slides import tile_slides
+
+    try:
+        folders = tile_slides(slides, out, tile_size=tile_size, mpp=mpp, level=level, min_tissue=min_tissue)
+    except DataError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    for f in folders:
+        n = sum(1 for _ in f.glob("tile_*.png"))
+        typer.echo(f"{f}: {n} tissue tiles")
+    typer.echo(f"next: write {out}/slides.csv (slide_id,label[,patient_id][,split]) and use dataset name 'wsi-tiles'")
+
+
 @app.command()
 def sweep(
     spec: Path = typer.Argument(..., help="sweep spec (YAML)"),

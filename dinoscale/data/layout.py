@@ -50,9 +50,10 @@ def patient_splits(df: pd.DataFrame, spec, official: pd.Series | None = None) ->
     return assign_patient_splits(df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed), "patient-level random"
 
 
-def atomic_dir(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` and rename tmp to ``out_dir``; a concurrent identical writer loses harmlessly."""
-    if (out_dir / "manifest.csv").exists():
+def atomic_dir(out_dir: Path, write: Callable[[Path], None], marker: str = "manifest.csv") -> None:
+    """Run ``write(tmp)`` and rename tmp to ``out_dir``; a concurrent identical writer loses harmlessly.
+    ``marker``: the file whose presence means ``out_dir`` is complete (then nothing is written)."""
+    if (out_dir / marker).exists():
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
@@ -61,7 +62,7 @@ def atomic_dir(out_dir: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.rename(tmp, out_dir)
     except OSError:
-        if not (out_dir / "manifest.csv").exists():
+        if not (out_dir / marker).exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
