@@ -90,3 +90,49 @@ def test_real_anisotropic_nifti_keeps_its_spacing_and_can_be_resampled():
     np.testing.assert_array_equal(vol[0], np.asarray(nib.load(NIB_DATA / "standard.nii.gz").dataobj, dtype=np.float32))
     iso, sp = read_volume(NIB_DATA / "standard.nii.gz", spacing=(1.0, 1.0, 1.0), mode="nearest")
     assert sp == pytest.approx((1.0, 1.0, 1.0)) and iso.shape[1:] == (4, 13, 13)  # 5 x 3 mm -> 13, 7 x 2 mm -> 13
+
+
+def test_semireal_ct_inserts_lesions_into_the_real_slice_and_says_so(tmp_path):
+    from scipy import ndimage
+
+    from dinoscale.data import prepare_dataset
+    from dinoscale.data.readers import read_image
+    from dinoscale.data.semireal import BASE_FILE, CLASSES, _hu, base_slice
+    from dinoscale.spec import DatasetSpec, PhantomSpec
+
+    spec = DatasetSpec(name="semireal-ct", phantom=PhantomSpec(n_patients=12, images_per_patient=(2, 2)))
+    ds = prepare_dataset(spec, tmp_path)
+    again = prepare_dataset(spec, tmp_path / "other")
+    assert ds.provenance["data.source"] == "semi-synthetic" and BASE_FILE in ds.provenance["data.base"] and ds.is_phantom
+    assert ds.classes == CLASSES and len(ds.manifest) == 24
+    pd.testing.assert_frame_equal(ds.manifest[CLASSES], again.manifest[CLASSES])  # deterministic labels
+    _, template = base_slice()
+    real = _hu(template)
+    for row in ds.manifest.itertuples():
+        img = read_image(row.path)  # through MONAI's DICOM reader: HU again
+        assert img.shape == real.shape
+        np.testing.assert_array_equal(img, read_image(again.manifest.loc[row.Index, "path"]))
+        candidates = [real, real[:, ::-1]]
+        shifts = [np.abs(img - np.roll(c, (dy, dx), (0, 1))) for c in candidates for dy in range(-6, 7) for dx in range(-6, 7)]
+        diff = min(shifts, key=lambda d: np.median(d))
+        assert np.median(diff) < 20  # the real anatomy, shifted / flipped, plus noise
+        # lesions (+45..70 or -60..-40 HU, radius >= 2 px) survive a 3x3 mean; the noise (sd <= 12 HU) does not
+        blobs, n = ndimage.label(ndimage.uniform_filter(diff, 3) > 25)
+        largest = np.bincount(blobs.ravel())[1:].max() if n else 0
+        has_lesion = bool(getattr(row, "hyperdense") or getattr(row, "hypodense"))
+        assert (largest >= 4) == has_lesion, (row.sample_id, largest, has_lesion)
+
+
+def test_a_ct_window_applies_to_2d_dicom_slices():
+    from dinoscale.data.preprocess import build_transform
+    from dinoscale.data.readers import read_image
+
+    path = get_testdata_file("CT_small.dcm")
+    hu = read_image(path)
+    x = build_transform(128, [0.0] * 3, [1.0] * 3, window=(-125, 225))(path)[0].numpy()
+    assert x.shape == (128, 128) and x.min() >= -1e-3 and x.max() <= 1 + 1e-3
+    air = hu < -400  # clipped to the bottom of the window; soft tissue inside it
+    assert x[air].max() < 0.05 and 0.2 < np.median(x[(hu > -50) & (hu < 100)]) < 0.6
+    plain = build_transform(128, [0.0] * 3, [1.0] * 3)(path)[0].numpy()
+    tissue = (hu > -100) & (hu < 200)
+    assert x[tissue].std() > 3 * plain[tissue].std()  # the window spreads soft tissue over [0, 1]; min-max does not

@@ -250,6 +250,9 @@ def provenance_from_tags(tags: dict) -> list[str]:
     lines = []
     if tags.get("data.source") == "phantom":
         lines.append(f"data: PHANTOM ({tags.get('data.generator')}, seed {tags.get('data.seed')}) - synthetic, not patient data")
+    elif tags.get("data.source") == "semi-synthetic":
+        lines.append(f"data: SEMI-SYNTHETIC ({tags.get('data.generator')}, seed {tags.get('data.seed')}) - synthetic lesions "
+                     f"in real anatomy ({tags.get('data.base', '')}), labels are synthetic, not patient data")
     elif tags.get("data.name"):
         lines.append(f"data: {tags.get('data.name')} ({tags.get('data.root', '')})")
     if "random" in tags.get("weights.kinds", ""):

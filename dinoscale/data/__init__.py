@@ -73,7 +73,8 @@ class PreparedDataset:
 
     @property
     def is_phantom(self) -> bool:
-        return self.provenance.get("data.source") == "phantom"
+        """Generated data (a phantom, or synthetic labels on real anatomy): never results about patients."""
+        return self.provenance.get("data.source") in ("phantom", "semi-synthetic")
 
 
 def _size(p: Path) -> str | int:
@@ -116,7 +117,7 @@ def published_images(name: str) -> int | None:
 
 def _load_adapters() -> None:
     # Imported for their registration side effect; kept light (no torch, no MONAI).
-    from dinoscale.data import adapters, manifest, nih, phantom, phantoms3d  # noqa: F401
+    from dinoscale.data import adapters, manifest, nih, phantom, phantoms3d, semireal  # noqa: F401
 
 
 def dataset_names() -> list[str]:

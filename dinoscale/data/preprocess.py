@@ -30,15 +30,19 @@ def resize_antialiased(img: torch.Tensor, resolution: int, interpolation: str = 
                                            antialias=True, align_corners=False)[0]
 
 
-def build_transform(resolution: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"):
+def build_transform(resolution: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
+                    window: tuple[float, float] | None = None):
     """path -> [3, resolution, resolution] tensor. Any 2D file MONAI reads (PNG, TIFF, JPEG, DICOM with
-    rescale slope/intercept and MONOCHROME1 inverted) via ``dinoscale.data.readers.read_image``."""
-    from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel, ScaleIntensity
+    rescale slope/intercept and MONOCHROME1 inverted) via ``dinoscale.data.readers.read_image``.
+    ``window``: a CT window (HU min, max) mapped to [0, 1], clipped (DICOM CT slices); default: the
+    image's own min-max."""
+    from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel, ScaleIntensity, ScaleIntensityRange
 
     from dinoscale.data.readers import read_image
 
     tail = Compose([
-        ScaleIntensity(minv=0.0, maxv=1.0),
+        ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+        if window is not None else ScaleIntensity(minv=0.0, maxv=1.0),
         Lambda(lambda x: resize_antialiased(x, resolution, interpolation)),
         RepeatChannel(repeats=3),
         NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True),

@@ -207,10 +207,12 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool | None = None,
     out_dtype: str = "float32",
+    window: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, ExtractionStats]:
     """Features of 2D images, in input order: [N, D] (or [N, D, H/p, W/p] for ``patch_grid``).
 
     ``paths``: image files (read through MONAI) or any Dataset of preprocessed [3, H, W] tensors.
+    ``window``: CT window (HU) for DICOM CT slices; default: each image's min-max.
     """
     from dinoscale.data.preprocess import ImageFiles, build_transform
 
@@ -222,7 +224,7 @@ def extract_features(
     if isinstance(paths, torch.utils.data.Dataset):
         dataset = paths
     else:
-        dataset = ImageFiles(list(paths), build_transform(resolution, backbone.mean, backbone.std, interpolation))
+        dataset = ImageFiles(list(paths), build_transform(resolution, backbone.mean, backbone.std, interpolation, window))
     workers = default_workers(device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",

@@ -19,7 +19,11 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 def provenance_lines(plan: Plan) -> list[str]:
     spec = plan.spec
     lines = []
-    if plan.dataset is not None and plan.dataset.is_phantom:
+    if plan.dataset is not None and plan.dataset.provenance.get("data.source") == "semi-synthetic":
+        pv = plan.dataset.provenance
+        lines.append(f"data: SEMI-SYNTHETIC ({pv['data.generator']}, seed {pv['data.seed']}) - synthetic lesions in real "
+                     f"anatomy ({pv.get('data.base', '')}), labels are synthetic, not patient data")
+    elif plan.dataset is not None and plan.dataset.is_phantom:
         pv = plan.dataset.provenance
         lines.append(f"data: PHANTOM ({pv['data.generator']}, seed {pv['data.seed']}) - synthetic, not patient data")
     elif plan.dataset is not None:
@@ -35,7 +39,7 @@ def provenance_lines(plan: Plan) -> list[str]:
 def print_banner(plan: Plan) -> None:
     spec = plan.spec
     lines = provenance_lines(plan)
-    demo = spec.is_demo or any("PHANTOM" in x or "RANDOM" in x for x in lines)
+    demo = spec.is_demo or any("PHANTOM" in x or "SEMI-SYNTHETIC" in x or "RANDOM" in x for x in lines)
     title = f"dinoscale sweep '{spec.name}' - {spec.modality}, {spec.profile} profile"
     body = "\n".join(lines)
     if demo:

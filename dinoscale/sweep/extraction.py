@@ -55,7 +55,7 @@ class ExtractionJob:
     batch_size: int
     splits: list[SplitInputs]
     volume_pool: str = "mean"  # volumes view: how slice features are pooled per volume
-    window: tuple[float, float] | None = None  # CT window (HU) for volumes
+    window: tuple[float, float] | None = None  # CT window (HU): volumes, and 2D CT slices
 
     @property
     def label(self) -> str:
@@ -125,7 +125,7 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
                                                  out_dtype=key.dtype)
         else:
             feats, stats = extract_features(backbone, s.paths, job.resolution, s.tokens, job.interpolation, job.batch_size,
-                                            device, out_dtype=key.dtype)
+                                            device, out_dtype=key.dtype, window=job.window)
         if backbone.weights["digest"] != key.weights_digest:
             raise RuntimeError(f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}")
         store.put(key, feats, s.row_ids(), extra={

@@ -185,8 +185,8 @@ def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_dig
     f = spec.features
     view = view or ("volumes" if volume else "images")
     tokens = tokens or f.tokens
-    # volumes: the CT window, the PET fusion and the per-volume pooling change the features: all in the key
-    window = volume_window(spec) if view != "images" else None
+    # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
+    window = volume_window(spec)
     norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
     if pet:
         norm += f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"

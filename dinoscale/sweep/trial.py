@@ -268,7 +268,9 @@ def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str |
     cfg = FinetuneConfig.from_spec(strategy_spec, seed=cell.seed)
     bb = load_backbone(cell.backbone.name, cell.backbone.weights, cell.backbone.weights_seed)
     model = build_classifier(bb.model, len(ctx.classes), cfg, num_prefix_tokens=bb.num_prefix_tokens)
-    transform = build_transform(cell.resolution, bb.mean, bb.std, spec.features.interpolation)
+    from dinoscale.sweep.plan import volume_window
+
+    transform = build_transform(cell.resolution, bb.mean, bb.std, spec.features.interpolation, volume_window(spec))
     train_ds, val_ds, test_ds = (_LabelledImages(ctx.splits[s], transform) for s in ("train", "val", "test"))
     ckpt = str(Path(checkpoint_root) / cell.trial_key) if checkpoint_root else None
     t0 = time.perf_counter()
