@@ -136,3 +136,32 @@ def test_a_ct_window_applies_to_2d_dicom_slices():
     plain = build_transform(128, [0.0] * 3, [1.0] * 3)(path)[0].numpy()
     tissue = (hu > -100) & (hu < 200)
     assert x[tissue].std() > 3 * plain[tissue].std()  # the window spreads soft tissue over [0, 1]; min-max does not
+
+
+def test_real_mni152_template_and_tissue_maps_stay_aligned_through_the_readers(tmp_path):
+    """nilearn's MNI152 T1 template (a real, averaged brain MRI) with its grey / white matter maps turned
+    into a label map: read the way a segmentation sweep reads them, white matter is brighter than grey
+    matter on T1 voxel for voxel, which only holds if image and labels are aligned."""
+    import nilearn
+
+    from dinoscale.data.masks import load_label_maps
+    from dinoscale.data.preprocess import build_volume_transform
+    from dinoscale.data.readers import read_volume
+
+    data = Path(nilearn.__file__).parent / "datasets" / "data"
+    t1_path = data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    gm = np.asarray(nib.load(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").dataobj)
+    wm = np.asarray(nib.load(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").dataobj)
+    labels = np.where(wm > 128, 2, np.where(gm > 128, 1, 0)).astype(np.uint8)
+    mask_path = tmp_path / "tissue.nii.gz"
+    nib.save(nib.Nifti1Image(labels, nib.load(t1_path).affine), str(mask_path))
+
+    vol, spacing = read_volume(t1_path)
+    assert vol.shape == (1, 197, 233, 189) and spacing == (1.0, 1.0, 1.0)  # RAS already, 1 mm
+    load, _ = build_volume_transform(64, [0.5] * 3, [0.5] * 3)
+    t1 = load(str(t1_path)).numpy()  # [X, Y, Z] in [0, 1], as extraction reads it
+    y = load_label_maps([str(mask_path)], [189], n_classes=3)[0]  # (Z, X, Y): slice k = axial slice k
+    t1_slices = np.moveaxis(t1, -1, 0)
+    assert y.shape == t1_slices.shape == (189, 197, 233)
+    white, grey, other = (t1_slices[y == c].mean() for c in (2, 1, 0))
+    assert white > grey + 0.1 and grey > other  # T1: white matter brightest, then grey matter, then CSF / outside
