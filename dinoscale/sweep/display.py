@@ -50,14 +50,14 @@ def print_banner(plan: Plan) -> None:
 def print_plan(plan: Plan) -> None:
     spec = plan.spec
     n_cached = len(plan.feature_sets) - len(plan.missing)
-    t = Table(title=f"Feature sets - one backbone forward pass per backbone x resolution x split: "
+    t = Table(title=f"Feature sets - one backbone forward pass per backbone x resolution x view x split: "
                     f"{n_cached} cached, {len(plan.missing)} to extract")
-    for col in ("backbone", "params", "resolution", "images (train/val/test)", "status", "est. GFLOP", "keys"):
+    for col in ("backbone", "params", "resolution", "view", "images (train/val/test)", "status", "est. GFLOP", "keys"):
         t.add_column(col, justify="right" if col in ("params", "resolution", "est. GFLOP") else "left")
     groups: dict = {}
     for fs in plan.feature_sets:
-        groups.setdefault((fs.backbone.name, fs.resolution), []).append(fs)
-    for (name, res), sets in groups.items():
+        groups.setdefault((fs.backbone.name, fs.resolution, fs.view), []).append(fs)
+    for (name, res, view), sets in groups.items():
         cached = sum(f.cached for f in sets)
         if sets[0].key is None:
             status = "[red]no data[/red]"
@@ -66,7 +66,7 @@ def print_plan(plan: Plan) -> None:
         else:
             status = f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]"
         todo = sum(f.gflops for f in sets if not f.cached)
-        t.add_row(name, f"{sets[0].backbone.n_params / 1e6:.2f}M", str(res), "/".join(str(f.n_images) for f in sets),
+        t.add_row(name, f"{sets[0].backbone.n_params / 1e6:.2f}M", str(res), view, "/".join(str(f.n_images) for f in sets),
                   status, f"{todo:,.0f}", " ".join(f.key.digest[:8] for f in sets) if sets[0].key else "-")
     console.print(t)
     axes = (f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
