@@ -132,15 +132,17 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
     for e in entries:
         assert e["key"]["tokens"] == "cls_mean_patch@volume-mean" and "window=[-1350.0, 150.0]" in e["key"]["normalisation"]
         assert e["shape"][0] == (ds.manifest["split"] == e["split"]).sum()  # one row per volume
-    assert out.extraction.images == len(ds.manifest)
+    assert out.extraction.images == int(ds.manifest["n_slices"].sum())  # backbone inputs: every slice once
 
 
-def test_segmentation_specs_plan_but_refuse_to_run_with_a_clear_error(tmp_path):
+def test_a_probe_that_does_not_fit_the_task_is_refused_before_anything_runs(tmp_path):
     import yaml
 
     from dinoscale.sweep.runner import NotRunnableError
 
     raw = yaml.safe_load(open(ROOT / "sweeps/demo/mri.yaml"))
-    raw.update(tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")})
-    with pytest.raises(NotRunnableError, match="segmentation task"):
+    raw.update(tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")},
+               probes=[{"kind": "linear"}], features={"tokens": "cls_mean_patch"})
+    with pytest.raises(NotRunnableError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation task\)"):
         run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "store" / "features").exists()  # nothing started
