@@ -307,16 +307,14 @@ def segmentation_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int
     present in the prediction or the ground truth), ``dice_<class>`` and ``hd95`` (mean over classes, in
     voxels). NaN where undefined (a class absent from both; HD95 of a missed or spurious class)."""
     names = class_names or [str(c) for c in range(1, n_classes)]
-    d = dice_per_volume(pred, target, n_classes)
-    with np.errstate(all="ignore"):
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
-            out = {"dice": np.nanmean(d, axis=1)}
-            out.update({f"dice_{n}": d[:, j] for j, n in enumerate(names)})
-            if hd95:
-                out["hd95"] = np.nanmean(hd95_per_volume(pred, target, n_classes), axis=1)
+    d = dice_per_volume(pred, target, n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
+        out = {"dice": np.nanmean(d, axis=1), **{f"dice_{n}": d[:, j] for j, n in enumerate(names)}}
+        if hd95:
+            out["hd95"] = np.nanmean(hd95_per_volume(pred, target, n_classes), axis=1)
     return out
 
 

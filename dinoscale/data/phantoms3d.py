@@ -167,6 +167,14 @@ def _render_petct(n, depth, n_lesions, rng):
     return np.clip(hu + rng.normal(0, 10, hu.shape), -1024, 3071), suv.astype(np.float32), mask
 
 
+def _image_and_mask(tmp: Path, sid: str, pid: str, img, mask, suffix: str, spacing, img_dtype, mask_dtype) -> dict:
+    """Write ``<sid>.nii.gz`` and ``<sid>_<suffix>.nii.gz``; return the volume's manifest row."""
+    _save_nifti(tmp / f"{sid}.nii.gz", img, spacing, img_dtype)
+    _save_nifti(tmp / f"{sid}_{suffix}.nii.gz", mask, spacing, mask_dtype)
+    return {"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz", "mask_path": f"{sid}_{suffix}.nii.gz",
+            "n_slices": img.shape[-1]}
+
+
 def _patients(ph, nmin_max=None):
     for p in range(ph.n_patients):
         rng = np.random.default_rng([ph.seed, p])
@@ -194,18 +202,12 @@ def _writer(kind: str, ph):
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
                     img, mask = _render_mri(n, depth, rng.random() < 0.6, rng.random() < 0.5, rng)
-                    _save_nifti(tmp / f"{sid}.nii.gz", img, MRI_SPACING, np.float32)
-                    _save_nifti(tmp / f"{sid}_seg.nii.gz", mask, MRI_SPACING, np.uint8)
-                    rows.append({"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz",
-                                 "mask_path": f"{sid}_seg.nii.gz", "n_slices": depth})
+                    rows.append(_image_and_mask(tmp, sid, pid, img, mask, "seg", MRI_SPACING, np.float32, np.uint8))
             elif kind == "em":
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
                     img, ids = _render_em(n, depth, rng)
-                    _save_nifti(tmp / f"{sid}.nii.gz", img, EM_SPACING, np.uint8)  # nm
-                    _save_nifti(tmp / f"{sid}_ids.nii.gz", ids, EM_SPACING, np.uint32)
-                    rows.append({"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz",
-                                 "mask_path": f"{sid}_ids.nii.gz", "n_slices": depth})
+                    rows.append(_image_and_mask(tmp, sid, pid, img, ids, "ids", EM_SPACING, np.uint8, np.uint32))  # nm
             elif kind == "petct":
                 for i in range(n_items):
                     sid = f"{pid}_{i}"

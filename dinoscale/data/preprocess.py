@@ -103,9 +103,9 @@ def build_volume_transform(
     norm = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
 
-    def read3d(path: str) -> torch.Tensor:
-        from dinoscale.data.readers import is_hdf5_ref, read_hdf5_ref
+    from dinoscale.data.readers import is_hdf5_ref, read_hdf5_ref
 
+    def read3d(path: str) -> torch.Tensor:
         if is_hdf5_ref(path):  # CREMI: a block of sections of an HDF5 dataset
             return torch.as_tensor(read_hdf5_ref(path).astype(np.float32))
         try:

@@ -89,7 +89,7 @@ def plan_jobs(plan: Plan) -> list[ExtractionJob]:
         )
         volumes = fs.view != "images"
         job.splits.append(SplitInputs(
-            fs.split, fs.key, fs.view, fs.key.tokens.split("@")[0], volume_paths(df), df["sample_id"].astype(str).tolist(),
+            fs.split, fs.key, fs.view, fs.tokens, volume_paths(df), df["sample_id"].astype(str).tolist(),
             df["n_slices"].astype(int).tolist() if volumes else None,
             df["pet_path"].tolist() if volumes and "pet_path" in df.columns else None,
         ))

@@ -60,6 +60,7 @@ class FeatureSetPlan:
     cached: bool
     n_slices: int = 0  # backbone forward passes per image / volume, summed (= n_images for 2D)
     view: str = "images"  # how the rows are laid out: see VIEWS
+    tokens: str = ""  # token set of the rows (the key's ``tokens`` adds the view suffix)
 
     @property
     def tokens_per_image(self) -> int:
@@ -125,11 +126,6 @@ def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
     return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
 
 
-def is_volume_dataset(ds: PreparedDataset) -> bool:
-    """3D classification: one row per volume, slices extracted and pooled per volume."""
-    return ds.task in CLASSIFICATION_TASKS and "n_slices" in ds.manifest.columns
-
-
 def has_volumes(ds: PreparedDataset) -> bool:
     return "n_slices" in ds.manifest.columns
 
@@ -177,13 +173,12 @@ def uses_pet(ds: PreparedDataset) -> bool:
     return "pet_path" in ds.manifest.columns
 
 
-def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, volume: bool = False,
-                view: str | None = None, tokens: str | None = None, pet: bool = False) -> FeatureKey:
-    """``view`` (images | volumes | slices); ``volume=True`` is the older spelling of view='volumes'."""
+def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, view: str = "images",
+                tokens: str | None = None, pet: bool = False) -> FeatureKey:
+    """The store key of one feature set; ``view``: images | volumes | slices (see VIEWS)."""
     from dinoscale.data.preprocess import PET_SUV_RANGE
 
     f = spec.features
-    view = view or ("volumes" if volume else "images")
     tokens = tokens or f.tokens
     # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
     window = volume_window(spec)
@@ -263,7 +258,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                 keys.setdefault((bb.name, res, view), {})[split] = key.digest
                 rows = ds.manifest[ds.manifest["split"] == split]
                 n_slices = int(rows["n_slices"].sum()) if view != "images" else len(rows)
-                feature_sets.append(FeatureSetPlan(bb, res, split, key, len(rows), store.has(key), n_slices, view))
+                feature_sets.append(FeatureSetPlan(bb, res, split, key, len(rows), store.has(key), n_slices, view, tokens))
 
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
