@@ -5,8 +5,8 @@ seeded; LoRA / full trials report their val metric every epoch and a MedianPrune
 ones. Selection is on val only; the caller scores the returned best configuration on test.
 
 - ``search_probe(spec, train, val, test, n_trials, seed)``: frozen probes on cached features. Each
-  trial overrides some of the probe spec's fields (``PROBE_SPACES``); the probe still does its own
-  vectorised grid (e.g. all lr x wd heads) inside a trial.
+  trial overrides some of the probe spec's fields (the search space its module declares in its
+  ``ProbeDef``); the probe still does its own vectorised grid (e.g. all lr x wd heads) inside a trial.
 - ``search_finetune(make_model, train, val, base_cfg, n_trials, seed, storage_dir)``: LoRA / full.
   With ``storage_dir`` the study lives in SQLite there and every trial checkpoints, so a retried
   Ray trial continues the study instead of restarting it: finished (complete or pruned) trials are
@@ -17,47 +17,14 @@ ones. Selection is on val only; the caller scores the returned best configuratio
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-SpaceFn = Callable[[Any, Any], dict]  # (optuna.Trial, base spec/config) -> field overrides
-
-
-def _linear_space(trial, spec) -> dict:
-    return {"epochs": trial.suggest_int("epochs", 10, 100, log=True),
-            "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256, 512])}
-
-
-def _knn_space(trial, spec) -> dict:
-    return {"temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True)}
-
-
-def _logreg_space(trial, spec) -> dict:
-    c = trial.suggest_float("C", 1e-4, 1e2, log=True)
-    return {"cs": [c]}
-
-
-def _bag_space(trial, spec) -> dict:
-    out = {"learning_rates": [trial.suggest_float("lr", 1e-5, 1e-2, log=True)],
-           "weight_decays": [trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)]}
-    if spec.kind == "abmil":
-        out["hidden_dim"] = trial.suggest_categorical("hidden_dim", [64, 128, 256])
-        out["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
-    return out
-
-
-def _seg_space(trial, spec) -> dict:
-    return {"learning_rates": [trial.suggest_float("lr", 1e-4, 1e-2, log=True)],
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
-
-
-PROBE_SPACES: dict[str, SpaceFn] = {
-    "linear": _linear_space, "knn": _knn_space, "logreg": _logreg_space, "pool": _bag_space,
-    "abmil": _bag_space, "segmentation": _seg_space, "affinity": _seg_space,
-}
+from dinoscale.probes.registry import SpaceFn  # (optuna.Trial, base spec/config) -> field overrides
 
 
 def finetune_space(trial, cfg) -> dict:
@@ -146,9 +113,11 @@ def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed
 def search_probe(spec, train, val, test, n_trials: int = 10, seed: int = 0, space: SpaceFn | None = None):
     """Returns ``(ProbeResult of the best val configuration, StudyResult)``; the result's ``selected``
     merges the study's parameters with the probe's own inner choice."""
-    from dinoscale.probes import run_probe
+    from dinoscale.probes import get_probe, run_probe
 
-    space = space or PROBE_SPACES[spec.kind]
+    space = space or get_probe(spec.kind).space
+    if space is None:
+        raise ValueError(f"probe '{spec.kind}' declares no search space; use search.n_trials: 1 (its own grid)")
 
     def objective(trial):
         trial_spec = spec.model_copy(update=space(trial, spec))

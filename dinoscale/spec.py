@@ -10,15 +10,12 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MODALITIES = ("xray", "ct", "mri", "wsi", "em", "petct")
-
-# DINOv2/DINOv3 linear-evaluation grid: 13 learning rates from 1e-5 to 0.1 (scaled by batch/256).
-DEFAULT_LINEAR_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class
 
 
 class SpecError(ValueError):
@@ -94,7 +91,7 @@ class DatasetSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _phantom_only_for_phantoms(self) -> "DatasetSpec":
+    def _phantom_only_for_phantoms(self) -> DatasetSpec:
         from dinoscale.data import is_phantom
 
         if is_phantom(self.name):
@@ -129,130 +126,6 @@ class BackboneSpec(Strict):
     @property
     def label(self) -> str:
         return self.name
-
-
-class LinearProbeSpec(Strict):
-    """Many linear heads trained at once on the same features, one per (lr, wd); chosen on val."""
-
-    kind: Literal["linear"]
-    learning_rates: list[float] = Field(default_factory=lambda: list(DEFAULT_LINEAR_LRS), min_length=1)
-    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(256, ge=1, description="lr is scaled by batch_size/256 (DINOv2 protocol)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-
-    @property
-    def label(self) -> str:
-        return "linear"
-
-
-class KnnProbeSpec(Strict):
-    """DINO k-NN: L2-normalised features, cosine similarity, softmax(sim/T)-weighted votes per label."""
-
-    kind: Literal["knn"]
-    ks: list[int] = Field(default_factory=lambda: [10, 20, 100, 200], min_length=1)
-    temperature: float = Field(0.07, gt=0)
-
-    @property
-    def label(self) -> str:
-        return "knn"
-
-
-class LogRegProbeSpec(Strict):
-    """L2-regularised logistic regression (scikit-learn, one binary model per label), C chosen on val."""
-
-    kind: Literal["logreg"]
-    cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1,
-                            description="inverse regularisation strengths compared on val")
-    max_iter: int = Field(1000, ge=10)
-
-    @property
-    def label(self) -> str:
-        return "logreg"
-
-
-class PoolProbeSpec(Strict):
-    """3D classification from slice features: pool each volume's slices (mean / max / trained attention),
-    then a linear head; pooling, lr and wd chosen on val."""
-
-    kind: Literal["pool"]
-    poolings: list[Literal["mean", "max", "attention"]] = Field(
-        default_factory=lambda: ["mean", "max", "attention"], min_length=1, description="pooling modes compared on val")
-    learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
-    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(32, ge=1, description="volumes per step")
-    attention_dim: int = Field(128, ge=1, description="hidden size of the attention pooling")
-
-    @property
-    def label(self) -> str:
-        return "pool"
-
-
-class AbmilProbeSpec(Strict):
-    """Gated-attention MIL (Ilse et al. 2018) on bags of tile features (WSI); lr and wd chosen on val."""
-
-    kind: Literal["abmil"]
-    hidden_dim: int = Field(128, ge=1, description="width of the instance embedding and of the attention")
-    dropout: float = Field(0.25, ge=0, lt=1)
-    learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3], min_length=1)
-    weight_decays: list[float] = Field(default_factory=lambda: [1e-4], min_length=1)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1, description="bags per step (bags are padded and masked)")
-
-    @property
-    def label(self) -> str:
-        return "abmil"
-
-
-class SegmentationProbeSpec(Strict):
-    """Segmentation head on frozen patch-token grids; Dice+CE, AdamW, cosine; lr chosen on val by Dice."""
-
-    kind: Literal["segmentation"]
-    head: Literal["linear", "conv", "conv3d"] = Field(
-        "linear", description="linear: BatchNorm + 1x1 conv, bilinear up; conv: light 2D decoder; "
-        "conv3d: slice maps stacked into a light 3D decoder")
-    n_classes: int = Field(2, ge=2, description="including background (label 0)")
-    learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1)
-    hidden_dim: int = Field(64, ge=1, description="decoder width (conv heads)")
-
-    @property
-    def label(self) -> str:
-        return f"seg-{self.head}"
-
-
-class AffinityProbeSpec(Strict):
-    """EM instances: nearest-neighbour affinities from a light decoder, turned into instances by a seeded
-    watershed (seeds: regions whose affinities all exceed the threshold) or by connected components of the
-    thresholded affinity graph; lr and threshold are chosen on val by VOI."""
-
-    kind: Literal["affinity"]
-    learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1)
-    hidden_dim: int = Field(64, ge=1)
-    thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9], min_length=1)
-    min_size: int = Field(4, ge=0, description="segments (components) or seeds (watershed) smaller than this (pixels) are dropped")
-    agglomeration: Literal["watershed", "components"] = Field(
-        "watershed", description="watershed: seeds grown over the boundary map (robust to leaks); components: "
-                                 "connected components of edges above the threshold (one leak merges two objects)")
-
-    @property
-    def label(self) -> str:
-        return "affinity"
-
-
-ProbeSpec = Annotated[
-    Union[LinearProbeSpec, KnnProbeSpec, LogRegProbeSpec, PoolProbeSpec, AbmilProbeSpec, SegmentationProbeSpec,
-          AffinityProbeSpec],
-    Field(discriminator="kind"),
-]
-
-PROBE_KINDS = ("linear", "knn", "logreg", "pool", "abmil", "segmentation", "affinity")
 
 
 class LoraStrategySpec(Strict):
@@ -295,10 +168,10 @@ class FinetuningSpec(Strict):
 
 
 class SearchSpec(Strict):
-    metric: Literal["macro_auroc"] = Field("macro_auroc", description="metric that selects a probe's hyper-parameters")
-    select_on: Literal["val"] = Field("val", description="split the selection is made on; test is reported, never selected on")
+    """Hyper-parameters are selected on val by the task's headline metric; test is reported, never selected on."""
+
     n_trials: int = Field(1, ge=1, description="Optuna trials per frozen cell (seeded TPE over the probe's search space, "
-                          "dinoscale.search.PROBE_SPACES); 1: the probe's own built-in grid only. The same budget for "
+                          "declared by the probe's module); 1: the probe's own built-in grid only. The same budget for "
                           "every cell, so curves compare like with like")
     seed: int = Field(0, description="seed of the per-cell Optuna sampler")
 
@@ -322,7 +195,8 @@ class BootstrapSpec(Strict):
 
 
 class MetricsSpec(Strict):
-    primary: Literal["macro_auroc"] = "macro_auroc"
+    """The headline metric is the dataset task's (dinoscale.tasks); this sets how its interval is computed."""
+
     bootstrap: BootstrapSpec = BootstrapSpec()
 
 
@@ -391,16 +265,19 @@ class SweepSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _resolutions_fit_patches(self) -> "SweepSpec":
-        # the registry's DINOv3 / demo backbones use 16 px patches; timm:<name> models are checked by the plan
-        if any(not b.name.startswith("timm:") for b in self.backbones):
-            bad = [r for r in self.resolutions if r % 16]
+    def _resolutions_fit_patches(self) -> SweepSpec:
+        """Each backbone's patch size, measured from the model itself (on the meta device: no weights, no memory)."""
+        from dinoscale.models import backbone_facts
+
+        for b in self.backbones:
+            patch = backbone_facts(b.name).patch_size
+            bad = [r for r in self.resolutions if patch and r % patch]
             if bad:
-                raise ValueError(f"resolutions must be multiples of the patch size 16, got {bad}")
+                raise ValueError(f"resolutions must be multiples of {b.name}'s patch size {patch}, got {bad}")
         return self
 
     @model_validator(mode="after")
-    def _unique_axes(self) -> "SweepSpec":
+    def _unique_axes(self) -> SweepSpec:
         names = [b.name + "@" + b.weights for b in self.backbones]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate backbones: {names}")
@@ -412,10 +289,6 @@ class SweepSpec(Strict):
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"dinoscale-{self.modality}"
-
-    @property
-    def is_demo(self) -> bool:
-        return self.profile == "demo"
 
     def digest(self) -> str:
         """Hash of the resolved spec (every default filled in)."""
@@ -470,7 +343,7 @@ def parse_spec(raw: dict, source: str = "<spec>") -> SweepSpec:
 
 
 def _describe_error(err: dict, raw: dict) -> str:
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in PROBE_KINDS)]
+    loc = list(err["loc"])
     path = ".".join(str(p) for p in loc) or "<top>"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1], raw)
@@ -513,6 +386,8 @@ def _model_of(annotation: Any, node: Any) -> Any:
     import typing
 
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation is ProbeSpecBase:  # a probe entry: the class registered for its kind
+            return probe_spec_class(node) or ProbeSpecBase
         return annotation
     args = typing.get_args(annotation)
     candidates = []

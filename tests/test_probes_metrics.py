@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from conftest import separable_splits as _separable
 from dinoscale.metrics import auroc_per_class, macro_auroc, patient_bootstrap
 from dinoscale.probes import run_probe
-from dinoscale.probes.knn import knn_scores
-from dinoscale.spec import KnnProbeSpec, LinearProbeSpec
-from conftest import separable_splits as _separable
+from dinoscale.probes.knn import KnnProbeSpec, knn_scores
+from dinoscale.probes.linear import LinearProbeSpec
 
 
 def test_auroc_matches_sklearn_with_ties():

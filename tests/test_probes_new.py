@@ -4,16 +4,21 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import separable_splits as _separable
 from dinoscale.metrics import adapted_rand_error, macro_auroc
 from dinoscale.probes import BagSplit, SegSplit, run_probe
-from dinoscale.probes.mil import ABMIL, _pad
-from dinoscale.probes.segmentation import affinity_targets, agglomerate_affinities, build_head
-from dinoscale.search import search_probe
-from dinoscale.spec import (
-    AbmilProbeSpec, AffinityProbeSpec, KnnProbeSpec, LogRegProbeSpec, PoolProbeSpec, SegmentationProbeSpec, parse_spec,
+from dinoscale.probes.knn import KnnProbeSpec
+from dinoscale.probes.logreg import LogRegProbeSpec
+from dinoscale.probes.mil import ABMIL, AbmilProbeSpec, PoolProbeSpec, _pad
+from dinoscale.probes.segmentation import (
+    AffinityProbeSpec,
+    SegmentationProbeSpec,
+    affinity_targets,
+    agglomerate_affinities,
+    build_head,
 )
-
-from conftest import separable_splits as _separable
+from dinoscale.search import search_probe
+from dinoscale.spec import parse_spec
 
 
 def test_logreg_probe_on_separable_data_ranks_almost_perfectly():

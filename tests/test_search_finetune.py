@@ -12,7 +12,6 @@ from dinoscale.metrics import macro_auroc
 from dinoscale.models import load_backbone
 from dinoscale.search import finetune_space, search_finetune
 from dinoscale.train import FinetuneConfig, build_classifier, predict
-
 from test_train_strategies import _data  # the same two-label toy images
 
 pytestmark = pytest.mark.slow  # several short fine-tuning trials per test: ~30 s for the file on 2 shared CPU cores

@@ -54,7 +54,7 @@ def test_unknown_top_level_and_backbone_keys():
 
 
 @pytest.mark.parametrize("mutate, expected", [
-    (lambda r: r.update(resolutions=[100]), "resolutions must be multiples of the patch size 16, got [100]"),
+    (lambda r: r.update(resolutions=[100]), "resolutions must be multiples of dinov3-demo-xs's patch size 16, got [100]"),
     (lambda r: r["backbones"].append({"name": "dinov3-vitz16"}), "unknown backbone 'dinov3-vitz16'"),
     (lambda r: r["dataset"].update(name="nih-chestxray"), "unknown dataset 'nih-chestxray' (did you mean 'nih-chestxray14'?)"),
     (lambda r: r.update(strategies=["adapter"]), "strategies.0"),

@@ -3,11 +3,23 @@ exp(sim / T); multi-label tasks vote per label. Every k is scored from one top-k
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 
 from dinoscale.metrics import macro_auroc
-from dinoscale.probes import ProbeResult, Split, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
+from dinoscale.tasks import CLASSIFICATION
+
+
+class KnnProbeSpec(ProbeSpecBase):
+    """DINO k-NN: L2-normalised features, cosine similarity, softmax(sim/T)-weighted votes per label."""
+
+    kind: Literal["knn"] = "knn"
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 100, 200], min_length=1)
+    temperature: float = Field(0.07, gt=0)
 
 
 def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4096) -> dict[int, np.ndarray]:
@@ -26,10 +38,17 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-@register_probe("knn")
 def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     val_scores = knn_scores(train.x, train.y, val.x, spec.ks, spec.temperature)
     val_metric = {k: macro_auroc(val.y, s) for k, s in val_scores.items()}
     best_k = max(val_metric, key=lambda k: (np.nan_to_num(val_metric[k], nan=-1), -k))
     test_scores = knn_scores(train.x, train.y, test.x, [best_k], spec.temperature)[best_k]
     return ProbeResult(test_scores=test_scores, val_metric=float(val_metric[best_k]), selected={"k": best_k}, candidates=len(val_metric))
+
+
+def _space(trial, spec) -> dict:
+    return {"temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True)}
+
+
+register_probe(ProbeDef("knn", KnnProbeSpec, fit_knn, tasks=CLASSIFICATION, input="vector", space=_space,
+                        description="DINO k-NN: cosine, T=0.07, k chosen on val"))

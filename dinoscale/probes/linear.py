@@ -13,12 +13,29 @@ loss) instead of going through autograd, which on CPU cost more than the arithme
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from dinoscale.metrics import auroc_per_class
-from dinoscale.probes import ProbeResult, Split, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
+from dinoscale.tasks import CLASSIFICATION
+
+# DINOv2/DINOv3 linear-evaluation grid: 13 learning rates from 1e-5 to 0.1 (scaled by batch/256).
+DEFAULT_LINEAR_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+
+
+class LinearProbeSpec(ProbeSpecBase):
+    """Many linear heads trained at once on the same features, one per (lr, wd); chosen on val."""
+
+    kind: Literal["linear"] = "linear"
+    learning_rates: list[float] = Field(default_factory=lambda: list(DEFAULT_LINEAR_LRS), min_length=1)
+    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1, description="lr is scaled by batch_size/256 (DINOv2 protocol)")
+    momentum: float = Field(0.9, ge=0, lt=1)
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray):
@@ -37,7 +54,6 @@ def _macro_auroc_per_head(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return np.where(finite.any(1), np.where(finite, per, 0).sum(1) / finite.sum(1), np.nan)
 
 
-@register_probe("linear")
 def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     g = torch.Generator().manual_seed(seed)
     f32 = [np.asarray(s.x, dtype=np.float32) for s in (train, val, test)]
@@ -93,3 +109,12 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
         candidates=n_heads,
         extra={"val_bce": float(val_loss[best])},
     )
+
+
+def _space(trial, spec) -> dict:
+    return {"epochs": trial.suggest_int("epochs", 10, 100, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256, 512])}
+
+
+register_probe(ProbeDef("linear", LinearProbeSpec, fit_linear, tasks=CLASSIFICATION, input="vector", space=_space,
+                        description="DINOv2 linear eval: a grid of lr x wd heads trained at once, chosen on val"))

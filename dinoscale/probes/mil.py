@@ -10,13 +10,42 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from dinoscale.metrics import macro_auroc
-from dinoscale.probes import BagSplit, ProbeResult, register_probe
+from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, register_probe
+from dinoscale.tasks import CLASSIFICATION
+
+
+class PoolProbeSpec(ProbeSpecBase):
+    """3D classification from slice features: pool each volume's slices (mean / max / trained attention),
+    then a linear head; pooling, lr and wd chosen on val."""
+
+    kind: Literal["pool"] = "pool"
+    poolings: list[Literal["mean", "max", "attention"]] = Field(
+        default_factory=lambda: ["mean", "max", "attention"], min_length=1, description="pooling modes compared on val")
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
+    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1, description="volumes per step")
+    attention_dim: int = Field(128, ge=1, description="hidden size of the attention pooling")
+
+
+class AbmilProbeSpec(ProbeSpecBase):
+    """Gated-attention MIL (Ilse et al. 2018) on bags of tile features (WSI); lr and wd chosen on val."""
+
+    kind: Literal["abmil"] = "abmil"
+    hidden_dim: int = Field(128, ge=1, description="width of the instance embedding and of the attention")
+    dropout: float = Field(0.25, ge=0, lt=1)
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3], min_length=1)
+    weight_decays: list[float] = Field(default_factory=lambda: [1e-4], min_length=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1, description="bags per step (bags are padded and masked)")
 
 
 class AttentionPool(nn.Module):
@@ -131,14 +160,27 @@ def _fit_grid(configs: list[dict], make_model, train: BagSplit, val: BagSplit, t
                        candidates=len(configs), extra={"val_bce": bce})
 
 
-@register_probe("pool")
 def fit_pool(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 0) -> ProbeResult:
     configs = [{"pooling": p, "lr": lr, "weight_decay": wd}
                for p, lr, wd in itertools.product(spec.poolings, spec.learning_rates, spec.weight_decays)]
     return _fit_grid(configs, lambda c, d, n: PooledLinear(d, n, c["pooling"], spec.attention_dim), train, val, test, spec, seed)
 
 
-@register_probe("abmil")
 def fit_abmil(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 0) -> ProbeResult:
     configs = [{"lr": lr, "weight_decay": wd} for lr, wd in itertools.product(spec.learning_rates, spec.weight_decays)]
     return _fit_grid(configs, lambda c, d, n: ABMIL(d, n, spec.hidden_dim, spec.dropout), train, val, test, spec, seed)
+
+
+def _space(trial, spec) -> dict:
+    out = {"learning_rates": [trial.suggest_float("lr", 1e-5, 1e-2, log=True)],
+           "weight_decays": [trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)]}
+    if spec.kind == "abmil":
+        out["hidden_dim"] = trial.suggest_categorical("hidden_dim", [64, 128, 256])
+        out["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
+    return out
+
+
+register_probe(ProbeDef("pool", PoolProbeSpec, fit_pool, tasks=(*CLASSIFICATION, "mil"), input="bag", space=_space,
+                        bags_only=True, description="slice features pooled per volume (mean / max / attention) + linear head"))
+register_probe(ProbeDef("abmil", AbmilProbeSpec, fit_abmil, tasks=("mil",), input="bag", space=_space, units=("image",),
+                        description="gated-attention MIL over a slide's tiles"))

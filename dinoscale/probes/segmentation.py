@@ -15,13 +15,52 @@ on val.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from dinoscale.probes import ProbeResult, SegSplit, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, SegSplit, register_probe
+
+
+class SegmentationProbeSpec(ProbeSpecBase):
+    """Segmentation head on frozen patch-token grids; Dice+CE, AdamW, cosine; lr chosen on val by Dice."""
+
+    kind: Literal["segmentation"] = "segmentation"
+    head: Literal["linear", "conv", "conv3d"] = Field(
+        "linear", description="linear: BatchNorm + 1x1 conv, bilinear up; conv: light 2D decoder; "
+        "conv3d: slice maps stacked into a light 3D decoder")
+    n_classes: int = Field(2, ge=2, description="including background (label 0)")
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    hidden_dim: int = Field(64, ge=1, description="decoder width (conv heads)")
+
+    @property
+    def label(self) -> str:
+        return f"seg-{self.head}"
+
+
+class AffinityProbeSpec(ProbeSpecBase):
+    """EM instances: nearest-neighbour affinities from a light decoder, turned into instances by a seeded
+    watershed (seeds: regions whose affinities all exceed the threshold) or by connected components of the
+    thresholded affinity graph; lr and threshold are chosen on val by VOI."""
+
+    kind: Literal["affinity"] = "affinity"
+    learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    hidden_dim: int = Field(64, ge=1)
+    thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9], min_length=1)
+    min_size: int = Field(4, ge=0, description="segments (components) or seeds (watershed) smaller than this (pixels) are dropped")
+    agglomeration: Literal["watershed", "components"] = Field(
+        "watershed", description="watershed: seeds grown over the boundary map (robust to leaks); components: "
+                                 "connected components of edges above the threshold (one leak merges two objects)")
 
 
 class LinearSegHead(nn.Module):
@@ -233,7 +272,6 @@ def _out_size(split: SegSplit) -> tuple[int, ...]:
     return tuple(np.asarray(split.y).shape[1:])
 
 
-@register_probe("segmentation")
 def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
     """test_scores: predicted label maps (n_test, *spatial); val_metric: mean foreground Dice per item."""
     from monai.losses import DiceCELoss
@@ -262,7 +300,6 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
                        extra={"head": head})
 
 
-@register_probe("affinity")
 def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
     """``y``: instance ids (0 = background / boundary). test_scores: instance label maps. lr and threshold
     are chosen on val by the mean variation of information (VOI, the EM headline; lower is better), so
@@ -296,3 +333,14 @@ def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int
     return ProbeResult(test_scores=segs, val_metric=-voi, selected={"lr": lr, "threshold": t},
                        candidates=len(spec.learning_rates) * len(spec.thresholds),
                        extra={"head": head, "val_voi": voi, "val_arand": arand})
+
+
+def _space(trial, spec) -> dict:
+    return {"learning_rates": [trial.suggest_float("lr", 1e-4, 1e-2, log=True)],
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
+
+
+register_probe(ProbeDef("segmentation", SegmentationProbeSpec, fit_segmentation, tasks=("segmentation",), input="grid",
+                        space=_space, description="BatchNorm + 1x1 conv, a light 2D or 3D decoder on patch-token grids"))
+register_probe(ProbeDef("affinity", AffinityProbeSpec, fit_affinity, tasks=("instance_segmentation",), input="grid",
+                        space=_space, description="EM affinities from a light decoder + seeded watershed"))
