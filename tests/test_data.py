@@ -137,9 +137,8 @@ def test_corrupt_image_names_its_file(tmp_path):
 
 def test_model_input_from_a_real_dicom_file():
     """pydicom ships a real CT slice; it goes through the same transform as PNG radiographs."""
-    from pydicom.data import get_testdata_file
-
     import torch
+    from pydicom.data import get_testdata_file
 
     from dinoscale.data.preprocess import build_transform
 

@@ -48,8 +48,9 @@ def test_dicom_series_folder_is_one_volume_sorted_by_position_in_hu(tmp_path):
     lo, hi = -1024.0, 3071.0
     load, _ = build_volume_transform(32, [0.5] * 3, [0.5] * 3, window=(lo, hi))
     vol = load(str(tmp_path / "series"))
-    assert tuple(vol.shape) == (128, 128, 5)  # rows x cols x slices, whatever the file order
-    np.testing.assert_allclose(vol[0, 0, :].numpy(), (np.array(expected_hu) - lo) / (hi - lo), rtol=1e-6)
+    assert tuple(vol.shape) == (128, 128, 5)  # x, y, slices, whatever the file order
+    # reoriented to RAS: DICOM's patient axes are LPS, so the first row / column (L, P) end up last (R->L, A->P)
+    np.testing.assert_allclose(vol[-1, -1, :].numpy(), (np.array(expected_hu) - lo) / (hi - lo), rtol=1e-6)
 
 
 def test_a_dicom_series_feeds_volume_extraction_and_its_digest_tracks_the_files(tmp_path):
@@ -119,7 +120,7 @@ def test_semireal_ct_inserts_lesions_into_the_real_slice_and_says_so(tmp_path):
         # lesions (+45..70 or -60..-40 HU, radius >= 2 px) survive a 3x3 mean; the noise (sd <= 12 HU) does not
         blobs, n = ndimage.label(ndimage.uniform_filter(diff, 3) > 25)
         largest = np.bincount(blobs.ravel())[1:].max() if n else 0
-        has_lesion = bool(getattr(row, "hyperdense") or getattr(row, "hypodense"))
+        has_lesion = bool(row.hyperdense or row.hypodense)
         assert (largest >= 4) == has_lesion, (row.sample_id, largest, has_lesion)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinoscale.data import DataError, PreparedDataset, register_dataset
+from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
 from dinoscale.data.layout import data_root, patient_splits, require
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dinoscale.data import FILE_COLUMNS, PreparedDataset
+from dinoscale.data.dataset import PreparedDataset
 
 
 def unreadable_reason(path: str | Path) -> str | None:
@@ -46,21 +46,16 @@ def unreadable_reason(path: str | Path) -> str | None:
 
 def drop_unreadable(ds: PreparedDataset) -> None:
     """Drop rows whose image (or mask / PET) is unreadable; record each in ``ds.skipped``."""
-    cols = ["path"] + [c for c in FILE_COLUMNS if c in ds.manifest.columns]
-    bad = []
+    bad: dict[int, None] = {}
     cache: dict[str, str | None] = {}
-    for i, row in ds.manifest[cols].iterrows():
-        for c in cols:
-            v = row[c]
-            if not isinstance(v, str) or not v:
-                continue
-            if v not in cache:
-                cache[v] = unreadable_reason(v)
-            if cache[v]:
-                bad.append(i)
-                ds.skipped.append({"sample_id": str(ds.manifest.at[i, "sample_id"]), "path": v, "reason": cache[v]})
-                break
+    for i, path in ds.files():
+        if i in bad:
+            continue
+        if path not in cache:
+            cache[path] = unreadable_reason(path)
+        if cache[path]:
+            bad[i] = None
+            ds.skipped.append({"sample_id": str(ds.manifest.at[i, "sample_id"]), "path": path, "reason": cache[path]})
     if bad:
-        ds.manifest = ds.manifest.drop(index=bad).reset_index(drop=True)
-        ds._digests.clear()
+        ds.drop_rows(list(bad))
     ds.provenance["data.skipped"] = str(len(ds.skipped))

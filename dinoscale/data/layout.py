@@ -6,12 +6,12 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import pandas as pd
 
-from dinoscale.data import DataError
+from dinoscale.data.dataset import DataError
 from dinoscale.data.splits import assign_patient_splits, carve_val_from_train
 
 

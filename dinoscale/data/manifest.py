@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dinoscale.data import SPLITS, DataError, PreparedDataset, register_dataset
+from dinoscale.data.dataset import SPLITS, DataError, PreparedDataset, register_dataset
 from dinoscale.data.layout import check_labels, data_root, patient_splits
 
 LAYOUT = __doc__.split("Expected at ``root``")[1].split("Relative paths")[0].strip(" :\n").rstrip()

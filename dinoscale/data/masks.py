@@ -1,32 +1,32 @@
-"""Label maps for segmentation trials, read the way their images were read for extraction.
+"""Label maps for segmentation trials, read by the same readers as their images.
 
-Volumes go through the same MONAI ``LoadImage`` as ``build_volume_transform`` (no reorientation on
-either side), so voxel (i, j, k) of a mask is voxel (i, j, k) of its image by construction; slice k
-along the last axis is feature row ``<volume>#<k>``. 2D masks are read with MONAI's PIL reader.
+Volumes go through ``dinoscale.data.readers.read_volume`` like the images they label (reoriented to
+RAS, nearest-neighbour where anything is resampled), so voxel (i, j, k) of a mask is voxel (i, j, k)
+of its image by construction; slice k along the last axis is feature row ``<volume>#<k>``. 2D masks
+are read by the raster / DICOM reader of 2D images, in the same [rows, cols] order.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from dinoscale.data import DataError
+from dinoscale.data.dataset import DataError
 
 
-def _read_mask(path: str) -> np.ndarray:
-    from monai.transforms import LoadImage
+def _read_mask(path: str, volume: bool) -> np.ndarray:
+    from dinoscale.data.readers import _read, file_kind, read_volume
 
-    from dinoscale.data.readers import is_hdf5_ref, read_hdf5_ref
-
-    if is_hdf5_ref(path):  # CREMI neuron ids: read like their raw sections
-        return read_hdf5_ref(path).astype(np.int64)
-    try:
-        arr = np.asarray(LoadImage(image_only=True)(str(path)))
-    except Exception as e:  # MONAI wraps reader errors; name the file either way
-        raise DataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from e
-    if arr.ndim >= 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
+    if volume:
+        arr = read_volume(path, mode="nearest", dtype=None)[0]
+        if arr.shape[0] != 1:
+            raise DataError(f"{path}: a label map with {arr.shape[0]} channels; expected one")
+        arr = arr[0]
+    else:
+        arr = np.asarray(_read(file_kind(path), path))
+        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):  # single-channel or colour-coded PNG: first channel
+            arr = arr[..., 0]
     if np.any(arr != np.round(arr)):
         raise DataError(f"{path}: a label map holds integers; found fractional values")
     return arr.astype(np.int64)
@@ -42,7 +42,7 @@ def load_label_maps(mask_paths: Sequence[str] | None, n_slices: Sequence[int] | 
         raise DataError("this dataset lists no masks (manifest column 'mask_path'); segmentation probes need them")
     maps = []
     for i, path in enumerate(mask_paths):
-        arr = _read_mask(path)
+        arr = _read_mask(path, volume=n_slices is not None)
         if n_slices is not None:
             if arr.ndim != 3 or arr.shape[-1] != int(n_slices[i]):
                 raise DataError(f"{path}: mask of shape {tuple(arr.shape)} does not match its image "

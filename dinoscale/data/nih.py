@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dinoscale.data import DataError, PreparedDataset, register_dataset
+from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
 from dinoscale.data.splits import assign_patient_splits, carve_val_from_train
 
 CLASSES = [

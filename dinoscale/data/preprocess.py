@@ -6,12 +6,11 @@ channels -> normalised with the backbone's mean/std.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from dinoscale.data import DataError
+from dinoscale.data.dataset import DataError
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
 
@@ -83,7 +82,8 @@ def build_volume_transform(
 ):
     """(load_volume, slice_transform) for slice-wise extraction of 3D volumes (NIfTI, DICOM series, ...).
 
-    ``load_volume(path)`` reads through MONAI's readers and maps intensities to [0, 1] once per
+    ``load_volume(path)`` reads through ``dinoscale.data.readers.read_volume`` (reoriented to RAS, the one
+    volume reader of extraction, label maps and tests) and maps intensities to [0, 1] once per
     volume (a CT ``window`` in HU if given, else the volume's min-max), so that every slice of a volume
     shares one intensity scale. ``slice_transform(slice2d)`` resizes one slice and normalises it like a
     2D image (grey repeated to 3 channels).
@@ -92,9 +92,17 @@ def build_volume_transform(
     input channels are CT (windowed), PET (SUV in ``PET_SUV_RANGE``, clipped) and their mean, so one
     forward pass sees both modalities. The two volumes must have the same shape.
     """
-    from monai.transforms import EnsureChannelFirst, LoadImage, NormalizeIntensity, RepeatChannel, Resize, ScaleIntensity, ScaleIntensityRange
+    from monai.transforms import (
+        EnsureChannelFirst,
+        NormalizeIntensity,
+        RepeatChannel,
+        Resize,
+        ScaleIntensity,
+        ScaleIntensityRange,
+    )
 
-    load = LoadImage(image_only=True)
+    from dinoscale.data.readers import read_volume
+
     scale = (ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
              if window is not None else ScaleIntensity(minv=0.0, maxv=1.0))
     suv = ScaleIntensityRange(a_min=PET_SUV_RANGE[0], a_max=PET_SUV_RANGE[1], b_min=0.0, b_max=1.0, clip=True)
@@ -103,20 +111,11 @@ def build_volume_transform(
     norm = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
 
-    from dinoscale.data.readers import is_hdf5_ref, read_hdf5_ref
-
-    def read3d(path: str) -> torch.Tensor:
-        if is_hdf5_ref(path):  # CREMI: a block of sections of an HDF5 dataset
-            return torch.as_tensor(read_hdf5_ref(path).astype(np.float32))
-        try:
-            vol = load(path)
-        except Exception as e:  # MONAI wraps reader errors; name the file either way
-            raise DataError(f"{path}: cannot read volume ({type(e).__name__}: {e})") from e
-        if vol.ndim == 4 and vol.shape[-1] == 1:
-            vol = vol[..., 0]
-        if vol.ndim != 3:
-            raise DataError(f"{path}: expected a 3D volume, got shape {tuple(vol.shape)}")
-        return vol
+    def read3d(item) -> torch.Tensor:
+        vol = read_volume(item)[0]
+        if vol.shape[0] != 1:
+            raise DataError(f"{item}: a volume with {vol.shape[0]} channels; expected one channel per file")
+        return torch.as_tensor(vol[0])  # [X, Y, Z] in RAS
 
     def load_volume(item) -> torch.Tensor:
         if not fuse_pet:

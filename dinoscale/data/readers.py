@@ -2,8 +2,9 @@
 
 - DICOM (PydicomReader): RescaleSlope/Intercept applied (CT in Hounsfield units), MONOCHROME1
   inverted so that dense tissue is bright, as for MONOCHROME2 and PNG radiographs.
-- NIfTI (NibabelReader): reoriented to RAS with MONAI's ``Orientation``, optional
-  resampling to a voxel spacing; array layout [X, Y, Z] (axial slice k is ``vol[..., k]``).
+- Volumes (``read_volume``: NIfTI through NibabelReader, DICOM series folders through PydicomReader,
+  HDF5 blocks): reoriented to RAS with MONAI's ``Orientation``, optional resampling to a voxel
+  spacing, the spacing returned with the array; layout [C, X, Y, Z] (axial slice k is ``vol[..., k]``).
 - PNG / JPEG / TIFF (PILReader): [rows, cols], colour averaged to grey.
 
 Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing
@@ -13,13 +14,13 @@ grey to 3 channels and normalises with the backbone's mean/std.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Iterator, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from dinoscale.data import DataError
+from dinoscale.data.dataset import REF_SEP, DataError, is_hdf5_ref
 from dinoscale.data.windows import window_range
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
@@ -47,7 +48,7 @@ def _has_dicom_preamble(path) -> bool:
         return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def _loader(kind: str):
     from monai.data import NibabelReader, PILReader, PydicomReader
     from monai.transforms import LoadImage
@@ -57,6 +58,8 @@ def _loader(kind: str):
         return LoadImage(image_only=True, reader=PydicomReader(swap_ij=False, prune_metadata=False))
     if kind == "nifti":
         return LoadImage(image_only=True, reader=NibabelReader(), ensure_channel_first=True)
+    if kind == "dicom_series":  # a folder: slices sorted by position, rescale slope/intercept applied
+        return LoadImage(image_only=True, reader=PydicomReader(), ensure_channel_first=True)
     return LoadImage(image_only=True, reader=PILReader(reverse_indexing=False))
 
 
@@ -98,20 +101,28 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_volume(
-    path: str | Path | Sequence[str | Path], orientation: str | None = "RAS", spacing: Sequence[float] | None = None,
-    mode: str = "bilinear",
+    item: str | Path | Sequence[str | Path], orientation: str | None = "RAS", spacing: Sequence[float] | None = None,
+    mode: str = "bilinear", dtype=np.float32,
 ) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A NIfTI volume (or a list of co-registered ones, stacked as channels) -> ([C, X, Y, Z] float32, spacing).
+    """The one volume reader: extraction, label maps and tests all read volumes through it.
 
-    ``orientation``: axis codes to reorient to (None keeps the file's); ``spacing``: resample to this
-    voxel size in mm (``mode`` 'nearest' for label maps).
+    ``item``: a NIfTI / MetaImage / NRRD file, a DICOM series folder, an HDF5 block
+    (``file::dataset::z0:z1``, see ``hdf5_ref``), or a list of co-registered files stacked as channels.
+    Returns ([C, X, Y, Z] float32 in the file's units, voxel spacing in mm). Files are reoriented to
+    ``orientation`` (RAS: axial slice k is ``vol[..., k]``, whatever order the file stores its axes in;
+    None keeps the file's) and resampled to ``spacing`` in mm if given (``mode`` 'nearest' for label
+    maps). HDF5 blocks carry no orientation: sections are the last axis, spacing (1, 1, 1).
+    ``dtype``: of the returned array (None keeps an HDF5 block's own, e.g. uint64 neuron ids).
     """
     from monai.transforms import Orientation, Spacing
 
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if is_hdf5_ref(item):
+        arr = read_hdf5_ref(str(item))[None]
+        return (arr if dtype is None else arr.astype(dtype)), (1.0, 1.0, 1.0)
+    paths = [item] if isinstance(item, (str, Path)) else list(item)
     chans = []
     for p in paths:
-        img = _read("nifti", p)
+        img = _read(volume_kind(p), p)
         if img.ndim == 5 and img.shape[-1] == 1:  # [1, X, Y, Z, 1]
             img = img[..., 0]
         if img.ndim == 3:  # a 2D NIfTI: add a singleton Z
@@ -126,7 +137,13 @@ def read_volume(
     if len({tuple(c.shape[1:]) for c in chans}) > 1:
         raise DataError(f"volumes {[str(p) for p in paths]} differ in shape {[tuple(c.shape[1:]) for c in chans]}")
     vox = tuple(float(x) for x in chans[0].pixdim[:3])
-    return np.concatenate([np.asarray(c, dtype=np.float32) for c in chans], axis=0), vox
+    return np.concatenate([np.asarray(c, dtype=dtype or np.float32) for c in chans], axis=0), vox
+
+
+def volume_kind(path: str | Path) -> str:
+    """The reader of a volume: 'dicom_series' for a folder of DICOM files, else 'nifti' (MONAI's NibabelReader,
+    which also opens .mha / .nrrd through nibabel where it can)."""
+    return "dicom_series" if Path(path).is_dir() else "nifti"
 
 
 def to_unit(arr: np.ndarray, window=None, normalise: str = "minmax") -> np.ndarray:
@@ -183,24 +200,12 @@ def iter_slices(paths: Sequence[str | Path], axis: int = -1, window=None, normal
 
 # ---------------------------------------------------------------- HDF5 volumes (CREMI)
 
-_REF_SEP = "::"
-
-
-def hdf5_ref(path: str, key: str, z_start: int, z_stop: int) -> str:
-    """A block of sections of an HDF5 dataset as one volume: ``<file>::<dataset>::<z0>:<z1>``."""
-    return f"{path}{_REF_SEP}{key}{_REF_SEP}{int(z_start)}:{int(z_stop)}"
-
-
-def is_hdf5_ref(ref) -> bool:
-    return isinstance(ref, str) and ref.count(_REF_SEP) == 2
-
-
 def read_hdf5_ref(ref: str) -> np.ndarray:
     """The sections [z0, z1) of an HDF5 dataset stored [z, y, x] -> an array [x, y, z] (NIfTI's layout:
     section k is ``vol[..., k]``), so images and masks read this way stay voxel-aligned."""
     import h5py
 
-    path, key, zz = ref.split(_REF_SEP)
+    path, key, zz = ref.split(REF_SEP)
     z0, z1 = (int(v) for v in zz.split(":"))
     try:
         with h5py.File(path, "r") as f:

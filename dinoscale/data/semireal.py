@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinoscale.data import DataError, PreparedDataset, register_dataset
+from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
 from dinoscale.data.layout import atomic_dir
 from dinoscale.data.splits import assign_patient_splits
 from dinoscale.digest import sha256_file

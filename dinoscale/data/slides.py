@@ -13,12 +13,12 @@ rerun skips slides already tiled and an interrupted run leaves no half-filled fo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from dinoscale.data import DataError
+from dinoscale.data.dataset import DataError
 from dinoscale.data.layout import atomic_dir
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".tif", ".tiff", ".svslide")

@@ -1,0 +1,271 @@
+"""The prepared form of every dataset, and the one place that knows its manifest's columns.
+
+A dataset adapter (a module of ``dinoscale.data`` with a function decorated by ``@register_dataset``)
+returns a ``PreparedDataset``: a manifest of files on disk with patient-level splits. The dataset
+then says what shape it has (2D images or volumes, bags, extra channels, masks) and hands out its
+units in the two forms the sweep needs: ``sources(split)`` for extraction (what the readers open,
+row by row) and ``units(split)`` for trials (what is scored: images, volumes or slides, with their
+patients, labels, masks and feature rows). Nothing outside ``dinoscale.data`` reads manifest columns.
+
+Adapters are found by name: every module of the ``dinoscale.data`` package is imported once, so a
+new adapter is one file (plus its test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+# Columns beyond the 2D core, in the manifest where a dataset kind needs them:
+#   n_slices (3D volumes), mask_path (segmentation / instance ids), pet_path (PET of a PET/CT pair,
+#   path is the CT), bag_id (WSI: the slide a tile belongs to; one row per tile), z_start/z_stop
+#   (a block of sections of one EM volume), volume_key/mask_key (HDF5 dataset names), tile_label
+#   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array).
+EXTRA_COLUMNS = ("n_slices", "mask_path", "pet_path", "bag_id", "z_start", "z_stop", "volume_key", "mask_key", "npz_index")
+FILE_COLUMNS = ("mask_path", "pet_path")
+# Extra co-registered inputs of a row, by name -> manifest column (the row's ``path`` is the first channel).
+CHANNEL_COLUMNS = {"pet": "pet_path"}
+
+
+class DataError(RuntimeError):
+    """Data that cannot be used: the message names the file or folder and what to do."""
+
+
+def slice_row_ids(sample_ids, n_slices) -> list[str]:
+    """Feature-row ids of the slices of volumes: ``<volume>#<k>``."""
+    return [f"{sid}#{k}" for sid, n in zip(sample_ids, n_slices) for k in range(int(n))]
+
+
+@dataclass(frozen=True)
+class RowSources:
+    """One split as extraction reads it: one entry per image or volume, in manifest order."""
+
+    ids: list[str]
+    items: list[str]  # what the reader opens: a file, a DICOM series folder, an HDF5 block ``file::dataset::z0:z1``
+    n_slices: list[int] | None = None  # volumes: slices along the slice axis
+    channels: dict[str, list[str]] = field(default_factory=dict)  # extra co-registered inputs, e.g. {"pet": [...]}
+
+    def row_ids(self, view: str) -> list[str]:
+        """The ids of the stored feature rows: one per image / volume, or ``<volume>#<slice>`` per slice."""
+        return slice_row_ids(self.ids, self.n_slices) if view == "slices" else list(self.ids)
+
+
+@dataclass
+class SplitUnits:
+    """One split as a trial scores it: one entry per unit (an image, a volume or a slide)."""
+
+    sample_ids: list[str]
+    patient_ids: np.ndarray
+    labels: np.ndarray  # (n, C); (n, 0) for segmentation tasks
+    items: list[str] = field(default_factory=list)  # what the image reader opens (strategies that train the encoder)
+    members: list[list[str]] | None = None  # bags (slides): the feature rows (tiles) of each unit
+    n_slices: list[int] | None = None  # volumes: slices per volume (feature rows '<id>#<k>')
+    masks: list[str] | None = None  # segmentation: what the mask reader opens per unit
+
+    def row_groups(self, view: str) -> list[list[str]]:
+        """The feature-store row ids that make up each unit, for a feature set of ``view``."""
+        if view == "slices":
+            return [slice_row_ids([sid], [n]) for sid, n in zip(self.sample_ids, self.n_slices)]
+        if self.members is not None:
+            return self.members
+        return [[sid] for sid in self.sample_ids]
+
+
+REF_SEP = "::"
+
+
+def hdf5_ref(path: str, key: str, z_start: int, z_stop: int) -> str:
+    """A block of sections of an HDF5 dataset as one volume: ``<file>::<dataset>::<z0>:<z1>``."""
+    return f"{path}{REF_SEP}{key}{REF_SEP}{int(z_start)}:{int(z_stop)}"
+
+
+def is_hdf5_ref(ref) -> bool:
+    return isinstance(ref, str) and ref.count(REF_SEP) == 2
+
+
+def _items(df: pd.DataFrame, column: str = "path", key_column: str = "volume_key") -> list[str]:
+    """What the readers open for each row: the file, or for HDF5 blocks (CREMI) ``file::dataset::z0:z1``."""
+    if key_column not in df.columns:
+        return df[column].tolist()
+    return [hdf5_ref(p, k, z0, z1) for p, k, z0, z1 in zip(df[column], df[key_column], df["z_start"], df["z_stop"])]
+
+
+@dataclass
+class PreparedDataset:
+    name: str
+    task: str  # one of dinoscale.tasks; "multilabel" (binary is multilabel with one class)
+    classes: list[str]
+    manifest: pd.DataFrame  # columns: sample_id, patient_id, path (absolute), split, one 0/1 column per class
+    # (+ per kind: n_slices, mask_path, pet_path, bag_id, z_start/z_stop, ...; see EXTRA_COLUMNS)
+    provenance: dict[str, str]  # MLflow tags: data.source = phantom|real, generator+seed or dataset+root
+    root: Path
+    mask_labels: dict[int, str] = field(default_factory=dict)  # segmentation: mask value -> structure name
+    skipped: list[dict] = field(default_factory=list)  # on_bad_file=skip: {"path", "reason"} per dropped file
+    _digests: dict[str, str] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- shape
+
+    @property
+    def volumetric(self) -> bool:
+        """Rows are 3D volumes read slice by slice (else 2D images)."""
+        return "n_slices" in self.manifest.columns
+
+    @property
+    def bagged(self) -> bool:
+        """Rows come in bags scored as one unit (the tiles of a slide)."""
+        return "bag_id" in self.manifest.columns
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Extra co-registered inputs fused into the encoder's channels (e.g. ('pet',) for PET/CT)."""
+        return tuple(name for name, col in CHANNEL_COLUMNS.items() if col in self.manifest.columns)
+
+    @property
+    def has_masks(self) -> bool:
+        return "mask_path" in self.manifest.columns or "mask_key" in self.manifest.columns
+
+    @property
+    def is_phantom(self) -> bool:
+        """Generated data (a phantom, or synthetic labels on real anatomy): never results about patients."""
+        return self.provenance.get("data.source") in ("phantom", "semi-synthetic")
+
+    # ---------------------------------------------------------------- units
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.manifest[self.manifest["split"] == name].reset_index(drop=True)
+
+    def labels(self, name: str):
+        return self.split(name)[self.classes].to_numpy(dtype="float32")
+
+    def sources(self, split: str) -> RowSources:
+        """What extraction reads for a split, row by row."""
+        df = self.split(split)
+        return RowSources(
+            df["sample_id"].astype(str).tolist(), _items(df),
+            df["n_slices"].astype(int).tolist() if self.volumetric else None,
+            {name: df[col].tolist() for name, col in CHANNEL_COLUMNS.items() if col in df.columns},
+        )
+
+    def forward_passes(self, split: str, view: str) -> int:
+        """Backbone inputs to extract one split in a view: slices for volume views, else images."""
+        df = self.split(split)
+        return int(df["n_slices"].sum()) if view != "images" and self.volumetric else len(df)
+
+    def units(self, split: str) -> SplitUnits:
+        """What a trial scores: rows of the manifest, or bags (slides) of tile rows."""
+        df = self.split(split)
+        ids = df["sample_id"].astype(str)
+        if self.bagged:
+            df = df.assign(bag_id=df["bag_id"].astype(str), sample_id=ids)
+            mixed = df.groupby("bag_id")[self.classes].nunique().gt(1).any(axis=1)
+            if mixed.any():
+                raise DataError(f"dataset '{self.name}': bag(s) {list(mixed.index[mixed])[:5]} have rows with different labels")
+            first = df.drop_duplicates("bag_id")  # bags in order of first appearance
+            members = df.groupby("bag_id", sort=False)["sample_id"].apply(list)
+            return SplitUnits(first["bag_id"].tolist(), first["patient_id"].astype(str).to_numpy(),
+                              first[self.classes].to_numpy(dtype="float32"), members=members.loc[first["bag_id"]].tolist())
+        masks = None
+        if "mask_key" in df.columns:
+            masks = _items(df, "path", "mask_key")
+        elif "mask_path" in df.columns:
+            masks = df["mask_path"].tolist()
+        return SplitUnits(
+            ids.tolist(), df["patient_id"].astype(str).to_numpy(),
+            df[self.classes].to_numpy(dtype="float32") if self.classes else np.zeros((len(df), 0), np.float32),
+            _items(df), n_slices=df["n_slices"].astype(int).tolist() if self.volumetric else None, masks=masks,
+        )
+
+    def manifest_digest(self, split: str) -> str:
+        """Digest of what a split contains: ids, patients, labels, and each file's path and size."""
+        if split not in self._digests:
+            df = self.split(split)
+            extra = [c for c in EXTRA_COLUMNS if c in df.columns]
+            h = hashlib.sha256()
+            h.update(f"{self.name}|{','.join(self.classes)}|{split}\n".encode())
+            for row in df.itertuples(index=False):
+                p = Path(row.path)
+                size = _size(p)
+                labels = "".join(str(int(getattr(row, c))) for c in self.classes) if self.classes else ""
+                h.update(f"{row.sample_id}|{row.patient_id}|{p.name}|{size}|{labels}\n".encode())
+                for col in extra:  # only for manifests that have them: 2D digests are unchanged
+                    v = getattr(row, col)
+                    if col in FILE_COLUMNS and isinstance(v, str) and v:
+                        q = Path(v)
+                        v = f"{q.name}:{_size(q)}"
+                    h.update(f"{col}={v}\n".encode())
+            self._digests[split] = h.hexdigest()[:16]
+        return self._digests[split]
+
+    def files(self) -> list[tuple[int, str]]:
+        """(row, file) for every file the manifest names: images and their masks / extra channels."""
+        cols = ["path"] + [c for c in FILE_COLUMNS if c in self.manifest.columns]
+        return [(i, v) for i, row in self.manifest[cols].iterrows() for v in row if isinstance(v, str) and v]
+
+    def drop_rows(self, rows: list[int]) -> None:
+        self.manifest = self.manifest.drop(index=rows).reset_index(drop=True)
+        self._digests.clear()
+
+
+def _size(p: Path) -> str | int:
+    """A file's size; for a folder (a DICOM series) its file count and total size; -1 when missing."""
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        return f"{len(files)}files:{sum(f.stat().st_size for f in files)}"
+    return p.stat().st_size if p.exists() else -1
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class DatasetDef:
+    name: str
+    prepare: Callable[..., PreparedDataset]
+    phantom: bool = False  # generated on the fly (no data root)
+    task: str = "multilabel"  # what a trial does with it ('auto' when only the data tells, e.g. 'manifest')
+    published_images: int | None = None  # the dataset's size as published, for cost estimates without data
+
+
+_REGISTRY: dict[str, DatasetDef] = {}
+_LOADED = False
+
+
+def register_dataset(name: str, phantom: bool = False, published_images: int | None = None, task: str = "multilabel"):
+    """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``."""
+
+    def deco(fn: Callable[..., PreparedDataset]):
+        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published_images)
+        return fn
+
+    return deco
+
+
+def load_adapters() -> None:
+    """Import every module of ``dinoscale.data`` once (their ``@register_dataset`` fill the registry)."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    package = importlib.import_module("dinoscale.data")
+    for m in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"dinoscale.data.{m.name}")
+
+
+def get_dataset(name: str) -> DatasetDef:
+    load_adapters()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown dataset '{name}'; known: {', '.join(dataset_names())}")
+    return _REGISTRY[name]
+
+
+def dataset_names() -> list[str]:
+    load_adapters()
+    return sorted(_REGISTRY)
