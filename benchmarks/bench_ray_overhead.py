@@ -46,9 +46,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out = run_sweep(spec, project_dir=Path(tmp), quiet=True, analyze=False)
         wall = time.perf_counter() - t0
-        from mlflow.tracking import MlflowClient
-
         import ray
+        from mlflow.tracking import MlflowClient
 
         stage_wall = MlflowClient(out.tracking_uri).get_run(out.parent_run_id).data.metrics["trials_wall_seconds"]
         slots = int(ray.cluster_resources().get("CPU", 1) // spec.resources.cpus_per_trial)

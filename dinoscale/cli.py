@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -43,8 +42,8 @@ def tile_slides_cmd(
     slides: Path = typer.Argument(..., help="a slide file or a folder of slides (.svs, .ndpi, .mrxs, .tif, ...)"),
     out: Path = typer.Argument(..., help="root of the tile bags: <out>/<slide>/tile_<x>_<y>.png (the wsi-tiles layout)"),
     tile_size: int = typer.Option(224, help="tile edge in pixels at the chosen level"),
-    mpp: Optional[float] = typer.Option(None, help="microns per pixel wanted (picks the closest pyramid level; e.g. 0.5 for 20x)"),
-    level: Optional[int] = typer.Option(None, help="pyramid level (instead of --mpp; default 0)"),
+    mpp: float | None = typer.Option(None, help="microns per pixel wanted (picks the closest pyramid level; e.g. 0.5 for 20x)"),
+    level: int | None = typer.Option(None, help="pyramid level (instead of --mpp; default 0)"),
     min_tissue: float = typer.Option(0.5, help="keep tiles with at least this fraction of tissue pixels"),
 ) -> None:
     """Cut whole-slide images into tissue tiles with OpenSlide (pip install 'dinoscale[wsi]')."""
@@ -65,8 +64,8 @@ def tile_slides_cmd(
 @app.command()
 def sweep(
     spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
-    address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: embedded local Ray)"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
+    address: str | None = typer.Option(None, help="address of an existing Ray cluster (default: embedded local Ray)"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
     no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
     resume: bool = typer.Option(False, "--resume", help="resume the latest unfinished sweep of this spec from its storage "
                                 "path: finished cells are not rerun, cached features not extracted, MLflow runs reused"),
@@ -75,7 +74,8 @@ def sweep(
     import os
 
     from dinoscale.data import DataError
-    from dinoscale.sweep.runner import NotRunnableError, run_sweep
+    from dinoscale.sweep.plan import NotRunnableError
+    from dinoscale.sweep.runner import run_sweep
     from dinoscale.sweep.state import ResumeError
 
     s = _load(spec)
@@ -92,14 +92,14 @@ def sweep(
 
 @app.command()
 def analyze(
-    spec: Optional[Path] = typer.Argument(None, help="sweep spec: analyse its latest sweep in MLflow"),
-    csv: Optional[Path] = typer.Option(None, help="analyse a results table instead (one row per run: backbone, n_params, "
+    spec: Path | None = typer.Argument(None, help="sweep spec: analyse its latest sweep in MLflow"),
+    csv: Path | None = typer.Option(None, help="analyse a results table instead (one row per run: backbone, n_params, "
                                                   "resolution, probe, strategy, seed, test_<metric>, _ci_low, _ci_high)"),
-    run_id: Optional[str] = typer.Option(None, help="parent run of the sweep (default: the latest)"),
-    out: Optional[Path] = typer.Option(None, help="output folder (default: reports/<modality>)"),
-    headline: Optional[str] = typer.Option(None, help="with --csv: the metric to analyse (e.g. test_dice, voi) when the "
+    run_id: str | None = typer.Option(None, help="parent run of the sweep (default: the latest)"),
+    out: Path | None = typer.Option(None, help="output folder (default: reports/<modality>)"),
+    headline: str | None = typer.Option(None, help="with --csv: the metric to analyse (e.g. test_dice, voi) when the "
                                                       "table holds several (default: detected from its columns)"),
-    goal: Optional[str] = typer.Option(None, help="with --csv: max | min, for a metric dinoscale does not know"),
+    goal: str | None = typer.Option(None, help="with --csv: max | min, for a metric dinoscale does not know"),
 ) -> None:
     """Fit scaling curves and write plots + a markdown report (and attach them to the sweep's parent run).
 
@@ -158,7 +158,7 @@ app.add_typer(cache_app, name="cache")
 _STORE_HELP = "feature store root: a path or an fsspec URL (s3://bucket/prefix); default: <spec storage>/features"
 
 
-def _feature_store(spec: Optional[Path], store: Optional[str]):
+def _feature_store(spec: Path | None, store: str | None):
     from dinoscale.features import FeatureStore
 
     if store:
@@ -172,8 +172,8 @@ def _feature_store(spec: Optional[Path], store: Optional[str]):
 
 @cache_app.command("ls")
 def cache_ls(
-    spec: Optional[Path] = typer.Argument(None, help="sweep spec whose storage path holds the store"),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    spec: Path | None = typer.Argument(None, help="sweep spec whose storage path holds the store"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
 ) -> None:
     """List the entries: digest, backbone, resolution, tokens, split, shape, dtype, size."""
     fs = _feature_store(spec, store)
@@ -192,9 +192,9 @@ def cache_ls(
 
 @cache_app.command("verify")
 def cache_verify(
-    digests: Optional[list[str]] = typer.Argument(None, help="entries to check (default: all)"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    digests: list[str] | None = typer.Argument(None, help="entries to check (default: all)"),
+    spec: Path | None = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
 ) -> None:
     """Re-read entries and check their sha256 and shape; exit 1 if any is damaged."""
     fs = _feature_store(spec, store)
@@ -214,12 +214,12 @@ def cache_verify(
 
 @cache_app.command("rm")
 def cache_rm(
-    digests: Optional[list[str]] = typer.Argument(None, help="entries to remove"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    digests: list[str] | None = typer.Argument(None, help="entries to remove"),
+    spec: Path | None = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     all_: bool = typer.Option(False, "--all", help="remove every entry"),
     damaged: bool = typer.Option(False, "--damaged", help="remove entries that fail verification"),
-    stale_hours: Optional[float] = typer.Option(None, "--stale", help="remove leftovers of killed writers older than this many hours"),
+    stale_hours: float | None = typer.Option(None, "--stale", help="remove leftovers of killed writers older than this many hours"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
 ) -> None:
     """Remove entries (by digest, --all or --damaged) and/or stale leftovers of killed writers."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dinoscale import record
+
 
 @dataclass(frozen=True)
 class Headline:
@@ -36,21 +38,16 @@ class Headline:
         return a > b if self.goal == "max" else a < b
 
     def tags(self) -> dict[str, str]:
-        return {"dinoscale.headline": self.test, "dinoscale.headline_goal": self.goal}
+        return {record.HEADLINE: self.test, record.HEADLINE_GOAL: self.goal}
 
 
 AUROC = Headline("macro_auroc", "max", "test macro AUROC", per_volume=False)
 DICE = Headline("dice", "max", "test mean foreground Dice", per_volume=True)
 VOI = Headline("voi", "min", "test VOI (split + merge, bits; lower is better)", per_volume=True)
 
-_BY_TASK = {"multilabel": AUROC, "multiclass": AUROC, "mil": AUROC, "segmentation": DICE, "instance_segmentation": VOI}
-_BY_TEST_NAME = {h.test: h for h in (AUROC, DICE, VOI)}
-
-
-def headline_for_task(task: str) -> Headline:
-    return _BY_TASK[task]
+_BY_TEST_NAME = {h.test: h for h in (AUROC, DICE, VOI)}  # each task's headline: dinoscale.tasks
 
 
 def headline_from_tags(tags: dict) -> Headline:
     """The headline a sweep recorded (sweeps from before headlines existed: AUROC)."""
-    return _BY_TEST_NAME.get(tags.get("dinoscale.headline", AUROC.test), AUROC)
+    return _BY_TEST_NAME.get(tags.get(record.HEADLINE, AUROC.test), AUROC)

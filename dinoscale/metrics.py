@@ -240,9 +240,9 @@ def dice_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, includ
 def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacing=None) -> np.ndarray:
     """(N, C-1) 95th-percentile Hausdorff distance per volume and foreground class (MONAI), in pixels or
     ``spacing`` units. NaN where the class is missing from the prediction or the ground truth."""
-    from monai.metrics import compute_hausdorff_distance
-
     import warnings
+
+    from monai.metrics import compute_hausdorff_distance
 
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
     with warnings.catch_warnings():

@@ -16,11 +16,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-PARENT_RUN_ID = "mlflow.parentRunId"
-TRIAL_KEY = "dinoscale.trial_key"
-SWEEP_ID = "dinoscale.sweep_id"
-ROLE = "dinoscale.role"
-DEMO_NOTE = "DEMO: phantom data and/or random weights - numbers exercise the pipeline, they say nothing about DINOv3"
+from dinoscale.record import PARENT_RUN_ID, ROLE, ROLE_CELL, TRIAL_KEY
 
 
 def resolve_tracking_uri(uri: str, project_dir: Path | None = None) -> str:
@@ -75,7 +71,7 @@ def find_or_create_child(client: MlflowClient, experiment_id: str, parent_run_id
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
-    all_tags = {PARENT_RUN_ID: parent_run_id, TRIAL_KEY: trial_key, ROLE: "cell", **tags}
+    all_tags = {PARENT_RUN_ID: parent_run_id, TRIAL_KEY: trial_key, ROLE: ROLE_CELL, **tags}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 

@@ -319,6 +319,7 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
     assert (cells.uncertainty == "patients (per-sample predictions) + 1 seed(s)").all()
     fits = pd.read_csv(out / "fits.csv")
     assert fits.set_index("axis").loc["params", "trend"] in ("improves", "saturates")
-    assert "PHANTOM" in (out / "report.md").read_text().splitlines()[2]
+    head = (out / "report.md").read_text().splitlines()
+    assert "DEMO RUN" in head[2] and "PHANTOM" in head[3]  # the sweep's provenance, decided once, comes first
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/fits.csv", "report/auroc_vs_params.png"} <= arts

@@ -5,7 +5,6 @@ metrics, and scaling fits of a lower-is-better metric."""
 import numpy as np
 import pandas as pd
 import pytest
-from test_analysis import _saturating_metric, _table  # the AUROC fixtures of the original analysis tests
 from typer.testing import CliRunner
 
 from dinoscale.analysis import analyze_sweep, fit_power_law, results_from_csv, results_from_mlflow, write_report
@@ -13,6 +12,7 @@ from dinoscale.analysis.sources import detect_headline, sweep_headline
 from dinoscale.cli import app
 from dinoscale.headline import AUROC, DICE, VOI
 from dinoscale.metrics import volume_bootstrap
+from test_analysis import _saturating_metric, _table  # the AUROC fixtures of the original analysis tests
 
 SIZES = (("xs", 1e6), ("s", 4e6), ("m", 1.6e7), ("l", 6.4e7))
 N_PATIENTS = 30  # two volumes each

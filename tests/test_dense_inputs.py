@@ -11,8 +11,7 @@ from dinoscale.data.masks import load_label_maps
 from dinoscale.features.extract import extract_features, extract_volume_slices
 from dinoscale.metrics import variation_of_information
 from dinoscale.models import load_backbone
-from dinoscale.probes.segmentation import agglomerate_affinities, affinity_targets
-
+from dinoscale.probes.segmentation import affinity_targets, agglomerate_affinities
 from test_extraction_volumes import CPU, Slices, _volumes
 
 
@@ -103,11 +102,9 @@ def test_watershed_keeps_objects_apart_where_one_leak_merges_components():
 def test_probes_must_fit_the_task_before_anything_runs(tmp_path):
     import yaml
 
-    from dinoscale.spec import parse_spec
-    from dinoscale.sweep.plan import build_plan
-    from dinoscale.sweep.runner import NotRunnableError, check_runnable
-
     from conftest import ROOT
+    from dinoscale.spec import parse_spec
+    from dinoscale.sweep.plan import NotRunnableError, build_plan, check_runnable
 
     def plan(modality, **changes):
         raw = yaml.safe_load((ROOT / "sweeps" / "demo" / f"{modality}.yaml").read_text())

@@ -7,9 +7,20 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from dinoscale.metrics import (
-    adapted_rand_error, balanced_accuracy, choose_thresholds, dice_per_volume, hd95_per_volume, instance_summary, macro_f1,
-    mean_score, multiclass_balanced_accuracy, paired_bootstrap, patient_bootstrap, segmentation_summary,
-    variation_of_information, volume_bootstrap,
+    adapted_rand_error,
+    balanced_accuracy,
+    choose_thresholds,
+    dice_per_volume,
+    hd95_per_volume,
+    instance_summary,
+    macro_f1,
+    mean_score,
+    multiclass_balanced_accuracy,
+    paired_bootstrap,
+    patient_bootstrap,
+    segmentation_summary,
+    variation_of_information,
+    volume_bootstrap,
 )
 
 

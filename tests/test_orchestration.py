@@ -1,22 +1,21 @@
 """Orchestration under failure, with real Ray (several raylets) and real MLflow stores/servers."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import json
 import urllib.request
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port, tiny_spec_dict
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.runner import run_sweep
-
-from conftest import free_port, tiny_spec_dict
 
 pytestmark = pytest.mark.slow
 

@@ -4,12 +4,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from conftest import tiny_spec_dict
 from dinoscale.cli import app
 from dinoscale.features import FeatureStore
 from dinoscale.spec import load_spec, parse_spec
 from dinoscale.sweep.plan import build_plan
-
-from conftest import tiny_spec_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import tiny_spec_dict
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.runner import run_sweep
-
-from conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +137,7 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
 def test_a_probe_that_does_not_fit_the_task_is_refused_before_anything_runs(tmp_path):
     import yaml
 
-    from dinoscale.sweep.runner import NotRunnableError
+    from dinoscale.sweep.plan import NotRunnableError
 
     raw = yaml.safe_load(open(ROOT / "sweeps/demo/mri.yaml"))
     raw.update(tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")},

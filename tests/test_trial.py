@@ -6,15 +6,14 @@ from conftest import tiny_spec_dict
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.extraction import plan_jobs, run_job
 from dinoscale.sweep.plan import build_plan
-from dinoscale.sweep.trial import SplitLabels, SweepContext, evaluate_cell
+from dinoscale.sweep.trial import SweepContext, evaluate_cell
 
 
 def _context(spec, plan):
     ds = plan.dataset
-    splits = {s: SplitLabels(ds.split(s).sample_id.astype(str).tolist(), ds.split(s).patient_id.astype(str).to_numpy(),
-                             ds.labels(s), ds.split(s).path.tolist()) for s in ("train", "val", "test")}
-    return SweepContext(spec.model_dump(mode="json"), {c.id: c for c in plan.cells}, ds.classes, splits,
-                        str(plan.storage / "features"), tracking_uri="", experiment_id="", parent_run_id="")
+    splits = {s: ds.units(s) for s in ("train", "val", "test")}
+    return SweepContext({c.id: c for c in plan.cells}, ds.classes, splits, str(plan.storage / "features"),
+                        tracking_uri="", experiment_id="", parent_run_id="")
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def test_extraction_fills_the_store_then_cells_only_read_it(extracted):
     assert plan.missing == []  # 3 splits extracted once, shared by both probes
     ctx = _context(spec, plan)
     outs = {c.probe: evaluate_cell(c, ctx) for c in plan.cells}
-    for probe, out in outs.items():
+    for out in outs.values():
         m = out["metrics"]
         assert m["test_macro_auroc_ci_low"] <= m["test_macro_auroc"] <= m["test_macro_auroc_ci_high"]
         assert m["search_trials"] == 3 and m["feature_dim"] == 2 * 96

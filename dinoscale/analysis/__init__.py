@@ -11,15 +11,20 @@ from dinoscale.analysis.report import write_report
 from dinoscale.analysis.resample import bootstrap_cells  # noqa: F401
 from dinoscale.analysis.scaling import ScalingFit, fit_curve, fit_power_law  # noqa: F401
 from dinoscale.analysis.sources import (  # noqa: F401
-    RESULT_COLUMNS, detect_headline, provenance_from_tags, resolve_headline, result_columns, results_from_csv,
-    results_from_mlflow, sweep_headline,
+    RESULT_COLUMNS,
+    detect_headline,
+    resolve_headline,
+    result_columns,
+    results_from_csv,
+    results_from_mlflow,
+    sweep_headline,
 )
-
-REPORT_ARTIFACT_DIR = "report"
+from dinoscale.provenance import Provenance
+from dinoscale.record import REPORT_DIR, SWEEP_ID
 
 
 def analyze_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None, out_dir: Path,
-                  provenance: list[str] | None = None, quiet: bool = False) -> Path:
+                  provenance: Provenance | None = None, quiet: bool = False) -> Path:
     """Report on one sweep (the latest when ``parent_run_id`` is None), attached to its parent run."""
     from mlflow.tracking import MlflowClient
 
@@ -29,15 +34,15 @@ def analyze_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None,
         raise LookupError(f"no finished run of sweep {info['parent_run_id']} in '{experiment}' logged its headline "
                           f"{headline.test}; nothing to analyse")
     if provenance is None:
-        provenance = provenance_from_tags(tags)
-    out_dir = write_report(df, Path(out_dir), title=f"{experiment} / {tags.get('dinoscale.sweep_id', info['parent_run_id'])}",
+        provenance = Provenance.from_tags(tags)
+    out_dir = write_report(df, Path(out_dir), title=f"{experiment} / {tags.get(SWEEP_ID, info['parent_run_id'])}",
                            provenance=provenance, predictions=info["predictions"], headline=headline)
     client = MlflowClient(tracking_uri)
     for f in sorted(out_dir.iterdir()):
         if f.is_file():
-            client.log_artifact(info["parent_run_id"], str(f), REPORT_ARTIFACT_DIR)
+            client.log_artifact(info["parent_run_id"], str(f), REPORT_DIR)
     if not quiet:
-        from dinoscale.sweep.display import console
+        from dinoscale.console import console
 
         console.print(f"Report on {headline.test} ({'higher' if headline.goal == 'max' else 'lower'} is better): "
                       f"{out_dir / 'report.html'} and report.md (also attached to parent run {info['parent_run_id']}); "

@@ -14,11 +14,12 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
 from dinoscale.headline import AUROC, Headline
 
 STRATEGY_ORDER = ["frozen", "lora", "full"]  # cheapest first; unknown strategies follow, sorted
-PAIR_KEYS = ["modality", "dataset", "probe", "backbone", "n_params", "resolution"]
+PAIR_KEYS = [k for k in record.CELL_KEYS if k != "strategy"]  # the cell position strategies are compared at
 
 
 def best_configurations(cd: CellDraws) -> pd.DataFrame:

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
 from dinoscale.analysis.scaling import ScalingFit, fit_curve
 from dinoscale.headline import AUROC, Headline
 
-GROUP_KEYS = ["modality", "dataset", "probe", "strategy"]
+GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset, probe, strategy (+ new axes)
 AXES = {  # axis -> (x column, the column each curve holds fixed, or None when all cells pool)
     "params": ("n_params", "resolution"),
     "resolution": ("resolution", "backbone"),

@@ -8,6 +8,8 @@ from html import escape
 
 import pandas as pd
 
+from dinoscale.provenance import DEMO_HEADLINE
+
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
 .provenance{border:2px solid #2b7a2b;background:#eef8ee;padding:.6em 1em;border-radius:6px}
@@ -22,13 +24,8 @@ _FITS_SHOWN = ["modality", "dataset", "probe", "strategy", "axis", "at", "n_poin
                "alpha_ci_low", "alpha_ci_high", "floor_error", "lolo_consistent"]
 
 
-def _is_demo(provenance: list[str]) -> bool:
-    return any(word in line for line in provenance for word in ("PHANTOM", "RANDOM", "DEMO"))
-
-
-def _provenance(lines: list[str]) -> str:
-    demo = _is_demo(lines)
-    head = "<p><b>DEMO: these numbers exercise the pipeline; they say nothing about real data.</b></p>" if demo else ""
+def _provenance(lines: list[str], demo: bool) -> str:
+    head = f"<p><b>{escape(DEMO_HEADLINE)}</b></p>" if demo else ""
     items = "".join(f"<li>{escape(x)}</li>" for x in lines) or "<li>provenance unknown</li>"
     return f'<section class="provenance{" demo" if demo else ""}" id="provenance"><h2>Provenance</h2>{head}<ul>{items}</ul></section>'
 
@@ -59,7 +56,7 @@ def _cells(rc) -> str:
 
 def render_html(rc) -> str:
     """``rc``: a report.ReportContent."""
-    parts = [f"<h1>Scaling report: {escape(rc.title)}</h1>", _provenance(rc.provenance), "<h2>Method</h2>", _list(rc.method)]
+    parts = [f"<h1>Scaling report: {escape(rc.title)}</h1>", _provenance(rc.provenance, rc.demo), "<h2>Method</h2>", _list(rc.method)]
     parts += ["<h2>Verdicts</h2>"]
     for modality, lines in rc.verdicts.items():
         parts += [f"<h3>{escape(modality)}</h3>", _list(lines)]

@@ -17,9 +17,17 @@ from dinoscale.analysis.plots import plot_axis, plot_strategies
 from dinoscale.analysis.resample import CellDraws, bootstrap_cells
 from dinoscale.analysis.scaling import MIN_POINTS, MIN_POINTS_BROKEN, MIN_POINTS_EXTRAPOLATION
 from dinoscale.analysis.sources import (
-    KNOWN_HEADLINES, complete_columns, detect_headline, direction, file_stem, provenance_gaps, short_name,
+    KNOWN_HEADLINES,
+    complete_columns,
+    detect_headline,
+    direction,
+    file_stem,
+    provenance_gaps,
+    short_name,
 )
 from dinoscale.headline import AUROC, Headline
+from dinoscale.provenance import DEMO_HEADLINE, Provenance
+from dinoscale.record import CELL_KEYS
 
 RESAMPLES = 500
 
@@ -40,6 +48,7 @@ class ReportContent:
     comparisons: pd.DataFrame
     files: list[str] = field(default_factory=list)
     headline: Headline = AUROC
+    demo: bool = False  # phantom / semi-synthetic data, random weights or the demo profile (dinoscale.provenance)
 
 
 def _headline_line(h: Headline) -> str:
@@ -111,7 +120,7 @@ def _figures(curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, titl
 
 def _markdown(rc: ReportContent) -> str:
     md = [f"# Scaling report: {rc.title}", ""]
-    md += [f"> **{line}**" for line in rc.provenance] + [""]
+    md += [f"> **{line}**" for line in ([DEMO_HEADLINE] if rc.demo else []) + rc.provenance] + [""]
     md += rc.method + [""]
     md += [f"![{cap}]({p.name})\n" for cap, p in rc.figures]
     md += _verdicts_markdown(rc).splitlines()
@@ -132,16 +141,19 @@ def _verdicts_markdown(rc: ReportContent) -> str:
 def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
     table = [f"| modality | dataset | probe | strategy | backbone | params | resolution | {h.label} [95% CI] | seeds |",
              "|---|---|---|---|---|---:|---:|---|---:|"]
-    for r in cells.sort_values(["modality", "dataset", "probe", "strategy", "resolution", "n_params"]).itertuples():
+    for r in cells.sort_values([*CELL_KEYS[:-3], "resolution", "n_params"]).itertuples():
         table.append(f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
                      f"{r.resolution} | {r.metric:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |")
     return "\n".join(table)
 
 
-def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: list[str] | None,
+def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: Provenance | list[str] | None,
                  predictions: dict[str, pd.DataFrame] | None = None, resamples: int = RESAMPLES, seed: int = 0,
                  headline: Headline | None = None) -> Path:
     """Analyse a results table (one row per run) and write the report folder; returns it.
+
+    ``provenance``: the sweep's ``Provenance`` (it decides whether the report is labelled DEMO), or
+    lines about a results table (then the table's own ``weights`` column decides: random is a demo).
 
     ``predictions``: run_id -> per-sample test predictions, for patient-level paired resampling.
     ``headline``: the metric the table holds (default: ``df.attrs['headline']`` as set by
@@ -154,6 +166,10 @@ def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: list[s
     headline = headline or df.attrs.get("headline") or detect_headline(df.columns)
     _clear_previous(out_dir, headline)
     runs = complete_columns(df)
+    if isinstance(provenance, Provenance):
+        demo, provenance = provenance.demo, provenance.lines()
+    else:
+        demo = "random" in set(runs["weights"].dropna().astype(str))
     provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
     cd = bootstrap_cells(runs, predictions, resamples=resamples, seed=seed, headline=headline)
     curves = build_curves(cd, seed=seed)
@@ -165,7 +181,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: list[s
                   for m in sorted({c.group["modality"] for c in curves})},
         best=_best_lines(best_configurations(cd), headline), strategies=summarize_strategies(comparisons, headline),
         cells=cd.cells.assign(headline=headline.test, goal=headline.goal),
-        fits=fits_table(curves, headline), comparisons=comparisons, headline=headline,
+        fits=fits_table(curves, headline), comparisons=comparisons, headline=headline, demo=demo,
     )
     _write_files(rc, out_dir)
     return out_dir

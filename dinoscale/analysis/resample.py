@@ -27,11 +27,12 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
 from dinoscale.analysis.sources import as_generic
 from dinoscale.headline import AUROC, Headline
 from dinoscale.metrics import _patient_resamples, auroc_per_class
 
-CELL_KEYS = ["modality", "dataset", "probe", "strategy", "backbone", "n_params", "resolution"]
+CELL_KEYS = list(record.CELL_KEYS)  # modality, dataset, probe, strategy, backbone, n_params, resolution (+ new axes)
 METRIC = "metric"  # the headline's test value in the internal naming (sources.as_generic)
 
 

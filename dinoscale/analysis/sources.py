@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from dinoscale import record
 from dinoscale.headline import _BY_TEST_NAME, AUROC, Headline, headline_from_tags
 
 GENERIC = ("metric", "metric_ci_low", "metric_ci_high")  # internal names of test_<name>, _ci_low, _ci_high
-AXIS_COLUMNS = ["backbone", "n_params", "resolution", "probe", "strategy", "seed"]
+AXIS_COLUMNS = list(record.AXIS_NAMES)
 
 
 def result_columns(headline: Headline = AUROC) -> list[str]:
@@ -34,7 +35,7 @@ RESULT_COLUMNS = result_columns(AUROC)  # the classification tables of before he
 # optional: filled with a stated default when a table lacks them (never guessed from other columns)
 OPTIONAL_COLUMNS = {"modality": "unknown", "dataset": "unknown", "weights": None, "tokens_per_image": None,
                     "gflops": None, "run_id": None}
-PREDICTIONS_ARTIFACT = "predictions/test.csv"
+PREDICTIONS_ARTIFACT = record.PREDICTIONS
 KNOWN_HEADLINES = tuple(_BY_TEST_NAME.values())
 
 
@@ -83,9 +84,9 @@ def _checked_goal(h: Headline, goal: str | None) -> Headline:
 def sweep_headline(tags: dict) -> Headline:
     """The headline a sweep's parent run recorded (AUROC for sweeps from before headlines existed)."""
     h = headline_from_tags(tags)
-    tag = tags.get("dinoscale.headline")
+    tag = tags.get(record.HEADLINE)
     if tag and tag != h.test:  # recorded, but not one dinoscale.headline knows: take the recorded goal
-        return custom_headline(tag, tags.get("dinoscale.headline_goal", "max"))
+        return custom_headline(tag, tags.get(record.HEADLINE_GOAL, "max"))
     return h
 
 
@@ -167,11 +168,19 @@ def results_from_csv(path: str | Path, headline: Headline | str | None = None, g
 
 
 def _latest_sweep(client, experiment_id: str, experiment: str) -> str:
-    parents = client.search_runs([experiment_id], "tags.`dinoscale.role` = 'sweep'",
+    parents = client.search_runs([experiment_id], f"tags.`{record.ROLE}` = '{record.ROLE_SWEEP}'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise LookupError(f"no sweep in experiment '{experiment}'")
     return parents[0].info.run_id
+
+
+def _axis_value(axis: record.Axis, params: dict, metrics: dict):
+    """A numeric axis from its mirrored metric (as an int where it is one), the others from params."""
+    if not axis.numeric:
+        return params.get(axis.name)
+    v = metrics.get(axis.name, 0)
+    return int(v) if float(v).is_integer() else v
 
 
 def _run_row(r, headline: Headline) -> dict:
@@ -179,8 +188,7 @@ def _run_row(r, headline: Headline) -> dict:
     t = headline.test
     return {
         "modality": p.get("modality", "unknown"), "dataset": p.get("dataset", "unknown"), "weights": p.get("weights"),
-        "backbone": p.get("backbone"), "n_params": int(m["n_params"]), "resolution": int(m["resolution"]),
-        "probe": p.get("probe"), "strategy": p.get("strategy"), "seed": int(m.get("seed", 0)),
+        **{a.name: _axis_value(a, p, m) for a in record.AXES},
         t: m.get(t), f"{t}_ci_low": m.get(f"{t}_ci_low"), f"{t}_ci_high": m.get(f"{t}_ci_high"), headline.val: m.get(headline.val),
         "tokens_per_image": m.get("tokens_per_image"), "gflops": m.get("gflops_per_image", m.get("gflops")), "run_id": r.info.run_id,
     }
@@ -203,7 +211,7 @@ def results_from_mlflow(tracking_uri: str, experiment: str, parent_run_id: str |
     parent_run_id = parent_run_id or _latest_sweep(client, exp.experiment_id, experiment)
     parent = client.get_run(parent_run_id)
     headline = sweep_headline(parent.data.tags)
-    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{record.PARENT_RUN_ID}` = '{parent_run_id}'", max_results=10000)
     rows = [_run_row(r, headline) for r in runs if r.info.status == "FINISHED" and headline.test in r.data.metrics]
     df = complete_columns(pd.DataFrame(rows, columns=result_columns(headline) + [headline.val] + list(OPTIONAL_COLUMNS)))
     df.attrs["headline"] = headline
@@ -244,22 +252,6 @@ def read_predictions(path: str | Path, what: str, headline: Headline = AUROC) ->
         raise ValueError(f"{what}: {path} lacks column(s) {missing or ['label_<class>']}; "
                          "expected sample_id, patient_id, label_<class>, score_<class>")
     return df
-
-
-def provenance_from_tags(tags: dict) -> list[str]:
-    lines = []
-    if tags.get("data.source") == "phantom":
-        lines.append(f"data: PHANTOM ({tags.get('data.generator')}, seed {tags.get('data.seed')}) - synthetic, not patient data")
-    elif tags.get("data.source") == "semi-synthetic":
-        lines.append(f"data: SEMI-SYNTHETIC ({tags.get('data.generator')}, seed {tags.get('data.seed')}) - synthetic lesions "
-                     f"in real anatomy ({tags.get('data.base', '')}), labels are synthetic, not patient data")
-    elif tags.get("data.name"):
-        lines.append(f"data: {tags.get('data.name')} ({tags.get('data.root', '')})")
-    if "random" in tags.get("weights.kinds", ""):
-        lines.append("weights: RANDOM init for at least one backbone - no pretrained features")
-    if tags.get("weights.kinds"):
-        lines.append(f"weight sources: {tags['weights.kinds']}")
-    return lines
 
 
 def provenance_gaps(df: pd.DataFrame, provenance: list[str]) -> list[str]:

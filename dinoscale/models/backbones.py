@@ -88,7 +88,7 @@ def is_backbone(name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _timm_def(spec: str) -> BackboneDef:
     import timm
 
@@ -145,7 +145,7 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     return timm.create_model(name, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extra_kwargs(timm_name: str, overrides: tuple) -> dict:
     """ViTs with a fixed input size (DINOv2: 518) are built with ``dynamic_img_size`` so that one
     model serves every sweep resolution (timm interpolates the position embedding)."""
@@ -181,7 +181,7 @@ def _facts_of(model: torch.nn.Module, defn: BackboneDef) -> BackboneFacts:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backbone_facts(name: str, hub: bool = False) -> BackboneFacts:
     """Parameter count, patch size, token layout and normalisation, measured on the meta device.
 
@@ -193,7 +193,7 @@ def backbone_facts(name: str, hub: bool = False) -> BackboneFacts:
     return _facts_of(model, defn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gflops_per_image(name: str, resolution: int) -> float:
     """Forward-pass GFLOPs of one ``resolution``x``resolution`` image through ``forward_features``,
     counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (1 multiply-add = 2 FLOPs;

@@ -2,49 +2,24 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
-from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from dinoscale.console import console
+from dinoscale.data import published_images
+from dinoscale.provenance import DEMO_HEADLINE, Provenance
+from dinoscale.record import AXIS_NAMES
 from dinoscale.sweep.plan import Plan
 
-import sys
 
-# Logs and CI are not terminals: give tables room instead of rich's 80-column default.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-
-
-def provenance_lines(plan: Plan) -> list[str]:
+def print_banner(plan: Plan, provenance: Provenance | None = None) -> None:
     spec = plan.spec
-    lines = []
-    if plan.dataset is not None and plan.dataset.provenance.get("data.source") == "semi-synthetic":
-        pv = plan.dataset.provenance
-        lines.append(f"data: SEMI-SYNTHETIC ({pv['data.generator']}, seed {pv['data.seed']}) - synthetic lesions in real "
-                     f"anatomy ({pv.get('data.base', '')}), labels are synthetic, not patient data")
-    elif plan.dataset is not None and plan.dataset.is_phantom:
-        pv = plan.dataset.provenance
-        lines.append(f"data: PHANTOM ({pv['data.generator']}, seed {pv['data.seed']}) - synthetic, not patient data")
-    elif plan.dataset is not None:
-        lines.append(f"data: {plan.dataset.provenance.get('data.name')} at {plan.dataset.root}")
-    weights = Counter(b.weights if b.weights in ("random", "hub") else "file" for b in spec.backbones)
-    if weights.get("random"):
-        lines.append(f"weights: RANDOM init for {weights['random']} of {len(spec.backbones)} backbone(s) - no pretrained features")
-    if weights.get("hub") or weights.get("file"):
-        lines.append(f"weights: pretrained ({weights.get('hub', 0)} hub, {weights.get('file', 0)} local file)")
-    return lines
-
-
-def print_banner(plan: Plan) -> None:
-    spec = plan.spec
-    lines = provenance_lines(plan)
-    demo = spec.is_demo or any("PHANTOM" in x or "SEMI-SYNTHETIC" in x or "RANDOM" in x for x in lines)
+    provenance = provenance or plan.provenance()
     title = f"dinoscale sweep '{spec.name}' - {spec.modality}, {spec.profile} profile"
-    body = "\n".join(lines)
-    if demo:
-        body = "[bold]DEMO RUN: the numbers exercise the pipeline; they say nothing about DINOv3 on real data.[/bold]\n" + body
-    console.print(Panel(body, title=title, border_style="yellow" if demo else "green"))
+    body = "\n".join(provenance.lines())
+    if provenance.demo:
+        body = f"[bold]{DEMO_HEADLINE}[/bold]\n" + body
+    console.print(Panel(body, title=title, border_style="yellow" if provenance.demo else "green"))
 
 
 def print_plan(plan: Plan) -> None:
@@ -74,8 +49,6 @@ def print_plan(plan: Plan) -> None:
     console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
     missing_images = sum(f.n_slices or f.n_images for f in plan.missing)
     if plan.dataset is None:
-        from dinoscale.data import published_images
-
         n_sets = len({(f.backbone.name, f.resolution) for f in plan.feature_sets})
         missing_images = (published_images(spec.dataset.name) or 0) * n_sets
     res = spec.resources
@@ -97,21 +70,28 @@ def _with_ci(value, low, high) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _axis_text(name: str, value) -> str:
+    return f"{value / 1e6:.2f}M" if name == "n_params" else str(value)
+
+
 def print_summary(rows: list[dict], title: str, headline=None) -> None:
+    """One row per cell: the grid axes that vary in this sweep, the headline with its interval, the val
+    metric it was selected on and what was selected."""
     from dinoscale.headline import AUROC
 
     headline = headline or AUROC
+    axes = [a for a in AXIS_NAMES if len({r.get(a) for r in rows}) > 1 or a in ("backbone", "resolution", "probe")]
     t = Table(title=title)
-    for col in ("cell", "params", "res", "probe", f"{headline.test} [95% CI]", "val", "selected", "state"):
-        t.add_column(col)
-    for r in sorted(rows, key=lambda r: (r["probe"], r["resolution"], r["n_params"])):
+    for col in (*axes, f"{headline.test} [95% CI]", "val", "selected", "state"):
+        t.add_column({"n_params": "params", "resolution": "res"}.get(col, col))
+    for r in sorted(rows, key=lambda r: tuple(str(r.get(a)) if not isinstance(r.get(a), (int, float)) else r.get(a)
+                                               for a in ("probe", "strategy", "resolution", "n_params", "seed"))):
         if r.get("state") == "FINISHED":
-            auroc = _with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"])
+            value = _with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"])
             val = f"{r['val_metric']:.3f}"
         else:
-            auroc, val = "-", "-"
-        t.add_row(r["backbone"], f"{r['n_params'] / 1e6:.2f}M", str(r["resolution"]), r["probe"], auroc, val,
-                  r.get("selected", ""), r.get("state", "?"))
+            value, val = "-", "-"
+        t.add_row(*(_axis_text(a, r.get(a)) for a in axes), value, val, r.get("selected", ""), r.get("state", "?"))
     console.print(t)
 
 

@@ -10,39 +10,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dinoscale.data import RowSources
 from dinoscale.features import FeatureKey, FeatureStore
-from dinoscale.sweep.plan import Plan
+from dinoscale.sweep.plan import Plan, volume_window
 
 
 @dataclass
 class SplitInputs:
-    """One feature set to write: a split of the dataset in one view (see ``dinoscale.sweep.plan.VIEWS``)."""
+    """One feature set to write: a split of the dataset in one view (see ``dinoscale.probes.registry.VIEWS``)."""
 
     split: str
     key: FeatureKey
     view: str  # images | volumes | slices
     tokens: str
-    paths: list[str]
-    sample_ids: list[str]  # one per path (image / volume)
-    n_slices: list[int] | None = None  # volumes: the manifest's slice counts
-    pet_paths: list[str] | None = None  # PET/CT: the PET volume of each CT
+    sources: RowSources  # what the readers open, row by row (the dataset's ``sources(split)``)
+
+    @property
+    def paths(self) -> list[str]:
+        return self.sources.items
 
     def row_ids(self) -> list[str]:
         """The ids of the stored rows: one per image or volume, or ``<volume>#<slice>`` per slice."""
-        return slice_row_ids(self.sample_ids, self.n_slices) if self.view == "slices" else list(self.sample_ids)
-
-
-def volume_paths(df, column: str = "path", key_column: str = "volume_key") -> list[str]:
-    """What the readers open for each row: the file, or for HDF5 blocks (CREMI) ``file::dataset::z0:z1``."""
-    if key_column not in df.columns:
-        return df[column].tolist()
-    from dinoscale.data.readers import hdf5_ref
-
-    return [hdf5_ref(p, k, z0, z1) for p, k, z0, z1 in zip(df[column], df[key_column], df["z_start"], df["z_stop"])]
-
-
-def slice_row_ids(sample_ids, n_slices) -> list[str]:
-    return [f"{sid}#{k}" for sid, n in zip(sample_ids, n_slices) for k in range(int(n))]
+        return self.sources.row_ids(self.view)
 
 
 @dataclass
@@ -76,23 +65,15 @@ class ExtractionReport:
 def plan_jobs(plan: Plan) -> list[ExtractionJob]:
     if plan.dataset is None:
         raise RuntimeError(f"cannot extract without data: {plan.dataset_error}")
-    from dinoscale.sweep.plan import volume_window
-
     spec, jobs = plan.spec, {}
     for fs in plan.missing:
-        df = plan.dataset.split(fs.split)
         bb = fs.backbone
         job = jobs.setdefault(
             (bb.name, bb.weights, fs.resolution),
             ExtractionJob(bb.name, bb.weights, bb.weights_seed, fs.resolution, spec.features.interpolation,
                           spec.features.batch_size, [], spec.features.volume_pool, volume_window(spec)),
         )
-        volumes = fs.view != "images"
-        job.splits.append(SplitInputs(
-            fs.split, fs.key, fs.view, fs.tokens, volume_paths(df), df["sample_id"].astype(str).tolist(),
-            df["n_slices"].astype(int).tolist() if volumes else None,
-            df["pet_path"].tolist() if volumes and "pet_path" in df.columns else None,
-        ))
+        job.splits.append(SplitInputs(fs.split, fs.key, fs.view, fs.tokens, plan.dataset.sources(fs.split)))
     return list(jobs.values())
 
 
@@ -120,9 +101,9 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
             feats, stats = extract_volume_features(backbone, s.paths, job.resolution, s.tokens, job.volume_pool,
                                                    job.interpolation, job.batch_size, window=job.window, device=device)
         elif s.view == "slices":
-            feats, stats = extract_volume_slices(backbone, s.paths, s.n_slices, job.resolution, s.tokens, job.interpolation,
-                                                 job.batch_size, window=job.window, pet_paths=s.pet_paths, device=device,
-                                                 out_dtype=key.dtype)
+            feats, stats = extract_volume_slices(backbone, s.paths, s.sources.n_slices, job.resolution, s.tokens,
+                                                 job.interpolation, job.batch_size, window=job.window,
+                                                 pet_paths=s.sources.channels.get("pet"), device=device, out_dtype=key.dtype)
         else:
             feats, stats = extract_features(backbone, s.paths, job.resolution, s.tokens, job.interpolation, job.batch_size,
                                             device, out_dtype=key.dtype, window=job.window)

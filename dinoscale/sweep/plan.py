@@ -1,8 +1,10 @@
-"""The plan: the grid of cells, the feature sets they need (cached or to extract) and the cost.
+"""The plan: the grid of resolved cells, the feature sets they need (cached or to extract) and the cost.
 
-A cell is (dataset, backbone, resolution, probe, strategy, seed). A feature set is one backbone
-forward pass over one split at one resolution; every cell of that backbone and resolution shares
-it, whatever its probe or seed.
+A cell is (dataset, backbone, resolution, probe, strategy, seed), resolved into everything its trial
+needs (``dinoscale.sweep.cell.Cell``). A feature set is one backbone forward pass over one split at
+one resolution in one view; every cell of that backbone, resolution and view shares it, whatever its
+probe or seed. What a probe reads (view, tokens) is asked of its descriptor, what a dataset holds
+(volumes, bags, extra channels) of the prepared dataset.
 """
 
 from __future__ import annotations
@@ -10,35 +12,28 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinoscale.data import SPLITS, DataError, PreparedDataset, prepare_dataset
+from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_images
 from dinoscale.features import FeatureKey, FeatureStore
-from dinoscale.models import backbone_facts, get_backbone, gflops_per_image, weights_identity
+from dinoscale.models import backbone_facts, get_backbone, weights_identity
+from dinoscale.probes import get_probe
+from dinoscale.probes.registry import GRID_TOKENS
+from dinoscale.provenance import Provenance
 from dinoscale.spec import SweepSpec
+from dinoscale.sweep.cell import BackboneInfo, Cell
+from dinoscale.tasks import get_task, task_names
+
+TRAINING_STRATEGIES = ("lora", "full")
+# The probe label of lora / full cells: a linear head trained with the encoder. Labelled 'linear' so
+# that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in comparisons.
+FINETUNE_HEAD = "linear"
 
 
-@dataclass(frozen=True)
-class BackboneInfo:
-    name: str
-    weights: str
-    weights_seed: int
-    weights_kind: str
-    weights_digest: str
-    arch_id: str
-    n_params: int
-    patch_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_prefix_tokens: int = 5  # CLS + registers (DINOv3: 1 + 4)
-
-    def tokens_per_image(self, resolution: int) -> int:
-        return self.num_prefix_tokens + (resolution // self.patch_size) ** 2
-
-    def gflops_per_image(self, resolution: int) -> float:
-        """Measured with torch's FlopCounterMode on the meta device (dinoscale.models.gflops_per_image)."""
-        return gflops_per_image(self.name, resolution)
+class NotRunnableError(RuntimeError):
+    """A valid spec whose cells cannot run on this dataset (said before anything starts)."""
 
 
 def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
@@ -56,10 +51,10 @@ class FeatureSetPlan:
     resolution: int
     split: str
     key: FeatureKey | None  # None when the data is not available (plan without data)
-    n_images: int  # images, or volumes for 3D classification
+    n_images: int  # images, or volumes for 3D
     cached: bool
-    n_slices: int = 0  # backbone forward passes per image / volume, summed (= n_images for 2D)
-    view: str = "images"  # how the rows are laid out: see VIEWS
+    n_slices: int = 0  # backbone forward passes (= n_images for 2D and pooled-volume views count slices)
+    view: str = "images"  # how the rows are laid out (dinoscale.probes.registry.VIEWS)
     tokens: str = ""  # token set of the rows (the key's ``tokens`` adds the view suffix)
 
     @property
@@ -70,21 +65,6 @@ class FeatureSetPlan:
     def gflops(self) -> float:
         """Forward cost of the split: measured GFLOPs per image (slice) x images (slices)."""
         return self.backbone.gflops_per_image(self.resolution) * max(self.n_slices, self.n_images)
-
-
-@dataclass(frozen=True)
-class Cell:
-    backbone: BackboneInfo
-    resolution: int
-    probe: str
-    strategy: str
-    seed: int
-    feature_keys: tuple[tuple[str, str], ...]  # (split, feature-store digest)
-    trial_key: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.backbone.name}_r{self.resolution}_{self.probe}_{self.strategy}_s{self.seed}"
 
 
 @dataclass
@@ -107,8 +87,6 @@ class Plan:
     def estimated_gflops(self) -> float:
         """Forward cost of the missing feature sets; without data, from the dataset's published size."""
         if self.dataset is None:
-            from dinoscale.data import published_images
-
             n = published_images(self.spec.dataset.name) or 0
             sets = {(f.backbone, f.resolution): f for f in self.feature_sets}.values()
             return sum(f.backbone.gflops_per_image(f.resolution) * n for f in sets)
@@ -117,17 +95,16 @@ class Plan:
     def cell(self, cell_id: str) -> Cell:
         return next(c for c in self.cells if c.id == cell_id)
 
+    def provenance(self) -> Provenance:
+        """The one provenance decision of the sweep: its profile, its data's tags and its backbones' weights."""
+        kinds = {(c.backbone.name, c.backbone.weights): c.backbone.weights_kind for c in self.cells}
+        return Provenance.of_sweep(self.spec.profile, self.dataset.provenance if self.dataset else {}, list(kinds.values()))
+
 
 def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
     """The one storage setting: DINOSCALE_STORAGE if set, else the spec's ``storage.path``."""
-    import os
-
     p = Path(os.path.expandvars(os.environ.get("DINOSCALE_STORAGE") or spec.storage.path)).expanduser()
     return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
-
-
-def has_volumes(ds: PreparedDataset) -> bool:
-    return "n_slices" in ds.manifest.columns
 
 
 def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
@@ -136,46 +113,10 @@ def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
     return window_range(spec.dataset.window) if spec.dataset.window is not None else None
 
 
-TRAINING_STRATEGIES = ("lora", "full")
-CLASSIFICATION_TASKS = ("multilabel", "multiclass")
-DENSE_TASKS = ("segmentation", "instance_segmentation")
-DENSE_PROBES = ("segmentation", "affinity")  # heads on patch-token grids
-BAG_PROBES = ("pool", "abmil")  # slice / tile features grouped per volume / slide
-# Which probes serve which task (checked before a sweep starts).
-TASK_PROBES = {
-    "multilabel": ("linear", "knn", "logreg", "pool"),
-    "multiclass": ("linear", "knn", "logreg", "pool"),
-    "mil": ("abmil", "pool"),
-    "segmentation": ("segmentation",),
-    "instance_segmentation": ("affinity",),
-}
-# The rows of a feature set:
-#   images  - one per manifest row (2D images; WSI tiles, grouped per slide by the trial)
-#   volumes - one per volume, slice features pooled as they stream past (3D classification)
-#   slices  - one per slice of each volume, in volume order (segmentation heads; attention pooling)
-VIEWS = ("images", "volumes", "slices")
-GRID_TOKENS = "patch_grid"
-
-
-def feature_view(volumes: bool, probe: str) -> str:
-    """The view a probe reads; ``volumes``: the dataset is 3D (manifest column n_slices)."""
-    if not volumes:
-        return "images"
-    return "slices" if probe in DENSE_PROBES or probe == "pool" else "volumes"
-
-
-def view_tokens(spec: SweepSpec, probe: str) -> str:
-    """Segmentation heads read the patch-token grid (DESIGN.md); every other probe the spec's token set."""
-    return GRID_TOKENS if probe in DENSE_PROBES else spec.features.tokens
-
-
-def uses_pet(ds: PreparedDataset) -> bool:
-    return "pet_path" in ds.manifest.columns
-
-
 def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, view: str = "images",
-                tokens: str | None = None, pet: bool = False) -> FeatureKey:
-    """The store key of one feature set; ``view``: images | volumes | slices (see VIEWS)."""
+                tokens: str | None = None, channels: tuple[str, ...] = ()) -> FeatureKey:
+    """The store key of one feature set; ``view``: images | volumes | slices; ``channels``: extra inputs fused
+    into the encoder's channels (('pet',) for PET/CT)."""
     from dinoscale.data.preprocess import PET_SUV_RANGE
 
     f = spec.features
@@ -183,7 +124,7 @@ def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_dig
     # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
     window = volume_window(spec)
     norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
-    if pet:
+    if "pet" in channels:
         norm += f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"
     suffix = {"images": "", "volumes": f"@volume-{f.volume_pool}", "slices": "@slices"}[view]
     return FeatureKey(
@@ -198,20 +139,12 @@ def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_dig
     )
 
 
-# The probe label of lora / full cells: a linear head trained with the encoder. Labelled 'linear' so
-# that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in comparisons.
-FINETUNE_HEAD = "linear"
-
-
 def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
     """Deterministic identity of a cell's result: same spec content + same cell -> same key."""
-    trained = cell_fields["strategy"] in TRAINING_STRATEGIES  # their head is configured under 'finetuning'
-    probe = None if trained else next((p for p in spec.probes if p.kind == cell_fields["probe"]), None)
     blob = json.dumps(
         {
             "sweep": spec.name,
             "dataset": spec.dataset.model_dump(mode="json"),
-            "probe_config": probe.model_dump(mode="json") if probe else None,
             "metrics": spec.metrics.model_dump(mode="json"),
             "features": spec.features.model_dump(mode="json"),
             "search": spec.search.model_dump(mode="json"),
@@ -220,6 +153,17 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _protocol_params(spec: SweepSpec, bb: BackboneInfo, gflops: float, config: dict, prefix: str) -> dict:
+    """The constants a cell's run logs beside its axes, so a reader can compare with a paper line by line."""
+    return {
+        "dataset": spec.dataset.name, "modality": spec.modality, "backbone_arch": bb.arch_id, "weights": bb.weights,
+        "gflops_per_image": round(gflops, 4), "tokens": spec.features.tokens, "interpolation": spec.features.interpolation,
+        "feature_dtype": spec.features.dtype, "bootstrap_resamples": spec.metrics.bootstrap.resamples,
+        "bootstrap_level": spec.metrics.bootstrap.level,
+        **{f"{prefix}.{k}": v for k, v in config.items() if k != "kind"},
+    }
 
 
 def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: bool = False) -> Plan:
@@ -234,15 +178,19 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         ds, ds_error = None, str(e)
 
     infos = [backbone_info(b.name, b.weights, b.weights_seed) for b in spec.backbones]
-    if "frozen" in spec.strategies:
+    frozen = "frozen" in spec.strategies
+    if frozen:
         from dinoscale.features.extract import check_token_set
 
         for b in spec.backbones:  # e.g. CLS features from a model without a CLS token: fail before anything runs
             check_token_set(backbone_facts(b.name), spec.features.tokens)
-    feature_sets: list[FeatureSetPlan] = []
+    task = ds.task if ds is not None else dataset_task(spec.dataset.name)
     manifests: dict[str, str] = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
-    keys: dict[tuple[str, int, str], dict[str, str]] = {}  # (backbone, resolution, view) -> split -> digest
-    frozen = "frozen" in spec.strategies
+    # what each probe reads: its view of this dataset and its token set
+    reads = {p.kind: (get_probe(p.kind).view(ds.volumetric), get_probe(p.kind).tokens(spec.features.tokens))
+             for p in spec.probes} if ds is not None else {}
+    feature_sets: list[FeatureSetPlan] = []
+    keys: dict[tuple, dict[str, str]] = {}  # (backbone, resolution, view, tokens) -> split -> digest
     for bb, res in itertools.product(infos, spec.resolutions):
         if res % bb.patch_size:
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
@@ -251,29 +199,66 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         if ds is None:
             feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False) for split in SPLITS)
             continue
-        views = {feature_view(has_volumes(ds), p.kind): view_tokens(spec, p.kind) for p in spec.probes}
-        for view, tokens in views.items():
+        for view, tokens in dict.fromkeys(reads.values()):
+            channels = ds.channels if view != "images" else ()
             for split in SPLITS:
-                key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, pet=view != "images" and uses_pet(ds))
-                keys.setdefault((bb.name, res, view), {})[split] = key.digest
-                rows = ds.manifest[ds.manifest["split"] == split]
-                n_slices = int(rows["n_slices"].sum()) if view != "images" else len(rows)
-                feature_sets.append(FeatureSetPlan(bb, res, split, key, len(rows), store.has(key), n_slices, view, tokens))
+                key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels)
+                keys.setdefault((bb.name, res, view, tokens), {})[split] = key.digest
+                n_rows = len(ds.split(split))
+                feature_sets.append(FeatureSetPlan(bb, res, split, key, n_rows, store.has(key),
+                                                   ds.forward_passes(split, view), view, tokens))
 
+    common = {"task": task, "interpolation": spec.features.interpolation, "window": volume_window(spec),
+              "search": spec.search.model_dump(mode="json"), "bootstrap": spec.metrics.bootstrap.model_dump(mode="json")}
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
+        gflops = bb.gflops_per_image(res)
         if strategy in TRAINING_STRATEGIES:
             # the encoder is trained on images: a linear head, no cached features
-            fields = {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": FINETUNE_HEAD,
-                      "strategy": strategy, "seed": seed, "manifest": manifests,
-                      "finetuning": getattr(spec.finetuning, strategy).model_dump(mode="json")}
-            cells.append(Cell(bb, res, FINETUNE_HEAD, strategy, seed, (), _trial_key(spec, fields)))
+            config = getattr(spec.finetuning, strategy).model_dump(mode="json")
+            axes = {"backbone": bb.name, "n_params": bb.n_params, "resolution": res, "probe": FINETUNE_HEAD,
+                    "strategy": strategy, "seed": seed}
+            key = _trial_key(spec, {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res,
+                                    "probe": FINETUNE_HEAD, "strategy": strategy, "seed": seed, "manifest": manifests,
+                                    "finetuning": config})
+            cells.append(Cell(axes, bb, key, gflops_per_image=gflops, view="", strategy_config=config,
+                              params=_protocol_params(spec, bb, gflops, config, strategy), **common))
             continue
         for probe in spec.probes:
-            fk = keys.get((bb.name, res, feature_view(has_volumes(ds), probe.kind)), {}) if ds is not None else {}
-            fields = {
-                "backbone": bb.name, "weights": bb.weights_digest, "resolution": res, "probe": probe.kind,
-                "strategy": strategy, "seed": seed, "features": fk,
-            }
-            cells.append(Cell(bb, res, probe.kind, strategy, seed, tuple(sorted(fk.items())), _trial_key(spec, fields)))
+            view, tokens = reads.get(probe.kind, ("images", spec.features.tokens))
+            fk = keys.get((bb.name, res, view, tokens), {})
+            config = probe.model_dump(mode="json")
+            axes = {"backbone": bb.name, "n_params": bb.n_params, "resolution": res, "probe": probe.kind,
+                    "strategy": strategy, "seed": seed}
+            key = _trial_key(spec, {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res,
+                                    "probe": probe.kind, "strategy": strategy, "seed": seed, "features": fk,
+                                    "probe_config": config})
+            cells.append(Cell(axes, bb, key, gflops_per_image=gflops, view=view, tokens=tokens,
+                              feature_keys=tuple(sorted(fk.items())), probe_config=config,
+                              params=_protocol_params(spec, bb, gflops, config, "probe"), **common))
     return Plan(spec, ds, ds_error, cells, feature_sets, root)
+
+
+def check_runnable(plan: Plan) -> None:
+    """Probes that fit the dataset's task and shape, token sets that fit the probes, strategies that fit the
+    task: checked before anything starts, each answer from a descriptor (probe, task) or the dataset."""
+    ds, spec = plan.dataset, plan.spec
+    if ds.task not in task_names():
+        raise NotRunnableError(f"dataset '{ds.name}' has task '{ds.task}', which no probe serves")
+    task = get_task(ds.task)
+    unfit = {p.kind: r for p in spec.probes if (r := get_probe(p.kind).unfit_reason(ds.task, ds.volumetric, ds.bagged))}
+    if unfit:
+        from dinoscale.probes import probe_kinds
+
+        fitting = [k for k in probe_kinds() if get_probe(k).unfit_reason(ds.task, ds.volumetric, ds.bagged) is None]
+        raise NotRunnableError(f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task"
+                               f"{', 3D volumes' if ds.volumetric else ''}): " + "; ".join(unfit.values())
+                               + f". Probes that fit: {', '.join(fitting)}")
+    if "frozen" in spec.strategies and spec.features.tokens == GRID_TOKENS and any(
+            get_probe(p.kind).input != "grid" for p in spec.probes):
+        raise NotRunnableError("features.tokens 'patch_grid' is the input of segmentation heads; classification and "
+                               "bag probes need a vector per image (e.g. cls_mean_patch)")
+    training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
+    if training and (ds.volumetric or not task.finetunable):
+        raise NotRunnableError(f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
+                               f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}. Use strategies: [frozen].")

@@ -16,41 +16,22 @@ from pathlib import Path
 
 from ray import tune
 
+from dinoscale import record
+from dinoscale.console import console
 from dinoscale.spec import SweepSpec
-from dinoscale.sweep.display import SweepProgress, console, print_banner, print_plan, print_summary, provenance_lines
-from dinoscale.headline import headline_for_task
-from dinoscale.sweep.plan import (
-    CLASSIFICATION_TASKS, DENSE_PROBES, GRID_TOKENS, TASK_PROBES, TRAINING_STRATEGIES, Cell, Plan, build_plan, has_volumes,
-)
+from dinoscale.sweep.cell import Cell
+from dinoscale.sweep.display import SweepProgress, print_banner, print_plan, print_summary
+from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
 from dinoscale.sweep.state import SweepState, new_sweep_id
+from dinoscale.tasks import get_task
 from dinoscale.tracking import (
-    DEMO_NOTE, ROLE, SWEEP_ID, default_artifact_location, ensure_experiment, git_commit, log_batch, resolve_tracking_uri,
+    default_artifact_location,
+    ensure_experiment,
+    git_commit,
+    log_batch,
+    resolve_tracking_uri,
     split_dataset_inputs,
 )
-
-class NotRunnableError(RuntimeError):
-    """A valid spec whose cells this version cannot run yet (said before anything starts)."""
-
-
-def check_runnable(plan: Plan) -> None:
-    """Probes that fit the dataset's task, token sets that fit the probes, strategies that fit the data:
-    checked before anything starts."""
-    ds, spec = plan.dataset, plan.spec
-    if ds.task not in TASK_PROBES:
-        raise NotRunnableError(f"dataset '{ds.name}' has task '{ds.task}', which no probe serves")
-    wrong = [p.kind for p in spec.probes if p.kind not in TASK_PROBES[ds.task]]
-    if wrong:
-        raise NotRunnableError(f"probe(s) {wrong} do not fit dataset '{ds.name}' ({ds.task} task); "
-                               f"probes for {ds.task}: {', '.join(TASK_PROBES[ds.task])}")
-    if "pool" in [p.kind for p in spec.probes] and ds.task != "mil" and not has_volumes(ds):
-        raise NotRunnableError(f"probe 'pool' pools the slices of 3D volumes; '{ds.name}' holds 2D images")
-    if "frozen" in spec.strategies and spec.features.tokens == GRID_TOKENS and any(p.kind not in DENSE_PROBES for p in spec.probes):
-        raise NotRunnableError("features.tokens 'patch_grid' is the input of segmentation heads; classification and "
-                               "bag probes need a vector per image (e.g. cls_mean_patch)")
-    training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
-    if training and (has_volumes(ds) or ds.task not in CLASSIFICATION_TASKS):
-        raise NotRunnableError(f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
-                               f"{ds.task} dataset{' of 3D volumes' if has_volumes(ds) else ''}. Use strategies: [frozen].")
 
 
 @dataclass
@@ -74,8 +55,9 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
-        import dinoscale
         from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+        import dinoscale
 
         if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
             # Inside `ray job submit`: the job's runtime env already ships the code, and a second one
@@ -92,28 +74,17 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
 def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, float]:
     """Frozen-encoder trials share a GPU (fraction); training trials take a whole one; CPU-only clusters: no GPU."""
     res = spec.resources
-    gpu = res.gpus_per_training_trial if cell.strategy in TRAINING_STRATEGIES else res.gpus_per_trial
+    gpu = res.gpus_per_training_trial if cell.trains_encoder else res.gpus_per_trial
     return {"CPU": res.cpus_per_trial, "GPU": gpu if has_gpu else 0}
 
 
 def provenance_tags(plan: Plan) -> dict[str, str]:
-    spec = plan.spec
-    ds = plan.dataset
-    tags = dict(ds.provenance) if ds else {}
+    """The parent run's tags: provenance, task and headline, manifest digests."""
+    spec, ds = plan.spec, plan.dataset
+    tags = plan.provenance().tags()
     for split in ("train", "val", "test"):
-        tags[f"data.manifest_digest.{split}"] = ds.manifest_digest(split)
-    kinds = sorted({b.weights_kind for b in {c.backbone for c in plan.cells}})
-    demo = spec.is_demo or ds.is_phantom or "random" in kinds
-    tags.update({
-        **headline_for_task(ds.task).tags(),
-        "dinoscale.task": ds.task,
-        "dinoscale.profile": spec.profile,
-        "dinoscale.modality": spec.modality,
-        "dinoscale.demo": str(demo).lower(),
-        "weights.kinds": ",".join(kinds),
-    })
-    if demo:
-        tags["dinoscale.note"] = DEMO_NOTE
+        tags[record.MANIFEST_DIGEST_PREFIX + split] = ds.manifest_digest(split)
+    tags.update({**get_task(ds.task).headline.tags(), record.TASK: ds.task, record.MODALITY: spec.modality})
     return tags
 
 
@@ -123,17 +94,17 @@ def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project
     if resume:
         state = SweepState.for_resume(plan.storage, spec.name, spec.digest())
         client.update_run(state.parent_run_id, status="RUNNING")
-        client.set_tag(state.parent_run_id, "dinoscale.resumes", str(state.attempts - 1))
+        client.set_tag(state.parent_run_id, record.RESUMES, str(state.attempts - 1))
         return state
     exp_id = ensure_experiment(client, spec.experiment_name, spec.tracking.artifact_location or default_artifact_location(tracking_uri))
     sweep_id = new_sweep_id(spec.name)
     commit = git_commit(project_dir)
     parent = client.create_run(exp_id, run_name=sweep_id, tags={
-        **provenance_tags(plan), SWEEP_ID: sweep_id, ROLE: "sweep", "dinoscale.spec_digest": spec.digest(),
-        "mlflow.source.git.commit": commit,
+        **provenance_tags(plan), record.SWEEP_ID: sweep_id, record.ROLE: record.ROLE_SWEEP,
+        record.SPEC_DIGEST: spec.digest(), record.GIT_COMMIT: commit,
     })
     parent_id = parent.info.run_id
-    client.log_text(parent_id, spec.resolved_yaml(), "spec/resolved.yaml")
+    client.log_text(parent_id, spec.resolved_yaml(), record.RESOLVED_SPEC)
     log_batch(client, parent_id, params={
         "sweep": spec.name, "dataset": spec.dataset.name, "backbones": ",".join(b.name for b in spec.backbones),
         "resolutions": ",".join(map(str, spec.resolutions)), "probes": ",".join(p.kind for p in spec.probes),
@@ -152,8 +123,9 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
     project_dir = (project_dir or Path.cwd()).resolve()
     plan = build_plan(spec, project_dir, require_data=True)
     check_runnable(plan)
+    provenance = plan.provenance()
     if not quiet:
-        print_banner(plan)
+        print_banner(plan, provenance)
         print_plan(plan)
 
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
@@ -172,7 +144,7 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
         _init_ray(spec, address)
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
         grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs)
-        headline = headline_for_task(plan.dataset.task)
+        headline = get_task(plan.dataset.task).headline
         rows = _collect_rows(plan, grid, headline)
         n_failed = sum(r["state"] != "FINISHED" for r in rows)
         log_batch(client, parent_id, step=step, metrics={
@@ -180,15 +152,14 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
             "trials_reused_from_record": sum(r["reused"] for r in rows), **_best_metrics(rows, headline),
         })
         if not quiet:
-            demo = client.get_run(parent_id).data.tags.get("dinoscale.demo") == "true"
             print_summary(rows, f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
-                          f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if demo else ""), headline)
+                          f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""), headline)
         report_dir = None
         if analyze and n_failed < len(rows):
             from dinoscale.analysis import analyze_sweep
 
             report_dir = analyze_sweep(tracking_uri, spec.experiment_name, parent_id, project_dir / "reports" / spec.modality,
-                                       provenance=provenance_lines(plan), quiet=quiet)
+                                       provenance=provenance, quiet=quiet)
         client.set_terminated(parent_id, "FINISHED")
         state.status = "finished"
     except BaseException:
@@ -242,7 +213,7 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
         "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
     })
     for job in extraction.per_job:  # what each job measured: GFLOPs per image, the loaded weights' sha256
-        client.log_dict(parent_id, job, f"extraction/{job['job'].replace('@', '_r')}.json")
+        client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{job['job'].replace('@', '_r')}.json")
     if not quiet:
         console.print(f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
                       f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall")
@@ -252,32 +223,29 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
 def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inputs: list):
     import ray
 
-    from dinoscale.sweep.trial import SweepContext, cell_trainable, split_labels
+    from dinoscale.sweep.trial import SweepContext, cell_trainable
 
     spec, ds = plan.spec, plan.dataset
     parent_tags = client.get_run(state.parent_run_id).data.tags
-    run_tags = {k: v for k, v in parent_tags.items() if k.startswith(("data.", "weights.kinds", "dinoscale.profile",
-                                                                     "dinoscale.modality", "dinoscale.demo", "dinoscale.note"))}
+    run_tags = {k: v for k, v in parent_tags.items() if k.startswith(record.PROVENANCE_PREFIXES)}
     ctx = SweepContext(
-        spec_json=spec.model_dump(mode="json"),
         cells={c.id: c for c in plan.cells},
         classes=ds.classes,
-        splits={s: split_labels(ds, s) for s in ("train", "val", "test")},
-        task=ds.task,
+        splits={s: ds.units(s) for s in ("train", "val", "test")},
         mask_labels=dict(ds.mask_labels),
         checkpoint_root=str(plan.storage / "checkpoints"),
         store_root=str(plan.storage / "features"),
         tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id,
         parent_run_id=state.parent_run_id,
-        run_tags={**run_tags, SWEEP_ID: state.sweep_id, "mlflow.source.git.commit": parent_tags.get("mlflow.source.git.commit", "")},
+        run_tags={**run_tags, record.SWEEP_ID: state.sweep_id, record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, "")},
         dataset_inputs=dataset_inputs,
     )
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cells = ctx.cells
     trainable = tune.with_resources(tune.with_parameters(cell_trainable, ctx=ctx),
                                     lambda config: trial_resources(cells[config["cell"]], spec, has_gpu))
-    progress = None if quiet else SweepProgress([c.id for c in plan.cells], headline_for_task(ds.task))
+    progress = None if quiet else SweepProgress([c.id for c in plan.cells], get_task(ds.task).headline)
     timer = _TrialTimer()
     callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
     run_config = tune.RunConfig(
@@ -353,8 +321,7 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
         cell = plan.cell(cid)
         m = result.metrics or {}
         rows.append({
-            "cell": cid, "backbone": cell.backbone.name, "n_params": cell.backbone.n_params,
-            "resolution": cell.resolution, "probe": cell.probe, "strategy": cell.strategy, "seed": cell.seed,
+            "cell": cid, **cell.axes,
             "state": "FINISHED" if result.error is None and h.test in m else "FAILED",
             "metric": m.get(h.test), "metric_ci_low": m.get(f"{h.test}_ci_low"), "metric_ci_high": m.get(f"{h.test}_ci_high"),
             "val_metric": m.get(h.val), h.test: m.get(h.test),

@@ -45,14 +45,14 @@ class SweepState:
         os.replace(tmp_latest, d / "latest")
 
     @classmethod
-    def load_latest(cls, storage: Path, spec_name: str) -> "SweepState | None":
+    def load_latest(cls, storage: Path, spec_name: str) -> SweepState | None:
         d = cls.folder(storage, spec_name)
         if not (d / "latest").is_file():
             return None
         return cls(**json.loads((d / f"{(d / 'latest').read_text().strip()}.json").read_text()))
 
     @classmethod
-    def for_resume(cls, storage: Path, spec_name: str, spec_digest: str) -> "SweepState":
+    def for_resume(cls, storage: Path, spec_name: str, spec_digest: str) -> SweepState:
         state = cls.load_latest(storage, spec_name)
         if state is None:
             raise ResumeError(f"no sweep named '{spec_name}' to resume under {cls.folder(storage, spec_name)}; "

@@ -8,8 +8,8 @@ val, resumable checkpoints) and score with ``predict``.
 """
 
 from dinoscale.train.llrd import llrd_param_groups
-from dinoscale.train.lora import apply_lora, trainable_parameter_names
 from dinoscale.train.loop import FinetuneConfig, FinetuneResult, build_classifier, finetune, predict
+from dinoscale.train.lora import apply_lora, trainable_parameter_names
 from dinoscale.train.model import ImageClassifier
 
 __all__ = [

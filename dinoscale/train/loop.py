@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,9 +50,10 @@ class FinetuneConfig:
     seed: int = 0
 
     @classmethod
-    def from_spec(cls, spec, **overrides) -> "FinetuneConfig":
-        """From a ``LoraStrategySpec`` / ``FullStrategySpec`` (dinoscale.spec), plus overrides (e.g. seed)."""
-        d = spec.model_dump()
+    def from_spec(cls, spec, **overrides) -> FinetuneConfig:
+        """From a ``LoraStrategySpec`` / ``FullStrategySpec`` (dinoscale.spec) or its dump (a cell's
+        ``strategy_config``), plus overrides (e.g. seed)."""
+        d = dict(spec) if isinstance(spec, dict) else spec.model_dump()
         kind = d.pop("kind")
         if kind == "lora":
             for k in ("rank", "alpha", "dropout", "targets"):

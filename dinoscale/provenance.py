@@ -1,0 +1,81 @@
+"""Where a sweep's numbers come from, decided once: the banner, the MLflow tags and every report use it.
+
+A result is a *demo* when anything in it is not about real patients seen through pretrained weights:
+the demo profile, generated data (a phantom, or synthetic findings in real anatomy), or randomly
+initialised weights. Whatever prints or records a result asks ``Provenance`` instead of deciding again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dinoscale import record
+
+SYNTHETIC_SOURCES = ("phantom", "semi-synthetic")
+DEMO_NOTE = "DEMO: phantom data and/or random weights - numbers exercise the pipeline, they say nothing about DINOv3"
+DEMO_HEADLINE = "DEMO RUN: the numbers exercise the pipeline; they say nothing about DINOv3 on real data."
+
+
+@dataclass(frozen=True)
+class Provenance:
+    profile: str  # demo | paper (unknown for a results table)
+    data: dict[str, str] = field(default_factory=dict)  # the dataset's data.* tags
+    weights: tuple[str, ...] = ()  # weights kind of each backbone: random | hub | file
+    weights_known: bool = True  # False when read back from tags (kinds only, no per-backbone counts)
+
+    @classmethod
+    def of_sweep(cls, profile: str, data_tags: dict[str, str], weights_kinds: list[str]) -> Provenance:
+        return cls(profile, dict(data_tags), tuple(weights_kinds))
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Provenance:
+        """What a sweep's parent run recorded (sweeps of any version: absent tags stay unknown)."""
+        kinds = tuple(k for k in tags.get(record.WEIGHTS_KINDS, "").split(",") if k)
+        data = {k: v for k, v in tags.items() if k.startswith("data.") and not k.startswith(record.MANIFEST_DIGEST_PREFIX)}
+        return cls(tags.get(record.PROFILE, "unknown"), data, kinds, weights_known=False)
+
+    @property
+    def source(self) -> str:
+        return self.data.get(record.DATA_SOURCE, "unknown")
+
+    @property
+    def synthetic_data(self) -> bool:
+        return self.source in SYNTHETIC_SOURCES
+
+    @property
+    def random_weights(self) -> bool:
+        return "random" in self.weights
+
+    @property
+    def demo(self) -> bool:
+        return self.profile == "demo" or self.synthetic_data or self.random_weights
+
+    def lines(self) -> list[str]:
+        """One line about the data and one or two about the weights, in capitals where not real."""
+        d, out = self.data, []
+        if self.source == "semi-synthetic":
+            out.append(f"data: SEMI-SYNTHETIC ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic "
+                       f"lesions in real anatomy ({d.get(record.DATA_BASE, '')}), labels are synthetic, not patient data")
+        elif self.source == "phantom":
+            out.append(f"data: PHANTOM ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic, not patient data")
+        elif d.get(record.DATA_NAME):
+            out.append(f"data: {d[record.DATA_NAME]} ({d.get(record.DATA_ROOT, '')})")
+        counts = Counter(self.weights)
+        if self.random_weights:
+            out.append(f"weights: RANDOM init for {counts['random']} of {len(self.weights)} backbone(s) - no pretrained features"
+                       if self.weights_known else "weights: RANDOM init for at least one backbone - no pretrained features")
+        pretrained = [k for k in ("hub", "file") if counts.get(k)]
+        if pretrained and self.weights_known:
+            out.append(f"weights: pretrained ({counts.get('hub', 0)} hub, {counts.get('file', 0)} local file)")
+        elif self.weights and not self.weights_known:
+            out.append(f"weight sources: {','.join(sorted(set(self.weights)))}")
+        return out
+
+    def tags(self) -> dict[str, str]:
+        """The parent run's provenance tags (copied to every child run)."""
+        tags = {**self.data, record.PROFILE: self.profile, record.DEMO: str(self.demo).lower(),
+                record.WEIGHTS_KINDS: ",".join(sorted(set(self.weights)))}
+        if self.demo:
+            tags[record.NOTE] = DEMO_NOTE
+        return tags

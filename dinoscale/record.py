@@ -1,0 +1,102 @@
+"""The record schema: every name the MLflow record uses, defined once.
+
+The sweep writes these names (runner, trial), the terminal shows them (display) and the analysis reads
+them back (sources); all of them import this module, so a tag or an axis cannot be spelt two ways.
+A leaf module: it imports nothing from dinoscale.
+
+Layout of one sweep in MLflow: an experiment per modality; a parent run per sweep (role ``sweep``);
+a child run per cell (role ``cell``), found again on resume by its deterministic trial key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------- tags: structure of the record
+
+PARENT_RUN_ID = "mlflow.parentRunId"
+GIT_COMMIT = "mlflow.source.git.commit"
+ROLE = "dinoscale.role"  # sweep | cell
+ROLE_SWEEP = "sweep"
+ROLE_CELL = "cell"
+SWEEP_ID = "dinoscale.sweep_id"
+SPEC_DIGEST = "dinoscale.spec_digest"
+TRIAL_KEY = "dinoscale.trial_key"
+CELL = "dinoscale.cell"
+EVALUATIONS = "dinoscale.evaluations"  # times a cell's work ran (1 unless retried / resumed mid-cell)
+RESUMES = "dinoscale.resumes"
+ERROR = "dinoscale.error"  # last line of a failed cell's traceback
+SELECTED_PREFIX = "selected."  # hyper-parameters chosen on val, one tag each
+RAY_TRIAL_ID = "ray.trial_id"
+RAY_NODE_ID = "ray.node_id"
+FEATURE_KEYS = "features.keys"  # split:digest of the feature sets a cell read
+
+# ---------------------------------------------------------------- tags: what the numbers mean
+
+TASK = "dinoscale.task"
+PROFILE = "dinoscale.profile"
+MODALITY = "dinoscale.modality"
+HEADLINE = "dinoscale.headline"  # test_<name> of the task's headline metric
+HEADLINE_GOAL = "dinoscale.headline_goal"  # max | min
+
+# provenance (dinoscale.provenance decides them; every child run copies them from its parent)
+DEMO = "dinoscale.demo"  # "true" when any number is not about real data with pretrained weights
+NOTE = "dinoscale.note"
+DATA_SOURCE = "data.source"  # real | phantom | semi-synthetic
+DATA_NAME = "data.name"
+DATA_ROOT = "data.root"
+DATA_GENERATOR = "data.generator"
+DATA_SEED = "data.seed"
+DATA_BASE = "data.base"  # semi-synthetic: the real file the synthetic findings were put into
+DATA_SPLIT = "data.split"
+DATA_SKIPPED = "data.skipped"
+MANIFEST_DIGEST_PREFIX = "data.manifest_digest."  # + split
+WEIGHTS_KINDS = "weights.kinds"  # on the parent: every kind of weights in the sweep (random, hub, file)
+WEIGHTS_KIND = "weights.kind"  # on a child: its backbone's
+WEIGHTS_DIGEST = "weights.digest"
+PROVENANCE_PREFIXES = ("data.", WEIGHTS_KINDS, PROFILE, MODALITY, DEMO, NOTE)  # copied from parent to children
+
+# ---------------------------------------------------------------- artifacts
+
+PREDICTIONS = "predictions/test.csv"
+TRACEBACK = "error/traceback.txt"
+RESOLVED_SPEC = "spec/resolved.yaml"
+EXTRACTION_DIR = "extraction"
+REPORT_DIR = "report"
+
+# ---------------------------------------------------------------- the grid axes
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of the sweep grid, as the record holds it.
+
+    ``numeric`` axes are logged as params *and* metrics (MLflow sorts params as strings); ``scaling``
+    axes are the x of a scaling curve; ``replicate`` axes are aggregated over (never a curve of their
+    own); the others split the results into separate curves and comparisons.
+    """
+
+    name: str
+    numeric: bool = False
+    scaling: bool = False
+    replicate: bool = False
+
+
+AXES: tuple[Axis, ...] = (
+    Axis("backbone"),
+    Axis("n_params", numeric=True, scaling=True),
+    Axis("resolution", numeric=True, scaling=True),
+    Axis("probe"),
+    Axis("strategy"),
+    Axis("seed", numeric=True, replicate=True),
+)
+AXIS_NAMES = tuple(a.name for a in AXES)
+NUMERIC_AXES = tuple(a.name for a in AXES if a.numeric)
+# Where a cell sits in the grid, replicates aside (a configuration whose replicates are pooled).
+CELL_AXES = tuple(a.name for a in AXES if not a.replicate)
+# Axes that split results into separate curves (everything that is neither a scaling axis, nor the
+# backbone that the size axis stands for, nor a replicate).
+GROUP_AXES = tuple(a.name for a in AXES if not (a.numeric or a.name == "backbone"))
+CONTEXT_COLUMNS = ("modality", "dataset")  # what a results table says beyond the axes
+# The columns that identify a configuration in a results table: context, grouping axes, then the rest.
+CELL_KEYS = CONTEXT_COLUMNS + GROUP_AXES + tuple(a for a in CELL_AXES if a not in GROUP_AXES)

@@ -1,0 +1,85 @@
+"""A resolved cell: everything one trial needs, decided by the plan, nothing to work out again.
+
+The plan (``dinoscale.sweep.plan``) builds cells; trials (``dinoscale.sweep.trial``) only read them.
+A cell's position in the grid is its ``axes`` (the names of ``dinoscale.record.AXES``), logged as
+params (and as metrics where numeric); the rest is how to run it: the feature view and token set it
+reads, the CT window, the dumped probe or strategy config, the feature keys per split, the search
+budget and the protocol constants it logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    weights: str
+    weights_seed: int
+    weights_kind: str
+    weights_digest: str
+    arch_id: str
+    n_params: int
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_prefix_tokens: int = 5  # CLS + registers (DINOv3: 1 + 4)
+
+    def tokens_per_image(self, resolution: int) -> int:
+        return self.num_prefix_tokens + (resolution // self.patch_size) ** 2
+
+    def gflops_per_image(self, resolution: int) -> float:
+        """Measured with torch's FlopCounterMode on the meta device (dinoscale.models.gflops_per_image)."""
+        from dinoscale.models import gflops_per_image
+
+        return gflops_per_image(self.name, resolution)
+
+
+@dataclass(frozen=True)
+class Cell:
+    axes: dict[str, Any]  # backbone, n_params, resolution, probe, strategy, seed (dinoscale.record.AXES)
+    backbone: BackboneInfo
+    trial_key: str  # deterministic identity of the cell's result (same spec content + cell -> same key)
+    task: str  # the dataset's task (dinoscale.tasks)
+    gflops_per_image: float  # measured forward cost at the cell's resolution
+    view: str = "images"  # the feature-set view it reads (dinoscale.probes.registry.VIEWS); '' for lora / full
+    tokens: str = ""
+    feature_keys: tuple[tuple[str, str], ...] = ()  # (split, feature-store digest)
+    probe_config: dict | None = None  # the probe's dumped spec (frozen cells)
+    strategy_config: dict | None = None  # the strategy's dumped spec (lora / full cells)
+    window: tuple[float, float] | None = None  # CT window in HU (images read by lora / full cells)
+    interpolation: str = "bicubic"
+    search: dict = field(default_factory=dict)  # n_trials, seed
+    bootstrap: dict = field(default_factory=dict)  # resamples, level, seed
+    params: dict = field(default_factory=dict)  # protocol constants logged with the run
+
+    @property
+    def resolution(self) -> int:
+        return self.axes["resolution"]
+
+    @property
+    def probe(self) -> str:
+        return self.axes["probe"]
+
+    @property
+    def strategy(self) -> str:
+        return self.axes["strategy"]
+
+    @property
+    def seed(self) -> int:
+        return self.axes["seed"]
+
+    @property
+    def trains_encoder(self) -> bool:
+        return self.strategy_config is not None
+
+    @property
+    def id(self) -> str:
+        """Unique within a sweep: the core axes in a fixed short form, then any other axis as ``_<name><value>``."""
+        core = f"{self.backbone.name}_r{self.resolution}_{self.probe}_{self.strategy}_s{self.seed}"
+        return core + "".join(f"_{k}{v}" for k, v in self.axes.items() if k not in _CORE_AXES)
+
+
+_CORE_AXES = ("backbone", "n_params", "resolution", "probe", "strategy", "seed")
