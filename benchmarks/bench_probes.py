@@ -63,16 +63,35 @@ def _nih_like(n, d, seed, signal=0.02, rank=64):
     x = rng.standard_normal((n, d), dtype=np.float32)
     basis = rng.standard_normal((rank, d), dtype=np.float32)
     x += rng.standard_normal((n, rank), dtype=np.float32) @ basis * np.float32(2 / np.sqrt(rank))
-    w = rng.standard_normal((len(prev), d), dtype=np.float32) * np.linspace(signal, 2 * signal, len(prev), dtype=np.float32)[:, None]
+    w = (
+        rng.standard_normal((len(prev), d), dtype=np.float32)
+        * np.linspace(signal, 2 * signal, len(prev), dtype=np.float32)[:, None]
+    )
     x += y @ w
     return x, y
 
 
 def _linear_cases(quick: bool) -> list[dict]:
-    easy = dict(name="synthetic-5", n=6000, n_val=1000, n_test=1000, d=768, weight_decays=[0.0, 1e-4], epochs=10,
-                data="_features(.., c=5, signal=0.15): 5 labels at 30 % prevalence, isotropic, near-separable")
-    nih = dict(name="nih-like-14", n=20_000, n_val=2_500, n_test=5_000, d=1536, weight_decays=[0.0, 1e-5, 1e-4, 1e-3], epochs=10,
-               data="_nih_like: 14 labels at NIH ChestX-ray14 prevalences, d=1536 (ViT-B CLS+mean-patch), anisotropic")
+    easy = dict(
+        name="synthetic-5",
+        n=6000,
+        n_val=1000,
+        n_test=1000,
+        d=768,
+        weight_decays=[0.0, 1e-4],
+        epochs=10,
+        data="_features(.., c=5, signal=0.15): 5 labels at 30 % prevalence, isotropic, near-separable",
+    )
+    nih = dict(
+        name="nih-like-14",
+        n=20_000,
+        n_val=2_500,
+        n_test=5_000,
+        d=1536,
+        weight_decays=[0.0, 1e-5, 1e-4, 1e-3],
+        epochs=10,
+        data="_nih_like: 14 labels at NIH ChestX-ray14 prevalences, d=1536 (ViT-B CLS+mean-patch), anisotropic",
+    )
     if quick:
         nih.update(n=10_000, epochs=5)
     return [easy, nih]
@@ -100,8 +119,16 @@ def bench_linear_case(case: dict, reps: int) -> dict:
         return fit_linear(spec, train, val, test)
 
     def one_at_a_time():
-        fits = [fit_linear(LinearProbeSpec(kind="linear", learning_rates=[lr], weight_decays=[wd], epochs=epochs, batch_size=256),
-                           train, val, test) for lr in spec.learning_rates for wd in wds]
+        fits = [
+            fit_linear(
+                LinearProbeSpec(kind="linear", learning_rates=[lr], weight_decays=[wd], epochs=epochs, batch_size=256),
+                train,
+                val,
+                test,
+            )
+            for lr in spec.learning_rates
+            for wd in wds
+        ]
         # select the single-head fits exactly as the multi-head probe does: val AUROC, ties by val BCE
         return min(fits, key=lambda r: (-r.val_metric, r.extra["val_bce"]))
 
@@ -118,36 +145,72 @@ def bench_linear_case(case: dict, reps: int) -> dict:
     auc_multi, auc_single = macro_auroc(test.y, multi.test_scores), macro_auroc(test.y, best.test_scores)
     t_multi, t_single = min(times["multi_head"]), min(times["one_at_a_time"])
     out = {
-        "case": case["name"], "data": case["data"], "train": case["n"], "val": case["n_val"], "test": case["n_test"],
-        "dim": case["d"], "labels": int(train.y.shape[1]), "heads": heads, "learning_rates": len(spec.learning_rates),
-        "weight_decays": wds, "epochs": epochs, "batch_size": 256, "reps": reps, "times_s": times,
-        "multi_head_s": t_multi, "one_at_a_time_s": t_single, "speedup": t_single / t_multi,
+        "case": case["name"],
+        "data": case["data"],
+        "train": case["n"],
+        "val": case["n_val"],
+        "test": case["n_test"],
+        "dim": case["d"],
+        "labels": int(train.y.shape[1]),
+        "heads": heads,
+        "learning_rates": len(spec.learning_rates),
+        "weight_decays": wds,
+        "epochs": epochs,
+        "batch_size": 256,
+        "reps": reps,
+        "times_s": times,
+        "multi_head_s": t_multi,
+        "one_at_a_time_s": t_single,
+        "speedup": t_single / t_multi,
         "ratio_of_medians": float(np.median(times["one_at_a_time"]) / np.median(times["multi_head"])),
-        "test_auroc_multi": auc_multi, "test_auroc_one_at_a_time": auc_single, "auroc_abs_diff": abs(auc_multi - auc_single),
-        "selected_multi": multi.selected, "selected_one_at_a_time": best.selected,
-        "auroc_check_ok": abs(auc_multi - auc_single) <= 0.005, "target_5x_met": t_single / t_multi >= 5,
+        "test_auroc_multi": auc_multi,
+        "test_auroc_one_at_a_time": auc_single,
+        "auroc_abs_diff": abs(auc_multi - auc_single),
+        "selected_multi": multi.selected,
+        "selected_one_at_a_time": best.selected,
+        "auroc_check_ok": abs(auc_multi - auc_single) <= 0.005,
+        "target_5x_met": t_single / t_multi >= 5,
     }
-    print(f"[linear:{case['name']}] {case['n']} x {case['d']} train, {out['labels']} labels, {epochs} epochs, {heads} heads, "
-          f"best of {reps} | multi-head {t_multi:.2f} s, one-at-a-time {t_single:.2f} s, speed-up {out['speedup']:.1f}x "
-          f"(ratio of medians {out['ratio_of_medians']:.1f}x) | best test AUROC {auc_multi:.4f} vs {auc_single:.4f} "
-          f"(|diff| {out['auroc_abs_diff']:.4f}), selected {multi.selected} vs {best.selected}", flush=True)
+    print(
+        f"[linear:{case['name']}] {case['n']} x {case['d']} train, {out['labels']} labels, {epochs} epochs, {heads} heads, "
+        f"best of {reps} | multi-head {t_multi:.2f} s, one-at-a-time {t_single:.2f} s, speed-up {out['speedup']:.1f}x "
+        f"(ratio of medians {out['ratio_of_medians']:.1f}x) | best test AUROC {auc_multi:.4f} vs {auc_single:.4f} "
+        f"(|diff| {out['auroc_abs_diff']:.4f}), selected {multi.selected} vs {best.selected}",
+        flush=True,
+    )
     return out
 
 
 def bench_linear(quick: bool = False, reps: int = 2) -> bool:
     cases = [bench_linear_case(case, reps) for case in _linear_cases(quick)]
     print()
-    print("| case | train x dim, labels | heads x epochs | multi-head | one-at-a-time | speed-up | best test AUROC (multi / one-at-a-time) | >= 5x |")
+    print(
+        "| case | train x dim, labels | heads x epochs | multi-head | one-at-a-time | speed-up | best test AUROC (multi / one-at-a-time) | >= 5x |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in cases:
-        print(f"| {r['case']} | {r['train']:,} x {r['dim']}, {r['labels']} | {r['heads']} x {r['epochs']} | {r['multi_head_s']:.2f} s | "
-              f"{r['one_at_a_time_s']:.2f} s | **{r['speedup']:.1f}x** | {r['test_auroc_multi']:.4f} / {r['test_auroc_one_at_a_time']:.4f} | "
-              f"{'met' if r['target_5x_met'] else 'not met'} |")
+        print(
+            f"| {r['case']} | {r['train']:,} x {r['dim']}, {r['labels']} | {r['heads']} x {r['epochs']} | {r['multi_head_s']:.2f} s | "
+            f"{r['one_at_a_time_s']:.2f} s | **{r['speedup']:.1f}x** | {r['test_auroc_multi']:.4f} / {r['test_auroc_one_at_a_time']:.4f} | "
+            f"{'met' if r['target_5x_met'] else 'not met'} |"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = ("probes_linear_quick" if quick else "probes_linear") + (f"_{torch.get_num_threads()}thread" if torch.get_num_threads() == 1 else "")
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"benchmark": name, "machine": _machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-         "command": " ".join(["python", *sys.argv]), "cases": cases}, indent=2, default=str))
+    name = ("probes_linear_quick" if quick else "probes_linear") + (
+        f"_{torch.get_num_threads()}thread" if torch.get_num_threads() == 1 else ""
+    )
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "benchmark": name,
+                "machine": _machine(),
+                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(["python", *sys.argv]),
+                "cases": cases,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return all(r["auroc_check_ok"] for r in cases)
 
 
@@ -163,7 +226,9 @@ def bench_knn(n=50_000, d=768, q=2_000, c=5, ks=(10, 20, 100, 200), t=0.07):
     t0 = time.perf_counter()
     ref = {}
     for k in ks:
-        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute", weights=weights).fit(tx, ty.astype(int))
+        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute", weights=weights).fit(
+            tx, ty.astype(int)
+        )
         ref[k] = np.stack([p[:, 1] for p in clf.predict_proba(qx)], axis=1)
     t_sk = time.perf_counter() - t0
     # neighbours: ours (top-200 by cosine) vs sklearn's kneighbors
@@ -176,24 +241,45 @@ def bench_knn(n=50_000, d=768, q=2_000, c=5, ks=(10, 20, 100, 200), t=0.07):
     # a mismatch is acceptable only at an exact tie at the k-th similarity (float32 rounding)
     ties = [float((sim_k[i, -1] - sim[i, nn_sk[i]].min()).abs()) for i in np.flatnonzero(~same)]
     max_diff = max(float(np.abs(ours[k] - ref[k]).max()) for k in ks)
-    print(f"[knn] {n} x {d} train, {q} queries, {c} labels, k={list(ks)} | ours {t_ours:.2f} s, sklearn {t_sk:.2f} s, "
-          f"speed-up {t_sk / t_ours:.1f}x | identical top-{max(ks)} neighbour sets for {same.mean():.4%} of queries "
-          f"(largest similarity gap at a mismatch {max(ties) if ties else 0:.1e}) | max |score diff| {max_diff:.1e}")
+    print(
+        f"[knn] {n} x {d} train, {q} queries, {c} labels, k={list(ks)} | ours {t_ours:.2f} s, sklearn {t_sk:.2f} s, "
+        f"speed-up {t_sk / t_ours:.1f}x | identical top-{max(ks)} neighbour sets for {same.mean():.4%} of queries "
+        f"(largest similarity gap at a mismatch {max(ties) if ties else 0:.1e}) | max |score diff| {max_diff:.1e}"
+    )
     # sklearn for one k, for reference
     t0 = time.perf_counter()
-    KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute", weights=weights).fit(tx, ty.astype(int)).predict_proba(qx)
+    KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute", weights=weights).fit(
+        tx, ty.astype(int)
+    ).predict_proba(qx)
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
     knn_scores(tx, ty, qx, [20], t)
     t_one_ours = time.perf_counter() - t0
     print(f"[knn] single k=20: ours {t_one_ours:.2f} s, sklearn {t_one:.2f} s")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "probes_knn.json").write_text(json.dumps({
-        "machine": _machine(), "torch_threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
-        "n_train": n, "dim": d, "queries": q, "labels": c, "ks": list(ks), "temperature": t,
-        "ours_s": t_ours, "sklearn_s": t_sk, "speedup": t_sk / t_ours, "identical_neighbour_sets": float(same.mean()),
-        "max_similarity_gap_at_mismatch": max(ties) if ties else 0.0, "max_score_diff": max_diff,
-        "single_k20": {"ours_s": t_one_ours, "sklearn_s": t_one, "speedup": t_one / t_one_ours}}, indent=2))
+    (RESULTS / "probes_knn.json").write_text(
+        json.dumps(
+            {
+                "machine": _machine(),
+                "torch_threads": torch.get_num_threads(),
+                "command": " ".join(["python", *sys.argv]),
+                "n_train": n,
+                "dim": d,
+                "queries": q,
+                "labels": c,
+                "ks": list(ks),
+                "temperature": t,
+                "ours_s": t_ours,
+                "sklearn_s": t_sk,
+                "speedup": t_sk / t_ours,
+                "identical_neighbour_sets": float(same.mean()),
+                "max_similarity_gap_at_mismatch": max(ties) if ties else 0.0,
+                "max_score_diff": max_diff,
+                "single_k20": {"ours_s": t_one_ours, "sklearn_s": t_one, "speedup": t_one / t_one_ours},
+            },
+            indent=2,
+        )
+    )
     return same.mean() > 0.999
 
 

@@ -24,9 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = [("dinov3-vits16", 224, 128, 1024), ("dinov3-vits16", 512, 64, 256),
-           ("dinov3-vitb16", 224, 128, 1024), ("dinov3-vitb16", 512, 64, 256),
-           ("dinov3-vitl16", 224, 128, 512), ("dinov3-vitl16", 512, 32, 256)]
+CONFIGS = [
+    ("dinov3-vits16", 224, 128, 1024),
+    ("dinov3-vits16", 512, 64, 256),
+    ("dinov3-vitb16", 224, 128, 1024),
+    ("dinov3-vitb16", 512, 64, 256),
+    ("dinov3-vitl16", 224, 128, 512),
+    ("dinov3-vitl16", 512, 32, 256),
+]
 WORKERS = 4
 
 
@@ -42,7 +47,9 @@ class Images(torch.utils.data.Dataset):
 
 
 def bare_loop(model, data: Images, batch: int, prefix: int) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=WORKERS, pin_memory=True, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch, num_workers=WORKERS, pin_memory=True, prefetch_factor=4
+    )
     out = []
     with torch.inference_mode():
         for x in loader:
@@ -84,8 +91,11 @@ def throughput(name: str, res: int, batch: int, n: int) -> dict:
     dev = torch.device("cuda")
 
     def ours():
-        return torch.from_numpy(extract_features(bb, data, res, "cls_mean_patch", batch_size=batch, device=dev,
-                                                 num_workers=WORKERS, progress=False)[0])
+        return torch.from_numpy(
+            extract_features(
+                bb, data, res, "cls_mean_patch", batch_size=batch, device=dev, num_workers=WORKERS, progress=False
+            )[0]
+        )
 
     def bare():
         return bare_loop(model, data, batch, bb.num_prefix_tokens)
@@ -101,10 +111,20 @@ def throughput(name: str, res: int, batch: int, n: int) -> dict:
     diff = (outs["bare"] - outs["dinoscale"]).abs().max().item()
     gf = gflops_per_image(name, res)
     best = {k: min(v) for k, v in t.items()}
-    row = {"backbone": name, "resolution": res, "batch": batch, "images": n, "gflops_per_image": gf,
-           "bare_img_s": n / best["bare"], "dinoscale_img_s": n / best["dinoscale"], "ratio": best["bare"] / best["dinoscale"],
-           "dinoscale_tflops": n * gf / best["dinoscale"] / 1e3, "max_abs_diff": diff,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "runs_s": t}
+    row = {
+        "backbone": name,
+        "resolution": res,
+        "batch": batch,
+        "images": n,
+        "gflops_per_image": gf,
+        "bare_img_s": n / best["bare"],
+        "dinoscale_img_s": n / best["dinoscale"],
+        "ratio": best["bare"] / best["dinoscale"],
+        "dinoscale_tflops": n * gf / best["dinoscale"] / 1e3,
+        "max_abs_diff": diff,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "runs_s": t,
+    }
     torch.cuda.reset_peak_memory_stats()
     return row
 
@@ -130,10 +150,20 @@ def oom_backoff() -> dict:
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
-    out = {"ok": ok and stats.oom_backoffs > 0, "error": err, "asked_batch": 256, "memory_cap_gib": 4.0, "seconds": seconds}
+    out = {
+        "ok": ok and stats.oom_backoffs > 0,
+        "error": err,
+        "asked_batch": 256,
+        "memory_cap_gib": 4.0,
+        "seconds": seconds,
+    }
     if stats is not None:
-        out.update(final_batch=stats.batch_size, backoffs=stats.oom_backoffs, images=stats.images,
-                   max_abs_diff_vs_batch8=float(abs(feats[:8] - ref).max()))
+        out.update(
+            final_batch=stats.batch_size,
+            backoffs=stats.oom_backoffs,
+            images=stats.images,
+            max_abs_diff_vs_batch8=float(abs(feats[:8] - ref).max()),
+        )
     return out
 
 
@@ -146,27 +176,41 @@ def main() -> None:
     for cfg in CONFIGS:
         rows.append(throughput(*cfg))
         r = rows[-1]
-        print(f"{r['backbone']:14s} @{r['resolution']:<4d} b{r['batch']:<4d} bare {r['bare_img_s']:8.1f} img/s  "
-              f"dinoscale {r['dinoscale_img_s']:8.1f} img/s  ratio {r['ratio']:.3f}  {r['dinoscale_tflops']:.0f} TFLOP/s  "
-              f"diff {r['max_abs_diff']:.2e}", flush=True)
+        print(
+            f"{r['backbone']:14s} @{r['resolution']:<4d} b{r['batch']:<4d} bare {r['bare_img_s']:8.1f} img/s  "
+            f"dinoscale {r['dinoscale_img_s']:8.1f} img/s  ratio {r['ratio']:.3f}  {r['dinoscale_tflops']:.0f} TFLOP/s  "
+            f"diff {r['max_abs_diff']:.2e}",
+            flush=True,
+        )
     oom = oom_backoff()
     print("OOM back-off:", json.dumps(oom), flush=True)
     dev = torch.cuda.get_device_name(0)
-    md = [f"GPU check on {dev} (torch {torch.__version__}), bf16 autocast, channels-last, random weights, "
-          f"{WORKERS} loader workers; {time.perf_counter() - t_start:.0f} s", "",
-          "| backbone | res | batch | GFLOPs/img | bare timm img/s | dinoscale img/s | ratio | dinoscale TFLOP/s | peak GiB |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['backbone']} | {r['resolution']} | {r['batch']} | {r['gflops_per_image']:.1f} | {r['bare_img_s']:.0f} | "
-           f"{r['dinoscale_img_s']:.0f} | {r['ratio']:.3f} | {r['dinoscale_tflops']:.0f} | {r['peak_mem_gib']:.1f} |" for r in rows]
-    md += ["", f"OOM back-off (4 GiB cap, ViT-L @512, batch 256 asked): {'OK' if oom['ok'] else 'FAILED'} - "
-           f"final batch {oom.get('final_batch')}, {oom.get('backoffs')} back-offs, max |diff| vs batch 8 "
-           f"{oom.get('max_abs_diff_vs_batch8')} {oom['error']}"]
+    md = [
+        f"GPU check on {dev} (torch {torch.__version__}), bf16 autocast, channels-last, random weights, "
+        f"{WORKERS} loader workers; {time.perf_counter() - t_start:.0f} s",
+        "",
+        "| backbone | res | batch | GFLOPs/img | bare timm img/s | dinoscale img/s | ratio | dinoscale TFLOP/s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['backbone']} | {r['resolution']} | {r['batch']} | {r['gflops_per_image']:.1f} | {r['bare_img_s']:.0f} | "
+        f"{r['dinoscale_img_s']:.0f} | {r['ratio']:.3f} | {r['dinoscale_tflops']:.0f} | {r['peak_mem_gib']:.1f} |"
+        for r in rows
+    ]
+    md += [
+        "",
+        f"OOM back-off (4 GiB cap, ViT-L @512, batch 256 asked): {'OK' if oom['ok'] else 'FAILED'} - "
+        f"final batch {oom.get('final_batch')}, {oom.get('backoffs')} back-offs, max |diff| vs batch 8 "
+        f"{oom.get('max_abs_diff_vs_batch8')} {oom['error']}",
+    ]
     text = "\n".join(md)
     print(text)
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "gpu_check.json").write_text(json.dumps({"device": dev, "torch": torch.__version__, "rows": rows, "oom": oom}, indent=2))
+        Path(out, "gpu_check.json").write_text(
+            json.dumps({"device": dev, "torch": torch.__version__, "rows": rows, "oom": oom}, indent=2)
+        )
         Path(out, "gpu_check.md").write_text(text + "\n")
 
 

@@ -35,9 +35,15 @@ def machine() -> dict:
 
     import timm
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def save(name: str, result: dict) -> None:
@@ -91,17 +97,23 @@ def bench_throughput(backbone: str, resolution: int, batch: int, n_images: int, 
             return preloaded[i]
 
     def bare_preloaded():
-        return bare_timm_loop(model, (torch.stack(preloaded[i:i + batch]) for i in range(0, n_images, batch)), bb.num_prefix_tokens)
+        return bare_timm_loop(
+            model, (torch.stack(preloaded[i : i + batch]) for i in range(0, n_images, batch)), bb.num_prefix_tokens
+        )
 
     def ours_preloaded():
-        return extract_features(bb, Preloaded(), resolution, "cls_mean_patch", batch_size=batch, device=cpu, progress=False)[0]
+        return extract_features(
+            bb, Preloaded(), resolution, "cls_mean_patch", batch_size=batch, device=cpu, progress=False
+        )[0]
 
     def bare_files():
         loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch, num_workers=0)
         return bare_timm_loop(model, loader, bb.num_prefix_tokens)
 
     def ours_files():
-        return extract_features(bb, paths, resolution, "cls_mean_patch", "bicubic", batch_size=batch, device=cpu, progress=False)[0]
+        return extract_features(
+            bb, paths, resolution, "cls_mean_patch", "bicubic", batch_size=batch, device=cpu, progress=False
+        )[0]
 
     bare_preloaded(), ours_preloaded()  # warm-up (allocator, oneDNN kernels)
     modes = {"preloaded": (bare_preloaded, ours_preloaded), "files": (bare_files, ours_files)}
@@ -122,12 +134,24 @@ def bench_throughput(backbone: str, resolution: int, batch: int, n_images: int, 
         # Other work on the machine only ever adds time: the best (minimum) of interleaved runs is the
         # least disturbed figure of each side; medians are kept for reference.
         bare, ours = min(t["bare"]), min(t["dinoscale"])
-        res[mode] = {"bare_img_s": n_images / bare, "dinoscale_img_s": n_images / ours, "ratio": bare / ours,
-                     "ratio_of_medians": statistics.median(t["bare"]) / statistics.median(t["dinoscale"]),
-                     "ratio_cpu_time": min(cpu_t[mode]["bare"]) / min(cpu_t[mode]["dinoscale"]),
-                     "bare_s": t["bare"], "dinoscale_s": t["dinoscale"]}
-    return {"backbone": backbone, "resolution": resolution, "batch": batch, "images": n_images, "reps": reps,
-            "dtype": "float32 (CPU)", **res}
+        res[mode] = {
+            "bare_img_s": n_images / bare,
+            "dinoscale_img_s": n_images / ours,
+            "ratio": bare / ours,
+            "ratio_of_medians": statistics.median(t["bare"]) / statistics.median(t["dinoscale"]),
+            "ratio_cpu_time": min(cpu_t[mode]["bare"]) / min(cpu_t[mode]["dinoscale"]),
+            "bare_s": t["bare"],
+            "dinoscale_s": t["dinoscale"],
+        }
+    return {
+        "backbone": backbone,
+        "resolution": resolution,
+        "batch": batch,
+        "images": n_images,
+        "reps": reps,
+        "dtype": "float32 (CPU)",
+        **res,
+    }
 
 
 # ---------------------------------------------------------------- (b) the demo sweep: shared store vs naive
@@ -141,9 +165,18 @@ def reduced_demo_spec(tmp: Path):
 
     raw = yaml.safe_load((ROOT / "sweeps" / "demo" / "xray.yaml").read_text())
     raw = copy.deepcopy(raw)
-    raw.update({"name": "xray-bench", "backbones": [{"name": "dinov3-demo-xs", "weights": "random"},
-                                                     {"name": "dinov3-demo-s", "weights": "random"}],
-                "resolutions": [64, 128], "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"}, "storage": {"path": str(tmp / "store")}})
+    raw.update(
+        {
+            "name": "xray-bench",
+            "backbones": [
+                {"name": "dinov3-demo-xs", "weights": "random"},
+                {"name": "dinov3-demo-s", "weights": "random"},
+            ],
+            "resolutions": [64, 128],
+            "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"},
+            "storage": {"path": str(tmp / "store")},
+        }
+    )
     raw["dataset"]["phantom"].update({"n_patients": 60, "image_size": 128})
     raw["metrics"] = {"bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}}
     return parse_spec(raw)
@@ -154,10 +187,21 @@ def _context(plan, store_root: str, spec_json: dict | None = None):
 
     ds = plan.dataset
     values = {
-        "spec_json": spec_json or plan.spec.model_dump(mode="json"), "cells": {c.id: c for c in plan.cells},
-        "classes": ds.classes, "store_root": store_root, "tracking_uri": "", "experiment_id": "", "parent_run_id": "",
-        "splits": {s: SplitLabels(ds.split(s)["sample_id"].astype(str).tolist(), ds.split(s)["patient_id"].astype(str).to_numpy(),
-                                  ds.labels(s)) for s in ("train", "val", "test")},
+        "spec_json": spec_json or plan.spec.model_dump(mode="json"),
+        "cells": {c.id: c for c in plan.cells},
+        "classes": ds.classes,
+        "store_root": store_root,
+        "tracking_uri": "",
+        "experiment_id": "",
+        "parent_run_id": "",
+        "splits": {
+            s: SplitLabels(
+                ds.split(s)["sample_id"].astype(str).tolist(),
+                ds.split(s)["patient_id"].astype(str).to_numpy(),
+                ds.labels(s),
+            )
+            for s in ("train", "val", "test")
+        },
     }
     names = {f.name for f in dataclasses.fields(SweepContext)}
     return SweepContext(**{k: v for k, v in values.items() if k in names})
@@ -178,7 +222,9 @@ def plan_jobs_all(plan):
     """Extraction jobs for every feature set of the plan (cached or not)."""
     from dinoscale.sweep.extraction import plan_jobs
 
-    return plan_jobs(dataclasses.replace(plan, feature_sets=[dataclasses.replace(f, cached=False) for f in plan.feature_sets]))
+    return plan_jobs(
+        dataclasses.replace(plan, feature_sets=[dataclasses.replace(f, cached=False) for f in plan.feature_sets])
+    )
 
 
 def bench_sweep(reps: int = 1, config_trials: bool = True) -> dict:
@@ -203,8 +249,13 @@ def bench_sweep(reps: int = 1, config_trials: bool = True) -> dict:
         t_extract = time.perf_counter() - t0
         ctx = _context(plan, str(store))
         aurocs = {c.id: evaluate_cell(c, ctx)["metrics"]["test_macro_auroc"] for c in plan.cells}
-        return {"wall_s": time.perf_counter() - t0, "extract_s": t_extract, "images_forwarded": images,
-                "trials": len(plan.cells), "aurocs": aurocs}
+        return {
+            "wall_s": time.perf_counter() - t0,
+            "extract_s": t_extract,
+            "images_forwarded": images,
+            "trials": len(plan.cells),
+            "aurocs": aurocs,
+        }
 
     # naive A: the same trials (cells), each extracting its own features first.
     def naive_same_trials():
@@ -214,7 +265,12 @@ def bench_sweep(reps: int = 1, config_trials: bool = True) -> dict:
             store = tmp / f"naive-{c.id}-{time.time_ns()}"
             images += _extract_for_cell(plan, c, str(store))
             aurocs[c.id] = evaluate_cell(c, _context(plan, str(store)))["metrics"]["test_macro_auroc"]
-        return {"wall_s": time.perf_counter() - t0, "images_forwarded": images, "trials": len(plan.cells), "aurocs": aurocs}
+        return {
+            "wall_s": time.perf_counter() - t0,
+            "images_forwarded": images,
+            "trials": len(plan.cells),
+            "aurocs": aurocs,
+        }
 
     # naive B: the usual Tune layout, one trial per probe hyper-parameter configuration (linear: lr x wd;
     # k-NN: all k at once, as in dinoscale), each extracting its own features.
@@ -223,8 +279,15 @@ def bench_sweep(reps: int = 1, config_trials: bool = True) -> dict:
         base = spec.model_dump(mode="json")
         for c in plan.cells:
             probe = next(p for p in spec.probes if p.kind == c.probe)
-            configs = ([{"learning_rates": [lr], "weight_decays": [wd]} for lr in probe.learning_rates for wd in probe.weight_decays]
-                       if isinstance(probe, LinearProbeSpec) else [{}])
+            configs = (
+                [
+                    {"learning_rates": [lr], "weight_decays": [wd]}
+                    for lr in probe.learning_rates
+                    for wd in probe.weight_decays
+                ]
+                if isinstance(probe, LinearProbeSpec)
+                else [{}]
+            )
             for cfg in configs:
                 sj = copy.deepcopy(base)
                 for p in sj["probes"]:
@@ -248,17 +311,27 @@ def bench_sweep(reps: int = 1, config_trials: bool = True) -> dict:
     else:
         del runs["naive_config_trials"]
     ours = min(r["wall_s"] for r in runs["dinoscale"])
-    out = {"spec": "reduced copy of sweeps/demo/xray.yaml: dinov3-demo-xs/s x {64,128} x {linear, knn}, 60 phantom patients",
-           "split_images": n_images, "feature_sets": feature_sets, "distinct_feature_set_images": distinct_images,
-           "cells": len(plan.cells)}
+    out = {
+        "spec": "reduced copy of sweeps/demo/xray.yaml: dinov3-demo-xs/s x {64,128} x {linear, knn}, 60 phantom patients",
+        "split_images": n_images,
+        "feature_sets": feature_sets,
+        "distinct_feature_set_images": distinct_images,
+        "cells": len(plan.cells),
+    }
     for name, rs in runs.items():
         wall = min(r["wall_s"] for r in rs)  # least disturbed run of each design
-        out[name] = {"wall_s": wall, "runs_s": [r["wall_s"] for r in rs], "images_forwarded": rs[0]["images_forwarded"],
-                     "trials": rs[0]["trials"],
-                     "wall_ratio_vs_dinoscale": wall / ours,
-                     **({"extract_s": rs[0]["extract_s"]} if "extract_s" in rs[0] else {})}
+        out[name] = {
+            "wall_s": wall,
+            "runs_s": [r["wall_s"] for r in rs],
+            "images_forwarded": rs[0]["images_forwarded"],
+            "trials": rs[0]["trials"],
+            "wall_ratio_vs_dinoscale": wall / ours,
+            **({"extract_s": rs[0]["extract_s"]} if "extract_s" in rs[0] else {}),
+        }
     same = runs["naive_same_trials"][0]["aurocs"]
-    out["naive_same_trials_gives_same_aurocs"] = all(abs(same[k] - v) < 1e-6 for k, v in runs["dinoscale"][0]["aurocs"].items())
+    out["naive_same_trials_gives_same_aurocs"] = all(
+        abs(same[k] - v) < 1e-6 for k, v in runs["dinoscale"][0]["aurocs"].items()
+    )
     return out
 
 
@@ -275,8 +348,13 @@ def bench_store(backbone: str, resolution: int, n_images: int, reps: int) -> dic
     bb = load_backbone(backbone, "random", 0)
     tmp = Path(tempfile.mkdtemp(prefix="dinoscale-bench-store-"))
     paths = _png_files(tmp, n_images)
-    key = FeatureKey(bb.defn.arch_id, bb.weights["digest"], resolution, "bicubic", "n", "cls_mean_patch", "bench", "float16")
-    stores = {"local": FeatureStore(tmp / "store"), "memory": FeatureStore(f"memory://bench-{uuid.uuid4().hex[:6]}/store")}
+    key = FeatureKey(
+        bb.defn.arch_id, bb.weights["digest"], resolution, "bicubic", "n", "cls_mean_patch", "bench", "float16"
+    )
+    stores = {
+        "local": FeatureStore(tmp / "store"),
+        "memory": FeatureStore(f"memory://bench-{uuid.uuid4().hex[:6]}/store"),
+    }
     feats, _ = extract_features(bb, paths, resolution, batch_size=32, device=torch.device("cpu"), progress=False)
     for s in stores.values():
         s.put(key, feats, [str(i) for i in range(n_images)])
@@ -290,9 +368,15 @@ def bench_store(backbone: str, resolution: int, n_images: int, reps: int) -> dic
             s.get(key, verify=True)
             t[f"read_{n}"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in t.items()}
-    return {"backbone": backbone, "resolution": resolution, "images": n_images, "feature_shape": list(feats.shape),
-            "seconds": med, **{f"speedup_{n}": med["extract"] / med[f"read_{n}"] for n in stores},
-            **{f"{k}_img_s": n_images / v for k, v in med.items()}}
+    return {
+        "backbone": backbone,
+        "resolution": resolution,
+        "images": n_images,
+        "feature_shape": list(feats.shape),
+        "seconds": med,
+        **{f"speedup_{n}": med["extract"] / med[f"read_{n}"] for n in stores},
+        **{f"{k}_img_s": n_images / v for k, v in med.items()},
+    }
 
 
 def main(argv=None) -> None:
@@ -304,7 +388,9 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sweep-reps", type=int, default=2, help="interleaved runs of dinoscale vs naive same-trials")
-    ap.add_argument("--skip-config-trials", action="store_true", help="sweep: leave out the long per-config naive design")
+    ap.add_argument(
+        "--skip-config-trials", action="store_true", help="sweep: leave out the long per-config naive design"
+    )
     a = ap.parse_args(argv)
     if a.which in ("throughput", "all"):
         save("throughput", bench_throughput(a.backbone, a.resolution, a.batch, a.images, a.reps))

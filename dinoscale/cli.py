@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scaling sweeps of vision foundation models on medical imaging.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Scaling sweeps of vision foundation models on medical imaging."
+)
 
 
 def _load(spec_path: Path):
@@ -40,9 +42,13 @@ def plan(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
 @app.command("tile-slides")
 def tile_slides_cmd(
     slides: Path = typer.Argument(..., help="a slide file or a folder of slides (.svs, .ndpi, .mrxs, .tif, ...)"),
-    out: Path = typer.Argument(..., help="root of the tile bags: <out>/<slide>/tile_<x>_<y>.png (the wsi-tiles layout)"),
+    out: Path = typer.Argument(
+        ..., help="root of the tile bags: <out>/<slide>/tile_<x>_<y>.png (the wsi-tiles layout)"
+    ),
     tile_size: int = typer.Option(224, help="tile edge in pixels at the chosen level"),
-    mpp: float | None = typer.Option(None, help="microns per pixel wanted (picks the closest pyramid level; e.g. 0.5 for 20x)"),
+    mpp: float | None = typer.Option(
+        None, help="microns per pixel wanted (picks the closest pyramid level; e.g. 0.5 for 20x)"
+    ),
     level: int | None = typer.Option(None, help="pyramid level (instead of --mpp; default 0)"),
     min_tissue: float = typer.Option(0.5, help="keep tiles with at least this fraction of tissue pixels"),
 ) -> None:
@@ -67,8 +73,12 @@ def sweep(
     address: str | None = typer.Option(None, help="address of an existing Ray cluster (default: embedded local Ray)"),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
     no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
-    resume: bool = typer.Option(False, "--resume", help="resume the latest unfinished sweep of this spec from its storage "
-                                "path: finished cells are not rerun, cached features not extracted, MLflow runs reused"),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="resume the latest unfinished sweep of this spec from its storage "
+        "path: finished cells are not rerun, cached features not extracted, MLflow runs reused",
+    ),
 ) -> None:
     """Run the sweep: extraction stage, one Ray Tune trial per cell, MLflow record, scaling report."""
     import os
@@ -93,12 +103,18 @@ def sweep(
 @app.command()
 def analyze(
     spec: Path | None = typer.Argument(None, help="sweep spec: analyse its latest sweep in MLflow"),
-    csv: Path | None = typer.Option(None, help="analyse a results table instead (one row per run: backbone, n_params, "
-                                                  "resolution, probe, strategy, seed, test_<metric>, _ci_low, _ci_high)"),
+    csv: Path | None = typer.Option(
+        None,
+        help="analyse a results table instead (one row per run: backbone, n_params, "
+        "resolution, probe, strategy, seed, test_<metric>, _ci_low, _ci_high)",
+    ),
     run_id: str | None = typer.Option(None, help="parent run of the sweep (default: the latest)"),
     out: Path | None = typer.Option(None, help="output folder (default: reports/<modality>)"),
-    headline: str | None = typer.Option(None, help="with --csv: the metric to analyse (e.g. test_dice, voi) when the "
-                                                      "table holds several (default: detected from its columns)"),
+    headline: str | None = typer.Option(
+        None,
+        help="with --csv: the metric to analyse (e.g. test_dice, voi) when the "
+        "table holds several (default: detected from its columns)",
+    ),
     goal: str | None = typer.Option(None, help="with --csv: max | min, for a metric dinoscale does not know"),
 ) -> None:
     """Fit scaling curves and write plots + a markdown report (and attach them to the sweep's parent run).
@@ -119,14 +135,20 @@ def analyze(
         typer.echo(f"Report on {h.test} ({'higher' if h.goal == 'max' else 'lower'} is better): {d / 'report.md'}")
         return
     if headline or goal:
-        typer.secho("--headline / --goal apply to --csv only: a sweep's headline is read from its parent run", fg="red", err=True)
+        typer.secho(
+            "--headline / --goal apply to --csv only: a sweep's headline is read from its parent run",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2)
     if spec is None:
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)
     s = _load(spec)
     try:
-        analyze_sweep(resolve_tracking_uri(s.tracking.uri), s.experiment_name, run_id, out or Path("reports") / s.modality)
+        analyze_sweep(
+            resolve_tracking_uri(s.tracking.uri), s.experiment_name, run_id, out or Path("reports") / s.modality
+        )
     except LookupError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -152,7 +174,9 @@ def datasets() -> None:
 
 # ---------------------------------------------------------------- cache: the feature store
 
-cache_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The feature store: list, verify and remove entries.")
+cache_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="The feature store: list, verify and remove entries."
+)
 app.add_typer(cache_app, name="cache")
 
 _STORE_HELP = "feature store root: a path or an fsspec URL (s3://bucket/prefix); default: <spec storage>/features"
@@ -184,9 +208,11 @@ def cache_ls(
         size = n_bytes
         for d in m.get("shape", []):
             size *= d
-        typer.echo(f"{m['digest']}  {m.get('backbone_name', k.get('backbone', '?')):22s} r{k.get('resolution', '?'):<5} "
-                   f"{k.get('tokens', '?'):22s} {m.get('split', '?'):6s} {'x'.join(map(str, m.get('shape', []))):14s} "
-                   f"{m.get('dtype', '?'):8s} {size / 2**20:8.2f} MiB  weights {k.get('weights_digest', '?')[:40]}")
+        typer.echo(
+            f"{m['digest']}  {m.get('backbone_name', k.get('backbone', '?')):22s} r{k.get('resolution', '?'):<5} "
+            f"{k.get('tokens', '?'):22s} {m.get('split', '?'):6s} {'x'.join(map(str, m.get('shape', []))):14s} "
+            f"{m.get('dtype', '?'):8s} {size / 2**20:8.2f} MiB  weights {k.get('weights_digest', '?')[:40]}"
+        )
     typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {fs.url}")
 
 
@@ -219,7 +245,9 @@ def cache_rm(
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     all_: bool = typer.Option(False, "--all", help="remove every entry"),
     damaged: bool = typer.Option(False, "--damaged", help="remove entries that fail verification"),
-    stale_hours: float | None = typer.Option(None, "--stale", help="remove leftovers of killed writers older than this many hours"),
+    stale_hours: float | None = typer.Option(
+        None, "--stale", help="remove leftovers of killed writers older than this many hours"
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
 ) -> None:
     """Remove entries (by digest, --all or --damaged) and/or stale leftovers of killed writers."""

@@ -71,7 +71,7 @@ def patient_bootstrap(
         if np.isfinite(v):
             values.append(v)
     alpha = (1 - level) / 2
-    lo, hi = (np.quantile(values, [alpha, 1 - alpha]) if values else (np.nan, np.nan))
+    lo, hi = np.quantile(values, [alpha, 1 - alpha]) if values else (np.nan, np.nan)
     return Interval(metric(y, s), float(lo), float(hi), level, len(values))
 
 
@@ -145,7 +145,7 @@ def choose_thresholds(y_val: np.ndarray, s_val: np.ndarray, metric: str = "f1") 
     per_class = {"f1": f1_per_class, "balanced_accuracy": balanced_accuracy_per_class}[metric]
     out = np.full(y_val.shape[1], 0.5)
     for j in range(y_val.shape[1]):
-        yj, sj = y_val[:, j:j + 1], s_val[:, j:j + 1]
+        yj, sj = y_val[:, j : j + 1], s_val[:, j : j + 1]
         if yj.min() == yj.max():
             continue
         cands = np.unique(sj)
@@ -163,14 +163,17 @@ def mean_score(_y: np.ndarray, s: np.ndarray) -> float:
     return float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")
 
 
-def volume_bootstrap(values: np.ndarray, patient_ids: np.ndarray | None = None, resamples: int = 1000,
-                     level: float = 0.95, seed: int = 0) -> Interval:
+def volume_bootstrap(
+    values: np.ndarray, patient_ids: np.ndarray | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> Interval:
     """Interval for the mean of a per-volume metric (Dice, HD95, VOI...), resampling volumes — or patients
     when ``patient_ids`` is given (a patient's volumes go together). ``values``: (n_volumes,) or (n, C)
     (then the mean is over volumes and classes, NaN entries skipped)."""
     values = np.asarray(values, dtype=np.float64)
     ids = np.arange(len(values)) if patient_ids is None else np.asarray(patient_ids)
-    return patient_bootstrap(np.zeros(len(values)), values, ids, metric=mean_score, resamples=resamples, level=level, seed=seed)
+    return patient_bootstrap(
+        np.zeros(len(values)), values, ids, metric=mean_score, resamples=resamples, level=level, seed=seed
+    )
 
 
 @dataclass
@@ -183,8 +186,12 @@ class PairedInterval:
     resamples: int
 
     def as_dict(self, name: str) -> dict[str, float]:
-        return {f"{name}_diff": self.difference, f"{name}_diff_ci_low": self.low,
-                f"{name}_diff_ci_high": self.high, f"{name}_diff_p": self.p_value}
+        return {
+            f"{name}_diff": self.difference,
+            f"{name}_diff_ci_low": self.low,
+            f"{name}_diff_ci_high": self.high,
+            f"{name}_diff_p": self.p_value,
+        }
 
 
 def paired_bootstrap(
@@ -208,7 +215,7 @@ def paired_bootstrap(
             diffs.append(d)
     diffs = np.asarray(diffs)
     alpha = (1 - level) / 2
-    lo, hi = (np.quantile(diffs, [alpha, 1 - alpha]) if len(diffs) else (np.nan, np.nan))
+    lo, hi = np.quantile(diffs, [alpha, 1 - alpha]) if len(diffs) else (np.nan, np.nan)
     p = float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))) if len(diffs) else float("nan")
     return PairedInterval(metric(y, s_a) - metric(y, s_b), float(lo), float(hi), level, p, len(diffs))
 
@@ -223,7 +230,9 @@ def _onehot(labels: np.ndarray, n_classes: int):
     return torch.nn.functional.one_hot(t, n_classes).movedim(-1, 1).float()  # (N, C, *spatial)
 
 
-def dice_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, include_background: bool = False) -> np.ndarray:
+def dice_per_volume(
+    pred: np.ndarray, target: np.ndarray, n_classes: int, include_background: bool = False
+) -> np.ndarray:
     """(N, C') Dice per volume and class from label maps (N, *spatial) with MONAI's ``compute_dice``.
 
     NaN where a class is absent from both prediction and ground truth (undefined, skipped in means)."""
@@ -247,7 +256,11 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below) and about its own deprecations
-        h = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing).numpy().astype(np.float64)
+        h = (
+            compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing)
+            .numpy()
+            .astype(np.float64)
+        )
     missing = (t.flatten(2).sum(-1) == 0) | (p.flatten(2).sum(-1) == 0)
     h[missing[:, 1:].numpy()] = np.nan
     h[~np.isfinite(h)] = np.nan
@@ -292,7 +305,7 @@ def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool = T
     cont, n = _contingency(seg, gt, ignore_gt_zero)
     if n == 0:
         return float("nan"), float("nan"), float("nan")
-    sum_p = (cont.data ** 2).sum()
+    sum_p = (cont.data**2).sum()
     sum_s = (np.asarray(cont.sum(1)).ravel() ** 2).sum()  # predicted segments
     sum_g = (np.asarray(cont.sum(0)).ravel() ** 2).sum()  # true segments
     precision = (sum_p - n) / (sum_s - n) if sum_s > n else 1.0
@@ -301,8 +314,9 @@ def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool = T
     return float(1 - f), float(precision), float(recall)
 
 
-def segmentation_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, class_names: list[str] | None = None,
-                            hd95: bool = True) -> dict[str, np.ndarray]:
+def segmentation_per_volume(
+    pred: np.ndarray, target: np.ndarray, n_classes: int, class_names: list[str] | None = None, hd95: bool = True
+) -> dict[str, np.ndarray]:
     """Per-volume values from label maps (n_volumes, *spatial): ``dice`` (mean over the foreground classes
     present in the prediction or the ground truth), ``dice_<class>`` and ``hd95`` (mean over classes, in
     voxels). NaN where undefined (a class absent from both; HD95 of a missed or spurious class)."""
@@ -324,8 +338,14 @@ def instance_per_volume(pred: np.ndarray, target: np.ndarray) -> dict[str, np.nd
     return {"voi": vals[:, 0] + vals[:, 1], "voi_split": vals[:, 0], "voi_merge": vals[:, 1], "arand": vals[:, 2]}
 
 
-def summarise_per_volume(values: dict[str, np.ndarray], patient_ids: np.ndarray | None = None, resamples: int = 1000,
-                         level: float = 0.95, seed: int = 0, prefix: str = "test_") -> dict[str, float]:
+def summarise_per_volume(
+    values: dict[str, np.ndarray],
+    patient_ids: np.ndarray | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    prefix: str = "test_",
+) -> dict[str, float]:
     """Each per-volume metric's mean with its per-patient (or per-volume) bootstrap interval."""
     out = {}
     for name, v in values.items():
@@ -334,16 +354,30 @@ def summarise_per_volume(values: dict[str, np.ndarray], patient_ids: np.ndarray 
     return out
 
 
-def segmentation_summary(pred: np.ndarray, target: np.ndarray, n_classes: int, patient_ids: np.ndarray | None = None,
-                         class_names: list[str] | None = None, hd95: bool = True, resamples: int = 1000,
-                         level: float = 0.95, seed: int = 0) -> dict[str, float]:
+def segmentation_summary(
+    pred: np.ndarray,
+    target: np.ndarray,
+    n_classes: int,
+    patient_ids: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    hd95: bool = True,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
     """Headline segmentation metrics with per-volume (or per-patient) bootstrap intervals: mean foreground
     Dice (+ per class) and HD95. ``pred``/``target``: label maps (n_volumes, *spatial)."""
     values = segmentation_per_volume(pred, target, n_classes, class_names, hd95)
     return summarise_per_volume(values, patient_ids, resamples, level, seed)
 
 
-def instance_summary(pred: np.ndarray, target: np.ndarray, patient_ids: np.ndarray | None = None,
-                     resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+def instance_summary(
+    pred: np.ndarray,
+    target: np.ndarray,
+    patient_ids: np.ndarray | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
     """EM instance metrics per volume with intervals: VOI split / merge / sum and adapted Rand error."""
     return summarise_per_volume(instance_per_volume(pred, target), patient_ids, resamples, level, seed)

@@ -32,7 +32,9 @@ class Provenance:
     def from_tags(cls, tags: dict[str, str]) -> Provenance:
         """What a sweep's parent run recorded (sweeps of any version: absent tags stay unknown)."""
         kinds = tuple(k for k in tags.get(record.WEIGHTS_KINDS, "").split(",") if k)
-        data = {k: v for k, v in tags.items() if k.startswith("data.") and not k.startswith(record.MANIFEST_DIGEST_PREFIX)}
+        data = {
+            k: v for k, v in tags.items() if k.startswith("data.") and not k.startswith(record.MANIFEST_DIGEST_PREFIX)
+        }
         return cls(tags.get(record.PROFILE, "unknown"), data, kinds, weights_known=False)
 
     @property
@@ -55,16 +57,23 @@ class Provenance:
         """One line about the data and one or two about the weights, in capitals where not real."""
         d, out = self.data, []
         if self.source == "semi-synthetic":
-            out.append(f"data: SEMI-SYNTHETIC ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic "
-                       f"lesions in real anatomy ({d.get(record.DATA_BASE, '')}), labels are synthetic, not patient data")
+            out.append(
+                f"data: SEMI-SYNTHETIC ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic "
+                f"lesions in real anatomy ({d.get(record.DATA_BASE, '')}), labels are synthetic, not patient data"
+            )
         elif self.source == "phantom":
-            out.append(f"data: PHANTOM ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic, not patient data")
+            out.append(
+                f"data: PHANTOM ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic, not patient data"
+            )
         elif d.get(record.DATA_NAME):
             out.append(f"data: {d[record.DATA_NAME]} ({d.get(record.DATA_ROOT, '')})")
         counts = Counter(self.weights)
         if self.random_weights:
-            out.append(f"weights: RANDOM init for {counts['random']} of {len(self.weights)} backbone(s) - no pretrained features"
-                       if self.weights_known else "weights: RANDOM init for at least one backbone - no pretrained features")
+            out.append(
+                f"weights: RANDOM init for {counts['random']} of {len(self.weights)} backbone(s) - no pretrained features"
+                if self.weights_known
+                else "weights: RANDOM init for at least one backbone - no pretrained features"
+            )
         pretrained = [k for k in ("hub", "file") if counts.get(k)]
         if pretrained and self.weights_known:
             out.append(f"weights: pretrained ({counts.get('hub', 0)} hub, {counts.get('file', 0)} local file)")
@@ -74,8 +83,12 @@ class Provenance:
 
     def tags(self) -> dict[str, str]:
         """The parent run's provenance tags (copied to every child run)."""
-        tags = {**self.data, record.PROFILE: self.profile, record.DEMO: str(self.demo).lower(),
-                record.WEIGHTS_KINDS: ",".join(sorted(set(self.weights)))}
+        tags = {
+            **self.data,
+            record.PROFILE: self.profile,
+            record.DEMO: str(self.demo).lower(),
+            record.WEIGHTS_KINDS: ",".join(sorted(set(self.weights))),
+        }
         if self.demo:
             tags[record.NOTE] = DEMO_NOTE
         return tags

@@ -28,8 +28,10 @@ from dinoscale.probes.registry import SpaceFn  # (optuna.Trial, base spec/config
 
 
 def finetune_space(trial, cfg) -> dict:
-    out = {"lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True),
-           "weight_decay": trial.suggest_float("weight_decay", 1e-4, 1e-1, log=True)}
+    out = {
+        "lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-4, 1e-1, log=True),
+    }
     if cfg.strategy == "lora":
         out["lora_rank"] = trial.suggest_categorical("lora_rank", [4, 8, 16])
     else:
@@ -54,11 +56,21 @@ def _summary(study) -> StudyResult:
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(done, key=lambda t: t.value) if done else None
     return StudyResult(
-        best_params=dict(best.params) if best else {}, best_value=float(best.value) if best else float("nan"),
-        best_trial=best.number if best else -1, n_complete=len(done),
+        best_params=dict(best.params) if best else {},
+        best_value=float(best.value) if best else float("nan"),
+        best_trial=best.number if best else -1,
+        n_complete=len(done),
         n_pruned=sum(s == optuna.trial.TrialState.PRUNED for s in states),
-        trials=[{"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
-                 "user_attrs": dict(t.user_attrs)} for t in study.trials],
+        trials=[
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": dict(t.params),
+                "user_attrs": dict(t.user_attrs),
+            }
+            for t in study.trials
+        ],
     )
 
 
@@ -80,8 +92,15 @@ def _requeue_interrupted(study) -> None:
             study.enqueue_trial(dict(last.params), user_attrs={"resumes_trial": root[t.number]})
 
 
-def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed: int = 0, pruner=None,
-              storage: str | None = None, study_name: str = "cell", retry_interrupted: bool = False) -> tuple[StudyResult, Any]:
+def run_study(
+    objective: Callable[[Any], tuple[float, Any]],
+    n_trials: int,
+    seed: int = 0,
+    pruner=None,
+    storage: str | None = None,
+    study_name: str = "cell",
+    retry_interrupted: bool = False,
+) -> tuple[StudyResult, Any]:
     """Maximise ``objective(trial) -> (val_metric, payload)``; returns the summary and the payload of the
     best trial run in this process (None when the best finished in an earlier, interrupted process).
     With ``storage``, finished trials count towards ``n_trials`` and are not rerun; with
@@ -90,8 +109,14 @@ def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 2)))
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(),
-                                storage=storage, study_name=study_name, load_if_exists=storage is not None)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner or optuna.pruners.NopPruner(),
+        storage=storage,
+        study_name=study_name,
+        load_if_exists=storage is not None,
+    )
     if retry_interrupted and storage is not None:
         _requeue_interrupted(study)
     best: dict = {"value": -np.inf, "payload": None, "number": -1}
@@ -131,9 +156,20 @@ def search_probe(spec, train, val, test, n_trials: int = 10, seed: int = 0, spac
     return result, summary
 
 
-def search_finetune(make_model: Callable[[Any], Any], train, val, base_cfg, n_trials: int = 8, seed: int = 0,
-                    space: SpaceFn | None = None, storage_dir: str | Path | None = None, device=None,
-                    n_startup_trials: int = 2, n_warmup_epochs: int = 1, on_epoch=None):
+def search_finetune(
+    make_model: Callable[[Any], Any],
+    train,
+    val,
+    base_cfg,
+    n_trials: int = 8,
+    seed: int = 0,
+    space: SpaceFn | None = None,
+    storage_dir: str | Path | None = None,
+    device=None,
+    n_startup_trials: int = 2,
+    n_warmup_epochs: int = 1,
+    on_epoch=None,
+):
     """LoRA / full search with median pruning on the per-epoch val metric.
 
     ``make_model(cfg) -> ImageClassifier`` (e.g. ``lambda c: build_classifier(load_backbone(...).model, C, c)``).
@@ -154,7 +190,9 @@ def search_finetune(make_model: Callable[[Any], Any], train, val, base_cfg, n_tr
         return dataclasses.replace(base_cfg, **space(params_or_trial, base_cfg))
 
     def checkpoint(number: int, user_attrs: dict) -> Path | None:  # a retried trial continues its first try's
-        return Path(storage_dir) / f"trial_{user_attrs.get('resumes_trial', number)}" if storage_dir is not None else None
+        return (
+            Path(storage_dir) / f"trial_{user_attrs.get('resumes_trial', number)}" if storage_dir is not None else None
+        )
 
     def model_for(cfg):
         torch.manual_seed(cfg.seed)  # head / adapter init: the same for every trial, whatever ran before

@@ -48,7 +48,9 @@ class SplitSpec(Strict):
     """Patient-level split: no patient is ever in two splits."""
 
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="fraction of patients held out for validation")
-    test_fraction: float = Field(0.25, gt=0, lt=0.6, description="fraction of patients for test (when no official list)")
+    test_fraction: float = Field(
+        0.25, gt=0, lt=0.6, description="fraction of patients for test (when no official list)"
+    )
     seed: int = Field(0, description="seed of the patient shuffle")
     official: bool = Field(True, description="use the dataset's official split lists where it has them")
 
@@ -59,16 +61,23 @@ class DatasetSpec(Strict):
     phantom: PhantomSpec | None = Field(None, description="phantom generator settings (phantom datasets only)")
     split: SplitSpec = SplitSpec()
     subset: str | None = Field(
-        None, description="part of a multi-part dataset: a MedMNIST+ file ('organmnist3d_64'), a Decathlon task "
-        "folder ('Task09_Spleen'), CREMI samples ('A,B,C')")
+        None,
+        description="part of a multi-part dataset: a MedMNIST+ file ('organmnist3d_64'), a Decathlon task "
+        "folder ('Task09_Spleen'), CREMI samples ('A,B,C')",
+    )
     classes: list[str] | None = Field(
-        None, description="generic 'manifest' adapter: the class list (a label outside it is an error)")
+        None, description="generic 'manifest' adapter: the class list (a label outside it is an error)"
+    )
     window: str | tuple[float, float] | None = Field(
-        None, description="CT window mapped to [0, 1]: a preset (lung, mediastinum, bone, brain, abdomen) or "
-        "[HU min, HU max]; none: each image's min-max")
+        None,
+        description="CT window mapped to [0, 1]: a preset (lung, mediastinum, bone, brain, abdomen) or "
+        "[HU min, HU max]; none: each image's min-max",
+    )
     on_bad_file: Literal["error", "skip"] = Field(
-        "error", description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "
-        "and drops unreadable ones, recorded as skipped (logged with the run)")
+        "error",
+        description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "
+        "and drops unreadable ones, recorded as skipped (logged with the run)",
+    )
 
     @field_validator("window")
     @classmethod
@@ -135,8 +144,9 @@ class LoraStrategySpec(Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[Literal["qkv", "proj", "fc1", "fc2"]] = Field(default_factory=lambda: ["qkv", "proj"], min_length=1,
-                                                               description="module names inside each block")
+    targets: list[Literal["qkv", "proj", "fc1", "fc2"]] = Field(
+        default_factory=lambda: ["qkv", "proj"], min_length=1, description="module names inside each block"
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(10, ge=1)
@@ -170,20 +180,27 @@ class FinetuningSpec(Strict):
 class SearchSpec(Strict):
     """Hyper-parameters are selected on val by the task's headline metric; test is reported, never selected on."""
 
-    n_trials: int = Field(1, ge=1, description="Optuna trials per frozen cell (seeded TPE over the probe's search space, "
-                          "declared by the probe's module); 1: the probe's own built-in grid only. The same budget for "
-                          "every cell, so curves compare like with like")
+    n_trials: int = Field(
+        1,
+        ge=1,
+        description="Optuna trials per frozen cell (seeded TPE over the probe's search space, "
+        "declared by the probe's module); 1: the probe's own built-in grid only. The same budget for "
+        "every cell, so curves compare like with like",
+    )
     seed: int = Field(0, description="seed of the per-cell Optuna sampler")
 
 
 class FeaturesSpec(Strict):
     tokens: Literal["cls_mean_patch", "cls", "mean_patch", "last4_cls", "last4_cls_mean_patch", "patch_grid"] = Field(
-        "cls_mean_patch", description="features; registers are always excluded. last4_*: CLS of the last 4 blocks "
-        "(DINOv2 linear eval, + mean patch); patch_grid: [N, D, H/p, W/p] for segmentation probes"
+        "cls_mean_patch",
+        description="features; registers are always excluded. last4_*: CLS of the last 4 blocks "
+        "(DINOv2 linear eval, + mean patch); patch_grid: [N, D, H/p, W/p] for segmentation probes",
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype in the feature store")
     volume_pool: Literal["mean", "max", "mean_max"] = Field(
-        "mean", description="3D classification (volumes): slice features pooled per volume (the reference benchmark: mean)")
+        "mean",
+        description="3D classification (volumes): slice features pooled per volume (the reference benchmark: mean)",
+    )
     interpolation: Literal["bilinear", "bicubic", "area"] = "bicubic"
     batch_size: int = Field(32, ge=1)
 
@@ -202,17 +219,31 @@ class MetricsSpec(Strict):
 
 class ResourcesSpec(Strict):
     cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float = Field(0.25, ge=0, le=1, description="frozen-encoder trials (probes on cached features) share "
-                                  "a GPU; used only where the cluster has GPUs")
-    gpus_per_training_trial: float = Field(1, ge=0, le=1, description="lora / full fine-tuning trials train the encoder; "
-                                           "used only where the cluster has GPUs")
+    gpus_per_trial: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="frozen-encoder trials (probes on cached features) share "
+        "a GPU; used only where the cluster has GPUs",
+    )
+    gpus_per_training_trial: float = Field(
+        1,
+        ge=0,
+        le=1,
+        description="lora / full fine-tuning trials train the encoder; used only where the cluster has GPUs",
+    )
     cpus_per_extraction: float = Field(1, gt=0)
     gpus_per_extraction: float = Field(1, ge=0, le=1, description="used only where the cluster has GPUs")
     max_concurrent_trials: int | None = Field(None, ge=1)
-    trial_retries: int = Field(2, ge=0, description="retries of a failed trial (a lost node, a crash) before it is "
-                               "recorded FAILED")
-    assumed_gpu_tflops: float = Field(100.0, gt=0, description="sustained bf16 TFLOP/s assumed for the plan's "
-                                      "GPU-hour estimate (a planning figure, not a measurement)")
+    trial_retries: int = Field(
+        2, ge=0, description="retries of a failed trial (a lost node, a crash) before it is recorded FAILED"
+    )
+    assumed_gpu_tflops: float = Field(
+        100.0,
+        gt=0,
+        description="sustained bf16 TFLOP/s assumed for the plan's "
+        "GPU-hour estimate (a planning figure, not a measurement)",
+    )
 
 
 class TrackingSpec(Strict):
@@ -222,9 +253,12 @@ class TrackingSpec(Strict):
 
 
 class StorageSpec(Strict):
-    path: str = Field(".dinoscale", description="root for the feature store, Tune state, sweep state and generated "
-                      "data; on a cluster a path every node sees. The environment variable DINOSCALE_STORAGE "
-                      "overrides it (one setting for the whole cluster)")
+    path: str = Field(
+        ".dinoscale",
+        description="root for the feature store, Tune state, sweep state and generated "
+        "data; on a cluster a path every node sees. The environment variable DINOSCALE_STORAGE "
+        "overrides it (one setting for the whole cluster)",
+    )
 
 
 class RaySpec(Strict):
@@ -242,8 +276,10 @@ class SweepSpec(Strict):
     resolutions: list[int] = Field(min_length=1)
     probes: list[ProbeSpec] = Field(min_length=1)
     strategies: list[Literal["frozen", "lora", "full"]] = Field(
-        default_factory=lambda: ["frozen"], min_length=1,
-        description="frozen: probes on cached features; lora / full: the encoder is trained (settings under 'finetuning')")
+        default_factory=lambda: ["frozen"],
+        min_length=1,
+        description="frozen: probes on cached features; lora / full: the encoder is trained (settings under 'finetuning')",
+    )
     finetuning: FinetuningSpec = Field(default_factory=FinetuningSpec, description="lora / full settings")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     search: SearchSpec = SearchSpec()
@@ -311,9 +347,7 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}'", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
         seen[key] = True
     return loader.construct_mapping(node, deep=deep)
 
@@ -339,7 +373,9 @@ def parse_spec(raw: dict, source: str = "<spec>") -> SweepSpec:
         return SweepSpec.model_validate(raw)
     except ValidationError as e:
         lines = [_describe_error(err, raw) for err in e.errors()]
-        raise SpecError(f"{source}: {len(lines)} problem(s) in the spec:\n" + "\n".join(f"  - {x}" for x in lines)) from None
+        raise SpecError(
+            f"{source}: {len(lines)} problem(s) in the spec:\n" + "\n".join(f"  - {x}" for x in lines)
+        ) from None
 
 
 def _describe_error(err: dict, raw: dict) -> str:

@@ -73,7 +73,9 @@ def _per_volume(values: dict[str, np.ndarray], headline: Headline, s: Scoring) -
     metrics = summarise_per_volume(values, s.patient_ids, s.resamples, s.level, s.seed)
     metrics["n_test_volumes_scored"] = int(np.isfinite(values[headline.name]).sum())
     if headline.test not in metrics:
-        raise RuntimeError(f"no test volume has a defined {headline.name} (every volume empty in both prediction and mask)")
+        raise RuntimeError(
+            f"no test volume has a defined {headline.name} (every volume empty in both prediction and mask)"
+        )
     return metrics, pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids, **values})
 
 

@@ -24,14 +24,14 @@ def resolve_tracking_uri(uri: str, project_dir: Path | None = None) -> str:
     env = os.environ.get("DINOSCALE_TRACKING_URI")
     uri = env or uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
+        rel = uri[len("sqlite:///") :]
         uri = "sqlite:///" + str(((project_dir or Path.cwd()) / rel).resolve())
     return uri
 
 
 def default_artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None
 
 
@@ -50,8 +50,16 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 def git_commit(project_dir: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir or Path.cwd(), capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_dir or Path.cwd(), capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_dir or Path.cwd(), capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_dir or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -66,7 +74,9 @@ def find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, tri
     return runs[0] if runs else None
 
 
-def find_or_create_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str, tags: dict[str, str]) -> str:
+def find_or_create_child(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str, tags: dict[str, str]
+) -> str:
     existing = find_child(client, experiment_id, parent_run_id, trial_key)
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
@@ -76,18 +86,25 @@ def find_or_create_child(client: MlflowClient, experiment_id: str, parent_run_id
     return run.info.run_id
 
 
-def log_batch(client: MlflowClient, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    params: dict | None = None,
+    metrics: dict | None = None,
+    tags: dict | None = None,
+    step: int = 0,
+) -> None:
     """Log in chunks that stay under MLflow's per-request limits (100 params, 1000 metrics)."""
     ts = int(time.time() * 1000)
     p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     m = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items() if v is not None]
     t = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
     for i in range(0, max(len(p), 1), 100):
-        client.log_batch(run_id, params=p[i:i + 100])
+        client.log_batch(run_id, params=p[i : i + 100])
     for i in range(0, len(m), 1000):
-        client.log_batch(run_id, metrics=m[i:i + 1000])
+        client.log_batch(run_id, metrics=m[i : i + 1000])
     for i in range(0, len(t), 100):
-        client.log_batch(run_id, tags=t[i:i + 100])
+        client.log_batch(run_id, tags=t[i : i + 100])
 
 
 def with_retries(fn, *args, attempts: int = 5, **kwargs):
@@ -115,12 +132,16 @@ def split_dataset_inputs(ds) -> list:
         # source: the folder the files are in (a phantom's generated folder is labelled by its name)
         with warnings.catch_warnings():  # a local folder matches two equivalent MLflow source types
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(df, source=str(ds.root), name=f"{ds.name}-{split}", digest=ds.manifest_digest(split))
+            dataset = mlflow.data.from_pandas(
+                df, source=str(ds.root), name=f"{ds.name}-{split}", digest=ds.manifest_digest(split)
+            )
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
     return inputs
 
 
-def finished_child_metrics(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, primary: str) -> dict | None:
+def finished_child_metrics(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, primary: str
+) -> dict | None:
     """Metrics of a cell already recorded FINISHED under this parent (the record makes resumes idempotent)."""
     run = find_child(client, experiment_id, parent_run_id, trial_key)
     if run is None or run.info.status != "FINISHED" or primary not in run.data.metrics:

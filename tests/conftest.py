@@ -12,14 +12,19 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def tiny_spec_dict(tmp_path: Path, **overrides) -> dict:
     """A demo spec small enough for tests: 2 backbones x 2 resolutions x 2 probes, ~100 images."""
     spec = yaml.safe_load((ROOT / "sweeps" / "demo" / "xray.yaml").read_text())
-    spec.update({
-        "name": "xray-test",
-        "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}, {"name": "dinov3-demo-s", "weights": "random"}],
-        "resolutions": [32, 64],
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
-        "storage": {"path": str(tmp_path / "store")},
-        "ray": {"num_cpus": 2},
-    })
+    spec.update(
+        {
+            "name": "xray-test",
+            "backbones": [
+                {"name": "dinov3-demo-xs", "weights": "random"},
+                {"name": "dinov3-demo-s", "weights": "random"},
+            ],
+            "resolutions": [32, 64],
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+            "storage": {"path": str(tmp_path / "store")},
+            "ray": {"num_cpus": 2},
+        }
+    )
     spec["dataset"] = copy.deepcopy(spec["dataset"])
     spec["dataset"]["phantom"].update({"n_patients": 30, "images_per_patient": [2, 4], "image_size": 128})
     spec["probes"][0]["epochs"] = 20

@@ -17,6 +17,7 @@ def _saturating_metric(x, floor=0.1, a=0.3, alpha=0.35, x0=1e6):
 
 # ---------------------------------------------------------------- fits recover known laws
 
+
 @pytest.mark.parametrize("noise_seed", [0, 1, 2])
 def test_saturating_law_recovered_with_intervals(noise_seed):
     x = np.geomspace(1e6, 1e9, 8)
@@ -122,6 +123,7 @@ def test_duplicate_x_is_refused_with_the_axis_named():
 
 # ---------------------------------------------------------------- resampling: patients, seeds, strategies
 
+
 def _predictions(n_patients, signal, rng, classes=("a", "b")):
     """Per-sample test predictions with 2 images per patient; ``signal`` scales how well scores separate."""
     pid = np.repeat([f"p{i}" for i in range(n_patients)], 2)
@@ -134,9 +136,20 @@ def _predictions(n_patients, signal, rng, classes=("a", "b")):
 
 
 def _run(run_id, strategy, metric, low, high, seed=0, **kw):
-    row = dict(run_id=run_id, modality="xray", dataset="toy", backbone="b", n_params=1_000_000, resolution=224,
-               probe="linear", strategy=strategy, seed=seed, test_macro_auroc=metric, test_macro_auroc_ci_low=low,
-               test_macro_auroc_ci_high=high)
+    row = dict(
+        run_id=run_id,
+        modality="xray",
+        dataset="toy",
+        backbone="b",
+        n_params=1_000_000,
+        resolution=224,
+        probe="linear",
+        strategy=strategy,
+        seed=seed,
+        test_macro_auroc=metric,
+        test_macro_auroc_ci_low=low,
+        test_macro_auroc_ci_high=high,
+    )
     return {**row, **kw}
 
 
@@ -166,15 +179,23 @@ def test_patient_resampling_pairs_cells_and_sharpens_strategy_comparison():
 
 
 def test_seed_spread_widens_the_cell_interval():
-    runs = pd.DataFrame([_run("s0", "frozen", 0.70, 0.69, 0.71, seed=0), _run("s1", "frozen", 0.80, 0.79, 0.81, seed=1)])
+    runs = pd.DataFrame(
+        [_run("s0", "frozen", 0.70, 0.69, 0.71, seed=0), _run("s1", "frozen", 0.80, 0.79, 0.81, seed=1)]
+    )
     cell = bootstrap_cells(runs, resamples=400).cells.iloc[0]
     assert cell.seeds == 2 and cell.metric == pytest.approx(0.75)
     assert cell.low < 0.72 and cell.high > 0.78  # wider than either seed's own interval
 
 
 def test_strategies_compared_generically_over_the_strategy_column():
-    runs = pd.DataFrame([_run("f", "frozen", 0.70, 0.69, 0.71), _run("l", "lora", 0.80, 0.79, 0.81),
-                         _run("x", "full", 0.75, 0.60, 0.90), _run("z", "zz-custom", 0.70, 0.69, 0.71)])
+    runs = pd.DataFrame(
+        [
+            _run("f", "frozen", 0.70, 0.69, 0.71),
+            _run("l", "lora", 0.80, 0.79, 0.81),
+            _run("x", "full", 0.75, 0.60, 0.90),
+            _run("z", "zz-custom", 0.70, 0.69, 0.71),
+        ]
+    )
     cmp = compare_strategies(bootstrap_cells(runs, resamples=400))
     assert len(cmp) == 6  # every pair once, cheapest strategy as baseline
     verdicts = dict(zip(zip(cmp.baseline, cmp.other), cmp.verdict))
@@ -191,6 +212,7 @@ def test_missing_interval_without_predictions_is_an_error_naming_the_run():
 
 # ---------------------------------------------------------------- reports
 
+
 def _table(strategies=("frozen",), tokens=True):
     rows = []
     for strategy in strategies:
@@ -199,8 +221,17 @@ def _table(strategies=("frozen",), tokens=True):
                 for name, n in (("a", 1e6), ("b", 4e6), ("c", 1.6e7), ("d", 6.4e7)):
                     m = _saturating_metric(n, 0.1, 0.2, 0.3) - (0.02 if probe == "knn" else 0) + res / 1e4
                     m += 0.05 if strategy == "lora" else 0
-                    row = dict(backbone=name, n_params=int(n), resolution=res, probe=probe, strategy=strategy, seed=0,
-                               test_macro_auroc=m, test_macro_auroc_ci_low=m - 0.01, test_macro_auroc_ci_high=m + 0.01)
+                    row = dict(
+                        backbone=name,
+                        n_params=int(n),
+                        resolution=res,
+                        probe=probe,
+                        strategy=strategy,
+                        seed=0,
+                        test_macro_auroc=m,
+                        test_macro_auroc_ci_low=m - 0.01,
+                        test_macro_auroc_ci_high=m + 0.01,
+                    )
                     if tokens:
                         row["tokens_per_image"] = 5 + (res // 16) ** 2
                     rows.append(row)
@@ -213,8 +244,16 @@ def test_report_from_csv_has_plots_provenance_and_fits(tmp_path):
     res = CliRunner().invoke(app, ["analyze", "--csv", str(csv), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     rep = tmp_path / "rep"
-    for f in ("report.md", "report.html", "verdicts.md", "auroc_vs_params.png", "auroc_vs_resolution.png",
-              "auroc_vs_gflops.png", "fits.csv", "results.csv"):
+    for f in (
+        "report.md",
+        "report.html",
+        "verdicts.md",
+        "auroc_vs_params.png",
+        "auroc_vs_resolution.png",
+        "auroc_vs_gflops.png",
+        "fits.csv",
+        "results.csv",
+    ):
         assert (rep / f).stat().st_size > 0, f
     assert (rep / "auroc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
     md = (rep / "report.md").read_text().splitlines()
@@ -250,11 +289,23 @@ def test_report_compares_strategies_and_names_the_best(tmp_path):
 
 
 def test_several_modalities_get_their_own_figures_and_verdicts(tmp_path):
-    rows = [dict(modality=mod, backbone=b, n_params=int(n), resolution=224, probe="linear", strategy="frozen", seed=0,
-                 test_macro_auroc=m, test_macro_auroc_ci_low=m - 0.01, test_macro_auroc_ci_high=m + 0.01)
-            for mod, shift in (("xray", 0.0), ("ct", -0.1))
-            for b, n in (("a", 1e6), ("b", 4e6), ("c", 1.6e7), ("d", 6.4e7))
-            for m in [_saturating_metric(n, 0.1, 0.2, 0.3) + shift]]
+    rows = [
+        dict(
+            modality=mod,
+            backbone=b,
+            n_params=int(n),
+            resolution=224,
+            probe="linear",
+            strategy="frozen",
+            seed=0,
+            test_macro_auroc=m,
+            test_macro_auroc_ci_low=m - 0.01,
+            test_macro_auroc_ci_high=m + 0.01,
+        )
+        for mod, shift in (("xray", 0.0), ("ct", -0.1))
+        for b, n in (("a", 1e6), ("b", 4e6), ("c", 1.6e7), ("d", 6.4e7))
+        for m in [_saturating_metric(n, 0.1, 0.2, 0.3) + shift]
+    ]
     write_report(pd.DataFrame(rows), tmp_path, "two modalities", ["data: x", "weights: y"])
     assert (tmp_path / "xray_auroc_vs_params.png").exists() and (tmp_path / "ct_auroc_vs_params.png").exists()
     md = (tmp_path / "verdicts.md").read_text()
@@ -293,8 +344,17 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("dinoscale-toy", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={"dinoscale.role": "sweep", "dinoscale.sweep_id": "toy-1", "data.source": "phantom",
-                                          "data.generator": "phantom-toy v1", "data.seed": "0", "weights.kinds": "random"})
+    parent = client.create_run(
+        exp,
+        tags={
+            "dinoscale.role": "sweep",
+            "dinoscale.sweep_id": "toy-1",
+            "data.source": "phantom",
+            "data.generator": "phantom-toy v1",
+            "data.seed": "0",
+            "weights.kinds": "random",
+        },
+    )
     rng = np.random.default_rng(1)
     base = _predictions(40, 0.0, rng)
     for i, n in enumerate((1e6, 4e6, 1.6e7, 6.4e7)):
@@ -305,11 +365,23 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
         ci = patient_bootstrap(y, s, p["patient_id"].to_numpy(), resamples=200)
         run = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id})
         rid = run.info.run_id
-        for k, v in {"modality": "toy", "dataset": "toyset", "backbone": f"bb{i}", "probe": "linear",
-                     "strategy": "frozen", "weights": "random"}.items():
+        for k, v in {
+            "modality": "toy",
+            "dataset": "toyset",
+            "backbone": f"bb{i}",
+            "probe": "linear",
+            "strategy": "frozen",
+            "weights": "random",
+        }.items():
             client.log_param(rid, k, v)
-        for k, v in {"n_params": n, "resolution": 224, "seed": 0, "tokens_per_image": 201,
-                     **ci.as_dict("test_macro_auroc"), "val_macro_auroc": macro_auroc(y, s)}.items():
+        for k, v in {
+            "n_params": n,
+            "resolution": 224,
+            "seed": 0,
+            "tokens_per_image": 201,
+            **ci.as_dict("test_macro_auroc"),
+            "val_macro_auroc": macro_auroc(y, s),
+        }.items():
             client.log_metric(rid, k, v)
         client.log_text(rid, p.to_csv(index=False), "predictions/test.csv")
         client.set_terminated(rid, "FINISHED")

@@ -32,7 +32,9 @@ def _dice_values(n, difficulty, rng):
 
 def _voi_values(n, difficulty, rng, shift=0.0):
     """Per-volume VOI (bits) falling with n: 0.3 + 2 (n / 1e6)^-0.3, above 1 for the small models."""
-    return np.clip(0.3 + 2.0 * (n / 1e6) ** -0.3 + shift + 3 * difficulty + rng.normal(0, 0.03, len(difficulty)), 0, None)
+    return np.clip(
+        0.3 + 2.0 * (n / 1e6) ** -0.3 + shift + 3 * difficulty + rng.normal(0, 0.03, len(difficulty)), 0, None
+    )
 
 
 def _record_sweep(tmp_path, headline, values_of, strategies=("frozen",)):
@@ -43,8 +45,16 @@ def _record_sweep(tmp_path, headline, values_of, strategies=("frozen",)):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("dinoscale-seg", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={"dinoscale.role": "sweep", "dinoscale.sweep_id": "seg-1",
-                                          "data.name": "toy-seg", "weights.kinds": "pretrained", **headline.tags()})
+    parent = client.create_run(
+        exp,
+        tags={
+            "dinoscale.role": "sweep",
+            "dinoscale.sweep_id": "seg-1",
+            "data.name": "toy-seg",
+            "weights.kinds": "pretrained",
+            **headline.tags(),
+        },
+    )
     rng = np.random.default_rng(3)
     vols = _volumes(rng)
     difficulty = rng.normal(0, 0.08, len(vols))
@@ -55,11 +65,24 @@ def _record_sweep(tmp_path, headline, values_of, strategies=("frozen",)):
             p = vols.assign(**{headline.name: values, "hd95": 5.0})  # other per-volume columns ride along
             ci = volume_bootstrap(values, p["patient_id"].to_numpy(), resamples=300)
             rid = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id}).info.run_id
-            for k, v in {"modality": "em", "dataset": "toy-seg", "backbone": backbone, "probe": "seg-linear",
-                         "strategy": strategy, "weights": "pretrained"}.items():
+            for k, v in {
+                "modality": "em",
+                "dataset": "toy-seg",
+                "backbone": backbone,
+                "probe": "seg-linear",
+                "strategy": strategy,
+                "weights": "pretrained",
+            }.items():
                 client.log_param(rid, k, v)
-            for k, v in {"n_params": n, "resolution": 224, "seed": 0, "tokens_per_image": 197, **ci.as_dict(headline.test),
-                         headline.val: ci.value + rng.normal(0, 0.002), "test_hd95": 5.0}.items():
+            for k, v in {
+                "n_params": n,
+                "resolution": 224,
+                "seed": 0,
+                "tokens_per_image": 197,
+                **ci.as_dict(headline.test),
+                headline.val: ci.value + rng.normal(0, 0.002),
+                "test_hd95": 5.0,
+            }.items():
                 client.log_metric(rid, k, v)
             client.log_text(rid, p.to_csv(index=False), "predictions/test.csv")
             client.set_terminated(rid, "FINISHED")
@@ -83,7 +106,8 @@ def _check_intervals(out, truth):
 
 def test_dice_sweep_report_names_dice_and_resamples_volumes(tmp_path):
     uri, client, parent, truth = _record_sweep(
-        tmp_path, DICE, lambda n, strategy, difficulty, rng: _dice_values(n, difficulty, rng))
+        tmp_path, DICE, lambda n, strategy, difficulty, rng: _dice_values(n, difficulty, rng)
+    )
     df, info = results_from_mlflow(uri, "dinoscale-seg", None, with_predictions=True)
     assert info["headline"] == DICE and len(df) == 4 and len(info["predictions"]) == 4
     assert {"test_dice", "test_dice_ci_low", "test_dice_ci_high", "val_dice"} <= set(df.columns)
@@ -120,9 +144,13 @@ def test_voi_sweep_lower_is_better_everywhere(tmp_path):
     verdicts = (out / "verdicts.md").read_text()
     html = (out / "report.html").read_text()
     for text in (md, verdicts):
-        assert "Headline metric: test VOI (split + merge, bits; lower is better) (test_voi). " \
-               "'Improves' means it decreases; the best configuration is the one with the lowest value." in text
-    assert "test_voi itself (lower is better: it is already an error, so it is fitted untransformed, no sign flip)" in md
+        assert (
+            "Headline metric: test VOI (split + merge, bits; lower is better) (test_voi). "
+            "'Improves' means it decreases; the best configuration is the one with the lowest value." in text
+        )
+    assert (
+        "test_voi itself (lower is better: it is already an error, so it is fitted untransformed, no sign flip)" in md
+    )
     assert "test_voi" in html and "lower is better" in html
 
     # best cell: the LOWEST VOI (chosen on val_voi, which tracks test here), i.e. the largest model with LoRA
@@ -170,7 +198,10 @@ def test_stale_plots_of_another_headline_are_removed(tmp_path):
     assert (tmp_path / "auroc_vs_params.png").exists()
     rising = _seg_table("test_voi", flip=True)
     rising["test_voi"], rising["test_voi_ci_low"], rising["test_voi_ci_high"] = (  # VOI rising with params
-        2 - rising["test_voi"], 2 - rising["test_voi_ci_high"], 2 - rising["test_voi_ci_low"])
+        2 - rising["test_voi"],
+        2 - rising["test_voi_ci_high"],
+        2 - rising["test_voi_ci_low"],
+    )
     write_report(rising, tmp_path, "then voi", ["data: x", "weights: y"])
     assert (tmp_path / "voi_vs_params.png").exists() and not list(tmp_path.glob("*auroc_vs_*.png"))
     fits = pd.read_csv(tmp_path / "fits.csv")
@@ -182,9 +213,16 @@ def _seg_table(metric="test_dice", flip=False):
     if flip:
         for c in ("test_macro_auroc", "test_macro_auroc_ci_low", "test_macro_auroc_ci_high"):
             t[c] = 1 - t[c]
-        t[["test_macro_auroc_ci_low", "test_macro_auroc_ci_high"]] = t[["test_macro_auroc_ci_high", "test_macro_auroc_ci_low"]].values
-    return t.rename(columns={"test_macro_auroc": metric, "test_macro_auroc_ci_low": f"{metric}_ci_low",
-                             "test_macro_auroc_ci_high": f"{metric}_ci_high"})
+        t[["test_macro_auroc_ci_low", "test_macro_auroc_ci_high"]] = t[
+            ["test_macro_auroc_ci_high", "test_macro_auroc_ci_low"]
+        ].values
+    return t.rename(
+        columns={
+            "test_macro_auroc": metric,
+            "test_macro_auroc_ci_low": f"{metric}_ci_low",
+            "test_macro_auroc_ci_high": f"{metric}_ci_high",
+        }
+    )
 
 
 def test_csv_tables_say_which_headline_they_hold(tmp_path):
@@ -208,7 +246,9 @@ def test_csv_tables_say_which_headline_they_hold(tmp_path):
     res = CliRunner().invoke(app, ["analyze", "--csv", str(both), "--headline", "voi", "--out", str(tmp_path / "voi")])
     assert res.exit_code == 0, res.output
     verdicts = (tmp_path / "voi" / "verdicts.md").read_text()
-    assert "lower is better) (test_voi)" in verdicts and "improves with params" in verdicts  # 1 - AUROC-like: falls with n
+    assert (
+        "lower is better) (test_voi)" in verdicts and "improves with params" in verdicts
+    )  # 1 - AUROC-like: falls with n
     assert "- unknown: d (64.00M params) at 224px, linear probe, frozen: test VOI" in verdicts  # lowest VOI
 
     hd = tmp_path / "hd95.csv"

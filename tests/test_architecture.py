@@ -28,7 +28,9 @@ def _module_name(path: Path) -> str:
 
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
@@ -106,7 +108,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_checker_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dinoscale.x import y\ndef f():\n    import dinoscale.z\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dinoscale.x import y\ndef f():\n    import dinoscale.z\n"
+    )
     assert _imports(tree, "dinoscale.m", False, {"dinoscale.x", "dinoscale.x.y", "dinoscale.z"}) == {"dinoscale.z"}
 
 
@@ -139,7 +143,11 @@ def test_only_the_data_package_reads_manifest_columns():
     for p in PACKAGE.rglob("*.py"):
         if p.parent.name == "data":
             continue
-        strings = {n.value for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        strings = {
+            n.value
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
         offenders += [f"{p.relative_to(ROOT)}: '{c}'" for c in EXTRA_COLUMNS if c in strings]
     assert offenders == []
 
@@ -195,8 +203,12 @@ def test_a_probe_added_from_one_file_runs_in_a_sweep(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_dir))
     monkeypatch.setattr(registry, "_LOADED", False)  # discover again, now with the plugin
     ray.shutdown()  # a fresh embedded Ray, started with the variables above
-    raw = tiny_spec_dict(tmp_path, probes=[{"kind": "centroid", "temperature": 0.5}],
-                         backbones=[{"name": "dinov3-demo-xs", "weights": "random"}], resolutions=[32])
+    raw = tiny_spec_dict(
+        tmp_path,
+        probes=[{"kind": "centroid", "temperature": 0.5}],
+        backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
+        resolutions=[32],
+    )
     try:
         out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
     finally:

@@ -8,14 +8,20 @@ from typer.testing import CliRunner
 from dinoscale.cli import app
 from dinoscale.features import FeatureKey, FeatureStore
 
-KEY = FeatureKey("vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc", "float16")
+KEY = FeatureKey(
+    "vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc", "float16"
+)
 OTHER = dataclasses.replace(KEY, resolution=128)
 
 
 def _store(tmp_path):
     store = FeatureStore(tmp_path / "features")
-    store.put(KEY, np.ones((3, 4), np.float32), list("abc"), extra={"backbone_name": "dinov3-demo-xs", "split": "train"})
-    store.put(OTHER, np.ones((3, 4), np.float32), list("abc"), extra={"backbone_name": "dinov3-demo-xs", "split": "val"})
+    store.put(
+        KEY, np.ones((3, 4), np.float32), list("abc"), extra={"backbone_name": "dinov3-demo-xs", "split": "train"}
+    )
+    store.put(
+        OTHER, np.ones((3, 4), np.float32), list("abc"), extra={"backbone_name": "dinov3-demo-xs", "split": "val"}
+    )
     return store
 
 

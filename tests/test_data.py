@@ -51,9 +51,16 @@ def test_fine_finding_only_survives_at_high_resolution():
 
     def energy_at(size, findings):
         img = render_xray(256, anatomy, findings, np.random.default_rng(0))
-        small = np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC), float)
-        hp = small - np.asarray(Image.fromarray(small.astype(np.uint8)).resize((size // 4, size // 4), Image.Resampling.BOX).resize((size, size), Image.Resampling.BILINEAR), float)
-        return np.abs(hp[size // 4: size // 2, size // 5: size // 2]).mean()  # left lung
+        small = np.asarray(
+            Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC), float
+        )
+        hp = small - np.asarray(
+            Image.fromarray(small.astype(np.uint8))
+            .resize((size // 4, size // 4), Image.Resampling.BOX)
+            .resize((size, size), Image.Resampling.BILINEAR),
+            float,
+        )
+        return np.abs(hp[size // 4 : size // 2, size // 5 : size // 2]).mean()  # left lung
 
     gain_256 = energy_at(256, fib) / energy_at(256, none)
     gain_64 = energy_at(64, fib) / energy_at(64, none)
@@ -86,19 +93,30 @@ def _write_nih(root, n_patients=12, bad_png=False):
             name = f"{p:08d}_{i:03d}.png"
             path = root / "images_001" / "images" / name
             Image.fromarray(np.full((64, 64), 40 * i + p, np.uint8)).save(path)
-            rows.append({"Image Index": name, "Finding Labels": labels[(p + i) % len(labels)], "Follow-up #": i, "Patient ID": p})
+            rows.append(
+                {
+                    "Image Index": name,
+                    "Finding Labels": labels[(p + i) % len(labels)],
+                    "Follow-up #": i,
+                    "Patient ID": p,
+                }
+            )
             if p >= n_patients - 3:
                 test_names.append(name)
     pd.DataFrame(rows).to_csv(root / "Data_Entry_2017.csv", index=False)
     (root / "test_list.txt").write_text("\n".join(test_names) + "\n")
-    (root / "train_val_list.txt").write_text("\n".join(r["Image Index"] for r in rows if r["Image Index"] not in test_names) + "\n")
+    (root / "train_val_list.txt").write_text(
+        "\n".join(r["Image Index"] for r in rows if r["Image Index"] not in test_names) + "\n"
+    )
     if bad_png:
         (root / "images_001" / "images" / rows[0]["Image Index"]).write_bytes(b"not a png")
 
 
 def test_nih_adapter_reads_published_layout(tmp_path):
     _write_nih(tmp_path / "nih")
-    ds = prepare_dataset(DatasetSpec(name="nih-chestxray14", root=str(tmp_path / "nih"), split=SplitSpec(val_fraction=0.2)), tmp_path)
+    ds = prepare_dataset(
+        DatasetSpec(name="nih-chestxray14", root=str(tmp_path / "nih"), split=SplitSpec(val_fraction=0.2)), tmp_path
+    )
     assert len(ds.classes) == 14 and len(ds.manifest) == 24
     assert set(ds.split("test").patient_id) == {"9", "10", "11"}  # the official test list
     assert ds.split("val").patient_id.nunique() == 2  # carved from train_val by patient

@@ -26,7 +26,12 @@ def _dicom(path, arr, photometric="MONOCHROME2", slope=1.0, intercept=-1024.0, p
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, patient, "CT"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID, ds.Modality = (
+        CTImageStorage,
+        meta.MediaStorageSOPInstanceUID,
+        patient,
+        "CT",
+    )
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -147,11 +152,21 @@ def test_manifest_adapter_resolves_relative_paths_and_labels(tmp_path):
 
 
 def test_missing_root_names_layout_and_source(tmp_path):
-    for name, needle in [("manifest", "path,patient_id"), ("rsna-pneumonia", "stage_2_train_labels.csv"),
-                         ("ct-rate", "multi_abnormality_labels"), ("msd", "dataset.json"), ("autopet", "SUV.nii.gz"),
-                         ("wsi-tiles", "slides.csv"), ("medmnist", ".npz"), ("cremi", "neuron_ids")]:
+    for name, needle in [
+        ("manifest", "path,patient_id"),
+        ("rsna-pneumonia", "stage_2_train_labels.csv"),
+        ("ct-rate", "multi_abnormality_labels"),
+        ("msd", "dataset.json"),
+        ("autopet", "SUV.nii.gz"),
+        ("wsi-tiles", "slides.csv"),
+        ("medmnist", ".npz"),
+        ("cremi", "neuron_ids"),
+    ]:
         with pytest.raises(DataError) as e:
-            prepare_dataset(DatasetSpec(name=name, root=str(tmp_path / "nowhere"), classes=["a"] if name == "manifest" else None), tmp_path)
+            prepare_dataset(
+                DatasetSpec(name=name, root=str(tmp_path / "nowhere"), classes=["a"] if name == "manifest" else None),
+                tmp_path,
+            )
         assert "does not exist" in str(e.value) and needle in str(e.value) and "Source:" in str(e.value), name
 
 
@@ -175,7 +190,9 @@ def test_empty_split_is_an_error(tmp_path):
     # no 'val' rows: an official split list without val gets val carved by patient; an official 'val' only: test empty
     rows2 = [dict(r, split="train" if i < 8 else "val") for i, r in enumerate(_rows())]
     root2 = _manifest_root(tmp_path / "x", rows2)
-    assert set(prepare_dataset(DatasetSpec(name="manifest", root=str(root), classes=["a", "b"]), tmp_path).manifest.split) == {"train", "val", "test"}
+    assert set(
+        prepare_dataset(DatasetSpec(name="manifest", root=str(root), classes=["a", "b"]), tmp_path).manifest.split
+    ) == {"train", "val", "test"}
     with pytest.raises(DataError, match="split 'test' is empty"):
         prepare_dataset(DatasetSpec(name="manifest", root=str(root2), classes=["a", "b"]), tmp_path)
 
@@ -197,15 +214,18 @@ def test_corrupt_file_errors_by_name_or_is_skipped_and_recorded(tmp_path):
 
 
 def _ph(kind, **kw):
-    return DatasetSpec(name=f"phantom-{kind}", phantom=PhantomSpec(n_patients=12, image_size=64, depth=16,
-                                                                   images_per_patient=(1, 2), tiles_per_slide=8, **kw))
+    return DatasetSpec(
+        name=f"phantom-{kind}",
+        phantom=PhantomSpec(n_patients=12, image_size=64, depth=16, images_per_patient=(1, 2), tiles_per_slide=8, **kw),
+    )
 
 
 @pytest.mark.parametrize("kind", ["ct", "mri", "wsi", "em", "petct"])
 def test_phantoms_are_deterministic_and_patient_level(tmp_path, kind):
     a, b = prepare_dataset(_ph(kind), tmp_path / "a"), prepare_dataset(_ph(kind), tmp_path / "b")
     assert a.manifest.drop(columns=[c for c in a.manifest if c.endswith("path")]).equals(
-        b.manifest.drop(columns=[c for c in b.manifest if c.endswith("path")]))
+        b.manifest.drop(columns=[c for c in b.manifest if c.endswith("path")])
+    )
     assert a.manifest_digest("test") == b.manifest_digest("test")
     assert a.manifest_digest("test") != prepare_dataset(_ph(kind, seed=1), tmp_path / "a").manifest_digest("test")
     assert (a.manifest.groupby("patient_id").split.nunique() == 1).all() and a.is_phantom
@@ -217,13 +237,17 @@ def test_phantoms_are_deterministic_and_patient_level(tmp_path, kind):
 def test_phantom_ct_ground_truth_in_hu(tmp_path):
     ds = prepare_dataset(_ph("ct"), tmp_path)
     m = ds.manifest
-    assert ds.task == "multilabel" and set(ds.classes) == {"nodule", "effusion", "emphysema"} and (m.n_slices == 16).all()
+    assert (
+        ds.task == "multilabel" and set(ds.classes) == {"nodule", "effusion", "emphysema"} and (m.n_slices == 16).all()
+    )
     for c in ds.classes:
         assert 0 < m[c].sum() < len(m), c
+
     def lung_low(path):
         v = nib.load(path).get_fdata()
         assert v.shape == (64, 64, 16) and v.min() >= -1024 and v.max() > 500  # HU: air, lung, bone
         return (v[16:26, 26:38, 5:11] < -940).sum()  # inside the left lung: -850 HU parenchyma, -990 HU holes
+
     emph = m[m.emphysema == 1].path.iloc[0]
     clean = m[(m.emphysema == 0)].path.iloc[0]
     assert lung_low(emph) > 3 * max(lung_low(clean), 1)
@@ -265,7 +289,9 @@ def test_phantom_wsi_slide_label_is_tumour_in_some_tiles(tmp_path):
     assert ((per_slide.tumor == 1) == (per_slide.pos > 0)).all() and 0 < per_slide.tumor.sum() < len(per_slide)
     assert (per_slide.pos <= per_slide.n / 2).all()  # "a few tiles"
     dark = lambda p: (np.asarray(Image.open(p)).mean(-1) < 90).mean()
-    assert np.mean([dark(p) for p in m[m.tile_label == 1].path]) > 3 * np.mean([dark(p) for p in m[m.tile_label == 0].path])
+    assert np.mean([dark(p) for p in m[m.tile_label == 1].path]) > 3 * np.mean(
+        [dark(p) for p in m[m.tile_label == 0].path]
+    )
 
 
 # ---------------------------------------------------------------- published layouts
@@ -277,7 +303,12 @@ def test_rsna_pneumonia_layout_with_dicoms(tmp_path):
     rows = []
     for i in range(16):
         pid = f"0a{i:04d}-uuid"
-        _dicom(root / "stage_2_train_images" / f"{pid}.dcm", np.full((8, 8), 100 + i, np.uint16), "MONOCHROME2", patient=pid)
+        _dicom(
+            root / "stage_2_train_images" / f"{pid}.dcm",
+            np.full((8, 8), 100 + i, np.uint16),
+            "MONOCHROME2",
+            patient=pid,
+        )
         rows.append({"patientId": pid, "x": "", "y": "", "width": "", "height": "", "Target": i % 2})
         if i % 2:
             rows.append({"patientId": pid, "x": 1, "y": 1, "width": 3, "height": 3, "Target": 1})  # a second box
@@ -287,7 +318,9 @@ def test_rsna_pneumonia_layout_with_dicoms(tmp_path):
     from dinoscale.data.readers import read_image
 
     assert read_image(ds.manifest.path[3])[0, 0] == 103 - 1024  # HU after rescale
-    pd.DataFrame(rows).assign(Target=lambda d: d.Target.where(d.index != 4, 2)).to_csv(root / "stage_2_train_labels.csv", index=False)
+    pd.DataFrame(rows).assign(Target=lambda d: d.Target.where(d.index != 4, 2)).to_csv(
+        root / "stage_2_train_labels.csv", index=False
+    )
     with pytest.raises(DataError, match=r"line 6: label Target=2"):
         prepare_dataset(DatasetSpec(name="rsna-pneumonia", root=str(root)), tmp_path)
 
@@ -322,8 +355,10 @@ def test_medmnist_npz_2d_and_3d(tmp_path):
         arrays[f"{s}_images"] = rng.integers(0, 255, (n, 28, 28, 28), dtype=np.uint8)
         arrays[f"{s}_labels"] = (np.arange(n) % 11)[:, None]
     np.savez(tmp_path / "organmnist3d_64.npz", **arrays)
-    np.savez(tmp_path / "chestmnist_224.npz", **{k: (v[:, 0] if "images" in k else rng.integers(0, 2, (len(v), 14)))
-                                                  for k, v in arrays.items()})
+    np.savez(
+        tmp_path / "chestmnist_224.npz",
+        **{k: (v[:, 0] if "images" in k else rng.integers(0, 2, (len(v), 14))) for k, v in arrays.items()},
+    )
     ds = prepare_dataset(DatasetSpec(name="medmnist", root=str(tmp_path), subset="organmnist3d_64"), tmp_path)
     assert ds.task == "multiclass" and len(ds.classes) == 11 and (ds.manifest.n_slices == 28).all()
     assert ds.manifest.groupby("split").size().to_dict() == {"test": 6, "train": 20, "val": 5}
@@ -338,10 +373,16 @@ def test_msd_task_folder_and_mask_shape_mismatch(tmp_path):
     (task / "labelsTr").mkdir()
     training = []
     for i in range(10):
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 5), np.float32), np.eye(4)), str(task / "imagesTr" / f"spleen_{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(np.ones((8, 8, 5), np.uint8), np.eye(4)), str(task / "labelsTr" / f"spleen_{i}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(np.zeros((8, 8, 5), np.float32), np.eye(4)), str(task / "imagesTr" / f"spleen_{i}.nii.gz")
+        )
+        nib.save(
+            nib.Nifti1Image(np.ones((8, 8, 5), np.uint8), np.eye(4)), str(task / "labelsTr" / f"spleen_{i}.nii.gz")
+        )
         training.append({"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz"})
-    (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "labels": {"0": "background", "1": "spleen"}, "training": training}))
+    (task / "dataset.json").write_text(
+        json.dumps({"name": "Spleen", "labels": {"0": "background", "1": "spleen"}, "training": training})
+    )
     ds = prepare_dataset(DatasetSpec(name="msd", root=str(tmp_path / "msd"), subset="Task09_Spleen"), tmp_path)
     assert ds.task == "segmentation" and ds.mask_labels == {1: "spleen"} and len(ds.manifest) == 10
     assert (ds.manifest.n_slices == 5).all() and all(Path(p).is_file() for p in ds.manifest.mask_path)
@@ -375,15 +416,22 @@ def test_wsi_tile_bags(tmp_path):
         (root / f"slide_{i}").mkdir(parents=True)
         for t in range(3 + i % 2):
             Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(root / f"slide_{i}" / f"{t}.png")
-        slides.append({"slide_id": f"slide_{i}", "label": "tumor" if i % 3 == 0 else "normal",
-                       "split": "test" if i >= 9 else "train"})
+        slides.append(
+            {
+                "slide_id": f"slide_{i}",
+                "label": "tumor" if i % 3 == 0 else "normal",
+                "split": "test" if i >= 9 else "train",
+            }
+        )
     pd.DataFrame(slides).to_csv(root / "slides.csv", index=False)
     ds = prepare_dataset(DatasetSpec(name="wsi-tiles", root=str(root)), tmp_path)
     m = ds.manifest
     assert ds.task == "mil" and m.bag_id.nunique() == 12 and len(m) == 42
     assert set(m[m.split == "test"].bag_id) == {"slide_9", "slide_10", "slide_11"} and (m.split == "val").any()
     assert m[m.bag_id == "slide_3"].tumor.eq(1).all()
-    pd.DataFrame(slides).assign(label=lambda d: d.label.where(d.index != 2, "itc")).to_csv(root / "slides.csv", index=False)
+    pd.DataFrame(slides).assign(label=lambda d: d.label.where(d.index != 2, "itc")).to_csv(
+        root / "slides.csv", index=False
+    )
     with pytest.raises(DataError, match=r"slides.csv, line 4: label 'itc' not in the class list"):
         prepare_dataset(DatasetSpec(name="wsi-tiles", root=str(root)), tmp_path)
 
@@ -394,7 +442,17 @@ def test_cremi_hdf5_sections_split(tmp_path):
         with h5py.File(tmp_path / f"sample_{s}_20160501.hdf", "w") as f:
             f["volumes/raw"] = np.zeros((20, 16, 16), np.uint8)
             f["volumes/labels/neuron_ids"] = np.arange(20 * 16 * 16, dtype=np.uint64).reshape(20, 16, 16)
-    ds = prepare_dataset(DatasetSpec(name="cremi", root=str(tmp_path), subset="A,B", split=SplitSpec(val_fraction=0.2, test_fraction=0.25)), tmp_path)
+    ds = prepare_dataset(
+        DatasetSpec(
+            name="cremi", root=str(tmp_path), subset="A,B", split=SplitSpec(val_fraction=0.2, test_fraction=0.25)
+        ),
+        tmp_path,
+    )
     a = ds.manifest[ds.manifest.sample_id.str.startswith("A")].set_index("split")
-    assert (a.loc["train", "z_start"], a.loc["train", "z_stop"], a.loc["test", "z_start"], a.loc["test", "z_stop"]) == (0, 11, 15, 20)
+    assert (a.loc["train", "z_start"], a.loc["train", "z_stop"], a.loc["test", "z_start"], a.loc["test", "z_stop"]) == (
+        0,
+        11,
+        15,
+        20,
+    )
     assert ds.task == "instance_segmentation" and (ds.manifest.mask_key == "volumes/labels/neuron_ids").all()

@@ -61,12 +61,22 @@ def test_a_dicom_series_feeds_volume_extraction_and_its_digest_tracks_the_files(
     xs = load_backbone("dinov3-demo-xs", "random", seed=0)
     import torch
 
-    feats, stats = extract_volume_slices(xs, [str(tmp_path / "s1")], [5], 32, "cls_mean_patch", window=(-160, 240),
-                                         device=torch.device("cpu"), num_workers=0)
+    feats, stats = extract_volume_slices(
+        xs,
+        [str(tmp_path / "s1")],
+        [5],
+        32,
+        "cls_mean_patch",
+        window=(-160, 240),
+        device=torch.device("cpu"),
+        num_workers=0,
+    )
     assert feats.shape == (5, 2 * xs.model.num_features) and stats.slices == 5
     from dinoscale.data import PreparedDataset
 
-    df = pd.DataFrame({"sample_id": ["a"], "patient_id": ["p"], "path": [str(tmp_path / "s1")], "split": ["train"], "n_slices": [5]})
+    df = pd.DataFrame(
+        {"sample_id": ["a"], "patient_id": ["p"], "path": [str(tmp_path / "s1")], "split": ["train"], "n_slices": [5]}
+    )
     before = PreparedDataset("x", "segmentation", [], df, {}, tmp_path).manifest_digest("train")
     (tmp_path / "s1" / "img00.dcm").unlink()  # one slice less: another dataset
     after = PreparedDataset("x", "segmentation", [], df, {}, tmp_path).manifest_digest("train")
@@ -104,7 +114,9 @@ def test_semireal_ct_inserts_lesions_into_the_real_slice_and_says_so(tmp_path):
     spec = DatasetSpec(name="semireal-ct", phantom=PhantomSpec(n_patients=12, images_per_patient=(2, 2)))
     ds = prepare_dataset(spec, tmp_path)
     again = prepare_dataset(spec, tmp_path / "other")
-    assert ds.provenance["data.source"] == "semi-synthetic" and BASE_FILE in ds.provenance["data.base"] and ds.is_phantom
+    assert (
+        ds.provenance["data.source"] == "semi-synthetic" and BASE_FILE in ds.provenance["data.base"] and ds.is_phantom
+    )
     assert ds.classes == CLASSES and len(ds.manifest) == 24
     pd.testing.assert_frame_equal(ds.manifest[CLASSES], again.manifest[CLASSES])  # deterministic labels
     _, template = base_slice()
@@ -114,7 +126,9 @@ def test_semireal_ct_inserts_lesions_into_the_real_slice_and_says_so(tmp_path):
         assert img.shape == real.shape
         np.testing.assert_array_equal(img, read_image(again.manifest.loc[row.Index, "path"]))
         candidates = [real, real[:, ::-1]]
-        shifts = [np.abs(img - np.roll(c, (dy, dx), (0, 1))) for c in candidates for dy in range(-6, 7) for dx in range(-6, 7)]
+        shifts = [
+            np.abs(img - np.roll(c, (dy, dx), (0, 1))) for c in candidates for dy in range(-6, 7) for dx in range(-6, 7)
+        ]
         diff = min(shifts, key=lambda d: np.median(d))
         assert np.median(diff) < 20  # the real anatomy, shifted / flipped, plus noise
         # lesions (+45..70 or -60..-40 HU, radius >= 2 px) survive a 3x3 mean; the noise (sd <= 12 HU) does not

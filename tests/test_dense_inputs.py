@@ -27,7 +27,7 @@ def test_slice_rows_are_each_slice_in_volume_order(xs, tmp_path):
     assert grids.shape == (18, xs.model.num_features, 2, 2) and stats.slices == 18 and stats.images == 3
     for v, p in enumerate(paths):
         ref, _ = extract_features(xs, Slices(p, xs, 32), 32, "patch_grid", batch_size=8, device=CPU, num_workers=0)
-        np.testing.assert_allclose(grids[sum(n[:v]):sum(n[:v + 1])], ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grids[sum(n[:v]) : sum(n[: v + 1])], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_a_volume_with_another_slice_count_than_the_manifest_names_its_file(xs, tmp_path):
@@ -50,8 +50,12 @@ def _pet_pair(tmp_path, shape=(24, 24, 4), pet_shape=None, hot=True):
 def test_pet_is_fused_into_the_input_channels(xs, tmp_path):
     ct, hot = _pet_pair(tmp_path)
     _, cold = _pet_pair(tmp_path, hot=False)
-    a, _ = extract_volume_slices(xs, [ct], [4], 32, "cls_mean_patch", window=(-160, 240), pet_paths=[hot], device=CPU, num_workers=0)
-    b, _ = extract_volume_slices(xs, [ct], [4], 32, "cls_mean_patch", window=(-160, 240), pet_paths=[cold], device=CPU, num_workers=0)
+    a, _ = extract_volume_slices(
+        xs, [ct], [4], 32, "cls_mean_patch", window=(-160, 240), pet_paths=[hot], device=CPU, num_workers=0
+    )
+    b, _ = extract_volume_slices(
+        xs, [ct], [4], 32, "cls_mean_patch", window=(-160, 240), pet_paths=[cold], device=CPU, num_workers=0
+    )
     assert a.shape == b.shape == (4, xs.model.num_features * 2)
     assert np.abs(a - b).max() > 1e-3  # the PET lesion changes the features of the same CT
 
@@ -108,12 +112,20 @@ def test_probes_must_fit_the_task_before_anything_runs(tmp_path):
 
     def plan(modality, **changes):
         raw = yaml.safe_load((ROOT / "sweeps" / "demo" / f"{modality}.yaml").read_text())
-        raw.update({"storage": {"path": str(tmp_path / "store")}, "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
-                    "resolutions": [64], **changes})
+        raw.update(
+            {
+                "storage": {"path": str(tmp_path / "store")},
+                "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
+                "resolutions": [64],
+                **changes,
+            }
+        )
         raw["dataset"]["phantom"].update({"n_patients": 12, "depth": 8})
         return build_plan(parse_spec(raw), tmp_path, require_data=True)
 
-    with pytest.raises(NotRunnableError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation"):
+    with pytest.raises(
+        NotRunnableError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation"
+    ):
         check_runnable(plan("mri", probes=[{"kind": "linear"}], features={"tokens": "cls_mean_patch"}))
     with pytest.raises(NotRunnableError, match=r"probe\(s\) \['segmentation'\] do not fit .*instance_segmentation"):
         check_runnable(plan("em", probes=[{"kind": "segmentation"}]))
@@ -123,4 +135,6 @@ def test_probes_must_fit_the_task_before_anything_runs(tmp_path):
         check_runnable(plan("wsi", strategies=["frozen", "lora"]))
     ok = plan("mri")
     check_runnable(ok)
-    assert {f.view for f in ok.feature_sets} == {"slices"} and all(f.key.tokens == "patch_grid@slices" for f in ok.feature_sets)
+    assert {f.view for f in ok.feature_sets} == {"slices"} and all(
+        f.key.tokens == "patch_grid@slices" for f in ok.feature_sets
+    )

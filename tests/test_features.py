@@ -10,13 +10,25 @@ import torch
 from dinoscale.features import FeatureKey, FeatureStore, FeatureStoreError
 from dinoscale.features.extract import extract_features, pool_tokens
 
-KEY = FeatureKey("vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc123", "float16")
+KEY = FeatureKey(
+    "vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc123", "float16"
+)
 
 
-@pytest.mark.parametrize("field, value", [("resolution", 128), ("weights_digest", "sha256:x"), ("interpolation", "bilinear"),
-                                          ("tokens", "cls"), ("manifest_digest", "def"), ("dtype", "float32"),
-                                          ("normalisation", "other"), ("backbone", "vit_base_patch16_dinov3"),
-                                          ("extractor_version", "999")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("resolution", 128),
+        ("weights_digest", "sha256:x"),
+        ("interpolation", "bilinear"),
+        ("tokens", "cls"),
+        ("manifest_digest", "def"),
+        ("dtype", "float32"),
+        ("normalisation", "other"),
+        ("backbone", "vit_base_patch16_dinov3"),
+        ("extractor_version", "999"),
+    ],
+)
 def test_every_key_field_changes_the_digest(field, value):
     assert dataclasses.replace(KEY, **{field: value}).digest != KEY.digest
 
@@ -172,8 +184,10 @@ def test_object_store_concurrent_writers_end_with_one_valid_entry(mem_store):
         return result
 
     mem_store.has = racing_has
-    threads = [threading.Thread(target=mem_store.put, args=(KEY, np.full((64, 8), i, np.float32), [str(j) for j in range(64)]))
-               for i in range(4)]
+    threads = [
+        threading.Thread(target=mem_store.put, args=(KEY, np.full((64, 8), i, np.float32), [str(j) for j in range(64)]))
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -31,7 +31,9 @@ def test_f1_and_balanced_accuracy_match_sklearn():
     t = np.array([0.3, 0.5, 0.7])
     pred = s >= t
     assert macro_f1(y, s, t) == pytest.approx(np.mean([f1_score(y[:, j], pred[:, j]) for j in range(3)]))
-    assert balanced_accuracy(y, s, t) == pytest.approx(np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(3)]))
+    assert balanced_accuracy(y, s, t) == pytest.approx(
+        np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(3)])
+    )
     yc = rng.integers(0, 4, 300)
     sc = rng.random((300, 4)) + np.eye(4)[yc] * 0.5
     assert multiclass_balanced_accuracy(np.eye(4)[yc], sc) == pytest.approx(balanced_accuracy_score(yc, sc.argmax(1)))
@@ -47,7 +49,9 @@ def test_threshold_is_chosen_on_val_and_applied_on_test():
     s_test = np.array([0.78, 0.85])[:, None]
     assert macro_f1(y_test, s_test, t) == 1.0
     assert macro_f1(y_test, s_test, 0.5) < 1.0
-    ci = patient_bootstrap(y_test, s_test, np.array(["a", "b"]), metric=functools.partial(macro_f1, thresholds=t), resamples=50)
+    ci = patient_bootstrap(
+        y_test, s_test, np.array(["a", "b"]), metric=functools.partial(macro_f1, thresholds=t), resamples=50
+    )
     assert ci.value == 1.0
 
 

@@ -11,7 +11,9 @@ def test_demo_ladder_is_dinov3_architecture_and_grows():
     counts = []
     for name in ["dinov3-demo-xs", "dinov3-demo-s", "dinov3-demo-m", "dinov3-demo-l"]:
         bb = load_backbone(name, "random", seed=0)
-        assert type(bb.model).__name__ == "Eva" and bb.model.pos_embed is None  # timm's DINOv3: RoPE, no learned pos-embed
+        assert (
+            type(bb.model).__name__ == "Eva" and bb.model.pos_embed is None
+        )  # timm's DINOv3: RoPE, no learned pos-embed
         assert bb.num_prefix_tokens == 5  # CLS + 4 registers
         with torch.inference_mode():
             tokens = bb.model.forward_features(torch.randn(2, 3, 64, 64))
@@ -21,7 +23,9 @@ def test_demo_ladder_is_dinov3_architecture_and_grows():
     assert counts == sorted(counts) and counts[-1] > 10 * counts[0]
 
 
-@pytest.mark.parametrize("name, expected", [("dinov3-vits16", 21_586_944), ("dinov3-vitb16", 85_641_216), ("dinov3-vitl16", 303_079_424)])
+@pytest.mark.parametrize(
+    "name, expected", [("dinov3-vits16", 21_586_944), ("dinov3-vitb16", 85_641_216), ("dinov3-vitl16", 303_079_424)]
+)
 def test_paper_backbone_parameter_counts_measured_on_meta_device(name, expected):
     assert backbone_info(name, "random", 0).n_params == expected
 
@@ -81,7 +85,13 @@ def test_any_timm_model_by_name_with_its_token_layout():
     from dinoscale.models import backbone_facts, get_backbone, is_backbone
 
     conv = backbone_facts("timm:convnext_atto")
-    assert (conv.output, conv.has_cls, conv.num_prefix_tokens, conv.patch_size, conv.embed_dim) == ("spatial", False, 0, 32, 320)
+    assert (conv.output, conv.has_cls, conv.num_prefix_tokens, conv.patch_size, conv.embed_dim) == (
+        "spatial",
+        False,
+        0,
+        32,
+        320,
+    )
     assert get_backbone("timm:convnext_atto").hub_tag == "d2_in1k"  # timm's default pretrained tag
     v2 = backbone_facts("dinov2-vits14")
     assert (v2.has_cls, v2.num_registers, v2.num_prefix_tokens, v2.patch_size) == (True, 0, 1, 14)

@@ -30,7 +30,9 @@ def _finished_children(uri, experiment="dinoscale-xray"):
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return []
-        return client.search_runs([exp.experiment_id], "tags.`dinoscale.role` = 'cell' and attributes.status = 'FINISHED'", max_results=1000)
+        return client.search_runs(
+            [exp.experiment_id], "tags.`dinoscale.role` = 'cell' and attributes.status = 'FINISHED'", max_results=1000
+        )
     except Exception:  # the store may not exist yet
         return []
 
@@ -91,8 +93,14 @@ def test_killed_driver_resumes_without_redoing_or_duplicating(tmp_path, ray_loca
     spec_path = _write_spec(tmp_path, **raw)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "dinoscale.cli", "sweep", spec_path, "--no-analysis"], cwd=tmp_path,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "dinoscale.cli", "sweep", spec_path, "--no-analysis"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 400
         while time.time() < deadline and len(_finished_children(uri)) < 4 and driver.poll() is None:
@@ -142,9 +150,26 @@ def mlflow_server(tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            os.path.join(os.path.dirname(sys.executable), "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -164,8 +189,9 @@ def mlflow_server(tmp_path):
 
 
 def _rest(url, endpoint, body):
-    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     return json.loads(urllib.request.urlopen(req, timeout=30).read())
 
 
@@ -173,10 +199,21 @@ def test_sweep_against_a_real_mlflow_server_over_http(tmp_path, mlflow_server, r
     spec = parse_spec(tiny_spec_dict(tmp_path, tracking={"uri": mlflow_server}))
     out = run_sweep(spec, project_dir=tmp_path, quiet=True)
     assert out.tracking_uri == mlflow_server
-    exp = json.loads(urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=dinoscale-xray").read())
+    exp = json.loads(
+        urllib.request.urlopen(
+            f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=dinoscale-xray"
+        ).read()
+    )
     exp_id = exp["experiment"]["experiment_id"]
-    runs = _rest(mlflow_server, "runs/search", {"experiment_ids": [exp_id], "max_results": 100,
-                                                "filter": f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'"})["runs"]
+    runs = _rest(
+        mlflow_server,
+        "runs/search",
+        {
+            "experiment_ids": [exp_id],
+            "max_results": 100,
+            "filter": f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'",
+        },
+    )["runs"]
     assert len(runs) == 8
     for r in runs:
         metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
@@ -186,5 +223,9 @@ def test_sweep_against_a_real_mlflow_server_over_http(tmp_path, mlflow_server, r
         assert metrics["resolution"] == float(params["resolution"]) and metrics["n_params"] == float(params["n_params"])
         assert "test_macro_auroc_ci_low" in metrics
     # artifacts went through the server's proxy
-    listing = json.loads(urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={runs[0]['info']['run_id']}&path=predictions").read())
+    listing = json.loads(
+        urllib.request.urlopen(
+            f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={runs[0]['info']['run_id']}&path=predictions"
+        ).read()
+    )
     assert [f["path"] for f in listing["files"]] == ["predictions/test.csv"]

@@ -19,7 +19,10 @@ def test_grid_feature_sets_and_trial_keys(tmp_path, tiny_spec):
     assert len(plan.feature_sets) == 2 * 2 * 3 and len(plan.missing) == 12
     assert len({c.trial_key for c in plan.cells}) == len(plan.cells)
     # probes of one backbone x resolution share its feature sets
-    lin, knn = (next(c for c in plan.cells if c.probe == p and c.resolution == 32 and c.backbone.name == "dinov3-demo-xs") for p in ("linear", "knn"))
+    lin, knn = (
+        next(c for c in plan.cells if c.probe == p and c.resolution == 32 and c.backbone.name == "dinov3-demo-xs")
+        for p in ("linear", "knn")
+    )
     assert lin.feature_keys == knn.feature_keys
     assert plan.estimated_gflops() > 0
     # the same spec plans the same keys; a changed probe setting changes only that probe's trial keys
@@ -37,7 +40,9 @@ def test_cache_status_follows_the_store(tmp_path, tiny_spec):
 
     plan = build_plan(tiny_spec, tmp_path)
     fs = plan.missing[0]
-    FeatureStore(plan.storage / "features").put(fs.key, np.zeros((fs.n_images, 4)), [str(i) for i in range(fs.n_images)])
+    FeatureStore(plan.storage / "features").put(
+        fs.key, np.zeros((fs.n_images, 4)), [str(i) for i in range(fs.n_images)]
+    )
     replanned = build_plan(tiny_spec, tmp_path)
     assert len(replanned.missing) == 11
     assert [f for f in replanned.feature_sets if f.cached][0].key == fs.key

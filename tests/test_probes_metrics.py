@@ -59,8 +59,6 @@ def test_bootstrap_resamples_patients_not_images():
     assert (ci_pat.high - ci_pat.low) > 2 * (ci_img.high - ci_img.low)
 
 
-
-
 def test_linear_probe_on_separable_data_reaches_auroc_1():
     train, val, test = _separable()
     res = run_probe(LinearProbeSpec(kind="linear", epochs=100, batch_size=32), train, val, test)
@@ -71,8 +69,12 @@ def test_linear_probe_on_separable_data_reaches_auroc_1():
 def test_linear_heads_are_independent_and_selected_on_val():
     """A grid containing a useless lr (0) must never win, and adding it must not change the others."""
     train, val, test = _separable(seed=3)
-    a = run_probe(LinearProbeSpec(kind="linear", learning_rates=[1e-2], weight_decays=[0.0], epochs=5), train, val, test)
-    b = run_probe(LinearProbeSpec(kind="linear", learning_rates=[0.0, 1e-2], weight_decays=[0.0], epochs=5), train, val, test)
+    a = run_probe(
+        LinearProbeSpec(kind="linear", learning_rates=[1e-2], weight_decays=[0.0], epochs=5), train, val, test
+    )
+    b = run_probe(
+        LinearProbeSpec(kind="linear", learning_rates=[0.0, 1e-2], weight_decays=[0.0], epochs=5), train, val, test
+    )
     assert b.selected["lr"] == 1e-2
     np.testing.assert_allclose(a.test_scores, b.test_scores, atol=1e-6)
 

@@ -43,15 +43,23 @@ def _bags(n_bags=60, d=8, seed=0, witness=True):
 
 def test_pool_probe_prefers_max_or_attention_when_one_slice_carries_the_label():
     train, val, test = _bags(seed=0), _bags(40, seed=1), _bags(40, seed=2)
-    res = run_probe(PoolProbeSpec(kind="pool", learning_rates=[1e-2], weight_decays=[0.0], epochs=25, batch_size=16,
-                                  attention_dim=16), train, val, test)
+    res = run_probe(
+        PoolProbeSpec(
+            kind="pool", learning_rates=[1e-2], weight_decays=[0.0], epochs=25, batch_size=16, attention_dim=16
+        ),
+        train,
+        val,
+        test,
+    )
     assert res.candidates == 3 and res.selected["pooling"] in ("max", "attention")
     assert macro_auroc(test.y, res.test_scores) > 0.9
 
 
 def test_abmil_finds_the_witness_instance_and_ignores_padding():
     train, val, test = _bags(seed=0), _bags(40, seed=1), _bags(40, seed=2)
-    res = run_probe(AbmilProbeSpec(kind="abmil", hidden_dim=16, dropout=0.0, learning_rates=[1e-2], epochs=25), train, val, test)
+    res = run_probe(
+        AbmilProbeSpec(kind="abmil", hidden_dim=16, dropout=0.0, learning_rates=[1e-2], epochs=25), train, val, test
+    )
     assert macro_auroc(test.y, res.test_scores) > 0.9
     model = ABMIL(8, 1, hidden=16).eval()
     small, big = torch.randn(3, 8), torch.randn(20, 8)
@@ -73,7 +81,7 @@ def _seg_data(n, seed, volumetric=False):
     masks = np.zeros((*shape, 32, 32), np.int64)
     for idx in np.ndindex(*shape):
         r, c = rng.integers(0, 4, 2) * 4
-        masks[idx][r * 2:r * 2 + 16, c * 2:c * 2 + 8] = 1
+        masks[idx][r * 2 : r * 2 + 16, c * 2 : c * 2 + 8] = 1
     tok = masks.reshape(*shape, 8, 4, 8, 4).mean(axis=(-3, -1)).astype(np.float32)  # (.., 8, 8)
     x = rng.normal(size=(*shape, 6, 8, 8)).astype(np.float32) * 0.3
     x[..., 0, :, :] += 2 * tok
@@ -83,8 +91,14 @@ def _seg_data(n, seed, volumetric=False):
 @pytest.mark.parametrize("head,volumetric", [("linear", False), ("conv", False), ("conv3d", True), ("linear", True)])
 def test_segmentation_heads_learn_a_readable_mask(head, volumetric):
     train, val, test = (_seg_data(n, s, volumetric) for n, s in ((12, 0), (4, 1), (6, 2)))
-    spec = SegmentationProbeSpec(kind="segmentation", head=head, learning_rates=[5e-2 if head == "linear" else 1e-2],
-                                 epochs=10, batch_size=4, hidden_dim=16)
+    spec = SegmentationProbeSpec(
+        kind="segmentation",
+        head=head,
+        learning_rates=[5e-2 if head == "linear" else 1e-2],
+        epochs=10,
+        batch_size=4,
+        hidden_dim=16,
+    )
     res = run_probe(spec, train, val, test)
     assert res.test_scores.shape == test.y.shape
     from dinoscale.metrics import dice_per_volume
@@ -119,8 +133,14 @@ def test_affinities_round_trip_to_the_same_instances():
 def test_affinity_probe_runs_and_selects_a_threshold():
     base = _seg_data(14, 0)
     # instances: label connected blobs 1..k; here one blob per image
-    train, val, test = SegSplit(base.x[:8], base.y[:8]), SegSplit(base.x[8:11], base.y[8:11]), SegSplit(base.x[11:], base.y[11:])
-    spec = AffinityProbeSpec(kind="affinity", learning_rates=[1e-2], epochs=5, batch_size=4, hidden_dim=8, thresholds=[0.5, 0.9])
+    train, val, test = (
+        SegSplit(base.x[:8], base.y[:8]),
+        SegSplit(base.x[8:11], base.y[8:11]),
+        SegSplit(base.x[11:], base.y[11:]),
+    )
+    spec = AffinityProbeSpec(
+        kind="affinity", learning_rates=[1e-2], epochs=5, batch_size=4, hidden_dim=8, thresholds=[0.5, 0.9]
+    )
     res = run_probe(spec, train, val, test)
     assert res.test_scores.shape == test.y.shape and res.selected["threshold"] in (0.5, 0.9)
     assert res.val_metric == pytest.approx(-res.extra["val_voi"]) and res.extra["val_voi"] >= 0
@@ -138,8 +158,13 @@ def test_search_probe_uses_a_fixed_budget_and_reports_the_val_choice():
 
 def test_new_probe_kinds_parse_in_a_sweep_spec(tiny_spec):
     raw = tiny_spec.model_dump(mode="json")
-    raw["probes"] = [{"kind": "logreg"}, {"kind": "pool"}, {"kind": "abmil"}, {"kind": "segmentation", "head": "conv"},
-                     {"kind": "affinity"}]
+    raw["probes"] = [
+        {"kind": "logreg"},
+        {"kind": "pool"},
+        {"kind": "abmil"},
+        {"kind": "segmentation", "head": "conv"},
+        {"kind": "affinity"},
+    ]
     spec = parse_spec(raw)
     assert [p.label for p in spec.probes] == ["logreg", "pool", "abmil", "seg-conv", "affinity"]
     raw["probes"] = [{"kind": "abmil", "hiden_dim": 3}]

@@ -41,9 +41,18 @@ def _chromium() -> str:
 
 def _run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # root in a container: no sandbox; a fresh profile and no background traffic keep it hermetic
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ]
     return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -53,11 +62,29 @@ def _report(tmp_path: Path) -> Path:
         for res in (64, 128, 224):
             for name, n in (("xs", 4e5), ("s", 1.1e6), ("m", 2.8e6), ("l", 6.5e6)):
                 m = 0.95 - 0.3 * (n / 4e5) ** -0.3 + res / 1e4 + (0.03 if strategy == "lora" else 0)
-                rows.append(dict(backbone=name, n_params=int(n), resolution=res, probe="linear", strategy=strategy, seed=0,
-                                 test_macro_auroc=m, test_macro_auroc_ci_low=m - 0.01, test_macro_auroc_ci_high=m + 0.01,
-                                 tokens_per_image=5 + (res // 16) ** 2, modality="xray", dataset="phantom-xray", weights="random"))
-    out = write_report(pd.DataFrame(rows), tmp_path / "report", "xray demo",
-                       ["data: PHANTOM (phantom-xray v1, seed 0) - synthetic, not patient data"])
+                rows.append(
+                    dict(
+                        backbone=name,
+                        n_params=int(n),
+                        resolution=res,
+                        probe="linear",
+                        strategy=strategy,
+                        seed=0,
+                        test_macro_auroc=m,
+                        test_macro_auroc_ci_low=m - 0.01,
+                        test_macro_auroc_ci_high=m + 0.01,
+                        tokens_per_image=5 + (res // 16) ** 2,
+                        modality="xray",
+                        dataset="phantom-xray",
+                        weights="random",
+                    )
+                )
+    out = write_report(
+        pd.DataFrame(rows),
+        tmp_path / "report",
+        "xray demo",
+        ["data: PHANTOM (phantom-xray v1, seed 0) - synthetic, not patient data"],
+    )
     return out / "report.html"
 
 
@@ -77,8 +104,9 @@ def test_html_report_is_self_contained_and_every_plot_loads_in_chromium(tmp_path
     probe.write_text(html.replace("</body>", CHECK_SCRIPT + "</body>"))
     dom = _run_chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
-    check = re.search(r'<pre id="check">images=(\d+) loaded=(\d+) second_block=(\S*) broken_control_caught=(\w+)</pre>',
-                      dom.stdout)
+    check = re.search(
+        r'<pre id="check">images=(\d+) loaded=(\d+) second_block=(\S*) broken_control_caught=(\w+)</pre>', dom.stdout
+    )
     assert check, f"the check script did not run; chromium said: {dom.stderr[-2000:]}"
     assert (int(check[1]), int(check[2])) == (n_images, n_images), f"only {check[2]} of {check[1]} plots loaded"
     assert check[3] == "provenance"  # the first block after the title
@@ -87,6 +115,8 @@ def test_html_report_is_self_contained_and_every_plot_loads_in_chromium(tmp_path
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_html.png"
     shot.unlink(missing_ok=True)
-    res = _run_chromium(tmp_path, "--window-size=1280,3000", "--hide-scrollbars", f"--screenshot={shot}", html_path.as_uri())
+    res = _run_chromium(
+        tmp_path, "--window-size=1280,3000", "--hide-scrollbars", f"--screenshot={shot}", html_path.as_uri()
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 50_000  # a rendered page, not a blank one

@@ -36,8 +36,18 @@ def _make_model(cfg):
 
 def _search(n_trials, seed=0, epochs=2, storage_dir=None, space=None, on_epoch=None, strategy="lora"):
     cfg = FinetuneConfig(strategy, epochs=epochs, warmup_epochs=0, batch_size=8, patience=None)
-    return search_finetune(_make_model, TRAIN, VAL, cfg, n_trials=n_trials, seed=seed, space=space,
-                           storage_dir=storage_dir, device="cpu", on_epoch=on_epoch)
+    return search_finetune(
+        _make_model,
+        TRAIN,
+        VAL,
+        cfg,
+        n_trials=n_trials,
+        seed=seed,
+        space=space,
+        storage_dir=storage_dir,
+        device="cpu",
+        on_epoch=on_epoch,
+    )
 
 
 def _recorder():

@@ -31,7 +31,11 @@ def test_slides_are_tiled_into_tissue_tiles_the_adapter_reads(tmp_path):
     counts = {f.name: len(list(f.glob("tile_*.png"))) for f in folders}
     assert counts == {"S1": 2, "S2": 4}
     assert sorted(p.name for p in (out / "S2").glob("tile_*.png")) == [
-        "tile_256_128.png", "tile_256_256.png", "tile_384_128.png", "tile_384_256.png"]  # level-0 x_y offsets
+        "tile_256_128.png",
+        "tile_256_256.png",
+        "tile_384_128.png",
+        "tile_384_256.png",
+    ]  # level-0 x_y offsets
     mtime = (out / "S1" / "tiles.csv").stat().st_mtime_ns
     tile_slides(slides, out, tile_size=128)  # a rerun leaves finished slides alone
     assert (out / "S1" / "tiles.csv").stat().st_mtime_ns == mtime

@@ -53,14 +53,23 @@ def test_unknown_top_level_and_backbone_keys():
     assert "backbones.0.wieghts: unknown key" in str(e.value)
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda r: r.update(resolutions=[100]), "resolutions must be multiples of dinov3-demo-xs's patch size 16, got [100]"),
-    (lambda r: r["backbones"].append({"name": "dinov3-vitz16"}), "unknown backbone 'dinov3-vitz16'"),
-    (lambda r: r["dataset"].update(name="nih-chestxray"), "unknown dataset 'nih-chestxray' (did you mean 'nih-chestxray14'?)"),
-    (lambda r: r.update(strategies=["adapter"]), "strategies.0"),
-    (lambda r: r["probes"].append({"kind": "svm"}), "probes.2"),
-    (lambda r: r.pop("modality"), "modality: required field is missing"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda r: r.update(resolutions=[100]),
+            "resolutions must be multiples of dinov3-demo-xs's patch size 16, got [100]",
+        ),
+        (lambda r: r["backbones"].append({"name": "dinov3-vitz16"}), "unknown backbone 'dinov3-vitz16'"),
+        (
+            lambda r: r["dataset"].update(name="nih-chestxray"),
+            "unknown dataset 'nih-chestxray' (did you mean 'nih-chestxray14'?)",
+        ),
+        (lambda r: r.update(strategies=["adapter"]), "strategies.0"),
+        (lambda r: r["probes"].append({"kind": "svm"}), "probes.2"),
+        (lambda r: r.pop("modality"), "modality: required field is missing"),
+    ],
+)
 def test_bad_values_are_named(mutate, expected):
     raw = _demo_raw()
     mutate(raw)

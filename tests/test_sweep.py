@@ -1,6 +1,5 @@
 """End to end with real Ray Tune and a real SQLite MLflow store (no mocks)."""
 
-
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,9 @@ def test_sweep_records_one_child_run_per_cell_with_provenance(project):
         assert c.info.status == "FINISHED"
         assert m["test_macro_auroc_ci_low"] <= m["test_macro_auroc"] <= m["test_macro_auroc_ci_high"]
         assert 0.0 <= m["test_macro_auroc"] <= 1.0
-        assert t["data.source"] == "phantom" and t["data.generator"].startswith("phantom-xray") and t["data.seed"] == "0"
+        assert (
+            t["data.source"] == "phantom" and t["data.generator"].startswith("phantom-xray") and t["data.seed"] == "0"
+        )
         assert t["weights.kind"] == "random" and t["weights.digest"].startswith("random-seed0")
         assert t["ray.node_id"] and t["ray.trial_id"]
         assert m["resolution"] == int(p["resolution"]) and m["n_params"] == int(p["n_params"])  # axes as metrics too
@@ -87,7 +88,9 @@ def test_failed_trial_is_recorded_with_traceback_while_the_sweep_goes_on(project
     for c in children:
         if c.data.tags["dinoscale.cell"] in failed:
             assert c.info.status == "FAILED"
-            assert c.data.tags["dinoscale.evaluations"] == str(1 + spec.resources.trial_retries)  # retried, then recorded
+            assert c.data.tags["dinoscale.evaluations"] == str(
+                1 + spec.resources.trial_retries
+            )  # retried, then recorded
             tb = client.download_artifacts(c.info.run_id, "error/traceback.txt", str(tmp / "tb" / c.info.run_id))
             assert "checksum mismatch" in open(tb).read()
         else:
@@ -95,15 +98,22 @@ def test_failed_trial_is_recorded_with_traceback_while_the_sweep_goes_on(project
 
 
 def test_frozen_lora_and_full_strategies_in_one_sweep(tmp_path, ray_local):
-    raw = tiny_spec_dict(tmp_path, strategies=["frozen", "lora", "full"], resolutions=[32],
-                         backbones=[{"name": "dinov3-demo-xs", "weights": "random"}])
+    raw = tiny_spec_dict(
+        tmp_path,
+        strategies=["frozen", "lora", "full"],
+        resolutions=[32],
+        backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
+    )
     raw["finetuning"] = {"lora": {"epochs": 2, "batch_size": 16, "rank": 4}, "full": {"epochs": 2, "batch_size": 16}}
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
     by_strategy = {r["strategy"]: r for r in out.rows if r["probe"] == "linear"}  # lora / full train a linear head
     assert {r["state"] for r in out.rows} == {"FINISHED"} and set(by_strategy) == {"frozen", "lora", "full"}
     client = MlflowClient(out.tracking_uri)
-    runs = {client.get_run(r["mlflow_run_id"]).data.params["strategy"]: client.get_run(r["mlflow_run_id"]).data
-            for r in out.rows if r["strategy"] in ("lora", "full")}
+    runs = {
+        client.get_run(r["mlflow_run_id"]).data.params["strategy"]: client.get_run(r["mlflow_run_id"]).data
+        for r in out.rows
+        if r["strategy"] in ("lora", "full")
+    }
     lora, full = runs["lora"].metrics, runs["full"].metrics
     assert 0 < lora["trainable_params"] < 0.2 * full["trainable_params"]  # adapters + head only
     assert runs["lora"].params["lora.rank"] == "4" and lora["epochs_run"] == 2
@@ -119,8 +129,12 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
     from dinoscale.features import FeatureStore
 
     raw = yaml.safe_load(open(ROOT / "sweeps/demo/ct.yaml"))
-    raw.update(backbones=[{"name": "dinov3-demo-xs", "weights": "random"}], resolutions=[32],
-               tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")})
+    raw.update(
+        backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
+        resolutions=[32],
+        tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+        storage={"path": str(tmp_path / "store")},
+    )
     raw["dataset"]["phantom"].update(n_patients=16, depth=8)
     raw["metrics"] = {"bootstrap": {"resamples": 200}}
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
@@ -129,7 +143,10 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
     entries = FeatureStore(tmp_path / "store" / "features").entries()
     assert len(entries) == 3
     for e in entries:
-        assert e["key"]["tokens"] == "cls_mean_patch@volume-mean" and "window=[-1350.0, 150.0]" in e["key"]["normalisation"]
+        assert (
+            e["key"]["tokens"] == "cls_mean_patch@volume-mean"
+            and "window=[-1350.0, 150.0]" in e["key"]["normalisation"]
+        )
         assert e["shape"][0] == (ds.manifest["split"] == e["split"]).sum()  # one row per volume
     assert out.extraction.images == int(ds.manifest["n_slices"].sum())  # backbone inputs: every slice once
 
@@ -140,8 +157,14 @@ def test_a_probe_that_does_not_fit_the_task_is_refused_before_anything_runs(tmp_
     from dinoscale.sweep.plan import NotRunnableError
 
     raw = yaml.safe_load(open(ROOT / "sweeps/demo/mri.yaml"))
-    raw.update(tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"}, storage={"path": str(tmp_path / "store")},
-               probes=[{"kind": "linear"}], features={"tokens": "cls_mean_patch"})
-    with pytest.raises(NotRunnableError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation task\)"):
+    raw.update(
+        tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+        storage={"path": str(tmp_path / "store")},
+        probes=[{"kind": "linear"}],
+        features={"tokens": "cls_mean_patch"},
+    )
+    with pytest.raises(
+        NotRunnableError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation task\)"
+    ):
         run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "store" / "features").exists()  # nothing started

@@ -21,16 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _spec(tmp: Path, modality: str, probe: dict, **phantom) -> dict:
     raw = yaml.safe_load((ROOT / "sweeps" / "demo" / f"{modality}.yaml").read_text())
-    raw.update({
-        "name": f"{modality}-test",
-        "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
-        "resolutions": [32, 64],
-        "probes": [probe],
-        "metrics": {"bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"},
-        "storage": {"path": str(tmp / "store")},
-        "ray": {"num_cpus": 2},
-    })
+    raw.update(
+        {
+            "name": f"{modality}-test",
+            "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
+            "resolutions": [32, 64],
+            "probes": [probe],
+            "metrics": {"bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}},
+            "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"},
+            "storage": {"path": str(tmp / "store")},
+            "ray": {"num_cpus": 2},
+        }
+    )
     raw["dataset"]["phantom"].update({"image_size": 64, "depth": 8, **phantom})
     return raw
 
@@ -49,8 +51,15 @@ def _predictions(client, run_id: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def mri(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("mri")
-    probe = {"kind": "segmentation", "head": "conv", "n_classes": 4, "epochs": 30, "batch_size": 4, "learning_rates": [0.01],
-             "hidden_dim": 32}
+    probe = {
+        "kind": "segmentation",
+        "head": "conv",
+        "n_classes": 4,
+        "epochs": 30,
+        "batch_size": 4,
+        "learning_rates": [0.01],
+        "hidden_dim": 32,
+    }
     raw = _spec(tmp, "mri", probe, n_patients=12)
     raw["resolutions"] = [64, 96]  # 4x4 and 6x6 token grids
     spec = parse_spec(raw)
@@ -63,7 +72,9 @@ def test_mri_segmentation_sweep_logs_dice_with_patient_intervals(mri):
     client, runs = _children(out)
     assert len(runs) == 2
     parent = client.get_run(out.parent_run_id)
-    assert parent.data.tags["dinoscale.headline"] == "test_dice" and parent.data.tags["dinoscale.headline_goal"] == "max"
+    assert (
+        parent.data.tags["dinoscale.headline"] == "test_dice" and parent.data.tags["dinoscale.headline_goal"] == "max"
+    )
     test_ids = out.plan.dataset.split("test")["sample_id"].astype(str).tolist()
     for run in runs:
         m = run.data.metrics
@@ -89,12 +100,20 @@ def test_resumed_segmentation_sweep_extracts_and_evaluates_nothing_again(mri):
     again = run_sweep(spec, project_dir=tmp, quiet=True, analyze=False)
     assert again.extraction.feature_sets_extracted == 0
     assert sum(r["reused"] for r in again.rows) == 0  # a new sweep: evaluated again, but from cached features
-    assert {r["cell"]: round(r["metric"], 6) for r in again.rows} == {r["cell"]: round(r["metric"], 6) for r in first.rows}
+    assert {r["cell"]: round(r["metric"], 6) for r in again.rows} == {
+        r["cell"]: round(r["metric"], 6) for r in first.rows
+    }
 
 
 def test_em_affinity_sweep_logs_voi_and_arand(tmp_path, ray_local):
-    probe = {"kind": "affinity", "epochs": 10, "learning_rates": [0.01], "thresholds": [0.9, 0.98], "batch_size": 2,
-             "hidden_dim": 16}
+    probe = {
+        "kind": "affinity",
+        "epochs": 10,
+        "learning_rates": [0.01],
+        "thresholds": [0.9, 0.98],
+        "batch_size": 2,
+        "hidden_dim": 16,
+    }
     spec = parse_spec(_spec(tmp_path, "em", probe, n_patients=12))
     out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
     assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
@@ -137,8 +156,19 @@ def test_wsi_sweep_scores_slides_not_tiles(tmp_path, ray_local):
 
 
 def test_ct_pool_probe_reads_slice_rows_and_linear_reads_pooled_volumes(tmp_path, ray_local):
-    raw = _spec(tmp_path, "ct", {"kind": "pool", "poolings": ["mean", "attention"], "epochs": 10, "learning_rates": [0.01],
-                                 "weight_decays": [0.0001], "batch_size": 8}, n_patients=12)
+    raw = _spec(
+        tmp_path,
+        "ct",
+        {
+            "kind": "pool",
+            "poolings": ["mean", "attention"],
+            "epochs": 10,
+            "learning_rates": [0.01],
+            "weight_decays": [0.0001],
+            "batch_size": 8,
+        },
+        n_patients=12,
+    )
     raw["probes"].append({"kind": "linear", "epochs": 10, "batch_size": 16})
     raw["resolutions"] = [32]
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
@@ -162,12 +192,23 @@ def test_cremi_hdf5_section_blocks_run_as_volumes(tmp_path, ray_local):
     for s in "AB":
         with h5py.File(tmp_path / f"sample_{s}_20160501.hdf", "w") as f:
             f["volumes/raw"], f["volumes/labels/neuron_ids"] = raw, ids
-    raw_spec = _spec(tmp_path, "em", {"kind": "affinity", "epochs": 3, "thresholds": [0.5], "batch_size": 2, "hidden_dim": 8})
-    raw_spec["dataset"] = {"name": "cremi", "root": str(tmp_path), "subset": "A,B", "split": {"val_fraction": 0.2, "test_fraction": 0.25}}
+    raw_spec = _spec(
+        tmp_path, "em", {"kind": "affinity", "epochs": 3, "thresholds": [0.5], "batch_size": 2, "hidden_dim": 8}
+    )
+    raw_spec["dataset"] = {
+        "name": "cremi",
+        "root": str(tmp_path),
+        "subset": "A,B",
+        "split": {"val_fraction": 0.2, "test_fraction": 0.25},
+    }
     raw_spec["resolutions"], raw_spec["profile"] = [32], "paper"
     out = run_sweep(parse_spec(raw_spec), project_dir=tmp_path, quiet=True, analyze=False)
     assert [r["state"] for r in out.rows] == ["FINISHED"]
-    assert {f.split: f.n_slices for f in out.plan.feature_sets} == {"train": 22, "val": 8, "test": 10}  # 11 / 4 / 5 sections x 2
+    assert {f.split: f.n_slices for f in out.plan.feature_sets} == {
+        "train": 22,
+        "val": 8,
+        "test": 10,
+    }  # 11 / 4 / 5 sections x 2
     client, runs = _children(out)
     m = runs[0].data.metrics
     assert m["n_test"] == 2 and np.isfinite(m["test_voi"]) and runs[0].data.tags["data.source"] == "real"

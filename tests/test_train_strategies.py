@@ -49,7 +49,9 @@ def test_lora_changes_outputs_and_trains_only_adapter_and_head():
 def test_lora_is_not_bypassed_on_qkvb_variants():
     """timm's _qkvb attention calls F.linear on the raw weight unless qkv_bias_separate is set."""
     torch.manual_seed(0)
-    bb = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0, embed_dim=64, depth=2, num_heads=2)
+    bb = timm.create_model(
+        "vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0, embed_dim=64, depth=2, num_heads=2
+    )
     bb = apply_lora(bb, rank=2, targets=["qkv"])
     for name, p in bb.named_parameters():
         if "lora_B" in name:
@@ -100,7 +102,14 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, strategy):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        finetune(build_classifier(_backbone(), 2, cfg), train, val, cfg, checkpoint_dir=tmp_path / "b", on_epoch=crash_after_two)
+        finetune(
+            build_classifier(_backbone(), 2, cfg),
+            train,
+            val,
+            cfg,
+            checkpoint_dir=tmp_path / "b",
+            on_epoch=crash_after_two,
+        )
     assert (tmp_path / "b" / CHECKPOINT).is_file()
     torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)  # tensors and numbers only
     resumed = finetune(build_classifier(_backbone(), 2, cfg), train, val, cfg, checkpoint_dir=tmp_path / "b")
@@ -110,6 +119,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, strategy):
 
 
 def test_early_stopping_on_val_keeps_the_best_epoch():
-    cfg = FinetuneConfig("lora", lr=0.0, epochs=6, batch_size=8, patience=2, warmup_epochs=0)  # lr 0: val never improves
+    cfg = FinetuneConfig(
+        "lora", lr=0.0, epochs=6, batch_size=8, patience=2, warmup_epochs=0
+    )  # lr 0: val never improves
     res = finetune(build_classifier(_backbone(), 2, cfg), _data(), _data(12, seed=1), cfg)
     assert res.stopped_early and res.epochs_run == 3 and res.best_epoch == 0

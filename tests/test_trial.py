@@ -12,8 +12,15 @@ from dinoscale.sweep.trial import SweepContext, evaluate_cell
 def _context(spec, plan):
     ds = plan.dataset
     splits = {s: ds.units(s) for s in ("train", "val", "test")}
-    return SweepContext({c.id: c for c in plan.cells}, ds.classes, splits, str(plan.storage / "features"),
-                        tracking_uri="", experiment_id="", parent_run_id="")
+    return SweepContext(
+        {c.id: c for c in plan.cells},
+        ds.classes,
+        splits,
+        str(plan.storage / "features"),
+        tracking_uri="",
+        experiment_id="",
+        parent_run_id="",
+    )
 
 
 @pytest.fixture

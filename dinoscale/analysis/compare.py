@@ -30,10 +30,21 @@ def best_configurations(cd: CellDraws) -> pd.DataFrame:
         by_val = g["val_metric"].notna().all()
         score = g["val_metric"] if by_val else g["metric"]
         best = g.loc[score.idxmax() if cd.headline.goal == "max" else score.idxmin()]
-        rows.append({"modality": modality, "dataset": best.dataset, "backbone": best.backbone, "n_params": best.n_params,
-                     "resolution": best.resolution, "probe": best.probe, "strategy": best.strategy,
-                     "test_metric": best.metric, "test_low": best.low, "test_high": best.high,
-                     "chosen_on": "validation" if by_val else "test (optimistic: no validation metric in the results)"})
+        rows.append(
+            {
+                "modality": modality,
+                "dataset": best.dataset,
+                "backbone": best.backbone,
+                "n_params": best.n_params,
+                "resolution": best.resolution,
+                "probe": best.probe,
+                "strategy": best.strategy,
+                "test_metric": best.metric,
+                "test_low": best.low,
+                "test_high": best.high,
+                "chosen_on": "validation" if by_val else "test (optimistic: no validation metric in the results)",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -59,10 +70,18 @@ def compare_strategies(cd: CellDraws) -> pd.DataFrame:
             diff = cd.draws[:, j] - cd.draws[:, i]
             lo, hi = np.nanquantile(diff, [q, 1 - q])
             delta = b.metric - a.metric
-            rows.append({**dict(zip(PAIR_KEYS, key)), "baseline": a.strategy, "other": b.strategy,
-                         "delta": delta, "delta_low": float(lo), "delta_high": float(hi),
-                         "paired": "paired over patients" if _paired(a, b) else "unpaired (independent draws)",
-                         "verdict": _words(a.strategy, b.strategy, lo, hi, cd.headline.goal)})
+            rows.append(
+                {
+                    **dict(zip(PAIR_KEYS, key)),
+                    "baseline": a.strategy,
+                    "other": b.strategy,
+                    "delta": delta,
+                    "delta_low": float(lo),
+                    "delta_high": float(hi),
+                    "paired": "paired over patients" if _paired(a, b) else "unpaired (independent draws)",
+                    "verdict": _words(a.strategy, b.strategy, lo, hi, cd.headline.goal),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -83,6 +102,8 @@ def summarize_strategies(comparisons: pd.DataFrame, headline: Headline = AUROC) 
     for (mod, base, other), g in comparisons.groupby(["modality", "baseline", "other"], sort=True):
         better = int(g["verdict"].str.contains("better").sum())
         worse = int(g["verdict"].str.contains("worse").sum())
-        lines.append(f"{mod}: {other} vs {base} over {len(g)} matched cell(s): better in {better}, worse in {worse}, "
-                     f"no reliable difference in {len(g) - better - worse}; median delta {g['delta'].median():+.3f}{units}")
+        lines.append(
+            f"{mod}: {other} vs {base} over {len(g)} matched cell(s): better in {better}, worse in {worse}, "
+            f"no reliable difference in {len(g) - better - worse}; median delta {g['delta'].median():+.3f}{units}"
+        )
     return lines

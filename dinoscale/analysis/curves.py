@@ -63,8 +63,10 @@ def _curve(cd: CellDraws, sub: pd.DataFrame, x_col: str, axis: str, at: str, gro
     metric = np.array([cd.cells.loc[idx, "metric"].mean() for _, idx in merged])
     q = (1 - cd.level) / 2
     low, high = np.nanquantile(draws, q, axis=0), np.nanquantile(draws, 1 - q, axis=0)
-    labels = [" + ".join(f"{b}@{r}" for b, r in cd.cells.loc[idx, ["backbone", "resolution"]].itertuples(index=False))
-              for _, idx in merged]
+    labels = [
+        " + ".join(f"{b}@{r}" for b, r in cd.cells.loc[idx, ["backbone", "resolution"]].itertuples(index=False))
+        for _, idx in merged
+    ]
     notes = ["cells sharing an x were averaged"] if any(len(idx) > 1 for _, idx in merged) else []
     x = np.array([v for v, _ in merged])
     fit = fit_curve(x, metric, draws, axis, level=cd.level, seed=seed, goal=cd.headline.goal)
@@ -83,8 +85,11 @@ def build_curves(cd: CellDraws, seed: int = 0) -> list[Curve]:
                 sub["gflops"], note = gflops_column(sub)
                 if note is None:
                     continue
-            slices = [("all backbones x resolutions", sub)] if fixed is None else \
-                [(f"{fixed}={v}", s) for v, s in sub.groupby(fixed, sort=True)]
+            slices = (
+                [("all backbones x resolutions", sub)]
+                if fixed is None
+                else [(f"{fixed}={v}", s) for v, s in sub.groupby(fixed, sort=True)]
+            )
             for at, s in slices:
                 c = _curve(cd, s, x_col, axis, at, group, seed)
                 if note:
@@ -104,18 +109,44 @@ def fits_table(curves: list[Curve], headline: Headline = AUROC) -> pd.DataFrame:
 
 def _fit_row(c: Curve, headline: Headline = AUROC) -> dict:
     f = c.fit
-    row = {**c.group, "axis": c.axis, "at": c.at, "n_points": f.n_points, "trend": f.trend, "verdict": f.verdict,
-           "family": "saturating power law" if f.fitted else None, "error": fitted_error(headline),
-           "alpha": f.alpha, "alpha_ci_low": f.alpha_low, "alpha_ci_high": f.alpha_high,
-           "exponent_identified": f.exponent_identified, "amplitude": f.amplitude,
-           "floor_error": f.floor, "floor_error_ci_low": f.floor_low, "floor_error_ci_high": f.floor_high,
-           "resamples_fitted": f.resamples_fitted}
+    row = {
+        **c.group,
+        "axis": c.axis,
+        "at": c.at,
+        "n_points": f.n_points,
+        "trend": f.trend,
+        "verdict": f.verdict,
+        "family": "saturating power law" if f.fitted else None,
+        "error": fitted_error(headline),
+        "alpha": f.alpha,
+        "alpha_ci_low": f.alpha_low,
+        "alpha_ci_high": f.alpha_high,
+        "exponent_identified": f.exponent_identified,
+        "amplitude": f.amplitude,
+        "floor_error": f.floor,
+        "floor_error_ci_low": f.floor_low,
+        "floor_error_ci_high": f.floor_high,
+        "resamples_fitted": f.resamples_fitted,
+    }
     b = f.broken
-    row.update({"broken_break_x": b and b.break_x, "broken_alpha_before": b and b.alpha_before,
-                "broken_alpha_after": b and b.alpha_after, "broken_delta_aicc": b and b.delta_aicc})
+    row.update(
+        {
+            "broken_break_x": b and b.break_x,
+            "broken_alpha_before": b and b.alpha_before,
+            "broken_alpha_after": b and b.alpha_after,
+            "broken_delta_aicc": b and b.delta_aicc,
+        }
+    )
     e = f.extrapolation
-    row.update({"lolo_x": e and e.x, "lolo_predicted": e and e.predicted, "lolo_predicted_low": e and e.predicted_low,
-                "lolo_predicted_high": e and e.predicted_high, "lolo_observed": e and e.observed,
-                "lolo_consistent": e and e.consistent})
+    row.update(
+        {
+            "lolo_x": e and e.x,
+            "lolo_predicted": e and e.predicted,
+            "lolo_predicted_low": e and e.predicted_low,
+            "lolo_predicted_high": e and e.predicted_high,
+            "lolo_observed": e and e.observed,
+            "lolo_consistent": e and e.consistent,
+        }
+    )
     row["notes"] = "; ".join(c.notes + f.notes)
     return row

@@ -20,8 +20,22 @@ table{border-collapse:collapse;font-size:12px;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 figure{margin:1em 0} figcaption{font-size:13px;color:#555}
 """
-_FITS_SHOWN = ["modality", "dataset", "probe", "strategy", "axis", "at", "n_points", "trend", "error", "alpha",
-               "alpha_ci_low", "alpha_ci_high", "floor_error", "lolo_consistent"]
+_FITS_SHOWN = [
+    "modality",
+    "dataset",
+    "probe",
+    "strategy",
+    "axis",
+    "at",
+    "n_points",
+    "trend",
+    "error",
+    "alpha",
+    "alpha_ci_low",
+    "alpha_ci_high",
+    "floor_error",
+    "lolo_consistent",
+]
 
 
 def _provenance(lines: list[str], demo: bool) -> str:
@@ -32,8 +46,10 @@ def _provenance(lines: list[str], demo: bool) -> str:
 
 def _figure(caption: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
 
 
 def _list(lines: list[str]) -> str:
@@ -50,13 +66,21 @@ def _table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
 def _cells(rc) -> str:
     h = rc.headline
     cells = rc.cells.drop(columns=["pairing", "headline", "goal"], errors="ignore")
-    return _table(cells.rename(columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high",
-                                        "val_metric": h.val}))
+    return _table(
+        cells.rename(
+            columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high", "val_metric": h.val}
+        )
+    )
 
 
 def render_html(rc) -> str:
     """``rc``: a report.ReportContent."""
-    parts = [f"<h1>Scaling report: {escape(rc.title)}</h1>", _provenance(rc.provenance, rc.demo), "<h2>Method</h2>", _list(rc.method)]
+    parts = [
+        f"<h1>Scaling report: {escape(rc.title)}</h1>",
+        _provenance(rc.provenance, rc.demo),
+        "<h2>Method</h2>",
+        _list(rc.method),
+    ]
     parts += ["<h2>Verdicts</h2>"]
     for modality, lines in rc.verdicts.items():
         parts += [f"<h3>{escape(modality)}</h3>", _list(lines)]
@@ -67,5 +91,7 @@ def render_html(rc) -> str:
     if not rc.comparisons.empty:
         parts += ["<h2>Strategy differences</h2>", _table(rc.comparisons)]
     parts += ["<h2>Cells</h2>", _cells(rc)]
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(rc.title)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(rc.title)}</title>'
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )

@@ -22,14 +22,15 @@ def _pyplot():
     return plt
 
 
-
 def _panel(ax, curves: list[Curve]) -> None:
     from matplotlib.ticker import NullFormatter
 
     for i, c in enumerate(curves):
         color = f"C{i % 10}"
         yerr = np.vstack([c.metric - c.low, c.high - c.metric])
-        ax.errorbar(c.x, c.metric, yerr=np.clip(yerr, 0, None), fmt="o-", color=color, capsize=3, ms=4, lw=0.8, label=c.at)
+        ax.errorbar(
+            c.x, c.metric, yerr=np.clip(yerr, 0, None), fmt="o-", color=color, capsize=3, ms=4, lw=0.8, label=c.at
+        )
         ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.12, lw=0)  # the measured points' band
         f = c.fit
         if f.band is not None and f.trend != "peaks":  # a saturating law cannot draw a peak
@@ -42,8 +43,9 @@ def _panel(ax, curves: list[Curve]) -> None:
     ax.legend(fontsize=6, loc="best")
 
 
-def plot_axis(curves: list[Curve], axis: str, path: Path, title: str, provenance: str,
-              headline: Headline = AUROC) -> Path | None:
+def plot_axis(
+    curves: list[Curve], axis: str, path: Path, title: str, provenance: str, headline: Headline = AUROC
+) -> Path | None:
     """One figure for one modality and axis (y: the headline); None when there is nothing on that axis."""
     curves = [c for c in curves if c.axis == axis]
     if not curves:
@@ -65,8 +67,10 @@ def plot_axis(curves: list[Curve], axis: str, path: Path, title: str, provenance
     for ax in axes[:, 0]:
         ax.set_ylabel(headline.label, fontsize=8)
     notes = sorted({note for c in curves for note in c.notes if "GFLOPs" in note})
-    legend = (f"shaded: measured 95% bootstrap CI; dashed: saturating power law fit on E = {fitted_error(headline)}, "
-              "dotted: its 95% CI")
+    legend = (
+        f"shaded: measured 95% bootstrap CI; dashed: saturating power law fit on E = {fitted_error(headline)}, "
+        "dotted: its 95% CI"
+    )
     width = 60 * cols  # characters that fit across the figure at this font size
     head = [textwrap.fill(line, width) for line in [title, provenance, *notes, legend]]
     fig.suptitle("\n".join(head), fontsize=8)

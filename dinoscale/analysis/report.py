@@ -54,15 +54,20 @@ class ReportContent:
 def _headline_line(h: Headline) -> str:
     moves = "increases" if h.goal == "max" else "decreases"
     named = h.label if direction(h) in h.label else f"{h.label}, {direction(h)}"
-    return (f"Headline metric: {named} ({h.test}). 'Improves' means it {moves}; "
-            f"the best configuration is the one with the {'highest' if h.goal == 'max' else 'lowest'} value.")
+    return (
+        f"Headline metric: {named} ({h.test}). 'Improves' means it {moves}; "
+        f"the best configuration is the one with the {'highest' if h.goal == 'max' else 'lowest'} value."
+    )
 
 
 def _method(cd: CellDraws) -> list[str]:
     sources = ", ".join(sorted(set(cd.cells["uncertainty"])))
     h = cd.headline
-    error = (f"Error E = 1 - {h.label}" if h.goal == "max" else
-             f"Error E = {h.test} itself ({direction(h)}: it is already an error, so it is fitted untransformed, no sign flip)")
+    error = (
+        f"Error E = 1 - {h.label}"
+        if h.goal == "max"
+        else f"Error E = {h.test} itself ({direction(h)}: it is already an error, so it is fitted untransformed, no sign flip)"
+    )
     return [
         _headline_line(h),
         f"{error}, fitted per (modality, dataset, probe, strategy) as a saturating power law "
@@ -79,8 +84,10 @@ def _exponent_words(c: Curve, h: Headline = AUROC) -> str:
     f = c.fit
     if f.exponent_identified:
         floor = "floor error" if h.goal == "max" else f"floor {short_name(h)}"
-        return (f" (alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}], "
-                f"{floor} {f.floor:.3f} [{f.floor_low:.3f}, {f.floor_high:.3f}])")
+        return (
+            f" (alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}], "
+            f"{floor} {f.floor:.3f} [{f.floor_low:.3f}, {f.floor_high:.3f}])"
+        )
     return " (power law fitted, exponent not identified by the data)" if f.fitted else ""
 
 
@@ -88,28 +95,35 @@ def _verdict_line(c: Curve, h: Headline = AUROC) -> str:
     g, f = c.group, c.fit
     line = f"{g['dataset']} {g['probe']}/{g['strategy']}, vs {c.axis} at {c.at}: {f.verdict}{_exponent_words(c, h)}"
     if f.broken is not None and f.broken.delta_aicc > 2:
-        line += (f"; a break at {c.axis}={f.broken.break_x:.3g} fits better (alpha {f.broken.alpha_before:.2f} "
-                 f"then {f.broken.alpha_after:.2f})")
+        line += (
+            f"; a break at {c.axis}={f.broken.break_x:.3g} fits better (alpha {f.broken.alpha_before:.2f} "
+            f"then {f.broken.alpha_after:.2f})"
+        )
     if f.extrapolation is not None:
         line += f"; leave-largest-out: {f.extrapolation.describe(c.axis)}"
     return line
 
 
 def _best_lines(best: pd.DataFrame, h: Headline = AUROC) -> list[str]:
-    return [f"{r.modality}: {r.backbone} ({r.n_params / 1e6:.2f}M params) at {r.resolution}px, {r.probe} probe, "
-            f"{r.strategy}: {h.label} {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
-            for r in best.itertuples()]
+    return [
+        f"{r.modality}: {r.backbone} ({r.n_params / 1e6:.2f}M params) at {r.resolution}px, {r.probe} probe, "
+        f"{r.strategy}: {h.label} {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
+        for r in best.itertuples()
+    ]
 
 
-def _figures(curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str,
-             h: Headline = AUROC) -> list[tuple[str, Path]]:
+def _figures(
+    curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str, h: Headline = AUROC
+) -> list[tuple[str, Path]]:
     figures = []
     modalities = sorted({c.group["modality"] for c in curves})
     for modality in modalities:
         prefix = "" if len(modalities) == 1 else f"{modality}_"
         mine = [c for c in curves if c.group["modality"] == modality]
         for axis in AXES:
-            p = plot_axis(mine, axis, out_dir / f"{prefix}{file_stem(h)}_vs_{axis}.png", f"{title} - {modality}", prov, h)
+            p = plot_axis(
+                mine, axis, out_dir / f"{prefix}{file_stem(h)}_vs_{axis}.png", f"{title} - {modality}", prov, h
+            )
             if p is not None:
                 figures.append((f"{modality}: {short_name(h)} vs {axis} ({direction(h)})", p))
     p = plot_strategies(comparisons, out_dir / "strategies.png", f"{title}: strategy differences", h)
@@ -139,17 +153,28 @@ def _verdicts_markdown(rc: ReportContent) -> str:
 
 
 def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
-    table = [f"| modality | dataset | probe | strategy | backbone | params | resolution | {h.label} [95% CI] | seeds |",
-             "|---|---|---|---|---|---:|---:|---|---:|"]
+    table = [
+        f"| modality | dataset | probe | strategy | backbone | params | resolution | {h.label} [95% CI] | seeds |",
+        "|---|---|---|---|---|---:|---:|---|---:|",
+    ]
     for r in cells.sort_values([*CELL_KEYS[:-3], "resolution", "n_params"]).itertuples():
-        table.append(f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
-                     f"{r.resolution} | {r.metric:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |")
+        table.append(
+            f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
+            f"{r.resolution} | {r.metric:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |"
+        )
     return "\n".join(table)
 
 
-def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: Provenance | list[str] | None,
-                 predictions: dict[str, pd.DataFrame] | None = None, resamples: int = RESAMPLES, seed: int = 0,
-                 headline: Headline | None = None) -> Path:
+def write_report(
+    df: pd.DataFrame,
+    out_dir: Path,
+    title: str,
+    provenance: Provenance | list[str] | None,
+    predictions: dict[str, pd.DataFrame] | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    headline: Headline | None = None,
+) -> Path:
     """Analyse a results table (one row per run) and write the report folder; returns it.
 
     ``provenance``: the sweep's ``Provenance`` (it decides whether the report is labelled DEMO), or
@@ -175,13 +200,21 @@ def write_report(df: pd.DataFrame, out_dir: Path, title: str, provenance: Proven
     curves = build_curves(cd, seed=seed)
     comparisons = compare_strategies(cd)
     rc = ReportContent(
-        title=title, provenance=provenance, method=_method(cd),
+        title=title,
+        provenance=provenance,
+        method=_method(cd),
         figures=_figures(curves, comparisons, out_dir, title, " | ".join(provenance), headline),
-        verdicts={m: [_verdict_line(c, headline) for c in curves if c.group["modality"] == m]
-                  for m in sorted({c.group["modality"] for c in curves})},
-        best=_best_lines(best_configurations(cd), headline), strategies=summarize_strategies(comparisons, headline),
+        verdicts={
+            m: [_verdict_line(c, headline) for c in curves if c.group["modality"] == m]
+            for m in sorted({c.group["modality"] for c in curves})
+        },
+        best=_best_lines(best_configurations(cd), headline),
+        strategies=summarize_strategies(comparisons, headline),
         cells=cd.cells.assign(headline=headline.test, goal=headline.goal),
-        fits=fits_table(curves, headline), comparisons=comparisons, headline=headline, demo=demo,
+        fits=fits_table(curves, headline),
+        comparisons=comparisons,
+        headline=headline,
+        demo=demo,
     )
     _write_files(rc, out_dir)
     return out_dir

@@ -65,7 +65,7 @@ def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray
     aligned, draws = _shared_patients(preds, resamples, rng)
     labels, scores, owner = [], [], []
     for j, p in enumerate(aligned):
-        classes = [c[len("label_"):] for c in p.columns if c.startswith("label_")]
+        classes = [c[len("label_") :] for c in p.columns if c.startswith("label_")]
         labels.append(p[[f"label_{c}" for c in classes]].to_numpy(float))
         scores.append(p[[f"score_{c}" for c in classes]].to_numpy(float))
         owner += [j] * len(classes)
@@ -108,9 +108,11 @@ def metric_range(headline: Headline) -> tuple[float, float]:
 def _interval_draws(row, resamples: int, level: float, rng, headline: Headline = AUROC) -> np.ndarray:
     lo, hi = row[f"{METRIC}_ci_low"], row[f"{METRIC}_ci_high"]
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(f"run {row['run_id']} ({row['backbone']}, {row['resolution']}px, {row['probe']}): no confidence "
-                         f"interval and no per-sample predictions, so its uncertainty is unknown; "
-                         f"log {headline.test}_ci_low/_high")
+        raise ValueError(
+            f"run {row['run_id']} ({row['backbone']}, {row['resolution']}px, {row['probe']}): no confidence "
+            f"interval and no per-sample predictions, so its uncertainty is unknown; "
+            f"log {headline.test}_ci_low/_high"
+        )
     sd = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - level) / 2))
     return np.clip(row[METRIC] + rng.normal(0, 1, resamples) * sd, *metric_range(headline))
 
@@ -122,8 +124,14 @@ def _usable(p: pd.DataFrame, headline: Headline) -> bool:
     return headline.name == AUROC.name and any(c.startswith("label_") for c in p.columns)
 
 
-def run_draws(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], resamples: int, level: float,
-              rng, headline: Headline = AUROC) -> tuple[np.ndarray, list[str]]:
+def run_draws(
+    runs: pd.DataFrame,
+    predictions: dict[str, pd.DataFrame],
+    resamples: int,
+    level: float,
+    rng,
+    headline: Headline = AUROC,
+) -> tuple[np.ndarray, list[str]]:
     """Draws per run (``runs`` in the internal naming), and per run its pairing group ('' when drawn independently)."""
     out = np.empty((resamples, len(runs)))
     pairing = [""] * len(runs)
@@ -134,8 +142,11 @@ def run_draws(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], resample
             by_test_set.setdefault(_test_set_signature(predictions[rid]), []).append(rid)
     for signature, rids in by_test_set.items():
         preds = [predictions[r] for r in rids]
-        draws = (_volume_draws(preds, headline.name, resamples, rng) if headline.per_volume
-                 else _patient_draws(preds, resamples, rng))
+        draws = (
+            _volume_draws(preds, headline.name, resamples, rng)
+            if headline.per_volume
+            else _patient_draws(preds, resamples, rng)
+        )
         for j, rid in enumerate(rids):
             out[:, position[rid]] = draws[:, j]
             pairing[position[rid]] = f"patients:{signature}"
@@ -145,8 +156,14 @@ def run_draws(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], resample
     return out, pairing
 
 
-def bootstrap_cells(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame] | None = None, resamples: int = 500,
-                    level: float = 0.95, seed: int = 0, headline: Headline | None = None) -> CellDraws:
+def bootstrap_cells(
+    runs: pd.DataFrame,
+    predictions: dict[str, pd.DataFrame] | None = None,
+    resamples: int = 500,
+    level: float = 0.95,
+    seed: int = 0,
+    headline: Headline | None = None,
+) -> CellDraws:
     """Seed-averaged cells with paired bootstrap draws (see the module docstring). ``headline``: which
     metric the run table holds (default: ``runs.attrs['headline']``, else detected from its columns)."""
     rng = np.random.default_rng(seed)
@@ -162,12 +179,20 @@ def bootstrap_cells(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame] | N
         cell = np.nanmean(per_run[np.arange(resamples)[:, None], pick], axis=1)
         columns.append(cell)
         q = (1 - level) / 2
-        rows.append({**dict(zip(CELL_KEYS, key)), "metric": g[METRIC].mean(),
-                     "low": float(np.nanquantile(cell, q)), "high": float(np.nanquantile(cell, 1 - q)),
-                     "seeds": g["seed"].nunique(), "val_metric": g["val_metric"].mean(),
-                     "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
-                     "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
-                     "uncertainty": _uncertainty_words(g), "pairing": ",".join(sorted(set(g["_pairing"])))})
+        rows.append(
+            {
+                **dict(zip(CELL_KEYS, key)),
+                "metric": g[METRIC].mean(),
+                "low": float(np.nanquantile(cell, q)),
+                "high": float(np.nanquantile(cell, 1 - q)),
+                "seeds": g["seed"].nunique(),
+                "val_metric": g["val_metric"].mean(),
+                "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
+                "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
+                "uncertainty": _uncertainty_words(g),
+                "pairing": ",".join(sorted(set(g["_pairing"]))),
+            }
+        )
     return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
 
 

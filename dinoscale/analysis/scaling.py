@@ -69,9 +69,11 @@ class Extrapolation:
         return self.predicted_low <= self.observed_high and self.observed_low <= self.predicted_high
 
     def describe(self, axis: str) -> str:
-        head = (f"fitted without {axis}={self.x:.3g}, the law predicts {self.predicted:.3f} "
-                f"[{self.predicted_low:.3f}, {self.predicted_high:.3f}]; measured {self.observed:.3f} "
-                f"[{self.observed_low:.3f}, {self.observed_high:.3f}]")
+        head = (
+            f"fitted without {axis}={self.x:.3g}, the law predicts {self.predicted:.3f} "
+            f"[{self.predicted_low:.3f}, {self.predicted_high:.3f}]; measured {self.observed:.3f} "
+            f"[{self.observed_low:.3f}, {self.observed_high:.3f}]"
+        )
         return head + (" - consistent" if self.consistent else " - the law does NOT extrapolate")
 
 
@@ -112,14 +114,18 @@ class ScalingFit:
     @property
     def exponent_identified(self) -> bool:
         """Worth quoting: fitted, a reliable monotone trend, and an interval that stays off the search bounds."""
-        return (self.fitted and self.trend in _MONOTONE
-                and max(abs(self.alpha_low), abs(self.alpha_high)) < _ALPHA_BOUND * 0.99)
+        return (
+            self.fitted
+            and self.trend in _MONOTONE
+            and max(abs(self.alpha_low), abs(self.alpha_high)) < _ALPHA_BOUND * 0.99
+        )
 
     def predict_metric(self, x: np.ndarray) -> np.ndarray:
         return to_error((self.floor or 0.0) + self.amplitude * np.asarray(x, dtype=float) ** (-self.alpha), self.goal)
 
 
 # ---------------------------------------------------------------- verdicts (model-free)
+
 
 def _reliably_greater(draws: np.ndarray, a: int, b: int, level: float) -> bool:
     """Is point a better than point b? The paired difference's interval must exclude zero."""
@@ -145,7 +151,9 @@ def _saturation_point(x: np.ndarray, draws: np.ndarray, level: float) -> int | N
     return None
 
 
-def judge_trend(x: np.ndarray, metric: np.ndarray, draws: np.ndarray, axis: str, level: float = 0.95) -> tuple[str, str]:
+def judge_trend(
+    x: np.ndarray, metric: np.ndarray, draws: np.ndarray, axis: str, level: float = 0.95
+) -> tuple[str, str]:
     """(trend, words) for points sorted by x; ``draws`` (resamples, points) of the higher-is-better metric."""
     n = len(x)
     if n < 2:
@@ -165,6 +173,7 @@ def judge_trend(x: np.ndarray, metric: np.ndarray, draws: np.ndarray, axis: str,
 
 
 # ---------------------------------------------------------------- model families (on error, u = log x)
+
 
 def _saturating(theta, u):
     floor, log_a, alpha = theta
@@ -209,15 +218,14 @@ def _broken_starts(u, err):
     for i in range(2, len(u) - 2 + 1):
         ub = u[i - 1]
         a1 = -np.polyfit(u[:i], le[:i], 1)[0]
-        a2 = -np.polyfit(u[i - 1:], le[i - 1:], 1)[0]
+        a2 = -np.polyfit(u[i - 1 :], le[i - 1 :], 1)[0]
         starts.append(np.array([le[i - 1] + a1 * ub, a1, a2, ub]))
     return starts
 
 
 def _broken_bounds(u, err):
     # at least two points on each side of the break
-    return (np.array([-50.0, -_ALPHA_BOUND, -_ALPHA_BOUND, u[1]]),
-            np.array([50.0, _ALPHA_BOUND, _ALPHA_BOUND, u[-2]]))
+    return (np.array([-50.0, -_ALPHA_BOUND, -_ALPHA_BOUND, u[1]]), np.array([50.0, _ALPHA_BOUND, _ALPHA_BOUND, u[-2]]))
 
 
 _FAMILIES = {  # model, starts, bounds, jacobian
@@ -234,8 +242,16 @@ def _least_squares(family: str, u, err, sd, starts) -> tuple[np.ndarray, float] 
     for theta0 in starts:
         theta0 = np.clip(theta0, lo + 1e-9, hi - 1e-9)
         try:
-            r = least_squares(lambda t: (model(t, u) - err) / sd, theta0, jac=lambda t: jac(t, u) / sd[:, None],
-                              bounds=(lo, hi), loss="soft_l1", f_scale=1.0, x_scale="jac", max_nfev=100)
+            r = least_squares(
+                lambda t: (model(t, u) - err) / sd,
+                theta0,
+                jac=lambda t: jac(t, u) / sd[:, None],
+                bounds=(lo, hi),
+                loss="soft_l1",
+                f_scale=1.0,
+                x_scale="jac",
+                max_nfev=100,
+            )
         except (ValueError, FloatingPointError):
             continue
         if np.all(np.isfinite(r.x)) and (best is None or r.cost < best[1]):
@@ -253,6 +269,7 @@ def _aicc(family: str, theta, u, err, sd) -> float:
 
 
 # ---------------------------------------------------------------- fitting with bootstrap
+
 
 def _error_draws(draws: np.ndarray, goal: str = "max") -> tuple[np.ndarray, np.ndarray]:
     err_draws = to_error(draws, goal)
@@ -349,8 +366,9 @@ def _extrapolation(x, metric, draws, level, resamples, rng, goal: str = "max") -
     return Extrapolation(float(x[-1]), point, lo, hi, float(metric[-1]), olo, ohi)
 
 
-def fit_curve(x, metric, draws, axis: str, level: float = 0.95, resamples: int = FIT_RESAMPLES, seed: int = 0,
-              goal: str = "max") -> ScalingFit:
+def fit_curve(
+    x, metric, draws, axis: str, level: float = 0.95, resamples: int = FIT_RESAMPLES, seed: int = 0, goal: str = "max"
+) -> ScalingFit:
     """Fit one curve. ``metric``: higher-is-better in [0, 1] (``goal='max'``) or lower-is-better and >= 0
     (``goal='min'``); ``draws`` (B, points) its bootstrap draws. Verdicts and the law are on the error
     (``to_error``), so "improves" always means the metric gets better."""
@@ -366,24 +384,54 @@ def fit_curve(x, metric, draws, axis: str, level: float = 0.95, resamples: int =
     trend, words = judge_trend(x, -err, -err_draws, axis, level)  # -error: higher is better, whatever the goal
     if n < MIN_POINTS:
         why = "a single point" if n < 2 else words
-        return ScalingFit(axis, n, None, None, None, None,
-                          f"too few points to fit ({n} < {MIN_POINTS} distinct {axis} values); the points alone: {why}",
-                          trend="too_few_points" if n < 2 else trend, goal=goal)
+        return ScalingFit(
+            axis,
+            n,
+            None,
+            None,
+            None,
+            None,
+            f"too few points to fit ({n} < {MIN_POINTS} distinct {axis} values); the points alone: {why}",
+            trend="too_few_points" if n < 2 else trend,
+            goal=goal,
+        )
     rng = np.random.default_rng(seed)
     point = _point_fit(u, err, sd)
     if point is None:
-        return ScalingFit(axis, n, None, None, None, None, f"{words}; the power-law fit failed", trend=trend,
-                          notes=["least squares did not converge from any start"], goal=goal)
+        return ScalingFit(
+            axis,
+            n,
+            None,
+            None,
+            None,
+            None,
+            f"{words}; the power-law fit failed",
+            trend=trend,
+            notes=["least squares did not converge from any start"],
+            goal=goal,
+        )
     theta = point[0]
     thetas = _bootstrap_thetas(u, err_draws, sd, resamples, rng)
     amplitude = float(np.exp(theta[1] + theta[2] * u_ref))  # A in the axis' own units
-    fit = ScalingFit(axis, n, float(theta[2]), *_interval(thetas[:, 2], level), amplitude, words,
-                     trend=trend, floor=float(theta[0]), resamples_fitted=len(thetas), goal=goal)
+    fit = ScalingFit(
+        axis,
+        n,
+        float(theta[2]),
+        *_interval(thetas[:, 2], level),
+        amplitude,
+        words,
+        trend=trend,
+        floor=float(theta[0]),
+        resamples_fitted=len(thetas),
+        goal=goal,
+    )
     fit.floor_low, fit.floor_high = _interval(thetas[:, 0], level)
     fit.band = _curve_band(x, u_ref, thetas, level, goal)
     if n >= MIN_POINTS_BROKEN:
         fit.broken = _fit_broken(u, err, sd, theta, u_ref)
-    if n >= MIN_POINTS_EXTRAPOLATION and trend in _MONOTONE:  # a law that does not describe the data cannot extrapolate it
+    if (
+        n >= MIN_POINTS_EXTRAPOLATION and trend in _MONOTONE
+    ):  # a law that does not describe the data cannot extrapolate it
         fit.extrapolation = _extrapolation(x, metric, draws, level, resamples, rng, goal)
     if trend == "peaks":
         fit.notes.append("a saturating power law cannot peak: its exponent is not a description of this curve")
@@ -406,8 +454,9 @@ def _fit_broken(u, err, sd, theta_saturating, u_ref) -> BrokenFit | None:
     return BrokenFit(float(np.exp(ub + u_ref)), float(a1), float(a2), float(delta))
 
 
-def fit_power_law(x, metric, low, high, axis: str, resamples: int = 2000, level: float = 0.95, seed: int = 0,
-                  goal: str = "max") -> ScalingFit:
+def fit_power_law(
+    x, metric, low, high, axis: str, resamples: int = 2000, level: float = 0.95, seed: int = 0, goal: str = "max"
+) -> ScalingFit:
     """A curve known only through each point's interval: draws are redrawn independently from it."""
     metric, low, high = (np.asarray(a, dtype=float) for a in (metric, low, high))
     z = NormalDist().inv_cdf(1 - (1 - level) / 2)

@@ -33,8 +33,14 @@ def result_columns(headline: Headline = AUROC) -> list[str]:
 
 RESULT_COLUMNS = result_columns(AUROC)  # the classification tables of before headlines existed
 # optional: filled with a stated default when a table lacks them (never guessed from other columns)
-OPTIONAL_COLUMNS = {"modality": "unknown", "dataset": "unknown", "weights": None, "tokens_per_image": None,
-                    "gflops": None, "run_id": None}
+OPTIONAL_COLUMNS = {
+    "modality": "unknown",
+    "dataset": "unknown",
+    "weights": None,
+    "tokens_per_image": None,
+    "gflops": None,
+    "run_id": None,
+}
 PREDICTIONS_ARTIFACT = record.PREDICTIONS
 KNOWN_HEADLINES = tuple(_BY_TEST_NAME.values())
 
@@ -55,7 +61,7 @@ def direction(h: Headline) -> str:
 
 def custom_headline(name: str, goal: str) -> Headline:
     """A headline dinoscale.headline does not know (e.g. ``hd95``): per-volume values, goal as stated."""
-    name = name[len("test_"):] if name.startswith("test_") else name
+    name = name[len("test_") :] if name.startswith("test_") else name
     if goal not in ("max", "min"):
         raise ValueError(f"headline goal must be 'max' or 'min', not {goal!r}")
     label = f"test {name}" + ("" if goal == "max" else " (lower is better)")
@@ -70,7 +76,9 @@ def resolve_headline(name: str | None = None, goal: str | None = None) -> Headli
     known = _BY_TEST_NAME.get(test)
     if known is None:
         if goal is None:
-            raise ValueError(f"{test} is not a headline dinoscale knows; say whether higher or lower is better (goal max|min)")
+            raise ValueError(
+                f"{test} is not a headline dinoscale knows; say whether higher or lower is better (goal max|min)"
+            )
         return custom_headline(test, goal)
     return _checked_goal(known, goal)
 
@@ -100,19 +108,26 @@ def detect_headline(columns, name: str | None = None, goal: str | None = None) -
     if len(known) == 1:
         return _checked_goal(known[0], goal)
     if len(known) > 1:
-        raise ValueError(f"the results hold several headline metrics ({', '.join(h.test for h in known)}); "
-                         "choose one (analyze --headline)")
+        raise ValueError(
+            f"the results hold several headline metrics ({', '.join(h.test for h in known)}); "
+            "choose one (analyze --headline)"
+        )
     triples = [c for c in columns if c.startswith("test_") and f"{c}_ci_low" in columns and f"{c}_ci_high" in columns]
     if len(triples) == 1 and goal is not None:
         return custom_headline(triples[0], goal)
     if len(triples) == 1:
-        raise ValueError(f"the results hold {triples[0]}, which is not a headline dinoscale knows; "
-                         "say whether higher or lower is better (analyze --goal max|min)")
+        raise ValueError(
+            f"the results hold {triples[0]}, which is not a headline dinoscale knows; "
+            "say whether higher or lower is better (analyze --goal max|min)"
+        )
     if triples:
-        raise ValueError(f"the results hold several metrics with intervals ({', '.join(triples)}); "
-                         "choose one (analyze --headline)")
-    raise ValueError("no headline metric in the results: expected test_<name>, test_<name>_ci_low, test_<name>_ci_high "
-                     f"(e.g. {', '.join(h.test for h in KNOWN_HEADLINES)}); columns are {columns}")
+        raise ValueError(
+            f"the results hold several metrics with intervals ({', '.join(triples)}); choose one (analyze --headline)"
+        )
+    raise ValueError(
+        "no headline metric in the results: expected test_<name>, test_<name>_ci_low, test_<name>_ci_high "
+        f"(e.g. {', '.join(h.test for h in KNOWN_HEADLINES)}); columns are {columns}"
+    )
 
 
 def complete_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -134,8 +149,14 @@ def as_generic(df: pd.DataFrame, headline: Headline | None = None) -> tuple[pd.D
     df = complete_columns(df)
     if headline.test in df.columns:
         df = df.drop(columns=[c for c in (*GENERIC, "val_metric") if c in df.columns])
-        df = df.rename(columns={headline.test: "metric", f"{headline.test}_ci_low": "metric_ci_low",
-                                f"{headline.test}_ci_high": "metric_ci_high", headline.val: "val_metric"})
+        df = df.rename(
+            columns={
+                headline.test: "metric",
+                f"{headline.test}_ci_low": "metric_ci_low",
+                f"{headline.test}_ci_high": "metric_ci_high",
+                headline.val: "val_metric",
+            }
+        )
     for col in (*GENERIC, "val_metric"):
         if col not in df.columns:
             if col == "metric":
@@ -161,15 +182,21 @@ def results_from_csv(path: str | Path, headline: Headline | str | None = None, g
         raise ValueError(f"{path}: missing column(s) {missing}; expected {expected}")
     bad = df[expected[-3:]].apply(pd.to_numeric, errors="coerce").isna().any(axis=1)
     if bad.any():
-        raise ValueError(f"{path}: row(s) {list(df.index[bad] + 2)} have a missing or non-numeric "
-                         f"{headline.test} / _ci_low / _ci_high (line numbers count the header)")
+        raise ValueError(
+            f"{path}: row(s) {list(df.index[bad] + 2)} have a missing or non-numeric "
+            f"{headline.test} / _ci_low / _ci_high (line numbers count the header)"
+        )
     df.attrs["headline"] = headline
     return df
 
 
 def _latest_sweep(client, experiment_id: str, experiment: str) -> str:
-    parents = client.search_runs([experiment_id], f"tags.`{record.ROLE}` = '{record.ROLE_SWEEP}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+    parents = client.search_runs(
+        [experiment_id],
+        f"tags.`{record.ROLE}` = '{record.ROLE_SWEEP}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not parents:
         raise LookupError(f"no sweep in experiment '{experiment}'")
     return parents[0].info.run_id
@@ -187,15 +214,23 @@ def _run_row(r, headline: Headline) -> dict:
     p, m = r.data.params, r.data.metrics
     t = headline.test
     return {
-        "modality": p.get("modality", "unknown"), "dataset": p.get("dataset", "unknown"), "weights": p.get("weights"),
+        "modality": p.get("modality", "unknown"),
+        "dataset": p.get("dataset", "unknown"),
+        "weights": p.get("weights"),
         **{a.name: _axis_value(a, p, m) for a in record.AXES},
-        t: m.get(t), f"{t}_ci_low": m.get(f"{t}_ci_low"), f"{t}_ci_high": m.get(f"{t}_ci_high"), headline.val: m.get(headline.val),
-        "tokens_per_image": m.get("tokens_per_image"), "gflops": m.get("gflops_per_image", m.get("gflops")), "run_id": r.info.run_id,
+        t: m.get(t),
+        f"{t}_ci_low": m.get(f"{t}_ci_low"),
+        f"{t}_ci_high": m.get(f"{t}_ci_high"),
+        headline.val: m.get(headline.val),
+        "tokens_per_image": m.get("tokens_per_image"),
+        "gflops": m.get("gflops_per_image", m.get("gflops")),
+        "run_id": r.info.run_id,
     }
 
 
-def results_from_mlflow(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
-                        with_predictions: bool = False) -> tuple[pd.DataFrame, dict]:
+def results_from_mlflow(
+    tracking_uri: str, experiment: str, parent_run_id: str | None = None, with_predictions: bool = False
+) -> tuple[pd.DataFrame, dict]:
     """Finished child runs of one sweep (the latest sweep of the experiment when not given), with the
     metric columns of the sweep's headline (parent tag ``dinoscale.headline``; AUROC when absent).
 
@@ -211,9 +246,13 @@ def results_from_mlflow(tracking_uri: str, experiment: str, parent_run_id: str |
     parent_run_id = parent_run_id or _latest_sweep(client, exp.experiment_id, experiment)
     parent = client.get_run(parent_run_id)
     headline = sweep_headline(parent.data.tags)
-    runs = client.search_runs([exp.experiment_id], f"tags.`{record.PARENT_RUN_ID}` = '{parent_run_id}'", max_results=10000)
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`{record.PARENT_RUN_ID}` = '{parent_run_id}'", max_results=10000
+    )
     rows = [_run_row(r, headline) for r in runs if r.info.status == "FINISHED" and headline.test in r.data.metrics]
-    df = complete_columns(pd.DataFrame(rows, columns=result_columns(headline) + [headline.val] + list(OPTIONAL_COLUMNS)))
+    df = complete_columns(
+        pd.DataFrame(rows, columns=result_columns(headline) + [headline.val] + list(OPTIONAL_COLUMNS))
+    )
     df.attrs["headline"] = headline
     info = {"parent_run_id": parent_run_id, "tags": parent.data.tags, "headline": headline}
     if with_predictions:
@@ -242,15 +281,19 @@ def read_predictions(path: str | Path, what: str, headline: Headline = AUROC) ->
     missing = [c for c in ("sample_id", "patient_id") if c not in df.columns]
     if headline.per_volume:
         if missing or headline.name not in df.columns:
-            raise ValueError(f"{what}: {path} lacks column(s) {missing + [headline.name] * (headline.name not in df.columns)}; "
-                             f"expected sample_id, patient_id and the per-volume metric column {headline.name}")
+            raise ValueError(
+                f"{what}: {path} lacks column(s) {missing + [headline.name] * (headline.name not in df.columns)}; "
+                f"expected sample_id, patient_id and the per-volume metric column {headline.name}"
+            )
         df[headline.name] = pd.to_numeric(df[headline.name], errors="coerce")
         return df
-    labels = [c[len("label_"):] for c in df.columns if c.startswith("label_")]
+    labels = [c[len("label_") :] for c in df.columns if c.startswith("label_")]
     missing += [f"score_{c}" for c in labels if f"score_{c}" not in df.columns]
     if missing or not labels:
-        raise ValueError(f"{what}: {path} lacks column(s) {missing or ['label_<class>']}; "
-                         "expected sample_id, patient_id, label_<class>, score_<class>")
+        raise ValueError(
+            f"{what}: {path} lacks column(s) {missing or ['label_<class>']}; "
+            "expected sample_id, patient_id, label_<class>, score_<class>"
+        )
     return df
 
 
@@ -259,11 +302,16 @@ def provenance_gaps(df: pd.DataFrame, provenance: list[str]) -> list[str]:
     lines = []
     if not any(line.lower().startswith("data") for line in provenance):
         named = sorted(set(df["dataset"].dropna().astype(str)) - {"unknown"}) if "dataset" in df else []
-        lines.append(f"data: {', '.join(named)} (as named in the results; origin not recorded)" if named
-                     else "data: not stated in the results")
+        lines.append(
+            f"data: {', '.join(named)} (as named in the results; origin not recorded)"
+            if named
+            else "data: not stated in the results"
+        )
     if not any(line.lower().startswith("weight") for line in provenance):
         kinds = sorted(set(df["weights"].dropna().astype(str))) if "weights" in df else []
         if "random" in kinds:
             lines.append("weights: RANDOM init for at least one backbone - no pretrained features")
-        lines.append(f"weights: {', '.join(kinds)} (as stated in the results)" if kinds else "weights: not stated in the results")
+        lines.append(
+            f"weights: {', '.join(kinds)} (as stated in the results)" if kinds else "weights: not stated in the results"
+        )
     return lines

@@ -31,7 +31,9 @@ def _header_shape(path: Path, on_bad: str, skipped: list) -> tuple[int, ...] | N
 
 def _same_shape(img: Path, img_shape, other: Path, other_shape) -> None:
     if tuple(img_shape[:3]) != tuple(other_shape[:3]):
-        raise DataError(f"{other}: shape {tuple(other_shape[:3])} does not match its image {img} {tuple(img_shape[:3])}")
+        raise DataError(
+            f"{other}: shape {tuple(other_shape[:3])} does not match its image {img} {tuple(img_shape[:3])}"
+        )
 
 
 def _real(spec, title, root, split_how, **kw) -> dict:
@@ -56,11 +58,19 @@ def prepare_rsna(spec, storage: Path) -> PreparedDataset:
         raise DataError(f"{csv}, line {i + 2}: label Target={raw['Target'][i]} not in the class list [0, 1]")
     per = raw.groupby("patientId", sort=True)["Target"].max()
     images = root / "stage_2_train_images"
-    df = pd.DataFrame({"sample_id": per.index, "patient_id": per.index,
-                       "path": [str(images / f"{p}.dcm") for p in per.index], "Pneumonia": per.to_numpy().astype(int)})
+    df = pd.DataFrame(
+        {
+            "sample_id": per.index,
+            "patient_id": per.index,
+            "path": [str(images / f"{p}.dcm") for p in per.index],
+            "Pneumonia": per.to_numpy().astype(int),
+        }
+    )
     absent = [p for p in df["path"] if not Path(p).is_file()]
     if absent and spec.on_bad_file == "error":
-        raise DataError(f"RSNA Pneumonia: {len(absent)} image(s) in {csv.name} missing (first: {absent[0]}). Expected layout:\n{RSNA_LAYOUT}")
+        raise DataError(
+            f"RSNA Pneumonia: {len(absent)} image(s) in {csv.name} missing (first: {absent[0]}). Expected layout:\n{RSNA_LAYOUT}"
+        )
     df["split"], how = patient_splits(df, spec)  # the MGCA split list is not public in this layout
     return PreparedDataset(spec.name, "multilabel", ["Pneumonia"], df, _real(spec, "RSNA Pneumonia", root, how), root)
 
@@ -68,10 +78,24 @@ def prepare_rsna(spec, storage: Path) -> PreparedDataset:
 # ---------------------------------------------------------------- CT-RATE (NIfTI + multi-abnormality labels)
 
 CT_RATE_CLASSES = [
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
-    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
-    "Peribronchial thickening", "Consolidation", "Bronchiectasis", "Interlobular septal thickening",
+    "Medical material",
+    "Arterial wall calcification",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Coronary artery wall calcification",
+    "Hiatal hernia",
+    "Lymphadenopathy",
+    "Emphysema",
+    "Atelectasis",
+    "Lung nodule",
+    "Lung opacity",
+    "Pulmonary fibrotic sequela",
+    "Pleural effusion",
+    "Mosaic attenuation pattern",
+    "Peribronchial thickening",
+    "Consolidation",
+    "Bronchiectasis",
+    "Interlobular septal thickening",
 ]
 CT_RATE_LAYOUT = """    dataset/train/train_<patient>/train_<patient>_<scan>/train_<patient>_<scan>_<recon>.nii.gz
     dataset/valid/valid_<patient>/...                                  (official validation = test here)
@@ -94,10 +118,14 @@ def prepare_ct_rate(spec, storage: Path) -> PreparedDataset:
             for c in CT_RATE_CLASSES:
                 bad = ~lab[c].isin([0, 1])
                 if bad.any():
-                    raise DataError(f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value {lab[c][bad.idxmax()]!r} is not 0 or 1")
+                    raise DataError(
+                        f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value {lab[c][bad.idxmax()]!r} is not 0 or 1"
+                    )
             frames.append(lab.assign(split=split, _csv=str(csv)))
     if not frames:
-        raise DataError(f"CT-RATE: no multi_abnormality_labels/*_predicted_labels.csv under {base}. Expected layout:\n{CT_RATE_LAYOUT}")
+        raise DataError(
+            f"CT-RATE: no multi_abnormality_labels/*_predicted_labels.csv under {base}. Expected layout:\n{CT_RATE_LAYOUT}"
+        )
     lab = pd.concat(frames, ignore_index=True)[["VolumeName", *CT_RATE_CLASSES, "split", "_csv"]]
     files = {p.name: p for p in base.rglob("*.nii.gz")}
     rows, skipped = [], []
@@ -108,13 +136,22 @@ def prepare_ct_rate(spec, storage: Path) -> PreparedDataset:
             if spec.on_bad_file == "skip":
                 skipped.append({"sample_id": name.removesuffix(".nii.gz"), "path": name, "reason": "missing"})
                 continue
-            raise DataError(f"CT-RATE: volume {name} (listed in {Path(r[-1]).name}) not found under {base}. Expected layout:\n{CT_RATE_LAYOUT}")
+            raise DataError(
+                f"CT-RATE: volume {name} (listed in {Path(r[-1]).name}) not found under {base}. Expected layout:\n{CT_RATE_LAYOUT}"
+            )
         shape = _header_shape(p, spec.on_bad_file, skipped)
         if shape is None:
             continue
-        rows.append({"sample_id": name.removesuffix(".nii.gz"), "patient_id": "_".join(name.split("_")[:2]),
-                     "path": str(p), "n_slices": shape[2], "split": r.split,
-                     **{c: int(v) for c, v in zip(CT_RATE_CLASSES, r[1:1 + len(CT_RATE_CLASSES)])}})
+        rows.append(
+            {
+                "sample_id": name.removesuffix(".nii.gz"),
+                "patient_id": "_".join(name.split("_")[:2]),
+                "path": str(p),
+                "n_slices": shape[2],
+                "split": r.split,
+                **{c: int(v) for c, v in zip(CT_RATE_CLASSES, r[1 : 1 + len(CT_RATE_CLASSES)])},
+            }
+        )
     df = pd.DataFrame(rows)
     df["split"], how = patient_splits(df, spec, df["split"])
     ds = PreparedDataset(spec.name, "multilabel", list(CT_RATE_CLASSES), df, _real(spec, "CT-RATE", root, how), root)
@@ -133,8 +170,10 @@ MEDMNIST_SOURCE = "https://medmnist.com (Zenodo record 10519652; `pip install me
 def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "MedMNIST+", MEDMNIST_LAYOUT, MEDMNIST_SOURCE)
     if not spec.subset:
-        raise DataError(f"MedMNIST+: name the file with dataset.subset (e.g. 'organmnist3d_64'); found: "
-                        f"{sorted(p.stem for p in root.glob('*.npz'))}")
+        raise DataError(
+            f"MedMNIST+: name the file with dataset.subset (e.g. 'organmnist3d_64'); found: "
+            f"{sorted(p.stem for p in root.glob('*.npz'))}"
+        )
     path = require(root / f"{spec.subset}.npz", "MedMNIST+", MEDMNIST_LAYOUT)
     frames = []
     try:
@@ -156,12 +195,26 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
             raise DataError(f"{path}: {split}_labels has label {int(y.max())} outside classes 0..{n_cls - 1}")
         onehot = y if multilabel else np.eye(n_cls, dtype=int)[y[:, 0]]
         for i in range(len(y)):
-            rows.append({"sample_id": f"{split}_{i}", "patient_id": f"{split}_{i}", "path": str(path), "npz_index": i,
-                         "split": split, **({"n_slices": shape[1]} if len(shape) == 4 else {}),
-                         **dict(zip(classes, onehot[i].astype(int).tolist()))})
+            rows.append(
+                {
+                    "sample_id": f"{split}_{i}",
+                    "patient_id": f"{split}_{i}",
+                    "path": str(path),
+                    "npz_index": i,
+                    "split": split,
+                    **({"n_slices": shape[1]} if len(shape) == 4 else {}),
+                    **dict(zip(classes, onehot[i].astype(int).tolist())),
+                }
+            )
     df = pd.DataFrame(rows)
-    return PreparedDataset(spec.name, "multilabel" if multilabel else "multiclass", classes, df,
-                           _real(spec, f"MedMNIST+ {spec.subset}", root, "official (no patient ids: sample-level)"), root)
+    return PreparedDataset(
+        spec.name,
+        "multilabel" if multilabel else "multiclass",
+        classes,
+        df,
+        _real(spec, f"MedMNIST+ {spec.subset}", root, "official (no patient ids: sample-level)"),
+        root,
+    )
 
 
 # ---------------------------------------------------------------- Medical Segmentation Decathlon
@@ -190,10 +243,14 @@ def prepare_msd(spec, storage: Path) -> PreparedDataset:
             continue
         _same_shape(img, shapes[0], lab, shapes[1])
         case = img.name.removesuffix(".nii.gz")
-        rows.append({"sample_id": case, "patient_id": case, "path": str(img), "mask_path": str(lab), "n_slices": shapes[0][2]})
+        rows.append(
+            {"sample_id": case, "patient_id": case, "path": str(img), "mask_path": str(lab), "n_slices": shapes[0][2]}
+        )
     df = pd.DataFrame(rows)
     df["split"], how = patient_splits(df, spec)  # MSD publishes no labelled test set; 5-fold CV is by case
-    ds = PreparedDataset(spec.name, "segmentation", [], df, _real(spec, f"MSD {task_dir.name}", root, how), root, mask_labels=labels)
+    ds = PreparedDataset(
+        spec.name, "segmentation", [], df, _real(spec, f"MSD {task_dir.name}", root, how), root, mask_labels=labels
+    )
     ds.skipped.extend(skipped)
     return ds
 
@@ -221,13 +278,23 @@ def prepare_autopet(spec, storage: Path) -> PreparedDataset:
             continue
         for p, s in zip(trio[1:], shapes[1:]):
             _same_shape(ct, shapes[0], p, s)
-        rows.append({"sample_id": f"{study.parent.name}/{study.name}", "patient_id": study.parent.name, "path": str(ct),
-                     "pet_path": str(trio[1]), "mask_path": str(trio[2]), "n_slices": shapes[0][2]})
+        rows.append(
+            {
+                "sample_id": f"{study.parent.name}/{study.name}",
+                "patient_id": study.parent.name,
+                "path": str(ct),
+                "pet_path": str(trio[1]),
+                "mask_path": str(trio[2]),
+                "n_slices": shapes[0][2],
+            }
+        )
     if not rows:
         raise DataError(f"AutoPET: no <patient>/<study>/CTres.nii.gz under {root}. Expected layout:\n{AUTOPET_LAYOUT}")
     df = pd.DataFrame(rows)
     df["split"], how = patient_splits(df, spec)
-    ds = PreparedDataset(spec.name, "segmentation", [], df, _real(spec, "AutoPET", root, how), root, mask_labels={1: "lesion"})
+    ds = PreparedDataset(
+        spec.name, "segmentation", [], df, _real(spec, "AutoPET", root, how), root, mask_labels={1: "lesion"}
+    )
     ds.skipped.extend(skipped)
     return ds
 
@@ -250,13 +317,23 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
             raise DataError(f"{csv}, line {i + 2}: label '{lab}' not in the class list {allowed}")
     rows = []
     for s in slides.itertuples(index=False):
-        tiles = sorted(p for p in (root / s.slide_id).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+        tiles = sorted(
+            p for p in (root / s.slide_id).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+        )
         if not tiles:
             raise DataError(f"WSI tile bags: slide '{s.slide_id}' (in {csv.name}) has no tiles in {root / s.slide_id}")
         pid = getattr(s, "patient_id", "") or s.slide_id
         for t in tiles:
-            rows.append({"sample_id": f"{s.slide_id}/{t.stem}", "patient_id": pid, "bag_id": s.slide_id, "path": str(t),
-                         "tumor": int(s.label == "tumor"), "_split": getattr(s, "split", "")})
+            rows.append(
+                {
+                    "sample_id": f"{s.slide_id}/{t.stem}",
+                    "patient_id": pid,
+                    "bag_id": s.slide_id,
+                    "path": str(t),
+                    "tumor": int(s.label == "tumor"),
+                    "_split": getattr(s, "split", ""),
+                }
+            )
     df = pd.DataFrame(rows)
     official = df.pop("_split")
     df["split"], how = patient_splits(df, spec, official if (official != "").all() else None)
@@ -280,7 +357,9 @@ def prepare_cremi(spec, storage: Path) -> PreparedDataset:
     for s in wanted:
         found = sorted([*root.glob(f"sample_{s}_*.hdf"), *root.glob(f"sample_{s}*.h5"), *root.glob(f"sample_{s}.hdf")])
         if not found:
-            raise DataError(f"CREMI: no file for sample {s} under {root}. Expected layout:\n{CREMI_LAYOUT}\nSource: {CREMI_SOURCE}")
+            raise DataError(
+                f"CREMI: no file for sample {s} under {root}. Expected layout:\n{CREMI_LAYOUT}\nSource: {CREMI_SOURCE}"
+            )
         path = found[0]
         try:
             with h5py.File(path, "r") as f:
@@ -295,9 +374,25 @@ def prepare_cremi(spec, storage: Path) -> PreparedDataset:
         n_val = max(1, round(spec.split.val_fraction * n))
         cuts = {"train": (0, n - n_test - n_val), "val": (n - n_test - n_val, n - n_test), "test": (n - n_test, n)}
         for split, (z0, z1) in cuts.items():
-            rows.append({"sample_id": f"{s}:{z0}-{z1}", "patient_id": f"{s}:{split}", "path": str(path),
-                         "volume_key": "volumes/raw", "mask_key": "volumes/labels/neuron_ids",
-                         "z_start": z0, "z_stop": z1, "n_slices": z1 - z0, "split": split})
+            rows.append(
+                {
+                    "sample_id": f"{s}:{z0}-{z1}",
+                    "patient_id": f"{s}:{split}",
+                    "path": str(path),
+                    "volume_key": "volumes/raw",
+                    "mask_key": "volumes/labels/neuron_ids",
+                    "z_start": z0,
+                    "z_stop": z1,
+                    "n_slices": z1 - z0,
+                    "split": split,
+                }
+            )
     df = pd.DataFrame(rows)
-    return PreparedDataset(spec.name, "instance_segmentation", [], df,
-                           _real(spec, "CREMI", root, "first sections train, last test (per sample)"), root)
+    return PreparedDataset(
+        spec.name,
+        "instance_segmentation",
+        [],
+        df,
+        _real(spec, "CREMI", root, "first sections train, last test (per sample)"),
+        root,
+    )

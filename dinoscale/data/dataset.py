@@ -29,7 +29,17 @@ SPLITS = ("train", "val", "test")
 #   path is the CT), bag_id (WSI: the slide a tile belongs to; one row per tile), z_start/z_stop
 #   (a block of sections of one EM volume), volume_key/mask_key (HDF5 dataset names), tile_label
 #   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array).
-EXTRA_COLUMNS = ("n_slices", "mask_path", "pet_path", "bag_id", "z_start", "z_stop", "volume_key", "mask_key", "npz_index")
+EXTRA_COLUMNS = (
+    "n_slices",
+    "mask_path",
+    "pet_path",
+    "bag_id",
+    "z_start",
+    "z_stop",
+    "volume_key",
+    "mask_key",
+    "npz_index",
+)
 FILE_COLUMNS = ("mask_path", "pet_path")
 # Extra co-registered inputs of a row, by name -> manifest column (the row's ``path`` is the first channel).
 CHANNEL_COLUMNS = {"pet": "pet_path"}
@@ -149,7 +159,8 @@ class PreparedDataset:
         """What extraction reads for a split, row by row."""
         df = self.split(split)
         return RowSources(
-            df["sample_id"].astype(str).tolist(), _items(df),
+            df["sample_id"].astype(str).tolist(),
+            _items(df),
             df["n_slices"].astype(int).tolist() if self.volumetric else None,
             {name: df[col].tolist() for name, col in CHANNEL_COLUMNS.items() if col in df.columns},
         )
@@ -167,20 +178,29 @@ class PreparedDataset:
             df = df.assign(bag_id=df["bag_id"].astype(str), sample_id=ids)
             mixed = df.groupby("bag_id")[self.classes].nunique().gt(1).any(axis=1)
             if mixed.any():
-                raise DataError(f"dataset '{self.name}': bag(s) {list(mixed.index[mixed])[:5]} have rows with different labels")
+                raise DataError(
+                    f"dataset '{self.name}': bag(s) {list(mixed.index[mixed])[:5]} have rows with different labels"
+                )
             first = df.drop_duplicates("bag_id")  # bags in order of first appearance
             members = df.groupby("bag_id", sort=False)["sample_id"].apply(list)
-            return SplitUnits(first["bag_id"].tolist(), first["patient_id"].astype(str).to_numpy(),
-                              first[self.classes].to_numpy(dtype="float32"), members=members.loc[first["bag_id"]].tolist())
+            return SplitUnits(
+                first["bag_id"].tolist(),
+                first["patient_id"].astype(str).to_numpy(),
+                first[self.classes].to_numpy(dtype="float32"),
+                members=members.loc[first["bag_id"]].tolist(),
+            )
         masks = None
         if "mask_key" in df.columns:
             masks = _items(df, "path", "mask_key")
         elif "mask_path" in df.columns:
             masks = df["mask_path"].tolist()
         return SplitUnits(
-            ids.tolist(), df["patient_id"].astype(str).to_numpy(),
+            ids.tolist(),
+            df["patient_id"].astype(str).to_numpy(),
             df[self.classes].to_numpy(dtype="float32") if self.classes else np.zeros((len(df), 0), np.float32),
-            _items(df), n_slices=df["n_slices"].astype(int).tolist() if self.volumetric else None, masks=masks,
+            _items(df),
+            n_slices=df["n_slices"].astype(int).tolist() if self.volumetric else None,
+            masks=masks,
         )
 
     def manifest_digest(self, split: str) -> str:

@@ -22,7 +22,9 @@ def data_root(spec, title: str, layout: str, source: str, want_file: bool = Fals
     if not ok:
         unset = re.findall(r"\$\{?(\w+)", str(root))
         hint = f" (environment variable(s) {', '.join(unset)} not set)" if unset else ""
-        raise DataError(f"{title}: data root '{root}'{hint} does not exist. Expected layout:\n{layout}\nSource: {source}")
+        raise DataError(
+            f"{title}: data root '{root}'{hint} does not exist. Expected layout:\n{layout}\nSource: {source}"
+        )
     return root
 
 
@@ -47,7 +49,9 @@ def patient_splits(df: pd.DataFrame, spec, official: pd.Series | None = None) ->
         if not (split == "val").any():
             split = carve_val_from_train(df.assign(split=split), spec.split.val_fraction, spec.split.seed)
         return split, "official" + ("" if (official == "val").any() else " + patient-level val")
-    return assign_patient_splits(df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed), "patient-level random"
+    return assign_patient_splits(
+        df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed
+    ), "patient-level random"
 
 
 def atomic_dir(out_dir: Path, write: Callable[[Path], None], marker: str = "manifest.csv") -> None:

@@ -26,8 +26,11 @@ SOURCE = "your own CSV (see the layout above)"
 
 @register_dataset("manifest", task="auto")
 def prepare_manifest(spec, storage: Path) -> PreparedDataset:
-    root = data_root(spec, "manifest", LAYOUT, SOURCE, want_file=False) if not str(spec.root).endswith(".csv") \
+    root = (
+        data_root(spec, "manifest", LAYOUT, SOURCE, want_file=False)
+        if not str(spec.root).endswith(".csv")
         else data_root(spec, "manifest", LAYOUT, SOURCE, want_file=True)
+    )
     csv = root if root.is_file() else root / "manifest.csv"
     if not csv.is_file():
         raise DataError(f"manifest: no manifest.csv in {root}. Expected layout:\n{LAYOUT}")
@@ -42,12 +45,15 @@ def prepare_manifest(spec, storage: Path) -> PreparedDataset:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
 
-    df = pd.DataFrame({
-        "sample_id": raw["sample_id"] if "sample_id" in raw and (raw["sample_id"] != "").all()
-        else [f"{Path(p).name.split('.')[0]}_{i}" for i, p in enumerate(raw["path"])],
-        "patient_id": raw["patient_id"].astype(str),
-        "path": [resolve(p) for p in raw["path"]],
-    })
+    df = pd.DataFrame(
+        {
+            "sample_id": raw["sample_id"]
+            if "sample_id" in raw and (raw["sample_id"] != "").all()
+            else [f"{Path(p).name.split('.')[0]}_{i}" for i, p in enumerate(raw["path"])],
+            "patient_id": raw["patient_id"].astype(str),
+            "path": [resolve(p) for p in raw["path"]],
+        }
+    )
     if (raw["patient_id"] == "").any():
         row = int((raw["patient_id"] == "").idxmax()) + 2
         raise DataError(f"{csv}, line {row}: empty patient_id (splits are patient-level; every row needs one)")
@@ -83,6 +89,15 @@ def prepare_manifest(spec, storage: Path) -> PreparedDataset:
     df["split"], how = patient_splits(df, spec, official)
     task = "segmentation" if "mask_path" in df and not classes else "multilabel"
     return PreparedDataset(
-        name=spec.name, task=task, classes=classes, manifest=df, root=base,
-        provenance={"data.source": "real", "data.name": f"manifest {csv.name}", "data.root": str(base), "data.split": how},
+        name=spec.name,
+        task=task,
+        classes=classes,
+        manifest=df,
+        root=base,
+        provenance={
+            "data.source": "real",
+            "data.name": f"manifest {csv.name}",
+            "data.root": str(base),
+            "data.split": how,
+        },
     )

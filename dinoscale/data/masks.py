@@ -32,7 +32,9 @@ def _read_mask(path: str, volume: bool) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def load_label_maps(mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None) -> np.ndarray:
+def load_label_maps(
+    mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None
+) -> np.ndarray:
     """(n, H, W) for 2D images, (n, S, H, W) for volumes (slices along the file's last axis).
 
     ``n_classes``: semantic labels must lie in [0, n_classes); None: instance ids (any non-negative).
@@ -45,8 +47,10 @@ def load_label_maps(mask_paths: Sequence[str] | None, n_slices: Sequence[int] | 
         arr = _read_mask(path, volume=n_slices is not None)
         if n_slices is not None:
             if arr.ndim != 3 or arr.shape[-1] != int(n_slices[i]):
-                raise DataError(f"{path}: mask of shape {tuple(arr.shape)} does not match its image "
-                                f"({int(n_slices[i])} slices along the last axis)")
+                raise DataError(
+                    f"{path}: mask of shape {tuple(arr.shape)} does not match its image "
+                    f"({int(n_slices[i])} slices along the last axis)"
+                )
             arr = np.moveaxis(arr, -1, 0)  # (S, H, W)
         elif arr.ndim != 2:
             raise DataError(f"{path}: expected a 2D label map, got shape {tuple(arr.shape)}")
@@ -54,10 +58,14 @@ def load_label_maps(mask_paths: Sequence[str] | None, n_slices: Sequence[int] | 
             raise DataError(f"{path}: negative label {int(arr.min())}")
         if n_classes is not None and arr.max(initial=0) >= n_classes:
             bad = sorted(int(v) for v in np.unique(arr[arr >= n_classes]))
-            raise DataError(f"{path}: label value(s) {bad[:10]} outside the probe's {n_classes} classes "
-                            f"(0..{n_classes - 1}); set the probe's n_classes to the dataset's label count")
+            raise DataError(
+                f"{path}: label value(s) {bad[:10]} outside the probe's {n_classes} classes "
+                f"(0..{n_classes - 1}); set the probe's n_classes to the dataset's label count"
+            )
         if maps and arr.shape != maps[0].shape:
-            raise DataError(f"{path}: mask shape {tuple(arr.shape)} differs from {mask_paths[0]} {tuple(maps[0].shape)}; "
-                            "segmentation cells stack volumes, so every image / volume needs one shape")
+            raise DataError(
+                f"{path}: mask shape {tuple(arr.shape)} differs from {mask_paths[0]} {tuple(maps[0].shape)}; "
+                "segmentation cells stack volumes, so every image / volume needs one shape"
+            )
         maps.append(arr)
     return np.stack(maps)

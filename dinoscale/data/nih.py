@@ -22,8 +22,20 @@ from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
 from dinoscale.data.splits import assign_patient_splits, carve_val_from_train
 
 CLASSES = [
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 ]
 LAYOUT = __doc__.split("Expected under ``root``::")[1].split("Val is carved")[0].strip("\n").rstrip()
 SOURCE = "https://nihcc.app.box.com/v/ChestXray-NIHCC (or Kaggle: nih-chest-xrays/data)"
@@ -33,7 +45,9 @@ def _entry_csv(root: Path) -> Path:
     for name in ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"NIH ChestX-ray14: no Data_Entry_2017.csv under {root}. Expected layout:\n{LAYOUT}\nSource: {SOURCE}")
+    raise DataError(
+        f"NIH ChestX-ray14: no Data_Entry_2017.csv under {root}. Expected layout:\n{LAYOUT}\nSource: {SOURCE}"
+    )
 
 
 def _index_images(root: Path) -> dict[str, Path]:
@@ -53,8 +67,7 @@ def prepare_nih(spec, storage: Path) -> PreparedDataset:
         unset = [v for v in re.findall(r"\$\{?(\w+)", str(root))]
         hint = f" (environment variable(s) {', '.join(unset)} not set)" if unset else ""
         raise DataError(
-            f"NIH ChestX-ray14: data root '{root}'{hint} does not exist. Expected layout:\n"
-            f"{LAYOUT}\nSource: {SOURCE}"
+            f"NIH ChestX-ray14: data root '{root}'{hint} does not exist. Expected layout:\n{LAYOUT}\nSource: {SOURCE}"
         )
     entries = pd.read_csv(_entry_csv(root))
     missing_cols = {"Image Index", "Finding Labels", "Patient ID"} - set(entries.columns)
@@ -71,11 +84,13 @@ def prepare_nih(spec, storage: Path) -> PreparedDataset:
     unknown = sorted({x for ls in labels for x in ls} - set(CLASSES) - {"No Finding"})
     if unknown:
         raise DataError(f"{_entry_csv(root)}: unknown finding label(s) {unknown}; expected {CLASSES} or 'No Finding'")
-    df = pd.DataFrame({
-        "sample_id": entries["Image Index"].str.removesuffix(".png"),
-        "patient_id": entries["Patient ID"].astype(str),
-        "path": [str(images[n]) for n in entries["Image Index"]],
-    })
+    df = pd.DataFrame(
+        {
+            "sample_id": entries["Image Index"].str.removesuffix(".png"),
+            "patient_id": entries["Patient ID"].astype(str),
+            "path": [str(images[n]) for n in entries["Image Index"]],
+        }
+    )
     for c in CLASSES:
         df[c] = [int(c in ls) for ls in labels]
     official = (root / "train_val_list.txt").is_file() and (root / "test_list.txt").is_file()
@@ -85,7 +100,9 @@ def prepare_nih(spec, storage: Path) -> PreparedDataset:
         df["split"] = carve_val_from_train(df, spec.split.val_fraction, spec.split.seed)
         split_source = "official lists + patient-level val"
     else:
-        df["split"] = assign_patient_splits(df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed)
+        df["split"] = assign_patient_splits(
+            df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed
+        )
         split_source = "patient-level random"
     return PreparedDataset(
         name=spec.name,
@@ -93,5 +110,10 @@ def prepare_nih(spec, storage: Path) -> PreparedDataset:
         classes=list(CLASSES),
         manifest=df,
         root=root,
-        provenance={"data.source": "real", "data.name": "NIH ChestX-ray14", "data.root": str(root), "data.split": split_source},
+        provenance={
+            "data.source": "real",
+            "data.name": "NIH ChestX-ray14",
+            "data.root": str(root),
+            "data.split": split_source,
+        },
     )

@@ -47,9 +47,7 @@ def _ellipse(yy, xx, cy, cx, ry, rx, soft=0.01):
 def render_xray(size: int, anatomy: dict, findings: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One image in [0, 1] (float32, size x size) with the given findings (0/1 per CLASSES)."""
     dy, dx = rng.uniform(-0.025, 0.025, 2)
-    yy, xx = np.meshgrid(
-        (np.arange(size) + 0.5) / size - dy, (np.arange(size) + 0.5) / size - dx, indexing="ij"
-    )
+    yy, xx = np.meshgrid((np.arange(size) + 0.5) / size - dy, (np.arange(size) + 0.5) / size - dx, indexing="ij")
     w = anatomy["body_width"]
     img = 0.05 + 0.5 * _ellipse(yy, xx, 0.55, 0.5, 0.5, 0.42 * w, soft=0.05)
     lung_l = _ellipse(yy, xx, 0.45, 0.5 - 0.18 * w, 0.28, 0.13 * w, soft=0.03)
@@ -89,7 +87,9 @@ def _config_digest(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def generate(out_dir: Path, seed: int, n_patients: int, images_per_patient: tuple[int, int], image_size: int) -> pd.DataFrame:
+def generate(
+    out_dir: Path, seed: int, n_patients: int, images_per_patient: tuple[int, int], image_size: int
+) -> pd.DataFrame:
     """Write PNGs and ``manifest.csv`` into ``out_dir`` (atomically); returns the manifest."""
     from PIL import Image
 
@@ -111,12 +111,21 @@ def generate(out_dir: Path, seed: int, n_patients: int, images_per_patient: tupl
         has = rng.random(len(CLASSES)) < PATIENT_PREVALENCE
         n_img = int(rng.integers(images_per_patient[0], images_per_patient[1] + 1))
         for i in range(n_img):
-            shown = np.where(has, rng.random(len(CLASSES)) < P_SHOWN_IF_PATIENT_HAS, rng.random(len(CLASSES)) < P_SHOWN_OTHERWISE)
+            shown = np.where(
+                has, rng.random(len(CLASSES)) < P_SHOWN_IF_PATIENT_HAS, rng.random(len(CLASSES)) < P_SHOWN_OTHERWISE
+            )
             img = render_xray(image_size, anatomy, shown, rng)
             sample_id = f"P{p:05d}_{i:02d}"
             fname = f"images/{sample_id}.png"
             Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(tmp / fname)
-            rows.append({"sample_id": sample_id, "patient_id": f"P{p:05d}", "path": fname, **dict(zip(CLASSES, shown.astype(int)))})
+            rows.append(
+                {
+                    "sample_id": sample_id,
+                    "patient_id": f"P{p:05d}",
+                    "path": fname,
+                    **dict(zip(CLASSES, shown.astype(int))),
+                }
+            )
     df = pd.DataFrame(rows)
     df.to_csv(tmp / "manifest.csv", index=False)
     (tmp / "PHANTOM.txt").write_text(
@@ -134,12 +143,19 @@ def prepare_phantom_xray(spec, storage: Path) -> PreparedDataset:
     from dinoscale.spec import PhantomSpec
 
     ph = spec.phantom or PhantomSpec()
-    cfg = {"seed": ph.seed, "n_patients": ph.n_patients, "images_per_patient": list(ph.images_per_patient), "image_size": ph.image_size}
+    cfg = {
+        "seed": ph.seed,
+        "n_patients": ph.n_patients,
+        "images_per_patient": list(ph.images_per_patient),
+        "image_size": ph.image_size,
+    }
     root = Path(storage) / "data" / GENERATOR / _config_digest(cfg)
     root.parent.mkdir(parents=True, exist_ok=True)
     df = generate(root, ph.seed, ph.n_patients, ph.images_per_patient, ph.image_size)
     df["path"] = [str(root / p) for p in df["path"]]
-    df["split"] = assign_patient_splits(df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed)
+    df["split"] = assign_patient_splits(
+        df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed
+    )
     return PreparedDataset(
         name=spec.name,
         task="multilabel",

@@ -63,7 +63,7 @@ def _z_aniso(n: int, depth: int, spacing) -> float:
 
 
 def _ball(xx, yy, zz, c, r, aniso=1.0):
-    return ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) * aniso) ** 2) < r ** 2
+    return ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) * aniso) ** 2) < r**2
 
 
 def _chest(n, depth, rng):
@@ -109,8 +109,9 @@ def _render_mri(n, depth, has_tumour, has_lesions, rng):
     img[brain] = 0.55  # grey matter
     img[r2 < 0.45] = 0.75  # white matter
     mask = np.zeros(xx.shape, np.uint8)
-    vent = (((xx - 0.46) / 0.05) ** 2 + ((yy - 0.5) / 0.14) ** 2 + ((zz - 0.5) / 0.3) ** 2 < 1) | \
-           (((xx - 0.54) / 0.05) ** 2 + ((yy - 0.5) / 0.14) ** 2 + ((zz - 0.5) / 0.3) ** 2 < 1)
+    vent = (((xx - 0.46) / 0.05) ** 2 + ((yy - 0.5) / 0.14) ** 2 + ((zz - 0.5) / 0.3) ** 2 < 1) | (
+        ((xx - 0.54) / 0.05) ** 2 + ((yy - 0.5) / 0.14) ** 2 + ((zz - 0.5) / 0.3) ** 2 < 1
+    )
     img[vent], mask[vent] = 0.15, 1
     if has_tumour:
         c = (0.5 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.22), rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65))
@@ -171,8 +172,13 @@ def _image_and_mask(tmp: Path, sid: str, pid: str, img, mask, suffix: str, spaci
     """Write ``<sid>.nii.gz`` and ``<sid>_<suffix>.nii.gz``; return the volume's manifest row."""
     _save_nifti(tmp / f"{sid}.nii.gz", img, spacing, img_dtype)
     _save_nifti(tmp / f"{sid}_{suffix}.nii.gz", mask, spacing, mask_dtype)
-    return {"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz", "mask_path": f"{sid}_{suffix}.nii.gz",
-            "n_slices": img.shape[-1]}
+    return {
+        "sample_id": sid,
+        "patient_id": pid,
+        "path": f"{sid}.nii.gz",
+        "mask_path": f"{sid}_{suffix}.nii.gz",
+        "n_slices": img.shape[-1],
+    }
 
 
 def _patients(ph, nmin_max=None):
@@ -196,8 +202,15 @@ def _writer(kind: str, ph):
                     shown = has & (rng.random(3) < 0.9)
                     sid = f"{pid}_{i}"
                     _save_nifti(tmp / f"{sid}.nii.gz", _render_ct(n, depth, shown, rng), sp, np.int16)
-                    rows.append({"sample_id": sid, "patient_id": pid, "path": f"{sid}.nii.gz", "n_slices": depth,
-                                 **dict(zip(CT_CLASSES, shown.astype(int)))})
+                    rows.append(
+                        {
+                            "sample_id": sid,
+                            "patient_id": pid,
+                            "path": f"{sid}.nii.gz",
+                            "n_slices": depth,
+                            **dict(zip(CT_CLASSES, shown.astype(int))),
+                        }
+                    )
             elif kind == "mri":
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
@@ -216,8 +229,16 @@ def _writer(kind: str, ph):
                     _save_nifti(tmp / sid / "CTres.nii.gz", ct, sp, np.int16)
                     _save_nifti(tmp / sid / "SUV.nii.gz", suv, sp, np.float32)
                     _save_nifti(tmp / sid / "SEG.nii.gz", mask, sp, np.uint8)
-                    rows.append({"sample_id": sid, "patient_id": pid, "path": f"{sid}/CTres.nii.gz",
-                                 "pet_path": f"{sid}/SUV.nii.gz", "mask_path": f"{sid}/SEG.nii.gz", "n_slices": depth})
+                    rows.append(
+                        {
+                            "sample_id": sid,
+                            "patient_id": pid,
+                            "path": f"{sid}/CTres.nii.gz",
+                            "pet_path": f"{sid}/SUV.nii.gz",
+                            "mask_path": f"{sid}/SEG.nii.gz",
+                            "n_slices": depth,
+                        }
+                    )
             elif kind == "wsi":
                 from PIL import Image
 
@@ -230,10 +251,20 @@ def _writer(kind: str, ph):
                     for t in range(ph.tiles_per_slide):
                         tile = _render_tile(n, t in pos, rng)
                         Image.fromarray(tile, mode="RGB").save(tmp / slide / f"tile_{t:04d}.png")
-                        rows.append({"sample_id": f"{slide}_{t:04d}", "patient_id": pid, "bag_id": slide,
-                                     "path": f"{slide}/tile_{t:04d}.png", "tumor": int(tumour), "tile_label": int(t in pos)})
+                        rows.append(
+                            {
+                                "sample_id": f"{slide}_{t:04d}",
+                                "patient_id": pid,
+                                "bag_id": slide,
+                                "path": f"{slide}/tile_{t:04d}.png",
+                                "tumor": int(tumour),
+                                "tile_label": int(t in pos),
+                            }
+                        )
         pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
-        (tmp / "PHANTOM.txt").write_text(f"Synthetic {kind} phantom (phantom-{kind} v{VERSION}, seed {ph.seed}). Not patient data.\n")
+        (tmp / "PHANTOM.txt").write_text(
+            f"Synthetic {kind} phantom (phantom-{kind} v{VERSION}, seed {ph.seed}). Not patient data.\n"
+        )
 
     return write
 
@@ -260,7 +291,13 @@ def _render_tile(n: int, tumour: bool, rng) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-_TASK = {"ct": "multilabel", "mri": "segmentation", "em": "instance_segmentation", "petct": "segmentation", "wsi": "mil"}
+_TASK = {
+    "ct": "multilabel",
+    "mri": "segmentation",
+    "em": "instance_segmentation",
+    "petct": "segmentation",
+    "wsi": "mil",
+}
 _CLASSES = {"ct": CT_CLASSES, "mri": [], "em": [], "petct": [], "wsi": ["tumor"]}
 _MASK_LABELS = {"mri": MRI_LABELS, "petct": PETCT_LABELS, "em": {}}
 
@@ -269,8 +306,16 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
     from dinoscale.spec import PhantomSpec
 
     ph = spec.phantom or PhantomSpec()
-    cfg = {"generator": f"phantom-{kind}", "version": VERSION, "seed": ph.seed, "n_patients": ph.n_patients,
-           "per_patient": list(ph.images_per_patient), "size": ph.image_size, "depth": ph.depth, "tiles": ph.tiles_per_slide}
+    cfg = {
+        "generator": f"phantom-{kind}",
+        "version": VERSION,
+        "seed": ph.seed,
+        "n_patients": ph.n_patients,
+        "per_patient": list(ph.images_per_patient),
+        "size": ph.image_size,
+        "depth": ph.depth,
+        "tiles": ph.tiles_per_slide,
+    }
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(storage) / "data" / f"phantom-{kind}" / digest
     atomic_dir(root, _writer(kind, ph))
@@ -278,15 +323,26 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
     for c in ("path", "mask_path", "pet_path"):
         if c in df:
             df[c] = [str(root / p) for p in df[c]]
-    df["split"] = assign_patient_splits(df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed)
+    df["split"] = assign_patient_splits(
+        df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed
+    )
     return PreparedDataset(
-        name=spec.name, task=_TASK[kind], classes=list(_CLASSES[kind]), manifest=df, root=root,
+        name=spec.name,
+        task=_TASK[kind],
+        classes=list(_CLASSES[kind]),
+        manifest=df,
+        root=root,
         mask_labels=dict(_MASK_LABELS.get(kind, {})),
-        provenance={"data.source": "phantom", "data.generator": f"phantom-{kind} v{VERSION}", "data.seed": str(ph.seed),
-                    "data.name": spec.name},
+        provenance={
+            "data.source": "phantom",
+            "data.generator": f"phantom-{kind} v{VERSION}",
+            "data.seed": str(ph.seed),
+            "data.name": spec.name,
+        },
     )
 
 
 for _kind in _TASK:
     register_dataset(f"phantom-{_kind}", phantom=True, task=_TASK[_kind])(
-        (lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind))
+        (lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind)
+    )

@@ -25,12 +25,18 @@ def resize_antialiased(img: torch.Tensor, resolution: int, interpolation: str = 
     x = torch.as_tensor(img, dtype=torch.float32)[None]
     if interpolation == "area":
         return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="area")[0]
-    return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode=_MODES[interpolation],
-                                           antialias=True, align_corners=False)[0]
+    return torch.nn.functional.interpolate(
+        x, size=(resolution, resolution), mode=_MODES[interpolation], antialias=True, align_corners=False
+    )[0]
 
 
-def build_transform(resolution: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
-                    window: tuple[float, float] | None = None):
+def build_transform(
+    resolution: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    window: tuple[float, float] | None = None,
+):
     """path -> [3, resolution, resolution] tensor. Any 2D file MONAI reads (PNG, TIFF, JPEG, DICOM with
     rescale slope/intercept and MONOCHROME1 inverted) via ``dinoscale.data.readers.read_image``.
     ``window``: a CT window (HU min, max) mapped to [0, 1], clipped (DICOM CT slices); default: the
@@ -39,17 +45,22 @@ def build_transform(resolution: int, mean: Sequence[float], std: Sequence[float]
 
     from dinoscale.data.readers import read_image
 
-    tail = Compose([
-        ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
-        if window is not None else ScaleIntensity(minv=0.0, maxv=1.0),
-        Lambda(lambda x: resize_antialiased(x, resolution, interpolation)),
-        RepeatChannel(repeats=3),
-        NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True),
-    ])
+    tail = Compose(
+        [
+            ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+            if window is not None
+            else ScaleIntensity(minv=0.0, maxv=1.0),
+            Lambda(lambda x: resize_antialiased(x, resolution, interpolation)),
+            RepeatChannel(repeats=3),
+            NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True),
+        ]
+    )
 
     def transform(path: str) -> torch.Tensor:
         img = read_image(path)  # [rows, cols] float32; errors name the file
-        return torch.as_tensor(tail(img[None]), dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, no MetaTensor
+        return torch.as_tensor(tail(img[None]), dtype=torch.float32).as_subclass(
+            torch.Tensor
+        )  # plain tensor, no MetaTensor
 
     return transform
 
@@ -103,8 +114,11 @@ def build_volume_transform(
 
     from dinoscale.data.readers import read_volume
 
-    scale = (ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
-             if window is not None else ScaleIntensity(minv=0.0, maxv=1.0))
+    scale = (
+        ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+        if window is not None
+        else ScaleIntensity(minv=0.0, maxv=1.0)
+    )
     suv = ScaleIntensityRange(a_min=PET_SUV_RANGE[0], a_max=PET_SUV_RANGE[1], b_min=0.0, b_max=1.0, clip=True)
     resize = Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True)
     to3 = RepeatChannel(repeats=3)

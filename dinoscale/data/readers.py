@@ -78,7 +78,9 @@ def read_dicom(path: str | Path) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float32)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    photometric = str(img.meta.get("00280004", {}).get("Value", [""])[0]) if isinstance(img.meta.get("00280004"), dict) else ""
+    photometric = (
+        str(img.meta.get("00280004", {}).get("Value", [""])[0]) if isinstance(img.meta.get("00280004"), dict) else ""
+    )
     if photometric == "MONOCHROME1":  # low values are bright: flip within the image's own range
         arr = arr.max() + arr.min() - arr
     return arr
@@ -101,8 +103,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_volume(
-    item: str | Path | Sequence[str | Path], orientation: str | None = "RAS", spacing: Sequence[float] | None = None,
-    mode: str = "bilinear", dtype=np.float32,
+    item: str | Path | Sequence[str | Path],
+    orientation: str | None = "RAS",
+    spacing: Sequence[float] | None = None,
+    mode: str = "bilinear",
+    dtype=np.float32,
 ) -> tuple[np.ndarray, tuple[float, ...]]:
     """The one volume reader: extraction, label maps and tests all read volumes through it.
 
@@ -168,8 +173,9 @@ def to_unit(arr: np.ndarray, window=None, normalise: str = "minmax") -> np.ndarr
     return np.asarray(out, dtype=np.float32)
 
 
-def to_model_input(img2d: np.ndarray, resolution: int, mean: Sequence[float], std: Sequence[float],
-                   interpolation: str = "bicubic"):
+def to_model_input(
+    img2d: np.ndarray, resolution: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"
+):
     """A [0, 1] grey slice -> [3, resolution, resolution] float32 tensor normalised for the backbone."""
     import torch
     from monai.transforms import NormalizeIntensity, RepeatChannel, Resize
@@ -181,8 +187,9 @@ def to_model_input(img2d: np.ndarray, resolution: int, mean: Sequence[float], st
     return torch.as_tensor(x).to(torch.float32)
 
 
-def iter_slices(paths: Sequence[str | Path], axis: int = -1, window=None, normalise: str = "minmax",
-                channel: int = 0, loader=None) -> Iterator[tuple[int, int, np.ndarray]]:
+def iter_slices(
+    paths: Sequence[str | Path], axis: int = -1, window=None, normalise: str = "minmax", channel: int = 0, loader=None
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (volume index, slice index, 2D slice in [0, 1]) volume after volume.
 
     Only one volume is in memory at a time: a volume is read when its first slice is asked for and
@@ -199,6 +206,7 @@ def iter_slices(paths: Sequence[str | Path], axis: int = -1, window=None, normal
 
 
 # ---------------------------------------------------------------- HDF5 volumes (CREMI)
+
 
 def read_hdf5_ref(ref: str) -> np.ndarray:
     """The sections [z0, z1) of an HDF5 dataset stored [z, y, x] -> an array [x, y, z] (NIfTI's layout:

@@ -51,12 +51,14 @@ def _hu(ds) -> np.ndarray:
     return ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
 
 
-def render(hu0: np.ndarray, findings: np.ndarray, patient_rng: np.random.Generator, rng: np.random.Generator) -> np.ndarray:
+def render(
+    hu0: np.ndarray, findings: np.ndarray, patient_rng: np.random.Generator, rng: np.random.Generator
+) -> np.ndarray:
     """One image in HU: the patient's variant of the real slice with the given lesions (0/1 per CLASSES)."""
     hu = hu0[:, ::-1] if patient_rng.random() < 0.5 else hu0.copy()
     hu = np.roll(hu, tuple(patient_rng.integers(-6, 7, 2)), axis=(0, 1))
     tissue = (hu > -100) & (hu < 150)
-    yy, xx = np.mgrid[0:hu.shape[0], 0:hu.shape[1]]
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]]
     candidates = np.argwhere(tissue)
     for j, shift in enumerate(((45, 70), (-60, -40))):
         if not findings[j]:
@@ -65,8 +67,8 @@ def render(hu0: np.ndarray, findings: np.ndarray, patient_rng: np.random.Generat
             r = rng.uniform(2, 7)
             for _ in range(50):  # a centre whose disc lies (mostly) in soft tissue
                 cy, cx = candidates[rng.integers(len(candidates))]
-                blob = (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2) & tissue
-                if blob.sum() >= 0.8 * np.pi * r ** 2:
+                blob = (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2) & tissue
+                if blob.sum() >= 0.8 * np.pi * r**2:
                     break
             hu[blob] += rng.uniform(*shift)
     hu = hu + rng.normal(0, 8 + 4 * patient_rng.random(), hu.shape)
@@ -92,9 +94,17 @@ def prepare_semireal_ct(spec, storage: Path) -> PreparedDataset:
     ph = spec.phantom or PhantomSpec()
     base_path, template = base_slice()
     base_sha = sha256_file(base_path)
-    cfg = {"generator": GENERATOR, "version": VERSION, "seed": ph.seed, "n_patients": ph.n_patients,
-           "per_patient": list(ph.images_per_patient), "base_sha256": base_sha}
-    root = Path(storage) / "data" / GENERATOR / hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    cfg = {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "seed": ph.seed,
+        "n_patients": ph.n_patients,
+        "per_patient": list(ph.images_per_patient),
+        "base_sha256": base_sha,
+    }
+    root = (
+        Path(storage) / "data" / GENERATOR / hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    )
     hu0 = _hu(template)
 
     def write(tmp: Path) -> None:
@@ -106,20 +116,43 @@ def prepare_semireal_ct(spec, storage: Path) -> PreparedDataset:
                 rng = np.random.default_rng([ph.seed, p, i])
                 shown = has & (rng.random(len(CLASSES)) < P_SHOWN_IF_PATIENT_HAS)
                 sid = f"P{p:04d}_{i}"
-                _write_dicom(template, render(hu0, shown, np.random.default_rng([ph.seed, p, 999]), rng),
-                             tmp / f"{sid}.dcm", f"{GENERATOR}-{ph.seed}-{sid}")
-                rows.append({"sample_id": sid, "patient_id": f"P{p:04d}", "path": f"{sid}.dcm", **dict(zip(CLASSES, shown.astype(int)))})
+                _write_dicom(
+                    template,
+                    render(hu0, shown, np.random.default_rng([ph.seed, p, 999]), rng),
+                    tmp / f"{sid}.dcm",
+                    f"{GENERATOR}-{ph.seed}-{sid}",
+                )
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "patient_id": f"P{p:04d}",
+                        "path": f"{sid}.dcm",
+                        **dict(zip(CLASSES, shown.astype(int))),
+                    }
+                )
         pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
         (tmp / "SEMI-SYNTHETIC.txt").write_text(
             f"Synthetic lesions ({GENERATOR} v{VERSION}, seed {ph.seed}) inserted into pydicom's real {BASE_FILE} "
-            f"(sha256 {base_sha}). The anatomy is one real slice; the labels are synthetic. Not patient data.\n")
+            f"(sha256 {base_sha}). The anatomy is one real slice; the labels are synthetic. Not patient data.\n"
+        )
 
     atomic_dir(root, write)
     df = pd.read_csv(root / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
     df["path"] = [str(root / p) for p in df["path"]]
-    df["split"] = assign_patient_splits(df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed)
+    df["split"] = assign_patient_splits(
+        df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed
+    )
     return PreparedDataset(
-        name=spec.name, task="multilabel", classes=list(CLASSES), manifest=df, root=root,
-        provenance={"data.source": "semi-synthetic", "data.generator": f"{GENERATOR} v{VERSION}", "data.seed": str(ph.seed),
-                    "data.name": spec.name, "data.base": f"pydicom {BASE_FILE} sha256:{base_sha[:16]}"},
+        name=spec.name,
+        task="multilabel",
+        classes=list(CLASSES),
+        manifest=df,
+        root=root,
+        provenance={
+            "data.source": "semi-synthetic",
+            "data.generator": f"{GENERATOR} v{VERSION}",
+            "data.seed": str(ph.seed),
+            "data.name": spec.name,
+            "data.base": f"pydicom {BASE_FILE} sha256:{base_sha[:16]}",
+        },
     )

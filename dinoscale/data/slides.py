@@ -29,8 +29,10 @@ def _openslide():
     try:
         import openslide
     except ImportError as e:  # optional dependency: say how to get it, never fall back silently
-        raise DataError("tiling slides needs OpenSlide: pip install 'dinoscale[wsi]' (openslide-python + openslide-bin), "
-                        "or tile the slides with another tool into <slide_id>/*.png folders") from e
+        raise DataError(
+            "tiling slides needs OpenSlide: pip install 'dinoscale[wsi]' (openslide-python + openslide-bin), "
+            "or tile the slides with another tool into <slide_id>/*.png folders"
+        ) from e
     return openslide
 
 
@@ -56,8 +58,14 @@ def pick_level(slide, mpp: float | None, level: int | None) -> int:
     return int(np.argmin([abs(d - wanted) for d in slide.level_downsamples]))
 
 
-def tile_slide(path: str | Path, out_dir: str | Path, tile_size: int = 224, mpp: float | None = None,
-               level: int | None = None, min_tissue: float = 0.5) -> Path:
+def tile_slide(
+    path: str | Path,
+    out_dir: str | Path,
+    tile_size: int = 224,
+    mpp: float | None = None,
+    level: int | None = None,
+    min_tissue: float = 0.5,
+) -> Path:
     """Tile one slide into ``<out_dir>/<slide stem>/``; returns that folder (skipped if already complete)."""
     openslide = _openslide()
     path = Path(path)
@@ -70,7 +78,13 @@ def tile_slide(path: str | Path, out_dir: str | Path, tile_size: int = 224, mpp:
         lvl = pick_level(slide, mpp, level)
         down = float(slide.level_downsamples[lvl])
         w, h = slide.level_dimensions[lvl]
-        settings = {"tiler": TILER_VERSION, "tile_size": tile_size, "level": lvl, "downsample": down, "min_tissue": min_tissue}
+        settings = {
+            "tiler": TILER_VERSION,
+            "tile_size": tile_size,
+            "level": lvl,
+            "downsample": down,
+            "min_tissue": min_tissue,
+        }
 
         def write(tmp: Path) -> None:
             rows = []

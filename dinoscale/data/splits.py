@@ -10,9 +10,7 @@ class LeakageError(RuntimeError):
     pass
 
 
-def assign_patient_splits(
-    patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int
-) -> pd.Series:
+def assign_patient_splits(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
     """Shuffle the unique patients with ``seed`` and cut them into train/val/test by fraction.
 
     Depends only on the set of patient ids (sorted first), not on row order.

@@ -7,11 +7,11 @@ the run (the paper leaves CT windowing unstated).
 from __future__ import annotations
 
 CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),        # parenchyma, nodules, emphysema: [-1350, 150] HU
-    "mediastinum": (50.0, 350.0),    # vessels, nodes, effusion: [-125, 225] HU
-    "bone": (400.0, 1800.0),         # cortical and trabecular bone: [-500, 1300] HU
-    "brain": (40.0, 80.0),           # grey/white matter: [0, 80] HU
-    "abdomen": (40.0, 400.0),        # soft-tissue organs: [-160, 240] HU
+    "lung": (-600.0, 1500.0),  # parenchyma, nodules, emphysema: [-1350, 150] HU
+    "mediastinum": (50.0, 350.0),  # vessels, nodes, effusion: [-125, 225] HU
+    "bone": (400.0, 1800.0),  # cortical and trabecular bone: [-500, 1300] HU
+    "brain": (40.0, 80.0),  # grey/white matter: [0, 80] HU
+    "abdomen": (40.0, 400.0),  # soft-tissue organs: [-160, 240] HU
 }
 
 

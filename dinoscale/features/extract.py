@@ -65,8 +65,9 @@ def check_token_set(backbone: LoadedBackbone | BackboneFacts, token_set: str) ->
     name = facts.name if facts else backbone.defn.name
     has_cls = facts.has_cls if facts else True
     if ts.cls and not has_cls:
-        raise ValueError(f"backbone '{name}' has no CLS token; token set '{token_set}' needs one "
-                         "(use 'mean_patch' or 'patch_grid')")
+        raise ValueError(
+            f"backbone '{name}' has no CLS token; token set '{token_set}' needs one (use 'mean_patch' or 'patch_grid')"
+        )
     if ts.n_last and facts is not None and facts.output != "tokens":
         raise ValueError(f"backbone '{name}' has no token blocks for '{token_set}'")
     return ts
@@ -83,7 +84,7 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, token_set: str, ha
     patches = tokens[:, num_prefix_tokens:]
     if ts.grid:
         n = patches.shape[1]
-        side = int(round(n ** 0.5))
+        side = int(round(n**0.5))
         if side * side != n:
             raise ValueError(f"cannot reshape {n} patch tokens into a square grid")
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
@@ -100,8 +101,9 @@ def forward_token_set(backbone: LoadedBackbone, x: torch.Tensor, ts: TokenSet) -
     model = backbone.model
     if ts.n_last:
         # Each intermediate block's tokens go through the final norm (DINOv2 ``get_intermediate_layers(norm=True)``).
-        inter = model.forward_intermediates(x, indices=ts.n_last, norm=True, return_prefix_tokens=True,
-                                            output_fmt="NCHW", intermediates_only=True)
+        inter = model.forward_intermediates(
+            x, indices=ts.n_last, norm=True, return_prefix_tokens=True, output_fmt="NCHW", intermediates_only=True
+        )
         parts = [prefix[:, 0] for _, prefix in inter]
         if ts.mean_patch:
             parts.append(inter[-1][0].mean((2, 3)))
@@ -109,7 +111,7 @@ def forward_token_set(backbone: LoadedBackbone, x: torch.Tensor, ts: TokenSet) -
     tokens = model.forward_features(x)
     if ts.grid and tokens.ndim == 3:
         p = backbone.patch_size
-        grid = tokens[:, backbone.num_prefix_tokens:]
+        grid = tokens[:, backbone.num_prefix_tokens :]
         h, w = x.shape[-2] // p, x.shape[-1] // p
         return grid.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], h, w)
     return pool_tokens(tokens, backbone.num_prefix_tokens, ts.name, backbone.has_cls)
@@ -155,7 +157,7 @@ class _Runner:
         while i < x.shape[0]:
             m = self.micro
             try:
-                outs.append(self._forward(x[i:i + m]))
+                outs.append(self._forward(x[i : i + m]))
             except _OOM:
                 if m == 1:
                     raise
@@ -218,17 +220,25 @@ def extract_features(
 
     ts = check_token_set(backbone, token_set)
     if resolution % backbone.patch_size:
-        raise ValueError(f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}")
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}"
+        )
     device = device or pick_device()
     _prepare(backbone, device)
     if isinstance(paths, torch.utils.data.Dataset):
         dataset = paths
     else:
-        dataset = ImageFiles(list(paths), build_transform(resolution, backbone.mean, backbone.std, interpolation, window))
+        dataset = ImageFiles(
+            list(paths), build_transform(resolution, backbone.mean, backbone.std, interpolation, window)
+        )
     workers = default_workers(device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False,
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
     )
     run = _Runner(backbone, ts, device, batch_size)
     out: np.ndarray | None = None
@@ -238,7 +248,7 @@ def extract_features(
             y = run(x).numpy()
             if out is None:  # preallocate once: memory = the result, not the result twice
                 out = np.empty((n, *y.shape[1:]), dtype=out_dtype)
-            out[done:done + len(y)] = y
+            out[done : done + len(y)] = y
             done += len(y)
             bar.update(len(y))
     feats = out if out is not None else np.zeros((0, 0), out_dtype)
@@ -263,13 +273,23 @@ class _VolumeSlices(torch.utils.data.IterableDataset):
             del vol
 
 
-def _volume_loader(items: Sequence, load_volume, slice_transform, axis: int, batch_size: int, device: torch.device,
-                   num_workers: int | None) -> torch.utils.data.DataLoader:
+def _volume_loader(
+    items: Sequence,
+    load_volume,
+    slice_transform,
+    axis: int,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int | None,
+) -> torch.utils.data.DataLoader:
     """Batches of (volume index, slice index, slice count, slice tensor), one volume in memory per worker."""
     workers = default_workers(device) if num_workers is None else min(num_workers, len(items))
     return torch.utils.data.DataLoader(
-        _VolumeSlices(items, load_volume, slice_transform, axis), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        _VolumeSlices(items, load_volume, slice_transform, axis),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
     )
 
 
@@ -303,7 +323,9 @@ def extract_volume_features(
         raise ValueError("patch_grid of volumes is not pooled per volume; extract slices with extract_features")
     device = device or pick_device()
     _prepare(backbone, device)
-    load_volume, slice_transform = build_volume_transform(resolution, backbone.mean, backbone.std, interpolation, window)
+    load_volume, slice_transform = build_volume_transform(
+        resolution, backbone.mean, backbone.std, interpolation, window
+    )
     loader = _volume_loader(paths, load_volume, slice_transform, axis, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
     sums: np.ndarray | None = None
@@ -364,11 +386,14 @@ def extract_volume_slices(
 
     ts = check_token_set(backbone, token_set)
     if resolution % backbone.patch_size:
-        raise ValueError(f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}")
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}"
+        )
     device = device or pick_device()
     _prepare(backbone, device)
-    load_volume, slice_transform = build_volume_transform(resolution, backbone.mean, backbone.std, interpolation, window,
-                                                          fuse_pet=pet_paths is not None)
+    load_volume, slice_transform = build_volume_transform(
+        resolution, backbone.mean, backbone.std, interpolation, window, fuse_pet=pet_paths is not None
+    )
     items = list(zip(paths, pet_paths)) if pet_paths is not None else list(paths)
     offsets = np.concatenate([[0], np.cumsum(n_slices)]).astype(np.int64)
     loader = _volume_loader(items, load_volume, slice_transform, axis, batch_size, device, num_workers)
@@ -382,7 +407,9 @@ def extract_volume_slices(
             bad = np.flatnonzero(n != np.asarray(n_slices)[v])
             if len(bad):
                 i = int(v[bad[0]])
-                raise DataError(f"{paths[i]}: {int(n[bad[0]])} slices along axis {axis}, the manifest says {n_slices[i]}")
+                raise DataError(
+                    f"{paths[i]}: {int(n[bad[0]])} slices along axis {axis}, the manifest says {n_slices[i]}"
+                )
             y = run(x).numpy()
             if out is None:  # preallocated once: memory = the result
                 out = np.empty((int(offsets[-1]), *y.shape[1:]), dtype=out_dtype)
@@ -394,4 +421,6 @@ def extract_volume_slices(
         return np.zeros((0, 0), out_dtype), ExtractionStats(0, 0, time.perf_counter() - t0)
     if not seen.all():
         raise RuntimeError(f"volume slices lost in streaming: rows {np.flatnonzero(~seen)[:10].tolist()}")
-    return out, ExtractionStats(len(items), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, int(offsets[-1]))
+    return out, ExtractionStats(
+        len(items), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, int(offsets[-1])
+    )

@@ -94,7 +94,9 @@ class FeatureStore:
         return self.fs.isfile(f"{self._dir(digest)}/meta.json")
 
     # -- write
-    def put(self, key: FeatureKey, features: np.ndarray, sample_ids: list[str], extra: dict | None = None) -> Path | str:
+    def put(
+        self, key: FeatureKey, features: np.ndarray, sample_ids: list[str], extra: dict | None = None
+    ) -> Path | str:
         """Store ``features`` (cast to ``key.dtype``) under ``key``; returns the entry's location
         (a ``Path`` on a local root, a path inside the object store otherwise)."""
         final = self._dir(key.digest)
@@ -108,8 +110,14 @@ class FeatureStore:
         if arr.shape[0] != len(sample_ids):
             raise FeatureStoreError(f"{arr.shape[0]} feature rows but {len(sample_ids)} sample ids")
         return {
-            "key": asdict(key), "digest": key.digest, "shape": list(arr.shape), "dtype": str(arr.dtype),
-            "sha256": sha, "data_file": data_file, "sample_ids": list(sample_ids), "created": time.time(),
+            "key": asdict(key),
+            "digest": key.digest,
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "sha256": sha,
+            "data_file": data_file,
+            "sample_ids": list(sample_ids),
+            "created": time.time(),
             **(extra or {}),
         }
 
@@ -169,9 +177,13 @@ class FeatureStore:
         try:
             raw = self.fs.cat_file(data)
         except FileNotFoundError:
-            raise FeatureStoreError(f"{data}: data missing for a committed entry; remove it and extract again") from None
+            raise FeatureStoreError(
+                f"{data}: data missing for a committed entry; remove it and extract again"
+            ) from None
         if verify and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
-            raise FeatureStoreError(f"{data}: checksum mismatch; remove the entry (dinoscale cache rm {digest}) and extract again")
+            raise FeatureStoreError(
+                f"{data}: checksum mismatch; remove the entry (dinoscale cache rm {digest}) and extract again"
+            )
         feats = np.load(io.BytesIO(raw), allow_pickle=False)
         if list(feats.shape) != meta["shape"] or len(meta["sample_ids"]) != feats.shape[0]:
             raise FeatureStoreError(f"{data}: shape {feats.shape} does not match its metadata")
@@ -241,5 +253,3 @@ class FeatureStore:
             shutil.rmtree(path, ignore_errors=True)
         else:
             self.fs.rm(path, recursive=True)
-
-

@@ -63,14 +63,24 @@ BACKBONES: dict[str, BackboneDef] = {
         _dinov3("dinov3-vitl16", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16 (~303M)"),
         _dinov3("dinov3-vith16plus", "vit_huge_plus_patch16_dinov3", "DINOv3 ViT-H+/16 (~840M)"),
         # demo ladder: DINOv3 arch, reduced width/depth, random weights only
-        _dinov3("dinov3-demo-xs", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=96, depth=3, num_heads=2),
-        _dinov3("dinov3-demo-s", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=144, depth=4, num_heads=3),
-        _dinov3("dinov3-demo-m", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=192, depth=6, num_heads=3),
-        _dinov3("dinov3-demo-l", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=256, depth=8, num_heads=4),
+        _dinov3(
+            "dinov3-demo-xs", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=96, depth=3, num_heads=2
+        ),
+        _dinov3(
+            "dinov3-demo-s", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=144, depth=4, num_heads=3
+        ),
+        _dinov3(
+            "dinov3-demo-m", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=192, depth=6, num_heads=3
+        ),
+        _dinov3(
+            "dinov3-demo-l", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=256, depth=8, num_heads=4
+        ),
         # other families, for comparison (patch 14; resolutions multiple of 16*14=224 keep both grids exact)
         BackboneDef("dinov2-vits14", "vit_small_patch14_dinov2", {}, "lvd142m", "DINOv2 ViT-S/14 (CLS, no registers)"),
         BackboneDef("dinov2-vitb14", "vit_base_patch14_dinov2", {}, "lvd142m", "DINOv2 ViT-B/14 (CLS, no registers)"),
-        BackboneDef("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2", {}, "lvd142m", "DINOv2 ViT-S/14 + 4 registers"),
+        BackboneDef(
+            "dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2", {}, "lvd142m", "DINOv2 ViT-S/14 + 4 registers"
+        ),
     ]
 }
 
@@ -108,7 +118,7 @@ def get_backbone(name: str) -> BackboneDef:
     if name in BACKBONES:
         return BACKBONES[name]
     if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
-        return _timm_def(name[len(TIMM_PREFIX):])
+        return _timm_def(name[len(TIMM_PREFIX) :])
     raise KeyError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}, or timm:<architecture>[.<tag>]")
 
 
@@ -140,7 +150,9 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     import timm
 
     name = defn.timm_name + (f".{tag}" if tag else "")
-    kw = dict(defn.arch_overrides, num_classes=0, **_extra_kwargs(defn.timm_name, tuple(sorted(defn.arch_overrides.items()))))
+    kw = dict(
+        defn.arch_overrides, num_classes=0, **_extra_kwargs(defn.timm_name, tuple(sorted(defn.arch_overrides.items())))
+    )
     kw.update(kwargs)
     return timm.create_model(name, **kw)
 
@@ -212,8 +224,6 @@ def gflops_per_image(name: str, resolution: int) -> float:
 # ---------------------------------------------------------------- weights
 
 
-
-
 def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, str]:
     """What identifies the weights *before* loading them (for plans and feature keys)."""
     import timm
@@ -264,7 +274,9 @@ def hub_weights_file(defn: BackboneDef) -> Path:
     cfg = timm.models.get_pretrained_cfg(f"{defn.timm_name}.{defn.hub_tag}")
     repo = getattr(cfg, "hf_hub_id", None)
     if not repo:
-        raise WeightsError(f"{defn.name}: timm tag '{defn.hub_tag}' is not on the Hugging Face hub; download it and give the file")
+        raise WeightsError(
+            f"{defn.name}: timm tag '{defn.hub_tag}' is not on the Hugging Face hub; download it and give the file"
+        )
     names = [n for n in (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin") if n]
     cache = hf_cache_dir()
     from huggingface_hub import try_to_load_from_cache
@@ -274,12 +286,16 @@ def hub_weights_file(defn: BackboneDef) -> Path:
         if isinstance(hit, str) and Path(hit).is_file():
             return Path(hit)
     what = f"weights for '{defn.name}' (hub repo {repo}) are not in the local Hugging Face cache {cache}"
-    todo = (f"download them on a connected machine (`hf download {repo} model.safetensors`) into that cache, "
-            "or give the file as weights: /path/model.safetensors")
+    todo = (
+        f"download them on a connected machine (`hf download {repo} model.safetensors`) into that cache, "
+        "or give the file as weights: /path/model.safetensors"
+    )
     if _truthy(os.environ.get("HF_HUB_OFFLINE")):
         raise WeightsError(f"{what} and HF_HUB_OFFLINE is set; {todo}")
     if not _hub_reachable():
-        raise WeightsError(f"{what} and the hub ({os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}) cannot be reached; {todo}")
+        raise WeightsError(
+            f"{what} and the hub ({os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}) cannot be reached; {todo}"
+        )
     from huggingface_hub import hf_hub_download
 
     token = os.environ.get("HF_TOKEN") or None
@@ -318,7 +334,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise WeightsError(f"{path}: refused to load (only plain tensors are read, never pickled objects): {e}") from e
+            raise WeightsError(
+                f"{path}: refused to load (only plain tensors are read, never pickled objects): {e}"
+            ) from e
         for key in ("model", "state_dict", "teacher"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
@@ -354,7 +372,9 @@ def _load_file_into(model: torch.nn.Module, defn: BackboneDef, path: Path) -> No
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
-        raise WeightsError(f"{path}: does not match {defn.arch_id}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
+        raise WeightsError(
+            f"{path}: does not match {defn.arch_id}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
 
 
 def load_backbone(name: str, weights: str = "random", seed: int = 0) -> LoadedBackbone:

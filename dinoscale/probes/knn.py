@@ -29,7 +29,7 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4
     ks = sorted({min(k, tx.shape[0]) for k in ks})
     out = {k: [] for k in ks}
     for start in range(0, len(query_x), chunk):
-        q = torch.nn.functional.normalize(torch.as_tensor(query_x[start:start + chunk], dtype=torch.float32), dim=1)
+        q = torch.nn.functional.normalize(torch.as_tensor(query_x[start : start + chunk], dtype=torch.float32), dim=1)
         sim, idx = (q @ tx.T).topk(ks[-1], dim=1)  # sorted, most similar first
         w = (sim / temperature).exp()
         votes = w.unsqueeze(-1) * ty[idx]  # (q, kmax, C)
@@ -43,12 +43,26 @@ def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Probe
     val_metric = {k: macro_auroc(val.y, s) for k, s in val_scores.items()}
     best_k = max(val_metric, key=lambda k: (np.nan_to_num(val_metric[k], nan=-1), -k))
     test_scores = knn_scores(train.x, train.y, test.x, [best_k], spec.temperature)[best_k]
-    return ProbeResult(test_scores=test_scores, val_metric=float(val_metric[best_k]), selected={"k": best_k}, candidates=len(val_metric))
+    return ProbeResult(
+        test_scores=test_scores,
+        val_metric=float(val_metric[best_k]),
+        selected={"k": best_k},
+        candidates=len(val_metric),
+    )
 
 
 def _space(trial, spec) -> dict:
     return {"temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True)}
 
 
-register_probe(ProbeDef("knn", KnnProbeSpec, fit_knn, tasks=CLASSIFICATION, input="vector", space=_space,
-                        description="DINO k-NN: cosine, T=0.07, k chosen on val"))
+register_probe(
+    ProbeDef(
+        "knn",
+        KnnProbeSpec,
+        fit_knn,
+        tasks=CLASSIFICATION,
+        input="vector",
+        space=_space,
+        description="DINO k-NN: cosine, T=0.07, k chosen on val",
+    )
+)

@@ -75,7 +75,7 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     for _ in range(spec.epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(steps_per_epoch):
-            idx = perm[i * batch:(i + 1) * batch]
+            idx = perm[i * batch : (i + 1) * batch]
             # index_select, not xtr[idx]: the advanced-indexing gather was slower than the step's GEMMs
             xb, yb, nb = xtr.index_select(0, idx), ytr.index_select(0, idx), len(idx)
             # d(sum over heads of each head's mean BCE)/dlogits; each head's gradient is its own
@@ -112,9 +112,20 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
 
 
 def _space(trial, spec) -> dict:
-    return {"epochs": trial.suggest_int("epochs", 10, 100, log=True),
-            "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256, 512])}
+    return {
+        "epochs": trial.suggest_int("epochs", 10, 100, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256, 512]),
+    }
 
 
-register_probe(ProbeDef("linear", LinearProbeSpec, fit_linear, tasks=CLASSIFICATION, input="vector", space=_space,
-                        description="DINOv2 linear eval: a grid of lr x wd heads trained at once, chosen on val"))
+register_probe(
+    ProbeDef(
+        "linear",
+        LinearProbeSpec,
+        fit_linear,
+        tasks=CLASSIFICATION,
+        input="vector",
+        space=_space,
+        description="DINOv2 linear eval: a grid of lr x wd heads trained at once, chosen on val",
+    )
+)

@@ -20,12 +20,17 @@ class LogRegProbeSpec(ProbeSpecBase):
     """L2-regularised logistic regression (scikit-learn, one binary model per label), C chosen on val."""
 
     kind: Literal["logreg"] = "logreg"
-    cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1,
-                            description="inverse regularisation strengths compared on val")
+    cs: list[float] = Field(
+        default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0],
+        min_length=1,
+        description="inverse regularisation strengths compared on val",
+    )
     max_iter: int = Field(1000, ge=10)
 
 
-def logreg_scores(train: Split, queries: list[np.ndarray], cs: list[float], max_iter: int = 1000) -> dict[float, list[np.ndarray]]:
+def logreg_scores(
+    train: Split, queries: list[np.ndarray], cs: list[float], max_iter: int = 1000
+) -> dict[float, list[np.ndarray]]:
     """For each C: the (n, C_labels) positive-class probabilities of each query array."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -52,13 +57,26 @@ def fit_logreg(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     val_metric = {c: macro_auroc(val.y, s[0]) for c, s in scores.items()}
     # ties broken towards stronger regularisation (smaller C)
     best = max(val_metric, key=lambda c: (np.nan_to_num(val_metric[c], nan=-1), -c))
-    return ProbeResult(test_scores=scores[best][1], val_metric=float(val_metric[best]), selected={"C": best},
-                       candidates=len(val_metric))
+    return ProbeResult(
+        test_scores=scores[best][1],
+        val_metric=float(val_metric[best]),
+        selected={"C": best},
+        candidates=len(val_metric),
+    )
 
 
 def _space(trial, spec) -> dict:
     return {"cs": [trial.suggest_float("C", 1e-4, 1e2, log=True)]}
 
 
-register_probe(ProbeDef("logreg", LogRegProbeSpec, fit_logreg, tasks=CLASSIFICATION, input="vector", space=_space,
-                        description="logistic regression per label (scikit-learn), C chosen on val"))
+register_probe(
+    ProbeDef(
+        "logreg",
+        LogRegProbeSpec,
+        fit_logreg,
+        tasks=CLASSIFICATION,
+        input="vector",
+        space=_space,
+        description="logistic regression per label (scikit-learn), C chosen on val",
+    )
+)

@@ -28,7 +28,8 @@ class PoolProbeSpec(ProbeSpecBase):
 
     kind: Literal["pool"] = "pool"
     poolings: list[Literal["mean", "max", "attention"]] = Field(
-        default_factory=lambda: ["mean", "max", "attention"], min_length=1, description="pooling modes compared on val")
+        default_factory=lambda: ["mean", "max", "attention"], min_length=1, description="pooling modes compared on val"
+    )
     learning_rates: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
     weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-4], min_length=1)
     epochs: int = Field(50, ge=1)
@@ -114,12 +115,20 @@ def _standardiser(bags: list[np.ndarray]):
 @torch.no_grad()
 def _predict(model: nn.Module, bags: list[torch.Tensor], batch: int = 64) -> np.ndarray:
     model.eval()
-    out = [torch.sigmoid(model(*_pad(bags[i:i + batch]))) for i in range(0, len(bags), batch)]
+    out = [torch.sigmoid(model(*_pad(bags[i : i + batch]))) for i in range(0, len(bags), batch)]
     return torch.cat(out).numpy()
 
 
-def train_bag_model(model: nn.Module, bags: list[torch.Tensor], y: torch.Tensor, lr: float, weight_decay: float,
-                    epochs: int, batch_size: int, seed: int) -> nn.Module:
+def train_bag_model(
+    model: nn.Module,
+    bags: list[torch.Tensor],
+    y: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> nn.Module:
     """AdamW + cosine, BCE; ``bags`` are (n_i, d) tensors, ``y`` (n_bags, C)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -129,7 +138,7 @@ def train_bag_model(model: nn.Module, bags: list[torch.Tensor], y: torch.Tensor,
         model.train()
         perm = torch.randperm(len(bags), generator=g).tolist()
         for i in range(0, len(bags), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             logits = model(*_pad([bags[j] for j in idx]))
             loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -139,7 +148,9 @@ def train_bag_model(model: nn.Module, bags: list[torch.Tensor], y: torch.Tensor,
     return model
 
 
-def _fit_grid(configs: list[dict], make_model, train: BagSplit, val: BagSplit, test: BagSplit, spec, seed: int) -> ProbeResult:
+def _fit_grid(
+    configs: list[dict], make_model, train: BagSplit, val: BagSplit, test: BagSplit, spec, seed: int
+) -> ProbeResult:
     prep = _standardiser(train.x)
     tr, va, te = prep(train.x), prep(val.x), prep(test.x)
     ytr = torch.as_tensor(train.y, dtype=torch.float32)
@@ -147,8 +158,16 @@ def _fit_grid(configs: list[dict], make_model, train: BagSplit, val: BagSplit, t
     best = None
     for cfg in configs:
         torch.manual_seed(seed)
-        model = train_bag_model(make_model(cfg, tr[0].shape[1], ytr.shape[1]), tr, ytr, cfg["lr"], cfg["weight_decay"],
-                                spec.epochs, spec.batch_size, seed)
+        model = train_bag_model(
+            make_model(cfg, tr[0].shape[1], ytr.shape[1]),
+            tr,
+            ytr,
+            cfg["lr"],
+            cfg["weight_decay"],
+            spec.epochs,
+            spec.batch_size,
+            seed,
+        )
         sv = _predict(model, va)
         auc = macro_auroc(val.y, sv)
         bce = float(-(yv * np.log(sv + 1e-7) + (1 - yv) * np.log(1 - sv + 1e-7)).mean())
@@ -156,14 +175,23 @@ def _fit_grid(configs: list[dict], make_model, train: BagSplit, val: BagSplit, t
         if best is None or key > best[0]:
             best = (key, cfg, auc, bce, model)
     _, cfg, auc, bce, model = best
-    return ProbeResult(test_scores=_predict(model, te), val_metric=float(auc), selected=dict(cfg),
-                       candidates=len(configs), extra={"val_bce": bce})
+    return ProbeResult(
+        test_scores=_predict(model, te),
+        val_metric=float(auc),
+        selected=dict(cfg),
+        candidates=len(configs),
+        extra={"val_bce": bce},
+    )
 
 
 def fit_pool(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 0) -> ProbeResult:
-    configs = [{"pooling": p, "lr": lr, "weight_decay": wd}
-               for p, lr, wd in itertools.product(spec.poolings, spec.learning_rates, spec.weight_decays)]
-    return _fit_grid(configs, lambda c, d, n: PooledLinear(d, n, c["pooling"], spec.attention_dim), train, val, test, spec, seed)
+    configs = [
+        {"pooling": p, "lr": lr, "weight_decay": wd}
+        for p, lr, wd in itertools.product(spec.poolings, spec.learning_rates, spec.weight_decays)
+    ]
+    return _fit_grid(
+        configs, lambda c, d, n: PooledLinear(d, n, c["pooling"], spec.attention_dim), train, val, test, spec, seed
+    )
 
 
 def fit_abmil(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 0) -> ProbeResult:
@@ -172,15 +200,37 @@ def fit_abmil(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 
 
 
 def _space(trial, spec) -> dict:
-    out = {"learning_rates": [trial.suggest_float("lr", 1e-5, 1e-2, log=True)],
-           "weight_decays": [trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)]}
+    out = {
+        "learning_rates": [trial.suggest_float("lr", 1e-5, 1e-2, log=True)],
+        "weight_decays": [trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)],
+    }
     if spec.kind == "abmil":
         out["hidden_dim"] = trial.suggest_categorical("hidden_dim", [64, 128, 256])
         out["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
     return out
 
 
-register_probe(ProbeDef("pool", PoolProbeSpec, fit_pool, tasks=(*CLASSIFICATION, "mil"), input="bag", space=_space,
-                        bags_only=True, description="slice features pooled per volume (mean / max / attention) + linear head"))
-register_probe(ProbeDef("abmil", AbmilProbeSpec, fit_abmil, tasks=("mil",), input="bag", space=_space, units=("image",),
-                        description="gated-attention MIL over a slide's tiles"))
+register_probe(
+    ProbeDef(
+        "pool",
+        PoolProbeSpec,
+        fit_pool,
+        tasks=(*CLASSIFICATION, "mil"),
+        input="bag",
+        space=_space,
+        bags_only=True,
+        description="slice features pooled per volume (mean / max / attention) + linear head",
+    )
+)
+register_probe(
+    ProbeDef(
+        "abmil",
+        AbmilProbeSpec,
+        fit_abmil,
+        tasks=("mil",),
+        input="bag",
+        space=_space,
+        units=("image",),
+        description="gated-attention MIL over a slide's tiles",
+    )
+)

@@ -149,8 +149,10 @@ def register_probe(defn: ProbeDef) -> ProbeDef:
     """Add a probe (called at import of its module). The spec's ``kind`` literal must be its kind."""
     kind_field = defn.spec.model_fields.get("kind")
     if kind_field is None or kind_field.default != defn.kind:
-        raise TypeError(f"probe '{defn.kind}': its spec class {defn.spec.__name__} needs kind: Literal['{defn.kind}'] = "
-                        f"'{defn.kind}'")
+        raise TypeError(
+            f"probe '{defn.kind}': its spec class {defn.spec.__name__} needs kind: Literal['{defn.kind}'] = "
+            f"'{defn.kind}'"
+        )
     if defn.input not in INPUTS:
         raise TypeError(f"probe '{defn.kind}': input must be one of {INPUTS}, not {defn.input!r}")
     _PROBES[defn.kind] = defn
@@ -188,17 +190,20 @@ def _validate_probe(value: Any) -> ProbeSpecBase:
     if isinstance(value, ProbeSpecBase):
         return value
     if not isinstance(value, dict) or "kind" not in value:
-        raise PydanticCustomError("probe_kind_missing", "a probe needs a 'kind'; known: {known}",
-                                  {"known": ", ".join(probe_kinds())})
+        raise PydanticCustomError(
+            "probe_kind_missing", "a probe needs a 'kind'; known: {known}", {"known": ", ".join(probe_kinds())}
+        )
     kind = value["kind"]
     load_probes()
     if kind not in _PROBES:
         import difflib
 
         hint = difflib.get_close_matches(str(kind), probe_kinds(), n=1)
-        raise PydanticCustomError("probe_kind", "unknown probe '{kind}'{hint}; known: {known}",
-                                  {"kind": kind, "hint": f" (did you mean '{hint[0]}'?)" if hint else "",
-                                   "known": ", ".join(probe_kinds())})
+        raise PydanticCustomError(
+            "probe_kind",
+            "unknown probe '{kind}'{hint}; known: {known}",
+            {"kind": kind, "hint": f" (did you mean '{hint[0]}'?)" if hint else "", "known": ", ".join(probe_kinds())},
+        )
     return _PROBES[kind].spec.model_validate(value)
 
 

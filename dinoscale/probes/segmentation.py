@@ -31,8 +31,10 @@ class SegmentationProbeSpec(ProbeSpecBase):
 
     kind: Literal["segmentation"] = "segmentation"
     head: Literal["linear", "conv", "conv3d"] = Field(
-        "linear", description="linear: BatchNorm + 1x1 conv, bilinear up; conv: light 2D decoder; "
-        "conv3d: slice maps stacked into a light 3D decoder")
+        "linear",
+        description="linear: BatchNorm + 1x1 conv, bilinear up; conv: light 2D decoder; "
+        "conv3d: slice maps stacked into a light 3D decoder",
+    )
     n_classes: int = Field(2, ge=2, description="including background (label 0)")
     learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -57,10 +59,14 @@ class AffinityProbeSpec(ProbeSpecBase):
     batch_size: int = Field(8, ge=1)
     hidden_dim: int = Field(64, ge=1)
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9], min_length=1)
-    min_size: int = Field(4, ge=0, description="segments (components) or seeds (watershed) smaller than this (pixels) are dropped")
+    min_size: int = Field(
+        4, ge=0, description="segments (components) or seeds (watershed) smaller than this (pixels) are dropped"
+    )
     agglomeration: Literal["watershed", "components"] = Field(
-        "watershed", description="watershed: seeds grown over the boundary map (robust to leaks); components: "
-                                 "connected components of edges above the threshold (one leak merges two objects)")
+        "watershed",
+        description="watershed: seeds grown over the boundary map (robust to leaks); components: "
+        "connected components of edges above the threshold (one leak merges two objects)",
+    )
 
 
 class LinearSegHead(nn.Module):
@@ -99,8 +105,9 @@ class ConvDecoder3d(nn.Module):
     def __init__(self, dim: int, n_out: int, hidden: int = 64):
         super().__init__()
         self.inp = nn.Sequential(nn.BatchNorm3d(dim), _block(nn.Conv3d, nn.BatchNorm3d, dim, hidden, 1))
-        self.mid = nn.Sequential(_block(nn.Conv3d, nn.BatchNorm3d, hidden, hidden, 3),
-                                 _block(nn.Conv3d, nn.BatchNorm3d, hidden, hidden, 3))
+        self.mid = nn.Sequential(
+            _block(nn.Conv3d, nn.BatchNorm3d, hidden, hidden, 3), _block(nn.Conv3d, nn.BatchNorm3d, hidden, hidden, 3)
+        )
         self.out = nn.Conv3d(hidden, n_out, 1)
 
     def forward(self, x: torch.Tensor, out_size: tuple[int, ...]) -> torch.Tensor:
@@ -148,7 +155,9 @@ def affinity_targets(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def agglomerate_affinities(aff: np.ndarray, threshold: float = 0.5, min_size: int = 0, method: str = "components") -> np.ndarray:
+def agglomerate_affinities(
+    aff: np.ndarray, threshold: float = 0.5, min_size: int = 0, method: str = "components"
+) -> np.ndarray:
     """(ndim, *spatial) affinities in [0, 1] -> instance ids (*spatial), 0 = background.
 
     Pixels joined by an edge with affinity > threshold form one segment (connected components of the
@@ -231,11 +240,22 @@ def _flood(boundary: np.ndarray, seeds: np.ndarray, levels: int = 16) -> np.ndar
 
 
 def _cosine(opt, steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
+    )
 
 
-def train_head(head: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn, lr: float, weight_decay: float,
-               epochs: int, batch_size: int, seed: int = 0) -> nn.Module:
+def train_head(
+    head: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    loss_fn,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+) -> nn.Module:
     """AdamW + cosine on (features, target) pairs; ``loss_fn(logits, target_batch)``; logits at target size."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -247,7 +267,7 @@ def train_head(head: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn, 
         head.train()
         perm = torch.randperm(len(x), generator=g)
         for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             if len(idx) < 2 and len(x) >= 2:  # BatchNorm needs two samples; fold a lone tail into the next epoch
                 continue
             loss = loss_fn(head(x[idx], out_size), target[idx])
@@ -261,7 +281,7 @@ def train_head(head: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn, 
 @torch.no_grad()
 def predict_logits(head: nn.Module, x: torch.Tensor, out_size: tuple[int, ...], batch_size: int = 16) -> torch.Tensor:
     head.eval()
-    return torch.cat([head(x[i:i + batch_size], out_size) for i in range(0, len(x), batch_size)])
+    return torch.cat([head(x[i : i + batch_size], out_size) for i in range(0, len(x), batch_size)])
 
 
 def _features(split: SegSplit) -> torch.Tensor:
@@ -296,8 +316,13 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
             best = (dice, lr, head)
     dice, lr, head = best
     test_pred = predict_logits(head, xte, _out_size(test)).argmax(1).numpy()
-    return ProbeResult(test_scores=test_pred, val_metric=dice, selected={"lr": lr}, candidates=len(spec.learning_rates),
-                       extra={"head": head})
+    return ProbeResult(
+        test_scores=test_pred,
+        val_metric=dice,
+        selected={"lr": lr},
+        candidates=len(spec.learning_rates),
+        extra={"head": head},
+    )
 
 
 def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
@@ -330,17 +355,41 @@ def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int
     voi, lr, t, head, arand = best
     aff = torch.sigmoid(predict_logits(head, xte, _out_size(test))).numpy()
     segs = np.stack([agglomerate_affinities(a, t, spec.min_size, spec.agglomeration) for a in aff])
-    return ProbeResult(test_scores=segs, val_metric=-voi, selected={"lr": lr, "threshold": t},
-                       candidates=len(spec.learning_rates) * len(spec.thresholds),
-                       extra={"head": head, "val_voi": voi, "val_arand": arand})
+    return ProbeResult(
+        test_scores=segs,
+        val_metric=-voi,
+        selected={"lr": lr, "threshold": t},
+        candidates=len(spec.learning_rates) * len(spec.thresholds),
+        extra={"head": head, "val_voi": voi, "val_arand": arand},
+    )
 
 
 def _space(trial, spec) -> dict:
-    return {"learning_rates": [trial.suggest_float("lr", 1e-4, 1e-2, log=True)],
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
+    return {
+        "learning_rates": [trial.suggest_float("lr", 1e-4, 1e-2, log=True)],
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+    }
 
 
-register_probe(ProbeDef("segmentation", SegmentationProbeSpec, fit_segmentation, tasks=("segmentation",), input="grid",
-                        space=_space, description="BatchNorm + 1x1 conv, a light 2D or 3D decoder on patch-token grids"))
-register_probe(ProbeDef("affinity", AffinityProbeSpec, fit_affinity, tasks=("instance_segmentation",), input="grid",
-                        space=_space, description="EM affinities from a light decoder + seeded watershed"))
+register_probe(
+    ProbeDef(
+        "segmentation",
+        SegmentationProbeSpec,
+        fit_segmentation,
+        tasks=("segmentation",),
+        input="grid",
+        space=_space,
+        description="BatchNorm + 1x1 conv, a light 2D or 3D decoder on patch-token grids",
+    )
+)
+register_probe(
+    ProbeDef(
+        "affinity",
+        AffinityProbeSpec,
+        fit_affinity,
+        tasks=("instance_segmentation",),
+        input="grid",
+        space=_space,
+        description="EM affinities from a light decoder + seeded watershed",
+    )
+)

@@ -25,8 +25,10 @@ def print_banner(plan: Plan, provenance: Provenance | None = None) -> None:
 def print_plan(plan: Plan) -> None:
     spec = plan.spec
     n_cached = len(plan.feature_sets) - len(plan.missing)
-    t = Table(title=f"Feature sets - one backbone forward pass per backbone x resolution x view x split: "
-                    f"{n_cached} cached, {len(plan.missing)} to extract")
+    t = Table(
+        title=f"Feature sets - one backbone forward pass per backbone x resolution x view x split: "
+        f"{n_cached} cached, {len(plan.missing)} to extract"
+    )
     for col in ("backbone", "params", "resolution", "view", "images (train/val/test)", "status", "est. GFLOP", "keys"):
         t.add_column(col, justify="right" if col in ("params", "resolution", "est. GFLOP") else "left")
     groups: dict = {}
@@ -41,11 +43,21 @@ def print_plan(plan: Plan) -> None:
         else:
             status = f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]"
         todo = sum(f.gflops for f in sets if not f.cached)
-        t.add_row(name, f"{sets[0].backbone.n_params / 1e6:.2f}M", str(res), view, "/".join(str(f.n_images) for f in sets),
-                  status, f"{todo:,.0f}", " ".join(f.key.digest[:8] for f in sets) if sets[0].key else "-")
+        t.add_row(
+            name,
+            f"{sets[0].backbone.n_params / 1e6:.2f}M",
+            str(res),
+            view,
+            "/".join(str(f.n_images) for f in sets),
+            status,
+            f"{todo:,.0f}",
+            " ".join(f.key.digest[:8] for f in sets) if sets[0].key else "-",
+        )
     console.print(t)
-    axes = (f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
-            f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds")
+    axes = (
+        f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
+        f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds"
+    )
     console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
     missing_images = sum(f.n_slices or f.n_images for f in plan.missing)
     if plan.dataset is None:
@@ -53,15 +65,19 @@ def print_plan(plan: Plan) -> None:
         missing_images = (published_images(spec.dataset.name) or 0) * n_sets
     res = spec.resources
     gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
-    console.print(f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
-                  f"{missing_images:,} image (or slice) forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
-                  f"~{plan.estimated_gflops():,.0f} GFLOP (FLOPs per image measured on each model) "
-                  f"= ~{gpu_hours:.2g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s")
-    console.print(f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "
-                  f"frozen trial {res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU; lora/full trial "
-                  f"{res.cpus_per_trial:g} CPU + {res.gpus_per_training_trial:g} GPU (GPU shares apply only where the "
-                  f"cluster has GPUs); {res.trial_retries} retries per trial"
-                  + (f"; at most {res.max_concurrent_trials} trials at once" if res.max_concurrent_trials else ""))
+    console.print(
+        f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
+        f"{missing_images:,} image (or slice) forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
+        f"~{plan.estimated_gflops():,.0f} GFLOP (FLOPs per image measured on each model) "
+        f"= ~{gpu_hours:.2g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s"
+    )
+    console.print(
+        f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "
+        f"frozen trial {res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU; lora/full trial "
+        f"{res.cpus_per_trial:g} CPU + {res.gpus_per_training_trial:g} GPU (GPU shares apply only where the "
+        f"cluster has GPUs); {res.trial_retries} retries per trial"
+        + (f"; at most {res.max_concurrent_trials} trials at once" if res.max_concurrent_trials else "")
+    )
     if plan.dataset_error:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
 
@@ -84,8 +100,13 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
     t = Table(title=title)
     for col in (*axes, f"{headline.test} [95% CI]", "val", "selected", "state"):
         t.add_column({"n_params": "params", "resolution": "res"}.get(col, col))
-    for r in sorted(rows, key=lambda r: tuple(str(r.get(a)) if not isinstance(r.get(a), (int, float)) else r.get(a)
-                                               for a in ("probe", "strategy", "resolution", "n_params", "seed"))):
+    for r in sorted(
+        rows,
+        key=lambda r: tuple(
+            str(r.get(a)) if not isinstance(r.get(a), (int, float)) else r.get(a)
+            for a in ("probe", "strategy", "resolution", "n_params", "seed")
+        ),
+    ):
         if r.get("state") == "FINISHED":
             value = _with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"])
             val = f"{r['val_metric']:.3f}"
@@ -139,7 +160,11 @@ class SweepProgress:
             self.live.update(self._render())
         elif state in ("FINISHED", "FAILED", "RETRYING"):
             colour = {"FINISHED": "", "FAILED": "[red]", "RETRYING": "[yellow]"}[state]
-            detail = f"{self.metric} {row['auroc']}" if state == "FINISHED" else state + (" (traceback in its MLflow run)" if state == "FAILED" else "")
+            detail = (
+                f"{self.metric} {row['auroc']}"
+                if state == "FINISHED"
+                else state + (" (traceback in its MLflow run)" if state == "FAILED" else "")
+            )
             console.print(f"  [{self.done}/{len(self.cells)}] {colour}{cell}: {detail}")
 
     def _render(self):

@@ -70,8 +70,17 @@ def plan_jobs(plan: Plan) -> list[ExtractionJob]:
         bb = fs.backbone
         job = jobs.setdefault(
             (bb.name, bb.weights, fs.resolution),
-            ExtractionJob(bb.name, bb.weights, bb.weights_seed, fs.resolution, spec.features.interpolation,
-                          spec.features.batch_size, [], spec.features.volume_pool, volume_window(spec)),
+            ExtractionJob(
+                bb.name,
+                bb.weights,
+                bb.weights_seed,
+                fs.resolution,
+                spec.features.interpolation,
+                spec.features.batch_size,
+                [],
+                spec.features.volume_pool,
+                volume_window(spec),
+            ),
         )
         job.splits.append(SplitInputs(fs.split, fs.key, fs.view, fs.tokens, plan.dataset.sources(fs.split)))
     return list(jobs.values())
@@ -91,28 +100,80 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
     backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
     device = pick_device()
     gflops = gflops_per_image(job.backbone, job.resolution)
-    out = {"job": job.label, "device": str(device), "images": 0, "slices": 0, "batches": 0, "forward_seconds": 0.0, "stored": 0,
-           "gflops_per_image": gflops, "oom_backoffs": 0, "weights_sha256": backbone.weights.get("sha256", "")}
+    out = {
+        "job": job.label,
+        "device": str(device),
+        "images": 0,
+        "slices": 0,
+        "batches": 0,
+        "forward_seconds": 0.0,
+        "stored": 0,
+        "gflops_per_image": gflops,
+        "oom_backoffs": 0,
+        "weights_sha256": backbone.weights.get("sha256", ""),
+    }
     for s in job.splits:
         key = s.key
         if store.has(key):  # written meanwhile by another worker
             continue
         if s.view == "volumes":
-            feats, stats = extract_volume_features(backbone, s.paths, job.resolution, s.tokens, job.volume_pool,
-                                                   job.interpolation, job.batch_size, window=job.window, device=device)
+            feats, stats = extract_volume_features(
+                backbone,
+                s.paths,
+                job.resolution,
+                s.tokens,
+                job.volume_pool,
+                job.interpolation,
+                job.batch_size,
+                window=job.window,
+                device=device,
+            )
         elif s.view == "slices":
-            feats, stats = extract_volume_slices(backbone, s.paths, s.sources.n_slices, job.resolution, s.tokens,
-                                                 job.interpolation, job.batch_size, window=job.window,
-                                                 pet_paths=s.sources.channels.get("pet"), device=device, out_dtype=key.dtype)
+            feats, stats = extract_volume_slices(
+                backbone,
+                s.paths,
+                s.sources.n_slices,
+                job.resolution,
+                s.tokens,
+                job.interpolation,
+                job.batch_size,
+                window=job.window,
+                pet_paths=s.sources.channels.get("pet"),
+                device=device,
+                out_dtype=key.dtype,
+            )
         else:
-            feats, stats = extract_features(backbone, s.paths, job.resolution, s.tokens, job.interpolation, job.batch_size,
-                                            device, out_dtype=key.dtype, window=job.window)
+            feats, stats = extract_features(
+                backbone,
+                s.paths,
+                job.resolution,
+                s.tokens,
+                job.interpolation,
+                job.batch_size,
+                device,
+                out_dtype=key.dtype,
+                window=job.window,
+            )
         if backbone.weights["digest"] != key.weights_digest:
-            raise RuntimeError(f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}")
-        store.put(key, feats, s.row_ids(), extra={
-            "backbone_name": job.backbone, "split": s.split, "view": s.view, "n_params": backbone.n_params,
-            "weights_kind": backbone.weights["kind"], "seconds": stats.seconds, "gflops_per_image": gflops, "device": str(device),
-            **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {})})
+            raise RuntimeError(
+                f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}"
+            )
+        store.put(
+            key,
+            feats,
+            s.row_ids(),
+            extra={
+                "backbone_name": job.backbone,
+                "split": s.split,
+                "view": s.view,
+                "n_params": backbone.n_params,
+                "weights_kind": backbone.weights["kind"],
+                "seconds": stats.seconds,
+                "gflops_per_image": gflops,
+                "device": str(device),
+                **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {}),
+            },
+        )
         out["images"] += stats.images
         out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
         out["batches"] += stats.forward_passes
@@ -126,7 +187,9 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
     return out
 
 
-def run_extraction_stage(plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None) -> ExtractionReport:
+def run_extraction_stage(
+    plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None
+) -> ExtractionReport:
     """Submit one Ray task per job (GPU resources where the cluster has GPUs) and wait for all."""
     import ray
 

@@ -41,8 +41,19 @@ def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
     defn = get_backbone(name)
     ident = weights_identity(defn, weights, seed)
     facts = backbone_facts(name, hub=ident["kind"] == "hub")
-    return BackboneInfo(name, weights, seed, ident["kind"], ident["digest"], defn.arch_id, facts.n_params,
-                        facts.patch_size, tuple(facts.mean), tuple(facts.std), facts.num_prefix_tokens)
+    return BackboneInfo(
+        name,
+        weights,
+        seed,
+        ident["kind"],
+        ident["digest"],
+        defn.arch_id,
+        facts.n_params,
+        facts.patch_size,
+        tuple(facts.mean),
+        tuple(facts.std),
+        facts.num_prefix_tokens,
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,9 @@ class Plan:
     def provenance(self) -> Provenance:
         """The one provenance decision of the sweep: its profile, its data's tags and its backbones' weights."""
         kinds = {(c.backbone.name, c.backbone.weights): c.backbone.weights_kind for c in self.cells}
-        return Provenance.of_sweep(self.spec.profile, self.dataset.provenance if self.dataset else {}, list(kinds.values()))
+        return Provenance.of_sweep(
+            self.spec.profile, self.dataset.provenance if self.dataset else {}, list(kinds.values())
+        )
 
 
 def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
@@ -113,8 +126,15 @@ def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
     return window_range(spec.dataset.window) if spec.dataset.window is not None else None
 
 
-def feature_key(spec: SweepSpec, bb: BackboneInfo, resolution: int, manifest_digest: str, view: str = "images",
-                tokens: str | None = None, channels: tuple[str, ...] = ()) -> FeatureKey:
+def feature_key(
+    spec: SweepSpec,
+    bb: BackboneInfo,
+    resolution: int,
+    manifest_digest: str,
+    view: str = "images",
+    tokens: str | None = None,
+    channels: tuple[str, ...] = (),
+) -> FeatureKey:
     """The store key of one feature set; ``view``: images | volumes | slices; ``channels``: extra inputs fused
     into the encoder's channels (('pet',) for PET/CT)."""
     from dinoscale.data.preprocess import PET_SUV_RANGE
@@ -158,9 +178,15 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
 def _protocol_params(spec: SweepSpec, bb: BackboneInfo, gflops: float, config: dict, prefix: str) -> dict:
     """The constants a cell's run logs beside its axes, so a reader can compare with a paper line by line."""
     return {
-        "dataset": spec.dataset.name, "modality": spec.modality, "backbone_arch": bb.arch_id, "weights": bb.weights,
-        "gflops_per_image": round(gflops, 4), "tokens": spec.features.tokens, "interpolation": spec.features.interpolation,
-        "feature_dtype": spec.features.dtype, "bootstrap_resamples": spec.metrics.bootstrap.resamples,
+        "dataset": spec.dataset.name,
+        "modality": spec.modality,
+        "backbone_arch": bb.arch_id,
+        "weights": bb.weights,
+        "gflops_per_image": round(gflops, 4),
+        "tokens": spec.features.tokens,
+        "interpolation": spec.features.interpolation,
+        "feature_dtype": spec.features.dtype,
+        "bootstrap_resamples": spec.metrics.bootstrap.resamples,
         "bootstrap_level": spec.metrics.bootstrap.level,
         **{f"{prefix}.{k}": v for k, v in config.items() if k != "kind"},
     }
@@ -187,8 +213,14 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
     task = ds.task if ds is not None else dataset_task(spec.dataset.name)
     manifests: dict[str, str] = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
     # what each probe reads: its view of this dataset and its token set
-    reads = {p.kind: (get_probe(p.kind).view(ds.volumetric), get_probe(p.kind).tokens(spec.features.tokens))
-             for p in spec.probes} if ds is not None else {}
+    reads = (
+        {
+            p.kind: (get_probe(p.kind).view(ds.volumetric), get_probe(p.kind).tokens(spec.features.tokens))
+            for p in spec.probes
+        }
+        if ds is not None
+        else {}
+    )
     feature_sets: list[FeatureSetPlan] = []
     keys: dict[tuple, dict[str, str]] = {}  # (backbone, resolution, view, tokens) -> split -> digest
     for bb, res in itertools.product(infos, spec.resolutions):
@@ -205,37 +237,98 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                 key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels)
                 keys.setdefault((bb.name, res, view, tokens), {})[split] = key.digest
                 n_rows = len(ds.split(split))
-                feature_sets.append(FeatureSetPlan(bb, res, split, key, n_rows, store.has(key),
-                                                   ds.forward_passes(split, view), view, tokens))
+                feature_sets.append(
+                    FeatureSetPlan(
+                        bb, res, split, key, n_rows, store.has(key), ds.forward_passes(split, view), view, tokens
+                    )
+                )
 
-    common = {"task": task, "interpolation": spec.features.interpolation, "window": volume_window(spec),
-              "search": spec.search.model_dump(mode="json"), "bootstrap": spec.metrics.bootstrap.model_dump(mode="json")}
+    common = {
+        "task": task,
+        "interpolation": spec.features.interpolation,
+        "window": volume_window(spec),
+        "search": spec.search.model_dump(mode="json"),
+        "bootstrap": spec.metrics.bootstrap.model_dump(mode="json"),
+    }
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
         gflops = bb.gflops_per_image(res)
         if strategy in TRAINING_STRATEGIES:
             # the encoder is trained on images: a linear head, no cached features
             config = getattr(spec.finetuning, strategy).model_dump(mode="json")
-            axes = {"backbone": bb.name, "n_params": bb.n_params, "resolution": res, "probe": FINETUNE_HEAD,
-                    "strategy": strategy, "seed": seed}
-            key = _trial_key(spec, {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res,
-                                    "probe": FINETUNE_HEAD, "strategy": strategy, "seed": seed, "manifest": manifests,
-                                    "finetuning": config})
-            cells.append(Cell(axes, bb, key, gflops_per_image=gflops, view="", strategy_config=config,
-                              params=_protocol_params(spec, bb, gflops, config, strategy), **common))
+            axes = {
+                "backbone": bb.name,
+                "n_params": bb.n_params,
+                "resolution": res,
+                "probe": FINETUNE_HEAD,
+                "strategy": strategy,
+                "seed": seed,
+            }
+            key = _trial_key(
+                spec,
+                {
+                    "backbone": bb.name,
+                    "weights": bb.weights_digest,
+                    "resolution": res,
+                    "probe": FINETUNE_HEAD,
+                    "strategy": strategy,
+                    "seed": seed,
+                    "manifest": manifests,
+                    "finetuning": config,
+                },
+            )
+            cells.append(
+                Cell(
+                    axes,
+                    bb,
+                    key,
+                    gflops_per_image=gflops,
+                    view="",
+                    strategy_config=config,
+                    params=_protocol_params(spec, bb, gflops, config, strategy),
+                    **common,
+                )
+            )
             continue
         for probe in spec.probes:
             view, tokens = reads.get(probe.kind, ("images", spec.features.tokens))
             fk = keys.get((bb.name, res, view, tokens), {})
             config = probe.model_dump(mode="json")
-            axes = {"backbone": bb.name, "n_params": bb.n_params, "resolution": res, "probe": probe.kind,
-                    "strategy": strategy, "seed": seed}
-            key = _trial_key(spec, {"backbone": bb.name, "weights": bb.weights_digest, "resolution": res,
-                                    "probe": probe.kind, "strategy": strategy, "seed": seed, "features": fk,
-                                    "probe_config": config})
-            cells.append(Cell(axes, bb, key, gflops_per_image=gflops, view=view, tokens=tokens,
-                              feature_keys=tuple(sorted(fk.items())), probe_config=config,
-                              params=_protocol_params(spec, bb, gflops, config, "probe"), **common))
+            axes = {
+                "backbone": bb.name,
+                "n_params": bb.n_params,
+                "resolution": res,
+                "probe": probe.kind,
+                "strategy": strategy,
+                "seed": seed,
+            }
+            key = _trial_key(
+                spec,
+                {
+                    "backbone": bb.name,
+                    "weights": bb.weights_digest,
+                    "resolution": res,
+                    "probe": probe.kind,
+                    "strategy": strategy,
+                    "seed": seed,
+                    "features": fk,
+                    "probe_config": config,
+                },
+            )
+            cells.append(
+                Cell(
+                    axes,
+                    bb,
+                    key,
+                    gflops_per_image=gflops,
+                    view=view,
+                    tokens=tokens,
+                    feature_keys=tuple(sorted(fk.items())),
+                    probe_config=config,
+                    params=_protocol_params(spec, bb, gflops, config, "probe"),
+                    **common,
+                )
+            )
     return Plan(spec, ds, ds_error, cells, feature_sets, root)
 
 
@@ -251,14 +344,24 @@ def check_runnable(plan: Plan) -> None:
         from dinoscale.probes import probe_kinds
 
         fitting = [k for k in probe_kinds() if get_probe(k).unfit_reason(ds.task, ds.volumetric, ds.bagged) is None]
-        raise NotRunnableError(f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task"
-                               f"{', 3D volumes' if ds.volumetric else ''}): " + "; ".join(unfit.values())
-                               + f". Probes that fit: {', '.join(fitting)}")
-    if "frozen" in spec.strategies and spec.features.tokens == GRID_TOKENS and any(
-            get_probe(p.kind).input != "grid" for p in spec.probes):
-        raise NotRunnableError("features.tokens 'patch_grid' is the input of segmentation heads; classification and "
-                               "bag probes need a vector per image (e.g. cls_mean_patch)")
+        raise NotRunnableError(
+            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task"
+            f"{', 3D volumes' if ds.volumetric else ''}): "
+            + "; ".join(unfit.values())
+            + f". Probes that fit: {', '.join(fitting)}"
+        )
+    if (
+        "frozen" in spec.strategies
+        and spec.features.tokens == GRID_TOKENS
+        and any(get_probe(p.kind).input != "grid" for p in spec.probes)
+    ):
+        raise NotRunnableError(
+            "features.tokens 'patch_grid' is the input of segmentation heads; classification and "
+            "bag probes need a vector per image (e.g. cls_mean_patch)"
+        )
     training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
     if training and (ds.volumetric or not task.finetunable):
-        raise NotRunnableError(f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
-                               f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}. Use strategies: [frozen].")
+        raise NotRunnableError(
+            f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
+            f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}. Use strategies: [frozen]."
+        )

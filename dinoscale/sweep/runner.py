@@ -65,7 +65,9 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
             ray.init(address=address, log_to_driver=False)
         else:
             # Ship the project to the workers of an existing cluster.
-            ray.init(address=address, runtime_env={"py_modules": [str(Path(dinoscale.__path__[0]))]}, log_to_driver=False)
+            ray.init(
+                address=address, runtime_env={"py_modules": [str(Path(dinoscale.__path__[0]))]}, log_to_driver=False
+            )
     else:
         # address="local": a fresh embedded Ray even when a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
@@ -88,35 +90,68 @@ def provenance_tags(plan: Plan) -> dict[str, str]:
     return tags
 
 
-def _open_parent(client, spec: SweepSpec, plan: Plan, tracking_uri: str, project_dir: Path, resume: bool,
-                 dataset_inputs: list) -> SweepState:
+def _open_parent(
+    client, spec: SweepSpec, plan: Plan, tracking_uri: str, project_dir: Path, resume: bool, dataset_inputs: list
+) -> SweepState:
     """Create the sweep's parent run, or find it again when resuming."""
     if resume:
         state = SweepState.for_resume(plan.storage, spec.name, spec.digest())
         client.update_run(state.parent_run_id, status="RUNNING")
         client.set_tag(state.parent_run_id, record.RESUMES, str(state.attempts - 1))
         return state
-    exp_id = ensure_experiment(client, spec.experiment_name, spec.tracking.artifact_location or default_artifact_location(tracking_uri))
+    exp_id = ensure_experiment(
+        client, spec.experiment_name, spec.tracking.artifact_location or default_artifact_location(tracking_uri)
+    )
     sweep_id = new_sweep_id(spec.name)
     commit = git_commit(project_dir)
-    parent = client.create_run(exp_id, run_name=sweep_id, tags={
-        **provenance_tags(plan), record.SWEEP_ID: sweep_id, record.ROLE: record.ROLE_SWEEP,
-        record.SPEC_DIGEST: spec.digest(), record.GIT_COMMIT: commit,
-    })
+    parent = client.create_run(
+        exp_id,
+        run_name=sweep_id,
+        tags={
+            **provenance_tags(plan),
+            record.SWEEP_ID: sweep_id,
+            record.ROLE: record.ROLE_SWEEP,
+            record.SPEC_DIGEST: spec.digest(),
+            record.GIT_COMMIT: commit,
+        },
+    )
     parent_id = parent.info.run_id
     client.log_text(parent_id, spec.resolved_yaml(), record.RESOLVED_SPEC)
-    log_batch(client, parent_id, params={
-        "sweep": spec.name, "dataset": spec.dataset.name, "backbones": ",".join(b.name for b in spec.backbones),
-        "resolutions": ",".join(map(str, spec.resolutions)), "probes": ",".join(p.kind for p in spec.probes),
-        "strategies": ",".join(spec.strategies), "seeds": ",".join(map(str, spec.seeds)), "cells": len(plan.cells),
-    })
+    log_batch(
+        client,
+        parent_id,
+        params={
+            "sweep": spec.name,
+            "dataset": spec.dataset.name,
+            "backbones": ",".join(b.name for b in spec.backbones),
+            "resolutions": ",".join(map(str, spec.resolutions)),
+            "probes": ",".join(p.kind for p in spec.probes),
+            "strategies": ",".join(spec.strategies),
+            "seeds": ",".join(map(str, spec.seeds)),
+            "cells": len(plan.cells),
+        },
+    )
     client.log_inputs(parent_id, datasets=dataset_inputs)
-    return SweepState(sweep_id, spec.name, spec.digest(), parent_id, exp_id, tracking_uri,
-                      str(plan.storage / "tune" / sweep_id), started=time.time())
+    return SweepState(
+        sweep_id,
+        spec.name,
+        spec.digest(),
+        parent_id,
+        exp_id,
+        tracking_uri,
+        str(plan.storage / "tune" / sweep_id),
+        started=time.time(),
+    )
 
 
-def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | None = None,
-              analyze: bool = True, quiet: bool = False, resume: bool = False) -> SweepOutcome:
+def run_sweep(
+    spec: SweepSpec,
+    project_dir: Path | None = None,
+    address: str | None = None,
+    analyze: bool = True,
+    quiet: bool = False,
+    resume: bool = False,
+) -> SweepOutcome:
     from mlflow.tracking import MlflowClient
 
     t0 = time.perf_counter()
@@ -147,19 +182,37 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
         headline = get_task(plan.dataset.task).headline
         rows = _collect_rows(plan, grid, headline)
         n_failed = sum(r["state"] != "FINISHED" for r in rows)
-        log_batch(client, parent_id, step=step, metrics={
-            "trials_total": len(rows), "trials_failed": n_failed, "trials_wall_seconds": trials_seconds,
-            "trials_reused_from_record": sum(r["reused"] for r in rows), **_best_metrics(rows, headline),
-        })
+        log_batch(
+            client,
+            parent_id,
+            step=step,
+            metrics={
+                "trials_total": len(rows),
+                "trials_failed": n_failed,
+                "trials_wall_seconds": trials_seconds,
+                "trials_reused_from_record": sum(r["reused"] for r in rows),
+                **_best_metrics(rows, headline),
+            },
+        )
         if not quiet:
-            print_summary(rows, f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
-                          f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""), headline)
+            print_summary(
+                rows,
+                f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
+                f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""),
+                headline,
+            )
         report_dir = None
         if analyze and n_failed < len(rows):
             from dinoscale.analysis import analyze_sweep
 
-            report_dir = analyze_sweep(tracking_uri, spec.experiment_name, parent_id, project_dir / "reports" / spec.modality,
-                                       provenance=provenance, quiet=quiet)
+            report_dir = analyze_sweep(
+                tracking_uri,
+                spec.experiment_name,
+                parent_id,
+                project_dir / "reports" / spec.modality,
+                provenance=provenance,
+                quiet=quiet,
+            )
         client.set_terminated(parent_id, "FINISHED")
         state.status = "finished"
     except BaseException:
@@ -173,8 +226,10 @@ def run_sweep(spec: SweepSpec, project_dir: Path | None = None, address: str | N
     wall = time.perf_counter() - t0
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
-        console.print(f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok. "
-                      f"Browse with `make ui`; report: {report_dir / 'report.md' if report_dir else '-'}")
+        console.print(
+            f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok. "
+            f"Browse with `make ui`; report: {report_dir / 'report.md' if report_dir else '-'}"
+        )
     return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
 
 
@@ -195,28 +250,43 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
     from dinoscale.sweep.extraction import run_extraction_stage
 
     if not quiet:
-        console.print(f"[bold]Extraction stage:[/bold] {len(plan.missing)} feature set(s) to extract, "
-                      f"{len(plan.feature_sets) - len(plan.missing)} cached")
+        console.print(
+            f"[bold]Extraction stage:[/bold] {len(plan.missing)} feature set(s) to extract, "
+            f"{len(plan.feature_sets) - len(plan.missing)} cached"
+        )
+
     def on_done(r: dict) -> None:
-        what = (f"{r['images']} volumes ({r['slices']} slices)" if r.get("slices", 0) > r["images"] else f"{r['images']} images")
+        what = (
+            f"{r['images']} volumes ({r['slices']} slices)"
+            if r.get("slices", 0) > r["images"]
+            else f"{r['images']} images"
+        )
         console.print(f"  extracted {r['job']}: {what} in {r['forward_seconds']:.1f}s on {r['device']}")
 
     res = plan.spec.resources
-    extraction = run_extraction_stage(plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction,
-                                      None if quiet else on_done)
-    log_batch(client, parent_id, step=step, metrics={
-        "extraction_feature_sets_extracted": extraction.feature_sets_extracted,
-        "extraction_feature_sets_cached": extraction.feature_sets_cached,
-        "extraction_images_forwarded": extraction.images,
-        "extraction_forward_seconds": extraction.forward_seconds,
-        "extraction_wall_seconds": extraction.wall_seconds,
-        "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
-    })
+    extraction = run_extraction_stage(
+        plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction, None if quiet else on_done
+    )
+    log_batch(
+        client,
+        parent_id,
+        step=step,
+        metrics={
+            "extraction_feature_sets_extracted": extraction.feature_sets_extracted,
+            "extraction_feature_sets_cached": extraction.feature_sets_cached,
+            "extraction_images_forwarded": extraction.images,
+            "extraction_forward_seconds": extraction.forward_seconds,
+            "extraction_wall_seconds": extraction.wall_seconds,
+            "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
+        },
+    )
     for job in extraction.per_job:  # what each job measured: GFLOPs per image, the loaded weights' sha256
         client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{job['job'].replace('@', '_r')}.json")
     if not quiet:
-        console.print(f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
-                      f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall")
+        console.print(
+            f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
+            f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall"
+        )
     return extraction
 
 
@@ -238,13 +308,19 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
         tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id,
         parent_run_id=state.parent_run_id,
-        run_tags={**run_tags, record.SWEEP_ID: state.sweep_id, record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, "")},
+        run_tags={
+            **run_tags,
+            record.SWEEP_ID: state.sweep_id,
+            record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
+        },
         dataset_inputs=dataset_inputs,
     )
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cells = ctx.cells
-    trainable = tune.with_resources(tune.with_parameters(cell_trainable, ctx=ctx),
-                                    lambda config: trial_resources(cells[config["cell"]], spec, has_gpu))
+    trainable = tune.with_resources(
+        tune.with_parameters(cell_trainable, ctx=ctx),
+        lambda config: trial_resources(cells[config["cell"]], spec, has_gpu),
+    )
     progress = None if quiet else SweepProgress([c.id for c in plan.cells], get_task(ds.task).headline)
     timer = _TrialTimer()
     callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
@@ -257,11 +333,14 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     )
     if not quiet:
         sample = trial_resources(plan.cells[0], spec, has_gpu)
-        console.print(f"[bold]Trial stage:[/bold] {len(plan.cells)} trials on Ray Tune (e.g. {sample} per {plan.cells[0].strategy} trial)")
+        console.print(
+            f"[bold]Trial stage:[/bold] {len(plan.cells)} trials on Ray Tune (e.g. {sample} per {plan.cells[0].strategy} trial)"
+        )
     t0 = time.perf_counter()
     if state.attempts > 1 and tune.Tuner.can_restore(state.tune_path):
-        tuner = tune.Tuner.restore(state.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=True)
+        tuner = tune.Tuner.restore(
+            state.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -320,15 +399,23 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
         cid = result.config["cell"] if result.config else None
         cell = plan.cell(cid)
         m = result.metrics or {}
-        rows.append({
-            "cell": cid, **cell.axes,
-            "state": "FINISHED" if result.error is None and h.test in m else "FAILED",
-            "metric": m.get(h.test), "metric_ci_low": m.get(f"{h.test}_ci_low"), "metric_ci_high": m.get(f"{h.test}_ci_high"),
-            "val_metric": m.get(h.val), h.test: m.get(h.test),
-            "selected": ", ".join(f"{k[9:]}={m[k]:g}" for k in sorted(m) if k.startswith("selected_")),
-            "mlflow_run_id": m.get("mlflow_run_id"), "reused": int(m.get("reused_record", 0) or 0),
-            "time_own_work_s": m.get("time_own_work_s"), "trial_wall_s": getattr(grid, "trial_wall_s", {}).get(cid),
-        })
+        rows.append(
+            {
+                "cell": cid,
+                **cell.axes,
+                "state": "FINISHED" if result.error is None and h.test in m else "FAILED",
+                "metric": m.get(h.test),
+                "metric_ci_low": m.get(f"{h.test}_ci_low"),
+                "metric_ci_high": m.get(f"{h.test}_ci_high"),
+                "val_metric": m.get(h.val),
+                h.test: m.get(h.test),
+                "selected": ", ".join(f"{k[9:]}={m[k]:g}" for k in sorted(m) if k.startswith("selected_")),
+                "mlflow_run_id": m.get("mlflow_run_id"),
+                "reused": int(m.get("reused_record", 0) or 0),
+                "time_own_work_s": m.get("time_own_work_s"),
+                "trial_wall_s": getattr(grid, "trial_wall_s", {}).get(cid),
+            }
+        )
     return rows
 
 

@@ -55,15 +55,19 @@ class SweepState:
     def for_resume(cls, storage: Path, spec_name: str, spec_digest: str) -> SweepState:
         state = cls.load_latest(storage, spec_name)
         if state is None:
-            raise ResumeError(f"no sweep named '{spec_name}' to resume under {cls.folder(storage, spec_name)}; "
-                              "start it without --resume")
+            raise ResumeError(
+                f"no sweep named '{spec_name}' to resume under {cls.folder(storage, spec_name)}; "
+                "start it without --resume"
+            )
         if state.spec_digest != spec_digest:
             raise ResumeError(
                 f"the spec of '{spec_name}' changed since sweep {state.sweep_id} started (digest {state.spec_digest} -> "
                 f"{spec_digest}); a resume must use the same spec. Start a new sweep instead (without --resume)."
             )
         if state.status == "finished":
-            raise ResumeError(f"sweep {state.sweep_id} already finished; nothing to resume (start a new sweep without --resume)")
+            raise ResumeError(
+                f"sweep {state.sweep_id} already finished; nothing to resume (start a new sweep without --resume)"
+            )
         state.attempts += 1
         state.status = "running"
         return state

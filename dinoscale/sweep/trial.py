@@ -65,7 +65,9 @@ def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str
         x = _stack(rows, units, "feature maps")
         if cell.view == "images":
             x = x[:, 0]  # (n, D, h, w): one 2D image per unit
-        y = load_label_maps(units.masks, units.n_slices if cell.view == "slices" else None, getattr(probe_spec, "n_classes", None))
+        y = load_label_maps(
+            units.masks, units.n_slices if cell.view == "slices" else None, getattr(probe_spec, "n_classes", None)
+        )
         return SegSplit(x.astype(np.float32), y, units.patient_ids)
     if form == "bag":
         return BagSplit([r.astype(np.float32) for r in rows], units.labels)
@@ -77,17 +79,28 @@ def _stack(rows: list[np.ndarray], units: SplitUnits, what: str) -> np.ndarray:
     if len(shapes) > 1:
         first = rows[0].shape
         odd = next(i for i, r in enumerate(rows) if r.shape != first)
-        raise ValueError(f"{what}: volume {units.sample_ids[odd]} has shape {rows[odd].shape}, {units.sample_ids[0]} "
-                         f"{first}; segmentation cells stack volumes, so every volume needs the same number of slices "
-                         "(resample or crop the volumes to one shape)")
+        raise ValueError(
+            f"{what}: volume {units.sample_ids[odd]} has shape {rows[odd].shape}, {units.sample_ids[0]} "
+            f"{first}; segmentation cells stack volumes, so every volume needs the same number of slices "
+            "(resample or crop the volumes to one shape)"
+        )
     return np.stack(rows)
 
 
 def _scoring(cell: Cell, ctx: SweepContext, n_classes: int | None = None) -> Scoring:
     test = ctx.splits["test"]
     b = cell.bootstrap
-    return Scoring(test.sample_ids, test.patient_ids, test.labels, ctx.classes, ctx.mask_labels, n_classes,
-                   resamples=b["resamples"], level=b["level"], seed=b["seed"])
+    return Scoring(
+        test.sample_ids,
+        test.patient_ids,
+        test.labels,
+        ctx.classes,
+        ctx.mask_labels,
+        n_classes,
+        resamples=b["resamples"],
+        level=b["level"],
+        seed=b["seed"],
+    )
 
 
 def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = None, on_epoch=None) -> dict:
@@ -103,16 +116,31 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
     if n_trials > 1:
         from dinoscale.search import search_probe
 
-        result, _ = search_probe(probe_spec, train, val, test, n_trials=n_trials, seed=cell.search.get("seed", 0) + cell.seed)
+        result, _ = search_probe(
+            probe_spec, train, val, test, n_trials=n_trials, seed=cell.search.get("seed", 0) + cell.seed
+        )
     else:
         result = run_probe(probe_spec, train, val, test, seed=cell.seed)
     t_probe = time.perf_counter() - t1
     dim = train.x[0].shape[-1] if isinstance(train.x, list) else train.x.shape[-3 if train.x.ndim >= 4 else 1]
-    extra = {"feature_dim": dim, "probe_candidates": result.candidates, "time_feature_load_s": t_load,
-             "time_probe_s": t_probe, "search_trials": n_trials}
+    extra = {
+        "feature_dim": dim,
+        "probe_candidates": result.candidates,
+        "time_feature_load_s": t_load,
+        "time_probe_s": t_probe,
+        "search_trials": n_trials,
+    }
     target = test.y if isinstance(test, SegSplit) else None
-    return _scored(cell, ctx, result.test_scores, target, result.val_metric, result.selected, extra,
-                   getattr(probe_spec, "n_classes", None))
+    return _scored(
+        cell,
+        ctx,
+        result.test_scores,
+        target,
+        result.val_metric,
+        result.selected,
+        extra,
+        getattr(probe_spec, "n_classes", None),
+    )
 
 
 def _axes_metrics(cell: Cell, ctx: SweepContext) -> dict:
@@ -122,19 +150,34 @@ def _axes_metrics(cell: Cell, ctx: SweepContext) -> dict:
         **{name: cell.axes[name] for name in record.NUMERIC_AXES if name in cell.axes},
         "tokens_per_image": cell.backbone.tokens_per_image(cell.resolution),
         "gflops_per_image": cell.gflops_per_image,  # the compute axis
-        "n_train": len(ctx.splits["train"].sample_ids), "n_val": len(ctx.splits["val"].sample_ids),
-        "n_test": len(test.sample_ids), "n_test_patients": len(set(test.patient_ids)),
+        "n_train": len(ctx.splits["train"].sample_ids),
+        "n_val": len(ctx.splits["val"].sample_ids),
+        "n_test": len(test.sample_ids),
+        "n_test_patients": len(set(test.patient_ids)),
     }
 
 
-def _scored(cell: Cell, ctx: SweepContext, test_output: np.ndarray, target, val_metric: float, selected: dict, extra: dict,
-            n_classes: int | None = None) -> dict:
+def _scored(
+    cell: Cell,
+    ctx: SweepContext,
+    test_output: np.ndarray,
+    target,
+    val_metric: float,
+    selected: dict,
+    extra: dict,
+    n_classes: int | None = None,
+) -> dict:
     """Test metrics as the task scores them (with their patient-level interval), the val metric, the mirrored
     axes and the per-unit predictions table."""
     task = get_task(cell.task)
     metrics, predictions = task.score(test_output, target, _scoring(cell, ctx, n_classes))
-    metrics = {**metrics, **task.val_metrics(val_metric), **_axes_metrics(cell, ctx), **extra,
-               **{f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))}}
+    metrics = {
+        **metrics,
+        **task.val_metrics(val_metric),
+        **_axes_metrics(cell, ctx),
+        **extra,
+        **{f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))},
+    }
     return {"metrics": metrics, "selected": selected, "predictions": predictions}
 
 
@@ -171,8 +214,13 @@ def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str |
     res = finetune(model, train_ds, val_ds, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch)
     test_scores = predict(res.model, test_ds, batch_size=cfg.batch_size)
     n_trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
-    extra = {"time_train_s": time.perf_counter() - t0, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-             "trainable_params": n_trainable, "resumed_from_epoch": -1 if res.resumed_from_epoch is None else res.resumed_from_epoch}
+    extra = {
+        "time_train_s": time.perf_counter() - t0,
+        "epochs_run": res.epochs_run,
+        "best_epoch": res.best_epoch,
+        "trainable_params": n_trainable,
+        "resumed_from_epoch": -1 if res.resumed_from_epoch is None else res.resumed_from_epoch,
+    }
     selected = {"lr": cfg.lr, "best_epoch": res.best_epoch}
     return _scored(cell, ctx, test_scores, None, res.best_val, selected, extra)
 
@@ -199,7 +247,9 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
     cell = ctx.cells[config["cell"]]
     client = MlflowClient(ctx.tracking_uri)
     headline = get_task(cell.task).headline
-    done = with_retries(finished_child_metrics, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, headline.test)
+    done = with_retries(
+        finished_child_metrics, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, headline.test
+    )
     if done is not None:
         tune.report({**done, "cell": cell.id, "reused_record": 1, "time_own_work_s": time.perf_counter() - t_start})
         return
@@ -213,7 +263,9 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
         record.RAY_NODE_ID: ray.get_runtime_context().get_node_id(),
         record.FEATURE_KEYS: ",".join(f"{s}:{d}" for s, d in cell.feature_keys),
     }
-    run_id = with_retries(find_or_create_child, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, cell.id, tags)
+    run_id = with_retries(
+        find_or_create_child, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, cell.id, tags
+    )
     previous = client.get_run(run_id).data.tags.get(record.EVALUATIONS, "0")
     tags[record.EVALUATIONS] = str(int(previous) + 1)
     with_retries(log_batch, client, run_id, tags=tags)
@@ -225,8 +277,14 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
 
     try:
         out = evaluate_cell(cell, ctx, checkpoint_root=ctx.checkpoint_root, on_epoch=report_epoch)
-        with_retries(log_batch, client, run_id, params=cell_params(cell), metrics=out["metrics"],
-                     tags={f"{record.SELECTED_PREFIX}{k}": v for k, v in out["selected"].items()})
+        with_retries(
+            log_batch,
+            client,
+            run_id,
+            params=cell_params(cell),
+            metrics=out["metrics"],
+            tags={f"{record.SELECTED_PREFIX}{k}": v for k, v in out["selected"].items()},
+        )
         buf = io.StringIO()
         out["predictions"].to_csv(buf, index=False)
         client.log_text(run_id, buf.getvalue(), record.PREDICTIONS)
@@ -239,5 +297,12 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
             with_retries(client.set_terminated, run_id, "FAILED")
         finally:
             raise
-    tune.report({**out["metrics"], "mlflow_run_id": run_id, "cell": cell.id, "reused_record": 0,
-                 "time_own_work_s": time.perf_counter() - t_start})
+    tune.report(
+        {
+            **out["metrics"],
+            "mlflow_run_id": run_id,
+            "cell": cell.id,
+            "reused_record": 0,
+            "time_own_work_s": time.perf_counter() - t_start,
+        }
+    )

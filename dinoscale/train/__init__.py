@@ -13,6 +13,13 @@ from dinoscale.train.lora import apply_lora, trainable_parameter_names
 from dinoscale.train.model import ImageClassifier
 
 __all__ = [
-    "FinetuneConfig", "FinetuneResult", "ImageClassifier", "apply_lora", "build_classifier", "finetune",
-    "llrd_param_groups", "predict", "trainable_parameter_names",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "ImageClassifier",
+    "apply_lora",
+    "build_classifier",
+    "finetune",
+    "llrd_param_groups",
+    "predict",
+    "trainable_parameter_names",
 ]

@@ -25,7 +25,9 @@ def layer_id(name: str, n_blocks: int) -> int:
     return n_blocks + 1
 
 
-def llrd_param_groups(model: nn.Module, lr: float, layer_decay: float, weight_decay: float, n_blocks: int | None = None) -> list[dict]:
+def llrd_param_groups(
+    model: nn.Module, lr: float, layer_decay: float, weight_decay: float, n_blocks: int | None = None
+) -> list[dict]:
     """AdamW parameter groups; each carries ``layer`` and ``lr_scale`` for inspection and logging."""
     if n_blocks is None:
         backbone = getattr(model, "backbone", model)
@@ -37,8 +39,17 @@ def llrd_param_groups(model: nn.Module, lr: float, layer_decay: float, weight_de
         layer = layer_id(name, n_blocks)
         decay = p.ndim > 1 and not name.removeprefix("backbone.").startswith(_STEM[:3])
         scale = layer_decay ** (n_blocks + 1 - layer)
-        g = groups.setdefault((layer, decay), {"params": [], "names": [], "layer": layer, "lr_scale": scale,
-                                               "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0})
+        g = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "names": [],
+                "layer": layer,
+                "lr_scale": scale,
+                "lr": lr * scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         g["params"].append(p)
         g["names"].append(name)
     return [groups[k] for k in sorted(groups)]

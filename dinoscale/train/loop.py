@@ -73,7 +73,9 @@ class FinetuneResult:
     resumed_from_epoch: int | None = None
 
 
-def build_classifier(backbone: nn.Module, n_out: int, cfg: FinetuneConfig, num_prefix_tokens: int | None = None) -> ImageClassifier:
+def build_classifier(
+    backbone: nn.Module, n_out: int, cfg: FinetuneConfig, num_prefix_tokens: int | None = None
+) -> ImageClassifier:
     """Backbone (e.g. ``load_backbone(...).model``) + head, prepared for ``cfg.strategy``."""
     if cfg.strategy == "lora":
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
@@ -92,8 +94,10 @@ def _optimizer(model: ImageClassifier, cfg: FinetuneConfig) -> torch.optim.Optim
         groups = llrd_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
     else:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                  {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
@@ -163,7 +167,9 @@ def finetune(
     Optuna there; raising — e.g. ``optuna.TrialPruned`` — stops the run, and a later call with the
     same ``checkpoint_dir`` resumes). Returns the model restored to its best-val weights.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     model.to(device)
     opt = _optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -186,8 +192,14 @@ def finetune(
             stopped = True
             break
         torch.manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch), drop_last=False)
+        loader = DataLoader(
+            train,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+            drop_last=False,
+        )
         model.train()
         losses = []
         for x, y in loader:
@@ -206,15 +218,35 @@ def finetune(
             state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
         else:
             state["bad_epochs"] += 1
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_metric": metric, "lr": sched.get_last_lr()[-1]}
+        record = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_metric": metric,
+            "lr": sched.get_last_lr()[-1],
+        }
         state["history"].append(record)
         state["epoch"] = epoch
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save(ckpt, {**state, "model": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            _save(
+                ckpt,
+                {
+                    **state,
+                    "model": _trainable_state(model),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                },
+            )
         if on_epoch is not None:
             on_epoch(epoch, record)
     if state["best_model"] is not None:
         _load_trainable(model, state["best_model"])
-    return FinetuneResult(model, float(state["best_val"]), int(state["best_epoch"]), int(state["epoch"]) + 1, stopped,
-                          list(state["history"]), resumed)
+    return FinetuneResult(
+        model,
+        float(state["best_val"]),
+        int(state["best_epoch"]),
+        int(state["epoch"]) + 1,
+        stopped,
+        list(state["history"]),
+        resumed,
+    )

@@ -20,8 +20,9 @@ def target_regex(targets: list[str] | tuple[str, ...]) -> str:
     return rf".*blocks\.\d+\.({alts})"
 
 
-def apply_lora(backbone: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("qkv", "proj"),
-               dropout: float = 0.0) -> nn.Module:
+def apply_lora(
+    backbone: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("qkv", "proj"), dropout: float = 0.0
+) -> nn.Module:
     """Injects LoRA adapters in place and freezes every non-adapter weight. Returns the backbone."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -33,7 +34,9 @@ def apply_lora(backbone: nn.Module, rank: int = 8, alpha: float = 16.0, targets=
     backbone = inject_adapter_in_model(config, backbone)
     n_adapted = sum(1 for n, _ in backbone.named_modules() if n.endswith("lora_A"))
     if n_adapted == 0:
-        raise RuntimeError(f"LoRA matched no module for targets {list(targets)}; is this a timm ViT with blocks.<i>.attn?")
+        raise RuntimeError(
+            f"LoRA matched no module for targets {list(targets)}; is this a timm ViT with blocks.<i>.attn?"
+        )
     for name, p in backbone.named_parameters():
         p.requires_grad = "lora_" in name
     return backbone

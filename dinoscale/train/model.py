@@ -16,7 +16,7 @@ class ImageClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)  # (B, prefix + patches, D), already normed
-        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(1)], dim=1)
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
