@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep plan validate analyze ui test test-fast clean help
+.PHONY: install sweep plan validate analyze ui test test-fast lint format clean help
 
 help:
 	@sed -n '1,5p' Makefile
@@ -54,6 +54,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff: lint rules and formatting in pyproject.toml ([tool.ruff]); CI runs this before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check dinoscale tests benchmarks
+	$(BIN)/ruff format --check dinoscale tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix dinoscale tests benchmarks
+	$(BIN)/ruff format dinoscale tests benchmarks
 
 clean:
 	rm -rf .dinoscale mlruns.db mlartifacts reports
