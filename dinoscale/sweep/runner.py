@@ -21,6 +21,7 @@ from dinoscale.console import console
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.display import SweepProgress, print_banner, print_plan, print_summary
+from dinoscale.sweep.extraction import check_cluster_memory, extraction_record
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
 from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tasks import get_task
@@ -177,6 +178,7 @@ def run_sweep(
     monitor = _system_metrics(parent_id, tracking_uri, step)
     try:
         _init_ray(spec, address)
+        check_cluster_memory(plan)
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
         grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs)
         headline = get_task(plan.dataset.task).headline
@@ -278,10 +280,14 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
             "extraction_forward_seconds": extraction.forward_seconds,
             "extraction_wall_seconds": extraction.wall_seconds,
             "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
+            **extraction_record(extraction),
         },
     )
-    for job in extraction.per_job:  # what each job measured: GFLOPs per image, the loaded weights' sha256
-        client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{job['job'].replace('@', '_r')}.json")
+    for i, job in enumerate(extraction.per_job):  # what each job measured: GFLOPs per image, weights' sha256, memory
+        name = job["job"].replace("@", "_r") + (f"_task{i}" if len(extraction.per_job) > 1 else "")
+        client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{name}.json")
+    if extraction.per_feature_set:
+        client.log_dict(parent_id, extraction.per_feature_set, record.FEATURE_SETS)
     if not quiet:
         console.print(
             f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
@@ -314,6 +320,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
             record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
         },
         dataset_inputs=dataset_inputs,
+        sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
     )
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cells = ctx.cells
