@@ -350,6 +350,8 @@ def check_runnable(plan: Plan) -> None:
             + "; ".join(unfit.values())
             + f". Probes that fit: {', '.join(fitting)}"
         )
+    if "frozen" in spec.strategies and not ds.has_masks and any(get_probe(p.kind).input == "grid" for p in spec.probes):
+        raise NotRunnableError(f"dataset '{ds.name}' lists no label maps (masks); segmentation heads train on them")
     if (
         "frozen" in spec.strategies
         and spec.features.tokens == GRID_TOKENS
