@@ -25,6 +25,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -140,7 +141,7 @@ def probe_tracking(uri: str | None) -> tuple[str, str]:
         return "FAIL", f"{where}: {e.code} {body.strip()}"
     except (urllib.error.URLError, OSError) as e:
         return "FAIL", f"{where}: {getattr(e, 'reason', e)}"
-    return "OK", f"{uri} answers {where} with the cluster's host name and credentials"
+    return "OK", f"{uri} from {socket.gethostname()}: the name resolves, the server accepts its Host header and the credentials"
 
 
 def _node_ip() -> str:
@@ -313,7 +314,9 @@ def submit(address: str, gpu_wait: float) -> int:
         time.sleep(2)
         status = client.get_job_status(job)
     logs = client.get_job_logs(job)
-    print(logs.rstrip(), flush=True)
+    # the report, without Ray's own INFO chatter (runtime env set-up, "connecting to ...")
+    chatter = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+INFO |^Running entrypoint for job ")
+    print("\n".join(ln for ln in logs.rstrip().splitlines() if not chatter.match(ln)), flush=True)
     if status == JobStatus.SUCCEEDED:
         return 0
     if "cluster-check:" not in logs:
