@@ -1,9 +1,12 @@
 """The cluster path end to end, on loopback, with real processes and no mocks.
 
 What a cloud cluster does, in miniature: a Ray head plus two worker nodes started with `ray start`
-(token authentication on, as on the cloud), an MLflow tracking server with the basic-auth app on
-a real PostgreSQL backend store (credentials from the environment, as cluster/ deploys it), and a
-demo sweep submitted with `ray job submit` whose nested runs are then read back over the REST API.
+(token authentication on, as on the cloud), the MLflow tracking server started by
+cluster/mlflow/run-server.sh with the settings of cluster/cluster.env on a real PostgreSQL backend
+store (credentials from the environment, as cluster/ deploys it), called with the Host header the
+cluster uses; a demo sweep submitted with `ray job submit` whose nested runs are then read back over
+the REST API; and the Makefile's job-client targets (`make cluster-status`, `make cluster-check`)
+run against that cluster with only RAY_AUTH_TOKEN exported.
 Every process started here is stopped by its process group, even when a test fails; nothing else
 on the machine is touched (no global `ray stop`).
 """
@@ -25,14 +28,14 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-MLFLOW = str(VENV_BIN / "mlflow")
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
 # Debian installs the server binaries off PATH, under /usr/lib/postgresql/<major>/bin
 PG_BIN = Path(os.environ.get("PG_BIN") or max(Path("/usr/lib/postgresql").glob("*/bin"),
                                               key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
@@ -63,8 +66,8 @@ class Processes:
         self.log_dir, self.procs = log_dir, []
 
     def start(self, name: str, cmd: list[str], env: dict, **kw) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
         self.procs.append((name, p))
         return p
 
@@ -113,7 +116,7 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
-def _wait_for(what: str, check, timeout: float, procs: "Processes", name: str) -> None:
+def _wait_for(what: str, check, timeout: float, procs: Processes, name: str) -> None:
     """Poll until ready; fail at once (with the process's log) if it died."""
     proc = dict(procs.procs)[name]
     deadline = time.time() + timeout
@@ -183,7 +186,7 @@ def postgres(sandbox):
 
     def ready():
         r = subprocess.run([psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "postgres", "-c", "select 1"],
-                           env={**os.environ, "PGPASSWORD": pw}, capture_output=True)
+                           env={**os.environ, "PGPASSWORD": pw}, capture_output=True, check=False)
         return r.returncode == 0
 
     _wait_for("PostgreSQL", ready, 60, procs, "postgres")
@@ -193,24 +196,35 @@ def postgres(sandbox):
     return {"port": port, "password": pw}
 
 
+def _cluster_env() -> dict[str, str]:
+    out = {}
+    for line in (CLUSTER / "cluster.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+CLUSTER_HOST = _cluster_env()["DINOSCALE_TRACKING_URI"].split("://")[1].split("/")[0]  # mlflow.dinoscale.internal:5000
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(sandbox, postgres):
-    """`mlflow server --app-name basic-auth` on PostgreSQL, configured as cluster/mlflow deploys it:
-    no password in any file (PGPASSWORD and MLFLOW_AUTH_ADMIN_* come from the environment)."""
+    """The tracking server as cluster/ starts it: cluster/mlflow/run-server.sh (basic-auth app on
+    PostgreSQL, its auth database rendered from MLFLOW_DB_HOST/PORT) with cluster.env's settings, the
+    secrets from the environment, and the empty MLFLOW_S3_ENDPOINT_URL the old ConfigMap set. Only
+    the listening address, the port and the worker count differ from the cluster's."""
     root, procs = sandbox
     port = _free_port()
-    ini = root / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = postgresql://mlflow@127.0.0.1:{postgres['port']}/mlflow_auth\n"
-                   "admin_username = admin\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**os.environ, "PGPASSWORD": postgres["password"], "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+    env = {**os.environ, **_cluster_env(), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PGPASSWORD": postgres["password"], "MLFLOW_DB_HOST": "127.0.0.1", "MLFLOW_DB_PORT": str(postgres["port"]),
            "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER, "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    procs.start("mlflow", [MLFLOW, "server", "--app-name", "basic-auth",
-                           "--backend-store-uri", f"postgresql://mlflow@127.0.0.1:{postgres['port']}/mlflow",
-                           "--artifacts-destination", (root / "mlartifacts").as_uri(),
-                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, cwd=root)
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_ARTIFACTS": (root / "mlartifacts").as_uri(),
+           "MLFLOW_S3_ENDPOINT_URL": "", "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+           "TMPDIR": str(root)}
+    for k in ("MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", "MLFLOW_AUTH_CONFIG_PATH"):
+        env.pop(k, None)
+    procs.start("mlflow", [str(CLUSTER / "mlflow" / "run-server.sh")], env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -230,8 +244,10 @@ def ray_cluster(sandbox, mlflow_server):
     root, procs = sandbox
     temp = root / "ray"
     temp.mkdir()
+    # the nodes' environment as cluster.env + with-secrets.sh give it (storage and tracking: this machine's)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+           "DINOSCALE_STORAGE": str(root / "shared-storage"), "DINOSCALE_TRACKING_URI": mlflow_server,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1"}
     gcs, dash, client = _free_port(), _free_port(), _free_port()
@@ -262,7 +278,7 @@ def ray_cluster(sandbox, mlflow_server):
     for i in (1, 2):
         procs.start(f"ray-worker-{i}", [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
                                         "--num-cpus", "1", *node_ports(), *common], env=env, cwd=root)
-        _wait_for(f"Ray worker node {i}", lambda: alive_nodes() >= 1 + i, 90, procs, f"ray-worker-{i}")
+        _wait_for(f"Ray worker node {i}", lambda i=i: alive_nodes() >= 1 + i, 90, procs, f"ray-worker-{i}")
     nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dashboard, "--format", "json"], env=env,
                                       capture_output=True, text=True, timeout=60, check=True).stdout)
     return {"gcs": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env, "temp": temp, "client_port": client,
@@ -292,10 +308,10 @@ def submitted_sweep(sandbox, ray_cluster, mlflow_server):
     # collected while the driver still runs in it, and Tune then fails on os.getcwd().
     # `ray job submit` shell-quotes each word, hence one `sh -c` for the `cd && ...`.
     cmd = [RAY, "job", "submit", "--address", ray_cluster["dashboard"], "--submission-id", job_id, "--",
-           "sh", "-c", f"cd {job_dir} && python -m dinoscale.cli sweep spec.yaml --address auto "
-           f"--tracking-uri {mlflow_server} --no-analysis"]
+           "sh", "-c", (f"cd {job_dir} && python -m dinoscale.cli sweep spec.yaml --address auto "
+                        f"--tracking-uri {mlflow_server} --no-analysis")]
     t0 = time.time()
-    sub = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    sub = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=900, check=False)
     status = requests.get(f"{ray_cluster['dashboard']}/api/jobs/{job_id}", timeout=30,
                           headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"}).json()
     return {"spec": spec, "job_id": job_id, "submit": sub, "status": status, "seconds": time.time() - t0}
@@ -353,3 +369,78 @@ def test_cluster_was_multi_node_and_storage_is_the_spec_path(submitted_sweep, ra
     store = root / "shared-storage"
     assert (store / "features").is_dir() and any((store / "features").iterdir())
     assert (store / "tune").is_dir()
+
+
+# ---------------------------------------------------------------- the tracking server by the cluster's name
+
+
+def test_tracking_server_answers_the_clusters_host_name(mlflow_server):
+    """MLflow checks the Host header: run-server.sh must list the name of DINOSCALE_TRACKING_URI
+    (and the aliases). /health is exempt, so the readiness probe alone would stay green on a 403."""
+    def search(host: str, **headers):
+        return requests.post(f"{mlflow_server}/api/2.0/mlflow/experiments/search", json={"max_results": 1},
+                             auth=(MLFLOW_USER, MLFLOW_PASSWORD), headers={"Host": host, **headers}, timeout=30)
+
+    for host in (CLUSTER_HOST, CLUSTER_HOST.split(":")[0], "mlflow:5000", "mlflow.dinoscale.svc.cluster.local:5000"):
+        r = search(host)
+        assert r.status_code == 200, f"Host: {host} -> {r.status_code} {r.text[:200]}"
+    assert search("evil.example:5000").status_code == 403, "the check is on: unknown names are refused"
+    assert requests.get(f"{mlflow_server}/health", headers={"Host": "evil.example:5000"}, timeout=10).status_code == 200
+    # the web UI on the cluster's name: its same-origin POSTs carry an Origin header
+    r = search(CLUSTER_HOST, Origin=f"http://{CLUSTER_HOST}")
+    assert r.status_code == 200, f"UI request from http://{CLUSTER_HOST}: {r.status_code} {r.text[:200]}"
+
+
+def test_tracking_server_process_has_no_empty_s3_endpoint(sandbox, mlflow_server):
+    """run-server.sh drops the empty MLFLOW_S3_ENDPOINT_URL it was given (boto3: 'Invalid endpoint')."""
+    _, procs = sandbox
+    pid = dict(procs.procs)["mlflow"].pid  # run-server.sh execs mlflow: the same process
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not any(e.startswith(b"MLFLOW_S3_ENDPOINT_URL=") for e in environ)
+    assert any(e.startswith(b"MLFLOW_SERVER_ALLOWED_HOSTS=mlflow.dinoscale.internal,") for e in environ)
+
+
+# ---------------------------------------------------------------- the Makefile's job client on the token cluster
+
+
+def _make(target: str, ray_cluster, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A cluster-* target as a user runs it: only RAY_AUTH_TOKEN exported (no RAY_AUTH_MODE)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN"] = ray_cluster["env"]["RAY_AUTH_TOKEN"]
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(["make", "-s", "-C", str(ROOT), target, "CLUSTER_DEPS=", f"BIN={VENV_BIN}",
+                           f"RAY_ADDRESS={ray_cluster['dashboard']}", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_make_cluster_status_with_only_the_token_exported(submitted_sweep, ray_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN"] = ray_cluster["env"]["RAY_AUTH_TOKEN"]
+    bare = subprocess.run([RAY, "job", "list", "--address", ray_cluster["dashboard"]], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert bare.returncode != 0, "without RAY_AUTH_MODE=token the job client sends no token (the README's old advice)"
+    r = _make("cluster-status", ray_cluster)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert submitted_sweep["job_id"] in r.stdout + r.stderr
+
+
+def test_make_cluster_check_reports_the_missing_gpu_as_a_line(ray_cluster):
+    """`make cluster-check` on this GPU-less cluster: token, storage and tracking pass, the GPU line
+    fails with its reason, and nothing crashes."""
+    t0 = time.time()
+    r = _make("cluster-check", ray_cluster, "CHECK_GPU_WAIT=5")
+    out = r.stdout + r.stderr
+    print(r.stdout)  # the one screen a user sees (pytest -rP shows it)
+    assert "Traceback" not in out, out[-4000:]
+    assert r.returncode != 0, out[-4000:]
+    lines = [ln for ln in out.splitlines() if ln[:4] in ("OK  ", "WARN", "FAIL")]
+    by_check = {}
+    for ln in lines:
+        by_check.setdefault(ln.split()[1], []).append(ln.split()[0])
+    assert by_check.get("token") == ["OK", "OK"], lines  # the job server (client side), the mode on every node
+    assert by_check.get("gpu") == ["FAIL"] and "no GPU worker joined within 5s" in out, lines
+    assert by_check.get("storage") in (["OK"], ["WARN"]) and "the same storage on all 3 node(s)" in out, lines
+    assert by_check.get("tracking") == ["OK"], lines
+    assert "cluster-check: 1 problem(s)" in out
+    assert " INFO " not in r.stdout, "one screen: the report, not Ray's log chatter"
+    print(f"cluster-check took {time.time() - t0:.0f}s")
