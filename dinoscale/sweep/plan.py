@@ -345,8 +345,8 @@ def check_runnable(plan: Plan) -> None:
 
         fitting = [k for k in probe_kinds() if get_probe(k).unfit_reason(ds.task, ds.volumetric, ds.bagged) is None]
         raise NotRunnableError(
-            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task"
-            f"{', 3D volumes' if ds.volumetric else ''}): "
+            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task)"
+            f"{' of 3D volumes' if ds.volumetric else ''}: "
             + "; ".join(unfit.values())
             + f". Probes that fit: {', '.join(fitting)}"
         )
