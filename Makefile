@@ -57,12 +57,12 @@ test-fast: $(STAMP)
 
 # ruff: lint rules and formatting in pyproject.toml ([tool.ruff]); CI runs this before the tests
 lint: $(STAMP)
-	$(BIN)/ruff check dinoscale tests benchmarks
-	$(BIN)/ruff format --check dinoscale tests benchmarks
+	$(BIN)/ruff check dinoscale tests benchmarks cluster
+	$(BIN)/ruff format --check dinoscale tests benchmarks cluster
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix dinoscale tests benchmarks
-	$(BIN)/ruff format dinoscale tests benchmarks
+	$(BIN)/ruff check --fix dinoscale tests benchmarks cluster
+	$(BIN)/ruff format dinoscale tests benchmarks cluster
 
 clean:
 	rm -rf .dinoscale mlruns.db mlartifacts reports

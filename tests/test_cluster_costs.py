@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 sys.path.insert(0, str(CLUSTER / "check"))
 
-import costs
-from node_selection import select_v1, select_v2, sweep_demands
+import costs  # noqa: E402 - from cluster/check, put on sys.path above
+from node_selection import select_v1, select_v2, sweep_demands  # noqa: E402
 
 CLOUDS = sorted(costs.CLOUDS)
 PAPER_SPECS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -52,19 +52,24 @@ def test_ray_node_selection_stays_on_single_gpu_nodes_within_the_readme_cost(clo
     demands = sweep_demands(spec)
     demands["both"] = demands["extraction"] + demands["trials"]
     for what, demand in demands.items():
-        runs = {"v2": (select_v2(config, demand), costs.PEAK_SPOT),
-                "v2, spot launches failing": (select_v2(config, demand, unavailable=(spot,)), costs.PEAK_FALLBACK),
-                "v1": (select_v1(config, demand), costs.PEAK_FALLBACK)}
+        runs = {
+            "v2": (select_v2(config, demand), costs.PEAK_SPOT),
+            "v2, spot launches failing": (select_v2(config, demand, unavailable=(spot,)), costs.PEAK_FALLBACK),
+            "v1": (select_v1(config, demand), costs.PEAK_FALLBACK),
+        }
         for label, ((launched, _waiting), limit) in runs.items():
             where = f"{cloud} {spec.stem} {what} ({label}): Ray launches {launched}"
             assert launched, f"{where}: nothing can run these tasks"
             assert not _multi_gpu(config, launched), f"{where}: a multi-GPU node type for single-GPU work"
             per_hour = costs.cost_per_hour(config, prices, launched)
-            assert per_hour <= stated[limit] + 1e-6, f"{where}: ${per_hour:.2f}/h > README's {limit} ${stated[limit]:.2f}/h"
+            assert per_hour <= stated[limit] + 1e-6, (
+                f"{where}: ${per_hour:.2f}/h > README's {limit} ${stated[limit]:.2f}/h"
+            )
         if spot:
             assert set(runs["v2"][0][0]) == {spot}, f"{cloud} {spec.stem} {what}: spot first, got {runs['v2'][0][0]}"
-            assert set(runs["v2, spot launches failing"][0][0]) == {ondemand}, \
+            assert set(runs["v2, spot launches failing"][0][0]) == {ondemand}, (
                 f"{cloud} {spec.stem} {what}: when spot fails, the single-GPU on-demand type"
+            )
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
@@ -82,7 +87,8 @@ def test_the_guard_catches_the_multi_gpu_node_when_it_is_on(cloud):
 
 def test_readme_cost_table_is_rendered_from_costs_yaml():
     assert costs.readme_block() == costs.render_table(), (
-        "cluster/README.md's cost table is out of date: run `python cluster/check/costs.py --write`")
+        "cluster/README.md's cost table is out of date: run `python cluster/check/costs.py --write`"
+    )
 
 
 def test_costs_yaml_prices_every_node_type_and_the_storage_minimum():

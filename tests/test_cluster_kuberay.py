@@ -41,8 +41,11 @@ def _strict(schema):
     """As the API server with strict field validation: unknown fields are errors; int-or-string typed."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         if schema.get("x-kubernetes-int-or-string"):
             schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
@@ -58,8 +61,11 @@ def schemas() -> dict[str, dict]:
     assert "v1.7.0" in doc["source"] and "ray.io_rayjobs.yaml" in doc["source"]
     rayjob = _strict(doc["openAPIV3Schema"])
     top = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
-    raycluster = {"type": "object", "properties": {**top, "spec": rayjob["properties"]["spec"]["properties"]["rayClusterSpec"]},
-                  "additionalProperties": False}
+    raycluster = {
+        "type": "object",
+        "properties": {**top, "spec": rayjob["properties"]["spec"]["properties"]["rayClusterSpec"]},
+        "additionalProperties": False,
+    }
     rayjob = {**rayjob, "properties": {**rayjob["properties"], **top}}
     rayjob["properties"].pop("status", None)
     raycluster["properties"].pop("status", None)
@@ -78,7 +84,9 @@ def _version(v: str) -> tuple[int, ...]:
 
 def _operator_rules(spec: dict, where: str) -> None:
     """ValidateRayClusterSpec (v1.7.0), the parts these manifests touch."""
-    assert spec["headGroupSpec"]["template"]["spec"]["containers"], f"{where}: headGroupSpec should have at least one container"
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"], (
+        f"{where}: headGroupSpec should have at least one container"
+    )
     for g in spec.get("workerGroupSpecs", []):
         assert g["template"]["spec"]["containers"], f"{where}: workerGroupSpec should have at least one container"
         lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
@@ -112,9 +120,12 @@ def _cluster_checks(spec: dict, where: str) -> None:
     _operator_rules(spec, where)
     secret = _token_by_auth_options(spec, where)
     readme = (ROOT / "cluster" / "README.md").read_text()
-    assert f"create secret generic {secret} --from-literal=auth_token=" in readme, \
+    assert f"create secret generic {secret} --from-literal=auth_token=" in readme, (
         f"{where}: cluster/README.md tells how to create the Secret {secret} with the key auth_token"
-    claims = {d["metadata"]["name"] for d in _load_all(KUBERAY / "storage.yaml") if d["kind"] == "PersistentVolumeClaim"}
+    )
+    claims = {
+        d["metadata"]["name"] for d in _load_all(KUBERAY / "storage.yaml") if d["kind"] == "PersistentVolumeClaim"
+    }
     for g, c in _containers(spec):
         vols = {v["name"]: v for v in g["template"]["spec"].get("volumes", [])}
         for m in c.get("volumeMounts", []):
@@ -158,7 +169,11 @@ def _rayjob_checks(schemas, job: dict) -> None:
     assert s["shutdownAfterJobFinishes"] is True
     assert not (s["rayClusterSpec"].get("authOptions") or {}).get("enableK8sTokenAuth"), "not supported for RayJob"
     _cluster_checks(s["rayClusterSpec"], "RayJob.spec.rayClusterSpec")
-    assert "dinoscale sweep" in s["entrypoint"] and "--address auto" in s["entrypoint"] and "--tracking-uri" in s["entrypoint"]
+    assert (
+        "dinoscale sweep" in s["entrypoint"]
+        and "--address auto" in s["entrypoint"]
+        and "--tracking-uri" in s["entrypoint"]
+    )
     spec_in_image = s["entrypoint"].split("dinoscale sweep ")[1].split()[0]
     assert (ROOT / spec_in_image).is_file(), "the entrypoint's spec is in the image"
     for c in s["submitterPodTemplate"]["spec"]["containers"]:
@@ -209,15 +224,22 @@ def test_storage_claim_is_shared_by_all_nodes():
 def fake_kubectl(tmp_path):
     """A kubectl that records its arguments and the manifest it is given."""
     script = tmp_path / "kubectl"
-    script.write_text(f'#!/bin/sh\nn=$(ls "{tmp_path}" | grep -c "^call-.*args$")\n'
-                      f'printf "%s " "$@" > "{tmp_path}/call-$n.args"\ncat > "{tmp_path}/call-$n.yaml"\n')
+    script.write_text(
+        f'#!/bin/sh\nn=$(ls "{tmp_path}" | grep -c "^call-.*args$")\n'
+        f'printf "%s " "$@" > "{tmp_path}/call-$n.args"\ncat > "{tmp_path}/call-$n.yaml"\n'
+    )
     script.chmod(0o755)
     return script
 
 
 def _cluster_job(fake_kubectl, *args) -> tuple[str, dict]:
-    r = subprocess.run(["make", "-s", "-C", str(ROOT), "cluster-job", f"KUBECTL={fake_kubectl}", *args],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "cluster-job", f"KUBECTL={fake_kubectl}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     d = fake_kubectl.parent
     n = len(list(d.glob("call-*.args"))) - 1

@@ -73,9 +73,19 @@ class Recorder:
         self.image_env, self.gpu = image_env, gpu
         self.calls: list[tuple] = []
 
-    def run(self, cmd, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
-            environment_variables=None, run_env="auto", ssh_options_override_ssh_key="", shutdown_after_run=False,
-            silent=False):
+    def run(
+        self,
+        cmd,
+        timeout=120,
+        exit_on_fail=False,
+        port_forward=None,
+        with_output=False,
+        environment_variables=None,
+        run_env="auto",
+        ssh_options_override_ssh_key="",
+        shutdown_after_run=False,
+        silent=False,
+    ):
         self.calls.append(("run", cmd))
         if not with_output:
             return b""
@@ -88,7 +98,11 @@ class Recorder:
         if "printenv HOME" in cmd:
             return self.image_env["HOME"].encode()
         if "{{.Runtimes}}" in cmd:
-            return b"map[io.containerd.runc.v2:{} nvidia:{nvidia-container-runtime} runc:{}]" if self.gpu else b"map[runc:{}]"
+            return (
+                b"map[io.containerd.runc.v2:{} nvidia:{nvidia-container-runtime} runc:{}]"
+                if self.gpu
+                else b"map[runc:{}]"
+            )
         return b""
 
     def run_rsync_up(self, source, target, options=None):
@@ -104,13 +118,21 @@ class Provider:
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
 
-    def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner, use_internal_ip,
-                           docker_config=None):
+    def get_command_runner(
+        self, log_prefix, node_id, auth_config, cluster_name, process_runner, use_internal_ip, docker_config=None
+    ):
         from ray.autoscaler._private.command_runner import DockerCommandRunner
 
-        runner = DockerCommandRunner(docker_config, log_prefix=log_prefix, node_id=node_id, provider=self,
-                                     auth_config=auth_config, cluster_name=cluster_name,
-                                     process_runner=process_runner, use_internal_ip=use_internal_ip)
+        runner = DockerCommandRunner(
+            docker_config,
+            log_prefix=log_prefix,
+            node_id=node_id,
+            provider=self,
+            auth_config=auth_config,
+            cluster_name=cluster_name,
+            process_runner=process_runner,
+            use_internal_ip=use_internal_ip,
+        )
         runner.ssh_command_runner = self.recorder
         return runner
 
@@ -141,11 +163,18 @@ def _update(config: dict, *, head: bool, node_type: str, file_mounts: dict, imag
     gpu = config["available_node_types"][node_type]["resources"].get("GPU", 0) > 0
     rec = Recorder(config["cluster_name"], config["auth"]["ssh_user"], image_env, gpu)
     if head:  # as commands.get_or_create_head_node (ray up) does
-        init, setup, start = config["initialization_commands"], config["head_setup_commands"], config["head_start_ray_commands"]
+        init, setup, start = (
+            config["initialization_commands"],
+            config["head_setup_commands"],
+            config["head_start_ray_commands"],
+        )
         docker = config["docker"]
     else:  # as StandardAutoscaler.spawn_updater (on the head) does
-        stub = types.SimpleNamespace(config=config, available_node_types=config["available_node_types"],
-                                     provider=types.SimpleNamespace(node_tags=lambda _id: {TAG_RAY_USER_NODE_TYPE: node_type}))
+        stub = types.SimpleNamespace(
+            config=config,
+            available_node_types=config["available_node_types"],
+            provider=types.SimpleNamespace(node_tags=lambda _id: {TAG_RAY_USER_NODE_TYPE: node_type}),
+        )
         stub._get_node_type_specific_fields = types.MethodType(StandardAutoscaler._get_node_type_specific_fields, stub)
         init = with_head_node_ip(stub._get_node_type_specific_fields("w", "initialization_commands"), "10.0.0.1")
         setup = with_head_node_ip(stub._get_node_type_specific_fields("w", "worker_setup_commands"), "10.0.0.1")
@@ -154,11 +183,22 @@ def _update(config: dict, *, head: bool, node_type: str, file_mounts: dict, imag
     login = command_runner.is_using_login_shells()
     command_runner.set_using_login_shells(False)  # plain `docker exec ... bash -c CMD`: easier to read back
     try:
-        updater = NodeUpdater(node_id="n", provider_config=config["provider"], provider=Provider(rec),
-                              auth_config=config["auth"], cluster_name=config["cluster_name"], file_mounts=file_mounts,
-                              initialization_commands=init, setup_commands=setup, ray_start_commands=start,
-                              runtime_hash="h", file_mounts_contents_hash="f", is_head_node=head, docker_config=docker,
-                              rsync_options={"rsync_exclude": config.get("rsync_exclude")})
+        updater = NodeUpdater(
+            node_id="n",
+            provider_config=config["provider"],
+            provider=Provider(rec),
+            auth_config=config["auth"],
+            cluster_name=config["cluster_name"],
+            file_mounts=file_mounts,
+            initialization_commands=init,
+            setup_commands=setup,
+            ray_start_commands=start,
+            runtime_hash="h",
+            file_mounts_contents_hash="f",
+            is_head_node=head,
+            docker_config=docker,
+            rsync_options={"rsync_exclude": config.get("rsync_exclude")},
+        )
         updater.do_update()
     finally:
         command_runner.set_using_login_shells(login)
@@ -202,7 +242,7 @@ class Node:
             if path == root:
                 return True
             if path.startswith(root + "/") and src is not None and src.is_dir():
-                return (src / path[len(root) + 1:]).exists()
+                return (src / path[len(root) + 1 :]).exists()
         return False
 
     def _created(self, path: str, where: str) -> bool:
@@ -217,9 +257,12 @@ class Node:
         path = path.replace("~", home, 1) if path.startswith("~") else path
         for dst, src in self.mounts.items():
             if path == dst or path.startswith(dst.rstrip("/") + "/"):
-                return self.host_has(src + path[len(dst):])
-        return (self._in_tree(path, dict(self.image_files)) or path in (f"{home}/ray_bootstrap_config.yaml", f"{home}/ray_bootstrap_key.pem")
-                or self._created(path, "container"))
+                return self.host_has(src + path[len(dst) :])
+        return (
+            self._in_tree(path, dict(self.image_files))
+            or path in (f"{home}/ray_bootstrap_config.yaml", f"{home}/ray_bootstrap_key.pem")
+            or self._created(path, "container")
+        )
 
     # --- replay
     def replay(self) -> None:
@@ -249,7 +292,9 @@ class Node:
                 src, dst = nxt.split(":")[:2]
                 src = re.sub("/+", "/", src)
                 if not self.host_has(src):
-                    self.problems.append(f"{self.label}: docker run mounts {src} from the host, which does not exist there")
+                    self.problems.append(
+                        f"{self.label}: docker run mounts {src} from the host, which does not exist there"
+                    )
                 self.mounts[dst] = src
             elif a == "--env-file":
                 if not self.host_has(nxt) or self._host_source(nxt) is None:
@@ -267,7 +312,7 @@ class Node:
             if src is not None and path == root:
                 return src
             if src is not None and src.is_dir() and path.startswith(root + "/"):
-                return src / path[len(root) + 1:]
+                return src / path[len(root) + 1 :]
         return None
 
     def _command(self, cmd: str, where: str) -> None:
@@ -289,7 +334,9 @@ class Node:
                     continue
                 ok = self.host_has(p) if where == "host" else self.container_has(p)
                 if not ok and not re.search(rf"mkdir -p[^;&|]*{re.escape(p)}", cmd):
-                    self.problems.append(f"{self.label} ({where}): `{ours.strip()[:90]}` reads {p}, which does not exist there")
+                    self.problems.append(
+                        f"{self.label} ({where}): `{ours.strip()[:90]}` reads {p}, which does not exist there"
+                    )
         for m in re.finditer(r"mkdir -p ([^;&|]+)", cmd):
             for target in shlex.split(m.group(1)):
                 target = _expand(target, self.container_env if where == "container" else {})
@@ -317,8 +364,12 @@ def _head_and_workers(path: Path, monkeypatch) -> list[Node]:
     nodes = []
     mounts = dict(config["file_mounts"])
     mounts["~/ray_bootstrap_config.yaml"] = str(path)  # what `ray up` adds for the head's autoscaler
-    head = Node(_update(config, head=True, node_type=config["head_node_type"], file_mounts=mounts, image_env=image_env),
-                image_files, image_env, "head")
+    head = Node(
+        _update(config, head=True, node_type=config["head_node_type"], file_mounts=mounts, image_env=image_env),
+        image_files,
+        image_env,
+        "head",
+    )
     head.replay()
     nodes.append(head)
     for name, t in config["available_node_types"].items():
@@ -328,10 +379,16 @@ def _head_and_workers(path: Path, monkeypatch) -> list[Node]:
         worker_mounts = {}
         for remote in config["file_mounts"]:
             if not head.container_has(remote):
-                head.problems.append(f"head: the autoscaler syncs {remote} to workers, but the head container has no {remote}")
+                head.problems.append(
+                    f"head: the autoscaler syncs {remote} to workers, but the head container has no {remote}"
+                )
             worker_mounts[remote] = str(ROOT / config["file_mounts"][remote])  # the same content
-        w = Node(_update(config, head=False, node_type=name, file_mounts=worker_mounts, image_env=image_env),
-                 image_files, image_env, f"worker {name}")
+        w = Node(
+            _update(config, head=False, node_type=name, file_mounts=worker_mounts, image_env=image_env),
+            image_files,
+            image_env,
+            f"worker {name}",
+        )
         w.replay()
         nodes.append(w)
     return nodes
@@ -344,23 +401,29 @@ def test_every_path_a_launcher_command_reads_exists_where_it_runs(path, monkeypa
     problems = [p for n in nodes for p in n.problems]
     assert not problems, "\n".join(problems)
     for n in nodes:
-        assert n.docker_run and n.rec.yaml_commands["container"], f"{n.label}: Ray started the container and ran the set-up"
+        assert n.docker_run and n.rec.yaml_commands["container"], (
+            f"{n.label}: Ray started the container and ran the set-up"
+        )
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
 def test_gpu_workers_get_the_gpus_and_wait_for_driver_and_login_before_docker(path, monkeypatch):
     for n in _head_and_workers(path, monkeypatch):
         run_argv = shlex.split(n.docker_run)
-        gpus = " ".join(" ".join(run_argv[i:i + 2]) for i in range(len(run_argv)) if run_argv[i] == "--gpus")
+        gpus = " ".join(" ".join(run_argv[i : i + 2]) for i in range(len(run_argv)) if run_argv[i] == "--gpus")
         if n.label == "head":
             assert not gpus, "the CPU head has no GPU: `--gpus all` would fail there"
         else:
             assert gpus == "--gpus all", f"{n.label}: docker run without --gpus all: {n.docker_run}"
-        idx = {k: next((i for i, c in enumerate(n.order) if k in c), None)
-               for k in ("registry-login.sh", "wait-for-gpu.sh", "docker pull", "docker run")}
+        idx = {
+            k: next((i for i, c in enumerate(n.order) if k in c), None)
+            for k in ("registry-login.sh", "wait-for-gpu.sh", "docker pull", "docker run")
+        }
         assert None not in idx.values(), idx
         assert idx["registry-login.sh"] < idx["docker pull"], f"{n.label}: log in to the registry before pulling"
-        assert idx["wait-for-gpu.sh"] < idx["docker run"], f"{n.label}: wait for the driver before Ray picks the runtime"
+        assert idx["wait-for-gpu.sh"] < idx["docker run"], (
+            f"{n.label}: wait for the driver before Ray picks the runtime"
+        )
 
 
 def test_the_old_layout_is_caught(tmp_path, monkeypatch):
@@ -370,11 +433,20 @@ def test_the_old_layout_is_caught(tmp_path, monkeypatch):
     config = yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
     config["file_mounts"] = {"/home/ubuntu/dinoscale.env": "cluster/cluster.env"}
     prefix = "/tmp/ray_tmp_mount/dinoscale/opt/dinoscale-cluster/cluster.env"
-    config["docker"]["run_options"] = [o.replace(prefix, "/home/ubuntu/dinoscale.env") for o in config["docker"]["run_options"]]
-    config["initialization_commands"] = [c.replace(prefix, "/home/ubuntu/dinoscale.env") for c in config["initialization_commands"]
-                                         if "scripts/" not in c]
-    config["head_start_ray_commands"] = [c.replace("/opt/dinoscale-cluster/", "/opt/dinoscale/cluster/") for c in config["head_start_ray_commands"]]
-    config["worker_start_ray_commands"] = [c.replace("/opt/dinoscale-cluster/", "/opt/dinoscale/cluster/") for c in config["worker_start_ray_commands"]]
+    config["docker"]["run_options"] = [
+        o.replace(prefix, "/home/ubuntu/dinoscale.env") for o in config["docker"]["run_options"]
+    ]
+    config["initialization_commands"] = [
+        c.replace(prefix, "/home/ubuntu/dinoscale.env")
+        for c in config["initialization_commands"]
+        if "scripts/" not in c
+    ]
+    config["head_start_ray_commands"] = [
+        c.replace("/opt/dinoscale-cluster/", "/opt/dinoscale/cluster/") for c in config["head_start_ray_commands"]
+    ]
+    config["worker_start_ray_commands"] = [
+        c.replace("/opt/dinoscale-cluster/", "/opt/dinoscale/cluster/") for c in config["worker_start_ray_commands"]
+    ]
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump(config))
     problems = [p for n in _head_and_workers(old, monkeypatch) for p in n.problems]
@@ -387,7 +459,9 @@ def test_the_old_layout_is_caught(tmp_path, monkeypatch):
 def test_a_missing_file_under_the_synced_folder_is_caught(tmp_path, monkeypatch, where):
     config = yaml.safe_load((CLUSTER / "launcher" / "gcp.yaml").read_text())
     if where == "host":
-        config["initialization_commands"].append("sh /tmp/ray_tmp_mount/dinoscale/opt/dinoscale-cluster/scripts/nope.sh")
+        config["initialization_commands"].append(
+            "sh /tmp/ray_tmp_mount/dinoscale/opt/dinoscale-cluster/scripts/nope.sh"
+        )
     else:
         config["setup_commands"].append("sh /opt/dinoscale-cluster/scripts/nope.sh")
     bad = tmp_path / "bad.yaml"

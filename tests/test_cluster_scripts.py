@@ -1,9 +1,9 @@
 """The node scripts of cluster/scripts/, run for real:
-  with-secrets.sh   against a local AWS API emulator (moto's server): a real boto3 client reads the
-                    secrets, with the region from the environment or from an emulated instance
-                    metadata service (IMDSv2), as on an EC2 node where boto3 finds no region itself
-  registry-login.sh with stand-in aws / gcloud / docker commands that record what they are asked
-  wait-for-gpu.sh   with a stand-in sysfs, nvidia-smi and docker
+with-secrets.sh   against a local AWS API emulator (moto's server): a real boto3 client reads the
+                  secrets, with the region from the environment or from an emulated instance
+                  metadata service (IMDSv2), as on an EC2 node where boto3 finds no region itself
+registry-login.sh with stand-in aws / gcloud / docker commands that record what they are asked
+wait-for-gpu.sh   with a stand-in sysfs, nvidia-smi and docker
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ def _free_port() -> int:
 def _base_env(tmp_path: Path, **extra) -> dict:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(home), "AWS_CONFIG_FILE": str(home / "none"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"), "LANG": "C.UTF-8"}
+    env = {
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        "HOME": str(home),
+        "AWS_CONFIG_FILE": str(home / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
+        "LANG": "C.UTF-8",
+    }
     env.update(extra)
     return env
 
@@ -54,8 +59,9 @@ def moto_server(tmp_path_factory):
         pytest.skip(msg)
     port = _free_port()
     with open(tmp_path_factory.mktemp("moto") / "moto.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -85,9 +91,14 @@ TRICKY = "pa ss'w\"ord $HOME `x`"  # survives the shell round trip untouched
 def _create_secrets(url: str, region: str, prefix: str) -> dict[str, str]:
     import boto3
 
-    client = boto3.client("secretsmanager", region_name=region, endpoint_url=url, **{k.lower(): v for k, v in AWS_KEYS.items()})
-    values = {"dinoscale-mlflow-username": f"{prefix}-user", "dinoscale-mlflow-password": TRICKY,
-              "dinoscale-ray-token": f"{prefix}-token"}
+    client = boto3.client(
+        "secretsmanager", region_name=region, endpoint_url=url, **{k.lower(): v for k, v in AWS_KEYS.items()}
+    )
+    values = {
+        "dinoscale-mlflow-username": f"{prefix}-user",
+        "dinoscale-mlflow-password": TRICKY,
+        "dinoscale-ray-token": f"{prefix}-token",
+    }
     for name, value in values.items():
         try:
             client.create_secret(Name=name, SecretString=value)
@@ -96,16 +107,24 @@ def _create_secrets(url: str, region: str, prefix: str) -> dict[str, str]:
     return values
 
 
-SHOW = ["sh", "-c", 'printf "%s|%s|%s|%s" "$MLFLOW_TRACKING_USERNAME" "$MLFLOW_TRACKING_PASSWORD" "$RAY_AUTH_TOKEN" "$RAY_AUTH_MODE"']
+SHOW = [
+    "sh",
+    "-c",
+    'printf "%s|%s|%s|%s" "$MLFLOW_TRACKING_USERNAME" "$MLFLOW_TRACKING_PASSWORD" "$RAY_AUTH_TOKEN" "$RAY_AUTH_MODE"',
+]
 
 
 def _with_secrets(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPTS / "with-secrets.sh"), *SHOW], env=env, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [str(SCRIPTS / "with-secrets.sh"), *SHOW], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_with_secrets_reads_aws_secrets_manager_in_the_configured_region(moto_server, tmp_path):
     values = _create_secrets(moto_server, "us-east-1", "east")
-    env = _base_env(tmp_path, DINOSCALE_SECRETS="aws", AWS_ENDPOINT_URL=moto_server, AWS_DEFAULT_REGION="us-east-1", **AWS_KEYS)
+    env = _base_env(
+        tmp_path, DINOSCALE_SECRETS="aws", AWS_ENDPOINT_URL=moto_server, AWS_DEFAULT_REGION="us-east-1", **AWS_KEYS
+    )
     r = _with_secrets(env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"east-user|{TRICKY}|east-token|token"
@@ -122,8 +141,10 @@ class _IMDS(http.server.BaseHTTPRequestHandler):
         self._reply(200 if ok else 400, "imds-token")
 
     def do_GET(self):
-        ok = (self.path.rstrip("/") == "/latest/meta-data/placement/availability-zone"
-              and self.headers.get("X-aws-ec2-metadata-token") == "imds-token")
+        ok = (
+            self.path.rstrip("/") == "/latest/meta-data/placement/availability-zone"
+            and self.headers.get("X-aws-ec2-metadata-token") == "imds-token"
+        )
         self._reply(200 if ok else 401, self.zone)
 
     def _reply(self, code, body):
@@ -149,16 +170,26 @@ def test_with_secrets_takes_the_region_from_instance_metadata_when_none_is_set(m
     metadata service, and the secrets of THAT region are read."""
     _create_secrets(moto_server, "us-east-1", "east")
     _create_secrets(moto_server, "eu-west-1", "west")
-    env = _base_env(tmp_path, DINOSCALE_SECRETS="aws", AWS_ENDPOINT_URL=moto_server, AWS_EC2_METADATA_SERVICE_ENDPOINT=imds,
-                    **AWS_KEYS)
+    env = _base_env(
+        tmp_path,
+        DINOSCALE_SECRETS="aws",
+        AWS_ENDPOINT_URL=moto_server,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds,
+        **AWS_KEYS,
+    )
     r = _with_secrets(env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("west-user|") and "|west-token|" in r.stdout
 
 
 def test_with_secrets_without_any_region_stops_with_a_clear_message(moto_server, tmp_path):
-    env = _base_env(tmp_path, DINOSCALE_SECRETS="aws", AWS_ENDPOINT_URL=moto_server,
-                    AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://127.0.0.1:{_free_port()}", **AWS_KEYS)
+    env = _base_env(
+        tmp_path,
+        DINOSCALE_SECRETS="aws",
+        AWS_ENDPOINT_URL=moto_server,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://127.0.0.1:{_free_port()}",
+        **AWS_KEYS,
+    )
     r = _with_secrets(env)
     assert r.returncode == 2 and "no AWS region" in r.stderr and "with-secrets.sh" in r.stderr, r.stderr
     assert r.stdout == ""
@@ -185,12 +216,15 @@ def _stubs(tmp_path: Path, fail: tuple[str, ...] = ()) -> tuple[Path, Path]:
             "#!/bin/sh\n"
             f'stdin=""; if [ "{name}" = docker ]; then stdin="$(cat)"; fi\n'
             f'echo "{name} $* <$stdin" >> "{log}"\n'
-            f'{"exit 1" if name in fail else f"printf %s {out}"}\n')
+            f"{'exit 1' if name in fail else f'printf %s {out}'}\n"
+        )
         (bin_dir / name).chmod(0o755)
     return bin_dir, log
 
 
-def _login(tmp_path: Path, cloud: str, image: str, env_lines: str = "", fail=()) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _login(
+    tmp_path: Path, cloud: str, image: str, env_lines: str = "", fail=()
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     # the layout on a node: <copy of cluster/>/scripts/registry-login.sh beside <copy>/cluster.env
     copy = tmp_path / "cluster"
     (copy / "scripts").mkdir(parents=True)
@@ -198,23 +232,33 @@ def _login(tmp_path: Path, cloud: str, image: str, env_lines: str = "", fail=())
     (copy / "cluster.env").write_text((ROOT / "cluster" / "cluster.env").read_text() + env_lines)
     bin_dir, log = _stubs(tmp_path, fail)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "AWS_DEFAULT_REGION": "us-east-2"}
-    r = subprocess.run(["sh", str(copy / "scripts" / "registry-login.sh"), cloud, image], env=env,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        ["sh", str(copy / "scripts" / "registry-login.sh"), cloud, image],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return r, (log.read_text().splitlines() if log.exists() else [])
 
 
 def test_registry_login_ecr_with_the_instance_profile(tmp_path):
     r, calls = _login(tmp_path, "aws", "123456789012.dkr.ecr.us-west-2.amazonaws.com/dinoscale:0.1")
     assert r.returncode == 0, r.stderr
-    assert calls == ["aws ecr get-login-password --region us-west-2 <",
-                     "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-west-2.amazonaws.com <aws-secret"]
+    assert calls == [
+        "aws ecr get-login-password --region us-west-2 <",
+        "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-west-2.amazonaws.com <aws-secret",
+    ]
 
 
 def test_registry_login_artifact_registry_with_the_service_account(tmp_path):
     r, calls = _login(tmp_path, "gcp", "us-central1-docker.pkg.dev/proj/dinoscale/dinoscale:0.1")
     assert r.returncode == 0, r.stderr
-    assert calls == ["gcloud auth print-access-token <",
-                     "docker login --username oauth2accesstoken --password-stdin us-central1-docker.pkg.dev <gcloud-token"]
+    assert calls == [
+        "gcloud auth print-access-token <",
+        "docker login --username oauth2accesstoken --password-stdin us-central1-docker.pkg.dev <gcloud-token",
+    ]
 
 
 def test_registry_login_public_image_needs_nothing(tmp_path):
@@ -222,8 +266,13 @@ def test_registry_login_public_image_needs_nothing(tmp_path):
     assert r.returncode == 0 and calls == [] and "anonymously" in r.stdout
 
 
-@pytest.mark.parametrize("cloud, reader", [("aws", "aws secretsmanager get-secret-value --region us-east-2 --secret-id dinoscale-registry-password"),
-                                           ("gcp", "gcloud secrets versions access latest --secret=dinoscale-registry-password")])
+@pytest.mark.parametrize(
+    "cloud, reader",
+    [
+        ("aws", "aws secretsmanager get-secret-value --region us-east-2 --secret-id dinoscale-registry-password"),
+        ("gcp", "gcloud secrets versions access latest --secret=dinoscale-registry-password"),
+    ],
+)
 def test_registry_login_private_registry_with_a_stored_password(tmp_path, cloud, reader):
     r, calls = _login(tmp_path, cloud, "ghcr.io/your-org/dinoscale:latest", "DINOSCALE_REGISTRY_USER=ci-bot\n")
     assert r.returncode == 0, r.stderr
@@ -250,18 +299,25 @@ def _gpu_node(tmp_path: Path, nvidia: bool, smi_fails: int, docker_info: str = "
     count = tmp_path / "smi-calls"
     (bin_dir / "nvidia-smi").write_text(
         f'#!/bin/sh\nn=$(($(cat "{count}" 2>/dev/null || echo 0) + 1)); echo $n > "{count}"\n'
-        f'[ $n -gt {smi_fails} ] || exit 9\necho "GPU 0: NVIDIA L4 (UUID: GPU-x)"\n')
+        f'[ $n -gt {smi_fails} ] || exit 9\necho "GPU 0: NVIDIA L4 (UUID: GPU-x)"\n'
+    )
     (bin_dir / "docker").write_text(f'#!/bin/sh\necho "{docker_info}"\n')
     (bin_dir / "sudo").write_text(f'#!/bin/sh\necho "sudo $*" >> "{tmp_path}/sudo.log"\n')
     (bin_dir / "nvidia-ctk").write_text("#!/bin/sh\nexit 0\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "DINOSCALE_SYSFS": str(sysfs), "DINOSCALE_GPU_POLL_S": "0",
-            "DINOSCALE_GPU_WAIT_S": "60"}
+    return {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "DINOSCALE_SYSFS": str(sysfs),
+        "DINOSCALE_GPU_POLL_S": "0",
+        "DINOSCALE_GPU_WAIT_S": "60",
+    }
 
 
 def _wait(env) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(SCRIPTS / "wait-for-gpu.sh")], env=env, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        ["sh", str(SCRIPTS / "wait-for-gpu.sh")], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_wait_for_gpu_returns_at_once_on_a_node_without_nvidia(tmp_path):
@@ -286,5 +342,7 @@ def test_wait_for_gpu_gives_up_with_a_message(tmp_path):
 def test_wait_for_gpu_registers_the_nvidia_runtime_with_docker(tmp_path):
     r = _wait(_gpu_node(tmp_path, nvidia=True, smi_fails=0, docker_info="Runtimes: runc"))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "sudo.log").read_text().splitlines() == ["sudo nvidia-ctk runtime configure --runtime=docker",
-                                                                "sudo systemctl restart docker"]
+    assert (tmp_path / "sudo.log").read_text().splitlines() == [
+        "sudo nvidia-ctk runtime configure --runtime=docker",
+        "sudo systemctl restart docker",
+    ]

@@ -72,8 +72,13 @@ def _mount_of(path: str) -> tuple[str, str]:
 
 def probe_node(storage: str | None, run_dir: str | None, head_token: str | None) -> dict:
     """On one node: its environment, and what it sees of the shared storage."""
-    out = {"host": socket.gethostname(), "ip": _node_ip(), "env_storage": os.environ.get("DINOSCALE_STORAGE"),
-           "auth_mode": os.environ.get("RAY_AUTH_MODE", ""), "error": None}
+    out = {
+        "host": socket.gethostname(),
+        "ip": _node_ip(),
+        "env_storage": os.environ.get("DINOSCALE_STORAGE"),
+        "auth_mode": os.environ.get("RAY_AUTH_MODE", ""),
+        "error": None,
+    }
     if storage and run_dir:
         try:
             head_file = Path(run_dir) / "head"
@@ -95,7 +100,9 @@ def probe_gpu() -> dict:
         out["torch"] = torch.__version__
         out["torch_cuda"] = torch.version.cuda
         out["available"] = torch.cuda.is_available()
-        out["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if out["available"] else []
+        out["devices"] = (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if out["available"] else []
+        )
     except (ImportError, OSError, RuntimeError, AssertionError) as e:  # no torch, a broken driver: a finding
         out["available"] = False
         out["error"] = f"{type(e).__name__}: {e}"
@@ -114,7 +121,10 @@ def probe_tracking(uri: str | None) -> tuple[str, str]:
     try:
         socket.getaddrinfo(host, u.port or (443 if u.scheme == "https" else 80))
     except socket.gaierror as e:
-        return "FAIL", f"{host} does not resolve on {socket.gethostname()} ({e.strerror}): DNS record / private zone (cluster/README.md)"
+        return (
+            "FAIL",
+            f"{host} does not resolve on {socket.gethostname()} ({e.strerror}): DNS record / private zone (cluster/README.md)",
+        )
     base = uri.rstrip("/")
     try:
         urllib.request.urlopen(f"{base}/health", timeout=10).read()
@@ -122,10 +132,17 @@ def probe_tracking(uri: str | None) -> tuple[str, str]:
         return "FAIL", f"{base}/health answered {e.code}: is that the MLflow server?"
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        return "FAIL", f"{base} not reachable from {socket.gethostname()} ({reason}): firewall / security group, port {u.port}"
+        return (
+            "FAIL",
+            f"{base} not reachable from {socket.gethostname()} ({reason}): firewall / security group, port {u.port}",
+        )
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search", method="POST",
-                                 data=json.dumps({"max_results": 1}).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/experiments/search",
+        method="POST",
+        data=json.dumps({"max_results": 1}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     if user and password:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
@@ -133,15 +150,24 @@ def probe_tracking(uri: str | None) -> tuple[str, str]:
     except urllib.error.HTTPError as e:
         body = e.read().decode(errors="replace")[:200]
         if e.code == 403 and "Host" in body:
-            return "FAIL", (f"the server refuses the Host header {u.netloc!r} (403): start it with DINOSCALE_TRACKING_URI={uri} "
-                            "(cluster/mlflow/run-server.sh) or list the name in MLFLOW_SERVER_ALLOWED_HOSTS")
+            return "FAIL", (
+                f"the server refuses the Host header {u.netloc!r} (403): start it with DINOSCALE_TRACKING_URI={uri} "
+                "(cluster/mlflow/run-server.sh) or list the name in MLFLOW_SERVER_ALLOWED_HOSTS"
+            )
         if e.code == 401:
-            missing = "" if user and password else " (MLFLOW_TRACKING_USERNAME/PASSWORD not set on this node: with-secrets.sh / dinoscale-secrets)"
+            missing = (
+                ""
+                if user and password
+                else " (MLFLOW_TRACKING_USERNAME/PASSWORD not set on this node: with-secrets.sh / dinoscale-secrets)"
+            )
             return "FAIL", f"{where}: credentials rejected (401){missing}"
         return "FAIL", f"{where}: {e.code} {body.strip()}"
     except (urllib.error.URLError, OSError) as e:
         return "FAIL", f"{where}: {getattr(e, 'reason', e)}"
-    return "OK", f"{uri} from {socket.gethostname()}: the name resolves, the server accepts its Host header and the credentials"
+    return (
+        "OK",
+        f"{uri} from {socket.gethostname()}: the name resolves, the server accepts its Host header and the credentials",
+    )
 
 
 def _node_ip() -> str:
@@ -165,8 +191,11 @@ def run(gpu_wait: float) -> int:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     head = next((n for n in nodes if "node:__internal_head__" in n.get("Resources", {})), None)
     workers = [n for n in nodes if n is not head]
-    print(f"cluster: {len(nodes)} node(s) alive, head {head and head['NodeManagerAddress']}, "
-          f"resources {ray.cluster_resources()}", flush=True)
+    print(
+        f"cluster: {len(nodes)} node(s) alive, head {head and head['NodeManagerAddress']}, "
+        f"resources {ray.cluster_resources()}",
+        flush=True,
+    )
 
     def on(node, fn, *args, **kw):
         strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
@@ -195,9 +224,15 @@ def run(gpu_wait: float) -> int:
             elif p["env_storage"] != storage:
                 bad.append(f"{p['ip']}: DINOSCALE_STORAGE={p['env_storage']!r} (head: {storage!r})")
             elif not p.get("sees_head"):
-                bad.append(f"{p['ip']}: {storage} is not the head's storage (the head's file is missing: NFS not mounted?)")
+                bad.append(
+                    f"{p['ip']}: {storage} is not the head's storage (the head's file is missing: NFS not mounted?)"
+                )
         written = {f.name for f in run_dir.iterdir()}
-        bad += [f"{p['ip']}: its file is not visible on the head" for p in probes if p.get("wrote") and p["wrote"] not in written]
+        bad += [
+            f"{p['ip']}: its file is not visible on the head"
+            for p in probes
+            if p.get("wrote") and p["wrote"] not in written
+        ]
         for line in bad:
             report.add("FAIL", "storage", line)
         if not bad:
@@ -218,23 +253,39 @@ def run(gpu_wait: float) -> int:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=gpu_wait)
         results = [ray.get(r) for r in ready]
         if len(ready) < len(refs):
-            report.add("WARN", "gpu", f"{len(refs) - len(ready)} GPU node(s) busy for {gpu_wait:.0f}s (a sweep running?): not checked")
+            report.add(
+                "WARN",
+                "gpu",
+                f"{len(refs) - len(ready)} GPU node(s) busy for {gpu_wait:.0f}s (a sweep running?): not checked",
+            )
     else:
         print(f"no GPU worker up: asking the autoscaler for one (waiting up to {gpu_wait:.0f}s)", flush=True)
         ref = ray.remote(probe_gpu).options(num_cpus=0, num_gpus=1).remote()
         ready, _ = ray.wait([ref], timeout=gpu_wait)
         if not ready:
             ray.cancel(ref, force=True)
-            report.add("FAIL", "gpu", f"no GPU worker joined within {gpu_wait:.0f}s, so no GPU was checked: `ray status` on the head "
-                       "(quotas, spot capacity, node setup errors in /tmp/ray/session_latest/logs/monitor*)")
+            report.add(
+                "FAIL",
+                "gpu",
+                f"no GPU worker joined within {gpu_wait:.0f}s, so no GPU was checked: `ray status` on the head "
+                "(quotas, spot capacity, node setup errors in /tmp/ray/session_latest/logs/monitor*)",
+            )
         results = [ray.get(r) for r in ready]
     for g in results:
         if g.get("available"):
-            report.add("OK", "gpu", f"{g['ip']}: {', '.join(g['devices'])} in the container (torch {g['torch']}, CUDA {g['torch_cuda']})")
+            report.add(
+                "OK",
+                "gpu",
+                f"{g['ip']}: {', '.join(g['devices'])} in the container (torch {g['torch']}, CUDA {g['torch_cuda']})",
+            )
         else:
             why = g.get("error") or f"torch {g.get('torch')} (CUDA {g.get('torch_cuda')}) sees no GPU"
-            report.add("FAIL", "gpu", f"{g['ip']}: Ray gave this task a GPU but the container has none: {why} "
-                       "(docker --gpus all / NVIDIA runtime / driver; KubeRay: nvidia.com/gpu limits, device plugin)")
+            report.add(
+                "FAIL",
+                "gpu",
+                f"{g['ip']}: Ray gave this task a GPU but the container has none: {why} "
+                "(docker --gpus all / NVIDIA runtime / driver; KubeRay: nvidia.com/gpu limits, device plugin)",
+            )
 
     # tracking, from a worker (where the trials log from)
     target = (gpu_nodes or workers or [head])[0]
@@ -262,7 +313,9 @@ def check_token(address: str, report: Report) -> bool:
     token = os.environ.get("RAY_AUTH_TOKEN", "")
     url = address.rstrip("/") + "/api/version"
     if os.environ.get("RAY_AUTH_MODE") != "token":
-        report.add("FAIL", "token", "RAY_AUTH_MODE=token is not set here: the job client would not send the token (401)")
+        report.add(
+            "FAIL", "token", "RAY_AUTH_MODE=token is not set here: the job client would not send the token (401)"
+        )
         return False
     try:
         urllib.request.urlopen(url, timeout=15).read()
@@ -272,18 +325,26 @@ def check_token(address: str, report: Report) -> bool:
             report.add("FAIL", "token", f"{url}: {e.code} without a token")
             return False
     except (urllib.error.URLError, OSError) as e:
-        report.add("FAIL", "token", f"the job server at {address} is not reachable ({getattr(e, 'reason', e)}): "
-                   "`make cluster-dashboard` (launcher) or `kubectl port-forward svc/<head-svc> 8265:8265` (KubeRay)")
+        report.add(
+            "FAIL",
+            "token",
+            f"the job server at {address} is not reachable ({getattr(e, 'reason', e)}): "
+            "`make cluster-dashboard` (launcher) or `kubectl port-forward svc/<head-svc> 8265:8265` (KubeRay)",
+        )
         return False
     if not token:
         report.add("FAIL", "token", "RAY_AUTH_TOKEN is not set here (the cluster's token, from your secret store)")
         return False
     try:
-        urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}), timeout=15).read()
+        urllib.request.urlopen(
+            urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}), timeout=15
+        ).read()
     except urllib.error.HTTPError as e:
         report.add("FAIL", "token", f"the job server refuses RAY_AUTH_TOKEN ({e.code}): not this cluster's token")
         return False
-    report.add("OK", "token", f"the job server at {address} refuses requests without the token and accepts RAY_AUTH_TOKEN")
+    report.add(
+        "OK", "token", f"the job server at {address} refuses requests without the token and accepts RAY_AUTH_TOKEN"
+    )
     return True
 
 
@@ -298,9 +359,11 @@ def submit(address: str, gpu_wait: float) -> int:
     deadline = time.time() + 120  # a head that just started has no job agent for a few seconds
     while True:
         try:
-            job = client.submit_job(entrypoint=f"python cluster_check.py run --gpu-wait {gpu_wait:g}",
-                                    submission_id=f"cluster-check-{uuid.uuid4().hex[:8]}",
-                                    runtime_env={"working_dir": str(Path(__file__).resolve().parent)})
+            job = client.submit_job(
+                entrypoint=f"python cluster_check.py run --gpu-wait {gpu_wait:g}",
+                submission_id=f"cluster-check-{uuid.uuid4().hex[:8]}",
+                runtime_env={"working_dir": str(Path(__file__).resolve().parent)},
+            )
             break
         except RuntimeError as e:
             if "No available agent" not in str(e) or time.time() > deadline:

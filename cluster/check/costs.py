@@ -120,17 +120,23 @@ def render_table(costs: dict | None = None) -> str:
         nc = t["node_config"]
         price = costs["instances"][instance_type(nc)]
         kind = "spot" if is_spot(nc) else "on demand"
-        return (f"{instance_type(nc)}: {_money(price['spot' if is_spot(nc) else 'on_demand'])}/h {kind}"
-                f" + boot disk {_money(disk_per_hour(nc, costs))}/h")
+        return (
+            f"{instance_type(nc)}: {_money(price['spot' if is_spot(nc) else 'on_demand'])}/h {kind}"
+            f" + boot disk {_money(disk_per_hour(nc, costs))}/h"
+        )
 
     row("head (runs while the cluster is up)", lambda c, cfg: describe(cfg, cfg["head_node_type"]))
     row("GPU worker, preferred (1 GPU)", lambda c, cfg: describe(cfg, gpu_types(cfg)[0]))
     row("GPU worker, only while spot launches fail", lambda c, cfg: describe(cfg, gpu_types(cfg)[1]))
     row("GPU workers at most (`max_workers`)", lambda c, cfg: str(cfg["max_workers"]))
-    row(f"**{PEAK_SPOT}** (head + all workers, spot)",
-        lambda c, cfg: f"**{_money(_ceil_cents(peaks(cfg, costs)[PEAK_SPOT]))}**")
-    row(f"**{PEAK_FALLBACK}** (head + all workers, on demand)",
-        lambda c, cfg: f"**{_money(_ceil_cents(peaks(cfg, costs)[PEAK_FALLBACK]))}**")
+    row(
+        f"**{PEAK_SPOT}** (head + all workers, spot)",
+        lambda c, cfg: f"**{_money(_ceil_cents(peaks(cfg, costs)[PEAK_SPOT]))}**",
+    )
+    row(
+        f"**{PEAK_FALLBACK}** (head + all workers, on demand)",
+        lambda c, cfg: f"**{_money(_ceil_cents(peaks(cfg, costs)[PEAK_FALLBACK]))}**",
+    )
 
     def multi(c, cfg):
         names = gpu_types(cfg)[2]
@@ -142,8 +148,10 @@ def render_table(costs: dict | None = None) -> str:
         minutes = costs["boot_minutes"][c]
         p = node_prices(cfg, costs)[gpu_types(cfg)[0]]
         idle = cfg.get("idle_timeout_minutes", 5)
-        return (f"~{minutes} min billed before the first trial (~{_money(minutes / 60 * p)}), "
-                f"{idle} min idle before scale-down (~{_money(idle / 60 * p)})")
+        return (
+            f"~{minutes} min billed before the first trial (~{_money(minutes / 60 * p)}), "
+            f"{idle} min idle before scale-down (~{_money(idle / 60 * p)})"
+        )
 
     row("per GPU node started: boot + idle overhead", boot)
 
@@ -153,12 +161,15 @@ def render_table(costs: dict | None = None) -> str:
         month = gb * s["gb_month"]
         minimum = f"minimum {s['min_gb']} GB" if s["min_gb"] else "no minimum"
         billed = f", billed as {gb} GB" if gb > s["example_gb"] else ""
-        return (f"{s['name']} {_money(s['gb_month'])}/GB-month, {minimum} ({s['note']}): "
-                f"{s['example_gb']} GB of features{billed}: {_money(month)}/month = {_money(month / costs['hours_per_month'])}/h")
+        return (
+            f"{s['name']} {_money(s['gb_month'])}/GB-month, {minimum} ({s['note']}): "
+            f"{s['example_gb']} GB of features{billed}: {_money(month)}/month = {_money(month / costs['hours_per_month'])}/h"
+        )
 
     row("shared storage (while it exists, cluster up or not)", storage)
 
     for sweep, gpu_h in costs["sweeps"].items():
+
         def sweep_cost(c, cfg, gpu_h=gpu_h):
             p = node_prices(cfg, costs)
             worker = p[gpu_types(cfg)[0]]
@@ -170,7 +181,9 @@ def render_table(costs: dict | None = None) -> str:
 
         row(f"one paper sweep `{sweep}`, compute only", sweep_cost)
 
-    header = "| | " + " | ".join(f"{CLOUDS[c]} (`launcher/{c}.yaml`, {cols[c]['provider']['region']})" for c in cols) + " |"
+    header = (
+        "| | " + " | ".join(f"{CLOUDS[c]} (`launcher/{c}.yaml`, {cols[c]['provider']['region']})" for c in cols) + " |"
+    )
     lines = [header, "|---|" + "---|" * len(cols)]
     lines += [f"| {label} | " + " | ".join(v[c] for c in cols) + " |" for label, v in rows]
     return "\n".join(lines) + "\n"
@@ -178,12 +191,12 @@ def render_table(costs: dict | None = None) -> str:
 
 def readme_block(text: str | None = None) -> str:
     text = README.read_text() if text is None else text
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n") + "\n"
+    return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip("\n") + "\n"
 
 
 def write_readme() -> None:
     text = README.read_text()
-    new = text[:text.index(BEGIN) + len(BEGIN)] + "\n" + render_table() + text[text.index(END):]
+    new = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + render_table() + text[text.index(END) :]
     README.write_text(new)
 
 
@@ -221,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 for what, demand in sweep_demands(spec).items():
                     for label, unavailable in (("", ()), (" (spot unavailable)", (spot,))):
                         launched, waiting = select_v2(cfg, demand, unavailable)
-                        print(f"{cloud} {spec.stem:6s} {what:10s}{label}: {launched} + {waiting} waiting, "
-                              f"{_money(cost_per_hour(cfg, costs, launched))}/h")
+                        print(
+                            f"{cloud} {spec.stem:6s} {what:10s}{label}: {launched} + {waiting} waiting, "
+                            f"{_money(cost_per_hour(cfg, costs, launched))}/h"
+                        )
     else:
         sys.stdout.write(render_table())
     return 0

@@ -23,8 +23,14 @@ def sweep_demands(spec_path: Path | str) -> dict[str, Demand]:
     strategy x seed). Frozen trials share a GPU (gpus_per_trial); lora/full ones train the encoder
     (gpus_per_training_trial)."""
     spec = yaml.safe_load(Path(spec_path).read_text())
-    r = {"cpus_per_trial": 1, "gpus_per_trial": 0.25, "gpus_per_training_trial": 1, "cpus_per_extraction": 1,
-         "gpus_per_extraction": 1, **(spec.get("resources") or {})}
+    r = {
+        "cpus_per_trial": 1,
+        "gpus_per_trial": 0.25,
+        "gpus_per_training_trial": 1,
+        "cpus_per_extraction": 1,
+        "gpus_per_extraction": 1,
+        **(spec.get("resources") or {}),
+    }
     n_sets = len(spec["backbones"]) * len(spec["resolutions"])
     per_strategy = n_sets * len(spec["probes"]) * len(spec.get("seeds") or [0])
     strategies = spec.get("strategies") or ["frozen"]
@@ -33,10 +39,16 @@ def sweep_demands(spec_path: Path | str) -> dict[str, Demand]:
     if frozen:
         trials.append(({"CPU": r["cpus_per_trial"], "GPU": r["gpus_per_trial"]}, per_strategy * frozen))
     if len(strategies) > frozen:
-        trials.append(({"CPU": r["cpus_per_trial"], "GPU": r["gpus_per_training_trial"]},
-                       per_strategy * (len(strategies) - frozen)))
-    return {"extraction": [({"CPU": r["cpus_per_extraction"], "GPU": r["gpus_per_extraction"]}, n_sets)],
-            "trials": trials}
+        trials.append(
+            (
+                {"CPU": r["cpus_per_trial"], "GPU": r["gpus_per_training_trial"]},
+                per_strategy * (len(strategies) - frozen),
+            )
+        )
+    return {
+        "extraction": [({"CPU": r["cpus_per_extraction"], "GPU": r["gpus_per_extraction"]}, n_sets)],
+        "trials": trials,
+    }
 
 
 def select_v2(config: dict, demand: Demand, unavailable: tuple[str, ...] = ()) -> tuple[dict[str, int], int]:
@@ -78,8 +90,9 @@ def select_v1(config: dict, demand: Demand) -> tuple[dict[str, int], int]:
     logger = logging.getLogger(v1.__name__)
     level, logger.level = logger.level, logging.ERROR  # "could not find a node type" for the waiting rest
     try:
-        launched, rest = v1.get_nodes_for(config["available_node_types"], {head: 1}, head, config["max_workers"],
-                                          bundles, utilization_scorer=scorer)
+        launched, rest = v1.get_nodes_for(
+            config["available_node_types"], {head: 1}, head, config["max_workers"], bundles, utilization_scorer=scorer
+        )
     finally:
         logger.setLevel(level)
     return dict(launched), len(rest)

@@ -24,11 +24,14 @@ def aws_region() -> str:
     if region:
         return region
     endpoint = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-    fetcher = InstanceMetadataRegionFetcher(timeout=2, num_attempts=2,
-                                            config={"ec2_metadata_service_endpoint": endpoint} if endpoint else {})
+    fetcher = InstanceMetadataRegionFetcher(
+        timeout=2, num_attempts=2, config={"ec2_metadata_service_endpoint": endpoint} if endpoint else {}
+    )
     region = fetcher.retrieve_region()
     if not region:
-        raise SystemExit("fetch_secret: no AWS region (set AWS_DEFAULT_REGION; the instance metadata service did not answer)")
+        raise SystemExit(
+            "fetch_secret: no AWS region (set AWS_DEFAULT_REGION; the instance metadata service did not answer)"
+        )
     return region
 
 
@@ -45,8 +48,10 @@ def fetch_gcp(ids: list[str]) -> list[str]:
 
     _, project = google.auth.default()
     client = secretmanager.SecretManagerServiceClient()
-    return [client.access_secret_version(name=f"projects/{project}/secrets/{i}/versions/latest").payload.data.decode()
-            for i in ids]
+    return [
+        client.access_secret_version(name=f"projects/{project}/secrets/{i}/versions/latest").payload.data.decode()
+        for i in ids
+    ]
 
 
 def main(argv: list[str]) -> int:

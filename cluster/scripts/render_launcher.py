@@ -26,7 +26,8 @@ def render(config: dict, image: str | None = None, multi_gpu_nodes: int = 0) -> 
     if image:
         config["docker"]["image"] = image
         config["initialization_commands"] = [
-            c.replace(f" {old}", f" {image}") if LOGIN in c else c for c in config["initialization_commands"]]
+            c.replace(f" {old}", f" {image}") if LOGIN in c else c for c in config["initialization_commands"]
+        ]
     for t in config["available_node_types"].values():
         if t.get("resources", {}).get("GPU", 0) > 1:
             t["max_workers"] = int(multi_gpu_nodes)
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(a.launcher) as f:
         config = yaml.safe_load(f)
     out = render(config, a.image or None, a.multi_gpu_nodes)
-    sys.stdout.write(f"# rendered from {a.launcher} by cluster/scripts/render_launcher.py: edit that file, not this one\n")
+    sys.stdout.write(
+        f"# rendered from {a.launcher} by cluster/scripts/render_launcher.py: edit that file, not this one\n"
+    )
     yaml.safe_dump(out, sys.stdout, sort_keys=False, width=200)
     return 0
 
