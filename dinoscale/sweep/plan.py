@@ -503,11 +503,13 @@ def check_runnable(plan: Plan) -> None:
 
         fitting = [k for k in probe_kinds() if get_probe(k).unfit_reason(ds.task, ds.volumetric, ds.bagged) is None]
         raise NotRunnableError(
-            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task"
-            f"{', 3D volumes' if ds.volumetric else ''}): "
+            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task)"
+            f"{' of 3D volumes' if ds.volumetric else ''}: "
             + "; ".join(unfit.values())
             + f". Probes that fit: {', '.join(fitting)}"
         )
+    if "frozen" in spec.strategies and not ds.has_masks and any(get_probe(p.kind).input == "grid" for p in spec.probes):
+        raise NotRunnableError(f"dataset '{ds.name}' lists no label maps (masks); segmentation heads train on them")
     if (
         "frozen" in spec.strategies
         and spec.features.tokens == GRID_TOKENS
