@@ -100,8 +100,8 @@ class RowView:
     def astype(self, dtype) -> np.ndarray:
         return np.asarray(self, dtype=dtype)
 
-    def blocks(self, max_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
-        per = max(1, int(max_bytes) // max(1, self.nbytes // max(1, len(self))))
+    def blocks(self, max_bytes: int | None = None) -> Iterator[np.ndarray]:
+        per = max(1, int(max_bytes or BLOCK_BYTES) // max(1, self.nbytes // max(1, len(self))))
         for a in range(0, len(self), per):
             yield self[a : a + per]
 
@@ -186,8 +186,8 @@ class Batches:
             raise ValueError("feature rows are selected along dimension 0")
         return self[index]
 
-    def blocks(self, max_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
-        per = max(1, int(max_bytes) // max(1, _f32_bytes(self.x) // max(1, len(self))))
+    def blocks(self, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        per = max(1, int(max_bytes or BLOCK_BYTES) // max(1, _f32_bytes(self.x) // max(1, len(self))))
         for a in range(0, len(self), per):
             yield self[a : a + per]
 
@@ -217,7 +217,7 @@ def as_batches(x, transform: Callable | None = None, dtype: torch.dtype = torch.
     return torch.as_tensor(a, dtype=dtype)
 
 
-def over_rows(x, fn: Callable[[torch.Tensor], torch.Tensor], max_bytes: int = BLOCK_BYTES) -> torch.Tensor:
+def over_rows(x, fn: Callable[[torch.Tensor], torch.Tensor], max_bytes: int | None = None) -> torch.Tensor:
     """``fn(x)`` for a tensor; for a streamed reader, ``fn`` on each block, concatenated along dimension 0."""
     if isinstance(x, torch.Tensor):
         return fn(x)

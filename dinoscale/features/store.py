@@ -552,9 +552,10 @@ class FeatureStore:
                 continue
             referenced = self._referenced(d)
             for p in self.fs.glob(f"{d}/*.npy"):
-                if p.rsplit("/", 1)[-1] not in referenced and age(p) > older_than_s:
+                name = p.rsplit("/", 1)[-1]
+                if not name.startswith(".") and name not in referenced and age(p) > older_than_s:
                     out.append(p)
-        return out
+        return list(dict.fromkeys(out))
 
     def remove_path(self, path: str) -> None:
         if self.local:

@@ -34,7 +34,7 @@ def _topk(q: torch.Tensor, train, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx += start
         start += len(block)
         if best_sim is not None:
-            sim, pos = torch.cat([best_sim, sim], 1).topk(k, dim=1)
+            sim, pos = torch.cat([best_sim, sim], 1).topk(min(k, best_sim.shape[1] + sim.shape[1]), dim=1)
             idx = torch.cat([best_idx, idx], 1).gather(1, pos)
         best_sim, best_idx = sim, idx
     return best_sim, best_idx

@@ -163,6 +163,9 @@ def run_sweep(
     if not quiet:
         print_banner(plan, provenance)
         print_plan(plan)
+    # every task must fit the memory a node declares: refused before any run is recorded or work starts
+    _init_ray(spec, address)
+    check_cluster_memory(plan)
 
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
     client = MlflowClient(tracking_uri)
@@ -177,8 +180,6 @@ def run_sweep(
     rows: list[dict] = []
     monitor = _system_metrics(parent_id, tracking_uri, step)
     try:
-        _init_ray(spec, address)
-        check_cluster_memory(plan)
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
         grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs)
         headline = get_task(plan.dataset.task).headline
