@@ -73,6 +73,34 @@ def test_entries_of_the_previous_format_are_still_read(tmp_path):
     assert FeatureStore(tmp_path).stale(older_than_s=0) == []  # its data file is referenced
 
 
+def test_trials_find_each_units_rows_in_both_formats(tmp_path):
+    """A unit's rows by id, in unit order (not store order); slices of a volume stay together and must match
+    the manifest's count; a store written by format 2 (one '<volume>#<k>' id per row) reads alike."""
+    from dinoscale.data import SplitUnits
+    from dinoscale.digest import sha256_file
+    from dinoscale.sweep.inputs import unit_rows
+
+    units = SplitUnits(["b", "a"], np.array(["p", "q"]), np.zeros((2, 0), np.float32), n_slices=[2, 3])
+    new = FeatureStore(tmp_path / "new")
+    with new.shard_writer(KEY, 0, 1, 5, ["a", "b"], [3, 2]) as w:
+        w.write(np.arange(5), np.arange(5, dtype=np.float32)[:, None])
+    new.commit(KEY, 1)
+    old_root = tmp_path / "old"
+    d = old_root / KEY.digest[:2] / KEY.digest
+    d.mkdir(parents=True)
+    np.save(d / "features.npy", np.arange(5, dtype=np.float16)[:, None])
+    (d / "meta.json").write_text(json.dumps({"digest": KEY.digest, "shape": [5, 1], "dtype": "float16",
+                                             "sha256": sha256_file(d / "features.npy"),
+                                             "sample_ids": ["a#0", "a#1", "a#2", "b#0", "b#1"]}))
+    for store in (new, FeatureStore(old_root)):
+        rows, index, per_unit = unit_rows(store, KEY.digest, "train", units, "slices")
+        assert index.tolist() == [3, 4, 0, 1, 2] and per_unit.tolist() == [2, 3]
+        np.testing.assert_array_equal(rows.take(index)[:, 0], [3, 4, 0, 1, 2])
+    units.n_slices[1] = 4
+    with pytest.raises(RuntimeError, match="other slice counts than the manifest"):
+        unit_rows(new, KEY.digest, "train", units, "slices")
+
+
 # ---------------------------------------------------------------- real extraction, killed and resumed
 
 

@@ -57,11 +57,6 @@ class ShardInputs:
         return self.sources.row_ids(self.view)
 
 
-# The inputs of a whole split (one shard): what callers that extract a split at once build.
-def SplitInputs(split: str, key: FeatureKey, view: str, tokens: str, sources: RowSources) -> ShardInputs:  # noqa: N802
-    return ShardInputs(split, key, view, tokens, 0, 1, sources)
-
-
 @dataclass
 class ExtractionJob:
     """One Ray task: shards of one backbone x weights x resolution, extracted with one model load."""
@@ -76,10 +71,6 @@ class ExtractionJob:
     volume_pool: str = "mean"  # volumes view: how slice features are pooled per volume
     window: tuple[float, float] | None = None  # CT window (HU): volumes, and 2D CT slices
     extra: dict = field(default_factory=dict)  # stored with every shard (e.g. the predicted peak memory)
-
-    @property
-    def splits(self) -> list[ShardInputs]:  # the name of earlier versions
-        return self.shards
 
     @property
     def label(self) -> str:
@@ -232,9 +223,19 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     out["wall_seconds"] = time.perf_counter() - t0
+    out["node"] = _node_id()
     out["peak_rss_bytes"] = peak.bytes
     out["peak_rss_predicted_bytes"] = job.extra.get("predicted_peak_bytes", 0.0)
     return out
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
 
 
 def commit_complete(plan: Plan, store: FeatureStore) -> tuple[int, list[str]]:

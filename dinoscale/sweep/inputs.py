@@ -36,8 +36,10 @@ def unit_rows(store: FeatureStore, digest: str, split: str, units: SplitUnits, v
     Checked against the manifest: every stored id is used exactly once, and a volume has as many slice rows
     as the manifest says."""
     fs = store.get(digest)
-    ids = fs.ids
-    counts = np.asarray(fs.rows_per_id if fs.rows_per_id is not None else np.ones(len(ids)), dtype=np.int64)
+    ids, rows_per_id = fs.ids, fs.rows_per_id
+    if view == "slices" and rows_per_id is None:  # format 2 kept one '<volume>#<k>' id per row
+        ids, rows_per_id = _volumes_of_rows(ids)
+    counts = np.asarray(rows_per_id if rows_per_id is not None else np.ones(len(ids)), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     pos = {sid: i for i, sid in enumerate(ids)}
     groups = units.members if (units.members is not None and view != "slices") else [[sid] for sid in units.sample_ids]
@@ -47,7 +49,7 @@ def unit_rows(store: FeatureStore, digest: str, split: str, units: SplitUnits, v
     p = np.fromiter((pos[sid] for sid in wanted), dtype=np.int64, count=len(wanted))
     if view == "slices":
         expected = np.asarray(units.n_slices, dtype=np.int64)
-        if fs.rows_per_id is None or not np.array_equal(counts[p], expected):
+        if rows_per_id is None or not np.array_equal(counts[p], expected):
             raise RuntimeError(f"feature set {digest} ({split}) has other slice counts than the manifest; extract again")
     c = counts[p]
     index = np.repeat(starts[p] - np.concatenate([[0], np.cumsum(c)[:-1]]), c) + np.arange(c.sum())
@@ -55,6 +57,20 @@ def unit_rows(store: FeatureStore, digest: str, split: str, units: SplitUnits, v
     per_unit = np.add.reduceat(c, np.concatenate([[0], np.cumsum(lengths)[:-1]])) if len(c) else lengths
     per_unit[lengths == 0] = 0
     return fs.rows, index, per_unit
+
+
+def _volumes_of_rows(row_ids: list[str]) -> tuple[list[str], list[int]]:
+    """Volume ids and slice counts from consecutive ``<volume>#<k>`` row ids (``dinoscale.data.slice_row_ids``)."""
+    ids: list[str] = []
+    counts: list[int] = []
+    for rid in row_ids:
+        vol = rid.rsplit("#", 1)[0]
+        if ids and ids[-1] == vol:
+            counts[-1] += 1
+        else:
+            ids.append(vol)
+            counts.append(1)
+    return ids, counts
 
 
 def stacked(rows, index: np.ndarray, per_unit: np.ndarray, units: SplitUnits, what: str, resident: int) -> RowView:

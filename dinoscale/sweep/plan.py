@@ -403,12 +403,12 @@ def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split
         frac = {"val": spec.dataset.split.val_fraction, "test": spec.dataset.split.test_fraction}
         frac["train"] = 1 - frac["val"] - frac["test"]
         per = published.inputs_per_unit(spec.dataset.tile_mpp)
-        units = round(published.units * frac[split])
+        units = published.units * frac[split]  # fractions of the inputs (CREMI cuts sections, not blocks)
         if published.bagged:  # manifest rows are tiles
             n_units, passes_per_unit = round(units * per), 1.0
         else:
-            n_units, passes_per_unit = units, per
-        n_passes = round(n_units * passes_per_unit)
+            n_units, passes_per_unit = max(1, round(units)), per
+        n_passes = round(units * per)
         n_rows = n_passes if view == "slices" else n_units
         rows_per_unit = passes_per_unit if view == "slices" else 1
         n_shards = cost.even_shards(n_units, passes_per_unit, rows_per_unit * width * itemsize, f.shard_forward_passes, f.shard_mb << 20)
