@@ -55,7 +55,13 @@ def _mri_spec(storage: Path, scale: int, resident_mb: int, resolution: int):
             "profile": "demo",
             "dataset": {
                 "name": "phantom-mri",
-                "phantom": {"seed": 0, "n_patients": 12 * scale, "images_per_patient": [1, 1], "image_size": 64, "depth": 16},
+                "phantom": {
+                    "seed": 0,
+                    "n_patients": 12 * scale,
+                    "images_per_patient": [1, 1],
+                    "image_size": 64,
+                    "depth": 16,
+                },
                 "split": {"val_fraction": 0.2, "test_fraction": 0.3, "seed": 0},
             },
             "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
@@ -107,8 +113,14 @@ def _rss_child(kind: str, storage: str, scale: int, mode: str, resolution: int, 
 
         ds = plan.dataset
         ctx = SweepContext(
-            {c.id: c for c in plan.cells}, ds.classes, {s: ds.units(s) for s in ("train", "val", "test")},
-            str(plan.storage / "features"), "", "", "", mask_labels=dict(ds.mask_labels),
+            {c.id: c for c in plan.cells},
+            ds.classes,
+            {s: ds.units(s) for s in ("train", "val", "test")},
+            str(plan.storage / "features"),
+            "",
+            "",
+            "",
+            mask_labels=dict(ds.mask_labels),
         )
         conv = torch.nn.Conv2d(8, 8, 3)
         conv(torch.randn(2, 8, 8, 8)).sum().backward()
@@ -165,7 +177,10 @@ def _xray_spec(storage: Path, n_patients: int, shard_passes: int):
             "name": "xray-shards",
             "modality": "xray",
             "profile": "demo",
-            "dataset": {"name": "phantom-xray", "phantom": {"seed": 0, "n_patients": n_patients, "images_per_patient": [3, 3], "image_size": 256}},
+            "dataset": {
+                "name": "phantom-xray",
+                "phantom": {"seed": 0, "n_patients": n_patients, "images_per_patient": [3, 3], "image_size": 256},
+            },
             "backbones": [{"name": "dinov3-demo-m", "weights": "random"}],
             "resolutions": [224],
             "probes": [{"kind": "linear"}],

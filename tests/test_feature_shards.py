@@ -64,8 +64,15 @@ def test_entries_of_the_previous_format_are_still_read(tmp_path):
     d.mkdir(parents=True)
     x = np.arange(12, dtype=np.float16).reshape(4, 3)
     np.save(d / "features.npy", x)
-    meta = {"key": {}, "digest": KEY.digest, "shape": [4, 3], "dtype": "float16", "data_file": "features.npy",
-            "sha256": sha256_file(d / "features.npy"), "sample_ids": list("abcd")}
+    meta = {
+        "key": {},
+        "digest": KEY.digest,
+        "shape": [4, 3],
+        "dtype": "float16",
+        "data_file": "features.npy",
+        "sha256": sha256_file(d / "features.npy"),
+        "sample_ids": list("abcd"),
+    }
     (d / "meta.json").write_text(json.dumps(meta))
     fs = FeatureStore(tmp_path).get(KEY)
     np.testing.assert_array_equal(np.asarray(fs.features), x)
@@ -89,9 +96,17 @@ def test_trials_find_each_units_rows_in_both_formats(tmp_path):
     d = old_root / KEY.digest[:2] / KEY.digest
     d.mkdir(parents=True)
     np.save(d / "features.npy", np.arange(5, dtype=np.float16)[:, None])
-    (d / "meta.json").write_text(json.dumps({"digest": KEY.digest, "shape": [5, 1], "dtype": "float16",
-                                             "sha256": sha256_file(d / "features.npy"),
-                                             "sample_ids": ["a#0", "a#1", "a#2", "b#0", "b#1"]}))
+    (d / "meta.json").write_text(
+        json.dumps(
+            {
+                "digest": KEY.digest,
+                "shape": [5, 1],
+                "dtype": "float16",
+                "sha256": sha256_file(d / "features.npy"),
+                "sample_ids": ["a#0", "a#1", "a#2", "b#0", "b#1"],
+            }
+        )
+    )
     for store in (new, FeatureStore(old_root)):
         rows, index, per_unit = unit_rows(store, KEY.digest, "train", units, "slices")
         assert index.tolist() == [3, 4, 0, 1, 2] and per_unit.tolist() == [2, 3]

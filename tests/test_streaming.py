@@ -140,8 +140,16 @@ def _trial_under_limit(tmp, resident_mb, headroom, queue):
 
     plan = build_plan(_mri_spec(tmp, resident_mb), Path(tmp))
     ds = plan.dataset
-    ctx = SweepContext({c.id: c for c in plan.cells}, ds.classes, {s: ds.units(s) for s in ("train", "val", "test")},
-                       str(plan.storage / "features"), "", "", "", mask_labels=dict(ds.mask_labels))
+    ctx = SweepContext(
+        {c.id: c for c in plan.cells},
+        ds.classes,
+        {s: ds.units(s) for s in ("train", "val", "test")},
+        str(plan.storage / "features"),
+        "",
+        "",
+        "",
+        mask_labels=dict(ds.mask_labels),
+    )
     from monai.losses import DiceCELoss  # noqa: F401  (what the trial imports, loaded before the limit)
 
     conv = torch.nn.Conv2d(8, 8, 3)

@@ -50,7 +50,9 @@ RSNA_SOURCE = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (RSNA
 @register_dataset(
     "rsna-pneumonia",
     published=PublishedSize(
-        26_684, pixels=(1024, 1024), source="RSNA Pneumonia Detection Challenge, stage 2 train: 26,684 DICOMs, 1024x1024"
+        26_684,
+        pixels=(1024, 1024),
+        source="RSNA Pneumonia Detection Challenge, stage 2 train: 26,684 DICOMs, 1024x1024",
     ),
 )
 def prepare_rsna(spec, storage: Path) -> PreparedDataset:
@@ -242,7 +244,9 @@ MSD_SOURCE = "http://medicaldecathlon.com (CC-BY-SA 4.0)"
 
 # Training volumes per task (each task's dataset.json) and median slices / in-plane size (nnU-Net's dataset
 # fingerprints, Isensee et al. 2021, Nat. Methods, supplement; BrainTumour: its fixed 240x240x155 BraTS grid).
-_MSD_SOURCE = "Antonelli et al. 2022 (MSD): training volumes per task; median shapes: nnU-Net fingerprints (Isensee et al. 2021)"
+_MSD_SOURCE = (
+    "Antonelli et al. 2022 (MSD): training volumes per task; median shapes: nnU-Net fingerprints (Isensee et al. 2021)"
+)
 MSD_PUBLISHED = {
     task: PublishedSize(n, "volume", per_unit=slices, pixels=(side, side), source=_MSD_SOURCE)
     for task, n, slices, side in (

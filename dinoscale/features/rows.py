@@ -131,7 +131,11 @@ def column_stats(parts) -> tuple[np.ndarray, np.ndarray]:
     merged block by block in float64 (Chan, Golub & LeVeque)."""
     parts = parts if isinstance(parts, (list, tuple)) else [parts]
     if fits_in_memory(list(parts)):
-        a = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]) if len(parts) > 1 else np.asarray(parts[0], np.float32)
+        a = (
+            np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+            if len(parts) > 1
+            else np.asarray(parts[0], np.float32)
+        )
         return a.mean(0, keepdims=True), a.std(0, keepdims=True)
     n, mean, m2 = 0, None, None
     for p in parts:

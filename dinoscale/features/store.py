@@ -216,8 +216,12 @@ class FeatureRows:
                 aligned = start - start % gran
                 length = shard.offset + (last + 1) * rb - aligned
                 with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=aligned) as mm:
-                    view = np.frombuffer(mm, dtype=self.dtype, count=(last - first + 1) * (rb // self.dtype.itemsize),
-                                         offset=start - aligned).reshape(last - first + 1, *self.row_shape)
+                    view = np.frombuffer(
+                        mm,
+                        dtype=self.dtype,
+                        count=(last - first + 1) * (rb // self.dtype.itemsize),
+                        offset=start - aligned,
+                    ).reshape(last - first + 1, *self.row_shape)
                     out[i:j] = view[local[i:j] - first]
                     del view  # release the buffer before the window is unmapped
                 i = j
@@ -288,7 +292,9 @@ class FeatureStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.local = "file" in protocols or "local" in protocols
         self.root: Path | str = Path(path) if self.local else path.rstrip("/")
-        default_cache = os.environ.get("DINOSCALE_FEATURE_CACHE") or Path(tempfile.gettempdir()) / "dinoscale-feature-cache"
+        default_cache = (
+            os.environ.get("DINOSCALE_FEATURE_CACHE") or Path(tempfile.gettempdir()) / "dinoscale-feature-cache"
+        )
         self.cache_dir = Path(cache_dir or default_cache)
 
     def __repr__(self) -> str:
@@ -319,7 +325,11 @@ class FeatureStore:
             return []
         suffix = f"-of-{count:05d}.json"
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(d, detail=False)]
-        return sorted(int(n[len(SHARD_PREFIX) : len(SHARD_PREFIX) + 5]) for n in names if n.startswith(SHARD_PREFIX) and n.endswith(suffix))
+        return sorted(
+            int(n[len(SHARD_PREFIX) : len(SHARD_PREFIX) + 5])
+            for n in names
+            if n.startswith(SHARD_PREFIX) and n.endswith(suffix)
+        )
 
     # -- write
     def shard_writer(
@@ -354,7 +364,9 @@ class FeatureStore:
             rpi = [r for s in shards for r in (s.get("rows_per_id") or [1] * len(s["ids"]))]
         start, table = 0, []
         for s in shards:
-            table.append({"file": s["file"], "rows": [start, start + s["n_rows"]], "sha256": s["sha256"], "bytes": s["bytes"]})
+            table.append(
+                {"file": s["file"], "rows": [start, start + s["n_rows"]], "sha256": s["sha256"], "bytes": s["bytes"]}
+            )
             start += s["n_rows"]
         shapes = {tuple(s["shape"][1:]) for s in shards if s["n_rows"]}
         if len(shapes) > 1:
@@ -431,7 +443,9 @@ class FeatureStore:
             try:
                 self.fs.get_file(src, str(tmp))  # streamed to disk, never whole in memory
             except FileNotFoundError:
-                raise FeatureStoreError(f"{src}: data missing for a committed entry; remove it and extract again") from None
+                raise FeatureStoreError(
+                    f"{src}: data missing for a committed entry; remove it and extract again"
+                ) from None
             if sha256_file(tmp) != entry["sha256"]:
                 tmp.unlink(missing_ok=True)
                 raise FeatureStoreError(
@@ -578,9 +592,15 @@ class ShardWriter:
     commit ``.json``; leaving the ``with`` block on an error removes the partial file (a killed process
     leaves a ``.tmp-*`` file that nothing reads)."""
 
-    def __init__(self, store: FeatureStore, key: FeatureKey, index: int, count: int, n_rows: int, ids, rows_per_id, extra):
+    def __init__(
+        self, store: FeatureStore, key: FeatureKey, index: int, count: int, n_rows: int, ids, rows_per_id, extra
+    ):
         self.store, self.key, self.index, self.count, self.n_rows = store, key, index, count, int(n_rows)
-        self.ids, self.rows_per_id, self.extra = list(ids), (list(map(int, rows_per_id)) if rows_per_id is not None else None), extra
+        self.ids, self.rows_per_id, self.extra = (
+            list(ids),
+            (list(map(int, rows_per_id)) if rows_per_id is not None else None),
+            extra,
+        )
         expected = sum(self.rows_per_id) if self.rows_per_id is not None else len(self.ids)
         if expected != self.n_rows:
             raise FeatureStoreError(f"shard {index} of {count}: {self.n_rows} rows but its ids describe {expected}")
@@ -606,7 +626,11 @@ class ShardWriter:
 
     def _start(self, row_shape: tuple[int, ...]) -> None:
         self._row_shape = tuple(row_shape)
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.n_rows, *row_shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.n_rows, *row_shape),
+        }
         np.lib.format.write_array_header_1_0(self._f, header)  # 64-byte aligned, as np.save writes it
         self._offset = self._f.tell()
         self._f.truncate(self._offset + self.n_rows * self._row_bytes)

@@ -49,7 +49,9 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4
     ks = sorted({min(k, len(tx)) for k in ks})
     out = {k: [] for k in ks}
     for start in range(0, len(query_x), chunk):
-        q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query_x[start : start + chunk]), dtype=torch.float32), dim=1)
+        q = torch.nn.functional.normalize(
+            torch.as_tensor(np.asarray(query_x[start : start + chunk]), dtype=torch.float32), dim=1
+        )
         sim, idx = _topk(q, tx, ks[-1])  # sorted, most similar first
         w = (sim / temperature).exp()
         votes = w.unsqueeze(-1) * ty[idx]  # (q, kmax, C)

@@ -94,7 +94,9 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
             b.addcmul_(vb, lr, value=-scale)
             step += 1
     # val: every head (one GEMM); test: only the selected head
-    val_scores = over_rows(xva, lambda t: torch.addmm(b, t, w).sigmoid_()).view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
+    val_scores = (
+        over_rows(xva, lambda t: torch.addmm(b, t, w).sigmoid_()).view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
+    )
     val_metrics = _macro_auroc_per_head(val.y, val_scores)
     # ties in val AUROC (common when val is easy) are broken by val BCE: a barely trained head
     # ranks perfectly by chance of its init far less often than it calibrates well

@@ -17,11 +17,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Resident set of a fresh worker after importing what it runs, measured on the development machine
-# (torch 2.14 CUDA build running on the CPU, timm 1.0.31, monai 1.6.1; 2026-11-28): an extraction
-# task (torch, timm, MONAI transforms) and a trial (torch, MONAI losses, the probes; Ray worker).
+# Resident set of a worker running the smallest job of its kind, measured on the development machine
+# (torch 2.14 CUDA build running on the CPU, timm 1.0.31, monai 1.6.1, Ray 2.60; 2026-11-28, the demo
+# sweeps' peaks): an extraction task (torch, timm, MONAI transforms, a demo model) and a frozen trial
+# by input form: vector and bag probes ~0.96 GB (torch, the probes), grid probes ~1.31 GB (+ MONAI's
+# losses and metrics, which import most of MONAI).
 EXTRACTION_BASE_BYTES = 1.35e9
-TRIAL_BASE_BYTES = 1.30e9
+TRIAL_BASE_BYTES = {"vector": 0.98e9, "bag": 0.98e9, "grid": 1.30e9}
 NPY_HEADER_BYTES = 128
 READ_WINDOW_BYTES = 16 << 20  # dinoscale.features.store.READ_WINDOW_BYTES
 BLOCK_BYTES = 64 << 20  # dinoscale.features.rows.BLOCK_BYTES
@@ -39,7 +41,9 @@ def row_elements(tokens: str, view: str, embed_dim: int, grid_side: int, volume_
     return width * (2 if view == "volumes" and volume_pool == "mean_max" else 1)
 
 
-def shard_ranges(passes: Sequence[int], bytes_per_unit: Sequence[int], max_passes: int, max_bytes: int) -> list[tuple[int, int]]:
+def shard_ranges(
+    passes: Sequence[int], bytes_per_unit: Sequence[int], max_passes: int, max_bytes: int
+) -> list[tuple[int, int]]:
     """Contiguous ranges of units, each at most ``max_passes`` backbone inputs and ``max_bytes`` on disk
     (a unit larger than either is a shard of its own). Deterministic: the same manifest and settings give
     the same shards, so a rerun finds the shards it committed before."""
@@ -58,7 +62,9 @@ def even_shards(n_units: int, passes_per_unit: float, bytes_per_unit: float, max
     """Number of shards of ``n_units`` alike units (plans without data)."""
     if n_units <= 0:
         return 0
-    per = max(1, min(math.floor(max_passes / max(passes_per_unit, 1e-9)), math.floor(max_bytes / max(bytes_per_unit, 1e-9))))
+    per = max(
+        1, min(math.floor(max_passes / max(passes_per_unit, 1e-9)), math.floor(max_bytes / max(bytes_per_unit, 1e-9)))
+    )
     return math.ceil(n_units / per)
 
 
@@ -131,8 +137,10 @@ def trial_peak_bytes(t: TrialShape) -> float:
     extra = 0.0
     if t.probe == "knn":
         n_train = t.split_items.get("train", 0)
-        rows = n_train if _fits(t.split_bytes.get("train", 0), t.resident_bytes) else max(
-            1, BLOCK_BYTES // max(1, t.split_bytes["train"] / max(1, n_train))
+        rows = (
+            n_train
+            if _fits(t.split_bytes.get("train", 0), t.resident_bytes)
+            else max(1, BLOCK_BYTES // max(1, t.split_bytes["train"] / max(1, n_train)))
         )
         queries = min(KNN_QUERY_CHUNK, max(t.split_items.get("val", 0), t.split_items.get("test", 0)))
         extra += queries * min(rows, max(1, n_train)) * 4 * 3
@@ -154,7 +162,7 @@ def trial_peak_bytes(t: TrialShape) -> float:
         extra += test_vox / n_test * min(n_test, 8) * t.n_out * 4 * 4  # scoring 8 volumes at a time (one-hot)
     if t.online_params:
         extra += t.online_params * 4 + t.online_batch_bytes
-    return TRIAL_BASE_BYTES + feats + extra
+    return TRIAL_BASE_BYTES.get(t.input, 1.30e9) + feats + extra
 
 
 def gib(x: float) -> str:

@@ -41,9 +41,22 @@ def print_plan(plan: Plan) -> None:
         title=f"Feature sets - one backbone forward pass per backbone x resolution x view x split: "
         f"{n_cached} cached, {len(plan.missing)} to extract" + (f", {n_online} online" if n_online else "")
     )
-    for col in ("backbone", "params", "res", "view", "units (train/val/test)", "forward passes", "status", "est. GFLOP", "keys"):
-        t.add_column(col, justify="right" if col in ("params", "res", "forward passes", "est. GFLOP") else "left",
-                     no_wrap=col == "backbone")
+    for col in (
+        "backbone",
+        "params",
+        "res",
+        "view",
+        "units (train/val/test)",
+        "forward passes",
+        "status",
+        "est. GFLOP",
+        "keys",
+    ):
+        t.add_column(
+            col,
+            justify="right" if col in ("params", "res", "forward passes", "est. GFLOP") else "left",
+            no_wrap=col == "backbone",
+        )
     m = Table(title="Bytes and memory - predicted per feature set (host RAM: the peak of one task)")
     for col in ("backbone", "res", "view", "on disk", "shards", "extraction task RAM", "trial RAM (largest)"):
         m.add_column(col, justify="left" if col in ("backbone", "view") else "right", no_wrap=col == "backbone")
@@ -103,7 +116,13 @@ def print_plan(plan: Plan) -> None:
     missing_images = plan.forward_passes()
     res = spec.resources
     gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
-    unit = "slice" if any(f.view != "images" for f in plan.feature_sets) else "tile" if _unit_name(plan, "images") == "tiles" else "image"
+    unit = (
+        "slice"
+        if any(f.view != "images" for f in plan.feature_sets)
+        else "tile"
+        if _unit_name(plan, "images") == "tiles"
+        else "image"
+    )
     source = ""
     if plan.dataset is None:
         source = " (from the published dataset size)"

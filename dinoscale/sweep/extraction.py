@@ -143,17 +143,41 @@ def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device)
 
     if s.view == "volumes":
         return extract_volume_features(
-            backbone, s.paths, job.resolution, s.tokens, job.volume_pool, job.interpolation, job.batch_size,
-            window=job.window, device=device, out=writer,
+            backbone,
+            s.paths,
+            job.resolution,
+            s.tokens,
+            job.volume_pool,
+            job.interpolation,
+            job.batch_size,
+            window=job.window,
+            device=device,
+            out=writer,
         )[1]
     if s.view == "slices":
         return extract_volume_slices(
-            backbone, s.paths, s.sources.n_slices, job.resolution, s.tokens, job.interpolation, job.batch_size,
-            window=job.window, pet_paths=s.sources.channels.get("pet"), device=device, out=writer,
+            backbone,
+            s.paths,
+            s.sources.n_slices,
+            job.resolution,
+            s.tokens,
+            job.interpolation,
+            job.batch_size,
+            window=job.window,
+            pet_paths=s.sources.channels.get("pet"),
+            device=device,
+            out=writer,
         )[1]
     return extract_features(
-        backbone, s.paths, job.resolution, s.tokens, job.interpolation, job.batch_size, device,
-        window=job.window, out=writer,
+        backbone,
+        s.paths,
+        job.resolution,
+        s.tokens,
+        job.interpolation,
+        job.batch_size,
+        device,
+        window=job.window,
+        out=writer,
     )[1]
 
 
@@ -321,7 +345,11 @@ def run_extraction_stage(
         raise RuntimeError(
             "feature extraction failed:\n"
             + "\n".join(errors + [f"incomplete: {i}" for i in incomplete])
-            + (f"\n(the committed shards of the {kept} incomplete set(s) are kept: a rerun extracts only the rest)" if kept else "")
+            + (
+                f"\n(the committed shards of the {kept} incomplete set(s) are kept: a rerun extracts only the rest)"
+                if kept
+                else ""
+            )
         )
     return report
 

@@ -50,7 +50,9 @@ def unit_rows(store: FeatureStore, digest: str, split: str, units: SplitUnits, v
     if view == "slices":
         expected = np.asarray(units.n_slices, dtype=np.int64)
         if rows_per_id is None or not np.array_equal(counts[p], expected):
-            raise RuntimeError(f"feature set {digest} ({split}) has other slice counts than the manifest; extract again")
+            raise RuntimeError(
+                f"feature set {digest} ({split}) has other slice counts than the manifest; extract again"
+            )
     c = counts[p]
     index = np.repeat(starts[p] - np.concatenate([[0], np.cumsum(c)[:-1]]), c) + np.arange(c.sum())
     lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
@@ -121,7 +123,11 @@ def _write_label_maps(path: Path, masks, n_slices, n_classes, load_label_maps) -
                 arr = load_label_maps([m], [n_slices[i]] if n_slices is not None else None, n_classes)[0]
                 if first is None:
                     first = arr.shape
-                    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(masks), *first)}
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(dtype),
+                        "fortran_order": False,
+                        "shape": (len(masks), *first),
+                    }
                     np.lib.format.write_array_header_1_0(f, header)
                 elif arr.shape != first:
                     raise DataError(
@@ -188,7 +194,13 @@ class OnlineGrids:
 
         items = _index(key, len(self))
         c, bb = self.cell, self._model()
-        common = dict(interpolation=c.interpolation, batch_size=c.feature_batch, window=c.window, device=self.device, progress=False)
+        common = dict(
+            interpolation=c.interpolation,
+            batch_size=c.feature_batch,
+            window=c.window,
+            device=self.device,
+            progress=False,
+        )
         if not self.volumes:
             paths = [self.sources.items[i] for i in items]
             x, _ = extract_features(bb, paths, c.resolution, "patch_grid", out_dtype=c.feature_dtype, **common)
@@ -197,14 +209,22 @@ class OnlineGrids:
         out = []
         for i in items:
             x, _ = extract_volume_slices(
-                bb, [self.sources.items[i]], [self.sources.n_slices[i]], c.resolution, "patch_grid",
-                pet_paths=[pet[i]] if pet else None, out_dtype=c.feature_dtype, **common,
+                bb,
+                [self.sources.items[i]],
+                [self.sources.n_slices[i]],
+                c.resolution,
+                "patch_grid",
+                pet_paths=[pet[i]] if pet else None,
+                out_dtype=c.feature_dtype,
+                **common,
             )
             out.append(x.astype(np.float32))
         return np.stack(out) if out else np.zeros((0, *self.shape[1:]), np.float32)
 
 
-def probe_inputs(cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources: RowSources | None = None):
+def probe_inputs(
+    cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources: RowSources | None = None
+):
     """The probe's input for one split, by the input form its descriptor declares: ``Split`` (a vector per
     unit), ``BagSplit`` (rows grouped per volume / slide) or ``SegSplit`` (grids stacked per volume + label
     maps). Views of the store (or online features): nothing is loaded before the probe asks."""

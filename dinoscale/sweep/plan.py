@@ -244,7 +244,10 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
     published = published_size(spec.dataset.name, spec.dataset.subset) if ds is None else None
     volumetric = ds.volumetric if ds is not None else bool(published and published.volumetric)
     # what each probe reads: its view of this dataset and its token set
-    reads = {p.kind: (get_probe(p.kind).view(volumetric), get_probe(p.kind).tokens(spec.features.tokens)) for p in spec.probes}
+    reads = {
+        p.kind: (get_probe(p.kind).view(volumetric), get_probe(p.kind).tokens(spec.features.tokens))
+        for p in spec.probes
+    }
     grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
     feature_sets: list[FeatureSetPlan] = []
     keys: dict[tuple, dict[str, str]] = {}  # (backbone, resolution, view, tokens) -> split -> digest
@@ -258,7 +261,9 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False, estimated=True) for split in SPLITS)
             continue
         for view, tokens in dict.fromkeys(reads.values()):
-            sets = [_feature_set(spec, bb, res, view, tokens, split, ds, published, store, manifests) for split in SPLITS]
+            sets = [
+                _feature_set(spec, bb, res, view, tokens, split, ds, published, store, manifests) for split in SPLITS
+            ]
             group = (bb.name, res, view, tokens)
             budget = spec.features.cache_budget_gb
             if (view, tokens) in grid_views and (
@@ -346,7 +351,11 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     **({"online": True} if is_online else {}),
                 },
             )
-            reads_sets = [f for f in feature_sets if (f.backbone.name, f.resolution, f.view, f.tokens) == (bb.name, res, view, tokens)]
+            reads_sets = [
+                f
+                for f in feature_sets
+                if (f.backbone.name, f.resolution, f.view, f.tokens) == (bb.name, res, view, tokens)
+            ]
             cells.append(
                 Cell(
                     axes,
@@ -391,7 +400,9 @@ def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split
         src = ds.sources(split)
         passes = src.forward_passes()
         per_row = passes if view == "slices" else [1] * len(passes)
-        shards = tuple(cost.shard_ranges(passes, [r * width * itemsize for r in per_row], f.shard_forward_passes, f.shard_mb << 20))
+        shards = tuple(
+            cost.shard_ranges(passes, [r * width * itemsize for r in per_row], f.shard_forward_passes, f.shard_mb << 20)
+        )
         channels = ds.channels if view != "images" else ()
         key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels)
         cached = store.has(key)
@@ -411,7 +422,9 @@ def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split
         n_passes = round(units * per)
         n_rows = n_passes if view == "slices" else n_units
         rows_per_unit = passes_per_unit if view == "slices" else 1
-        n_shards = cost.even_shards(n_units, passes_per_unit, rows_per_unit * width * itemsize, f.shard_forward_passes, f.shard_mb << 20)
+        n_shards = cost.even_shards(
+            n_units, passes_per_unit, rows_per_unit * width * itemsize, f.shard_forward_passes, f.shard_mb << 20
+        )
         shards, key, cached, committed, estimated = (), None, False, 0, True
         volume_slices = round(per) if published.volumetric else 0
     n_shards = len(shards) if shards else (n_shards if ds is None else 1)
@@ -539,7 +552,9 @@ def memory_problems(plan: Plan, node_bytes: float) -> list[str]:
         group = (f.backbone.name, f.resolution, f.view)
         if not f.online and f.extraction_peak > node_bytes and group not in seen:
             seen.add(group)
-            out.append(f"extraction of {f.backbone.name}@{f.resolution} ({f.view}): a task needs ~{cost.gib(f.extraction_peak)}")
+            out.append(
+                f"extraction of {f.backbone.name}@{f.resolution} ({f.view}): a task needs ~{cost.gib(f.extraction_peak)}"
+            )
     return out
 
 
