@@ -149,6 +149,7 @@ def _extract_and_die(tmp, victim_index):
         run_job(job, str(plan.storage / "features"))
 
 
+@pytest.mark.slow
 def test_a_shard_killed_mid_write_leaves_nothing_readable_and_is_redone_alone(tmp_path):
     from dinoscale.sweep.extraction import plan_jobs, run_job
 

@@ -82,7 +82,7 @@ def test_a_sweep_whose_trial_cannot_fit_a_node_is_refused_before_anything_runs(t
     raw["resources"] = {"node_memory_gb": 0.5}
     with pytest.raises(
         NotRunnableError,
-        match=r"(?s)resources.node_memory_gb.*cell dinov3-demo-xs_r32_linear_frozen_s0: a trial needs ~[\d.]+ GiB",
+        match=r"(?s)resources.node_memory_gb.*cell dinov3-demo-xs_r32_linear_frozen_s0: a trial needs ~[\d.]+ (GiB|MiB)",
     ):
         run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "store" / "features").exists()
