@@ -153,7 +153,8 @@ def bench_rss(scales: list[int], resolution: int) -> dict:
     for scale in scales:
         storage = str(root / f"x{scale}")
         for kind in ("extraction", "trial"):
-            for mode in ("streamed", "in-memory"):  # extraction: streamed first (it fills the store)
+            # the in-memory extraction writes nothing, the streamed one fills the store the trials read
+            for mode in ("in-memory", "streamed") if kind == "extraction" else ("streamed", "in-memory"):
                 r = _spawn(_rss_child, kind, storage, scale, mode, resolution)
                 rows.append(r)
                 print(json.dumps(r), flush=True)

@@ -123,17 +123,23 @@ def trial_peak_bytes(t: TrialShape) -> float:
     standardised copies; a streamed one costs a mini-batch, an mmap window and a block of a streamed pass)
     + what the probe adds (k-NN similarities, logistic regression's copies, a dense head's label maps,
     logits and test predictions)."""
-    feats = 0.0
+    # held splits are converted side by side (stored dtype + float32, + a standardised copy for vector
+    # probes); a streamed split costs a mini-batch (predictions of dense heads: 16 items) read through one
+    # mmap window, and blocks of a streamed pass (statistics, scoring) - one split at a time
+    factor = 1.5 if t.input == "grid" else 2.5
+    held, streamed = 0.0, 0.0
     for split, b in t.split_bytes.items():
         n = max(1, t.split_items.get(split, 1))
+        batch = min(n, max(t.batch_size, 16) if t.input == "grid" else t.batch_size)
         if t.online_params:  # computed a mini-batch at a time
-            feats = max(feats, min(n, t.batch_size) * b / n * 3)
+            streamed = max(streamed, batch * b / n * 3)
         elif t.probe == "logreg" or not t.streams:  # the whole matrix (scikit-learn; array-only probes)
-            feats += 3.0 * b
+            held += 3.0 * b
         elif _fits(b, t.resident_bytes):
-            feats += 2.5 * b
+            held += factor * b
         else:
-            feats += min(n, t.batch_size) * b / n * 3 + READ_WINDOW_BYTES + BLOCK_BYTES * 2
+            streamed = max(streamed, batch * b / n * 3 + READ_WINDOW_BYTES + BLOCK_BYTES)
+    feats = held + streamed
     extra = 0.0
     if t.probe == "knn":
         n_train = t.split_items.get("train", 0)
@@ -147,7 +153,7 @@ def trial_peak_bytes(t: TrialShape) -> float:
     if t.input == "grid" and t.label_voxels:
         activations, batch_labels = 0.0, 0.0
         for split, vox in t.label_voxels.items():
-            held = (_fits(t.split_bytes.get(split, 0), t.resident_bytes) or not t.streams) and not t.online_params
+            held = _fits(vox * 4, t.resident_bytes) or not t.streams  # label maps have their own view
             n = max(1, t.split_items.get(split, 1))
             batch_vox = vox / n * min(n, max(t.batch_size, 16))  # predictions run 16 items at a time
             if held:
