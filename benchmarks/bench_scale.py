@@ -170,7 +170,7 @@ def bench_rss(scales: list[int], resolution: int) -> dict:
 # ---------------------------------------------------------------- (2) sharded extraction on 1 vs 3 nodes
 
 
-def _xray_spec(storage: Path, n_patients: int, shard_passes: int):
+def _xray_spec(storage: Path, n_patients: int, shard_passes: int, backbone: str = "dinov3-demo-l", resolution: int = 448):
     from dinoscale.spec import parse_spec
 
     return parse_spec(
@@ -182,8 +182,8 @@ def _xray_spec(storage: Path, n_patients: int, shard_passes: int):
                 "name": "phantom-xray",
                 "phantom": {"seed": 0, "n_patients": n_patients, "images_per_patient": [3, 3], "image_size": 256},
             },
-            "backbones": [{"name": "dinov3-demo-m", "weights": "random"}],
-            "resolutions": [224],
+            "backbones": [{"name": backbone, "weights": "random"}],
+            "resolutions": [resolution],
             "probes": [{"kind": "linear"}],
             "features": {"batch_size": 16, "shard_forward_passes": shard_passes},
             "tracking": {"uri": f"sqlite:///{storage}/mlruns.db"},
@@ -222,7 +222,7 @@ def _one_stage(plan, n_nodes: int, store_root: Path) -> dict:
     }
 
 
-def bench_shards(n_patients: int, shard_passes: int, order: list[int]) -> dict:
+def bench_shards(n_patients: int, shard_passes: int, order: list[int], backbone: str, resolution: int) -> dict:
     import numpy as np
 
     from dinoscale.features import FeatureStore
@@ -230,7 +230,7 @@ def bench_shards(n_patients: int, shard_passes: int, order: list[int]) -> dict:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     root = Path(tempfile.mkdtemp(prefix="dinoscale-shards-"))
-    plan = build_plan(_xray_spec(root, n_patients, shard_passes), root)  # one phantom, one fresh store per run
+    plan = build_plan(_xray_spec(root, n_patients, shard_passes, backbone, resolution), root)  # one phantom, fresh stores
     runs = []
     for i, n in enumerate(order):
         r = _one_stage(plan, n, root / f"features-run{i}-{n}nodes")
@@ -242,7 +242,13 @@ def bench_shards(n_patients: int, shard_passes: int, order: list[int]) -> dict:
         for f in plan.feature_sets
     )
     best = {n: min(r["wall_s"] for r in runs if r["nodes"] == n) for n in set(order)}
+    import subprocess
+
+    load = subprocess.run(["cat", "/proc/loadavg"], capture_output=True, text=True).stdout.split()[:3]
     return {
+        "backbone": backbone,
+        "resolution": resolution,
+        "load_average_after": load,
         "n_images": sum(f.n_images for f in plan.feature_sets),
         "shards_per_split": {f.split: len(f.shards) for f in plan.feature_sets},
         "runs": runs,
@@ -302,17 +308,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["rss", "shards", "bytes"])
     ap.add_argument("--scales", default="1,4,16")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--patients", type=int, default=300, help="shards: phantom patients (3 images each)")
-    ap.add_argument("--shard-passes", type=int, default=100, help="shards: images per shard")
+    ap.add_argument("--resolution", type=int, default=None, help="rss: 512; shards: 448")
+    ap.add_argument("--patients", type=int, default=200, help="shards: phantom patients (3 images each)")
+    ap.add_argument("--shard-passes", type=int, default=60, help="shards: images per shard")
+    ap.add_argument("--backbone", default="dinov3-demo-l", help="shards: the backbone")
     ap.add_argument("--order", default="1,3,3,1", help="shards: node counts, in the order run")
     ap.add_argument("--spec", action="append", help="bytes: a spec (default: the demo specs)")
     ap.add_argument("--storage", default=None, help="bytes: a project folder whose store to reuse")
     args = ap.parse_args()
     if args.what == "rss":
-        save("scale_rss", bench_rss([int(s) for s in args.scales.split(",")], args.resolution))
+        save("scale_rss", bench_rss([int(s) for s in args.scales.split(",")], args.resolution or 512))
     elif args.what == "shards":
-        save("scale_shards", bench_shards(args.patients, args.shard_passes, [int(s) for s in args.order.split(",")]))
+        order = [int(s) for s in args.order.split(",")]
+        save("scale_shards", bench_shards(args.patients, args.shard_passes, order, args.backbone, args.resolution or 448))
     else:
         save("scale_bytes", bench_bytes(args.spec or DEMO_SPECS, args.storage))
 
