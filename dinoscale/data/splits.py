@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dinoscale.data.dataset import DataError
 
-class LeakageError(RuntimeError):
-    pass
+
+class LeakageError(DataError):
+    """A patient in two splits (train and test would share a patient)."""
+
+    kind = "leakage"
 
 
 def assign_patient_splits(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:

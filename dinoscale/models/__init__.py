@@ -11,6 +11,7 @@ from dinoscale.models.backbones import (  # noqa: F401
     backbone_names,
     get_backbone,
     gflops_per_image,
+    check_weights,
     hub_weights_file,
     is_backbone,
     load_backbone,
