@@ -55,10 +55,12 @@ class PreflightReport:
 # ---------------------------------------------------------------- storage
 
 
-def check_storage(root: Path, what: str = "storage path") -> str:
+STORAGE_HINT = "set storage.path in the spec (or DINOSCALE_STORAGE) to a writable folder"
+
+
+def check_storage(root: Path, what: str = "storage path", hint: str = STORAGE_HINT) -> str:
     """``root`` is (or can be made) a folder this process can write; raises ``StorageError``."""
     root = Path(root)
-    hint = "set storage.path in the spec (or DINOSCALE_STORAGE) to a writable folder"
     for parent in [root, *root.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -95,7 +97,7 @@ def check_storage_on_nodes(root: Path, timeout_s: float = 120.0, min_nodes: int 
     sentinel = Path(root) / f".dinoscale-nodes-{token[:8]}"
     sentinel.write_text(token)
     try:
-        seen = ray.remote(_reads_token).options(num_cpus=0)
+        seen = ray.remote(num_cpus=0)(_reads_token)
         refs = {
             n["NodeManagerAddress"]: seen.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
@@ -184,7 +186,11 @@ def check_tracking(uri: str, experiment: str, artifact_location: str | None = No
     gets a tag with the time of this check). Raises ``TrackingError`` naming the URI and what to do."""
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///") :])
-        check_storage(db.parent, "folder of the tracking database")
+        hint = f"set the tracking URI ({_uri_source()}) to a database file in a writable folder"
+        try:
+            check_storage(db.parent, f"folder of the tracking database {db.name}", hint)
+        except StorageError as e:
+            raise TrackingError(str(e)) from None
         if db.exists() and not db.is_file():
             raise TrackingError(f"tracking database '{db}' ({_uri_source()}) is a folder, not a SQLite file")
     _reachable(uri)
@@ -205,12 +211,17 @@ def check_tracking(uri: str, experiment: str, artifact_location: str | None = No
 def _tracking_failure(uri: str, e: Exception) -> str:
     text = str(e)
     lines = [x.strip() for x in text.splitlines() if x.strip()]
-    first = lines[0][:300] if lines else type(e).__name__
+    first = (lines[0].split(" Response body:")[0][:300] if lines else "") or type(e).__name__
     where = f"the MLflow tracking store {redact(uri)} ({_uri_source()})"
     if any(code in text for code in ("401", "403", "Unauthorized", "PERMISSION_DENIED", "Permission denied")):
         return (
             f"{where} refused the credentials or the permission to write ({first}). Set MLFLOW_TRACKING_USERNAME "
             "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a user who may write to the experiment"
+        )
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (
+            f"{where} did not answer within {REQUEST_TIMEOUT_S}s (connected, then no response). Check that the server is up and "
+            "not overloaded (its /health page), or track locally with --tracking-uri sqlite:///mlruns.db"
         )
     if "database is locked" in text or "readonly" in text.lower() or "read-only" in text.lower():
         return f"{where} cannot be written ({first}); check the database file's permissions and free space"
@@ -237,7 +248,7 @@ def check_all_weights(spec) -> str:
 # ---------------------------------------------------------------- all of it
 
 
-def preflight(spec, project_dir: Path, tracking_uri: str):
+def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
     """Run the checks in order and return (the plan, the report). The plan is built here because it
     prepares the dataset: the data root's layout is checked by the dataset's adapter."""
     from dinoscale.data.checks import decode_sample
@@ -246,7 +257,13 @@ def preflight(spec, project_dir: Path, tracking_uri: str):
 
     report = PreflightReport()
     with report.step("storage"):
-        report.checks["storage"] = check_storage(storage_root(spec, project_dir))
+        root = storage_root(spec, project_dir)
+        report.checks["storage"] = check_storage(root)
+        if resume:  # there is a sweep of this spec to resume (ResumeError names what is missing or changed)
+            from dinoscale.sweep.state import SweepState
+
+            found = SweepState.for_resume(root, spec.name, spec.digest())
+            report.checks["storage"] += f", sweep {found.sweep_id} to resume"
     with report.step("tracking"):
         artifacts = spec.tracking.artifact_location or default_artifact_location(tracking_uri)
         report.checks["tracking"] = check_tracking(tracking_uri, spec.experiment_name, artifacts)

@@ -239,7 +239,11 @@ def _cancel(pending: dict) -> None:
 
 def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError:
     """The user's error as raised in the worker (its message, not Ray's wrapper), with the job named."""
-    note = f" ({n_cancelled} other extraction job(s) cancelled; feature sets already stored are kept)" if n_cancelled else ""
+    note = (
+        f" ({n_cancelled} other extraction job(s) cancelled; feature sets already stored are kept)"
+        if n_cancelled
+        else ""
+    )
     try:
         return type(error)(f"{error} [extraction of {job.label}{note}]")
     except TypeError:  # a subclass with another constructor: keep the original

@@ -38,6 +38,12 @@ class SweepSignals:
         self._saved_env: str | None = None
         self.active = threading.current_thread() is threading.main_thread()
 
+    def start(self) -> SweepSignals:
+        return self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__(None, None, None)
+
     def __enter__(self) -> SweepSignals:
         if self.active:
             self._saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")

@@ -13,6 +13,7 @@ unfinished cell runs are marked KILLED and ``SweepInterrupted`` says how to resu
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -166,7 +167,7 @@ def run_sweep(
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
-    plan, checks = preflight(spec, project_dir, tracking_uri)  # storage, tracking, weights, data: before Ray
+    plan, checks = preflight(spec, project_dir, tracking_uri, resume)  # storage, tracking, weights, data: before Ray
     provenance = plan.provenance()
     if not quiet:
         print_banner(plan, provenance)
@@ -184,71 +185,71 @@ def run_sweep(
 
     rows: list[dict] = []
     monitor = _system_metrics(parent_id, tracking_uri, step)
-    stage = "start of Ray"
-    with SweepSignals() as signals:
-        try:
-            _init_ray(spec, address)
-            signals.install()  # ray.init sets its own SIGTERM handler
-            check_storage_on_nodes(plan.storage)
-            stage = "extraction stage"
-            extraction = _extraction_stage(plan, client, parent_id, step, quiet)
-            stage = "trial stage"
-            grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs, signals)
-            if signals.fired:  # Tune stopped gracefully and saved its state; the sweep stops here
-                raise KeyboardInterrupt
-            stage = "summary and analysis"
-            headline = get_task(plan.dataset.task).headline
-            rows = _collect_rows(plan, grid, headline)
-            n_failed = sum(r["state"] != "FINISHED" for r in rows)
-            log_batch(
-                client,
-                parent_id,
-                step=step,
-                metrics={
-                    "trials_total": len(rows),
-                    "trials_failed": n_failed,
-                    "trials_wall_seconds": trials_seconds,
-                    "trials_reused_from_record": sum(r["reused"] for r in rows),
-                    **_best_metrics(rows, headline),
-                },
+    signals, stage = SweepSignals().start(), "start of Ray"
+    try:
+        _init_ray(spec, address)
+        signals.install()  # ray.init sets its own SIGTERM handler
+        check_storage_on_nodes(plan.storage)
+        stage = "extraction stage"
+        extraction = _extraction_stage(plan, client, parent_id, step, quiet)
+        stage = "trial stage"
+        grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs, signals)
+        if signals.fired:  # Tune stopped gracefully and saved its state; the sweep stops here
+            raise KeyboardInterrupt
+        stage = "summary and analysis"
+        headline = get_task(plan.dataset.task).headline
+        rows = _collect_rows(plan, grid, headline)
+        n_failed = sum(r["state"] != "FINISHED" for r in rows)
+        log_batch(
+            client,
+            parent_id,
+            step=step,
+            metrics={
+                "trials_total": len(rows),
+                "trials_failed": n_failed,
+                "trials_wall_seconds": trials_seconds,
+                "trials_reused_from_record": sum(r["reused"] for r in rows),
+                **_best_metrics(rows, headline),
+            },
+        )
+        if not quiet:
+            print_summary(
+                rows,
+                f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
+                f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""),
+                headline,
             )
-            if not quiet:
-                print_summary(
-                    rows,
-                    f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
-                    f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""),
-                    headline,
-                )
-                for r in rows:
-                    if r["state"] != "FINISHED":
-                        console.print(f"cell {r['cell']} failed: {r['error'] or 'no result'}", style="red", markup=False)
-            report_dir = None
-            if analyze and n_failed < len(rows):
-                from dinoscale.analysis import analyze_sweep
+            for r in rows:
+                if r["state"] != "FINISHED":
+                    console.print(f"cell {r['cell']} failed: {r['error'] or 'no result'}", style="red", markup=False)
+        report_dir = None
+        if analyze and n_failed < len(rows):
+            from dinoscale.analysis import analyze_sweep
 
-                report_dir = analyze_sweep(
-                    tracking_uri,
-                    spec.experiment_name,
-                    parent_id,
-                    project_dir / "reports" / spec.modality,
-                    provenance=provenance,
-                    quiet=quiet,
-                )
-            client.set_terminated(parent_id, "FINISHED")
-            state.status = "finished"
-        except KeyboardInterrupt:
-            signum = signals.signum or signal.SIGINT
-            state.status = "interrupted"
-            message = _record_interruption(client, plan, state, signal_name(signum), stage)
-            raise SweepInterrupted(signum, message) from None
-        except BaseException:
-            client.set_terminated(parent_id, "FAILED")
-            state.status = "failed"
-            raise
-        finally:
-            state.save(plan.storage)
-            if monitor is not None:
-                monitor.finish()
+            report_dir = analyze_sweep(
+                tracking_uri,
+                spec.experiment_name,
+                parent_id,
+                project_dir / "reports" / spec.modality,
+                provenance=provenance,
+                quiet=quiet,
+            )
+        client.set_terminated(parent_id, "FINISHED")
+        state.status = "finished"
+    except KeyboardInterrupt:
+        signum = signals.signum or signal.SIGINT
+        state.status = "interrupted"
+        message = _record_interruption(client, plan, state, signal_name(signum), stage)
+        raise SweepInterrupted(signum, message) from None
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        state.status = "failed"
+        raise
+    finally:
+        signals.stop()
+        state.save(plan.storage)
+        if monitor is not None:
+            monitor.finish()
     wall = time.perf_counter() - t0
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
@@ -268,7 +269,9 @@ def _record_interruption(client, plan: Plan, state: SweepState, signame: str, st
     done = killed = 0
     try:
         with _no_retries():
-            client.set_tag(parent_id, record.INTERRUPTED, f"{signame} during the {stage}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            client.set_tag(
+                parent_id, record.INTERRUPTED, f"{signame} during the {stage}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            )
             children = client.search_runs(
                 [state.experiment_id], filter_string=f"tags.`{record.PARENT_RUN_ID}` = '{parent_id}'", max_results=5000
             )
@@ -411,6 +414,8 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
         )
     if signals is not None:
         signals.in_tune = True  # a signal now asks Tune to stop gracefully (its state saved for the resume)
+    tune_log, quiet_user_errors = logging.getLogger("ray.tune.execution.tune_controller"), _UserErrorsInOneLine()
+    tune_log.addFilter(quiet_user_errors)
     try:
         if progress:
             with progress:
@@ -418,10 +423,28 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
         else:
             grid = tuner.fit()
     finally:
+        tune_log.removeFilter(quiet_user_errors)
         if signals is not None:
             signals.in_tune = False
     grid.trial_wall_s = timer.wall  # seen from the driver: scheduling + actor start + the trial's own work
     return grid, time.perf_counter() - t0
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Tune logs a failed trial with the whole remote traceback; a user error is logged as its message
+    (the cell's MLflow run keeps the traceback). Other errors keep Tune's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
+        user = user_error_of(exc) if isinstance(exc, BaseException) else None
+        if user is not None:
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"{record.getMessage()}: {describe(user)}",
+                (),
+                None,
+                None,
+            )
+        return True
 
 
 class _TrialTimer(tune.Callback):
