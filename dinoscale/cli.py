@@ -102,10 +102,13 @@ def validate(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None
 @app.command()
 def plan(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
     """Dry run: cells, cached vs to-extract feature sets, trial count and estimated compute."""
+    from dinoscale.preflight import check_storage
     from dinoscale.sweep.display import print_banner, print_plan
-    from dinoscale.sweep.plan import build_plan
+    from dinoscale.sweep.plan import build_plan, storage_root
 
-    p = build_plan(_load(spec))
+    s = _load(spec)
+    check_storage(storage_root(s), write=False)  # a phantom dataset is generated there even for a dry run
+    p = build_plan(s)
     print_banner(p)
     print_plan(p)
 
@@ -234,10 +237,12 @@ def analyze(
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)
     s = _load(spec)
+    from dinoscale.preflight import check_tracking_reachable
+
+    uri = resolve_tracking_uri(s.tracking.uri)
+    check_tracking_reachable(uri)
     try:
-        analyze_sweep(
-            resolve_tracking_uri(s.tracking.uri), s.experiment_name, run_id, out or Path("reports") / s.modality
-        )
+        analyze_sweep(uri, s.experiment_name, run_id, out or Path("reports") / s.modality)
     except LookupError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None

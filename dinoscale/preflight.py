@@ -58,8 +58,9 @@ class PreflightReport:
 STORAGE_HINT = "set storage.path in the spec (or DINOSCALE_STORAGE) to a writable folder"
 
 
-def check_storage(root: Path, what: str = "storage path", hint: str = STORAGE_HINT) -> str:
-    """``root`` is (or can be made) a folder this process can write; raises ``StorageError``."""
+def check_storage(root: Path, what: str = "storage path", hint: str = STORAGE_HINT, write: bool = True) -> str:
+    """``root`` is (or can be made) a folder this process can write; raises ``StorageError``.
+    ``write=False`` (dry runs): only that no part of the path is a file; nothing is created."""
     root = Path(root)
     for parent in [root, *root.parents]:
         if parent.exists():
@@ -70,6 +71,8 @@ def check_storage(root: Path, what: str = "storage path", hint: str = STORAGE_HI
                     else f"{what} '{root}' is a file, not a folder; {hint}"
                 )
             break
+    if not write:
+        return str(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".dinoscale-preflight-{uuid.uuid4().hex[:8]}"
@@ -165,6 +168,30 @@ def _reachable(uri: str) -> None:
         ) from e
 
 
+def _local_store(uri: str) -> None:
+    """A SQLite database or a local folder store: its folder can be made and written."""
+    u = urlparse(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        folder, what = db.parent, f"folder of the tracking database {db.name}"
+        if db.exists() and not db.is_file():
+            raise TrackingError(f"tracking database '{db}' ({_uri_source()}) is a folder, not a SQLite file")
+    elif u.scheme in ("", "file") and not uri.startswith("databricks"):
+        folder, what = Path(u.path if u.scheme == "file" else uri), "tracking folder"
+    else:
+        return
+    try:
+        check_storage(folder, what, f"set the tracking URI ({_uri_source()}) to a store in a writable folder")
+    except StorageError as e:
+        raise TrackingError(str(e)) from None
+
+
+def check_tracking_reachable(uri: str) -> None:
+    """For commands that only read the record (``analyze``): the server answers a TCP connection in
+    seconds, instead of MLflow's minutes of retries against a server that is down."""
+    _reachable(uri)
+
+
 @contextmanager
 def _no_retries():
     """MLflow's HTTP client retries a failed request for minutes by default; pre-flight asks once."""
@@ -184,15 +211,7 @@ def _no_retries():
 def check_tracking(uri: str, experiment: str, artifact_location: str | None = None) -> str:
     """The tracking store answers and accepts a write (the sweep's experiment exists or is created, and
     gets a tag with the time of this check). Raises ``TrackingError`` naming the URI and what to do."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        hint = f"set the tracking URI ({_uri_source()}) to a database file in a writable folder"
-        try:
-            check_storage(db.parent, f"folder of the tracking database {db.name}", hint)
-        except StorageError as e:
-            raise TrackingError(str(e)) from None
-        if db.exists() and not db.is_file():
-            raise TrackingError(f"tracking database '{db}' ({_uri_source()}) is a folder, not a SQLite file")
+    _local_store(uri)
     _reachable(uri)
     from mlflow.tracking import MlflowClient
 
@@ -239,10 +258,9 @@ def check_all_weights(spec) -> str:
     """Each backbone's weights resolve and fit its architecture (``dinoscale.models.check_weights``)."""
     from dinoscale.models import check_weights
 
-    found = [check_weights(b.name, b.weights) for b in spec.backbones if b.weights != "random"]
+    found = [f"{b.name}: {check_weights(b.name, b.weights)}" for b in spec.backbones if b.weights != "random"]
     n_random = sum(b.weights == "random" for b in spec.backbones)
-    parts = ([f"{len(found)} checkpoint(s) fit"] if found else []) + ([f"{n_random} random init"] if n_random else [])
-    return ", ".join(parts)
+    return ", ".join(found + ([f"{n_random} random init"] if n_random else []))
 
 
 # ---------------------------------------------------------------- all of it

@@ -307,6 +307,12 @@ def test_storage_from_the_environment_is_a_file(tmp_path, shared):
     user_error(["sweep", spec_file(tmp_path, shared)], "storefile", "DINOSCALE_STORAGE", kind="storage", env=env)
 
 
+def test_plan_names_a_storage_path_under_a_file(tmp_path, shared):
+    (tmp_path / "afile").write_text("x")
+    path = spec_file(tmp_path, shared, **{"storage.path": str(tmp_path / "afile" / "store")})
+    user_error(["plan", path], "afile' is a file", kind="storage")
+
+
 # ---------------------------------------------------------------- tracking
 
 
@@ -375,6 +381,18 @@ def test_tracking_database_under_a_file(tmp_path, shared):
     (tmp_path / "afile").write_text("x")
     path = spec_file(tmp_path, shared, **{"tracking.uri": f"sqlite:///{tmp_path}/afile/mlruns.db"})
     user_error(["sweep", path], f"'{tmp_path / 'afile'}' is a file", "tracking URI", kind="tracking")
+
+
+def test_analyze_with_the_tracking_server_down(tmp_path, shared):
+    uri = f"http://127.0.0.1:{free_port()}"
+    path = spec_file(tmp_path, shared, **{"tracking.uri": uri})
+    _timed(["analyze", path], uri, "connection refused", limit_s=5)
+
+
+def test_tracking_folder_store_under_a_file(tmp_path, shared):
+    (tmp_path / "afile").write_text("x")
+    uri = f"file://{tmp_path}/afile/mlruns"
+    user_error(["sweep", spec_file(tmp_path, shared), "--tracking-uri", uri], "afile' is a file", kind="tracking")
 
 
 def test_tracking_password_never_printed(tmp_path, shared):
