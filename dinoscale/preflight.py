@@ -2,15 +2,20 @@
 
 In order, cheapest first, each failure one ``UserError`` naming the thing, what was expected and what to do:
 
-1. **storage**: the storage path is a folder this process can write (not under a file, not read-only).
-2. **tracking**: the MLflow tracking store answers and accepts a write within seconds. A server that is
-   down or unroutable is reported in about 5 s instead of MLflow's minutes of retries.
+1. **storage**: the storage path is a folder this process can write (not under a file, not read-only);
+   with ``--resume``, a sweep of this spec to resume.
+2. **tracking, reachable**: the MLflow server accepts a TCP connection (a SQLite / folder store: its path
+   is not under a file). A server that is down or unroutable is reported in at most 5 s instead of
+   MLflow's minutes of retries. Nothing is written yet.
 3. **weights**: each backbone's weights resolve (file, or the Hugging Face cache / a reachable hub) and
    fit its architecture: names and shapes are compared on the meta device with the file memory-mapped,
    so a multi-GB checkpoint is not read into the driver's memory.
 4. **data**: the data root holds the adapter's layout (the plan prepares the dataset, which checks it),
-   and a sample of each split's files decodes (``dinoscale.data.checks.decode_sample``).
-5. **runnable**: every probe and strategy fits the dataset's task (``check_runnable``).
+   every probe and strategy fits the dataset's task (``check_runnable``), and a sample of each split's
+   files decodes (``dinoscale.data.checks.decode_sample``).
+5. **tracking, writable**: the store answers as MLflow (one request, 5 s, no retries) and takes a write:
+   the sweep's experiment is created if needed and tagged ``dinoscale.preflight``. Last, so that a sweep
+   refused for its spec or data leaves nothing in the record.
 
 ``check_storage_on_nodes`` runs once Ray is up, on clusters of several nodes: each node must see the
 storage path (a sentinel file written by the driver is read back on every node).
@@ -43,7 +48,7 @@ class PreflightReport:
     def step(self, name: str):
         t0 = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def line(self) -> str:
         total = sum(self.seconds.values())
@@ -168,8 +173,9 @@ def _reachable(uri: str) -> None:
         ) from e
 
 
-def _local_store(uri: str) -> None:
-    """A SQLite database or a local folder store: its folder can be made and written."""
+def _local_store(uri: str, write: bool = True) -> None:
+    """A SQLite database or a local folder store: its folder can be made and written (``write=False``:
+    no part of its path is a file; nothing is created)."""
     u = urlparse(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///") :])
@@ -181,14 +187,16 @@ def _local_store(uri: str) -> None:
     else:
         return
     try:
-        check_storage(folder, what, f"set the tracking URI ({_uri_source()}) to a store in a writable folder")
+        check_storage(folder, what, f"set the tracking URI ({_uri_source()}) to a store in a writable folder", write)
     except StorageError as e:
         raise TrackingError(str(e)) from None
 
 
 def check_tracking_reachable(uri: str) -> None:
-    """For commands that only read the record (``analyze``): the server answers a TCP connection in
-    seconds, instead of MLflow's minutes of retries against a server that is down."""
+    """The server answers a TCP connection within seconds (or the local store's path is not under a file),
+    instead of MLflow's minutes of retries against a server that is down. Writes nothing: for the commands
+    that only read the record (``analyze``), and first thing in the pre-flight."""
+    _local_store(uri, write=False)
     _reachable(uri)
 
 
@@ -282,9 +290,8 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
 
             found = SweepState.for_resume(root, spec.name, spec.digest())
             report.checks["storage"] += f", sweep {found.sweep_id} to resume"
-    with report.step("tracking"):
-        artifacts = spec.tracking.artifact_location or default_artifact_location(tracking_uri)
-        report.checks["tracking"] = check_tracking(tracking_uri, spec.experiment_name, artifacts)
+    with report.step("tracking"):  # reachable now (seconds); written to last, once the sweep can run
+        check_tracking_reachable(tracking_uri)
     with report.step("weights"):
         report.checks["weights"] = check_all_weights(spec)
     with report.step("data"):
@@ -292,4 +299,7 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         check_runnable(plan)
         n = decode_sample(plan.dataset)
         report.checks["data"] = f"{len(plan.dataset.manifest)} rows, {n} sample file(s) decoded"
+    with report.step("tracking"):
+        artifacts = spec.tracking.artifact_location or default_artifact_location(tracking_uri)
+        report.checks["tracking"] = check_tracking(tracking_uri, spec.experiment_name, artifacts)
     return plan, report
