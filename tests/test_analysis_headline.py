@@ -165,7 +165,7 @@ def test_voi_sweep_lower_is_better_everywhere(tmp_path):
     assert len(params) == 2 and params.trend.isin(["improves", "saturates"]).all()
     assert params.verdict.str.startswith("improves with params").all()
     assert (params.error == "test_voi").all() and (params.alpha > 0).all() and (params.floor_error >= 0).all()
-    assert "vs params at resolution=224: improves with params" in verdicts
+    assert "- improves with model size at resolution 224" in verdicts
     assert "degrades" not in verdicts
 
     # strategies: lower VOI is better, so LoRA beats frozen at every size
@@ -247,7 +247,7 @@ def test_csv_tables_say_which_headline_they_hold(tmp_path):
     assert res.exit_code == 0, res.output
     verdicts = (tmp_path / "voi" / "verdicts.md").read_text()
     assert (
-        "lower is better) (test_voi)" in verdicts and "improves with params" in verdicts
+        "lower is better) (test_voi)" in verdicts and "improves with model size" in verdicts
     )  # 1 - AUROC-like: falls with n
     assert "- unknown: d (64.00M params) at 224px, linear probe, frozen: test VOI" in verdicts  # lowest VOI
 
