@@ -147,23 +147,33 @@ def _drop(draw, t, extra):
 
 
 def _blank(draw, t, extra):
+    if t.empty:
+        return t, extra
     col = draw(st.sampled_from(list(t.columns)))
+    t[col] = t[col].astype(object)
     rows = draw(st.lists(st.integers(0, len(t) - 1), min_size=1, max_size=len(t), unique=True))
     t.loc[t.index[rows], col] = draw(st.sampled_from(["", None]))
     return t, extra
 
 
 def _mistype(draw, t, extra):
+    if t.empty:
+        return t, extra
     col = draw(st.sampled_from(list(t.columns)))
+    t[col] = t[col].astype(object)
     t.loc[t.index[draw(st.integers(0, len(t) - 1))], col] = draw(st.sampled_from(JUNK))
     return t, extra
 
 
 def _duplicate(draw, t, extra):
+    if t.empty:
+        return t, extra
     return pd.concat([t, t.iloc[[draw(st.integers(0, len(t) - 1))]]], ignore_index=True), extra
 
 
 def _single_row(draw, t, extra):
+    if t.empty:
+        return t, extra
     return t.iloc[[draw(st.integers(0, len(t) - 1))]].reset_index(drop=True), extra
 
 

@@ -101,7 +101,7 @@ def test_html_report_is_self_contained_and_every_plot_loads_in_chromium(tmp_path
     shot = ARTIFACTS / "report_html.png"
     shot.unlink(missing_ok=True)
     res = _run_chromium(
-        tmp_path, "--window-size=1280,3000", "--hide-scrollbars", f"--screenshot={shot}", html_path.as_uri()
+        chromium, tmp_path, "--window-size=1280,3000", "--hide-scrollbars", f"--screenshot={shot}", html_path.as_uri()
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 50_000  # a rendered page, not a blank one

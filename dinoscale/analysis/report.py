@@ -1,7 +1,13 @@
 """The report: PNG plots, fitted parameters (CSV), a markdown summary and a self-contained HTML page.
-Provenance of data and weights comes first, always; then which headline metric it is about and
-which way is better. Plots are ``[<modality>_]<stem>_vs_<axis>.png`` (``sources.file_stem``:
-``auroc``, ``dice``, ``voi``...)."""
+
+Provenance of data and weights comes first, always. Then the answer a user came for: per (modality,
+dataset) the best configuration and the cheapest one whose 95% interval overlaps it, with the cost
+frontier; a heatmap of the headline [95% CI] over model size x resolution per probe / strategy
+(``[<modality>_<dataset>_]heatmap.png``) and the headline against GFLOPs per image with its frontier
+(``frontier.png``); then one short verdict block per (dataset, probe, strategy), quiet axes folded
+into one sentence; then the detail: method, the curves ``[<modality>_]<stem>_vs_<axis>.png``
+(``sources.file_stem``: ``auroc``, ``dice``, ``voi``...), fits and cells. ``verdicts.md`` is the
+answer and the verdicts alone (what a sweep prints at its end)."""
 
 from __future__ import annotations
 
@@ -83,6 +89,8 @@ def _method(cd: CellDraws) -> list[str]:
         f"{MIN_POINTS_EXTRAPOLATION}.",
         f"Verdicts compare the points themselves through paired bootstrap draws ({len(cd.draws)} resamples; "
         f"uncertainty from {sources}); 'no reliable trend' means the 95% intervals of the differences include zero.",
+        f"Where a point has no interval (none given, or zero-width), its curve is described by the points alone "
+        f"(better / worse at larger x, best inside the range), with no exponent, and labelled '{NO_INTERVALS}'.",
     ]
 
 
@@ -147,7 +155,7 @@ def _block_lines(curves: list[Curve], h: Headline) -> list[str]:
             words = words.removesuffix(label)
             for said in (f"with {axis}", f"larger {axis}"):
                 words = words.replace(said, said.replace(axis, AXIS_WORDS[axis]), 1)
-            line = f"{words} {where}{label}"
+            line = f"{words} {where}{label}".replace("gflops=", "GFLOPs=")
             extras = [(c.at.split("=", 1)[-1], _extras(c, h)) for c in cs if _extras(c, h)]
             if len(cs) == 1 and extras:
                 line += f" ({extras[0][1]})"
@@ -329,7 +337,8 @@ def _verdict_blocks_markdown(rc: ReportContent) -> list[str]:
             md += [f"### {modality}", ""]
         for title, lines in blocks:
             md += [f"**{title}**", ""] + [f"- {v}" for v in lines] + [""]
-    md += ["## Strategies", ""] + ([f"- {s}" for s in rc.strategies] or ["- only one strategy in these results"])
+    if rc.strategies:  # one strategy: nothing to compare, no section
+        md += ["## Strategies", ""] + [f"- {s}" for s in rc.strategies]
     return md + [""]
 
 
