@@ -267,4 +267,5 @@ def test_the_generated_tables_covered_reports_and_errors():
     """Runs after the property test (file order): it must have seen both outcomes, or it tested little."""
     if sum(SEEN.values()) == 0:
         pytest.skip("the property test did not run in this session (-k or -m deselected it)")
+    print(f"generated tables: {SEEN}")
     assert SEEN["report"] >= 50 and SEEN["error"] >= 5 and SEEN["no_intervals"] >= 5, SEEN
