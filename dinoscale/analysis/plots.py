@@ -122,10 +122,17 @@ def _interval_text(m: float, lo: float, hi: float) -> str:
 
 
 def plot_heatmap(
-    cells: pd.DataFrame, path: Path, title: str, provenance: str, headline: Headline = AUROC, best=None
+    cells: pd.DataFrame,
+    path: Path,
+    title: str,
+    provenance: str,
+    headline: Headline = AUROC,
+    best=None,
+    cheapest=None,
 ) -> Path | None:
     """The headline (and its interval) over model size x resolution, one panel per probe | strategy, one
-    colour scale for all (brighter is better, whatever the goal); ``best`` (a cell index) boxed in red.
+    colour scale for all (brighter is better, whatever the goal); ``best`` (a cell index) boxed in red,
+    ``cheapest`` (the cheapest cell as good) in dashed red.
     None when every panel would hold a single cell."""
     panels = list(cells.groupby(["probe", "strategy"], sort=True))
     if all(len(g) < 2 for _, g in panels):
@@ -172,6 +179,10 @@ def plot_heatmap(
             )
             if best is not None and idx == best:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5))
+            elif cheapest is not None and idx == cheapest:
+                ax.add_patch(
+                    plt.Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="red", lw=1.8, ls="--")
+                )
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(columns)), [_resolution_label(c) for c in columns], fontsize=8)
         ax.set_yticks(
@@ -183,6 +194,8 @@ def plot_heatmap(
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.85, label=headline.label)
     legend = "cell: value [95% CI]" + ("; red box: the best configuration" if best is not None else "")
+    if cheapest is not None and cheapest != best:
+        legend += "; dashed box: the cheapest whose interval overlaps the best's"
     fig.suptitle("\n".join(textwrap.fill(line, 70 * ncols) for line in [title, provenance, legend]), fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -291,8 +291,10 @@ def _key_figures(cd: CellDraws, best: pd.DataFrame, out_dir: Path, title: str, p
         prefix = "" if len(groups) == 1 else f"{_slug(modality)}_{_slug(dataset)}_"
         where = f"{modality} / {dataset}"
         b = best[(best.modality == modality) & (best.dataset == dataset)]
+        best_cell = b.cell.iloc[0] if len(b) else None
+        cheap = cheapest_as_good(cd, b.iloc[0]) if len(b) else None
         p = plot_heatmap(
-            g, out_dir / f"{prefix}heatmap.png", f"{title} - {where}", prov, h, b.cell.iloc[0] if len(b) else None
+            g, out_dir / f"{prefix}heatmap.png", f"{title} - {where}", prov, h, best_cell, cheap and cheap["cell"]
         )
         if p is not None:
             figures.append((f"{where}: {short_name(h)} [95% CI] over model size x resolution ({direction(h)})", p))
