@@ -214,6 +214,7 @@ def analyze(
     A sweep's metric is the headline its parent run recorded (AUROC, Dice, VOI...; lower-is-better ones
     such as VOI are ranked and judged as such)."""
     from dinoscale.analysis import analyze_sweep, results_from_csv, write_report
+    from dinoscale.preflight import check_tracking_reachable
     from dinoscale.tracking import resolve_tracking_uri
 
     if csv is not None:
@@ -237,10 +238,8 @@ def analyze(
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)
     s = _load(spec)
-    from dinoscale.preflight import check_tracking_reachable
-
     uri = resolve_tracking_uri(s.tracking.uri)
-    check_tracking_reachable(uri)
+    check_tracking_reachable(uri)  # a server that is down: seconds, not MLflow's minutes of retries
     try:
         analyze_sweep(uri, s.experiment_name, run_id, out or Path("reports") / s.modality)
     except LookupError as e:
