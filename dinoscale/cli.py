@@ -92,6 +92,28 @@ def _load(spec_path: Path):
     return load_spec(spec_path)  # a SpecError is printed as one message by the error policy
 
 
+def _tracking_server_first(spec_path: Path) -> None:
+    """A tracking server that is down, reported within seconds of the command's start: before the spec's
+    validation imports torch and timm (5-15 s on 2 cores). The URI the sweep will use: --tracking-uri /
+    DINOSCALE_TRACKING_URI, else the spec's, read from its YAML as it stands (the full validation comes next
+    and reports any problem of the file itself)."""
+    import os
+
+    import yaml
+
+    from dinoscale.preflight import check_tracking_server
+
+    uri = os.environ.get("DINOSCALE_TRACKING_URI")
+    if not uri:
+        try:
+            raw = yaml.safe_load(Path(spec_path).read_text())
+            uri = raw.get("tracking", {}).get("uri") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError, AttributeError):
+            return
+    if isinstance(uri, str):
+        check_tracking_server(uri)
+
+
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
     """Check a spec; on error name each offending key path and what was expected."""
@@ -155,11 +177,12 @@ def sweep(
     failed only on such errors; 1 anything else; 130 / 143 interrupted (Ctrl-C / SIGTERM), resumable."""
     import os
 
+    if tracking_uri:
+        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
+    _tracking_server_first(spec)
     from dinoscale.sweep.runner import run_sweep
 
     s = _load(spec)
-    if tracking_uri:
-        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
     try:
         out = run_sweep(s, address=address, analyze=not no_analysis, resume=resume)
     except SweepInterrupted as e:
@@ -184,9 +207,10 @@ def preflight_cmd(
     from dinoscale.preflight import preflight
     from dinoscale.tracking import resolve_tracking_uri
 
-    s = _load(spec)
     if tracking_uri:
         os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
+    _tracking_server_first(spec)
+    s = _load(spec)
     project_dir = Path.cwd().resolve()
     _, report = preflight(s, project_dir, resolve_tracking_uri(s.tracking.uri, project_dir))
     typer.echo(report.line())
@@ -213,11 +237,9 @@ def analyze(
 
     A sweep's metric is the headline its parent run recorded (AUROC, Dice, VOI...; lower-is-better ones
     such as VOI are ranked and judged as such)."""
-    from dinoscale.analysis import analyze_sweep, results_from_csv, write_report
-    from dinoscale.preflight import check_tracking_reachable
-    from dinoscale.tracking import resolve_tracking_uri
-
     if csv is not None:
+        from dinoscale.analysis import results_from_csv, write_report
+
         try:
             df = results_from_csv(csv, headline, goal)
         except ValueError as e:
@@ -237,9 +259,14 @@ def analyze(
     if spec is None:
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)
+    _tracking_server_first(spec)  # a server that is down: at once, not after MLflow's minutes of retries
+    from dinoscale.analysis import analyze_sweep
+    from dinoscale.preflight import check_tracking_reachable
+    from dinoscale.tracking import resolve_tracking_uri
+
     s = _load(spec)
     uri = resolve_tracking_uri(s.tracking.uri)
-    check_tracking_reachable(uri)  # a server that is down: seconds, not MLflow's minutes of retries
+    check_tracking_reachable(uri)
     try:
         analyze_sweep(uri, s.experiment_name, run_id, out or Path("reports") / s.modality)
     except LookupError as e:

@@ -192,6 +192,12 @@ def _local_store(uri: str, write: bool = True) -> None:
         raise TrackingError(str(e)) from None
 
 
+def check_tracking_server(uri: str) -> None:
+    """Only the network part (no file system, nothing imported): a tracking server answers a TCP
+    connection within ``CONNECT_TIMEOUT_S``. Local stores pass; the pre-flight checks them."""
+    _reachable(uri)
+
+
 def check_tracking_reachable(uri: str) -> None:
     """The server answers a TCP connection within seconds (or the local store's path is not under a file),
     instead of MLflow's minutes of retries against a server that is down. Writes nothing: for the commands

@@ -567,6 +567,29 @@ def _cli(args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedPro
     )
 
 
+def test_process_reports_a_tracking_server_that_is_down_within_seconds(tmp_path, shared):
+    """End to end, from the process's start: the server is checked before the spec's validation imports torch."""
+    refused = f"http://127.0.0.1:{free_port()}"
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname(), timeout=2)
+    dropped = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        for uri, why in ((refused, "connection refused"), (dropped, "timed out after 5.0s")):
+            t0 = time.perf_counter()
+            res = _cli(["sweep", spec_file(tmp_path, shared), "--tracking-uri", uri], tmp_path, timeout=60)
+            took = time.perf_counter() - t0
+            assert (
+                res.returncode == 2 and f"tracking error: cannot reach the MLflow tracking server {uri}" in res.stderr
+            )
+            assert why in res.stderr and "Traceback" not in res.stdout + res.stderr
+            assert took < 15, f"{uri}: reported after {took:.1f}s"
+    finally:
+        filler.close()
+        srv.close()
+
+
 @pytest.mark.slow
 def test_process_exit_status_and_stderr(tmp_path, shared):
     """The installed entry point as a shell sees it: status 2, the message on stderr, no traceback anywhere."""
