@@ -38,13 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from dinoscale.digest import sha256_file
+from dinoscale.errors import UserError
 
 EXTRACTOR_VERSION = "2"  # 2: torch anti-aliased resize instead of MONAI Gaussian pre-smoothing
 DATA_FILE = "features.npy"  # local layout; object stores use features-<uuid>.npy named in meta.json
 
 
-class FeatureStoreError(RuntimeError):
-    pass
+class FeatureStoreError(UserError, RuntimeError):
+    """A feature-store entry that is missing or damaged; the message names it and how to remove it."""
+
+    kind = "storage"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinoscale.data import RowSources
+from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.sweep.plan import Plan, volume_window
 
@@ -207,7 +208,11 @@ def run_extraction_stage(
         job = pending.pop(done[0])
         try:
             res = ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 - collected, reported together below
+        except Exception as e:  # noqa: BLE001 - a user error stops the stage; others are reported together below
+            user = user_error_of(e)
+            if user is not None:
+                _cancel(pending)
+                raise _in_job(user, job, len(pending)) from None
             errors.append(f"{job.label}: {e}")
             continue
         report.per_job.append(res)
@@ -221,3 +226,25 @@ def run_extraction_stage(
     if errors:
         raise RuntimeError("feature extraction failed:\n" + "\n".join(errors))
     return report
+
+
+def _cancel(pending: dict) -> None:
+    """Stop the other jobs: the same input problem (a bad file of a split) would stop them as well.
+    What they already stored stays in the store; a half-written entry is never read."""
+    import ray
+
+    for ref in pending:
+        ray.cancel(ref)
+
+
+def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError:
+    """The user's error as raised in the worker (its message, not Ray's wrapper), with the job named."""
+    note = (
+        f" ({n_cancelled} other extraction job(s) cancelled; feature sets already stored are kept)"
+        if n_cancelled
+        else ""
+    )
+    try:
+        return type(error)(f"{error} [extraction of {job.label}{note}]")
+    except TypeError:  # a subclass with another constructor: keep the original
+        return error

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_images
+from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
 from dinoscale.probes import get_probe
@@ -32,8 +33,10 @@ TRAINING_STRATEGIES = ("lora", "full")
 FINETUNE_HEAD = "linear"
 
 
-class NotRunnableError(RuntimeError):
+class NotRunnableError(UserError, RuntimeError):
     """A valid spec whose cells cannot run on this dataset (said before anything starts)."""
+
+    kind = "spec"
 
 
 def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
