@@ -5,7 +5,7 @@ spec, data, weights, storage, tracking, leakage, resume), also when it was raise
 a Ray Tune trial, is printed as its one message without a traceback, exit status 2. An interrupted
 sweep says what it kept and how to resume, exit status 128 + signal (130 Ctrl-C, 143 SIGTERM). Anything
 else is a bug: its traceback is kept, with what to send when reporting it, exit status 1. The checks
-behind these messages are listed in docs/errors.md.
+behind these messages are listed in ERRORS.md.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def preflight_cmd(
 ) -> None:
     """Check what a sweep needs (storage, tracking, weights, data layout, sample files decoded); start nothing.
 
-    `dinoscale sweep` runs the same checks first. The list of checks: docs/errors.md."""
+    `dinoscale sweep` runs the same checks first. The list of checks: ERRORS.md."""
     import os
 
     from dinoscale.preflight import preflight

@@ -6,7 +6,7 @@ SIGTERM) of a real sweep process stop it cleanly and ``--resume`` completes it (
 
 The battery runs through typer's CliRunner (in process: no Ray, no model) where the failure happens
 before Ray starts, and through a real ``python -m dinoscale.cli`` process where the process itself is the
-point (exit status, stderr, signals, Ray). docs/errors.md lists what is checked.
+point (exit status, stderr, signals, Ray). ERRORS.md lists what is checked.
 """
 
 from __future__ import annotations
