@@ -45,7 +45,9 @@ validate: $(STAMP)
 analyze: $(STAMP)
 	$(BIN)/dinoscale analyze $(SPEC)
 
+# Prints each sweep's runs-table link first: MLflow 3.17 otherwise opens an experiment on its GenAI page.
 ui: $(STAMP)
+	$(BIN)/python -m dinoscale.mlflow_ui $(TRACKING_URI) http://127.0.0.1:$(PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
 		--host 127.0.0.1 --port $(PORT) --workers 1
 

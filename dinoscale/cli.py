@@ -1,24 +1,117 @@
-"""The `dinoscale` command line: thin wrappers over the package (spec, plan, sweep, analysis)."""
+"""The `dinoscale` command line: thin wrappers over the package (spec, plan, sweep, analysis).
+
+One error policy for every command (``_error_policy``): a user error (``dinoscale.errors.UserError``:
+spec, data, weights, storage, tracking, leakage, resume), also when it was raised inside a Ray task or
+a Ray Tune trial, is printed as its one message without a traceback, exit status 2. An interrupted
+sweep says what it kept and how to resume, exit status 128 + signal (130 Ctrl-C, 143 SIGTERM). Anything
+else is a bug: its traceback is kept, with what to send when reporting it, exit status 1. The checks
+behind these messages are listed in ERRORS.md.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
 
-app = typer.Typer(
+from dinoscale.errors import EXIT_CRASH, EXIT_USER_ERROR, SweepInterrupted, describe, user_error_of
+
+
+def _error_policy(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import click
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer's and click's own exits and usage errors (usage errors exit 2 with their message)
+        except SweepInterrupted as e:
+            typer.secho(f"interrupted: {e}", fg="yellow", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho(f"interrupted (Ctrl-C): dinoscale {_name(fn)} stopped", fg="yellow", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the policy: user errors as one message, bugs with a traceback
+            user = user_error_of(e)
+            if user is not None:
+                typer.secho(describe(user), fg="red", err=True)
+                raise typer.Exit(EXIT_USER_ERROR) from None
+            _report_crash(_name(fn))
+            raise typer.Exit(EXIT_CRASH) from None
+
+    return run
+
+
+def _name(fn) -> str:
+    return fn.__name__.removesuffix("_cmd").replace("_", "-")
+
+
+def _report_crash(command: str) -> None:
+    """A bug, not the user's input: the traceback stays, with what to send when reporting it."""
+    import traceback
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "-"
+
+    import platform
+
+    typer.echo(traceback.format_exc(), err=True)
+    versions = ", ".join(f"{p} {v(p)}" for p in ("dinoscale", "torch", "timm", "ray", "mlflow", "monai"))
+    typer.secho(
+        f"dinoscale {command} stopped on an unexpected error: a bug in dinoscale (or a library it uses), not a "
+        "problem with your input. Please report it to the dinoscale maintainers with the traceback above, the "
+        f"command line, the spec (dinoscale validate prints its digest) and these versions: {versions}, "
+        f"Python {platform.python_version()} on {platform.system()}.",
+        fg="red",
+        err=True,
+    )
+
+
+class _Typer(typer.Typer):
+    """Every command runs under the one error policy."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda fn: register(_error_policy(fn))
+
+
+app = _Typer(
     add_completion=False, no_args_is_help=True, help="Scaling sweeps of vision foundation models on medical imaging."
 )
 
 
 def _load(spec_path: Path):
-    from dinoscale.spec import SpecError, load_spec
+    from dinoscale.spec import load_spec
 
-    try:
-        return load_spec(spec_path)
-    except SpecError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from None
+    return load_spec(spec_path)  # a SpecError is printed as one message by the error policy
+
+
+def _tracking_server_first(spec_path: Path) -> None:
+    """A tracking server that is down, reported within seconds of the command's start: before the spec's
+    validation imports torch and timm (5-15 s on 2 cores). The URI the sweep will use: --tracking-uri /
+    DINOSCALE_TRACKING_URI, else the spec's, read from its YAML as it stands (the full validation comes next
+    and reports any problem of the file itself)."""
+    import os
+
+    import yaml
+
+    from dinoscale.preflight import check_tracking_server
+
+    uri = os.environ.get("DINOSCALE_TRACKING_URI")
+    if not uri:
+        try:
+            raw = yaml.safe_load(Path(spec_path).read_text())
+            uri = raw.get("tracking", {}).get("uri") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError, AttributeError):
+            return
+    if isinstance(uri, str):
+        check_tracking_server(uri)
 
 
 @app.command()
@@ -31,10 +124,13 @@ def validate(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None
 @app.command()
 def plan(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
     """Dry run: cells, cached vs to-extract feature sets, trial count and estimated compute."""
+    from dinoscale.preflight import check_storage
     from dinoscale.sweep.display import print_banner, print_plan
-    from dinoscale.sweep.plan import build_plan
+    from dinoscale.sweep.plan import build_plan, storage_root
 
-    p = build_plan(_load(spec))
+    s = _load(spec)
+    check_storage(storage_root(s), write=False)  # a phantom dataset is generated there even for a dry run
+    p = build_plan(s)
     print_banner(p)
     print_plan(p)
 
@@ -52,15 +148,10 @@ def tile_slides_cmd(
     level: int | None = typer.Option(None, help="pyramid level (instead of --mpp; default 0)"),
     min_tissue: float = typer.Option(0.5, help="keep tiles with at least this fraction of tissue pixels"),
 ) -> None:
-    """Cut whole-slide images into tissue tiles with OpenSlide (pip install 'dinoscale[wsi]')."""
-    from dinoscale.data import DataError
+    """Cut whole-slide images into tissue tiles with OpenSlide (pip install 'dinoscale\\[wsi]')."""
     from dinoscale.data.slides import tile_slides
 
-    try:
-        folders = tile_slides(slides, out, tile_size=tile_size, mpp=mpp, level=level, min_tissue=min_tissue)
-    except DataError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from None
+    folders = tile_slides(slides, out, tile_size=tile_size, mpp=mpp, level=level, min_tissue=min_tissue)
     for f in folders:
         n = sum(1 for _ in f.glob("tile_*.png"))
         typer.echo(f"{f}: {n} tissue tiles")
@@ -80,24 +171,49 @@ def sweep(
         "path: finished cells are not rerun, cached features not extracted, MLflow runs reused",
     ),
 ) -> None:
-    """Run the sweep: extraction stage, one Ray Tune trial per cell, MLflow record, scaling report."""
+    """Run the sweep: pre-flight checks, extraction stage, one Ray Tune trial per cell, MLflow record, scaling report.
+
+    Exit status: 0 all cells finished; 2 the input (spec, data, weights, storage, tracking), or cells that
+    failed only on such errors; 1 anything else; 130 / 143 interrupted (Ctrl-C / SIGTERM), resumable."""
     import os
 
-    from dinoscale.data import DataError
-    from dinoscale.sweep.plan import NotRunnableError
-    from dinoscale.sweep.runner import run_sweep
-    from dinoscale.sweep.state import ResumeError
-
-    s = _load(spec)
     if tracking_uri:
         os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
+    _tracking_server_first(spec)
+    from dinoscale.sweep.runner import run_sweep
+
+    s = _load(spec)
     try:
         out = run_sweep(s, address=address, analyze=not no_analysis, resume=resume)
-    except (DataError, ResumeError, NotRunnableError) as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from None
-    if any(r["state"] != "FINISHED" for r in out.rows):
-        raise typer.Exit(1)
+    except SweepInterrupted as e:
+        typer.secho(f"interrupted: {e}", fg="yellow", err=True)
+        typer.secho(f"continue with: dinoscale sweep {spec} --resume", fg="yellow", err=True)
+        raise typer.Exit(e.exit_code) from None
+    failed = [r for r in out.rows if r["state"] != "FINISHED"]
+    if failed:
+        raise typer.Exit(EXIT_USER_ERROR if all(r.get("user_error") for r in failed) else EXIT_CRASH)
+
+
+@app.command("preflight")
+def preflight_cmd(
+    spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
+) -> None:
+    """Check what a sweep needs (storage, tracking, weights, data layout, sample files decoded); start nothing.
+
+    `dinoscale sweep` runs the same checks first. The list of checks: ERRORS.md."""
+    import os
+
+    from dinoscale.preflight import preflight
+    from dinoscale.tracking import resolve_tracking_uri
+
+    if tracking_uri:
+        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
+    _tracking_server_first(spec)
+    s = _load(spec)
+    project_dir = Path.cwd().resolve()
+    _, report = preflight(s, project_dir, resolve_tracking_uri(s.tracking.uri, project_dir))
+    typer.echo(report.line())
 
 
 @app.command()
@@ -121,10 +237,9 @@ def analyze(
 
     A sweep's metric is the headline its parent run recorded (AUROC, Dice, VOI...; lower-is-better ones
     such as VOI are ranked and judged as such)."""
-    from dinoscale.analysis import analyze_sweep, results_from_csv, write_report
-    from dinoscale.tracking import resolve_tracking_uri
-
     if csv is not None:
+        from dinoscale.analysis import results_from_csv, write_report
+
         try:
             df = results_from_csv(csv, headline, goal)
         except ValueError as e:
@@ -144,11 +259,16 @@ def analyze(
     if spec is None:
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)
+    _tracking_server_first(spec)  # a server that is down: at once, not after MLflow's minutes of retries
+    from dinoscale.analysis import analyze_sweep
+    from dinoscale.preflight import check_tracking_reachable
+    from dinoscale.tracking import resolve_tracking_uri
+
     s = _load(spec)
+    uri = resolve_tracking_uri(s.tracking.uri)
+    check_tracking_reachable(uri)
     try:
-        analyze_sweep(
-            resolve_tracking_uri(s.tracking.uri), s.experiment_name, run_id, out or Path("reports") / s.modality
-        )
+        analyze_sweep(uri, s.experiment_name, run_id, out or Path("reports") / s.modality)
     except LookupError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -174,7 +294,7 @@ def datasets() -> None:
 
 # ---------------------------------------------------------------- cache: the feature store
 
-cache_app = typer.Typer(
+cache_app = _Typer(
     add_completion=False, no_args_is_help=True, help="The feature store: list, verify and remove entries."
 )
 app.add_typer(cache_app, name="cache")

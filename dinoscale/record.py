@@ -25,11 +25,18 @@ TRIAL_KEY = "dinoscale.trial_key"
 CELL = "dinoscale.cell"
 EVALUATIONS = "dinoscale.evaluations"  # times a cell's work ran (1 unless retried / resumed mid-cell)
 RESUMES = "dinoscale.resumes"
-ERROR = "dinoscale.error"  # last line of a failed cell's traceback
+ERROR = "dinoscale.error"  # why a cell failed: the user error's message, else the traceback's last line
+INTERRUPTED = "dinoscale.interrupted"  # on a parent run stopped by SIGINT / SIGTERM: signal, stage, time
 SELECTED_PREFIX = "selected."  # hyper-parameters chosen on val, one tag each
 RAY_TRIAL_ID = "ray.trial_id"
 RAY_NODE_ID = "ray.node_id"
 FEATURE_KEYS = "features.keys"  # split:digest of the feature sets a cell read
+
+# The experiment's kind, as the MLflow UI reads it (3.x): a model-training experiment, not a GenAI one.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+# The MLflow UI (3.17) opens an experiment on its GenAI pages unless the link names the workflow:
+RUNS_TABLE_QUERY = "workflowType=machine_learning"
 
 # ---------------------------------------------------------------- tags: what the numbers mean
 

@@ -15,11 +15,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dinoscale.errors import UserError
 from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that cannot run; the message names the file, the field path and what was expected."""
+
+    kind = "spec"
 
 
 class Strict(BaseModel):

@@ -149,7 +149,7 @@ def test_corrupt_image_names_its_file(tmp_path):
     t = build_transform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     good = t(ds.manifest.path[1])
     assert good.shape == (3, 32, 32)
-    with pytest.raises(DataError, match="00000000_000.png: cannot read"):
+    with pytest.raises(DataError, match=r"00000000_000.png: the PNG/JPEG/TIFF reader \(MONAI PILReader\) failed"):
         t(ds.manifest.path[0])
 
 

@@ -182,7 +182,7 @@ def test_corrupt_file_errors_by_name_or_is_skipped_and_recorded(tmp_path):
 
     root = _manifest_root(tmp_path, _rows(24), corrupt="img/5.png")
     ds = prepare_dataset(DatasetSpec(name="manifest", root=str(root), classes=["a", "b"]), tmp_path)
-    with pytest.raises(DataError, match=r"img/5.png: cannot read"):
+    with pytest.raises(DataError, match=r"img/5.png: the PNG/JPEG/TIFF reader \(MONAI PILReader\) failed"):
         read_image(ds.manifest.path[5])
     ds = prepare_dataset(DatasetSpec(name="manifest", root=str(root), classes=["a", "b"], on_bad_file="skip"), tmp_path)
     assert len(ds.manifest) == 23 and not ds.manifest.path.str.endswith("img/5.png").any()

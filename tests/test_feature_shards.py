@@ -194,34 +194,39 @@ def test_a_shard_killed_mid_write_leaves_nothing_readable_and_is_redone_alone(tm
 
 @pytest.mark.slow
 def test_a_resumed_sharded_extraction_keeps_finished_shards(tmp_path, ray_local):
-    """Through the Ray stage: a shard whose image is damaged fails its task, the other tasks' shards are
-    committed; once the file is repaired the rerun extracts only the failed shard."""
+    """Through the Ray stage: a damaged image in the last shard stops the stage with a message naming the
+    shard (the jobs still pending are cancelled); the shards committed before are kept and, once the file is
+    repaired, the rerun extracts exactly the shards that are missing."""
+    from dinoscale.data import DataError
     from dinoscale.features import FeatureStore
     from dinoscale.sweep.extraction import run_extraction_stage
 
     plan = _sharded_plan(tmp_path, shard_forward_passes=16)
+    test = next(f for f in plan.feature_sets if f.split == "test")
     train = next(f for f in plan.feature_sets if f.split == "train")
-    count = len(train.shards)
-    assert count >= 3
-    bad = plan.dataset.sources("train").part(*train.shards[1]).items[0]
+    assert len(train.shards) >= 3
+    bad = plan.dataset.sources("test").part(*test.shards[-1]).items[0]  # in the last job submitted
     original = open(bad, "rb").read()
     damaged = bytearray(original)
     damaged[len(damaged) // 3 : len(damaged) // 3 + 64] = bytes(64)  # same size: the manifest digest is unchanged
     open(bad, "wb").write(bytes(damaged))
     store_root = plan.storage / "features"
-    with pytest.raises(RuntimeError, match=r"(?s)feature extraction failed.*shard 2/\d+.*are kept"):
+    with pytest.raises(DataError, match=r"(?s)extraction of dinov3-demo-xs@32: test images.*shards already committed are kept"):
         run_extraction_stage(plan, store_root, 1, 0)
     store = FeatureStore(store_root)
-    done = store.shards_committed(train.key, count)
-    assert 1 not in done and len(done) == count - 1
+    done = {(f.key.digest, i) for f in plan.feature_sets for i in store.shards_committed(f.key, len(f.shards))}
+    total = sum(len(f.shards) for f in plan.feature_sets)
+    assert store.has(train.key) and 0 < len(done) < total
     kept = {f: os.stat(f).st_ino for f in store_root.rglob("shard-*-of-*.npy")}
 
     open(bad, "wb").write(original)
     replanned = _sharded_plan(tmp_path, shard_forward_passes=16)
+    cached = {f.key.digest for f in replanned.feature_sets if f.cached}
+    assert sum(f.committed_shards for f in replanned.feature_sets) == len([d for d in done if d[0] not in cached])
     report = run_extraction_stage(replanned, store_root, 1, 0)
-    assert report.shards_extracted == 1 and report.shards_cached >= count - 1
-    assert store.has(train.key) and all(store.has(f.key) for f in replanned.feature_sets)
+    assert report.shards_extracted == total - len(done)
+    assert all(store.has(f.key) for f in replanned.feature_sets)
     for f, inode in kept.items():
-        assert os.stat(f).st_ino == inode
+        assert os.stat(f).st_ino == inode  # finished shards were not rewritten
     sizes = {r["digest"]: r for r in report.per_feature_set}
     assert sizes[train.key.digest]["measured_bytes"] == sizes[train.key.digest]["predicted_bytes"]

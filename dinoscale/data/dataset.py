@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dinoscale.errors import UserError
+
 SPLITS = ("train", "val", "test")
 # Columns beyond the 2D core, in the manifest where a dataset kind needs them:
 #   n_slices (3D volumes), mask_path (segmentation / instance ids), pet_path (PET of a PET/CT pair,
@@ -45,8 +47,10 @@ FILE_COLUMNS = ("mask_path", "pet_path")
 CHANNEL_COLUMNS = {"pet": "pet_path"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data that cannot be used: the message names the file or folder and what to do."""
+
+    kind = "data"
 
 
 def slice_row_ids(sample_ids, n_slices) -> list[str]:

@@ -47,28 +47,50 @@ def _has_dicom_preamble(path) -> bool:
         return False
 
 
+# Each kind is read by one MONAI reader, named in errors with the format it reads.
+_READERS = {
+    "dicom": "the DICOM reader (MONAI PydicomReader)",
+    "dicom_series": "the DICOM series reader (MONAI PydicomReader)",
+    "nifti": "the NIfTI reader (MONAI NibabelReader)",
+    "raster": "the PNG/JPEG/TIFF reader (MONAI PILReader)",
+}
+BAD_FILE_HINT = "replace or remove the file (or set dataset.on_bad_file: skip to drop unreadable files, recorded)"
+
+
 @cache
 def _loader(kind: str):
+    """(LoadImage, its reader) for a kind of file. The reader is passed at call time so that MONAI uses it
+    alone: a LoadImage built with a reader falls back to every other registered reader when it fails, and
+    then reports the last fallback's complaint (a truncated PNG ended as pydicom's 'DICM prefix missing')."""
     from monai.data import NibabelReader, PILReader, PydicomReader
     from monai.transforms import LoadImage
 
     if kind == "dicom":
         # swap_ij=False keeps [rows, cols] (display order) for a single 2D file
-        return LoadImage(image_only=True, reader=PydicomReader(swap_ij=False, prune_metadata=False))
-    if kind == "nifti":
-        return LoadImage(image_only=True, reader=NibabelReader(), ensure_channel_first=True)
-    if kind == "dicom_series":  # a folder: slices sorted by position, rescale slope/intercept applied
-        return LoadImage(image_only=True, reader=PydicomReader(), ensure_channel_first=True)
-    return LoadImage(image_only=True, reader=PILReader(reverse_indexing=False))
+        reader, first = PydicomReader(swap_ij=False, prune_metadata=False), False
+    elif kind == "nifti":
+        reader, first = NibabelReader(), True
+    elif kind == "dicom_series":  # a folder: slices sorted by position, rescale slope/intercept applied
+        reader, first = PydicomReader(), True
+    else:
+        reader, first = PILReader(reverse_indexing=False), False
+    return LoadImage(image_only=True, reader=reader, ensure_channel_first=first), reader
+
+
+def _cause(e: BaseException) -> str:
+    """The exception's type and the first line of its message (MONAI and pydicom add paragraphs of advice)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0][:400] if lines else '(no message)'}"
 
 
 def _read(kind: str, path):
+    load, reader = _loader(kind)
     try:
-        return _loader(kind)(str(path))
+        return load(str(path), reader=reader)
     except DataError:
         raise
-    except Exception as e:  # MONAI wraps reader errors; name the file either way
-        raise DataError(f"{path}: cannot read {kind} file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # name the file, the reader and the real cause
+        raise DataError(f"{path}: {_READERS.get(kind, kind)} failed: {_cause(e)}; {BAD_FILE_HINT}") from e
 
 
 def read_dicom(path: str | Path) -> np.ndarray:
@@ -95,7 +117,8 @@ def read_image(path: str | Path) -> np.ndarray:
         if arr.ndim == 3:
             arr = arr[..., :3].mean(-1)
     else:
-        raise DataError(f"{path}: not a 2D image file ({kind}); volumes are read with read_volume")
+        what = "no reader for this file type" if kind == "unknown" else f"a {kind} file is a volume, not a 2D image"
+        raise DataError(f"{path}: {what} (2D images: {', '.join(_RASTER_SUFFIXES)}, .dcm)")
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2D image, got shape {tuple(arr.shape)}")
     return arr
@@ -163,8 +186,10 @@ def read_hdf5_ref(ref: str) -> np.ndarray:
     try:
         with h5py.File(path, "r") as f:
             arr = f[key][z0:z1]
-    except (OSError, KeyError) as e:
-        raise DataError(f"{path}: cannot read dataset '{key}' sections {z0}-{z1} ({type(e).__name__}: {e})") from e
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(
+            f"{path}: the HDF5 reader (h5py) failed on dataset '{key}' sections {z0}-{z1}: {_cause(e)}; {BAD_FILE_HINT}"
+        ) from e
     if arr.ndim != 3 or arr.shape[0] != z1 - z0:
         raise DataError(f"{path}: dataset '{key}' sections {z0}-{z1} have shape {arr.shape}; expected [z, y, x]")
     return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))

@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dinoscale.data.dataset import DataError
 
-class LeakageError(RuntimeError):
-    pass
+
+class LeakageError(DataError):
+    """A patient in two splits (train and test would share a patient)."""
+
+    kind = "leakage"
 
 
 def assign_patient_splits(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
@@ -39,10 +43,10 @@ def carve_val_from_train(manifest: pd.DataFrame, val_fraction: float, seed: int)
 
 def check_no_leakage(manifest: pd.DataFrame) -> None:
     """Refuse a manifest in which one patient appears in two splits."""
-    per_patient = manifest.groupby(manifest["patient_id"].astype(str))["split"].nunique()
-    leaked = per_patient[per_patient > 1]
+    per_patient = manifest.groupby(manifest["patient_id"].astype(str))["split"].unique()
+    leaked = per_patient[per_patient.map(len) > 1]
     if len(leaked):
-        examples = ", ".join(leaked.index[:5])
+        examples = ", ".join(f"{p} in {'+'.join(sorted(leaked[p]))}" for p in leaked.index[:5])
         raise LeakageError(
             f"{len(leaked)} patient(s) appear in more than one split (e.g. {examples}); "
             "splits must be patient-level. Fix the split lists or let dinoscale split by patient."

@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from dinoscale.digest import sha256_file
+from dinoscale.errors import UserError
 
 EXTRACTOR_VERSION = "2"  # 2: torch anti-aliased resize instead of MONAI Gaussian pre-smoothing
 FORMAT = 3  # 3: .npy shards committed one by one, then meta.json; 2: one features.npy per entry
@@ -71,8 +72,10 @@ SHARD_PREFIX = "shard-"
 READ_WINDOW_BYTES = 16 << 20
 
 
-class FeatureStoreError(RuntimeError):
-    pass
+class FeatureStoreError(UserError, RuntimeError):
+    """A feature-store entry that is missing or damaged; the message names it and how to remove it."""
+
+    kind = "storage"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dinoscale.models.backbones import (  # noqa: F401
     WeightsError,
     backbone_facts,
     backbone_names,
+    check_weights,
     get_backbone,
     gflops_per_image,
     hub_weights_file,

@@ -27,12 +27,15 @@ from urllib.parse import urlparse
 import torch
 
 from dinoscale.digest import sha256_file
+from dinoscale.errors import UserError
 
 TIMM_PREFIX = "timm:"
 
 
-class WeightsError(RuntimeError):
-    pass
+class WeightsError(UserError, RuntimeError):
+    """Weights that cannot be used: the message names the backbone or file and what did not match."""
+
+    kind = "weights"
 
 
 @dataclass(frozen=True)
@@ -263,10 +266,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def hub_weights_file(defn: BackboneDef) -> Path:
+def hub_weights_file(defn: BackboneDef, download: bool = True) -> Path | None:
     """The local file of a backbone's hub weights: the HF cache first, the network only when allowed
     and reachable. Offline or unreachable fails at once (not after timm's ~47 s of retries).
-    The token comes from ``HF_TOKEN`` and is never logged or put in an error message."""
+    The token comes from ``HF_TOKEN`` and is never logged or put in an error message.
+    ``download=False`` (pre-flight): None when the file is not cached but the hub is reachable."""
     import timm
 
     if defn.hub_tag is None:
@@ -296,6 +300,8 @@ def hub_weights_file(defn: BackboneDef) -> Path:
         raise WeightsError(
             f"{what} and the hub ({os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}) cannot be reached; {todo}"
         )
+    if not download:
+        return None
     from huggingface_hub import hf_hub_download
 
     token = os.environ.get("HF_TOKEN") or None
@@ -325,25 +331,62 @@ class LoadedBackbone:
         return self.facts.has_cls if self.facts else True
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A file's tensors by name, never unpickling objects. ``mmap``: tensors stay on disk until touched
+    (pre-flight checks names and shapes without reading a multi-GB file into memory)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    if path.suffix in (".pth", ".pt", ".bin"):
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsError(
-                f"{path}: refused to load (only plain tensors are read, never pickled objects): {e}"
-            ) from e
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+            raise WeightsError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from e
+    if path.suffix in (".pth", ".pt", ".bin"):
+        sd = _torch_load_tensors(path, mmap)
         for key in ("model", "state_dict", "teacher"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise WeightsError(f"{path}: not a state dict of tensors")
+            raise WeightsError(
+                f"{path}: not a state dict of tensors (found {type(sd).__name__}); save model.state_dict(), "
+                "ideally as .safetensors"
+            )
         return sd
     raise WeightsError(f"{path}: unsupported weights format '{path.suffix}' (use .safetensors or .pth)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _torch_load_tensors(path: Path, mmap: bool):
+    """``torch.load(weights_only=True)``: plain tensors and containers only, nothing in the file is run.
+    A checkpoint that pickles Python objects (a class, numpy arrays, argparse options) is refused, with
+    the object named and how to convert the file."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # an old (non-zip) checkpoint cannot be memory-mapped: read it
+            return _torch_load_tensors(path, mmap=False)
+        raise WeightsError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from e
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None:  # torch's first lines are generic advice; the unpickler's complaint follows them
+            tail = str(e).split("WeightsUnpickler error:", 1)[-1]
+            detail = next((x.strip() for x in tail.splitlines() if x.strip()), type(e).__name__)
+            raise WeightsError(f"{path}: not a PyTorch checkpoint of tensors (torch.load: {detail[:300]})") from e
+        raise WeightsError(
+            f"{path}: refused: the file pickles a Python object ({found.group(1)}), and dinoscale reads only "
+            "tensors (torch.load with weights_only=True; nothing in the file was run). If you trust its source, "
+            "convert it once: load it with torch.load(..., weights_only=False), take the model's state dict and "
+            "save it with safetensors.torch.save_file(state_dict, 'model.safetensors'); give that file as weights"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - zip / EOF / OS errors of a damaged file
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
 
 
 def _check_qkv_bias(sd: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
@@ -360,21 +403,67 @@ def _check_qkv_bias(sd: dict[str, torch.Tensor], model: torch.nn.Module, path: P
             )
 
 
-def _load_file_into(model: torch.nn.Module, defn: BackboneDef, path: Path) -> None:
+def _load_file_into(model: torch.nn.Module, defn: BackboneDef, path: Path, mmap: bool = False) -> None:
     """timm-format or official (e.g. DINOv3 ``storage_tokens``/``ls1.gamma``) state dicts; the model's own
-    timm converter renames official keys. Any missing or unexpected key is an error."""
-    sd = _read_state_dict(path)
+    timm converter renames official keys. Any missing or unexpected key, or a shape that differs, is an
+    error naming the file and what did not match. ``mmap`` with a model on the meta device (pre-flight):
+    the file's tensors are assigned, not copied, so nothing large is read."""
+    sd = _read_state_dict(path, mmap=mmap)
     _check_qkv_bias(sd, model, path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        with contextlib.redirect_stdout(io.StringIO()):  # timm prints when it skips an all-zero bias
-            sd = filter_fn(sd, model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("head")]
-    if missing or unexpected:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # timm prints when it skips an all-zero bias
+                sd = filter_fn(sd, model)
+        except Exception as e:  # noqa: BLE001 - timm's converter fails on a checkpoint of another family
+            raise WeightsError(
+                f"{path}: timm's converter for {defn.arch_id} cannot read it ({_first_line(e)}); "
+                f"is it a checkpoint of backbone '{defn.name}'?"
+            ) from e
+    problem = _mismatch(model.state_dict(), sd)
+    if problem:
         raise WeightsError(
-            f"{path}: does not match {defn.arch_id}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+            f"{path}: does not fit backbone '{defn.name}' ({defn.arch_id}): {problem}. Check that the file is a "
+            f"checkpoint of this architecture and size (see `dinoscale backbones`)"
         )
+    model.load_state_dict(sd, strict=False, assign=mmap)
+
+
+def _mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], show: int = 3) -> str:
+    """What differs between a model's state dict and a file's: shapes, missing and unexpected keys."""
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in sd and not k.startswith("head")]
+    unexpected = [k for k in sd if k not in own]
+    parts = []
+    if shapes:
+        eg = "; ".join(f"{k} {list(sd[k].shape)} in the file, {list(own[k].shape)} in the model" for k in shapes[:show])
+        parts.append(f"{len(shapes)} tensor(s) of another shape (e.g. {eg})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:show])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:show])})")
+    return ", ".join(parts)
+
+
+def check_weights(name: str, weights: str) -> str:
+    """Pre-flight: the weights resolve and fit the architecture, without building the model in memory
+    (it is built on the meta device and the file memory-mapped). Returns what was checked; raises
+    ``WeightsError`` naming the file and what did not match. Random weights need no check."""
+    defn = get_backbone(name)
+    ident = weights_identity(defn, weights, 0)
+    if ident["kind"] == "random":
+        return "random init"
+    if ident["kind"] == "hub":
+        path = hub_weights_file(defn, download=False)
+        if path is None:
+            return "hub weights not cached; the extraction downloads them"
+        tag = defn.hub_tag
+    else:
+        path, tag = Path(ident["path"]), None
+    with torch.device("meta"):
+        model = _create(defn, tag, pretrained=False)
+    _load_file_into(model, defn, path, mmap=True)
+    return f"{path.name} fits {defn.arch_id}"
 
 
 def load_backbone(name: str, weights: str = "random", seed: int = 0) -> LoadedBackbone:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinoscale.data import RowSources
+from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.sweep.plan import FeatureSetPlan, Plan, volume_window
 
@@ -325,7 +326,11 @@ def run_extraction_stage(
             job = pending.pop(done[0])
             try:
                 res = ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - collected, reported together below
+            except Exception as e:  # noqa: BLE001 - a user error stops the stage; others are reported together below
+                user = user_error_of(e)
+                if user is not None:
+                    _cancel(pending)
+                    raise _in_job(user, job, len(pending)) from None
                 errors.append(f"{job.label} ({', '.join(s.label for s in job.shards)}): {e}")
                 continue
             report.per_job.append(res)
@@ -352,6 +357,29 @@ def run_extraction_stage(
             )
         )
     return report
+
+
+def _cancel(pending: dict) -> None:
+    """Stop the other jobs: the same input problem (a bad file of a split) would stop them as well.
+    What they already stored stays in the store; a half-written entry is never read."""
+    import ray
+
+    for ref in pending:
+        ray.cancel(ref)
+
+
+def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError:
+    """The user's error as raised in the worker (its message, not Ray's wrapper), with the job named."""
+    note = (
+        f"; {n_cancelled} other extraction job(s) cancelled; shards already committed are kept: "
+        "a rerun extracts only the rest"
+        if n_cancelled
+        else "; shards already committed are kept: a rerun extracts only the rest"
+    )
+    try:
+        return type(error)(f"{error} [extraction of {job.label}: {', '.join(s.label for s in job.shards)}{note}]")
+    except TypeError:  # a subclass with another constructor: keep the original
+        return error
 
 
 def extraction_record(report: ExtractionReport) -> dict:
@@ -382,14 +410,12 @@ def declared_node_memory() -> tuple[float, str]:
 
 
 def check_cluster_memory(plan: Plan) -> None:
-    """Refuse (before anything is extracted) a sweep whose extraction task or trial cannot fit on any node:
-    the spec's ``resources.node_memory_gb`` if set, else what the Ray nodes declare."""
+    """Refuse (before the sweep's run is recorded or anything extracted) a sweep whose extraction task or trial
+    cannot fit on any node of the Ray cluster, by the memory its nodes declare. (A spec that states
+    ``resources.node_memory_gb`` is checked against it earlier, with the plan: ``check_runnable``.)"""
     from dinoscale.sweep.plan import check_memory
 
-    node_gb = plan.spec.resources.node_memory_gb
-    if node_gb is not None:
-        check_memory(plan, node_gb * 2**30, "resources.node_memory_gb says each node has")
-    else:
+    if plan.spec.resources.node_memory_gb is None:
         node, how = declared_node_memory()
         if node > 0:
             check_memory(plan, node, how)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_size
+from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
 from dinoscale.probes import get_probe
@@ -34,8 +35,10 @@ TRAINING_STRATEGIES = ("lora", "full")
 FINETUNE_HEAD = "linear"
 
 
-class NotRunnableError(RuntimeError):
+class NotRunnableError(UserError, RuntimeError):
     """A valid spec whose cells cannot run on this dataset (said before anything starts)."""
+
+    kind = "spec"
 
 
 def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
@@ -163,15 +166,14 @@ def feature_key(
 ) -> FeatureKey:
     """The store key of one feature set; ``view``: images | volumes | slices; ``channels``: extra inputs fused
     into the encoder's channels (('pet',) for PET/CT)."""
-    from dinoscale.data.preprocess import PET_SUV_RANGE
+    from dinoscale.data.preprocess import fusion_signature
 
     f = spec.features
     tokens = tokens or f.tokens
     # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
     window = volume_window(spec)
     norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
-    if "pet" in channels:
-        norm += f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"
+    norm += fusion_signature(channels)
     suffix = {"images": "", "volumes": f"@volume-{f.volume_pool}", "slices": "@slices"}[view]
     return FeatureKey(
         backbone=bb.arch_id,
@@ -532,6 +534,8 @@ def check_runnable(plan: Plan) -> None:
             "features.tokens 'patch_grid' is the input of segmentation heads; classification and "
             "bag probes need a vector per image (e.g. cls_mean_patch)"
         )
+    if spec.resources.node_memory_gb is not None:  # declared in the spec: checked before anything starts
+        check_memory(plan, spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb says each node has")
     training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
     if training and (ds.volumetric or not task.finetunable):
         raise NotRunnableError(

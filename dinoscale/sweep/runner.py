@@ -5,11 +5,17 @@ A sweep leaves its state under ``<storage>/sweeps/<name>/`` so that ``resume=Tru
 run and Tune experiment again: finished cells are not rerun (Tune's state, and the MLflow record as a
 second line of defence), cached feature sets are not extracted again, and every cell keeps exactly
 one child run.
+
+Nothing starts before the pre-flight (``dinoscale.preflight``: storage, tracking, weights, data) has
+passed. SIGINT / SIGTERM stop the sweep cleanly (``dinoscale.sweep.interrupt``): the parent run and
+unfinished cell runs are marked KILLED and ``SweepInterrupted`` says how to resume.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +24,12 @@ from ray import tune
 
 from dinoscale import record
 from dinoscale.console import console
+from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.display import SweepProgress, print_banner, print_plan, print_summary
 from dinoscale.sweep.extraction import check_cluster_memory, extraction_record
+from dinoscale.sweep.interrupt import SweepSignals
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
 from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tasks import get_task
@@ -31,6 +39,7 @@ from dinoscale.tracking import (
     git_commit,
     log_batch,
     resolve_tracking_uri,
+    runs_table_url,
     split_dataset_inputs,
 )
 
@@ -155,19 +164,21 @@ def run_sweep(
 ) -> SweepOutcome:
     from mlflow.tracking import MlflowClient
 
+    from dinoscale.preflight import check_storage_on_nodes, preflight
+
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
-    plan = build_plan(spec, project_dir, require_data=True)
-    check_runnable(plan)
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
+    plan, checks = preflight(spec, project_dir, tracking_uri, resume)  # storage, tracking, weights, data: before Ray
     provenance = plan.provenance()
     if not quiet:
         print_banner(plan, provenance)
         print_plan(plan)
+        console.print(checks.line())
     # every task must fit the memory a node declares: refused before any run is recorded or work starts
     _init_ray(spec, address)
     check_cluster_memory(plan)
 
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
     client = MlflowClient(tracking_uri)
     dataset_inputs = split_dataset_inputs(plan.dataset)  # built once: the parent and every child log them
     state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume, dataset_inputs)
@@ -179,9 +190,18 @@ def run_sweep(
 
     rows: list[dict] = []
     monitor = _system_metrics(parent_id, tracking_uri, step)
+    signals, stage = SweepSignals().start(), "start of Ray"
     try:
+        _init_ray(spec, address)
+        signals.install()  # ray.init sets its own SIGTERM handler
+        check_storage_on_nodes(plan.storage)
+        stage = "extraction stage"
         extraction = _extraction_stage(plan, client, parent_id, step, quiet)
-        grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs)
+        stage = "trial stage"
+        grid, trials_seconds = _trial_stage(plan, state, client, quiet, dataset_inputs, signals)
+        if signals.fired:  # Tune stopped gracefully and saved its state; the sweep stops here
+            raise KeyboardInterrupt
+        stage = "summary and analysis"
         headline = get_task(plan.dataset.task).headline
         rows = _collect_rows(plan, grid, headline)
         n_failed = sum(r["state"] != "FINISHED" for r in rows)
@@ -204,6 +224,9 @@ def run_sweep(
                 f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""),
                 headline,
             )
+            for r in rows:
+                if r["state"] != "FINISHED":
+                    console.print(f"cell {r['cell']} failed: {r['error'] or 'no result'}", style="red", markup=False)
         report_dir = None
         if analyze and n_failed < len(rows):
             from dinoscale.analysis import analyze_sweep
@@ -218,11 +241,17 @@ def run_sweep(
             )
         client.set_terminated(parent_id, "FINISHED")
         state.status = "finished"
+    except KeyboardInterrupt:
+        signum = signals.signum or signal.SIGINT
+        state.status = "interrupted"
+        message = _record_interruption(client, plan, state, signal_name(signum), stage)
+        raise SweepInterrupted(signum, message) from None
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         state.status = "failed"
         raise
     finally:
+        signals.stop()
         state.save(plan.storage)
         if monitor is not None:
             monitor.finish()
@@ -230,10 +259,49 @@ def run_sweep(
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
         console.print(
-            f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok. "
-            f"Browse with `make ui`; report: {report_dir / 'report.md' if report_dir else '-'}"
+            f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok; report: "
+            f"{report_dir / 'report.html' if report_dir else '-'}. Browse with `make ui`, then open "
+            f"{runs_table_url('http://127.0.0.1:5000', state.experiment_id)}",
+            markup=False,
         )
     return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
+
+
+def _record_interruption(client, plan: Plan, state: SweepState, signame: str, stage: str) -> str:
+    """Mark the parent run and the cell runs still RUNNING as KILLED (quickly: no MLflow retries, a
+    scheduler's grace period is short) and say what was kept and how to continue."""
+    from dinoscale.preflight import _no_retries
+
+    parent_id = state.parent_run_id
+    done = killed = 0
+    try:
+        with _no_retries():
+            client.set_tag(
+                parent_id, record.INTERRUPTED, f"{signame} during the {stage}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            )
+            children = client.search_runs(
+                [state.experiment_id], filter_string=f"tags.`{record.PARENT_RUN_ID}` = '{parent_id}'", max_results=5000
+            )
+            for run in children:
+                if run.info.status == "FINISHED":
+                    done += 1
+                elif run.info.status == "RUNNING":
+                    client.set_terminated(run.info.run_id, "KILLED")
+                    killed += 1
+            client.set_terminated(parent_id, "KILLED")
+        recorded = f"parent run {parent_id} marked KILLED"
+    except Exception as e:  # noqa: BLE001 - the state file still allows a resume; say what could not be recorded
+        recorded = f"the MLflow record could not be updated ({type(e).__name__}); the sweep state on disk was"
+    from dinoscale.features import FeatureStore
+
+    store = FeatureStore(plan.storage / "features")
+    stored = sum(1 for fs in plan.feature_sets if fs.key is not None and store.has(fs.key))
+    return (
+        f"sweep {state.sweep_id} interrupted by {signame} during the {stage}: {done}/{len(plan.cells)} cells finished "
+        f"and recorded ({killed} running cell run(s) marked KILLED), {stored}/{len(plan.feature_sets)} feature sets "
+        f"in the store; {recorded}. Resume with --resume and the same spec: finished cells are not rerun, stored "
+        "features are not extracted again"
+    )
 
 
 def _system_metrics(run_id: str, tracking_uri: str, step: int):
@@ -297,7 +365,7 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
     return extraction
 
 
-def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inputs: list):
+def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inputs: list, signals=None):
     import ray
 
     from dinoscale.sweep.trial import SweepContext, cell_trainable
@@ -356,13 +424,39 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials, reuse_actors=True),
             run_config=run_config,
         )
-    if progress:
-        with progress:
+    if signals is not None:
+        signals.in_tune = True  # a signal now asks Tune to stop gracefully (its state saved for the resume)
+    tune_log, quiet_user_errors = logging.getLogger("ray.tune.execution.tune_controller"), _UserErrorsInOneLine()
+    tune_log.addFilter(quiet_user_errors)
+    try:
+        if progress:
+            with progress:
+                grid = tuner.fit()
+        else:
             grid = tuner.fit()
-    else:
-        grid = tuner.fit()
+    finally:
+        tune_log.removeFilter(quiet_user_errors)
+        if signals is not None:
+            signals.in_tune = False
     grid.trial_wall_s = timer.wall  # seen from the driver: scheduling + actor start + the trial's own work
     return grid, time.perf_counter() - t0
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Tune logs a failed trial with the whole remote traceback; a user error is logged as its message
+    (the cell's MLflow run keeps the traceback). Other errors keep Tune's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
+        user = user_error_of(exc) if isinstance(exc, BaseException) else None
+        if user is not None:
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"{record.getMessage()}: {describe(user)}",
+                (),
+                None,
+                None,
+            )
+        return True
 
 
 class _TrialTimer(tune.Callback):
@@ -412,6 +506,8 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
                 "cell": cid,
                 **cell.axes,
                 "state": "FINISHED" if result.error is None and h.test in m else "FAILED",
+                "error": _error_text(result.error),
+                "user_error": user_error_of(result.error) is not None,
                 "metric": m.get(h.test),
                 "metric_ci_low": m.get(f"{h.test}_ci_low"),
                 "metric_ci_high": m.get(f"{h.test}_ci_high"),
@@ -425,6 +521,19 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
             }
         )
     return rows
+
+
+def _error_text(error) -> str | None:
+    """A failed trial's error as the user should read it: a user error's own message (not Ray's wrapper
+    with the remote traceback), else the exception's type and first line."""
+    if error is None:
+        return None
+    found = user_error_of(error)
+    if found is not None:
+        return describe(found)
+    cause = getattr(error, "cause", None) or error
+    lines = [x for x in str(cause).splitlines() if x.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _best_metrics(rows: list[dict], headline) -> dict:

@@ -12,9 +12,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dinoscale.errors import UserError
 
-class ResumeError(RuntimeError):
-    pass
+
+class ResumeError(UserError, RuntimeError):
+    """No sweep to resume, or not the same spec."""
+
+    kind = "resume"
 
 
 @dataclass

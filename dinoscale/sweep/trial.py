@@ -19,6 +19,7 @@ import torch
 
 from dinoscale import record
 from dinoscale.data import SplitUnits
+from dinoscale.errors import describe, user_error_of
 from dinoscale.features import FeatureStore
 from dinoscale.memory import PeakRSS
 from dinoscale.probes import SegSplit, get_probe, run_probe
@@ -264,11 +265,13 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
         out["predictions"].to_csv(buf, index=False)
         client.log_text(run_id, buf.getvalue(), record.PREDICTIONS)
         with_retries(client.set_terminated, run_id, "FINISHED")
-    except BaseException:
+    except BaseException as e:
         tb = traceback.format_exc()
+        user = user_error_of(e)  # a user error is recorded as its message; anything else as its last line
+        why = describe(user) if user is not None else tb.strip().splitlines()[-1]
         try:
             client.log_text(run_id, tb, record.TRACEBACK)
-            with_retries(client.set_tag, run_id, record.ERROR, tb.strip().splitlines()[-1][:500])
+            with_retries(client.set_tag, run_id, record.ERROR, why[:5000])
             with_retries(client.set_terminated, run_id, "FAILED")
         finally:
             raise

@@ -1,0 +1,311 @@
+"""Pre-flight: what a sweep needs from its surroundings, checked before Ray or any extraction starts.
+
+In order, cheapest first, each failure one ``UserError`` naming the thing, what was expected and what to do:
+
+1. **storage**: the storage path is a folder this process can write (not under a file, not read-only);
+   with ``--resume``, a sweep of this spec to resume.
+2. **tracking, reachable**: the MLflow server accepts a TCP connection (a SQLite / folder store: its path
+   is not under a file). A server that is down or unroutable is reported in at most 5 s instead of
+   MLflow's minutes of retries. Nothing is written yet.
+3. **weights**: each backbone's weights resolve (file, or the Hugging Face cache / a reachable hub) and
+   fit its architecture: names and shapes are compared on the meta device with the file memory-mapped,
+   so a multi-GB checkpoint is not read into the driver's memory.
+4. **data**: the data root holds the adapter's layout (the plan prepares the dataset, which checks it),
+   every probe and strategy fits the dataset's task (``check_runnable``), and a sample of each split's
+   files decodes (``dinoscale.data.checks.decode_sample``).
+5. **tracking, writable**: the store answers as MLflow (one request, 5 s, no retries) and takes a write:
+   the sweep's experiment is created if needed and tagged ``dinoscale.preflight``. Last, so that a sweep
+   refused for its spec or data leaves nothing in the record.
+
+``check_storage_on_nodes`` runs once Ray is up, on clusters of several nodes: each node must see the
+storage path (a sentinel file written by the driver is read back on every node).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+from dinoscale.errors import StorageError, TrackingError
+
+CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
+REQUEST_TIMEOUT_S = 5  # one MLflow request during pre-flight (no retries): a server that hangs fails in 5 s
+PREFLIGHT_TAG = "dinoscale.preflight"
+
+
+@dataclass
+class PreflightReport:
+    checks: dict[str, str] = field(default_factory=dict)  # name -> what was found
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def line(self) -> str:
+        total = sum(self.seconds.values())
+        return f"Pre-flight ok in {total:.1f}s: " + "; ".join(
+            f"{k} {v} ({self.seconds.get(k, 0):.1f}s)" for k, v in self.checks.items()
+        )
+
+
+# ---------------------------------------------------------------- storage
+
+
+STORAGE_HINT = "set storage.path in the spec (or DINOSCALE_STORAGE) to a writable folder"
+
+
+def check_storage(root: Path, what: str = "storage path", hint: str = STORAGE_HINT, write: bool = True) -> str:
+    """``root`` is (or can be made) a folder this process can write; raises ``StorageError``.
+    ``write=False`` (dry runs): only that no part of the path is a file; nothing is created."""
+    root = Path(root)
+    for parent in [root, *root.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StorageError(
+                    f"{what} '{root}': '{parent}' is a file, not a folder; {hint}"
+                    if parent != root
+                    else f"{what} '{root}' is a file, not a folder; {hint}"
+                )
+            break
+    if not write:
+        return str(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".dinoscale-preflight-{uuid.uuid4().hex[:8]}"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"{what} '{root}' is not writable ({e.strerror or type(e).__name__}); {hint}") from e
+    return str(root)
+
+
+def check_storage_on_nodes(root: Path, timeout_s: float = 120.0, min_nodes: int = 2) -> str | None:
+    """On a Ray cluster of ``min_nodes`` or more alive nodes, every node reads back a sentinel file the
+    driver wrote under ``root``: a node that does not see the storage path would write its features and
+    Tune state where no other node finds them. Raises ``StorageError`` naming the nodes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < min_nodes:
+        return None
+    token = uuid.uuid4().hex
+    sentinel = Path(root) / f".dinoscale-nodes-{token[:8]}"
+    sentinel.write_text(token)
+    try:
+        seen = ray.remote(num_cpus=0)(_reads_token)
+        refs = {
+            n["NodeManagerAddress"]: seen.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(sentinel), token)
+            for n in nodes
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        blind = [ip for ip, r in refs.items() if r not in ready or not ray.get(r)]
+    finally:
+        sentinel.unlink(missing_ok=True)
+    if blind:
+        raise StorageError(
+            f"storage path '{root}' is not seen by node(s) {', '.join(blind)} of the Ray cluster (a file written by "
+            "the driver is not there); on a cluster the storage path must be shared storage every node mounts "
+            "at the same path (NFS, a mounted volume): set storage.path or DINOSCALE_STORAGE to it"
+        )
+    return f"seen by all {len(nodes)} nodes"
+
+
+def _reads_token(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- tracking
+
+
+def redact(uri: str) -> str:
+    """The URI without its password (``user:***@host``), for messages."""
+    u = urlparse(uri)
+    if u.password:
+        netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+        return urlunparse(u._replace(netloc=netloc))
+    return uri
+
+
+def _uri_source() -> str:
+    if os.environ.get("DINOSCALE_TRACKING_URI"):
+        return "from --tracking-uri / DINOSCALE_TRACKING_URI"
+    return "tracking.uri in the spec"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _reachable(uri: str) -> None:
+    """A TCP connection to the tracking host within ``CONNECT_TIMEOUT_S``, for network stores."""
+    u = urlparse(uri)
+    scheme = u.scheme.split("+")[0]
+    if scheme not in _DEFAULT_PORTS or not u.hostname:
+        return
+    port = u.port or _DEFAULT_PORTS[scheme]
+    t0 = time.perf_counter()
+    try:
+        with socket.create_connection((u.hostname, port), timeout=CONNECT_TIMEOUT_S):
+            return
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server {redact(uri)} ({_uri_source()}): connecting to "
+            f"{u.hostname}:{port} {why} after {time.perf_counter() - t0:.1f}s. Start the server (or check the "
+            "address and port), or track locally with --tracking-uri sqlite:///mlruns.db"
+        ) from e
+
+
+def _local_store(uri: str, write: bool = True) -> None:
+    """A SQLite database or a local folder store: its folder can be made and written (``write=False``:
+    no part of its path is a file; nothing is created)."""
+    u = urlparse(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        folder, what = db.parent, f"folder of the tracking database {db.name}"
+        if db.exists() and not db.is_file():
+            raise TrackingError(f"tracking database '{db}' ({_uri_source()}) is a folder, not a SQLite file")
+    elif u.scheme in ("", "file") and not uri.startswith("databricks"):
+        folder, what = Path(u.path if u.scheme == "file" else uri), "tracking folder"
+    else:
+        return
+    try:
+        check_storage(folder, what, f"set the tracking URI ({_uri_source()}) to a store in a writable folder", write)
+    except StorageError as e:
+        raise TrackingError(str(e)) from None
+
+
+def check_tracking_server(uri: str) -> None:
+    """Only the network part (no file system, nothing imported): a tracking server answers a TCP
+    connection within ``CONNECT_TIMEOUT_S``. Local stores pass; the pre-flight checks them."""
+    _reachable(uri)
+
+
+def check_tracking_reachable(uri: str) -> None:
+    """The server answers a TCP connection within seconds (or the local store's path is not under a file),
+    instead of MLflow's minutes of retries against a server that is down. Writes nothing: for the commands
+    that only read the record (``analyze``), and first thing in the pre-flight."""
+    _local_store(uri, write=False)
+    _reachable(uri)
+
+
+@contextmanager
+def _no_retries():
+    """MLflow's HTTP client retries a failed request for minutes by default; pre-flight asks once."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(REQUEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_tracking(uri: str, experiment: str, artifact_location: str | None = None) -> str:
+    """The tracking store answers and accepts a write (the sweep's experiment exists or is created, and
+    gets a tag with the time of this check). Raises ``TrackingError`` naming the URI and what to do."""
+    _local_store(uri)
+    _reachable(uri)
+    from mlflow.tracking import MlflowClient
+
+    from dinoscale.tracking import ensure_experiment
+
+    with _no_retries():
+        try:
+            client = MlflowClient(uri)
+            exp_id = ensure_experiment(client, experiment, artifact_location)
+            client.set_experiment_tag(exp_id, PREFLIGHT_TAG, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except Exception as e:  # noqa: BLE001 - MLflow raises MlflowException, requests and SQLAlchemy errors
+            raise TrackingError(_tracking_failure(uri, e)) from e
+    return f"{redact(uri)} (experiment '{experiment}')"
+
+
+def _tracking_failure(uri: str, e: Exception) -> str:
+    text = str(e)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    first = (lines[0].split(" Response body:")[0][:300] if lines else "") or type(e).__name__
+    where = f"the MLflow tracking store {redact(uri)} ({_uri_source()})"
+    if any(code in text for code in ("401", "403", "Unauthorized", "PERMISSION_DENIED", "Permission denied")):
+        return (
+            f"{where} refused the credentials or the permission to write ({first}). Set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a user who may write to the experiment"
+        )
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (
+            f"{where} did not answer within {REQUEST_TIMEOUT_S}s (connected, then no response). Check that the server is up and "
+            "not overloaded (its /health page), or track locally with --tracking-uri sqlite:///mlruns.db"
+        )
+    if "database is locked" in text or "readonly" in text.lower() or "read-only" in text.lower():
+        return f"{where} cannot be written ({first}); check the database file's permissions and free space"
+    return (
+        f"{where} did not answer as an MLflow tracking store ({type(e).__name__}: {first}). Check the URI "
+        "(an http(s):// MLflow server, sqlite:///file.db, postgresql://...), or track locally with "
+        "--tracking-uri sqlite:///mlruns.db"
+    )
+
+
+# ---------------------------------------------------------------- weights
+
+
+def check_all_weights(spec) -> str:
+    """Each backbone's weights resolve and fit its architecture (``dinoscale.models.check_weights``)."""
+    from dinoscale.models import check_weights
+
+    found = [f"{b.name}: {check_weights(b.name, b.weights)}" for b in spec.backbones if b.weights != "random"]
+    n_random = sum(b.weights == "random" for b in spec.backbones)
+    return ", ".join(found + ([f"{n_random} random init"] if n_random else []))
+
+
+# ---------------------------------------------------------------- all of it
+
+
+def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
+    """Run the checks in order and return (the plan, the report). The plan is built here because it
+    prepares the dataset: the data root's layout is checked by the dataset's adapter."""
+    from dinoscale.data.checks import decode_sample
+    from dinoscale.sweep.plan import build_plan, check_runnable, storage_root
+    from dinoscale.tracking import default_artifact_location
+
+    report = PreflightReport()
+    with report.step("storage"):
+        root = storage_root(spec, project_dir)
+        report.checks["storage"] = check_storage(root)
+        if resume:  # there is a sweep of this spec to resume (ResumeError names what is missing or changed)
+            from dinoscale.sweep.state import SweepState
+
+            found = SweepState.for_resume(root, spec.name, spec.digest())
+            report.checks["storage"] += f", sweep {found.sweep_id} to resume"
+    with report.step("tracking"):  # reachable now (seconds); written to last, once the sweep can run
+        check_tracking_reachable(tracking_uri)
+    with report.step("weights"):
+        report.checks["weights"] = check_all_weights(spec)
+    with report.step("data"):
+        plan = build_plan(spec, project_dir, require_data=True)
+        check_runnable(plan)
+        n = decode_sample(plan.dataset)
+        report.checks["data"] = f"{len(plan.dataset.manifest)} rows, {n} sample file(s) decoded"
+    with report.step("tracking"):
+        artifacts = spec.tracking.artifact_location or default_artifact_location(tracking_uri)
+        report.checks["tracking"] = check_tracking(tracking_uri, spec.experiment_name, artifacts)
+    return plan, report
