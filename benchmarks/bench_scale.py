@@ -170,7 +170,9 @@ def bench_rss(scales: list[int], resolution: int) -> dict:
 # ---------------------------------------------------------------- (2) sharded extraction on 1 vs 3 nodes
 
 
-def _xray_spec(storage: Path, n_patients: int, shard_passes: int, backbone: str = "dinov3-demo-l", resolution: int = 448):
+def _xray_spec(
+    storage: Path, n_patients: int, shard_passes: int, backbone: str = "dinov3-demo-l", resolution: int = 448
+):
     from dinoscale.spec import parse_spec
 
     return parse_spec(
@@ -230,7 +232,9 @@ def bench_shards(n_patients: int, shard_passes: int, order: list[int], backbone:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     root = Path(tempfile.mkdtemp(prefix="dinoscale-shards-"))
-    plan = build_plan(_xray_spec(root, n_patients, shard_passes, backbone, resolution), root)  # one phantom, fresh stores
+    plan = build_plan(
+        _xray_spec(root, n_patients, shard_passes, backbone, resolution), root
+    )  # one phantom, fresh stores
     runs = []
     for i, n in enumerate(order):
         r = _one_stage(plan, n, root / f"features-run{i}-{n}nodes")
@@ -320,7 +324,9 @@ def main() -> None:
         save("scale_rss", bench_rss([int(s) for s in args.scales.split(",")], args.resolution or 512))
     elif args.what == "shards":
         order = [int(s) for s in args.order.split(",")]
-        save("scale_shards", bench_shards(args.patients, args.shard_passes, order, args.backbone, args.resolution or 448))
+        save(
+            "scale_shards", bench_shards(args.patients, args.shard_passes, order, args.backbone, args.resolution or 448)
+        )
     else:
         save("scale_bytes", bench_bytes(args.spec or DEMO_SPECS, args.storage))
 
