@@ -324,14 +324,17 @@ def cache_ls(
     entries = fs.entries()
     for m in entries:
         k = m.get("key", {})
-        n_bytes = 2 if m.get("dtype") == "float16" else 4
-        size = n_bytes
-        for d in m.get("shape", []):
-            size *= d
+        size = m.get("bytes")
+        if size is None:  # format 2: one file, its size from the shape
+            size = 2 if m.get("dtype") == "float16" else 4
+            for d in m.get("shape", []):
+                size *= d
+        shards = m.get("n_shards", 1)
         typer.echo(
             f"{m['digest']}  {m.get('backbone_name', k.get('backbone', '?')):22s} r{k.get('resolution', '?'):<5} "
             f"{k.get('tokens', '?'):22s} {m.get('split', '?'):6s} {'x'.join(map(str, m.get('shape', []))):14s} "
-            f"{m.get('dtype', '?'):8s} {size / 2**20:8.2f} MiB  weights {k.get('weights_digest', '?')[:40]}"
+            f"{m.get('dtype', '?'):8s} {size / 2**20:8.2f} MiB {shards:4d} shard{'s' if shards != 1 else ' '}  "
+            f"weights {k.get('weights_digest', '?')[:40]}"
         )
     typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {fs.url}")
 

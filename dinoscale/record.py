@@ -63,12 +63,26 @@ WEIGHTS_KIND = "weights.kind"  # on a child: its backbone's
 WEIGHTS_DIGEST = "weights.digest"
 PROVENANCE_PREFIXES = ("data.", WEIGHTS_KINDS, PROFILE, MODALITY, DEMO, NOTE)  # copied from parent to children
 
+# ---------------------------------------------------------------- metrics: predicted against measured
+
+# The plan predicts bytes on disk and peak memory before a sweep starts; a run logs what it measured
+# beside each prediction (child runs: the trial; the parent run: the extraction stage and the store).
+TRIAL_PEAK_RSS_MB = "memory_trial_peak_rss_mb"
+TRIAL_PEAK_RSS_PREDICTED_MB = "memory_trial_peak_rss_predicted_mb"
+EXTRACTION_PEAK_RSS_MB = "memory_extraction_peak_rss_mb"  # the largest of the stage's tasks
+EXTRACTION_PEAK_RSS_PREDICTED_MB = "memory_extraction_peak_rss_predicted_mb"
+FEATURE_BYTES_MEASURED = "features_bytes_measured"  # the sweep's feature sets in the store
+FEATURE_BYTES_PREDICTED = "features_bytes_predicted"
+EXTRACTION_SHARDS_EXTRACTED = "extraction_shards_extracted"
+EXTRACTION_SHARDS_CACHED = "extraction_shards_cached"  # committed by an earlier, interrupted run
+
 # ---------------------------------------------------------------- artifacts
 
 PREDICTIONS = "predictions/test.csv"
 TRACEBACK = "error/traceback.txt"
 RESOLVED_SPEC = "spec/resolved.yaml"
 EXTRACTION_DIR = "extraction"
+FEATURE_SETS = "extraction/feature_sets.json"  # per feature set: predicted and measured bytes, shards
 REPORT_DIR = "report"
 
 # ---------------------------------------------------------------- the grid axes

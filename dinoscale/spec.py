@@ -76,6 +76,12 @@ class DatasetSpec(Strict):
         description="CT window mapped to [0, 1]: a preset (lung, mediastinum, bone, brain, abdomen) or "
         "[HU min, HU max]; none: each image's min-max",
     )
+    tile_mpp: float | None = Field(
+        None,
+        gt=0,
+        description="whole-slide tiles: microns per pixel they were cut at (0.5 = 20x, 0.25 = 40x); the plan "
+        "counts tiles per slide at this magnification when the data is absent (default: the published one)",
+    )
     on_bad_file: Literal["error", "skip"] = Field(
         "error",
         description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "
@@ -206,6 +212,31 @@ class FeaturesSpec(Strict):
     )
     interpolation: Literal["bilinear", "bicubic", "area"] = "bicubic"
     batch_size: int = Field(32, ge=1)
+    shard_forward_passes: int = Field(
+        50_000,
+        ge=1,
+        description="a feature set of more backbone inputs (images, slices, tiles) than this is cut into "
+        "contiguous shards of its manifest, each extracted by its own Ray task (its own GPU) and committed on "
+        "its own: a lost worker loses one shard, a rerun extracts only the missing ones",
+    )
+    shard_mb: int = Field(2048, ge=1, description="at most this many MiB per shard file on disk")
+    resident_mb: int = Field(
+        1024,
+        ge=1,
+        description="feature MiB (as float32) a trial may hold in memory per split; larger splits are read "
+        "batch by batch from the memory-mapped store, so a trial's memory is its batch and its model",
+    )
+    online: bool = Field(
+        False,
+        description="patch-grid probes (segmentation, affinity): run the frozen backbone inside the head's "
+        "training loop instead of caching the grids (no feature store; compute once per epoch)",
+    )
+    cache_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="patch-grid feature sets predicted larger than this on disk (all splits of one backbone x "
+        "resolution) are computed online instead of cached; none: always cached unless 'online'",
+    )
 
 
 class BootstrapSpec(Strict):
@@ -240,6 +271,12 @@ class ResourcesSpec(Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     trial_retries: int = Field(
         2, ge=0, description="retries of a failed trial (a lost node, a crash) before it is recorded FAILED"
+    )
+    node_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory of each node for the plan's check that every extraction task and trial fits; "
+        "none: this machine's memory for `dinoscale plan`, the memory the Ray nodes declare in a sweep",
     )
     assumed_gpu_tflops: float = Field(
         100.0,

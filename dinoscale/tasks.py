@@ -79,19 +79,27 @@ def _per_volume(values: dict[str, np.ndarray], headline: Headline, s: Scoring) -
     return metrics, pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids, **values})
 
 
+def _by_volume(fn, pred, target, chunk: int = 8) -> dict[str, np.ndarray]:
+    """Per-volume values computed ``chunk`` volumes at a time (volumes are scored independently), so a
+    streamed test split's label maps are never all in memory at once."""
+    parts = [fn(np.asarray(pred[i : i + chunk]), np.asarray(target[i : i + chunk])) for i in range(0, len(pred), chunk)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def score_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
     """Dice (mean foreground and per structure) and HD95 per volume, their means with patient intervals."""
     from dinoscale.metrics import segmentation_per_volume
 
     names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]
-    return _per_volume(segmentation_per_volume(pred, target, s.n_classes, names), DICE, s)
+    values = _by_volume(lambda p, t: segmentation_per_volume(p, t, s.n_classes, names), pred, target)
+    return _per_volume(values, DICE, s)
 
 
 def score_instances(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
     """EM instances: VOI (split + merge) and adapted Rand error per volume, with intervals."""
     from dinoscale.metrics import instance_per_volume
 
-    return _per_volume(instance_per_volume(pred, target), VOI, s)
+    return _per_volume(_by_volume(instance_per_volume, pred, target), VOI, s)
 
 
 _TASKS: dict[str, TaskDef] = {}

@@ -32,7 +32,7 @@ def test_ls_verify_rm(tmp_path):
     assert out.exit_code == 0 and KEY.digest in out.output and OTHER.digest in out.output and "2 entries" in out.output
     assert run.invoke(app, ["cache", "verify", "--store", root]).exit_code == 0
 
-    data = tmp_path / "features" / KEY.digest[:2] / KEY.digest / "features.npy"
+    data = next((tmp_path / "features" / KEY.digest[:2] / KEY.digest).glob("shard-*.npy"))
     raw = bytearray(data.read_bytes())
     raw[-1] ^= 0xFF
     data.write_bytes(bytes(raw))

@@ -48,9 +48,10 @@ def test_put_get_roundtrip_stores_float16(tmp_path):
 def test_corruption_is_detected_on_read(tmp_path):
     store = FeatureStore(tmp_path)
     path = store.put(KEY, np.ones((4, 4), np.float32), list("abcd"))
-    raw = bytearray((path / "features.npy").read_bytes())
+    data = next(path.glob("shard-*.npy"))
+    raw = bytearray(data.read_bytes())
     raw[-1] ^= 0xFF
-    (path / "features.npy").write_bytes(bytes(raw))
+    data.write_bytes(bytes(raw))
     with pytest.raises(FeatureStoreError, match="checksum mismatch"):
         store.get(KEY)
 
@@ -65,7 +66,7 @@ def test_a_killed_writer_leaves_nothing_readable(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         store.put(KEY, np.ones((3, 3)).view(Boom), list("abc"))
     assert not store.has(KEY)
-    assert not any(tmp_path.rglob("features.npy"))
+    assert not any(tmp_path.rglob("*.npy")) and not any(tmp_path.rglob("*.json"))
 
 
 def _writer(root, seed):
@@ -118,19 +119,19 @@ def test_extract_features_from_files(tmp_path):
 
 
 @pytest.fixture
-def mem_store():
+def mem_store(tmp_path):
     import uuid
 
     import fsspec
 
     url = f"memory://dinoscale-{uuid.uuid4().hex[:8]}/features"
-    yield FeatureStore(url)
+    yield FeatureStore(url, cache_dir=tmp_path / "node-cache")
     mem = fsspec.filesystem("memory")
     if mem.exists(url):
         mem.rm(url, recursive=True)
 
 
-def test_object_store_roundtrip_and_verification(mem_store):
+def test_object_store_roundtrip_and_verification(mem_store, tmp_path):
     assert not mem_store.local and not mem_store.has(KEY)
     x = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
     loc = mem_store.put(KEY, x, list("abcdef"))
@@ -138,12 +139,16 @@ def test_object_store_roundtrip_and_verification(mem_store):
     assert fs.features.dtype == np.float16 and fs.sample_ids == list("abcdef")
     np.testing.assert_allclose(fs.features, x, atol=1e-2)
     assert [m["digest"] for m in mem_store.entries()] == [KEY.digest]
-    data = f"{loc}/{fs.meta['data_file']}"
+    # shards are read from a verified local copy; a node that downloads a damaged object refuses it
+    assert list((tmp_path / "node-cache" / "shards").glob("*.npy"))
+    data = f"{loc}/{fs.meta['shards'][0]['file']}"
     raw = bytearray(mem_store.fs.cat_file(data))
     raw[-1] ^= 0xFF
     mem_store.fs.pipe_file(data, bytes(raw))
+    other_node = FeatureStore(mem_store.url, cache_dir=tmp_path / "other-node")
     with pytest.raises(FeatureStoreError, match="checksum mismatch"):
-        mem_store.get(KEY)
+        other_node.get(KEY)
+    assert other_node.verify(KEY.digest) is not None
     assert mem_store.remove(KEY.digest) and not mem_store.has(KEY) and mem_store.entries() == []
 
 
@@ -151,8 +156,8 @@ def test_object_store_killed_writer_leaves_only_an_orphan(mem_store, monkeypatch
     real = mem_store.fs.pipe_file
 
     def die_before_commit(path, value, **kw):
-        if path.endswith("meta.json"):
-            raise KeyboardInterrupt  # killed between the data PUT and the meta PUT
+        if path.endswith(".json"):
+            raise KeyboardInterrupt  # killed between the data PUT and its commit
         return real(path, value, **kw)
 
     monkeypatch.setattr(mem_store.fs, "pipe_file", die_before_commit)
@@ -163,7 +168,7 @@ def test_object_store_killed_writer_leaves_only_an_orphan(mem_store, monkeypatch
     with pytest.raises(FeatureStoreError, match="not in the store"):
         mem_store.get(KEY)
     orphans = mem_store.stale(older_than_s=0)
-    assert len(orphans) == 1 and "features-" in orphans[0]
+    assert len(orphans) == 1 and orphans[0].endswith(".npy") and "shard-00000-of-00001" in orphans[0]
     mem_store.put(KEY, np.ones((3, 3), np.float32), list("abc"))  # a later writer commits normally
     assert mem_store.get(KEY).features.shape == (3, 3)
 

@@ -1,5 +1,6 @@
 """End to end with real Ray Tune and a real SQLite MLflow store (no mocks)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,17 @@ def test_sweep_records_one_child_run_per_cell_with_provenance(project):
     assert {"report/report.md", "report/auroc_vs_params.png", "report/auroc_vs_resolution.png"} <= arts
     assert (tmp / "reports" / "xray" / "report.md").read_text().count("PHANTOM") >= 1
     assert out.extraction.feature_sets_extracted == 12
+    # measured figures next to the plan's predictions: each trial's peak memory, the store's bytes
+    for c in children:
+        m = c.data.metrics
+        assert 0 < m["memory_trial_peak_rss_mb"] and 0 < m["memory_trial_peak_rss_predicted_mb"]
+    pm = client.get_run(out.parent_run_id).data.metrics
+    assert pm["features_bytes_measured"] == pm["features_bytes_predicted"] > 0
+    assert pm["memory_extraction_peak_rss_mb"] > 0 and pm["memory_extraction_peak_rss_predicted_mb"] > 0
+    sets = json.loads(
+        open(client.download_artifacts(out.parent_run_id, "extraction/feature_sets.json", str(tmp))).read()
+    )
+    assert len(sets) == 12 and all(s["measured_bytes"] == s["predicted_bytes"] for s in sets)
 
 
 def test_rerun_extracts_nothing_and_reproduces_results(project):
@@ -74,7 +86,7 @@ def test_failed_trial_is_recorded_with_traceback_while_the_sweep_goes_on(project
     tmp, spec, first = project
     victim = next(c for c in first.plan.cells if c.backbone.name == "dinov3-demo-xs" and c.resolution == 32)
     digest = dict(victim.feature_keys)["test"]
-    npy = tmp / "store" / "features" / digest[:2] / digest / "features.npy"
+    npy = next((tmp / "store" / "features" / digest[:2] / digest).glob("shard-*.npy"))
     raw = bytearray(npy.read_bytes())
     raw[-2] ^= 0xFF
     npy.write_bytes(bytes(raw))

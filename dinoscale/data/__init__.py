@@ -16,6 +16,7 @@ from dinoscale.data.dataset import (  # noqa: F401
     SPLITS,
     DataError,
     PreparedDataset,
+    PublishedSize,
     RowSources,
     SplitUnits,
     dataset_names,
@@ -35,6 +36,11 @@ def dataset_task(name: str) -> str:
 
 def published_images(name: str) -> int | None:
     return get_dataset(name).published_images
+
+
+def published_size(name: str, subset: str | None = None) -> PublishedSize | None:
+    """What the dataset holds as published (units, typical slices / tiles / sections), for plans without data."""
+    return get_dataset(name).published_size(subset)
 
 
 def is_phantom(name: str) -> bool:

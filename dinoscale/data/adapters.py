@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
+from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.layout import data_root, patient_splits, require
 
 
@@ -47,7 +47,14 @@ RSNA_LAYOUT = """    stage_2_train_labels.csv       patientId,x,y,width,height,T
 RSNA_SOURCE = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (RSNA / Kaggle)"
 
 
-@register_dataset("rsna-pneumonia", published_images=26_684)
+@register_dataset(
+    "rsna-pneumonia",
+    published=PublishedSize(
+        26_684,
+        pixels=(1024, 1024),
+        source="RSNA Pneumonia Detection Challenge, stage 2 train: 26,684 DICOMs, 1024x1024",
+    ),
+)
 def prepare_rsna(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "RSNA Pneumonia", RSNA_LAYOUT, RSNA_SOURCE)
     csv = require(root / "stage_2_train_labels.csv", "RSNA Pneumonia", RSNA_LAYOUT)
@@ -103,7 +110,18 @@ CT_RATE_LAYOUT = """    dataset/train/train_<patient>/train_<patient>_<scan>/tra
 CT_RATE_SOURCE = "https://huggingface.co/datasets/ibrahimhamamci/CT-RATE"
 
 
-@register_dataset("ct-rate", published_images=50_188)
+@register_dataset(
+    "ct-rate",
+    published=PublishedSize(
+        50_188,
+        "volume",
+        per_unit=300,
+        pixels=(512, 512),
+        source="Hamamci et al. 2024 (CT-RATE): 50,188 reconstructed volumes of 25,692 chest CTs, 21,304 patients; "
+        "in-plane 512^2 to 1024^2, slices 0.5-2.5 mm thick; ~300 axial slices per volume is an estimate "
+        "(a ~300 mm chest field at ~1 mm), not a published median",
+    ),
+)
 def prepare_ct_rate(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "CT-RATE", CT_RATE_LAYOUT, CT_RATE_SOURCE)
     base = root / "dataset" if (root / "dataset").is_dir() else root
@@ -224,7 +242,29 @@ MSD_LAYOUT = """    <TaskXX_Name>/dataset.json     labels {"0": "background", ..
 MSD_SOURCE = "http://medicaldecathlon.com (CC-BY-SA 4.0)"
 
 
-@register_dataset("msd", task="segmentation")
+# Training volumes per task (each task's dataset.json) and median slices / in-plane size (nnU-Net's dataset
+# fingerprints, Isensee et al. 2021, Nat. Methods, supplement; BrainTumour: its fixed 240x240x155 BraTS grid).
+_MSD_SOURCE = (
+    "Antonelli et al. 2022 (MSD): training volumes per task; median shapes: nnU-Net fingerprints (Isensee et al. 2021)"
+)
+MSD_PUBLISHED = {
+    task: PublishedSize(n, "volume", per_unit=slices, pixels=(side, side), source=_MSD_SOURCE)
+    for task, n, slices, side in (
+        ("Task01_BrainTumour", 484, 155, 240),
+        ("Task02_Heart", 20, 115, 320),
+        ("Task03_Liver", 131, 432, 512),
+        ("Task04_Hippocampus", 260, 36, 50),
+        ("Task05_Prostate", 32, 20, 320),
+        ("Task06_Lung", 63, 252, 512),
+        ("Task07_Pancreas", 281, 93, 512),
+        ("Task08_HepaticVessel", 303, 49, 512),
+        ("Task09_Spleen", 41, 90, 512),
+        ("Task10_Colon", 126, 95, 512),
+    )
+}
+
+
+@register_dataset("msd", task="segmentation", published=MSD_PUBLISHED)
 def prepare_msd(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "Medical Segmentation Decathlon", MSD_LAYOUT, MSD_SOURCE)
     task_dir = root / spec.subset if spec.subset else root
@@ -263,7 +303,18 @@ AUTOPET_LAYOUT = """    <patient>/<study>/CTres.nii.gz   CT resampled to PET spa
 AUTOPET_SOURCE = "https://autopet.grand-challenge.org (TCIA FDG-PET-CT-Lesions, NIfTI release)"
 
 
-@register_dataset("autopet", task="segmentation", published_images=1_014)
+@register_dataset(
+    "autopet",
+    task="segmentation",
+    published=PublishedSize(
+        1_014,
+        "volume",
+        per_unit=326,
+        pixels=(400, 400),
+        source="Gatidis et al. 2022 (FDG-PET-CT-Lesions): 1,014 whole-body studies of 900 patients; CTres/SUV on the "
+        "400x400 PET grid; ~326 slices per study is an approximate median",
+    ),
+)
 def prepare_autopet(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "AutoPET", AUTOPET_LAYOUT, AUTOPET_SOURCE)
     rows, skipped = [], []
@@ -306,7 +357,21 @@ WSI_LAYOUT = """    slides.csv                 slide_id,label[,patient_id][,spli
 WSI_SOURCE = "Camelyon16/17 (https://camelyon17.grand-challenge.org), tiled with your tiler of choice"
 
 
-@register_dataset("wsi-tiles", task="mil", published_images=399)
+@register_dataset(
+    "wsi-tiles",
+    task="mil",
+    published=PublishedSize(
+        399,
+        "slide",
+        per_unit=8_000,
+        pixels=(224, 224),
+        mpp=0.5,
+        tile=224,
+        source="Camelyon16: 399 slides (270 train, 129 test); ~8,000 tissue tiles of 224 px per slide at 20x "
+        "(0.5 um/px) as reported for DSMIL (Li et al. 2021: ~3.2M tiles); scales with the area at other "
+        "magnifications",
+    ),
+)
 def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "WSI tile bags", WSI_LAYOUT, WSI_SOURCE)
     csv = require(root / "slides.csv", "WSI tile bags", WSI_LAYOUT)
@@ -347,7 +412,18 @@ CREMI_LAYOUT = """    sample_A_20160501.hdf (and B, C; .hdf/.h5)   volumes/raw [
 CREMI_SOURCE = "https://cremi.org/data/"
 
 
-@register_dataset("cremi", task="instance_segmentation", published_images=3)
+@register_dataset(
+    "cremi",
+    task="instance_segmentation",
+    published=PublishedSize(
+        9,
+        "block",
+        per_unit=125 / 3,
+        pixels=(1250, 1250),
+        source="CREMI (cremi.org): samples A, B, C of 125 sections of 1250x1250 px each (4x4x40 nm); the adapter "
+        "cuts each sample into train / val / test blocks of sections",
+    ),
+)
 def prepare_cremi(spec, storage: Path) -> PreparedDataset:
     import h5py
 

@@ -71,6 +71,19 @@ class RowSources:
         """The ids of the stored feature rows: one per image / volume, or ``<volume>#<slice>`` per slice."""
         return slice_row_ids(self.ids, self.n_slices) if view == "slices" else list(self.ids)
 
+    def forward_passes(self) -> list[int]:
+        """Backbone inputs per entry: its slices for volumes, else 1."""
+        return [int(n) for n in self.n_slices] if self.n_slices is not None else [1] * len(self.ids)
+
+    def part(self, start: int, stop: int) -> RowSources:
+        """Entries ``start:stop`` (a shard of a feature set: contiguous in manifest order)."""
+        return RowSources(
+            self.ids[start:stop],
+            self.items[start:stop],
+            self.n_slices[start:stop] if self.n_slices is not None else None,
+            {k: v[start:stop] for k, v in self.channels.items()},
+        )
+
 
 @dataclass
 class SplitUnits:
@@ -250,23 +263,84 @@ def _size(p: Path) -> str | int:
 
 
 @dataclass(frozen=True)
+class PublishedSize:
+    """A dataset's size as published, in the units a backbone reads: what the plan counts without data.
+
+    ``units`` images, volumes, slides or blocks (as the adapter's manifest lists them); ``per_unit`` the
+    backbone inputs of one: typical slices of a volume along the slice axis, sections of a block, tissue
+    tiles of a slide at ``mpp`` microns per pixel and ``tile`` px; ``pixels`` the typical in-plane size of
+    an input (label maps, volumes read by a loader). Typical counts are approximations with their
+    ``source``; the plan says so wherever it shows them."""
+
+    units: int
+    unit: str = "image"  # image | volume | slide | block
+    per_unit: float = 1.0
+    pixels: tuple[int, int] = (0, 0)
+    mpp: float | None = None  # slides: magnification per_unit counts tiles at (0.5 = 20x)
+    tile: int | None = None  # slides: tile side in pixels
+    source: str = ""
+
+    @property
+    def volumetric(self) -> bool:
+        return self.unit in ("volume", "block")
+
+    @property
+    def bagged(self) -> bool:
+        return self.unit == "slide"
+
+    def inputs_per_unit(self, mpp: float | None = None) -> float:
+        """Backbone inputs of one unit; slides scale with the area at the asked magnification."""
+        if self.bagged and mpp and self.mpp:
+            return self.per_unit * (self.mpp / mpp) ** 2
+        return self.per_unit
+
+    def describe(self, mpp: float | None = None) -> str:
+        n = self.inputs_per_unit(mpp)
+        what = {"volume": "slices", "block": "sections", "slide": "tiles", "image": "image"}[self.unit]
+        if self.unit == "image":
+            return f"{self.units:,} images"
+        at = f" at {mpp or self.mpp:g} um/px, {self.tile} px" if self.bagged else ""
+        return f"{self.units:,} {self.unit}s x ~{n:,.0f} {what}{at}"
+
+
+@dataclass(frozen=True)
 class DatasetDef:
     name: str
     prepare: Callable[..., PreparedDataset]
     phantom: bool = False  # generated on the fly (no data root)
     task: str = "multilabel"  # what a trial does with it ('auto' when only the data tells, e.g. 'manifest')
-    published_images: int | None = None  # the dataset's size as published, for cost estimates without data
+    # the dataset's size as published, for cost estimates without data; by subset where it has parts
+    published: PublishedSize | dict[str, PublishedSize] | None = None
+
+    def published_size(self, subset: str | None = None) -> PublishedSize | None:
+        if isinstance(self.published, dict):
+            return self.published.get(subset or "")
+        return self.published
+
+    @property
+    def published_images(self) -> int | None:
+        size = self.published_size()
+        return size.units if size is not None else None
 
 
 _REGISTRY: dict[str, DatasetDef] = {}
 _LOADED = False
 
 
-def register_dataset(name: str, phantom: bool = False, published_images: int | None = None, task: str = "multilabel"):
-    """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``."""
+def register_dataset(
+    name: str,
+    phantom: bool = False,
+    published_images: int | None = None,
+    task: str = "multilabel",
+    published: PublishedSize | dict[str, PublishedSize] | None = None,
+):
+    """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``. ``published``: its
+    published size (``published_images``: the same for a set of 2D images)."""
+    if published is None and published_images is not None:
+        published = PublishedSize(published_images)
 
     def deco(fn: Callable[..., PreparedDataset]):
-        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published_images)
+        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published)
         return fn
 
     return deco

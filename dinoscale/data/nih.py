@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
+from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.splits import assign_patient_splits, carve_val_from_train
 
 CLASSES = [
@@ -60,7 +60,14 @@ def _index_images(root: Path) -> dict[str, Path]:
     return found
 
 
-@register_dataset("nih-chestxray14", published_images=112_120)
+@register_dataset(
+    "nih-chestxray14",
+    published=PublishedSize(
+        112_120,
+        pixels=(1024, 1024),
+        source="Wang et al. 2017 (ChestX-ray8/14): 112,120 frontal radiographs of 30,805 patients, 1024x1024 PNG",
+    ),
+)
 def prepare_nih(spec, storage: Path) -> PreparedDataset:
     root = Path(os.path.expandvars(spec.root)).expanduser()
     if not root.is_dir():

@@ -183,6 +183,22 @@ class _Runner:
         return y.float().cpu()
 
 
+class ArraySink:
+    """Rows collected in memory (what the extraction functions return when no sink is given); a
+    ``dinoscale.features.store.ShardWriter`` is the other sink: rows streamed to a shard on disk."""
+
+    def __init__(self, n_rows: int, dtype: str = "float32"):
+        self.n_rows, self.dtype, self.array = n_rows, dtype, None
+
+    def write(self, rows, values: np.ndarray) -> None:
+        if self.array is None:  # preallocated once: memory = the result, not the result twice
+            self.array = np.empty((self.n_rows, *values.shape[1:]), dtype=self.dtype)
+        self.array[rows] = values
+
+    def result(self) -> np.ndarray:
+        return self.array if self.array is not None else np.zeros((0, 0), self.dtype)
+
+
 def _progress(total: int, desc: str, progress: bool | None):
     from tqdm.auto import tqdm
 
@@ -210,11 +226,14 @@ def extract_features(
     progress: bool | None = None,
     out_dtype: str = "float32",
     window: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, ExtractionStats]:
+    out=None,
+) -> tuple[np.ndarray | None, ExtractionStats]:
     """Features of 2D images, in input order: [N, D] (or [N, D, H/p, W/p] for ``patch_grid``).
 
     ``paths``: image files (read through MONAI) or any Dataset of preprocessed [3, H, W] tensors.
     ``window``: CT window (HU) for DICOM CT slices; default: each image's min-max.
+    ``out``: a sink (``write(rows, values)``, e.g. a store ``ShardWriter``) that receives each batch as it
+    is computed, so memory is one batch; then the returned array is None. Default: returned in memory.
     """
     from dinoscale.data.preprocess import ImageFiles, build_transform
 
@@ -241,17 +260,15 @@ def extract_features(
         persistent_workers=False,
     )
     run = _Runner(backbone, ts, device, batch_size)
-    out: np.ndarray | None = None
     n, done, t0 = len(dataset), 0, time.perf_counter()
+    sink = out if out is not None else ArraySink(n, out_dtype)
     with _progress(n, f"{backbone.defn.name}@{resolution}", progress) as bar:
         for x in loader:
             y = run(x).numpy()
-            if out is None:  # preallocate once: memory = the result, not the result twice
-                out = np.empty((n, *y.shape[1:]), dtype=out_dtype)
-            out[done : done + len(y)] = y
+            sink.write(np.arange(done, done + len(y)), y)
             done += len(y)
             bar.update(len(y))
-    feats = out if out is not None else np.zeros((0, 0), out_dtype)
+    feats = sink.result() if out is None else None
     return feats, ExtractionStats(n, run.passes, time.perf_counter() - t0, run.micro, run.backoffs)
 
 
@@ -307,12 +324,14 @@ def extract_volume_features(
     device: torch.device | None = None,
     num_workers: int | None = None,
     progress: bool | None = None,
-) -> tuple[np.ndarray, ExtractionStats]:
+    out=None,
+) -> tuple[np.ndarray | None, ExtractionStats]:
     """Per-volume features of 3D volumes (NIfTI etc. through MONAI), slice by slice along ``axis``.
 
     Slice features are pooled per volume as they stream past (``pool``: mean, max, or mean_max =
     mean ⊕ max); only [volumes, D] running sums/maxima are kept. ``window``: CT window (HU min, max)
-    mapped to [0, 1]; default: each volume's min-max.
+    mapped to [0, 1]; default: each volume's min-max. ``out``: a sink given the pooled rows at the end
+    (then None is returned), as for ``extract_features``.
     """
     from dinoscale.data.preprocess import build_volume_transform
 
@@ -351,9 +370,12 @@ def extract_volume_features(
     if (seen != expected).any():
         raise RuntimeError(f"volume slices lost in streaming: {np.flatnonzero(seen != expected).tolist()}")
     mean = sums / seen[:, None]
-    feats = {"mean": mean, "max": maxs, "mean_max": np.concatenate([mean, maxs], 1)}[pool]
+    feats = {"mean": mean, "max": maxs, "mean_max": np.concatenate([mean, maxs], 1)}[pool].astype(np.float32)
     stats = ExtractionStats(len(paths), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, slices)
-    return feats.astype(np.float32), stats
+    if out is not None:
+        out.write(np.arange(len(feats)), feats)
+        return None, stats
+    return feats, stats
 
 
 @torch.inference_mode()
@@ -372,9 +394,12 @@ def extract_volume_slices(
     num_workers: int | None = None,
     progress: bool | None = None,
     out_dtype: str = "float32",
-) -> tuple[np.ndarray, ExtractionStats]:
+    out=None,
+) -> tuple[np.ndarray | None, ExtractionStats]:
     """Per-slice features of 3D volumes, one row per slice, volume after volume (slice k of volume v at
     row ``sum(n_slices[:v]) + k``): [sum(n_slices), D] or, for ``patch_grid``, [sum, D, h, w].
+    ``out``: a sink receiving each batch of rows at their offsets (memory: one batch and one volume per
+    loader worker, whatever the number of volumes); then None is returned.
 
     The rows feed segmentation heads (slice feature maps, stacked back into volumes by the trial) and
     the attention pooling of 3D classification. ``n_slices``: the manifest's slice count per volume;
@@ -398,7 +423,7 @@ def extract_volume_slices(
     offsets = np.concatenate([[0], np.cumsum(n_slices)]).astype(np.int64)
     loader = _volume_loader(items, load_volume, slice_transform, axis, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
-    out: np.ndarray | None = None
+    sink = out if out is not None else ArraySink(int(offsets[-1]), out_dtype)
     seen = np.zeros(offsets[-1], bool)
     t0 = time.perf_counter()
     with _progress(int(offsets[-1]), f"{backbone.defn.name}@{resolution} slices", progress) as bar:
@@ -411,16 +436,11 @@ def extract_volume_slices(
                     f"{paths[i]}: {int(n[bad[0]])} slices along axis {axis}, the manifest says {n_slices[i]}"
                 )
             y = run(x).numpy()
-            if out is None:  # preallocated once: memory = the result
-                out = np.empty((int(offsets[-1]), *y.shape[1:]), dtype=out_dtype)
             rows = offsets[v] + k
-            out[rows] = y
+            sink.write(rows, y)
             seen[rows] = True
             bar.update(len(rows))
-    if out is None:
-        return np.zeros((0, 0), out_dtype), ExtractionStats(0, 0, time.perf_counter() - t0)
     if not seen.all():
         raise RuntimeError(f"volume slices lost in streaming: rows {np.flatnonzero(~seen)[:10].tolist()}")
-    return out, ExtractionStats(
-        len(items), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, int(offsets[-1])
-    )
+    stats = ExtractionStats(len(items), run.passes, time.perf_counter() - t0, run.micro, run.backoffs, int(offsets[-1]))
+    return (sink.result() if out is None else None), stats

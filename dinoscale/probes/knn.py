@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from dinoscale.features.rows import as_batches
 from dinoscale.metrics import macro_auroc
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
 from dinoscale.tasks import CLASSIFICATION
@@ -22,15 +23,36 @@ class KnnProbeSpec(ProbeSpecBase):
     temperature: float = Field(0.07, gt=0)
 
 
+def _topk(q: torch.Tensor, train, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` cosine similarities of the (normalised) queries among the training rows: one product when
+    the training features are in memory, else block by block, keeping the running top-k."""
+    if isinstance(train, torch.Tensor):
+        return (q @ train.T).topk(k, dim=1)
+    best_sim, best_idx, start = None, None, 0
+    for block in train.blocks():
+        sim, idx = (q @ torch.nn.functional.normalize(block, dim=1).T).topk(min(k, len(block)), dim=1)
+        idx += start
+        start += len(block)
+        if best_sim is not None:
+            sim, pos = torch.cat([best_sim, sim], 1).topk(min(k, best_sim.shape[1] + sim.shape[1]), dim=1)
+            idx = torch.cat([best_idx, idx], 1).gather(1, pos)
+        best_sim, best_idx = sim, idx
+    return best_sim, best_idx
+
+
 def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4096) -> dict[int, np.ndarray]:
-    """Per-label scores in [0, 1] for each k (k is clipped to the number of training samples)."""
-    tx = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)
+    """Per-label scores in [0, 1] for each k (k is clipped to the number of training samples). Training
+    features above the trial's memory budget are read in blocks (``dinoscale.features.rows``)."""
+    train = as_batches(train_x)
+    tx = torch.nn.functional.normalize(train, dim=1) if isinstance(train, torch.Tensor) else train
     ty = torch.as_tensor(train_y, dtype=torch.float32)
-    ks = sorted({min(k, tx.shape[0]) for k in ks})
+    ks = sorted({min(k, len(tx)) for k in ks})
     out = {k: [] for k in ks}
     for start in range(0, len(query_x), chunk):
-        q = torch.nn.functional.normalize(torch.as_tensor(query_x[start : start + chunk], dtype=torch.float32), dim=1)
-        sim, idx = (q @ tx.T).topk(ks[-1], dim=1)  # sorted, most similar first
+        q = torch.nn.functional.normalize(
+            torch.as_tensor(np.asarray(query_x[start : start + chunk]), dtype=torch.float32), dim=1
+        )
+        sim, idx = _topk(q, tx, ks[-1])  # sorted, most similar first
         w = (sim / temperature).exp()
         votes = w.unsqueeze(-1) * ty[idx]  # (q, kmax, C)
         for k in ks:
@@ -63,6 +85,7 @@ register_probe(
         tasks=CLASSIFICATION,
         input="vector",
         space=_space,
+        streams=True,
         description="DINO k-NN: cosine, T=0.07, k chosen on val",
     )
 )

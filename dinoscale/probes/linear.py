@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from dinoscale.features.rows import as_batches, column_stats, over_rows
 from dinoscale.metrics import auroc_per_class
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
 from dinoscale.tasks import CLASSIFICATION
@@ -56,8 +57,10 @@ def _macro_auroc_per_head(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     g = torch.Generator().manual_seed(seed)
-    f32 = [np.asarray(s.x, dtype=np.float32) for s in (train, val, test)]
-    xtr, xva, xte = (torch.as_tensor(a) for a in _standardise(*f32))
+    # standardised with train statistics; tensors in memory, or batch readers when a split is streamed
+    mu, sd = column_stats(train.x)
+    sd = sd + 1e-6
+    xtr, xva, xte = (as_batches(s.x, lambda a: (a - mu) / sd) for s in (train, val, test))
     ytr = torch.as_tensor(np.asarray(train.y, dtype=np.float32))
     grid = [(lr, wd) for lr in spec.learning_rates for wd in spec.weight_decays]
     n_heads, (n, d), c = len(grid), xtr.shape, ytr.shape[1]
@@ -91,7 +94,9 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
             b.addcmul_(vb, lr, value=-scale)
             step += 1
     # val: every head (one GEMM); test: only the selected head
-    val_scores = torch.addmm(b, xva, w).sigmoid_().view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
+    val_scores = (
+        over_rows(xva, lambda t: torch.addmm(b, t, w).sigmoid_()).view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
+    )
     val_metrics = _macro_auroc_per_head(val.y, val_scores)
     # ties in val AUROC (common when val is easy) are broken by val BCE: a barely trained head
     # ranks perfectly by chance of its init far less often than it calibrates well
@@ -101,7 +106,7 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     order = np.lexsort((val_loss, -np.nan_to_num(val_metrics, nan=-np.inf)))
     best = int(order[0])
     cols = slice(best * c, (best + 1) * c)
-    test_scores = torch.addmm(b[cols], xte, w[:, cols]).sigmoid_().numpy()
+    test_scores = over_rows(xte, lambda t: torch.addmm(b[cols], t, w[:, cols]).sigmoid_()).numpy()
     return ProbeResult(
         test_scores=test_scores,
         val_metric=float(val_metrics[best]),
@@ -126,6 +131,7 @@ register_probe(
         tasks=CLASSIFICATION,
         input="vector",
         space=_space,
+        streams=True,
         description="DINOv2 linear eval: a grid of lr x wd heads trained at once, chosen on val",
     )
 )

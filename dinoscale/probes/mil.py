@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from dinoscale.features.rows import LazyList, column_stats, fits_in_memory
 from dinoscale.metrics import macro_auroc
 from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, register_probe
 from dinoscale.tasks import CLASSIFICATION
@@ -107,9 +108,11 @@ def _pad(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _standardiser(bags: list[np.ndarray]):
-    allx = np.concatenate(bags).astype(np.float32)
-    mu, sd = allx.mean(0), allx.std(0) + 1e-6
-    return lambda bs: [torch.as_tensor((b.astype(np.float32) - mu) / sd) for b in bs]
+    mu, sd = column_stats(list(bags))  # streamed in blocks when the bags exceed the trial's memory budget
+    mu, sd = mu[0], sd[0] + 1e-6
+    one = lambda b: torch.as_tensor((np.asarray(b, dtype=np.float32) - mu) / sd)  # noqa: E731
+    # bags of a streamed split are read (and standardised) when a mini-batch asks for them
+    return lambda bs: [one(b) for b in bs] if fits_in_memory(list(bs)) else LazyList(bs, one)
 
 
 @torch.no_grad()
@@ -218,6 +221,7 @@ register_probe(
         tasks=(*CLASSIFICATION, "mil"),
         input="bag",
         space=_space,
+        streams=True,
         bags_only=True,
         description="slice features pooled per volume (mean / max / attention) + linear head",
     )
@@ -230,6 +234,7 @@ register_probe(
         tasks=("mil",),
         input="bag",
         space=_space,
+        streams=True,
         units=("image",),
         description="gated-attention MIL over a slide's tiles",
     )

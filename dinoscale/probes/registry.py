@@ -106,6 +106,10 @@ class ProbeDef:
     units: tuple[str, ...] = ("image", "volume")  # dataset units it can read (dinoscale.data: image | volume)
     bags_only: bool = False  # reads bags: slices of volumes, or a dataset whose images come in bags (slides)
     description: str = ""
+    # True: its fit reads the splits' arrays through dinoscale.features.rows (``as_batches``, ``column_stats``:
+    # views of the store read a mini-batch at a time above the trial's memory budget); False: it gets plain
+    # float32 arrays, the whole split in memory (the plan counts it so).
+    streams: bool = False
 
     def view(self, volumetric: bool) -> str:
         """The feature-set view the probe reads from a 2D (``volumetric=False``) or a 3D dataset."""

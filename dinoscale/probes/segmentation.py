@@ -23,6 +23,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from dinoscale.features.rows import MappedBatches, as_batches
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, SegSplit, register_probe
 
 
@@ -284,12 +285,29 @@ def predict_logits(head: nn.Module, x: torch.Tensor, out_size: tuple[int, ...], 
     return torch.cat([head(x[i : i + batch_size], out_size) for i in range(0, len(x), batch_size)])
 
 
-def _features(split: SegSplit) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(split.x), dtype=torch.float32)
+def _features(split: SegSplit):
+    """A tensor, or a batch reader when the split is streamed from the store (``dinoscale.features.rows``)."""
+    return as_batches(split.x)
+
+
+def _labels(split: SegSplit):
+    return as_batches(split.y, dtype=torch.long)
 
 
 def _out_size(split: SegSplit) -> tuple[int, ...]:
-    return tuple(np.asarray(split.y).shape[1:])
+    return tuple(split.y.shape[1:])
+
+
+@torch.no_grad()
+def _predicted_labels(head: nn.Module, x, out_size: tuple[int, ...], batch_size: int = 16):
+    """(start, argmax label maps) batch by batch: the logits of a whole split are never held at once."""
+    head.eval()
+    for i in range(0, len(x), batch_size):
+        yield i, head(x[i : i + batch_size], out_size).argmax(1).numpy()
+
+
+def _label_dtype(n_classes: int):
+    return np.uint8 if n_classes <= 256 else np.int32
 
 
 def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
@@ -300,7 +318,7 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
 
     xtr, xva, xte = _features(train), _features(val), _features(test)
     volumetric = xtr.ndim == 5
-    ytr = torch.as_tensor(np.asarray(train.y), dtype=torch.long)
+    ytr = _labels(train)
     # as nnU-Net: the soft Dice over the foreground classes only, pooled over the batch (stable when a
     # volume has no foreground); cross-entropy covers the background
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
@@ -310,12 +328,17 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
         torch.manual_seed(seed)  # the head's initial weights: the same whatever ran before in this process
         head = build_head(spec.head, xtr.shape[-3], spec.n_classes, spec.hidden_dim, volumetric)
         train_head(head, xtr, ytr, loss_fn, lr, spec.weight_decay, spec.epochs, spec.batch_size, seed)
-        pred = predict_logits(head, xva, _out_size(val)).argmax(1).numpy()
-        dice = float(np.nanmean(dice_per_volume(pred, np.asarray(val.y), spec.n_classes)))
+        per_volume = [
+            dice_per_volume(p, np.asarray(val.y[i : i + len(p)]), spec.n_classes)
+            for i, p in _predicted_labels(head, xva, _out_size(val))
+        ]
+        dice = float(np.nanmean(np.concatenate(per_volume)))
         if best is None or np.nan_to_num(dice, nan=-1) > np.nan_to_num(best[0], nan=-1):
             best = (dice, lr, head)
     dice, lr, head = best
-    test_pred = predict_logits(head, xte, _out_size(test)).argmax(1).numpy()
+    test_pred = np.concatenate(
+        [p.astype(_label_dtype(spec.n_classes)) for _, p in _predicted_labels(head, xte, _out_size(test))]
+    )
     return ProbeResult(
         test_scores=test_pred,
         val_metric=dice,
@@ -336,7 +359,8 @@ def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int
     xtr, xva, xte = _features(train), _features(val), _features(test)
     volumetric = xtr.ndim == 5
     n_aff = 3 if volumetric else 2
-    target = affinity_targets(torch.as_tensor(np.asarray(train.y), dtype=torch.long))
+    labels = _labels(train)
+    target = affinity_targets(labels) if isinstance(labels, torch.Tensor) else MappedBatches(labels, affinity_targets)
     dice = DiceLoss(sigmoid=True)
     loss_fn = lambda logits, t: F.binary_cross_entropy_with_logits(logits, t) + dice(logits, t)  # noqa: E731
     kind = "conv3d" if volumetric else "conv"
@@ -379,6 +403,7 @@ register_probe(
         tasks=("segmentation",),
         input="grid",
         space=_space,
+        streams=True,
         description="BatchNorm + 1x1 conv, a light 2D or 3D decoder on patch-token grids",
     )
 )
@@ -390,6 +415,7 @@ register_probe(
         tasks=("instance_segmentation",),
         input="grid",
         space=_space,
+        streams=True,
         description="EM affinities from a light decoder + seeded watershed",
     )
 )

@@ -26,6 +26,7 @@ class BackboneInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_prefix_tokens: int = 5  # CLS + registers (DINOv3: 1 + 4)
+    embed_dim: int = 0  # channels of the last block (the width of a token)
 
     def tokens_per_image(self, resolution: int) -> int:
         return self.num_prefix_tokens + (resolution // self.patch_size) ** 2
@@ -54,6 +55,10 @@ class Cell:
     search: dict = field(default_factory=dict)  # n_trials, seed
     bootstrap: dict = field(default_factory=dict)  # resamples, level, seed
     params: dict = field(default_factory=dict)  # protocol constants logged with the run
+    online: bool = False  # grid probes: the frozen backbone runs inside the head's training loop (no cache)
+    feature_dtype: str = "float16"  # the store's dtype (online features are rounded to it too)
+    feature_batch: int = 32  # backbone batch of online features
+    memory: dict = field(default_factory=dict)  # resident_bytes (the trial's budget), predicted_peak_bytes
 
     @property
     def resolution(self) -> int:

@@ -6,7 +6,6 @@ from rich.panel import Panel
 from rich.table import Table
 
 from dinoscale.console import console
-from dinoscale.data import published_images
 from dinoscale.provenance import DEMO_HEADLINE, Provenance
 from dinoscale.record import AXIS_NAMES
 from dinoscale.sweep.plan import Plan
@@ -22,54 +21,127 @@ def print_banner(plan: Plan, provenance: Provenance | None = None) -> None:
     console.print(Panel(body, title=title, border_style="yellow" if provenance.demo else "green"))
 
 
+def _unit_name(plan: Plan, view: str) -> str:
+    ds, pub = plan.dataset, plan.published
+    if (ds is not None and ds.bagged) or (pub is not None and pub.bagged):
+        return "tiles"
+    if view == "images":
+        return "images"
+    return "volumes"
+
+
 def print_plan(plan: Plan) -> None:
+    from dinoscale.sweep.cost import gib
+    from dinoscale.sweep.plan import memory_problems, plan_node_memory
+
     spec = plan.spec
-    n_cached = len(plan.feature_sets) - len(plan.missing)
+    n_cached = len([f for f in plan.feature_sets if f.cached])
+    n_online = len([f for f in plan.feature_sets if f.online])
     t = Table(
         title=f"Feature sets - one backbone forward pass per backbone x resolution x view x split: "
-        f"{n_cached} cached, {len(plan.missing)} to extract"
+        f"{n_cached} cached, {len(plan.missing)} to extract" + (f", {n_online} online" if n_online else "")
     )
-    for col in ("backbone", "params", "resolution", "view", "images (train/val/test)", "status", "est. GFLOP", "keys"):
-        t.add_column(col, justify="right" if col in ("params", "resolution", "est. GFLOP") else "left")
+    for col in (
+        "backbone",
+        "params",
+        "res",
+        "view",
+        "units (train/val/test)",
+        "forward passes",
+        "status",
+        "est. GFLOP",
+        "keys",
+    ):
+        t.add_column(
+            col,
+            justify="right" if col in ("params", "res", "forward passes", "est. GFLOP") else "left",
+            no_wrap=col == "backbone",
+        )
+    m = Table(title="Bytes and memory - predicted per feature set (host RAM: the peak of one task)")
+    for col in ("backbone", "res", "view", "on disk", "shards", "extraction task RAM", "trial RAM (largest)"):
+        m.add_column(col, justify="left" if col in ("backbone", "view") else "right", no_wrap=col == "backbone")
     groups: dict = {}
     for fs in plan.feature_sets:
-        groups.setdefault((fs.backbone.name, fs.resolution, fs.view), []).append(fs)
-    for (name, res, view), sets in groups.items():
+        groups.setdefault((fs.backbone.name, fs.resolution, fs.view, fs.tokens), []).append(fs)
+    trial_ram: dict = {}
+    for c in plan.cells:
+        if c.memory.get("predicted_peak_bytes"):
+            k = (c.backbone.name, c.resolution, c.view, c.tokens)
+            trial_ram[k] = max(trial_ram.get(k, 0.0), c.memory["predicted_peak_bytes"])
+    est = "~" if plan.dataset is None else ""
+    for (name, res, view, tokens), sets in groups.items():
         cached = sum(f.cached for f in sets)
-        if sets[0].key is None:
+        shards = sum(f.n_shards for f in sets)
+        committed = sum(f.committed_shards for f in sets)
+        if sets[0].online:
+            status = "[cyan]online[/cyan]"
+        elif sets[0].key is None:
             status = "[red]no data[/red]"
         elif cached == len(sets):
             status = "[green]cached[/green]"
         else:
-            status = f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]"
-        todo = sum(f.gflops for f in sets if not f.cached)
+            status = f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]" + (
+                f" ({committed}/{shards} shards kept)" if committed else ""
+            )
+        todo = sum(f.gflops for f in sets if not f.cached and not f.online)
+        passes = sum(f.n_slices or f.n_images for f in sets)
+        shown_view = view + (" (grid)" if tokens == "patch_grid" else "")
         t.add_row(
             name,
             f"{sets[0].backbone.n_params / 1e6:.2f}M",
             str(res),
-            view,
-            "/".join(str(f.n_images) for f in sets),
+            shown_view,
+            est + "/".join(f"{f.n_images:,}" for f in sets) + f" {_unit_name(plan, view)}",
+            f"{est}{passes:,}",
             status,
             f"{todo:,.0f}",
             " ".join(f.key.digest[:8] for f in sets) if sets[0].key else "-",
         )
+        m.add_row(
+            name,
+            str(res),
+            shown_view,
+            est + gib(sum(f.nbytes for f in sets)) + (" (online: not stored)" if sets[0].online else ""),
+            str(shards),
+            est + gib(max(f.extraction_peak for f in sets)),
+            est + gib(trial_ram[(name, res, view, tokens)]) if (name, res, view, tokens) in trial_ram else "-",
+        )
     console.print(t)
+    console.print(m)
     axes = (
         f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
         f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds"
     )
     console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
-    missing_images = sum(f.n_slices or f.n_images for f in plan.missing)
-    if plan.dataset is None:
-        n_sets = len({(f.backbone.name, f.resolution) for f in plan.feature_sets})
-        missing_images = (published_images(spec.dataset.name) or 0) * n_sets
+    missing_images = plan.forward_passes()
     res = spec.resources
     gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
+    unit = (
+        "slice"
+        if any(f.view != "images" for f in plan.feature_sets)
+        else "tile"
+        if _unit_name(plan, "images") == "tiles"
+        else "image"
+    )
+    source = ""
+    if plan.dataset is None:
+        source = " (from the published dataset size)"
+        if plan.published is not None:
+            source = f" (from the published dataset size: {plan.published.describe(spec.dataset.tile_mpp)})"
     console.print(
         f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
-        f"{missing_images:,} image (or slice) forward passes{' (from the published dataset size)' if plan.dataset is None else ''}, "
+        f"{missing_images:,} {unit} forward passes{source}, "
         f"~{plan.estimated_gflops():,.0f} GFLOP (FLOPs per image measured on each model) "
         f"= ~{gpu_hours:.2g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s"
+    )
+    if plan.dataset is None and plan.published is not None and plan.published.source:
+        console.print(f"  [dim]published size: {plan.published.source}[/dim]")
+    on_disk = sum(f.nbytes for f in plan.feature_sets if not f.online)
+    console.print(
+        f"[bold]Store:[/bold] {est}{gib(on_disk)} of features in {sum(f.n_shards for f in plan.feature_sets if not f.online)} "
+        f"shard(s) ({spec.features.dtype}; at most {spec.features.shard_forward_passes:,} inputs and "
+        f"{spec.features.shard_mb:,} MiB per shard, one Ray task each); trials hold up to "
+        f"{spec.features.resident_mb:,} MiB of a split's features in memory and stream larger splits"
     )
     console.print(
         f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "
@@ -78,6 +150,13 @@ def print_plan(plan: Plan) -> None:
         f"cluster has GPUs); {res.trial_retries} retries per trial"
         + (f"; at most {res.max_concurrent_trials} trials at once" if res.max_concurrent_trials else "")
     )
+    node, how = plan_node_memory(spec)
+    problems = memory_problems(plan, node)
+    if problems:
+        console.print(
+            f"[red]Memory:[/red] {len(problems)} task(s) would not fit the {gib(node)} of {how}; a sweep would be "
+            "refused:\n  " + "\n  ".join(problems[:8])
+        )
     if plan.dataset_error:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
 

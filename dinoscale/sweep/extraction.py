@@ -1,7 +1,16 @@
 """Extraction stage: every missing feature set of the plan is computed exactly once, as Ray tasks.
 
-Work is grouped by (backbone, weights, resolution) so that a model is built once and runs over
-all three splits; each split is stored under its own key. Trials never extract.
+A feature set is cut by the plan into contiguous shards of its split's manifest (``FeatureSetPlan.shards``:
+a few for a large split, one for a small one). The unit of work is the shard: it is extracted and
+committed to the store on its own (``FeatureStore.shard_writer``), so a lost worker loses the shard it
+was writing and nothing else, and a rerun extracts only the shards that are not committed. The feature
+set is committed (merged into its one key) once all its shards are.
+
+Shards are packed into Ray tasks per (backbone, weights, resolution), up to
+``features.shard_forward_passes`` backbone inputs per task: the small feature sets of a demo share one
+task and one model load, as before; a large feature set's shards are tasks of their own, spread over the
+cluster's GPUs (one GPU per task where the cluster has GPUs). A task killed with its node is retried by
+Ray (``max_retries``), skipping the shards committed meanwhile. Trials never extract.
 """
 
 from __future__ import annotations
@@ -13,22 +22,36 @@ from pathlib import Path
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureStore
-from dinoscale.sweep.plan import Plan, volume_window
+from dinoscale.sweep.plan import FeatureSetPlan, Plan, volume_window
 
 
 @dataclass
-class SplitInputs:
-    """One feature set to write: a split of the dataset in one view (see ``dinoscale.probes.registry.VIEWS``)."""
+class ShardInputs:
+    """One shard of one feature set: manifest rows ``start:stop`` of a split, in one view."""
 
     split: str
     key: FeatureKey
-    view: str  # images | volumes | slices
+    view: str  # images | volumes | slices (dinoscale.probes.registry.VIEWS)
     tokens: str
-    sources: RowSources  # what the readers open, row by row (the dataset's ``sources(split)``)
+    index: int
+    count: int
+    sources: RowSources  # the shard's rows as the readers open them
 
     @property
     def paths(self) -> list[str]:
         return self.sources.items
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.sources.n_slices) if self.view == "slices" else len(self.sources.ids)
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(self.sources.forward_passes())
+
+    @property
+    def label(self) -> str:
+        return f"{self.split} {self.view}" + (f" shard {self.index + 1}/{self.count}" if self.count > 1 else "")
 
     def row_ids(self) -> list[str]:
         """The ids of the stored rows: one per image or volume, or ``<volume>#<slice>`` per slice."""
@@ -37,15 +60,18 @@ class SplitInputs:
 
 @dataclass
 class ExtractionJob:
+    """One Ray task: shards of one backbone x weights x resolution, extracted with one model load."""
+
     backbone: str
     weights: str
     weights_seed: int
     resolution: int
     interpolation: str
     batch_size: int
-    splits: list[SplitInputs]
+    shards: list[ShardInputs]
     volume_pool: str = "mean"  # volumes view: how slice features are pooled per volume
     window: tuple[float, float] | None = None  # CT window (HU): volumes, and 2D CT slices
+    extra: dict = field(default_factory=dict)  # stored with every shard (e.g. the predicted peak memory)
 
     @property
     def label(self) -> str:
@@ -54,177 +80,282 @@ class ExtractionJob:
 
 @dataclass
 class ExtractionReport:
-    feature_sets_extracted: int = 0
-    feature_sets_cached: int = 0
+    feature_sets_extracted: int = 0  # committed by this stage
+    feature_sets_cached: int = 0  # committed before it
+    shards_extracted: int = 0
+    shards_cached: int = 0  # shards of unfinished feature sets committed by an earlier, interrupted run
     images: int = 0  # backbone inputs forwarded: 2D images, or slices of volumes
     forward_batches: int = 0
     forward_seconds: float = 0.0
     wall_seconds: float = 0.0
     per_job: list[dict] = field(default_factory=list)
+    per_feature_set: list[dict] = field(default_factory=list)  # predicted vs measured bytes of every set
 
 
-def plan_jobs(plan: Plan) -> list[ExtractionJob]:
+def _shard_sources(plan: Plan, fs: FeatureSetPlan) -> list[RowSources]:
+    src = plan.dataset.sources(fs.split)
+    return [src.part(a, b) for a, b in (fs.shards or [(0, len(src.ids))])]
+
+
+def plan_jobs(plan: Plan, store: FeatureStore | None = None) -> list[ExtractionJob]:
+    """The Ray tasks of the extraction stage: the plan's missing shards (those not committed yet), packed."""
     if plan.dataset is None:
         raise RuntimeError(f"cannot extract without data: {plan.dataset_error}")
-    spec, jobs = plan.spec, {}
+    spec = plan.spec
+    store = store or FeatureStore(plan.storage / "features")
+    groups: dict[tuple, list[tuple[ShardInputs, float]]] = {}
     for fs in plan.missing:
-        bb = fs.backbone
-        job = jobs.setdefault(
-            (bb.name, bb.weights, fs.resolution),
+        parts = _shard_sources(plan, fs)
+        done = set(store.shards_committed(fs.key, len(parts)))
+        for i, src in enumerate(parts):
+            if i not in done:
+                shard = ShardInputs(fs.split, fs.key, fs.view, fs.tokens, i, len(parts), src)
+                groups.setdefault((fs.backbone, fs.resolution), []).append((shard, fs.extraction_peak))
+    jobs = []
+    for (bb, res), shards in groups.items():
+        packs, current, load = [], [], 0
+        for shard, peak in shards:  # up to shard_forward_passes inputs per task, at least one shard
+            if current and load + shard.forward_passes > spec.features.shard_forward_passes:
+                packs.append(current)
+                current, load = [], 0
+            current.append((shard, peak))
+            load += shard.forward_passes
+        packs.append(current)
+        jobs.extend(
             ExtractionJob(
                 bb.name,
                 bb.weights,
                 bb.weights_seed,
-                fs.resolution,
+                res,
                 spec.features.interpolation,
                 spec.features.batch_size,
-                [],
+                [s for s, _ in pack],
                 spec.features.volume_pool,
                 volume_window(spec),
-            ),
+                {"predicted_peak_bytes": max(p for _, p in pack)},
+            )
+            for pack in packs
         )
-        job.splits.append(SplitInputs(fs.split, fs.key, fs.view, fs.tokens, plan.dataset.sources(fs.split)))
-    return list(jobs.values())
+    return jobs
+
+
+def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device):
+    from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices
+
+    if s.view == "volumes":
+        return extract_volume_features(
+            backbone,
+            s.paths,
+            job.resolution,
+            s.tokens,
+            job.volume_pool,
+            job.interpolation,
+            job.batch_size,
+            window=job.window,
+            device=device,
+            out=writer,
+        )[1]
+    if s.view == "slices":
+        return extract_volume_slices(
+            backbone,
+            s.paths,
+            s.sources.n_slices,
+            job.resolution,
+            s.tokens,
+            job.interpolation,
+            job.batch_size,
+            window=job.window,
+            pet_paths=s.sources.channels.get("pet"),
+            device=device,
+            out=writer,
+        )[1]
+    return extract_features(
+        backbone,
+        s.paths,
+        job.resolution,
+        s.tokens,
+        job.interpolation,
+        job.batch_size,
+        device,
+        window=job.window,
+        out=writer,
+    )[1]
 
 
 def run_job(job: ExtractionJob, store_root: str) -> dict:
-    """Plain function (callable without Ray): build the backbone once, extract and store each split.
+    """Plain function (callable without Ray): build the backbone once, then extract, write and commit each
+    shard (skipping those committed meanwhile), and commit every feature set whose shards are all there.
 
     ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach."""
     import torch
 
-    from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices, pick_device
+    from dinoscale.features.extract import pick_device
+    from dinoscale.memory import PeakRSS
     from dinoscale.models import gflops_per_image, load_backbone
 
     store = FeatureStore(store_root)
     t0 = time.perf_counter()
-    backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
-    device = pick_device()
-    gflops = gflops_per_image(job.backbone, job.resolution)
-    out = {
-        "job": job.label,
-        "device": str(device),
-        "images": 0,
-        "slices": 0,
-        "batches": 0,
-        "forward_seconds": 0.0,
-        "stored": 0,
-        "gflops_per_image": gflops,
-        "oom_backoffs": 0,
-        "weights_sha256": backbone.weights.get("sha256", ""),
-    }
-    for s in job.splits:
-        key = s.key
-        if store.has(key):  # written meanwhile by another worker
-            continue
-        if s.view == "volumes":
-            feats, stats = extract_volume_features(
-                backbone,
-                s.paths,
-                job.resolution,
-                s.tokens,
-                job.volume_pool,
-                job.interpolation,
-                job.batch_size,
-                window=job.window,
-                device=device,
-            )
-        elif s.view == "slices":
-            feats, stats = extract_volume_slices(
-                backbone,
-                s.paths,
-                s.sources.n_slices,
-                job.resolution,
-                s.tokens,
-                job.interpolation,
-                job.batch_size,
-                window=job.window,
-                pet_paths=s.sources.channels.get("pet"),
-                device=device,
-                out_dtype=key.dtype,
-            )
-        else:
-            feats, stats = extract_features(
-                backbone,
-                s.paths,
-                job.resolution,
-                s.tokens,
-                job.interpolation,
-                job.batch_size,
-                device,
-                out_dtype=key.dtype,
-                window=job.window,
-            )
-        if backbone.weights["digest"] != key.weights_digest:
-            raise RuntimeError(
-                f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}"
-            )
-        store.put(
-            key,
-            feats,
-            s.row_ids(),
-            extra={
+    with PeakRSS() as peak:
+        backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
+        device = pick_device()
+        gflops = gflops_per_image(job.backbone, job.resolution)
+        out = {
+            "job": job.label,
+            "shards": [f"{s.label}" for s in job.shards],
+            "device": str(device),
+            "images": 0,
+            "slices": 0,
+            "batches": 0,
+            "forward_seconds": 0.0,
+            "stored": 0,  # feature sets committed by this task
+            "shards_stored": 0,
+            "gflops_per_image": gflops,
+            "oom_backoffs": 0,
+            "weights_sha256": backbone.weights.get("sha256", ""),
+        }
+        for s in job.shards:
+            key = s.key
+            if backbone.weights["digest"] != key.weights_digest:
+                raise RuntimeError(
+                    f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}"
+                )
+            if store.has(key) or store.has_shard(key, s.index, s.count):  # written meanwhile by another worker
+                continue
+            extra = {
                 "backbone_name": job.backbone,
                 "split": s.split,
                 "view": s.view,
                 "n_params": backbone.n_params,
                 "weights_kind": backbone.weights["kind"],
-                "seconds": stats.seconds,
                 "gflops_per_image": gflops,
                 "device": str(device),
                 **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {}),
-            },
-        )
-        out["images"] += stats.images
-        out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
-        out["batches"] += stats.forward_passes
-        out["forward_seconds"] += stats.seconds
-        out["oom_backoffs"] += stats.oom_backoffs
-        out["stored"] += 1
+            }
+            rows_per_id = s.sources.n_slices if s.view == "slices" else None
+            with store.shard_writer(key, s.index, s.count, s.n_rows, s.sources.ids, rows_per_id, extra) as writer:
+                stats = _extract_shard(backbone, job, s, writer, device)
+                writer.extra["seconds"] = stats.seconds
+            out["shards_stored"] += 1
+            if len(store.shards_committed(key, s.count)) == s.count:
+                store.commit(key, s.count)
+                out["stored"] += 1
+            out["images"] += stats.images
+            out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
+            out["batches"] += stats.forward_passes
+            out["forward_seconds"] += stats.seconds
+            out["oom_backoffs"] += stats.oom_backoffs
+        del backbone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     out["wall_seconds"] = time.perf_counter() - t0
-    del backbone
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    out["node"] = _node_id()
+    out["peak_rss_bytes"] = peak.bytes
+    out["peak_rss_predicted_bytes"] = job.extra.get("predicted_peak_bytes", 0.0)
+    return out
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
+
+
+def commit_complete(plan: Plan, store: FeatureStore) -> tuple[int, list[str]]:
+    """Commit every planned feature set whose shards are all in the store (a task may have died after its
+    last shard); returns (feature sets committed now, labels of those still incomplete)."""
+    committed, incomplete = 0, []
+    for fs in plan.missing:
+        count = len(fs.shards) or 1
+        if store.has(fs.key):
+            continue
+        done = store.shards_committed(fs.key, count)
+        if len(done) == count:
+            store.commit(fs.key, count)
+            committed += 1
+        else:
+            incomplete.append(f"{fs.backbone.name}@{fs.resolution} {fs.split} {fs.view}: {len(done)}/{count} shards")
+    return committed, incomplete
+
+
+def feature_set_sizes(plan: Plan, store: FeatureStore) -> list[dict]:
+    """Predicted against measured bytes on disk of every planned (non-online) feature set in the store."""
+    out = []
+    for fs in plan.feature_sets:
+        if fs.online or fs.key is None or not store.has(fs.key):
+            continue
+        out.append(
+            {
+                "digest": fs.key.digest,
+                "backbone": fs.backbone.name,
+                "resolution": fs.resolution,
+                "split": fs.split,
+                "view": fs.view,
+                "rows": fs.n_rows,
+                "shards": len(fs.shards) or 1,
+                "predicted_bytes": fs.nbytes,
+                "measured_bytes": store.nbytes(fs.key.digest),
+                "extraction_peak_predicted_bytes": fs.extraction_peak,
+            }
+        )
     return out
 
 
 def run_extraction_stage(
     plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None
 ) -> ExtractionReport:
-    """Submit one Ray task per job (GPU resources where the cluster has GPUs) and wait for all."""
+    """Submit one Ray task per job (GPU resources where the cluster has GPUs), wait for all, then commit
+    the feature sets whose shards are complete. A job that fails keeps the shards it committed."""
     import ray
 
-    report = ExtractionReport(feature_sets_cached=len(plan.feature_sets) - len(plan.missing))
-    jobs = plan_jobs(plan)
-    if not jobs:
-        return report
+    store = FeatureStore(store_root)
+    report = ExtractionReport(feature_sets_cached=len([f for f in plan.feature_sets if f.cached]))
+    jobs = plan_jobs(plan, store)
+    report.shards_extracted = 0
+    report.shards_cached = sum(f.committed_shards for f in plan.missing)
     t0 = time.perf_counter()
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
-    pending = {remote.remote(job, str(store_root)): job for job in jobs}
     errors = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(done[0])
-        try:
-            res = ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 - a user error stops the stage; others are reported together below
-            user = user_error_of(e)
-            if user is not None:
-                _cancel(pending)
-                raise _in_job(user, job, len(pending)) from None
-            errors.append(f"{job.label}: {e}")
-            continue
-        report.per_job.append(res)
-        report.feature_sets_extracted += res["stored"]
-        report.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
-        report.forward_batches += res["batches"]
-        report.forward_seconds += res["forward_seconds"]
-        if on_done:
-            on_done(res)
+    if jobs:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
+        pending = {remote.remote(job, str(store_root)): job for job in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done[0])
+            try:
+                res = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - a user error stops the stage; others are reported together below
+                user = user_error_of(e)
+                if user is not None:
+                    _cancel(pending)
+                    raise _in_job(user, job, len(pending)) from None
+                errors.append(f"{job.label} ({', '.join(s.label for s in job.shards)}): {e}")
+                continue
+            report.per_job.append(res)
+            report.feature_sets_extracted += res["stored"]
+            report.shards_extracted += res["shards_stored"]
+            report.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
+            report.forward_batches += res["batches"]
+            report.forward_seconds += res["forward_seconds"]
+            if on_done:
+                on_done(res)
+    committed, incomplete = commit_complete(plan, store)
+    report.feature_sets_extracted += committed
     report.wall_seconds = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError("feature extraction failed:\n" + "\n".join(errors))
+    report.per_feature_set = feature_set_sizes(plan, store)
+    if errors or incomplete:
+        kept = sum(1 for _ in incomplete)
+        raise RuntimeError(
+            "feature extraction failed:\n"
+            + "\n".join(errors + [f"incomplete: {i}" for i in incomplete])
+            + (
+                f"\n(the committed shards of the {kept} incomplete set(s) are kept: a rerun extracts only the rest)"
+                if kept
+                else ""
+            )
+        )
     return report
 
 
@@ -240,11 +371,51 @@ def _cancel(pending: dict) -> None:
 def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError:
     """The user's error as raised in the worker (its message, not Ray's wrapper), with the job named."""
     note = (
-        f" ({n_cancelled} other extraction job(s) cancelled; feature sets already stored are kept)"
+        f"; {n_cancelled} other extraction job(s) cancelled; shards already committed are kept: "
+        "a rerun extracts only the rest"
         if n_cancelled
-        else ""
+        else "; shards already committed are kept: a rerun extracts only the rest"
     )
     try:
-        return type(error)(f"{error} [extraction of {job.label}{note}]")
+        return type(error)(f"{error} [extraction of {job.label}: {', '.join(s.label for s in job.shards)}{note}]")
     except TypeError:  # a subclass with another constructor: keep the original
         return error
+
+
+def extraction_record(report: ExtractionReport) -> dict:
+    """The stage's metrics for the parent run: shards, bytes on disk and peak memory, each measured next to
+    the plan's prediction (names from ``dinoscale.record``)."""
+    from dinoscale import record
+
+    out = {
+        record.EXTRACTION_SHARDS_EXTRACTED: report.shards_extracted,
+        record.EXTRACTION_SHARDS_CACHED: report.shards_cached,
+    }
+    if report.per_feature_set:
+        out[record.FEATURE_BYTES_MEASURED] = sum(f["measured_bytes"] for f in report.per_feature_set)
+        out[record.FEATURE_BYTES_PREDICTED] = sum(f["predicted_bytes"] for f in report.per_feature_set)
+    if report.per_job:
+        worst = max(report.per_job, key=lambda j: j.get("peak_rss_bytes", 0))
+        out[record.EXTRACTION_PEAK_RSS_MB] = worst.get("peak_rss_bytes", 0) / 2**20
+        out[record.EXTRACTION_PEAK_RSS_PREDICTED_MB] = worst.get("peak_rss_predicted_bytes", 0) / 2**20
+    return out
+
+
+def declared_node_memory() -> tuple[float, str]:
+    """The most memory one node of the running Ray cluster declares (its ``memory`` resource)."""
+    import ray
+
+    mem = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return (max(mem) if mem else 0.0), "the largest node of the Ray cluster declares"
+
+
+def check_cluster_memory(plan: Plan) -> None:
+    """Refuse (before the sweep's run is recorded or anything extracted) a sweep whose extraction task or trial
+    cannot fit on any node of the Ray cluster, by the memory its nodes declare. (A spec that states
+    ``resources.node_memory_gb`` is checked against it earlier, with the plan: ``check_runnable``.)"""
+    from dinoscale.sweep.plan import check_memory
+
+    if plan.spec.resources.node_memory_gb is None:
+        node, how = declared_node_memory()
+        if node > 0:
+            check_memory(plan, node, how)

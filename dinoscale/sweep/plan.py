@@ -9,6 +9,7 @@ probe or seed. What a probe reads (view, tokens) is asked of its descriptor, wha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -16,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_images
+from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_size
 from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
@@ -24,6 +25,7 @@ from dinoscale.probes import get_probe
 from dinoscale.probes.registry import GRID_TOKENS
 from dinoscale.provenance import Provenance
 from dinoscale.spec import SweepSpec
+from dinoscale.sweep import cost
 from dinoscale.sweep.cell import BackboneInfo, Cell
 from dinoscale.tasks import get_task, task_names
 
@@ -56,6 +58,7 @@ def backbone_info(name: str, weights: str, seed: int) -> BackboneInfo:
         tuple(facts.mean),
         tuple(facts.std),
         facts.num_prefix_tokens,
+        facts.embed_dim,
     )
 
 
@@ -65,11 +68,20 @@ class FeatureSetPlan:
     resolution: int
     split: str
     key: FeatureKey | None  # None when the data is not available (plan without data)
-    n_images: int  # images, or volumes for 3D
+    n_images: int  # manifest rows: images (tiles), or volumes for 3D
     cached: bool
     n_slices: int = 0  # backbone forward passes (= n_images for 2D and pooled-volume views count slices)
     view: str = "images"  # how the rows are laid out (dinoscale.probes.registry.VIEWS)
     tokens: str = ""  # token set of the rows (the key's ``tokens`` adds the view suffix)
+    n_rows: int = 0  # stored rows: images / tiles, volumes, or slices
+    row_elements: int = 0  # values per row (the token set's width, or D x h x w for grids)
+    dtype: str = "float16"
+    shards: tuple[tuple[int, int], ...] = ()  # manifest-row ranges [a, b), one per shard (with data)
+    n_shards: int = 1
+    committed_shards: int = 0  # shards already in the store (an interrupted extraction)
+    online: bool = False  # grid features computed inside the trials instead of cached
+    estimated: bool = False  # counts from the dataset's published size (no data)
+    extraction_peak: float = 0.0  # predicted host memory of one extraction task of this set (bytes)
 
     @property
     def tokens_per_image(self) -> int:
@@ -80,6 +92,17 @@ class FeatureSetPlan:
         """Forward cost of the split: measured GFLOPs per image (slice) x images (slices)."""
         return self.backbone.gflops_per_image(self.resolution) * max(self.n_slices, self.n_images)
 
+    @property
+    def nbytes(self) -> int:
+        """Predicted size on disk: rows x row width x dtype, plus one ``.npy`` header per shard."""
+        import numpy as np
+
+        return self.n_rows * self.row_elements * np.dtype(self.dtype).itemsize + self.n_shards * cost.NPY_HEADER_BYTES
+
+    @property
+    def float32_bytes(self) -> int:
+        return self.n_rows * self.row_elements * 4
+
 
 @dataclass
 class Plan:
@@ -89,22 +112,25 @@ class Plan:
     cells: list[Cell]
     feature_sets: list[FeatureSetPlan]
     storage: Path
+    published: object = None  # dinoscale.data.PublishedSize the counts come from when there is no data
 
     @property
     def missing(self) -> list[FeatureSetPlan]:
-        return [f for f in self.feature_sets if not f.cached]
+        """Feature sets to extract (online ones are computed inside their trials, never extracted)."""
+        return [f for f in self.feature_sets if not f.cached and not f.online]
 
     @property
     def is_runnable(self) -> bool:
         return self.dataset is not None
 
     def estimated_gflops(self) -> float:
-        """Forward cost of the missing feature sets; without data, from the dataset's published size."""
-        if self.dataset is None:
-            n = published_images(self.spec.dataset.name) or 0
-            sets = {(f.backbone, f.resolution): f for f in self.feature_sets}.values()
-            return sum(f.backbone.gflops_per_image(f.resolution) * n for f in sets)
-        return sum(f.gflops for f in self.missing)
+        """Forward cost of the missing feature sets (without data: of every set, from the published size)."""
+        sets = self.missing if self.dataset is not None else [f for f in self.feature_sets if not f.online]
+        return sum(f.gflops for f in sets)
+
+    def forward_passes(self) -> int:
+        sets = self.missing if self.dataset is not None else [f for f in self.feature_sets if not f.online]
+        return sum(max(f.n_slices, f.n_images) for f in sets)
 
     def cell(self, cell_id: str) -> Cell:
         return next(c for c in self.cells if c.id == cell_id)
@@ -168,7 +194,10 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
             "sweep": spec.name,
             "dataset": spec.dataset.model_dump(mode="json"),
             "metrics": spec.metrics.model_dump(mode="json"),
-            "features": spec.features.model_dump(mode="json"),
+            # how features are sharded, held or budgeted changes no number: not part of a result's identity
+            "features": spec.features.model_dump(
+                mode="json", exclude={"shard_forward_passes", "shard_mb", "resident_mb", "cache_budget_gb", "online"}
+            ),
             "search": spec.search.model_dump(mode="json"),
             **cell_fields,
         },
@@ -214,36 +243,40 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             check_token_set(backbone_facts(b.name), spec.features.tokens)
     task = ds.task if ds is not None else dataset_task(spec.dataset.name)
     manifests: dict[str, str] = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
+    published = published_size(spec.dataset.name, spec.dataset.subset) if ds is None else None
+    volumetric = ds.volumetric if ds is not None else bool(published and published.volumetric)
     # what each probe reads: its view of this dataset and its token set
-    reads = (
-        {
-            p.kind: (get_probe(p.kind).view(ds.volumetric), get_probe(p.kind).tokens(spec.features.tokens))
-            for p in spec.probes
-        }
-        if ds is not None
-        else {}
-    )
+    reads = {
+        p.kind: (get_probe(p.kind).view(volumetric), get_probe(p.kind).tokens(spec.features.tokens))
+        for p in spec.probes
+    }
+    grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
     feature_sets: list[FeatureSetPlan] = []
     keys: dict[tuple, dict[str, str]] = {}  # (backbone, resolution, view, tokens) -> split -> digest
+    online: set[tuple] = set()  # (backbone, resolution, view, tokens) computed inside the trials
     for bb, res in itertools.product(infos, spec.resolutions):
         if res % bb.patch_size:
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
         if not frozen:
             continue
-        if ds is None:
-            feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False) for split in SPLITS)
+        if ds is None and published is None:
+            feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False, estimated=True) for split in SPLITS)
             continue
         for view, tokens in dict.fromkeys(reads.values()):
-            channels = ds.channels if view != "images" else ()
-            for split in SPLITS:
-                key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels)
-                keys.setdefault((bb.name, res, view, tokens), {})[split] = key.digest
-                n_rows = len(ds.split(split))
-                feature_sets.append(
-                    FeatureSetPlan(
-                        bb, res, split, key, n_rows, store.has(key), ds.forward_passes(split, view), view, tokens
-                    )
-                )
+            sets = [
+                _feature_set(spec, bb, res, view, tokens, split, ds, published, store, manifests) for split in SPLITS
+            ]
+            group = (bb.name, res, view, tokens)
+            budget = spec.features.cache_budget_gb
+            if (view, tokens) in grid_views and (
+                spec.features.online or (budget is not None and sum(f.nbytes for f in sets) > budget * 2**30)
+            ):
+                online.add(group)
+                sets = [dataclasses.replace(f, online=True, cached=False) for f in sets]
+            for f in sets:
+                if f.key is not None and not f.online:
+                    keys.setdefault(group, {})[f.split] = f.key.digest
+            feature_sets.extend(sets)
 
     common = {
         "task": task,
@@ -252,6 +285,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         "search": spec.search.model_dump(mode="json"),
         "bootstrap": spec.metrics.bootstrap.model_dump(mode="json"),
     }
+    bags = {s: len(ds.units(s).sample_ids) for s in SPLITS} if ds is not None and ds.bagged else None
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
         gflops = bb.gflops_per_image(res)
@@ -295,6 +329,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         for probe in spec.probes:
             view, tokens = reads.get(probe.kind, ("images", spec.features.tokens))
             fk = keys.get((bb.name, res, view, tokens), {})
+            is_online = (bb.name, res, view, tokens) in online
             config = probe.model_dump(mode="json")
             axes = {
                 "backbone": bb.name,
@@ -315,8 +350,14 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     "seed": seed,
                     "features": fk,
                     "probe_config": config,
+                    **({"online": True} if is_online else {}),
                 },
             )
+            reads_sets = [
+                f
+                for f in feature_sets
+                if (f.backbone.name, f.resolution, f.view, f.tokens) == (bb.name, res, view, tokens)
+            ]
             cells.append(
                 Cell(
                     axes,
@@ -328,10 +369,140 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     feature_keys=tuple(sorted(fk.items())),
                     probe_config=config,
                     params=_protocol_params(spec, bb, gflops, config, "probe"),
+                    online=is_online,
+                    feature_dtype=spec.features.dtype,
+                    feature_batch=spec.features.batch_size,
+                    memory=_trial_memory(spec, probe, reads_sets, ds, published, is_online, bags),
                     **common,
                 )
             )
-    return Plan(spec, ds, ds_error, cells, feature_sets, root)
+    return Plan(spec, ds, ds_error, cells, feature_sets, root, published)
+
+
+def _typical_pixels(spec: SweepSpec, published, resolution: int) -> int:
+    """In-plane pixels of one input (label maps, volumes in a loader): the phantom's size, the published
+    typical size, else the resolution."""
+    ph = spec.dataset.phantom
+    if ph is not None:
+        return ph.image_size**2
+    if published is not None and published.pixels[0]:
+        return published.pixels[0] * published.pixels[1]
+    return resolution**2
+
+
+def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split: str, ds, published, store, manifests):
+    """One split's feature set: its key and cache status (with data), its rows, bytes and shards, and the
+    predicted memory of the task that extracts it."""
+    import numpy as np
+
+    f = spec.features
+    width = cost.row_elements(tokens, view, bb.embed_dim, res // bb.patch_size, f.volume_pool)
+    itemsize = np.dtype(f.dtype).itemsize
+    if ds is not None:
+        src = ds.sources(split)
+        passes = src.forward_passes()
+        per_row = passes if view == "slices" else [1] * len(passes)
+        shards = tuple(
+            cost.shard_ranges(passes, [r * width * itemsize for r in per_row], f.shard_forward_passes, f.shard_mb << 20)
+        )
+        channels = ds.channels if view != "images" else ()
+        key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels)
+        cached = store.has(key)
+        committed = 0 if cached else len(store.shards_committed(key, len(shards)))
+        n_units, n_passes, n_rows = len(passes), int(sum(passes)), int(sum(per_row))
+        volume_slices = max(passes) if ds.volumetric else 0
+        estimated = False
+    else:
+        frac = {"val": spec.dataset.split.val_fraction, "test": spec.dataset.split.test_fraction}
+        frac["train"] = 1 - frac["val"] - frac["test"]
+        per = published.inputs_per_unit(spec.dataset.tile_mpp)
+        units = published.units * frac[split]  # fractions of the inputs (CREMI cuts sections, not blocks)
+        if published.bagged:  # manifest rows are tiles
+            n_units, passes_per_unit = round(units * per), 1.0
+        else:
+            n_units, passes_per_unit = max(1, round(units)), per
+        n_passes = round(units * per)
+        n_rows = n_passes if view == "slices" else n_units
+        rows_per_unit = passes_per_unit if view == "slices" else 1
+        n_shards = cost.even_shards(
+            n_units, passes_per_unit, rows_per_unit * width * itemsize, f.shard_forward_passes, f.shard_mb << 20
+        )
+        shards, key, cached, committed, estimated = (), None, False, 0, True
+        volume_slices = round(per) if published.volumetric else 0
+    n_shards = len(shards) if shards else (n_shards if ds is None else 1)
+    largest_shard = max((b - a for a, b in shards), default=n_units // max(1, n_shards))
+    gpu = spec.profile == "paper"
+    shape = cost.ExtractionShape(
+        n_params=bb.n_params,
+        resolution=res,
+        tokens_per_image=0 if gpu else bb.tokens_per_image(res),  # on a GPU the activations are in device memory
+        embed_dim=bb.embed_dim,
+        batch_size=f.batch_size,
+        row_elements=width,
+        volume_voxels=_typical_pixels(spec, published, res) * volume_slices if view != "images" else 0,
+        pooled_rows=largest_shard if view == "volumes" else 0,
+        workers=min(8, max(1, int(spec.resources.cpus_per_extraction) - 1)) if gpu else 0,
+    )
+    return FeatureSetPlan(
+        bb,
+        res,
+        split,
+        key,
+        n_units,
+        cached,
+        n_passes,
+        view,
+        tokens,
+        n_rows=n_rows,
+        row_elements=width,
+        dtype=f.dtype,
+        shards=shards,
+        n_shards=max(1, n_shards),
+        committed_shards=committed,
+        estimated=estimated,
+        extraction_peak=cost.extraction_peak_bytes(shape),
+    )
+
+
+def _trial_memory(
+    spec: SweepSpec, probe, sets: list[FeatureSetPlan], ds, published, online: bool, bags: dict | None
+) -> dict:
+    """The trial's feature budget and its predicted peak host memory (``dinoscale.sweep.cost``)."""
+    defn = get_probe(probe.kind)
+    resident = spec.features.resident_mb << 20
+    if not sets:
+        return {"resident_bytes": resident}
+    by_split = {f.split: f for f in sets}
+    items = {}
+    for split, f in by_split.items():
+        if bags is not None and defn.input == "bag":
+            items[split] = bags[split]
+        elif ds is None and published is not None and published.bagged:
+            items[split] = max(1, round(f.n_images / max(1.0, published.inputs_per_unit(spec.dataset.tile_mpp))))
+        else:
+            items[split] = f.n_images
+    labels = None
+    if defn.input == "grid":
+        pixels = _typical_pixels(spec, published, sets[0].resolution)
+        labels = {s: f.n_slices * pixels for s, f in by_split.items()}
+    bb = sets[0].backbone
+    shape = cost.TrialShape(
+        probe=probe.kind,
+        input=defn.input,
+        streams=defn.streams,
+        split_bytes={s: float(f.float32_bytes) for s, f in by_split.items()},
+        split_items=items,
+        resident_bytes=resident,
+        batch_size=getattr(probe, "batch_size", 256),
+        label_voxels=labels,
+        n_out=getattr(probe, "n_classes", 3),
+        on_gpu=spec.profile == "paper",
+        online_params=bb.n_params if online else 0,
+        online_batch_bytes=(spec.features.batch_size * bb.tokens_per_image(sets[0].resolution) * bb.embed_dim * 4 * 12)
+        if online
+        else 0.0,
+    )
+    return {"resident_bytes": resident, "predicted_peak_bytes": cost.trial_peak_bytes(shape)}
 
 
 def check_runnable(plan: Plan) -> None:
@@ -363,9 +534,51 @@ def check_runnable(plan: Plan) -> None:
             "features.tokens 'patch_grid' is the input of segmentation heads; classification and "
             "bag probes need a vector per image (e.g. cls_mean_patch)"
         )
+    if spec.resources.node_memory_gb is not None:  # declared in the spec: checked before anything starts
+        check_memory(plan, spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb says each node has")
     training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
     if training and (ds.volumetric or not task.finetunable):
         raise NotRunnableError(
             f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
             f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}. Use strategies: [frozen]."
         )
+
+
+def memory_problems(plan: Plan, node_bytes: float) -> list[str]:
+    """Cells whose trial, and feature sets whose extraction task, are predicted to need more than a node has."""
+    out = []
+    for c in plan.cells:
+        need = c.memory.get("predicted_peak_bytes", 0.0)
+        if need > node_bytes:
+            out.append(f"cell {c.id}: a trial needs ~{cost.gib(need)}")
+    seen = set()
+    for f in plan.feature_sets:
+        group = (f.backbone.name, f.resolution, f.view)
+        if not f.online and f.extraction_peak > node_bytes and group not in seen:
+            seen.add(group)
+            out.append(
+                f"extraction of {f.backbone.name}@{f.resolution} ({f.view}): a task needs ~{cost.gib(f.extraction_peak)}"
+            )
+    return out
+
+
+def check_memory(plan: Plan, node_bytes: float, how: str) -> None:
+    """Refuse, naming the cells and the figures, a sweep with a task that cannot fit the memory of a node."""
+    problems = memory_problems(plan, node_bytes)
+    if problems:
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise NotRunnableError(
+            f"{len(problems)} task(s) of sweep '{plan.spec.name}' would not fit in memory: {how} "
+            f"{cost.gib(node_bytes)}:\n  " + "\n  ".join(problems[:8]) + more + "\nLower features.resident_mb "
+            "(trials then stream their splits), use features.online for grid probes, give the nodes more memory "
+            "(resources.node_memory_gb states it), or lower features.batch_size."
+        )
+
+
+def plan_node_memory(spec: SweepSpec) -> tuple[float, str]:
+    """The node memory a dry run checks against: the spec's, else this machine's."""
+    if spec.resources.node_memory_gb is not None:
+        return spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb"
+    import psutil
+
+    return float(psutil.virtual_memory().total), "this machine"

@@ -28,6 +28,7 @@ from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.display import SweepProgress, print_banner, print_plan, print_summary
+from dinoscale.sweep.extraction import check_cluster_memory, extraction_record
 from dinoscale.sweep.interrupt import SweepSignals
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
 from dinoscale.sweep.state import SweepState, new_sweep_id
@@ -174,6 +175,9 @@ def run_sweep(
         print_banner(plan, provenance)
         print_plan(plan)
         console.print(checks.line())
+    # every task must fit the memory a node declares: refused before any run is recorded or work starts
+    _init_ray(spec, address)
+    check_cluster_memory(plan)
 
     client = MlflowClient(tracking_uri)
     dataset_inputs = split_dataset_inputs(plan.dataset)  # built once: the parent and every child log them
@@ -345,10 +349,14 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
             "extraction_forward_seconds": extraction.forward_seconds,
             "extraction_wall_seconds": extraction.wall_seconds,
             "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
+            **extraction_record(extraction),
         },
     )
-    for job in extraction.per_job:  # what each job measured: GFLOPs per image, the loaded weights' sha256
-        client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{job['job'].replace('@', '_r')}.json")
+    for i, job in enumerate(extraction.per_job):  # what each job measured: GFLOPs per image, weights' sha256, memory
+        name = job["job"].replace("@", "_r") + (f"_task{i}" if len(extraction.per_job) > 1 else "")
+        client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{name}.json")
+    if extraction.per_feature_set:
+        client.log_dict(parent_id, extraction.per_feature_set, record.FEATURE_SETS)
     if not quiet:
         console.print(
             f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
@@ -381,6 +389,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
             record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
         },
         dataset_inputs=dataset_inputs,
+        sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
     )
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cells = ctx.cells

@@ -21,8 +21,10 @@ from dinoscale import record
 from dinoscale.data import SplitUnits
 from dinoscale.errors import describe, user_error_of
 from dinoscale.features import FeatureStore
-from dinoscale.probes import BagSplit, SegSplit, Split, get_probe, run_probe
+from dinoscale.memory import PeakRSS
+from dinoscale.probes import SegSplit, get_probe, run_probe
 from dinoscale.sweep.cell import Cell
+from dinoscale.sweep.inputs import probe_inputs
 from dinoscale.tasks import Scoring, get_task
 
 
@@ -41,51 +43,13 @@ class SweepContext:
     dataset_inputs: list = field(default_factory=list)  # split manifests as MLflow datasets
     checkpoint_root: str | None = None  # lora / full checkpoints, keyed by trial key (on shared storage)
     mask_labels: dict[int, str] = field(default_factory=dict)  # segmentation: mask value -> structure
-
-
-def _load_rows(store: FeatureStore, digest: str, split: str, groups: list[list[str]]) -> list[np.ndarray]:
-    """The cached rows of each unit (in unit order), checked against what the manifest lists."""
-    fs = store.get(digest)
-    index = {sid: i for i, sid in enumerate(fs.sample_ids)}
-    wanted = [sid for g in groups for sid in g]
-    if len(index) != len(fs.sample_ids) or len(wanted) != len(index) or any(sid not in index for sid in wanted):
-        raise RuntimeError(f"feature set {digest} ({split}) lists other samples than the manifest; extract again")
-    x = fs.features
-    return [x[[index[sid] for sid in g]] for g in groups]
+    sources: dict = field(default_factory=dict)  # split -> RowSources, for online features (PET channels)
 
 
 def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str, probe_spec):
-    """The probe's input for one split, by the input form its descriptor declares: ``Split`` (a vector per
-    unit), ``BagSplit`` (rows grouped per volume / slide) or ``SegSplit`` (grids stacked per volume + label maps)."""
-    units = ctx.splits[split]
-    rows = _load_rows(store, dict(cell.feature_keys)[split], split, units.row_groups(cell.view))
-    form = get_probe(cell.probe).input
-    if form == "grid":
-        from dinoscale.data.masks import load_label_maps
-
-        x = _stack(rows, units, "feature maps")
-        if cell.view == "images":
-            x = x[:, 0]  # (n, D, h, w): one 2D image per unit
-        y = load_label_maps(
-            units.masks, units.n_slices if cell.view == "slices" else None, getattr(probe_spec, "n_classes", None)
-        )
-        return SegSplit(x.astype(np.float32), y, units.patient_ids)
-    if form == "bag":
-        return BagSplit([r.astype(np.float32) for r in rows], units.labels)
-    return Split(np.concatenate(rows).astype(np.float32), units.labels)
-
-
-def _stack(rows: list[np.ndarray], units: SplitUnits, what: str) -> np.ndarray:
-    shapes = {r.shape for r in rows}
-    if len(shapes) > 1:
-        first = rows[0].shape
-        odd = next(i for i, r in enumerate(rows) if r.shape != first)
-        raise ValueError(
-            f"{what}: volume {units.sample_ids[odd]} has shape {rows[odd].shape}, {units.sample_ids[0]} "
-            f"{first}; segmentation cells stack volumes, so every volume needs the same number of slices "
-            "(resample or crop the volumes to one shape)"
-        )
-    return np.stack(rows)
+    """The probe's input for one split (``dinoscale.sweep.inputs``): views of the memory-mapped store, read
+    a mini-batch at a time above the trial's memory budget, or online features."""
+    return probe_inputs(cell, ctx.splits[split], store, split, probe_spec, ctx.sources.get(split))
 
 
 def _scoring(cell: Cell, ctx: SweepContext, n_classes: int | None = None) -> Scoring:
@@ -109,39 +73,50 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
         return evaluate_finetune_cell(cell, ctx, checkpoint_root, on_epoch)
     probe_spec = get_probe(cell.probe).spec.model_validate(cell.probe_config)
     store = FeatureStore(ctx.store_root)
-    t0 = time.perf_counter()
-    train, val, test = (_probe_inputs(cell, ctx, store, s, probe_spec) for s in ("train", "val", "test"))
-    t_load = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    n_trials = cell.search.get("n_trials", 1)
-    if n_trials > 1:
-        from dinoscale.search import search_probe
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        train, val, test = (_probe_inputs(cell, ctx, store, s, probe_spec) for s in ("train", "val", "test"))
+        t_load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n_trials = cell.search.get("n_trials", 1)
+        if n_trials > 1:
+            from dinoscale.search import search_probe
 
-        result, _ = search_probe(
-            probe_spec, train, val, test, n_trials=n_trials, seed=cell.search.get("seed", 0) + cell.seed
+            result, _ = search_probe(
+                probe_spec, train, val, test, n_trials=n_trials, seed=cell.search.get("seed", 0) + cell.seed
+            )
+        else:
+            result = run_probe(probe_spec, train, val, test, seed=cell.seed)
+        t_probe = time.perf_counter() - t1
+        dim = train.x[0].shape[-1] if isinstance(train.x, list) else train.x.shape[-3 if train.x.ndim >= 4 else 1]
+        target = test.y if isinstance(test, SegSplit) else None
+        out = _scored(
+            cell,
+            ctx,
+            result.test_scores,
+            target,
+            result.val_metric,
+            result.selected,
+            {
+                "feature_dim": dim,
+                "probe_candidates": result.candidates,
+                "time_feature_load_s": t_load,
+                "time_probe_s": t_probe,
+                "search_trials": n_trials,
+                "features_online": int(cell.online),
+            },
+            getattr(probe_spec, "n_classes", None),
         )
-    else:
-        result = run_probe(probe_spec, train, val, test, seed=cell.seed)
-    t_probe = time.perf_counter() - t1
-    dim = train.x[0].shape[-1] if isinstance(train.x, list) else train.x.shape[-3 if train.x.ndim >= 4 else 1]
-    extra = {
-        "feature_dim": dim,
-        "probe_candidates": result.candidates,
-        "time_feature_load_s": t_load,
-        "time_probe_s": t_probe,
-        "search_trials": n_trials,
-    }
-    target = test.y if isinstance(test, SegSplit) else None
-    return _scored(
-        cell,
-        ctx,
-        result.test_scores,
-        target,
-        result.val_metric,
-        result.selected,
-        extra,
-        getattr(probe_spec, "n_classes", None),
-    )
+    out["metrics"].update(_memory_metrics(cell, peak))
+    return out
+
+
+def _memory_metrics(cell: Cell, peak: PeakRSS) -> dict:
+    """The trial's measured peak resident memory next to the plan's prediction (dinoscale.record names)."""
+    out = {record.TRIAL_PEAK_RSS_MB: peak.bytes / 2**20}
+    if "predicted_peak_bytes" in cell.memory:
+        out[record.TRIAL_PEAK_RSS_PREDICTED_MB] = cell.memory["predicted_peak_bytes"] / 2**20
+    return out
 
 
 def _axes_metrics(cell: Cell, ctx: SweepContext) -> dict:

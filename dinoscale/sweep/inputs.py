@@ -1,0 +1,263 @@
+"""A trial's probe inputs: views of the feature store (read on demand), label maps, or online features.
+
+A cell's feature set is opened memory-mapped (``FeatureStore.get``) and each split becomes the input form
+its probe's descriptor declares (``dinoscale.probes.registry``): ``Split`` (a vector per unit),
+``BagSplit`` (rows grouped per volume or slide) or ``SegSplit`` (grids stacked per volume, and label
+maps). The arrays inside are ``dinoscale.features.rows.RowView``s: nothing is read until the probe asks,
+and a split above the trial's budget (``features.resident_mb``) is read a mini-batch at a time.
+
+Label maps are read once per split from the mask files (one volume at a time) into a ``.npy`` next to the
+store, then read like features. Online cells (``features.online``, or a grid cache over
+``features.cache_budget_gb``) get ``OnlineGrids``: the frozen backbone computes each mini-batch's grids
+inside the head's training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from dinoscale.data import DataError, RowSources, SplitUnits
+from dinoscale.features import FeatureStore
+from dinoscale.features.rows import RowView
+from dinoscale.features.store import FeatureRows, _npy_header, _Shard
+from dinoscale.probes import BagSplit, SegSplit, Split, get_probe
+from dinoscale.sweep.cell import Cell
+
+
+def unit_rows(store: FeatureStore, digest: str, split: str, units: SplitUnits, view: str):
+    """Open a feature set and find the rows of each unit: (rows, row indices in unit order, rows per unit).
+
+    Checked against the manifest: every stored id is used exactly once, and a volume has as many slice rows
+    as the manifest says."""
+    fs = store.get(digest)
+    ids, rows_per_id = fs.ids, fs.rows_per_id
+    if view == "slices" and rows_per_id is None:  # format 2 kept one '<volume>#<k>' id per row
+        ids, rows_per_id = _volumes_of_rows(ids)
+    counts = np.asarray(rows_per_id if rows_per_id is not None else np.ones(len(ids)), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pos = {sid: i for i, sid in enumerate(ids)}
+    groups = units.members if (units.members is not None and view != "slices") else [[sid] for sid in units.sample_ids]
+    wanted = [sid for g in groups for sid in g]
+    if len(pos) != len(ids) or len(wanted) != len(pos) or any(sid not in pos for sid in wanted):
+        raise RuntimeError(f"feature set {digest} ({split}) lists other samples than the manifest; extract again")
+    p = np.fromiter((pos[sid] for sid in wanted), dtype=np.int64, count=len(wanted))
+    if view == "slices":
+        expected = np.asarray(units.n_slices, dtype=np.int64)
+        if rows_per_id is None or not np.array_equal(counts[p], expected):
+            raise RuntimeError(
+                f"feature set {digest} ({split}) has other slice counts than the manifest; extract again"
+            )
+    c = counts[p]
+    index = np.repeat(starts[p] - np.concatenate([[0], np.cumsum(c)[:-1]]), c) + np.arange(c.sum())
+    lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+    per_unit = np.add.reduceat(c, np.concatenate([[0], np.cumsum(lengths)[:-1]])) if len(c) else lengths
+    per_unit[lengths == 0] = 0
+    return fs.rows, index, per_unit
+
+
+def _volumes_of_rows(row_ids: list[str]) -> tuple[list[str], list[int]]:
+    """Volume ids and slice counts from consecutive ``<volume>#<k>`` row ids (``dinoscale.data.slice_row_ids``)."""
+    ids: list[str] = []
+    counts: list[int] = []
+    for rid in row_ids:
+        vol = rid.rsplit("#", 1)[0]
+        if ids and ids[-1] == vol:
+            counts[-1] += 1
+        else:
+            ids.append(vol)
+            counts.append(1)
+    return ids, counts
+
+
+def stacked(rows, index: np.ndarray, per_unit: np.ndarray, units: SplitUnits, what: str, resident: int) -> RowView:
+    """Items of equal row counts stacked: (n, S, *row) (slices of volumes), or (n, *row) for one row each."""
+    if len(per_unit) and (per_unit != per_unit[0]).any():
+        odd = int(np.flatnonzero(per_unit != per_unit[0])[0])
+        raise ValueError(
+            f"{what}: volume {units.sample_ids[odd]} has {per_unit[odd]} slices, {units.sample_ids[0]} "
+            f"{per_unit[0]}; segmentation cells stack volumes, so every volume needs the same number of slices "
+            "(resample or crop the volumes to one shape)"
+        )
+    return RowView(rows, index, group=None if units.n_slices is None else int(per_unit[0]), resident_bytes=resident)
+
+
+def _mask_fingerprint(masks: list[str], n_slices, n_classes) -> str:
+    h = hashlib.sha256(json.dumps([masks, list(map(int, n_slices)) if n_slices else None, n_classes]).encode())
+    for m in masks:
+        st = os.stat(str(m).split("::")[0])
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def label_maps(store: FeatureStore, units: SplitUnits, volumes: bool, n_classes: int | None, resident: int) -> RowView:
+    """The split's label maps as a view of a ``.npy`` cache (built once, one mask at a time): (n, S, H, W) for
+    volumes, (n, H, W) for 2D images. Semantic labels in [0, n_classes) are stored as uint8 (up to 256
+    classes), instance ids as int64."""
+    from dinoscale.data.masks import load_label_maps
+
+    if not units.masks:
+        load_label_maps(units.masks, None)  # the data module's message: this dataset lists no masks
+    n_slices = units.n_slices if volumes else None
+    path = store.local_dir / "labels" / f"{_mask_fingerprint(units.masks, n_slices, n_classes)}.npy"
+    if not path.is_file():
+        _write_label_maps(path, units.masks, n_slices, n_classes, load_label_maps)
+    shape, dtype, offset = _npy_header(str(path))
+    rows = FeatureRows([_Shard(str(path), 0, shape[0], offset)], dtype, shape[1:])
+    return RowView(rows, resident_bytes=resident)
+
+
+def _write_label_maps(path: Path, masks, n_slices, n_classes, load_label_maps) -> None:
+    dtype = np.dtype(np.uint8 if n_classes is not None and n_classes <= 256 else np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    first = None
+    try:
+        with open(tmp, "wb") as f:
+            for i, m in enumerate(masks):
+                arr = load_label_maps([m], [n_slices[i]] if n_slices is not None else None, n_classes)[0]
+                if first is None:
+                    first = arr.shape
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(dtype),
+                        "fortran_order": False,
+                        "shape": (len(masks), *first),
+                    }
+                    np.lib.format.write_array_header_1_0(f, header)
+                elif arr.shape != first:
+                    raise DataError(
+                        f"{m}: mask shape {tuple(arr.shape)} differs from {masks[0]} {tuple(first)}; "
+                        "segmentation cells stack volumes, so every image / volume needs one shape"
+                    )
+                f.write(np.ascontiguousarray(arr.astype(dtype)).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class OnlineGrids:
+    """Patch-token grids computed by the frozen backbone when a mini-batch asks for them (``features.online``):
+    ``x[idx]`` reads the units' images or volumes and runs the backbone, like extraction but nothing is
+    stored. Rounded to the store's dtype, so online and cached features agree. Shape (n, S, D, h, w) for
+    volumes, (n, D, h, w) for 2D images."""
+
+    resident_bytes = 0  # never loaded whole: always read per mini-batch
+
+    def __init__(self, cell: Cell, sources: RowSources, volumes: bool):
+        self.cell, self.sources, self.volumes = cell, sources, volumes
+        side = cell.resolution // cell.backbone.patch_size
+        row = (cell.backbone.embed_dim, side, side)
+        if volumes:
+            s = set(sources.n_slices)
+            if len(s) > 1:
+                raise ValueError(
+                    f"feature maps: volumes of {sorted(s)} slices; segmentation cells stack volumes, so every "
+                    "volume needs the same number of slices (resample or crop the volumes to one shape)"
+                )
+            self.shape = (len(sources.ids), sources.n_slices[0], *row) if sources.ids else (0, 0, *row)
+        else:
+            self.shape = (len(sources.ids), *row)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+        self._backbone = None
+
+    @property
+    def float32_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _model(self):
+        if self._backbone is None:
+            from dinoscale.features.extract import _prepare, pick_device
+            from dinoscale.models import load_backbone
+
+            bb = self.cell.backbone
+            self._backbone = load_backbone(bb.name, bb.weights, bb.weights_seed)
+            self.device = pick_device()
+            _prepare(self._backbone, self.device)
+            if self._backbone.weights["digest"] != bb.weights_digest:
+                raise RuntimeError(f"{bb.name}: loaded weights differ from the planned {bb.weights_digest}")
+        return self._backbone
+
+    def __getitem__(self, key) -> np.ndarray:
+        from dinoscale.features.extract import extract_features, extract_volume_slices
+        from dinoscale.features.rows import _index
+
+        items = _index(key, len(self))
+        c, bb = self.cell, self._model()
+        common = dict(
+            interpolation=c.interpolation,
+            batch_size=c.feature_batch,
+            window=c.window,
+            device=self.device,
+            progress=False,
+        )
+        if not self.volumes:
+            paths = [self.sources.items[i] for i in items]
+            x, _ = extract_features(bb, paths, c.resolution, "patch_grid", out_dtype=c.feature_dtype, **common)
+            return x.astype(np.float32)
+        pet = self.sources.channels.get("pet")
+        out = []
+        for i in items:
+            x, _ = extract_volume_slices(
+                bb,
+                [self.sources.items[i]],
+                [self.sources.n_slices[i]],
+                c.resolution,
+                "patch_grid",
+                pet_paths=[pet[i]] if pet else None,
+                out_dtype=c.feature_dtype,
+                **common,
+            )
+            out.append(x.astype(np.float32))
+        return np.stack(out) if out else np.zeros((0, *self.shape[1:]), np.float32)
+
+
+def probe_inputs(
+    cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources: RowSources | None = None
+):
+    """The probe's input for one split, by the input form its descriptor declares: ``Split`` (a vector per
+    unit), ``BagSplit`` (rows grouped per volume / slide) or ``SegSplit`` (grids stacked per volume + label
+    maps). Views of the store (or online features): nothing is loaded before the probe asks."""
+    defn = get_probe(cell.probe)
+    if not defn.streams:  # a probe that takes plain arrays gets the whole split in memory, as float32
+        return _in_memory(probe_inputs_views(cell, units, store, split, probe_spec, sources))
+    return probe_inputs_views(cell, units, store, split, probe_spec, sources)
+
+
+def _in_memory(inp):
+    if isinstance(inp, Split):
+        return Split(np.asarray(inp.x, dtype=np.float32), inp.y)
+    if isinstance(inp, BagSplit):
+        return BagSplit([np.asarray(b, dtype=np.float32) for b in inp.x], inp.y)
+    return SegSplit(np.asarray(inp.x, dtype=np.float32), np.asarray(inp.y).astype(np.int64), inp.volume_ids)
+
+
+def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources=None):
+    resident = int(cell.memory.get("resident_bytes", 1 << 30))
+    form = get_probe(cell.probe).input
+    if form == "grid":
+        volumes = cell.view == "slices"
+        y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident)
+        if cell.online:
+            src = sources or RowSources(units.sample_ids, units.items, units.n_slices)
+            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids)
+        rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
+        return SegSplit(stacked(rows, index, per_unit, units, "feature maps", resident), y, units.patient_ids)
+    rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
+    if form == "bag":
+        ends = np.cumsum(per_unit)
+        bags = [RowView(rows, index[e - n : e], resident_bytes=resident) for e, n in zip(ends, per_unit)]
+        return BagSplit(bags, units.labels)
+    if (per_unit != 1).any():
+        raise RuntimeError(f"feature set of {cell.id} ({split}) has several rows per unit; a vector probe needs one")
+    return Split(RowView(rows, index, resident_bytes=resident), units.labels)
