@@ -30,7 +30,7 @@ from dinoscale.metrics import macro_auroc
 from dinoscale.probes import Split
 from dinoscale.probes.knn import knn_scores
 from dinoscale.probes.linear import fit_linear
-from dinoscale.spec import LinearProbeSpec
+from dinoscale.probes.linear import LinearProbeSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,8 +129,8 @@ def bench_linear_case(case: dict, reps: int) -> dict:
             for lr in spec.learning_rates
             for wd in wds
         ]
-        # select the single-head fits exactly as the multi-head probe does: val AUROC, ties by val BCE
-        return min(fits, key=lambda r: (-r.val_metric, r.extra["val_bce"]))
+        # select the single-head fits exactly as the multi-head probe does: val AUROC, ties by val loss
+        return min(fits, key=lambda r: (-r.val_metric, r.extra["val_loss"]))
 
     times = {"multi_head": [], "one_at_a_time": []}
     for _ in range(reps):

@@ -1,5 +1,7 @@
 """k-NN probe, DINO protocol: L2-normalised features, cosine similarity, votes weighted by
-exp(sim / T); multi-label tasks vote per label. Every k is scored from one top-k search."""
+exp(sim / T); multi-label tasks vote per label, multiclass tasks per class (the scores of a unit then
+sum to 1). Every k is scored from one top-k search. Deterministic: a replicate changes its result only
+through the train / val split it is given (there is no initialisation to seed)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 from pydantic import Field
 
 from dinoscale.metrics import macro_auroc
-from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
 from dinoscale.tasks import CLASSIFICATION
 
 
@@ -48,6 +50,7 @@ def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Probe
         val_metric=float(val_metric[best_k]),
         selected={"k": best_k},
         candidates=len(val_metric),
+        edges=grid_edges({"k": list(val_metric)}, {"k": best_k}),
     )
 
 

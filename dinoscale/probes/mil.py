@@ -3,7 +3,9 @@ gated-attention MIL for whole-slide images (``abmil``, Ilse, Tomczak & Welling 2
 
 Bags have different sizes; each mini-batch is padded and masked, so a bag's prediction never depends
 on the padding. Every configuration of the grid (pooling x lr x wd) is trained with AdamW + cosine and
-BCE; the best val macro AUROC (ties: lower val BCE) is reported on test.
+BCE (mean over labels: AdamW's steps do not scale with the loss, so the mean and the sum train alike),
+softmax cross-entropy for multiclass tasks; the best val macro AUROC (ties: lower val loss) is reported
+on test. The model's initialisation is seeded by the replicate's seed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from dinoscale.metrics import macro_auroc
-from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, register_probe
+from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, grid_edges, register_probe
 from dinoscale.tasks import CLASSIFICATION
 
 
@@ -113,10 +115,17 @@ def _standardiser(bags: list[np.ndarray]):
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, bags: list[torch.Tensor], batch: int = 64) -> np.ndarray:
+def _predict(model: nn.Module, bags: list[torch.Tensor], batch: int = 64, exclusive: bool = False) -> np.ndarray:
     model.eval()
-    out = [torch.sigmoid(model(*_pad(bags[i : i + batch]))) for i in range(0, len(bags), batch)]
+    link = (lambda z: z.softmax(-1)) if exclusive else torch.sigmoid
+    out = [link(model(*_pad(bags[i : i + batch]))) for i in range(0, len(bags), batch)]
     return torch.cat(out).numpy()
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    if exclusive:
+        return nn.functional.cross_entropy(logits, y.argmax(1))
+    return nn.functional.binary_cross_entropy_with_logits(logits, y)
 
 
 def train_bag_model(
@@ -128,8 +137,9 @@ def train_bag_model(
     epochs: int,
     batch_size: int,
     seed: int,
+    exclusive: bool = False,
 ) -> nn.Module:
-    """AdamW + cosine, BCE; ``bags`` are (n_i, d) tensors, ``y`` (n_bags, C)."""
+    """AdamW + cosine, BCE (softmax cross-entropy when ``exclusive``); ``bags`` are (n_i, d) tensors, ``y`` (n_bags, C)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(bags) / batch_size)
@@ -140,7 +150,7 @@ def train_bag_model(
         for i in range(0, len(bags), batch_size):
             idx = perm[i : i + batch_size]
             logits = model(*_pad([bags[j] for j in idx]))
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+            loss = _loss(logits, y[idx], exclusive)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,6 +165,7 @@ def _fit_grid(
     tr, va, te = prep(train.x), prep(val.x), prep(test.x)
     ytr = torch.as_tensor(train.y, dtype=torch.float32)
     yv = np.asarray(val.y, dtype=np.float64)
+    exclusive = bool(getattr(train, "exclusive", False))
     best = None
     for cfg in configs:
         torch.manual_seed(seed)
@@ -167,20 +178,26 @@ def _fit_grid(
             spec.epochs,
             spec.batch_size,
             seed,
+            exclusive,
         )
-        sv = _predict(model, va)
+        sv = _predict(model, va, exclusive=exclusive)
         auc = macro_auroc(val.y, sv)
-        bce = float(-(yv * np.log(sv + 1e-7) + (1 - yv) * np.log(1 - sv + 1e-7)).mean())
-        key = (np.nan_to_num(auc, nan=-np.inf), -bce)
+        if exclusive:
+            loss = float(-(yv * np.log(sv + 1e-7)).sum(1).mean())
+        else:
+            loss = float(-(yv * np.log(sv + 1e-7) + (1 - yv) * np.log(1 - sv + 1e-7)).mean())
+        key = (np.nan_to_num(auc, nan=-np.inf), -loss)
         if best is None or key > best[0]:
-            best = (key, cfg, auc, bce, model)
-    _, cfg, auc, bce, model = best
+            best = (key, cfg, auc, loss, model)
+    _, cfg, auc, loss, model = best
+    grid = {k: [c[k] for c in configs] for k in ("lr", "weight_decay")}
     return ProbeResult(
-        test_scores=_predict(model, te),
+        test_scores=_predict(model, te, exclusive=exclusive),
         val_metric=float(auc),
         selected=dict(cfg),
         candidates=len(configs),
-        extra={"val_bce": bce},
+        extra={"val_loss": loss},
+        edges=grid_edges(grid, cfg),
     )
 
 
