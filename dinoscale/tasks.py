@@ -113,7 +113,7 @@ def _per_volume(values: dict[str, np.ndarray], headline: Headline, s: Scoring) -
             for name in values:
                 v = part[name].to_numpy(dtype=np.float64)
                 if np.isfinite(v).any():
-                    metrics[f"test_{name}_{g}"] = float(np.nanmean(v))
+                    metrics[f"test_{name}.{g}"] = float(np.nanmean(v))
     return metrics, table
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dinoscale.analysis.compare import best_configurations, compare_strategies, summarize_strategies
@@ -80,6 +81,23 @@ def _method(cd: CellDraws) -> list[str]:
     ]
 
 
+def _selection_warnings(runs: pd.DataFrame) -> list[str]:
+    """Runs whose choice on val sits on the edge of its grid (tag ``record.SELECTION_EDGE``): the optimum may
+    lie outside the grid, so the number may understate the configuration."""
+    if "selection_edge" not in runs.columns:
+        return []
+    edged = runs[runs["selection_edge"].fillna("").astype(str) != ""]
+    if edged.empty:
+        return []
+    examples = "; ".join(
+        f"{r.backbone} {r.resolution}px {r.probe}: {r.selection_edge}" for r in edged.head(5).itertuples()
+    )
+    return [
+        f"Warning: {len(edged)} of {len(runs)} run(s) chose a hyper-parameter on the edge of its grid, so the "
+        f"optimum may lie outside it (widen the grid): {examples}" + (" ..." if len(edged) > 5 else "")
+    ]
+
+
 def _exponent_words(c: Curve, h: Headline = AUROC) -> str:
     f = c.fit
     if f.exponent_identified:
@@ -104,10 +122,15 @@ def _verdict_line(c: Curve, h: Headline = AUROC) -> str:
     return line
 
 
+def _interval_text(low, high) -> str:
+    """'[low, high]', or what stands in for an interval the data cannot give (too few test units)."""
+    return f"[{low:.3f}, {high:.3f}]" if np.isfinite(low) and np.isfinite(high) else "(no interval: too few test units)"
+
+
 def _best_lines(best: pd.DataFrame, h: Headline = AUROC) -> list[str]:
     return [
         f"{r.modality}: {r.backbone} ({r.n_params / 1e6:.2f}M params) at {r.resolution}px, {r.probe} probe, "
-        f"{r.strategy}: {h.label} {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
+        f"{r.strategy}: {h.label} {r.test_metric:.3f} {_interval_text(r.test_low, r.test_high)}, chosen on {r.chosen_on}"
         for r in best.itertuples()
     ]
 
@@ -160,7 +183,7 @@ def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
     for r in cells.sort_values([*CELL_KEYS[:-3], "resolution", "n_params"]).itertuples():
         table.append(
             f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
-            f"{r.resolution} | {r.metric:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |"
+            f"{r.resolution} | {r.metric:.3f} {_interval_text(r.low, r.high)} | {r.seeds} |"
         )
     return "\n".join(table)
 
@@ -202,7 +225,7 @@ def write_report(
     rc = ReportContent(
         title=title,
         provenance=provenance,
-        method=_method(cd),
+        method=_method(cd) + _selection_warnings(runs),
         figures=_figures(curves, comparisons, out_dir, title, " | ".join(provenance), headline),
         verdicts={
             m: [_verdict_line(c, headline) for c in curves if c.group["modality"] == m]

@@ -28,7 +28,8 @@ SPLITS = ("train", "val", "test")
 #   n_slices (3D volumes), mask_path (segmentation / instance ids), pet_path (PET of a PET/CT pair,
 #   path is the CT), bag_id (WSI: the slide a tile belongs to; one row per tile), z_start/z_stop
 #   (a block of sections of one EM volume), volume_key/mask_key (HDF5 dataset names), tile_label
-#   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array).
+#   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array), sample (a group
+#   reported on its own, e.g. CREMI's A / B / C), fold (cross-validation fold of a train / val unit).
 EXTRA_COLUMNS = (
     "n_slices",
     "mask_path",
@@ -39,6 +40,8 @@ EXTRA_COLUMNS = (
     "volume_key",
     "mask_key",
     "npz_index",
+    "sample",
+    "fold",
 )
 FILE_COLUMNS = ("mask_path", "pet_path")
 # Extra co-registered inputs of a row, by name -> manifest column (the row's ``path`` is the first channel).
@@ -79,6 +82,55 @@ class SplitUnits:
     members: list[list[str]] | None = None  # bags (slides): the feature rows (tiles) of each unit
     n_slices: list[int] | None = None  # volumes: slices per volume (feature rows '<id>#<k>')
     masks: list[str] | None = None  # segmentation: what the mask reader opens per unit
+    spacing: list[tuple[float, ...] | None] | None = None  # dense volumes: voxel spacing as read_volume gives it
+    groups: list[str] | None = None  # a group reported on its own (CREMI sample A / B / C)
+    folds: np.ndarray | None = None  # cross-validation fold per unit, where the dataset has folds
+
+    def take(self, idx) -> SplitUnits:
+        """The units at positions ``idx`` (a replicate's train or val split)."""
+        idx = [int(i) for i in idx]
+
+        def pick(v):
+            if v is None:
+                return None
+            if isinstance(v, np.ndarray):
+                return v[idx]
+            return [v[i] for i in idx] if v else v
+
+        return SplitUnits(
+            [self.sample_ids[i] for i in idx],
+            self.patient_ids[idx],
+            self.labels[idx],
+            pick(self.items),
+            pick(self.members),
+            pick(self.n_slices),
+            pick(self.masks),
+            pick(self.spacing),
+            pick(self.groups),
+            pick(self.folds),
+        )
+
+    @staticmethod
+    def concat(a: SplitUnits, b: SplitUnits) -> SplitUnits:
+        """``a``'s units then ``b``'s (train + val, regrouped by a replicate)."""
+
+        def join(u, v):
+            if u is None or v is None:
+                return None
+            return np.concatenate([u, v]) if isinstance(u, np.ndarray) else list(u) + list(v)
+
+        return SplitUnits(
+            a.sample_ids + b.sample_ids,
+            np.concatenate([a.patient_ids, b.patient_ids]),
+            np.concatenate([a.labels, b.labels]),
+            list(a.items) + list(b.items),
+            join(a.members, b.members),
+            join(a.n_slices, b.n_slices),
+            join(a.masks, b.masks),
+            join(a.spacing, b.spacing),
+            join(a.groups, b.groups),
+            join(a.folds, b.folds),
+        )
 
     def row_groups(self, view: str) -> list[list[str]]:
         """The feature-store row ids that make up each unit, for a feature set of ``view``."""
@@ -119,6 +171,11 @@ class PreparedDataset:
     root: Path
     mask_labels: dict[int, str] = field(default_factory=dict)  # segmentation: mask value -> structure name
     skipped: list[dict] = field(default_factory=list)  # on_bad_file=skip: {"path", "reason"} per dropped file
+    # How replicates vary the data (dinoscale.data.splits.replicate_indices): "resplit" redraws train / val by
+    # patient; "fixed" keeps them (a protocol split, e.g. CREMI's first sections train); folds, where the
+    # manifest has a fold column, give each replicate its own validation fold.
+    replicates: str = "resplit"
+    replicates_reason: str = ""
     _digests: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- shape
@@ -188,12 +245,18 @@ class PreparedDataset:
                 first["patient_id"].astype(str).to_numpy(),
                 first[self.classes].to_numpy(dtype="float32"),
                 members=members.loc[first["bag_id"]].tolist(),
+                folds=first["fold"].astype(int).to_numpy() if "fold" in first.columns else None,
             )
         masks = None
         if "mask_key" in df.columns:
             masks = _items(df, "path", "mask_key")
         elif "mask_path" in df.columns:
             masks = df["mask_path"].tolist()
+        spacing = None
+        if masks is not None and self.volumetric:  # metrics in physical units: each volume's own spacing
+            from dinoscale.data.readers import volume_spacing
+
+            spacing = [volume_spacing(m) for m in masks]
         return SplitUnits(
             ids.tolist(),
             df["patient_id"].astype(str).to_numpy(),
@@ -201,7 +264,17 @@ class PreparedDataset:
             _items(df),
             n_slices=df["n_slices"].astype(int).tolist() if self.volumetric else None,
             masks=masks,
+            spacing=spacing,
+            groups=df["sample"].astype(str).tolist() if "sample" in df.columns else None,
+            folds=df["fold"].astype(int).to_numpy() if "fold" in df.columns else None,
         )
+
+    @property
+    def folds(self) -> int:
+        """Cross-validation folds of the train / val units (0: the dataset has none)."""
+        if "fold" not in self.manifest.columns:
+            return 0
+        return int(self.manifest.loc[self.manifest["split"] != "test", "fold"].nunique())
 
     def manifest_digest(self, split: str) -> str:
         """Digest of what a split contains: ids, patients, labels, and each file's path and size."""

@@ -54,6 +54,15 @@ def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Probe
     )
 
 
+def _rules(spec, task: str) -> dict:
+    return {
+        "similarity": "cosine of L2-normalised features; votes weighted by exp(sim / T), per label (multi-label) "
+        "or per class (multiclass)",
+        "selection": "k on val macro AUROC (ties: smaller k); k clipped to the train size",
+        "init": "none (deterministic): replicates differ by their train / val split only",
+    }
+
+
 def _space(trial, spec) -> dict:
     return {"temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True)}
 
@@ -67,5 +76,6 @@ register_probe(
         input="vector",
         space=_space,
         description="DINO k-NN: cosine, T=0.07, k chosen on val",
+        rules=_rules,
     )
 )

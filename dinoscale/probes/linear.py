@@ -144,6 +144,24 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     )
 
 
+def _rules(spec, task: str) -> dict:
+    from dinoscale.tasks import get_task
+
+    exclusive = get_task(task).exclusive if task else False
+    return {
+        "loss": "softmax cross-entropy over the classes"
+        if exclusive
+        else "binary cross-entropy summed over labels, averaged over the batch",
+        "optimiser": f"SGD, momentum {spec.momentum}, cosine schedule to 0 over {spec.epochs} epochs, batch "
+        f"{spec.batch_size}; lr x batch/256",
+        "heads": f"{len(spec.learning_rates) * len(spec.weight_decays)} (every lr x weight decay), trained at once on "
+        "the same batches",
+        "init": f"weights N(0, {INIT_STD}^2) seeded by the replicate, bias 0",
+        "features": "standardised with the train split's mean and std",
+        "selection": "val macro AUROC (ties: lower val loss); a choice on a grid edge is tagged and warned about",
+    }
+
+
 def _space(trial, spec) -> dict:
     return {
         "epochs": trial.suggest_int("epochs", 10, 100, log=True),
@@ -161,5 +179,6 @@ register_probe(
         space=_space,
         description="DINOv2 linear eval: a grid of lr x wd heads trained at once (BCE summed over labels, "
         "softmax CE for multiclass), chosen on val",
+        rules=_rules,
     )
 )

@@ -91,6 +91,19 @@ def fit_logreg(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     )
 
 
+def _rules(spec, task: str) -> dict:
+    from dinoscale.tasks import get_task
+
+    exclusive = get_task(task).exclusive if task else False
+    return {
+        "model": "one multinomial (softmax) model" if exclusive else "one binary model per label",
+        "solver": f"scikit-learn lbfgs, L2, max_iter {spec.max_iter}, warm-started from the smallest C",
+        "features": "standardised with the train split's mean and std",
+        "selection": "C on val macro AUROC (ties: smaller C)",
+        "init": "none (convex, deterministic): replicates differ by their train / val split only",
+    }
+
+
 def _space(trial, spec) -> dict:
     return {"cs": [trial.suggest_float("C", 1e-4, 1e2, log=True)]}
 
@@ -104,5 +117,6 @@ register_probe(
         input="vector",
         space=_space,
         description="logistic regression per label (multinomial for multiclass; scikit-learn), C chosen on val",
+        rules=_rules,
     )
 )

@@ -216,6 +216,19 @@ def fit_abmil(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 
     return _fit_grid(configs, lambda c, d, n: ABMIL(d, n, spec.hidden_dim, spec.dropout), train, val, test, spec, seed)
 
 
+def _rules(spec, task: str) -> dict:
+    from dinoscale.tasks import get_task
+
+    exclusive = get_task(task).exclusive if task else False
+    return {
+        "loss": "softmax cross-entropy" if exclusive else "binary cross-entropy, mean over labels",
+        "optimiser": f"AdamW, cosine schedule over {spec.epochs} epochs, {spec.batch_size} bags per step "
+        "(padded and masked)",
+        "init": "torch default, seeded by the replicate",
+        "selection": "val macro AUROC (ties: lower val loss) over the grid; a choice on a grid edge is tagged",
+    }
+
+
 def _space(trial, spec) -> dict:
     out = {
         "learning_rates": [trial.suggest_float("lr", 1e-5, 1e-2, log=True)],
@@ -237,6 +250,7 @@ register_probe(
         space=_space,
         bags_only=True,
         description="slice features pooled per volume (mean / max / attention) + linear head",
+        rules=_rules,
     )
 )
 register_probe(
@@ -249,5 +263,6 @@ register_probe(
         space=_space,
         units=("image",),
         description="gated-attention MIL over a slide's tiles",
+        rules=_rules,
     )
 )

@@ -147,6 +147,7 @@ class ProbeSpecBase(BaseModel):
 
 SpaceFn = Callable[[Any, Any], dict]  # (optuna.Trial, the probe's spec) -> field overrides
 FitFn = Callable[..., ProbeResult]  # (spec, train, val, test, seed=) -> ProbeResult
+RulesFn = Callable[[Any, str], dict]  # (the probe's spec, the task) -> {rule: words} for the protocol table
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class ProbeDef:
     units: tuple[str, ...] = ("image", "volume")  # dataset units it can read (dinoscale.data: image | volume)
     bags_only: bool = False  # reads bags: slices of volumes, or a dataset whose images come in bags (slides)
     description: str = ""
+    rules: RulesFn | None = None  # loss, optimiser, init, selection in words (dinoscale.sweep.protocol)
 
     def view(self, volumetric: bool) -> str:
         """The feature-set view the probe reads from a 2D (``volumetric=False``) or a 3D dataset."""

@@ -7,8 +7,8 @@ Heads (all map a token grid to full-resolution logits):
 2D heads applied to volumes (x of shape (n, S, D, h, w)) run slice by slice.
 
 Training: a **step budget** of AdamW steps (cosine schedule), each on a batch of **random crops**:
-``crop`` x ``crop`` tokens (and ``crop_depth`` slices of a volume) from a random item, paired with the
-label map's matching region at its **native resolution** (the label map is never resized). A dataset
+``crop`` x ``crop`` label pixels at **native resolution** (the label map is never resized; the token
+window covering them is cut from the grid) and ``crop_depth`` slices of a volume, from a random item. A dataset
 with a handful of large items (CREMI: one block per sample) gets as many optimiser steps as one with
 many small ones, instead of a few epochs over three items. Inference is **tiled** the same way:
 overlapping token tiles (stride half a tile), logits at native resolution averaged where tiles overlap,
@@ -40,9 +40,10 @@ class _CropTraining(ProbeSpecBase):
     steps: int = Field(1000, ge=1, description="optimiser steps (AdamW, cosine schedule): the training budget")
     batch_size: int = Field(8, ge=1, description="random crops per step")
     crop: int = Field(
-        16,
+        256,
         ge=1,
-        description="crop side in tokens (clipped to the token grid); the labels' matching region at native size",
+        description="crop side in label-map pixels (native resolution; clipped to the map): each crop is the token "
+        "window covering it and the label region it covers, whatever the model's input resolution",
     )
     crop_depth: int = Field(8, ge=1, description="volumes: slices per crop (clipped to the volume's depth)")
     weight_decay: float = Field(1e-4, ge=0)
@@ -272,14 +273,16 @@ def _windows(n: int, size: int) -> list[int]:
 
 class _Cropper:
     """Token windows and the label windows they cover at native resolution. ``x``: (n, D, h, w) or
-    (n, S, D, h, w); labels (..., H, W) or (..., S, H, W). A window of c tokens along an axis of h tokens
-    covers round(c * H / h) label pixels from round(t0 * H / h)."""
+    (n, S, D, h, w); labels (..., H, W) or (..., S, H, W). A crop of ``crop`` label pixels is a window of
+    c = round(crop * h / H) tokens along an axis of h tokens, covering round(c * H / h) label pixels from
+    round(t0 * H / h)."""
 
     def __init__(self, x_shape, label_shape, crop: int, crop_depth: int):
         self.volumetric = len(x_shape) == 5
         self.tokens = tuple(x_shape[-2:])
         self.native = tuple(label_shape[-2:])
-        self.crop = tuple(min(crop, t) for t in self.tokens)
+        # ``crop`` native pixels -> the token window covering them at this input resolution
+        self.crop = tuple(max(1, min(t, round(crop * t / n))) for t, n in zip(self.tokens, self.native))
         self.depth = min(crop_depth, x_shape[1]) if self.volumetric else 0
         self.n_depth = x_shape[1] if self.volumetric else 0
 
@@ -495,6 +498,30 @@ def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int
     )
 
 
+def _rules(spec, task: str) -> dict:
+    common = {
+        "training": f"{spec.steps} AdamW steps (cosine schedule, weight decay {spec.weight_decay}), each on "
+        f"{spec.batch_size} random crops of {spec.crop} x {spec.crop} label pixels at native resolution (x "
+        f"{spec.crop_depth} slices of a volume) and the token window covering them",
+        "inference": "tiled: overlapping token tiles of the crop size (stride half a tile), logits at native "
+        "resolution averaged over overlaps",
+        "init": "torch default, seeded by the replicate",
+    }
+    if spec.kind == "affinity":
+        return {
+            **common,
+            "head": "light conv decoder (3D for volumes) predicting nearest-neighbour affinities",
+            "loss": "BCE + soft Dice on the affinities",
+            "instances": f"{spec.agglomeration} on the affinities, segments / seeds under {spec.min_size} px dropped",
+            "selection": "lr x threshold on val VOI under the CREMI convention (lower is better)",
+        }
+    return {
+        **common,
+        "loss": "Dice (foreground classes, pooled over the batch) + cross-entropy (MONAI DiceCELoss)",
+        "selection": "lr on val Dice (positive cases)",
+    }
+
+
 def _space(trial, spec) -> dict:
     return {
         "learning_rates": [trial.suggest_float("lr", 1e-4, 1e-2, log=True)],
@@ -511,6 +538,7 @@ register_probe(
         input="grid",
         space=_space,
         description="BatchNorm + 1x1 conv, a light 2D or 3D decoder on patch-token grids",
+        rules=_rules,
     )
 )
 register_probe(
@@ -522,5 +550,6 @@ register_probe(
         input="grid",
         space=_space,
         description="EM affinities from a light decoder + seeded watershed",
+        rules=_rules,
     )
 )

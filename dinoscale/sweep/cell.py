@@ -52,8 +52,9 @@ class Cell:
     window: tuple[float, float] | None = None  # CT window in HU (images read by lora / full cells)
     interpolation: str = "bicubic"
     search: dict = field(default_factory=dict)  # n_trials, seed
-    bootstrap: dict = field(default_factory=dict)  # resamples, level, seed
+    bootstrap: dict = field(default_factory=dict)  # resamples, level, seed, macro_min_patients, min_interval_units
     params: dict = field(default_factory=dict)  # protocol constants logged with the run
+    replicate: dict = field(default_factory=dict)  # how the seed's replicate draws train / val (data.splits)
 
     @property
     def resolution(self) -> int:
