@@ -30,7 +30,9 @@ class PhantomSpec(Strict):
     """Built-in deterministic phantom data (labelled 'phantom' wherever a result appears)."""
 
     seed: int = Field(0, description="generator seed; the same seed gives the same images and labels")
-    n_patients: int = Field(120, ge=12, description="number of synthetic patients")
+    n_patients: int = Field(
+        120, ge=12, description="number of synthetic patients (phantom-em: CREMI's three samples A, B, C instead)"
+    )
     images_per_patient: tuple[int, int] = Field((2, 4), description="min, max images per patient")
     image_size: int = Field(256, ge=64, le=2048, description="side of the stored square images (pixels)")
     depth: int = Field(32, ge=8, le=512, description="3D phantoms (ct, mri, em, petct): slices per volume")

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dinoscale.data.errors import DataError  # noqa: F401  (re-exported: raised by every adapter)
+from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref  # noqa: F401  (re-exported)
+
 SPLITS = ("train", "val", "test")
 # Columns beyond the 2D core, in the manifest where a dataset kind needs them:
 #   n_slices (3D volumes), mask_path (segmentation / instance ids), pet_path (PET of a PET/CT pair,
@@ -46,10 +49,6 @@ EXTRA_COLUMNS = (
 FILE_COLUMNS = ("mask_path", "pet_path")
 # Extra co-registered inputs of a row, by name -> manifest column (the row's ``path`` is the first channel).
 CHANNEL_COLUMNS = {"pet": "pet_path"}
-
-
-class DataError(RuntimeError):
-    """Data that cannot be used: the message names the file or folder and what to do."""
 
 
 def slice_row_ids(sample_ids, n_slices) -> list[str]:
@@ -139,18 +138,6 @@ class SplitUnits:
         if self.members is not None:
             return self.members
         return [[sid] for sid in self.sample_ids]
-
-
-REF_SEP = "::"
-
-
-def hdf5_ref(path: str, key: str, z_start: int, z_stop: int) -> str:
-    """A block of sections of an HDF5 dataset as one volume: ``<file>::<dataset>::<z0>:<z1>``."""
-    return f"{path}{REF_SEP}{key}{REF_SEP}{int(z_start)}:{int(z_stop)}"
-
-
-def is_hdf5_ref(ref) -> bool:
-    return isinstance(ref, str) and ref.count(REF_SEP) == 2
 
 
 def _items(df: pd.DataFrame, column: str = "path", key_column: str = "volume_key") -> list[str]:

@@ -289,14 +289,9 @@ def _write_em_samples(tmp: Path, n: int, depth: int, seed: int) -> None:
 
 def _prepare_em(spec, root: Path, ph) -> PreparedDataset:
     from dinoscale.data.adapters import CREMI_SPLIT, cremi_rows
-    from dinoscale.data.dataset import DataError
 
-    odd = sorted(ph.model_fields_set & {"n_patients", "images_per_patient", "tiles_per_slide"})
-    if odd:
-        raise DataError(
-            f"phantom-em writes CREMI's three samples A, B, C (one volume each, split by sections); "
-            f"phantom setting(s) {odd} do not apply to it (it uses seed, image_size, depth)"
-        )
+    # CREMI's three samples, not patients: n_patients / images_per_patient do not apply (as depth does not
+    # apply to 2D phantoms)
     rows = [r for s in EM_SAMPLES for r in cremi_rows(root / f"sample_{s}_phantom.hdf", s, ph.depth, spec.split)]
     return PreparedDataset(
         name=spec.name,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoscale.data.dataset import REF_SEP, DataError, is_hdf5_ref
+from dinoscale.data.errors import DataError
+from dinoscale.data.refs import REF_SEP, is_hdf5_ref
 from dinoscale.data.windows import window_range
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")

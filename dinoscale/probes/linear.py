@@ -98,7 +98,9 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     lr = torch.tensor([g_[0] for g_ in grid], dtype=torch.float32).repeat_interleave(c) * batch / 256
     wd = torch.tensor([g_[1] for g_ in grid], dtype=torch.float32).repeat_interleave(c)
     decay = bool((wd != 0).any())
-    w = torch.randn(d, n_heads * c, generator=g).mul_(INIT_STD)
+    # one seeded init shared by every head: the grid compares lr x wd from the same start, and adding a head
+    # changes no other head
+    w = torch.randn(d, c, generator=g).mul_(INIT_STD).repeat(1, n_heads)
     b = torch.zeros(n_heads * c)
     vw, vb = torch.zeros_like(w), torch.zeros_like(b)
     steps_per_epoch = math.ceil(n / batch)
