@@ -18,7 +18,6 @@ from sklearn.metrics import roc_auc_score
 
 from dinoscale.metrics import (
     CREMI_BORDER_NM,
-    adapted_rand_error,
     cremi_border_mask,
     hd95_per_volume,
     instance_per_volume,
@@ -224,7 +223,12 @@ def _cremi_reference(seg, gt, max_dist):
         boundary = []
         for i in range(h):
             for j in range(w):
-                nb = [sec[max(i - 1, 0), j], sec[min(i + 1, h - 1), j], sec[i, max(j - 1, 0)], sec[i, min(j + 1, w - 1)]]
+                nb = [
+                    sec[max(i - 1, 0), j],
+                    sec[min(i + 1, h - 1), j],
+                    sec[i, max(j - 1, 0)],
+                    sec[i, min(j + 1, w - 1)],
+                ]
                 if any(v != sec[i, j] for v in nb):
                     boundary.append((i, j))
         for i in range(h):
@@ -394,14 +398,22 @@ def test_replicates_redraw_val_by_patient_and_leave_test_alone():
     assert fixed == {"mode": "dataset"} and replicate_indices(train, val, fixed)[1].tolist() == list(range(90, 106))
     folds = replicate_recipe(4, 0, "resplit", "resplit", folds=3)
     tr, va = replicate_indices(train, val, folds, np.arange(90) % 3, np.arange(16) % 3)
-    assert folds == {"mode": "fold", "fold": 1, "folds": 3} and (np.concatenate([np.arange(90), np.arange(16)]) % 3)[va].tolist() == [1] * len(va)
+    assert folds == {"mode": "fold", "fold": 1, "folds": 3} and (np.concatenate([np.arange(90), np.arange(16)]) % 3)[
+        va
+    ].tolist() == [1] * len(va)
 
 
 # ---------------------------------------------------------------- dense heads: native-resolution crops, tiled inference
 
 
 def test_dense_heads_train_on_native_crops_and_predict_tiled():
-    from dinoscale.probes.segmentation import SegmentationProbeSpec, _Cropper, build_head, fit_segmentation, predict_tiled
+    from dinoscale.probes.segmentation import (
+        SegmentationProbeSpec,
+        _Cropper,
+        build_head,
+        fit_segmentation,
+        predict_tiled,
+    )
 
     # a 96 px label map under a 12 x 12 token grid: a 32 px crop is a 4-token window covering 32 label pixels
     c = _Cropper((5, 6, 12, 12), (5, 96, 96), crop=32, crop_depth=8)
@@ -432,3 +444,47 @@ def test_dense_heads_train_on_native_crops_and_predict_tiled():
     from dinoscale.metrics import dice_per_volume
 
     assert np.nanmean(dice_per_volume(res.test_scores, masks[12:], 2)) > 0.8
+
+
+# ---------------------------------------------------------------- the protocol table
+
+PAPER_SPECS = [f"sweeps/{m}.yaml" for m in ("xray", "ct", "mri", "wsi", "em", "petct")]
+
+
+def test_the_protocol_table_lists_every_constant_of_the_sweep(tmp_path, tiny_spec):
+    import json
+
+    from dinoscale.metrics import CONVENTIONS
+    from dinoscale.sweep.plan import build_plan
+    from dinoscale.sweep.protocol import _fmt, protocol_data, protocol_markdown
+
+    plan = build_plan(tiny_spec, tmp_path)
+    md = protocol_markdown(plan)
+    for p in tiny_spec.probes:  # every field of every probe, with its value
+        for k, v in p.model_dump(mode="json").items():
+            if k != "kind":
+                assert f"| {k} | {_fmt(v)} |" in md, k
+    for key in ("macro AUROC", "intervals"):
+        assert f"| {key} | {CONVENTIONS[key]} |" in md
+    assert "| loss | binary cross-entropy summed over labels, averaged over the batch |" in md
+    assert "| replicates (seeds) | 0: the dataset's split |" in md and "cls_mean_patch: CLS token" in md
+    assert "| epochs | 20 |" in md and "| CT window | none" in md and "HD95" not in md  # this task's conventions only
+    json.dumps(protocol_data(plan))  # the MLflow artifact's data form
+
+
+@pytest.mark.slow
+def test_the_committed_protocol_document_is_current(tmp_path, monkeypatch):
+    """sweeps/PROTOCOL.md is what `make protocol` writes from the paper profiles today."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from dinoscale.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DINOSCALE_STORAGE", str(tmp_path / "store"))
+    out = tmp_path / "PROTOCOL.md"
+    res = CliRunner().invoke(app, ["protocol", *PAPER_SPECS, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text() == (root / "sweeps" / "PROTOCOL.md").read_text(), "run `make protocol` and commit"

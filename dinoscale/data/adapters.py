@@ -347,7 +347,7 @@ CREMI_LAYOUT = """    sample_A_20160501.hdf (and B, C; .hdf/.h5)   volumes/raw [
 CREMI_SOURCE = "https://cremi.org/data/"
 
 
-@register_dataset("cremi", task="instance_segmentation", published_images=3)
+@register_dataset("cremi", task="instance_segmentation", published_images=3, replicates="fixed")
 def prepare_cremi(spec, storage: Path) -> PreparedDataset:
     import h5py
 

@@ -312,17 +312,25 @@ class DatasetDef:
     phantom: bool = False  # generated on the fly (no data root)
     task: str = "multilabel"  # what a trial does with it ('auto' when only the data tells, e.g. 'manifest')
     published_images: int | None = None  # the dataset's size as published, for cost estimates without data
+    replicates: str = "resplit"  # how replicates vary its split (PreparedDataset.replicates), known before preparing
 
 
 _REGISTRY: dict[str, DatasetDef] = {}
 _LOADED = False
 
 
-def register_dataset(name: str, phantom: bool = False, published_images: int | None = None, task: str = "multilabel"):
-    """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``."""
+def register_dataset(
+    name: str,
+    phantom: bool = False,
+    published_images: int | None = None,
+    task: str = "multilabel",
+    replicates: str = "resplit",
+):
+    """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``. ``replicates``: 'fixed'
+    where the protocol fixes the split (replicates then vary initialisation only)."""
 
     def deco(fn: Callable[..., PreparedDataset]):
-        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published_images)
+        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published_images, replicates)
         return fn
 
     return deco

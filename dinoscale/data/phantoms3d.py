@@ -387,6 +387,6 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
 
 
 for _kind in _TASK:
-    register_dataset(f"phantom-{_kind}", phantom=True, task=_TASK[_kind])(
-        (lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind)
-    )
+    register_dataset(
+        f"phantom-{_kind}", phantom=True, task=_TASK[_kind], replicates="fixed" if _kind == "em" else "resplit"
+    )((lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind))

@@ -16,7 +16,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_images
+from dinoscale.data import (
+    SPLITS,
+    DataError,
+    PreparedDataset,
+    dataset_replicates,
+    dataset_task,
+    prepare_dataset,
+    published_images,
+)
 from dinoscale.data.splits import describe_recipe, replicate_recipe
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
@@ -266,7 +274,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         replicate = replicate_recipe(
             seed,
             spec.dataset.split.seed,
-            ds.replicates if ds is not None else "resplit",
+            ds.replicates if ds is not None else dataset_replicates(spec.dataset.name),
             spec.dataset.split.replicates,
             ds.folds if ds is not None else 0,
         )

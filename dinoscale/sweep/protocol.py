@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dinoscale.data import dataset_replicates
 from dinoscale.data.splits import describe_recipe, replicate_recipe
 from dinoscale.metrics import CONVENTIONS
 from dinoscale.probes import get_probe
@@ -26,6 +27,14 @@ _TOKENS = {
     "last4_cls": "CLS tokens of the last 4 blocks, concatenated (DINOv2 linear eval)",
     "last4_cls_mean_patch": "CLS of the last 4 blocks + mean patch token of the last block",
     "patch_grid": "patch-token grid of the last block, [D, H/p, W/p] (registers excluded)",
+}
+# the metric conventions that apply to each task's numbers (dinoscale.metrics.CONVENTIONS)
+_CONVENTIONS_OF = {
+    "multilabel": ("macro AUROC", "intervals"),
+    "multiclass": ("macro AUROC", "intervals"),
+    "mil": ("macro AUROC", "intervals"),
+    "segmentation": ("intervals", "Dice", "HD95", "detection", "FP / FN volume"),
+    "instance_segmentation": ("intervals", "VOI / ARAND"),
 }
 _VIEWS = {
     "images": "one feature row per image",
@@ -51,7 +60,7 @@ def protocol_data(plan: Plan) -> dict:
     task = get_task(task_name) if task_name else None
     split = spec.dataset.split
     folds = ds.folds if ds is not None else 0
-    dataset_policy = ds.replicates if ds is not None else "resplit"
+    dataset_policy = ds.replicates if ds is not None else dataset_replicates(spec.dataset.name)
     recipes = {
         str(seed): describe_recipe(replicate_recipe(seed, split.seed, dataset_policy, split.replicates, folds))
         for seed in spec.seeds
@@ -113,9 +122,13 @@ def protocol_data(plan: Plan) -> dict:
     b = spec.metrics.bootstrap
     metrics = {
         "bootstrap": f"{b.resamples} patient resamples, {b.level:.0%} percentile interval, seed {b.seed}",
-        "macro class set": f">= {spec.metrics.macro_min_patients} positive and negative test patients per class",
+        **(
+            {"macro class set": f">= {spec.metrics.macro_min_patients} positive and negative test patients per class"}
+            if task is not None and not task.dense
+            else {}
+        ),
         "minimum units for an interval": f"{spec.metrics.min_interval_units} test patients",
-        **CONVENTIONS,
+        **{k: CONVENTIONS[k] for k in _CONVENTIONS_OF.get(task_name, tuple(CONVENTIONS))},
     }
     return {
         "sweep": {
