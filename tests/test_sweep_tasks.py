@@ -60,7 +60,7 @@ def mri(tmp_path_factory, ray_local):
         "learning_rates": [0.01],
         "hidden_dim": 32,
     }
-    raw = _spec(tmp, "mri", probe, n_patients=12)
+    raw = _spec(tmp, "mri", probe, n_patients=34)  # 10 test patients: enough units for an interval
     raw["resolutions"] = [64, 96]  # 4x4 and 6x6 token grids
     spec = parse_spec(raw)
     return tmp, spec, run_sweep(spec, project_dir=tmp, quiet=True)
