@@ -85,43 +85,23 @@ def test_nifti_reoriented_to_ras_and_resampled(tmp_path):
     assert vol.ndim == 4 and vol.shape[0] == 1 and min(vol.shape[1:]) > 10 and all(s > 0 for s in sp)
 
 
-def test_ct_window_presets_and_normalisation():
-    from dinoscale.data.readers import to_model_input, to_unit
+def test_ct_window_presets_through_the_sweeps_volume_path(tmp_path):
+    """Windows map HU to [0, 1] (clipped) in the transform extraction uses; grey becomes 3 equal channels."""
+    from dinoscale.data.preprocess import build_volume_transform
     from dinoscale.data.windows import CT_WINDOWS, window_range
 
     assert {"lung", "mediastinum", "bone", "brain", "abdomen"} <= set(CT_WINDOWS)
     assert window_range("lung") == (-1350.0, 150.0) and window_range("brain") == (0.0, 80.0)
-    hu = np.array([[-2000.0, -1350.0, -600.0, 150.0, 3000.0]])
-    np.testing.assert_allclose(to_unit(hu, "lung"), [[0, 0, 0.5, 1, 1]], atol=1e-6)
-    np.testing.assert_allclose(to_unit(hu, (-1000, 1000)), [[0, 0, 0.2, 0.575, 1]], atol=1e-6)
-    mr = np.r_[np.linspace(0, 100, 999), 1e6][None]  # one outlier voxel
-    assert np.median(to_unit(mr, normalise="percentile")) > 0.4 > np.median(to_unit(mr, normalise="minmax"))
-    x = to_model_input(to_unit(hu), 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    hu = np.array([-2000.0, -1350.0, -600.0, 150.0, 3000.0], np.float32)
+    nib.save(nib.Nifti1Image(np.tile(hu[:, None, None], (1, 4, 2)), np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    for window, expected in (("lung", [0, 0, 0.5, 1, 1]), ((-1000.0, 1000.0), [0, 0, 0.2, 0.575, 1])):
+        load, to_input = build_volume_transform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), window=window_range(window))
+        vol = load(str(tmp_path / "ct.nii.gz"))
+        np.testing.assert_allclose(vol[:, 0, 0].numpy(), expected, atol=1e-6)
+    x = to_input(vol[..., 0])
     assert tuple(x.shape) == (3, 32, 32) and bool((x[0] == x[2]).all())
     with pytest.raises(ValueError, match="unknown window preset 'lungs'"):
         DatasetSpec(name="phantom-ct", window="lungs")
-
-
-def test_slices_stream_one_volume_at_a_time(tmp_path):
-    from dinoscale.data.readers import iter_slices, read_volume
-
-    paths = []
-    for i, d in enumerate((3, 5, 4)):
-        p = tmp_path / f"v{i}.nii.gz"
-        nib.save(nib.Nifti1Image(np.full((6, 7, d), -1000.0 + 500 * i, np.float32), np.eye(4)), str(p))
-        paths.append(p)
-    loaded = []
-
-    def loader(p):
-        loaded.append(p)
-        return read_volume(p)[0]
-
-    it = iter_slices(paths, window="lung", loader=loader)
-    v, k, s = next(it)
-    assert (v, k, s.shape) == (0, 0, (6, 7)) and len(loaded) == 1  # lazy: the next volume is not read yet
-    rest = list(it)
-    assert len(rest) + 1 == 12 and len(loaded) == 3
-    assert [r[0] for r in rest].count(1) == 5 and rest[-1][:2] == (2, 3)
 
 
 # ---------------------------------------------------------------- generic manifest adapter and bad input

@@ -68,10 +68,28 @@ def test_abmil_finds_the_witness_instance_and_ignores_padding():
     torch.testing.assert_close(alone, padded)
 
 
-def test_bags_from_cached_rows_keep_order_and_per_bag_labels():
-    x = np.arange(10, dtype=np.float32).reshape(5, 2)
-    bags = BagSplit.from_rows(x, np.array(["v2", "v2", "v1", "v2", "v1"]), np.array([[1], [1], [0], [1], [0]]))
-    assert [len(b) for b in bags.x] == [3, 2] and bags.y.tolist() == [[1], [0]]
+def test_a_slide_dataset_gives_bags_of_tile_rows_in_order_with_per_slide_labels(tmp_path):
+    """What a MIL trial reads: the dataset's units group tile rows per slide (first appearance order)."""
+    import pandas as pd
+
+    from dinoscale.data import DataError, PreparedDataset
+
+    df = pd.DataFrame(
+        {
+            "sample_id": ["v2/a", "v2/b", "v1/a", "v2/c", "v1/b"],
+            "patient_id": ["p2", "p2", "p1", "p2", "p1"],
+            "bag_id": ["v2", "v2", "v1", "v2", "v1"],
+            "path": ["x"] * 5,
+            "split": ["train"] * 5,
+            "tumor": [1, 1, 0, 1, 0],
+        }
+    )
+    units = PreparedDataset("toy", "mil", ["tumor"], df, {}, tmp_path).units("train")
+    assert units.sample_ids == ["v2", "v1"] and units.labels.tolist() == [[1], [0]]
+    assert units.row_groups("images") == [["v2/a", "v2/b", "v2/c"], ["v1/a", "v1/b"]]
+    df.loc[4, "tumor"] = 1  # one tile of v1 says tumour, the other normal: a slide has one label
+    with pytest.raises(DataError, match=r"bag\(s\) \['v1'\]"):
+        PreparedDataset("toy", "mil", ["tumor"], df, {}, tmp_path).units("train")
 
 
 def _seg_data(n, seed, volumetric=False):

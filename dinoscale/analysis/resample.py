@@ -20,8 +20,8 @@ replicate it carries test sampling alone (and says so).
 Two rules of ``dinoscale.metrics`` hold here as in the trial: the class set of a macro AUROC is fixed before
 resampling (classes with at least ``macro_min_patients`` positive and negative test patients; a resample
 in which one of them is single-valued is dropped), and a test set of fewer than ``min_interval_units``
-patients is not resampled at all: its runs contribute their point value, and the cell has no interval
-(``low`` / ``high`` NaN, said in ``uncertainty``), as the trial reports none.
+patients is not resampled at all: its runs' draws are NaN, so the cell has no interval (``low`` / ``high``
+NaN; ``uncertainty`` says why) and what rests on it rests on point estimates only, as in the trial.
 
 Run tables come in as ``sources`` gives them (metric columns named for the headline) and are
 turned into the internal naming (``metric``, ``metric_ci_low``, ...) by ``sources.as_generic``.
@@ -114,22 +114,6 @@ def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng, ks: list[int]
     return out
 
 
-def _point_values(preds: list[pd.DataFrame], headline: Headline, ks: list[int]) -> np.ndarray:
-    """Each run's headline recomputed on its whole test set (the no-resampling case)."""
-    out = []
-    for p, k in zip(preds, ks):
-        if headline.per_volume:
-            v = p[headline.name].to_numpy(float)
-            out.append(float(np.nanmean(v)) if np.isfinite(v).any() else np.nan)
-        else:
-            classes = _fixed_classes(p, k)
-            per = auroc_per_class(
-                p[[f"label_{c}" for c in classes]].to_numpy(float), p[[f"score_{c}" for c in classes]].to_numpy(float)
-            )
-            out.append(float(per.mean()) if np.isfinite(per).all() else np.nan)
-    return np.asarray(out)
-
-
 def _volume_draws(preds: list[pd.DataFrame], column: str, resamples: int, rng) -> np.ndarray:
     """(resamples, runs) mean of a per-volume metric under shared patient resamples (NaN volumes skipped,
     NaN where a resample has no defined value: ``metrics.mean_score`` for every run at once)."""
@@ -155,13 +139,11 @@ def metric_range(headline: Headline) -> tuple[float, float]:
 
 
 def _interval_draws(row, resamples: int, level: float, rng, headline: Headline = AUROC) -> np.ndarray:
+    """Draws from a run's logged interval; all NaN where it has none (or a zero-width one): its
+    uncertainty is unknown and what rests on it is said to rest on point estimates only."""
     lo, hi = row[f"{METRIC}_ci_low"], row[f"{METRIC}_ci_high"]
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(
-            f"run {row['run_id']} ({row['backbone']}, {row['resolution']}px, {row['probe']}): no confidence "
-            f"interval and no per-sample predictions, so its uncertainty is unknown; "
-            f"log {headline.test}_ci_low/_high"
-        )
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        return np.full(resamples, np.nan)
     sd = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - level) / 2))
     return np.clip(row[METRIC] + rng.normal(0, 1, resamples) * sd, *metric_range(headline))
 
@@ -203,8 +185,8 @@ def run_draws(
         ks = [_run_constant(runs, r, "macro_min_patients", MACRO_MIN_PATIENTS) for r in rids]
         units = preds[0]["patient_id"].astype(str).nunique()
         need = max(_run_constant(runs, r, "min_interval_units", MIN_INTERVAL_UNITS) for r in rids)
-        if units < need:  # no resampling of a handful of units: point values, no interval
-            draws = np.broadcast_to(_point_values(preds, headline, ks), (resamples, len(preds)))
+        if units < need:  # no resampling of a handful of units: no interval (point estimates only)
+            draws = np.full((resamples, len(preds)), np.nan)
             tag = f"units:{units}"
         else:
             draws = (
@@ -240,19 +222,18 @@ def bootstrap_cells(
     rows, columns = [], []
     for key, g in runs.groupby(CELL_KEYS, sort=True, dropna=False):
         idx = g.index.to_numpy()
-        cell = _replicate_draws(per_run[:, idx], rng)
+        if np.isnan(per_run[:, idx]).all(axis=0).any():  # a run of unknown uncertainty: so is the cell's
+            cell = np.full(resamples, np.nan)
+        else:
+            cell = _replicate_draws(per_run[:, idx], rng)
         columns.append(cell)
         q = (1 - level) / 2
-        no_interval = g["_pairing"].str.startswith("units:").any()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN draws: no interval
-            low, high = float(np.nanquantile(cell, q)), float(np.nanquantile(cell, 1 - q))
         rows.append(
             {
                 **dict(zip(CELL_KEYS, key)),
                 "metric": g[METRIC].mean(),
-                "low": float("nan") if no_interval else low,
-                "high": float("nan") if no_interval else high,
+                "low": _quantile(cell, q),
+                "high": _quantile(cell, 1 - q),
                 "seeds": g[record.REPLICATE_AXIS].nunique(),
                 "val_metric": g["val_metric"].mean(),
                 "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
@@ -269,7 +250,7 @@ def _replicate_draws(draws: np.ndarray, rng) -> np.ndarray:
     with replacement in every draw, deviations from the draw's mean inflated by sqrt(R / (R - 1))."""
     n, r = draws.shape
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a draw where every replicate is NaN stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where AUROC is undefined stays NaN
         mean = np.nanmean(draws, axis=1)
         if r == 1:
             return mean
@@ -278,11 +259,18 @@ def _replicate_draws(draws: np.ndarray, rng) -> np.ndarray:
     return mean + np.sqrt(r / (r - 1)) * (resampled - mean)
 
 
+def _quantile(draws: np.ndarray, q: float) -> float:
+    return float(np.nanquantile(draws, q)) if np.isfinite(draws).any() else float("nan")
+
+
 def _uncertainty_words(g: pd.DataFrame) -> str:
     n_rep = g[record.REPLICATE_AXIS].nunique()
     small = g["_pairing"][g["_pairing"].str.startswith("units:")]
     if len(small):
         units = small.iloc[0].split(":", 1)[1]
-        return f"no interval: {units} test unit(s), too few to resample; {n_rep} replicate(s)"
+        return f"none: {units} test unit(s), too few to resample (point estimates only); {n_rep} replicate(s)"
+    lo, hi = g[f"{METRIC}_ci_low"].to_numpy(float), g[f"{METRIC}_ci_high"].to_numpy(float)
+    if ((g["_pairing"] == "").to_numpy() & ~(np.isfinite(lo) & np.isfinite(hi) & (hi > lo))).any():
+        return "none: no interval for at least one run (point estimates only)"
     source = "patients (per-sample predictions)" if (g["_pairing"] != "").all() else "per-run intervals"
     return f"{source} + {n_rep} replicate(s)" + ("" if n_rep > 1 else " (test sampling only)")

@@ -7,14 +7,14 @@
   spacing, the spacing returned with the array; layout [C, X, Y, Z] (axial slice k is ``vol[..., k]``).
 - PNG / JPEG / TIFF (PILReader): [rows, cols], colour averaged to grey.
 
-Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing
-and scaling to [0, 1] are separate steps (``to_unit``), then ``to_model_input`` resizes, repeats
-grey to 3 channels and normalises with the backbone's mean/std.
+Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing,
+scaling to [0, 1], resizing, grey to 3 channels and the backbone's normalisation are the transforms
+of ``dinoscale.data.preprocess`` (the one path extraction and fine-tuning take).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -22,7 +22,6 @@ import numpy as np
 
 from dinoscale.data.errors import DataError
 from dinoscale.data.refs import REF_SEP, is_hdf5_ref
-from dinoscale.data.windows import window_range
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 _RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -189,60 +188,6 @@ def volume_kind(path: str | Path) -> str:
     """The reader of a volume: 'dicom_series' for a folder of DICOM files, else 'nifti' (MONAI's NibabelReader,
     which also opens .mha / .nrrd through nibabel where it can)."""
     return "dicom_series" if Path(path).is_dir() else "nifti"
-
-
-def to_unit(arr: np.ndarray, window=None, normalise: str = "minmax") -> np.ndarray:
-    """Intensities -> [0, 1]: a CT ``window`` (preset or HU range, clipped) if given, else ``normalise``:
-    'minmax' (the array's range), 'percentile' (0.5-99.5 %, robust for MRI/PET), or 'zscore' (then
-    squashed by a logistic so the output stays in [0, 1])."""
-    from monai.transforms import ScaleIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
-
-    arr = np.asarray(arr, dtype=np.float32)
-    if window is not None:
-        lo, hi = window_range(window)
-        out = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(arr)
-    elif normalise == "minmax":
-        out = ScaleIntensity(minv=0.0, maxv=1.0)(arr)
-    elif normalise == "percentile":
-        out = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(arr)
-    elif normalise == "zscore":
-        z = (arr - arr.mean()) / (arr.std() + 1e-6)
-        out = 1.0 / (1.0 + np.exp(-z))
-    else:
-        raise ValueError(f"unknown normalisation '{normalise}' (minmax, percentile, zscore)")
-    return np.asarray(out, dtype=np.float32)
-
-
-def to_model_input(
-    img2d: np.ndarray, resolution: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"
-):
-    """A [0, 1] grey slice -> [3, resolution, resolution] float32 tensor normalised for the backbone."""
-    import torch
-    from monai.transforms import NormalizeIntensity, RepeatChannel, Resize
-
-    x = torch.as_tensor(np.asarray(img2d, dtype=np.float32))[None]
-    x = Resize(spatial_size=(resolution, resolution), mode=interpolation, anti_aliasing=True)(x)
-    x = RepeatChannel(repeats=3)(x)
-    x = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)(x)
-    return torch.as_tensor(x).to(torch.float32)
-
-
-def iter_slices(
-    paths: Sequence[str | Path], axis: int = -1, window=None, normalise: str = "minmax", channel: int = 0, loader=None
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (volume index, slice index, 2D slice in [0, 1]) volume after volume.
-
-    Only one volume is in memory at a time: a volume is read when its first slice is asked for and
-    released before the next is read. Intensities are scaled per volume (not per slice), so slices
-    of one volume share one scale.
-    """
-    read = loader or (lambda p: read_volume(p)[0])
-    for v, path in enumerate(paths):
-        vol = read(path)
-        vol = to_unit(vol[channel] if vol.ndim == 4 else vol, window, normalise)
-        for k in range(vol.shape[axis]):
-            yield v, k, np.take(vol, k, axis=axis)
-        del vol
 
 
 # ---------------------------------------------------------------- HDF5 volumes (CREMI)

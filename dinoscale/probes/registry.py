@@ -46,19 +46,6 @@ class BagSplit:
     y: np.ndarray  # (n_bags, C) 0/1
     exclusive: bool = False  # one label per bag (multiclass): softmax cross-entropy
 
-    @classmethod
-    def from_rows(cls, x: np.ndarray, bag_ids: np.ndarray, y: np.ndarray) -> BagSplit:
-        """Group cached per-slice / per-tile rows by ``bag_ids`` (order of first appearance). ``y`` is per
-        row (must agree within a bag) or already per bag."""
-        bag_ids = np.asarray(bag_ids)
-        _, first, inverse = np.unique(bag_ids, return_index=True, return_inverse=True)
-        order = np.argsort(first)  # bags in order of first appearance
-        bags = [x[inverse == b] for b in order]
-        y = np.asarray(y)
-        if len(y) == len(bag_ids) and len(y) != len(order):
-            y = y[first[order]]
-        return cls(bags, y)
-
 
 @dataclass
 class SegSplit:
