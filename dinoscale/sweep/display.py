@@ -99,7 +99,9 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
 
     headline = headline or AUROC
     if len(rows) > 12 and len({r.get("resolution") for r in rows}) > 1:
-        return _print_grid(rows, title, headline)
+        _print_grid(rows, title, headline)
+        print_selection_warnings(rows)
+        return
     axes = [a for a in AXIS_NAMES if len({r.get(a) for r in rows}) > 1 or a in ("backbone", "resolution", "probe")]
     t = Table(title=title)
     per_group = any(r.get("per_group") for r in rows)  # e.g. CREMI samples A / B / C, reported separately
