@@ -94,6 +94,10 @@ def _method(cd: CellDraws) -> list[str]:
     ]
 
 
+def _res(v) -> str:
+    return "resolution not stated" if pd.isna(v) else f"{float(v):g}px"
+
+
 def _selection_warnings(runs: pd.DataFrame) -> list[str]:
     """Runs whose choice on val sits on the edge of its grid (tag ``record.SELECTION_EDGE``): the optimum may
     lie outside the grid, so the number may understate the configuration."""
@@ -103,7 +107,7 @@ def _selection_warnings(runs: pd.DataFrame) -> list[str]:
     if edged.empty:
         return []
     examples = "; ".join(
-        f"{r.backbone} {r.resolution}px {r.probe}: {r.selection_edge}" for r in edged.head(5).itertuples()
+        f"{r.backbone} {_res(r.resolution)} {r.probe}: {r.selection_edge}" for r in edged.head(5).itertuples()
     )
     return [
         f"Warning: {len(edged)} of {len(runs)} run(s) chose a hyper-parameter on the edge of its grid, so the "

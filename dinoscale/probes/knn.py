@@ -50,7 +50,12 @@ def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Probe
         val_metric=float(val_metric[best_k]),
         selected={"k": best_k},
         candidates=len(val_metric),
-        edges=grid_edges({"k": list(val_metric)}, {"k": best_k}),
+        # k clipped to the train size is as large as k can be: not an edge to widen
+        edges={
+            name: where
+            for name, where in grid_edges({"k": list(val_metric)}, {"k": best_k}).items()
+            if not (where == "top" and best_k >= len(train.x))
+        },
     )
 
 
