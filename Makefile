@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep plan validate analyze ui test test-fast lint format clean help
+.PHONY: install sweep plan validate analyze ui test test-fast lint format clean help protocol
 
 help:
 	@sed -n '1,5p' Makefile
@@ -41,6 +41,11 @@ plan: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/dinoscale validate $(SPEC)
+
+# sweeps/PROTOCOL.md: every protocol constant of the paper profiles (tests check it is current)
+protocol: $(STAMP)
+	$(BIN)/dinoscale protocol sweeps/xray.yaml sweeps/ct.yaml sweeps/mri.yaml sweeps/wsi.yaml sweeps/em.yaml \
+		sweeps/petct.yaml --out sweeps/PROTOCOL.md
 
 analyze: $(STAMP)
 	$(BIN)/dinoscale analyze $(SPEC)

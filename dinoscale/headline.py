@@ -7,9 +7,11 @@ the sweep's parent run carries ``dinoscale.headline`` (= ``test_<name>``) and
 
 - classification / MIL: ``sample_id, patient_id, label_<class>, score_<class>`` (one row per image,
   volume or slide); the analysis recomputes macro AUROC on patient resamples.
-- segmentation / instance segmentation: ``sample_id, patient_id`` and one column per per-volume
-  metric (``dice``, ``hd95``, ``voi``, ``arand``, ...); the headline's column is ``<name>`` and the
-  analysis resamples patients and averages it (NaN values skipped).
+- segmentation / instance segmentation: ``sample_id, patient_id`` (``group`` where the dataset reports
+  samples separately, e.g. CREMI's A / B / C) and one column per per-volume metric (``dice``,
+  ``hd95_mm``, ``detection_rate``, ``fp_volume_ml``, ``voi``, ``arand``, ...; conventions in
+  ``dinoscale.metrics.CONVENTIONS``); the headline's column is ``<name>`` and the analysis resamples
+  patients and averages it (NaN values skipped).
 """
 
 from __future__ import annotations

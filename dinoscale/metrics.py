@@ -1,7 +1,19 @@
-"""Classification metrics with patient-level bootstrap intervals.
+"""Metrics with patient-level bootstrap intervals, under stated conventions (``CONVENTIONS``).
 
 AUROC is the Mann-Whitney statistic with average ranks for ties (identical to scikit-learn's
 ``roc_auc_score``), vectorised so that a thousand bootstrap resamples take well under a second.
+
+Every rule that changes a number is a named constant here and is written, in words, into the protocol
+table of each sweep (``CONVENTIONS``; ``dinoscale.sweep.protocol``):
+
+- a macro metric averages a class set fixed *before* resampling: the classes with at least
+  ``MACRO_MIN_PATIENTS`` positive and as many negative patients in the test split;
+- no bootstrap interval is computed over fewer than ``MIN_INTERVAL_UNITS`` independent units
+  (patients); the value is reported with the count instead;
+- segmentation: Dice on the cases whose ground truth holds the structure (AutoPET convention),
+  HD95 in the volume's physical units with a penalty distance for a missed or spurious structure,
+  a detection rate, and false-positive / false-negative volumes of unmatched connected components;
+- EM instances: VOI and adapted Rand error under the CREMI convention (a border mask, one ignore label).
 """
 
 from __future__ import annotations
@@ -10,6 +22,41 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
+
+# A macro metric's classes: at least this many positive (and negative) patients in test, fixed before resampling.
+# With k positive patients, a patient resample misses all of them with probability ~exp(-k) (k=5: 0.7 %).
+MACRO_MIN_PATIENTS = 5
+# No bootstrap interval over fewer independent units (patients, or volumes where each is its own unit).
+MIN_INTERVAL_UNITS = 10
+# EM (CREMI): ground-truth pixels within this distance (nm, in the section plane) of a label boundary are ignored.
+CREMI_BORDER_NM = 25.0
+CREMI_PIXEL_NM = 4.0  # CREMI's section-plane resolution: the border mask of a block without a recorded resolution
+EM_IGNORE_LABEL = 0  # the one ground-truth label ignored by VOI and adapted Rand (and where the border mask writes)
+
+CONVENTIONS: dict[str, str] = {
+    "macro AUROC": f"mean of per-class AUROC over the classes with >= {MACRO_MIN_PATIENTS} positive and >= "
+    f"{MACRO_MIN_PATIENTS} negative patients in test, fixed before resampling; a resample in which one of them "
+    "is single-valued is dropped (counted in bootstrap_resamples_valid); the other classes are reported per class",
+    "intervals": f"percentile bootstrap over patients (a patient's images / volumes resampled together); none "
+    f"over fewer than {MIN_INTERVAL_UNITS} patients (the count is logged instead)",
+    "Dice": "per structure, on the volumes whose ground truth holds it (AutoPET convention: positive cases); "
+    "on the others a prediction of it is scored by the false-positive volume and the false-positive rate; "
+    "a volume's Dice is the mean over the structures its ground truth holds",
+    "HD95": "95th-percentile symmetric Hausdorff distance (MONAI) in the volume's physical units (mm: from each "
+    "volume's voxel spacing; px where the file records none), on the volumes where the ground truth or the "
+    "prediction holds the structure; a missed or a spurious structure scores the penalty distance, the "
+    "diagonal of the volume's field of view; absent from both: undefined",
+    "detection": "detection rate: share of (volume, structure) pairs with the structure in the ground truth "
+    "whose prediction overlaps it; false-positive rate: share of pairs without it that predict it",
+    "FP / FN volume": "AutoPET: volume (ml; voxels where the spacing is unknown) of predicted connected "
+    "components touching no ground-truth voxel (FP) and of ground-truth components touching no predicted "
+    "voxel (FN); 18-connectivity in 3D, 8 in 2D; summed over structures",
+    "VOI / ARAND": f"CREMI: ground-truth pixels within {CREMI_BORDER_NM:g} nm of a label boundary in their "
+    f"section are set to the ignore label {EM_IGNORE_LABEL} (CREMI's border mask; {CREMI_PIXEL_NM:g} nm pixels "
+    "assumed where a block records no resolution), and both VOI (split = H(seg|gt), merge = H(gt|seg), bits) "
+    "and the adapted Rand error ignore ground-truth label 0; predicted label 0 is a segment for VOI and "
+    "unassigned pixels for ARAND (CREMI's reference code); per volume (sample block), reported per sample",
+}
 
 
 def auroc_per_class(y: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -26,21 +73,52 @@ def auroc_per_class(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     return auc
 
 
-def macro_auroc(y: np.ndarray, s: np.ndarray) -> float:
+def macro_auroc(y: np.ndarray, s: np.ndarray, classes=None) -> float:
+    """Mean per-class AUROC. ``classes`` (indices or a boolean mask), fixed before resampling: the mean over
+    exactly those classes, NaN when one of them is single-valued in ``y``. None: the classes defined in ``y``
+    (for selection on val, where no resampling happens)."""
+    if classes is not None:
+        y, s = np.asarray(y), np.asarray(s)
+        y, s = (y[:, None], s[:, None]) if y.ndim == 1 else (y[:, classes], s[:, classes])
+        per = auroc_per_class(y, s)
+        return float(per.mean()) if per.size and np.isfinite(per).all() else float("nan")
     per = auroc_per_class(y, s)
     return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+
+
+def macro_class_set(y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_PATIENTS) -> np.ndarray:
+    """(C,) bool: the classes a macro metric averages, fixed before resampling: at least ``k`` patients with
+    the label and ``k`` without it (a patient counts as positive when any of its images is)."""
+    y = np.asarray(y, dtype=bool)
+    if y.ndim == 1:
+        y = y[:, None]
+    ids = np.asarray(patient_ids).astype(str)
+    _, inverse = np.unique(ids, return_inverse=True)
+    pos = np.zeros((inverse.max() + 1 if len(ids) else 0, y.shape[1]), dtype=bool)
+    np.logical_or.at(pos, inverse, y)
+    n_pos = pos.sum(0)
+    return (n_pos >= k) & (len(pos) - n_pos >= k)
 
 
 @dataclass
 class Interval:
     value: float
-    low: float
+    low: float  # NaN when there is no interval (fewer than MIN_INTERVAL_UNITS units)
     high: float
     level: float
     resamples: int  # resamples in which the metric was defined
+    units: int = 0  # independent units resampled (patients)
+
+    @property
+    def defined(self) -> bool:
+        return bool(np.isfinite(self.low) and np.isfinite(self.high))
 
     def as_dict(self, name: str) -> dict[str, float]:
-        return {name: self.value, f"{name}_ci_low": self.low, f"{name}_ci_high": self.high}
+        """The value, and its bounds where there is an interval (no interval: no ``_ci_`` keys at all)."""
+        out = {name: self.value}
+        if self.defined:
+            out.update({f"{name}_ci_low": self.low, f"{name}_ci_high": self.high})
+        return out
 
 
 def _patient_resamples(patient_ids: np.ndarray, resamples: int, seed: int):
@@ -62,8 +140,13 @@ def patient_bootstrap(
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    min_units: int = MIN_INTERVAL_UNITS,
 ) -> Interval:
-    """Percentile interval from resampling *patients* with replacement (all of a patient's images go together)."""
+    """Percentile interval from resampling *patients* with replacement (all of a patient's images go together).
+    Fewer than ``min_units`` patients: no interval (low = high = NaN), never an interval from a handful."""
+    units = len(set(np.asarray(patient_ids).astype(str)))
+    if units < min_units:
+        return Interval(metric(y, s), float("nan"), float("nan"), level, 0, units)
     draws = _patient_resamples(patient_ids, resamples, seed)
     values = []
     for idx in draws:
@@ -72,7 +155,7 @@ def patient_bootstrap(
             values.append(v)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(values, [alpha, 1 - alpha]) if values else (np.nan, np.nan)
-    return Interval(metric(y, s), float(lo), float(hi), level, len(values))
+    return Interval(metric(y, s), float(lo), float(hi), level, len(values), units)
 
 
 # ---------------------------------------------------------------- thresholded classification metrics
@@ -164,7 +247,12 @@ def mean_score(_y: np.ndarray, s: np.ndarray) -> float:
 
 
 def volume_bootstrap(
-    values: np.ndarray, patient_ids: np.ndarray | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0
+    values: np.ndarray,
+    patient_ids: np.ndarray | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    min_units: int = MIN_INTERVAL_UNITS,
 ) -> Interval:
     """Interval for the mean of a per-volume metric (Dice, HD95, VOI...), resampling volumes — or patients
     when ``patient_ids`` is given (a patient's volumes go together). ``values``: (n_volumes,) or (n, C)
@@ -172,7 +260,14 @@ def volume_bootstrap(
     values = np.asarray(values, dtype=np.float64)
     ids = np.arange(len(values)) if patient_ids is None else np.asarray(patient_ids)
     return patient_bootstrap(
-        np.zeros(len(values)), values, ids, metric=mean_score, resamples=resamples, level=level, seed=seed
+        np.zeros(len(values)),
+        values,
+        ids,
+        metric=mean_score,
+        resamples=resamples,
+        level=level,
+        seed=seed,
+        min_units=min_units,
     )
 
 
@@ -230,44 +325,158 @@ def _onehot(labels: np.ndarray, n_classes: int):
     return torch.nn.functional.one_hot(t, n_classes).movedim(-1, 1).float()  # (N, C, *spatial)
 
 
+def _present(onehot) -> np.ndarray:
+    """(N, C) bool: the class has at least one voxel."""
+    return (onehot.flatten(2).sum(-1) > 0).numpy()
+
+
 def dice_per_volume(
     pred: np.ndarray, target: np.ndarray, n_classes: int, include_background: bool = False
 ) -> np.ndarray:
-    """(N, C') Dice per volume and class from label maps (N, *spatial) with MONAI's ``compute_dice``.
-
-    NaN where a class is absent from both prediction and ground truth (undefined, skipped in means)."""
+    """(N, C') Dice per volume and class from label maps (N, *spatial) with MONAI's ``compute_dice``, on the
+    positive cases only: NaN where the ground truth lacks the class (a prediction of it there is scored by
+    the false-positive volume and rate, not as Dice 0 - see ``CONVENTIONS['Dice']``)."""
     from monai.metrics import compute_dice
 
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
     d = compute_dice(p, t, include_background=include_background, ignore_empty=False).numpy().astype(np.float64)
     off = 0 if include_background else 1
-    empty = (t.flatten(2).sum(-1) == 0) & (p.flatten(2).sum(-1) == 0)
-    d[empty[:, off:].numpy()] = np.nan
+    d[~_present(t)[:, off:]] = np.nan
     return d
 
 
+def field_diagonal(shape, spacing=None) -> float:
+    """The diagonal of a volume's field of view in its physical units (voxels where ``spacing`` is None):
+    the HD95 penalty of a missed or spurious structure."""
+    sp = np.ones(len(shape)) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * sp) ** 2)))
+
+
 def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacing=None) -> np.ndarray:
-    """(N, C-1) 95th-percentile Hausdorff distance per volume and foreground class (MONAI), in pixels or
-    ``spacing`` units. NaN where the class is missing from the prediction or the ground truth."""
+    """(N, C-1) 95th-percentile symmetric Hausdorff distance per volume and foreground class (MONAI), in the
+    units of ``spacing``: one spacing for every volume, or one per volume (sequences in the arrays' axis
+    order); None: voxels. A missed or spurious class scores ``field_diagonal`` (the penalty); a class absent
+    from both prediction and ground truth is undefined (NaN)."""
     import warnings
 
     from monai.metrics import compute_hausdorff_distance
 
+    pred, target = np.asarray(pred), np.asarray(target)
+    n, shape = len(target), target.shape[1:]
+    per_volume = spacing is not None and np.ndim(spacing) == 2
+    spacings = [tuple(spacing[i]) if per_volume else spacing for i in range(n)]
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below) and about its own deprecations
         h = (
-            compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing)
+            compute_hausdorff_distance(
+                p,
+                t,
+                include_background=False,
+                percentile=95,
+                spacing=[tuple(float(v) for v in sp) for sp in spacings] if spacing is not None else None,
+            )
             .numpy()
             .astype(np.float64)
         )
-    missing = (t.flatten(2).sum(-1) == 0) | (p.flatten(2).sum(-1) == 0)
-    h[missing[:, 1:].numpy()] = np.nan
+    in_gt, in_pred = _present(t)[:, 1:], _present(p)[:, 1:]
+    penalty = np.array([field_diagonal(shape, sp) for sp in spacings])[:, None]
+    h = np.where(in_gt ^ in_pred, penalty, h)  # missed or spurious
+    h[~(in_gt | in_pred)] = np.nan
     h[~np.isfinite(h)] = np.nan
     return h
 
 
-# ---------------------------------------------------------------- EM instance segmentation
+def unmatched_component_voxels(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
+    """AutoPET's false-positive and false-negative voxel counts for one binary map: voxels of predicted
+    connected components that touch no ground-truth voxel, and of ground-truth components that touch no
+    predicted voxel (18-connectivity in 3D, 8 in 2D)."""
+    from scipy import ndimage
+
+    pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
+    structure = ndimage.generate_binary_structure(pred.ndim, 2)
+
+    def unmatched(a, b):
+        lab, n = ndimage.label(a, structure=structure)
+        if n == 0:
+            return 0
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        hit = np.zeros(n + 1, dtype=bool)
+        hit[np.unique(lab[b & a])] = True
+        hit[0] = True
+        return int(sizes[~hit].sum())
+
+    return unmatched(pred, target), unmatched(target, pred)
+
+
+def segmentation_per_volume(
+    pred: np.ndarray,
+    target: np.ndarray,
+    n_classes: int,
+    class_names: list[str] | None = None,
+    hd95: bool = True,
+    spacing=None,
+) -> dict[str, np.ndarray]:
+    """Per-volume values from label maps (n_volumes, *spatial) under ``CONVENTIONS``.
+
+    ``spacing``: per-volume voxel spacing in mm in the arrays' axis order (None: unknown, distances in
+    voxels). Returns ``dice`` (mean over the structures the ground truth holds) and ``dice_<structure>``,
+    ``hd95_mm`` (``hd95_px`` without spacing; mean over structures, penalty for missed / spurious ones),
+    ``detection_rate`` and ``false_positive_rate`` (per volume, over its positive / negative structures),
+    ``fp_volume_ml`` / ``fn_volume_ml`` (``fp_voxels`` / ``fn_voxels`` without spacing). NaN where undefined."""
+    import warnings
+
+    names = class_names or [str(c) for c in range(1, n_classes)]
+    pred, target = np.asarray(pred), np.asarray(target)
+    mm = spacing is not None
+    d = dice_per_volume(pred, target, n_classes)
+    in_gt = np.stack([[(t == c).any() for c in range(1, n_classes)] for t in target])
+    in_pred = np.stack([[(p == c).any() for c in range(1, n_classes)] for p in pred])
+    hit = np.stack([[((p == c) & (t == c)).any() for c in range(1, n_classes)] for p, t in zip(pred, target)])
+    fp, fn = np.zeros(len(target)), np.zeros(len(target))
+    for i, (p, t) in enumerate(zip(pred, target)):
+        voxel = float(np.prod(spacing[i])) / 1000.0 if mm else 1.0  # mm^3 -> ml
+        for c in range(1, n_classes):
+            a, b = unmatched_component_voxels(p == c, t == c)
+            fp[i] += a * voxel
+            fn[i] += b * voxel
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
+        out = {"dice": np.nanmean(d, axis=1), **{f"dice_{n}": d[:, j] for j, n in enumerate(names)}}
+        if hd95:
+            out["hd95_mm" if mm else "hd95_px"] = np.nanmean(hd95_per_volume(pred, target, n_classes, spacing), axis=1)
+        out["detection_rate"] = np.where(in_gt.any(1), (hit & in_gt).sum(1) / in_gt.sum(1), np.nan)
+        neg = ~in_gt
+        out["false_positive_rate"] = np.where(neg.any(1), (in_pred & neg).sum(1) / neg.sum(1), np.nan)
+    out["fp_volume_ml" if mm else "fp_voxels"] = fp
+    out["fn_volume_ml" if mm else "fn_voxels"] = fn
+    return out
+
+
+# ---------------------------------------------------------------- EM instance segmentation (CREMI convention)
+
+
+def cremi_border_mask(gt: np.ndarray, max_dist: float) -> np.ndarray:
+    """CREMI's border mask: True for the pixels within ``max_dist`` pixels (Euclidean, in the section plane)
+    of a label boundary, a boundary pixel being one whose 4-neighbours are not all of its label (image edges
+    are not boundaries). ``gt``: (H, W) or sections-first (S, H, W); each section is masked on its own."""
+    from scipy import ndimage
+
+    gt = np.asarray(gt)
+    if gt.ndim == 3:
+        return np.stack([cremi_border_mask(g, max_dist) for g in gt])
+    padded = np.pad(gt, 1, mode="edge")
+    interior = (
+        (gt == padded[:-2, 1:-1]) & (gt == padded[2:, 1:-1]) & (gt == padded[1:-1, :-2]) & (gt == padded[1:-1, 2:])
+    )
+    return ndimage.distance_transform_edt(interior) <= max(max_dist, 0)
+
+
+def cremi_ground_truth(gt: np.ndarray, max_dist: float) -> np.ndarray:
+    """Ground truth as CREMI evaluates it: border pixels set to the ignore label ``EM_IGNORE_LABEL``."""
+    out = np.array(gt, dtype=np.int64, copy=True)
+    out[cremi_border_mask(gt, max_dist)] = EM_IGNORE_LABEL
+    return out
 
 
 def _contingency(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool):
@@ -275,18 +484,20 @@ def _contingency(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool):
 
     seg, gt = np.asarray(seg).ravel(), np.asarray(gt).ravel()
     if ignore_gt_zero:
-        keep = gt != 0
+        keep = gt != EM_IGNORE_LABEL
         seg, gt = seg[keep], gt[keep]
+    n = len(gt)
+    if n == 0:
+        return None, 0
     _, s = np.unique(seg, return_inverse=True)
     _, g = np.unique(gt, return_inverse=True)
-    n = len(gt)
     cont = sparse.coo_matrix((np.ones(n), (s, g))).tocsr()
     return cont, n
 
 
-def variation_of_information(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool = False) -> tuple[float, float]:
-    """(split, merge) in bits: split = H(seg | gt) (over-segmentation), merge = H(gt | seg)
-    (under-segmentation); VOI = split + merge. Same convention as ``skimage.metrics.variation_of_information``."""
+def variation_of_information(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool = True) -> tuple[float, float]:
+    """(split, merge) in bits over the pixels whose ground truth is not the ignore label 0 (CREMI):
+    split = H(seg | gt) (over-segmentation), merge = H(gt | seg) (under-segmentation); VOI = split + merge."""
     cont, n = _contingency(seg, gt, ignore_gt_zero)
     if n == 0:
         return float("nan"), float("nan")
@@ -296,46 +507,65 @@ def variation_of_information(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bo
     h_joint = -(p * np.log2(p)).sum()
     h_s = -(ps[ps > 0] * np.log2(ps[ps > 0])).sum()
     h_g = -(pg[pg > 0] * np.log2(pg[pg > 0])).sum()
-    return float(h_joint - h_g), float(h_joint - h_s)
+    return float(max(h_joint - h_g, 0.0)), float(max(h_joint - h_s, 0.0))
 
 
-def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, ignore_gt_zero: bool = True) -> tuple[float, float, float]:
-    """(error, precision, recall) of the adapted Rand index (SNEMI3D / CREMI definition, as in
-    ``skimage.metrics.adapted_rand_error``): pixels labelled 0 in ``gt`` are ignored by default."""
-    cont, n = _contingency(seg, gt, ignore_gt_zero)
-    if n == 0:
+def adapted_rand_error(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
+    """(error, precision, recall) of the adapted Rand index as CREMI's reference code defines it: ground-truth
+    label 0 is ignored; predicted label 0 marks unassigned pixels (they count in the ground-truth sizes but
+    join no predicted segment); with n_ij the pixels of gt segment i (!= 0) and predicted segment j (!= 0),
+    a_i the size of i, b_j the size of j within gt != 0, c the pixels of gt != 0 predicted 0 and n all pixels:
+    precision = (sum n_ij^2 + c/n) / (sum b_j^2 + c/n), recall = (sum n_ij^2 + c/n) / sum a_i^2,
+    error = 1 - 2PR / (P + R)."""
+    from scipy import sparse
+
+    seg, gt = np.asarray(seg).ravel(), np.asarray(gt).ravel()
+    n = gt.size
+    keep = gt != EM_IGNORE_LABEL
+    if not keep.any():
         return float("nan"), float("nan"), float("nan")
-    sum_p = (cont.data**2).sum()
-    sum_s = (np.asarray(cont.sum(1)).ravel() ** 2).sum()  # predicted segments
-    sum_g = (np.asarray(cont.sum(0)).ravel() ** 2).sum()  # true segments
-    precision = (sum_p - n) / (sum_s - n) if sum_s > n else 1.0
-    recall = (sum_p - n) / (sum_g - n) if sum_g > n else 1.0
+    s, g = seg[keep], gt[keep]
+    _, gi = np.unique(g, return_inverse=True)
+    a = np.bincount(gi).astype(np.float64)
+    assigned = s != 0
+    c = float((~assigned).sum())
+    labels, sj = np.unique(s[assigned], return_inverse=True)
+    cont = sparse.coo_matrix(
+        (np.ones(int(assigned.sum())), (gi[assigned], sj)), shape=(len(a), max(len(labels), 1))
+    ).tocsr()
+    sum_ab = float((cont.data**2).sum()) + c / n
+    sum_b = float((np.asarray(cont.sum(0)).ravel() ** 2).sum()) + c / n
+    sum_a = float((a**2).sum())
+    precision, recall = sum_ab / sum_b, sum_ab / sum_a
     f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return float(1 - f), float(precision), float(recall)
 
 
-def segmentation_per_volume(
-    pred: np.ndarray, target: np.ndarray, n_classes: int, class_names: list[str] | None = None, hd95: bool = True
-) -> dict[str, np.ndarray]:
-    """Per-volume values from label maps (n_volumes, *spatial): ``dice`` (mean over the foreground classes
-    present in the prediction or the ground truth), ``dice_<class>`` and ``hd95`` (mean over classes, in
-    voxels). NaN where undefined (a class absent from both; HD95 of a missed or spurious class)."""
-    names = class_names or [str(c) for c in range(1, n_classes)]
-    import warnings
-
-    d = dice_per_volume(pred, target, n_classes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
-        out = {"dice": np.nanmean(d, axis=1), **{f"dice_{n}": d[:, j] for j, n in enumerate(names)}}
-        if hd95:
-            out["hd95"] = np.nanmean(hd95_per_volume(pred, target, n_classes), axis=1)
-    return out
+def cremi_border_px(spacing=None) -> float:
+    """CREMI's border distance in pixels of a volume with ``spacing`` (nm, arrays' axis order, sections first)."""
+    pixel = CREMI_PIXEL_NM if spacing is None else float(spacing[-1])
+    return CREMI_BORDER_NM / pixel
 
 
-def instance_per_volume(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-volume EM instance metrics: ``voi`` (split + merge, bits), ``voi_split``, ``voi_merge``, ``arand``."""
-    vals = np.array([[*variation_of_information(p, t), adapted_rand_error(p, t)[0]] for p, t in zip(pred, target)])
-    return {"voi": vals[:, 0] + vals[:, 1], "voi_split": vals[:, 0], "voi_merge": vals[:, 1], "arand": vals[:, 2]}
+def instance_per_volume(pred: np.ndarray, target: np.ndarray, spacing=None) -> dict[str, np.ndarray]:
+    """Per-volume EM instance metrics under the CREMI convention (``CONVENTIONS['VOI / ARAND']``): ``voi``
+    (split + merge, bits), ``voi_split``, ``voi_merge``, ``arand`` and ``cremi_score`` = sqrt(VOI x ARAND)
+    (the CREMI leaderboard's combined score). ``spacing``: per-volume spacing (nm) in the arrays' axis order
+    (sections first), for the border mask."""
+    rows = []
+    for i, (p, t) in enumerate(zip(pred, target)):
+        gt = cremi_ground_truth(t, cremi_border_px(None if spacing is None else spacing[i]))
+        split, merge = variation_of_information(p, gt)
+        rows.append([split, merge, adapted_rand_error(p, gt)[0]])
+    vals = np.array(rows, dtype=np.float64).reshape(-1, 3)
+    voi = vals[:, 0] + vals[:, 1]
+    return {
+        "voi": voi,
+        "voi_split": vals[:, 0],
+        "voi_merge": vals[:, 1],
+        "arand": vals[:, 2],
+        "cremi_score": np.sqrt(voi * vals[:, 2]),
+    }
 
 
 def summarise_per_volume(
@@ -345,12 +575,14 @@ def summarise_per_volume(
     level: float = 0.95,
     seed: int = 0,
     prefix: str = "test_",
+    min_units: int = MIN_INTERVAL_UNITS,
 ) -> dict[str, float]:
-    """Each per-volume metric's mean with its per-patient (or per-volume) bootstrap interval."""
+    """Each per-volume metric's mean with its per-patient (or per-volume) bootstrap interval (none over fewer
+    than ``min_units`` units)."""
     out = {}
     for name, v in values.items():
         if np.isfinite(np.asarray(v, dtype=np.float64)).any():
-            out.update(volume_bootstrap(v, patient_ids, resamples, level, seed).as_dict(prefix + name))
+            out.update(volume_bootstrap(v, patient_ids, resamples, level, seed, min_units).as_dict(prefix + name))
     return out
 
 
@@ -364,10 +596,11 @@ def segmentation_summary(
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    spacing=None,
 ) -> dict[str, float]:
     """Headline segmentation metrics with per-volume (or per-patient) bootstrap intervals: mean foreground
-    Dice (+ per class) and HD95. ``pred``/``target``: label maps (n_volumes, *spatial)."""
-    values = segmentation_per_volume(pred, target, n_classes, class_names, hd95)
+    Dice (+ per class), HD95, detection and FP / FN volumes. ``pred``/``target``: label maps (n_volumes, *spatial)."""
+    values = segmentation_per_volume(pred, target, n_classes, class_names, hd95, spacing)
     return summarise_per_volume(values, patient_ids, resamples, level, seed)
 
 
@@ -378,6 +611,7 @@ def instance_summary(
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    spacing=None,
 ) -> dict[str, float]:
     """EM instance metrics per volume with intervals: VOI split / merge / sum and adapted Rand error."""
-    return summarise_per_volume(instance_per_volume(pred, target), patient_ids, resamples, level, seed)
+    return summarise_per_volume(instance_per_volume(pred, target, spacing), patient_ids, resamples, level, seed)

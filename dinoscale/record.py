@@ -28,6 +28,8 @@ RESUMES = "dinoscale.resumes"
 ERROR = "dinoscale.error"  # why a cell failed: the user error's message, else the traceback's last line
 INTERRUPTED = "dinoscale.interrupted"  # on a parent run stopped by SIGINT / SIGTERM: signal, stage, time
 SELECTED_PREFIX = "selected."  # hyper-parameters chosen on val, one tag each
+SELECTION_EDGE = "dinoscale.selection_on_edge"  # a value chosen on val at a grid edge, e.g. "lr=1 (top)"
+INTERVAL = "dinoscale.interval"  # why a run's headline has no interval (too few test units), when it has none
 RAY_TRIAL_ID = "ray.trial_id"
 RAY_NODE_ID = "ray.node_id"
 FEATURE_KEYS = "features.keys"  # split:digest of the feature sets a cell read
@@ -81,6 +83,8 @@ EXTRACTION_SHARDS_CACHED = "extraction_shards_cached"  # committed by an earlier
 PREDICTIONS = "predictions/test.csv"
 TRACEBACK = "error/traceback.txt"
 RESOLVED_SPEC = "spec/resolved.yaml"
+PROTOCOL = "protocol/protocol.md"  # the sweep's protocol table (every constant; dinoscale.sweep.protocol)
+PROTOCOL_JSON = "protocol/protocol.json"
 EXTRACTION_DIR = "extraction"
 FEATURE_SETS = "extraction/feature_sets.json"  # per feature set: predicted and measured bytes, shards
 REPORT_DIR = "report"
@@ -109,8 +113,11 @@ AXES: tuple[Axis, ...] = (
     Axis("resolution", numeric=True, scaling=True),
     Axis("probe"),
     Axis("strategy"),
+    # the replicate axis: seed k seeds initialisation and batch order and draws replicate k's train / val
+    # split (dinoscale.data.splits.replicate_recipe); replicates are pooled by the analysis, never a curve
     Axis("seed", numeric=True, replicate=True),
 )
+REPLICATE_AXIS = next(a.name for a in AXES if a.replicate)
 AXIS_NAMES = tuple(a.name for a in AXES)
 NUMERIC_AXES = tuple(a.name for a in AXES if a.numeric)
 # Where a cell sits in the grid, replicates aside (a configuration whose replicates are pooled).

@@ -33,7 +33,9 @@ class PhantomSpec(Strict):
     """Built-in deterministic phantom data (labelled 'phantom' wherever a result appears)."""
 
     seed: int = Field(0, description="generator seed; the same seed gives the same images and labels")
-    n_patients: int = Field(120, ge=12, description="number of synthetic patients")
+    n_patients: int = Field(
+        120, ge=12, description="number of synthetic patients (phantom-em: CREMI's three samples A, B, C instead)"
+    )
     images_per_patient: tuple[int, int] = Field((2, 4), description="min, max images per patient")
     image_size: int = Field(256, ge=64, le=2048, description="side of the stored square images (pixels)")
     depth: int = Field(32, ge=8, le=512, description="3D phantoms (ct, mri, em, petct): slices per volume")
@@ -56,6 +58,14 @@ class SplitSpec(Strict):
     )
     seed: int = Field(0, description="seed of the patient shuffle")
     official: bool = Field(True, description="use the dataset's official split lists where it has them")
+    replicates: Literal["resplit", "fixed"] = Field(
+        "resplit",
+        description="how the replicates (seeds) vary the data: resplit: replicate k > 0 pools the train and val "
+        "patients and redraws val (same size) with seed (split.seed, k); fixed: every replicate keeps the "
+        "dataset's split (only initialisation and batch order change). Test is never touched; replicate 0 is "
+        "the dataset's split; a dataset with cross-validation folds validates replicate k on fold k; a dataset "
+        "whose protocol fixes the split (CREMI) keeps it",
+    )
 
 
 class DatasetSpec(Strict):
@@ -246,9 +256,19 @@ class BootstrapSpec(Strict):
 
 
 class MetricsSpec(Strict):
-    """The headline metric is the dataset task's (dinoscale.tasks); this sets how its interval is computed."""
+    """The headline metric is the dataset task's (dinoscale.tasks); this sets how its interval is computed.
+    The conventions behind every metric are in dinoscale.metrics.CONVENTIONS (and each sweep's protocol table)."""
 
     bootstrap: BootstrapSpec = BootstrapSpec()
+    macro_min_patients: int = Field(
+        5,
+        ge=1,
+        description="a macro metric averages the classes with at least this many positive and as many negative "
+        "patients in test, fixed before resampling (fewer qualify for none: 1, logged as macro_min_patients)",
+    )
+    min_interval_units: int = Field(
+        10, ge=2, description="no bootstrap interval over fewer test patients (the count is reported instead)"
+    )
 
 
 class ResourcesSpec(Strict):
@@ -321,7 +341,13 @@ class SweepSpec(Strict):
         description="frozen: probes on cached features; lora / full: the encoder is trained (settings under 'finetuning')",
     )
     finetuning: FinetuningSpec = Field(default_factory=FinetuningSpec, description="lora / full settings")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="replicates: seed k seeds each probe's initialisation and batch order and, per "
+        "dataset.split.replicates, draws replicate k's train / val split (0: the dataset's own); the analysis "
+        "pools replicates with the patient bootstrap",
+    )
     search: SearchSpec = SearchSpec()
     features: FeaturesSpec = FeaturesSpec()
     metrics: MetricsSpec = MetricsSpec()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dinoscale.headline import AUROC, DICE, VOI, Headline
+from dinoscale.metrics import MACRO_MIN_PATIENTS, MIN_INTERVAL_UNITS
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Scoring:
     resamples: int = 1000
     level: float = 0.95
     seed: int = 0
+    spacing: list[tuple[float, ...]] | None = None  # dense tasks: per-unit voxel spacing in the label maps' axis order
+    groups: list[str] | None = None  # per-unit sample group (CREMI: A / B / C), reported separately
+    macro_min_patients: int = MACRO_MIN_PATIENTS  # the macro class-set rule (dinoscale.metrics.CONVENTIONS)
+    min_interval_units: int = MIN_INTERVAL_UNITS  # no bootstrap interval over fewer patients
 
 
 Scorer = Callable[[np.ndarray, "np.ndarray | None", Scoring], tuple[dict, pd.DataFrame]]
@@ -42,6 +47,7 @@ class TaskDef:
     score: Scorer  # (test output, test target or None, Scoring) -> (metrics, per-unit predictions table)
     dense: bool = False  # the probe's input is a patch-token grid and its output a label map per unit
     finetunable: bool = False  # lora / full cells can train the encoder for it
+    exclusive: bool = False  # one label per unit (multiclass): probes train softmax cross-entropy, not BCE
 
     def val_metrics(self, val_metric: float) -> dict[str, float]:
         """Probes maximise their selection value; a lower-is-better headline is selected as its negative."""
@@ -49,16 +55,41 @@ class TaskDef:
 
 
 def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[dict, pd.DataFrame]:
-    """Macro AUROC with its patient-level bootstrap interval, per-class AUROC, per-unit scores."""
-    from dinoscale.metrics import auroc_per_class, patient_bootstrap
+    """Macro AUROC over a class set fixed before resampling (``metrics.macro_class_set``) with its
+    patient-level bootstrap interval, per-class AUROC, per-unit scores."""
+    from functools import partial
+
+    from dinoscale.metrics import auroc_per_class, macro_auroc, macro_class_set, patient_bootstrap
 
     y = s.labels
-    ci = patient_bootstrap(y, test_scores, s.patient_ids, resamples=s.resamples, level=s.level, seed=s.seed)
+    k = s.macro_min_patients
+    classes = macro_class_set(y, s.patient_ids, k)
+    if not classes.any():  # no class reaches k patients: the stated fallback, logged as the k used
+        k = 1
+        classes = macro_class_set(y, s.patient_ids, k)
+    if not classes.any():
+        raise RuntimeError(
+            f"no class has both a positive and a negative patient in test ({len(set(s.patient_ids))} patients): "
+            "macro AUROC is undefined; enlarge the test split"
+        )
+    ci = patient_bootstrap(
+        y,
+        test_scores,
+        s.patient_ids,
+        metric=partial(macro_auroc, classes=np.flatnonzero(classes)),
+        resamples=s.resamples,
+        level=s.level,
+        seed=s.seed,
+        min_units=s.min_interval_units,
+    )
     per_class = auroc_per_class(y, test_scores)
     metrics = {
         **ci.as_dict(AUROC.test),
         **{f"test_auroc_{c}": float(v) for c, v in zip(s.classes, per_class) if np.isfinite(v)},
         "bootstrap_resamples_valid": ci.resamples,
+        "interval_units": ci.units,
+        "macro_auroc_classes": int(classes.sum()),
+        "macro_min_patients": k,
     }
     predictions = pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids})
     for j, c in enumerate(s.classes):
@@ -70,36 +101,57 @@ def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[
 def _per_volume(values: dict[str, np.ndarray], headline: Headline, s: Scoring) -> tuple[dict, pd.DataFrame]:
     from dinoscale.metrics import summarise_per_volume
 
-    metrics = summarise_per_volume(values, s.patient_ids, s.resamples, s.level, s.seed)
+    metrics = summarise_per_volume(values, s.patient_ids, s.resamples, s.level, s.seed, min_units=s.min_interval_units)
     metrics["n_test_volumes_scored"] = int(np.isfinite(values[headline.name]).sum())
+    metrics["interval_units"] = len(set(np.asarray(s.patient_ids).astype(str)))
     if headline.test not in metrics:
-        raise RuntimeError(
-            f"no test volume has a defined {headline.name} (every volume empty in both prediction and mask)"
-        )
-    return metrics, pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids, **values})
+        raise RuntimeError(f"no test volume has a defined {headline.name} (no volume's ground truth holds a structure)")
+    table = pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids, **values})
+    if s.groups is not None:  # per sample (CREMI A / B / C), as the benchmark reports them: means, no interval
+        table.insert(2, "group", list(s.groups))
+        for g, part in table.groupby("group", sort=True):
+            for name in values:
+                v = part[name].to_numpy(dtype=np.float64)
+                if np.isfinite(v).any():
+                    metrics[f"test_{name}.{g}"] = float(np.nanmean(v))
+    return metrics, table
 
 
-def _by_volume(fn, pred, target, chunk: int = 8) -> dict[str, np.ndarray]:
+def _by_volume(fn, pred, target, spacing=None, chunk: int = 8) -> dict[str, np.ndarray]:
     """Per-volume values computed ``chunk`` volumes at a time (volumes are scored independently), so a
-    streamed test split's label maps are never all in memory at once."""
-    parts = [fn(np.asarray(pred[i : i + chunk]), np.asarray(target[i : i + chunk])) for i in range(0, len(pred), chunk)]
+    streamed test split's label maps are never all in memory at once. ``pred`` / ``target``: arrays (or
+    row views) of equal-shaped volumes, or lists of volumes of their native shapes; ``spacing``: per volume."""
+
+    def part(x, i):
+        x = x[i : i + chunk]
+        return x if isinstance(x, list) else np.asarray(x)
+
+    parts = [
+        fn(part(pred, i), part(target, i), None if spacing is None else spacing[i : i + chunk])
+        for i in range(0, len(pred), chunk)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def score_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
-    """Dice (mean foreground and per structure) and HD95 per volume, their means with patient intervals."""
+    """Dice (positive cases, mean foreground and per structure), HD95 (mm, penalty for missed / spurious
+    structures), detection and false-positive rates, FP / FN volumes per volume; means with patient intervals."""
     from dinoscale.metrics import segmentation_per_volume
 
     names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]
-    values = _by_volume(lambda p, t: segmentation_per_volume(p, t, s.n_classes, names), pred, target)
+    values = _by_volume(
+        lambda p, t, sp: segmentation_per_volume(p, t, s.n_classes, names, spacing=sp), pred, target, s.spacing
+    )
     return _per_volume(values, DICE, s)
 
 
 def score_instances(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
-    """EM instances: VOI (split + merge) and adapted Rand error per volume, with intervals."""
+    """EM instances: VOI (split + merge) and adapted Rand error per volume under the CREMI convention (border
+    mask, ground-truth label 0 ignored), per sample where the dataset has samples, with intervals where the
+    test split has enough units."""
     from dinoscale.metrics import instance_per_volume
 
-    return _per_volume(_by_volume(instance_per_volume, pred, target), VOI, s)
+    return _per_volume(_by_volume(instance_per_volume, pred, target, s.spacing), VOI, s)
 
 
 _TASKS: dict[str, TaskDef] = {}
@@ -112,7 +164,7 @@ def register_task(task: TaskDef) -> TaskDef:
 
 for _t in (
     TaskDef("multilabel", AUROC, score_classification, finetunable=True),  # binary is multilabel with one class
-    TaskDef("multiclass", AUROC, score_classification, finetunable=True),
+    TaskDef("multiclass", AUROC, score_classification, finetunable=True, exclusive=True),
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True),
     TaskDef("instance_segmentation", VOI, score_instances, dense=True),

@@ -27,7 +27,8 @@ def tiny_spec_dict(tmp_path: Path, **overrides) -> dict:
         }
     )
     spec["dataset"] = copy.deepcopy(spec["dataset"])
-    spec["dataset"]["phantom"].update({"n_patients": 30, "images_per_patient": [2, 4], "image_size": 128})
+    # 34 patients: 10 in test, the fewest over which a bootstrap interval is computed (metrics.MIN_INTERVAL_UNITS)
+    spec["dataset"]["phantom"].update({"n_patients": 34, "images_per_patient": [2, 4], "image_size": 128})
     spec["probes"][0]["epochs"] = 20
     spec["metrics"] = {"bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}}
     spec.update(overrides)

@@ -419,7 +419,7 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
 
     out = analyze_sweep(uri, "dinoscale-toy", None, tmp_path / "reports" / "toy", quiet=True)
     cells = pd.read_csv(out / "results.csv")
-    assert (cells.uncertainty == "patients (per-sample predictions) + 1 seed(s)").all()
+    assert (cells.uncertainty == "patients (per-sample predictions) + 1 replicate(s) (test sampling only)").all()
     fits = pd.read_csv(out / "fits.csv")
     assert fits.set_index("axis").loc["params", "trend"] in ("improves", "saturates")
     head = (out / "report.md").read_text().splitlines()

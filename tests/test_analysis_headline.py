@@ -95,7 +95,7 @@ def _record_sweep(tmp_path, headline, values_of, strategies=("frozen",)):
 
 def _check_intervals(out, truth):
     cells = pd.read_csv(out / "results.csv")
-    assert (cells.uncertainty == "patients (per-sample predictions) + 1 seed(s)").all()
+    assert (cells.uncertainty == "patients (per-sample predictions) + 1 replicate(s) (test sampling only)").all()
     assert ((cells.low <= cells.metric) & (cells.metric <= cells.high)).all()
     for r in cells.itertuples():  # the report's patient resampling agrees with the runs' own volume bootstrap
         ci = truth[(r.backbone, r.strategy)]

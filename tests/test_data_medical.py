@@ -243,10 +243,16 @@ def test_phantom_mri_em_petct_masks_match_images(tmp_path):
         labels |= set(np.unique(mask).astype(int))
         assert img[mask == 1].mean() < img[(mask == 0) & (img > 300)].mean()  # ventricles are dark on T1
     assert labels == {0, 1, 2, 3}
-    em = prepare_dataset(_ph("em"), tmp_path)
-    r = em.manifest.iloc[0]
-    img, ids = nib.load(r.path).get_fdata(), np.asarray(nib.load(r.mask_path).dataobj)
-    assert ids.dtype == np.uint32 and len(np.unique(ids)) >= 15 and em.task == "instance_segmentation"
+    em = prepare_dataset(_ph("em"), tmp_path)  # CREMI's layout: samples A, B, C, sections split in blocks
+    assert em.task == "instance_segmentation" and sorted(em.manifest["sample"].unique()) == ["A", "B", "C"]
+    units = em.units("test")
+    assert units.groups == ["A", "B", "C"] and units.spacing == [(4.0, 4.0, 40.0)] * 3  # nm, from the files
+    from dinoscale.data.readers import read_volume
+
+    img, sp = read_volume(units.items[0])
+    ids, _ = read_volume(units.masks[0], mode="nearest", dtype=None)
+    img, ids = img[0], ids[0]
+    assert ids.dtype == np.uint64 and len(np.unique(ids)) >= 5 and sp == (4.0, 4.0, 40.0)
     boundary = np.zeros(ids.shape, bool)
     boundary[:-1] |= ids[:-1] != ids[1:]
     assert img[boundary].mean() < img[~boundary].mean() - 50  # membranes are dark where neurons meet

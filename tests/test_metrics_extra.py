@@ -65,10 +65,15 @@ def test_dice_and_hd95_on_hand_made_masks():
     # a shifted copy: every boundary point is at most 2 px from the other boundary
     assert hd95_per_volume(pred, gt, 2)[0, 0] == pytest.approx(2.0)
     assert hd95_per_volume(gt, gt, 2)[0, 0] == pytest.approx(0.0)
-    # a class absent from both prediction and truth is undefined (NaN), not 0 or 1
+    # Dice is defined on the cases whose ground truth holds the class (AutoPET): absent from the truth it is
+    # NaN, whether or not the prediction has it (a spurious prediction is scored by the FP volume instead)
     d = dice_per_volume(gt, gt, 3)
     assert d[0, 0] == pytest.approx(1.0) and np.isnan(d[0, 1])
-    assert np.isnan(hd95_per_volume(np.zeros_like(gt), gt, 2)[0, 0])
+    assert np.isnan(dice_per_volume(gt, np.zeros_like(gt), 2)[0, 0])
+    # a missed (or spurious) structure scores the stated penalty, the field's diagonal (sqrt(10^2 + 10^2) px)
+    assert hd95_per_volume(np.zeros_like(gt), gt, 2)[0, 0] == pytest.approx(np.hypot(10, 10))
+    assert hd95_per_volume(gt, np.zeros_like(gt), 2)[0, 0] == pytest.approx(np.hypot(10, 10))
+    assert np.isnan(hd95_per_volume(np.zeros_like(gt), np.zeros_like(gt), 2)[0, 0])  # absent from both
 
 
 def test_voi_and_arand_on_hand_made_masks():
@@ -84,13 +89,14 @@ def test_voi_and_arand_on_hand_made_masks():
     over = np.array([[1, 2, 3, 4]])
     split, merge = variation_of_information(over, gt)
     assert split == pytest.approx(1.0) and merge == pytest.approx(0.0)
-    # ARAND by hand: merged -> same-label pairs (incl. self-pairs): seg 16, gt 8, joint 8;
-    # precision = (8-4)/(16-4) = 1/3, recall = (8-4)/(8-4) = 1, error = 1 - 2*(1/3)/(4/3) = 0.5
+    # ARAND by hand, CREMI's definition: merged -> sum n_ij^2 = 2^2 + 2^2 = 8, sum b_j^2 = 4^2 = 16,
+    # sum a_i^2 = 8: precision 1/2, recall 1, error = 1 - 2 * (1/2) / (3/2) = 1/3
     err, prec, rec = adapted_rand_error(merged, gt)
-    assert (err, prec, rec) == pytest.approx((0.5, 1 / 3, 1.0))
-    # gt label 0 is ignored by ARAND: a wrong prediction there costs nothing
+    assert (err, prec, rec) == pytest.approx((1 / 3, 0.5, 1.0))
+    # gt label 0 is the one ignore label of both VOI and ARAND: a wrong prediction there costs nothing
     gt0 = np.array([[1, 1, 0, 0]])
     assert adapted_rand_error(np.array([[3, 3, 7, 9]]), gt0)[0] == pytest.approx(0.0)
+    assert variation_of_information(np.array([[3, 3, 7, 9]]), gt0) == (0.0, 0.0)
 
 
 def test_dice_per_volume_interval_covers_truth_at_about_nominal_rate():
@@ -109,10 +115,15 @@ def test_segmentation_and_instance_summaries_carry_intervals():
     gt = (rng.random((6, 16, 16)) > 0.5).astype(int)
     pred = gt.copy()
     pred[:, :2] = 0
-    out = segmentation_summary(pred, gt, 2, resamples=100)
+    out = segmentation_summary(pred, gt, 2, resamples=100, patient_ids=np.arange(6))
+    # six volumes: fewer than the 10 units an interval needs, so none (and no _ci_ keys at all)
+    assert "test_dice" in out and "test_dice_ci_low" not in out and "test_hd95_px" in out
+    many_gt, many_pred = np.concatenate([gt, gt]), np.concatenate([pred, pred])
+    out = segmentation_summary(many_pred, many_gt, 2, resamples=100)
     assert out["test_dice_ci_low"] <= out["test_dice"] <= out["test_dice_ci_high"] < 1
-    assert "test_hd95" in out
-    inst = instance_summary(gt, gt, resamples=50)
+    blocks = np.zeros((6, 32, 32), int)
+    blocks[:, :, :16], blocks[:, :, 16:] = 1, 2  # two objects: the border mask leaves their interiors
+    inst = instance_summary(blocks, blocks, resamples=50)
     assert inst["test_voi"] == 0 and inst["test_arand"] == pytest.approx(0)
 
 

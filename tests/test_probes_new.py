@@ -113,7 +113,7 @@ def test_segmentation_heads_learn_a_readable_mask(head, volumetric):
         kind="segmentation",
         head=head,
         learning_rates=[5e-2 if head == "linear" else 1e-2],
-        epochs=10,
+        steps=30,
         batch_size=4,
         hidden_dim=16,
     )
@@ -157,7 +157,7 @@ def test_affinity_probe_runs_and_selects_a_threshold():
         SegSplit(base.x[11:], base.y[11:]),
     )
     spec = AffinityProbeSpec(
-        kind="affinity", learning_rates=[1e-2], epochs=5, batch_size=4, hidden_dim=8, thresholds=[0.5, 0.9]
+        kind="affinity", learning_rates=[1e-2], steps=10, batch_size=4, hidden_dim=8, thresholds=[0.5, 0.9]
     )
     res = run_probe(spec, train, val, test)
     assert res.test_scores.shape == test.y.shape and res.selected["threshold"] in (0.5, 0.9)

@@ -25,7 +25,7 @@ def test_defaults_are_visible_in_resolved_spec():
     assert resolved["probes"][1]["temperature"] == 0.07
     assert resolved["metrics"]["bootstrap"]["level"] == 0.95
     assert resolved["features"]["tokens"] == "cls_mean_patch"
-    assert len(resolved["probes"][0]["learning_rates"]) == 13
+    assert len(resolved["probes"][0]["learning_rates"]) == 16  # the DINOv2 grid extended up to 1.0
 
 
 def _demo_raw():

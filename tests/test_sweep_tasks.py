@@ -55,12 +55,12 @@ def mri(tmp_path_factory, ray_local):
         "kind": "segmentation",
         "head": "conv",
         "n_classes": 4,
-        "epochs": 30,
+        "steps": 60,
         "batch_size": 4,
         "learning_rates": [0.01],
         "hidden_dim": 32,
     }
-    raw = _spec(tmp, "mri", probe, n_patients=12)
+    raw = _spec(tmp, "mri", probe, n_patients=34)  # 10 test patients: enough units for an interval
     raw["resolutions"] = [64, 96]  # 4x4 and 6x6 token grids
     spec = parse_spec(raw)
     return tmp, spec, run_sweep(spec, project_dir=tmp, quiet=True)
@@ -79,12 +79,13 @@ def test_mri_segmentation_sweep_logs_dice_with_patient_intervals(mri):
     for run in runs:
         m = run.data.metrics
         assert m["test_dice_ci_low"] <= m["test_dice"] <= m["test_dice_ci_high"]
-        assert 0.0 <= m["test_dice"] <= 1.0 and "val_dice" in m and "test_hd95" in m
+        assert 0.0 <= m["test_dice"] <= 1.0 and "val_dice" in m and m["test_hd95_mm"] > 0
+        assert 0 <= m["test_detection_rate"] <= 1 and m["test_fp_volume_ml"] >= 0 and m["test_fn_volume_ml"] >= 0
         # the ventricles are large and dark: even random features and a small decoder find them
         assert m["test_dice_ventricles"] > 0.3
         preds = _predictions(client, run.info.run_id)
         assert preds["sample_id"].tolist() == test_ids  # one row per test volume
-        assert {"dice", "hd95", "dice_ventricles"} <= set(preds.columns)
+        assert {"dice", "hd95_mm", "dice_ventricles", "detection_rate", "fp_volume_ml"} <= set(preds.columns)
         assert np.nanmean(preds["dice"]) == pytest.approx(m["test_dice"], abs=1e-9)
         assert run.data.params["probe"] == "segmentation" and run.data.tags["data.source"] == "phantom"
     # per-slice patch grids: every feature set has one row per slice of every volume
@@ -105,31 +106,47 @@ def test_resumed_segmentation_sweep_extracts_and_evaluates_nothing_again(mri):
     }
 
 
-def test_em_affinity_sweep_logs_voi_and_arand(tmp_path, ray_local):
+def test_em_affinity_sweep_logs_voi_and_arand_per_sample_without_an_interval(tmp_path, ray_local):
+    """phantom-em is CREMI's layout: three samples, one test block each. Three units are too few for a
+    bootstrap interval: the run says so (a tag, no _ci_ metrics) and reports A, B and C separately."""
     probe = {
         "kind": "affinity",
-        "epochs": 10,
+        "steps": 20,
+        "crop": 32,
+        "crop_depth": 4,
         "learning_rates": [0.01],
         "thresholds": [0.9, 0.98],
         "batch_size": 2,
         "hidden_dim": 16,
     }
-    spec = parse_spec(_spec(tmp_path, "em", probe, n_patients=12))
-    out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
+    raw = _spec(tmp_path, "em", probe)
+    raw["dataset"]["phantom"] = {"seed": 0, "image_size": 64, "depth": 12}
+    out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
     assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
     client, runs = _children(out)
-    assert client.get_run(out.parent_run_id).data.tags["dinoscale.headline_goal"] == "min"
+    parent = client.get_run(out.parent_run_id)
+    assert parent.data.tags["dinoscale.headline_goal"] == "min"
+    protocol = client.download_artifacts(out.parent_run_id, "protocol/protocol.md")
+    text = Path(protocol).read_text()
+    assert "steps | 20" in text and "CREMI" in text and "first sections train" in text
     for run in runs:
         m = run.data.metrics
         assert m["test_voi"] == pytest.approx(m["test_voi_split"] + m["test_voi_merge"], abs=1e-9)
-        assert m["test_voi_ci_low"] <= m["test_voi"] <= m["test_voi_ci_high"] and 0 <= m["test_arand"] <= 1
+        assert "test_voi_ci_low" not in m and "no interval: 3 test unit(s)" in run.data.tags["dinoscale.interval"]
+        assert 0 <= m["test_arand"] <= 1 and m["interval_units"] == 3
+        per_sample = [m[f"test_voi.{s}"] for s in "ABC"]
+        assert np.mean(per_sample) == pytest.approx(m["test_voi"], abs=1e-9)  # one block per sample
         assert m["val_voi"] >= 0 and run.data.tags["selected.threshold"] in ("0.9", "0.98")
+        assert run.data.params["probe.steps"] == "20" and run.data.params["replicate_split"] == "the dataset's split"
         preds = _predictions(client, run.info.run_id)
-        assert {"voi", "voi_split", "voi_merge", "arand"} <= set(preds.columns)
+        assert {"voi", "voi_split", "voi_merge", "arand", "cremi_score"} <= set(preds.columns)
+        assert preds["group"].tolist() == ["A", "B", "C"]
+    report = (out.report_dir / "report.md").read_text()
+    assert "no interval" in report
 
 
 def test_petct_sweep_fuses_pet_into_the_features(tmp_path, ray_local):
-    probe = {"kind": "segmentation", "head": "linear", "n_classes": 2, "epochs": 5, "batch_size": 4}
+    probe = {"kind": "segmentation", "head": "linear", "n_classes": 2, "steps": 10, "batch_size": 4}
     spec = parse_spec(_spec(tmp_path, "petct", probe, n_patients=12))
     out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
     assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
@@ -193,7 +210,7 @@ def test_cremi_hdf5_section_blocks_run_as_volumes(tmp_path, ray_local):
         with h5py.File(tmp_path / f"sample_{s}_20160501.hdf", "w") as f:
             f["volumes/raw"], f["volumes/labels/neuron_ids"] = raw, ids
     raw_spec = _spec(
-        tmp_path, "em", {"kind": "affinity", "epochs": 3, "thresholds": [0.5], "batch_size": 2, "hidden_dim": 8}
+        tmp_path, "em", {"kind": "affinity", "steps": 5, "thresholds": [0.5], "batch_size": 2, "hidden_dim": 8}
     )
     raw_spec["dataset"] = {
         "name": "cremi",

@@ -94,6 +94,27 @@ def _method(cd: CellDraws) -> list[str]:
     ]
 
 
+def _res(v) -> str:
+    return "resolution not stated" if pd.isna(v) else f"{float(v):g}px"
+
+
+def _selection_warnings(runs: pd.DataFrame) -> list[str]:
+    """Runs whose choice on val sits on the edge of its grid (tag ``record.SELECTION_EDGE``): the optimum may
+    lie outside the grid, so the number may understate the configuration."""
+    if "selection_edge" not in runs.columns:
+        return []
+    edged = runs[runs["selection_edge"].fillna("").astype(str) != ""]
+    if edged.empty:
+        return []
+    examples = "; ".join(
+        f"{r.backbone} {_res(r.resolution)} {r.probe}: {r.selection_edge}" for r in edged.head(5).itertuples()
+    )
+    return [
+        f"Warning: {len(edged)} of {len(runs)} run(s) chose a hyper-parameter on the edge of its grid, so the "
+        f"optimum may lie outside it (widen the grid): {examples}" + (" ..." if len(edged) > 5 else "")
+    ]
+
+
 def _exponent_words(c: Curve, h: Headline = AUROC) -> str:
     f = c.fit
     return f"alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}]" if f.exponent_identified else ""
@@ -407,7 +428,7 @@ def write_report(
     rc = ReportContent(
         title=title,
         provenance=provenance,
-        method=_method(cd),
+        method=_method(cd) + _selection_warnings(runs),
         figures=_figures(curves, comparisons, out_dir, title, prov, headline),
         verdicts=_blocks(curves, cd.cells, headline),
         best=_answer(cd, best, headline),

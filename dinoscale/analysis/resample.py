@@ -11,7 +11,17 @@ seeds. Its draws combine two sources of noise:
   (NaN values skipped, as ``dinoscale.metrics.mean_score``);
 * otherwise each run is redrawn independently from its own logged interval (normal approximation);
 
-and then **seeds**: each replicate averages the cell's seeds resampled with replacement.
+and then **replicates** (the seed axis: initialisation, and the train / val split each replicate draws):
+each bootstrap draw averages the cell's replicates resampled with replacement, their deviations from the
+draw's mean inflated by sqrt(R / (R - 1)) (the bootstrap of a mean of R values underestimates its spread by
+(R - 1) / R). A cell's interval thus carries test sampling, training and selection variance; with one
+replicate it carries test sampling alone (and says so).
+
+Two rules of ``dinoscale.metrics`` hold here as in the trial: the class set of a macro AUROC is fixed before
+resampling (classes with at least ``macro_min_patients`` positive and negative test patients; a resample
+in which one of them is single-valued is dropped), and a test set of fewer than ``min_interval_units``
+patients is not resampled at all: its runs' draws are NaN, so the cell has no interval (``low`` / ``high``
+NaN; ``uncertainty`` says why) and what rests on it rests on point estimates only, as in the trial.
 
 Run tables come in as ``sources`` gives them (metric columns named for the headline) and are
 turned into the internal naming (``metric``, ``metric_ci_low``, ...) by ``sources.as_generic``.
@@ -30,7 +40,13 @@ import pandas as pd
 from dinoscale import record
 from dinoscale.analysis.sources import as_generic
 from dinoscale.headline import AUROC, Headline
-from dinoscale.metrics import _patient_resamples, auroc_per_class
+from dinoscale.metrics import (
+    MACRO_MIN_PATIENTS,
+    MIN_INTERVAL_UNITS,
+    _patient_resamples,
+    auroc_per_class,
+    macro_class_set,
+)
 
 CELL_KEYS = list(record.CELL_KEYS)  # modality, dataset, probe, strategy, backbone, n_params, resolution (+ new axes)
 METRIC = "metric"  # the headline's test value in the internal naming (sources.as_generic)
@@ -60,12 +76,26 @@ def _shared_patients(preds: list[pd.DataFrame], resamples: int, rng):
     return [_aligned(p, order) for p in preds], draws
 
 
-def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray:
-    """(resamples, runs) macro AUROC under shared patient resamples; all runs share one test set."""
+def _fixed_classes(p: pd.DataFrame, k: int) -> list[str]:
+    """A run's macro class set, fixed before resampling, as the trial fixed it (``metrics.macro_class_set``,
+    falling back to k = 1 when no class reaches k)."""
+    classes = [c[len("label_") :] for c in p.columns if c.startswith("label_")]
+    y, pid = p[[f"label_{c}" for c in classes]].to_numpy(float), p["patient_id"].astype(str).to_numpy()
+    keep = macro_class_set(y, pid, k)
+    if not keep.any():
+        keep = macro_class_set(y, pid, 1)
+    return [c for c, kept in zip(classes, keep) if kept]
+
+
+def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng, ks: list[int] | None = None) -> np.ndarray:
+    """(resamples, runs) macro AUROC under shared patient resamples; all runs share one test set. Each run's
+    class set is fixed before resampling (``ks``: its macro_min_patients); a resample in which one of its
+    classes is single-valued is NaN for that run (dropped from its quantiles)."""
     aligned, draws = _shared_patients(preds, resamples, rng)
+    ks = ks or [MACRO_MIN_PATIENTS] * len(preds)
     labels, scores, owner = [], [], []
     for j, p in enumerate(aligned):
-        classes = [c[len("label_") :] for c in p.columns if c.startswith("label_")]
+        classes = _fixed_classes(p, ks[j])
         labels.append(p[[f"label_{c}" for c in classes]].to_numpy(float))
         scores.append(p[[f"score_{c}" for c in classes]].to_numpy(float))
         owner += [j] * len(classes)
@@ -75,9 +105,12 @@ def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng) -> np.ndarray
     for b, idx in enumerate(draws):
         per_class = auroc_per_class(y[idx], s[idx])
         defined = np.isfinite(per_class)
-        # macro = mean over each run's classes that are defined in this resample
+        # macro over each run's fixed classes; NaN where one of them is undefined in this resample
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[b] = np.add.reduceat(np.where(defined, per_class, 0), starts) / np.add.reduceat(defined, starts)
+            mean = np.add.reduceat(np.where(defined, per_class, 0), starts) / np.add.reduceat(
+                np.ones_like(per_class), starts
+            )
+        out[b] = np.where(np.add.reduceat(~defined, starts) > 0, np.nan, mean)
     return out
 
 
@@ -122,6 +155,14 @@ def _usable(p: pd.DataFrame, headline: Headline) -> bool:
     return headline.name == AUROC.name and any(c.startswith("label_") for c in p.columns)
 
 
+def _run_constant(runs: pd.DataFrame, rid: str, column: str, default: int) -> int:
+    """A protocol constant the run logged (``macro_min_patients``, ``min_interval_units``), else the default."""
+    if column not in runs.columns:
+        return default
+    v = pd.to_numeric(runs.loc[runs["run_id"] == rid, column], errors="coerce").dropna()
+    return int(v.iloc[0]) if len(v) else default
+
+
 def run_draws(
     runs: pd.DataFrame,
     predictions: dict[str, pd.DataFrame],
@@ -130,7 +171,8 @@ def run_draws(
     rng,
     headline: Headline = AUROC,
 ) -> tuple[np.ndarray, list[str]]:
-    """Draws per run (``runs`` in the internal naming), and per run its pairing group ('' when drawn independently)."""
+    """Draws per run (``runs`` in the internal naming), and per run its pairing group ('' when drawn
+    independently; 'units:<n>' when its test set is too small to resample: constant draws, no interval)."""
     out = np.empty((resamples, len(runs)))
     pairing = [""] * len(runs)
     position = {rid: i for i, rid in enumerate(runs["run_id"])}
@@ -140,14 +182,22 @@ def run_draws(
             by_test_set.setdefault(_test_set_signature(predictions[rid]), []).append(rid)
     for signature, rids in by_test_set.items():
         preds = [predictions[r] for r in rids]
-        draws = (
-            _volume_draws(preds, headline.name, resamples, rng)
-            if headline.per_volume
-            else _patient_draws(preds, resamples, rng)
-        )
+        ks = [_run_constant(runs, r, "macro_min_patients", MACRO_MIN_PATIENTS) for r in rids]
+        units = preds[0]["patient_id"].astype(str).nunique()
+        need = max(_run_constant(runs, r, "min_interval_units", MIN_INTERVAL_UNITS) for r in rids)
+        if units < need:  # no resampling of a handful of units: no interval (point estimates only)
+            draws = np.full((resamples, len(preds)), np.nan)
+            tag = f"units:{units}"
+        else:
+            draws = (
+                _volume_draws(preds, headline.name, resamples, rng)
+                if headline.per_volume
+                else _patient_draws(preds, resamples, rng, ks)
+            )
+            tag = f"patients:{signature}"
         for j, rid in enumerate(rids):
             out[:, position[rid]] = draws[:, j]
-            pairing[position[rid]] = f"patients:{signature}"
+            pairing[position[rid]] = tag
     for i, row in enumerate(runs.to_dict("records")):
         if not pairing[i]:
             out[:, i] = _interval_draws(row, resamples, level, rng, headline)
@@ -172,14 +222,10 @@ def bootstrap_cells(
     rows, columns = [], []
     for key, g in runs.groupby(CELL_KEYS, sort=True, dropna=False):
         idx = g.index.to_numpy()
-        # resample seeds with replacement inside every replicate
-        pick = idx[rng.integers(0, len(idx), (resamples, len(idx)))]
         if np.isnan(per_run[:, idx]).all(axis=0).any():  # a run of unknown uncertainty: so is the cell's
             cell = np.full(resamples, np.nan)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a resample where AUROC is undefined
-                cell = np.nanmean(per_run[np.arange(resamples)[:, None], pick], axis=1)
+            cell = _replicate_draws(per_run[:, idx], rng)
         columns.append(cell)
         q = (1 - level) / 2
         rows.append(
@@ -188,7 +234,7 @@ def bootstrap_cells(
                 "metric": g[METRIC].mean(),
                 "low": _quantile(cell, q),
                 "high": _quantile(cell, 1 - q),
-                "seeds": g["seed"].nunique(),
+                "seeds": g[record.REPLICATE_AXIS].nunique(),
                 "val_metric": g["val_metric"].mean(),
                 "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
                 "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
@@ -199,13 +245,32 @@ def bootstrap_cells(
     return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
 
 
+def _replicate_draws(draws: np.ndarray, rng) -> np.ndarray:
+    """(resamples, R) draws of a cell's R replicates -> (resamples,) draws of their mean: replicates resampled
+    with replacement in every draw, deviations from the draw's mean inflated by sqrt(R / (R - 1))."""
+    n, r = draws.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where AUROC is undefined stays NaN
+        mean = np.nanmean(draws, axis=1)
+        if r == 1:
+            return mean
+        pick = rng.integers(0, r, (n, r))
+        resampled = np.nanmean(draws[np.arange(n)[:, None], pick], axis=1)
+    return mean + np.sqrt(r / (r - 1)) * (resampled - mean)
+
+
 def _quantile(draws: np.ndarray, q: float) -> float:
     return float(np.nanquantile(draws, q)) if np.isfinite(draws).any() else float("nan")
 
 
 def _uncertainty_words(g: pd.DataFrame) -> str:
+    n_rep = g[record.REPLICATE_AXIS].nunique()
+    small = g["_pairing"][g["_pairing"].str.startswith("units:")]
+    if len(small):
+        units = small.iloc[0].split(":", 1)[1]
+        return f"none: {units} test unit(s), too few to resample (point estimates only); {n_rep} replicate(s)"
     lo, hi = g[f"{METRIC}_ci_low"].to_numpy(float), g[f"{METRIC}_ci_high"].to_numpy(float)
     if ((g["_pairing"] == "").to_numpy() & ~(np.isfinite(lo) & np.isfinite(hi) & (hi > lo))).any():
         return "none: no interval for at least one run (point estimates only)"
     source = "patients (per-sample predictions)" if (g["_pairing"] != "").all() else "per-run intervals"
-    return f"{source} + {g['seed'].nunique()} seed(s)"
+    return f"{source} + {n_rep} replicate(s)" + ("" if n_rep > 1 else " (test sampling only)")

@@ -42,6 +42,10 @@ OPTIONAL_COLUMNS = {
     "tokens_per_image": None,
     "gflops": None,
     "run_id": None,
+    # protocol constants the analysis applies as the trial did (dinoscale.metrics): absent -> the defaults
+    "macro_min_patients": None,
+    "min_interval_units": None,
+    "selection_edge": "",  # a choice on a grid edge (record.SELECTION_EDGE), warned about in the report
 }
 PREDICTIONS_ARTIFACT = record.PREDICTIONS
 KNOWN_HEADLINES = tuple(_BY_TEST_NAME.values())
@@ -451,6 +455,9 @@ def _run_row(r, headline: Headline) -> dict:
         "tokens_per_image": m.get("tokens_per_image"),
         "gflops": m.get("gflops_per_image", m.get("gflops")),
         "run_id": r.info.run_id,
+        "macro_min_patients": m.get("macro_min_patients", p.get("macro_min_patients")),
+        "selection_edge": r.data.tags.get(record.SELECTION_EDGE, ""),
+        "min_interval_units": p.get("min_interval_units"),
     }
 
 

@@ -34,6 +34,11 @@ def dataset_task(name: str) -> str:
     return get_dataset(name).task
 
 
+def dataset_replicates(name: str) -> str:
+    """How replicates vary the dataset's split: 'resplit' or 'fixed' (known before its data is prepared)."""
+    return get_dataset(name).replicates
+
+
 def published_images(name: str) -> int | None:
     return get_dataset(name).published_images
 

@@ -423,6 +423,7 @@ CREMI_SOURCE = "https://cremi.org/data/"
         source="CREMI (cremi.org): samples A, B, C of 125 sections of 1250x1250 px each (4x4x40 nm); the adapter "
         "cuts each sample into train / val / test blocks of sections",
     ),
+    replicates="fixed",
 )
 def prepare_cremi(spec, storage: Path) -> PreparedDataset:
     import h5py
@@ -444,31 +445,42 @@ def prepare_cremi(spec, storage: Path) -> PreparedDataset:
             raise DataError(f"{path}: not a CREMI volume ({type(e).__name__}: {e})") from e
         if raw != ids:
             raise DataError(f"{path}: neuron_ids shape {ids} does not match raw {raw}")
-        # the paper's protocol: first sections train, last test (val in between), per sample
-        n = raw[0]
-        n_test = max(1, round(spec.split.test_fraction * n))
-        n_val = max(1, round(spec.split.val_fraction * n))
-        cuts = {"train": (0, n - n_test - n_val), "val": (n - n_test - n_val, n - n_test), "test": (n - n_test, n)}
-        for split, (z0, z1) in cuts.items():
-            rows.append(
-                {
-                    "sample_id": f"{s}:{z0}-{z1}",
-                    "patient_id": f"{s}:{split}",
-                    "path": str(path),
-                    "volume_key": "volumes/raw",
-                    "mask_key": "volumes/labels/neuron_ids",
-                    "z_start": z0,
-                    "z_stop": z1,
-                    "n_slices": z1 - z0,
-                    "split": split,
-                }
-            )
+        rows += cremi_rows(path, s, raw[0], spec.split)
     df = pd.DataFrame(rows)
     return PreparedDataset(
         spec.name,
         "instance_segmentation",
         [],
         df,
-        _real(spec, "CREMI", root, "first sections train, last test (per sample)"),
+        _real(spec, "CREMI", root, CREMI_SPLIT),
         root,
+        replicates="fixed",
+        replicates_reason=CREMI_SPLIT,
     )
+
+
+CREMI_SPLIT = "first sections train, last test, val in between (per sample)"
+
+
+def cremi_rows(path: Path, sample: str, n_sections: int, split) -> list[dict]:
+    """The manifest rows of one CREMI sample file: the benchmark's protocol cuts each sample's sections into
+    train (first), val (in between) and test (last) blocks, one volume each, reported per sample."""
+    n = int(n_sections)
+    n_test = max(1, round(split.test_fraction * n))
+    n_val = max(1, round(split.val_fraction * n))
+    cuts = {"train": (0, n - n_test - n_val), "val": (n - n_test - n_val, n - n_test), "test": (n - n_test, n)}
+    return [
+        {
+            "sample_id": f"{sample}:{z0}-{z1}",
+            "patient_id": f"{sample}:{part}",
+            "sample": sample,
+            "path": str(path),
+            "volume_key": "volumes/raw",
+            "mask_key": "volumes/labels/neuron_ids",
+            "z_start": z0,
+            "z_stop": z1,
+            "n_slices": z1 - z0,
+            "split": part,
+        }
+        for part, (z0, z1) in cuts.items()
+    ]

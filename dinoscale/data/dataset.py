@@ -23,14 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinoscale.errors import UserError
+from dinoscale.data.errors import DataError  # noqa: F401  (re-exported: raised by every adapter)
+from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref  # noqa: F401  (re-exported)
 
 SPLITS = ("train", "val", "test")
 # Columns beyond the 2D core, in the manifest where a dataset kind needs them:
 #   n_slices (3D volumes), mask_path (segmentation / instance ids), pet_path (PET of a PET/CT pair,
 #   path is the CT), bag_id (WSI: the slide a tile belongs to; one row per tile), z_start/z_stop
 #   (a block of sections of one EM volume), volume_key/mask_key (HDF5 dataset names), tile_label
-#   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array).
+#   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array), sample (a group
+#   reported on its own, e.g. CREMI's A / B / C), fold (cross-validation fold of a train / val unit).
 EXTRA_COLUMNS = (
     "n_slices",
     "mask_path",
@@ -41,16 +43,12 @@ EXTRA_COLUMNS = (
     "volume_key",
     "mask_key",
     "npz_index",
+    "sample",
+    "fold",
 )
 FILE_COLUMNS = ("mask_path", "pet_path")
 # Extra co-registered inputs of a row, by name -> manifest column (the row's ``path`` is the first channel).
 CHANNEL_COLUMNS = {"pet": "pet_path"}
-
-
-class DataError(UserError, RuntimeError):
-    """Data that cannot be used: the message names the file or folder and what to do."""
-
-    kind = "data"
 
 
 def slice_row_ids(sample_ids, n_slices) -> list[str]:
@@ -96,6 +94,55 @@ class SplitUnits:
     members: list[list[str]] | None = None  # bags (slides): the feature rows (tiles) of each unit
     n_slices: list[int] | None = None  # volumes: slices per volume (feature rows '<id>#<k>')
     masks: list[str] | None = None  # segmentation: what the mask reader opens per unit
+    spacing: list[tuple[float, ...] | None] | None = None  # dense volumes: voxel spacing as read_volume gives it
+    groups: list[str] | None = None  # a group reported on its own (CREMI sample A / B / C)
+    folds: np.ndarray | None = None  # cross-validation fold per unit, where the dataset has folds
+
+    def take(self, idx) -> SplitUnits:
+        """The units at positions ``idx`` (a replicate's train or val split)."""
+        idx = [int(i) for i in idx]
+
+        def pick(v):
+            if v is None:
+                return None
+            if isinstance(v, np.ndarray):
+                return v[idx]
+            return [v[i] for i in idx] if v else v
+
+        return SplitUnits(
+            [self.sample_ids[i] for i in idx],
+            self.patient_ids[idx],
+            self.labels[idx],
+            pick(self.items),
+            pick(self.members),
+            pick(self.n_slices),
+            pick(self.masks),
+            pick(self.spacing),
+            pick(self.groups),
+            pick(self.folds),
+        )
+
+    @staticmethod
+    def concat(a: SplitUnits, b: SplitUnits) -> SplitUnits:
+        """``a``'s units then ``b``'s (train + val, regrouped by a replicate)."""
+
+        def join(u, v):
+            if u is None or v is None:
+                return None
+            return np.concatenate([u, v]) if isinstance(u, np.ndarray) else list(u) + list(v)
+
+        return SplitUnits(
+            a.sample_ids + b.sample_ids,
+            np.concatenate([a.patient_ids, b.patient_ids]),
+            np.concatenate([a.labels, b.labels]),
+            list(a.items) + list(b.items),
+            join(a.members, b.members),
+            join(a.n_slices, b.n_slices),
+            join(a.masks, b.masks),
+            join(a.spacing, b.spacing),
+            join(a.groups, b.groups),
+            join(a.folds, b.folds),
+        )
 
     def row_groups(self, view: str) -> list[list[str]]:
         """The feature-store row ids that make up each unit, for a feature set of ``view``."""
@@ -104,18 +151,6 @@ class SplitUnits:
         if self.members is not None:
             return self.members
         return [[sid] for sid in self.sample_ids]
-
-
-REF_SEP = "::"
-
-
-def hdf5_ref(path: str, key: str, z_start: int, z_stop: int) -> str:
-    """A block of sections of an HDF5 dataset as one volume: ``<file>::<dataset>::<z0>:<z1>``."""
-    return f"{path}{REF_SEP}{key}{REF_SEP}{int(z_start)}:{int(z_stop)}"
-
-
-def is_hdf5_ref(ref) -> bool:
-    return isinstance(ref, str) and ref.count(REF_SEP) == 2
 
 
 def _items(df: pd.DataFrame, column: str = "path", key_column: str = "volume_key") -> list[str]:
@@ -136,6 +171,11 @@ class PreparedDataset:
     root: Path
     mask_labels: dict[int, str] = field(default_factory=dict)  # segmentation: mask value -> structure name
     skipped: list[dict] = field(default_factory=list)  # on_bad_file=skip: {"path", "reason"} per dropped file
+    # How replicates vary the data (dinoscale.data.splits.replicate_indices): "resplit" redraws train / val by
+    # patient; "fixed" keeps them (a protocol split, e.g. CREMI's first sections train); folds, where the
+    # manifest has a fold column, give each replicate its own validation fold.
+    replicates: str = "resplit"
+    replicates_reason: str = ""
     _digests: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- shape
@@ -205,12 +245,18 @@ class PreparedDataset:
                 first["patient_id"].astype(str).to_numpy(),
                 first[self.classes].to_numpy(dtype="float32"),
                 members=members.loc[first["bag_id"]].tolist(),
+                folds=first["fold"].astype(int).to_numpy() if "fold" in first.columns else None,
             )
         masks = None
         if "mask_key" in df.columns:
             masks = _items(df, "path", "mask_key")
         elif "mask_path" in df.columns:
             masks = df["mask_path"].tolist()
+        spacing = None
+        if masks is not None and self.volumetric:  # metrics in physical units: each volume's own spacing
+            from dinoscale.data.readers import volume_spacing
+
+            spacing = [volume_spacing(m) for m in masks]
         return SplitUnits(
             ids.tolist(),
             df["patient_id"].astype(str).to_numpy(),
@@ -218,7 +264,17 @@ class PreparedDataset:
             _items(df),
             n_slices=df["n_slices"].astype(int).tolist() if self.volumetric else None,
             masks=masks,
+            spacing=spacing,
+            groups=df["sample"].astype(str).tolist() if "sample" in df.columns else None,
+            folds=df["fold"].astype(int).to_numpy() if "fold" in df.columns else None,
         )
+
+    @property
+    def folds(self) -> int:
+        """Cross-validation folds of the train / val units (0: the dataset has none)."""
+        if "fold" not in self.manifest.columns:
+            return 0
+        return int(self.manifest.loc[self.manifest["split"] != "test", "fold"].nunique())
 
     def manifest_digest(self, split: str) -> str:
         """Digest of what a split contains: ids, patients, labels, and each file's path and size."""
@@ -322,6 +378,8 @@ class DatasetDef:
         size = self.published_size()
         return size.units if size is not None else None
 
+    replicates: str = "resplit"  # how replicates vary its split (PreparedDataset.replicates), known before preparing
+
 
 _REGISTRY: dict[str, DatasetDef] = {}
 _LOADED = False
@@ -333,14 +391,16 @@ def register_dataset(
     published_images: int | None = None,
     task: str = "multilabel",
     published: PublishedSize | dict[str, PublishedSize] | None = None,
+    replicates: str = "resplit",
 ):
     """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``. ``published``: its
-    published size (``published_images``: the same for a set of 2D images)."""
+    published size (``published_images``: the same for a set of 2D images); ``replicates``: 'fixed' where the
+    protocol fixes the split (replicates then vary initialisation only)."""
     if published is None and published_images is not None:
         published = PublishedSize(published_images)
 
     def deco(fn: Callable[..., PreparedDataset]):
-        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published)
+        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published, replicates)
         return fn
 
     return deco

@@ -69,3 +69,12 @@ def load_label_maps(
             )
         maps.append(arr)
     return np.stack(maps)
+
+
+def label_map_spacing(spacing: Sequence[float] | None, volume: bool = True) -> tuple[float, ...] | None:
+    """A volume's spacing as ``read_volume`` gives it ([x, y, z]) in the axis order of ``load_label_maps``'
+    arrays (slices first: [z, x, y]); 2D label maps (and unknown spacings): None."""
+    if spacing is None or not volume:
+        return None
+    x, y, z = (float(v) for v in spacing)
+    return (z, x, y)

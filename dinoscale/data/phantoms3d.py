@@ -8,8 +8,12 @@ several scales (so that resolution and model size matter). Every result is tagge
   in some patients), 3 lesions (small, a few voxels, in some patients). Bias field, arbitrary units.
 - ``phantom-wsi``: one tile folder per slide (RGB PNG tiles, H&E-like); slide label ``tumor`` =
   a few tiles (4-15 %, at least one) hold small clusters of larger, darker nuclei; one manifest row per tile (bag_id).
-- ``phantom-em``: anisotropic EM-like volumes: neurons as 3D Voronoi cells, dark membranes on their
-  boundaries, mitochondria; mask = neuron instance ids (uint32, 0 = none).
+- ``phantom-em``: CREMI's layout and protocol on synthetic tissue: three samples A, B, C (cells of
+  decreasing size, as CREMI's samples grow harder), each one HDF5 file ``sample_<X>_phantom.hdf`` with
+  ``volumes/raw`` [z, y, x] uint8 and ``volumes/labels/neuron_ids`` [z, y, x] uint64 at 4 x 4 x 40 nm
+  (``resolution`` attributes, as CREMI), read and split by the CREMI adapter's code (first sections
+  train, last test). Neurons are anisotropic 3D Voronoi cells with dark membranes on their boundaries
+  and mitochondria; every voxel belongs to a neuron.
 - ``phantom-petct``: CT (HU) + PET (SUV) pairs, AutoPET-style files, lesion mask (1 = lesion);
   lesions of several sizes, some patients without any (negative controls).
 """
@@ -28,6 +32,8 @@ from dinoscale.data.layout import atomic_dir
 from dinoscale.data.splits import assign_patient_splits
 
 VERSION = "2"  # 2: spheres are round in millimetres (v1 flattened them along z to under a slice)
+EM_VERSION = "3"  # 3: CREMI's layout (three HDF5 samples A / B / C, section split); v2: one NIfTI volume per patient
+EM_SAMPLES = {"A": 18, "B": 30, "C": 48}  # Voronoi cells per sample volume: larger cells are easier
 CT_CLASSES = ["nodule", "effusion", "emphysema"]
 MRI_LABELS = {1: "ventricles", 2: "tumour", 3: "lesion"}
 PETCT_LABELS = {1: "lesion"}
@@ -126,11 +132,11 @@ def _render_mri(n, depth, has_tumour, has_lesions, rng):
     return (np.clip(img * bias + rng.normal(0, 0.02, img.shape), 0, None) * 1000).astype(np.float32), mask
 
 
-def _render_em(n, depth, rng):
+def _render_em(n, depth, rng, k: int | None = None):
     from scipy.spatial import cKDTree
 
     xx, yy, zz = _grid(n, depth)
-    k = int(rng.integers(20, 35))
+    k = int(rng.integers(20, 35)) if k is None else k
     seeds = rng.random((k, 3))
     za = _z_aniso(n, depth, EM_SPACING)  # z in x units: sections 10x thicker than a pixel
     pts = np.stack([xx, yy, zz * za], -1).reshape(-1, 3)
@@ -194,7 +200,9 @@ def _writer(kind: str, ph):
 
     def write(tmp: Path) -> None:
         rows = []
-        for p, rng, n_items in _patients(ph):
+        if kind == "em":
+            _write_em_samples(tmp, n, depth, ph.seed)
+        for p, rng, n_items in _patients(ph) if kind != "em" else ():
             pid = f"P{p:04d}"
             if kind == "ct":
                 has = rng.random(3) < 0.4
@@ -217,10 +225,7 @@ def _writer(kind: str, ph):
                     img, mask = _render_mri(n, depth, rng.random() < 0.6, rng.random() < 0.5, rng)
                     rows.append(_image_and_mask(tmp, sid, pid, img, mask, "seg", MRI_SPACING, np.float32, np.uint8))
             elif kind == "em":
-                for i in range(n_items):
-                    sid = f"{pid}_{i}"
-                    img, ids = _render_em(n, depth, rng)
-                    rows.append(_image_and_mask(tmp, sid, pid, img, ids, "ids", EM_SPACING, np.uint8, np.uint32))  # nm
+                continue  # written below: three samples, not patients
             elif kind == "petct":
                 for i in range(n_items):
                     sid = f"{pid}_{i}"
@@ -269,6 +274,43 @@ def _writer(kind: str, ph):
     return write
 
 
+def _write_em_samples(tmp: Path, n: int, depth: int, seed: int) -> None:
+    """CREMI's files: sample_<X>_phantom.hdf with raw and neuron ids [z, y, x] and resolution (40, 4, 4) nm."""
+    import h5py
+
+    resolution = (EM_SPACING[2], EM_SPACING[1], EM_SPACING[0])  # [z, y, x], nm
+    for j, (sample, cells) in enumerate(EM_SAMPLES.items()):
+        img, ids = _render_em(n, depth, np.random.default_rng([seed, 1000 + j]), k=cells)  # [x, y, z]
+        with h5py.File(tmp / f"sample_{sample}_phantom.hdf", "w") as f:
+            for key, arr in (("volumes/raw", img), ("volumes/labels/neuron_ids", ids.astype(np.uint64))):
+                d = f.create_dataset(key, data=np.ascontiguousarray(np.transpose(arr, (2, 1, 0))), compression="gzip")
+                d.attrs["resolution"] = resolution
+
+
+def _prepare_em(spec, root: Path, ph) -> PreparedDataset:
+    from dinoscale.data.adapters import CREMI_SPLIT, cremi_rows
+
+    # CREMI's three samples, not patients: n_patients / images_per_patient do not apply (as depth does not
+    # apply to 2D phantoms)
+    rows = [r for s in EM_SAMPLES for r in cremi_rows(root / f"sample_{s}_phantom.hdf", s, ph.depth, spec.split)]
+    return PreparedDataset(
+        name=spec.name,
+        task="instance_segmentation",
+        classes=[],
+        manifest=pd.DataFrame(rows),
+        root=root,
+        provenance={
+            "data.source": "phantom",
+            "data.generator": f"phantom-em v{EM_VERSION}",
+            "data.seed": str(ph.seed),
+            "data.name": spec.name,
+            "data.split": CREMI_SPLIT,
+        },
+        replicates="fixed",
+        replicates_reason=CREMI_SPLIT,
+    )
+
+
 def _render_tile(n: int, tumour: bool, rng) -> np.ndarray:
     """H&E-like RGB tile: pink stroma with sparse small nuclei; tumour: clusters of large dark nuclei."""
     yy, xx = np.mgrid[0:n, 0:n] / n
@@ -308,7 +350,7 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
     ph = spec.phantom or PhantomSpec()
     cfg = {
         "generator": f"phantom-{kind}",
-        "version": VERSION,
+        "version": EM_VERSION if kind == "em" else VERSION,
         "seed": ph.seed,
         "n_patients": ph.n_patients,
         "per_patient": list(ph.images_per_patient),
@@ -319,6 +361,8 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(storage) / "data" / f"phantom-{kind}" / digest
     atomic_dir(root, _writer(kind, ph))
+    if kind == "em":
+        return _prepare_em(spec, root, ph)
     df = pd.read_csv(root / "manifest.csv", dtype={"sample_id": str, "patient_id": str, "bag_id": str})
     for c in ("path", "mask_path", "pet_path"):
         if c in df:
@@ -343,6 +387,6 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
 
 
 for _kind in _TASK:
-    register_dataset(f"phantom-{_kind}", phantom=True, task=_TASK[_kind])(
-        (lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind)
-    )
+    register_dataset(
+        f"phantom-{_kind}", phantom=True, task=_TASK[_kind], replicates="fixed" if _kind == "em" else "resplit"
+    )((lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoscale.data.dataset import REF_SEP, DataError, is_hdf5_ref
+from dinoscale.data.errors import DataError
+from dinoscale.data.refs import REF_SEP, is_hdf5_ref
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 _RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -138,14 +139,15 @@ def read_volume(
     Returns ([C, X, Y, Z] float32 in the file's units, voxel spacing in mm). Files are reoriented to
     ``orientation`` (RAS: axial slice k is ``vol[..., k]``, whatever order the file stores its axes in;
     None keeps the file's) and resampled to ``spacing`` in mm if given (``mode`` 'nearest' for label
-    maps). HDF5 blocks carry no orientation: sections are the last axis, spacing (1, 1, 1).
+    maps). HDF5 blocks carry no orientation: sections are the last axis; spacing from the dataset's
+    ``resolution`` attribute (CREMI: [z, y, x] in nm, returned [x, y, z]), else (1, 1, 1).
     ``dtype``: of the returned array (None keeps an HDF5 block's own, e.g. uint64 neuron ids).
     """
     from monai.transforms import Orientation, Spacing
 
     if is_hdf5_ref(item):
         arr = read_hdf5_ref(str(item))[None]
-        return (arr if dtype is None else arr.astype(dtype)), (1.0, 1.0, 1.0)
+        return (arr if dtype is None else arr.astype(dtype)), hdf5_spacing(str(item)) or (1.0, 1.0, 1.0)
     paths = [item] if isinstance(item, (str, Path)) else list(item)
     chans = []
     for p in paths:
@@ -165,6 +167,44 @@ def read_volume(
         raise DataError(f"volumes {[str(p) for p in paths]} differ in shape {[tuple(c.shape[1:]) for c in chans]}")
     vox = tuple(float(x) for x in chans[0].pixdim[:3])
     return np.concatenate([np.asarray(c, dtype=dtype or np.float32) for c in chans], axis=0), vox
+
+
+def volume_spacing(item: str | Path) -> tuple[float, ...] | None:
+    """A volume's voxel spacing as ``read_volume`` returns it (RAS order; HDF5 blocks [x, y, z]) from its
+    header alone: NIfTI through nibabel (the affine's column norms, permuted as the reorientation to RAS
+    permutes the axes), HDF5 from the ``resolution`` attribute (None when the file records none), anything
+    else (DICOM series, MetaImage) by reading it."""
+    if is_hdf5_ref(item):
+        return hdf5_spacing(str(item))
+    if volume_kind(item) == "nifti" and str(item).lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            affine = nib.load(str(item)).affine
+        except Exception as e:  # a header nibabel cannot parse: name the file
+            raise DataError(f"{item}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
+        zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+        out = [1.0, 1.0, 1.0]
+        for axis, (target, _flip) in enumerate(nib.orientations.io_orientation(affine)):
+            out[int(target)] = float(zooms[axis])
+        return tuple(out)
+    return read_volume(item)[1]
+
+
+def hdf5_spacing(ref: str) -> tuple[float, float, float] | None:
+    """The ``resolution`` attribute ([z, y, x], CREMI: nm) of an HDF5 block's dataset as [x, y, z]; None if absent."""
+    import h5py
+
+    path, key, _ = ref.split(REF_SEP)
+    try:
+        with h5py.File(path, "r") as f:
+            res = f[key].attrs.get("resolution")
+    except (OSError, KeyError) as e:
+        raise DataError(f"{path}: cannot read dataset '{key}' ({type(e).__name__}: {e})") from e
+    if res is None or len(res) != 3:
+        return None
+    z, y, x = (float(v) for v in res)
+    return (x, y, z)
 
 
 def volume_kind(path: str | Path) -> str:

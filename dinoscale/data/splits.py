@@ -1,4 +1,4 @@
-"""Patient-level splits: a patient's images always land in one split."""
+"""Patient-level splits: a patient's images always land in one split; replicates regroup train and val."""
 
 from __future__ import annotations
 
@@ -51,3 +51,56 @@ def check_no_leakage(manifest: pd.DataFrame) -> None:
             f"{len(leaked)} patient(s) appear in more than one split (e.g. {examples}); "
             "splits must be patient-level. Fix the split lists or let dinoscale split by patient."
         )
+
+
+def replicate_recipe(seed: int, split_seed: int, dataset_policy: str, spec_policy: str, folds: int = 0) -> dict:
+    """How replicate ``seed`` of a sweep draws its train / val split, as data (part of the cell and its key).
+
+    - ``fold``: the dataset has cross-validation folds: replicate k validates on fold k mod folds and trains on
+      the others (test untouched);
+    - ``dataset``: the split as the dataset prepared it (replicate 0 always, and every replicate where the
+      dataset or the spec fixes the split, e.g. CREMI's first sections train);
+    - ``resplit``: train and val patients pooled and redrawn, val keeping its number of patients, with a
+      generator seeded by (split seed, replicate) (test untouched).
+    """
+    if folds:
+        return {"mode": "fold", "fold": int(seed) % folds, "folds": int(folds)}
+    if seed == 0 or dataset_policy == "fixed" or spec_policy == "fixed":
+        return {"mode": "dataset"}
+    return {"mode": "resplit", "seed": [int(split_seed), int(seed)]}
+
+
+def describe_recipe(recipe: dict) -> str:
+    """One line for the record (a run param) and the protocol table."""
+    mode = recipe.get("mode", "dataset")
+    if mode == "fold":
+        return f"validation fold {recipe['fold']} of {recipe['folds']}"
+    if mode == "resplit":
+        return f"train/val patients redrawn (seed {recipe['seed'][0]}, replicate {recipe['seed'][1]})"
+    return "the dataset's split"
+
+
+def replicate_indices(
+    train_patients, val_patients, recipe: dict, train_folds=None, val_folds=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into train units followed by val units) of a replicate's train and val units; a patient's
+    units always stay together. Test is never touched."""
+    nt, nv = len(train_patients), len(val_patients)
+    mode = recipe.get("mode", "dataset")
+    if mode == "dataset":
+        return np.arange(nt), nt + np.arange(nv)
+    if mode == "fold":
+        if train_folds is None or val_folds is None:
+            raise ValueError("a fold replicate needs the units' folds (the dataset's manifest has no 'fold' column)")
+        folds = np.concatenate([np.asarray(train_folds), np.asarray(val_folds)]).astype(int)
+        is_val = folds == int(recipe["fold"])
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if mode != "resplit":
+        raise ValueError(f"unknown replicate mode '{mode}' (dataset, resplit, fold)")
+    pids = np.concatenate([np.asarray(train_patients), np.asarray(val_patients)]).astype(str)
+    patients = np.array(sorted(set(pids)))
+    n_val = len(set(np.asarray(val_patients).astype(str)))
+    rng = np.random.default_rng(list(recipe["seed"]))
+    val_set = set(patients[rng.permutation(len(patients))[:n_val]])
+    is_val = np.array([p in val_set for p in pids])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)

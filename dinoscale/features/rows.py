@@ -106,6 +106,62 @@ class RowView:
             yield self[a : a + per]
 
 
+class ItemView:
+    """Items ``items`` of the concatenation of ``parts`` (arrays, ``RowView``s, online grids: anything with a
+    shape whose ``part[idx]`` reads items), read only when asked: the train + val units of a replicate
+    regrouped (``dinoscale.probes.registry.repartition``) without loading either split."""
+
+    def __init__(self, parts: Sequence, items):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(len(p) for p in self.parts)])
+        self.items = np.asarray(items, dtype=np.int64)
+        self.shape = (len(self.items), *self.parts[0].shape[1:])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(getattr(self.parts[0], "dtype", np.float32))
+        self.resident_bytes = min(getattr(p, "resident_bytes", DEFAULT_RESIDENT_BYTES) for p in self.parts)
+
+    @property
+    def float32_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        single = isinstance(key, (int, np.integer))
+        wanted = self.items[_index(key, len(self))]
+        part = np.searchsorted(self.offsets, wanted, side="right") - 1
+        out = None
+        for k in np.unique(part):
+            at = np.flatnonzero(part == k)
+            got = np.asarray(self.parts[k][wanted[at] - self.offsets[k]])
+            if out is None:
+                out = np.empty((len(wanted), *got.shape[1:]), dtype=got.dtype)
+            out[at] = got
+        if out is None:
+            out = np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        return out[0] if single else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def blocks(self, max_bytes: int | None = None) -> Iterator[np.ndarray]:
+        per = max(1, int(max_bytes or BLOCK_BYTES) // max(1, self.float32_bytes // max(1, len(self))))
+        for a in range(0, len(self), per):
+            yield self[a : a + per]
+
+
+def take_items(parts: Sequence, items):
+    """Items of the concatenation of ``parts``: an array when every part is one, else an ``ItemView``."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)[np.asarray(items, dtype=np.int64)]
+    return ItemView(parts, items)
+
+
 def fits_in_memory(x) -> bool:
     """Arrays and tensors are in memory already; a view fits when its float32 size is within its budget."""
     if isinstance(x, (np.ndarray, torch.Tensor)):
@@ -199,9 +255,11 @@ class Batches:
 class MappedBatches:
     """``fn`` applied to each batch a reader gives (e.g. affinity targets from label maps)."""
 
-    def __init__(self, batches: Batches, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, batches: Batches, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple | None = None):
+        """``shape``: of what ``fn`` gives for the whole split, where it differs from the reader's."""
         self.batches, self.fn = batches, fn
-        self.shape, self.ndim = batches.shape, batches.ndim
+        self.shape = tuple(shape) if shape is not None else batches.shape
+        self.ndim = len(self.shape)
 
     def __len__(self) -> int:
         return len(self.batches)

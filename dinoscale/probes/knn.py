@@ -1,5 +1,7 @@
 """k-NN probe, DINO protocol: L2-normalised features, cosine similarity, votes weighted by
-exp(sim / T); multi-label tasks vote per label. Every k is scored from one top-k search."""
+exp(sim / T); multi-label tasks vote per label, multiclass tasks per class (the scores of a unit then
+sum to 1). Every k is scored from one top-k search. Deterministic: a replicate changes its result only
+through the train / val split it is given (there is no initialisation to seed)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pydantic import Field
 
 from dinoscale.features.rows import as_batches
 from dinoscale.metrics import macro_auroc
-from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
 from dinoscale.tasks import CLASSIFICATION
 
 
@@ -70,7 +72,22 @@ def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Probe
         val_metric=float(val_metric[best_k]),
         selected={"k": best_k},
         candidates=len(val_metric),
+        # k clipped to the train size is as large as k can be: not an edge to widen
+        edges={
+            name: where
+            for name, where in grid_edges({"k": list(val_metric)}, {"k": best_k}).items()
+            if not (where == "top" and best_k >= len(train.x))
+        },
     )
+
+
+def _rules(spec, task: str) -> dict:
+    return {
+        "similarity": "cosine of L2-normalised features; votes weighted by exp(sim / T), per label (multi-label) "
+        "or per class (multiclass)",
+        "selection": "k on val macro AUROC (ties: smaller k); k clipped to the train size",
+        "init": "none (deterministic): replicates differ by their train / val split only",
+    }
 
 
 def _space(trial, spec) -> dict:
@@ -87,5 +104,6 @@ register_probe(
         space=_space,
         streams=True,
         description="DINO k-NN: cosine, T=0.07, k chosen on val",
+        rules=_rules,
     )
 )

@@ -2,12 +2,21 @@
 
 One head per (learning rate, weight decay); all heads see the same mini-batches, and their
 updates are vectorised (SGD with momentum, cosine schedule), so the whole grid costs about one
-fit. The head with the best val metric is reported on test. BCE for multi-label.
+fit. The head with the best val metric is reported on test.
+
+Loss: binary cross-entropy **summed over labels** (averaged over the batch) for multi-label tasks, so
+every label's effective learning rate is the grid's, whatever the number of labels: averaging over C
+labels (as before) divided it by C (14 for NIH-14, 18 for CT-RATE) and left the heads of the DINOv2
+grid, tuned for one cross-entropy per image, under-trained. Softmax cross-entropy for multiclass tasks
+(``Split.exclusive``). Heads start from N(0, 0.01^2) weights (DINOv2's init), seeded, so replicates
+differ in initialisation as well as in mini-batch order.
 
 All heads' weights sit side by side in one (d, heads x labels) matrix, so a step is two GEMMs
-(logits ``x W + b``; weight gradient ``x^T g``) and a few in-place element-wise updates. The BCE
-gradient is written out (``dL/dz = (sigmoid(z) - y) / (batch x labels)`` for each head's mean
-loss) instead of going through autograd, which on CPU cost more than the arithmetic itself.
+(logits ``x W + b``; weight gradient ``x^T g``) and a few in-place element-wise updates. The gradient
+is written out (``dL/dz = (sigmoid(z) - y) / batch`` per label, ``(softmax(z) - y) / batch`` for
+multiclass) instead of going through autograd, which on CPU cost more than the arithmetic itself.
+
+A choice on the edge of the grid (``ProbeResult.edges``) is tagged on the run and warned about.
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ from pydantic import Field
 
 from dinoscale.features.rows import as_batches, column_stats, over_rows
 from dinoscale.metrics import auroc_per_class
-from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
 from dinoscale.tasks import CLASSIFICATION
 
-# DINOv2/DINOv3 linear-evaluation grid: 13 learning rates from 1e-5 to 0.1 (scaled by batch/256).
-DEFAULT_LINEAR_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+# The DINOv2/DINOv3 linear-evaluation grid (13 learning rates from 1e-5 to 0.1, scaled by batch/256),
+# extended upward to 1.0: with the loss summed over labels and standardised features, the optimum of
+# a many-label task on wide features can lie above 0.1, and a grid must contain its optimum.
+DEFAULT_LINEAR_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0]
+INIT_STD = 0.01  # DINOv2's linear head init: weights ~ N(0, 0.01^2), bias 0
 
 
 class LinearProbeSpec(ProbeSpecBase):
@@ -55,8 +67,28 @@ def _macro_auroc_per_head(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return np.where(finite.any(1), np.where(finite, per, 0).sum(1) / finite.sum(1), np.nan)
 
 
+def _probabilities(z: torch.Tensor, n_heads: int, c: int, exclusive: bool) -> torch.Tensor:
+    """Logits (n, heads x C) -> per-head probabilities in place: softmax over each head's C columns
+    (multiclass) or a sigmoid per label."""
+    if exclusive:
+        v = z.view(len(z), n_heads, c)
+        v.copy_(v.softmax(-1))
+        return z
+    return z.sigmoid_()
+
+
+def _val_loss(y: np.ndarray, p: np.ndarray, exclusive: bool) -> np.ndarray:
+    """(H,) val loss of each head from probabilities (H, n, C): cross-entropy, or BCE summed over labels."""
+    eps = 1e-7
+    yv = y[None].astype(np.float64)
+    if exclusive:
+        return -(yv * np.log(p + eps)).sum(2).mean(1)
+    return -(yv * np.log(p + eps) + (1 - yv) * np.log(1 - p + eps)).sum(2).mean(1)
+
+
 def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     g = torch.Generator().manual_seed(seed)
+    exclusive = bool(getattr(train, "exclusive", False))
     # standardised with train statistics; tensors in memory, or batch readers when a split is streamed
     mu, sd = column_stats(train.x)
     sd = sd + 1e-6
@@ -69,7 +101,9 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     lr = torch.tensor([g_[0] for g_ in grid], dtype=torch.float32).repeat_interleave(c) * batch / 256
     wd = torch.tensor([g_[1] for g_ in grid], dtype=torch.float32).repeat_interleave(c)
     decay = bool((wd != 0).any())
-    w = torch.zeros(d, n_heads * c)
+    # one seeded init shared by every head: the grid compares lr x wd from the same start, and adding a head
+    # changes no other head
+    w = torch.randn(d, c, generator=g).mul_(INIT_STD).repeat(1, n_heads)
     b = torch.zeros(n_heads * c)
     vw, vb = torch.zeros_like(w), torch.zeros_like(b)
     steps_per_epoch = math.ceil(n / batch)
@@ -81,10 +115,10 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
             idx = perm[i * batch : (i + 1) * batch]
             # index_select, not xtr[idx]: the advanced-indexing gather was slower than the step's GEMMs
             xb, yb, nb = xtr.index_select(0, idx), ytr.index_select(0, idx), len(idx)
-            # d(sum over heads of each head's mean BCE)/dlogits; each head's gradient is its own
-            gz = torch.addmm(b, xb, w).sigmoid_()
+            # d(sum over heads of each head's batch-mean loss, summed over labels)/dlogits
+            gz = _probabilities(torch.addmm(b, xb, w), n_heads, c, exclusive)
             gz.view(nb, n_heads, c).sub_(yb[:, None])
-            gz.div_(nb * c)
+            gz.div_(nb)
             scale = 0.5 * (1 + math.cos(math.pi * step / total))
             vw.addmm_(xb.T, gz, beta=spec.momentum)  # momentum buffer += weight gradient, in the GEMM
             if decay:
@@ -94,26 +128,43 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
             b.addcmul_(vb, lr, value=-scale)
             step += 1
     # val: every head (one GEMM); test: only the selected head
-    val_scores = (
-        over_rows(xva, lambda t: torch.addmm(b, t, w).sigmoid_()).view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
-    )
+    val_scores = over_rows(xva, lambda t: _probabilities(torch.addmm(b, t, w), n_heads, c, exclusive))
+    val_scores = val_scores.view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
     val_metrics = _macro_auroc_per_head(val.y, val_scores)
-    # ties in val AUROC (common when val is easy) are broken by val BCE: a barely trained head
+    # ties in val AUROC (common when val is easy) are broken by val loss: a barely trained head
     # ranks perfectly by chance of its init far less often than it calibrates well
-    eps = 1e-7
-    yv = val.y[None].astype(np.float64)
-    val_loss = -(yv * np.log(val_scores + eps) + (1 - yv) * np.log(1 - val_scores + eps)).mean(axis=(1, 2))
+    val_loss = _val_loss(np.asarray(val.y), val_scores, exclusive)
     order = np.lexsort((val_loss, -np.nan_to_num(val_metrics, nan=-np.inf)))
     best = int(order[0])
     cols = slice(best * c, (best + 1) * c)
-    test_scores = over_rows(xte, lambda t: torch.addmm(b[cols], t, w[:, cols]).sigmoid_()).numpy()
+    test_scores = over_rows(xte, lambda t: _probabilities(torch.addmm(b[cols], t, w[:, cols]), 1, c, exclusive)).numpy()
+    selected = {"lr": grid[best][0], "weight_decay": grid[best][1]}
     return ProbeResult(
         test_scores=test_scores,
         val_metric=float(val_metrics[best]),
-        selected={"lr": grid[best][0], "weight_decay": grid[best][1]},
+        selected=selected,
         candidates=n_heads,
-        extra={"val_bce": float(val_loss[best])},
+        extra={"val_loss": float(val_loss[best])},
+        edges=grid_edges({"lr": spec.learning_rates, "weight_decay": spec.weight_decays}, selected),
     )
+
+
+def _rules(spec, task: str) -> dict:
+    from dinoscale.tasks import get_task
+
+    exclusive = get_task(task).exclusive if task else False
+    return {
+        "loss": "softmax cross-entropy over the classes"
+        if exclusive
+        else "binary cross-entropy summed over labels, averaged over the batch",
+        "optimiser": f"SGD, momentum {spec.momentum}, cosine schedule to 0 over {spec.epochs} epochs, batch "
+        f"{spec.batch_size}; lr x batch/256",
+        "heads": f"{len(spec.learning_rates) * len(spec.weight_decays)} (every lr x weight decay), trained at once on "
+        "the same batches",
+        "init": f"weights N(0, {INIT_STD}^2) seeded by the replicate, bias 0",
+        "features": "standardised with the train split's mean and std",
+        "selection": "val macro AUROC (ties: lower val loss); a choice on a grid edge is tagged and warned about",
+    }
 
 
 def _space(trial, spec) -> dict:
@@ -132,6 +183,8 @@ register_probe(
         input="vector",
         space=_space,
         streams=True,
-        description="DINOv2 linear eval: a grid of lr x wd heads trained at once, chosen on val",
+        description="DINOv2 linear eval: a grid of lr x wd heads trained at once (BCE summed over labels, "
+        "softmax CE for multiclass), chosen on val",
+        rules=_rules,
     )
 )

@@ -1,6 +1,8 @@
-"""Logistic-regression probe: one L2-regularised binary model per label (scikit-learn, lbfgs), a sweep
-over C warm-started from the strongest regularisation; the C with the best val macro AUROC is
-reported on test."""
+"""Logistic-regression probe: one L2-regularised binary model per label (scikit-learn, lbfgs) for
+multi-label tasks, one multinomial (softmax) model for multiclass tasks; a sweep over C warm-started from
+the strongest regularisation; the C with the best val macro AUROC is reported on test. The problem is
+convex and the solver deterministic: there is no initialisation to seed, so a replicate changes the
+result only through its train / val split."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pydantic import Field
 
 from dinoscale.metrics import macro_auroc
 from dinoscale.probes.linear import _standardise
-from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
 from dinoscale.tasks import CLASSIFICATION
 
 
@@ -37,6 +39,8 @@ def logreg_scores(
 
     xtr, *qs = _standardise(train.x.astype(np.float32), *(q.astype(np.float32) for q in queries))
     out = {c: [np.full((len(q), train.y.shape[1]), 0.5) for q in qs] for c in cs}
+    if getattr(train, "exclusive", False):  # multiclass: one multinomial model, class probabilities
+        return _multinomial(xtr, np.asarray(train.y), qs, cs, max_iter, out)
     for j in range(train.y.shape[1]):
         yj = train.y[:, j].astype(int)
         if yj.min() == yj.max():  # one class only in train: constant score
@@ -52,6 +56,27 @@ def logreg_scores(
     return out
 
 
+def _multinomial(xtr, y, qs, cs, max_iter, out):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    labels = y.argmax(1)
+    present = np.unique(labels)
+    if len(present) < 2:
+        return out
+    model = LogisticRegression(C=cs[0], max_iter=max_iter, warm_start=True)
+    for c in sorted(cs):
+        model.set_params(C=c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(xtr, labels)
+        for i, q in enumerate(qs):
+            p = np.zeros((len(q), y.shape[1]))
+            p[:, model.classes_] = model.predict_proba(q)
+            out[c][i] = p
+    return out
+
+
 def fit_logreg(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     scores = logreg_scores(train, [val.x, test.x], list(spec.cs), spec.max_iter)
     val_metric = {c: macro_auroc(val.y, s[0]) for c, s in scores.items()}
@@ -62,7 +87,21 @@ def fit_logreg(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
         val_metric=float(val_metric[best]),
         selected={"C": best},
         candidates=len(val_metric),
+        edges=grid_edges({"C": list(spec.cs)}, {"C": best}),
     )
+
+
+def _rules(spec, task: str) -> dict:
+    from dinoscale.tasks import get_task
+
+    exclusive = get_task(task).exclusive if task else False
+    return {
+        "model": "one multinomial (softmax) model" if exclusive else "one binary model per label",
+        "solver": f"scikit-learn lbfgs, L2, max_iter {spec.max_iter}, warm-started from the smallest C",
+        "features": "standardised with the train split's mean and std",
+        "selection": "C on val macro AUROC (ties: smaller C)",
+        "init": "none (convex, deterministic): replicates differ by their train / val split only",
+    }
 
 
 def _space(trial, spec) -> dict:
@@ -77,6 +116,7 @@ register_probe(
         tasks=CLASSIFICATION,
         input="vector",
         space=_space,
-        description="logistic regression per label (scikit-learn), C chosen on val",
+        description="logistic regression per label (multinomial for multiclass; scikit-learn), C chosen on val",
+        rules=_rules,
     )
 )

@@ -3,7 +3,9 @@ gated-attention MIL for whole-slide images (``abmil``, Ilse, Tomczak & Welling 2
 
 Bags have different sizes; each mini-batch is padded and masked, so a bag's prediction never depends
 on the padding. Every configuration of the grid (pooling x lr x wd) is trained with AdamW + cosine and
-BCE; the best val macro AUROC (ties: lower val BCE) is reported on test.
+BCE (mean over labels: AdamW's steps do not scale with the loss, so the mean and the sum train alike),
+softmax cross-entropy for multiclass tasks; the best val macro AUROC (ties: lower val loss) is reported
+on test. The model's initialisation is seeded by the replicate's seed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from dinoscale.features.rows import LazyList, column_stats, fits_in_memory
 from dinoscale.metrics import macro_auroc
-from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, register_probe
+from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, grid_edges, register_probe
 from dinoscale.tasks import CLASSIFICATION
 
 
@@ -116,10 +118,17 @@ def _standardiser(bags: list[np.ndarray]):
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, bags: list[torch.Tensor], batch: int = 64) -> np.ndarray:
+def _predict(model: nn.Module, bags: list[torch.Tensor], batch: int = 64, exclusive: bool = False) -> np.ndarray:
     model.eval()
-    out = [torch.sigmoid(model(*_pad(bags[i : i + batch]))) for i in range(0, len(bags), batch)]
+    link = (lambda z: z.softmax(-1)) if exclusive else torch.sigmoid
+    out = [link(model(*_pad(bags[i : i + batch]))) for i in range(0, len(bags), batch)]
     return torch.cat(out).numpy()
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    if exclusive:
+        return nn.functional.cross_entropy(logits, y.argmax(1))
+    return nn.functional.binary_cross_entropy_with_logits(logits, y)
 
 
 def train_bag_model(
@@ -131,8 +140,9 @@ def train_bag_model(
     epochs: int,
     batch_size: int,
     seed: int,
+    exclusive: bool = False,
 ) -> nn.Module:
-    """AdamW + cosine, BCE; ``bags`` are (n_i, d) tensors, ``y`` (n_bags, C)."""
+    """AdamW + cosine, BCE (softmax cross-entropy when ``exclusive``); ``bags`` are (n_i, d) tensors, ``y`` (n_bags, C)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(bags) / batch_size)
@@ -143,7 +153,7 @@ def train_bag_model(
         for i in range(0, len(bags), batch_size):
             idx = perm[i : i + batch_size]
             logits = model(*_pad([bags[j] for j in idx]))
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+            loss = _loss(logits, y[idx], exclusive)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -158,6 +168,7 @@ def _fit_grid(
     tr, va, te = prep(train.x), prep(val.x), prep(test.x)
     ytr = torch.as_tensor(train.y, dtype=torch.float32)
     yv = np.asarray(val.y, dtype=np.float64)
+    exclusive = bool(getattr(train, "exclusive", False))
     best = None
     for cfg in configs:
         torch.manual_seed(seed)
@@ -170,20 +181,26 @@ def _fit_grid(
             spec.epochs,
             spec.batch_size,
             seed,
+            exclusive,
         )
-        sv = _predict(model, va)
+        sv = _predict(model, va, exclusive=exclusive)
         auc = macro_auroc(val.y, sv)
-        bce = float(-(yv * np.log(sv + 1e-7) + (1 - yv) * np.log(1 - sv + 1e-7)).mean())
-        key = (np.nan_to_num(auc, nan=-np.inf), -bce)
+        if exclusive:
+            loss = float(-(yv * np.log(sv + 1e-7)).sum(1).mean())
+        else:
+            loss = float(-(yv * np.log(sv + 1e-7) + (1 - yv) * np.log(1 - sv + 1e-7)).mean())
+        key = (np.nan_to_num(auc, nan=-np.inf), -loss)
         if best is None or key > best[0]:
-            best = (key, cfg, auc, bce, model)
-    _, cfg, auc, bce, model = best
+            best = (key, cfg, auc, loss, model)
+    _, cfg, auc, loss, model = best
+    grid = {k: [c[k] for c in configs] for k in ("lr", "weight_decay")}
     return ProbeResult(
-        test_scores=_predict(model, te),
+        test_scores=_predict(model, te, exclusive=exclusive),
         val_metric=float(auc),
         selected=dict(cfg),
         candidates=len(configs),
-        extra={"val_bce": bce},
+        extra={"val_loss": loss},
+        edges=grid_edges(grid, cfg),
     )
 
 
@@ -200,6 +217,19 @@ def fit_pool(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 0
 def fit_abmil(spec, train: BagSplit, val: BagSplit, test: BagSplit, seed: int = 0) -> ProbeResult:
     configs = [{"lr": lr, "weight_decay": wd} for lr, wd in itertools.product(spec.learning_rates, spec.weight_decays)]
     return _fit_grid(configs, lambda c, d, n: ABMIL(d, n, spec.hidden_dim, spec.dropout), train, val, test, spec, seed)
+
+
+def _rules(spec, task: str) -> dict:
+    from dinoscale.tasks import get_task
+
+    exclusive = get_task(task).exclusive if task else False
+    return {
+        "loss": "softmax cross-entropy" if exclusive else "binary cross-entropy, mean over labels",
+        "optimiser": f"AdamW, cosine schedule over {spec.epochs} epochs, {spec.batch_size} bags per step "
+        "(padded and masked)",
+        "init": "torch default, seeded by the replicate",
+        "selection": "val macro AUROC (ties: lower val loss) over the grid; a choice on a grid edge is tagged",
+    }
 
 
 def _space(trial, spec) -> dict:
@@ -224,6 +254,7 @@ register_probe(
         streams=True,
         bags_only=True,
         description="slice features pooled per volume (mean / max / attention) + linear head",
+        rules=_rules,
     )
 )
 register_probe(
@@ -237,5 +268,6 @@ register_probe(
         streams=True,
         units=("image",),
         description="gated-attention MIL over a slide's tiles",
+        rules=_rules,
     )
 )

@@ -35,6 +35,7 @@ class Split:
 
     x: np.ndarray  # (n, d) float32
     y: np.ndarray  # (n, C) 0/1
+    exclusive: bool = False  # one label per unit (multiclass, one-hot y): softmax cross-entropy, not BCE
 
 
 @dataclass
@@ -43,6 +44,7 @@ class BagSplit:
 
     x: list[np.ndarray]  # one (n_i, d) array per bag
     y: np.ndarray  # (n_bags, C) 0/1
+    exclusive: bool = False  # one label per bag (multiclass): softmax cross-entropy
 
 
 @dataclass
@@ -56,6 +58,47 @@ class SegSplit:
     x: np.ndarray
     y: np.ndarray
     volume_ids: np.ndarray | None = None  # patient / volume of each item, for intervals
+    spacing: list[tuple[float, ...]] | None = None  # per item, in the label maps' axis order (metrics in mm / nm)
+
+
+def repartition(train, val, train_idx, val_idx):
+    """The probe inputs of a replicate: the units of ``train`` + ``val`` (in that order) regrouped into a new
+    train and val split by position (``dinoscale.data.splits.replicate_indices``). Works for every input form;
+    views of the store stay views (nothing is read here)."""
+    from dinoscale.features.rows import take_items
+
+    def take(idx):
+        idx = np.asarray(idx, dtype=int)
+        y = take_items([train.y, val.y], idx)
+        if isinstance(train, BagSplit):
+            bags = list(train.x) + list(val.x)
+            return BagSplit([bags[i] for i in idx], y, train.exclusive)
+        if isinstance(train, SegSplit):
+            ids = None
+            if train.volume_ids is not None and val.volume_ids is not None:
+                ids = np.concatenate([train.volume_ids, val.volume_ids])[idx]
+            spacing = None
+            if train.spacing is not None and val.spacing is not None:
+                both = list(train.spacing) + list(val.spacing)
+                spacing = [both[i] for i in idx]
+            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing)
+        return Split(take_items([train.x, val.x], idx), y, train.exclusive)
+
+    return take(train_idx), take(val_idx)
+
+
+def grid_edges(grid: dict[str, list], selected: dict) -> dict[str, str]:
+    """The hyper-parameters whose value chosen on val sits on an edge of a grid of at least 3 values:
+    {name: 'top' | 'bottom'}. A choice on the edge says the grid may not contain the optimum."""
+    out = {}
+    for name, values in grid.items():
+        values = sorted(set(values))
+        if len(values) >= 3 and name in selected:
+            if selected[name] == values[-1]:
+                out[name] = "top"
+            elif selected[name] == values[0]:
+                out[name] = "bottom"
+    return out
 
 
 @dataclass
@@ -65,6 +108,7 @@ class ProbeResult:
     selected: dict  # chosen hyper-parameters
     candidates: int  # configurations compared on val
     extra: dict = field(default_factory=dict)
+    edges: dict = field(default_factory=dict)  # selected values on a grid edge (``grid_edges``): tagged and warned
 
 
 # ---------------------------------------------------------------- descriptors
@@ -93,6 +137,7 @@ class ProbeSpecBase(BaseModel):
 
 SpaceFn = Callable[[Any, Any], dict]  # (optuna.Trial, the probe's spec) -> field overrides
 FitFn = Callable[..., ProbeResult]  # (spec, train, val, test, seed=) -> ProbeResult
+RulesFn = Callable[[Any, str], dict]  # (the probe's spec, the task) -> {rule: words} for the protocol table
 
 
 @dataclass(frozen=True)
@@ -110,6 +155,7 @@ class ProbeDef:
     # views of the store read a mini-batch at a time above the trial's memory budget); False: it gets plain
     # float32 arrays, the whole split in memory (the plan counts it so).
     streams: bool = False
+    rules: RulesFn | None = None  # loss, optimiser, init, selection in words (dinoscale.sweep.protocol)
 
     def view(self, volumetric: bool) -> str:
         """The feature-set view the probe reads from a 2D (``volumetric=False``) or a 3D dataset."""

@@ -6,10 +6,18 @@ Heads (all map a token grid to full-resolution logits):
 - ``ConvDecoder3d``: slice feature maps stacked into a volume, light 3D decoder.
 2D heads applied to volumes (x of shape (n, S, D, h, w)) run slice by slice.
 
+Training: a **step budget** of AdamW steps (cosine schedule), each on a batch of **random crops**:
+``crop`` x ``crop`` label pixels at **native resolution** (the label map is never resized; the token
+window covering them is cut from the grid) and ``crop_depth`` slices of a volume, from a random item. A dataset
+with a handful of large items (CREMI: one block per sample) gets as many optimiser steps as one with
+many small ones, instead of a few epochs over three items. Inference is **tiled** the same way:
+overlapping token tiles (stride half a tile), logits at native resolution averaged where tiles overlap,
+one item at a time, so memory is bounded by the tile, not the volume.
+
 Semantic heads train with MONAI's DiceCELoss; affinity heads predict nearest-neighbour affinities
-(BCE + soft Dice) that ``agglomerate_affinities`` turns into instances (thresholded edges, connected
-components). AdamW, cosine schedule; the learning rate (and for affinities the threshold) is chosen
-on val.
+(BCE + soft Dice) that ``agglomerate_affinities`` turns into instances (seeded watershed or connected
+components). The learning rate (and for affinities the threshold) is chosen on val: semantic heads by
+Dice on the positive cases, affinity heads by VOI under the CREMI convention (``dinoscale.metrics``).
 """
 
 from __future__ import annotations
@@ -24,11 +32,28 @@ from torch import nn
 from torch.nn import functional as F
 
 from dinoscale.features.rows import MappedBatches, as_batches
-from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, SegSplit, register_probe
+from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, SegSplit, grid_edges, register_probe
 
 
-class SegmentationProbeSpec(ProbeSpecBase):
-    """Segmentation head on frozen patch-token grids; Dice+CE, AdamW, cosine; lr chosen on val by Dice."""
+class _CropTraining(ProbeSpecBase):
+    """How a dense head trains: a step budget of random native-resolution crops."""
+
+    steps: int = Field(1000, ge=1, description="optimiser steps (AdamW, cosine schedule): the training budget")
+    batch_size: int = Field(8, ge=1, description="random crops per step")
+    crop: int = Field(
+        256,
+        ge=1,
+        description="crop side in label-map pixels (native resolution; clipped to the map): each crop is the token "
+        "window covering it and the label region it covers, whatever the model's input resolution",
+    )
+    crop_depth: int = Field(8, ge=1, description="volumes: slices per crop (clipped to the volume's depth)")
+    weight_decay: float = Field(1e-4, ge=0)
+    hidden_dim: int = Field(64, ge=1, description="decoder width (conv heads)")
+
+
+class SegmentationProbeSpec(_CropTraining):
+    """Segmentation head on frozen patch-token grids; Dice+CE, AdamW, cosine, a step budget of random crops;
+    lr chosen on val by Dice."""
 
     kind: Literal["segmentation"] = "segmentation"
     head: Literal["linear", "conv", "conv3d"] = Field(
@@ -38,27 +63,19 @@ class SegmentationProbeSpec(ProbeSpecBase):
     )
     n_classes: int = Field(2, ge=2, description="including background (label 0)")
     learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1)
-    hidden_dim: int = Field(64, ge=1, description="decoder width (conv heads)")
 
     @property
     def label(self) -> str:
         return f"seg-{self.head}"
 
 
-class AffinityProbeSpec(ProbeSpecBase):
+class AffinityProbeSpec(_CropTraining):
     """EM instances: nearest-neighbour affinities from a light decoder, turned into instances by a seeded
     watershed (seeds: regions whose affinities all exceed the threshold) or by connected components of the
-    thresholded affinity graph; lr and threshold are chosen on val by VOI."""
+    thresholded affinity graph; lr and threshold are chosen on val by VOI (CREMI convention)."""
 
     kind: Literal["affinity"] = "affinity"
     learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1)
-    hidden_dim: int = Field(64, ge=1)
     thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9], min_length=1)
     min_size: int = Field(
         4, ge=0, description="segments (components) or seeds (watershed) smaller than this (pixels) are dropped"
@@ -237,13 +254,67 @@ def _flood(boundary: np.ndarray, seeds: np.ndarray, levels: int = 16) -> np.ndar
     return lab
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- training on random crops, tiled inference
 
 
 def _cosine(opt, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
     )
+
+
+def _windows(n: int, size: int) -> list[int]:
+    """Starts of windows of ``size`` covering [0, n) with stride size // 2, the last aligned to the end."""
+    if size >= n:
+        return [0]
+    stride = max(size // 2, 1)
+    starts = list(range(0, n - size + 1, stride))
+    return starts if starts[-1] == n - size else [*starts, n - size]
+
+
+class _Cropper:
+    """Token windows and the label windows they cover at native resolution. ``x``: (n, D, h, w) or
+    (n, S, D, h, w); labels (..., H, W) or (..., S, H, W). A crop of ``crop`` label pixels is a window of
+    c = round(crop * h / H) tokens along an axis of h tokens, covering round(c * H / h) label pixels from
+    round(t0 * H / h)."""
+
+    def __init__(self, x_shape, label_shape, crop: int, crop_depth: int):
+        self.volumetric = len(x_shape) == 5
+        self.tokens = tuple(x_shape[-2:])
+        self.native = tuple(label_shape[-2:])
+        # ``crop`` native pixels -> the token window covering them at this input resolution
+        self.crop = tuple(max(1, min(t, round(crop * t / n))) for t, n in zip(self.tokens, self.native))
+        self.depth = min(crop_depth, x_shape[1]) if self.volumetric else 0
+        self.n_depth = x_shape[1] if self.volumetric else 0
+
+    def label_size(self, axis: int, c: int) -> int:
+        return max(1, round(c * self.native[axis] / self.tokens[axis]))
+
+    def label_start(self, axis: int, t0: int, c: int) -> int:
+        return min(round(t0 * self.native[axis] / self.tokens[axis]), self.native[axis] - self.label_size(axis, c))
+
+    def out_size(self, c=None) -> tuple[int, ...]:
+        c = c or self.crop
+        size = (self.label_size(0, c[0]), self.label_size(1, c[1]))
+        return ((self.depth,) if self.volumetric else ()) + size
+
+    def windows(self, z0: int, t0: tuple[int, int], c=None, depth=None):
+        """(token slices, label slices) of one window (``depth`` slices from ``z0`` for volumes)."""
+        c = c or self.crop
+        ys = [
+            slice(self.label_start(a, t0[a], c[a]), self.label_start(a, t0[a], c[a]) + self.label_size(a, c[a]))
+            for a in (0, 1)
+        ]
+        ts = [slice(t0[a], t0[a] + c[a]) for a in (0, 1)]
+        if self.volumetric:
+            dz = slice(z0, z0 + (depth or self.depth))
+            return (dz, slice(None), *ts), (dz, *ys)
+        return (slice(None), *ts), tuple(ys)
+
+    def random(self, rng: np.random.Generator):
+        z0 = int(rng.integers(0, self.n_depth - self.depth + 1)) if self.volumetric else 0
+        t0 = tuple(int(rng.integers(0, self.tokens[a] - self.crop[a] + 1)) for a in (0, 1))
+        return self.windows(z0, t0)
 
 
 def train_head(
@@ -253,36 +324,63 @@ def train_head(
     loss_fn,
     lr: float,
     weight_decay: float,
-    epochs: int,
+    steps: int,
     batch_size: int,
+    crop: int,
+    crop_depth: int,
     seed: int = 0,
 ) -> nn.Module:
-    """AdamW + cosine on (features, target) pairs; ``loss_fn(logits, target_batch)``; logits at target size."""
+    """AdamW + cosine for ``steps`` steps, each on ``batch_size`` random crops (a random item, a random
+    window): ``x`` (n, D, h, w) or (n, S, D, h, w) token grids; ``target`` (n, [C,] H, W) or (n, [C,] S, H, W)
+    at native resolution, cropped to the matching region; ``loss_fn(logits, target_batch)``."""
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cropper = _Cropper(x.shape, target.shape, crop, crop_depth)
+    lead = target.ndim - (3 if cropper.volumetric else 2) - 1  # channel dims of the target (affinities: 1)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    sched = _cosine(opt, epochs * steps_per_epoch)
-    out_size = tuple(target.shape[-2:]) if x.ndim == 4 else tuple(target.shape[-3:])
-    for _ in range(epochs):
-        head.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            if len(idx) < 2 and len(x) >= 2:  # BatchNorm needs two samples; fold a lone tail into the next epoch
-                continue
-            loss = loss_fn(head(x[idx], out_size), target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    sched = _cosine(opt, steps)
+    out_size = cropper.out_size()
+    head.train()
+    for _ in range(steps):
+        xs, ts = [], []
+        for i in rng.integers(0, len(x), max(batch_size, 2)):  # BatchNorm needs two samples
+            tok, lab = cropper.random(rng)
+            xs.append(x[int(i) : int(i) + 1][0][tok])  # one row (a streamed reader reads only it)
+            ts.append(target[int(i) : int(i) + 1][0][(slice(None),) * lead + lab])
+        loss = loss_fn(head(torch.stack(xs), out_size), torch.stack(ts))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     return head
 
 
 @torch.no_grad()
-def predict_logits(head: nn.Module, x: torch.Tensor, out_size: tuple[int, ...], batch_size: int = 16) -> torch.Tensor:
+def iter_tiled(head: nn.Module, x, out_shape: tuple[int, ...], n_out: int, crop: int, crop_depth: int):
+    """(i, logits (n_out, *out_shape)) item by item, at native resolution from overlapping token tiles (stride
+    half a tile), averaged where tiles overlap: memory is bounded by one item's logits, not the split's. ``x``:
+    a tensor of token grids or a streamed reader of them (``dinoscale.features.rows``)."""
     head.eval()
-    return torch.cat([head(x[i : i + batch_size], out_size) for i in range(0, len(x), batch_size)])
+    cropper = _Cropper(x.shape, (len(x), *out_shape), crop, crop_depth)
+    zs = _windows(cropper.n_depth, cropper.depth) if cropper.volumetric else [0]
+    ys, xs = (_windows(cropper.tokens[a], cropper.crop[a]) for a in (0, 1))
+    tiles = [cropper.windows(z0, (y0, x0)) for z0 in zs for y0 in ys for x0 in xs]
+    count = torch.zeros(out_shape)
+    for _, lab in tiles:
+        count[lab] += 1
+    for i in range(len(x)):
+        xi = x[i : i + 1][0]
+        out = torch.zeros((n_out, *out_shape))
+        for tok, lab in tiles:
+            out[(slice(None), *lab)] += head(xi[tok][None], cropper.out_size())[0]
+        yield i, out / count
+
+
+def predict_tiled(
+    head: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...], n_out: int, crop: int, crop_depth: int
+) -> torch.Tensor:
+    """Logits (n, n_out, *out_shape) of every item (``iter_tiled`` stacked)."""
+    return torch.stack([o for _, o in iter_tiled(head, x, out_shape, n_out, crop, crop_depth)])
 
 
 def _features(split: SegSplit):
@@ -298,46 +396,66 @@ def _out_size(split: SegSplit) -> tuple[int, ...]:
     return tuple(split.y.shape[1:])
 
 
-@torch.no_grad()
-def _predicted_labels(head: nn.Module, x, out_size: tuple[int, ...], batch_size: int = 16):
-    """(start, argmax label maps) batch by batch: the logits of a whole split are never held at once."""
-    head.eval()
-    for i in range(0, len(x), batch_size):
-        yield i, head(x[i : i + batch_size], out_size).argmax(1).numpy()
-
-
 def _label_dtype(n_classes: int):
     return np.uint8 if n_classes <= 256 else np.int32
 
 
+def _predicted(head, spec, split: SegSplit, n_out: int, fn):
+    """(i, ``fn(logits)``) item by item over a split (tiled inference at native resolution)."""
+    for i, logits in iter_tiled(head, _features(split), _out_size(split), n_out, spec.crop, spec.crop_depth):
+        yield i, fn(logits)
+
+
+def _argmax(logits: torch.Tensor) -> np.ndarray:
+    return logits.argmax(0).numpy()
+
+
+def _sigmoid(logits: torch.Tensor) -> np.ndarray:
+    return torch.sigmoid(logits).numpy()
+
+
 def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
-    """test_scores: predicted label maps (n_test, *spatial); val_metric: mean foreground Dice per item."""
+    """test_scores: predicted label maps (n_test, *spatial); val_metric: mean foreground Dice per item (on
+    the items whose ground truth holds each structure)."""
     from monai.losses import DiceCELoss
 
     from dinoscale.metrics import dice_per_volume
 
-    xtr, xva, xte = _features(train), _features(val), _features(test)
+    xtr = _features(train)
     volumetric = xtr.ndim == 5
     ytr = _labels(train)
     # as nnU-Net: the soft Dice over the foreground classes only, pooled over the batch (stable when a
-    # volume has no foreground); cross-entropy covers the background
+    # crop has no foreground); cross-entropy covers the background
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     loss_fn = lambda logits, t: dice_ce(logits, t.unsqueeze(1))  # noqa: E731
     best = None
     for lr in spec.learning_rates:
         torch.manual_seed(seed)  # the head's initial weights: the same whatever ran before in this process
         head = build_head(spec.head, xtr.shape[-3], spec.n_classes, spec.hidden_dim, volumetric)
-        train_head(head, xtr, ytr, loss_fn, lr, spec.weight_decay, spec.epochs, spec.batch_size, seed)
+        train_head(
+            head,
+            xtr,
+            ytr,
+            loss_fn,
+            lr,
+            spec.weight_decay,
+            spec.steps,
+            spec.batch_size,
+            spec.crop,
+            spec.crop_depth,
+            seed,
+        )
         per_volume = [
-            dice_per_volume(p, np.asarray(val.y[i : i + len(p)]), spec.n_classes)
-            for i, p in _predicted_labels(head, xva, _out_size(val))
+            dice_per_volume(p[None], np.asarray(val.y[i : i + 1]), spec.n_classes)
+            for i, p in _predicted(head, spec, val, spec.n_classes, _argmax)
         ]
-        dice = float(np.nanmean(np.concatenate(per_volume)))
+        with np.errstate(all="ignore"):
+            dice = float(np.nanmean(np.concatenate(per_volume)))
         if best is None or np.nan_to_num(dice, nan=-1) > np.nan_to_num(best[0], nan=-1):
             best = (dice, lr, head)
     dice, lr, head = best
-    test_pred = np.concatenate(
-        [p.astype(_label_dtype(spec.n_classes)) for _, p in _predicted_labels(head, xte, _out_size(test))]
+    test_pred = np.stack(
+        [p.astype(_label_dtype(spec.n_classes)) for _, p in _predicted(head, spec, test, spec.n_classes, _argmax)]
     )
     return ProbeResult(
         test_scores=test_pred,
@@ -345,22 +463,27 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
         selected={"lr": lr},
         candidates=len(spec.learning_rates),
         extra={"head": head},
+        edges=grid_edges({"lr": spec.learning_rates}, {"lr": lr}),
     )
 
 
 def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
-    """``y``: instance ids (0 = background / boundary). test_scores: instance label maps. lr and threshold
-    are chosen on val by the mean variation of information (VOI, the EM headline; lower is better), so
-    ``val_metric`` = -VOI (probes maximise); ``extra`` has ``val_voi`` and ``val_arand``."""
+    """``y``: instance ids (0 = background / ignore). test_scores: instance label maps. lr and threshold are
+    chosen on val by the mean variation of information (VOI under the CREMI convention, the EM headline;
+    lower is better), so ``val_metric`` = -VOI (probes maximise); ``extra`` has ``val_voi`` and ``val_arand``."""
     from monai.losses import DiceLoss
 
-    from dinoscale.metrics import adapted_rand_error, variation_of_information
+    from dinoscale.metrics import instance_per_volume
 
-    xtr, xva, xte = _features(train), _features(val), _features(test)
+    xtr = _features(train)
     volumetric = xtr.ndim == 5
     n_aff = 3 if volumetric else 2
     labels = _labels(train)
-    target = affinity_targets(labels) if isinstance(labels, torch.Tensor) else MappedBatches(labels, affinity_targets)
+    target = (
+        affinity_targets(labels)
+        if isinstance(labels, torch.Tensor)
+        else MappedBatches(labels, affinity_targets, shape=(len(labels), n_aff, *labels.shape[1:]))
+    )
     dice = DiceLoss(sigmoid=True)
     loss_fn = lambda logits, t: F.binary_cross_entropy_with_logits(logits, t) + dice(logits, t)  # noqa: E731
     kind = "conv3d" if volumetric else "conv"
@@ -368,24 +491,74 @@ def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int
     for lr in spec.learning_rates:
         torch.manual_seed(seed)
         head = build_head(kind, xtr.shape[-3], n_aff, spec.hidden_dim, volumetric)
-        train_head(head, xtr, target, loss_fn, lr, spec.weight_decay, spec.epochs, spec.batch_size, seed)
-        aff = torch.sigmoid(predict_logits(head, xva, _out_size(val))).numpy()
-        for t in spec.thresholds:
-            segs = [agglomerate_affinities(a, t, spec.min_size, spec.agglomeration) for a in aff]
-            voi = float(np.nanmean([sum(variation_of_information(s, g)) for s, g in zip(segs, np.asarray(val.y))]))
+        train_head(
+            head,
+            xtr,
+            target,
+            loss_fn,
+            lr,
+            spec.weight_decay,
+            spec.steps,
+            spec.batch_size,
+            spec.crop,
+            spec.crop_depth,
+            seed,
+        )
+        # per val item: its affinities once, then every threshold's instances (VOI / ARAND, CREMI convention)
+        per = np.full((len(spec.thresholds), len(val.y), 2), np.nan)
+        for i, aff in _predicted(head, spec, val, n_aff, _sigmoid):
+            gt = np.asarray(val.y[i : i + 1])
+            sp = None if val.spacing is None else [val.spacing[i]]
+            for k, t in enumerate(spec.thresholds):
+                seg = agglomerate_affinities(aff, t, spec.min_size, spec.agglomeration)[None]
+                m = instance_per_volume(seg, gt, sp)
+                per[k, i] = m["voi"][0], m["arand"][0]
+        with np.errstate(all="ignore"):
+            means = np.nanmean(per, axis=1)
+        for k, t in enumerate(spec.thresholds):
+            voi, arand = float(means[k, 0]), float(means[k, 1])
             if best is None or np.nan_to_num(-voi, nan=-np.inf) > np.nan_to_num(-best[0], nan=-np.inf):
-                arand = float(np.nanmean([adapted_rand_error(s, g)[0] for s, g in zip(segs, np.asarray(val.y))]))
                 best = (voi, lr, t, head, arand)
     voi, lr, t, head, arand = best
-    aff = torch.sigmoid(predict_logits(head, xte, _out_size(test))).numpy()
-    segs = np.stack([agglomerate_affinities(a, t, spec.min_size, spec.agglomeration) for a in aff])
+    segs = np.stack(
+        [
+            agglomerate_affinities(a, t, spec.min_size, spec.agglomeration)
+            for _, a in _predicted(head, spec, test, n_aff, _sigmoid)
+        ]
+    )
+    selected = {"lr": lr, "threshold": t}
     return ProbeResult(
         test_scores=segs,
         val_metric=-voi,
-        selected={"lr": lr, "threshold": t},
+        selected=selected,
         candidates=len(spec.learning_rates) * len(spec.thresholds),
         extra={"head": head, "val_voi": voi, "val_arand": arand},
+        edges=grid_edges({"lr": spec.learning_rates, "threshold": spec.thresholds}, selected),
     )
+
+
+def _rules(spec, task: str) -> dict:
+    common = {
+        "training": f"{spec.steps} AdamW steps (cosine schedule, weight decay {spec.weight_decay}), each on "
+        f"{spec.batch_size} random crops of {spec.crop} x {spec.crop} label pixels at native resolution (x "
+        f"{spec.crop_depth} slices of a volume) and the token window covering them",
+        "inference": "tiled: overlapping token tiles of the crop size (stride half a tile), logits at native "
+        "resolution averaged over overlaps",
+        "init": "torch default, seeded by the replicate",
+    }
+    if spec.kind == "affinity":
+        return {
+            **common,
+            "head": "light conv decoder (3D for volumes) predicting nearest-neighbour affinities",
+            "loss": "BCE + soft Dice on the affinities",
+            "instances": f"{spec.agglomeration} on the affinities, segments / seeds under {spec.min_size} px dropped",
+            "selection": "lr x threshold on val VOI under the CREMI convention (lower is better)",
+        }
+    return {
+        **common,
+        "loss": "Dice (foreground classes, pooled over the batch) + cross-entropy (MONAI DiceCELoss)",
+        "selection": "lr on val Dice (positive cases)",
+    }
 
 
 def _space(trial, spec) -> dict:
@@ -405,6 +578,7 @@ register_probe(
         space=_space,
         streams=True,
         description="BatchNorm + 1x1 conv, a light 2D or 3D decoder on patch-token grids",
+        rules=_rules,
     )
 )
 register_probe(
@@ -417,5 +591,6 @@ register_probe(
         space=_space,
         streams=True,
         description="EM affinities from a light decoder + seeded watershed",
+        rules=_rules,
     )
 )

@@ -53,12 +53,13 @@ class Cell:
     window: tuple[float, float] | None = None  # CT window in HU (images read by lora / full cells)
     interpolation: str = "bicubic"
     search: dict = field(default_factory=dict)  # n_trials, seed
-    bootstrap: dict = field(default_factory=dict)  # resamples, level, seed
+    bootstrap: dict = field(default_factory=dict)  # resamples, level, seed, macro_min_patients, min_interval_units
     params: dict = field(default_factory=dict)  # protocol constants logged with the run
     online: bool = False  # grid probes: the frozen backbone runs inside the head's training loop (no cache)
     feature_dtype: str = "float16"  # the store's dtype (online features are rounded to it too)
     feature_batch: int = 32  # backbone batch of online features
     memory: dict = field(default_factory=dict)  # resident_bytes (the trial's budget), predicted_peak_bytes
+    replicate: dict = field(default_factory=dict)  # how the seed's replicate draws train / val (data.splits)
 
     @property
     def resolution(self) -> int:

@@ -162,6 +162,8 @@ def print_plan(plan: Plan) -> None:
 
 
 def _with_ci(value, low, high) -> str:
+    if low is None or high is None or low != low or high != high:  # no interval (too few test units)
+        return f"{value:.3f} (no interval)"
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
@@ -176,10 +178,14 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
 
     headline = headline or AUROC
     if len(rows) > 12 and len({r.get("resolution") for r in rows}) > 1:
-        return _print_grid(rows, title, headline)
+        _print_grid(rows, title, headline)
+        print_selection_warnings(rows)
+        return
     axes = [a for a in AXIS_NAMES if len({r.get(a) for r in rows}) > 1 or a in ("backbone", "resolution", "probe")]
     t = Table(title=title)
-    for col in (*axes, f"{headline.test} [95% CI]", "val", "selected", "state"):
+    per_group = any(r.get("per_group") for r in rows)  # e.g. CREMI samples A / B / C, reported separately
+    extra = ("per sample",) if per_group else ()
+    for col in (*axes, f"{headline.test} [95% CI]", *extra, "val", "selected", "state"):
         t.add_column({"n_params": "params", "resolution": "res"}.get(col, col))
     for r in sorted(
         rows,
@@ -193,8 +199,27 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
             val = f"{r['val_metric']:.3f}"
         else:
             value, val = "-", "-"
-        t.add_row(*(_axis_text(a, r.get(a)) for a in axes), value, val, r.get("selected", ""), r.get("state", "?"))
+        groups = (r.get("per_group", ""),) if per_group else ()
+        t.add_row(
+            *(_axis_text(a, r.get(a)) for a in axes), value, *groups, val, r.get("selected", ""), r.get("state", "?")
+        )
     console.print(t)
+    print_selection_warnings(rows)
+
+
+def print_selection_warnings(rows: list[dict]) -> None:
+    """Cells whose choice on val sits on the edge of its grid: the optimum may lie outside it."""
+    edged = [r for r in rows if r.get("state") == "FINISHED" and r.get("selection_edge")]
+    if edged:
+        console.print(
+            f"[yellow]Warning: {len(edged)} cell(s) chose a hyper-parameter on the edge of its grid "
+            "(the optimum may lie outside it; widen the grid in the spec):[/yellow]"
+        )
+        for r in edged:
+            console.print(f"  [yellow]{r['cell']}: {r['selection_edge']}[/yellow]")
+    no_ci = [r for r in rows if r.get("state") == "FINISHED" and r.get("interval_note")]
+    if no_ci:
+        console.print(f"[yellow]{len(no_ci)} cell(s) without an interval: {no_ci[0]['interval_note']}[/yellow]")
 
 
 def _print_grid(rows: list[dict], title: str, headline) -> None:
@@ -276,7 +301,7 @@ class SweepProgress:
                 row["elapsed"] = f"{self._time() - row['started']:.1f}s"
         m = self.metric
         if result and result.get(m) is not None:
-            row["auroc"] = _with_ci(result[m], result[f"{m}_ci_low"], result[f"{m}_ci_high"])
+            row["auroc"] = _with_ci(result[m], result.get(f"{m}_ci_low"), result.get(f"{m}_ci_high"))
         row["state"] = state
         if self.live is not None:
             self.live.update(self._render())

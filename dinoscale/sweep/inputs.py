@@ -28,6 +28,7 @@ from dinoscale.features.rows import RowView
 from dinoscale.features.store import FeatureRows, _npy_header, _Shard
 from dinoscale.probes import BagSplit, SegSplit, Split, get_probe
 from dinoscale.sweep.cell import Cell
+from dinoscale.tasks import get_task
 
 
 def unit_rows(store: FeatureStore, digest: str, split: str, units: SplitUnits, view: str):
@@ -236,28 +237,42 @@ def probe_inputs(
 
 def _in_memory(inp):
     if isinstance(inp, Split):
-        return Split(np.asarray(inp.x, dtype=np.float32), inp.y)
+        return Split(np.asarray(inp.x, dtype=np.float32), inp.y, inp.exclusive)
     if isinstance(inp, BagSplit):
-        return BagSplit([np.asarray(b, dtype=np.float32) for b in inp.x], inp.y)
-    return SegSplit(np.asarray(inp.x, dtype=np.float32), np.asarray(inp.y).astype(np.int64), inp.volume_ids)
+        return BagSplit([np.asarray(b, dtype=np.float32) for b in inp.x], inp.y, inp.exclusive)
+    return SegSplit(
+        np.asarray(inp.x, dtype=np.float32), np.asarray(inp.y).astype(np.int64), inp.volume_ids, inp.spacing
+    )
+
+
+def label_spacing(units: SplitUnits, volume: bool) -> list | None:
+    """Per-unit spacing in the label maps' axis order (None when any unit's is unknown: distances in voxels)."""
+    from dinoscale.data.masks import label_map_spacing
+
+    if units.spacing is None or any(sp is None for sp in units.spacing):
+        return None
+    return [label_map_spacing(sp, volume) for sp in units.spacing] if volume else None
 
 
 def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources=None):
     resident = int(cell.memory.get("resident_bytes", 1 << 30))
     form = get_probe(cell.probe).input
+    exclusive = get_task(cell.task).exclusive
     if form == "grid":
         volumes = cell.view == "slices"
         y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident)
+        spacing = label_spacing(units, volumes)
         if cell.online:
             src = sources or RowSources(units.sample_ids, units.items, units.n_slices)
-            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids)
+            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing)
         rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
-        return SegSplit(stacked(rows, index, per_unit, units, "feature maps", resident), y, units.patient_ids)
+        x = stacked(rows, index, per_unit, units, "feature maps", resident)
+        return SegSplit(x, y, units.patient_ids, spacing)
     rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
     if form == "bag":
         ends = np.cumsum(per_unit)
         bags = [RowView(rows, index[e - n : e], resident_bytes=resident) for e, n in zip(ends, per_unit)]
-        return BagSplit(bags, units.labels)
+        return BagSplit(bags, units.labels, exclusive)
     if (per_unit != 1).any():
         raise RuntimeError(f"feature set of {cell.id} ({split}) has several rows per unit; a vector probe needs one")
-    return Split(RowView(rows, index, resident_bytes=resident), units.labels)
+    return Split(RowView(rows, index, resident_bytes=resident), units.labels, exclusive)

@@ -17,7 +17,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinoscale.data import SPLITS, DataError, PreparedDataset, dataset_task, prepare_dataset, published_size
+from dinoscale.data import (
+    SPLITS,
+    DataError,
+    PreparedDataset,
+    dataset_replicates,
+    dataset_task,
+    prepare_dataset,
+    published_size,
+)
+from dinoscale.data.splits import describe_recipe, replicate_recipe
 from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
@@ -206,9 +215,14 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _protocol_params(spec: SweepSpec, bb: BackboneInfo, gflops: float, config: dict, prefix: str) -> dict:
+def _protocol_params(
+    spec: SweepSpec, bb: BackboneInfo, gflops: float, config: dict, prefix: str, replicate: dict
+) -> dict:
     """The constants a cell's run logs beside its axes, so a reader can compare with a paper line by line."""
     return {
+        "replicate_split": describe_recipe(replicate),
+        "macro_min_patients": spec.metrics.macro_min_patients,
+        "min_interval_units": spec.metrics.min_interval_units,
         "dataset": spec.dataset.name,
         "modality": spec.modality,
         "backbone_arch": bb.arch_id,
@@ -283,12 +297,23 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         "interpolation": spec.features.interpolation,
         "window": volume_window(spec),
         "search": spec.search.model_dump(mode="json"),
-        "bootstrap": spec.metrics.bootstrap.model_dump(mode="json"),
+        "bootstrap": {
+            **spec.metrics.bootstrap.model_dump(mode="json"),
+            "macro_min_patients": spec.metrics.macro_min_patients,
+            "min_interval_units": spec.metrics.min_interval_units,
+        },
     }
     bags = {s: len(ds.units(s).sample_ids) for s in SPLITS} if ds is not None and ds.bagged else None
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
         gflops = bb.gflops_per_image(res)
+        replicate = replicate_recipe(
+            seed,
+            spec.dataset.split.seed,
+            ds.replicates if ds is not None else dataset_replicates(spec.dataset.name),
+            spec.dataset.split.replicates,
+            ds.folds if ds is not None else 0,
+        )
         if strategy in TRAINING_STRATEGIES:
             # the encoder is trained on images: a linear head, no cached features
             config = getattr(spec.finetuning, strategy).model_dump(mode="json")
@@ -311,6 +336,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     "seed": seed,
                     "manifest": manifests,
                     "finetuning": config,
+                    "replicate": replicate,
                 },
             )
             cells.append(
@@ -321,7 +347,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     gflops_per_image=gflops,
                     view="",
                     strategy_config=config,
-                    params=_protocol_params(spec, bb, gflops, config, strategy),
+                    params=_protocol_params(spec, bb, gflops, config, strategy, replicate),
+                    replicate=replicate,
                     **common,
                 )
             )
@@ -351,6 +378,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     "features": fk,
                     "probe_config": config,
                     **({"online": True} if is_online else {}),
+                    "replicate": replicate,
                 },
             )
             reads_sets = [
@@ -368,7 +396,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     tokens=tokens,
                     feature_keys=tuple(sorted(fk.items())),
                     probe_config=config,
-                    params=_protocol_params(spec, bb, gflops, config, "probe"),
+                    params=_protocol_params(spec, bb, gflops, config, "probe", replicate),
+                    replicate=replicate,
                     online=is_online,
                     feature_dtype=spec.features.dtype,
                     feature_batch=spec.features.batch_size,

@@ -127,6 +127,10 @@ def _open_parent(
     )
     parent_id = parent.info.run_id
     client.log_text(parent_id, spec.resolved_yaml(), record.RESOLVED_SPEC)
+    from dinoscale.sweep.protocol import protocol_data, protocol_markdown
+
+    client.log_text(parent_id, protocol_markdown(plan), record.PROTOCOL)  # every constant, for a line-by-line reading
+    client.log_dict(parent_id, protocol_data(plan), record.PROTOCOL_JSON)
     log_batch(
         client,
         parent_id,
@@ -514,6 +518,14 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
                 "val_metric": m.get(h.val),
                 h.test: m.get(h.test),
                 "selected": ", ".join(f"{k[9:]}={m[k]:g}" for k in sorted(m) if k.startswith("selected_")),
+                "selection_edge": m.get("selection_edge") or "",
+                "per_group": ", ".join(
+                    f"{k[len(h.test) + 1 :]} {m[k]:.3f}" for k in sorted(m) if k.startswith(f"{h.test}.")
+                ),
+                "interval_note": ""
+                if m.get(f"{h.test}_ci_low") is not None or h.test not in m
+                else f"{int(m.get('interval_units', 0))} test patient(s), fewer than "
+                f"{plan.spec.metrics.min_interval_units}",
                 "mlflow_run_id": m.get("mlflow_run_id"),
                 "reused": int(m.get("reused_record", 0) or 0),
                 "time_own_work_s": m.get("time_own_work_s"),

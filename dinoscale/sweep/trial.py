@@ -24,7 +24,7 @@ from dinoscale.features import FeatureStore
 from dinoscale.memory import PeakRSS
 from dinoscale.probes import SegSplit, get_probe, run_probe
 from dinoscale.sweep.cell import Cell
-from dinoscale.sweep.inputs import probe_inputs
+from dinoscale.sweep.inputs import label_spacing, probe_inputs
 from dinoscale.tasks import Scoring, get_task
 
 
@@ -52,6 +52,16 @@ def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str
     return probe_inputs(cell, ctx.splits[split], store, split, probe_spec, ctx.sources.get(split))
 
 
+def replicate_units(cell: Cell, ctx: SweepContext) -> tuple[SplitUnits, SplitUnits, np.ndarray, np.ndarray]:
+    """The cell's replicate: its train and val units and their positions in the dataset's train + val units."""
+    from dinoscale.data.splits import replicate_indices
+
+    train, val = ctx.splits["train"], ctx.splits["val"]
+    tr_idx, va_idx = replicate_indices(train.patient_ids, val.patient_ids, cell.replicate, train.folds, val.folds)
+    both = SplitUnits.concat(train, val)
+    return both.take(tr_idx), both.take(va_idx), tr_idx, va_idx
+
+
 def _scoring(cell: Cell, ctx: SweepContext, n_classes: int | None = None) -> Scoring:
     test = ctx.splits["test"]
     b = cell.bootstrap
@@ -65,6 +75,10 @@ def _scoring(cell: Cell, ctx: SweepContext, n_classes: int | None = None) -> Sco
         resamples=b["resamples"],
         level=b["level"],
         seed=b["seed"],
+        spacing=label_spacing(test, bool(test.n_slices)) if get_task(cell.task).dense else None,
+        groups=test.groups,
+        macro_min_patients=b.get("macro_min_patients", 5),
+        min_interval_units=b.get("min_interval_units", 10),
     )
 
 
@@ -76,6 +90,11 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
     with PeakRSS() as peak:
         t0 = time.perf_counter()
         train, val, test = (_probe_inputs(cell, ctx, store, s, probe_spec) for s in ("train", "val", "test"))
+        rep_train, rep_val, tr_idx, va_idx = replicate_units(cell, ctx)
+        if cell.replicate.get("mode", "dataset") != "dataset":
+            from dinoscale.probes.registry import repartition
+
+            train, val = repartition(train, val, tr_idx, va_idx)
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
         n_trials = cell.search.get("n_trials", 1)
@@ -104,11 +123,20 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
                 "time_probe_s": t_probe,
                 "search_trials": n_trials,
                 "features_online": int(cell.online),
+                "n_train": len(rep_train.sample_ids),
+                "n_val": len(rep_val.sample_ids),
+                "selection_on_edge": int(bool(result.edges)),
             },
             getattr(probe_spec, "n_classes", None),
         )
+    out["edges"] = {k: (result.selected.get(k), where) for k, where in result.edges.items()}
     out["metrics"].update(_memory_metrics(cell, peak))
     return out
+
+
+def edge_text(edges: dict) -> str:
+    """'lr=1 (top of its grid)' for the tag and the warnings."""
+    return ", ".join(f"{k}={v:g} ({where} of its grid)" for k, (v, where) in edges.items())
 
 
 def _memory_metrics(cell: Cell, peak: PeakRSS) -> dict:
@@ -154,7 +182,7 @@ def _scored(
         **extra,
         **{f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))},
     }
-    return {"metrics": metrics, "selected": selected, "predictions": predictions}
+    return {"metrics": metrics, "selected": selected, "predictions": predictions, "edges": {}}
 
 
 class _LabelledImages(torch.utils.data.Dataset):
@@ -184,7 +212,8 @@ def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str |
     bb = load_backbone(cell.backbone.name, cell.backbone.weights, cell.backbone.weights_seed)
     model = build_classifier(bb.model, len(ctx.classes), cfg, num_prefix_tokens=bb.num_prefix_tokens)
     transform = build_transform(cell.resolution, bb.mean, bb.std, cell.interpolation, cell.window)
-    train_ds, val_ds, test_ds = (_LabelledImages(ctx.splits[s], transform) for s in ("train", "val", "test"))
+    rep_train, rep_val, _, _ = replicate_units(cell, ctx)
+    train_ds, val_ds, test_ds = (_LabelledImages(u, transform) for u in (rep_train, rep_val, ctx.splits["test"]))
     ckpt = str(Path(checkpoint_root) / cell.trial_key) if checkpoint_root else None
     t0 = time.perf_counter()
     res = finetune(model, train_ds, val_ds, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch)
@@ -196,9 +225,17 @@ def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str |
         "best_epoch": res.best_epoch,
         "trainable_params": n_trainable,
         "resumed_from_epoch": -1 if res.resumed_from_epoch is None else res.resumed_from_epoch,
+        "n_train": len(rep_train.sample_ids),
+        "n_val": len(rep_val.sample_ids),
     }
     selected = {"lr": cfg.lr, "best_epoch": res.best_epoch}
     return _scored(cell, ctx, test_scores, None, res.best_val, selected, extra)
+
+
+def interval_note(metrics: dict, cell: Cell) -> str:
+    units = int(metrics.get("interval_units", 0))
+    need = cell.bootstrap.get("min_interval_units", 10)
+    return f"no interval: {units} test unit(s) (patients), fewer than {need}"
 
 
 def cell_params(cell: Cell) -> dict:
@@ -253,14 +290,13 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
 
     try:
         out = evaluate_cell(cell, ctx, checkpoint_root=ctx.checkpoint_root, on_epoch=report_epoch)
-        with_retries(
-            log_batch,
-            client,
-            run_id,
-            params=cell_params(cell),
-            metrics=out["metrics"],
-            tags={f"{record.SELECTED_PREFIX}{k}": v for k, v in out["selected"].items()},
-        )
+        tags = {f"{record.SELECTED_PREFIX}{k}": v for k, v in out["selected"].items()}
+        if out.get("edges"):
+            tags[record.SELECTION_EDGE] = edge_text(out["edges"])
+        headline_ci = f"{headline.test}_ci_low"
+        if headline.test in out["metrics"] and headline_ci not in out["metrics"]:
+            tags[record.INTERVAL] = interval_note(out["metrics"], cell)
+        with_retries(log_batch, client, run_id, params=cell_params(cell), metrics=out["metrics"], tags=tags)
         buf = io.StringIO()
         out["predictions"].to_csv(buf, index=False)
         client.log_text(run_id, buf.getvalue(), record.PREDICTIONS)
@@ -278,6 +314,7 @@ def cell_trainable(config: dict, ctx: SweepContext) -> None:
     tune.report(
         {
             **out["metrics"],
+            **({"selection_edge": edge_text(out["edges"])} if out.get("edges") else {}),
             "mlflow_run_id": run_id,
             "cell": cell.id,
             "reused_record": 0,

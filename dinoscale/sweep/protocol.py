@@ -1,0 +1,183 @@
+"""The protocol table of a sweep: every constant that shapes its numbers, in one document.
+
+A reader comparing a dinoscale result with a paper needs, line by line, what the paper states (or
+leaves open): the split and how replicates redraw it, the backbones and their normalisation, the
+token set and pooling, the CT window, each probe's grid, epochs or steps, loss, optimiser, init and
+selection rule, the strategies, the search budget, and the metric conventions (``metrics.CONVENTIONS``).
+``protocol_table`` writes it from the resolved plan as markdown and as data; the sweep attaches both to
+its parent run (``record.PROTOCOL``, ``record.PROTOCOL_JSON``) and ``dinoscale protocol SPEC...`` prints
+it (``sweeps/PROTOCOL.md`` is generated that way from the paper profiles).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dinoscale.data import dataset_replicates
+from dinoscale.data.splits import describe_recipe, replicate_recipe
+from dinoscale.metrics import CONVENTIONS
+from dinoscale.probes import get_probe
+from dinoscale.sweep.plan import Plan, volume_window
+from dinoscale.tasks import get_task
+
+_TOKENS = {
+    "cls_mean_patch": "CLS token concatenated with the mean of the patch tokens (last block, registers excluded)",
+    "cls": "CLS token of the last block",
+    "mean_patch": "mean of the patch tokens of the last block (registers excluded)",
+    "last4_cls": "CLS tokens of the last 4 blocks, concatenated (DINOv2 linear eval)",
+    "last4_cls_mean_patch": "CLS of the last 4 blocks + mean patch token of the last block",
+    "patch_grid": "patch-token grid of the last block, [D, H/p, W/p] (registers excluded)",
+}
+# the metric conventions that apply to each task's numbers (dinoscale.metrics.CONVENTIONS)
+_CONVENTIONS_OF = {
+    "multilabel": ("macro AUROC", "intervals"),
+    "multiclass": ("macro AUROC", "intervals"),
+    "mil": ("macro AUROC", "intervals"),
+    "segmentation": ("intervals", "Dice", "HD95", "detection", "FP / FN volume"),
+    "instance_segmentation": ("intervals", "VOI / ARAND"),
+}
+_VIEWS = {
+    "images": "one feature row per image",
+    "volumes": "slice features pooled per volume as they stream past",
+    "slices": "one feature row per slice, in volume order",
+}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def protocol_data(plan: Plan) -> dict:
+    """The protocol constants of a planned sweep, as nested data (sections -> {constant: value})."""
+    spec, ds = plan.spec, plan.dataset
+    task_name = ds.task if ds is not None else (plan.cells[0].task if plan.cells else "")
+    task = get_task(task_name) if task_name else None
+    split = spec.dataset.split
+    folds = ds.folds if ds is not None else 0
+    dataset_policy = ds.replicates if ds is not None else dataset_replicates(spec.dataset.name)
+    recipes = {
+        str(seed): describe_recipe(replicate_recipe(seed, split.seed, dataset_policy, split.replicates, folds))
+        for seed in spec.seeds
+    }
+    window = volume_window(spec)
+    data = {
+        "dataset": spec.dataset.name + (f" ({spec.dataset.subset})" if spec.dataset.subset else ""),
+        "data source": (ds.provenance.get("data.source", "?") if ds is not None else "not available when planned"),
+        "task": task_name or "?",
+        "headline": f"{task.headline.test} ({task.headline.label}; goal {task.headline.goal})" if task else "?",
+        "split": f"patient-level; val {split.val_fraction:g}, test {split.test_fraction:g} of patients where "
+        f"the dataset has no official list (official lists used: {split.official}); shuffle seed {split.seed}",
+        "replicates (seeds)": "; ".join(f"{k}: {v}" for k, v in recipes.items()),
+        "replicate policy": f"spec: {split.replicates}; dataset: {dataset_policy}"
+        + (f" ({ds.replicates_reason})" if ds is not None and ds.replicates_reason else "")
+        + (f"; {folds} cross-validation folds" if folds else ""),
+        "CT window": f"{_fmt(spec.dataset.window)} = {_fmt(list(window))} HU, clipped to [0, 1]"
+        if window
+        else "none: each image / volume scaled by its own min-max",
+    }
+    if ds is not None and ds.channels:
+        from dinoscale.data.preprocess import PET_SUV_RANGE
+
+        data["extra channels"] = (
+            f"{', '.join(ds.channels)} fused into the encoder's channels (PET SUV range {_fmt(list(PET_SUV_RANGE))})"
+        )
+    backbones = {
+        bb.name: f"{bb.arch_id}; weights {bb.weights} ({bb.weights_kind}); {bb.n_params:,} params; patch "
+        f"{bb.patch_size}; mean {_fmt(list(bb.mean))}, std {_fmt(list(bb.std))}; tokens per image "
+        + ", ".join(f"{r}px: {bb.tokens_per_image(r)}" for r in spec.resolutions)
+        for bb in {c.backbone.name: c.backbone for c in plan.cells}.values()
+    }
+    f = spec.features
+    features = {
+        "resolutions": _fmt(spec.resolutions) + " px (square; images / slices resized, anti-aliased)",
+        "interpolation": f.interpolation,
+        "grey to RGB": "grey replicated to 3 channels, then the backbone's mean / std",
+        "token set": f"{f.tokens}: {_TOKENS.get(f.tokens, f.tokens)}",
+        "volume pooling": f"{f.volume_pool} over slices (3D classification, vector probes)",
+        "storage dtype": f.dtype,
+        "extraction batch": str(f.batch_size),
+    }
+    volumetric = ds.volumetric if ds is not None else None
+    probes = {}
+    for p in spec.probes:
+        d = get_probe(p.kind)
+        entry = {"description": d.description}
+        if volumetric is not None:
+            view = d.view(volumetric)
+            entry["reads"] = f"{_VIEWS[view]}; tokens {d.tokens(f.tokens)}"
+        entry.update({k: _fmt(v) for k, v in p.model_dump(mode="json").items() if k != "kind"})
+        if d.rules is not None:
+            entry.update(d.rules(p, task_name))
+        probes[p.label] = entry
+    strategies = {"strategies": ", ".join(spec.strategies)}
+    for s in spec.strategies:
+        if s in ("lora", "full"):
+            strategies[s] = _fmt(getattr(spec.finetuning, s).model_dump(mode="json"))
+    b = spec.metrics.bootstrap
+    metrics = {
+        "bootstrap": f"{b.resamples} patient resamples, {b.level:.0%} percentile interval, seed {b.seed}",
+        **(
+            {"macro class set": f">= {spec.metrics.macro_min_patients} positive and negative test patients per class"}
+            if task is not None and not task.dense
+            else {}
+        ),
+        "minimum units for an interval": f"{spec.metrics.min_interval_units} test patients",
+        **{k: CONVENTIONS[k] for k in _CONVENTIONS_OF.get(task_name, tuple(CONVENTIONS))},
+    }
+    return {
+        "sweep": {
+            "name": spec.name,
+            "modality": spec.modality,
+            "profile": spec.profile,
+            "spec digest": spec.digest(),
+            "cells": str(len(plan.cells)),
+        },
+        "data and splits": data,
+        "backbones": backbones,
+        "features": features,
+        "probes": probes,
+        "strategies": strategies,
+        "search": {
+            "trials per frozen cell": f"{spec.search.n_trials} ({'seeded TPE over the probe space' if spec.search.n_trials > 1 else 'the probe grid only'}), sampler seed {spec.search.seed}",
+            "selection": "on val only; test is scored once, for the chosen configuration",
+        },
+        "metrics and intervals": metrics,
+    }
+
+
+def protocol_markdown(plan: Plan) -> str:
+    """The protocol table as markdown: one table per section, every constant on its own line."""
+    data = protocol_data(plan)
+    s = data["sweep"]
+    lines = [
+        f"## Protocol: {s['name']} ({s['modality']}, {s['profile']} profile)",
+        "",
+        f"Spec digest {s['spec digest']}; {s['cells']} cells. Generated by dinoscale from the resolved spec.",
+        "",
+    ]
+
+    def table(rows: dict) -> None:
+        lines.extend(["| constant | value |", "|---|---|"])
+        lines.extend(f"| {k} | {_cell(v)} |" for k, v in rows.items())
+        lines.append("")
+
+    for section in ("data and splits", "backbones", "features"):
+        lines += [f"### {section.capitalize()}", ""]
+        table(data[section])
+    for label, rows in data["probes"].items():
+        lines += [f"### Probe: {label}", ""]
+        table(rows)
+    for section in ("strategies", "search", "metrics and intervals"):
+        lines += [f"### {section.capitalize()}", ""]
+        table(data[section])
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
