@@ -20,7 +20,7 @@ def _raw(tmp, **features):
         },
         "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
         "resolutions": [64],
-        "probes": [{"kind": "segmentation", "head": "conv", "n_classes": 4, "epochs": 3, "batch_size": 2}],
+        "probes": [{"kind": "segmentation", "head": "conv", "n_classes": 4, "steps": 6, "batch_size": 2, "crop": 32}],
         "features": {"tokens": "patch_grid", "dtype": "float16", "batch_size": 8, **features},
         "metrics": {"bootstrap": {"resamples": 50}},
         "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"},

@@ -90,11 +90,35 @@ def test_segmentation_gives_the_same_label_maps_streamed(tmp_path):
         return SegSplit(_views(rows, idx, streamed, group=s), yv if streamed else y[items], items)
 
     parts = np.split(np.arange(n), [6, 9])
-    spec = SegmentationProbeSpec(head="conv", n_classes=3, epochs=2, batch_size=2, hidden_dim=8)
+    spec = SegmentationProbeSpec(head="conv", n_classes=3, steps=4, batch_size=2, crop=32, hidden_dim=8)
     a = fit_segmentation(spec, *[split(p, False) for p in parts])
     b = fit_segmentation(spec, *[split(p, True) for p in parts])
     assert a.val_metric == b.val_metric  # the same float32 values in the same mini-batches: identical training
     np.testing.assert_array_equal(a.test_scores, b.test_scores)
+
+
+def test_a_replicate_regroups_streamed_splits_without_reading_them(tmp_path, monkeypatch):
+    """A replicate redraws train / val from their units: views of the store stay views (nothing read until the
+    probe asks), and the probe gets the same numbers as from the regrouped arrays."""
+    from dinoscale.features.rows import ItemView
+    from dinoscale.probes.linear import LinearProbeSpec, fit_linear
+    from dinoscale.sweep.inputs import repartition
+
+    monkeypatch.setattr(rows_mod, "BLOCK_BYTES", 24 * 4 * 40)
+    mem, streamed = _vector_splits(tmp_path, False), _vector_splits(tmp_path, True)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(len(mem[0].y) + len(mem[1].y))
+    tr, va = order[:170], order[170:]
+    a_tr, a_va = repartition(Split(np.asarray(mem[0].x), mem[0].y), Split(np.asarray(mem[1].x), mem[1].y), tr, va)
+    b_tr, b_va = repartition(streamed[0], streamed[1], tr, va)
+    assert isinstance(b_tr.x, ItemView) and isinstance(b_va.x, ItemView)
+    np.testing.assert_array_equal(np.asarray(b_tr.x), a_tr.x)
+    np.testing.assert_array_equal(np.asarray(b_va.x[5:9]), a_va.x[5:9])
+    np.testing.assert_array_equal(b_tr.y, a_tr.y)
+    spec = LinearProbeSpec(epochs=3, batch_size=32, learning_rates=[1e-2, 1e-1], weight_decays=[0.0])
+    a, b = fit_linear(spec, a_tr, a_va, mem[2]), fit_linear(spec, b_tr, b_va, streamed[2])
+    assert a.selected == b.selected
+    np.testing.assert_allclose(a.test_scores, b.test_scores, atol=1e-5)
 
 
 # ---------------------------------------------------------------- a trial under a memory limit
@@ -114,7 +138,7 @@ def _mri_spec(tmp, resident_mb: int):
         },
         "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
         "resolutions": [1024],  # a 64 x 64 grid of 96 dims per slice: 0.75 MiB in float16
-        "probes": [{"kind": "segmentation", "head": "linear", "n_classes": 4, "epochs": 1, "batch_size": 4}],
+        "probes": [{"kind": "segmentation", "head": "linear", "n_classes": 4, "steps": 2, "batch_size": 4, "crop": 32}],
         "features": {"tokens": "patch_grid", "dtype": "float16", "resident_mb": resident_mb},
         "metrics": {"bootstrap": {"resamples": 50}},
         "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"},

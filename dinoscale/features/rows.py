@@ -109,7 +109,7 @@ class RowView:
 class ItemView:
     """Items ``items`` of the concatenation of ``parts`` (arrays, ``RowView``s, online grids: anything with a
     shape whose ``part[idx]`` reads items), read only when asked: the train + val units of a replicate
-    regrouped (``dinoscale.probes.registry.repartition``) without loading either split."""
+    regrouped (``dinoscale.sweep.inputs.repartition``) without loading either split."""
 
     def __init__(self, parts: Sequence, items):
         self.parts = list(parts)

@@ -61,32 +61,6 @@ class SegSplit:
     spacing: list[tuple[float, ...]] | None = None  # per item, in the label maps' axis order (metrics in mm / nm)
 
 
-def repartition(train, val, train_idx, val_idx):
-    """The probe inputs of a replicate: the units of ``train`` + ``val`` (in that order) regrouped into a new
-    train and val split by position (``dinoscale.data.splits.replicate_indices``). Works for every input form;
-    views of the store stay views (nothing is read here)."""
-    from dinoscale.features.rows import take_items
-
-    def take(idx):
-        idx = np.asarray(idx, dtype=int)
-        y = take_items([train.y, val.y], idx)
-        if isinstance(train, BagSplit):
-            bags = list(train.x) + list(val.x)
-            return BagSplit([bags[i] for i in idx], y, train.exclusive)
-        if isinstance(train, SegSplit):
-            ids = None
-            if train.volume_ids is not None and val.volume_ids is not None:
-                ids = np.concatenate([train.volume_ids, val.volume_ids])[idx]
-            spacing = None
-            if train.spacing is not None and val.spacing is not None:
-                both = list(train.spacing) + list(val.spacing)
-                spacing = [both[i] for i in idx]
-            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing)
-        return Split(take_items([train.x, val.x], idx), y, train.exclusive)
-
-    return take(train_idx), take(val_idx)
-
-
 def grid_edges(grid: dict[str, list], selected: dict) -> dict[str, str]:
     """The hyper-parameters whose value chosen on val sits on an edge of a grid of at least 3 values:
     {name: 'top' | 'bottom'}. A choice on the edge says the grid may not contain the optimum."""

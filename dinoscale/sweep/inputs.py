@@ -24,7 +24,7 @@ import numpy as np
 
 from dinoscale.data import DataError, RowSources, SplitUnits
 from dinoscale.features import FeatureStore
-from dinoscale.features.rows import RowView
+from dinoscale.features.rows import RowView, take_items
 from dinoscale.features.store import FeatureRows, _npy_header, _Shard
 from dinoscale.probes import BagSplit, SegSplit, Split, get_probe
 from dinoscale.sweep.cell import Cell
@@ -276,3 +276,28 @@ def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split
     if (per_unit != 1).any():
         raise RuntimeError(f"feature set of {cell.id} ({split}) has several rows per unit; a vector probe needs one")
     return Split(RowView(rows, index, resident_bytes=resident), units.labels, exclusive)
+
+
+def repartition(train, val, train_idx, val_idx):
+    """The probe inputs of a replicate: the units of ``train`` + ``val`` (in that order) regrouped into a new
+    train and val split by position (``dinoscale.data.splits.replicate_indices``). Works for every input form;
+    views of the store stay views (nothing is read here)."""
+
+    def take(idx):
+        idx = np.asarray(idx, dtype=int)
+        y = take_items([train.y, val.y], idx)
+        if isinstance(train, BagSplit):
+            bags = list(train.x) + list(val.x)
+            return BagSplit([bags[i] for i in idx], y, train.exclusive)
+        if isinstance(train, SegSplit):
+            ids = None
+            if train.volume_ids is not None and val.volume_ids is not None:
+                ids = np.concatenate([train.volume_ids, val.volume_ids])[idx]
+            spacing = None
+            if train.spacing is not None and val.spacing is not None:
+                both = list(train.spacing) + list(val.spacing)
+                spacing = [both[i] for i in idx]
+            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing)
+        return Split(take_items([train.x, val.x], idx), y, train.exclusive)
+
+    return take(train_idx), take(val_idx)

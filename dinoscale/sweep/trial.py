@@ -24,7 +24,7 @@ from dinoscale.features import FeatureStore
 from dinoscale.memory import PeakRSS
 from dinoscale.probes import SegSplit, get_probe, run_probe
 from dinoscale.sweep.cell import Cell
-from dinoscale.sweep.inputs import label_spacing, probe_inputs
+from dinoscale.sweep.inputs import label_spacing, probe_inputs, repartition
 from dinoscale.tasks import Scoring, get_task
 
 
@@ -92,8 +92,6 @@ def evaluate_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str | None = N
         train, val, test = (_probe_inputs(cell, ctx, store, s, probe_spec) for s in ("train", "val", "test"))
         rep_train, rep_val, tr_idx, va_idx = replicate_units(cell, ctx)
         if cell.replicate.get("mode", "dataset") != "dataset":
-            from dinoscale.probes.registry import repartition
-
             train, val = repartition(train, val, tr_idx, va_idx)
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
