@@ -98,28 +98,68 @@ def test_failed_trial_is_recorded_with_traceback_while_the_sweep_goes_on(project
 
 
 def test_frozen_lora_and_full_strategies_in_one_sweep(tmp_path, ray_local):
+    """lora / full cells search 3 configurations each (equal budget with the frozen cells' search.n_trials),
+    one Tune trial per configuration under ASHA; MLflow holds sweep -> cell -> configuration runs."""
+    import torch
+
+    from dinoscale import record
+
     raw = tiny_spec_dict(
         tmp_path,
         strategies=["frozen", "lora", "full"],
         resolutions=[32],
         backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
+        probes=[{"kind": "linear", "epochs": 20}],
+        search={"n_trials": 3},
     )
-    raw["finetuning"] = {"lora": {"epochs": 2, "batch_size": 16, "rank": 4}, "full": {"epochs": 2, "batch_size": 16}}
+    raw["finetuning"] = {
+        "lora": {"epochs": 3, "batch_size": 16, "rank": 4, "patience": None},
+        "full": {"epochs": 3, "batch_size": 16, "patience": None},
+        "early_stopping": {"reduction_factor": 2},
+    }
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
     by_strategy = {r["strategy"]: r for r in out.rows if r["probe"] == "linear"}  # lora / full train a linear head
     assert {r["state"] for r in out.rows} == {"FINISHED"} and set(by_strategy) == {"frozen", "lora", "full"}
     client = MlflowClient(out.tracking_uri)
-    runs = {
-        client.get_run(r["mlflow_run_id"]).data.params["strategy"]: client.get_run(r["mlflow_run_id"]).data
-        for r in out.rows
-        if r["strategy"] in ("lora", "full")
-    }
-    lora, full = runs["lora"].metrics, runs["full"].metrics
+    cells = _children(client, out.experiment_id, out.parent_run_id)
+    assert len(cells) == 3 and {c.data.tags[record.ROLE] for c in cells} == {"cell"}
+    runs = {c.data.params["strategy"]: c for c in cells}
+    lora, full = runs["lora"].data.metrics, runs["full"].data.metrics
     assert 0 < lora["trainable_params"] < 0.2 * full["trainable_params"]  # adapters + head only
-    assert runs["lora"].params["lora.rank"] == "4" and lora["epochs_run"] == 2
-    # checkpoints are kept under the storage path, keyed by trial key, for retries and resumes
-    ckpts = list((tmp_path / "store" / "checkpoints").glob("*/finetune_state.pt"))
-    assert len(ckpts) == 2
+    assert runs["lora"].data.params["lora.rank"] == "4" and runs["lora"].data.params["search.budget"] == "3"
+    for strategy in ("lora", "full"):
+        cell = runs[strategy]
+        configs = _children(client, out.experiment_id, cell.info.run_id)  # the third level
+        assert len(configs) == 3 and {c.data.tags[record.ROLE] for c in configs} == {"configuration"}
+        assert len({c.data.tags[record.TRIAL_KEY] for c in configs}) == 3
+        assert sorted(c.data.tags[record.CONFIGURATION] for c in configs) == ["0", "1", "2"]
+        best = {}
+        for c in configs:
+            state, m = c.data.tags[record.CONFIGURATION_STATE], c.data.metrics
+            assert state in ("complete", "stopped") and c.data.tags[record.EVALUATIONS] == "1"
+            if state == "stopped":  # stopped at a rung (epoch 1 or 2 of 3), its GPU freed
+                assert c.info.status == "KILLED" and int(c.data.tags[record.STOPPED_AT_EPOCH]) in (1, 2)
+                assert m[record.EPOCHS_RUN] == int(c.data.tags[record.STOPPED_AT_EPOCH])
+            else:
+                assert c.info.status == "FINISHED" and m[record.EPOCHS_RUN] == 3
+            history = client.get_metric_history(c.info.run_id, record.SELECTION_VALUE)
+            assert [h.step for h in history] == list(range(1, int(m[record.EPOCHS_RUN]) + 1))
+            best[c.data.tags[record.CONFIGURATION]] = m[record.BEST_SELECTION_VALUE]
+        chosen = cell.data.tags[record.SELECTED_CONFIGURATION]
+        assert best[chosen] == max(best.values())  # selected on val
+        m = cell.data.metrics
+        assert m["val_macro_auroc"] == pytest.approx(best[chosen])
+        assert m["val_macro_auroc_ci_low"] <= m["val_macro_auroc"] <= m["val_macro_auroc_ci_high"]
+        assert m["test_macro_auroc_ci_low"] <= m["test_macro_auroc"] <= m["test_macro_auroc_ci_high"]
+        assert m[record.SEARCH_CONFIGURATIONS] == 3 and m[record.CONFIGURATION_EPOCHS_BUDGET] == 9
+        assert m[record.CONFIGURATION_EPOCHS] == sum(c.data.metrics[record.EPOCHS_RUN] for c in configs)
+        assert cell.data.tags[record.SELECTED_RUN] in {c.info.run_id for c in configs}
+        table = client.download_artifacts(cell.info.run_id, record.SEARCH_TABLE, str(tmp_path / strategy))
+        assert sum(1 for _ in open(table)) == 4
+    # checkpoints under the storage path, keyed by trial key and configuration, compacted once finished
+    ckpts = sorted((tmp_path / "store" / "checkpoints").glob("*/c*/finetune_state.pt"))
+    assert len(ckpts) == 6
+    assert all(torch.load(p, weights_only=True)["final"] for p in ckpts)
 
 
 def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local):
