@@ -227,3 +227,42 @@ def test_volume_classifier_and_segmenter_train_the_encoder_under_their_head():
         assert seg(x[:2]).shape == (2, 3, *y.shape[1:])
         res = finetune(seg, TensorDataset(x, y), TensorDataset(x, y), cfg, objective=segmentation(3))
         assert 0.0 <= res.best_val <= 1.0 and res.history[0]["train_loss"] > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_training_check_runs_its_code_paths_on_the_cpu():
+    """benchmarks/gpu_train_check.py is run on a GPU box only; its --cpu-smoke mode keeps it working here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_train_check.py"), "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0 and "gpu_train_check: OK" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_volumes_of_different_depths_train_in_one_batch():
+    """3D classification on volumes of 3, 5 and 4 slices: batched as a list, every slice through the encoder
+    in one pass, pooled per volume exactly as each volume alone."""
+    from dinoscale.train import build_model
+    from dinoscale.train.data import collate_units
+
+    g = torch.Generator().manual_seed(0)
+    vols = [torch.randn(n, 3, 32, 32, generator=g) for n in (3, 5, 4)]
+    labels = [torch.tensor([float(v.mean() > 0)]) for v in vols]
+    x, y = collate_units(list(zip(vols, labels)))
+    assert isinstance(x, list) and y.shape == (3, 1)
+    cfg = FinetuneConfig("lora", lr=1e-2, epochs=1, batch_size=2, patience=None, lora_rank=2)
+    model = build_model(_backbone(), cfg, {"probe": "linear", "volume_pool": "max"}, 1, True, 16, 5).eval()
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(v[None]) for v in vols])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    data = list(zip(vols, labels))
+    res = finetune(model, data, data, cfg)
+    assert res.epochs_run == 1 and np.isfinite(res.history[0]["train_loss"])

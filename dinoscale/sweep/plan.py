@@ -372,7 +372,11 @@ def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, 
     cells = []
     for head in finetune_heads(spec, task):
         mem = training_memory(spec, ds, bb, res, strategy, head)
-        fitted = {"grad_checkpointing": mem.grad_checkpointing, "micro_batch_size": mem.micro_batch_size}
+        fitted = {
+            "grad_checkpointing": mem.grad_checkpointing,
+            "micro_batch_size": mem.micro_batch_size,
+            "num_workers": max(0, int(spec.resources.cpus_per_trial) - 1),  # loader workers beside the trainer
+        }
         configurations = tuple(
             {**c, **fitted} for c in finetune_configurations(config, budget, spec.search.seed + seed)
         )
@@ -485,6 +489,13 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         )
     if task.dense and not ds.volumetric and any(h["head"] == "conv3d" for h in finetune_heads(spec, ds.task)):
         raise NotRunnableError(f"head 'conv3d' needs volumes; '{ds.name}' holds 2D images (use head: conv)")
+    if task.dense and ds.volumetric:
+        depths = {n for s in SPLITS for n in (ds.units(s).n_slices or [])}
+        if len(depths) > 1:
+            raise NotRunnableError(
+                f"'{ds.name}' has volumes of {sorted(depths)[:5]} slices; segmentation cells stack volumes, so every "
+                "volume needs the same number of slices (resample or crop the volumes to one shape)"
+            )
     too_big = [
         c for c in plan.cells if c.trains_encoder and c.params["train.est_gpu_gib"] > spec.resources.gpu_memory_gib
     ]

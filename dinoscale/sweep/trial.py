@@ -464,6 +464,13 @@ def _configuration_params(cell: Cell, k: int) -> dict:
     return {"configuration": k, **{n: (list(v) if isinstance(v, (list, tuple)) else v) for n, v in cfg.items()}}
 
 
+def _searched_metrics(cell: Cell, k: int) -> dict:
+    from dinoscale.search import searched_names
+
+    cfg = cell.configurations[k]
+    return {n: float(cfg[n]) for n in searched_names(cell.strategy)}
+
+
 def configuration_trainable(cell: Cell, k: int, ctx: SweepContext) -> None:
     """Configuration ``k`` of a lora / full cell as a Ray Tune trial, recorded in its own run under the
     cell's run. After every epoch it logs its val metric (step = epoch) and reports it to Tune; when the
@@ -511,7 +518,7 @@ def configuration_trainable(cell: Cell, k: int, ctx: SweepContext) -> None:
             record.SELECTION_VALUE: value,
             **task.val_metrics(value),
             record.TRAIN_LOSS: rec["train_loss"],
-            record.LEARNING_RATE: rec["lr"],
+            record.SCHEDULED_LR: rec["lr"],
             record.MICRO_BATCH_SIZE: rec["micro_batch_size"],
         }
         with_retries(log_batch, client, run_id, metrics=metrics, step=epoch + 1)

@@ -4,7 +4,8 @@ Inputs go through the extraction's own preprocessing (``dinoscale.data.preproces
 becomes (3, r, r); a volume is read once by ``read_volume`` (RAS, the CT window or its min-max), cut
 into its slices along the last axis as extraction does, each slice resized and normalised -> (S, 3, r, r).
 Targets: the unit's label vector, or its label map read by ``dinoscale.data.masks`` ((H, W), or
-(S, H, W) for volumes: slice k of the map is slice k of the volume).
+(S, H, W) for volumes: slice k of the map is slice k of the volume). Volumes of different depths
+are batched as lists (``collate_units``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ import numpy as np
 import torch
 
 from dinoscale.data import SplitUnits
+
+
+def collate_units(batch):
+    """Targets stacked; inputs stacked when they share a shape, else kept as a list (volumes of different
+    depths: ``VolumeClassifier`` runs all their slices through the encoder as one batch)."""
+    xs, ys = zip(*batch)
+    x = torch.stack(xs) if len({tuple(t.shape) for t in xs}) == 1 else list(xs)
+    return x, torch.stack([torch.as_tensor(y) for y in ys])
 
 
 class UnitSamples(torch.utils.data.Dataset):

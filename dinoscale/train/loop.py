@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinoscale.train.data import collate_units
 from dinoscale.train.llrd import llrd_param_groups
 from dinoscale.train.lora import apply_lora
 from dinoscale.train.model import ImageClassifier, Segmenter, VolumeClassifier
@@ -201,9 +202,12 @@ def evaluate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     outs, targets = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_units
+    )
+    for x, y in loader:
         with _autocast(device, amp):
-            outs.append(objective.output(model(x.to(device)).float()).cpu())
+            outs.append(objective.output(model(_to(x, device)).float()).cpu())
         targets.append(y)
     return torch.cat(outs).numpy(), torch.cat(targets).numpy()
 
@@ -213,11 +217,18 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device=Non
     return evaluate(model, dataset, classification(), batch_size, device, amp)[0]
 
 
+def _to(x, device):
+    """A batch's inputs to the device: a tensor, or a list of volumes of different depths."""
+    if isinstance(x, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in x]
+    return x.to(device, non_blocking=True)
+
+
 def _backward_batch(model, x, y, objective: Objective, micro: int, device, amp: bool) -> float:
     """Forward + backward of one batch in micro-batches, gradients accumulated; returns the batch loss."""
     total = 0.0
     for i in range(0, len(x), micro):
-        xb = x[i : i + micro].to(device, non_blocking=True)
+        xb = _to(x[i : i + micro], device)
         yb = y[i : i + micro].to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(xb)
@@ -330,6 +341,7 @@ def finetune(
             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
             drop_last=False,
             pin_memory=device.type == "cuda",
+            collate_fn=collate_units,
         )
         model.train()
         losses = []

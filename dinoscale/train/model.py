@@ -45,7 +45,8 @@ class ImageClassifier(nn.Module):
 
 
 class VolumeClassifier(nn.Module):
-    """x: (B, S, 3, r, r) -> logits (B, n_out); every slice goes through the adapted encoder."""
+    """x: (B, S, 3, r, r), or a list of B volumes (S_i, 3, r, r) of different depths -> logits (B, n_out);
+    every slice goes through the adapted encoder."""
 
     def __init__(self, backbone: nn.Module, n_out: int, pool: str = "mean", num_prefix_tokens: int | None = None):
         super().__init__()
@@ -55,17 +56,20 @@ class VolumeClassifier(nn.Module):
         self.num_prefix_tokens = _prefix(backbone, num_prefix_tokens)
         self.head = nn.Linear(2 * backbone.num_features * (2 if pool == "mean_max" else 1), n_out)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        b, s = x.shape[:2]
-        f = cls_mean_patch(self.backbone.forward_features(x.flatten(0, 1)), self.num_prefix_tokens)
-        f = f.unflatten(0, (b, s))
-        if self.pool == "mean":
-            return f.mean(1)
-        if self.pool == "max":
-            return f.amax(1)
-        return torch.cat([f.mean(1), f.amax(1)], dim=1)
+    def features(self, x) -> torch.Tensor:
+        depths = [len(v) for v in x]
+        slices = torch.cat(list(x)) if isinstance(x, (list, tuple)) else x.flatten(0, 1)
+        f = cls_mean_patch(self.backbone.forward_features(slices), self.num_prefix_tokens)
+        return torch.stack([self._pool(v) for v in f.split(depths)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pool(self, f: torch.Tensor) -> torch.Tensor:
+        if self.pool == "mean":
+            return f.mean(0)
+        if self.pool == "max":
+            return f.amax(0)
+        return torch.cat([f.mean(0), f.amax(0)])
+
+    def forward(self, x) -> torch.Tensor:
         return self.head(self.features(x))
 
 
