@@ -34,14 +34,14 @@ def _spec(tmp: Path, name: str, early_stopping: bool) -> dict:
         tmp,
         name=name,
         strategies=["lora", "full"],
-        resolutions=[64],
+        resolutions=[96],
         backbones=[{"name": "dinov3-demo-s", "weights": "random"}],
         probes=[{"kind": "linear"}],
         search={"n_trials": 8, "seed": 0},
         resources={"cpus_per_trial": 1},
     )
     raw["dataset"] = copy.deepcopy(raw["dataset"])
-    raw["dataset"]["phantom"].update({"n_patients": 60, "images_per_patient": [2, 4], "image_size": 128})
+    raw["dataset"]["phantom"].update({"n_patients": 100, "images_per_patient": [2, 4], "image_size": 128})
     raw["metrics"] = {"bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0}}
     raw["finetuning"] = {
         "lora": {"epochs": 6, "batch_size": 32, "patience": None},
@@ -96,7 +96,7 @@ def _side(tmp: Path, early_stopping: bool, run: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating A B / B A")
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of runs, alternating A B / B A")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune_search.json"))
     args = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -357,7 +357,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     config_units = [u for c in training for u in c.unit_ids]
     progress = None if quiet else SweepProgress([c.id for c in plan.cells], get_task(ds.task).headline)
     timer = _TrialTimer()
-    callbacks = [timer, _StopRecorder(ctx)] + ([] if progress is None else [_ProgressCallback(progress)])
+    callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
     if not quiet:
         sample = trial_resources(plan.cells[0], spec, has_gpu)
         console.print(
@@ -374,20 +374,21 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     at_once = spec.resources.max_concurrent_trials
     tune_runs = [
         # frozen cells: short trials, actors reused between them
-        (state.tune_path, frozen_units, tune.TuneConfig(reuse_actors=True, max_concurrent_trials=at_once)),
+        (state.tune_path, frozen_units, tune.TuneConfig(reuse_actors=True, max_concurrent_trials=at_once), callbacks),
         # lora / full configurations: a fresh actor each, so a stopped one's process ends and its GPU memory
         # (CUDA context included) is free at once; a reused actor would wait for the stopped thread instead
         (
             state.tune_path + FINETUNE_SUFFIX,
             config_units,
             tune.TuneConfig(scheduler=scheduler, reuse_actors=False, max_concurrent_trials=at_once),
+            [*callbacks, _StopRecorder(ctx)],
         ),
     ]
     grids = []
     with progress if progress is not None else contextlib.nullcontext():
-        for path, units, tune_config in tune_runs:
+        for path, units, tune_config, run_callbacks in tune_runs:
             if units:
-                grids.append(_fit(trainable, path, units, tune_config, callbacks, spec, state))
+                grids.append(_fit(trainable, path, units, tune_config, run_callbacks, spec, state))
         selected = _selection_stage(plan, ctx, has_gpu, quiet, progress)
     results = CellResults()
     for grid in grids:

@@ -349,7 +349,7 @@ def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str |
                 "state": record.CONFIG_COMPLETE,
                 "best": res.best_val,
                 "epochs": res.epochs_run,
-                "best_epoch": res.best_epoch,
+                "best_epoch": res.best_epoch + 1,
             }
         )
     out = select_configuration(cell, ctx, outcomes, checkpoint_root, inputs, trained)
