@@ -496,9 +496,7 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
                 f"'{ds.name}' has volumes of {sorted(depths)[:5]} slices; segmentation cells stack volumes, so every "
                 "volume needs the same number of slices (resample or crop the volumes to one shape)"
             )
-    too_big = [
-        c for c in plan.cells if c.trains_encoder and c.params["train.est_gpu_gib"] > spec.resources.gpu_memory_gib
-    ]
+    too_big = [c for c in plan.cells if c.trains_encoder and not c.params["train.fits_gpu_memory"]]
     if too_big:
         c = too_big[0]
         raise NotRunnableError(
