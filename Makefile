@@ -45,7 +45,9 @@ validate: $(STAMP)
 analyze: $(STAMP)
 	$(BIN)/dinoscale analyze $(SPEC)
 
+# Prints each sweep's runs-table link first: MLflow 3.17 otherwise opens an experiment on its GenAI page.
 ui: $(STAMP)
+	$(BIN)/python -m dinoscale.mlflow_ui $(TRACKING_URI) http://127.0.0.1:$(PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
 		--host 127.0.0.1 --port $(PORT) --workers 1
 
@@ -57,26 +59,39 @@ test-fast: $(STAMP)
 
 # ruff: lint rules and formatting in pyproject.toml ([tool.ruff]); CI runs this before the tests
 lint: $(STAMP)
-	$(BIN)/ruff check dinoscale tests benchmarks
-	$(BIN)/ruff format --check dinoscale tests benchmarks
+	$(BIN)/ruff check dinoscale tests benchmarks cluster
+	$(BIN)/ruff format --check dinoscale tests benchmarks cluster
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix dinoscale tests benchmarks
-	$(BIN)/ruff format dinoscale tests benchmarks
+	$(BIN)/ruff check --fix dinoscale tests benchmarks cluster
+	$(BIN)/ruff format dinoscale tests benchmarks cluster
 
 clean:
 	rm -rf .dinoscale mlruns.db mlartifacts reports
 
 # ================================================================ clusters (cluster/README.md)
-# Owned by the cluster work (issue 8); the targets above are the front door.
-#   make cluster-up CLOUD=aws|gcp [IMAGE=...]    Ray cluster launcher (CLOUD=k8s: KubeRay RayCluster)
+# Owned by the cluster work (issues 8, 19); the targets above are the front door.
+#   make cluster-image IMAGE=<registry>/dinoscale:<tag>   build + push the runtime image
+#   make cluster-up CLOUD=aws|gcp [IMAGE=...] [MULTI_GPU_NODES=1]   Ray cluster launcher (CLOUD=k8s: KubeRay RayCluster)
+#   make cluster-costs                      what Ray would launch for each paper profile, and its $/h
+#   make cluster-check                      one-screen check of a live cluster (GPU, storage, tracking, token)
 #   make cluster-submit MODALITY=xray PROFILE=paper [RESUME=1]   the sweep as a Ray job on that cluster
-#   make cluster-down CLOUD=aws|gcp
+#   make cluster-job MODALITY=xray [RESUME=1]   KubeRay: the sweep as a new RayJob (fresh name each time)
+#   make cluster-down CLOUD=aws|gcp|k8s
+# The Ray job client needs RAY_AUTH_TOKEN in your environment; these targets set RAY_AUTH_MODE=token.
 CLOUD         ?= aws
 CLUSTER_YAML  ?= cluster/launcher/$(CLOUD).yaml
 IMAGE         ?=
-BASE_IMAGE    ?= pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+# The runtime image's torch is the base image's; by default the build insists on the version CI
+# tests (constraints/cpu-dev.txt). TORCH_VERSION= (empty) accepts any base image's torch.
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' constraints/cpu-dev.txt)
+BASE_IMAGE    ?= pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+# 8xA100 node types are off unless asked for (fine-tuning sweeps): cluster/README.md 'Costs'
+MULTI_GPU_NODES ?= 0
 K8S_NAMESPACE ?= dinoscale
+KUBECTL       ?= kubectl
+# What the cluster targets need first (the venv); tests run them with CLUSTER_DEPS= and their own BIN.
+CLUSTER_DEPS  ?= $(STAMP)
 # The head's job server: `make cluster-dashboard` (launcher) or
 # `kubectl port-forward svc/dinoscale-head-svc 8265:8265` (KubeRay) forward it here.
 RAY_ADDRESS   ?= http://127.0.0.1:8265
@@ -85,48 +100,73 @@ CLUSTER_WORKDIR ?= /opt/dinoscale
 # Default: the tracking server named in cluster/cluster.env, read on the head.
 CLUSTER_TRACKING_URI ?= $$DINOSCALE_TRACKING_URI
 JOB_ID        ?=
+# cluster-check: seconds to wait for the autoscaler to bring up a GPU worker
+CHECK_GPU_WAIT ?= 900
+# KubeRay: a finished RayJob is never rerun, so every submission gets a new name.
+ifndef RAYJOB_NAME
+RAYJOB_NAME   := dinoscale-$(MODALITY)-$(shell od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+endif
 CLUSTER_RENDERED := .dinoscale/cluster-$(CLOUD).yaml
 
-.PHONY: cluster-image cluster-up cluster-down cluster-dashboard cluster-submit cluster-job cluster-status
+.PHONY: cluster-image cluster-up cluster-down cluster-dashboard cluster-submit cluster-job cluster-status cluster-check cluster-token \
+	cluster-costs
+
+# The Ray job client sends the token only with the mode set (else: 401 from the job server).
+cluster-submit cluster-status cluster-check: export RAY_AUTH_MODE = token
+
+cluster-token:
+	@test -n "$$RAY_AUTH_TOKEN" || { echo "export RAY_AUTH_TOKEN=... (the cluster's token, from your secret store: cluster/README.md 'Secrets')"; exit 2; }
 
 cluster-image:
 	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag>"; exit 2; }
-	docker build -f cluster/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+	docker build -f cluster/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_VERSION=$(TORCH_VERSION) -t $(IMAGE) .
 	docker push $(IMAGE)
 
-cluster-up: $(STAMP)
+cluster-up: $(CLUSTER_DEPS)
 ifeq ($(CLOUD),k8s)
-	kubectl create namespace $(K8S_NAMESPACE) --dry-run=client -o yaml | kubectl apply -f -
-	kubectl -n $(K8S_NAMESPACE) create configmap dinoscale-config --from-env-file=cluster/cluster.env \
-		--dry-run=client -o yaml | kubectl apply -f -
-	kubectl -n $(K8S_NAMESPACE) apply -f cluster/kuberay/storage.yaml -f cluster/kuberay/raycluster.yaml
+	$(KUBECTL) create namespace $(K8S_NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
+	$(KUBECTL) -n $(K8S_NAMESPACE) create configmap dinoscale-config --from-env-file=cluster/cluster.env \
+		--dry-run=client -o yaml | $(KUBECTL) apply -f -
+	$(KUBECTL) -n $(K8S_NAMESPACE) apply -f cluster/kuberay/storage.yaml -f cluster/kuberay/raycluster.yaml
 else
 	@mkdir -p .dinoscale
-	sed $(if $(IMAGE),-e 's#^  image: .*#  image: $(IMAGE)#') $(CLUSTER_YAML) > $(CLUSTER_RENDERED)
+	$(BIN)/python cluster/scripts/render_launcher.py $(CLUSTER_YAML) $(if $(IMAGE),--image $(IMAGE)) \
+		--multi-gpu-nodes $(MULTI_GPU_NODES) > $(CLUSTER_RENDERED)
 	$(BIN)/ray up -y $(CLUSTER_RENDERED)
 endif
 
-cluster-down: $(STAMP)
+cluster-down: $(CLUSTER_DEPS)
 ifeq ($(CLOUD),k8s)
-	kubectl -n $(K8S_NAMESPACE) delete -f cluster/kuberay/raycluster.yaml --ignore-not-found
+	$(KUBECTL) -n $(K8S_NAMESPACE) delete -f cluster/kuberay/raycluster.yaml --ignore-not-found
 else
 	$(BIN)/ray down -y $(if $(wildcard $(CLUSTER_RENDERED)),$(CLUSTER_RENDERED),$(CLUSTER_YAML))
 endif
 
-cluster-dashboard: $(STAMP)
+cluster-dashboard: $(CLUSTER_DEPS)
 	$(BIN)/ray dashboard $(if $(wildcard $(CLUSTER_RENDERED)),$(CLUSTER_RENDERED),$(CLUSTER_YAML))
 
-cluster-status: $(STAMP)
+cluster-status: $(CLUSTER_DEPS) cluster-token
 	$(BIN)/ray job list --address $(RAY_ADDRESS)
+
+# What Ray's own autoscaler would launch for each paper profile, and its $/h (prices: cluster/costs.yaml).
+cluster-costs: $(CLUSTER_DEPS)
+	$(BIN)/python cluster/check/costs.py --ray
+
+# Is the cluster usable? GPU in a worker container, the same shared storage on every node, the
+# tracking server from a worker by the cluster's host name, the token. One screen; exit 1 on a problem.
+cluster-check: $(CLUSTER_DEPS) cluster-token
+	$(BIN)/python cluster/check/cluster_check.py submit --address $(RAY_ADDRESS) --gpu-wait $(CHECK_GPU_WAIT)
 
 # The driver runs on the head (it sees the shared storage); the tracking URI is passed through.
 # No --working-dir: the code is in the image (see cluster/README.md, 'Custom specs').
-cluster-submit: $(STAMP)
+cluster-submit: $(CLUSTER_DEPS) cluster-token
 	$(BIN)/ray job submit --address $(RAY_ADDRESS) $(if $(JOB_ID),--submission-id $(JOB_ID)) -- \
 		sh -c 'cd $(CLUSTER_WORKDIR) && dinoscale sweep $(SPEC) --address auto --tracking-uri "$(CLUSTER_TRACKING_URI)" $(if $(RESUME),--resume)'
 
-# KubeRay: the sweep as a RayJob on its own cluster, deleted when it ends.
+# KubeRay: the sweep as a NEW RayJob on its own cluster, deleted when it ends. `create`, not `apply`:
+# a name that exists already fails loudly instead of leaving a finished job "unchanged".
 cluster-job:
-	sed -e 's#sweeps/xray.yaml#$(SPEC)#' -e 's#name: dinoscale-xray#name: dinoscale-$(MODALITY)#' \
+	sed -e 's#sweeps/xray.yaml#$(SPEC)#' -e 's#^  name: dinoscale-xray$$#  name: $(RAYJOB_NAME)#' \
 		$(if $(RESUME),-e 's#--address auto#--address auto --resume#') cluster/kuberay/rayjob.yaml \
-		| kubectl -n $(K8S_NAMESPACE) apply -f -
+		| $(KUBECTL) -n $(K8S_NAMESPACE) create -f -
+	@echo "follow it: $(KUBECTL) -n $(K8S_NAMESPACE) get rayjob $(RAYJOB_NAME) -w"

@@ -52,7 +52,7 @@ def tile_slides_cmd(
     level: int | None = typer.Option(None, help="pyramid level (instead of --mpp; default 0)"),
     min_tissue: float = typer.Option(0.5, help="keep tiles with at least this fraction of tissue pixels"),
 ) -> None:
-    """Cut whole-slide images into tissue tiles with OpenSlide (pip install 'dinoscale[wsi]')."""
+    """Cut whole-slide images into tissue tiles with OpenSlide (pip install 'dinoscale\\[wsi]')."""
     from dinoscale.data import DataError
     from dinoscale.data.slides import tile_slides
 

@@ -34,6 +34,12 @@ RAY_TRIAL_ID = "ray.trial_id"
 RAY_NODE_ID = "ray.node_id"
 FEATURE_KEYS = "features.keys"  # split:digest of the feature sets a cell read
 
+# The experiment's kind, as the MLflow UI reads it (3.x): a model-training experiment, not a GenAI one.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+# The MLflow UI (3.17) opens an experiment on its GenAI pages unless the link names the workflow:
+RUNS_TABLE_QUERY = "workflowType=machine_learning"
+
 # lora / full cells: the search over configurations (one Ray Tune trial each), stopped early by ASHA
 CONFIGURATION = "dinoscale.configuration"  # a configuration run: its index in the cell's search (0 = stated values)
 CONFIGURATION_STATE = "dinoscale.configuration_state"  # one of CONFIGURATION_STATES

@@ -16,7 +16,16 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from dinoscale.record import PARENT_RUN_ID, ROLE, ROLE_CELL, TRIAL_KEY
+from dinoscale.record import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TRAINING,
+    PARENT_RUN_ID,
+    ROLE,
+    ROLE_CELL,
+    ROLE_SWEEP,
+    RUNS_TABLE_QUERY,
+    TRIAL_KEY,
+)
 
 
 def resolve_tracking_uri(uri: str, project_dir: Path | None = None) -> str:
@@ -36,16 +45,50 @@ def default_artifact_location(uri: str) -> str | None:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if needed and marked as a model-training experiment (MLflow's
+    ``mlflow.experimentKind``), so the MLflow UI treats it as runs to compare, not GenAI traces. An
+    experiment created before that mark gets it; one a user marked otherwise is left alone."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(
+                name,
+                artifact_location=artifact_location,
+                tags={EXPERIMENT_KIND: EXPERIMENT_KIND_TRAINING},
+            )
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if EXPERIMENT_KIND not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING)
+    return exp.experiment_id
+
+
+def runs_table_url(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment (or one run's page), as a link that opens on it: the
+    UI's own default for a fresh browser is its GenAI overview (MLflow 3.17)."""
+    base = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{base}/runs/{run_id}?{RUNS_TABLE_QUERY}" if run_id else f"{base}/runs?{RUNS_TABLE_QUERY}"
+
+
+def sweep_links(tracking_uri: str, ui_url: str) -> list[tuple[str, str, str]]:
+    """(experiment name, runs-table link, latest sweep's parent-run link) of every experiment of a tracking
+    store that holds a dinoscale sweep, most recently updated first."""
+    client = MlflowClient(tracking_uri)
+    out = []
+    for e in client.search_experiments(order_by=["last_update_time DESC"]):
+        latest = client.search_runs(
+            [e.experiment_id], f"tags.`{ROLE}` = '{ROLE_SWEEP}'", order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if latest:
+            run_id = latest[0].info.run_id
+            out.append(
+                (e.name, runs_table_url(ui_url, e.experiment_id), runs_table_url(ui_url, e.experiment_id, run_id))
+            )
+    return out
 
 
 def git_commit(project_dir: Path | None = None) -> str:

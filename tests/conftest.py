@@ -1,5 +1,6 @@
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,31 @@ def separable_splits(n=240, d=16, c=3, seed=0):
     x[:, :c] += 4 * (2 * y - 1)
     parts = np.split(np.arange(n), [n // 2, 3 * n // 4])
     return [Split(x[p], y[p]) for p in parts]
+
+
+# Debian's chromium, headless and hermetic: a fresh profile, no background traffic (the network is closed).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots kept for a person to look at (gitignored)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser of the browser tests. Absent: they skip with the reason on a developer's machine and
+    FAIL in CI (env CI set), where .ci/run installs it."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        why = "headless Chromium is not installed (apt-get update && apt-get install -y chromium; CI installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return exe

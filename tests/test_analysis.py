@@ -204,10 +204,24 @@ def test_strategies_compared_generically_over_the_strategy_column():
     assert verdicts[("frozen", "full")].startswith("no reliable difference")
 
 
-def test_missing_interval_without_predictions_is_an_error_naming_the_run():
-    runs = pd.DataFrame([_run("r7", "frozen", 0.7, np.nan, np.nan)])
-    with pytest.raises(ValueError, match="run r7 .*no confidence interval and no per-sample predictions"):
-        bootstrap_cells(runs)
+def test_a_run_without_interval_gives_a_cell_of_unknown_uncertainty_not_an_invented_one():
+    runs = pd.DataFrame(
+        [
+            _run("r7", "frozen", 0.7, np.nan, np.nan),
+            _run("r8", "lora", 0.8, 0.8, 0.8),  # zero width: unknown too
+            _run("r9", "full", 0.75, 0.70, 0.80),
+        ]
+    )
+    cd = bootstrap_cells(runs, resamples=200)
+    cells = cd.cells.set_index("strategy")
+    assert cells.loc[["frozen", "lora"], ["low", "high"]].isna().all().all()
+    assert cells.loc["frozen", "uncertainty"].startswith("none") and cells.loc["full", "low"] < 0.75
+    assert np.isnan(cd.draws[:, cells.index.get_indexer(["frozen", "lora"])]).all()
+    cmp = compare_strategies(cd).set_index(["baseline", "other"])
+    assert cmp.loc[("frozen", "lora"), "verdict"] == (
+        "lora higher than frozen (better by point estimate) (no intervals: point estimates only)"
+    )
+    assert not cmp.loc[("lora", "full"), "verdict"].startswith("no reliable")  # no claim either way
 
 
 # ---------------------------------------------------------------- reports
@@ -313,20 +327,37 @@ def test_several_modalities_get_their_own_figures_and_verdicts(tmp_path):
     assert "- ct: d (64.00M params)" in md and "- xray: d (64.00M params)" in md  # best configuration per modality
 
 
-def test_csv_missing_columns_is_named(tmp_path):
-    csv = tmp_path / "bad.csv"
+def test_csv_without_a_resolution_column_reports_without_that_axis_and_says_so(tmp_path):
+    csv = tmp_path / "nores.csv"
     _table().drop(columns=["resolution"]).to_csv(csv, index=False)
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['resolution'\]"):
+    df = results_from_csv(csv)
+    assert "column(s) ['resolution'] not in the table: each taken as one value (not stated)" in df.attrs["notes"]
+    write_report(df, tmp_path / "rep", "t", ["data: x", "weights: y"])
+    fits = pd.read_csv(tmp_path / "rep" / "fits.csv")
+    assert (
+        "resolution" not in set(fits.axis) and (fits.loc[fits.axis == "params", "at"] == "resolution=not stated").all()
+    )
+    assert "column(s) ['resolution'] not in the table" in (tmp_path / "rep" / "verdicts.md").read_text()
+
+
+def test_csv_without_the_metric_is_one_clear_error(tmp_path):
+    csv = tmp_path / "nometric.csv"
+    _table().drop(columns=["test_macro_auroc"]).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"nometric.csv: no headline metric in the results: expected a column test_"):
         results_from_csv(csv)
 
 
-def test_csv_missing_metric_value_names_the_line(tmp_path):
+def test_csv_gaps_are_left_out_where_they_are_and_named_by_line(tmp_path):
     csv = tmp_path / "gap.csv"
     t = _table()
-    t.loc[4, "test_macro_auroc_ci_low"] = np.nan
+    t.loc[4, "test_macro_auroc_ci_low"] = np.nan  # line 6: no interval, still a point
+    t.loc[7, "test_macro_auroc"] = np.nan  # line 9: no value at all
     t.to_csv(csv, index=False)
-    with pytest.raises(ValueError, match=r"gap.csv: row\(s\) \[6\]"):
-        results_from_csv(csv)
+    df = results_from_csv(csv)
+    assert len(df) == len(t) - 1 and df["_line"].tolist()[:6] == [2, 3, 4, 5, 6, 7]
+    notes = " | ".join(df.attrs["notes"])
+    assert "1 row without a numeric test_macro_auroc left out (line 9)" in notes
+    assert "1 row with no interval (blank or not a number) (line 6): point estimates only there" in notes
 
 
 def test_write_report_refuses_empty(tmp_path):

@@ -120,8 +120,9 @@ def test_dice_sweep_report_names_dice_and_resamples_volumes(tmp_path):
     assert "Headline metric: test mean foreground Dice, higher is better (test_dice)" in md
     assert "| test mean foreground Dice [95% CI] |" in md and "AUROC" not in md
     assert "Error E = 1 - test mean foreground Dice" in md
-    for axis in ("params", "resolution", "gflops"):
+    for axis in ("params", "gflops"):
         assert (out / f"dice_vs_{axis}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "dice_vs_resolution.png").exists()  # one resolution: nothing to draw on that axis
     assert not list(out.glob("*auroc*"))
     fits = pd.read_csv(out / "fits.csv").set_index("axis")
     assert fits.loc["params", "trend"] in ("improves", "saturates") and fits.loc["params", "error"] == "1 - test_dice"
@@ -165,7 +166,7 @@ def test_voi_sweep_lower_is_better_everywhere(tmp_path):
     assert len(params) == 2 and params.trend.isin(["improves", "saturates"]).all()
     assert params.verdict.str.startswith("improves with params").all()
     assert (params.error == "test_voi").all() and (params.alpha > 0).all() and (params.floor_error >= 0).all()
-    assert "vs params at resolution=224: improves with params" in verdicts
+    assert "- improves with model size at resolution 224" in verdicts
     assert "degrades" not in verdicts
 
     # strategies: lower VOI is better, so LoRA beats frozen at every size
@@ -174,8 +175,9 @@ def test_voi_sweep_lower_is_better_everywhere(tmp_path):
     assert (cmp.paired == "paired over patients").all()
     assert "lora vs frozen over 4 matched cell(s): better in 4" in verdicts and "test_voi (lower is better)" in verdicts
 
-    for axis in ("params", "resolution", "gflops"):
+    for axis in ("params", "gflops"):
         assert (out / f"voi_vs_{axis}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "heatmap.png").exists() and (out / "frontier.png").exists()
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/voi_vs_params.png", "report/strategies.png", "report/verdicts.md"} <= arts
 
@@ -247,7 +249,7 @@ def test_csv_tables_say_which_headline_they_hold(tmp_path):
     assert res.exit_code == 0, res.output
     verdicts = (tmp_path / "voi" / "verdicts.md").read_text()
     assert (
-        "lower is better) (test_voi)" in verdicts and "improves with params" in verdicts
+        "lower is better) (test_voi)" in verdicts and "improves with model size" in verdicts
     )  # 1 - AUROC-like: falls with n
     assert "- unknown: d (64.00M params) at 224px, linear probe, frozen: test VOI" in verdicts  # lowest VOI
 

@@ -1,9 +1,12 @@
 """The cluster path end to end, on loopback, with real processes and no mocks.
 
 What a cloud cluster does, in miniature: a Ray head plus two worker nodes started with `ray start`
-(token authentication on, as on the cloud), an MLflow tracking server with the basic-auth app on
-a real PostgreSQL backend store (credentials from the environment, as cluster/ deploys it), and a
-demo sweep submitted with `ray job submit` whose nested runs are then read back over the REST API.
+(token authentication on, as on the cloud), the MLflow tracking server started by
+cluster/mlflow/run-server.sh with the settings of cluster/cluster.env on a real PostgreSQL backend
+store (credentials from the environment, as cluster/ deploys it), called with the Host header the
+cluster uses; a demo sweep submitted with `ray job submit` whose nested runs are then read back over
+the REST API; and the Makefile's job-client targets (`make cluster-status`, `make cluster-check`)
+run against that cluster with only RAY_AUTH_TOKEN exported.
 Every process started here is stopped by its process group, even when a test fails; nothing else
 on the machine is touched (no global `ray stop`).
 """
@@ -32,11 +35,17 @@ pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-MLFLOW = str(VENV_BIN / "mlflow")
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
 # Debian installs the server binaries off PATH, under /usr/lib/postgresql/<major>/bin
-PG_BIN = Path(os.environ.get("PG_BIN") or max(Path("/usr/lib/postgresql").glob("*/bin"),
-                                              key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-                                              default=Path("/nonexistent")))
+PG_BIN = Path(
+    os.environ.get("PG_BIN")
+    or max(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        default=Path("/nonexistent"),
+    )
+)
 MLFLOW_USER, MLFLOW_PASSWORD = "admin", "e2e-" + secrets.token_hex(8)
 
 
@@ -63,8 +72,8 @@ class Processes:
         self.log_dir, self.procs = log_dir, []
 
     def start(self, name: str, cmd: list[str], env: dict, **kw) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
         self.procs.append((name, p))
         return p
 
@@ -113,7 +122,7 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
-def _wait_for(what: str, check, timeout: float, procs: "Processes", name: str) -> None:
+def _wait_for(what: str, check, timeout: float, procs: Processes, name: str) -> None:
     """Poll until ready; fail at once (with the process's log) if it died."""
     proc = dict(procs.procs)[name]
     deadline = time.time() + timeout
@@ -172,45 +181,110 @@ def postgres(sandbox):
         shutil.chown(pwfile, "postgres")
         data.mkdir()
         shutil.chown(data, "postgres")
-    subprocess.run(_as_postgres_user([initdb, "-D", str(data), "-U", "mlflow", "--pwfile", str(pwfile),
-                                      "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"]),
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        _as_postgres_user(
+            [
+                initdb,
+                "-D",
+                str(data),
+                "-U",
+                "mlflow",
+                "--pwfile",
+                str(pwfile),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pwfile.unlink()
     port = _free_port()
-    procs.start("postgres", _as_postgres_user([postgres_bin, "-D", str(data), "-p", str(port), "-k", str(sock),
-                                               "-c", "listen_addresses=127.0.0.1", "-c", "shared_buffers=32MB",
-                                               "-c", "max_connections=50"]), env=dict(os.environ))
+    procs.start(
+        "postgres",
+        _as_postgres_user(
+            [
+                postgres_bin,
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(sock),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "shared_buffers=32MB",
+                "-c",
+                "max_connections=50",
+            ]
+        ),
+        env=dict(os.environ),
+    )
 
     def ready():
-        r = subprocess.run([psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "postgres", "-c", "select 1"],
-                           env={**os.environ, "PGPASSWORD": pw}, capture_output=True)
+        r = subprocess.run(
+            [psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "postgres", "-c", "select 1"],
+            env={**os.environ, "PGPASSWORD": pw},
+            capture_output=True,
+            check=False,
+        )
         return r.returncode == 0
 
     _wait_for("PostgreSQL", ready, 60, procs, "postgres")
     for db in ("mlflow", "mlflow_auth"):
-        subprocess.run([psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "postgres", "-c", f"create database {db}"],
-                       env={**os.environ, "PGPASSWORD": pw}, check=True, capture_output=True)
+        subprocess.run(
+            [psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "postgres", "-c", f"create database {db}"],
+            env={**os.environ, "PGPASSWORD": pw},
+            check=True,
+            capture_output=True,
+        )
     return {"port": port, "password": pw}
+
+
+def _cluster_env() -> dict[str, str]:
+    out = {}
+    for line in (CLUSTER / "cluster.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+CLUSTER_HOST = _cluster_env()["DINOSCALE_TRACKING_URI"].split("://")[1].split("/")[0]  # mlflow.dinoscale.internal:5000
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(sandbox, postgres):
-    """`mlflow server --app-name basic-auth` on PostgreSQL, configured as cluster/mlflow deploys it:
-    no password in any file (PGPASSWORD and MLFLOW_AUTH_ADMIN_* come from the environment)."""
+    """The tracking server as cluster/ starts it: cluster/mlflow/run-server.sh (basic-auth app on
+    PostgreSQL, its auth database rendered from MLFLOW_DB_HOST/PORT) with cluster.env's settings, the
+    secrets from the environment, and the empty MLFLOW_S3_ENDPOINT_URL the old ConfigMap set. Only
+    the listening address, the port and the worker count differ from the cluster's."""
     root, procs = sandbox
     port = _free_port()
-    ini = root / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = postgresql://mlflow@127.0.0.1:{postgres['port']}/mlflow_auth\n"
-                   "admin_username = admin\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**os.environ, "PGPASSWORD": postgres["password"], "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-           "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER, "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    procs.start("mlflow", [MLFLOW, "server", "--app-name", "basic-auth",
-                           "--backend-store-uri", f"postgresql://mlflow@127.0.0.1:{postgres['port']}/mlflow",
-                           "--artifacts-destination", (root / "mlartifacts").as_uri(),
-                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, cwd=root)
+    env = {
+        **os.environ,
+        **_cluster_env(),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PGPASSWORD": postgres["password"],
+        "MLFLOW_DB_HOST": "127.0.0.1",
+        "MLFLOW_DB_PORT": str(postgres["port"]),
+        "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_ARTIFACTS": (root / "mlartifacts").as_uri(),
+        "MLFLOW_S3_ENDPOINT_URL": "",
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "TMPDIR": str(root),
+    }
+    for k in ("MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", "MLFLOW_AUTH_CONFIG_PATH"):
+        env.pop(k, None)
+    procs.start("mlflow", [str(CLUSTER / "mlflow" / "run-server.sh")], env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -230,24 +304,76 @@ def ray_cluster(sandbox, mlflow_server):
     root, procs = sandbox
     temp = root / "ray"
     temp.mkdir()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1"}
+    # the nodes' environment as cluster.env + with-secrets.sh give it (storage and tracking: this machine's)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+        "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+        "DINOSCALE_STORAGE": str(root / "shared-storage"),
+        "DINOSCALE_TRACKING_URI": mlflow_server,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "OMP_NUM_THREADS": "1",
+    }
     gcs, dash, client = _free_port(), _free_port(), _free_port()
 
     def node_ports():
-        return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
-                "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-                "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+        return [
+            "--node-manager-port",
+            str(_free_port()),
+            "--object-manager-port",
+            str(_free_port()),
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--dashboard-agent-grpc-port",
+            str(_free_port()),
+            "--runtime-env-agent-port",
+            str(_free_port()),
+            "--metrics-export-port",
+            str(_free_port()),
+        ]
 
-    common = ["--num-gpus", "0", "--temp-dir", str(temp), "--object-store-memory", str(200 * 2**20),
-              "--disable-usage-stats", "--block"]
+    common = [
+        "--num-gpus",
+        "0",
+        "--temp-dir",
+        str(temp),
+        "--object-store-memory",
+        str(200 * 2**20),
+        "--disable-usage-stats",
+        "--block",
+    ]
     # As on the cloud (cluster/launcher/*.yaml): the head runs the driver only (0 CPUs); the work
     # goes to the worker nodes.
-    procs.start("ray-head", [RAY, "start", "--head", "--num-cpus", "0", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             "--ray-client-server-port", str(client), *node_ports(), *common], env=env, cwd=root)
+    procs.start(
+        "ray-head",
+        [
+            RAY,
+            "start",
+            "--head",
+            "--num-cpus",
+            "0",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--ray-client-server-port",
+            str(client),
+            *node_ports(),
+            *common,
+        ],
+        env=env,
+        cwd=root,
+    )
     dashboard = f"http://127.0.0.1:{dash}"
     auth = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
 
@@ -260,14 +386,43 @@ def ray_cluster(sandbox, mlflow_server):
 
     _wait_for("Ray head", lambda: alive_nodes() >= 1, 90, procs, "ray-head")
     for i in (1, 2):
-        procs.start(f"ray-worker-{i}", [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-                                        "--num-cpus", "1", *node_ports(), *common], env=env, cwd=root)
-        _wait_for(f"Ray worker node {i}", lambda: alive_nodes() >= 1 + i, 90, procs, f"ray-worker-{i}")
-    nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dashboard, "--format", "json"], env=env,
-                                      capture_output=True, text=True, timeout=60, check=True).stdout)
-    return {"gcs": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env, "temp": temp, "client_port": client,
-            "head_node": {n["node_id"] for n in nodes if n["is_head_node"]},
-            "worker_nodes": {n["node_id"] for n in nodes if not n["is_head_node"]}}
+        procs.start(
+            f"ray-worker-{i}",
+            [
+                RAY,
+                "start",
+                "--address",
+                f"127.0.0.1:{gcs}",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                "1",
+                *node_ports(),
+                *common,
+            ],
+            env=env,
+            cwd=root,
+        )
+        _wait_for(f"Ray worker node {i}", lambda i=i: alive_nodes() >= 1 + i, 90, procs, f"ray-worker-{i}")
+    nodes = json.loads(
+        subprocess.run(
+            [RAY, "list", "nodes", "--address", dashboard, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
+    return {
+        "gcs": f"127.0.0.1:{gcs}",
+        "dashboard": dashboard,
+        "env": env,
+        "temp": temp,
+        "client_port": client,
+        "head_node": {n["node_id"] for n in nodes if n["is_head_node"]},
+        "worker_nodes": {n["node_id"] for n in nodes if not n["is_head_node"]},
+    }
 
 
 def _rest(url: str, endpoint: str, body: dict, auth=(MLFLOW_USER, MLFLOW_PASSWORD)) -> requests.Response:
@@ -280,9 +435,14 @@ def submitted_sweep(sandbox, ray_cluster, mlflow_server):
     root, _ = sandbox
     job_dir = root / "job"
     job_dir.mkdir()
-    spec = tiny_spec_dict(root, name="xray-cluster-e2e", resolutions=[32],
-                          tracking={"uri": "sqlite:///not-used-the-job-passes-the-server.db"},
-                          storage={"path": str(root / "shared-storage")}, ray={})
+    spec = tiny_spec_dict(
+        root,
+        name="xray-cluster-e2e",
+        resolutions=[32],
+        tracking={"uri": "sqlite:///not-used-the-job-passes-the-server.db"},
+        storage={"path": str(root / "shared-storage")},
+        ray={},
+    )
     spec["dataset"]["phantom"].update({"n_patients": 20, "images_per_patient": [2, 4], "image_size": 64})
     spec["probes"][0]["epochs"] = 10
     (job_dir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -291,13 +451,29 @@ def submitted_sweep(sandbox, ray_cluster, mlflow_server):
     # with py_modules). A job working_dir combined with the runner's own runtime_env is garbage
     # collected while the driver still runs in it, and Tune then fails on os.getcwd().
     # `ray job submit` shell-quotes each word, hence one `sh -c` for the `cd && ...`.
-    cmd = [RAY, "job", "submit", "--address", ray_cluster["dashboard"], "--submission-id", job_id, "--",
-           "sh", "-c", f"cd {job_dir} && python -m dinoscale.cli sweep spec.yaml --address auto "
-           f"--tracking-uri {mlflow_server} --no-analysis"]
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        ray_cluster["dashboard"],
+        "--submission-id",
+        job_id,
+        "--",
+        "sh",
+        "-c",
+        (
+            f"cd {job_dir} && python -m dinoscale.cli sweep spec.yaml --address auto "
+            f"--tracking-uri {mlflow_server} --no-analysis"
+        ),
+    ]
     t0 = time.time()
-    sub = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
-    status = requests.get(f"{ray_cluster['dashboard']}/api/jobs/{job_id}", timeout=30,
-                          headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"}).json()
+    sub = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=900, check=False)
+    status = requests.get(
+        f"{ray_cluster['dashboard']}/api/jobs/{job_id}",
+        timeout=30,
+        headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"},
+    ).json()
     return {"spec": spec, "job_id": job_id, "submit": sub, "status": status, "seconds": time.time() - t0}
 
 
@@ -313,12 +489,18 @@ def test_job_succeeds_on_the_multi_node_cluster(submitted_sweep):
 def test_tracking_server_requires_credentials(mlflow_server):
     r = requests.post(f"{mlflow_server}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10)
     assert r.status_code == 401
-    assert _rest(mlflow_server, "experiments/search", {"max_results": 10}, auth=(MLFLOW_USER, "wrong")).status_code == 401
+    assert (
+        _rest(mlflow_server, "experiments/search", {"max_results": 10}, auth=(MLFLOW_USER, "wrong")).status_code == 401
+    )
 
 
 def test_nested_runs_are_in_the_postgres_backed_server(submitted_sweep, mlflow_server, ray_cluster):
-    r = requests.get(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name",
-                     params={"experiment_name": "dinoscale-xray"}, auth=(MLFLOW_USER, MLFLOW_PASSWORD), timeout=30)
+    r = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": "dinoscale-xray"},
+        auth=(MLFLOW_USER, MLFLOW_PASSWORD),
+        timeout=30,
+    )
     assert r.ok, r.text
     exp_id = r.json()["experiment"]["experiment_id"]
     runs = _rest(mlflow_server, "runs/search", {"experiment_ids": [exp_id], "max_results": 100}).json().get("runs", [])
@@ -340,16 +522,125 @@ def test_nested_runs_are_in_the_postgres_backed_server(submitted_sweep, mlflow_s
     # the trials ran on the worker nodes (not beside the driver on the head) and logged from there
     assert len(ray_cluster["worker_nodes"]) == 2 and len(ray_cluster["head_node"]) == 1
     assert {t["ray.node_id"] for _, t in children} <= ray_cluster["worker_nodes"]
-    arts = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list", params={"run_id": pid},
-                        auth=(MLFLOW_USER, MLFLOW_PASSWORD), timeout=30)
+    arts = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
+        params={"run_id": pid},
+        auth=(MLFLOW_USER, MLFLOW_PASSWORD),
+        timeout=30,
+    )
     assert arts.ok and any(f["path"].startswith("spec") for f in arts.json().get("files", [])), arts.text
 
 
 def test_cluster_was_multi_node_and_storage_is_the_spec_path(submitted_sweep, ray_cluster, sandbox):
     root, _ = sandbox
-    r = requests.get(f"{ray_cluster['dashboard']}/nodes?view=summary",
-                     headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"}, timeout=10)
+    r = requests.get(
+        f"{ray_cluster['dashboard']}/nodes?view=summary",
+        headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"},
+        timeout=10,
+    )
     assert sum(n["raylet"]["state"] == "ALIVE" for n in r.json()["data"]["summary"]) == 3  # head + 2 workers
     store = root / "shared-storage"
     assert (store / "features").is_dir() and any((store / "features").iterdir())
     assert (store / "tune").is_dir()
+
+
+# ---------------------------------------------------------------- the tracking server by the cluster's name
+
+
+def test_tracking_server_answers_the_clusters_host_name(mlflow_server):
+    """MLflow checks the Host header: run-server.sh must list the name of DINOSCALE_TRACKING_URI
+    (and the aliases). /health is exempt, so the readiness probe alone would stay green on a 403."""
+
+    def search(host: str, **headers):
+        return requests.post(
+            f"{mlflow_server}/api/2.0/mlflow/experiments/search",
+            json={"max_results": 1},
+            auth=(MLFLOW_USER, MLFLOW_PASSWORD),
+            headers={"Host": host, **headers},
+            timeout=30,
+        )
+
+    for host in (CLUSTER_HOST, CLUSTER_HOST.split(":")[0], "mlflow:5000", "mlflow.dinoscale.svc.cluster.local:5000"):
+        r = search(host)
+        assert r.status_code == 200, f"Host: {host} -> {r.status_code} {r.text[:200]}"
+    assert search("evil.example:5000").status_code == 403, "the check is on: unknown names are refused"
+    assert requests.get(f"{mlflow_server}/health", headers={"Host": "evil.example:5000"}, timeout=10).status_code == 200
+    # the web UI on the cluster's name: its same-origin POSTs carry an Origin header
+    r = search(CLUSTER_HOST, Origin=f"http://{CLUSTER_HOST}")
+    assert r.status_code == 200, f"UI request from http://{CLUSTER_HOST}: {r.status_code} {r.text[:200]}"
+
+
+def test_tracking_server_process_has_no_empty_s3_endpoint(sandbox, mlflow_server):
+    """run-server.sh drops the empty MLFLOW_S3_ENDPOINT_URL it was given (boto3: 'Invalid endpoint')."""
+    _, procs = sandbox
+    pid = dict(procs.procs)["mlflow"].pid  # run-server.sh execs mlflow: the same process
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not any(e.startswith(b"MLFLOW_S3_ENDPOINT_URL=") for e in environ)
+    assert any(e.startswith(b"MLFLOW_SERVER_ALLOWED_HOSTS=mlflow.dinoscale.internal,") for e in environ)
+
+
+# ---------------------------------------------------------------- the Makefile's job client on the token cluster
+
+
+def _make(target: str, ray_cluster, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A cluster-* target as a user runs it: only RAY_AUTH_TOKEN exported (no RAY_AUTH_MODE)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN"] = ray_cluster["env"]["RAY_AUTH_TOKEN"]
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            target,
+            "CLUSTER_DEPS=",
+            f"BIN={VENV_BIN}",
+            f"RAY_ADDRESS={ray_cluster['dashboard']}",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_make_cluster_status_with_only_the_token_exported(submitted_sweep, ray_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN"] = ray_cluster["env"]["RAY_AUTH_TOKEN"]
+    bare = subprocess.run(
+        [RAY, "job", "list", "--address", ray_cluster["dashboard"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bare.returncode != 0, "without RAY_AUTH_MODE=token the job client sends no token (the README's old advice)"
+    r = _make("cluster-status", ray_cluster)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert submitted_sweep["job_id"] in r.stdout + r.stderr
+
+
+def test_make_cluster_check_reports_the_missing_gpu_as_a_line(ray_cluster):
+    """`make cluster-check` on this GPU-less cluster: token, storage and tracking pass, the GPU line
+    fails with its reason, and nothing crashes."""
+    t0 = time.time()
+    r = _make("cluster-check", ray_cluster, "CHECK_GPU_WAIT=5")
+    out = r.stdout + r.stderr
+    print(r.stdout)  # the one screen a user sees (pytest -rP shows it)
+    assert "Traceback" not in out, out[-4000:]
+    assert r.returncode != 0, out[-4000:]
+    lines = [ln for ln in out.splitlines() if ln[:4] in ("OK  ", "WARN", "FAIL")]
+    by_check = {}
+    for ln in lines:
+        by_check.setdefault(ln.split()[1], []).append(ln.split()[0])
+    assert by_check.get("token") == ["OK", "OK"], lines  # the job server (client side), the mode on every node
+    assert by_check.get("gpu") == ["FAIL"] and "no GPU worker joined within 5s" in out, lines
+    assert by_check.get("storage") in (["OK"], ["WARN"]) and "the same storage on all 3 node(s)" in out, lines
+    assert by_check.get("tracking") == ["OK"], lines
+    assert "cluster-check: 1 problem(s)" in out
+    assert " INFO " not in r.stdout, "one screen: the report, not Ray's log chatter"
+    print(f"cluster-check took {time.time() - t0:.0f}s")

@@ -2,22 +2,19 @@
 off, every embedded plot decodes (naturalWidth > 0), provenance is at the top, and a screenshot is
 kept under test-artifacts/ for a human to look at.
 
-Needs Debian's chromium (`apt-get install -y chromium`); CI installs it. A missing browser is a
-failure, not a skip: the report's one promise is that it opens anywhere.
+Needs Debian's chromium (`apt-get install -y chromium`): without it the test skips and says why on a
+developer's machine, and fails in CI (the ``chromium`` fixture in conftest.py), which installs it.
 """
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
+from conftest import ARTIFACTS, CHROMIUM_FLAGS
 from dinoscale.analysis import write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 CHECK_SCRIPT = """<img id="control" alt="deliberately broken" src="data:image/png;base64,AAAA">
 <script>
 window.addEventListener('load', () => {
@@ -32,28 +29,9 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail("headless Chromium is required for this test: apt-get update && apt-get install -y chromium")
-    return exe
-
-
-def _run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    # root in a container: no sandbox; a fresh profile and no background traffic keep it hermetic
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ]
-    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120)
+def _run_chromium(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
 def _report(tmp_path: Path) -> Path:
@@ -88,21 +66,28 @@ def _report(tmp_path: Path) -> Path:
     return out / "report.html"
 
 
-def test_html_report_is_self_contained_and_every_plot_loads_in_chromium(tmp_path):
+def test_html_report_is_self_contained_and_every_plot_loads_in_chromium(tmp_path, chromium):
     html_path = _report(tmp_path)
     html = html_path.read_text()
     n_images = html.count("<img ")
-    assert n_images == 4  # vs params, vs resolution, vs GFLOPs, strategy differences
+    # heatmap, cost frontier; then the curves vs params, vs resolution, vs GFLOPs; strategy differences
+    assert n_images == 6
     # self-contained: every image is a data URI; nothing is fetched from anywhere
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) == n_images
     assert not re.search(r'(src|href)="(https?:|file:|//)', html)
     # provenance right under the title, data and weights both named
-    assert html.index('id="provenance"') < html.index("<h2>Method")
+    assert (
+        html.index('id="provenance"')
+        < html.index('id="answer"')
+        < html.index("over model size x resolution")
+        < html.index("<h2>Verdicts")
+    )
+    assert html.index("<h2>Verdicts") < html.index("<h2>Method")
     assert "PHANTOM" in html and "weights: RANDOM init" in html
 
     probe = tmp_path / "probe.html"
     probe.write_text(html.replace("</body>", CHECK_SCRIPT + "</body>"))
-    dom = _run_chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    dom = _run_chromium(chromium, tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     check = re.search(
         r'<pre id="check">images=(\d+) loaded=(\d+) second_block=(\S*) broken_control_caught=(\w+)</pre>', dom.stdout
@@ -116,7 +101,7 @@ def test_html_report_is_self_contained_and_every_plot_loads_in_chromium(tmp_path
     shot = ARTIFACTS / "report_html.png"
     shot.unlink(missing_ok=True)
     res = _run_chromium(
-        tmp_path, "--window-size=1280,3000", "--hide-scrollbars", f"--screenshot={shot}", html_path.as_uri()
+        chromium, tmp_path, "--window-size=1280,3000", "--hide-scrollbars", f"--screenshot={shot}", html_path.as_uri()
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 50_000  # a rendered page, not a blank one

@@ -4,21 +4,24 @@
 # and every Ray worker, trial and job driver below it inherit them.
 #   DINOSCALE_SECRETS=aws|gcp|env   (env: expect them in the environment already, e.g. K8s Secrets)
 #   secret names: dinoscale-mlflow-username, dinoscale-mlflow-password, dinoscale-ray-token
+# AWS needs a region: AWS_DEFAULT_REGION (the launcher passes it) or the instance metadata
+# (fetch_secret.py). RAY_AUTH_MODE=token comes from cluster.env; it is set here too, because a
+# token without the mode is ignored by Ray.
 set -eu
 mode="${DINOSCALE_SECRETS:-env}"
-fetch() {
-  case "$mode" in
-    aws) python -c 'import sys, boto3; print(boto3.client("secretsmanager").get_secret_value(SecretId=sys.argv[1])["SecretString"], end="")' "$1" ;;
-    gcp) python -c 'import sys, google.auth; from google.cloud import secretmanager as sm; _, p = google.auth.default(); print(sm.SecretManagerServiceClient().access_secret_version(name=f"projects/{p}/secrets/{sys.argv[1]}/versions/latest").payload.data.decode(), end="")' "$1" ;;
-    *) return 1 ;;
-  esac
-}
-if [ "$mode" != env ]; then
-  MLFLOW_TRACKING_USERNAME="$(fetch dinoscale-mlflow-username)"
-  MLFLOW_TRACKING_PASSWORD="$(fetch dinoscale-mlflow-password)"
-  RAY_AUTH_TOKEN="$(fetch dinoscale-ray-token)"
-  export MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD RAY_AUTH_TOKEN
-fi
+here="$(cd "$(dirname "$0")" && pwd)"
+case "$mode" in
+  aws|gcp)
+    exports="$(python "$here/fetch_secret.py" "$mode" MLFLOW_TRACKING_USERNAME=dinoscale-mlflow-username \
+      MLFLOW_TRACKING_PASSWORD=dinoscale-mlflow-password RAY_AUTH_TOKEN=dinoscale-ray-token)" || {
+      echo "with-secrets.sh: could not read the secrets from $mode (role/service account, region): see cluster/README.md 'Secrets'" >&2
+      exit 2
+    }
+    eval "$exports"
+    ;;
+  env) ;;
+  *) echo "with-secrets.sh: DINOSCALE_SECRETS=$mode: expected aws, gcp or env" >&2; exit 2 ;;
+esac
 for v in MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD RAY_AUTH_TOKEN; do
   eval "val=\${$v:-}"
   if [ -z "$val" ]; then
@@ -26,4 +29,5 @@ for v in MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD RAY_AUTH_TOKEN; do
     exit 2
   fi
 done
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 exec "$@"

@@ -60,8 +60,9 @@ def analyze_sweep(
 
         console.print(
             f"Report on {headline.test} ({'higher' if headline.goal == 'max' else 'lower'} is better): "
-            f"{out_dir / 'report.html'} and report.md (also attached to parent run {info['parent_run_id']}); "
-            f"patient-level resampling for {len(info['predictions'])}/{len(df)} runs"
+            f"{out_dir / 'report.html'} (also attached to parent run {info['parent_run_id']}); "
+            f"patient-level resampling for {len(info['predictions'])}/{len(df)} runs",
+            markup=False,
         )
-        console.print((out_dir / "verdicts.md").read_text())
+        console.print((out_dir / "verdicts.md").read_text(), markup=False, highlight=False)
     return out_dir

@@ -16,6 +16,7 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
+from dinoscale.analysis.sources import NO_INTERVALS
 from dinoscale.headline import AUROC, Headline
 
 STRATEGY_ORDER = ["frozen", "lora", "full"]  # cheapest first; unknown strategies follow, sorted
@@ -23,17 +24,18 @@ PAIR_KEYS = [k for k in record.CELL_KEYS if k != "strategy"]  # the cell positio
 
 
 def best_configurations(cd: CellDraws) -> pd.DataFrame:
-    """Per modality: chosen on validation where every cell logged it (reported on test), else on test;
-    the highest value for a higher-is-better headline, the lowest for a lower-is-better one."""
+    """Per (modality, dataset): chosen on validation where every cell logged it (reported on test), else on
+    test; the highest value for a higher-is-better headline, the lowest for a lower-is-better one."""
     rows = []
-    for modality, g in cd.cells.groupby("modality", sort=True):
+    for (modality, dataset), g in cd.cells.groupby(list(record.CONTEXT_COLUMNS), sort=True):
         by_val = g["val_metric"].notna().all()
         score = g["val_metric"] if by_val else g["metric"]
         best = g.loc[score.idxmax() if cd.headline.goal == "max" else score.idxmin()]
         rows.append(
             {
                 "modality": modality,
-                "dataset": best.dataset,
+                "dataset": dataset,
+                "cell": best.name,
                 "backbone": best.backbone,
                 "n_params": best.n_params,
                 "resolution": best.resolution,
@@ -46,6 +48,54 @@ def best_configurations(cd: CellDraws) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def compute_cost(cells: pd.DataFrame) -> tuple[pd.Series, str]:
+    """What a cell costs per image: forward GFLOPs (logged, else 2 x params x tokens), and its name."""
+    from dinoscale.analysis.curves import gflops_column
+
+    gflops, _ = gflops_column(cells)
+    return gflops, "forward GFLOPs per image"
+
+
+def cheapest_as_good(cd: CellDraws, best: pd.Series) -> dict | None:
+    """The cheapest cell of the best's (modality, dataset) whose interval overlaps the best's interval.
+
+    Cheapest by forward GFLOPs per image where known, else by (parameters, resolution). None when the
+    best has no interval (nothing can be said to be "as good" from point estimates)."""
+    g = cd.cells[(cd.cells.modality == best.modality) & (cd.cells.dataset == best.dataset)].copy()
+    if not (np.isfinite(best.test_low) and np.isfinite(best.test_high)):
+        return None
+    g["cost"], cost_name = compute_cost(g)
+    overlap = g[(g.low <= best.test_high) & (g.high >= best.test_low)]
+    by_cost = overlap[overlap.cost.notna()].sort_values(["cost", "n_params", "resolution"])
+    if not by_cost.empty and np.isfinite(g.loc[best.cell, "cost"]):
+        pick, how = by_cost.iloc[0], cost_name
+    else:
+        pick = overlap.sort_values(["n_params", "resolution"], na_position="last").iloc[0]
+        how = "parameters, then resolution (no compute figures in the results)"
+    return {
+        "cell": pick.name,
+        "row": pick,
+        "cost": pick.get("cost"),
+        "best_cost": g.loc[best.cell, "cost"],
+        "ranked_by": how,
+    }
+
+
+def pareto_frontier(cells: pd.DataFrame, cost: pd.Series, goal: str = "max") -> list:
+    """Indices of the cells no cheaper (or equally cheap) cell matches or beats, cheapest first: at each
+    cost the best cell, kept when it beats every cheaper one."""
+    known = cost.dropna()
+    frontier, best = [], None
+    for _, idx in known.groupby(known, sort=True).groups.items():
+        values = cells.loc[idx, "metric"]
+        i = values.idxmax() if goal == "max" else values.idxmin()
+        m = values[i]
+        if best is None or (m > best if goal == "max" else m < best):
+            frontier.append(i)
+            best = m
+    return frontier
 
 
 def _strategy_rank(name: str) -> tuple[int, str]:
@@ -68,7 +118,7 @@ def compare_strategies(cd: CellDraws) -> pd.DataFrame:
         for i, j in combinations(ordered, 2):
             a, b = g.loc[i], g.loc[j]
             diff = cd.draws[:, j] - cd.draws[:, i]
-            lo, hi = np.nanquantile(diff, [q, 1 - q])
+            lo, hi = np.nanquantile(diff, [q, 1 - q]) if np.isfinite(diff).any() else (np.nan, np.nan)
             delta = b.metric - a.metric
             rows.append(
                 {
@@ -78,15 +128,25 @@ def compare_strategies(cd: CellDraws) -> pd.DataFrame:
                     "delta": delta,
                     "delta_low": float(lo),
                     "delta_high": float(hi),
-                    "paired": "paired over patients" if _paired(a, b) else "unpaired (independent draws)",
-                    "verdict": _words(a.strategy, b.strategy, lo, hi, cd.headline.goal),
+                    "paired": "paired over patients"
+                    if _paired(a, b)
+                    else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                    "verdict": _words(a.strategy, b.strategy, lo, hi, cd.headline.goal, delta),
                 }
             )
     return pd.DataFrame(rows)
 
 
-def _words(base: str, other: str, lo: float, hi: float, goal: str = "max") -> str:
+def _words(base: str, other: str, lo: float, hi: float, goal: str = "max", delta: float = 0.0) -> str:
     higher, lower = ("better", "worse") if goal == "max" else ("worse", "better")
+    if np.isnan(lo) or np.isnan(hi):  # no interval on one side: the points alone, and said so
+        side = higher if delta > 0 else lower if delta < 0 else None
+        said = (
+            f"{other} {'higher' if delta > 0 else 'lower'} than {base} ({side} by point estimate)"
+            if side
+            else f"{other} equal to {base}"
+        )
+        return f"{said} ({NO_INTERVALS})"
     if lo > 0:
         return f"{other} {higher} than {base}"
     if hi < 0:
@@ -100,6 +160,15 @@ def summarize_strategies(comparisons: pd.DataFrame, headline: Headline = AUROC) 
     units = f" in {headline.test} ({'higher' if headline.goal == 'max' else 'lower'} is better)"
     lines = []
     for (mod, base, other), g in comparisons.groupby(["modality", "baseline", "other"], sort=True):
+        reliable = ~g["verdict"].str.contains(NO_INTERVALS, regex=False)
+        if not reliable.all():
+            lines.append(
+                f"{mod}: {other} vs {base} over {int((~reliable).sum())} matched cell(s) without intervals: median "
+                f"delta {g.loc[~reliable, 'delta'].median():+.3f}{units} ({NO_INTERVALS})"
+            )
+            g = g[reliable]
+            if g.empty:
+                continue
         better = int(g["verdict"].str.contains("better").sum())
         worse = int(g["verdict"].str.contains("worse").sum())
         lines.append(

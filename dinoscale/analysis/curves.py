@@ -4,7 +4,10 @@ Per (modality, dataset, probe, strategy): the headline's error (1 - metric for a
 headline, the metric itself for a lower-is-better one: ``scaling.to_error``) against parameters
 (one curve per resolution), against input resolution (one per backbone; tokens grow as resolution squared) and against forward
 GFLOPs per image (all cells pooled). GFLOPs are taken as logged; where a run did not log them they
-are estimated as 2 x params x tokens (and the report says so); with neither, that axis is skipped.
+are estimated as 2 x params x tokens (and the report says so); with neither, the cell is left out of
+that axis. A cell whose size or resolution a table does not state is left out of that axis only; a
+curve with a point of unknown uncertainty (no interval) is described by its points alone
+(``scaling.describe_points``), never fitted with invented confidence.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
-from dinoscale.analysis.scaling import ScalingFit, fit_curve
+from dinoscale.analysis.scaling import ScalingFit, describe_points, fit_curve
+from dinoscale.analysis.sources import NOT_STATED
 from dinoscale.headline import AUROC, Headline
 
 GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset, probe, strategy (+ new axes)
@@ -43,14 +47,23 @@ class Curve:
 
 
 def gflops_column(cells: pd.DataFrame) -> tuple[pd.Series, str | None]:
-    """Logged GFLOPs, else the 2 x params x tokens estimate, else nothing (never invented)."""
+    """Per cell: logged GFLOPs, else the 2 x params x tokens estimate, else NaN (never invented)."""
     logged = pd.to_numeric(cells["gflops"], errors="coerce")
-    if logged.notna().all():
-        return logged, "GFLOPs as logged by the runs"
-    tokens = pd.to_numeric(cells["tokens_per_image"], errors="coerce")
-    if tokens.notna().all():
-        return 2 * cells["n_params"] * tokens / 1e9, "GFLOPs estimated as 2 x params x tokens per image (not measured)"
-    return pd.Series(np.nan, index=cells.index), None
+    estimate = (
+        2
+        * pd.to_numeric(cells["n_params"], errors="coerce")
+        * pd.to_numeric(cells["tokens_per_image"], errors="coerce")
+        / 1e9
+    )
+    out = logged.where(logged.notna(), estimate)
+    estimated = int((logged.isna() & estimate.notna()).sum())
+    if out.notna().sum() == 0:
+        return out, None
+    if estimated == 0:
+        return out, "GFLOPs as logged by the runs"
+    if logged.notna().sum() == 0:
+        return out, "GFLOPs estimated as 2 x params x tokens per image (not measured)"
+    return out, f"GFLOPs as logged; estimated as 2 x params x tokens per image for {estimated} cell(s) (not measured)"
 
 
 def _merge_equal_x(x: np.ndarray, index: np.ndarray) -> list[tuple[float, np.ndarray]]:
@@ -61,21 +74,30 @@ def _curve(cd: CellDraws, sub: pd.DataFrame, x_col: str, axis: str, at: str, gro
     merged = _merge_equal_x(sub[x_col].to_numpy(float), sub.index.to_numpy())
     draws = np.column_stack([cd.draws[:, idx].mean(axis=1) for _, idx in merged])
     metric = np.array([cd.cells.loc[idx, "metric"].mean() for _, idx in merged])
-    q = (1 - cd.level) / 2
-    low, high = np.nanquantile(draws, q, axis=0), np.nanquantile(draws, 1 - q, axis=0)
     labels = [
-        " + ".join(f"{b}@{r}" for b, r in cd.cells.loc[idx, ["backbone", "resolution"]].itertuples(index=False))
+        " + ".join(f"{b}@{_res(r)}" for b, r in cd.cells.loc[idx, ["backbone", "resolution"]].itertuples(index=False))
         for _, idx in merged
     ]
     notes = ["cells sharing an x were averaged"] if any(len(idx) > 1 for _, idx in merged) else []
     x = np.array([v for v, _ in merged])
+    if np.isnan(draws).all(axis=0).any():  # a point of unknown uncertainty: the points alone speak
+        fit = describe_points(x, metric, axis, goal=cd.headline.goal)
+        nan = np.full(len(x), np.nan)
+        return Curve(group, axis, at, x, metric, nan, nan.copy(), labels, fit, notes)
+    q = (1 - cd.level) / 2
+    low, high = np.nanquantile(draws, q, axis=0), np.nanquantile(draws, 1 - q, axis=0)
     fit = fit_curve(x, metric, draws, axis, level=cd.level, seed=seed, goal=cd.headline.goal)
     return Curve(group, axis, at, x, metric, low, high, labels, fit, notes)
 
 
-def build_curves(cd: CellDraws, seed: int = 0) -> list[Curve]:
+def _res(r) -> str:
+    return NOT_STATED if pd.isna(r) else f"{r:g}"
+
+
+def build_curves(cd: CellDraws, seed: int = 0) -> tuple[list[Curve], list[str]]:
+    """The curves of every group and axis, and notes on the cells each axis had to leave out."""
     cells = cd.cells.copy()
-    curves = []
+    curves, notes = [], []
     for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
         group = dict(zip(GROUP_KEYS, gkey))
         for axis, (x_col, fixed) in AXES.items():
@@ -85,17 +107,33 @@ def build_curves(cd: CellDraws, seed: int = 0) -> list[Curve]:
                 sub["gflops"], note = gflops_column(sub)
                 if note is None:
                     continue
+            known = sub[x_col].notna()
+            if not known.all() and axis == "gflops":
+                notes.append(
+                    f"{_group_name(group)}: {int((~known).sum())} cell(s) with neither logged GFLOPs nor tokens per "
+                    "image left out of the GFLOPs axis"
+                )
+            sub = sub[known]
+            if sub.empty:
+                continue
             slices = (
                 [("all backbones x resolutions", sub)]
                 if fixed is None
-                else [(f"{fixed}={v}", s) for v, s in sub.groupby(fixed, sort=True)]
+                else [
+                    (f"{fixed}={_res(v) if fixed == 'resolution' else v}", s)
+                    for v, s in sub.groupby(fixed, sort=True, dropna=False)
+                ]
             )
             for at, s in slices:
                 c = _curve(cd, s, x_col, axis, at, group, seed)
                 if note:
                     c.notes.append(note)
                 curves.append(c)
-    return curves
+    return curves, notes
+
+
+def _group_name(group: dict) -> str:
+    return " ".join(str(group[k]) for k in GROUP_KEYS if k != "modality")
 
 
 def fitted_error(headline: Headline) -> str:

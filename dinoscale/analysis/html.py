@@ -8,6 +8,7 @@ from html import escape
 
 import pandas as pd
 
+from dinoscale.analysis.sources import headline_sentence
 from dinoscale.provenance import DEMO_HEADLINE
 
 _CSS = """
@@ -19,6 +20,10 @@ img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 table{border-collapse:collapse;font-size:12px;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 figure{margin:1em 0} figcaption{font-size:13px;color:#555}
+.answer{border:2px solid #2456a6;background:#f0f5ff;padding:.4em 1em;border-radius:6px}
+.answer > ul > li{font-weight:bold} .answer li li{font-weight:normal}
+.notes{background:#fffbe6;border:1px solid #e0c200;padding:.3em 1em;border-radius:6px;font-size:14px}
+.block h4{margin:.8em 0 .2em}
 """
 _FITS_SHOWN = [
     "modality",
@@ -73,20 +78,52 @@ def _cells(rc) -> str:
     )
 
 
+def _answer(rc) -> str:
+    items, open_sub = [], False
+    for level, text in rc.best:
+        if level == 0:
+            if open_sub:
+                items.append("</ul></li>")
+                open_sub = False
+            elif items:
+                items.append("</li>")
+            items.append(f"<li>{escape(text)}")
+        else:
+            if not open_sub:
+                items.append("<ul>")
+                open_sub = True
+            items.append(f"<li>{escape(text)}</li>")
+    items.append("</ul></li>" if open_sub else "</li>" if items else "")
+    notes = f'<div class="notes" id="notes"><b>About these results</b>{_list(rc.notes)}</div>' if rc.notes else ""
+    return (
+        f'<section class="answer" id="answer"><h2>Answer</h2><p>{escape(headline_sentence(rc.headline))}</p>'
+        f"<ul>{''.join(items)}</ul></section>{notes}"
+    )
+
+
+def _blocks(rc) -> list[str]:
+    parts = ["<h2>Verdicts</h2>"]
+    for modality, blocks in rc.verdicts.items():
+        if len(rc.verdicts) > 1:
+            parts.append(f"<h3>{escape(modality)}</h3>")
+        for title, lines in blocks:
+            parts.append(f'<div class="block"><h4>{escape(title)}</h4>{_list(lines)}</div>')
+    return parts
+
+
 def render_html(rc) -> str:
-    """``rc``: a report.ReportContent."""
+    """``rc``: a report.ReportContent. Order: provenance, the answer, heatmaps and cost frontier, verdicts,
+    then the detail (method, curves, fits, cells)."""
     parts = [
         f"<h1>Scaling report: {escape(rc.title)}</h1>",
         _provenance(rc.provenance, rc.demo),
-        "<h2>Method</h2>",
-        _list(rc.method),
+        _answer(rc),
     ]
-    parts += ["<h2>Verdicts</h2>"]
-    for modality, lines in rc.verdicts.items():
-        parts += [f"<h3>{escape(modality)}</h3>", _list(lines)]
-    parts += ["<h2>Best configuration</h2>", _list(rc.best)]
+    parts += [_figure(cap, path.read_bytes()) for cap, path in rc.key_figures]
+    parts += _blocks(rc)
     parts += ["<h2>Strategies</h2>", _list(rc.strategies or ["only one strategy in these results"])]
-    parts += ["<h2>Plots</h2>"] + [_figure(cap, path.read_bytes()) for cap, path in rc.figures]
+    parts += ["<h2>Method</h2>", _list(rc.method)]
+    parts += ["<h2>Scaling curves</h2>"] + [_figure(cap, path.read_bytes()) for cap, path in rc.figures]
     parts += ["<h2>Fitted parameters</h2>", _table(rc.fits, _FITS_SHOWN), "<p>All columns: fits.csv.</p>"]
     if not rc.comparisons.empty:
         parts += ["<h2>Strategy differences</h2>", _table(rc.comparisons)]

@@ -1,29 +1,46 @@
 """The report: PNG plots, fitted parameters (CSV), a markdown summary and a self-contained HTML page.
-Provenance of data and weights comes first, always; then which headline metric it is about and
-which way is better. Plots are ``[<modality>_]<stem>_vs_<axis>.png`` (``sources.file_stem``:
-``auroc``, ``dice``, ``voi``...)."""
+
+Provenance of data and weights comes first, always. Then the answer a user came for: per (modality,
+dataset) the best configuration and the cheapest one whose 95% interval overlaps it, with the cost
+frontier; a heatmap of the headline [95% CI] over model size x resolution per probe / strategy
+(``[<modality>_<dataset>_]heatmap.png``) and the headline against GFLOPs per image with its frontier
+(``frontier.png``); then one short verdict block per (dataset, probe, strategy), quiet axes folded
+into one sentence; then the detail: method, the curves ``[<modality>_]<stem>_vs_<axis>.png``
+(``sources.file_stem``: ``auroc``, ``dice``, ``voi``...), fits and cells. ``verdicts.md`` is the
+answer and the verdicts alone (what a sweep prints at its end)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from dinoscale.analysis.compare import best_configurations, compare_strategies, summarize_strategies
-from dinoscale.analysis.curves import AXES, Curve, build_curves, fits_table
+from dinoscale import record
+from dinoscale.analysis.compare import (
+    best_configurations,
+    cheapest_as_good,
+    compare_strategies,
+    compute_cost,
+    pareto_frontier,
+    summarize_strategies,
+)
+from dinoscale.analysis.curves import AXES, GROUP_KEYS, Curve, build_curves, fits_table
 from dinoscale.analysis.html import render_html
-from dinoscale.analysis.plots import plot_axis, plot_strategies
+from dinoscale.analysis.plots import plot_axis, plot_frontier, plot_heatmap, plot_strategies
 from dinoscale.analysis.resample import CellDraws, bootstrap_cells
 from dinoscale.analysis.scaling import MIN_POINTS, MIN_POINTS_BROKEN, MIN_POINTS_EXTRAPOLATION
 from dinoscale.analysis.sources import (
     KNOWN_HEADLINES,
-    complete_columns,
+    NO_INTERVALS,
     detect_headline,
     direction,
     file_stem,
+    headline_sentence,
     provenance_gaps,
     short_name,
+    tidy_results,
 )
 from dinoscale.headline import AUROC, Headline
 from dinoscale.provenance import DEMO_HEADLINE, Provenance
@@ -34,14 +51,16 @@ RESAMPLES = 500
 
 @dataclass
 class ReportContent:
-    """What both the markdown and the HTML say, in order."""
+    """What both the markdown and the HTML say, in order: the answer first, then the pictures that
+    support it, then short verdicts, then the detail."""
 
     title: str
     provenance: list[str]
     method: list[str]
-    figures: list[tuple[str, Path]]  # (caption, file in the report folder)
-    verdicts: dict[str, list[str]]  # modality -> lines
-    best: list[str]
+    figures: list[tuple[str, Path]]  # detail plots: (caption, file in the report folder)
+    verdicts: dict[str, list[tuple[str, list[str]]]]  # modality -> [(block title, lines)] per dataset/probe/strategy
+    best: list[tuple[int, str]]  # the answer (level, text): per (modality, dataset) the best, then under it the
+    # cheapest as good and the cost frontier
     strategies: list[str]
     cells: pd.DataFrame
     fits: pd.DataFrame
@@ -49,15 +68,8 @@ class ReportContent:
     files: list[str] = field(default_factory=list)
     headline: Headline = AUROC
     demo: bool = False  # phantom / semi-synthetic data, random weights or the demo profile (dinoscale.provenance)
-
-
-def _headline_line(h: Headline) -> str:
-    moves = "increases" if h.goal == "max" else "decreases"
-    named = h.label if direction(h) in h.label else f"{h.label}, {direction(h)}"
-    return (
-        f"Headline metric: {named} ({h.test}). 'Improves' means it {moves}; "
-        f"the best configuration is the one with the {'highest' if h.goal == 'max' else 'lowest'} value."
-    )
+    key_figures: list[tuple[str, Path]] = field(default_factory=list)  # heatmaps and cost frontiers
+    notes: list[str] = field(default_factory=list)  # what the analysis left out or assumed, and why
 
 
 def _method(cd: CellDraws) -> list[str]:
@@ -69,7 +81,7 @@ def _method(cd: CellDraws) -> list[str]:
         else f"Error E = {h.test} itself ({direction(h)}: it is already an error, so it is fitted untransformed, no sign flip)"
     )
     return [
-        _headline_line(h),
+        headline_sentence(h),
         f"{error}, fitted per (modality, dataset, probe, strategy) as a saturating power law "
         "E = floor + A * x^(-alpha) (robust soft-L1 loss, several starts); alpha > 0 means larger x is better.",
         f"No exponent below {MIN_POINTS} distinct x values: the verdict then says 'too few points to fit'. A one-break "
@@ -77,39 +89,177 @@ def _method(cd: CellDraws) -> list[str]:
         f"{MIN_POINTS_EXTRAPOLATION}.",
         f"Verdicts compare the points themselves through paired bootstrap draws ({len(cd.draws)} resamples; "
         f"uncertainty from {sources}); 'no reliable trend' means the 95% intervals of the differences include zero.",
+        f"Where a point has no interval (none given, or zero-width), its curve is described by the points alone "
+        f"(better / worse at larger x, best inside the range), with no exponent, and labelled '{NO_INTERVALS}'.",
     ]
 
 
 def _exponent_words(c: Curve, h: Headline = AUROC) -> str:
     f = c.fit
-    if f.exponent_identified:
-        floor = "floor error" if h.goal == "max" else f"floor {short_name(h)}"
-        return (
-            f" (alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}], "
-            f"{floor} {f.floor:.3f} [{f.floor_low:.3f}, {f.floor_high:.3f}])"
-        )
-    return " (power law fitted, exponent not identified by the data)" if f.fitted else ""
+    return f"alpha={f.alpha:.2f} [{f.alpha_low:.2f}, {f.alpha_high:.2f}]" if f.exponent_identified else ""
 
 
-def _verdict_line(c: Curve, h: Headline = AUROC) -> str:
-    g, f = c.group, c.fit
-    line = f"{g['dataset']} {g['probe']}/{g['strategy']}, vs {c.axis} at {c.at}: {f.verdict}{_exponent_words(c, h)}"
+def _curve_words(c: Curve) -> str:
+    """The verdict in a few words; too few points for an exponent is said once, briefly."""
+    f = c.fit
+    if f.verdict.startswith("too few points"):
+        return f"{f.verdict.split('the points alone: ')[-1]} ({f.n_points} points: too few for an exponent)"
+    return f.verdict
+
+
+def _extras(c: Curve, h: Headline) -> str:
+    """What a verdict line adds about one curve: an identified exponent, a supported break, and a law that
+    fails to extrapolate (floors, bands and consistent checks are in fits.csv and the plots)."""
+    f, parts = c.fit, []
+    if _exponent_words(c, h):
+        parts.append(_exponent_words(c, h))
     if f.broken is not None and f.broken.delta_aicc > 2:
-        line += (
-            f"; a break at {c.axis}={f.broken.break_x:.3g} fits better (alpha {f.broken.alpha_before:.2f} "
+        parts.append(
+            f"a break at {c.axis}={f.broken.break_x:.3g} fits better (alpha {f.broken.alpha_before:.2f} "
             f"then {f.broken.alpha_after:.2f})"
         )
-    if f.extrapolation is not None:
-        line += f"; leave-largest-out: {f.extrapolation.describe(c.axis)}"
-    return line
+    if f.extrapolation is not None and not f.extrapolation.consistent:
+        parts.append(f"leave-largest-out: {f.extrapolation.describe(c.axis)}")
+    return "; ".join(parts)
 
 
-def _best_lines(best: pd.DataFrame, h: Headline = AUROC) -> list[str]:
-    return [
-        f"{r.modality}: {r.backbone} ({r.n_params / 1e6:.2f}M params) at {r.resolution}px, {r.probe} probe, "
-        f"{r.strategy}: {h.label} {r.test_metric:.3f} [{r.test_low:.3f}, {r.test_high:.3f}], chosen on {r.chosen_on}"
-        for r in best.itertuples()
-    ]
+def _where_words(ats: list[str], every: bool) -> str:
+    """``resolution=64``, ``resolution=96`` -> 'at resolution 64, 96' (or 'at every resolution')."""
+    if ats == ["all backbones x resolutions"]:
+        return "across all cells"
+    key = ats[0].split("=", 1)[0]
+    if every and len(ats) > 1:
+        return f"at every {key}"
+    values = [a.split("=", 1)[-1] for a in ats]
+    return f"{'for' if key == 'backbone' else 'at'} {key} {', '.join(values)}"
+
+
+def _block_lines(curves: list[Curve], h: Headline) -> list[str]:
+    """One line per distinct verdict of each axis that has more than one value; every 'no reliable
+    trend' folded into one closing sentence."""
+    lines, quiet = [], []
+    for axis in AXES:
+        mine = [c for c in curves if c.axis == axis]
+        shown = [c for c in mine if c.fit.n_points >= 2]  # an axis with a single value says nothing
+        if not shown:
+            continue
+        by_words: dict[str, list[Curve]] = {}
+        for c in shown:
+            by_words.setdefault(_curve_words(c), []).append(c)
+        for words, cs in by_words.items():
+            where = _where_words([c.at for c in cs], every=len(cs) == len(mine))
+            if cs[0].fit.trend == "no_trend":
+                quiet.append(f"vs {AXIS_WORDS[axis]} {where}")
+                continue
+            label = f" ({NO_INTERVALS})" if words.endswith(f" ({NO_INTERVALS})") else ""
+            words = words.removesuffix(label)
+            for said in (f"with {axis}", f"larger {axis}"):
+                words = words.replace(said, said.replace(axis, AXIS_WORDS[axis]), 1)
+            line = f"{words} {where}{label}".replace("gflops=", "GFLOPs=")
+            extras = [(c.at.split("=", 1)[-1], _extras(c, h)) for c in cs if _extras(c, h)]
+            if len(cs) == 1 and extras:
+                line += f" ({extras[0][1]})"
+            elif extras:
+                line += " (" + "; ".join(f"{at}: {e}" for at, e in extras) + ")"
+            lines.append(line)
+    if quiet:
+        lines.append("No reliable trend (95% intervals of the differences include zero): " + "; ".join(quiet) + ".")
+    return lines
+
+
+AXIS_WORDS = {"params": "model size", "resolution": "resolution", "gflops": "compute (GFLOPs)"}
+
+
+def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, list[tuple[str, list[str]]]]:
+    out: dict[str, list[tuple[str, list[str]]]] = {}
+    keys = [k for k in GROUP_KEYS if k != "modality"]
+    for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
+        group = dict(zip(GROUP_KEYS, gkey))
+        mine = [c for c in curves if c.group == group]
+        best = g.loc[g.metric.idxmax() if h.goal == "max" else g.metric.idxmin()]
+        title = " · ".join(
+            f"{group[k]}{' probe' if k == 'probe' else ''}"
+            for k in keys
+            if not (k == "dataset" and group[k] == "unknown")
+        )
+        title += (
+            f" ({len(g)} cell{'s' if len(g) != 1 else ''}; top {short_name(h)} {_value(best, h)} at {_config(best)})"
+        )
+        lines = _block_lines(mine, h) or ["a single configuration: nothing to compare"]
+        out.setdefault(str(group["modality"]), []).append((title, lines))
+    return out
+
+
+def _value(r, h: Headline = AUROC) -> str:
+    if np.isfinite(r.low) and np.isfinite(r.high):
+        return f"{r.metric:.3f} [{r.low:.3f}, {r.high:.3f}]"
+    return f"{r.metric:.3f} ({NO_INTERVALS})"
+
+
+def _config(r) -> str:
+    res = "resolution not stated" if pd.isna(r.resolution) else f"{r.resolution:g}px"
+    return f"{r.backbone}@{res}"
+
+
+def _probe_words(r) -> str:
+    return f" {r.probe}/{r.strategy}"
+
+
+def _size(n_params: float) -> str:
+    return f"{n_params / 1e6:.2f}M params" if np.isfinite(n_params) else "size not stated"
+
+
+def _describe(r, h: Headline) -> str:
+    res = "resolution not stated" if pd.isna(r.resolution) else f"{r.resolution:g}px"
+    return f"{r.backbone} ({_size(r.n_params)}) at {res}, {r.probe} probe, {r.strategy}"
+
+
+def _cost_words(cost: float) -> str:
+    return f"{cost:.3g} GFLOPs per image" if np.isfinite(cost) else "compute not stated"
+
+
+def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, str]]:
+    """Per (modality, dataset): the best configuration, the cheapest whose interval overlaps it, and the
+    cost frontier."""
+    lines = []
+    several = cd.cells.groupby("modality")["dataset"].nunique().to_dict()
+    for b in best.itertuples():
+        where = b.modality if several.get(b.modality, 1) == 1 else f"{b.modality} / {b.dataset}"
+        r = cd.cells.loc[b.cell]
+        cost, cost_name = compute_cost(cd.cells)
+        lines.append(
+            (
+                0,
+                f"{where}: {_describe(r, h)}: {h.label} {_value(r, h)}, chosen on {b.chosen_on}; {_cost_words(cost[b.cell])}",
+            )
+        )
+        cheap = cheapest_as_good(cd, pd.Series(b._asdict()))
+        if cheap is None:
+            lines.append((1, f"cheapest as good: cannot tell ({NO_INTERVALS})"))
+        elif cheap["cell"] == b.cell:
+            lines.append((1, "cheapest as good: the best itself - no cheaper configuration's 95% interval overlaps it"))
+        else:
+            c = cheap["row"]
+            ratio = ""
+            if np.isfinite(cheap["best_cost"]) and np.isfinite(cheap["cost"] or np.nan) and cheap["cost"] > 0:
+                ratio = f", {cheap['best_cost'] / cheap['cost']:.1f}x less compute"
+            lines.append(
+                (
+                    1,
+                    f"cheapest as good: {_describe(c, h)}: {_value(c, h)}, {_cost_words(cost[cheap['cell']])}{ratio} "
+                    f"(its 95% interval overlaps the best's; ranked by {cheap['ranked_by']})",
+                )
+            )
+        g = cd.cells[(cd.cells.modality == b.modality) & (cd.cells.dataset == b.dataset)]
+        front = pareto_frontier(g, cost[g.index], h.goal)
+        if len(front) > 1:
+            several = g[["probe", "strategy"]].drop_duplicates().shape[0] > 1
+            steps = " -> ".join(
+                f"{_config(g.loc[i])}{_probe_words(g.loc[i]) if several else ''} {g.loc[i, 'metric']:.3f} ({cost[i]:.3g})"
+                for i in front
+            )
+            lines.append((1, f"cost frontier ({cost_name}; each step beats every cheaper configuration): {steps}"))
+    return lines
 
 
 def _figures(
@@ -132,24 +282,71 @@ def _figures(
     return figures
 
 
+def _key_figures(cd: CellDraws, best: pd.DataFrame, out_dir: Path, title: str, prov: str) -> list[tuple[str, Path]]:
+    """Per (modality, dataset): the size x resolution heatmap and the cost frontier."""
+    h, figures = cd.headline, []
+    groups = list(cd.cells.groupby(list(record.CONTEXT_COLUMNS), sort=True))
+    cost, cost_name = compute_cost(cd.cells)
+    for (modality, dataset), g in groups:
+        prefix = "" if len(groups) == 1 else f"{_slug(modality)}_{_slug(dataset)}_"
+        where = f"{modality} / {dataset}"
+        b = best[(best.modality == modality) & (best.dataset == dataset)]
+        best_cell = b.cell.iloc[0] if len(b) else None
+        cheap = cheapest_as_good(cd, b.iloc[0]) if len(b) else None
+        p = plot_heatmap(
+            g, out_dir / f"{prefix}heatmap.png", f"{title} - {where}", prov, h, best_cell, cheap and cheap["cell"]
+        )
+        if p is not None:
+            figures.append((f"{where}: {short_name(h)} [95% CI] over model size x resolution ({direction(h)})", p))
+        front = pareto_frontier(g, cost[g.index], h.goal)
+        p = plot_frontier(
+            g, cost[g.index], front, out_dir / f"{prefix}frontier.png", f"{title} - {where}", prov, h, cost_name
+        )
+        if p is not None:
+            figures.append((f"{where}: {short_name(h)} against compute ({cost_name}), with the cost frontier", p))
+    return figures
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in str(text))
+
+
+def _answer_markdown(rc: ReportContent) -> list[str]:
+    md = ["## Answer", "", headline_sentence(rc.headline), ""]
+    md += [f"{'  ' * level}- {text}" for level, text in rc.best] + [""]
+    if rc.notes:
+        md += ["### About these results", ""] + [f"- {n}" for n in rc.notes] + [""]
+    return md
+
+
 def _markdown(rc: ReportContent) -> str:
     md = [f"# Scaling report: {rc.title}", ""]
     md += [f"> **{line}**" for line in ([DEMO_HEADLINE] if rc.demo else []) + rc.provenance] + [""]
-    md += rc.method + [""]
+    md += _answer_markdown(rc)
+    md += [f"![{cap}]({p.name})\n" for cap, p in rc.key_figures]
+    md += _verdict_blocks_markdown(rc)
+    md += ["## Method", ""] + rc.method + [""]
     md += [f"![{cap}]({p.name})\n" for cap, p in rc.figures]
-    md += _verdicts_markdown(rc).splitlines()
     md += ["", "## Results", "", _cells_markdown(rc.cells, rc.headline)]
     md += ["", f"Files: {', '.join(rc.files)}."]
     return "\n".join(md) + "\n"
 
 
+def _verdict_blocks_markdown(rc: ReportContent) -> list[str]:
+    md = ["## Verdicts", ""]
+    for modality, blocks in rc.verdicts.items():
+        if len(rc.verdicts) > 1:
+            md += [f"### {modality}", ""]
+        for title, lines in blocks:
+            md += [f"**{title}**", ""] + [f"- {v}" for v in lines] + [""]
+    if rc.strategies:  # one strategy: nothing to compare, no section
+        md += ["## Strategies", ""] + [f"- {s}" for s in rc.strategies]
+    return md + [""]
+
+
 def _verdicts_markdown(rc: ReportContent) -> str:
-    md = ["## Verdicts", "", _headline_line(rc.headline), ""]
-    for modality, lines in rc.verdicts.items():
-        md += [f"### {modality}", ""] + [f"- {v}" for v in lines] + [""]
-    md += ["## Best configuration", ""] + [f"- {b}" for b in rc.best] + [""]
-    md += ["## Strategies", ""] + ([f"- {s}" for s in rc.strategies] or ["- only one strategy in these results"])
-    return "\n".join(md) + "\n"
+    """The short version (verdicts.md, printed at the end of a sweep): the answer, then the verdicts."""
+    return "\n".join(_answer_markdown(rc) + _verdict_blocks_markdown(rc)).rstrip() + "\n"
 
 
 def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
@@ -158,9 +355,11 @@ def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
         "|---|---|---|---|---|---:|---:|---|---:|",
     ]
     for r in cells.sort_values([*CELL_KEYS[:-3], "resolution", "n_params"]).itertuples():
+        res = "not stated" if pd.isna(r.resolution) else f"{r.resolution:g}"
+        params = f"{r.n_params / 1e6:.2f}M" if np.isfinite(r.n_params) else "not stated"
         table.append(
-            f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {r.n_params / 1e6:.2f}M | "
-            f"{r.resolution} | {r.metric:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.seeds} |"
+            f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {params} | "
+            f"{res} | {_value(r, h)} | {r.seeds} |"
         )
     return "\n".join(table)
 
@@ -183,38 +382,43 @@ def write_report(
     ``predictions``: run_id -> per-sample test predictions, for patient-level paired resampling.
     ``headline``: the metric the table holds (default: ``df.attrs['headline']`` as set by
     ``results_from_mlflow`` / ``results_from_csv``, else detected from the columns).
+    Any table the analysis can read gives a report (``sources.tidy_results`` says what it left out);
+    one it cannot is a ValueError with one message.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if df.empty:
         raise ValueError("no finished cells to analyse")
     headline = headline or df.attrs.get("headline") or detect_headline(df.columns)
+    runs = tidy_results(df, headline)
+    out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, headline)
-    runs = complete_columns(df)
     if isinstance(provenance, Provenance):
         demo, provenance = provenance.demo, provenance.lines()
     else:
         demo = "random" in set(runs["weights"].dropna().astype(str))
     provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
-    cd = bootstrap_cells(runs, predictions, resamples=resamples, seed=seed, headline=headline)
-    curves = build_curves(cd, seed=seed)
+    cd = bootstrap_cells(
+        runs.drop(columns=["_line"], errors="ignore"), predictions, resamples=resamples, seed=seed, headline=headline
+    )
+    curves, curve_notes = build_curves(cd, seed=seed)
     comparisons = compare_strategies(cd)
+    best = best_configurations(cd)
+    prov = " | ".join(provenance)
     rc = ReportContent(
         title=title,
         provenance=provenance,
         method=_method(cd),
-        figures=_figures(curves, comparisons, out_dir, title, " | ".join(provenance), headline),
-        verdicts={
-            m: [_verdict_line(c, headline) for c in curves if c.group["modality"] == m]
-            for m in sorted({c.group["modality"] for c in curves})
-        },
-        best=_best_lines(best_configurations(cd), headline),
+        figures=_figures(curves, comparisons, out_dir, title, prov, headline),
+        verdicts=_blocks(curves, cd.cells, headline),
+        best=_answer(cd, best, headline),
         strategies=summarize_strategies(comparisons, headline),
         cells=cd.cells.assign(headline=headline.test, goal=headline.goal),
         fits=fits_table(curves, headline),
         comparisons=comparisons,
         headline=headline,
         demo=demo,
+        key_figures=_key_figures(cd, best, out_dir, title, prov),
+        notes=list(runs.attrs.get("notes", [])) + curve_notes,
     )
     _write_files(rc, out_dir)
     return out_dir
@@ -225,7 +429,12 @@ def _plot_patterns(stems) -> tuple[str, ...]:
 
 
 # every headline's plots (an earlier report in the same folder may have been on another metric)
-_OWN_OUTPUTS = _plot_patterns(sorted({file_stem(h) for h in KNOWN_HEADLINES})) + ("strategies.png", "strategies.csv")
+_OWN_OUTPUTS = _plot_patterns(sorted({file_stem(h) for h in KNOWN_HEADLINES})) + (
+    "strategies.png",
+    "strategies.csv",
+    "*heatmap.png",
+    "*frontier.png",
+)
 
 
 def _clear_previous(out_dir: Path, headline: Headline = AUROC) -> None:

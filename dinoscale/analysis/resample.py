@@ -106,13 +106,11 @@ def metric_range(headline: Headline) -> tuple[float, float]:
 
 
 def _interval_draws(row, resamples: int, level: float, rng, headline: Headline = AUROC) -> np.ndarray:
+    """Draws from a run's logged interval; all NaN where it has none (or a zero-width one): its
+    uncertainty is unknown and what rests on it is said to rest on point estimates only."""
     lo, hi = row[f"{METRIC}_ci_low"], row[f"{METRIC}_ci_high"]
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(
-            f"run {row['run_id']} ({row['backbone']}, {row['resolution']}px, {row['probe']}): no confidence "
-            f"interval and no per-sample predictions, so its uncertainty is unknown; "
-            f"log {headline.test}_ci_low/_high"
-        )
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        return np.full(resamples, np.nan)
     sd = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - level) / 2))
     return np.clip(row[METRIC] + rng.normal(0, 1, resamples) * sd, *metric_range(headline))
 
@@ -176,15 +174,20 @@ def bootstrap_cells(
         idx = g.index.to_numpy()
         # resample seeds with replacement inside every replicate
         pick = idx[rng.integers(0, len(idx), (resamples, len(idx)))]
-        cell = np.nanmean(per_run[np.arange(resamples)[:, None], pick], axis=1)
+        if np.isnan(per_run[:, idx]).all(axis=0).any():  # a run of unknown uncertainty: so is the cell's
+            cell = np.full(resamples, np.nan)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a resample where AUROC is undefined
+                cell = np.nanmean(per_run[np.arange(resamples)[:, None], pick], axis=1)
         columns.append(cell)
         q = (1 - level) / 2
         rows.append(
             {
                 **dict(zip(CELL_KEYS, key)),
                 "metric": g[METRIC].mean(),
-                "low": float(np.nanquantile(cell, q)),
-                "high": float(np.nanquantile(cell, 1 - q)),
+                "low": _quantile(cell, q),
+                "high": _quantile(cell, 1 - q),
                 "seeds": g["seed"].nunique(),
                 "val_metric": g["val_metric"].mean(),
                 "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
@@ -196,6 +199,13 @@ def bootstrap_cells(
     return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
 
 
+def _quantile(draws: np.ndarray, q: float) -> float:
+    return float(np.nanquantile(draws, q)) if np.isfinite(draws).any() else float("nan")
+
+
 def _uncertainty_words(g: pd.DataFrame) -> str:
+    lo, hi = g[f"{METRIC}_ci_low"].to_numpy(float), g[f"{METRIC}_ci_high"].to_numpy(float)
+    if ((g["_pairing"] == "").to_numpy() & ~(np.isfinite(lo) & np.isfinite(hi) & (hi > lo))).any():
+        return "none: no interval for at least one run (point estimates only)"
     source = "patients (per-sample predictions)" if (g["_pairing"] != "").all() else "per-run intervals"
     return f"{source} + {g['seed'].nunique()} seed(s)"

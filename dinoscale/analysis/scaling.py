@@ -26,6 +26,8 @@ from statistics import NormalDist
 import numpy as np
 from scipy.optimize import least_squares
 
+from dinoscale.analysis.sources import NO_INTERVALS
+
 MIN_POINTS = 4  # the saturating law has 3 parameters: one spare point at the very least
 MIN_POINTS_BROKEN = 6  # the broken law has 4 parameters and needs 2 points on each side of the break
 MIN_POINTS_EXTRAPOLATION = MIN_POINTS + 1  # the held-in points must themselves be fittable
@@ -170,6 +172,35 @@ def judge_trend(
     if _reliably_greater(draws, 0, last, level):
         return "degrades", f"degrades with {axis}"
     return "no_trend", f"no reliable trend with {axis} (intervals overlap)"
+
+
+POINT_TRENDS = ("better_larger", "worse_larger", "best_inside", "flat")  # what points alone can say
+
+
+def describe_points(x, metric, axis: str, goal: str = "max") -> ScalingFit:
+    """A curve whose points have no intervals: what the points say, in words that claim no reliability
+    (better / worse at larger x, best inside the range, no change) and no exponent, labelled as such."""
+    x, metric = np.asarray(x, float), np.asarray(metric, float)
+    order = np.argsort(x)
+    x, score = x[order], metric[order] * (1 if goal == "max" else -1)
+    n = len(x)
+    if n < 2:
+        trend, words = "too_few_points", "a single point"
+    elif np.ptp(score) == 0:
+        trend, words = "flat", f"the same at every {axis}"
+    else:
+        best = int(np.argmax(score))
+        if 0 < best < n - 1 and score[best] > max(score[0], score[-1]):
+            trend, words = "best_inside", f"best at {axis}={x[best]:.3g}"
+        elif score[-1] > score[0]:
+            trend, words = "better_larger", f"better at larger {axis}"
+        elif score[-1] < score[0]:
+            trend, words = "worse_larger", f"worse at larger {axis}"
+        else:
+            trend, words = "flat", f"no net change with {axis}"
+    return ScalingFit(
+        axis, n, None, None, None, None, f"{words} ({NO_INTERVALS})", trend=trend, goal=goal, notes=[NO_INTERVALS]
+    )
 
 
 # ---------------------------------------------------------------- model families (on error, u = log x)

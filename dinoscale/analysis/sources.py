@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dinoscale import record
@@ -24,6 +25,7 @@ from dinoscale.headline import _BY_TEST_NAME, AUROC, Headline, headline_from_tag
 
 GENERIC = ("metric", "metric_ci_low", "metric_ci_high")  # internal names of test_<name>, _ci_low, _ci_high
 AXIS_COLUMNS = list(record.AXIS_NAMES)
+CELL_COLUMNS = list(record.CELL_KEYS)
 
 
 def result_columns(headline: Headline = AUROC) -> list[str]:
@@ -57,6 +59,16 @@ def file_stem(h: Headline) -> str:
 
 def direction(h: Headline) -> str:
     return "higher is better" if h.goal == "max" else "lower is better"
+
+
+def headline_sentence(h: Headline) -> str:
+    """The report's line saying which metric it is about and which way is better."""
+    moves = "increases" if h.goal == "max" else "decreases"
+    named = h.label if direction(h) in h.label else f"{h.label}, {direction(h)}"
+    return (
+        f"Headline metric: {named} ({h.test}). 'Improves' means it {moves}; "
+        f"the best configuration is the one with the {'highest' if h.goal == 'max' else 'lowest'} value."
+    )
 
 
 def custom_headline(name: str, goal: str) -> Headline:
@@ -98,10 +110,14 @@ def sweep_headline(tags: dict) -> Headline:
     return h
 
 
+def _is_interval(column: str) -> bool:
+    return column.endswith("_ci_low") or column.endswith("_ci_high")
+
+
 def detect_headline(columns, name: str | None = None, goal: str | None = None) -> Headline:
-    """Which headline a results table holds: the one named, else the one known headline it has columns
-    for, else its only ``test_<x>`` with ``_ci_low`` / ``_ci_high`` (then ``goal`` must be given)."""
-    columns = list(columns)
+    """Which headline a results table holds: the one named, else the one known headline it has a column
+    for, else its only ``test_<x>`` column (then ``goal`` must be given). Interval columns are optional."""
+    columns = [str(c) for c in columns]
     if name is not None:
         return resolve_headline(name, goal)
     known = [h for h in KNOWN_HEADLINES if h.test in columns]
@@ -112,21 +128,20 @@ def detect_headline(columns, name: str | None = None, goal: str | None = None) -
             f"the results hold several headline metrics ({', '.join(h.test for h in known)}); "
             "choose one (analyze --headline)"
         )
-    triples = [c for c in columns if c.startswith("test_") and f"{c}_ci_low" in columns and f"{c}_ci_high" in columns]
-    if len(triples) == 1 and goal is not None:
-        return custom_headline(triples[0], goal)
-    if len(triples) == 1:
+    metrics = [c for c in columns if c.startswith("test_") and not _is_interval(c)]
+    if len(metrics) == 1 and goal is not None:
+        return custom_headline(metrics[0], goal)
+    if len(metrics) == 1:
         raise ValueError(
-            f"the results hold {triples[0]}, which is not a headline dinoscale knows; "
+            f"the results hold {metrics[0]}, which is not a headline dinoscale knows; "
             "say whether higher or lower is better (analyze --goal max|min)"
         )
-    if triples:
-        raise ValueError(
-            f"the results hold several metrics with intervals ({', '.join(triples)}); choose one (analyze --headline)"
-        )
+    if metrics:
+        raise ValueError(f"the results hold several metrics ({', '.join(metrics)}); choose one (analyze --headline)")
     raise ValueError(
-        "no headline metric in the results: expected test_<name>, test_<name>_ci_low, test_<name>_ci_high "
-        f"(e.g. {', '.join(h.test for h in KNOWN_HEADLINES)}); columns are {columns}"
+        "no headline metric in the results: expected a column test_<name> (optionally with test_<name>_ci_low "
+        f"and test_<name>_ci_high), e.g. {', '.join(h.test for h in KNOWN_HEADLINES)}, or name the column with "
+        f"analyze --headline NAME --goal max|min; columns are {columns}"
     )
 
 
@@ -138,6 +153,190 @@ def complete_columns(df: pd.DataFrame) -> pd.DataFrame:
     if df["run_id"].isna().any():  # a stable id per row, so predictions and draws can refer to it
         df["run_id"] = [r if isinstance(r, str) and r else f"row{i}" for i, r in enumerate(df["run_id"])]
     return df
+
+
+NO_INTERVALS = "no intervals: point estimates only"  # the label of every verdict that rests on points alone
+NOT_STATED = "not stated"  # a text axis (backbone, probe, strategy) a table leaves blank
+_TEXT_AXES = ("backbone", "probe", "strategy")
+_SCALING_AXES = {"n_params": "params", "resolution": "resolution"}  # column -> the axis it is the x of
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+
+
+def _number(value, column: str) -> float:
+    """A positive number from a table cell: plain numbers, plus the forms papers print (``21.6M`` params,
+    ``224px`` or ``224x224`` resolution). NaN for anything else."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        text = str(value).strip().lower().replace(",", "").replace(" ", "")
+        scale = 1.0
+        if column == "n_params" and text[-1:] in _SUFFIX:
+            text, scale = text[:-1], _SUFFIX[text[-1]]
+        if column == "resolution":
+            text = text.removesuffix("px")
+            side = text.split("x")
+            if len(side) == 2 and side[0] == side[1]:
+                text = side[0]
+        try:
+            v = float(text) * scale
+        except ValueError:
+            return float("nan")
+    return v if np.isfinite(v) and v > 0 else float("nan")
+
+
+def _where(df: pd.DataFrame, mask) -> str:
+    """The rows under ``mask``, as a person finds them again: file lines, else run ids."""
+    mask = np.asarray(mask, dtype=bool)
+    if "_line" in df.columns:
+        ids, what = [str(int(v)) for v in df.loc[mask, "_line"]], "line"
+    elif "run_id" in df.columns and df["run_id"].notna().all():
+        ids, what = [str(v) for v in df.loc[mask, "run_id"]], "run"
+    else:
+        ids, what = [str(i) for i in np.flatnonzero(mask)], "row"
+    shown = ", ".join(ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+    return f"{what}{'s' if len(ids) > 1 else ''} {shown}"
+
+
+def _blank(column: pd.Series) -> np.ndarray:
+    """Cells that say nothing: missing, or only whitespace."""
+    return np.array([_is_blank(v) for v in column], dtype=bool)
+
+
+def _is_blank(v) -> bool:
+    if isinstance(v, str):
+        return v.strip() == ""
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' if n != 1 else ''}"
+
+
+def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+    """Any results table made fit for the analysis, saying what it did (``df.attrs['notes']``):
+
+    * rows without a numeric headline value are left out; none left is an error;
+    * a higher-is-better headline must be a score in [0, 1] (percentages, all in [0, 100], are divided by
+      100 and said so); a lower-is-better one must be >= 0;
+    * intervals are optional: missing, non-numeric, zero-width or not containing the value they are
+      unknown, and those rows' verdicts rest on point estimates only (``NO_INTERVALS``);
+    * a blank or unreadable size or resolution leaves the row out of that axis only; blank text axes
+      read ``not stated``; a missing seed makes rows of one configuration replicates.
+
+    Idempotent; raises ValueError (one message) for what cannot be analysed at all.
+    """
+    if df.attrs.get("tidy") == headline.test:
+        return df
+    t, lo_col, hi_col = headline.test, f"{headline.test}_ci_low", f"{headline.test}_ci_high"
+    if t not in df.columns:
+        raise ValueError(f"no {t} column; columns are {[c for c in df.columns if c != '_line']}")
+    notes = list(df.attrs.get("notes", []))
+    df = df.reset_index(drop=True).copy()
+    df.attrs = {}
+    value = pd.to_numeric(df[t], errors="coerce")
+    bad = ~np.isfinite(value.to_numpy(float))
+    if bad.all():
+        raise ValueError(f"no row has a numeric {t}")
+    if bad.any():
+        notes.append(f"{_rows(int(bad.sum()))} without a numeric {t} left out ({_where(df, bad)})")
+        df, value = df[~bad].reset_index(drop=True), value[~bad].reset_index(drop=True)
+    df[t] = value
+    missing_ci = [c for c in (lo_col, hi_col) if c not in df.columns]
+    for c in (lo_col, hi_col, headline.val):
+        df[c] = pd.to_numeric(df[c], errors="coerce") if c in df.columns else np.nan
+    _check_range(df, headline, notes)
+    if missing_ci:
+        notes.append(f"no interval column(s) {missing_ci}: every verdict rests on point estimates only")
+    else:
+        _check_intervals(df, headline, notes)
+    absent = [c for c in AXIS_COLUMNS if c not in df.columns]
+    if absent:
+        notes.append(f"column(s) {absent} not in the table: each taken as one value ({NOT_STATED})")
+    for col in _TEXT_AXES:
+        if col == "backbone" and col not in df.columns and "n_params" in df.columns:
+            df[col] = [
+                f"{n / 1e6:.3g}M params" if np.isfinite(n) else NOT_STATED
+                for n in df["n_params"].map(lambda v: _number(v, "n_params"))
+            ]
+        if col not in df.columns:
+            df[col] = NOT_STATED
+            continue
+        blank = _blank(df[col])
+        if blank.any():
+            notes.append(f"{col}: blank in {_rows(int(blank.sum()))} ({_where(df, blank)}), read as '{NOT_STATED}'")
+        df[col] = [NOT_STATED if b else str(v).strip() for v, b in zip(df[col], blank)]
+    for col, axis in _SCALING_AXES.items():
+        raw = df[col] if col in df.columns else pd.Series(np.nan, index=df.index)
+        num = raw.map(lambda v, c=col: _number(v, c)).astype(float)
+        if col in df.columns:
+            blank = _blank(raw)
+            unread = num.isna().to_numpy() & ~blank
+            if blank.any():
+                notes.append(
+                    f"{col}: not stated in {_rows(int(blank.sum()))} ({_where(df, blank)}); left out of the {axis} axis only"
+                )
+            if unread.any():
+                shown = ", ".join(repr(str(v)) for v in raw[unread].unique()[:4])
+                notes.append(
+                    f"{col}: {shown} not a positive number ({_where(df, unread)}); left out of the {axis} axis only"
+                )
+        df[col] = num
+    if "seed" not in df.columns:
+        df["seed"] = 0
+    df["seed"] = [NOT_STATED if b else v for v, b in zip(df["seed"], _blank(df["seed"]))]
+    for col in ("modality", "dataset"):
+        if col in df.columns:
+            df[col] = [OPTIONAL_COLUMNS[col] if b else str(v).strip() for v, b in zip(df[col], _blank(df[col]))]
+    for col in ("gflops", "tokens_per_image"):
+        if col in df.columns:
+            df[col] = df[col].map(lambda v, c=col: _number(v, c)).astype(float)
+    df = complete_columns(df)
+    dup = df.duplicated([*CELL_COLUMNS, "seed"], keep=False)
+    if dup.any():
+        notes.append(
+            f"{_rows(int(dup.sum()))} repeat a configuration and seed ({_where(df, dup)}): averaged as replicates"
+        )
+    df.attrs = {"headline": headline, "notes": notes, "tidy": headline.test}
+    return df
+
+
+def _check_range(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
+    t, cols = h.test, [h.test, f"{h.test}_ci_low", f"{h.test}_ci_high", h.val]
+    v = df[t]
+    if h.goal == "min":
+        if (v < 0).any():
+            raise ValueError(
+                f"{t} is lower-is-better, an error or a distance >= 0, but {_where(df, v < 0)} hold negative values"
+            )
+        return
+    if (v < 0).any() or (v > 100).any():
+        raise ValueError(
+            f"{t} is higher-is-better, a score in [0, 1], but {_where(df, (v < 0) | (v > 100))} hold values outside "
+            "[0, 1] (and outside [0, 100], so not percentages either)"
+        )
+    if (v > 1).any():
+        for c in cols:
+            df[c] = df[c] / 100
+        notes.append(f"{t} read as percentages (values up to {v.max():g}) and divided by 100")
+
+
+def _check_intervals(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
+    v, lo, hi = df[h.test], df[f"{h.test}_ci_low"], df[f"{h.test}_ci_high"]
+    absent = lo.isna() | hi.isna()
+    zero = ~absent & (hi == lo)
+    outside = ~absent & ~zero & ((lo > v + 1e-9) | (hi < v - 1e-9))
+    for mask, why in (
+        (absent, "no interval (blank or not a number)"),
+        (zero, "a zero-width interval, treated as unknown"),
+        (outside, "an interval that does not contain the value, treated as unknown"),
+    ):
+        if mask.any():
+            notes.append(f"{_rows(int(mask.sum()))} with {why} ({_where(df, mask)}): point estimates only there")
+    unknown = absent | zero | outside
+    df.loc[unknown, [lo.name, hi.name]] = np.nan
 
 
 def as_generic(df: pd.DataFrame, headline: Headline | None = None) -> tuple[pd.DataFrame, Headline]:
@@ -166,28 +365,55 @@ def as_generic(df: pd.DataFrame, headline: Headline | None = None) -> tuple[pd.D
     return df, headline
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV results table as pandas reads it, column names stripped and matched case-insensitively to the
+    names dinoscale knows; every failure to read it is one ValueError naming the file."""
+    try:
+        df = pd.read_csv(path, skipinitialspace=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not a CSV file") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty; expected a CSV table with a header row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable CSV table ({first})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    dup = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if dup:
+        raise ValueError(f"{path}: column(s) {dup} appear more than once; keep one of each")
+    known = [*AXIS_COLUMNS, *OPTIONAL_COLUMNS, "gflops_per_image"]
+    lower = {c.lower(): c for c in known}
+    df = df.rename(
+        columns={
+            c: lower[c.lower()]
+            for c in df.columns
+            if c.lower() in lower and lower[c.lower()] != c and lower[c.lower()] not in df.columns
+        }
+    )
+    if "gflops" not in df.columns and "gflops_per_image" in df.columns:
+        df = df.rename(columns={"gflops_per_image": "gflops"})
+    if df.empty:
+        raise ValueError(f"{path}: a header but no rows")
+    df["_line"] = df.index + 2  # the file's line of each row (the header is line 1), for messages
+    return df
+
+
 def results_from_csv(path: str | Path, headline: Headline | str | None = None, goal: str | None = None) -> pd.DataFrame:
     """A results table; its headline is the one given (a ``Headline`` or a name such as ``test_voi``), else
     detected from its columns (``detect_headline``; ``goal`` for a metric dinoscale does not know).
-    The headline travels with the table as ``df.attrs['headline']``."""
-    df = pd.read_csv(path)
+    Only the headline column is required (``tidy_results`` says what it does with gaps). The headline
+    travels with the table as ``df.attrs['headline']``, what was left out as ``df.attrs['notes']``."""
+    df = read_table(path)
     try:
         if not isinstance(headline, Headline):
             headline = detect_headline(df.columns, headline, goal)
+        if headline.test not in df.columns and headline.name in df.columns:  # a bare metric column (e.g. "dice")
+            df = df.rename(columns={headline.name: headline.test})
+        return tidy_results(df, headline)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    expected = result_columns(headline)
-    missing = [c for c in expected if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {expected}")
-    bad = df[expected[-3:]].apply(pd.to_numeric, errors="coerce").isna().any(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{path}: row(s) {list(df.index[bad] + 2)} have a missing or non-numeric "
-            f"{headline.test} / _ci_low / _ci_high (line numbers count the header)"
-        )
-    df.attrs["headline"] = headline
-    return df
 
 
 def _latest_sweep(client, experiment_id: str, experiment: str) -> str:

@@ -83,6 +83,13 @@ class ImageFiles(torch.utils.data.Dataset):
 PET_SUV_RANGE = (0.0, 10.0)  # PET in SUV mapped to [0, 1] (clipped) when fused with CT
 
 
+def fusion_signature(channels: tuple[str, ...]) -> str:
+    """What fusing a dataset's extra channels into the encoder's input does, for the feature key ('' for none)."""
+    if "pet" in channels:
+        return f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"
+    return ""
+
+
 def build_volume_transform(
     resolution: int,
     mean: Sequence[float],

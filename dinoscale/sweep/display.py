@@ -134,6 +134,8 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
     from dinoscale.headline import AUROC
 
     headline = headline or AUROC
+    if len(rows) > 12 and len({r.get("resolution") for r in rows}) > 1:
+        return _print_grid(rows, title, headline)
     axes = [a for a in AXIS_NAMES if len({r.get(a) for r in rows}) > 1 or a in ("backbone", "resolution", "probe")]
     t = Table(title=title)
     for col in (*axes, f"{headline.test} [95% CI]", "val", "selected", "state"):
@@ -152,6 +154,47 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
             value, val = "-", "-"
         t.add_row(*(_axis_text(a, r.get(a)) for a in axes), value, val, r.get("selected", ""), r.get("state", "?"))
     console.print(t)
+
+
+def _print_grid(rows: list[dict], title: str, headline) -> None:
+    """A large sweep on one screen: one row per (other varying axes, backbone), one column per resolution;
+    what was selected per cell is in its MLflow run. Cells that did not finish are listed below."""
+    keys = [a for a in AXIS_NAMES if a not in ("resolution", "n_params") and len({r.get(a) for r in rows}) > 1]
+    keys = [k for k in keys if k != "backbone"] + ["backbone"]
+    resolutions = sorted({r.get("resolution") for r in rows}, key=lambda v: (not isinstance(v, (int, float)), v))
+    t = Table(title=title, caption=f"{headline.test} [95% CI] per cell; selected hyper-parameters: MLflow")
+    for k in keys:
+        t.add_column(k)
+    for res in resolutions:
+        t.add_column(f"{res}px", justify="right")
+    grid: dict[tuple, dict] = {}
+    for r in rows:
+        grid.setdefault(tuple(r.get(k) for k in keys), {})[r.get("resolution")] = r
+    order = sorted(
+        grid,
+        key=lambda key: (
+            tuple((str(v) if k != "backbone" else "") for k, v in zip(keys, key))
+            + (min(r.get("n_params") or 0 for r in grid[key].values()),)
+        ),
+    )
+    for key in order:
+        cells = grid[key]
+        values = []
+        for res in resolutions:
+            r = cells.get(res)
+            if r is None:
+                values.append("")
+            elif r.get("state") == "FINISHED":
+                values.append(_with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"]))
+            else:
+                values.append(f"[red]{r.get('state', '?')}[/red]")
+        t.add_row(*(str(v) for v in key), *values)
+    console.print(t)
+    failed = [r for r in rows if r.get("state") != "FINISHED"]
+    for r in failed:
+        console.print(
+            f"[red]{r.get('state', '?')}[/red]: " + ", ".join(f"{a}={_axis_text(a, r.get(a))}" for a in AXIS_NAMES)
+        )
 
 
 class SweepProgress:

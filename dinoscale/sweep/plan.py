@@ -138,15 +138,14 @@ def feature_key(
 ) -> FeatureKey:
     """The store key of one feature set; ``view``: images | volumes | slices; ``channels``: extra inputs fused
     into the encoder's channels (('pet',) for PET/CT)."""
-    from dinoscale.data.preprocess import PET_SUV_RANGE
+    from dinoscale.data.preprocess import fusion_signature
 
     f = spec.features
     tokens = tokens or f.tokens
     # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
     window = volume_window(spec)
     norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
-    if "pet" in channels:
-        norm += f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"
+    norm += fusion_signature(channels)
     suffix = {"images": "", "volumes": f"@volume-{f.volume_pool}", "slices": "@slices"}[view]
     return FeatureKey(
         backbone=bb.arch_id,
@@ -444,8 +443,8 @@ def check_runnable(plan: Plan) -> None:
 
         fitting = [k for k in probe_kinds() if get_probe(k).unfit_reason(ds.task, ds.volumetric, ds.bagged) is None]
         raise NotRunnableError(
-            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task"
-            f"{', 3D volumes' if ds.volumetric else ''}): "
+            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task)"
+            f"{' of 3D volumes' if ds.volumetric else ''}: "
             + "; ".join(unfit.values())
             + f". Probes that fit: {', '.join(fitting)}"
         )

@@ -31,6 +31,7 @@ from dinoscale.tracking import (
     git_commit,
     log_batch,
     resolve_tracking_uri,
+    runs_table_url,
     split_dataset_inputs,
 )
 
@@ -228,8 +229,10 @@ def run_sweep(
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
         console.print(
-            f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok. "
-            f"Browse with `make ui`; report: {report_dir / 'report.md' if report_dir else '-'}"
+            f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok; report: "
+            f"{report_dir / 'report.html' if report_dir else '-'}. Browse with `make ui`, then open "
+            f"{runs_table_url('http://127.0.0.1:5000', state.experiment_id)}",
+            markup=False,
         )
     return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
 
