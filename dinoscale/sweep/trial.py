@@ -503,8 +503,14 @@ def configuration_trainable(cell: Cell, k: int, ctx: SweepContext) -> None:
     )
     previous = client.get_run(run_id).data.tags.get(record.EVALUATIONS, "0")
     tags[record.EVALUATIONS] = str(int(previous) + 1)
+    first = previous == "0"
     with_retries(
-        log_batch, client, run_id, params=_configuration_params(cell, k) if previous == "0" else None, tags=tags
+        log_batch,
+        client,
+        run_id,
+        params=_configuration_params(cell, k) if first else None,
+        metrics=_searched_metrics(cell, k) if first else None,  # MLflow sorts params as text
+        tags=tags,
     )
     stopped = stopped_at(ctx.schedule_state, cell.id, k)
     if stopped is not None:  # stopped by the scheduler before an interruption: recorded now, not trained again
