@@ -7,4 +7,4 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
 timeout 330 python3 benchmarks/gpu_check.py 2>&1 | tee ${OUT:-/tmp}/gpu_check.log
-timeout 150 python3 benchmarks/gpu_train_check.py 2>&1 | tee ${OUT:-/tmp}/gpu_train_check.log
+timeout 300 python3 benchmarks/gpu_train_check.py 2>&1 | tee ${OUT:-/tmp}/gpu_train_check.log

@@ -5,7 +5,9 @@ them back (sources); all of them import this module, so a tag or an axis cannot 
 A leaf module: it imports nothing from dinoscale.
 
 Layout of one sweep in MLflow: an experiment per modality; a parent run per sweep (role ``sweep``);
-a child run per cell (role ``cell``), found again on resume by its deterministic trial key.
+a child run per cell (role ``cell``), found again on resume by its deterministic trial key. A lora /
+full cell's run has one child run per configuration of its search (role ``configuration``, found
+again by its own key): sweep -> cell -> configuration, three levels of ``mlflow.parentRunId``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 
 PARENT_RUN_ID = "mlflow.parentRunId"
 GIT_COMMIT = "mlflow.source.git.commit"
-ROLE = "dinoscale.role"  # sweep | cell
+ROLE = "dinoscale.role"  # sweep | cell | configuration
 ROLE_SWEEP = "sweep"
 ROLE_CELL = "cell"
+ROLE_CONFIGURATION = "configuration"  # one configuration of a lora / full cell's search, under the cell's run
 SWEEP_ID = "dinoscale.sweep_id"
 SPEC_DIGEST = "dinoscale.spec_digest"
 TRIAL_KEY = "dinoscale.trial_key"
@@ -39,6 +42,18 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
 # The MLflow UI (3.17) opens an experiment on its GenAI pages unless the link names the workflow:
 RUNS_TABLE_QUERY = "workflowType=machine_learning"
+
+# lora / full cells: the search over configurations (one Ray Tune trial each), stopped early by ASHA
+CONFIGURATION = "dinoscale.configuration"  # a configuration run: its index in the cell's search (0 = stated values)
+CONFIGURATION_STATE = "dinoscale.configuration_state"  # one of CONFIGURATION_STATES
+CONFIG_RUNNING = "running"
+CONFIG_COMPLETE = "complete"  # trained to its last epoch, or until its own patience ran out
+CONFIG_STOPPED = "stopped"  # stopped early by the scheduler (its val metric lost at a rung); GPU freed
+CONFIG_FAILED = "failed"
+CONFIGURATION_STATES = (CONFIG_RUNNING, CONFIG_COMPLETE, CONFIG_STOPPED, CONFIG_FAILED)
+STOPPED_AT_EPOCH = "dinoscale.stopped_at_epoch"  # epochs a stopped configuration had trained
+SELECTED_CONFIGURATION = "dinoscale.selected_configuration"  # on the cell run: the index chosen on val
+SELECTED_RUN = "dinoscale.selected_run_id"  # on the cell run: that configuration's run
 
 # ---------------------------------------------------------------- tags: what the numbers mean
 
@@ -81,6 +96,7 @@ EXTRACTION_SHARDS_CACHED = "extraction_shards_cached"  # committed by an earlier
 # ---------------------------------------------------------------- artifacts
 
 PREDICTIONS = "predictions/test.csv"
+SEARCH_TABLE = "search/configurations.csv"  # on a lora / full cell run: every configuration, its state and val
 TRACEBACK = "error/traceback.txt"
 RESOLVED_SPEC = "spec/resolved.yaml"
 PROTOCOL = "protocol/protocol.md"  # the sweep's protocol table (every constant; dinoscale.sweep.protocol)
@@ -88,6 +104,24 @@ PROTOCOL_JSON = "protocol/protocol.json"
 EXTRACTION_DIR = "extraction"
 FEATURE_SETS = "extraction/feature_sets.json"  # per feature set: predicted and measured bytes, shards
 REPORT_DIR = "report"
+
+# ---------------------------------------------------------------- metrics of the search (lora / full)
+
+EPOCH = "epoch"  # configuration runs: epochs completed (the scheduler's time axis; per-epoch metrics use it as step)
+SELECTION_VALUE = "selection_value"  # the val headline as maximised (-VOI for VOI): what ASHA and the selection compare
+BEST_SELECTION_VALUE = "best_selection_value"  # a configuration's best epoch's selection value
+TRAIN_LOSS = "train_loss"
+SCHEDULED_LR = "scheduled_lr"  # the learning rate at the end of an epoch (warm-up + cosine), per epoch
+EPOCHS_RUN = "epochs_run"
+BEST_EPOCH = "best_epoch"
+OOM_BACKOFFS = "oom_backoffs"
+MICRO_BATCH_SIZE = "micro_batch_size"  # in use at the end of a configuration (after any out-of-memory back-off)
+SEARCH_CONFIGURATIONS = "search_configurations"  # cell: its budget
+CONFIGURATIONS_COMPLETE = "configurations_complete"
+CONFIGURATIONS_STOPPED = "configurations_stopped"
+CONFIGURATIONS_FAILED = "configurations_failed"
+CONFIGURATION_EPOCHS = "configuration_epochs"  # cell: epochs trained over all its configurations (compute spent)
+CONFIGURATION_EPOCHS_BUDGET = "configuration_epochs_budget"  # budget x epochs: what a search without stopping trains
 
 # ---------------------------------------------------------------- the grid axes
 

@@ -1,42 +1,102 @@
-"""Per-cell hyper-parameter search: an Optuna study inside one cell.
+"""Per-cell hyper-parameter search: every cell of a strategy gets the same budget, selection on val only.
 
-Every cell gets the same budget (``n_trials``) so scaling curves compare like with like. TPE is
-seeded; LoRA / full trials report their val metric every epoch and a MedianPruner stops hopeless
-ones. Selection is on val only; the caller scores the returned best configuration on test.
-
-- ``search_probe(spec, train, val, test, n_trials, seed)``: frozen probes on cached features. Each
-  trial overrides some of the probe spec's fields (the search space its module declares in its
-  ``ProbeDef``); the probe still does its own vectorised grid (e.g. all lr x wd heads) inside a trial.
-- ``search_finetune(make_model, train, val, base_cfg, n_trials, seed, storage_dir)``: LoRA / full.
-  With ``storage_dir`` the study lives in SQLite there and every trial checkpoints, so a retried
-  Ray trial continues the study instead of restarting it: finished (complete or pruned) trials are
-  kept, and a trial that was interrupted (failed, or left running by a killed process) is run again
-  with its parameters from its last epoch checkpoint. One process at a time per ``storage_dir``.
+- Frozen probes on cached features, ``search_probe(spec, train, val, test, n_trials, seed)``: an Optuna
+  study inside the cell's trial (seeded TPE). Each trial overrides some of the probe spec's fields (the
+  search space its module declares in its ``ProbeDef``); the probe still does its own vectorised grid
+  (e.g. all lr x wd heads) inside a trial.
+- LoRA / full fine-tuning, ``finetune_configurations(strategy_spec, budget, seed)``: the configurations
+  a cell searches, decided by the plan before anything runs. Configuration 0 is the spec's stated
+  values; the others are a Latin hypercube sample of the strategy's ``space`` (log-uniform learning
+  rate and weight decay, uniform warm-up / layer decay / dropout, LoRA rank and alpha as choices).
+  Each configuration is its own Ray Tune trial (a whole GPU), stopped early by asynchronous successive
+  halving inside its cell (``dinoscale.sweep.schedule``). Why not an Optuna study with a pruner inside
+  one trial per cell: its configurations would run one after another on the cell's one GPU, a pruned
+  configuration would free that GPU only for the next configuration of the same cell, and idle GPUs
+  of the cluster could not take the cell's other configurations. Random sampling is ASHA's usual
+  partner (Li et al., 2020): configurations do not depend on each other's results, so they run in
+  any order or in parallel, a resumed search continues the same list, and every cell of a strategy
+  (at one seed) tries the same configurations, so cells differ by their axes, not by their luck.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dinoscale.probes.registry import SpaceFn  # (optuna.Trial, base spec/config) -> field overrides
 
+# What each strategy's search space samples and how: spec field -> (FinetuneConfig field, scale).
+# 'log' and 'linear' fields are [low, high] ranges; 'choice' fields are lists.
+SEARCHED: dict[str, dict[str, tuple[str, str]]] = {
+    "lora": {
+        "lr": ("lr", "log"),
+        "weight_decay": ("weight_decay", "log"),
+        "warmup_epochs": ("warmup_epochs", "linear"),
+        "rank": ("lora_rank", "choice"),
+        "alpha": ("lora_alpha", "choice"),
+        "dropout": ("lora_dropout", "linear"),
+    },
+    "full": {
+        "lr": ("lr", "log"),
+        "weight_decay": ("weight_decay", "log"),
+        "layer_decay": ("layer_decay", "linear"),
+        "warmup_epochs": ("warmup_epochs", "linear"),
+    },
+}
+# Fixed settings of a strategy spec, renamed where FinetuneConfig names them otherwise.
+_FIXED_NAMES = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"}
+_NOT_CONFIG = ("kind", "budget", "space")
 
-def finetune_space(trial, cfg) -> dict:
-    out = {
-        "lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-4, 1e-1, log=True),
-    }
-    if cfg.strategy == "lora":
-        out["lora_rank"] = trial.suggest_categorical("lora_rank", [4, 8, 16])
-    else:
-        out["layer_decay"] = trial.suggest_float("layer_decay", 0.5, 0.95)
+
+def stated_configuration(strategy_spec: dict) -> dict:
+    """The strategy spec's stated values as ``FinetuneConfig`` keyword arguments (configuration 0)."""
+    out = {"strategy": strategy_spec["kind"]}
+    for k, v in strategy_spec.items():
+        if k not in _NOT_CONFIG:
+            out[_FIXED_NAMES.get(k, k)] = list(v) if isinstance(v, (list, tuple)) else v
     return out
+
+
+def finetune_configurations(strategy_spec: dict, budget: int, seed: int) -> list[dict]:
+    """``budget`` configurations (``FinetuneConfig`` keyword arguments) for one cell: the stated values,
+    then ``budget - 1`` points of a Latin hypercube over the searched hyper-parameters (scipy's, seeded:
+    each range is cut into ``budget - 1`` strata and every stratum is sampled once). ``strategy_spec``:
+    a dumped ``LoraStrategySpec`` / ``FullStrategySpec``. The same (spec, budget, seed) give the same list."""
+    from scipy.stats import qmc
+
+    base = stated_configuration(strategy_spec)
+    searched = SEARCHED[strategy_spec["kind"]]
+    space = strategy_spec["space"]
+    out = [dict(base)]
+    n = budget - 1
+    if n <= 0:
+        return out
+    names = list(searched)
+    u = qmc.LatinHypercube(d=len(names), seed=np.random.default_rng(seed)).random(n)
+    for row in u:
+        cfg = dict(base)
+        for j, name in enumerate(names):
+            target, scale = searched[name]
+            cfg[target] = _draw(space[name], scale, float(row[j]))
+        out.append(cfg)
+    return out
+
+
+def _draw(domain, scale: str, u: float):
+    if scale == "choice":
+        return domain[min(int(u * len(domain)), len(domain) - 1)]
+    low, high = float(domain[0]), float(domain[1])
+    if scale == "log":
+        return float(np.exp(np.log(low) + u * (np.log(high) - np.log(low))))
+    return float(low + u * (high - low))
+
+
+def searched_names(strategy: str) -> list[str]:
+    """The ``FinetuneConfig`` fields a strategy's search varies (logged as ``selected.<name>``)."""
+    return [target for target, _ in SEARCHED[strategy].values()]
 
 
 @dataclass
@@ -74,51 +134,14 @@ def _summary(study) -> StudyResult:
     )
 
 
-def _requeue_interrupted(study) -> None:
-    """Queue one retry of each interrupted trial (FAIL, or RUNNING left by a process that died: only one
-    process uses a study at a time) with its parameters, unless a retry is already queued or finished.
-    The retry carries ``resumes_trial`` (the first trial of the chain), which names its checkpoint."""
-    import optuna
-
-    states = optuna.trial.TrialState
-    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        study.tell(t.number, state=states.FAIL)
-    root = {t.number: t.user_attrs.get("resumes_trial", t.number) for t in study.trials}
-    handled = {root[t.number] for t in study.trials if t.state != states.FAIL}  # queued, or finished
-    for t in study.get_trials(deepcopy=False, states=(states.FAIL,)):  # oldest first; latest params win
-        if root[t.number] not in handled:
-            handled.add(root[t.number])
-            last = [u for u in study.trials if root[u.number] == root[t.number]][-1]
-            study.enqueue_trial(dict(last.params), user_attrs={"resumes_trial": root[t.number]})
-
-
-def run_study(
-    objective: Callable[[Any], tuple[float, Any]],
-    n_trials: int,
-    seed: int = 0,
-    pruner=None,
-    storage: str | None = None,
-    study_name: str = "cell",
-    retry_interrupted: bool = False,
-) -> tuple[StudyResult, Any]:
-    """Maximise ``objective(trial) -> (val_metric, payload)``; returns the summary and the payload of the
-    best trial run in this process (None when the best finished in an earlier, interrupted process).
-    With ``storage``, finished trials count towards ``n_trials`` and are not rerun; with
-    ``retry_interrupted`` too, interrupted trials are queued again first (``_requeue_interrupted``)."""
+def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed: int = 0) -> tuple[StudyResult, Any]:
+    """Maximise ``objective(trial) -> (val_metric, payload)`` with seeded TPE; returns the summary and the
+    payload of the best trial."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 2)))
-    study = optuna.create_study(
-        direction="maximize",
-        sampler=sampler,
-        pruner=pruner or optuna.pruners.NopPruner(),
-        storage=storage,
-        study_name=study_name,
-        load_if_exists=storage is not None,
-    )
-    if retry_interrupted and storage is not None:
-        _requeue_interrupted(study)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
     best: dict = {"value": -np.inf, "payload": None, "number": -1}
 
     def wrapped(trial):
@@ -127,10 +150,7 @@ def run_study(
             best.update(value=value, payload=payload, number=trial.number)
         return float(value) if np.isfinite(value) else float("-inf")
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = n_trials - sum(t.state in finished for t in study.trials)
-    if remaining > 0:
-        study.optimize(wrapped, n_trials=remaining)
+    study.optimize(wrapped, n_trials=n_trials)
     summary = _summary(study)
     return summary, best["payload"] if best["number"] == summary.best_trial else None
 
@@ -154,67 +174,3 @@ def search_probe(spec, train, val, test, n_trials: int = 10, seed: int = 0, spac
     result.selected = {**summary.best_params, **result.selected}
     result.extra["search_trials"] = n_trials
     return result, summary
-
-
-def search_finetune(
-    make_model: Callable[[Any], Any],
-    train,
-    val,
-    base_cfg,
-    n_trials: int = 8,
-    seed: int = 0,
-    space: SpaceFn | None = None,
-    storage_dir: str | Path | None = None,
-    device=None,
-    n_startup_trials: int = 2,
-    n_warmup_epochs: int = 1,
-    on_epoch=None,
-):
-    """LoRA / full search with median pruning on the per-epoch val metric.
-
-    ``make_model(cfg) -> ImageClassifier`` (e.g. ``lambda c: build_classifier(load_backbone(...).model, C, c)``).
-    Returns ``(FinetuneResult of the best trial, with its best-val weights loaded; StudyResult)``.
-    ``on_epoch(trial_number, epoch, record)`` is called after every epoch (e.g. to report to Tune)."""
-    import optuna
-    import torch
-
-    from dinoscale.train import finetune
-
-    space = space or finetune_space
-    storage = None
-    if storage_dir is not None:
-        Path(storage_dir).mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{Path(storage_dir).resolve() / 'optuna.db'}"
-
-    def cfg_of(params_or_trial) -> Any:
-        return dataclasses.replace(base_cfg, **space(params_or_trial, base_cfg))
-
-    def checkpoint(number: int, user_attrs: dict) -> Path | None:  # a retried trial continues its first try's
-        return (
-            Path(storage_dir) / f"trial_{user_attrs.get('resumes_trial', number)}" if storage_dir is not None else None
-        )
-
-    def model_for(cfg):
-        torch.manual_seed(cfg.seed)  # head / adapter init: the same for every trial, whatever ran before
-        return make_model(cfg)
-
-    def run(trial, cfg):
-        ckpt = checkpoint(trial.number, trial.user_attrs)
-
-        def report(epoch, record):
-            if on_epoch is not None:
-                on_epoch(trial.number, epoch, record)
-            trial.report(record["val_metric"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-
-        res = finetune(model_for(cfg), train, val, cfg, checkpoint_dir=ckpt, on_epoch=report, device=device)
-        return res.best_val, res
-
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_epochs)
-    summary, best = run_study(lambda t: run(t, cfg_of(t)), n_trials, seed, pruner, storage, retry_interrupted=True)
-    if best is None and summary.best_trial >= 0:  # best finished before an interruption: reload it
-        cfg = cfg_of(optuna.trial.FixedTrial(summary.best_params))
-        ckpt = checkpoint(summary.best_trial, summary.trials[summary.best_trial]["user_attrs"])
-        best = finetune(model_for(cfg), train, val, cfg, checkpoint_dir=ckpt, device=device)
-    return best, summary

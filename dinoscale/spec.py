@@ -156,8 +156,80 @@ class BackboneSpec(Strict):
         return self.name
 
 
+def _range(low: float, high: float, log: bool) -> tuple[float, float]:
+    if not low <= high:
+        raise ValueError(f"a search range is [low, high] with low <= high, got {[low, high]}")
+    if log and low <= 0:
+        raise ValueError(f"a log-uniform range needs low > 0, got {[low, high]}")
+    return (low, high)
+
+
+LogRange = tuple[float, float]  # [low, high], sampled log-uniformly; low == high fixes the value
+LinRange = tuple[float, float]  # [low, high], sampled uniformly
+
+
+class LoraSearchSpace(Strict):
+    """What the per-cell search samples for ``lora`` (Latin hypercube, seeded; dinoscale.search). A range
+    with low == high, or a single choice, fixes that hyper-parameter."""
+
+    lr: LogRange = Field((1e-4, 3e-3), description="learning rate, log-uniform")
+    weight_decay: LogRange = Field((1e-5, 1e-1), description="AdamW weight decay (adapters + head), log-uniform")
+    warmup_epochs: LinRange = Field((0.0, 1.0), description="linear warm-up before the cosine decay, uniform")
+    rank: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1, description="LoRA rank, a choice")
+    alpha: list[float] = Field(
+        default_factory=lambda: [8.0, 16.0, 32.0], min_length=1, description="LoRA alpha (scale alpha / rank), a choice"
+    )
+    dropout: LinRange = Field((0.0, 0.2), description="dropout on the LoRA path, uniform")
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _log(cls, v):
+        return _range(*v, log=True)
+
+    @field_validator("warmup_epochs", "dropout")
+    @classmethod
+    def _lin(cls, v):
+        return _range(*v, log=False)
+
+    @field_validator("rank", "alpha")
+    @classmethod
+    def _positive(cls, v):
+        if any(x <= 0 for x in v):
+            raise ValueError(f"choices must be positive, got {v}")
+        return v
+
+
+class FullSearchSpace(Strict):
+    """What the per-cell search samples for ``full`` (Latin hypercube, seeded; dinoscale.search)."""
+
+    lr: LogRange = Field((1e-5, 5e-4), description="learning rate of the head and last block, log-uniform")
+    weight_decay: LogRange = Field((1e-3, 0.3), description="AdamW weight decay, log-uniform")
+    layer_decay: LinRange = Field((0.5, 0.95), description="layer-wise learning-rate decay, uniform")
+    warmup_epochs: LinRange = Field((0.0, 1.0), description="linear warm-up before the cosine decay, uniform")
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _log(cls, v):
+        return _range(*v, log=True)
+
+    @field_validator("warmup_epochs", "layer_decay")
+    @classmethod
+    def _lin(cls, v):
+        if v[0] < 0:
+            raise ValueError(f"must be >= 0, got {list(v)}")
+        return _range(*v, log=False)
+
+
+_BUDGET = (
+    "configurations searched per cell (the same for every cell of this strategy); none: the sweep's "
+    "search.n_trials, i.e. the frozen cells' budget. Configuration 0 is the stated values above, the "
+    "others are sampled from 'space'. 1: the stated values only"
+)
+
+
 class LoraStrategySpec(Strict):
-    """LoRA through peft on the attention projections of the backbone, plus a trained head."""
+    """LoRA through peft on the attention projections of the backbone, plus a trained head. The values
+    here are the stated defaults (configuration 0 of a search); ``space`` is what the search samples."""
 
     kind: Literal["lora"] = "lora"
     rank: int = Field(8, ge=1)
@@ -168,32 +240,53 @@ class LoraStrategySpec(Strict):
     )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="epochs per configuration (the search's max; early stopping may cut)")
     warmup_epochs: float = Field(1.0, ge=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="effective batch (the plan may split it into micro-batches)")
     patience: int | None = Field(3, ge=1, description="early stopping on val (epochs without improvement)")
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = Field(
+        False, description="true: always on; false: the plan turns it on where a trial would not fit in GPU memory"
+    )
+    budget: int | None = Field(None, ge=1, description=_BUDGET)
+    space: LoraSearchSpace = Field(default_factory=LoraSearchSpace)
 
 
 class FullStrategySpec(Strict):
-    """End-to-end fine-tuning with layer-wise learning-rate decay, AdamW, warm-up + cosine."""
+    """End-to-end fine-tuning with layer-wise learning-rate decay, AdamW, warm-up + cosine. The values
+    here are the stated defaults (configuration 0 of a search); ``space`` is what the search samples."""
 
     kind: Literal["full"] = "full"
     lr: float = Field(1e-4, gt=0, description="learning rate of the head and last block; earlier layers decay")
     layer_decay: float = Field(0.75, gt=0, le=1)
     weight_decay: float = Field(0.05, ge=0)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="epochs per configuration (the search's max; early stopping may cut)")
     warmup_epochs: float = Field(1.0, ge=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="effective batch (the plan may split it into micro-batches)")
     patience: int | None = Field(3, ge=1)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = Field(
+        False, description="true: always on; false: the plan turns it on where a trial would not fit in GPU memory"
+    )
+    budget: int | None = Field(None, ge=1, description=_BUDGET)
+    space: FullSearchSpace = Field(default_factory=FullSearchSpace)
+
+
+class EarlyStoppingSpec(Strict):
+    """Asynchronous successive halving (ASHA) among the configurations of one cell, run by Ray Tune: at
+    rungs of ``grace_epochs * reduction_factor**k`` epochs, a configuration whose val metric is below the
+    top 1/``reduction_factor`` of those that reached the rung before it is stopped, and its GPU freed."""
+
+    enabled: bool = Field(True, description="off: every configuration trains to its last epoch (FIFO)")
+    grace_epochs: int = Field(1, ge=1, description="epochs a configuration always gets before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="the top 1/reduction_factor continue at each rung")
 
 
 class FinetuningSpec(Strict):
-    """Settings of the strategies that train the encoder (one cell per backbone x resolution x seed)."""
+    """Settings of the strategies that train the encoder (one cell per backbone x resolution x head x seed,
+    each searching ``budget`` configurations)."""
 
     lora: LoraStrategySpec = Field(default_factory=LoraStrategySpec)
     full: FullStrategySpec = Field(default_factory=FullStrategySpec)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
 
 
 class SearchSpec(Strict):
@@ -204,9 +297,14 @@ class SearchSpec(Strict):
         ge=1,
         description="Optuna trials per frozen cell (seeded TPE over the probe's search space, "
         "declared by the probe's module); 1: the probe's own built-in grid only. The same budget for "
-        "every cell, so curves compare like with like",
+        "every cell, so curves compare like with like; lora / full cells search as many configurations "
+        "unless their 'budget' says otherwise",
     )
-    seed: int = Field(0, description="seed of the per-cell Optuna sampler")
+    seed: int = Field(
+        0,
+        description="seed of the per-cell samplers (Optuna for frozen cells, the Latin "
+        "hypercube of lora / full configurations); the cell's seed axis is added to it",
+    )
 
 
 class FeaturesSpec(Strict):
@@ -297,6 +395,12 @@ class ResourcesSpec(Strict):
         gt=0,
         description="memory of each node for the plan's check that every extraction task and trial fits; "
         "none: this machine's memory for `dinoscale plan`, the memory the Ray nodes declare in a sweep",
+    )
+    gpu_memory_gib: float = Field(
+        80.0,
+        gt=0,
+        description="memory of one GPU assumed by the plan for lora / full trials (a planning figure): a trial "
+        "estimated above it gets gradient checkpointing, then smaller micro-batches, instead of failing",
     )
     assumed_gpu_tflops: float = Field(
         100.0,

@@ -46,7 +46,7 @@ class TaskDef:
     headline: Headline
     score: Scorer  # (test output, test target or None, Scoring) -> (metrics, per-unit predictions table)
     dense: bool = False  # the probe's input is a patch-token grid and its output a label map per unit
-    finetunable: bool = False  # lora / full cells can train the encoder for it
+    finetunable: bool = False  # lora / full cells can train the encoder under its head (dinoscale.train.objective)
     exclusive: bool = False  # one label per unit (multiclass): probes train softmax cross-entropy, not BCE
 
     def val_metrics(self, val_metric: float) -> dict[str, float]:
@@ -166,7 +166,7 @@ for _t in (
     TaskDef("multilabel", AUROC, score_classification, finetunable=True),  # binary is multilabel with one class
     TaskDef("multiclass", AUROC, score_classification, finetunable=True, exclusive=True),
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
-    TaskDef("segmentation", DICE, score_segmentation, dense=True),
+    TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
     TaskDef("instance_segmentation", VOI, score_instances, dense=True),
 ):
     register_task(_t)

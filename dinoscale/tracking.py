@@ -109,6 +109,7 @@ def git_commit(project_dir: Path | None = None) -> str:
 
 
 def find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str):
+    """The run under ``parent_run_id`` keyed ``trial_key`` (a cell under its sweep, a configuration under its cell)."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TRIAL_KEY}` = '{trial_key}'",
@@ -118,15 +119,30 @@ def find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, tri
 
 
 def find_or_create_child(
-    client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str, tags: dict[str, str]
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_key: str,
+    run_name: str,
+    tags: dict[str, str],
+    role: str = ROLE_CELL,
 ) -> str:
     existing = find_child(client, experiment_id, parent_run_id, trial_key)
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
-    all_tags = {PARENT_RUN_ID: parent_run_id, TRIAL_KEY: trial_key, ROLE: ROLE_CELL, **tags}
+    all_tags = {PARENT_RUN_ID: parent_run_id, TRIAL_KEY: trial_key, ROLE: role, **tags}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+def children(client: MlflowClient, experiment_id: str, parent_run_id: str, role: str) -> list:
+    """Every run of ``role`` directly under ``parent_run_id``."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{ROLE}` = '{role}'",
+        max_results=10000,
+    )
 
 
 def log_batch(

@@ -4,7 +4,8 @@ The plan (``dinoscale.sweep.plan``) builds cells; trials (``dinoscale.sweep.tria
 A cell's position in the grid is its ``axes`` (the names of ``dinoscale.record.AXES``), logged as
 params (and as metrics where numeric); the rest is how to run it: the feature view and token set it
 reads, the CT window, the dumped probe or strategy config, the feature keys per split, the search
-budget and the protocol constants it logs.
+budget and the protocol constants it logs. A lora / full cell also carries the configurations its
+search trains (each one Ray Tune trial, a "unit" of the trial stage) and the head they train under.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class Cell:
     feature_keys: tuple[tuple[str, str], ...] = ()  # (split, feature-store digest)
     probe_config: dict | None = None  # the probe's dumped spec (frozen cells)
     strategy_config: dict | None = None  # the strategy's dumped spec (lora / full cells)
+    # lora / full: the configurations the cell's search trains (dinoscale.train.FinetuneConfig keyword
+    # arguments, seed aside; configuration 0 = the spec's stated values) and the head they train under:
+    # {'probe': 'linear', 'volume_pool': ...} or the segmentation probe's {'probe': 'segmentation', 'head', ...}
+    configurations: tuple[dict, ...] = ()
+    finetune_head: dict | None = None
     window: tuple[float, float] | None = None  # CT window in HU (images read by lora / full cells)
     interpolation: str = "bicubic"
     search: dict = field(default_factory=dict)  # n_trials, seed
@@ -82,6 +88,13 @@ class Cell:
         return self.strategy_config is not None
 
     @property
+    def unit_ids(self) -> list[str]:
+        """The Ray Tune trials of this cell: itself (frozen), or one per configuration of its search."""
+        if not self.trains_encoder:
+            return [self.id]
+        return [unit_id(self.id, k) for k in range(len(self.configurations))]
+
+    @property
     def id(self) -> str:
         """Unique within a sweep: the core axes in a fixed short form, then any other axis as ``_<name><value>``."""
         core = f"{self.backbone.name}_r{self.resolution}_{self.probe}_{self.strategy}_s{self.seed}"
@@ -89,3 +102,15 @@ class Cell:
 
 
 _CORE_AXES = ("backbone", "n_params", "resolution", "probe", "strategy", "seed")
+
+UNIT_SEP = "@c"  # '<cell id>@c<k>': configuration k of a lora / full cell
+
+
+def unit_id(cell_id: str, configuration: int) -> str:
+    return f"{cell_id}{UNIT_SEP}{configuration}"
+
+
+def parse_unit(unit: str) -> tuple[str, int | None]:
+    """(cell id, configuration index), or (cell id, None) for a frozen cell's trial."""
+    cell_id, sep, k = unit.rpartition(UNIT_SEP)
+    return (cell_id, int(k)) if sep and k.isdigit() else (unit, None)

@@ -112,7 +112,14 @@ def print_plan(plan: Plan) -> None:
         f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
         f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds"
     )
-    console.print(f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), one Ray Tune trial each")
+    training = [c for c in plan.cells if c.trains_encoder]
+    n_trials = sum(len(c.unit_ids) for c in plan.cells)
+    console.print(
+        f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), {n_trials} Ray Tune trials"
+        + (" (one per frozen cell, one per lora / full configuration)" if training else ", one per cell")
+    )
+    if training:
+        print_finetuning(plan, training)
     missing_images = plan.forward_passes()
     res = spec.resources
     gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
@@ -159,6 +166,37 @@ def print_plan(plan: Plan) -> None:
         )
     if plan.dataset_error:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
+
+
+def print_finetuning(plan: Plan, cells) -> None:
+    """Per lora / full cell: the configurations it searches and how its trials fit in GPU memory."""
+    spec = plan.spec
+    es = spec.finetuning.early_stopping
+    stop = (
+        f"ASHA within each cell (grace {es.grace_epochs} epoch(s), top 1/{es.reduction_factor:g} continue at each rung)"
+        if es.enabled
+        else "no early stopping (every configuration to its last epoch)"
+    )
+    t = Table(title=f"Fine-tuning cells: configurations searched on val, {stop}")
+    for col in ("cell", "configurations", "epochs", "batch", "est. GPU GiB", "grad ckpt", "micro-batch"):
+        t.add_column(col, justify="left" if col == "cell" else "right")
+    for c in cells:
+        p = c.params
+        fits = "" if p["train.fits_gpu_memory"] else " [red](does not fit)[/red]"
+        t.add_row(
+            c.id,
+            str(len(c.configurations)),
+            str(c.configurations[0]["epochs"]),
+            str(c.configurations[0]["batch_size"]),
+            f"{p['train.est_gpu_gib']:.2f}{fits}",
+            "on" if p["train.grad_checkpointing"] else "off",
+            str(p["train.micro_batch_size"]),
+        )
+    console.print(t)
+    console.print(
+        f"  GPU memory per training trial estimated for a {spec.resources.gpu_memory_gib:g} GiB GPU "
+        "(resources.gpu_memory_gib): activations measured on the meta device at the cell's resolution and batch"
+    )
 
 
 def _with_ci(value, low, high) -> str:

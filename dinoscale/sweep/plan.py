@@ -39,8 +39,9 @@ from dinoscale.sweep.cell import BackboneInfo, Cell
 from dinoscale.tasks import get_task, task_names
 
 TRAINING_STRATEGIES = ("lora", "full")
-# The probe label of lora / full cells: a linear head trained with the encoder. Labelled 'linear' so
-# that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in comparisons.
+# The probe label of lora / full cells on classification: a linear head trained with the encoder. Labelled
+# 'linear' so that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in
+# comparisons. On segmentation the head is the spec's segmentation probe, and so is the label.
 FINETUNE_HEAD = "linear"
 
 
@@ -215,6 +216,18 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _flat(config: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in config.items():
+        if k == "kind":
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def _protocol_params(
     spec: SweepSpec, bb: BackboneInfo, gflops: float, config: dict, prefix: str, replicate: dict
 ) -> dict:
@@ -233,7 +246,7 @@ def _protocol_params(
         "feature_dtype": spec.features.dtype,
         "bootstrap_resamples": spec.metrics.bootstrap.resamples,
         "bootstrap_level": spec.metrics.bootstrap.level,
-        **{f"{prefix}.{k}": v for k, v in config.items() if k != "kind"},
+        **_flat(config, prefix),
     }
 
 
@@ -315,43 +328,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             ds.folds if ds is not None else 0,
         )
         if strategy in TRAINING_STRATEGIES:
-            # the encoder is trained on images: a linear head, no cached features
-            config = getattr(spec.finetuning, strategy).model_dump(mode="json")
-            axes = {
-                "backbone": bb.name,
-                "n_params": bb.n_params,
-                "resolution": res,
-                "probe": FINETUNE_HEAD,
-                "strategy": strategy,
-                "seed": seed,
-            }
-            key = _trial_key(
-                spec,
-                {
-                    "backbone": bb.name,
-                    "weights": bb.weights_digest,
-                    "resolution": res,
-                    "probe": FINETUNE_HEAD,
-                    "strategy": strategy,
-                    "seed": seed,
-                    "manifest": manifests,
-                    "finetuning": config,
-                    "replicate": replicate,
-                },
-            )
-            cells.append(
-                Cell(
-                    axes,
-                    bb,
-                    key,
-                    gflops_per_image=gflops,
-                    view="",
-                    strategy_config=config,
-                    params=_protocol_params(spec, bb, gflops, config, strategy, replicate),
-                    replicate=replicate,
-                    **common,
-                )
-            )
+            cells.extend(_finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate))
             continue
         for probe in spec.probes:
             view, tokens = reads.get(probe.kind, ("images", spec.features.tokens))
@@ -534,13 +511,135 @@ def _trial_memory(
     return {"resident_bytes": resident, "predicted_peak_bytes": cost.trial_peak_bytes(shape)}
 
 
+def finetune_heads(spec: SweepSpec, task: str) -> list[dict]:
+    """The heads lora / full cells train under: a linear head on CLS ⊕ mean patch (volumes: pooled over the
+    slices as the frozen volumes view pools them) for classification; for dense tasks, the spec's
+    segmentation probe entries (decoder kind, classes, width)."""
+    if not get_task(task).dense:
+        return [{"probe": FINETUNE_HEAD, "volume_pool": spec.features.volume_pool}]
+    heads = []
+    for p in spec.probes:
+        if p.kind == "segmentation" and task in get_probe(p.kind).tasks:
+            heads.append({"probe": p.kind, "head": p.head, "n_classes": p.n_classes, "hidden_dim": p.hidden_dim})
+    return heads
+
+
+def _sample_shape(ds: PreparedDataset | None, head: dict) -> tuple[int, int]:
+    """(images per training sample, logits per sample) for the memory estimate: slices of the largest
+    volume (1 for 2D images), and for segmentation classes x label-map voxels (the first train mask)."""
+    if ds is None:
+        return 1, 0
+    units = ds.units("train")
+    images = max(units.n_slices) if units.n_slices else 1
+    if head["probe"] != "segmentation" or not units.masks:
+        return images, 0
+    from dinoscale.data.masks import load_label_maps
+
+    first = load_label_maps(units.masks[:1], units.n_slices[:1] if units.n_slices else None)[0]
+    return images, int(head["n_classes"]) * int(first.size)
+
+
+def training_memory(
+    spec: SweepSpec, ds: PreparedDataset | None, bb: BackboneInfo, resolution: int, strategy: str, head: dict
+):
+    """The GPU memory of one training trial of this cell, and how it is made to fit in
+    ``resources.gpu_memory_gib`` (gradient checkpointing, then micro-batches): ``dinoscale.train.memory``."""
+    from dinoscale.train.memory import activation_facts, estimate_bytes, fit_in_memory, lora_adapter_params
+
+    st = getattr(spec.finetuning, strategy)
+    targets = tuple(getattr(st, "targets", ()))
+    facts = activation_facts(bb.name, resolution, strategy, targets)
+    images, head_values = _sample_shape(ds, head)
+    extra = 4 * facts.embed_dim * 64  # a head: linear (2D x classes) or a light decoder, tens of thousands of weights
+    if strategy == "lora":
+        extra += lora_adapter_params(facts, max([st.rank, *st.space.rank]), targets)
+
+    def estimate(micro: int, ckpt: bool) -> float:
+        return estimate_bytes(facts, strategy, micro, images, ckpt, True, extra, head_values)
+
+    return fit_in_memory(estimate, st.batch_size, spec.resources.gpu_memory_gib * 2**30, st.grad_checkpointing)
+
+
+def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate) -> list[Cell]:
+    """lora / full cells: the encoder is trained on images under the task's head; each cell searches the
+    same number of configurations (sampled once by the plan, dinoscale.search), memory permitting."""
+    from dinoscale.search import finetune_configurations
+
+    st = getattr(spec.finetuning, strategy)
+    config = st.model_dump(mode="json")
+    budget = st.budget or spec.search.n_trials
+    early = spec.finetuning.early_stopping.model_dump(mode="json")
+    cells = []
+    for head in finetune_heads(spec, task):
+        mem = training_memory(spec, ds, bb, res, strategy, head)
+        fitted = {
+            "grad_checkpointing": mem.grad_checkpointing,
+            "micro_batch_size": mem.micro_batch_size,
+            "num_workers": max(0, int(spec.resources.cpus_per_trial) - 1),  # loader workers beside the trainer
+        }
+        configurations = tuple(
+            {**c, **fitted} for c in finetune_configurations(config, budget, spec.search.seed + seed)
+        )
+        axes = {
+            "backbone": bb.name,
+            "n_params": bb.n_params,
+            "resolution": res,
+            "probe": head["probe"],
+            "strategy": strategy,
+            "seed": seed,
+        }
+        key = _trial_key(
+            spec,
+            {
+                "backbone": bb.name,
+                "weights": bb.weights_digest,
+                "resolution": res,
+                "probe": head["probe"],
+                "strategy": strategy,
+                "seed": seed,
+                "manifest": manifests,
+                "finetuning": config,
+                "budget": budget,
+                "head": head,
+                "early_stopping": early,
+                "replicate": replicate,
+            },
+        )
+        params = {
+            **_protocol_params(spec, bb, gflops, config, strategy, replicate),
+            **_flat({k: v for k, v in head.items() if k != "probe"}, "head"),
+            **_flat(early, "early_stopping"),
+            "search.budget": budget,
+            "train.est_gpu_gib": round(mem.gib, 3),
+            "train.fits_gpu_memory": mem.fits,
+            "train.grad_checkpointing": mem.grad_checkpointing,
+            "train.micro_batch_size": mem.micro_batch_size,
+            "train.gpu_memory_gib": spec.resources.gpu_memory_gib,
+        }
+        cells.append(
+            Cell(
+                axes,
+                bb,
+                key,
+                gflops_per_image=gflops,
+                view="",
+                strategy_config=config,
+                configurations=configurations,
+                finetune_head=head,
+                params=params,
+                replicate=replicate,
+                **common,
+            )
+        )
+    return cells
+
+
 def check_runnable(plan: Plan) -> None:
     """Probes that fit the dataset's task and shape, token sets that fit the probes, strategies that fit the
     task: checked before anything starts, each answer from a descriptor (probe, task) or the dataset."""
     ds, spec = plan.dataset, plan.spec
     if ds.task not in task_names():
         raise NotRunnableError(f"dataset '{ds.name}' has task '{ds.task}', which no probe serves")
-    task = get_task(ds.task)
     unfit = {p.kind: r for p in spec.probes if (r := get_probe(p.kind).unfit_reason(ds.task, ds.volumetric, ds.bagged))}
     if unfit:
         from dinoscale.probes import probe_kinds
@@ -566,10 +665,48 @@ def check_runnable(plan: Plan) -> None:
     if spec.resources.node_memory_gb is not None:  # declared in the spec: checked before anything starts
         check_memory(plan, spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb says each node has")
     training = [s for s in spec.strategies if s in TRAINING_STRATEGIES]
-    if training and (ds.volumetric or not task.finetunable):
+    if training:
+        _check_finetunable(plan, training)
+
+
+def _check_finetunable(plan: Plan, training: list[str]) -> None:
+    """lora / full train the encoder under a linear head (2D images, volumes pooled over slices) or under the
+    spec's segmentation head (2D images, volumes slice by slice); each trial must fit in GPU memory."""
+    ds, spec = plan.dataset, plan.spec
+    task = get_task(ds.task)
+    shape = f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}"
+    finetunable = ", ".join(t for t in task_names() if get_task(t).finetunable)
+    why = None
+    if not task.finetunable:
+        why = f"'{ds.name}' is a {shape}; the tasks they can train on are {finetunable}"
+    elif ds.bagged:
+        why = f"'{ds.name}' scores bags of tiles (slides), which they do not train on"
+    elif ds.channels:
+        why = f"'{ds.name}' fuses extra input channels {list(ds.channels)}, which they do not read yet"
+    elif task.dense and not finetune_heads(spec, ds.task):
+        why = f"'{ds.name}' is a {shape}: they train the spec's segmentation probe as their head, and it lists none"
+    elif task.dense and not ds.has_masks:
+        why = f"'{ds.name}' lists no label maps (masks) to train a segmentation head on"
+    if why:
         raise NotRunnableError(
-            f"strategies {training} train the encoder on 2D classification images; '{ds.name}' is a "
-            f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}. Use strategies: [frozen]."
+            f"strategies {training} train the encoder under a task head; {why}. Use strategies: [frozen]."
+        )
+    if task.dense and not ds.volumetric and any(h["head"] == "conv3d" for h in finetune_heads(spec, ds.task)):
+        raise NotRunnableError(f"head 'conv3d' needs volumes; '{ds.name}' holds 2D images (use head: conv)")
+    if task.dense and ds.volumetric:
+        depths = {n for s in SPLITS for n in (ds.units(s).n_slices or [])}
+        if len(depths) > 1:
+            raise NotRunnableError(
+                f"'{ds.name}' has volumes of {sorted(depths)[:5]} slices; segmentation cells stack volumes, so every "
+                "volume needs the same number of slices (resample or crop the volumes to one shape)"
+            )
+    too_big = [c for c in plan.cells if c.trains_encoder and not c.params["train.fits_gpu_memory"]]
+    if too_big:
+        c = too_big[0]
+        raise NotRunnableError(
+            f"{len(too_big)} training cell(s) do not fit in resources.gpu_memory_gib = {spec.resources.gpu_memory_gib:g} "
+            f"even one sample at a time with gradient checkpointing (e.g. {c.id}: ~{c.params['train.est_gpu_gib']:g} GiB); "
+            "lower the resolution, pick a smaller backbone, or raise gpu_memory_gib if the GPUs have more"
         )
 
 

@@ -13,6 +13,7 @@ unfinished cell runs are marked KILLED and ``SweepInterrupted`` says how to resu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -369,10 +370,30 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
     return extraction
 
 
+class CellResults(list):
+    """One entry per cell (``config``, ``metrics``, ``error``), from its Tune trial (frozen) or from its
+    selection (lora / full); ``trial_wall_s``: the driver-seen wall time of each cell's trials."""
+
+    trial_wall_s: dict
+
+
+@dataclass
+class _CellResult:
+    config: dict
+    metrics: dict | None
+    error: str | None = None
+
+
 def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inputs: list, signals=None):
+    """The sweep's trials on Ray Tune: one experiment for the frozen cells (a trial each), one for the
+    configurations of the lora / full cells (a trial each, stopped early within their cell by
+    ``CellSuccessiveHalving``); then the selection of lora / full cells (Ray tasks). Returns (one result
+    per cell, seconds)."""
     import ray
 
-    from dinoscale.sweep.trial import SweepContext, cell_trainable
+    from dinoscale.sweep.cell import parse_unit
+    from dinoscale.sweep.schedule import CellSuccessiveHalving
+    from dinoscale.sweep.trial import SweepContext, open_finetune_cell_runs, unit_trainable
 
     spec, ds = plan.spec, plan.dataset
     parent_tags = client.get_run(state.parent_run_id).data.tags
@@ -394,56 +415,144 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
         },
         dataset_inputs=dataset_inputs,
         sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
+        schedule_state=str(SweepState.folder(plan.storage, spec.name) / f"{state.sweep_id}.schedule.json"),
     )
+    training = [c for c in plan.cells if c.trains_encoder]
+    ctx.cell_runs = open_finetune_cell_runs(training, ctx, client)  # before their configurations start
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cells = ctx.cells
     trainable = tune.with_resources(
-        tune.with_parameters(cell_trainable, ctx=ctx),
-        lambda config: trial_resources(cells[config["cell"]], spec, has_gpu),
+        tune.with_parameters(unit_trainable, ctx=ctx),
+        lambda config: trial_resources(cells[parse_unit(config["unit"])[0]], spec, has_gpu),
     )
+    es = spec.finetuning.early_stopping
+    scheduler = CellSuccessiveHalving(
+        {c.id: c.configurations[0]["epochs"] for c in training},
+        es.grace_epochs,
+        es.reduction_factor,
+        ctx.schedule_state,
+        enabled=es.enabled,
+    )
+    frozen_units = [c.id for c in plan.cells if not c.trains_encoder]
+    config_units = [u for c in training for u in c.unit_ids]
     progress = None if quiet else SweepProgress([c.id for c in plan.cells], get_task(ds.task).headline)
     timer = _TrialTimer()
     callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
-    run_config = tune.RunConfig(
-        name=state.sweep_id,
-        storage_path=str(Path(state.tune_path).parent),
-        failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
-        verbose=0,
-        callbacks=callbacks,
-    )
     if not quiet:
         sample = trial_resources(plan.cells[0], spec, has_gpu)
         console.print(
-            f"[bold]Trial stage:[/bold] {len(plan.cells)} trials on Ray Tune (e.g. {sample} per {plan.cells[0].strategy} trial)"
+            f"[bold]Trial stage:[/bold] {len(frozen_units) + len(config_units)} trials on Ray Tune for "
+            f"{len(plan.cells)} cells (e.g. {sample} per {plan.cells[0].strategy} trial)"
+            + (
+                f"; {len(config_units)} lora / full configurations, stopped early by ASHA within their cell "
+                f"(grace {es.grace_epochs} epoch(s), reduction factor {es.reduction_factor:g})"
+                if training and es.enabled
+                else ""
+            )
         )
     t0 = time.perf_counter()
-    if state.attempts > 1 and tune.Tuner.can_restore(state.tune_path):
-        tuner = tune.Tuner.restore(
-            state.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search([c.id for c in plan.cells])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials, reuse_actors=True),
-            run_config=run_config,
-        )
-    if signals is not None:
-        signals.in_tune = True  # a signal now asks Tune to stop gracefully (its state saved for the resume)
+    at_once = spec.resources.max_concurrent_trials
+    tune_runs = [
+        # frozen cells: short trials, actors reused between them
+        (state.tune_path, frozen_units, tune.TuneConfig(reuse_actors=True, max_concurrent_trials=at_once), callbacks),
+        # lora / full configurations: a fresh actor each, so a stopped one's process ends and its GPU memory
+        # (CUDA context included) is free at once; a reused actor would wait for the stopped thread instead
+        (
+            state.tune_path + FINETUNE_SUFFIX,
+            config_units,
+            tune.TuneConfig(scheduler=scheduler, reuse_actors=False, max_concurrent_trials=at_once),
+            [*callbacks, _StopRecorder(ctx)],
+        ),
+    ]
+    grids, selected = [], []
+    stopped = lambda: signals is not None and signals.fired  # noqa: E731
     tune_log, quiet_user_errors = logging.getLogger("ray.tune.execution.tune_controller"), _UserErrorsInOneLine()
     tune_log.addFilter(quiet_user_errors)
     try:
-        if progress:
-            with progress:
-                grid = tuner.fit()
-        else:
-            grid = tuner.fit()
+        with progress if progress is not None else contextlib.nullcontext():
+            for path, units, tune_config, run_callbacks in tune_runs:
+                if units and not stopped():
+                    if signals is not None:
+                        signals.in_tune = True  # a signal now asks Tune to stop gracefully (its state saved)
+                    try:
+                        grids.append(_fit(trainable, path, units, tune_config, run_callbacks, spec, state))
+                    finally:
+                        if signals is not None:
+                            signals.in_tune = False
+            if not stopped():  # Ray tasks, not Tune: a signal interrupts them (the resume selects again)
+                selected = _selection_stage(plan, ctx, has_gpu, quiet, progress)
     finally:
         tune_log.removeFilter(quiet_user_errors)
-        if signals is not None:
-            signals.in_tune = False
-    grid.trial_wall_s = timer.wall  # seen from the driver: scheduling + actor start + the trial's own work
-    return grid, time.perf_counter() - t0
+    results = CellResults()
+    for grid in grids:
+        for result in grid:
+            if result.config and parse_unit(result.config["unit"])[1] is None:
+                results.append(_CellResult({"cell": result.config["unit"]}, result.metrics, result.error))
+    results.extend(selected)
+    wall: dict[str, float] = {}
+    for unit, seconds in timer.wall.items():  # a lora / full cell: the sum over its configurations
+        wall[parse_unit(unit)[0]] = wall.get(parse_unit(unit)[0], 0.0) + seconds
+    results.trial_wall_s = wall  # seen from the driver: scheduling + actor start + the trial's own work
+    return results, time.perf_counter() - t0
+
+
+FINETUNE_SUFFIX = "-finetune"  # the Tune experiment of the lora / full configurations, beside the frozen cells'
+
+
+def _fit(trainable, path: str, units: list[str], tune_config, callbacks: list, spec: SweepSpec, state: SweepState):
+    """One Tune experiment over ``units``; a resumed sweep restores it (finished trials are not rerun)."""
+    if state.attempts > 1 and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=True
+        )
+    else:
+        run_config = tune.RunConfig(
+            name=Path(path).name,
+            storage_path=str(Path(path).parent),
+            failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
+            verbose=0,
+            callbacks=callbacks,
+        )
+        tuner = tune.Tuner(
+            trainable, param_space={"unit": tune.grid_search(units)}, tune_config=tune_config, run_config=run_config
+        )
+    return tuner.fit()
+
+
+def _selection_stage(plan: Plan, ctx, has_gpu: bool, quiet: bool, progress) -> list[_CellResult]:
+    """Each lora / full cell, once its configurations have all ended: the best on val scored on test (one
+    Ray task per cell, a GPU each where the cluster has them, all cells at once)."""
+    import ray
+
+    from dinoscale.sweep.trial import finalize_finetune_cell
+
+    cells = [c for c in plan.cells if c.trains_encoder]
+    if not cells:
+        return []
+    res = plan.spec.resources
+    task = ray.remote(finalize_finetune_cell).options(
+        num_cpus=res.cpus_per_trial,
+        num_gpus=res.gpus_per_training_trial if has_gpu else 0,
+        max_retries=res.trial_retries,  # a lost worker; an error in the selection itself is recorded, not retried
+    )
+    ctx_ref = ray.put(ctx)
+    pending = {task.remote(c.id, ctx_ref): c.id for c in cells}
+    if not quiet:
+        console.print(
+            f"[bold]Selection:[/bold] {len(cells)} lora / full cell(s): best configuration on val, scored on test"
+        )
+    out = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cell_id = pending.pop(done[0])
+        try:
+            metrics, error = ray.get(done[0]), None
+        except Exception as e:  # noqa: BLE001 - recorded as the cell's failure (its run holds the traceback)
+            metrics, error = None, str(e).strip().splitlines()[-1][:500]
+        if progress is not None:
+            progress.update(cell_id, "FINISHED" if error is None else "FAILED", metrics)
+        out.append(_CellResult({"cell": cell_id}, metrics, error))
+    return out
 
 
 class _UserErrorsInOneLine(logging.Filter):
@@ -471,30 +580,66 @@ class _TrialTimer(tune.Callback):
         self.wall: dict[str, float] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started.setdefault(trial.config["cell"], time.perf_counter())
+        self.started.setdefault(trial.config["unit"], time.perf_counter())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        cell = trial.config["cell"]
-        self.wall[cell] = time.perf_counter() - self.started.get(cell, time.perf_counter())
+        unit = trial.config["unit"]
+        self.wall[unit] = time.perf_counter() - self.started.get(unit, time.perf_counter())
+
+
+class _StopRecorder(tune.Callback):
+    """When Tune ends a configuration the scheduler stopped, its run is marked stopped from here: the trial's
+    own process may already be gone (Tune ends an actor it does not reuse). The stops are read from the
+    scheduler's state file, so a copy of this callback restored with the experiment works alike."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from mlflow.tracking import MlflowClient
+
+        from dinoscale.sweep.cell import parse_unit
+        from dinoscale.sweep.schedule import stopped_at
+        from dinoscale.sweep.trial import record_stopped_configuration
+
+        cell_id, k = parse_unit(trial.config["unit"])
+        if k is None:
+            return
+        epochs = stopped_at(self.ctx.schedule_state, cell_id, k)
+        if epochs is not None:
+            client = MlflowClient(self.ctx.tracking_uri)
+            record_stopped_configuration(client, self.ctx, self.ctx.cells[cell_id], k, epochs)
 
 
 class _ProgressCallback(tune.Callback):
-    """Feeds the live cell table (Tune's own table is switched off)."""
+    """Feeds the live cell table (Tune's own table is switched off); a lora / full cell runs while any of
+    its configurations does and finishes with its selection."""
 
     def __init__(self, progress: SweepProgress):
         self.progress = progress
 
+    @staticmethod
+    def _cell(trial) -> tuple[str, bool]:
+        from dinoscale.sweep.cell import parse_unit
+
+        cell, k = parse_unit(trial.config["unit"])
+        return cell, k is None
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.progress.update(trial.config["cell"], "RUNNING")
+        self.progress.update(self._cell(trial)[0], "RUNNING")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.progress.update(trial.config["cell"], "FINISHED", trial.last_result or {})
+        cell, frozen = self._cell(trial)
+        if frozen:
+            self.progress.update(cell, "FINISHED", trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.progress.update(trial.config["cell"], "FAILED")
+        cell, frozen = self._cell(trial)
+        if frozen:
+            self.progress.update(cell, "FAILED")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.progress.update(trial.config["cell"], "RETRYING")
+        self.progress.update(self._cell(trial)[0], "RETRYING")
 
 
 def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
@@ -502,7 +647,7 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
     h = headline
     rows = []
     for result in grid:
-        cid = result.config["cell"] if result.config else None
+        cid = result.config["cell"]
         cell = plan.cell(cid)
         m = result.metrics or {}
         rows.append(

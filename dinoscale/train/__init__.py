@@ -3,21 +3,40 @@
 ``frozen`` lives in ``dinoscale.probes`` (probes on cached features). Here:
 - ``lora``: peft LoRA adapters on the attention projections (``apply_lora``), backbone frozen;
 - ``full``: every weight trained, layer-wise learning-rate decay (``llrd_param_groups``).
-Both train through ``finetune`` (AdamW, warm-up + cosine, bf16 autocast on CUDA, early stopping on
-val, resumable checkpoints) and score with ``predict``.
+Both train one configuration through ``finetune`` (AdamW, warm-up + cosine, bf16 autocast on CUDA,
+micro-batches with an out-of-memory back-off, early stopping on val, resumable checkpoints) under
+the head of the cell's task (``build_model``: linear on 2D images or pooled volume slices, a
+segmentation decoder on patch-token grids; ``objective``), and score with ``evaluate``.
+``memory`` estimates a training trial's GPU memory for the plan.
 """
 
 from dinoscale.train.llrd import llrd_param_groups
-from dinoscale.train.loop import FinetuneConfig, FinetuneResult, build_classifier, finetune, predict
+from dinoscale.train.loop import (
+    FinetuneConfig,
+    FinetuneResult,
+    build_classifier,
+    build_model,
+    checkpoint_summary,
+    compact_checkpoint,
+    evaluate,
+    finetune,
+    predict,
+)
 from dinoscale.train.lora import apply_lora, trainable_parameter_names
-from dinoscale.train.model import ImageClassifier
+from dinoscale.train.model import ImageClassifier, Segmenter, VolumeClassifier
 
 __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "ImageClassifier",
+    "Segmenter",
+    "VolumeClassifier",
     "apply_lora",
     "build_classifier",
+    "build_model",
+    "checkpoint_summary",
+    "compact_checkpoint",
+    "evaluate",
     "finetune",
     "llrd_param_groups",
     "predict",

@@ -1,15 +1,27 @@
-"""One fine-tuning run (``lora`` or ``full``) on images, resumable and early-stopped on val.
+"""One fine-tuning run (``lora`` or ``full``, one configuration of a cell's search), resumable and
+early-stopped on val.
 
 Determinism across interruptions: each epoch reseeds torch and the loader's shuffle from
 (seed, epoch), and the checkpoint written at the end of every epoch holds the trainable weights,
 the optimizer and scheduler state, the best weights so far and the early-stopping counters. A
 retried trial that finds the checkpoint continues at the next epoch and ends where an
-uninterrupted run would. Checkpoints contain tensors and plain numbers only and are read with
-``torch.load(weights_only=True)``; they are written atomically (temporary file + rename).
+uninterrupted run would. When a run ends (its last epoch, patience, or a scheduler's stop) its
+checkpoint can be compacted to the best weights and the history (``compact_checkpoint``); a later
+call on a compacted checkpoint returns that result without training. Checkpoints contain tensors
+and plain numbers only and are read with ``torch.load(weights_only=True)``; they are written
+atomically (temporary file + rename).
+
+Memory: a batch of ``batch_size`` samples is split into micro-batches of ``micro_batch_size`` whose
+gradients accumulate before the one optimizer step (the plan sets it where a batch would not fit,
+``dinoscale.train.memory``); on a CUDA out-of-memory error the micro-batch halves and the batch is
+redone, for the rest of the run. For a per-sample loss (BCE) the gradient is the full batch's; the
+segmentation loss pools its soft Dice over the micro-batch instead of the batch.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -22,12 +34,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dinoscale.metrics import macro_auroc
+from dinoscale.train.data import collate_units
 from dinoscale.train.llrd import llrd_param_groups
 from dinoscale.train.lora import apply_lora
-from dinoscale.train.model import ImageClassifier
+from dinoscale.train.model import ImageClassifier, Segmenter, VolumeClassifier
+from dinoscale.train.objective import Objective, classification
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "finetune_state.pt"
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -38,6 +54,7 @@ class FinetuneConfig:
     epochs: int = 10
     warmup_epochs: float = 1.0
     batch_size: int = 32
+    micro_batch_size: int | None = None  # None: the whole batch at once
     patience: int | None = 3  # epochs without val improvement before stopping; None: never
     layer_decay: float = 0.75  # full only
     lora_rank: int = 8
@@ -49,34 +66,29 @@ class FinetuneConfig:
     num_workers: int = 0
     seed: int = 0
 
-    @classmethod
-    def from_spec(cls, spec, **overrides) -> FinetuneConfig:
-        """From a ``LoraStrategySpec`` / ``FullStrategySpec`` (dinoscale.spec) or its dump (a cell's
-        ``strategy_config``), plus overrides (e.g. seed)."""
-        d = dict(spec) if isinstance(spec, dict) else spec.model_dump()
-        kind = d.pop("kind")
-        if kind == "lora":
-            for k in ("rank", "alpha", "dropout", "targets"):
-                d[f"lora_{k}"] = d.pop(k)
-            d["lora_targets"] = tuple(d["lora_targets"])
-        return cls(strategy=kind, **{**d, **overrides})
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+
+    @property
+    def micro(self) -> int:
+        return max(1, min(self.micro_batch_size or self.batch_size, self.batch_size))
 
 
 @dataclass
 class FinetuneResult:
-    model: ImageClassifier  # holds the best-val weights
+    model: nn.Module  # holds the best-val weights
     best_val: float
     best_epoch: int
     epochs_run: int
-    stopped_early: bool
+    stopped_early: bool  # by its own patience
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int | None = None
+    micro_batch_size: int = 0  # in use at the end (smaller than asked after an OOM back-off)
+    oom_backoffs: int = 0
 
 
-def build_classifier(
-    backbone: nn.Module, n_out: int, cfg: FinetuneConfig, num_prefix_tokens: int | None = None
-) -> ImageClassifier:
-    """Backbone (e.g. ``load_backbone(...).model``) + head, prepared for ``cfg.strategy``."""
+def prepare_backbone(backbone: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """LoRA adapters (backbone frozen) or every weight trainable, and gradient checkpointing if asked."""
     if cfg.strategy == "lora":
         backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     elif cfg.strategy == "full":
@@ -86,10 +98,43 @@ def build_classifier(
         raise ValueError(f"unknown strategy '{cfg.strategy}' (lora | full; frozen runs on cached features)")
     if cfg.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
         backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def build_classifier(
+    backbone: nn.Module, n_out: int, cfg: FinetuneConfig, num_prefix_tokens: int | None = None
+) -> ImageClassifier:
+    """Backbone (e.g. ``load_backbone(...).model``) + linear head, prepared for ``cfg.strategy``."""
+    return ImageClassifier(prepare_backbone(backbone, cfg), n_out, num_prefix_tokens)
+
+
+def build_model(
+    backbone: nn.Module,
+    cfg: FinetuneConfig,
+    head: dict,
+    n_out: int,
+    volumetric: bool,
+    patch_size: int,
+    num_prefix_tokens: int | None = None,
+    out_size: tuple[int, ...] | None = None,
+) -> nn.Module:
+    """The model of a fine-tuning cell: ``head`` is the cell's ``finetune_head`` ({'probe': 'linear',
+    'volume_pool': ...} for classification, the segmentation probe's settings for segmentation)."""
+    torch.manual_seed(cfg.seed)  # adapters' and head's init: the same for every configuration and every retry
+    backbone = prepare_backbone(backbone, cfg)
+    if head["probe"] == "segmentation":
+        from dinoscale.probes.segmentation import build_head
+
+        dec = build_head(
+            head["head"], backbone.num_features, int(head["n_classes"]), int(head["hidden_dim"]), volumetric
+        )
+        return Segmenter(backbone, dec, out_size, patch_size, num_prefix_tokens)
+    if volumetric:
+        return VolumeClassifier(backbone, n_out, head.get("volume_pool", "mean"), num_prefix_tokens)
     return ImageClassifier(backbone, n_out, num_prefix_tokens)
 
 
-def _optimizer(model: ImageClassifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     if cfg.strategy == "full":
         groups = llrd_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
     else:
@@ -114,7 +159,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     names |= {n for n, _ in model.named_buffers()}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
 
 def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -124,6 +169,7 @@ def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -135,57 +181,152 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cpu", enabled=False)
 
 
+def _device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # from torch, not from Ray's GPU ids
+
+
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device=None, amp: bool = True) -> np.ndarray:
-    """Sigmoid scores (n, C) in dataset order."""
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    objective: Objective | None = None,
+    batch_size: int = 64,
+    device=None,
+    amp: bool = True,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs, targets) over ``dataset`` in order: sigmoid scores (n, C), or label maps for segmentation."""
+    objective = objective or classification()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    out = []
-    for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    outs, targets = [], []
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_units
+    )
+    for x, y in loader:
         with _autocast(device, amp):
-            out.append(torch.sigmoid(model(x.to(device)).float()).cpu())
-    return torch.cat(out).numpy()
+            outs.append(objective.output(model(_to(x, device)).float()).cpu())
+        targets.append(y)
+    return torch.cat(outs).numpy(), torch.cat(targets).numpy()
 
 
-def _labels(dataset: Dataset) -> np.ndarray:
-    return np.stack([np.asarray(dataset[i][1], dtype=np.float32).reshape(-1) for i in range(len(dataset))])
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device=None, amp: bool = True) -> np.ndarray:
+    """Sigmoid scores (n, C) in dataset order (classification)."""
+    return evaluate(model, dataset, classification(), batch_size, device, amp)[0]
+
+
+def _to(x, device):
+    """A batch's inputs to the device: a tensor, or a list of volumes of different depths."""
+    if isinstance(x, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in x]
+    return x.to(device, non_blocking=True)
+
+
+def _backward_batch(model, x, y, objective: Objective, micro: int, device, amp: bool) -> float:
+    """Forward + backward of one batch in micro-batches, gradients accumulated; returns the batch loss."""
+    total = 0.0
+    for i in range(0, len(x), micro):
+        xb = _to(x[i : i + micro], device)
+        yb = y[i : i + micro].to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(xb)
+        loss = objective.loss(logits, yb) * (len(xb) / len(x))
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _train_step(model, opt, x, y, objective: Objective, state: dict, device, amp: bool) -> float:
+    """One optimizer step on one batch; on CUDA out-of-memory the micro-batch halves (sticky) and the
+    batch is redone from zeroed gradients."""
+    while True:
+        micro = state["micro_batch_size"]
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss = _backward_batch(model, x, y, objective, micro, device, amp)
+            oom = False
+        except _OOM:
+            if micro <= 1:
+                raise
+            oom = True
+        if not oom:
+            opt.step()
+            return loss
+        # outside the except block: the failed micro-batch's tensors are released before the retry
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        state["micro_batch_size"], state["oom_backoffs"] = max(1, micro // 2), state["oom_backoffs"] + 1
+        log.warning("out of memory at micro-batch %d: retrying the batch with %d", micro, state["micro_batch_size"])
+
+
+def _result(model, state: dict, stopped: bool, resumed) -> FinetuneResult:
+    return FinetuneResult(
+        model,
+        float(state["best_val"]),
+        int(state["best_epoch"]),
+        int(state["epoch"]) + 1,
+        stopped,
+        list(state["history"]),
+        resumed,
+        int(state["micro_batch_size"]),
+        int(state["oom_backoffs"]),
+    )
+
+
+_COUNTERS = ("epoch", "best_val", "best_epoch", "bad_epochs", "history", "micro_batch_size", "oom_backoffs")
 
 
 def finetune(
-    model: ImageClassifier,
+    model: nn.Module,
     train: Dataset,
     val: Dataset,
     cfg: FinetuneConfig,
     checkpoint_dir: str | Path | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     device: str | torch.device | None = None,
-    val_metric: Callable[[np.ndarray, np.ndarray], float] = macro_auroc,
+    objective: Objective | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` (from ``build_classifier``) with BCE on ``(image, multi-hot label)`` samples.
+    """Train ``model`` (from ``build_model`` / ``build_classifier``) on ``(input, target)`` samples.
 
-    ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written (report to Tune or
-    Optuna there; raising — e.g. ``optuna.TrialPruned`` — stops the run, and a later call with the
-    same ``checkpoint_dir`` resumes). Returns the model restored to its best-val weights.
+    ``objective``: loss, kept output and val metric (default: classification, BCE and macro AUROC).
+    ``on_epoch(epoch, record)`` runs after each epoch's checkpoint is written (report to Tune there;
+    raising stops the run, and a later call with the same ``checkpoint_dir`` resumes). Returns the
+    model restored to its best-val weights.
     """
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    objective = objective or classification()
+    device = _device(device)
     model.to(device)
     opt = _optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), total))
-    yv = _labels(val)
-    state = {"epoch": -1, "best_val": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
+    state = {
+        "epoch": -1,
+        "best_val": -math.inf,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+        "best_model": None,
+        "micro_batch_size": cfg.micro,
+        "oom_backoffs": 0,
+    }
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     resumed = None
     if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state.update({k: saved[k] for k in (*_COUNTERS, "best_model") if k in saved})
+        resumed = state["epoch"]
+        if saved.get("final"):  # a finished run, compacted: its result, no training
+            if state["best_model"] is not None:
+                _load_trainable(model, state["best_model"])
+            return _result(model, state, bool(saved.get("stopped_early", False)), resumed)
         _load_trainable(model, saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        state = {k: saved[k] for k in state}
-        resumed = state["epoch"]
     stopped = False
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
@@ -199,20 +340,16 @@ def finetune(
             num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
             drop_last=False,
+            pin_memory=device.type == "cuda",
+            collate_fn=collate_units,
         )
         model.train()
         losses = []
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float().reshape(len(x), -1)
-            with _autocast(device, cfg.amp):
-                logits = model(x)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            losses.append(_train_step(model, opt, x, y, objective, state, device, cfg.amp))
             sched.step()
-            losses.append(loss.item())
-        metric = float(val_metric(yv, predict(model, val, cfg.batch_size, device, cfg.amp)))
+        out, yv = evaluate(model, val, objective, state["micro_batch_size"], device, cfg.amp, cfg.num_workers)
+        metric = float(objective.val_metric(yv, out))
         improved = np.isfinite(metric) and metric > state["best_val"]
         if improved:
             state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
@@ -222,12 +359,13 @@ def finetune(
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
             "val_metric": metric,
+            "best_val": float(state["best_val"]),
             "lr": sched.get_last_lr()[-1],
+            "micro_batch_size": state["micro_batch_size"],
         }
         state["history"].append(record)
         state["epoch"] = epoch
         if ckpt is not None:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save(
                 ckpt,
                 {
@@ -241,12 +379,39 @@ def finetune(
             on_epoch(epoch, record)
     if state["best_model"] is not None:
         _load_trainable(model, state["best_model"])
-    return FinetuneResult(
-        model,
-        float(state["best_val"]),
-        int(state["best_epoch"]),
-        int(state["epoch"]) + 1,
-        stopped,
-        list(state["history"]),
-        resumed,
-    )
+    return _result(model, state, stopped, resumed)
+
+
+def compact_checkpoint(checkpoint_dir: str | Path, stopped_early: bool = False) -> None:
+    """Reduce a finished run's checkpoint to its best weights, counters and history (drops the optimizer
+    state and the last weights: a full fine-tuning configuration keeps one copy of the model, not three)."""
+    ckpt = Path(checkpoint_dir) / CHECKPOINT
+    if not ckpt.is_file():
+        return
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if saved.get("final"):
+        return
+    keep = {k: saved[k] for k in (*_COUNTERS, "best_model") if k in saved}
+    _save(ckpt, {**keep, "final": True, "stopped_early": stopped_early})
+
+
+def checkpoint_summary(checkpoint_dir: str | Path) -> dict | None:
+    """A run's counters and history from its checkpoint (None when it has none)."""
+    ckpt = Path(checkpoint_dir) / CHECKPOINT
+    if not ckpt.is_file():
+        return None
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return {k: saved[k] for k in (*_COUNTERS, "final") if k in saved}
+
+
+def load_best_weights(model: nn.Module, checkpoint_dir: str | Path) -> dict:
+    """Put a run's best-val weights (from its checkpoint) into ``model`` (built as for its training);
+    returns the run's counters."""
+    ckpt = Path(checkpoint_dir) / CHECKPOINT
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: no checkpoint of this configuration (its weights are needed to score it)")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if saved.get("best_model") is None:
+        raise RuntimeError(f"{ckpt}: the run ended before its first val epoch; no weights to score")
+    _load_trainable(model, saved["best_model"])
+    return {k: saved[k] for k in _COUNTERS if k in saved}
