@@ -211,10 +211,13 @@ def test_a_resumed_sharded_extraction_keeps_finished_shards(tmp_path, ray_local)
     damaged[len(damaged) // 3 : len(damaged) // 3 + 64] = bytes(64)  # same size: the manifest digest is unchanged
     open(bad, "wb").write(bytes(damaged))
     store_root = plan.storage / "features"
+    # one job at a time (each asks for every CPU of the embedded Ray): the jobs run in the order submitted, so
+    # the train shards are all committed when the test split's last shard meets the bad file
+    one_at_a_time = ray_local.cluster_resources()["CPU"]
     with pytest.raises(
         DataError, match=r"(?s)extraction of dinov3-demo-xs@32: test images.*shards already committed are kept"
     ):
-        run_extraction_stage(plan, store_root, 1, 0)
+        run_extraction_stage(plan, store_root, one_at_a_time, 0)
     store = FeatureStore(store_root)
     done = {(f.key.digest, i) for f in plan.feature_sets for i in store.shards_committed(f.key, len(f.shards))}
     total = sum(len(f.shards) for f in plan.feature_sets)

@@ -38,6 +38,8 @@ def test_frozen_lora_and_full_cells_search_at_equal_budget_with_configurations_o
         probes=[{"kind": "linear", "epochs": 20}],
         search={"n_trials": 3},
         resources={"cpus_per_trial": 1, "gpus_per_training_trial": 1},
+        # val holds 7 patients: its interval (asserted below) needs the floor lowered from the default 10
+        metrics={"bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}, "min_interval_units": 5},
     )
     raw["finetuning"] = {
         "lora": {"epochs": 3, "batch_size": 16, "rank": 4, "patience": None},

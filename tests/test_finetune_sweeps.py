@@ -30,7 +30,8 @@ def _demo(tmp_path, name: str, **overrides) -> dict:
         resolutions=[32],
         tracking={"uri": f"sqlite:///{tmp_path}/mlruns.db"},
         storage={"path": str(tmp_path / "store")},
-        metrics={"bootstrap": {"resamples": 200}},
+        # intervals over as few as 3 test patients: these sweeps are kept tiny (the default refuses under 10)
+        metrics={"bootstrap": {"resamples": 200}, "min_interval_units": 3},
         search={"n_trials": 2},
         **overrides,
     )
@@ -77,7 +78,7 @@ def test_lora_cell_on_mri_segmentation_adapts_the_encoder_under_the_decoder(tmp_
     head on top, Dice per volume with its interval; the frozen cell of the same backbone pairs with it."""
     raw = _demo(tmp_path, "mri", strategies=["frozen", "lora"])
     raw["dataset"]["phantom"].update(n_patients=12, depth=8)
-    raw["probes"] = [{"kind": "segmentation", "head": "conv", "n_classes": 4, "epochs": 3, "batch_size": 2}]
+    raw["probes"] = [{"kind": "segmentation", "head": "conv", "n_classes": 4, "steps": 6, "batch_size": 2, "crop": 32}]
     raw["finetuning"] = {"lora": {"epochs": 1, "batch_size": 2, "rank": 4}}
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
     assert {r["strategy"]: r["state"] for r in out.rows} == {"frozen": "FINISHED", "lora": "FINISHED"}

@@ -654,7 +654,7 @@ def test_user_error_in_a_trial_reaches_the_driver_and_the_record(tmp_path, share
         **{
             "name": "user-errors-seg",
             "dataset": {"name": "manifest", "root": str(root)},
-            "probes": [{"kind": "segmentation", "n_classes": 2, "epochs": 2}],
+            "probes": [{"kind": "segmentation", "n_classes": 2, "steps": 4, "crop": 32}],
             "features": {"tokens": "patch_grid"},
             "resources": {"trial_retries": 0},
         },

@@ -330,6 +330,7 @@ def run_extraction_stage(
                 user = user_error_of(e)
                 if user is not None:
                     _cancel(pending)
+                    commit_complete(plan, store)  # feature sets whose shards all landed are usable as they are
                     raise _in_job(user, job, len(pending)) from None
                 errors.append(f"{job.label} ({', '.join(s.label for s in job.shards)}): {e}")
                 continue
