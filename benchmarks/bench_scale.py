@@ -66,7 +66,9 @@ def _mri_spec(storage: Path, scale: int, resident_mb: int, resolution: int):
             },
             "backbones": [{"name": "dinov3-demo-xs", "weights": "random"}],
             "resolutions": [resolution],
-            "probes": [{"kind": "segmentation", "head": "linear", "n_classes": 4, "steps": 8, "batch_size": 4, "crop": 64}],
+            "probes": [
+                {"kind": "segmentation", "head": "linear", "n_classes": 4, "steps": 8, "batch_size": 4, "crop": 64}
+            ],
             "features": {"tokens": "patch_grid", "dtype": "float16", "batch_size": 16, "resident_mb": resident_mb},
             "metrics": {"bootstrap": {"resamples": 200}},
             "tracking": {"uri": f"sqlite:///{storage}/mlruns.db"},
