@@ -15,14 +15,15 @@ import numpy as np
 from dinoscale.data.dataset import DataError
 
 
-def _read_mask(path: str, volume: bool) -> np.ndarray:
+def _read_mask(path: str, volume: bool, grid=None) -> np.ndarray:
     from dinoscale.data.readers import _read, file_kind, read_volume
+    from dinoscale.data.volumes import to_grid
 
     if volume:
-        arr = read_volume(path, mode="nearest", dtype=None)[0]
+        arr, spacing = read_volume(path, mode="nearest", dtype=None)
         if arr.shape[0] != 1:
             raise DataError(f"{path}: a label map with {arr.shape[0]} channels; expected one")
-        arr = arr[0]
+        arr = to_grid(np.asarray(arr[0]), spacing, grid, labels=True)
     else:
         arr = np.asarray(_read(file_kind(path), path))
         if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):  # single-channel or colour-coded PNG: first channel
@@ -33,9 +34,12 @@ def _read_mask(path: str, volume: bool) -> np.ndarray:
 
 
 def load_label_maps(
-    mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None
+    mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None, grid=None
 ) -> np.ndarray:
     """(n, H, W) for 2D images, (n, S, H, W) for volumes (slices along the file's last axis).
+
+    ``grid``: volumes on a common grid (``dinoscale.data.volumes.VolumeGrid``): each label volume resampled
+    (nearest) and centre-cropped / zero-padded like its image; ``n_slices`` are then the grid's.
 
     ``n_classes``: semantic labels must lie in [0, n_classes); None: instance ids (any non-negative).
     Every mask must have the same shape (they are stacked), and a volume's mask as many slices as the
@@ -44,7 +48,7 @@ def load_label_maps(
         raise DataError("this dataset lists no masks (manifest column 'mask_path'); segmentation probes need them")
     maps = []
     for i, path in enumerate(mask_paths):
-        arr = _read_mask(path, volume=n_slices is not None)
+        arr = _read_mask(path, volume=n_slices is not None, grid=grid)
         if n_slices is not None:
             if arr.ndim != 3 or arr.shape[-1] != int(n_slices[i]):
                 raise DataError(
