@@ -101,6 +101,23 @@ def test_broken_replicas_are_named_before_anything_runs(tmp_path, name, subset, 
     assert "nii.gz" in str(e.value) and "Traceback" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "name,subset,spec_file", [("msd", "Task09_Spleen", "ct-msd-spleen.yaml"), ("autopet", None, "petct.yaml")]
+)
+def test_a_label_outside_the_class_list_is_named_before_extraction(tmp_path, name, subset, spec_file):
+    """The pre-flight reads every label map (cached for the trials) before any backbone runs."""
+    from dinoscale.sweep.inputs import prepare_label_maps
+    from dinoscale.sweep.plan import build_plan
+
+    rep = get_replica(name).write(tmp_path / "data", DatasetSpec(name=name, root="x", subset=subset), "bad_label")
+    plan = build_plan(parse_spec(_paper(tmp_path, spec_file, rep.root)), project_dir=tmp_path)
+    with pytest.raises(DataError, match=r"SEG\.nii\.gz|spleen_\d+\.nii\.gz") as e:
+        prepare_label_maps(plan)
+    assert "outside the probe's 2 classes" in str(e.value)
+    ok = get_replica(name).write(tmp_path / "ok", DatasetSpec(name=name, root="x", subset=subset))
+    assert prepare_label_maps(build_plan(parse_spec(_paper(tmp_path, spec_file, ok.root)), project_dir=tmp_path)) == 3
+
+
 # ---------------------------------------------------------------- channels
 
 

@@ -118,6 +118,27 @@ def label_maps(store: FeatureStore, units: SplitUnits, volumes: bool, n_classes:
     return RowView(rows, resident_bytes=resident)
 
 
+def prepare_label_maps(plan) -> int:
+    """Semantic segmentation cells: every split's label maps read and cached (as the trials read them, so they
+    reuse the cache) before extraction starts, so that a label outside the probe's classes or a mask that does
+    not fit its image is named before anything expensive runs. Returns the number of label-map sets."""
+    from dinoscale.data import SPLITS
+
+    ds = plan.dataset
+    if ds is None or not ds.has_masks:
+        return 0
+    wanted = {
+        (int(c.probe_config["n_classes"]), c.view == "slices")
+        for c in plan.cells
+        if get_task(c.task).dense and (c.probe_config or {}).get("n_classes") is not None
+    }
+    store = FeatureStore(plan.storage / "features")
+    for n_classes, volumes in sorted(wanted):
+        for split in SPLITS:
+            label_maps(store, ds.units(split), volumes, n_classes, 0)
+    return len(wanted) * len(SPLITS)
+
+
 def _write_label_maps(path: Path, masks, n_slices, n_classes, load_label_maps) -> None:
     dtype = np.dtype(np.uint8 if n_classes is not None and n_classes <= 256 else np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
