@@ -270,7 +270,9 @@ def test_msd_folds_are_by_patient_and_replicates_validate_on_each(tmp_path):
 # ---------------------------------------------------------------- the paper specs, end to end on the replicas
 
 
-def _paper(tmp_path: Path, spec_file: str, data_root: Path, **dataset) -> dict:
+def _paper(
+    tmp_path: Path, spec_file: str, data_root: Path, resolution: int = 32, steps: int = 30, seeds=(0, 1), **dataset
+) -> dict:
     """The paper spec scaled down as a rehearsal does it (the lead switches this to ``dinoscale rehearse``):
     demo ladder with random weights, one small resolution, the probe's steps cut, a light bootstrap; the
     dataset part (adapter, subset, window, channels, spacing, split) is the paper's."""
@@ -278,11 +280,11 @@ def _paper(tmp_path: Path, spec_file: str, data_root: Path, **dataset) -> dict:
     raw["dataset"]["root"] = str(data_root)
     raw["dataset"].update(dataset)
     raw["backbones"] = [{"name": "dinov3-demo-xs", "weights": "random"}]
-    raw["resolutions"] = [32]
+    raw["resolutions"] = [resolution]
     for p in raw["probes"]:
-        p.update({"steps": 30, "batch_size": 2, "learning_rates": [0.01]})
+        p.update({"steps": steps, "batch_size": 4, "learning_rates": [0.01]})
     raw["features"] = {**raw["features"], "batch_size": 16}
-    raw["seeds"] = [0, 1]
+    raw["seeds"] = list(seeds)
     raw["metrics"] = {"bootstrap": {"resamples": 100, "level": 0.95, "seed": 0}}
     raw["resources"] = {"cpus_per_trial": 1, "cpus_per_extraction": 1}
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlruns.db"}
@@ -291,15 +293,15 @@ def _paper(tmp_path: Path, spec_file: str, data_root: Path, **dataset) -> dict:
     return raw
 
 
-def _rehearse(tmp_path, spec_file, name, subset=None):
+def _rehearse(tmp_path, spec_file, name, subset=None, **scale):
     from mlflow.tracking import MlflowClient
 
     from dinoscale.sweep.runner import run_sweep
 
     rep = get_replica(name).write(tmp_path / "data", DatasetSpec(name=name, root="x", subset=subset))
-    spec = parse_spec(_paper(tmp_path, spec_file, rep.root))
+    spec = parse_spec(_paper(tmp_path, spec_file, rep.root, **scale))
     out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
-    assert [r["state"] for r in out.rows] == ["FINISHED"] * len(out.rows) and len(out.rows) == 2
+    assert [r["state"] for r in out.rows] == ["FINISHED"] * len(out.rows) == ["FINISHED"] * len(spec.seeds)
     client = MlflowClient(out.tracking_uri)
     runs = [client.get_run(r["mlflow_run_id"]) for r in out.rows]
     return spec, out, runs
@@ -317,15 +319,19 @@ def test_mri_paper_spec_on_the_task01_replica(tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_spleen_paper_spec_on_the_task09_replica_scores_on_the_native_grid(tmp_path, ray_local):
-    spec, out, runs = _rehearse(tmp_path, "ct-msd-spleen.yaml", "msd", "Task09_Spleen")
+    # 4 x 4 tokens a slice (64 px) and 200 steps: enough for a linear head on random features to find the spleen
+    spec, out, runs = _rehearse(
+        tmp_path, "ct-msd-spleen.yaml", "msd", "Task09_Spleen", resolution=64, steps=200, seeds=[0]
+    )
     for r in runs:
         m = r.data.metrics
-        assert 0.0 <= m["test_dice"] <= 1.0 and np.isfinite(m["test_hd95_mm"])
+        # scored on each case's native grid: a prediction mapped back misaligned would score ~0 (measured: 0.41)
+        assert 0.1 < m["test_dice"] <= 1.0 and np.isfinite(m["test_hd95_mm"])
         assert m["n_test_volumes_scored"] == 4
 
 
 @pytest.mark.slow
 def test_petct_paper_spec_on_the_autopet_replica(tmp_path, ray_local):
-    spec, out, runs = _rehearse(tmp_path, "petct.yaml", "autopet")
+    spec, out, runs = _rehearse(tmp_path, "petct.yaml", "autopet", seeds=[0])
     for r in runs:
         assert np.isfinite(r.data.metrics["test_dice"])
