@@ -335,3 +335,22 @@ def test_petct_paper_spec_on_the_autopet_replica(tmp_path, ray_local):
     spec, out, runs = _rehearse(tmp_path, "petct.yaml", "autopet", seeds=[0])
     for r in runs:
         assert np.isfinite(r.data.metrics["test_dice"])
+
+
+def test_volumes_of_one_shape_keep_their_grid_and_their_feature_keys(tmp_path):
+    """Phantom demos (one shape per split) are untouched: no resampling, no padding, the keys they had."""
+    from dinoscale.data.preprocess import fusion_signature
+
+    mri = prepare_dataset(
+        DatasetSpec(name="phantom-mri", phantom={"n_patients": 12, "depth": 8, "image_size": 64}), tmp_path
+    )
+    assert (
+        mri.volume is None
+        and mri.sources("train").n_slices == mri.manifest.loc[mri.manifest.split == "train", "n_slices"].tolist()
+    )
+    pet = prepare_dataset(
+        DatasetSpec(name="phantom-petct", phantom={"n_patients": 12, "depth": 8, "image_size": 64}), tmp_path
+    )
+    assert pet.grid is None and pet.volume.signature() == fusion_signature(("pet",))
+    with pytest.raises(DataError, match="holds 2D images; dataset.channels / spacing apply to volumes"):
+        prepare_dataset(DatasetSpec(name="phantom-xray", phantom={"n_patients": 12}, spacing="auto"), tmp_path)

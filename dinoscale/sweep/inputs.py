@@ -84,7 +84,7 @@ def stacked(rows, index: np.ndarray, per_unit: np.ndarray, units: SplitUnits, wh
         raise ValueError(
             f"{what}: volume {units.sample_ids[odd]} has {per_unit[odd]} slices, {units.sample_ids[0]} "
             f"{per_unit[0]}; segmentation cells stack volumes, so every volume needs the same number of slices "
-            "(resample or crop the volumes to one shape)"
+            "(set dataset.spacing or dataset.grid: volumes are then resampled and padded to one grid)"
         )
     return RowView(rows, index, group=None if units.n_slices is None else int(per_unit[0]), resident_bytes=resident)
 
@@ -186,7 +186,7 @@ class OnlineGrids:
             if len(s) > 1:
                 raise ValueError(
                     f"feature maps: volumes of {sorted(s)} slices; segmentation cells stack volumes, so every "
-                    "volume needs the same number of slices (resample or crop the volumes to one shape)"
+                    "volume needs the same number of slices (set dataset.spacing or dataset.grid: volumes are then resampled and padded to one grid)"
                 )
             self.shape = (len(sources.ids), sources.n_slices[0], *row) if sources.ids else (0, 0, *row)
         else:

@@ -704,7 +704,7 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         if len(depths) > 1:
             raise NotRunnableError(
                 f"'{ds.name}' has volumes of {sorted(depths)[:5]} slices; segmentation cells stack volumes, so every "
-                "volume needs the same number of slices (resample or crop the volumes to one shape)"
+                "volume needs the same number of slices (set dataset.spacing or dataset.grid: volumes are then resampled and padded to one grid)"
             )
     too_big = [c for c in plan.cells if c.trains_encoder and not c.params["train.fits_gpu_memory"]]
     if too_big:
