@@ -305,6 +305,10 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         check_runnable(plan)
         n = decode_sample(plan.dataset)
         report.checks["data"] = f"{len(plan.dataset.manifest)} rows, {n} sample file(s) decoded"
+        from dinoscale.sweep.inputs import prepare_label_maps
+
+        if prepare_label_maps(plan):  # labels outside the probe's classes named before extraction
+            report.checks["data"] += "; label maps checked"
     with report.step("tracking"):
         artifacts = spec.tracking.artifact_location or default_artifact_location(tracking_uri)
         report.checks["tracking"] = check_tracking(tracking_uri, spec.experiment_name, artifacts)

@@ -66,6 +66,30 @@ class SplitSpec(Strict):
         "the dataset's split; a dataset with cross-validation folds validates replicate k on fold k; a dataset "
         "whose protocol fixes the split (CREMI) keeps it",
     )
+    folds: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="cross-validation by patient: train + val patients cut into this many folds, replicate k "
+        "validating on fold k mod folds (test held out by test_fraction); none: the dataset's protocol (MSD: 5, "
+        "as the reference benchmark), 0: no folds",
+    )
+
+
+class ChannelSpec(Strict):
+    """How a multi-channel volume feeds the encoder's 3 input channels (dinoscale.data.volumes)."""
+
+    mode: Literal["pick", "each"] = Field(
+        "pick",
+        description="pick: three channels to R, G, B; each: every listed channel through the encoder as grey, "
+        "features averaged (one forward pass per channel)",
+    )
+    pick: list[str | int] | None = Field(
+        None,
+        description="channels by name (the dataset's, e.g. MSD's FLAIR, T1w, t1gd, T2w; PET/CT: ct, pet) or index; "
+        "'mean' (pick only): the mean of the other picked channels. Default: MSD BrainTumour FLAIR, t1gd, T2w; "
+        "PET/CT ct, pet, mean; one channel repeated; otherwise the first three",
+    )
 
 
 class DatasetSpec(Strict):
@@ -92,6 +116,20 @@ class DatasetSpec(Strict):
         description="whole-slide tiles: microns per pixel they were cut at (0.5 = 20x, 0.25 = 40x); the plan "
         "counts tiles per slide at this magnification when the data is absent (default: the published one)",
     )
+    channels: ChannelSpec | None = Field(
+        None, description="multi-channel volumes: which channels the encoder sees (default: see ChannelSpec.pick)"
+    )
+    spacing: Literal["auto"] | tuple[float, float, float] | None = Field(
+        None,
+        description="volumes: resample to this voxel spacing [x, y, z] in mm (RAS order), or 'auto' (the dataset's "
+        "median per axis); predictions are mapped back to each volume's native grid before scoring. None: "
+        "native spacing",
+    )
+    grid: tuple[int, int, int] | None = Field(
+        None,
+        description="volumes: centre-crop / zero-pad the (resampled) volumes to [x, y, z] voxels; none: the largest "
+        "extent per axis (nothing cropped) whenever the spacing is set or a split's volumes differ in shape",
+    )
     on_bad_file: Literal["error", "skip"] = Field(
         "error",
         description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "
@@ -107,6 +145,20 @@ class DatasetSpec(Strict):
             raise ValueError(_unknown_name("window preset", v, sorted(CT_WINDOWS)))
         if isinstance(v, tuple) and not v[0] < v[1]:
             raise ValueError(f"window must be [HU min, HU max] with min < max, got {list(v)}")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, v):
+        if isinstance(v, tuple) and min(v) <= 0:
+            raise ValueError(f"spacing is [x, y, z] in mm, each > 0 (or 'auto'), got {list(v)}")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError(f"grid is [x, y, z] voxels, each >= 1, got {list(v)}")
         return v
 
     @field_validator("name")

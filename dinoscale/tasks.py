@@ -122,6 +122,9 @@ def _by_volume(fn, pred, target, spacing=None, chunk: int = 8) -> dict[str, np.n
     streamed test split's label maps are never all in memory at once. ``pred`` / ``target``: arrays (or
     row views) of equal-shaped volumes, or lists of volumes of their native shapes; ``spacing``: per volume."""
 
+    if isinstance(pred, list) and any(np.shape(p) != np.shape(pred[0]) for p in pred):
+        chunk = 1  # native shapes differ: one volume at a time
+
     def part(x, i):
         x = x[i : i + chunk]
         return x if isinstance(x, list) else np.asarray(x)

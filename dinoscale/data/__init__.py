@@ -65,4 +65,5 @@ def prepare_dataset(spec: DatasetSpec, storage: Path) -> PreparedDataset:
     for s in SPLITS:
         if not (ds.manifest["split"] == s).any():
             raise DataError(f"dataset '{spec.name}': split '{s}' is empty; more patients are needed")
+    ds.resolve_volumes(spec)  # channel map and common grid of volumes (dinoscale.data.volumes)
     return ds

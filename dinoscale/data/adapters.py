@@ -15,6 +15,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.layout import data_root, patient_splits, require
+from dinoscale.data.splits import assign_patient_folds
 
 
 def _header_shape(path: Path, on_bad: str, skipped: list) -> tuple[int, ...] | None:
@@ -264,6 +265,9 @@ MSD_PUBLISHED = {
 }
 
 
+MSD_FOLDS = 5  # the reference benchmark's cross-validation (PROTOCOL.md)
+
+
 @register_dataset("msd", task="segmentation", published=MSD_PUBLISHED)
 def prepare_msd(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "Medical Segmentation Decathlon", MSD_LAYOUT, MSD_SOURCE)
@@ -287,9 +291,26 @@ def prepare_msd(spec, storage: Path) -> PreparedDataset:
             {"sample_id": case, "patient_id": case, "path": str(img), "mask_path": str(lab), "n_slices": shapes[0][2]}
         )
     df = pd.DataFrame(rows)
-    df["split"], how = patient_splits(df, spec)  # MSD publishes no labelled test set; 5-fold CV is by case
+    # MSD publishes no labelled test set; the reference benchmark cross-validates by case (5 folds): folds of
+    # the train + val cases (replicate k validates on fold k), with a test share of the cases held out.
+    folds = MSD_FOLDS if spec.split.folds is None else spec.split.folds
+    if folds:
+        df["split"], df["fold"] = assign_patient_folds(
+            df["patient_id"], folds, spec.split.test_fraction, spec.split.seed
+        )
+        how = f"{folds}-fold cross-validation by case (test: {spec.split.test_fraction:g} of the cases held out)"
+    else:
+        df["split"], how = patient_splits(df, spec)
+    modality = meta.get("modality") or {}
     ds = PreparedDataset(
-        spec.name, "segmentation", [], df, _real(spec, f"MSD {task_dir.name}", root, how), root, mask_labels=labels
+        spec.name,
+        "segmentation",
+        [],
+        df,
+        _real(spec, f"MSD {task_dir.name}", root, how),
+        root,
+        mask_labels=labels,
+        channel_names=tuple(modality[k] for k in sorted(modality, key=int)),
     )
     ds.skipped.extend(skipped)
     return ds

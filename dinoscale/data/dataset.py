@@ -25,6 +25,7 @@ import pandas as pd
 
 from dinoscale.data.errors import DataError  # noqa: F401  (re-exported: raised by every adapter)
 from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref  # noqa: F401  (re-exported)
+from dinoscale.data.volumes import VolumeGrid, VolumeInput
 
 SPLITS = ("train", "val", "test")
 # Columns beyond the 2D core, in the manifest where a dataset kind needs them:
@@ -64,6 +65,7 @@ class RowSources:
     items: list[str]  # what the reader opens: a file, a DICOM series folder, an HDF5 block ``file::dataset::z0:z1``
     n_slices: list[int] | None = None  # volumes: slices along the slice axis
     channels: dict[str, list[str]] = field(default_factory=dict)  # extra co-registered inputs, e.g. {"pet": [...]}
+    volume: VolumeInput | None = None  # volumes: channel map and grid (None: grey, each on its own grid)
 
     def row_ids(self, view: str) -> list[str]:
         """The ids of the stored feature rows: one per image / volume, or ``<volume>#<slice>`` per slice."""
@@ -80,6 +82,7 @@ class RowSources:
             self.items[start:stop],
             self.n_slices[start:stop] if self.n_slices is not None else None,
             {k: v[start:stop] for k, v in self.channels.items()},
+            self.volume,
         )
 
 
@@ -97,6 +100,8 @@ class SplitUnits:
     spacing: list[tuple[float, ...] | None] | None = None  # dense volumes: voxel spacing as read_volume gives it
     groups: list[str] | None = None  # a group reported on its own (CREMI sample A / B / C)
     folds: np.ndarray | None = None  # cross-validation fold per unit, where the dataset has folds
+    volume: VolumeInput | None = None  # volumes: channel map and common grid (label maps are on that grid)
+    native: list[tuple] | None = None  # volumes on a common grid: each one's native (shape, spacing), RAS order
 
     def take(self, idx) -> SplitUnits:
         """The units at positions ``idx`` (a replicate's train or val split)."""
@@ -120,6 +125,8 @@ class SplitUnits:
             pick(self.spacing),
             pick(self.groups),
             pick(self.folds),
+            self.volume,
+            pick(self.native),
         )
 
     @staticmethod
@@ -142,6 +149,8 @@ class SplitUnits:
             join(a.spacing, b.spacing),
             join(a.groups, b.groups),
             join(a.folds, b.folds),
+            a.volume,
+            join(a.native, b.native),
         )
 
     def row_groups(self, view: str) -> list[list[str]]:
@@ -176,6 +185,11 @@ class PreparedDataset:
     # manifest has a fold column, give each replicate its own validation fold.
     replicates: str = "resplit"
     replicates_reason: str = ""
+    channel_names: tuple[str, ...] = ()  # volumes: the channels of each image file (MSD: dataset.json's modality)
+    volume: VolumeInput | None = None  # set from the spec when prepared (dinoscale.data.volumes)
+    geometry: dict[str, tuple] = field(
+        default_factory=dict
+    )  # volumes on a common grid: sample id -> native (shape, spacing)
     _digests: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- shape
@@ -194,6 +208,53 @@ class PreparedDataset:
     def channels(self) -> tuple[str, ...]:
         """Extra co-registered inputs fused into the encoder's channels (e.g. ('pet',) for PET/CT)."""
         return tuple(name for name, col in CHANNEL_COLUMNS.items() if col in self.manifest.columns)
+
+    @property
+    def volume_channels(self) -> tuple[str, ...]:
+        """A volume's channels as read: its file's own (named by the dataset, else 'ct' beside a PET, else
+        'image'), then the extra co-registered files."""
+        own = self.channel_names or (("ct",) if "pet" in self.channels else ("image",))
+        return tuple(own) + self.channels
+
+    def resolve_volumes(self, spec) -> None:
+        """Fix the channel map and the common grid of the volumes from the spec's dataset part
+        (``dataset.channels``, ``dataset.spacing``, ``dataset.grid``; see ``dinoscale.data.volumes``)."""
+        from dinoscale.data.volumes import channel_map, native_geometry, resolve_grid
+
+        if not self.volumetric:
+            if getattr(spec, "channels", None) is not None or getattr(spec, "spacing", None) is not None:
+                raise DataError(f"dataset '{self.name}' holds 2D images; dataset.channels / spacing apply to volumes")
+            return
+        cmap = channel_map(self.volume_channels, getattr(spec, "channels", None))
+        spacing, shape = getattr(spec, "spacing", None), getattr(spec, "grid", None)
+        hdf5 = "volume_key" in self.manifest.columns
+        grid = None
+        if hdf5 and (spacing is not None or shape is not None):
+            raise DataError(
+                f"dataset '{self.name}': dataset.spacing / grid apply to NIfTI and DICOM volumes, not HDF5 blocks"
+            )
+        if not hdf5 and (spacing is not None or shape is not None or self.has_masks):
+            items = _items(self.manifest)
+            geometry = [native_geometry(it) for it in items]
+            grid = resolve_grid(geometry, self.manifest["split"].tolist(), spacing, shape)
+            if grid is not None:
+                self.geometry = dict(zip(self.manifest["sample_id"].astype(str), geometry))
+        self.volume = None if (cmap.grey and grid is None) else VolumeInput(cmap, grid)
+
+    @property
+    def grid(self) -> VolumeGrid | None:
+        return self.volume.grid if self.volume is not None else None
+
+    def _slices(self, df: pd.DataFrame) -> list[int]:
+        """Slices per volume as extraction and trials see them: the common grid's depth, else the manifest's."""
+        g = self.grid
+        if g is None:
+            return df["n_slices"].astype(int).tolist()
+        if g.shape is not None:
+            return [int(g.shape[2])] * len(df)
+        from dinoscale.data.volumes import resampled_shape
+
+        return [resampled_shape(*self.geometry[str(sid)], g.spacing)[2] for sid in df["sample_id"]]
 
     @property
     def has_masks(self) -> bool:
@@ -218,14 +279,15 @@ class PreparedDataset:
         return RowSources(
             df["sample_id"].astype(str).tolist(),
             _items(df),
-            df["n_slices"].astype(int).tolist() if self.volumetric else None,
+            self._slices(df) if self.volumetric else None,
             {name: df[col].tolist() for name, col in CHANNEL_COLUMNS.items() if col in df.columns},
+            self.volume,
         )
 
     def forward_passes(self, split: str, view: str) -> int:
         """Backbone inputs to extract one split in a view: slices for volume views, else images."""
         df = self.split(split)
-        return int(df["n_slices"].sum()) if view != "images" and self.volumetric else len(df)
+        return int(sum(self._slices(df))) if view != "images" and self.volumetric else len(df)
 
     def units(self, split: str) -> SplitUnits:
         """What a trial scores: rows of the manifest, or bags (slides) of tile rows."""
@@ -252,21 +314,27 @@ class PreparedDataset:
             masks = _items(df, "path", "mask_key")
         elif "mask_path" in df.columns:
             masks = df["mask_path"].tolist()
-        spacing = None
+        spacing, native, grid = None, None, self.grid
         if masks is not None and self.volumetric:  # metrics in physical units: each volume's own spacing
             from dinoscale.data.readers import volume_spacing
 
             spacing = [volume_spacing(m) for m in masks]
+            if grid is not None:  # label maps on the grid; test scored on each volume's native grid
+                native = [self.geometry[str(sid)] for sid in ids]
+                if grid.spacing is not None:
+                    spacing = [tuple(grid.spacing)] * len(df)
         return SplitUnits(
             ids.tolist(),
             df["patient_id"].astype(str).to_numpy(),
             df[self.classes].to_numpy(dtype="float32") if self.classes else np.zeros((len(df), 0), np.float32),
             _items(df),
-            n_slices=df["n_slices"].astype(int).tolist() if self.volumetric else None,
+            n_slices=self._slices(df) if self.volumetric else None,
             masks=masks,
             spacing=spacing,
             groups=df["sample"].astype(str).tolist() if "sample" in df.columns else None,
             folds=df["fold"].astype(int).to_numpy() if "fold" in df.columns else None,
+            volume=self.volume,
+            native=native,
         )
 
     @property

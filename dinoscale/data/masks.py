@@ -15,14 +15,18 @@ import numpy as np
 from dinoscale.data.dataset import DataError
 
 
-def _read_mask(path: str, volume: bool) -> np.ndarray:
+def _read_mask(path: str, volume: bool, grid=None, n_classes: int | None = None) -> np.ndarray:
     from dinoscale.data.readers import _read, file_kind, read_volume
+    from dinoscale.data.volumes import to_grid
 
     if volume:
-        arr = read_volume(path, mode="nearest", dtype=None)[0]
+        arr, spacing = read_volume(path, mode="nearest", dtype=None)
         if arr.shape[0] != 1:
             raise DataError(f"{path}: a label map with {arr.shape[0]} channels; expected one")
-        arr = arr[0]
+        arr = np.asarray(arr[0])
+        if grid is not None:  # labels checked on the native map: resampling may drop a lone voxel
+            _check_labels(path, arr.astype(np.int64), n_classes)
+            arr = to_grid(arr, spacing, grid, labels=True)
     else:
         arr = np.asarray(_read(file_kind(path), path))
         if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):  # single-channel or colour-coded PNG: first channel
@@ -33,9 +37,12 @@ def _read_mask(path: str, volume: bool) -> np.ndarray:
 
 
 def load_label_maps(
-    mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None
+    mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None, grid=None
 ) -> np.ndarray:
     """(n, H, W) for 2D images, (n, S, H, W) for volumes (slices along the file's last axis).
+
+    ``grid``: volumes on a common grid (``dinoscale.data.volumes.VolumeGrid``): each label volume resampled
+    (nearest) and centre-cropped / zero-padded like its image; ``n_slices`` are then the grid's.
 
     ``n_classes``: semantic labels must lie in [0, n_classes); None: instance ids (any non-negative).
     Every mask must have the same shape (they are stacked), and a volume's mask as many slices as the
@@ -44,7 +51,7 @@ def load_label_maps(
         raise DataError("this dataset lists no masks (manifest column 'mask_path'); segmentation probes need them")
     maps = []
     for i, path in enumerate(mask_paths):
-        arr = _read_mask(path, volume=n_slices is not None)
+        arr = _read_mask(path, volume=n_slices is not None, grid=grid, n_classes=n_classes)
         if n_slices is not None:
             if arr.ndim != 3 or arr.shape[-1] != int(n_slices[i]):
                 raise DataError(
@@ -54,14 +61,7 @@ def load_label_maps(
             arr = np.moveaxis(arr, -1, 0)  # (S, H, W)
         elif arr.ndim != 2:
             raise DataError(f"{path}: expected a 2D label map, got shape {tuple(arr.shape)}")
-        if arr.min(initial=0) < 0:
-            raise DataError(f"{path}: negative label {int(arr.min())}")
-        if n_classes is not None and arr.max(initial=0) >= n_classes:
-            bad = sorted(int(v) for v in np.unique(arr[arr >= n_classes]))
-            raise DataError(
-                f"{path}: label value(s) {bad[:10]} outside the probe's {n_classes} classes "
-                f"(0..{n_classes - 1}); set the probe's n_classes to the dataset's label count"
-            )
+        _check_labels(path, arr, n_classes)
         if maps and arr.shape != maps[0].shape:
             raise DataError(
                 f"{path}: mask shape {tuple(arr.shape)} differs from {mask_paths[0]} {tuple(maps[0].shape)}; "
@@ -69,6 +69,17 @@ def load_label_maps(
             )
         maps.append(arr)
     return np.stack(maps)
+
+
+def _check_labels(path: str, arr: np.ndarray, n_classes: int | None) -> None:
+    if arr.min(initial=0) < 0:
+        raise DataError(f"{path}: negative label {int(arr.min())}")
+    if n_classes is not None and arr.max(initial=0) >= n_classes:
+        bad = sorted(int(v) for v in np.unique(arr[arr >= n_classes]))
+        raise DataError(
+            f"{path}: label value(s) {bad[:10]} outside the probe's {n_classes} classes "
+            f"(0..{n_classes - 1}); set the probe's n_classes to the dataset's label count"
+        )
 
 
 def label_map_spacing(spacing: Sequence[float] | None, volume: bool = True) -> tuple[float, ...] | None:

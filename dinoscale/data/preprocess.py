@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from dinoscale.data.dataset import DataError
+from dinoscale.data.volumes import PET_SUV_RANGE, VolumeInput, channel_map, to_grid  # noqa: F401  (PET_SUV_RANGE re-exported)
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
 
@@ -80,14 +82,13 @@ class ImageFiles(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- 3D volumes, slice by slice
 
 
-PET_SUV_RANGE = (0.0, 10.0)  # PET in SUV mapped to [0, 1] (clipped) when fused with CT
-
-
 def fusion_signature(channels: tuple[str, ...]) -> str:
-    """What fusing a dataset's extra channels into the encoder's input does, for the feature key ('' for none)."""
-    if "pet" in channels:
-        return f",pet_suv={list(PET_SUV_RANGE)},channels=ct|pet|mean"
-    return ""
+    """What fusing a dataset's extra channels into the encoder's input does, for the feature key ('' for none):
+    the default channel map of a volume with those extra channels (``dinoscale.data.volumes``)."""
+    if not channels:
+        return ""
+    own = ("ct",) if "pet" in channels else ("image",)
+    return channel_map(own + tuple(channels)).signature()
 
 
 def build_volume_transform(
@@ -97,18 +98,22 @@ def build_volume_transform(
     interpolation: str = "bicubic",
     window: tuple[float, float] | None = None,
     fuse_pet: bool = False,
+    volume: VolumeInput | None = None,
 ):
     """(load_volume, slice_transform) for slice-wise extraction of 3D volumes (NIfTI, DICOM series, ...).
 
-    ``load_volume(path)`` reads through ``dinoscale.data.readers.read_volume`` (reoriented to RAS, the one
-    volume reader of extraction, label maps and tests) and maps intensities to [0, 1] once per
-    volume (a CT ``window`` in HU if given, else the volume's min-max), so that every slice of a volume
-    shares one intensity scale. ``slice_transform(slice2d)`` resizes one slice and normalises it like a
-    2D image (grey repeated to 3 channels).
+    ``load_volume(item)`` reads through ``dinoscale.data.readers.read_volume`` (reoriented to RAS, the one
+    volume reader of extraction, label maps and tests), maps each channel's intensities to [0, 1] once per
+    volume (a CT ``window`` in HU if given, else the volume's min-max; PET in SUV ``PET_SUV_RANGE``, clipped;
+    MRI sequences by their own min-max), so that every slice of a volume shares one intensity scale, and
+    puts the volume on the common grid of ``volume`` (resampled, centre-cropped / zero-padded) if it has
+    one. ``slice_transform(slice)`` resizes one slice and makes the encoder's three channels under the
+    channel map: grey repeated; three picked channels (a 'mean' entry: the mean of the other picked ones);
+    or, in 'each' mode, [C, 3, r, r]: every channel as grey, for features averaged over channels.
 
-    ``fuse_pet``: ``load_volume((ct_path, pet_path))`` reads a co-registered PET/CT pair; the three
-    input channels are CT (windowed), PET (SUV in ``PET_SUV_RANGE``, clipped) and their mean, so one
-    forward pass sees both modalities. The two volumes must have the same shape.
+    ``volume``: the dataset's channel map and grid (``dinoscale.data.volumes.VolumeInput``); None: grey on the
+    volume's own grid, or with ``fuse_pet`` the PET/CT default (``load_volume((ct_path, pet_path))``: CT
+    windowed, PET in SUV, and their mean, so one forward pass sees both modalities).
     """
     from monai.transforms import (
         EnsureChannelFirst,
@@ -121,37 +126,59 @@ def build_volume_transform(
 
     from dinoscale.data.readers import read_volume
 
+    if volume is None:
+        volume = VolumeInput(channel_map(("ct", "pet") if fuse_pet else ("image",)))
+    cmap, grid = volume.channels, volume.grid
     scale = (
         ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
         if window is not None
         else ScaleIntensity(minv=0.0, maxv=1.0)
     )
-    suv = ScaleIntensityRange(a_min=PET_SUV_RANGE[0], a_max=PET_SUV_RANGE[1], b_min=0.0, b_max=1.0, clip=True)
+    scalers = {
+        "window": scale,
+        "suv": ScaleIntensityRange(a_min=PET_SUV_RANGE[0], a_max=PET_SUV_RANGE[1], b_min=0.0, b_max=1.0, clip=True),
+        "minmax": ScaleIntensity(minv=0.0, maxv=1.0),
+    }
     resize = Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True)
     to3 = RepeatChannel(repeats=3)
     norm = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
-
-    def read3d(item) -> torch.Tensor:
-        vol = read_volume(item)[0]
-        if vol.shape[0] != 1:
-            raise DataError(f"{item}: a volume with {vol.shape[0]} channels; expected one channel per file")
-        return torch.as_tensor(vol[0])  # [X, Y, Z] in RAS
+    sources = cmap.sources
+    local = [sources.index(i) if i >= 0 else -1 for i in cmap.pick]  # pick entries as positions in `sources`
 
     def load_volume(item) -> torch.Tensor:
-        if not fuse_pet:
-            return _plain(scale(_plain(read3d(item))))
-        ct_path, pet_path = item
-        ct, pet = read3d(ct_path), read3d(pet_path)
-        if ct.shape != pet.shape:
-            raise DataError(f"{pet_path}: PET shape {tuple(pet.shape)} differs from its CT {ct_path} {tuple(ct.shape)}")
-        return torch.stack([_plain(scale(_plain(ct))), _plain(suv(_plain(pet)))])  # [2, H, W, D]
+        files = [item] if isinstance(item, str) else list(item)
+        parts = [read_volume(f) for f in files]  # co-registered files (PET beside its CT) stacked as channels
+        spacing = parts[0][1]
+        for f, (v, _) in zip(files[1:], parts[1:]):
+            if v.shape[1:] != parts[0][0].shape[1:]:
+                what = [n.upper() if n in ("ct", "pet") else n for n in cmap.names]
+                raise DataError(
+                    f"{f}: {what[-1]} shape {tuple(v.shape[1:])} differs from its {what[0]} {files[0]} "
+                    f"{tuple(parts[0][0].shape[1:])}"
+                )
+        vol = np.concatenate([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
+        if vol.shape[0] != len(cmap.names):
+            raise DataError(
+                f"{item}: a volume with {vol.shape[0]} channel(s); the dataset's volumes have {len(cmap.names)} "
+                f"({', '.join(cmap.names)})"
+            )
+        chans = [_plain(scalers[cmap.kinds[i]](_plain(torch.as_tensor(vol[i])))) for i in sources]
+        out = torch.stack(chans) if len(chans) > 1 else chans[0][None]
+        if grid is not None:
+            out = torch.as_tensor(to_grid(out.numpy(), spacing, grid))
+        return out[0] if cmap.grey else out  # grey: [X, Y, Z]; else [K, X, Y, Z] (RAS)
 
     def slice_transform(img2d: torch.Tensor) -> torch.Tensor:
-        if img2d.ndim == 3:  # fused PET/CT slice [2, H, W] -> CT, PET, mean
-            x = resize(img2d)
+        if img2d.ndim == 2:  # grey
+            return _plain(norm(to3(resize(to_channel_first(img2d)))))
+        x = resize(img2d)  # [K, r, r]
+        if cmap.mode == "each":
+            return torch.stack([_plain(norm(to3(x[k : k + 1]))) for k in range(x.shape[0])])
+        if local == [0, 1, -1] and x.shape[0] == 2:  # two channels and their mean (PET/CT)
             return _plain(norm(torch.cat([x, x.mean(0, keepdim=True)])))
-        return _plain(norm(to3(resize(to_channel_first(img2d)))))
+        others = x.mean(0) if -1 in local else None
+        return _plain(norm(torch.stack([x[j] if j >= 0 else others for j in local])))
 
     return load_volume, slice_transform
 

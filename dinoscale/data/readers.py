@@ -136,7 +136,9 @@ def read_volume(
 
     ``item``: a NIfTI / MetaImage / NRRD file, a DICOM series folder, an HDF5 block
     (``file::dataset::z0:z1``, see ``hdf5_ref``), or a list of co-registered files stacked as channels.
-    Returns ([C, X, Y, Z] float32 in the file's units, voxel spacing in mm). Files are reoriented to
+    Returns ([C, X, Y, Z] float32 in the file's units, voxel spacing in mm): C is 1 for a grey volume, the
+    file's channels for a multi-channel file stored channels last ((x, y, z, C), e.g. MSD BrainTumour's four
+    MRI sequences, or NIfTI's vector form (x, y, z, 1, C)), and the files' channels stacked for a list. Files are reoriented to
     ``orientation`` (RAS: axial slice k is ``vol[..., k]``, whatever order the file stores its axes in;
     None keeps the file's) and resampled to ``spacing`` in mm if given (``mode`` 'nearest' for label
     maps). HDF5 blocks carry no orientation: sections are the last axis; spacing from the dataset's

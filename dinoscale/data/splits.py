@@ -30,6 +30,30 @@ def assign_patient_splits(patient_ids: pd.Series, val_fraction: float, test_frac
     return patient_ids.astype(str).map(split_of)
 
 
+def assign_patient_folds(
+    patient_ids: pd.Series, folds: int, test_fraction: float, seed: int
+) -> tuple[pd.Series, pd.Series]:
+    """Cross-validation by patient: a test share of the patients held out (as ``assign_patient_splits``), the
+    others shuffled with ``seed`` and dealt into ``folds`` folds of near-equal patient counts. Returns
+    (split, fold): fold 0 is the dataset's val split (replicate 0), the other folds train; test rows fold -1.
+    Depends only on the set of patient ids."""
+    patients = np.array(sorted(set(patient_ids.astype(str))))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(patients))
+    n_test = max(1, int(round(test_fraction * len(patients))))
+    if len(patients) - n_test < folds:
+        raise DataError(
+            f"{len(patients)} patients leave {len(patients) - n_test} for {folds} cross-validation folds after "
+            f"{n_test} test patients; lower dataset.split.folds or add patients"
+        )
+    fold_of = {}
+    for rank, idx in enumerate(order):
+        fold_of[patients[idx]] = -1 if rank < n_test else (rank - n_test) % folds
+    fold = patient_ids.astype(str).map(fold_of).astype(int)
+    split = fold.map(lambda f: "test" if f < 0 else "val" if f == 0 else "train")
+    return split, fold
+
+
 def carve_val_from_train(manifest: pd.DataFrame, val_fraction: float, seed: int) -> pd.Series:
     """For datasets with an official train/test list only: move a share of train *patients* to val."""
     split = manifest["split"].copy()

@@ -153,6 +153,10 @@ class _Runner:
         self.cuda = device.type == "cuda"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5:  # [B, C, 3, H, W]: each channel through the encoder as grey, features averaged over C
+            b, c = x.shape[:2]
+            y = self(x.flatten(0, 1))
+            return y.reshape(b, c, *y.shape[1:]).mean(1)
         outs, i = [], 0
         while i < x.shape[0]:
             m = self.micro
@@ -325,13 +329,15 @@ def extract_volume_features(
     num_workers: int | None = None,
     progress: bool | None = None,
     out=None,
+    volume=None,
 ) -> tuple[np.ndarray | None, ExtractionStats]:
     """Per-volume features of 3D volumes (NIfTI etc. through MONAI), slice by slice along ``axis``.
 
     Slice features are pooled per volume as they stream past (``pool``: mean, max, or mean_max =
     mean ⊕ max); only [volumes, D] running sums/maxima are kept. ``window``: CT window (HU min, max)
     mapped to [0, 1]; default: each volume's min-max. ``out``: a sink given the pooled rows at the end
-    (then None is returned), as for ``extract_features``.
+    (then None is returned), as for ``extract_features``. ``volume``: the dataset's channel map and grid
+    (``dinoscale.data.volumes.VolumeInput``; None: grey volumes on their own grid).
     """
     from dinoscale.data.preprocess import build_volume_transform
 
@@ -343,7 +349,7 @@ def extract_volume_features(
     device = device or pick_device()
     _prepare(backbone, device)
     load_volume, slice_transform = build_volume_transform(
-        resolution, backbone.mean, backbone.std, interpolation, window
+        resolution, backbone.mean, backbone.std, interpolation, window, volume=volume
     )
     loader = _volume_loader(paths, load_volume, slice_transform, axis, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
@@ -395,6 +401,7 @@ def extract_volume_slices(
     progress: bool | None = None,
     out_dtype: str = "float32",
     out=None,
+    volume=None,
 ) -> tuple[np.ndarray | None, ExtractionStats]:
     """Per-slice features of 3D volumes, one row per slice, volume after volume (slice k of volume v at
     row ``sum(n_slices[:v]) + k``): [sum(n_slices), D] or, for ``patch_grid``, [sum, D, h, w].
@@ -405,6 +412,8 @@ def extract_volume_slices(
     the attention pooling of 3D classification. ``n_slices``: the manifest's slice count per volume;
     a volume with another count is an error naming its file. ``pet_paths``: PET volumes co-registered
     with the CT ``paths``, fused into the three input channels (see ``build_volume_transform``).
+    ``volume``: the dataset's channel map and common grid (``dinoscale.data.volumes.VolumeInput``): then
+    ``n_slices`` are the grid's slices.
     """
     from dinoscale.data import DataError
     from dinoscale.data.preprocess import build_volume_transform
@@ -417,7 +426,7 @@ def extract_volume_slices(
     device = device or pick_device()
     _prepare(backbone, device)
     load_volume, slice_transform = build_volume_transform(
-        resolution, backbone.mean, backbone.std, interpolation, window, fuse_pet=pet_paths is not None
+        resolution, backbone.mean, backbone.std, interpolation, window, fuse_pet=pet_paths is not None, volume=volume
     )
     items = list(zip(paths, pet_paths)) if pet_paths is not None else list(paths)
     offsets = np.concatenate([[0], np.cumsum(n_slices)]).astype(np.int64)

@@ -154,6 +154,7 @@ def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device)
             window=job.window,
             device=device,
             out=writer,
+            volume=s.sources.volume,
         )[1]
     if s.view == "slices":
         return extract_volume_slices(
@@ -168,6 +169,7 @@ def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device)
             pet_paths=s.sources.channels.get("pet"),
             device=device,
             out=writer,
+            volume=s.sources.volume,
         )[1]
     return extract_features(
         backbone,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import uuid
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +84,16 @@ def stacked(rows, index: np.ndarray, per_unit: np.ndarray, units: SplitUnits, wh
         raise ValueError(
             f"{what}: volume {units.sample_ids[odd]} has {per_unit[odd]} slices, {units.sample_ids[0]} "
             f"{per_unit[0]}; segmentation cells stack volumes, so every volume needs the same number of slices "
-            "(resample or crop the volumes to one shape)"
+            "(set dataset.spacing or dataset.grid: volumes are then resampled and padded to one grid)"
         )
     return RowView(rows, index, group=None if units.n_slices is None else int(per_unit[0]), resident_bytes=resident)
 
 
-def _mask_fingerprint(masks: list[str], n_slices, n_classes) -> str:
-    h = hashlib.sha256(json.dumps([masks, list(map(int, n_slices)) if n_slices else None, n_classes]).encode())
+def _mask_fingerprint(masks: list[str], n_slices, n_classes, grid=None) -> str:
+    what = [masks, list(map(int, n_slices)) if n_slices else None, n_classes]
+    if grid is not None:  # label maps on a common grid (dinoscale.data.volumes): another grid, other maps
+        what.append(grid.signature())
+    h = hashlib.sha256(json.dumps(what).encode())
     for m in masks:
         st = os.stat(str(m).split("::")[0])
         h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -105,12 +109,34 @@ def label_maps(store: FeatureStore, units: SplitUnits, volumes: bool, n_classes:
     if not units.masks:
         load_label_maps(units.masks, None)  # the data module's message: this dataset lists no masks
     n_slices = units.n_slices if volumes else None
-    path = store.local_dir / "labels" / f"{_mask_fingerprint(units.masks, n_slices, n_classes)}.npy"
+    grid = units.volume.grid if (volumes and units.volume is not None) else None
+    path = store.local_dir / "labels" / f"{_mask_fingerprint(units.masks, n_slices, n_classes, grid)}.npy"
     if not path.is_file():
-        _write_label_maps(path, units.masks, n_slices, n_classes, load_label_maps)
+        _write_label_maps(path, units.masks, n_slices, n_classes, partial(load_label_maps, grid=grid))
     shape, dtype, offset = _npy_header(str(path))
     rows = FeatureRows([_Shard(str(path), 0, shape[0], offset)], dtype, shape[1:])
     return RowView(rows, resident_bytes=resident)
+
+
+def prepare_label_maps(plan) -> int:
+    """Semantic segmentation cells: every split's label maps read and cached (as the trials read them, so they
+    reuse the cache) before extraction starts, so that a label outside the probe's classes or a mask that does
+    not fit its image is named before anything expensive runs. Returns the number of label-map sets."""
+    from dinoscale.data import SPLITS
+
+    ds = plan.dataset
+    if ds is None or not ds.has_masks:
+        return 0
+    wanted = {
+        (int(c.probe_config["n_classes"]), c.view == "slices")
+        for c in plan.cells
+        if get_task(c.task).dense and (c.probe_config or {}).get("n_classes") is not None
+    }
+    store = FeatureStore(plan.storage / "features")
+    for n_classes, volumes in sorted(wanted):
+        for split in SPLITS:
+            label_maps(store, ds.units(split), volumes, n_classes, 0)
+    return len(wanted) * len(SPLITS)
 
 
 def _write_label_maps(path: Path, masks, n_slices, n_classes, load_label_maps) -> None:
@@ -160,7 +186,7 @@ class OnlineGrids:
             if len(s) > 1:
                 raise ValueError(
                     f"feature maps: volumes of {sorted(s)} slices; segmentation cells stack volumes, so every "
-                    "volume needs the same number of slices (resample or crop the volumes to one shape)"
+                    "volume needs the same number of slices (set dataset.spacing or dataset.grid: volumes are then resampled and padded to one grid)"
                 )
             self.shape = (len(sources.ids), sources.n_slices[0], *row) if sources.ids else (0, 0, *row)
         else:
@@ -217,6 +243,7 @@ class OnlineGrids:
                 "patch_grid",
                 pet_paths=[pet[i]] if pet else None,
                 out_dtype=c.feature_dtype,
+                volume=self.sources.volume,
                 **common,
             )
             out.append(x.astype(np.float32))
@@ -263,7 +290,7 @@ def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split
         y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident)
         spacing = label_spacing(units, volumes)
         if cell.online:
-            src = sources or RowSources(units.sample_ids, units.items, units.n_slices)
+            src = sources or RowSources(units.sample_ids, units.items, units.n_slices, volume=units.volume)
             return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing)
         rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
         x = stacked(rows, index, per_unit, units, "feature maps", resident)

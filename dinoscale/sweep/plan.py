@@ -173,9 +173,11 @@ def feature_key(
     view: str = "images",
     tokens: str | None = None,
     channels: tuple[str, ...] = (),
+    volume=None,
 ) -> FeatureKey:
     """The store key of one feature set; ``view``: images | volumes | slices; ``channels``: extra inputs fused
-    into the encoder's channels (('pet',) for PET/CT)."""
+    into the encoder's channels (('pet',) for PET/CT) under their default channel map; ``volume``: the
+    dataset's channel map and common grid (``dinoscale.data.volumes.VolumeInput``), which then decides."""
     from dinoscale.data.preprocess import fusion_signature
 
     f = spec.features
@@ -183,7 +185,7 @@ def feature_key(
     # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
     window = volume_window(spec)
     norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
-    norm += fusion_signature(channels)
+    norm += volume.signature() if volume is not None else fusion_signature(channels)
     suffix = {"images": "", "volumes": f"@volume-{f.volume_pool}", "slices": "@slices"}[view]
     return FeatureKey(
         backbone=bb.arch_id,
@@ -412,7 +414,8 @@ def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split
             cost.shard_ranges(passes, [r * width * itemsize for r in per_row], f.shard_forward_passes, f.shard_mb << 20)
         )
         channels = ds.channels if view != "images" else ()
-        key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels)
+        volume = ds.volume if view != "images" else None
+        key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels, volume=volume)
         cached = store.has(key)
         committed = 0 if cached else len(store.shards_committed(key, len(shards)))
         n_units, n_passes, n_rows = len(passes), int(sum(passes)), int(sum(per_row))
@@ -535,7 +538,8 @@ def _sample_shape(ds: PreparedDataset | None, head: dict) -> tuple[int, int]:
         return images, 0
     from dinoscale.data.masks import load_label_maps
 
-    first = load_label_maps(units.masks[:1], units.n_slices[:1] if units.n_slices else None)[0]
+    grid = units.volume.grid if (units.n_slices and units.volume is not None) else None
+    first = load_label_maps(units.masks[:1], units.n_slices[:1] if units.n_slices else None, grid=grid)[0]
     return images, int(head["n_classes"]) * int(first.size)
 
 
@@ -683,6 +687,8 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         why = f"'{ds.name}' scores bags of tiles (slides), which they do not train on"
     elif ds.channels:
         why = f"'{ds.name}' fuses extra input channels {list(ds.channels)}, which they do not read yet"
+    elif ds.volume is not None and ds.volume.channels.mode == "each":
+        why = "dataset.channels.mode 'each' averages features over channels, which they do not train through"
     elif task.dense and not finetune_heads(spec, ds.task):
         why = f"'{ds.name}' is a {shape}: they train the spec's segmentation probe as their head, and it lists none"
     elif task.dense and not ds.has_masks:
@@ -698,7 +704,7 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         if len(depths) > 1:
             raise NotRunnableError(
                 f"'{ds.name}' has volumes of {sorted(depths)[:5]} slices; segmentation cells stack volumes, so every "
-                "volume needs the same number of slices (resample or crop the volumes to one shape)"
+                "volume needs the same number of slices (set dataset.spacing or dataset.grid: volumes are then resampled and padded to one grid)"
             )
     too_big = [c for c in plan.cells if c.trains_encoder and not c.params["train.fits_gpu_memory"]]
     if too_big:

@@ -87,6 +87,9 @@ def protocol_data(plan: Plan) -> dict:
         data["extra channels"] = (
             f"{', '.join(ds.channels)} fused into the encoder's channels (PET SUV range {_fmt(list(PET_SUV_RANGE))})"
         )
+    if ds is not None and ds.volume is not None:  # the channel map and the common grid of the volumes
+        for k, v in ds.volume.describe().items():
+            data[f"volume {k}"] = v
     backbones = {
         bb.name: f"{bb.arch_id}; weights {bb.weights} ({bb.weights_kind}); {bb.n_params:,} params; patch "
         f"{bb.patch_size}; mean {_fmt(list(bb.mean))}, std {_fmt(list(bb.std))}; tokens per image "

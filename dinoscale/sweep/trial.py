@@ -182,7 +182,19 @@ def _scored(
     """Test metrics as the task scores them (with their patient-level interval), the val metric, the mirrored
     axes and the per-unit predictions table."""
     task = get_task(cell.task)
-    metrics, predictions = task.score(test_output, target, _scoring(cell, ctx, n_classes))
+    scoring = _scoring(cell, ctx, n_classes)
+    test = ctx.splits["test"]
+    grid = test.volume.grid if test.volume is not None else None
+    if task.dense and target is not None and grid is not None and test.native is not None:
+        # volumes on a common grid: predictions mapped back to each volume's native grid and scored against
+        # its native label map with its native spacing (metrics in mm on the data as published)
+        from dataclasses import replace
+
+        from dinoscale.data.volumes import native_predictions
+
+        test_output, target, spacing = native_predictions(test_output, test.masks, test.native, grid)
+        scoring = replace(scoring, spacing=spacing)
+    metrics, predictions = task.score(test_output, target, scoring)
     metrics = {
         **metrics,
         **task.val_metrics(val_metric),

@@ -49,7 +49,9 @@ def unit_samples(
 
     volumetric = units.n_slices is not None
     if volumetric:
-        load_volume, slice_transform = build_volume_transform(resolution, mean, std, interpolation, window)
+        load_volume, slice_transform = build_volume_transform(
+            resolution, mean, std, interpolation, window, volume=units.volume
+        )
 
         def read_input(i: int) -> torch.Tensor:
             vol = load_volume(units.items[i])
@@ -69,6 +71,7 @@ def unit_samples(
 
         def read_target(i: int) -> torch.Tensor:
             n = [units.n_slices[i]] if volumetric else None
-            return torch.as_tensor(load_label_maps([units.masks[i]], n, n_classes)[0], dtype=torch.long)
+            grid = units.volume.grid if (volumetric and units.volume is not None) else None
+            return torch.as_tensor(load_label_maps([units.masks[i]], n, n_classes, grid)[0], dtype=torch.long)
 
     return UnitSamples(units, read_input, read_target)
