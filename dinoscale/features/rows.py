@@ -36,7 +36,27 @@ def _index(key, n: int) -> np.ndarray:
     return np.asarray(key, dtype=np.int64).reshape(-1)
 
 
-class RowView:
+class _Items:
+    """What a view of items gives besides ``__getitem__``: arrays, a dtype cast, blocks of at most
+    ``max_bytes`` (of ``_block_bytes`` per item) for streamed passes."""
+
+    _block_bytes = "nbytes"  # the attribute that sizes a block
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def blocks(self, max_bytes: int | None = None) -> Iterator[np.ndarray]:
+        size = getattr(self, self._block_bytes)
+        per = max(1, int(max_bytes or BLOCK_BYTES) // max(1, size // max(1, len(self))))
+        for a in range(0, len(self), per):
+            yield self[a : a + per]
+
+
+class RowView(_Items):
     """Items of a feature set: ``index`` gives the source rows in item order; with ``group`` each item is
     ``group`` consecutive entries of ``index`` (the slices of a volume). Shape ``(n, *row)`` or
     ``(n, group, *row)``; ``view[i]`` and ``view[a:b]`` read just those items (stored dtype)."""
@@ -93,20 +113,8 @@ class RowView:
         out = out.reshape(len(items), *self.shape[1:])
         return out[0] if single else out
 
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
 
-    def astype(self, dtype) -> np.ndarray:
-        return np.asarray(self, dtype=dtype)
-
-    def blocks(self, max_bytes: int | None = None) -> Iterator[np.ndarray]:
-        per = max(1, int(max_bytes or BLOCK_BYTES) // max(1, self.nbytes // max(1, len(self))))
-        for a in range(0, len(self), per):
-            yield self[a : a + per]
-
-
-class ItemView:
+class ItemView(_Items):
     """Items ``items`` of the concatenation of ``parts`` (arrays, ``RowView``s, online grids: anything with a
     shape whose ``part[idx]`` reads items), read only when asked: the train + val units of a replicate
     regrouped (``dinoscale.sweep.inputs.repartition``) without loading either split."""
@@ -119,6 +127,7 @@ class ItemView:
         self.ndim = len(self.shape)
         self.dtype = np.dtype(getattr(self.parts[0], "dtype", np.float32))
         self.resident_bytes = min(getattr(p, "resident_bytes", DEFAULT_RESIDENT_BYTES) for p in self.parts)
+        self._block_bytes = "float32_bytes"
 
     @property
     def float32_bytes(self) -> int:
@@ -141,18 +150,6 @@ class ItemView:
         if out is None:
             out = np.empty((0, *self.shape[1:]), dtype=self.dtype)
         return out[0] if single else out
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def astype(self, dtype) -> np.ndarray:
-        return np.asarray(self, dtype=dtype)
-
-    def blocks(self, max_bytes: int | None = None) -> Iterator[np.ndarray]:
-        per = max(1, int(max_bytes or BLOCK_BYTES) // max(1, self.float32_bytes // max(1, len(self))))
-        for a in range(0, len(self), per):
-            yield self[a : a + per]
 
 
 def take_items(parts: Sequence, items):
