@@ -230,6 +230,7 @@ def rehearse(
     ),
     seed: int = typer.Option(0, help="seed of the replica's generator"),
     replicates: int = typer.Option(1, min=1, help="replicates (seeds, CV folds) kept from the spec's seeds"),
+    lean: bool = typer.Option(False, "--lean", help="only the smallest and largest backbone and resolution"),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
     no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
 ) -> None:
@@ -248,7 +249,7 @@ def rehearse(
     from dinoscale.rehearse import rehearse as run_rehearsal
 
     _, out = run_rehearsal(
-        spec, variant=variant, on_bad_file=on_bad_file, seed=seed, analyze=not no_analysis, replicates=replicates
+        spec, variant=variant, on_bad_file=on_bad_file, seed=seed, analyze=not no_analysis, replicates=replicates, lean=lean
     )
     failed = [r for r in out.rows if r["state"] != "FINISHED"]
     if failed:

@@ -20,6 +20,9 @@ analysis. Only what makes it a CPU-sized run changes, each change recorded on ev
 - resources: one CPU per trial and per extraction task (the paper's 4-8 CPUs per trial would never be
   scheduled on a laptop); GPU fractions stay as written (used only where the cluster has GPUs).
 
+``lean`` keeps only the smallest and the largest backbone and resolution (at most 2 x 2 of the grid; the
+test suite's rehearsals), recorded like every other change.
+
 ``variant`` writes a broken replica (``corrupt_file``, ``bad_label``, ``mask_shape``): the rehearsal then
 shows the user error the real run would give (one message, exit 2) or, with ``on_bad_file='skip'``, the
 skipped file recorded on the run.
@@ -96,7 +99,12 @@ def _field_defaults(model) -> dict:
 
 
 def transform(
-    raw: dict, source: str, replica_root: Path, on_bad_file: str | None = None, replicates: int = MAX_SEEDS
+    raw: dict,
+    source: str,
+    replica_root: Path,
+    on_bad_file: str | None = None,
+    replicates: int = MAX_SEEDS,
+    lean: bool = False,
 ) -> tuple[dict, dict]:
     """The paper spec (as loaded from its YAML) -> (the rehearsal's spec dict, the changes as record tags)."""
     from dinoscale.probes.registry import probe_spec_class
@@ -110,15 +118,22 @@ def transform(
     s["dataset"] = dict(raw["dataset"], root=str(replica_root))
     if on_bad_file:
         s["dataset"]["on_bad_file"] = on_bad_file
+    cut: list[str] = []
     bmap = map_backbones([b["name"] for b in raw["backbones"]])
     s["backbones"] = [dict(b, name=bmap[b["name"]], weights="random") for b in raw["backbones"]]
+    if lean and len(s["backbones"]) > 2:
+        ends = {min(bmap.values(), key=LADDER.index), max(bmap.values(), key=LADDER.index)}
+        s["backbones"] = [b for b in s["backbones"] if b["name"] in ends]
+        cut.append(f"backbones (lean) {len(bmap)}->{len(s['backbones'])}")
     changes[record.REHEARSAL_PREFIX + "backbones"] = ",".join(
         f"{b['name']}({b.get('weights', 'random')})->{bmap[b['name']]}(random)" for b in raw["backbones"]
     )
     rmap = map_resolutions(list(raw["resolutions"]))
     s["resolutions"] = [rmap[r] for r in raw["resolutions"]]
+    if lean and len(s["resolutions"]) > 2:
+        s["resolutions"] = [min(s["resolutions"]), max(s["resolutions"])]
+        cut.append(f"resolutions (lean) {len(rmap)}->2")
     changes[record.REHEARSAL_PREFIX + "resolutions"] = ",".join(f"{r}->{rmap[r]}" for r in raw["resolutions"])
-    cut: list[str] = []
     probes = []
     for p in raw["probes"]:
         p = dict(p)
@@ -186,6 +201,7 @@ def prepare(
     seed: int = 0,
     project_dir: Path | None = None,
     replicates: int = MAX_SEEDS,
+    lean: bool = False,
 ) -> Rehearsal:
     """Validate the paper spec, write its dataset's replica (``variant``) under the sweep's storage
     (``<storage>/rehearsal/<dataset>/<variant>``, rewritten each time) and return the rehearsal's spec."""
@@ -221,7 +237,7 @@ def prepare(
         shutil.rmtree(root)
     root.mkdir(parents=True)
     replica = writer.write(root, paper.dataset, variant=variant, seed=seed)
-    s, changes = transform(raw, str(spec_path), replica.root, on_bad_file, replicates)
+    s, changes = transform(raw, str(spec_path), replica.root, on_bad_file, replicates, lean)
     changes.update(
         {
             record.REHEARSAL_SOURCE_DIGEST: paper.digest(),
@@ -244,13 +260,14 @@ def rehearse(
     quiet: bool = False,
     project_dir: Path | None = None,
     replicates: int = MAX_SEEDS,
+    lean: bool = False,
 ):
     """Write the replica and run the rehearsal's sweep; returns (Rehearsal, SweepOutcome)."""
     from dinoscale.console import console
     from dinoscale.sweep.runner import run_sweep
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to fetch, fail at once if asked
-    r = prepare(spec_path, variant, on_bad_file, seed, project_dir, replicates)
+    r = prepare(spec_path, variant, on_bad_file, seed, project_dir, replicates, lean)
     if not quiet:
         console.print(
             f"[bold magenta]REHEARSAL[/bold magenta] of {spec_path}: replica of '{r.replica.dataset}' "

@@ -283,13 +283,15 @@ class PreparedDataset:
             extra = [c for c in EXTRA_COLUMNS if c in df.columns]
             h = hashlib.sha256()
             h.update(f"{self.name}|{','.join(self.classes)}|{split}\n".encode())
-            for row in df.itertuples(index=False):
-                p = Path(row.path)
+            # by position: class names need not be identifiers (CT-RATE's 'Medical material')
+            at = {c: i for i, c in enumerate(df.columns)}
+            for row in df.itertuples(index=False, name=None):
+                p = Path(row[at["path"]])
                 size = _size(p)
-                labels = "".join(str(int(getattr(row, c))) for c in self.classes) if self.classes else ""
-                h.update(f"{row.sample_id}|{row.patient_id}|{p.name}|{size}|{labels}\n".encode())
+                labels = "".join(str(int(row[at[c]])) for c in self.classes) if self.classes else ""
+                h.update(f"{row[at['sample_id']]}|{row[at['patient_id']]}|{p.name}|{size}|{labels}\n".encode())
                 for col in extra:  # only for manifests that have them: 2D digests are unchanged
-                    v = getattr(row, col)
+                    v = row[at[col]]
                     if col in FILE_COLUMNS and isinstance(v, str) and v:
                         q = Path(v)
                         v = f"{q.name}:{_size(q)}"
