@@ -218,9 +218,10 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
                     "sample_id": f"{split}_{i}",
                     "patient_id": f"{split}_{i}",
                     "path": str(path),
+                    "npz_key": f"{split}_images",
                     "npz_index": i,
                     "split": split,
-                    **({"n_slices": shape[1]} if len(shape) == 4 else {}),
+                    **({"n_slices": shape[-1]} if len(shape) == 4 else {}),  # an item [x, y, z]: slices last
                     **dict(zip(classes, onehot[i].astype(int).tolist())),
                 }
             )

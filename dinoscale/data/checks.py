@@ -65,6 +65,15 @@ def _file_reason(p: Path, kind: str, decode: bool) -> str | None:
                     im.load()
                 else:
                     im.verify()
+        elif kind == "npz":
+            from dinoscale.data.readers import npz_member
+
+            with np.load(p, allow_pickle=False) as z:
+                keys = [k for k in z.files if k.endswith("_images")]
+            for k in keys:
+                arr = npz_member(p, k)
+                if decode and len(arr):
+                    np.asarray(arr[-1])  # the last item: a truncated archive fails on its way there
         elif kind == "hdf5":
             import h5py
 
