@@ -249,7 +249,13 @@ def rehearse(
     from dinoscale.rehearse import rehearse as run_rehearsal
 
     _, out = run_rehearsal(
-        spec, variant=variant, on_bad_file=on_bad_file, seed=seed, analyze=not no_analysis, replicates=replicates, lean=lean
+        spec,
+        variant=variant,
+        on_bad_file=on_bad_file,
+        seed=seed,
+        analyze=not no_analysis,
+        replicates=replicates,
+        lean=lean,
     )
     failed = [r for r in out.rows if r["state"] != "FINISHED"]
     if failed:

@@ -81,7 +81,9 @@ WEIGHTS_KIND = "weights.kind"  # on a child: its backbone's
 WEIGHTS_DIGEST = "weights.digest"
 # a rehearsal (dinoscale.rehearse): a paper spec run on a replica of its dataset's layout with random weights
 REHEARSAL = "dinoscale.rehearsal"  # "true" on every run of a rehearsal
-REHEARSAL_PREFIX = "rehearsal."  # + what the rehearsal changed in the paper spec (tags on every run, params on the parent)
+REHEARSAL_PREFIX = (
+    "rehearsal."  # + what the rehearsal changed in the paper spec (tags on every run, params on the parent)
+)
 REHEARSAL_SOURCE_SPEC = REHEARSAL_PREFIX + "source_spec"  # the paper spec's file
 REHEARSAL_SOURCE_DIGEST = REHEARSAL_PREFIX + "source_digest"  # its digest (dinoscale validate prints it)
 REHEARSAL_VARIANT = REHEARSAL_PREFIX + "variant"  # ok | corrupt_file | bad_label | mask_shape

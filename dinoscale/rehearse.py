@@ -276,6 +276,10 @@ def rehearse(
         for k, v in r.changes.items():
             console.print(f"  {k.removeprefix(record.REHEARSAL_PREFIX)}: {v}", markup=False, highlight=False)
     out = run_sweep(
-        r.spec, project_dir=project_dir, analyze=analyze, quiet=quiet, annotations={record.REHEARSAL: "true", **r.changes}
+        r.spec,
+        project_dir=project_dir,
+        analyze=analyze,
+        quiet=quiet,
+        annotations={record.REHEARSAL: "true", **r.changes},
     )
     return r, out

@@ -92,6 +92,13 @@ class DatasetSpec(Strict):
         description="whole-slide tiles: microns per pixel they were cut at (0.5 = 20x, 0.25 = 40x); the plan "
         "counts tiles per slide at this magnification when the data is absent (default: the published one)",
     )
+    patient_ids: Literal["auto", "required"] = Field(
+        "auto",
+        description="slide cohorts (wsi-tiles): 'required' refuses a slide table without a patient_id for every "
+        "slide (set it when patients have several slides); 'auto' requires them where the dataset is known to "
+        "hold several slides per patient (Camelyon17) and otherwise takes each slide as its own patient, recorded "
+        "on the run (data.patient_ids)",
+    )
     on_bad_file: Literal["error", "skip"] = Field(
         "error",
         description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "

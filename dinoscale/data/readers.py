@@ -272,7 +272,12 @@ def _npz_member(path: str, key: str, _mtime: int) -> np.ndarray:
         with open(path, "rb") as f:  # the member's data starts after its local header
             f.seek(info.header_offset)
             local = f.read(30)
-            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            start = (
+                info.header_offset
+                + 30
+                + int.from_bytes(local[26:28], "little")
+                + int.from_bytes(local[28:30], "little")
+            )
             f.seek(start)
             version = np.lib.format.read_magic(f)
             read_header = (

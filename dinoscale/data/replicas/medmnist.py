@@ -14,30 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dinoscale.data.adapters import MEDMNIST_CLASSES
 from dinoscale.data.replicas import Replica, register_replica
 from dinoscale.data.replicas._pixels import grey_image, truncate
 
-# subset name -> classes, multi-label, colour (from the MedMNIST v2 info: its INFO dict)
-SUBSETS = {
-    "pathmnist": (9, False, True),
-    "chestmnist": (14, True, False),
-    "dermamnist": (7, False, True),
-    "octmnist": (4, False, False),
-    "pneumoniamnist": (2, False, False),
-    "retinamnist": (5, False, True),
-    "breastmnist": (2, False, False),
-    "bloodmnist": (8, False, True),
-    "tissuemnist": (8, False, False),
-    "organamnist": (11, False, False),
-    "organcmnist": (11, False, False),
-    "organsmnist": (11, False, False),
-    "organmnist3d": (11, False, False),
-    "nodulemnist3d": (2, False, False),
-    "adrenalmnist3d": (2, False, False),
-    "fracturemnist3d": (3, False, False),
-    "vesselmnist3d": (2, False, False),
-    "synapsemnist3d": (2, False, False),
-}
+SUBSETS = MEDMNIST_CLASSES  # subset -> (classes, multi-label, colour)
 PER_CLASS = {"train": 3, "val": 1, "test": 2}  # items per class and split (2D: x4)
 PER_CLASS_3D = {"train": 2, "val": 1, "test": 1}  # volumes: every slice is a forward pass
 
