@@ -46,7 +46,9 @@ def _real(spec, title, root, split_how, **kw) -> dict:
 # ---------------------------------------------------------------- RSNA Pneumonia (DICOM)
 
 RSNA_LAYOUT = """    stage_2_train_labels.csv       patientId,x,y,width,height,Target (one row per box; Target 0/1)
-    stage_2_train_images/<patientId>.dcm"""
+    stage_2_train_images/<patientId>.dcm
+    train.csv, val.csv, test.csv   optional: MGCA's published split (a patientId column each)"""
+RSNA_SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}  # MGCA (Wang et al. 2022)
 RSNA_SOURCE = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (RSNA / Kaggle)"
 
 
@@ -81,8 +83,30 @@ def prepare_rsna(spec, storage: Path) -> PreparedDataset:
         raise DataError(
             f"RSNA Pneumonia: {len(absent)} image(s) in {csv.name} missing (first: {absent[0]}). Expected layout:\n{RSNA_LAYOUT}"
         )
-    df["split"], how = patient_splits(df, spec)  # the MGCA split list is not public in this layout
+    df["split"], how = patient_splits(df, spec, _rsna_split(root, df))
     return PreparedDataset(spec.name, "multilabel", ["Pneumonia"], df, _real(spec, "RSNA Pneumonia", root, how), root)
+
+
+def _rsna_split(root: Path, df: pd.DataFrame) -> pd.Series | None:
+    """MGCA's split (the reference benchmark's) when its three lists lie beside the labels; else None."""
+    files = {split: root / name for split, name in RSNA_SPLIT_FILES.items()}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    where: dict[str, str] = {}
+    for split, f in files.items():
+        table = pd.read_csv(f, dtype={"patientId": str})
+        if "patientId" not in table.columns:
+            raise DataError(f"{f}: no patientId column (MGCA's split lists name each image's patientId)")
+        for pid in table["patientId"]:
+            if where.setdefault(pid, split) != split:
+                raise DataError(f"{f}: patientId {pid} is also in {RSNA_SPLIT_FILES[where[pid]]}")
+    unlisted = [p for p in df["patient_id"] if p not in where]
+    if unlisted:
+        raise DataError(
+            f"{root}: {len(unlisted)} image(s) of stage_2_train_labels.csv are in none of {list(RSNA_SPLIT_FILES.values())} "
+            f"(first: {unlisted[0]}); give all three lists of the split or none"
+        )
+    return df["patient_id"].map(where)
 
 
 # ---------------------------------------------------------------- CT-RATE (NIfTI + multi-abnormality labels)
