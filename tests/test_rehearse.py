@@ -220,3 +220,37 @@ def test_a_skipped_corrupt_file_is_recorded_on_the_run(isolated):
     )
     assert parent.data.tags[record.DATA_SKIPPED] == "1"
     assert parent.data.tags[record.DATA_SKIPPED_FILES] == Path(r.replica.broken).name
+
+
+# ---------------------------------------------------------------- protocol splits of the replicas' datasets
+
+
+def test_rsna_uses_mgca_split_lists_when_present(tmp_path):
+    import pandas as pd
+
+    from dinoscale.data import prepare_dataset
+    from dinoscale.data.dataset import DataError
+    from dinoscale.spec import DatasetSpec
+
+    spec = DatasetSpec(name="rsna-pneumonia", root=str(tmp_path))
+    get_replica("rsna-pneumonia").write(tmp_path, spec)
+    ds = prepare_dataset(spec, tmp_path / "store")
+    listed = {s: set(pd.read_csv(tmp_path / f"{s}.csv")["patientId"]) for s in ("train", "val", "test")}
+    for split, ids in listed.items():
+        assert set(ds.manifest.loc[ds.manifest.split == split, "patient_id"]) == ids
+    assert ds.provenance["data.split"] == "official"
+    val = pd.read_csv(tmp_path / "val.csv", index_col=0)
+    pd.concat([val, pd.read_csv(tmp_path / "test.csv", index_col=0).head(1)]).to_csv(tmp_path / "val.csv")
+    with pytest.raises(DataError, match=r"is also in (val|test)\.csv"):
+        prepare_dataset(spec, tmp_path / "store")
+    (tmp_path / "val.csv").unlink()
+    assert prepare_dataset(spec, tmp_path / "store").provenance["data.split"] == "patient-level random"
+
+
+def test_cremi_paper_split_is_the_first_100_sections_and_the_last_25():
+    from dinoscale.data.adapters import cremi_rows
+    from dinoscale.spec import load_spec
+
+    split = load_spec(ROOT / "sweeps" / "em.yaml").dataset.split
+    cuts = {r["split"]: (r["z_start"], r["z_stop"]) for r in cremi_rows(Path("sample_A_20160501.hdf"), "A", 125, split)}
+    assert cuts["test"] == (100, 125) and cuts["train"][0] == 0 and cuts["val"][1] == 100
