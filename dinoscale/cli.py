@@ -353,11 +353,14 @@ def backbones() -> None:
 
 @app.command()
 def datasets() -> None:
-    """List the dataset adapters."""
+    """List the dataset adapters (and which can be rehearsed: those with a replica writer)."""
     from dinoscale.data import dataset_names, is_phantom
+    from dinoscale.data.replicas import replica_names
 
+    replicas = set(replica_names())
     for n in dataset_names():
-        typer.echo(f"{n:20s} {'phantom (generated)' if is_phantom(n) else 'real (needs a data root)'}")
+        kind = "phantom (generated)" if is_phantom(n) else "real (needs a data root)"
+        typer.echo(f"{n:20s} {kind:26s}{' replica: dinoscale rehearse' if n in replicas else ''}".rstrip())
 
 
 # ---------------------------------------------------------------- cache: the feature store
