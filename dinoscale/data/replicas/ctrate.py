@@ -23,7 +23,7 @@ from dinoscale.data.adapters import CT_RATE_CLASSES
 from dinoscale.data.replicas import Replica, register_replica
 from dinoscale.data.replicas._pixels import truncate
 
-N_TRAIN, N_VALID = 18, 10  # patients (the real set: 20,000 / 1,304)
+N_TRAIN, N_VALID = 12, 8  # patients (the real set: 20,000 / 1,304)
 SIDE = 48  # in-plane pixels (real: 512 to 1024)
 
 
@@ -52,7 +52,7 @@ def write_ct_rate(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repli
         labels, meta = [], []
         for p in range(1, n_patients + 1):
             scan = "a"
-            depth = int(rng.integers(8, 14))
+            depth = int(rng.integers(6, 11))
             xy, zs = float(rng.choice([0.6, 0.7, 0.8])), float(rng.choice([1.0, 1.5, 2.0]))
             findings = [c for c in CT_RATE_CLASSES if rng.random() < 0.3]
             vol = _volume(rng, SIDE, depth, findings)
@@ -100,7 +100,7 @@ def write_ct_rate(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repli
             "int16 HU volumes stored LPS, differing slice counts and spacings (metadata/*_metadata.csv subset)",
         ],
         leaves_out=[
-            f"{N_TRAIN} + {N_VALID} patients, {SIDE}^2 x 8-13 slices (real: ~25k scans, 512^2 x ~300)",
+            f"{N_TRAIN} + {N_VALID} patients, {SIDE}^2 x 6-10 slices (real: ~25k scans, 512^2 x ~300)",
             "real anatomy and findings; radiology reports; most metadata columns",
         ],
         broken=broken,
