@@ -164,7 +164,7 @@ def prepare_ct_rate(spec, storage: Path) -> PreparedDataset:
                 bad = ~lab[c].isin([0, 1])
                 if bad.any():
                     raise DataError(
-                        f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value {lab[c][bad.idxmax()]!r} is not 0 or 1"
+                        f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value '{lab[c][bad.idxmax()]}' is not 0 or 1"
                     )
             frames.append(lab.assign(split=split, _csv=str(csv)))
     if not frames:
