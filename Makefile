@@ -1,6 +1,7 @@
 # dinoscale front door. Every target installs what it needs on first use (a venv in .venv).
 #   make sweep MODALITY=xray              demo profile (phantom data, random weights, CPU, minutes)
 #   make sweep MODALITY=xray PROFILE=paper  paper profile (real data + weights, GPUs)
+#   make rehearse MODALITY=xray           the paper profile on a replica of its dataset (CPU, under a minute)
 #   make test                             the test suite (what CI runs)
 
 MODALITY ?= xray
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep plan validate analyze ui test test-fast lint format clean help protocol
+.PHONY: install sweep rehearse plan validate analyze ui test test-fast lint format clean help protocol
 
 help:
 	@sed -n '1,5p' Makefile
@@ -34,6 +35,14 @@ install: $(STAMP)
 
 sweep: $(STAMP)
 	$(BIN)/dinoscale sweep $(SPEC) $(if $(ADDRESS),--address $(ADDRESS)) $(if $(RESUME),--resume) \
+		$(if $(DINOSCALE_TRACKING_URI),--tracking-uri $(DINOSCALE_TRACKING_URI))
+
+# A rehearsal runs a paper spec (PROFILE defaults to paper here) on a replica of its dataset's published layout:
+#   make rehearse MODALITY=xray [VARIANT=corrupt_file|bad_label|mask_shape]   (MODALITY: any sweeps/<name>.yaml)
+REHEARSE_PROFILE := $(if $(filter command line environment,$(origin PROFILE)),$(PROFILE),paper)
+REHEARSE_SPEC    := $(if $(filter command line,$(origin SPEC)),$(SPEC),$(if $(filter paper,$(REHEARSE_PROFILE)),sweeps/$(MODALITY).yaml,sweeps/demo/$(MODALITY).yaml))
+rehearse: $(STAMP)
+	$(BIN)/dinoscale rehearse $(REHEARSE_SPEC) $(if $(VARIANT),--variant $(VARIANT)) \
 		$(if $(DINOSCALE_TRACKING_URI),--tracking-uri $(DINOSCALE_TRACKING_URI))
 
 plan: $(STAMP)

@@ -219,6 +219,49 @@ def sweep(
         raise typer.Exit(EXIT_USER_ERROR if all(r.get("user_error") for r in failed) else EXIT_CRASH)
 
 
+@app.command()
+def rehearse(
+    spec: Path = typer.Argument(..., help="paper spec (YAML), e.g. sweeps/xray.yaml"),
+    variant: str = typer.Option(
+        "ok", help="ok, or a broken replica: corrupt_file | bad_label | mask_shape (shows the error a real run gives)"
+    ),
+    on_bad_file: str | None = typer.Option(
+        None, "--on-bad-file", help="override dataset.on_bad_file (skip: drop unreadable files, recorded on the run)"
+    ),
+    seed: int = typer.Option(0, help="seed of the replica's generator"),
+    replicates: int = typer.Option(1, min=1, help="replicates (seeds, CV folds) kept from the spec's seeds"),
+    lean: bool = typer.Option(False, "--lean", help="only the smallest and largest backbone and resolution"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
+    no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
+) -> None:
+    """Rehearse a paper spec on a replica of its dataset's published layout, CPU-sized, labelled REHEARSAL.
+
+    Writes the replica under <storage>/rehearsal/<dataset>/<variant>, maps the backbones onto the demo ladder
+    with random weights, the resolutions onto small multiples of the patch size and cuts the training budgets
+    (every change logged on the MLflow runs), then runs the ordinary sweep. Exit status as for `sweep`."""
+    import os
+
+    if tracking_uri:
+        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
+    if on_bad_file not in (None, "error", "skip"):
+        raise typer.BadParameter(f"'{on_bad_file}': expected error or skip", param_hint="--on-bad-file")
+    _tracking_server_first(spec)
+    from dinoscale.rehearse import rehearse as run_rehearsal
+
+    _, out = run_rehearsal(
+        spec,
+        variant=variant,
+        on_bad_file=on_bad_file,
+        seed=seed,
+        analyze=not no_analysis,
+        replicates=replicates,
+        lean=lean,
+    )
+    failed = [r for r in out.rows if r["state"] != "FINISHED"]
+    if failed:
+        raise typer.Exit(EXIT_USER_ERROR if all(r.get("user_error") for r in failed) else EXIT_CRASH)
+
+
 @app.command("preflight")
 def preflight_cmd(
     spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
@@ -310,11 +353,14 @@ def backbones() -> None:
 
 @app.command()
 def datasets() -> None:
-    """List the dataset adapters."""
+    """List the dataset adapters (and which can be rehearsed: those with a replica writer)."""
     from dinoscale.data import dataset_names, is_phantom
+    from dinoscale.data.replicas import replica_names
 
+    replicas = set(replica_names())
     for n in dataset_names():
-        typer.echo(f"{n:20s} {'phantom (generated)' if is_phantom(n) else 'real (needs a data root)'}")
+        kind = "phantom (generated)" if is_phantom(n) else "real (needs a data root)"
+        typer.echo(f"{n:20s} {kind:26s}{' replica: dinoscale rehearse' if n in replicas else ''}".rstrip())
 
 
 # ---------------------------------------------------------------- cache: the feature store

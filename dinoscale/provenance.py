@@ -2,7 +2,11 @@
 
 A result is a *demo* when anything in it is not about real patients seen through pretrained weights:
 the demo profile, generated data (a phantom, or synthetic findings in real anatomy), or randomly
-initialised weights. Whatever prints or records a result asks ``Provenance`` instead of deciding again.
+initialised weights. A *rehearsal* (``dinoscale rehearse``, profile ``rehearsal``) is one case of it: a
+paper spec run on a generated replica of its dataset's published layout with random weights, which
+proves that the layout, adapter, readers and protocol path run end to end and nothing else; it is
+labelled REHEARSAL wherever a number appears. Whatever prints or records a result asks ``Provenance``
+instead of deciding again.
 """
 
 from __future__ import annotations
@@ -15,11 +19,19 @@ from dinoscale import record
 SYNTHETIC_SOURCES = ("phantom", "semi-synthetic")
 DEMO_NOTE = "DEMO: phantom data and/or random weights - numbers exercise the pipeline, they say nothing about DINOv3"
 DEMO_HEADLINE = "DEMO RUN: the numbers exercise the pipeline; they say nothing about DINOv3 on real data."
+REHEARSAL_NOTE = (
+    "REHEARSAL: a paper spec on a generated replica of its dataset's layout with random weights and scaled-down "
+    "models - it proves the layout, readers and protocol path run, the numbers mean nothing"
+)
+REHEARSAL_HEADLINE = (
+    "REHEARSAL, NOT A RESULT: a paper spec run on a generated replica of its dataset's published layout with "
+    "random weights and scaled-down models; the numbers say nothing about DINOv3 or the data."
+)
 
 
 @dataclass(frozen=True)
 class Provenance:
-    profile: str  # demo | paper (unknown for a results table)
+    profile: str  # demo | paper | rehearsal (unknown for a results table)
     data: dict[str, str] = field(default_factory=dict)  # the dataset's data.* tags
     weights: tuple[str, ...] = ()  # weights kind of each backbone: random | hub | file
     weights_known: bool = True  # False when read back from tags (kinds only, no per-backbone counts)
@@ -50,13 +62,29 @@ class Provenance:
         return "random" in self.weights
 
     @property
+    def rehearsal(self) -> bool:
+        return self.profile == "rehearsal"
+
+    @property
     def demo(self) -> bool:
-        return self.profile == "demo" or self.synthetic_data or self.random_weights
+        return self.profile == "demo" or self.rehearsal or self.synthetic_data or self.random_weights
+
+    @property
+    def headline(self) -> str | None:
+        """The line in capitals above every table, banner and report of these numbers (None: a real result)."""
+        if self.rehearsal:
+            return REHEARSAL_HEADLINE
+        return DEMO_HEADLINE if self.demo else None
 
     def lines(self) -> list[str]:
         """One line about the data and one or two about the weights, in capitals where not real."""
         d, out = self.data, []
-        if self.source == "semi-synthetic":
+        if self.rehearsal:
+            out.append(
+                f"data: REHEARSAL REPLICA of {d.get(record.DATA_NAME, 'the dataset')}'s published layout "
+                f"({d.get(record.DATA_ROOT, '')}) - generated files, not patient data"
+            )
+        elif self.source == "semi-synthetic":
             out.append(
                 f"data: SEMI-SYNTHETIC ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic "
                 f"lesions in real anatomy ({d.get(record.DATA_BASE, '')}), labels are synthetic, not patient data"
@@ -89,6 +117,9 @@ class Provenance:
             record.DEMO: str(self.demo).lower(),
             record.WEIGHTS_KINDS: ",".join(sorted(set(self.weights))),
         }
-        if self.demo:
+        if self.rehearsal:
+            tags[record.REHEARSAL] = "true"
+            tags[record.NOTE] = REHEARSAL_NOTE
+        elif self.demo:
             tags[record.NOTE] = DEMO_NOTE
         return tags

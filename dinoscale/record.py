@@ -73,12 +73,31 @@ DATA_GENERATOR = "data.generator"
 DATA_SEED = "data.seed"
 DATA_BASE = "data.base"  # semi-synthetic: the real file the synthetic findings were put into
 DATA_SPLIT = "data.split"
-DATA_SKIPPED = "data.skipped"
+DATA_SKIPPED = "data.skipped"  # how many files on_bad_file=skip dropped
+DATA_SKIPPED_FILES = "data.skipped_files"  # their names (the first few)
 MANIFEST_DIGEST_PREFIX = "data.manifest_digest."  # + split
 WEIGHTS_KINDS = "weights.kinds"  # on the parent: every kind of weights in the sweep (random, hub, file)
 WEIGHTS_KIND = "weights.kind"  # on a child: its backbone's
 WEIGHTS_DIGEST = "weights.digest"
-PROVENANCE_PREFIXES = ("data.", WEIGHTS_KINDS, PROFILE, MODALITY, DEMO, NOTE)  # copied from parent to children
+# a rehearsal (dinoscale.rehearse): a paper spec run on a replica of its dataset's layout with random weights
+REHEARSAL = "dinoscale.rehearsal"  # "true" on every run of a rehearsal
+REHEARSAL_PREFIX = (
+    "rehearsal."  # + what the rehearsal changed in the paper spec (tags on every run, params on the parent)
+)
+REHEARSAL_SOURCE_SPEC = REHEARSAL_PREFIX + "source_spec"  # the paper spec's file
+REHEARSAL_SOURCE_DIGEST = REHEARSAL_PREFIX + "source_digest"  # its digest (dinoscale validate prints it)
+REHEARSAL_VARIANT = REHEARSAL_PREFIX + "variant"  # ok | corrupt_file | bad_label | mask_shape
+REHEARSAL_REPLICA = REHEARSAL_PREFIX + "replica_root"  # where the replica was written
+PROVENANCE_PREFIXES = (
+    "data.",
+    WEIGHTS_KINDS,
+    PROFILE,
+    MODALITY,
+    DEMO,
+    NOTE,
+    REHEARSAL,
+    REHEARSAL_PREFIX,
+)  # copied from parent to children
 
 # ---------------------------------------------------------------- metrics: predicted against measured
 

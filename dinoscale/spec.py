@@ -130,6 +130,13 @@ class DatasetSpec(Strict):
         description="volumes: centre-crop / zero-pad the (resampled) volumes to [x, y, z] voxels; none: the largest "
         "extent per axis (nothing cropped) whenever the spacing is set or a split's volumes differ in shape",
     )
+    patient_ids: Literal["auto", "required"] = Field(
+        "auto",
+        description="slide cohorts (wsi-tiles): 'required' refuses a slide table without a patient_id for every "
+        "slide (set it when patients have several slides); 'auto' requires them where the dataset is known to "
+        "hold several slides per patient (Camelyon17) and otherwise takes each slide as its own patient, recorded "
+        "on the run (data.patient_ids)",
+    )
     on_bad_file: Literal["error", "skip"] = Field(
         "error",
         description="an unreadable file: 'error' stops naming the file; 'skip' checks every file up front "
@@ -485,7 +492,10 @@ class RaySpec(Strict):
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     modality: Literal["xray", "ct", "mri", "wsi", "em", "petct"]
-    profile: Literal["demo", "paper"]
+    profile: Literal["demo", "paper", "rehearsal"] = Field(
+        description="demo: phantom data, random weights, CPU; paper: real data and weights, GPUs; rehearsal: a paper "
+        "spec run by `dinoscale rehearse` on a replica of its dataset with random weights (never a result)"
+    )
     description: str = ""
     dataset: DatasetSpec
     backbones: list[BackboneSpec] = Field(min_length=1)

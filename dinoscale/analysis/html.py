@@ -43,8 +43,8 @@ _FITS_SHOWN = [
 ]
 
 
-def _provenance(lines: list[str], demo: bool) -> str:
-    head = f"<p><b>{escape(DEMO_HEADLINE)}</b></p>" if demo else ""
+def _provenance(lines: list[str], demo: bool, banner: str = DEMO_HEADLINE) -> str:
+    head = f"<p><b>{escape(banner)}</b></p>" if demo else ""
     items = "".join(f"<li>{escape(x)}</li>" for x in lines) or "<li>provenance unknown</li>"
     return f'<section class="provenance{" demo" if demo else ""}" id="provenance"><h2>Provenance</h2>{head}<ul>{items}</ul></section>'
 
@@ -116,7 +116,7 @@ def render_html(rc) -> str:
     then the detail (method, curves, fits, cells)."""
     parts = [
         f"<h1>Scaling report: {escape(rc.title)}</h1>",
-        _provenance(rc.provenance, rc.demo),
+        _provenance(rc.provenance, rc.demo, rc.banner),
         _answer(rc),
     ]
     parts += [_figure(cap, path.read_bytes()) for cap, path in rc.key_figures]

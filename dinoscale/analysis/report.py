@@ -68,6 +68,7 @@ class ReportContent:
     files: list[str] = field(default_factory=list)
     headline: Headline = AUROC
     demo: bool = False  # phantom / semi-synthetic data, random weights or the demo profile (dinoscale.provenance)
+    banner: str = DEMO_HEADLINE  # the line above a demo's provenance (a rehearsal's says REHEARSAL)
     key_figures: list[tuple[str, Path]] = field(default_factory=list)  # heatmaps and cost frontiers
     notes: list[str] = field(default_factory=list)  # what the analysis left out or assumed, and why
 
@@ -342,7 +343,7 @@ def _answer_markdown(rc: ReportContent) -> list[str]:
 
 def _markdown(rc: ReportContent) -> str:
     md = [f"# Scaling report: {rc.title}", ""]
-    md += [f"> **{line}**" for line in ([DEMO_HEADLINE] if rc.demo else []) + rc.provenance] + [""]
+    md += [f"> **{line}**" for line in ([rc.banner] if rc.demo else []) + rc.provenance] + [""]
     md += _answer_markdown(rc)
     md += [f"![{cap}]({p.name})\n" for cap, p in rc.key_figures]
     md += _verdict_blocks_markdown(rc)
@@ -413,8 +414,9 @@ def write_report(
     runs = tidy_results(df, headline)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, headline)
+    banner = DEMO_HEADLINE
     if isinstance(provenance, Provenance):
-        demo, provenance = provenance.demo, provenance.lines()
+        demo, banner, provenance = provenance.demo, provenance.headline or DEMO_HEADLINE, provenance.lines()
     else:
         demo = "random" in set(runs["weights"].dropna().astype(str))
     provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
@@ -438,6 +440,7 @@ def write_report(
         comparisons=comparisons,
         headline=headline,
         demo=demo,
+        banner=banner,
         key_figures=_key_figures(cd, best, out_dir, title, prov),
         notes=list(runs.attrs.get("notes", [])) + curve_notes,
     )

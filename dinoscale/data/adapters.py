@@ -8,6 +8,8 @@ else patient-level. 3D adapters read NIfTI headers only (n_slices, shape checks)
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.layout import data_root, patient_splits, require
+from dinoscale.data.readers import npz_member
 from dinoscale.data.splits import assign_patient_folds
 
 
@@ -44,7 +47,9 @@ def _real(spec, title, root, split_how, **kw) -> dict:
 # ---------------------------------------------------------------- RSNA Pneumonia (DICOM)
 
 RSNA_LAYOUT = """    stage_2_train_labels.csv       patientId,x,y,width,height,Target (one row per box; Target 0/1)
-    stage_2_train_images/<patientId>.dcm"""
+    stage_2_train_images/<patientId>.dcm
+    train.csv, val.csv, test.csv   optional: MGCA's published split (a patientId column each)"""
+RSNA_SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}  # MGCA (Wang et al. 2022)
 RSNA_SOURCE = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (RSNA / Kaggle)"
 
 
@@ -79,8 +84,30 @@ def prepare_rsna(spec, storage: Path) -> PreparedDataset:
         raise DataError(
             f"RSNA Pneumonia: {len(absent)} image(s) in {csv.name} missing (first: {absent[0]}). Expected layout:\n{RSNA_LAYOUT}"
         )
-    df["split"], how = patient_splits(df, spec)  # the MGCA split list is not public in this layout
+    df["split"], how = patient_splits(df, spec, _rsna_split(root, df))
     return PreparedDataset(spec.name, "multilabel", ["Pneumonia"], df, _real(spec, "RSNA Pneumonia", root, how), root)
+
+
+def _rsna_split(root: Path, df: pd.DataFrame) -> pd.Series | None:
+    """MGCA's split (the reference benchmark's) when its three lists lie beside the labels; else None."""
+    files = {split: root / name for split, name in RSNA_SPLIT_FILES.items()}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    where: dict[str, str] = {}
+    for split, f in files.items():
+        table = pd.read_csv(f, dtype={"patientId": str})
+        if "patientId" not in table.columns:
+            raise DataError(f"{f}: no patientId column (MGCA's split lists name each image's patientId)")
+        for pid in table["patientId"]:
+            if where.setdefault(pid, split) != split:
+                raise DataError(f"{f}: patientId {pid} is also in {RSNA_SPLIT_FILES[where[pid]]}")
+    unlisted = [p for p in df["patient_id"] if p not in where]
+    if unlisted:
+        raise DataError(
+            f"{root}: {len(unlisted)} image(s) of stage_2_train_labels.csv are in none of {list(RSNA_SPLIT_FILES.values())} "
+            f"(first: {unlisted[0]}); give all three lists of the split or none"
+        )
+    return df["patient_id"].map(where)
 
 
 # ---------------------------------------------------------------- CT-RATE (NIfTI + multi-abnormality labels)
@@ -138,7 +165,7 @@ def prepare_ct_rate(spec, storage: Path) -> PreparedDataset:
                 bad = ~lab[c].isin([0, 1])
                 if bad.any():
                     raise DataError(
-                        f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value {lab[c][bad.idxmax()]!r} is not 0 or 1"
+                        f"{csv}, line {int(bad.idxmax()) + 2}, '{c}': value '{lab[c][bad.idxmax()]}' is not 0 or 1"
                     )
             frames.append(lab.assign(split=split, _csv=str(csv)))
     if not frames:
@@ -185,6 +212,29 @@ MEDMNIST_LAYOUT = """    <subset>.npz   e.g. chestmnist_224.npz, organmnist3d_64
 MEDMNIST_SOURCE = "https://medmnist.com (Zenodo record 10519652; `pip install medmnist` downloads them)"
 
 
+# MedMNIST v2 / MedMNIST+ subsets: (classes, multi-label, colour), as in the medmnist package's INFO
+MEDMNIST_CLASSES = {
+    "pathmnist": (9, False, True),
+    "chestmnist": (14, True, False),
+    "dermamnist": (7, False, True),
+    "octmnist": (4, False, False),
+    "pneumoniamnist": (2, False, False),
+    "retinamnist": (5, False, True),
+    "breastmnist": (2, False, False),
+    "bloodmnist": (8, False, True),
+    "tissuemnist": (8, False, False),
+    "organamnist": (11, False, False),
+    "organcmnist": (11, False, False),
+    "organsmnist": (11, False, False),
+    "organmnist3d": (11, False, False),
+    "nodulemnist3d": (2, False, False),
+    "adrenalmnist3d": (2, False, False),
+    "fracturemnist3d": (3, False, False),
+    "vesselmnist3d": (2, False, False),
+    "synapsemnist3d": (2, False, False),
+}
+
+
 @register_dataset("medmnist", task="auto")
 def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "MedMNIST+", MEDMNIST_LAYOUT, MEDMNIST_SOURCE)
@@ -199,19 +249,28 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
         with np.load(path, allow_pickle=False) as z:
             for split in ("train", "val", "test"):
                 y = z[f"{split}_labels"]
-                shape = z[f"{split}_images"].shape  # MedMNIST npz are stored uncompressed: cheap header read
+                shape = npz_member(path, f"{split}_images").shape  # memory-mapped: the pixels are not read
                 frames.append((split, y.reshape(len(y), -1), shape))
-    except (KeyError, ValueError, OSError) as e:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a truncated download: BadZipFile
         raise DataError(f"{path}: not a MedMNIST+ file ({type(e).__name__}: {e})") from e
     multilabel = frames[0][1].shape[1] > 1
-    n_cls = frames[0][1].shape[1] if multilabel else int(max(f[1].max() for f in frames)) + 1
+    base = re.sub(r"_\d+$", "", spec.subset)
+    if base in MEDMNIST_CLASSES:  # the published class count: a label outside it is an error, not a new class
+        n_cls = MEDMNIST_CLASSES[base][0]
+    else:
+        n_cls = frames[0][1].shape[1] if multilabel else int(frames[0][1].max()) + 1  # from the train labels
     classes = list(spec.classes) if spec.classes else [f"class_{k}" for k in range(n_cls)]
     if len(classes) != n_cls:
         raise DataError(f"{path}: {n_cls} classes in the labels, {len(classes)} named in dataset.classes")
     rows = []
     for split, y, shape in frames:
-        if not multilabel and (y.min() < 0 or y.max() >= n_cls):
-            raise DataError(f"{path}: {split}_labels has label {int(y.max())} outside classes 0..{n_cls - 1}")
+        bad = np.flatnonzero((y < 0).any(1) | (y >= (2 if multilabel else n_cls)).any(1))
+        if len(bad):
+            raise DataError(
+                f"{path}: {split}_labels[{bad[0]}] = {y[bad[0]].tolist()}: label outside "
+                + ("0 / 1" if multilabel else f"the classes 0..{n_cls - 1}")
+                + f" of {spec.subset}"
+            )
         onehot = y if multilabel else np.eye(n_cls, dtype=int)[y[:, 0]]
         for i in range(len(y)):
             rows.append(
@@ -219,9 +278,10 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
                     "sample_id": f"{split}_{i}",
                     "patient_id": f"{split}_{i}",
                     "path": str(path),
+                    "npz_key": f"{split}_images",
                     "npz_index": i,
                     "split": split,
-                    **({"n_slices": shape[1]} if len(shape) == 4 else {}),
+                    **({"n_slices": shape[-1]} if len(shape) == 4 else {}),  # an item [x, y, z]: slices last
                     **dict(zip(classes, onehot[i].astype(int).tolist())),
                 }
             )
@@ -401,6 +461,7 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
     for i, lab in enumerate(slides["label"]):
         if lab not in allowed:
             raise DataError(f"{csv}, line {i + 2}: label '{lab}' not in the class list {allowed}")
+    pid_rule = _slide_patients(slides, spec, csv)
     rows = []
     for s in slides.itertuples(index=False):
         tiles = sorted(
@@ -423,7 +484,41 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
     df = pd.DataFrame(rows)
     official = df.pop("_split")
     df["split"], how = patient_splits(df, spec, official if (official != "").all() else None)
-    return PreparedDataset(spec.name, "mil", ["tumor"], df, _real(spec, "WSI tile bags", root, how), root)
+    return PreparedDataset(
+        spec.name, "mil", ["tumor"], df, _real(spec, "WSI tile bags", root, how, **{"data.patient_ids": pid_rule}), root
+    )
+
+
+# Slide naming of cohorts known to hold several slides per patient: a table of such slides needs patient ids.
+SEVERAL_SLIDES_PER_PATIENT = {
+    "Camelyon17 (5 lymph-node slides per patient)": re.compile(r"patient_(\d+)_node_\d+"),
+}
+
+
+def _slide_patients(slides: pd.DataFrame, spec, csv: Path) -> str:
+    """Which patient each slide belongs to, or a refusal: without patient ids, slides of one patient would be
+    split as if they were different patients (leaking the patient across train and test)."""
+    have = "patient_id" in slides.columns and (slides["patient_id"] != "").all()
+    if have:
+        return "patient_id column"
+    missing = (
+        slides["slide_id"] if "patient_id" not in slides.columns else slides.loc[slides["patient_id"] == "", "slide_id"]
+    )
+    what = "no 'patient_id' column" if "patient_id" not in slides.columns else "an empty patient_id"
+    for cohort, pattern in SEVERAL_SLIDES_PER_PATIENT.items():
+        hit = next((s for s in missing if pattern.fullmatch(s)), None)
+        if hit is not None:
+            example = f"patient_{pattern.fullmatch(hit).group(1)}"
+            raise DataError(
+                f"{csv}: {what} for slide '{hit}', and slide ids like it are {cohort}: add a 'patient_id' column "
+                f"(e.g. {example} for {hit}) so that no patient's slides fall into two splits"
+            )
+    if spec.patient_ids == "required":
+        raise DataError(
+            f"{csv}: {what} for slide '{missing.iloc[0]}' and dataset.patient_ids is 'required': add a 'patient_id' "
+            "column (the patient of each slide) so that no patient's slides fall into two splits"
+        )
+    return "slide id (one slide per patient assumed; set dataset.patient_ids: required to refuse this)"
 
 
 # ---------------------------------------------------------------- CREMI (HDF5 EM volumes + neuron ids)

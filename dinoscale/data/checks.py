@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from dinoscale.data.dataset import DataError, PreparedDataset
+from dinoscale.data.readers import BAD_FILE_HINT
+from dinoscale.record import DATA_SKIPPED, DATA_SKIPPED_FILES
 
 SMALL_DATASET = 64  # 2D rows: up to this many, the pre-flight decodes every file (well under a second)
+SKIPPED_NAMED = 10  # skipped files named on the run (data.skipped_files); the count names them all
 
 
 def unreadable_reason(path: str | Path, decode: bool = False) -> str | None:
@@ -62,6 +65,15 @@ def _file_reason(p: Path, kind: str, decode: bool) -> str | None:
                     im.load()
                 else:
                     im.verify()
+        elif kind == "npz":
+            from dinoscale.data.readers import npz_member
+
+            with np.load(p, allow_pickle=False) as z:
+                keys = [k for k in z.files if k.endswith("_images")]
+            for k in keys:
+                arr = npz_member(p, k)
+                if decode and len(arr):
+                    np.asarray(arr[-1])  # the last item: a truncated archive fails on its way there
         elif kind == "hdf5":
             import h5py
 
@@ -97,7 +109,12 @@ def drop_unreadable(ds: PreparedDataset) -> None:
             ds.skipped.append({"sample_id": str(ds.manifest.at[i, "sample_id"]), "path": path, "reason": cache[path]})
     if bad:
         ds.drop_rows(list(bad))
-    ds.provenance["data.skipped"] = str(len(ds.skipped))
+    ds.provenance[DATA_SKIPPED] = str(len(ds.skipped))
+    if ds.skipped:  # which files, on the run (the first few; the count says how many)
+        names = [Path(str(s.get("path", s.get("sample_id", "")))).name for s in ds.skipped]
+        ds.provenance[DATA_SKIPPED_FILES] = ", ".join(names[:SKIPPED_NAMED]) + (
+            f" (+{len(names) - SKIPPED_NAMED} more)" if len(names) > SKIPPED_NAMED else ""
+        )
 
 
 def sample_rows(ds: PreparedDataset, per_split: int) -> list[int]:
@@ -129,6 +146,8 @@ def decode_sample(ds: PreparedDataset, per_split: int | None = None) -> int:
         why = unreadable_reason(path, decode=True)
         if why:
             problems.append(f"  {path}: {why}")
+    if len(problems) == 1:  # one line: the file, the cause, what to do
+        raise DataError(f"dataset '{ds.name}': {problems[0].strip()}; {BAD_FILE_HINT}")
     if problems:
         raise DataError(
             f"dataset '{ds.name}': {len(problems)} of {len(files)} {'' if small else 'sampled '}file(s) cannot be decoded:\n"

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from dinoscale.data.errors import DataError  # noqa: F401  (re-exported: raised by every adapter)
-from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref  # noqa: F401  (re-exported)
+from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref, npz_ref  # noqa: F401  (re-exported)
 from dinoscale.data.volumes import VolumeGrid, VolumeInput
 
 SPLITS = ("train", "val", "test")
@@ -32,7 +32,7 @@ SPLITS = ("train", "val", "test")
 #   n_slices (3D volumes), mask_path (segmentation / instance ids), pet_path (PET of a PET/CT pair,
 #   path is the CT), bag_id (WSI: the slide a tile belongs to; one row per tile), z_start/z_stop
 #   (a block of sections of one EM volume), volume_key/mask_key (HDF5 dataset names), tile_label
-#   (phantom-wsi ground truth per tile), npz_index (MedMNIST+ row in the .npz array), sample (a group
+#   (phantom-wsi ground truth per tile), npz_key/npz_index (MedMNIST+: the .npz array and the row in it), sample (a group
 #   reported on its own, e.g. CREMI's A / B / C), fold (cross-validation fold of a train / val unit).
 EXTRA_COLUMNS = (
     "n_slices",
@@ -43,6 +43,7 @@ EXTRA_COLUMNS = (
     "z_stop",
     "volume_key",
     "mask_key",
+    "npz_key",
     "npz_index",
     "sample",
     "fold",
@@ -163,7 +164,10 @@ class SplitUnits:
 
 
 def _items(df: pd.DataFrame, column: str = "path", key_column: str = "volume_key") -> list[str]:
-    """What the readers open for each row: the file, or for HDF5 blocks (CREMI) ``file::dataset::z0:z1``."""
+    """What the readers open for each row: the file, for HDF5 blocks (CREMI) ``file::dataset::z0:z1``, for
+    items of .npz arrays (MedMNIST+) ``file::array[index]``."""
+    if column == "path" and key_column == "volume_key" and "npz_index" in df.columns:
+        return [npz_ref(p, k, i) for p, k, i in zip(df["path"], df["npz_key"], df["npz_index"])]
     if key_column not in df.columns:
         return df[column].tolist()
     return [hdf5_ref(p, k, z0, z1) for p, k, z0, z1 in zip(df[column], df[key_column], df["z_start"], df["z_stop"])]
@@ -351,13 +355,15 @@ class PreparedDataset:
             extra = [c for c in EXTRA_COLUMNS if c in df.columns]
             h = hashlib.sha256()
             h.update(f"{self.name}|{','.join(self.classes)}|{split}\n".encode())
-            for row in df.itertuples(index=False):
-                p = Path(row.path)
+            # by position: class names need not be identifiers (CT-RATE's 'Medical material')
+            at = {c: i for i, c in enumerate(df.columns)}
+            for row in df.itertuples(index=False, name=None):
+                p = Path(row[at["path"]])
                 size = _size(p)
-                labels = "".join(str(int(getattr(row, c))) for c in self.classes) if self.classes else ""
-                h.update(f"{row.sample_id}|{row.patient_id}|{p.name}|{size}|{labels}\n".encode())
+                labels = "".join(str(int(row[at[c]])) for c in self.classes) if self.classes else ""
+                h.update(f"{row[at['sample_id']]}|{row[at['patient_id']]}|{p.name}|{size}|{labels}\n".encode())
                 for col in extra:  # only for manifests that have them: 2D digests are unchanged
-                    v = getattr(row, col)
+                    v = row[at[col]]
                     if col in FILE_COLUMNS and isinstance(v, str) and v:
                         q = Path(v)
                         v = f"{q.name}:{_size(q)}"

@@ -6,6 +6,8 @@
   HDF5 blocks): reoriented to RAS with MONAI's ``Orientation``, optional resampling to a voxel
   spacing, the spacing returned with the array; layout [C, X, Y, Z] (axial slice k is ``vol[..., k]``).
 - PNG / JPEG / TIFF (PILReader): [rows, cols], colour averaged to grey.
+- Items of ``.npz`` arrays (MedMNIST+, ``read_npz_ref``): one image [rows, cols] (colour averaged) or
+  one volume, memory-mapped from the (uncompressed) archive: reading an item never loads the array.
 
 Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing,
 scaling to [0, 1], resizing, grey to 3 channels and the backbone's normalisation are the transforms
@@ -21,13 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from dinoscale.data.errors import DataError
-from dinoscale.data.refs import REF_SEP, is_hdf5_ref
+from dinoscale.data.refs import REF_SEP, is_hdf5_ref, is_npz_ref, parse_npz_ref
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 _RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def file_kind(path: str | Path) -> str:
+    if is_npz_ref(path):
+        return "npz_item"
     name = str(path).lower()
     if name.endswith(".dcm") or name.endswith(".dicom"):
         return "dicom"
@@ -37,6 +41,8 @@ def file_kind(path: str | Path) -> str:
         return "raster"
     if name.endswith((".h5", ".hdf", ".hdf5")):
         return "hdf5"
+    if name.endswith(".npz"):
+        return "npz"
     return "dicom" if _has_dicom_preamble(path) else "unknown"
 
 
@@ -117,6 +123,10 @@ def read_image(path: str | Path) -> np.ndarray:
         arr = np.asarray(_read("raster", path), dtype=np.float32)
         if arr.ndim == 3:
             arr = arr[..., :3].mean(-1)
+    elif kind == "npz_item":
+        arr = read_npz_ref(str(path)).astype(np.float32)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # MedMNIST+ colour sets: [H, W, 3]
+            arr = arr[..., :3].mean(-1)
     else:
         what = "no reader for this file type" if kind == "unknown" else f"a {kind} file is a volume, not a 2D image"
         raise DataError(f"{path}: {what} (2D images: {', '.join(_RASTER_SUFFIXES)}, .dcm)")
@@ -150,6 +160,11 @@ def read_volume(
     if is_hdf5_ref(item):
         arr = read_hdf5_ref(str(item))[None]
         return (arr if dtype is None else arr.astype(dtype)), hdf5_spacing(str(item)) or (1.0, 1.0, 1.0)
+    if is_npz_ref(item):  # MedMNIST+ 3D: an item [x, y, z] of a .npz array, no spacing recorded
+        arr = np.asarray(read_npz_ref(str(item)))[None]
+        if arr.ndim != 4:
+            raise DataError(f"{item}: expected a 3D volume, got shape {tuple(arr.shape[1:])}")
+        return (arr if dtype is None else arr.astype(dtype)), (1.0, 1.0, 1.0)
     paths = [item] if isinstance(item, (str, Path)) else list(item)
     chans = []
     for p in paths:
@@ -235,3 +250,57 @@ def read_hdf5_ref(ref: str) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[0] != z1 - z0:
         raise DataError(f"{path}: dataset '{key}' sections {z0}-{z1} have shape {arr.shape}; expected [z, y, x]")
     return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
+
+
+# ---------------------------------------------------------------- .npz arrays (MedMNIST+)
+
+
+def npz_member(path: str | Path, key: str) -> np.ndarray:
+    """The array ``key`` of a ``.npz`` file, memory-mapped when the archive stores it uncompressed (``np.savez``,
+    as MedMNIST+ does), else loaded (``np.savez_compressed``); errors name the file and the array."""
+    return _npz_member(str(path), key, Path(path).stat().st_mtime_ns)
+
+
+@cache
+def _npz_member(path: str, key: str, _mtime: int) -> np.ndarray:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(f"{key}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with z.open(info) as f:
+                    return np.lib.format.read_array(f, allow_pickle=False)
+        with open(path, "rb") as f:  # the member's data starts after its local header
+            f.seek(info.header_offset)
+            local = f.read(30)
+            start = (
+                info.header_offset
+                + 30
+                + int.from_bytes(local[26:28], "little")
+                + int.from_bytes(local[28:30], "little")
+            )
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if dtype.hasobject:
+            raise ValueError("object arrays are not read (no pickles)")
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    except KeyError:
+        raise DataError(f"{path}: no array '{key}' in this .npz; {BAD_FILE_HINT}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: the .npz reader (numpy) failed on '{key}': {_cause(e)}; {BAD_FILE_HINT}") from e
+
+
+def read_npz_ref(ref: str) -> np.ndarray:
+    """One item of a ``.npz`` array (``dinoscale.data.refs.npz_ref``), e.g. a MedMNIST+ image [H, W] (or
+    [H, W, 3]) or volume [D, H, W] as stored."""
+    path, key, index = parse_npz_ref(ref)
+    arr = npz_member(path, key)
+    if not 0 <= index < len(arr):
+        raise DataError(f"{path}: '{key}' has {len(arr)} items, index {index} is out of range")
+    return np.array(arr[index])

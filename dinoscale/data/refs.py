@@ -1,5 +1,7 @@
-"""References to a block of sections inside an HDF5 file (CREMI), in a leaf module: the dataset writes them
-and the readers open them without importing each other (``dinoscale.data.dataset`` re-exports them)."""
+"""References to items inside container files, in a leaf module: the dataset writes them and the readers
+open them without importing each other (``dinoscale.data.dataset`` re-exports them). A block of sections
+of an HDF5 dataset (CREMI): ``<file>::<dataset>::<z0>:<z1>``; one image or volume of a ``.npz`` array
+(MedMNIST+): ``<file>::<array>[<index>]``."""
 
 from __future__ import annotations
 
@@ -13,3 +15,18 @@ def hdf5_ref(path: str, key: str, z_start: int, z_stop: int) -> str:
 
 def is_hdf5_ref(ref) -> bool:
     return isinstance(ref, str) and ref.count(REF_SEP) == 2
+
+
+def npz_ref(path: str, key: str, index: int) -> str:
+    """Item ``index`` of the array ``key`` of a ``.npz`` file (MedMNIST+: ``train_images``) as one image."""
+    return f"{path}{REF_SEP}{key}[{int(index)}]"
+
+
+def is_npz_ref(ref) -> bool:
+    return isinstance(ref, str) and ref.count(REF_SEP) == 1 and ref.endswith("]")
+
+
+def parse_npz_ref(ref: str) -> tuple[str, str, int]:
+    path, rest = ref.split(REF_SEP)
+    key, index = rest[:-1].split("[")
+    return path, key, int(index)

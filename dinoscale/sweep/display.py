@@ -6,7 +6,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from dinoscale.console import console
-from dinoscale.provenance import DEMO_HEADLINE, Provenance
+from dinoscale.provenance import Provenance
 from dinoscale.record import AXIS_NAMES
 from dinoscale.sweep.plan import Plan
 
@@ -16,9 +16,10 @@ def print_banner(plan: Plan, provenance: Provenance | None = None) -> None:
     provenance = provenance or plan.provenance()
     title = f"dinoscale sweep '{spec.name}' - {spec.modality}, {spec.profile} profile"
     body = "\n".join(provenance.lines())
-    if provenance.demo:
-        body = f"[bold]{DEMO_HEADLINE}[/bold]\n" + body
-    console.print(Panel(body, title=title, border_style="yellow" if provenance.demo else "green"))
+    if provenance.headline:
+        body = f"[bold]{provenance.headline}[/bold]\n" + body
+    style = "magenta" if provenance.rehearsal else "yellow" if provenance.demo else "green"
+    console.print(Panel(body, title=title, border_style=style))
 
 
 def _unit_name(plan: Plan, view: str) -> str:

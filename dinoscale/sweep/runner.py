@@ -91,6 +91,11 @@ def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, flo
     return {"CPU": res.cpus_per_trial, "GPU": gpu if has_gpu else 0}
 
 
+def report_folder(spec: SweepSpec) -> str:
+    """reports/<modality>; a rehearsal's beside it (reports/<modality>-rehearsal), never over a real report."""
+    return f"{spec.modality}-rehearsal" if spec.profile == "rehearsal" else spec.modality
+
+
 def provenance_tags(plan: Plan) -> dict[str, str]:
     """The parent run's tags: provenance, task and headline, manifest digests."""
     spec, ds = plan.spec, plan.dataset
@@ -102,7 +107,14 @@ def provenance_tags(plan: Plan) -> dict[str, str]:
 
 
 def _open_parent(
-    client, spec: SweepSpec, plan: Plan, tracking_uri: str, project_dir: Path, resume: bool, dataset_inputs: list
+    client,
+    spec: SweepSpec,
+    plan: Plan,
+    tracking_uri: str,
+    project_dir: Path,
+    resume: bool,
+    dataset_inputs: list,
+    annotations: dict[str, str] | None = None,
 ) -> SweepState:
     """Create the sweep's parent run, or find it again when resuming."""
     if resume:
@@ -124,6 +136,7 @@ def _open_parent(
             record.ROLE: record.ROLE_SWEEP,
             record.SPEC_DIGEST: spec.digest(),
             record.GIT_COMMIT: commit,
+            **(annotations or {}),
         },
     )
     parent_id = parent.info.run_id
@@ -144,6 +157,7 @@ def _open_parent(
             "strategies": ",".join(spec.strategies),
             "seeds": ",".join(map(str, spec.seeds)),
             "cells": len(plan.cells),
+            **(annotations or {}),
         },
     )
     client.log_inputs(parent_id, datasets=dataset_inputs)
@@ -166,7 +180,10 @@ def run_sweep(
     analyze: bool = True,
     quiet: bool = False,
     resume: bool = False,
+    annotations: dict[str, str] | None = None,
 ) -> SweepOutcome:
+    """``annotations``: tags of the parent run (copied to every child when their names start with one of
+    ``record.PROVENANCE_PREFIXES``), also logged as its params; a rehearsal records what it changed this way."""
     from mlflow.tracking import MlflowClient
 
     from dinoscale.preflight import check_storage_on_nodes, preflight
@@ -186,7 +203,7 @@ def run_sweep(
 
     client = MlflowClient(tracking_uri)
     dataset_inputs = split_dataset_inputs(plan.dataset)  # built once: the parent and every child log them
-    state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume, dataset_inputs)
+    state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume, dataset_inputs, annotations)
     state.save(plan.storage)
     parent_id, step = state.parent_run_id, state.attempts - 1
     if not quiet:
@@ -226,7 +243,14 @@ def run_sweep(
             print_summary(
                 rows,
                 f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
-                f"bootstrap CI" + (" - DEMO (phantom data / random weights)" if provenance.demo else ""),
+                f"bootstrap CI"
+                + (
+                    " - REHEARSAL (replica data / random weights), not a result"
+                    if provenance.rehearsal
+                    else " - DEMO (phantom data / random weights)"
+                    if provenance.demo
+                    else ""
+                ),
                 headline,
             )
             for r in rows:
@@ -240,7 +264,7 @@ def run_sweep(
                 tracking_uri,
                 spec.experiment_name,
                 parent_id,
-                project_dir / "reports" / spec.modality,
+                project_dir / "reports" / report_folder(spec),
                 provenance=provenance,
                 quiet=quiet,
             )
