@@ -616,7 +616,7 @@ def test_bad_file_met_by_an_extraction_worker(tmp_path, shared):
     assert "Traceback" not in out and "RayTaskError" not in out
 
 
-def _seg_dataset(root: Path, bad_label_patient: int) -> Path:
+def _seg_dataset(root: Path, bad_label_patient: int | None) -> Path:
     """2D images with PNG label maps; one map holds a label the probe's 2 classes do not cover."""
     from PIL import Image
 
@@ -637,17 +637,8 @@ def _seg_dataset(root: Path, bad_label_patient: int) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_user_error_in_a_trial_reaches_the_driver_and_the_record(tmp_path, shared):
-    """A label map with a label the probe does not cover decodes fine (the pre-flight passes) and fails in the
-    Ray Tune trial: the summary prints the trial's own message, the cell's MLflow run records it (with the
-    traceback artifact kept), and the exit status says it was the input."""
-    from mlflow.tracking import MlflowClient
-
-    from dinoscale import record
-
-    root = _seg_dataset(tmp_path / "seg", bad_label_patient=3)
-    path = spec_file(
+def _seg_spec(tmp_path, shared, root):
+    return spec_file(
         tmp_path,
         shared,
         filename="seg.yaml",
@@ -659,9 +650,58 @@ def test_user_error_in_a_trial_reaches_the_driver_and_the_record(tmp_path, share
             "resources": {"trial_retries": 0},
         },
     )
-    res = _cli(["sweep", path, "--no-analysis"], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_label_outside_the_probe_classes_is_named_before_anything_runs(tmp_path, shared):
+    """The pre-flight reads every split's label maps: a label the probe does not cover is one line naming the
+    mask, exit 2, before extraction (no cell run is started)."""
+    from mlflow.tracking import MlflowClient
+
+    from dinoscale import record
+
+    root = _seg_dataset(tmp_path / "seg", bad_label_patient=3)
+    res = _cli(["sweep", _seg_spec(tmp_path, shared, root), "--no-analysis"], tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 2, out[-3000:]
+    assert "p3_mask.png: label value(s) [7] outside the probe's 2 classes" in out
+    assert "Traceback" not in out and "RayTaskError" not in out
+    client = MlflowClient(shared["uri"])
+    exp = client.get_experiment_by_name("dinoscale-xray")
+    if exp is not None:
+        cells = client.search_runs([exp.experiment_id], filter_string=f"tags.`{record.CELL}` LIKE '%segmentation%'")
+        assert cells == []
+    assert not list((tmp_path / "store").rglob("shard-*.npy"))  # nothing extracted
+
+
+@pytest.mark.slow
+def test_user_error_in_a_trial_reaches_the_driver_and_the_record(tmp_path, shared):
+    """A mask edited while the sweep runs (after the pre-flight checked it) is met by the Ray Tune trial,
+    which rebuilds the label maps: the summary prints the trial's own message, the cell's MLflow run records
+    it (with the traceback artifact kept), and the exit status says it was the input."""
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from dinoscale import record
+
+    root = _seg_dataset(tmp_path / "seg", bad_label_patient=None)
+    log = tmp_path / "sweep.log"
+    proc = _start(["sweep", _seg_spec(tmp_path, shared, root), "--no-analysis"], tmp_path, log)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "store").rglob("labels/*.npy")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        mask = np.asarray(Image.open(root / "img" / "p3_mask.png")).copy()
+        mask[0, 0] = 7  # the pre-flight's label maps are now stale: the trial reads the mask again
+        Image.fromarray(mask).save(root / "img" / "p3_mask.png")
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert proc.returncode == 2, out[-3000:]
     assert "p3_mask.png: label value(s) [7] outside the probe's 2 classes" in out
     assert "Traceback" not in out and "RayTaskError" not in out
     client = MlflowClient(shared["uri"])

@@ -23,6 +23,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
+def save_nifti(path: Path, arr, affine) -> None:
+    """A NIfTI file as scanners' converters write it: qform and sform set (code 1), units mm."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def ellipsoid(shape, centre, radii):
+    """A boolean ellipsoid (a ball when the radii are equal) in an array of ``shape``."""
+    import numpy as np
+
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+
+
 VARIANTS = ("ok", "corrupt_file", "bad_label", "mask_shape")
 BROKEN = VARIANTS[1:]
 

@@ -20,25 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoscale.data.replicas import Replica, register_replica
+from dinoscale.data.replicas import Replica, ellipsoid, register_replica, save_nifti
 
 N_PATIENTS = 12  # 3 of them with a second study; a third of the studies negative (empty SEG)
 DESCRIPTIONS = ("PET-CT Ganzkoerper  primaer mit KM", "PET-CT Ganzkoerper  nativ", "PET-Teilkoerper (Kopf)")
-
-
-def _save(path: Path, arr: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(arr, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
-def _ball(shape, centre, radius) -> np.ndarray:
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius)) <= 1.0
 
 
 def _study(rng, positive: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -47,14 +32,14 @@ def _study(rng, positive: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     sxy = float(rng.choice([2.036, 3.0, 4.07]))
     sz = 3.0
     shape = (side, side, depth)
-    body = _ball(shape, ((side - 1) / 2, (side - 1) / 2, (depth - 1) / 2), (side * 0.42, side * 0.32, depth))
+    body = ellipsoid(shape, ((side - 1) / 2, (side - 1) / 2, (depth - 1) / 2), (side * 0.42, side * 0.32, depth))
     ct = np.where(body, 20.0, -1000.0) + rng.normal(0, 10, shape)
     suv = np.where(body, 0.8, 0.0) + np.abs(rng.normal(0, 0.1, shape))
     seg = np.zeros(shape, np.uint8)
     if positive:
         for _ in range(int(rng.integers(1, 3))):
             c = rng.uniform([side * 0.3, side * 0.35, 2], [side * 0.7, side * 0.65, depth - 3])
-            les = _ball(shape, c, (side * 0.08, side * 0.08, 1.6)) & body
+            les = ellipsoid(shape, c, (side * 0.08, side * 0.08, 1.6)) & body
             seg[les] = 1
             suv[les] = rng.uniform(4.0, 12.0)
             ct[les] = 45.0
@@ -84,7 +69,7 @@ def write_autopet(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repli
             folder.mkdir(parents=True, exist_ok=True)
             files = _study(rng, positive=(p + s) % 3 != 2)
             for name, (arr, affine) in files.items():
-                _save(folder / name, arr, affine)
+                save_nifti(folder / name, arr, affine)
             studies.append(folder)
     if variant == "corrupt_file":
         bad = studies[1] / "SUV.nii.gz"
@@ -97,14 +82,14 @@ def write_autopet(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repli
         img = nib.load(str(bad))
         seg = np.asarray(img.dataobj).copy()
         seg[tuple(s // 2 for s in seg.shape)] = 3  # a label the lesion mask (0 / 1) does not have
-        _save(bad, seg.astype(np.uint8), img.affine)
+        save_nifti(bad, seg.astype(np.uint8), img.affine)
         broken = f"{bad}: label 3 outside the lesion mask's 0 / 1"
     elif variant == "mask_shape":
         bad = studies[3] / "SEG.nii.gz"
         import nibabel as nib
 
         img = nib.load(str(bad))
-        _save(bad, np.asarray(img.dataobj)[:-2].astype(np.uint8), img.affine)
+        save_nifti(bad, np.asarray(img.dataobj)[:-2].astype(np.uint8), img.affine)
         broken = f"{bad}: shape differs from its CTres / SUV"
     return Replica(
         root=base,

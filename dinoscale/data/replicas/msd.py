@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoscale.data.replicas import Replica, register_replica
+from dinoscale.data.replicas import Replica, ellipsoid, register_replica, save_nifti
 
 # The published dataset.json header fields of the tasks a replica writes (the real files' values).
 TASKS = {
@@ -52,29 +52,14 @@ _CASE = {"Task01_BrainTumour": "BRATS_{:03d}", "Task09_Spleen": "spleen_{}"}
 N_TRAIN, N_TEST = 20, 2  # enough cases for 5 folds of 3 train/val cases after a test share of 20 %
 
 
-def _save(path: Path, arr: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(arr, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
-def _ellipsoid(shape, centre, radii) -> np.ndarray:
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
-
-
 def _brain_case(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image (x, y, z, 4) float32, label (x, y, z) uint8, affine): BraTS' 1 mm grid, shrunk to 24 x 24 x 16."""
     shape = (24, 24, 16)
-    brain = _ellipsoid(shape, (11.5, 11.5, 7.5), (10.5, 11, 7))
+    brain = ellipsoid(shape, (11.5, 11.5, 7.5), (10.5, 11, 7))
     c = rng.uniform([8, 8, 5], [15, 15, 10])
-    edema = _ellipsoid(shape, c, (5, 5, 3.5)) & brain
-    core = _ellipsoid(shape, c, (3, 3, 2.2)) & brain
-    enh = core & ~_ellipsoid(shape, c, (1.8, 1.8, 1.3))
+    edema = ellipsoid(shape, c, (5, 5, 3.5)) & brain
+    core = ellipsoid(shape, c, (3, 3, 2.2)) & brain
+    enh = core & ~ellipsoid(shape, c, (1.8, 1.8, 1.3))
     label = np.zeros(shape, np.uint8)
     label[edema] = 1
     label[core] = 2
@@ -102,9 +87,9 @@ def _ct_case(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sz = float(rng.choice([1.5, 2.5, 5.0]))
     # a field of view ~ side * sxy mm: the spleen ~ 30 % of it in-plane and a third of the depth
     shape = (side, side, depth)
-    body = _ellipsoid(shape, ((side - 1) / 2, (side - 1) / 2, (depth - 1) / 2), (side * 0.45, side * 0.4, depth))
+    body = ellipsoid(shape, ((side - 1) / 2, (side - 1) / 2, (depth - 1) / 2), (side * 0.45, side * 0.4, depth))
     c = ((side - 1) * rng.uniform(0.6, 0.7), (side - 1) * rng.uniform(0.35, 0.5), (depth - 1) * rng.uniform(0.4, 0.6))
-    spleen = _ellipsoid(shape, c, (side * 0.14, side * 0.1, max(2.0, depth * 0.3))) & body
+    spleen = ellipsoid(shape, c, (side * 0.14, side * 0.1, max(2.0, depth * 0.3))) & body
     hu = np.full(shape, -1000.0, np.float32)
     hu[body] = 40.0
     hu[spleen] = 120.0  # contrast-enhanced parenchyma
@@ -138,7 +123,7 @@ def write_msd(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replica:
     for i, name in enumerate(names):
         img, lab, affine = make(rng)
         folder = "imagesTr" if name in train else "imagesTs"
-        _save(tdir / folder / f"{name}.nii.gz", img, affine)
+        save_nifti(tdir / folder / f"{name}.nii.gz", img, affine)
         if name in train:
             if variant == "bad_label" and i == 1:
                 lab = lab.copy()
@@ -147,7 +132,7 @@ def write_msd(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replica:
             if variant == "mask_shape" and i == 2:
                 lab = lab[:-3]
                 broken = f"{tdir / 'labelsTr' / name}.nii.gz: shape {lab.shape} differs from its image"
-            _save(tdir / "labelsTr" / f"{name}.nii.gz", lab, affine)
+            save_nifti(tdir / "labelsTr" / f"{name}.nii.gz", lab, affine)
         # the tarballs carry macOS resource forks beside the volumes (AppleDouble, not NIfTI)
         if i < 2:
             (tdir / folder / f"._{name}.nii.gz").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
