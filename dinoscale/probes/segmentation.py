@@ -383,6 +383,13 @@ def predict_tiled(
     return torch.stack([o for _, o in iter_tiled(head, x, out_shape, n_out, crop, crop_depth)])
 
 
+def _train(head: nn.Module, spec, x, target, loss_fn, lr: float, seed: int) -> nn.Module:
+    """``train_head`` with the spec's step budget and crops."""
+    return train_head(
+        head, x, target, loss_fn, lr, spec.weight_decay, spec.steps, spec.batch_size, spec.crop, spec.crop_depth, seed
+    )
+
+
 def _features(split: SegSplit):
     """A tensor, or a batch reader when the split is streamed from the store (``dinoscale.features.rows``)."""
     return as_batches(split.x)
@@ -432,19 +439,7 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
     for lr in spec.learning_rates:
         torch.manual_seed(seed)  # the head's initial weights: the same whatever ran before in this process
         head = build_head(spec.head, xtr.shape[-3], spec.n_classes, spec.hidden_dim, volumetric)
-        train_head(
-            head,
-            xtr,
-            ytr,
-            loss_fn,
-            lr,
-            spec.weight_decay,
-            spec.steps,
-            spec.batch_size,
-            spec.crop,
-            spec.crop_depth,
-            seed,
-        )
+        _train(head, spec, xtr, ytr, loss_fn, lr, seed)
         per_volume = [
             dice_per_volume(p[None], np.asarray(val.y[i : i + 1]), spec.n_classes)
             for i, p in _predicted(head, spec, val, spec.n_classes, _argmax)
@@ -491,19 +486,7 @@ def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int
     for lr in spec.learning_rates:
         torch.manual_seed(seed)
         head = build_head(kind, xtr.shape[-3], n_aff, spec.hidden_dim, volumetric)
-        train_head(
-            head,
-            xtr,
-            target,
-            loss_fn,
-            lr,
-            spec.weight_decay,
-            spec.steps,
-            spec.batch_size,
-            spec.crop,
-            spec.crop_depth,
-            seed,
-        )
+        _train(head, spec, xtr, target, loss_fn, lr, seed)
         # per val item: its affinities once, then every threshold's instances (VOI / ARAND, CREMI convention)
         per = np.full((len(spec.thresholds), len(val.y), 2), np.nan)
         for i, aff in _predicted(head, spec, val, n_aff, _sigmoid):

@@ -337,23 +337,11 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             fk = keys.get((bb.name, res, view, tokens), {})
             is_online = (bb.name, res, view, tokens) in online
             config = probe.model_dump(mode="json")
-            axes = {
-                "backbone": bb.name,
-                "n_params": bb.n_params,
-                "resolution": res,
-                "probe": probe.kind,
-                "strategy": strategy,
-                "seed": seed,
-            }
+            axes = _axes(bb, res, probe.kind, strategy, seed)
             key = _trial_key(
                 spec,
                 {
-                    "backbone": bb.name,
-                    "weights": bb.weights_digest,
-                    "resolution": res,
-                    "probe": probe.kind,
-                    "strategy": strategy,
-                    "seed": seed,
+                    **_key_axes(bb, res, probe.kind, strategy, seed),
                     "features": fk,
                     "probe_config": config,
                     **({"online": True} if is_online else {}),
@@ -564,6 +552,30 @@ def training_memory(
     return fit_in_memory(estimate, st.batch_size, spec.resources.gpu_memory_gib * 2**30, st.grad_checkpointing)
 
 
+def _axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) -> dict:
+    """A cell's grid coordinates (dinoscale.record.CELL_AXES)."""
+    return {
+        "backbone": bb.name,
+        "n_params": bb.n_params,
+        "resolution": res,
+        "probe": probe,
+        "strategy": strategy,
+        "seed": seed,
+    }
+
+
+def _key_axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) -> dict:
+    """What of a cell's coordinates its trial key hashes: the weights themselves, not the parameter count."""
+    return {
+        "backbone": bb.name,
+        "weights": bb.weights_digest,
+        "resolution": res,
+        "probe": probe,
+        "strategy": strategy,
+        "seed": seed,
+    }
+
+
 def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate) -> list[Cell]:
     """lora / full cells: the encoder is trained on images under the task's head; each cell searches the
     same number of configurations (sampled once by the plan, dinoscale.search), memory permitting."""
@@ -584,23 +596,11 @@ def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, 
         configurations = tuple(
             {**c, **fitted} for c in finetune_configurations(config, budget, spec.search.seed + seed)
         )
-        axes = {
-            "backbone": bb.name,
-            "n_params": bb.n_params,
-            "resolution": res,
-            "probe": head["probe"],
-            "strategy": strategy,
-            "seed": seed,
-        }
+        axes = _axes(bb, res, head["probe"], strategy, seed)
         key = _trial_key(
             spec,
             {
-                "backbone": bb.name,
-                "weights": bb.weights_digest,
-                "resolution": res,
-                "probe": head["probe"],
-                "strategy": strategy,
-                "seed": seed,
+                **_key_axes(bb, res, head["probe"], strategy, seed),
                 "manifest": manifests,
                 "finetuning": config,
                 "budget": budget,
