@@ -261,11 +261,13 @@ def rehearse(
     project_dir: Path | None = None,
     replicates: int = MAX_SEEDS,
     lean: bool = False,
+    verbose: bool = False,
 ):
     """Write the replica and run the rehearsal's sweep; returns (Rehearsal, SweepOutcome)."""
-    from dinoscale.console import console
+    from dinoscale.console import capture_third_party, console
     from dinoscale.sweep.runner import run_sweep
 
+    capture_third_party(None, verbose)  # held until the sweep names its log file
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to fetch, fail at once if asked
     r = prepare(spec_path, variant, on_bad_file, seed, project_dir, replicates, lean)
     if not quiet:
@@ -281,5 +283,6 @@ def rehearse(
         analyze=analyze,
         quiet=quiet,
         annotations={record.REHEARSAL: "true", **r.changes},
+        verbose=verbose,
     )
     return r, out

@@ -228,8 +228,11 @@ def test_a_resumed_sharded_extraction_keeps_finished_shards(tmp_path, ray_local)
     replanned = _sharded_plan(tmp_path, shard_forward_passes=16)
     cached = {f.key.digest for f in replanned.feature_sets if f.cached}
     assert sum(f.committed_shards for f in replanned.feature_sets) == len([d for d in done if d[0] not in cached])
-    report = run_extraction_stage(replanned, store_root, 1, 0)
+    seen: list[tuple[int, int]] = []  # the progress bar's feed, from the tasks through the counter actor
+    report = run_extraction_stage(replanned, store_root, 1, 0, on_progress=lambda d, t: seen.append((d, t)))
     assert report.shards_extracted == total - len(done)
+    rows = sum(b - a for f in replanned.missing for i, (a, b) in enumerate(f.shards) if (f.key.digest, i) not in done)
+    assert seen and seen[-1] == (rows, rows) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert all(store.has(f.key) for f in replanned.feature_sets)
     for f, inode in kept.items():
         assert os.stat(f).st_ino == inode  # finished shards were not rewritten

@@ -56,7 +56,7 @@ def analyze_sweep(
         if f.is_file():
             client.log_artifact(info["parent_run_id"], str(f), REPORT_DIR)
     if not quiet:
-        from dinoscale.console import console
+        from dinoscale.console import console, print_markdown
 
         console.print(
             f"Report on {headline.test} ({'higher' if headline.goal == 'max' else 'lower'} is better): "
@@ -64,5 +64,5 @@ def analyze_sweep(
             f"patient-level resampling for {len(info['predictions'])}/{len(df)} runs",
             markup=False,
         )
-        console.print((out_dir / "verdicts.md").read_text(), markup=False, highlight=False)
+        print_markdown((out_dir / "verdicts.md").read_text())
     return out_dir

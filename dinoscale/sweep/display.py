@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from rich.console import Group
+from rich.live import Live
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from dinoscale.console import console
@@ -302,9 +306,20 @@ def _print_grid(rows: list[dict], title: str, headline) -> None:
         )
 
 
+_CURRENT: SweepProgress | None = None  # the live cell table of the sweep this driver runs (one at a time)
+
+
+def progress_event(cell: str, state: str, result: dict | None = None) -> None:
+    """Tell the driver's cell table (if one is open) that ``cell`` changed state. Called from Ray Tune's
+    callbacks, which Tune pickles into its experiment state: they hold no console, only call this."""
+    if _CURRENT is not None and cell in _CURRENT.cells:
+        _CURRENT.update(cell, state, result)
+
+
 class SweepProgress:
     """Live table of cells (state, test headline metric, elapsed) with a progress bar on a terminal;
-    one line per finished cell in logs and CI."""
+    one line per finished cell in logs and CI. Opened, it is the driver's current table
+    (``progress_event``); nothing of it is handed to Ray."""
 
     def __init__(self, cell_ids: list[str], headline=None):
         import time
@@ -318,14 +333,16 @@ class SweepProgress:
         self.live = None
 
     def __enter__(self):
+        global _CURRENT
         if console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(self._render(), console=console, refresh_per_second=2)
+            self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
             self.live.__enter__()
+        _CURRENT = self
         return self
 
     def __exit__(self, *exc):
+        global _CURRENT
+        _CURRENT = None
         if self.live is not None:
             self.live.update(self._render())
             self.live.__exit__(*exc)
@@ -354,9 +371,6 @@ class SweepProgress:
             console.print(f"  [{self.done}/{len(self.cells)}] {colour}{cell}: {detail}")
 
     def _render(self):
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-
         t = Table(title="cells")
         for col in ("cell", "state", f"{self.metric} [95% CI]", "elapsed"):
             t.add_column(col)
@@ -366,3 +380,78 @@ class SweepProgress:
             t.add_row(cell, f"[{colours[row['state']]}]{row['state']}[/]", row["auroc"], elapsed)
         bar = ProgressBar(total=len(self.cells), completed=self.done, width=60)
         return Group(t, bar, f"{self.done}/{len(self.cells)} cells done")
+
+
+def extraction_unit(plan: Plan) -> str:
+    """What one stored row of the extraction stage is, in the dataset's words (the bar's unit)."""
+    views = {f.view for f in plan.missing} or {"images"}
+    if views == {"images"}:
+        return _unit_name(plan, "images")
+    if views == {"volumes"}:
+        return "volumes"
+    if views == {"slices"}:
+        return "sections" if plan.spec.modality == "em" else "slices"
+    return "items (images / slices / volumes)"
+
+
+class ExtractionProgress:
+    """Rows extracted so far, fed by the extraction tasks (``run_extraction_stage(on_progress=...)``): a bar
+    with the rate in the dataset's unit and an ETA on a terminal; in logs a line every ``every`` seconds."""
+
+    def __init__(self, unit: str, every: float = 30.0):
+        import time
+
+        self.unit, self.every, self._time = unit, every, time.monotonic
+        self.bar: Progress | None = None
+        self._task = None
+        self._t0 = self._last_line = self._time()
+        self._done = self._total = 0
+
+    def __enter__(self):
+        if console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]extraction[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(self.unit),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                refresh_per_second=2,
+            )
+            self.bar.__enter__()
+            self._task = self.bar.add_task("extraction", total=None, rate="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def rate(self) -> float:
+        elapsed = self._time() - self._t0
+        return self._done / elapsed if elapsed > 0 else 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        self._done, self._total = done, total
+        rate = self.rate()
+        if self.bar is not None:
+            self.bar.update(self._task, completed=done, total=total, rate=f"{rate:,.1f} {self.unit}/s")
+        elif self._time() - self._last_line >= self.every and done < total:
+            self._last_line = self._time()
+            speed = (
+                f"{rate:,.1f} {self.unit}/s, ETA {_duration((total - done) / rate)}"
+                if rate > 0
+                else "the workers are starting"
+            )
+            console.print(f"  extraction: {done:,}/{total:,} {self.unit} ({100 * done / max(total, 1):.0f}%), {speed}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -23,6 +23,7 @@ from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureStore
 from dinoscale.sweep.plan import FeatureSetPlan, Plan, volume_window
+from dinoscale.sweep.progress import CountingWriter, ProgressCounter
 
 
 @dataclass
@@ -184,11 +185,13 @@ def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device)
     )[1]
 
 
-def run_job(job: ExtractionJob, store_root: str) -> dict:
+def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str = "") -> dict:
     """Plain function (callable without Ray): build the backbone once, then extract, write and commit each
     shard (skipping those committed meanwhile), and commit every feature set whose shards are all there.
 
-    ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach."""
+    ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach. ``counter``: a
+    ``ProgressCounter`` actor told the rows written under ``counter_key`` as they land (the driver's
+    progress bar)."""
     import torch
 
     from dinoscale.features.extract import pick_device
@@ -197,6 +200,8 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
 
     store = FeatureStore(store_root)
     t0 = time.perf_counter()
+    if counter is not None:
+        counter.reset.remote(counter_key)
     with PeakRSS() as peak:
         backbone = load_backbone(job.backbone, job.weights, job.weights_seed)
         device = pick_device()
@@ -222,6 +227,8 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
                     f"{job.label}: loaded weights {backbone.weights['digest']} differ from the planned {key.weights_digest}"
                 )
             if store.has(key) or store.has_shard(key, s.index, s.count):  # written meanwhile by another worker
+                if counter is not None:
+                    counter.add.remote(counter_key, s.n_rows)
                 continue
             extra = {
                 "backbone_name": job.backbone,
@@ -235,7 +242,9 @@ def run_job(job: ExtractionJob, store_root: str) -> dict:
             }
             rows_per_id = s.sources.n_slices if s.view == "slices" else None
             with store.shard_writer(key, s.index, s.count, s.n_rows, s.sources.ids, rows_per_id, extra) as writer:
-                stats = _extract_shard(backbone, job, s, writer, device)
+                counting = CountingWriter(writer, counter, counter_key)
+                stats = _extract_shard(backbone, job, s, counting, device)
+                counting.flush()
                 writer.extra["seconds"] = stats.seconds
             out["shards_stored"] += 1
             if len(store.shards_committed(key, s.count)) == s.count:
@@ -306,10 +315,13 @@ def feature_set_sizes(plan: Plan, store: FeatureStore) -> list[dict]:
 
 
 def run_extraction_stage(
-    plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None
+    plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None, on_progress=None
 ) -> ExtractionReport:
     """Submit one Ray task per job (GPU resources where the cluster has GPUs), wait for all, then commit
-    the feature sets whose shards are complete. A job that fails keeps the shards it committed."""
+    the feature sets whose shards are complete. A job that fails keeps the shards it committed.
+
+    ``on_progress(done_rows, total_rows)``: called about twice a second with the rows the tasks have
+    written so far (images, slices, volumes or tiles, as stored), from a ``ProgressCounter`` actor."""
     import ray
 
     store = FeatureStore(store_root)
@@ -322,9 +334,16 @@ def run_extraction_stage(
     if jobs:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
-        pending = {remote.remote(job, str(store_root)): job for job in jobs}
+        counter = ray.remote(num_cpus=0)(ProgressCounter).remote() if on_progress else None
+        total = sum(s.n_rows for job in jobs for s in job.shards)
+        pending = {remote.remote(job, str(store_root), counter, str(i)): job for i, job in enumerate(jobs)}
+        polled = None
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5 if counter is not None else None)
+            if counter is not None:
+                polled = _poll(counter, polled, total, on_progress)
+            if not done:
+                continue
             job = pending.pop(done[0])
             try:
                 res = ray.get(done[0])
@@ -344,6 +363,9 @@ def run_extraction_stage(
             report.forward_seconds += res["forward_seconds"]
             if on_done:
                 on_done(res)
+        if counter is not None:
+            on_progress(min(total, sum(ray.get(counter.snapshot.remote()).values())), total)
+            ray.kill(counter)
     committed, incomplete = commit_complete(plan, store)
     report.feature_sets_extracted += committed
     report.wall_seconds = time.perf_counter() - t0
@@ -360,6 +382,18 @@ def run_extraction_stage(
             )
         )
     return report
+
+
+def _poll(counter, polled, total: int, on_progress):
+    """Ask the counter for its rows without blocking the stage: the previous question's answer, if ready."""
+    import ray
+
+    if polled is not None:
+        ready, _ = ray.wait([polled], timeout=0)
+        if not ready:
+            return polled
+        on_progress(min(total, sum(ray.get(polled).values())), total)
+    return counter.snapshot.remote()
 
 
 def _cancel(pending: dict) -> None:

@@ -24,11 +24,19 @@ from pathlib import Path
 from ray import tune
 
 from dinoscale import record
-from dinoscale.console import console
+from dinoscale.console import capture_third_party, console, log_file
 from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
-from dinoscale.sweep.display import SweepProgress, print_banner, print_plan, print_summary
+from dinoscale.sweep.display import (
+    ExtractionProgress,
+    SweepProgress,
+    extraction_unit,
+    print_banner,
+    print_plan,
+    print_summary,
+    progress_event,
+)
 from dinoscale.sweep.extraction import check_cluster_memory, extraction_record
 from dinoscale.sweep.interrupt import SweepSignals
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
@@ -82,6 +90,13 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     else:
         # address="local": a fresh embedded Ray even when a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def sweep_log_path(spec: SweepSpec, project_dir: Path) -> Path:
+    """Where a sweep's third-party logs and warnings go: ``<storage>/logs/<spec name>-<time>.log``."""
+    from dinoscale.sweep.plan import storage_root
+
+    return storage_root(spec, project_dir) / "logs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, float]:
@@ -181,15 +196,21 @@ def run_sweep(
     quiet: bool = False,
     resume: bool = False,
     annotations: dict[str, str] | None = None,
+    verbose: bool = False,
 ) -> SweepOutcome:
     """``annotations``: tags of the parent run (copied to every child when their names start with one of
-    ``record.PROVENANCE_PREFIXES``), also logged as its params; a rehearsal records what it changed this way."""
+    ``record.PROVENANCE_PREFIXES``), also logged as its params; a rehearsal records what it changed this way.
+    ``verbose``: third-party logging and warnings on the terminal too (always in the sweep's log file)."""
     from mlflow.tracking import MlflowClient
 
     from dinoscale.preflight import check_storage_on_nodes, preflight
 
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
+    log_path = sweep_log_path(spec, project_dir)
+    capture_third_party(log_path, verbose)
+    if not verbose:  # Tune's new output engine prints its configuration box and a TensorBoard hint at any verbosity
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
     plan, checks = preflight(spec, project_dir, tracking_uri, resume)  # storage, tracking, weights, data: before Ray
     provenance = plan.provenance()
@@ -199,6 +220,7 @@ def run_sweep(
         console.print(checks.line())
     # every task must fit the memory a node declares: refused before any run is recorded or work starts
     _init_ray(spec, address)
+    capture_third_party(log_path, verbose)  # ray.init installs Ray's own handlers again
     check_cluster_memory(plan)
 
     client = MlflowClient(tracking_uri)
@@ -293,6 +315,8 @@ def run_sweep(
             f"{runs_table_url('http://127.0.0.1:5000', state.experiment_id)}",
             markup=False,
         )
+        if log_file() is not None:
+            console.print(f"Library logs and warnings (Ray, Tune, MLflow, MONAI): {log_file()}", markup=False)
     return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
 
 
@@ -364,9 +388,15 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
         console.print(f"  extracted {r['job']}: {what} in {r['forward_seconds']:.1f}s on {r['device']}")
 
     res = plan.spec.resources
-    extraction = run_extraction_stage(
-        plan, plan.storage / "features", res.cpus_per_extraction, res.gpus_per_extraction, None if quiet else on_done
-    )
+    with contextlib.nullcontext() if quiet or not plan.missing else ExtractionProgress(extraction_unit(plan)) as bar:
+        extraction = run_extraction_stage(
+            plan,
+            plan.storage / "features",
+            res.cpus_per_extraction,
+            res.gpus_per_extraction,
+            None if quiet else on_done,
+            on_progress=bar,
+        )
     log_batch(
         client,
         parent_id,
@@ -461,7 +491,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     config_units = [u for c in training for u in c.unit_ids]
     progress = None if quiet else SweepProgress([c.id for c in plan.cells], get_task(ds.task).headline)
     timer = _TrialTimer()
-    callbacks = [timer] + ([] if progress is None else [_ProgressCallback(progress)])
+    callbacks = [timer] + ([] if progress is None else [_ProgressCallback()])
     if not quiet:
         sample = trial_resources(plan.cells[0], spec, has_gpu)
         console.print(
@@ -636,11 +666,11 @@ class _StopRecorder(tune.Callback):
 
 
 class _ProgressCallback(tune.Callback):
-    """Feeds the live cell table (Tune's own table is switched off); a lora / full cell runs while any of
-    its configurations does and finishes with its selection."""
+    """Feeds the driver's live cell table (Tune's own table is switched off); a lora / full cell runs while
+    any of its configurations does and finishes with its selection.
 
-    def __init__(self, progress: SweepProgress):
-        self.progress = progress
+    Tune pickles its callbacks into the experiment state (and restores them on resume): this one holds
+    nothing but calls ``display.progress_event``, which finds the table the driver has open, if any."""
 
     @staticmethod
     def _cell(trial) -> tuple[str, bool]:
@@ -650,20 +680,20 @@ class _ProgressCallback(tune.Callback):
         return cell, k is None
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.progress.update(self._cell(trial)[0], "RUNNING")
+        progress_event(self._cell(trial)[0], "RUNNING")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         cell, frozen = self._cell(trial)
         if frozen:
-            self.progress.update(cell, "FINISHED", trial.last_result or {})
+            progress_event(cell, "FINISHED", trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         cell, frozen = self._cell(trial)
         if frozen:
-            self.progress.update(cell, "FAILED")
+            progress_event(cell, "FAILED")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.progress.update(self._cell(trial)[0], "RETRYING")
+        progress_event(self._cell(trial)[0], "RETRYING")
 
 
 def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
