@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ARTIFACTS
 from dinoscale import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,8 @@ def test_make_sweep_xray_in_a_terminal(tmp_path):
     the summary and the answer on the screen, the libraries' noise in the log file instead."""
     project = _scratch_project(tmp_path)
     code, screen = run_in_pty(["make", "sweep", "MODALITY=xray"], project, timeout=1500)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "make_sweep_xray_pty.txt").write_text(screen)  # what the user saw, for a person to read
     assert code == 0, screen[-6000:]
     assert "DEMO" in screen and "Sweep finished in" in screen and "32/32 cells ok" in screen, screen[-4000:]
     assert "extraction" in screen and "images/s" in screen  # the bar, fed by the extraction tasks
@@ -131,6 +134,8 @@ def test_lean_rehearsal_in_a_terminal(tmp_path):
     project = _scratch_project(tmp_path)
     dinoscale = str(project / ".venv" / "bin" / "dinoscale")
     code, screen = run_in_pty([dinoscale, "rehearse", str(ROOT / "sweeps/xray.yaml"), "--lean"], project, timeout=900)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "rehearse_xray_lean_pty.txt").write_text(screen)
     assert code == 0, screen[-6000:]
     assert "REHEARSAL" in screen and "Sweep finished in" in screen, screen[-4000:]
     _assert_quiet(screen)
@@ -140,6 +145,9 @@ def test_lean_rehearsal_in_a_terminal(tmp_path):
     assert len(parents) == 1 and parents[0].data.tags[record.REHEARSAL] == "true"
     assert cells and all(r.info.status == "FINISHED" for r in cells)
     assert all(r.data.tags[record.REHEARSAL_SOURCE_SPEC] == str(ROOT / "sweeps/xray.yaml") for r in parents + cells)
+    assert parents[0].data.params[record.REHEARSAL_PREFIX + "backbones"].startswith("dinov3-vit")
+    (report,) = project.glob("reports/*-rehearsal/report.md")
+    assert "REHEARSAL, NOT A RESULT" in report.read_text() and "REHEARSAL REPLICA of" in report.read_text()
 
 
 def test_pty_runner_sees_a_terminal(tmp_path):

@@ -182,8 +182,12 @@ def _runs(uri: str, experiment: str):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
+# sweeps/xray.yaml rehearses through the CLI under a pseudo-terminal instead (tests/test_front_door_pty.py)
+IN_PROCESS = [s for s in REHEARSABLE if s.stem != "xray"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", REHEARSABLE, ids=[s.stem for s in REHEARSABLE])
+@pytest.mark.parametrize("spec", IN_PROCESS, ids=[s.stem for s in IN_PROCESS])
 def test_every_paper_spec_rehearses_end_to_end(spec, isolated):
     from dinoscale.rehearse import rehearse
     from dinoscale.tasks import get_task
