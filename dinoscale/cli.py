@@ -346,8 +346,8 @@ def sweep(
     Exit status: 0 all cells finished; 2 the input (spec, data, weights, storage, tracking), or cells that
     failed only on such errors; 1 anything else; 130 / 143 interrupted (Ctrl-C / SIGTERM), resumable."""
     settings.apply_flags(tracking_uri=tracking_uri, storage=storage)
-    _tracking_server_first(spec, sets)
     _ray_cluster_first(spec, sets, address)
+    _tracking_server_first(spec, sets)
     from dinoscale.specfile import provenance_tags
     from dinoscale.sweep.runner import run_sweep
 
@@ -387,8 +387,8 @@ def rehearse(
     with random weights, the resolutions onto small multiples of the patch size and cuts the training budgets
     (every change logged on the MLflow runs), then runs the ordinary sweep. Exit status as for `sweep`."""
     settings.apply_flags(tracking_uri=tracking_uri, storage=storage, address=address)
-    _tracking_server_first(spec, sets)
     _ray_cluster_first(spec, sets, address)
+    _tracking_server_first(spec, sets)
     from dinoscale.rehearse import rehearse as run_rehearsal
 
     _, out = run_rehearsal(
@@ -535,6 +535,12 @@ cache_app = _Typer(
     add_completion=False, no_args_is_help=True, help="The feature store: list, verify and remove entries."
 )
 app.add_typer(cache_app, name="cache")
+
+
+@cache_app.callback()
+def _cache(version: bool = _version_option()) -> None:
+    """The feature store: list, verify and remove entries."""
+
 
 _STORE_HELP = (
     "feature store root: a path or an fsspec URL (s3://bucket/prefix); default: <storage>/features, the storage "

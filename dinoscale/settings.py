@@ -120,5 +120,5 @@ def check_ray_address(address: str, source: str) -> None:
     except OSError as e:
         raise RayAddressError(
             f"{where}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); start the cluster "
-            "(ray start --head) or give its address, or unset it to run on an embedded local Ray"
+            "(ray start --head) or give its address; without one the sweep starts an embedded local Ray"
         ) from None
