@@ -186,3 +186,14 @@ def test_a_sweep_records_its_overrides_and_the_effective_spec(tmp_path, ray_loca
     assert resolved["resolutions"] == [32] and [p["kind"] for p in resolved["probes"]] == ["knn"]
     assert parent.data.tags[record.SPEC_DIGEST] == load_spec(spec, sets).digest()
     assert "Browse with `dinoscale ui`" in res.output  # the default store of this folder: no flag needed
+
+
+def test_a_rehearsal_reads_an_overlay_and_its_overrides(tmp_path, monkeypatch):
+    """`dinoscale rehearse` rewrites the paper spec it reads: it reads the effective one (`extends`, `--set`)."""
+    from dinoscale.rehearse import prepare
+
+    monkeypatch.setenv("DINOSCALE_STORAGE", str(tmp_path / "store"))
+    overlay = write(tmp_path / "mine.yaml", {"extends": str(ROOT / "sweeps" / "xray.yaml"), "name": "xray-mine"})
+    r = prepare(overlay, overrides=["probes.0.epochs=2"])
+    assert r.spec.dataset.name == "nih-chestxray14" and r.spec.name.startswith("xray-mine")  # from the base
+    assert r.spec.probes[0].epochs == 2 and r.spec.profile == "rehearsal"
