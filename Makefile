@@ -14,7 +14,9 @@ PYTHON   ?= python3
 VENV     ?= .venv
 # Dev/CI constraints pin this machine's torch build; on a GPU box: make install CONSTRAINTS=
 CONSTRAINTS ?= constraints/cpu-dev.txt
-TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
+# make ui: the store of `dinoscale ui` (default: --tracking-uri > DINOSCALE_TRACKING_URI > MLFLOW_TRACKING_URI >
+# sqlite:///mlruns.db in this folder, the specs' default)
+TRACKING_URI ?=
 PYTEST_ARGS ?=
 
 BIN   := $(VENV)/bin
@@ -59,11 +61,10 @@ protocol: $(STAMP)
 analyze: $(STAMP)
 	$(BIN)/dinoscale analyze $(SPEC)
 
-# Prints each sweep's runs-table link first: MLflow 3.17 otherwise opens an experiment on its GenAI page.
+# = dinoscale ui: each sweep's runs-table link first (MLflow 3.17 otherwise opens an experiment on its
+# GenAI page), then the MLflow UI (one worker, no job runner)
 ui: $(STAMP)
-	$(BIN)/python -m dinoscale.mlflow_ui $(TRACKING_URI) http://127.0.0.1:$(PORT)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
-		--host 127.0.0.1 --port $(PORT) --workers 1
+	$(BIN)/dinoscale ui $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI)) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -6,15 +6,25 @@ a Ray Tune trial, is printed as its one message without a traceback, exit status
 sweep says what it kept and how to resume, exit status 128 + signal (130 Ctrl-C, 143 SIGTERM). Anything
 else is a bug: its traceback is kept, with what to send when reporting it, exit status 1. The checks
 behind these messages are listed in ERRORS.md.
+
+Where the tracking store, the storage and the Ray cluster come from: one precedence for every command
+(``dinoscale.settings``): flag > DINOSCALE_* variable > MLFLOW_TRACKING_URI / RAY_ADDRESS > the spec.
+Choices are enums, refused by the parser before anything heavy is imported; this module imports only
+typer and the package's leaves at module level (``python -X importtime -c 'import dinoscale.cli'``: ~0.1 s),
+each command its own work inside its body (torch, Ray, MLflow: seconds).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 
 import typer
 
+from dinoscale import __version__, settings
 from dinoscale.errors import EXIT_CRASH, EXIT_USER_ERROR, SweepInterrupted, describe, user_error_of
 
 
@@ -73,63 +83,212 @@ def _report_crash(command: str) -> None:
     )
 
 
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dinoscale {__version__}")
+        raise typer.Exit()
+
+
+def _version_option():
+    return typer.Option(False, "--version", callback=_show_version, is_eager=True, help="print the version and exit")
+
+
+def _with_version(fn):
+    """The command also answers --version, as the top level does (an eager option: nothing else runs)."""
+    sig = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def run(*args, version: bool = False, **kwargs):
+        return fn(*args, **kwargs)
+
+    extra = inspect.Parameter("version", inspect.Parameter.KEYWORD_ONLY, default=_version_option(), annotation=bool)
+    run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
+    run.__annotations__ = {**fn.__annotations__, "version": bool}
+    return run
+
+
 class _Typer(typer.Typer):
-    """Every command runs under the one error policy."""
+    """Every command runs under the one error policy, answers -h and --version."""
+
+    def __init__(self, **kwargs):
+        super().__init__(context_settings=_CONTEXT, **kwargs)
 
     def command(self, *args, **kwargs):
+        kwargs.setdefault("context_settings", _CONTEXT)
         register = super().command(*args, **kwargs)
-        return lambda fn: register(_error_policy(fn))
+        return lambda fn: register(_with_version(_error_policy(fn)))
 
 
-app = _Typer(
-    add_completion=False, no_args_is_help=True, help="Scaling sweeps of vision foundation models on medical imaging."
-)
+app = _Typer(add_completion=False, no_args_is_help=True)  # its help: the docstring of _top
 
 
-def _load(spec_path: Path):
+@app.callback()
+def _top(version: bool = _version_option()) -> None:
+    """Scaling sweeps of vision foundation models on medical imaging.
+
+    Tracking URI, storage and Ray cluster, for every command: flag > DINOSCALE_TRACKING_URI /
+    DINOSCALE_STORAGE / DINOSCALE_RAY_ADDRESS > MLFLOW_TRACKING_URI / RAY_ADDRESS > the spec."""
+
+
+# ---------------------------------------------------------------- choices and shared options
+
+
+class Variant(str, Enum):
+    """A rehearsal's replica: ok, or broken the way a real dataset can be (dinoscale.data.replicas.VARIANTS)."""
+
+    ok = "ok"
+    corrupt_file = "corrupt_file"
+    bad_label = "bad_label"
+    mask_shape = "mask_shape"
+
+
+class OnBadFile(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class Goal(str, Enum):
+    max = "max"
+    min = "min"
+
+
+def _check_sets(values: list[str] | None) -> list[str]:
+    """--set syntax, refused while the command line is parsed (one line, exit 2), before the spec is read."""
+    from dinoscale.specfile import SpecError, parse_override
+
+    for v in values or []:
+        try:
+            parse_override(v)
+        except SpecError as e:
+            typer.secho(describe(e), fg="red", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+    return values or []
+
+
+def _set_option():
+    return typer.Option(
+        None,
+        "--set",
+        metavar="KEY.PATH=VALUE",
+        callback=_check_sets,
+        help="override a spec value, validated like the YAML (repeatable; the value is YAML): "
+        "--set resolutions=[224] --set probes.0.epochs=10 --set dataset.split.seed=3",
+    )
+
+
+def _storage_option():
+    return typer.Option(
+        None, "--storage", help="storage root (beats DINOSCALE_STORAGE, which beats the spec's storage.path)"
+    )
+
+
+def _tracking_option():
+    return typer.Option(
+        None,
+        "--tracking-uri",
+        help="MLflow tracking URI (beats DINOSCALE_TRACKING_URI, then MLFLOW_TRACKING_URI, then the spec's)",
+    )
+
+
+def _address_option():
+    return typer.Option(
+        None,
+        "--address",
+        help="an existing Ray cluster: host:6379, ray://host:10001 or auto (beats DINOSCALE_RAY_ADDRESS, then "
+        "RAY_ADDRESS, then the spec's ray.address; none: an embedded local Ray)",
+    )
+
+
+def _verbose_option():
+    return typer.Option(
+        False, "--verbose", help="show the libraries' logs and warnings (Ray, Tune, MLflow, MONAI) on the terminal too"
+    )
+
+
+def _quiet_libraries(spec, command: str, verbose: bool = False) -> None:
+    """Third-party logs and warnings of a command that reads data (MONAI, MLflow) go to <storage>/logs/."""
+    import time
+
+    from dinoscale.console import capture_third_party
+    from dinoscale.sweep.plan import storage_root
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    capture_third_party(storage_root(spec) / "logs" / f"{command}-{spec.name}-{stamp}.log", verbose)
+
+
+def _load(spec_path: Path, overrides: Sequence[str] | None = ()):
+    """The spec of ``spec_path`` (its ``extends`` merged) with the ``--set`` overrides, validated."""
     from dinoscale.spec import load_spec
 
-    return load_spec(spec_path)  # a SpecError is printed as one message by the error policy
+    return load_spec(spec_path, overrides or ())  # a SpecError is printed as one message by the error policy
 
 
-def _tracking_server_first(spec_path: Path) -> None:
+def _tracking_server_first(spec_path: Path, overrides: Sequence[str] | None = ()) -> None:
     """A tracking server that is down, reported within seconds of the command's start: before the spec's
-    validation imports torch and timm (5-15 s on 2 cores). The URI the sweep will use: --tracking-uri /
-    DINOSCALE_TRACKING_URI, else the spec's, read from its YAML as it stands (the full validation comes next
-    and reports any problem of the file itself)."""
-    import os
-
-    import yaml
-
+    validation imports torch and timm (5-15 s on 2 cores). The URI the sweep will use (``settings``), the
+    spec's read from its YAML (``extends`` and --set applied; the full validation comes next)."""
     from dinoscale.preflight import check_tracking_server
+    from dinoscale.specfile import load_raw
 
-    uri = os.environ.get("DINOSCALE_TRACKING_URI")
-    if not uri:
-        try:
-            raw = yaml.safe_load(Path(spec_path).read_text())
-            uri = raw.get("tracking", {}).get("uri") if isinstance(raw, dict) else None
-        except (OSError, yaml.YAMLError, AttributeError):
-            return
-    if isinstance(uri, str):
-        check_tracking_server(uri)
+    tracking = load_raw(spec_path, overrides or ()).get("tracking")
+    spec_uri = tracking.get("uri") if isinstance(tracking, dict) else None
+    uri = settings.tracking_uri(spec_uri if isinstance(spec_uri, str) else None)
+    check_tracking_server(uri)
+
+
+def _ray_cluster_first(spec_path: Path, overrides: Sequence[str] | None, flag: str | None) -> None:
+    """The Ray cluster a sweep joins, said and checked (seconds) before anything heavy: an address from
+    RAY_ADDRESS is used, never silently ignored; none: an embedded local Ray, as always."""
+    from dinoscale.specfile import load_raw
+
+    ray = load_raw(spec_path, overrides or ()).get("ray")
+    spec_address = ray.get("address") if isinstance(ray, dict) else None
+    address = settings.ray_address(spec_address, flag)
+    if address:
+        source = settings.ray_address_source(spec_address, flag)
+        settings.check_ray_address(address, source)
+        typer.echo(f"Ray: joining the cluster at {address} ({source})")
+
+
+def _set_args(overrides: Sequence[str] | None) -> str:
+    return "".join(f" --set {o}" for o in overrides or ())
 
 
 @app.command()
-def validate(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
+def validate(
+    spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
+    sets: list[str] | None = _set_option(),
+    show: bool = typer.Option(False, "--show", help="print the resolved spec (extends and --set applied, defaults)"),
+) -> None:
     """Check a spec; on error name each offending key path and what was expected."""
-    s = _load(spec)
+    s = _load(spec, sets)
+    if show:
+        from dinoscale.specfile import extends_chain
+
+        typer.echo(f"# {' < '.join(map(str, extends_chain(spec)))}{_set_args(sets)}, every default filled in")
+        typer.echo(s.resolved_yaml())
     typer.echo(f"{spec}: ok - sweep '{s.name}' ({s.modality}, {s.profile} profile), spec digest {s.digest()}")
 
 
 @app.command()
-def plan(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
+def plan(
+    spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
+    sets: list[str] | None = _set_option(),
+    storage: str | None = _storage_option(),
+    verbose: bool = _verbose_option(),
+) -> None:
     """Dry run: cells, cached vs to-extract feature sets, trial count and estimated compute."""
     from dinoscale.preflight import check_storage
     from dinoscale.sweep.display import print_banner, print_plan
     from dinoscale.sweep.plan import build_plan, storage_root
 
-    s = _load(spec)
+    settings.apply_flags(storage=storage)
+    s = _load(spec, sets)
     check_storage(storage_root(s), write=False)  # a phantom dataset is generated there even for a dry run
+    _quiet_libraries(s, "plan", verbose)
     p = build_plan(s)
     print_banner(p)
     print_plan(p)
@@ -139,13 +298,18 @@ def plan(spec: Path = typer.Argument(..., help="sweep spec (YAML)")) -> None:
 def protocol(
     specs: list[Path] = typer.Argument(..., help="sweep spec(s) (YAML)"),
     out: Path | None = typer.Option(None, help="write the markdown here (default: print it)"),
+    sets: list[str] | None = _set_option(),
+    storage: str | None = _storage_option(),
 ) -> None:
     """The protocol table of each spec: every constant behind its numbers (splits, replicates, tokens, pooling,
     CT window, probe grids, epochs / steps, losses, metric conventions), as each sweep attaches it to MLflow."""
     from dinoscale.sweep.plan import build_plan
     from dinoscale.sweep.protocol import protocol_markdown
 
-    parts = [protocol_markdown(build_plan(_load(s))) for s in specs]
+    settings.apply_flags(storage=storage)
+    loaded = [_load(s, sets) for s in specs]
+    _quiet_libraries(loaded[0], "protocol")
+    parts = [protocol_markdown(build_plan(s)) for s in loaded]
     text = "\n".join(parts)
     if out is None:
         typer.echo(text)
@@ -186,9 +350,12 @@ def tile_slides_cmd(
 @app.command()
 def sweep(
     spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
-    address: str | None = typer.Option(None, help="address of an existing Ray cluster (default: embedded local Ray)"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
+    sets: list[str] | None = _set_option(),
+    address: str | None = _address_option(),
+    tracking_uri: str | None = _tracking_option(),
+    storage: str | None = _storage_option(),
     no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
+    verbose: bool = _verbose_option(),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -200,19 +367,25 @@ def sweep(
 
     Exit status: 0 all cells finished; 2 the input (spec, data, weights, storage, tracking), or cells that
     failed only on such errors; 1 anything else; 130 / 143 interrupted (Ctrl-C / SIGTERM), resumable."""
-    import os
-
-    if tracking_uri:
-        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
-    _tracking_server_first(spec)
+    settings.apply_flags(tracking_uri=tracking_uri, storage=storage)
+    _ray_cluster_first(spec, sets, address)
+    _tracking_server_first(spec, sets)
+    from dinoscale.specfile import provenance_tags
     from dinoscale.sweep.runner import run_sweep
 
-    s = _load(spec)
+    s = _load(spec, sets)
     try:
-        out = run_sweep(s, address=address, analyze=not no_analysis, resume=resume)
+        out = run_sweep(
+            s,
+            address=address,
+            analyze=not no_analysis,
+            resume=resume,
+            annotations=provenance_tags(spec, sets or ()),
+            verbose=verbose,
+        )
     except SweepInterrupted as e:
         typer.secho(f"interrupted: {e}", fg="yellow", err=True)
-        typer.secho(f"continue with: dinoscale sweep {spec} --resume", fg="yellow", err=True)
+        typer.secho(f"continue with: dinoscale sweep {spec}{_set_args(sets)} --resume", fg="yellow", err=True)
         raise typer.Exit(e.exit_code) from None
     failed = [r for r in out.rows if r["state"] != "FINISHED"]
     if failed:
@@ -222,40 +395,40 @@ def sweep(
 @app.command()
 def rehearse(
     spec: Path = typer.Argument(..., help="paper spec (YAML), e.g. sweeps/xray.yaml"),
-    variant: str = typer.Option(
-        "ok", help="ok, or a broken replica: corrupt_file | bad_label | mask_shape (shows the error a real run gives)"
-    ),
-    on_bad_file: str | None = typer.Option(
+    variant: Variant = typer.Option(Variant.ok, help="ok, or a broken replica (shows the error a real run gives)"),
+    on_bad_file: OnBadFile | None = typer.Option(
         None, "--on-bad-file", help="override dataset.on_bad_file (skip: drop unreadable files, recorded on the run)"
     ),
+    sets: list[str] | None = _set_option(),
     seed: int = typer.Option(0, help="seed of the replica's generator"),
     replicates: int = typer.Option(1, min=1, help="replicates (seeds, CV folds) kept from the spec's seeds"),
     lean: bool = typer.Option(False, "--lean", help="only the smallest and largest backbone and resolution"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
+    tracking_uri: str | None = _tracking_option(),
+    storage: str | None = _storage_option(),
+    address: str | None = _address_option(),
     no_analysis: bool = typer.Option(False, "--no-analysis", help="skip the scaling report at the end"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Rehearse a paper spec on a replica of its dataset's published layout, CPU-sized, labelled REHEARSAL.
 
     Writes the replica under <storage>/rehearsal/<dataset>/<variant>, maps the backbones onto the demo ladder
     with random weights, the resolutions onto small multiples of the patch size and cuts the training budgets
     (every change logged on the MLflow runs), then runs the ordinary sweep. Exit status as for `sweep`."""
-    import os
-
-    if tracking_uri:
-        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
-    if on_bad_file not in (None, "error", "skip"):
-        raise typer.BadParameter(f"'{on_bad_file}': expected error or skip", param_hint="--on-bad-file")
-    _tracking_server_first(spec)
+    settings.apply_flags(tracking_uri=tracking_uri, storage=storage, address=address)
+    _ray_cluster_first(spec, sets, address)
+    _tracking_server_first(spec, sets)
     from dinoscale.rehearse import rehearse as run_rehearsal
 
     _, out = run_rehearsal(
         spec,
-        variant=variant,
-        on_bad_file=on_bad_file,
+        variant=variant.value,
+        on_bad_file=on_bad_file.value if on_bad_file else None,
         seed=seed,
         analyze=not no_analysis,
         replicates=replicates,
         lean=lean,
+        overrides=sets or (),
+        verbose=verbose,
     )
     failed = [r for r in out.rows if r["state"] != "FINISHED"]
     if failed:
@@ -265,20 +438,21 @@ def rehearse(
 @app.command("preflight")
 def preflight_cmd(
     spec: Path = typer.Argument(..., help="sweep spec (YAML)"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides the spec)"),
+    sets: list[str] | None = _set_option(),
+    tracking_uri: str | None = _tracking_option(),
+    storage: str | None = _storage_option(),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Check what a sweep needs (storage, tracking, weights, data layout, sample files decoded); start nothing.
 
     `dinoscale sweep` runs the same checks first. The list of checks: ERRORS.md."""
-    import os
-
+    settings.apply_flags(tracking_uri=tracking_uri, storage=storage)
+    _tracking_server_first(spec, sets)
     from dinoscale.preflight import preflight
     from dinoscale.tracking import resolve_tracking_uri
 
-    if tracking_uri:
-        os.environ["DINOSCALE_TRACKING_URI"] = tracking_uri
-    _tracking_server_first(spec)
-    s = _load(spec)
+    s = _load(spec, sets)
+    _quiet_libraries(s, "preflight", verbose)
     project_dir = Path.cwd().resolve()
     _, report = preflight(s, project_dir, resolve_tracking_uri(s.tracking.uri, project_dir))
     typer.echo(report.line())
@@ -343,6 +517,29 @@ def analyze(
 
 
 @app.command()
+def ui(
+    tracking_uri: str | None = _tracking_option(),
+    port: int = typer.Option(5000, help="port of the MLflow UI"),
+    host: str = typer.Option("127.0.0.1", help="interface it listens on (0.0.0.0: every one; no login!)"),
+) -> None:
+    """The MLflow UI on the tracking store in use, after a direct link to each sweep's runs table.
+
+    The store: --tracking-uri > DINOSCALE_TRACKING_URI > MLFLOW_TRACKING_URI > sqlite:///mlruns.db in
+    this folder (the specs' default). One worker, no job runner (~0.5 GB); Ctrl-C stops it."""
+    from dinoscale.mlflow_ui import serve
+    from dinoscale.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(settings.tracking_uri(None, tracking_uri))
+    if uri.startswith(("http://", "https://")):
+        from dinoscale.mlflow_ui import describe as sweep_lines
+
+        typer.echo("\n".join(sweep_lines(uri, uri)))
+        typer.echo(f"{uri} is a tracking server: its UI is already there")
+        return
+    serve(uri, host=host, port=port)
+
+
+@app.command()
 def backbones() -> None:
     """List the backbone registry."""
     from dinoscale.models import BACKBONES
@@ -370,28 +567,49 @@ cache_app = _Typer(
 )
 app.add_typer(cache_app, name="cache")
 
-_STORE_HELP = "feature store root: a path or an fsspec URL (s3://bucket/prefix); default: <spec storage>/features"
+
+@cache_app.callback()
+def _cache(version: bool = _version_option()) -> None:
+    """The feature store: list, verify and remove entries."""
 
 
-def _feature_store(spec: Path | None, store: str | None):
+_STORE_HELP = (
+    "feature store root: a path or an fsspec URL (s3://bucket/prefix); default: <storage>/features, the storage "
+    "as for every command (--storage > DINOSCALE_STORAGE > the spec's storage.path > .dinoscale)"
+)
+_SPEC_HELP = "sweep spec whose storage path holds the store"
+
+
+def _spec_option():
+    return typer.Option(None, "--spec", hidden=True, help=_SPEC_HELP)  # the old spelling, kept working
+
+
+def _spec_and_digests(args: list[str] | None, spec: Path | None) -> tuple[Path | None, list[str]]:
+    """``[SPEC] [DIGEST]...``: a first argument that is a YAML file (or names one) is the spec."""
+    args = list(args or [])
+    if spec is None and args and (args[0].endswith((".yaml", ".yml")) or Path(args[0]).is_file()):
+        return Path(args[0]), args[1:]
+    return spec, args
+
+
+def _feature_store(spec: Path | None, store: str | None, storage: str | None = None, sets=()):
     from dinoscale.features import FeatureStore
 
     if store:
         return FeatureStore(store)
-    if spec is not None:
-        from dinoscale.sweep.plan import storage_root
-
-        return FeatureStore(f"{storage_root(_load(spec))}/features")
-    return FeatureStore(".dinoscale/features")
+    spec_storage = _load(spec, sets).storage.path if spec is not None else None
+    return FeatureStore(f"{settings.storage_root(spec_storage, storage)}/features")
 
 
 @cache_app.command("ls")
 def cache_ls(
-    spec: Path | None = typer.Argument(None, help="sweep spec whose storage path holds the store"),
+    spec: Path | None = typer.Argument(None, help=_SPEC_HELP),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    storage: str | None = _storage_option(),
+    sets: list[str] | None = _set_option(),
 ) -> None:
     """List the entries: digest, backbone, resolution, tokens, split, shape, dtype, size."""
-    fs = _feature_store(spec, store)
+    fs = _feature_store(spec, store, storage, sets)
     entries = fs.entries()
     for m in entries:
         k = m.get("key", {})
@@ -412,12 +630,17 @@ def cache_ls(
 
 @cache_app.command("verify")
 def cache_verify(
-    digests: list[str] | None = typer.Argument(None, help="entries to check (default: all)"),
-    spec: Path | None = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
+    args: list[str] | None = typer.Argument(
+        None, metavar="[SPEC] [DIGEST]...", help=f"{_SPEC_HELP}, then the entries to check (default: all)"
+    ),
+    spec: Path | None = _spec_option(),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    storage: str | None = _storage_option(),
+    sets: list[str] | None = _set_option(),
 ) -> None:
     """Re-read entries and check their sha256 and shape; exit 1 if any is damaged."""
-    fs = _feature_store(spec, store)
+    spec, digests = _spec_and_digests(args, spec)
+    fs = _feature_store(spec, store, storage, sets)
     todo = digests or [m["digest"] for m in fs.entries()]
     bad = 0
     for d in todo:
@@ -434,9 +657,13 @@ def cache_verify(
 
 @cache_app.command("rm")
 def cache_rm(
-    digests: list[str] | None = typer.Argument(None, help="entries to remove"),
-    spec: Path | None = typer.Option(None, "--spec", help="sweep spec whose storage path holds the store"),
+    args: list[str] | None = typer.Argument(
+        None, metavar="[SPEC] [DIGEST]...", help=f"{_SPEC_HELP}, then the entries to remove"
+    ),
+    spec: Path | None = _spec_option(),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    storage: str | None = _storage_option(),
+    sets: list[str] | None = _set_option(),
     all_: bool = typer.Option(False, "--all", help="remove every entry"),
     damaged: bool = typer.Option(False, "--damaged", help="remove entries that fail verification"),
     stale_hours: float | None = typer.Option(
@@ -445,7 +672,8 @@ def cache_rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation with --all"),
 ) -> None:
     """Remove entries (by digest, --all or --damaged) and/or stale leftovers of killed writers."""
-    fs = _feature_store(spec, store)
+    spec, digests = _spec_and_digests(args, spec)
+    fs = _feature_store(spec, store, storage, sets)
     if not (digests or all_ or damaged or stale_hours is not None):
         typer.secho("nothing to remove: give digests, --all, --damaged or --stale HOURS", fg="red", err=True)
         raise typer.Exit(2)

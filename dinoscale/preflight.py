@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
+from dinoscale import settings
 from dinoscale.errors import StorageError, TrackingError
 
 CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
@@ -145,9 +146,7 @@ def redact(uri: str) -> str:
 
 
 def _uri_source() -> str:
-    if os.environ.get("DINOSCALE_TRACKING_URI"):
-        return "from --tracking-uri / DINOSCALE_TRACKING_URI"
-    return "tracking.uri in the spec"
+    return settings.tracking_uri_source()
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}

@@ -33,13 +33,13 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from dinoscale import record
 from dinoscale.errors import UserError
+from dinoscale.specfile import load_raw, provenance_tags
 
 LADDER = ("dinov3-demo-xs", "dinov3-demo-s", "dinov3-demo-m", "dinov3-demo-l")
 PATCH = 16  # the demo ladder's patch size
@@ -187,11 +187,11 @@ def transform(
     return s, changes
 
 
-def _raw_spec(path: Path) -> dict:
+def _raw_spec(path: Path, overrides: Sequence[str] = ()) -> dict:
     from dinoscale.spec import load_spec
 
-    load_spec(path)  # the paper spec itself must validate (its own errors, named against its own file)
-    return yaml.safe_load(path.read_text())
+    load_spec(path, overrides)  # the paper spec itself must validate (its own errors, named against its own file)
+    return load_raw(path, overrides)  # its `extends` merged, the --set overrides applied
 
 
 def prepare(
@@ -202,6 +202,7 @@ def prepare(
     project_dir: Path | None = None,
     replicates: int = MAX_SEEDS,
     lean: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Rehearsal:
     """Validate the paper spec, write its dataset's replica (``variant``) under the sweep's storage
     (``<storage>/rehearsal/<dataset>/<variant>``, rewritten each time) and return the rehearsal's spec."""
@@ -211,7 +212,7 @@ def prepare(
     from dinoscale.sweep.plan import storage_root
 
     spec_path = Path(spec_path)
-    raw = _raw_spec(spec_path)
+    raw = _raw_spec(spec_path, overrides)
     paper = parse_spec(raw, source=str(spec_path))
     name = paper.dataset.name
     if is_phantom(name):
@@ -261,15 +262,18 @@ def rehearse(
     project_dir: Path | None = None,
     replicates: int = MAX_SEEDS,
     lean: bool = False,
+    overrides: Sequence[str] = (),
     verbose: bool = False,
 ):
-    """Write the replica and run the rehearsal's sweep; returns (Rehearsal, SweepOutcome)."""
+    """Write the replica and run the rehearsal's sweep; returns (Rehearsal, SweepOutcome). ``overrides``:
+    ``key.path=value`` changes to the paper spec (``--set``), applied before the rehearsal's own. ``verbose``:
+    library logs and warnings on the terminal too."""
     from dinoscale.console import capture_third_party, console
     from dinoscale.sweep.runner import run_sweep
 
     capture_third_party(None, verbose)  # held until the sweep names its log file
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to fetch, fail at once if asked
-    r = prepare(spec_path, variant, on_bad_file, seed, project_dir, replicates, lean)
+    r = prepare(spec_path, variant, on_bad_file, seed, project_dir, replicates, lean, overrides)
     if not quiet:
         console.print(
             f"[bold magenta]REHEARSAL[/bold magenta] of {spec_path}: replica of '{r.replica.dataset}' "
@@ -282,7 +286,7 @@ def rehearse(
         project_dir=project_dir,
         analyze=analyze,
         quiet=quiet,
-        annotations={record.REHEARSAL: "true", **r.changes},
+        annotations={record.REHEARSAL: "true", **r.changes, **provenance_tags(spec_path, overrides)},
         verbose=verbose,
     )
     return r, out

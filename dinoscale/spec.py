@@ -9,20 +9,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dinoscale.errors import UserError
 from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class
-
-
-class SpecError(UserError, ValueError):
-    """A spec that cannot run; the message names the file, the field path and what was expected."""
-
-    kind = "spec"
+from dinoscale.specfile import SpecError, load_raw
 
 
 class Strict(BaseModel):
@@ -570,34 +565,16 @@ class SweepSpec(Strict):
 # ---------------------------------------------------------------- loading and error messages
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (plain safe_load keeps the last one silently)."""
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """The spec of a file: its ``extends`` chain merged, ``overrides`` (``key.path=value``, as ``--set``)
+    applied, validated (``dinoscale.specfile``)."""
+    raw = load_raw(path, overrides)
+    return parse_spec(raw, source=spec_source(path, overrides))
 
 
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
-        seen[key] = True
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return parse_spec(raw, source=str(path))
+def spec_source(path: str | Path, overrides: Sequence[str] = ()) -> str:
+    """How messages name a spec: its file, and the overrides that changed it."""
+    return str(path) + "".join(f" --set {o}" for o in overrides)
 
 
 def parse_spec(raw: dict, source: str = "<spec>") -> SweepSpec:

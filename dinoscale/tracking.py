@@ -7,7 +7,6 @@ are logged as params *and* metrics, because MLflow sorts params as strings.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import warnings
@@ -16,6 +15,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from dinoscale import settings
 from dinoscale.record import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TRAINING,
@@ -29,9 +29,9 @@ from dinoscale.record import (
 
 
 def resolve_tracking_uri(uri: str, project_dir: Path | None = None) -> str:
-    """Make a relative sqlite path absolute (relative to the project folder), so workers agree."""
-    env = os.environ.get("DINOSCALE_TRACKING_URI")
-    uri = env or uri
+    """The URI in use (``settings.tracking_uri``: --tracking-uri > DINOSCALE_TRACKING_URI > MLFLOW_TRACKING_URI
+    > ``uri``, the spec's), a relative sqlite path made absolute (relative to the project folder), so workers agree."""
+    uri = settings.tracking_uri(uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rel = uri[len("sqlite:///") :]
         uri = "sqlite:///" + str(((project_dir or Path.cwd()) / rel).resolve())

@@ -13,10 +13,10 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dinoscale import settings
 from dinoscale.data import (
     SPLITS,
     DataError,
@@ -154,9 +154,8 @@ class Plan:
 
 
 def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
-    """The one storage setting: DINOSCALE_STORAGE if set, else the spec's ``storage.path``."""
-    p = Path(os.path.expandvars(os.environ.get("DINOSCALE_STORAGE") or spec.storage.path)).expanduser()
-    return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
+    """The one storage setting (``dinoscale.settings``): --storage / DINOSCALE_STORAGE, else ``storage.path``."""
+    return settings.storage_root(spec.storage.path, project_dir=project_dir)
 
 
 def volume_window(spec: SweepSpec) -> tuple[float, float] | None:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from ray import tune
 
-from dinoscale import record
+from dinoscale import record, settings
 from dinoscale.console import capture_third_party, console, log_file
 from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
+from dinoscale.mlflow_ui import browse_hint
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.display import (
@@ -48,7 +49,6 @@ from dinoscale.tracking import (
     git_commit,
     log_batch,
     resolve_tracking_uri,
-    runs_table_url,
     split_dataset_inputs,
 )
 
@@ -69,7 +69,7 @@ class SweepOutcome:
 def _init_ray(spec: SweepSpec, address: str | None) -> None:
     import ray
 
-    address = address or spec.ray.address
+    address = settings.ray_address(spec.ray.address, address)  # flag > DINOSCALE_RAY_ADDRESS > RAY_ADDRESS > spec
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -311,8 +311,8 @@ def run_sweep(
     if not quiet:
         console.print(
             f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok; report: "
-            f"{report_dir / 'report.html' if report_dir else '-'}. Browse with `make ui`, then open "
-            f"{runs_table_url('http://127.0.0.1:5000', state.experiment_id)}",
+            f"{report_dir / 'report.html' if report_dir else '-'}. "
+            + browse_hint(tracking_uri, state.experiment_id, project_dir),
             markup=False,
         )
         if log_file() is not None:
