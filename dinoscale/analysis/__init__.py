@@ -27,7 +27,7 @@ from dinoscale.analysis.sources import (  # noqa: F401
     sweep_headline,
 )
 from dinoscale.provenance import Provenance
-from dinoscale.record import REPORT_DIR, SPEC_NAME, SWEEP_ID
+from dinoscale.record import REPORT_DIR, SWEEP_ID
 
 if TYPE_CHECKING:
     from dinoscale.spec import SweepSpec
@@ -70,7 +70,7 @@ def analyze_sweep(
     out_dir = write_report(
         df,
         Path(out_dir),
-        title=f"{tags.get(SPEC_NAME, experiment)} / {tags.get(SWEEP_ID, info['parent_run_id'])}",
+        title=f"{info['spec_name'] or experiment} / {tags.get(SWEEP_ID, info['parent_run_id'])}",
         provenance=provenance,
         predictions=info["predictions"],
         headline=headline,

@@ -553,8 +553,8 @@ def results_from_mlflow(
     ``dinoscale.headline``; AUROC when absent). The sweep: ``parent_run_id``, else the latest of the spec
     ``spec_name`` (``find_sweep``), else the latest of the experiment.
 
-    ``info``: parent_run_id, the parent's tags, the ``headline``, a ``note`` (the spec changed since that
-    sweep, or None), and with ``with_predictions`` a dict run_id -> per-sample test predictions for the runs
+    ``info``: parent_run_id, the parent's tags, the ``headline``, the ``spec_name`` it swept, a ``note`` (the
+    spec changed since that sweep, or None), and with ``with_predictions`` a dict run_id -> per-sample test predictions for the runs
     that logged them.
     """
     from mlflow.exceptions import MlflowException
@@ -586,7 +586,13 @@ def results_from_mlflow(
     )
     df.attrs["headline"] = headline
     df.attrs["parent_run_id"] = parent_run_id
-    info = {"parent_run_id": parent_run_id, "tags": parent.data.tags, "headline": headline, "note": note}
+    info = {
+        "parent_run_id": parent_run_id,
+        "tags": parent.data.tags,
+        "headline": headline,
+        "note": note,
+        "spec_name": _spec_name(parent),
+    }
     if with_predictions:
         info["predictions"] = load_predictions(client, df["run_id"].tolist(), headline)
     return df, info

@@ -42,7 +42,8 @@ def _grid_words(plan: Plan) -> str:
         (len(spec.strategies), "strategy", "strategies"),
         (len(spec.seeds), "seed", "seeds"),
     ]
-    return " x ".join(f"{n} {one if n == 1 else many}" for n, one, many in axes) + f" = {len(plan.cells)} cells"
+    n = len(plan.cells)
+    return " x ".join(f"{k} {one if k == 1 else many}" for k, one, many in axes) + f" = {n} cell{'' if n == 1 else 's'}"
 
 
 def best_row(rows: list[dict], goal: str) -> dict | None:
