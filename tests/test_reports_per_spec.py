@@ -75,6 +75,12 @@ def test_two_specs_of_a_modality_keep_their_own_reports_experiments_and_analysis
     assert sweep_ids["xray-beta"] not in text
     attached = {a.path for a in client.list_artifacts(outs[0].parent_run_id, record.REPORT_DIR)}
     assert f"{record.REPORT_DIR}/report.md" in attached
+    # the sweep's results.csv reads back: the same cells and intervals, and it says what the table lacks
+    res = CliRunner().invoke(app, ["analyze", "--csv", "reports/xray-alpha/results.csv", "--out", "from-csv"])
+    assert res.exit_code == 0, res.output
+    cols = ["backbone", "resolution", "metric", "low", "high", "headline", "goal"]
+    assert pd.read_csv("from-csv/results.csv")[cols].equals(pd.read_csv("reports/xray-alpha/results.csv")[cols])
+    assert "the report's paired patient resamples" in (tmp_path / "from-csv" / "verdicts.md").read_text()
     # --sweep names another sweep; --run-id is the same option
     res = CliRunner().invoke(
         app, ["analyze", str(tmp_path / "xray-beta.yaml"), "--run-id", outs[1].parent_run_id, "--out", "again"]
