@@ -58,8 +58,9 @@ protocol: $(STAMP)
 	$(BIN)/dinoscale protocol sweeps/xray.yaml sweeps/ct.yaml sweeps/mri.yaml sweeps/wsi.yaml sweeps/em.yaml \
 		sweeps/petct.yaml --out sweeps/PROTOCOL.md
 
+# The latest sweep of SPEC, reported in reports/<spec name>/ (SWEEP=<parent run id> for another sweep of it)
 analyze: $(STAMP)
-	$(BIN)/dinoscale analyze $(SPEC)
+	$(BIN)/dinoscale analyze $(SPEC) $(if $(SWEEP),--sweep $(SWEEP))
 
 # = dinoscale ui: each sweep's runs-table link first (MLflow 3.17 otherwise opens an experiment on its
 # GenAI page), then the MLflow UI (one worker, no job runner)

@@ -466,24 +466,34 @@ def analyze(
         help="analyse a results table instead (one row per run: backbone, n_params, "
         "resolution, probe, strategy, seed, test_<metric>, _ci_low, _ci_high)",
     ),
-    run_id: str | None = typer.Option(None, help="parent run of the sweep (default: the latest)"),
-    out: Path | None = typer.Option(None, help="output folder (default: reports/<modality>)"),
+    sweep: str | None = typer.Option(
+        None,
+        "--sweep",
+        "--run-id",
+        help="the parent run id of the sweep to report on (default: the latest sweep of SPEC)",
+    ),
+    out: Path | None = typer.Option(
+        None, help="output folder (default: reports/<spec name>; with --csv, reports/<file name>)"
+    ),
     headline: str | None = typer.Option(
         None,
         help="with --csv: the metric to analyse (e.g. test_dice, voi) when the "
         "table holds several (default: detected from its columns)",
     ),
-    goal: str | None = typer.Option(None, help="with --csv: max | min, for a metric dinoscale does not know"),
+    goal: Goal | None = typer.Option(None, help="with --csv: for a metric dinoscale does not know"),
+    sets: list[str] | None = _set_option(),
+    tracking_uri: str | None = _tracking_option(),
 ) -> None:
     """Fit scaling curves and write plots + a markdown report (and attach them to the sweep's parent run).
 
-    A sweep's metric is the headline its parent run recorded (AUROC, Dice, VOI...; lower-is-better ones
-    such as VOI are ranked and judged as such)."""
+    SPEC: the latest sweep of that spec (its name, preferring its current digest), reported in reports/<spec
+    name>/. A sweep's metric is the headline its parent run recorded (AUROC, Dice, VOI...; lower-is-better ones
+    such as VOI are ranked and judged as such). --csv reads any results table, a report's own results.csv too."""
     if csv is not None:
         from dinoscale.analysis import results_from_csv, write_report
 
         try:
-            df = results_from_csv(csv, headline, goal)
+            df = results_from_csv(csv, headline, goal.value if goal else None)
         except ValueError as e:
             typer.secho(str(e), fg="red", err=True)
             raise typer.Exit(2) from None
@@ -501,16 +511,24 @@ def analyze(
     if spec is None:
         typer.secho("give a spec or --csv", fg="red", err=True)
         raise typer.Exit(2)
-    _tracking_server_first(spec)  # a server that is down: at once, not after MLflow's minutes of retries
-    from dinoscale.analysis import analyze_sweep
+    settings.apply_flags(tracking_uri=tracking_uri)
+    _tracking_server_first(spec, sets)  # a server that is down: at once, not after MLflow's minutes of retries
+    from dinoscale.analysis import analyze_sweep, report_folder
     from dinoscale.preflight import check_tracking_reachable
     from dinoscale.tracking import resolve_tracking_uri
 
-    s = _load(spec)
+    s = _load(spec, sets)
     uri = resolve_tracking_uri(s.tracking.uri)
     check_tracking_reachable(uri)
     try:
-        analyze_sweep(uri, s.experiment_name, run_id, out or Path("reports") / s.modality)
+        analyze_sweep(
+            uri,
+            s.experiment_name,
+            sweep,
+            out or Path("reports") / report_folder(s),
+            spec_name=s.name,
+            spec_digest=s.digest(),
+        )
     except LookupError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None

@@ -4,7 +4,7 @@ The sweep writes these names (runner, trial), the terminal shows them (display) 
 them back (sources); all of them import this module, so a tag or an axis cannot be spelt two ways.
 A leaf module: it imports nothing from dinoscale.
 
-Layout of one sweep in MLflow: an experiment per modality; a parent run per sweep (role ``sweep``);
+Layout of one sweep in MLflow: an experiment per spec (``dinoscale-<spec name>`` unless the spec names one); a parent run per sweep (role ``sweep``);
 a child run per cell (role ``cell``), found again on resume by its deterministic trial key. A lora /
 full cell's run has one child run per configuration of its search (role ``configuration``, found
 again by its own key): sweep -> cell -> configuration, three levels of ``mlflow.parentRunId``.
@@ -26,6 +26,8 @@ SWEEP_ID = "dinoscale.sweep_id"
 SPEC_DIGEST = "dinoscale.spec_digest"
 SPEC_FILE = "dinoscale.spec_file"  # the spec file a sweep started from, then each file it extends ("a.yaml < b.yaml")
 SPEC_OVERRIDES = "dinoscale.spec_overrides"  # the --set overrides applied to it, one per line, in order
+SPEC_NAME = "dinoscale.spec_name"  # on a parent run: the spec's name (what `dinoscale analyze SPEC` looks for)
+DESCRIPTION = "mlflow.note.content"  # a run's description, as the MLflow UI shows it (the parent: what the sweep was)
 TRIAL_KEY = "dinoscale.trial_key"
 CELL = "dinoscale.cell"
 EVALUATIONS = "dinoscale.evaluations"  # times a cell's work ran (1 unless retried / resumed mid-cell)

@@ -9,8 +9,8 @@ analysis. Only what makes it a CPU-sized run changes, each change recorded on ev
 (``record.REHEARSAL_PREFIX`` tags, params on the parent):
 
 - profile ``rehearsal``: labelled REHEARSAL in the banner, the MLflow tags and the reports
-  (``dinoscale.provenance``), reports under ``reports/<modality>-rehearsal``, its own MLflow experiment
-  ``dinoscale-<modality>-rehearsal``, so it is never mistaken for (or analysed with) a real result;
+  (``dinoscale.provenance``), reports under ``reports/<spec name>-rehearsal``, its own MLflow experiment
+  ``dinoscale-<spec name>-rehearsal``, so it is never mistaken for (or analysed with) a real result;
 - backbone weights ``random``; model sizes mapped in order of size onto the demo ladder of the same
   DINOv3 architecture (``dinov3-demo-xs/s/m/l``; ViT-S/B/L -> xs/s/m), so the size axis keeps its values;
 - resolutions mapped in order onto small multiples of the patch size (32, 48, 64, ...; as many values);
@@ -179,9 +179,8 @@ def transform(
     s["resources"] = res
     changes[record.REHEARSAL_PREFIX + "resources"] = "cpus_per_trial=1,cpus_per_extraction=1"
     s["ray"] = {k: v for k, v in raw.get("ray", {}).items() if k != "address"}
-    modality = raw.get("modality", "")
     tracking = dict(raw.get("tracking", {}))
-    tracking["experiment"] = f"{tracking.get('experiment') or f'dinoscale-{modality}'}-rehearsal"
+    tracking["experiment"] = f"{tracking.get('experiment') or 'dinoscale-' + raw['name']}-rehearsal"
     s["tracking"] = tracking
     changes[record.REHEARSAL_PREFIX + "cuts"] = "; ".join(cut) or "none"
     return s, changes

@@ -466,7 +466,11 @@ class ResourcesSpec(Strict):
 
 class TrackingSpec(Strict):
     uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI (relative sqlite paths: project folder)")
-    experiment: str | None = Field(None, description="default: dinoscale-<modality>")
+    experiment: str | None = Field(
+        None,
+        description="MLflow experiment; default: dinoscale-<spec name>, one per spec, so two datasets of a modality "
+        "never mix unless given the same experiment",
+    )
     artifact_location: str | None = Field(None, description="default for sqlite: mlartifacts/ beside the database")
 
 
@@ -551,7 +555,7 @@ class SweepSpec(Strict):
 
     @property
     def experiment_name(self) -> str:
-        return self.tracking.experiment or f"dinoscale-{self.modality}"
+        return self.tracking.experiment or f"dinoscale-{self.name}"
 
     def digest(self) -> str:
         """Hash of the resolved spec (every default filled in)."""

@@ -1,4 +1,4 @@
-"""MLflow conventions: experiment per modality, parent run per sweep, one child run per cell.
+"""MLflow conventions: an experiment per spec (dinoscale-<spec name> unless named), parent run per sweep, one child run per cell.
 
 A child run is found again by its deterministic trial key (tag ``dinoscale.trial_key``) under its
 parent, so a retried or resumed trial reuses its run instead of duplicating it. Numeric sweep axes

@@ -497,7 +497,7 @@ def test_tracking_server_requires_credentials(mlflow_server):
 def test_nested_runs_are_in_the_postgres_backed_server(submitted_sweep, mlflow_server, ray_cluster):
     r = requests.get(
         f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name",
-        params={"experiment_name": "dinoscale-xray"},
+        params={"experiment_name": "dinoscale-xray-cluster-e2e"},  # the spec's name (submitted_sweep)
         auth=(MLFLOW_USER, MLFLOW_PASSWORD),
         timeout=30,
     )

@@ -115,7 +115,7 @@ def test_fine_tuning_where_it_cannot_train_is_refused_before_anything_runs(tmp_p
 def _config_runs(uri: str) -> list:
     try:
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("dinoscale-xray")
+        exp = client.get_experiment_by_name("dinoscale-xray-test")  # tiny_spec_dict's spec name
         if exp is None:
             return []
         return client.search_runs([exp.experiment_id], f"tags.`{record.ROLE}` = 'configuration'", max_results=1000)

@@ -24,7 +24,7 @@ def _children(client, exp_id, parent_id):
     return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
 
 
-def _finished_children(uri, experiment="dinoscale-xray"):
+def _finished_children(uri, experiment="dinoscale-xray-test"):  # tiny_spec_dict's spec name
     try:
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
@@ -201,7 +201,7 @@ def test_sweep_against_a_real_mlflow_server_over_http(tmp_path, mlflow_server, r
     assert out.tracking_uri == mlflow_server
     exp = json.loads(
         urllib.request.urlopen(
-            f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=dinoscale-xray"
+            f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name={spec.experiment_name}"
         ).read()
     )
     exp_id = exp["experiment"]["experiment_id"]

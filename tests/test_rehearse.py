@@ -52,7 +52,7 @@ def test_transform_maps_to_the_demo_ladder_and_records_every_change(tmp_path):
     s, changes = transform(raw, "sweeps/xray.yaml", tmp_path / "replica")
     spec = parse_spec(s)
     assert spec.profile == "rehearsal" and spec.name == "xray-paper-rehearsal"
-    assert spec.tracking.experiment == "dinoscale-xray-rehearsal"  # never mixed with real results
+    assert spec.tracking.experiment == "dinoscale-xray-paper-rehearsal"  # never mixed with real results
     assert [b.name for b in spec.backbones] == ["dinov3-demo-xs", "dinov3-demo-s", "dinov3-demo-m"]  # S < B < L
     assert {b.weights for b in spec.backbones} == {"random"}
     assert spec.resolutions == [32, 48, 64, 80]  # as many values, same order, multiples of 16

@@ -26,7 +26,9 @@ def test_three_replicates_give_wider_intervals_than_one(tmp_path, ray_local):
     )
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
     assert [r["state"] for r in out.rows] == ["FINISHED"] * 3
-    runs, info = results_from_mlflow(out.tracking_uri, "dinoscale-xray", out.parent_run_id, with_predictions=True)
+    runs, info = results_from_mlflow(
+        out.tracking_uri, out.plan.spec.experiment_name, out.parent_run_id, with_predictions=True
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(out.tracking_uri)

@@ -31,7 +31,7 @@ def test_sweep_records_one_child_run_per_cell_with_provenance(project):
     tmp, spec, out = project
     assert [r["state"] for r in out.rows] == ["FINISHED"] * 8
     client = MlflowClient(out.tracking_uri)
-    exp = client.get_experiment_by_name("dinoscale-xray")
+    exp = client.get_experiment_by_name(spec.experiment_name)
     parents = client.search_runs([exp.experiment_id], "tags.`dinoscale.role` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["dinoscale.demo"] == "true"
@@ -54,7 +54,7 @@ def test_sweep_records_one_child_run_per_cell_with_provenance(project):
     # parent run carries the resolved spec and the scaling report
     arts = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/report.md", "report/auroc_vs_params.png", "report/auroc_vs_resolution.png"} <= arts
-    assert (tmp / "reports" / "xray" / "report.md").read_text().count("PHANTOM") >= 1
+    assert (tmp / "reports" / spec.name / "report.md").read_text().count("PHANTOM") >= 1
     assert out.extraction.feature_sets_extracted == 12
     # measured figures next to the plan's predictions: each trial's peak memory, the store's bytes
     for c in children:

@@ -667,7 +667,7 @@ def test_a_label_outside_the_probe_classes_is_named_before_anything_runs(tmp_pat
     assert "p3_mask.png: label value(s) [7] outside the probe's 2 classes" in out
     assert "Traceback" not in out and "RayTaskError" not in out
     client = MlflowClient(shared["uri"])
-    exp = client.get_experiment_by_name("dinoscale-xray")
+    exp = client.get_experiment_by_name("dinoscale-user-errors-seg")
     if exp is not None:
         cells = client.search_runs([exp.experiment_id], filter_string=f"tags.`{record.CELL}` LIKE '%segmentation%'")
         assert cells == []
@@ -705,7 +705,7 @@ def test_user_error_in_a_trial_reaches_the_driver_and_the_record(tmp_path, share
     assert "p3_mask.png: label value(s) [7] outside the probe's 2 classes" in out
     assert "Traceback" not in out and "RayTaskError" not in out
     client = MlflowClient(shared["uri"])
-    exp = client.get_experiment_by_name("dinoscale-xray")
+    exp = client.get_experiment_by_name("dinoscale-user-errors-seg")
     cells = client.search_runs([exp.experiment_id], filter_string=f"tags.`{record.CELL}` LIKE '%segmentation%'")
     assert len(cells) == 1 and cells[0].info.status == "FAILED"
     assert (
@@ -758,7 +758,7 @@ def test_interrupted_sweep_resumes_with_nothing_lost(tmp_path):
     client = MlflowClient(raw["tracking"]["uri"])
 
     def runs(status: str | None = None):
-        exp = client.get_experiment_by_name("dinoscale-xray")
+        exp = client.get_experiment_by_name("dinoscale-xray-interrupt")
         found = client.search_runs([exp.experiment_id]) if exp else []
         return [r for r in found if status is None or r.info.status == status]
 

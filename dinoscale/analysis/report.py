@@ -388,9 +388,9 @@ def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
 
 def write_report(
     df: pd.DataFrame,
-    out_dir: Path,
-    title: str,
-    provenance: Provenance | list[str] | None,
+    out_dir: Path | str,
+    title: str | None = None,
+    provenance: Provenance | list[str] | None = None,
     predictions: dict[str, pd.DataFrame] | None = None,
     resamples: int = RESAMPLES,
     seed: int = 0,
@@ -399,7 +399,9 @@ def write_report(
     """Analyse a results table (one row per run) and write the report folder; returns it.
 
     ``provenance``: the sweep's ``Provenance`` (it decides whether the report is labelled DEMO), or
-    lines about a results table (then the table's own ``weights`` column decides: random is a demo).
+    lines about a results table (then the table's own ``weights`` column decides: random is a demo);
+    by default the table's own (``df.attrs['provenance']``, as ``analysis.sweep_results`` sets it).
+    ``title``: by default ``df.attrs['title']``, else the folder's name.
 
     ``predictions``: run_id -> per-sample test predictions, for patient-level paired resampling.
     ``headline``: the metric the table holds (default: ``df.attrs['headline']`` as set by
@@ -410,6 +412,8 @@ def write_report(
     out_dir = Path(out_dir)
     if df.empty:
         raise ValueError("no finished cells to analyse")
+    title = title or df.attrs.get("title") or out_dir.name
+    provenance = provenance if provenance is not None else df.attrs.get("provenance")
     headline = headline or df.attrs.get("headline") or detect_headline(df.columns)
     runs = tidy_results(df, headline)
     out_dir.mkdir(parents=True, exist_ok=True)

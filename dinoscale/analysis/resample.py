@@ -198,10 +198,26 @@ def run_draws(
         for j, rid in enumerate(rids):
             out[:, position[rid]] = draws[:, j]
             pairing[position[rid]] = tag
+    streams = _run_streams(runs, rng)
     for i, row in enumerate(runs.to_dict("records")):
         if not pairing[i]:
-            out[:, i] = _interval_draws(row, resamples, level, rng, headline)
+            out[:, i] = _interval_draws(row, resamples, level, streams[i], headline)
     return out, pairing
+
+
+def _run_streams(runs: pd.DataFrame, rng) -> list[np.random.Generator]:
+    """One random stream per run for the draws from its own interval, keyed by its cell and its place among
+    the cell's replicates (by seed), not by its row: the order of a table's rows does not change its report,
+    and a report's own results.csv, read back, draws every cell as the report did."""
+    base = int(rng.integers(2**63))
+    cell = ["|".join(map(str, values)) for values in runs[CELL_KEYS].to_numpy(object)]
+    seed = [str(v) for v in runs[record.REPLICATE_AXIS]]
+    order = pd.DataFrame({"cell": cell, "seed": seed, "metric": runs[METRIC]}, index=runs.index).sort_values(
+        ["cell", "seed", "metric"], kind="stable"
+    )
+    place = order.groupby("cell", sort=False).cumcount().reindex(runs.index)
+    keys = [int(hashlib.sha1(f"{c}#{p}".encode()).hexdigest()[:15], 16) for c, p in zip(cell, place)]
+    return [np.random.default_rng([base, k]) for k in keys]
 
 
 def bootstrap_cells(
@@ -228,13 +244,14 @@ def bootstrap_cells(
             cell = _replicate_draws(per_run[:, idx], rng)
         columns.append(cell)
         q = (1 - level) / 2
+        low, high = _own_interval(g, headline) or (_quantile(cell, q), _quantile(cell, 1 - q))
         rows.append(
             {
                 **dict(zip(CELL_KEYS, key)),
                 "metric": g[METRIC].mean(),
-                "low": _quantile(cell, q),
-                "high": _quantile(cell, 1 - q),
-                "seeds": g[record.REPLICATE_AXIS].nunique(),
+                "low": low,
+                "high": high,
+                "seeds": _replicates(g),
                 "val_metric": g["val_metric"].mean(),
                 "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
                 "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
@@ -243,6 +260,28 @@ def bootstrap_cells(
             }
         )
     return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
+
+
+def _own_interval(g: pd.DataFrame, headline: Headline) -> tuple[float, float] | None:
+    """A cell of one run drawn from its own logged interval shows that interval itself (its draws, a normal
+    approximation of it, serve the comparisons): a report's cells read back from its results.csv keep their
+    intervals exactly. None for any other cell (its interval comes from its draws)."""
+    if len(g) != 1 or g["_pairing"].iloc[0] != "":
+        return None
+    lo, hi = float(g[f"{METRIC}_ci_low"].iloc[0]), float(g[f"{METRIC}_ci_high"].iloc[0])
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        return None
+    return tuple(float(np.clip(v, *metric_range(headline))) for v in (lo, hi))
+
+
+def _replicates(g: pd.DataFrame) -> int:
+    """How many replicates a cell pools: its distinct seeds, or where the rows are a report's cells (a
+    ``seeds`` column, as results.csv holds it) the replicates each row already pooled."""
+    if "seeds" in g.columns:
+        n = pd.to_numeric(g["seeds"], errors="coerce")
+        if n.notna().all():
+            return int(n.sum())
+    return int(g[record.REPLICATE_AXIS].nunique())
 
 
 def _replicate_draws(draws: np.ndarray, rng) -> np.ndarray:
@@ -264,7 +303,7 @@ def _quantile(draws: np.ndarray, q: float) -> float:
 
 
 def _uncertainty_words(g: pd.DataFrame) -> str:
-    n_rep = g[record.REPLICATE_AXIS].nunique()
+    n_rep = _replicates(g)
     small = g["_pairing"][g["_pairing"].str.startswith("units:")]
     if len(small):
         units = small.iloc[0].split(":", 1)[1]

@@ -256,7 +256,8 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         notes.append(f"no interval column(s) {missing_ci}: every verdict rests on point estimates only")
     else:
         _check_intervals(df, headline, notes)
-    absent = [c for c in AXIS_COLUMNS if c not in df.columns]
+    # a report's cell table has pooled its replicates: its ``seeds`` column says how many, no seed axis is missing
+    absent = [c for c in AXIS_COLUMNS if c not in df.columns and not (c == "seed" and "seeds" in df.columns)]
     if absent:
         notes.append(f"column(s) {absent} not in the table: each taken as one value ({NOT_STATED})")
     for col in _TEXT_AXES:
@@ -411,6 +412,8 @@ def results_from_csv(path: str | Path, headline: Headline | str | None = None, g
     travels with the table as ``df.attrs['headline']``, what was left out as ``df.attrs['notes']``."""
     df = read_table(path)
     try:
+        if is_report_cells(df):
+            df, headline = from_report_cells(df, headline, goal)
         if not isinstance(headline, Headline):
             headline = detect_headline(df.columns, headline, goal)
         if headline.test not in df.columns and headline.name in df.columns:  # a bare metric column (e.g. "dice")
@@ -420,16 +423,93 @@ def results_from_csv(path: str | Path, headline: Headline | str | None = None, g
         raise ValueError(f"{path}: {e}") from None
 
 
-def _latest_sweep(client, experiment_id: str, experiment: str) -> str:
+# A report's results.csv (report._write_files): one row per cell, the headline's value, interval and goal named
+# in columns of their own; read back by results_from_csv as it was written (the round trip).
+REPORT_CELL_COLUMNS = ("metric", "low", "high", "headline", "goal")
+
+
+def is_report_cells(df: pd.DataFrame) -> bool:
+    return all(c in df.columns for c in REPORT_CELL_COLUMNS)
+
+
+def from_report_cells(
+    df: pd.DataFrame, headline: Headline | str | None = None, goal: str | None = None
+) -> tuple[pd.DataFrame, Headline]:
+    """A report's cell table as a results table: ``metric`` / ``low`` / ``high`` / ``val_metric`` renamed for
+    the headline its ``headline`` and ``goal`` columns name (one of each; a headline asked for must agree).
+    Each row stands for its cell's ``seeds`` replicates, already pooled; where the report had paired patient
+    resamples or pooled several replicates, the comparisons now draw each cell from its interval and a
+    note says so."""
+    named = sorted(set(df["headline"].dropna().astype(str)))
+    goals = sorted(set(df["goal"].dropna().astype(str)))
+    if len(named) != 1 or len(goals) != 1:
+        raise ValueError(
+            f"a report's cell table with {len(named)} headline(s) {named} and goal(s) {goals}; expected one of each"
+        )
+    h = resolve_headline(named[0], goals[0])
+    asked = headline.test if isinstance(headline, Headline) else headline
+    if asked is not None and (asked if asked.startswith("test_") else f"test_{asked}") != h.test:
+        raise ValueError(f"a report's cell table on {h.test}, not {asked}")
+    _checked_goal(h, goal)
+    out = df.drop(columns=["headline", "goal"]).rename(
+        columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high", "val_metric": h.val}
+    )
+    paired = "pairing" in df.columns and df["pairing"].fillna("").astype(str).str.startswith("patients").any()
+    pooled = "seeds" in df.columns and (pd.to_numeric(df["seeds"], errors="coerce") > 1).any()
+    if paired or pooled:
+        out.attrs["notes"] = [
+            "read from a report's cell table: "
+            + " and ".join(
+                w
+                for w, on in (
+                    ("the report's paired patient resamples", paired),
+                    ("its cells' replicates (already pooled)", pooled),
+                )
+                if on
+            )
+            + " are not in it; comparisons draw each cell from its interval (unpaired: more conservative)"
+        ]
+    return out, h
+
+
+def _spec_name(run) -> str | None:
+    """The spec a parent run swept: its tag (``record.SPEC_NAME``), else its param ``sweep`` (sweeps recorded
+    before the tag)."""
+    return run.data.tags.get(record.SPEC_NAME) or run.data.params.get("sweep")
+
+
+def find_sweep(
+    client, experiment_id: str, experiment: str, spec_name: str | None = None, spec_digest: str | None = None
+) -> tuple[str, str | None]:
+    """The latest sweep (parent run) in the experiment; with ``spec_name``, the latest sweep *of that spec*,
+    preferring one of the same ``spec_digest`` (the spec as it is now). Returns (its run id, a note when the
+    sweep found is of an earlier version of the spec, else None)."""
     parents = client.search_runs(
         [experiment_id],
         f"tags.`{record.ROLE}` = '{record.ROLE_SWEEP}'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=5000,
     )
     if not parents:
-        raise LookupError(f"no sweep in experiment '{experiment}'")
-    return parents[0].info.run_id
+        raise LookupError(f"no sweep in experiment '{experiment}'; run `dinoscale sweep SPEC` first")
+    if spec_name is None:
+        return parents[0].info.run_id, None
+    mine = [r for r in parents if _spec_name(r) == spec_name]
+    if not mine:
+        others = sorted({n for n in map(_spec_name, parents) if n})
+        raise LookupError(
+            f"no sweep of spec '{spec_name}' in experiment '{experiment}' (it holds sweeps of {', '.join(others)}); "
+            "run `dinoscale sweep SPEC` first, or name a sweep with --sweep RUN_ID"
+        )
+    same = [r for r in mine if r.data.tags.get(record.SPEC_DIGEST) == spec_digest]
+    if same or spec_digest is None:
+        return (same or mine)[0].info.run_id, None
+    run = mine[0]
+    return run.info.run_id, (
+        f"spec '{spec_name}' has changed since its latest sweep {run.data.tags.get(record.SWEEP_ID, run.info.run_id)} "
+        f"(digest {run.data.tags.get(record.SPEC_DIGEST, 'not recorded')}, now {spec_digest}): this report is on that "
+        "sweep; sweep the spec again for its current grid"
+    )
 
 
 def _axis_value(axis: record.Axis, params: dict, metrics: dict):
@@ -462,22 +542,40 @@ def _run_row(r, headline: Headline) -> dict:
 
 
 def results_from_mlflow(
-    tracking_uri: str, experiment: str, parent_run_id: str | None = None, with_predictions: bool = False
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str | None = None,
+    with_predictions: bool = False,
+    spec_name: str | None = None,
+    spec_digest: str | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Finished child runs of one sweep (the latest sweep of the experiment when not given), with the
-    metric columns of the sweep's headline (parent tag ``dinoscale.headline``; AUROC when absent).
+    """Finished child runs of one sweep, with the metric columns of the sweep's headline (parent tag
+    ``dinoscale.headline``; AUROC when absent). The sweep: ``parent_run_id``, else the latest of the spec
+    ``spec_name`` (``find_sweep``), else the latest of the experiment.
 
-    ``info``: parent_run_id, the parent's tags, the ``headline``, and with ``with_predictions`` a dict
-    run_id -> per-sample test predictions for the runs that logged them.
+    ``info``: parent_run_id, the parent's tags, the ``headline``, the ``spec_name`` it swept, a ``note`` (the
+    spec changed since that sweep, or None), and with ``with_predictions`` a dict run_id -> per-sample test predictions for the runs
+    that logged them.
     """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment '{experiment}' at {tracking_uri}; run a sweep first")
-    parent_run_id = parent_run_id or _latest_sweep(client, exp.experiment_id, experiment)
-    parent = client.get_run(parent_run_id)
+    note = None
+    if parent_run_id is None:
+        parent_run_id, note = find_sweep(client, exp.experiment_id, experiment, spec_name, spec_digest)
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException:
+        raise LookupError(f"no run {parent_run_id} at {tracking_uri}; see the sweeps with `dinoscale ui`") from None
+    if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get(record.ROLE) != record.ROLE_SWEEP:
+        raise LookupError(
+            f"run {parent_run_id} is not a sweep's parent run in experiment '{experiment}'; give the run id of a "
+            "sweep (its parent run, named after the sweep in the MLflow runs table)"
+        )
     headline = sweep_headline(parent.data.tags)
     runs = client.search_runs(
         [exp.experiment_id], f"tags.`{record.PARENT_RUN_ID}` = '{parent_run_id}'", max_results=10000
@@ -487,7 +585,14 @@ def results_from_mlflow(
         pd.DataFrame(rows, columns=result_columns(headline) + [headline.val] + list(OPTIONAL_COLUMNS))
     )
     df.attrs["headline"] = headline
-    info = {"parent_run_id": parent_run_id, "tags": parent.data.tags, "headline": headline}
+    df.attrs["parent_run_id"] = parent_run_id
+    info = {
+        "parent_run_id": parent_run_id,
+        "tags": parent.data.tags,
+        "headline": headline,
+        "note": note,
+        "spec_name": _spec_name(parent),
+    }
     if with_predictions:
         info["predictions"] = load_predictions(client, df["run_id"].tolist(), headline)
     return df, info

@@ -24,11 +24,13 @@ from pathlib import Path
 from ray import tune
 
 from dinoscale import record, settings
+from dinoscale.analysis import report_folder
 from dinoscale.console import capture_third_party, console, log_file
 from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
 from dinoscale.mlflow_ui import browse_hint
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
+from dinoscale.sweep.describe import parent_description
 from dinoscale.sweep.display import (
     ExtractionProgress,
     SweepProgress,
@@ -106,11 +108,6 @@ def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, flo
     return {"CPU": res.cpus_per_trial, "GPU": gpu if has_gpu else 0}
 
 
-def report_folder(spec: SweepSpec) -> str:
-    """reports/<modality>; a rehearsal's beside it (reports/<modality>-rehearsal), never over a real report."""
-    return f"{spec.modality}-rehearsal" if spec.profile == "rehearsal" else spec.modality
-
-
 def provenance_tags(plan: Plan) -> dict[str, str]:
     """The parent run's tags: provenance, task and headline, manifest digests."""
     spec, ds = plan.spec, plan.dataset
@@ -150,6 +147,8 @@ def _open_parent(
             record.SWEEP_ID: sweep_id,
             record.ROLE: record.ROLE_SWEEP,
             record.SPEC_DIGEST: spec.digest(),
+            record.SPEC_NAME: spec.name,
+            record.DESCRIPTION: parent_description(plan),  # what the sweep is, in the MLflow runs table
             record.GIT_COMMIT: commit,
             **(annotations or {}),
         },
@@ -261,6 +260,7 @@ def run_sweep(
                 **_best_metrics(rows, headline),
             },
         )
+        client.set_tag(parent_id, record.DESCRIPTION, parent_description(plan, rows))  # + the headline result
         if not quiet:
             print_summary(
                 rows,
