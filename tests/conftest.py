@@ -8,6 +8,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# A developer's shell must not redirect the suite: tests that need these variables set them themselves.
+for _var in (
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+    "DINOSCALE_TRACKING_URI",
+    "DINOSCALE_STORAGE",
+    "DINOSCALE_RAY_ADDRESS",
+):
+    os.environ.pop(_var, None)
 
 
 def tiny_spec_dict(tmp_path: Path, **overrides) -> dict:
