@@ -184,3 +184,28 @@ cluster-job:
 		$(if $(RESUME),-e 's#--address auto#--address auto --resume#') cluster/kuberay/rayjob.yaml \
 		| $(KUBECTL) -n $(K8S_NAMESPACE) create -f -
 	@echo "follow it: $(KUBECTL) -n $(K8S_NAMESPACE) get rayjob $(RAYJOB_NAME) -w"
+
+# Slurm (cluster/README.md 'Slurm'): the sweep as a batch job on a university/hospital cluster, from a
+# login node, in this checkout on the shared filesystem. The spec's resources become
+# --gres/--cpus-per-task/--mem (cluster/slurm/slurm_ray.py options); a job stopped by its time limit
+# submits its follow-up, which resumes (RESUME=auto; 1 always, 0 a new sweep).
+#   make slurm-submit SPEC=sweeps/xray.yaml [NODES=2] [GPUS=4] [CPUS=] [MEM_GB=] [TIME=24:00:00] [PARTITION=] [ACCOUNT=]
+#   make slurm-options SPEC=...   only print the sbatch options
+NODES     ?= 1
+GPUS      ?=
+CPUS      ?=
+MEM_GB    ?=
+TIME      ?= 24:00:00
+PARTITION ?=
+ACCOUNT   ?=
+SLURM_ENV = NODES=$(NODES) GPUS=$(GPUS) CPUS=$(CPUS) MEM_GB=$(MEM_GB) TIME=$(TIME) PARTITION=$(PARTITION) \
+	ACCOUNT=$(ACCOUNT) PYTHON=$(BIN)/python PATH="$(abspath $(BIN)):$$PATH" $(if $(RESUME),RESUME=$(RESUME))
+
+.PHONY: slurm-submit slurm-options
+slurm-submit: $(CLUSTER_DEPS)
+	$(SLURM_ENV) cluster/slurm/submit.sh $(SPEC)
+
+slurm-options: $(CLUSTER_DEPS)
+	$(BIN)/python cluster/slurm/slurm_ray.py options $(SPEC) --nodes $(NODES) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(CPUS),--cpus $(CPUS)) $(if $(MEM_GB),--mem-gb $(MEM_GB)) --time $(TIME) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT))
