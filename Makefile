@@ -209,3 +209,10 @@ slurm-options: $(CLUSTER_DEPS)
 	$(BIN)/python cluster/slurm/slurm_ray.py options $(SPEC) --nodes $(NODES) $(if $(GPUS),--gpus $(GPUS)) \
 		$(if $(CPUS),--cpus $(CPUS)) $(if $(MEM_GB),--mem-gb $(MEM_GB)) --time $(TIME) \
 		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT))
+
+# The Apptainer image for Slurm, converted from the Docker image `make cluster-image` pushed.
+SIF ?= dinoscale.sif
+.PHONY: slurm-image
+slurm-image:
+	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag> (the image make cluster-image pushed)"; exit 2; }
+	apptainer build --build-arg IMAGE=$(IMAGE) $(SIF) cluster/slurm/dinoscale.def
