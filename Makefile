@@ -102,6 +102,8 @@ TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' constraints/cpu-dev.txt)
 BASE_IMAGE    ?= pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 # 8xA100 node types are off unless asked for (fine-tuning sweeps): cluster/README.md 'Costs'
 MULTI_GPU_NODES ?= 0
+# AWS: another region than the launcher file's (the AMI is looked up there, secrets read there)
+REGION        ?=
 K8S_NAMESPACE ?= dinoscale
 KUBECTL       ?= kubectl
 # What the cluster targets need first (the venv); tests run them with CLUSTER_DEPS= and their own BIN.
@@ -145,7 +147,8 @@ ifeq ($(CLOUD),k8s)
 else
 	@mkdir -p .dinoscale
 	$(BIN)/python cluster/scripts/render_launcher.py $(CLUSTER_YAML) $(if $(IMAGE),--image $(IMAGE)) \
-		--multi-gpu-nodes $(MULTI_GPU_NODES) > $(CLUSTER_RENDERED)
+		--multi-gpu-nodes $(MULTI_GPU_NODES) $(if $(REGION),--region $(REGION)) \
+		$(if $(filter aws,$(CLOUD)),--resolve-ami) > $(CLUSTER_RENDERED)
 	$(BIN)/ray up -y $(CLUSTER_RENDERED)
 endif
 
