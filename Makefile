@@ -105,6 +105,10 @@ MULTI_GPU_NODES ?= 0
 # AWS: another region than the launcher file's (the AMI is looked up there, secrets read there)
 REGION        ?=
 K8S_NAMESPACE ?= dinoscale
+# Kubernetes: the manifests' placeholder image is replaced by IMAGE (required), and pods get the
+# tracking server by its in-cluster Service name (cluster.env's name resolves only on the VMs' private zone).
+K8S_IMAGE_SED = -e 's\#ghcr.io/your-org/dinoscale:latest\#$(IMAGE)\#g'
+K8S_TRACKING_URI ?= http://mlflow.$(K8S_NAMESPACE).svc.cluster.local:5000
 KUBECTL       ?= kubectl
 # What the cluster targets need first (the venv); tests run them with CLUSTER_DEPS= and their own BIN.
 CLUSTER_DEPS  ?= $(STAMP)
@@ -141,9 +145,13 @@ cluster-image:
 cluster-up: $(CLUSTER_DEPS)
 ifeq ($(CLOUD),k8s)
 	$(KUBECTL) create namespace $(K8S_NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(KUBECTL) -n $(K8S_NAMESPACE) create configmap dinoscale-config --from-env-file=cluster/cluster.env \
+	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag> (the image make cluster-image pushed)"; exit 2; }
+	@mkdir -p .dinoscale
+	sed 's#^DINOSCALE_TRACKING_URI=.*#DINOSCALE_TRACKING_URI=$(K8S_TRACKING_URI)#' cluster/cluster.env > .dinoscale/cluster-k8s.env
+	$(KUBECTL) -n $(K8S_NAMESPACE) create configmap dinoscale-config --from-env-file=.dinoscale/cluster-k8s.env \
 		--dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(KUBECTL) -n $(K8S_NAMESPACE) apply -f cluster/kuberay/storage.yaml -f cluster/kuberay/raycluster.yaml
+	$(KUBECTL) -n $(K8S_NAMESPACE) apply -f cluster/kuberay/storage.yaml
+	sed $(K8S_IMAGE_SED) cluster/kuberay/raycluster.yaml | $(KUBECTL) -n $(K8S_NAMESPACE) apply -f -
 else
 	@mkdir -p .dinoscale
 	$(BIN)/python cluster/scripts/render_launcher.py $(CLUSTER_YAML) $(if $(IMAGE),--image $(IMAGE)) \
@@ -183,7 +191,8 @@ cluster-submit: $(CLUSTER_DEPS) cluster-token
 # KubeRay: the sweep as a NEW RayJob on its own cluster, deleted when it ends. `create`, not `apply`:
 # a name that exists already fails loudly instead of leaving a finished job "unchanged".
 cluster-job:
-	sed -e 's#sweeps/xray.yaml#$(SPEC)#' -e 's#^  name: dinoscale-xray$$#  name: $(RAYJOB_NAME)#' \
+	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag> (the image make cluster-image pushed)"; exit 2; }
+	sed $(K8S_IMAGE_SED) -e 's#sweeps/xray.yaml#$(SPEC)#' -e 's#^  name: dinoscale-xray$$#  name: $(RAYJOB_NAME)#' \
 		$(if $(RESUME),-e 's#--address auto#--address auto --resume#') cluster/kuberay/rayjob.yaml \
 		| $(KUBECTL) -n $(K8S_NAMESPACE) create -f -
 	@echo "follow it: $(KUBECTL) -n $(K8S_NAMESPACE) get rayjob $(RAYJOB_NAME) -w"
