@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ray import tune
 
-from dinoscale import record
+from dinoscale import pseudonym, record
 from dinoscale.console import capture_third_party, console, log_file
 from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
 from dinoscale.spec import SweepSpec
@@ -468,6 +468,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
             record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
         },
         dataset_inputs=dataset_inputs,
+        pseudonym_key=pseudonym.key_for(spec, plan.storage),
         sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
         schedule_state=str(SweepState.folder(plan.storage, spec.name) / f"{state.sweep_id}.schedule.json"),
     )
