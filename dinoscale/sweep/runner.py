@@ -37,7 +37,7 @@ from dinoscale.sweep.display import (
     print_summary,
     progress_event,
 )
-from dinoscale.sweep.extraction import check_cluster_memory, extraction_record
+from dinoscale.sweep.extraction import check_cluster_memory, cluster_has_gpus, extraction_record
 from dinoscale.sweep.interrupt import SweepSignals
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
 from dinoscale.sweep.state import SweepState, new_sweep_id
@@ -443,7 +443,6 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     configurations of the lora / full cells (a trial each, stopped early within their cell by
     ``CellSuccessiveHalving``); then the selection of lora / full cells (Ray tasks). Returns (one result
     per cell, seconds)."""
-    import ray
 
     from dinoscale.sweep.cell import parse_unit
     from dinoscale.sweep.schedule import CellSuccessiveHalving
@@ -474,7 +473,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     )
     training = [c for c in plan.cells if c.trains_encoder]
     ctx.cell_runs = open_finetune_cell_runs(training, ctx, client)  # before their configurations start
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    has_gpu = cluster_has_gpus()  # from the node types, not the nodes up now (workers start at zero)
     cells = ctx.cells
     trainable = tune.with_resources(
         tune.with_parameters(unit_trainable, ctx=ctx),
