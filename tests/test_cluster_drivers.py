@@ -149,3 +149,13 @@ def test_wait_for_gpu_accepts_a_new_enough_driver(tmp_path):
     r = _wait(_gpu_with_driver(tmp_path, "580.65.06"))
     assert r.returncode == 0, r.stderr
     assert "driver 580.65.06 (>= 580)" in r.stdout
+
+
+def test_image_working_directory_belongs_to_the_runtime_user():
+    """Jobs run in the image's WORKDIR (Ray keeps `ray start`'s folder) and write reports/ there: a
+    WORKDIR made as root with `USER 1000` after it failed every cluster sweep at its last step."""
+    text = (CLUSTER / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)", text, re.M).group(1)
+    user = re.search(r"^USER (\d+):(\d+)", text, re.M)
+    chown = re.search(rf"chown {user.group(1)}:{user.group(2)} {re.escape(workdir)}\b", text)
+    assert chown and chown.start() < user.start(), "chown the WORKDIR to the runtime user before USER"
