@@ -104,7 +104,13 @@ TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' constraints/cpu-dev.txt)
 BASE_IMAGE    ?= pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 # 8xA100 node types are off unless asked for (fine-tuning sweeps): cluster/README.md 'Costs'
 MULTI_GPU_NODES ?= 0
+# AWS: another region than the launcher file's (the AMI is looked up there, secrets read there)
+REGION        ?=
 K8S_NAMESPACE ?= dinoscale
+# Kubernetes: the manifests' placeholder image is replaced by IMAGE (required), and pods get the
+# tracking server by its in-cluster Service name (cluster.env's name resolves only on the VMs' private zone).
+K8S_IMAGE_SED = -e 's\#ghcr.io/your-org/dinoscale:latest\#$(IMAGE)\#g'
+K8S_TRACKING_URI ?= http://mlflow.$(K8S_NAMESPACE).svc.cluster.local:5000
 KUBECTL       ?= kubectl
 # What the cluster targets need first (the venv); tests run them with CLUSTER_DEPS= and their own BIN.
 CLUSTER_DEPS  ?= $(STAMP)
@@ -141,13 +147,18 @@ cluster-image:
 cluster-up: $(CLUSTER_DEPS)
 ifeq ($(CLOUD),k8s)
 	$(KUBECTL) create namespace $(K8S_NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(KUBECTL) -n $(K8S_NAMESPACE) create configmap dinoscale-config --from-env-file=cluster/cluster.env \
+	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag> (the image make cluster-image pushed)"; exit 2; }
+	@mkdir -p .dinoscale
+	sed 's#^DINOSCALE_TRACKING_URI=.*#DINOSCALE_TRACKING_URI=$(K8S_TRACKING_URI)#' cluster/cluster.env > .dinoscale/cluster-k8s.env
+	$(KUBECTL) -n $(K8S_NAMESPACE) create configmap dinoscale-config --from-env-file=.dinoscale/cluster-k8s.env \
 		--dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(KUBECTL) -n $(K8S_NAMESPACE) apply -f cluster/kuberay/storage.yaml -f cluster/kuberay/raycluster.yaml
+	$(KUBECTL) -n $(K8S_NAMESPACE) apply -f cluster/kuberay/storage.yaml
+	sed $(K8S_IMAGE_SED) cluster/kuberay/raycluster.yaml | $(KUBECTL) -n $(K8S_NAMESPACE) apply -f -
 else
 	@mkdir -p .dinoscale
 	$(BIN)/python cluster/scripts/render_launcher.py $(CLUSTER_YAML) $(if $(IMAGE),--image $(IMAGE)) \
-		--multi-gpu-nodes $(MULTI_GPU_NODES) > $(CLUSTER_RENDERED)
+		--multi-gpu-nodes $(MULTI_GPU_NODES) $(if $(REGION),--region $(REGION)) \
+		$(if $(filter aws,$(CLOUD)),--resolve-ami) > $(CLUSTER_RENDERED)
 	$(BIN)/ray up -y $(CLUSTER_RENDERED)
 endif
 
@@ -182,7 +193,40 @@ cluster-submit: $(CLUSTER_DEPS) cluster-token
 # KubeRay: the sweep as a NEW RayJob on its own cluster, deleted when it ends. `create`, not `apply`:
 # a name that exists already fails loudly instead of leaving a finished job "unchanged".
 cluster-job:
-	sed -e 's#sweeps/xray.yaml#$(SPEC)#' -e 's#^  name: dinoscale-xray$$#  name: $(RAYJOB_NAME)#' \
+	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag> (the image make cluster-image pushed)"; exit 2; }
+	sed $(K8S_IMAGE_SED) -e 's#sweeps/xray.yaml#$(SPEC)#' -e 's#^  name: dinoscale-xray$$#  name: $(RAYJOB_NAME)#' \
 		$(if $(RESUME),-e 's#--address auto#--address auto --resume#') cluster/kuberay/rayjob.yaml \
 		| $(KUBECTL) -n $(K8S_NAMESPACE) create -f -
 	@echo "follow it: $(KUBECTL) -n $(K8S_NAMESPACE) get rayjob $(RAYJOB_NAME) -w"
+
+# Slurm (cluster/README.md 'Slurm'): the sweep as a batch job on a university/hospital cluster, from a
+# login node, in this checkout on the shared filesystem. The spec's resources become
+# --gres/--cpus-per-task/--mem (cluster/slurm/slurm_ray.py options); a job stopped by its time limit
+# submits its follow-up, which resumes (RESUME=auto; 1 always, 0 a new sweep).
+#   make slurm-submit SPEC=sweeps/xray.yaml [NODES=2] [GPUS=4] [CPUS=] [MEM_GB=] [TIME=24:00:00] [PARTITION=] [ACCOUNT=]
+#   make slurm-options SPEC=...   only print the sbatch options
+NODES     ?= 1
+GPUS      ?=
+CPUS      ?=
+MEM_GB    ?=
+TIME      ?= 24:00:00
+PARTITION ?=
+ACCOUNT   ?=
+SLURM_ENV = NODES=$(NODES) GPUS=$(GPUS) CPUS=$(CPUS) MEM_GB=$(MEM_GB) TIME=$(TIME) PARTITION=$(PARTITION) \
+	ACCOUNT=$(ACCOUNT) PYTHON=$(BIN)/python PATH="$(abspath $(BIN)):$$PATH" $(if $(RESUME),RESUME=$(RESUME))
+
+.PHONY: slurm-submit slurm-options
+slurm-submit: $(CLUSTER_DEPS)
+	$(SLURM_ENV) cluster/slurm/submit.sh $(SPEC)
+
+slurm-options: $(CLUSTER_DEPS)
+	$(BIN)/python cluster/slurm/slurm_ray.py options $(SPEC) --nodes $(NODES) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(CPUS),--cpus $(CPUS)) $(if $(MEM_GB),--mem-gb $(MEM_GB)) --time $(TIME) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT))
+
+# The Apptainer image for Slurm, converted from the Docker image `make cluster-image` pushed.
+SIF ?= dinoscale.sif
+.PHONY: slurm-image
+slurm-image:
+	@test -n "$(IMAGE)" || { echo "set IMAGE=<registry>/dinoscale:<tag> (the image make cluster-image pushed)"; exit 2; }
+	apptainer build --build-arg IMAGE=$(IMAGE) $(SIF) cluster/slurm/dinoscale.def

@@ -472,6 +472,12 @@ class TrackingSpec(Strict):
         "never mix unless given the same experiment",
     )
     artifact_location: str | None = Field(None, description="default for sqlite: mlartifacts/ beside the database")
+    pseudonymize: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="per-sample predictions carry sample_id/patient_id as keyed hashes (HMAC-SHA256, key beside "
+        "the data root) instead of the manifest's: auto = on unless the dataset is a phantom or a registered "
+        "public dataset (dinoscale.pseudonym)",
+    )
 
 
 class StorageSpec(Strict):

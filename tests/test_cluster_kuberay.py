@@ -234,7 +234,16 @@ def fake_kubectl(tmp_path):
 
 def _cluster_job(fake_kubectl, *args) -> tuple[str, dict]:
     r = subprocess.run(
-        ["make", "-s", "-C", str(ROOT), "cluster-job", f"KUBECTL={fake_kubectl}", *args],
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            "cluster-job",
+            f"KUBECTL={fake_kubectl}",
+            "IMAGE=reg.example/dinoscale:7",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -258,3 +267,48 @@ def test_make_cluster_job_submits_a_new_rayjob_every_time(schemas, fake_kubectl)
         assert "dinoscale sweep sweeps/ct.yaml" in job["spec"]["entrypoint"] and "--resume" in job["spec"]["entrypoint"]
     _, fresh = _cluster_job(fake_kubectl, "MODALITY=xray", "PROFILE=paper")
     assert "--resume" not in fresh["spec"]["entrypoint"]
+    # IMAGE= reaches every container (head, workers, submitter); the placeholder is gone
+    assert _images(fresh) == {"reg.example/dinoscale:7"} and "your-org" not in yaml.safe_dump(fresh)
+
+
+def _images(doc) -> set[str]:
+    if isinstance(doc, dict):
+        return {doc["image"]} if isinstance(doc.get("image"), str) else set().union(*map(_images, doc.values()))
+    if isinstance(doc, list):
+        return set().union(*map(_images, doc)) if doc else set()
+    return set()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_k8s_targets_refuse_without_an_image(fake_kubectl):
+    for target in (["cluster-job"], ["cluster-up", "CLOUD=k8s", "CLUSTER_DEPS="]):
+        r = subprocess.run(
+            ["make", "-s", "-C", str(ROOT), *target, f"KUBECTL={fake_kubectl}", "IMAGE="],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 2 and "set IMAGE=" in r.stdout, (target, r.stdout, r.stderr)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_cluster_up_k8s_renders_image_in_cluster_tracking_uri_and_a_writable_volume(schemas, fake_kubectl):
+    r = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "cluster-up", "CLOUD=k8s", "CLUSTER_DEPS=", f"KUBECTL={fake_kubectl}",
+         "IMAGE=reg.example/dinoscale:7"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    d = fake_kubectl.parent
+    calls = sorted(d.glob("call-*.args"), key=lambda f: int(f.stem.split("-")[1].split(".")[0]))
+    args = [c.read_text() for c in calls]
+    configmap = next(i for i, a in enumerate(args) if "configmap" in a)
+    env_file = ROOT / ".dinoscale" / "cluster-k8s.env"
+    assert f"--from-env-file={env_file.relative_to(ROOT)}" in args[configmap]
+    assert "DINOSCALE_TRACKING_URI=http://mlflow.dinoscale.svc.cluster.local:5000" in env_file.read_text().splitlines()
+    cluster = yaml.safe_load(calls[-1].with_suffix(".yaml").read_text())
+    assert cluster["kind"] == "RayCluster" and _images(cluster) == {"reg.example/dinoscale:7"}
+    pods = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
+    for group in pods:  # a root-owned RWX share (Filestore) becomes writable by the image's uid 1000
+        assert group["template"]["spec"]["securityContext"]["fsGroup"] == 1000

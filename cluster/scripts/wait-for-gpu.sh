@@ -30,6 +30,23 @@ until nvidia-smi -L >/dev/null 2>&1; do
   waited=$((waited + poll))
 done
 echo "wait-for-gpu: $(nvidia-smi -L | head -n 1) after ${waited}s"
+# The image's CUDA build needs a driver at least this new (cluster.env, beside this script): below it
+# torch sees no GPU and the autoscaler would replace the node again and again, billing each start.
+if [ -z "${DINOSCALE_MIN_DRIVER:-}" ] && [ -r "$(dirname "$0")/../cluster.env" ]; then
+  DINOSCALE_MIN_DRIVER=$(sed -n 's/^DINOSCALE_MIN_DRIVER=//p' "$(dirname "$0")/../cluster.env")
+fi
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+major=${driver%%.*}
+case "$major" in
+  ''|*[!0-9]*) echo "wait-for-gpu: could not read the driver version ('$driver'); not checked" ;;
+  *)
+    if [ -n "${DINOSCALE_MIN_DRIVER:-}" ] && [ "$major" -lt "$DINOSCALE_MIN_DRIVER" ]; then
+      echo "wait-for-gpu: NVIDIA driver $driver is older than $DINOSCALE_MIN_DRIVER, which the image's CUDA build needs:" \
+        "boot a host image with driver >= $DINOSCALE_MIN_DRIVER (cluster/README.md section 4)" >&2
+      exit 1
+    fi
+    echo "wait-for-gpu: driver $driver (>= ${DINOSCALE_MIN_DRIVER:-any})" ;;
+esac
 # `docker run --gpus all` needs the NVIDIA container toolkit registered with docker.
 if ! docker info 2>/dev/null | grep -qi nvidia; then
   if command -v nvidia-ctk >/dev/null 2>&1; then

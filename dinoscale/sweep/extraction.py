@@ -15,9 +15,12 @@ Ray (``max_retries``), skipping the shards committed meanwhile. Trials never ext
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
@@ -314,6 +317,28 @@ def feature_set_sizes(plan: Plan, store: FeatureStore) -> list[dict]:
     return out
 
 
+GPU_CLUSTER_ENV = "DINOSCALE_GPU_CLUSTER"
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # the cluster launcher's copy of the YAML on the head
+
+
+def cluster_has_gpus() -> bool:
+    """Whether extraction tasks and trials ask for GPUs: decided from what the cluster CAN have, not from
+    the nodes up now (GPU workers autoscale from zero, so at submit time often none is). In order:
+    DINOSCALE_GPU_CLUSTER (1/0; cluster/cluster.env sets 1 for the cloud clusters), the launcher's node
+    types (a GPU in any type's resources), else the GPUs of the live nodes (embedded Ray, Slurm)."""
+    import ray  # here, as in the rest of this module: importing Ray takes seconds
+
+    env = os.environ.get(GPU_CLUSTER_ENV, "").strip()
+    if env:
+        return env not in ("0", "false", "no")
+    boot = Path(BOOTSTRAP_CONFIG).expanduser()
+    if boot.is_file():
+        types = (yaml.safe_load(boot.read_text()) or {}).get("available_node_types") or {}
+        if any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values()):
+            return True
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def run_extraction_stage(
     plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None, on_progress=None
 ) -> ExtractionReport:
@@ -332,7 +357,7 @@ def run_extraction_stage(
     t0 = time.perf_counter()
     errors = []
     if jobs:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        has_gpu = cluster_has_gpus()
         remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
         counter = ray.remote(num_cpus=0)(ProgressCounter).remote() if on_progress else None
         total = sum(s.n_rows for job in jobs for s in job.shards)

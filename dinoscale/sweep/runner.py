@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ray import tune
 
-from dinoscale import record, settings
+from dinoscale import pseudonym, record, settings
 from dinoscale.analysis import report_folder
 from dinoscale.console import capture_third_party, console, log_file
 from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
@@ -40,7 +40,7 @@ from dinoscale.sweep.display import (
     print_summary,
     progress_event,
 )
-from dinoscale.sweep.extraction import check_cluster_memory, extraction_record
+from dinoscale.sweep.extraction import check_cluster_memory, cluster_has_gpus, extraction_record
 from dinoscale.sweep.interrupt import SweepSignals
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
 from dinoscale.sweep.state import SweepState, new_sweep_id
@@ -443,7 +443,6 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     configurations of the lora / full cells (a trial each, stopped early within their cell by
     ``CellSuccessiveHalving``); then the selection of lora / full cells (Ray tasks). Returns (one result
     per cell, seconds)."""
-    import ray
 
     from dinoscale.sweep.cell import parse_unit
     from dinoscale.sweep.schedule import CellSuccessiveHalving
@@ -468,12 +467,13 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
             record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
         },
         dataset_inputs=dataset_inputs,
+        pseudonym_key=pseudonym.key_for(spec, plan.storage),
         sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
         schedule_state=str(SweepState.folder(plan.storage, spec.name) / f"{state.sweep_id}.schedule.json"),
     )
     training = [c for c in plan.cells if c.trains_encoder]
     ctx.cell_runs = open_finetune_cell_runs(training, ctx, client)  # before their configurations start
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    has_gpu = cluster_has_gpus()  # from the node types, not the nodes up now (workers start at zero)
     cells = ctx.cells
     trainable = tune.with_resources(
         tune.with_parameters(unit_trainable, ctx=ctx),

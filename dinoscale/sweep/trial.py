@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dinoscale import record
+from dinoscale import pseudonym, record
 from dinoscale.data import SplitUnits
 from dinoscale.errors import describe, user_error_of
 from dinoscale.features import FeatureStore
@@ -53,6 +53,7 @@ class SweepContext:
     sources: dict = field(default_factory=dict)  # split -> RowSources, for online features (PET channels)
     cell_runs: dict[str, str] = field(default_factory=dict)  # lora / full cell id -> its MLflow run (opened first)
     schedule_state: str | None = None  # the early-stopping scheduler's rungs and stops (dinoscale.sweep.schedule)
+    pseudonym_key: bytes | None = None  # identifiers in logged predictions are keyed hashes (dinoscale.pseudonym)
 
 
 def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str, probe_spec):
@@ -440,7 +441,7 @@ def cell_trainable(cell: Cell, ctx: SweepContext) -> None:
         with_retries(client.log_inputs, run_id, datasets=ctx.dataset_inputs)
     try:
         out = evaluate_cell(cell, ctx, checkpoint_root=ctx.checkpoint_root)
-        _log_cell_result(client, run_id, cell, out)
+        _log_cell_result(client, run_id, cell, out, ctx.pseudonym_key)
     except BaseException as e:
         _record_failure(client, run_id, e)
         raise
@@ -456,7 +457,7 @@ def cell_trainable(cell: Cell, ctx: SweepContext) -> None:
     )
 
 
-def _log_cell_result(client, run_id: str, cell: Cell, out: dict) -> None:
+def _log_cell_result(client, run_id: str, cell: Cell, out: dict, pseudonym_key: bytes | None = None) -> None:
     from dinoscale.tracking import log_batch, with_retries
 
     headline = get_task(cell.task).headline
@@ -467,7 +468,7 @@ def _log_cell_result(client, run_id: str, cell: Cell, out: dict) -> None:
         tags[record.INTERVAL] = interval_note(out["metrics"], cell)
     with_retries(log_batch, client, run_id, params=cell_params(cell), metrics=out["metrics"], tags=tags)
     buf = io.StringIO()
-    out["predictions"].to_csv(buf, index=False)
+    pseudonym.pseudonymize_frame(out["predictions"], pseudonym_key).to_csv(buf, index=False)
     client.log_text(run_id, buf.getvalue(), record.PREDICTIONS)
     with_retries(client.set_terminated, run_id, "FINISHED")
 
@@ -721,7 +722,7 @@ def finalize_finetune_cell(cell_id: str, ctx: SweepContext) -> dict:
             run_id,
             tags={record.SELECTED_CONFIGURATION: str(chosen["k"]), record.SELECTED_RUN: chosen["run_id"] or ""},
         )
-        _log_cell_result(client, run_id, cell, out)
+        _log_cell_result(client, run_id, cell, out, ctx.pseudonym_key)
     except BaseException as e:
         _record_failure(client, run_id, e)
         raise
