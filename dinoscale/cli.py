@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from dinoscale.errors import EXIT_CRASH, EXIT_USER_ERROR, SweepInterrupted, describe, user_error_of
+from dinoscale.errors import EXIT_CRASH, EXIT_USER_ERROR, SweepInterrupted, describe, resume_command, user_error_of
 
 
 def _error_policy(fn):
@@ -37,6 +37,8 @@ def _error_policy(fn):
             user = user_error_of(e)
             if user is not None:
                 typer.secho(describe(user), fg="red", err=True)
+                if getattr(user, "resumable", False) and _name(fn) == "sweep":  # stopped mid-sweep on its storage
+                    typer.secho(f"continue with: {resume_command('sweep', kwargs.get('spec'))}", fg="red", err=True)
                 raise typer.Exit(EXIT_USER_ERROR) from None
             _report_crash(_name(fn))
             raise typer.Exit(EXIT_CRASH) from None
