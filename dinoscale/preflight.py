@@ -24,6 +24,7 @@ storage path (a sentinel file written by the driver is read back on every node).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -325,22 +326,26 @@ def _tracking_failure(uri: str, e: Exception) -> str:
     )
 
 
-def tracking_failure_of(exc: BaseException, uri: str) -> TrackingError | None:
+def tracking_failure_of(exc: BaseException, uri: str, run_id: str | None = None) -> TrackingError | None:
     """The tracking store failing mid-sweep (after the pre-flight wrote to it), as one ``TrackingError`` naming
     the URI and what became of the store: a SQLite database deleted or its folder removed, a server that stopped
     answering, a database that cannot be written (full disk, permissions). ``resumable`` is True when the runs
-    recorded so far are still there once the store is back; None when ``exc`` is not such a failure (a bug)."""
-    found = _store_failure(exc)
+    recorded so far are still there once the store is back (a SQLite store must still hold ``run_id``, the
+    sweep's parent run: MLflow creates a deleted database anew, empty); None when ``exc`` is not such a failure
+    (a bug)."""
+    found = tracking_store_failure(exc)
     if found is None:
         return None
     where, lost = f"the MLflow tracking store {redact(uri)}", False
-    first = next((x.strip() for x in str(found).splitlines() if x.strip().startswith("(")), "") or _first_line(found)
+    first = failure_line(found)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///") :])
         if not db.parent.is_dir():
             what, lost = f"its folder '{db.parent}' is gone (removed, or its file system unmounted)", True
         elif not db.is_file() or db.stat().st_size == 0:
             what, lost = f"the database file '{db}' is gone (deleted or replaced)", True
+        elif run_id and not _sqlite_holds_run(db, run_id):
+            what, lost = f"the database file '{db}' no longer holds this sweep's runs (deleted and made anew?)", True
         elif any(x in str(found).lower() for x in _SQLITE_TROUBLE):
             what = f"the database cannot be written ({first}); check its free space and permissions"
         else:
@@ -355,19 +360,32 @@ def tracking_failure_of(exc: BaseException, uri: str) -> TrackingError | None:
             what = "the server stopped answering: " + str(gone).split(": ", 1)[-1].split(". Start the server")[0]
     if lost:
         todo = (
-            "the runs it held are lost with it: restore the database from a backup and continue with --resume, or "
-            "start the sweep again without --resume (the feature sets already stored are not extracted again)"
+            "; the runs it held are lost with it: restore the database from a backup and continue with --resume, "
+            "or start the sweep again without --resume (the feature sets already stored are not extracted again)"
         )
     else:
-        todo = "what it recorded so far is kept: once the store is back, continue with --resume"
-    err = TrackingError(f"{where} failed mid-sweep: {what}; {todo}")
+        todo = ""  # the sweep says what was kept and how to continue
+    err = TrackingError(f"{where} failed mid-sweep: {what}{todo}")
     err.resumable = not lost
     return err
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+def _sqlite_holds_run(db: Path, run_id: str) -> bool:
+    """Read directly (not through MLflow's pooled connections, which may still read a deleted file)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("SELECT 1 FROM runs WHERE run_uuid = ?", (run_id,)).fetchone() is not None
+    except sqlite3.Error as e:  # a database that is not there or holds no tables: lost; busy or else: not known
+        return not any(x in str(e) for x in ("no such table", "unable to open", "not a database"))
+
+
+def failure_line(e: BaseException) -> str:
+    """The line of a store's exception that says what failed (SQLAlchemy puts a note about autoflush first)."""
+    said = [x.strip() for x in str(e).splitlines() if x.strip()]
+    found = next((x for x in said if "sqlite3." in x or "Error:" in x or "Errno" in x or "Max retries" in x), "")
+    return found[:300] or f"{type(e).__name__}: {said[0][:300] if said else ''}"
 
 
 _SQLITE_TROUBLE = ("readonly database", "disk is full", "unable to open", "disk i/o", "locked", "no such table")
@@ -376,9 +394,10 @@ _SERVER_TROUBLE = ("connection", "timed out", "timeout", "max retries", " 502", 
 _REQUEST_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 
 
-def _store_failure(exc: BaseException | None, depth: int = 0) -> BaseException | None:
-    """The exception in ``exc``'s chain that says the tracking store failed: an ``MlflowException`` other than
-    a wrong request, a ``requests`` connection error, a SQLAlchemy / sqlite ``OperationalError``."""
+def tracking_store_failure(exc: BaseException | None, depth: int = 0) -> BaseException | None:
+    """The exception in ``exc``'s chain that may say the tracking store failed: an ``MlflowException`` other than
+    a wrong request, a ``requests`` connection error, a SQLAlchemy / sqlite ``OperationalError`` (a candidate:
+    ``tracking_failure_of`` looks at the store itself before it says so)."""
     if exc is None or depth > 8:
         return None
     name, module = type(exc).__name__, type(exc).__module__
@@ -389,7 +408,7 @@ def _store_failure(exc: BaseException | None, depth: int = 0) -> BaseException |
         return exc
     for inner in (getattr(exc, "cause", None), exc.__cause__, exc.__context__):
         if isinstance(inner, BaseException) and inner is not exc:
-            found = _store_failure(inner, depth + 1)
+            found = tracking_store_failure(inner, depth + 1)
             if found is not None:
                 return found
     return None

@@ -13,6 +13,7 @@ import errno
 import os
 import pickle
 import shutil
+import sqlite3
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -209,6 +210,20 @@ def test_a_tracking_store_gone_mid_sweep_is_told_with_its_uri(tmp_path):
     assert isinstance(told, TrackingError) and not told.resumable
     assert f"the MLflow tracking store {uri} failed mid-sweep: its folder '{folder}' is gone" in str(told)
     assert "start the sweep again without --resume" in str(told)
+    assert "attempt to write a readonly database" in str(told) or "is gone" in str(told)
+
+    # a trial's MLflow client makes the deleted database anew, empty: the sweep's runs are not in it
+    folder.mkdir()
+    with sqlite3.connect(folder / "mlruns.db") as con:
+        con.execute("CREATE TABLE runs (run_uuid VARCHAR(32))")
+    told = tracking_failure_of(caught.value, uri, run.info.run_id)
+    assert not told.resumable and "no longer holds this sweep's runs" in str(told)
+    with sqlite3.connect(folder / "mlruns.db") as con:  # the runs there: a store that refused one write
+        con.execute("INSERT INTO runs VALUES (?)", (run.info.run_id,))
+    told = tracking_failure_of(caught.value, uri, run.info.run_id)
+    assert told.resumable and "the database cannot be written ((sqlite3.OperationalError) attempt to write a " in str(
+        told
+    )
 
     down = f"http://127.0.0.1:{free_port()}"
     with _no_retries(), pytest.raises(MlflowException) as caught:
@@ -217,7 +232,7 @@ def test_a_tracking_store_gone_mid_sweep_is_told_with_its_uri(tmp_path):
     assert told.resumable and f"the MLflow tracking store {down} failed mid-sweep: the server stopped answering" in str(
         told
     )
-    assert "connection refused" in str(told) and "continue with --resume" in str(told)
+    assert "connection refused" in str(told)
 
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -268,6 +283,7 @@ def test_storage_full_mid_extraction_then_resume_completes(tmp_path, data):
         exp = client.get_experiment_by_name("dinoscale-xray")
         parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{record.ROLE}` = '{record.ROLE_SWEEP}'")
         assert [p.info.status for p in parents] == ["FAILED"]
+        failed_parent = parents[0].info.run_id
 
         remount(mnt, "size=64m")  # room made
         res = _cli(["sweep", spec, "--no-analysis", "--resume"], tmp_path)
@@ -277,4 +293,4 @@ def test_storage_full_mid_extraction_then_resume_completes(tmp_path, data):
     assert len(cells) == 2 and len({r.data.tags[record.CELL] for r in cells}) == 2
     assert all(r.info.status == "FINISHED" for r in cells)
     parents = [r for r in runs if r.data.tags.get(record.ROLE) == record.ROLE_SWEEP]
-    assert [p.info.status for p in parents] == ["FINISHED"] and parents[0].info.run_id == parents[0].info.run_id
+    assert [(p.info.run_id, p.info.status) for p in parents] == [(failed_parent, "FINISHED")]  # the same run

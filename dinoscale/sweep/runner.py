@@ -356,7 +356,7 @@ def _stopped_by_surroundings(exc: BaseException, client, plan: Plan, state: Swee
 
     user = user_error_of(exc)
     if not isinstance(user, (StorageError, TrackingError)):
-        user = tracking_failure_of(exc, state.tracking_uri)
+        user = tracking_failure_of(exc, state.tracking_uri, state.parent_run_id)
     if user is None:
         return None
     try:
@@ -648,15 +648,14 @@ class _UserErrorsInOneLine(logging.Filter):
     (the cell's MLflow run keeps the traceback). Other errors keep Tune's traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from dinoscale.preflight import failure_line, tracking_store_failure
+
         exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
         user = user_error_of(exc) if isinstance(exc, BaseException) else None
-        if user is not None:
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                f"{record.getMessage()}: {describe(user)}",
-                (),
-                None,
-                None,
-            )
+        store = tracking_store_failure(exc) if isinstance(exc, BaseException) and user is None else None
+        if user is not None or store is not None:  # a tracking store gone: each retry's traceback says nothing new
+            said = describe(user) if user is not None else f"the tracking store failed: {failure_line(store)}"
+            record.msg, record.args, record.exc_info, record.exc_text = f"{record.getMessage()}: {said}", (), None, None
         return True
 
 
