@@ -13,9 +13,11 @@ import errno
 import os
 import pickle
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -294,3 +296,42 @@ def test_storage_full_mid_extraction_then_resume_completes(tmp_path, data):
     assert all(r.info.status == "FINISHED" for r in cells)
     parents = [r for r in runs if r.data.tags.get(record.ROLE) == record.ROLE_SWEEP]
     assert [(p.info.run_id, p.info.status) for p in parents] == [(failed_parent, "FINISHED")]  # the same run
+
+
+@pytest.mark.slow
+def test_tracking_store_removed_mid_sweep_ends_in_one_message(tmp_path, data):
+    """The SQLite store's folder removed while the trials run: the sweep ends with one message naming the URI and
+    that its runs are lost (the trials' MLflow clients make an empty database anew), exit 2, not a bug report."""
+    tracking = tmp_path / "tracking"
+    tracking.mkdir()
+    uri = f"sqlite:///{tracking}/mlruns.db"
+    spec = spec_file(
+        tmp_path, data, tmp_path / "store", tracking={"uri": uri}, resources={"trial_retries": 0}, resolutions=[32]
+    )
+    log = tmp_path / "sweep.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dinoscale.cli", "sweep", str(spec), "--no-analysis"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 400
+        while "Trial stage" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        shutil.rmtree(tracking)
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert proc.returncode == 2, said[-4000:]
+    last = said.strip().splitlines()[-1]
+    assert last.startswith(f"tracking error: the MLflow tracking store {uri} failed mid-sweep: "), said[-4000:]
+    assert "start the sweep again without --resume" in last and "a bug in dinoscale" not in said
+    assert said.count("tracking error:") == 1
