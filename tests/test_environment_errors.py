@@ -116,6 +116,23 @@ def test_full_store_raises_a_storage_error_and_keeps_what_was_committed(tmp_path
         assert np.asarray(store.get(small).rows).shape == (8, 16)
 
 
+def test_a_storage_path_removed_under_the_store_is_not_made_anew(tmp_path):
+    """The storage path deleted (or unmounted) while a sweep writes: the store says so instead of quietly making
+    the folders again (on whatever disk is below), and removes nothing else."""
+    from dinoscale.features import FeatureKey, FeatureStore
+
+    first = FeatureKey("vit", "w", 32, "bilinear", "n", "cls", "m0", "float16")
+    FeatureStore(tmp_path / "store" / "features").put(first, np.ones((4, 8), np.float32), list("abcd"))
+    store = FeatureStore(tmp_path / "store" / "features")  # as an extraction task opens it
+    key = FeatureKey("vit", "w", 32, "bilinear", "n", "cls", "m", "float16")
+    shutil.rmtree(tmp_path / "store")
+    with pytest.raises(StorageError) as caught:
+        store.put(key, np.ones((4, 8), np.float32), list("abcd"))
+    assert caught.value.reason == "vanished"
+    assert f"the storage path '{tmp_path / 'store'}' disappeared" in str(caught.value)
+    assert not (tmp_path / "store").exists()
+
+
 # ---------------------------------------------------------------- before anything starts
 
 

@@ -50,6 +50,7 @@ committed before are kept, and a rerun once there is room extracts only the rest
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -328,6 +329,9 @@ class FeatureStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.local = "file" in protocols or "local" in protocols
         self.root: Path | str = Path(path) if self.local else path.rstrip("/")
+        # a local root seen when the store was opened and gone when it writes is the storage path removed or
+        # unmounted under a running sweep: a writer says so instead of making the folders again (on another disk)
+        self.root_existed = self.local and Path(path).is_dir()
         default_cache = (
             os.environ.get("DINOSCALE_FEATURE_CACHE") or Path(tempfile.gettempdir()) / "dinoscale-feature-cache"
         )
@@ -645,6 +649,8 @@ class ShardWriter:
         d = Path(store._dir(key.digest)) if store.local else store.cache_dir / "uploads" / key.digest
         self._root = store.root if store.local else store.cache_dir
         self.tmp = d / f".tmp-{self.name}-{uuid.uuid4().hex[:8]}.npy"
+        if store.local and store.root_existed and not Path(store.root).is_dir():  # gone: not made anew here
+            raise environment_error(FileNotFoundError(errno.ENOENT, "gone"), self.tmp, Path(store.root).parent)
         with _storage_errors(self._root, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
             self._f = open(self.tmp, "wb")
