@@ -645,7 +645,9 @@ def _selection_stage(plan: Plan, ctx, has_gpu: bool, quiet: bool, progress) -> l
 
 class _UserErrorsInOneLine(logging.Filter):
     """Tune logs a failed trial with the whole remote traceback; a user error is logged as its message
-    (the cell's MLflow run keeps the traceback). Other errors keep Tune's traceback."""
+    (the cell's MLflow run keeps the traceback), a tracking store that failed (a connection refused, a database
+    that cannot be written) as the line that says so (Tune's error file keeps the traceback). Other errors keep
+    Tune's traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from dinoscale.preflight import failure_line, tracking_store_failure
