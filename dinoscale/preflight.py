@@ -99,7 +99,7 @@ FREE_SPACE_MARGIN = 1.1  # the plan predicts the rows' bytes; commits, headers a
 def bytes_to_extract(plan, store=None) -> tuple[int, int]:
     """(predicted bytes, feature sets) the extraction still has to write: the plan's missing feature sets, less
     the shards the store holds already (an interrupted or failed extraction)."""
-    from dinoscale.features import FeatureStore
+    from dinoscale.features import FeatureStore  # lazy: the CLI imports this module before anything heavy
 
     store = store or FeatureStore(plan.storage / "features")
     need = sets = 0

@@ -261,6 +261,26 @@ def test_a_tracking_store_gone_mid_sweep_is_told_with_its_uri(tmp_path):
     assert tracking_failure_of(bug, intact) is None and tracking_failure_of(RuntimeError("a bug"), intact) is None
 
 
+def test_resume_against_a_store_without_the_sweep_is_refused_in_the_preflight(tmp_path):
+    """A tracking store deleted (or replaced, or another URI) since the sweep started holds no parent run: the
+    resume is refused with what to do, before anything runs - not a crash when the run is looked up."""
+    from mlflow.tracking import MlflowClient
+
+    from dinoscale.preflight import check_parent_run
+    from dinoscale.sweep.state import ResumeError, SweepState
+
+    uri = f"sqlite:///{tmp_path}/new.db"
+    client = MlflowClient(uri)
+    here = client.create_run(client.create_experiment("resume")).info.run_id
+    state = SweepState("xray-1", "xray", "d", here, "1", uri, str(tmp_path / "tune"))
+    check_parent_run(uri, state)  # there: passes
+    state.parent_run_id = "0" * 32
+    with pytest.raises(ResumeError) as caught:
+        check_parent_run(uri, state)
+    assert f"its parent run {'0' * 32} is not in the tracking store {uri}" in str(caught.value)
+    assert "start the sweep again without --resume" in str(caught.value)
+
+
 # ---------------------------------------------------------------- a full disk mid-sweep, then --resume
 
 

@@ -34,6 +34,8 @@ from dinoscale.errors import (
     signal_name,
     user_error_of,
 )
+from dinoscale.features import FeatureStore
+from dinoscale.preflight import _no_retries, failure_line, tracking_failure_of, tracking_store_failure
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.display import SweepProgress, print_banner, print_plan, print_summary
@@ -351,9 +353,6 @@ def _stopped_by_surroundings(exc: BaseException, client, plan: Plan, state: Swee
     was kept; the parent run is marked FAILED where the store still takes it (``SweepState.for_resume`` accepts
     a failed sweep), and ``resumable`` tells the command line to print the resume command. None: not such a
     failure (a bug keeps its traceback)."""
-    from dinoscale.features import FeatureStore
-    from dinoscale.preflight import _no_retries, tracking_failure_of
-
     user = user_error_of(exc)
     if not isinstance(user, (StorageError, TrackingError)):
         user = tracking_failure_of(exc, state.tracking_uri, state.parent_run_id)
@@ -650,8 +649,6 @@ class _UserErrorsInOneLine(logging.Filter):
     Tune's traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from dinoscale.preflight import failure_line, tracking_store_failure
-
         exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
         user = user_error_of(exc) if isinstance(exc, BaseException) else None
         store = tracking_store_failure(exc) if isinstance(exc, BaseException) and user is None else None
