@@ -19,8 +19,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import shutil
 import signal
+import sys
 
 EXIT_USER_ERROR = 2  # the user's input (spec, data, weights, storage, tracking): fix it and run again
 EXIT_CRASH = 1  # a bug (or, for `sweep`, cells that failed for a reason other than the user's input)
@@ -209,9 +211,13 @@ def environment_error(
         fix = f"free space there, or {elsewhere} a larger file system"
         message = f"{what}{f' ({detail})' if detail else ''}; {fix}"
     elif reason == "read-only":
-        message = f"{what}: the file system is mounted read-only; mount it writable, or {elsewhere} a writable folder"
+        message = f"{what}: the file system is mounted read-only; mount it writable" + (
+            f", or {elsewhere} a writable folder" if path is not None or root is not None else ""
+        )
     else:
-        message = f"{what}: this user may not write there; fix its permissions, or {elsewhere} a folder you can write"
+        message = f"{what}: this user may not access it; fix its permissions" + (
+            f", or {elsewhere} a folder you can write" if path is not None or root is not None else ""
+        )
     err = StorageError(message)
     err.reason, err.path, err.code = reason, where, code
     return err
@@ -220,9 +226,6 @@ def environment_error(
 def resume_command(command: str, spec) -> str:
     """The command that continues a stopped sweep: the command line as typed (its overrides and options
     included, so the spec's digest matches) with ``--resume``, else ``dinoscale <command> SPEC --resume``."""
-    import shlex
-    import sys
-
     args = sys.argv[1:]
     if args[:1] == [command]:
         return "dinoscale " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
