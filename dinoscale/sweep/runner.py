@@ -388,12 +388,20 @@ def _stopped_by_surroundings(exc: BaseException, client, plan: Plan, state: Swee
 def _save_state(state: SweepState, storage: Path) -> None:
     """The sweep state, saved as the sweep ends. On a full or vanished storage it may not be: after a failure
     that is harmless (the state saved at the start says 'running', which ``--resume`` accepts) and the error
-    on its way says what happened; after a finished sweep it is the storage's error."""
+    on its way says what happened; after a finished sweep, whose every cell is recorded, a warning says it."""
     try:
         state.save(storage)
     except OSError as e:
         if state.status == "finished":
-            raise environment_error(e, root=storage) or e from None
+            told = environment_error(e, root=storage)
+            if told is None:
+                raise
+            console.print(
+                f"warning: sweep {state.sweep_id} finished and is recorded, but its state could not be marked "
+                f"finished: {describe(told)}",
+                style="yellow",
+                markup=False,
+            )
 
 
 def _system_metrics(run_id: str, tracking_uri: str, step: int):
