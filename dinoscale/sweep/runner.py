@@ -370,7 +370,7 @@ def _stopped_by_surroundings(exc: BaseException, client, plan: Plan, state: Swee
         kept = f"{stored}/{sum(1 for fs in plan.feature_sets if not fs.online)} feature sets in the store"
     except OSError:
         kept = "the feature sets committed before it are kept"
-    resumable = getattr(user, "resumable", True) if isinstance(user, TrackingError) else True
+    resumable = user.__dict__.get("resumable", True)  # False: tracking_failure_of found the record itself lost
     told = (TrackingError if isinstance(user, TrackingError) else StorageError)(
         f"{user}. The sweep {state.sweep_id} stopped in the {stage} ({kept} under '{plan.storage}'; {recorded})"
         + (
