@@ -25,7 +25,7 @@ from pathlib import Path
 import typer
 
 from dinoscale import __version__, settings
-from dinoscale.errors import EXIT_CRASH, EXIT_USER_ERROR, SweepInterrupted, describe, user_error_of
+from dinoscale.errors import EXIT_CRASH, EXIT_USER_ERROR, SweepInterrupted, describe, resume_command, user_error_of
 
 
 def _error_policy(fn):
@@ -43,10 +43,18 @@ def _error_policy(fn):
         except KeyboardInterrupt:
             typer.secho(f"interrupted (Ctrl-C): dinoscale {_name(fn)} stopped", fg="yellow", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `dinoscale ... | head`: the reader left; stop as the shell's tools do
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            raise typer.Exit(141) from None  # 128 + SIGPIPE
         except Exception as e:  # noqa: BLE001 - the policy: user errors as one message, bugs with a traceback
             user = user_error_of(e)
             if user is not None:
                 typer.secho(describe(user), fg="red", err=True)
+                if getattr(user, "resumable", False) and _name(fn) == "sweep":  # stopped mid-sweep on its storage
+                    typer.secho(f"continue with: {resume_command('sweep', kwargs.get('spec'))}", fg="red", err=True)
                 raise typer.Exit(EXIT_USER_ERROR) from None
             _report_crash(_name(fn))
             raise typer.Exit(EXIT_CRASH) from None

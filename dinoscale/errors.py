@@ -16,7 +16,13 @@ A leaf: it imports nothing of dinoscale (and not Ray), so every module may raise
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import shlex
+import shutil
 import signal
+import sys
 
 EXIT_USER_ERROR = 2  # the user's input (spec, data, weights, storage, tracking): fix it and run again
 EXIT_CRASH = 1  # a bug (or, for `sweep`, cells that failed for a reason other than the user's input)
@@ -32,15 +38,24 @@ class UserError(Exception):
 
 
 class StorageError(UserError, OSError):
-    """The storage path (feature store, Tune state, sweep state) is not a writable folder."""
+    """The storage path (feature store, Tune state, sweep state) is not a writable folder, is full, or went away.
+
+    ``reason`` (``full``, ``read-only``, ``permission``, ``vanished``; empty when not a failure of the machine's
+    storage) and ``path`` (the file or folder being written) are set by ``environment_error``: attributes survive
+    Ray's pickling (``OSError.__reduce__`` keeps ``__dict__``)."""
 
     kind = "storage"
+    reason = ""
+    path = ""
+    code: int | None = None  # the errno behind it
+    resumable = False  # set by the sweep when it stopped on this error after it started: `--resume` continues
 
 
 class TrackingError(UserError, ConnectionError):
     """The MLflow tracking store cannot be reached or written."""
 
     kind = "tracking"
+    resumable = False  # as for ``StorageError``
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -74,23 +89,147 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def user_error_of(exc: BaseException | None, _depth: int = 0) -> UserError | None:
-    """The user's error behind ``exc``: itself, or the original one inside a Ray / Ray Tune wrapper.
+def user_error_of(exc: BaseException | None) -> UserError | None:
+    """The user's error behind ``exc``: itself, or the original one inside a Ray / Ray Tune wrapper; failing
+    that, a failure of the machine's storage in its chain (a full disk, a read-only mount: ``environment_error``).
 
     Ray re-raises a task's exception on the driver as a ``RayTaskError`` that also subclasses the original
     class, but whose ``str`` is the remote traceback; the original instance is its ``cause``. Ray Tune
     keeps a trial's exception the same way (``TuneError`` / ``RayTaskError``). Found by attribute, so that
-    this leaf does not import Ray."""
+    this leaf does not import Ray. A ``UserError`` anywhere in the chain wins over a bare ``OSError`` (a
+    check that raised ``StorageError(...) from e`` says more than ``e``)."""
+    return _find(exc, _own_user_error) or _find(exc, _storage_failure)
+
+
+def _own_user_error(exc: BaseException) -> UserError | None:
+    if isinstance(exc, UserError) and type(exc).__module__.split(".")[0] != "ray":
+        return exc
+    return None
+
+
+def _storage_failure(exc: BaseException) -> UserError | None:
+    if isinstance(exc, OSError) and type(exc).__module__.split(".")[0] != "ray":
+        return environment_error(exc)  # a full disk, a read-only mount, a permission: the machine, not a bug
+    return None
+
+
+def _find(exc: BaseException | None, pick, _depth: int = 0) -> UserError | None:
+    """``pick`` of the innermost exception in ``exc``'s chain (Ray's ``cause``, then ``__cause__``) that has one."""
     if exc is None or _depth > 8:
         return None
     for inner in (getattr(exc, "cause", None), exc.__cause__):
         if isinstance(inner, BaseException) and inner is not exc:
-            found = user_error_of(inner, _depth + 1)
+            found = _find(inner, pick, _depth + 1)
             if found is not None:
                 return found
-    if isinstance(exc, UserError) and type(exc).__module__.split(".")[0] != "ray":
+    return pick(exc)
+
+
+# ---------------------------------------------------------------- the machine's storage
+
+# errno -> (reason, what the system says): failures of the storage a user fixes (free space, a writable mount,
+# permissions), not bugs. ENOENT is one only where the storage root itself is gone: ``environment_error(root=)``.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: ("full", "no space left on device"),
+    errno.EDQUOT: ("full", "disk quota exceeded"),
+    errno.EROFS: ("read-only", "read-only file system"),
+    errno.EACCES: ("permission", "permission denied"),
+}
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)  # pyarrow's and fsspec's OSErrors carry it in the text
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The errno of an ``OSError``: its attribute, else the ``[Errno N]`` in its text (pyarrow's file system)."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    found = _ERRNO_IN_TEXT.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: 812 KiB, 3.4 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}".replace(".0 ", " ")
+    return f"{int(n)} B"
+
+
+def free_space(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(free, total) bytes of the file system holding ``path`` (its nearest existing folder); None if unknown."""
+    p = os.path.abspath(os.fspath(path))
+    while p and not os.path.isdir(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return None
+    return usage.free, usage.total
+
+
+def environment_error(
+    exc: BaseException,
+    path: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    needed: int = 0,
+    needed_by: str = "",
+) -> StorageError | None:
+    """``exc`` as one ``StorageError`` when it is a failure of the machine's storage - full (ENOSPC, EDQUOT),
+    read-only (EROFS), not permitted (EACCES), or the storage root ``root`` gone (ENOENT while it no longer
+    exists) - naming the file being written (``path``, else the error's own file name), the free space of its
+    file system, and ``needed`` bytes when known (``needed_by``: what needs them). None for any other error (a
+    bug keeps its traceback)."""
+    if isinstance(exc, StorageError):
         return exc
-    return None
+    if not isinstance(exc, OSError):
+        return None
+    code = os_errno(exc)
+    where = os.fspath(path or getattr(exc, "filename", None) or root or "")
+    if code == errno.ENOENT and root is not None and not os.path.isdir(root):
+        err = StorageError(
+            f"the storage path '{root}' disappeared while writing '{where}' (removed, or its file system unmounted); "
+            "restore it (or mount it again) and make sure nothing else removes it"
+        )
+        err.reason, err.path, err.code = "vanished", where, code
+        return err
+    if code not in ENVIRONMENT_ERRNOS:
+        return None
+    reason, says = ENVIRONMENT_ERRNOS[code]
+    verb = "writing" if path is not None else "at"  # the store names the file it writes; elsewhere, the error's file
+    what = f"{says} ({errno.errorcode[code]})" + (f" {verb} '{where}'" if where else "")
+    elsewhere = "set storage.path (or DINOSCALE_STORAGE) to"
+    if reason == "full":
+        usage = free_space(where or root) if (where or root) else None  # no path: no file system to tell
+        room = f"{size_text(usage[0])} free of {size_text(usage[1])} on its file system" if usage else ""
+        need = (
+            (f"{needed_by} need ~{size_text(needed)}" if needed_by else f"{size_text(needed)} needed") if needed else ""
+        )
+        detail = ", ".join(x for x in (need, room) if x)
+        fix = f"free space there, or {elsewhere} a larger file system"
+        message = f"{what}{f' ({detail})' if detail else ''}; {fix}"
+    elif reason == "read-only":
+        message = f"{what}: the file system is mounted read-only; mount it writable" + (
+            f", or {elsewhere} a writable folder" if path is not None or root is not None else ""
+        )
+    else:
+        message = f"{what}: this user may not access it; fix its permissions" + (
+            f", or {elsewhere} a folder you can write" if path is not None or root is not None else ""
+        )
+    err = StorageError(message)
+    err.reason, err.path, err.code = reason, where, code
+    return err
+
+
+def resume_command(command: str, spec) -> str:
+    """The command that continues a stopped sweep: the command line as typed (its overrides and options
+    included, so the spec's digest matches) with ``--resume``, else ``dinoscale <command> SPEC --resume``."""
+    args = sys.argv[1:]
+    if args[:1] == [command]:
+        return "dinoscale " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+    return f"dinoscale {command} {shlex.quote(str(spec or 'SPEC'))} --resume"
 
 
 def describe(exc: UserError) -> str:

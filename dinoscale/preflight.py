@@ -3,7 +3,8 @@
 In order, cheapest first, each failure one ``UserError`` naming the thing, what was expected and what to do:
 
 1. **storage**: the storage path is a folder this process can write (not under a file, not read-only);
-   with ``--resume``, a sweep of this spec to resume.
+   with ``--resume``, a sweep of this spec to resume. Once the plan is built (step 4), its file system has
+   room for the feature sets still to extract (the plan's predicted bytes, with a margin).
 2. **tracking, reachable**: the MLflow server accepts a TCP connection (a SQLite / folder store: its path
    is not under a file). A server that is down or unroutable is reported in at most 5 s instead of
    MLflow's minutes of retries. Nothing is written yet.
@@ -23,6 +24,7 @@ storage path (a sentinel file written by the driver is read back on every node).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -33,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 from dinoscale import settings
-from dinoscale.errors import StorageError, TrackingError
+from dinoscale.errors import StorageError, TrackingError, environment_error, free_space, size_text
 
 CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
 REQUEST_TIMEOUT_S = 5  # one MLflow request during pre-flight (no retries): a server that hangs fails in 5 s
@@ -90,6 +92,65 @@ def check_storage(root: Path, what: str = "storage path", hint: str = STORAGE_HI
     except OSError as e:
         raise StorageError(f"{what} '{root}' is not writable ({e.strerror or type(e).__name__}); {hint}") from e
     return str(root)
+
+
+FREE_SPACE_MARGIN = 1.1  # the plan predicts the rows' bytes; commits, headers and Tune's state need a little more
+
+
+def bytes_to_extract(plan, store=None) -> tuple[int, int]:
+    """(predicted bytes, feature sets) the extraction still has to write: the plan's missing feature sets, less
+    the shards the store holds already (an interrupted or failed extraction)."""
+    from dinoscale.features import FeatureStore  # lazy: the CLI imports this module before anything heavy
+
+    store = store or FeatureStore(plan.storage / "features")
+    need = sets = 0
+    for fs in plan.missing:
+        if fs.key is None or store.has(fs.key):
+            continue
+        count = len(fs.shards) or 1
+        done = len(store.shards_committed(fs.key, count))
+        need += fs.nbytes * (count - done) // count
+        sets += 1
+    return need, sets
+
+
+def check_free_space(plan) -> str:
+    """The storage path's file system has room for the features still to extract (``FREE_SPACE_MARGIN`` x the
+    plan's prediction); raises ``StorageError`` with needed vs free. A store that cannot tell its free space
+    passes (the writers name a full disk when they meet it)."""
+    need, sets = bytes_to_extract(plan)
+    usage = free_space(plan.storage)
+    if usage is None or not need:
+        return ""
+    free, total = usage
+    if need * FREE_SPACE_MARGIN > free:
+        raise StorageError(
+            f"storage path '{plan.storage}' has {size_text(free)} free (of {size_text(total)}) on its file system, "
+            f"but the extraction needs ~{size_text(need * FREE_SPACE_MARGIN)} ({size_text(need)} predicted for "
+            f"{sets} feature set(s), + {FREE_SPACE_MARGIN - 1:.0%}); free space there, or set storage.path (or "
+            "DINOSCALE_STORAGE) to a larger file system. Nothing was started"
+        )
+    return f"{size_text(free)} free for ~{size_text(need)} of features"
+
+
+def with_room_needed(error, plan, store=None):
+    """A full storage met by an extraction (``error.reason == 'full'``), told again from the driver once the
+    other jobs stopped: the file it was writing, the free space now and the bytes the feature sets not yet
+    stored need (the plan's prediction). Any other error is returned unchanged."""
+    if getattr(error, "reason", "") != "full" or not getattr(error, "code", None):
+        return error
+    try:
+        need, sets = bytes_to_extract(plan, store)
+    except OSError:
+        return error
+    told = environment_error(
+        OSError(error.code, os.strerror(error.code)),
+        error.path,
+        plan.storage,
+        need,
+        f"the {sets} feature set(s) not yet stored" if sets else "",
+    )
+    return told or error
 
 
 def check_storage_on_nodes(root: Path, timeout_s: float = 120.0, min_nodes: int = 2) -> str | None:
@@ -264,6 +325,94 @@ def _tracking_failure(uri: str, e: Exception) -> str:
     )
 
 
+def tracking_failure_of(exc: BaseException, uri: str, run_id: str | None = None) -> TrackingError | None:
+    """The tracking store failing mid-sweep (after the pre-flight wrote to it), as one ``TrackingError`` naming
+    the URI and what became of the store: a SQLite database deleted or its folder removed, a server that stopped
+    answering, a database that cannot be written (full disk, permissions). ``resumable`` is True when the runs
+    recorded so far are still there once the store is back (a SQLite store must still hold ``run_id``, the
+    sweep's parent run: MLflow creates a deleted database anew, empty); None when ``exc`` is not such a failure
+    (a bug)."""
+    found = tracking_store_failure(exc)
+    if found is None:
+        return None
+    where, lost = f"the MLflow tracking store {redact(uri)}", False
+    first = failure_line(found)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.parent.is_dir():
+            what, lost = f"its folder '{db.parent}' is gone (removed, or its file system unmounted)", True
+        elif not db.is_file() or db.stat().st_size == 0:
+            what, lost = f"the database file '{db}' is gone (deleted or replaced)", True
+        elif run_id and not _sqlite_holds_run(db, run_id):
+            what, lost = f"the database file '{db}' no longer holds this sweep's runs (deleted and made anew?)", True
+        elif any(x in str(found).lower() for x in _SQLITE_TROUBLE):
+            what = f"the database cannot be written ({first}); check its free space and permissions"
+        else:
+            return None  # the store is there and said something else: not its surroundings
+    else:
+        try:
+            _reachable(uri)
+            if not any(x in str(found).lower() for x in _SERVER_TROUBLE):
+                return None
+            what = f"the server failed a request ({first})"
+        except TrackingError as gone:
+            what = "the server stopped answering: " + str(gone).split(": ", 1)[-1].split(". Start the server")[0]
+    if lost:
+        todo = (
+            "; the runs it held are lost with it: restore the database from a backup and continue with --resume, "
+            "or start the sweep again without --resume (the feature sets already stored are not extracted again)"
+        )
+    else:
+        todo = ""  # the sweep says what was kept and how to continue
+    err = TrackingError(f"{where} failed mid-sweep: {what}{todo}")
+    err.resumable = not lost
+    return err
+
+
+def _sqlite_holds_run(db: Path, run_id: str) -> bool:
+    """Read directly (not through MLflow's pooled connections, which may still read a deleted file)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("SELECT 1 FROM runs WHERE run_uuid = ?", (run_id,)).fetchone() is not None
+    except sqlite3.Error as e:  # a database that is not there or holds no tables: lost; busy or else: not known
+        return not any(x in str(e) for x in ("no such table", "unable to open", "not a database"))
+
+
+def failure_line(e: BaseException) -> str:
+    """The line of a store's exception that says what failed (SQLAlchemy puts a note about autoflush first)."""
+    said = [x.strip() for x in str(e).splitlines() if x.strip()]
+    found = next((x for x in said if "sqlite3." in x or "Error:" in x or "Errno" in x or "Max retries" in x), "")
+    return found[:300] or f"{type(e).__name__}: {said[0][:300] if said else ''}"
+
+
+_SQLITE_TROUBLE = ("readonly database", "disk is full", "unable to open", "disk i/o", "locked", "no such table")
+_SERVER_TROUBLE = ("connection", "timed out", "timeout", "max retries", " 502", " 503", " 504", "unavailable")
+# MlflowException codes that are a wrong request (a bug), not a store that failed
+_REQUEST_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
+
+
+def tracking_store_failure(exc: BaseException | None, depth: int = 0) -> BaseException | None:
+    """The exception in ``exc``'s chain that may say the tracking store failed: an ``MlflowException`` other than
+    a wrong request, a ``requests`` connection error, a SQLAlchemy / sqlite ``OperationalError`` (a candidate:
+    ``tracking_failure_of`` looks at the store itself before it says so)."""
+    if exc is None or depth > 8:
+        return None
+    name, module = type(exc).__name__, type(exc).__module__
+    if name == "MlflowException" or (module.startswith("mlflow") and hasattr(exc, "error_code")):
+        if getattr(exc, "error_code", "") not in _REQUEST_ERRORS:
+            return exc
+    if (module.startswith(("requests", "urllib3")) and "Connection" in name) or name == "OperationalError":
+        return exc
+    for inner in (getattr(exc, "cause", None), exc.__cause__, exc.__context__):
+        if isinstance(inner, BaseException) and inner is not exc:
+            found = tracking_store_failure(inner, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 # ---------------------------------------------------------------- weights
 
 
@@ -286,7 +435,7 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
     from dinoscale.sweep.plan import build_plan, check_runnable, storage_root
     from dinoscale.tracking import default_artifact_location
 
-    report = PreflightReport()
+    report, found = PreflightReport(), None
     with report.step("storage"):
         root = storage_root(spec, project_dir)
         report.checks["storage"] = check_storage(root)
@@ -308,7 +457,34 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
 
         if prepare_label_maps(plan):  # labels outside the probe's classes named before extraction
             report.checks["data"] += "; label maps checked"
+    with report.step("storage"):  # room for what the plan will extract: known once the plan is built
+        room = check_free_space(plan)
+        report.checks["storage"] += f", {room}" if room else ""
     with report.step("tracking"):
         artifacts = spec.tracking.artifact_location or default_artifact_location(tracking_uri)
         report.checks["tracking"] = check_tracking(tracking_uri, spec.experiment_name, artifacts)
+        if found is not None:
+            check_parent_run(tracking_uri, found)
     return plan, report
+
+
+def check_parent_run(uri: str, state) -> None:
+    """``--resume``: the sweep's parent run is in the tracking store (a store deleted or replaced since, or
+    another URI, holds none); raises ``ResumeError`` saying how to start again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from dinoscale.sweep.state import ResumeError
+
+    with _no_retries():
+        try:
+            MlflowClient(uri).get_run(state.parent_run_id)
+            return
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise TrackingError(_tracking_failure(uri, e)) from e
+    raise ResumeError(
+        f"sweep {state.sweep_id} cannot be resumed: its parent run {state.parent_run_id} is not in the tracking store "
+        f"{redact(uri)} (it was recorded in {redact(state.tracking_uri)}; deleted or replaced since?). Track to that "
+        "store, or start the sweep again without --resume: feature sets already stored are not extracted again"
+    )

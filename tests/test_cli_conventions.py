@@ -305,3 +305,17 @@ def test_make_ui_runs_dinoscale_ui():
         ["make", "-n", "ui", "-o", ".venv/.installed", "PORT=5123"], cwd=ROOT, text=True, capture_output=True
     )
     assert recipe.returncode == 0 and "dinoscale ui" in recipe.stdout and "--port 5123" in recipe.stdout, recipe
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_bug():
+    """`dinoscale validate SPEC --show | head -1`: the reader closes the pipe early; no traceback, no bug report."""
+    import subprocess
+
+    p = subprocess.run(
+        f"{sys.executable} -m dinoscale.cli validate {ROOT / 'sweeps/demo/xray.yaml'} --show | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.stdout.startswith("#") and "Traceback" not in p.stderr and "a bug in dinoscale" not in p.stderr

@@ -41,10 +41,16 @@ What a reader can rely on, and why:
 Every shard is verified against the sha256 of its commit when a process first opens it (once per
 process and file: ``verify=False`` skips it). Entries of format 2 (one ``features.npy`` written whole)
 are still read.
+
+A local store that cannot be written (its file system full or read-only, a permission, its folder gone)
+raises ``StorageError`` naming the file being written, the free space and the bytes the shard needs
+(``dinoscale.errors.environment_error``), never a bare ``OSError``: the partial file is removed, the shards
+committed before are kept, and a rerun once there is room extracts only the rest.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -54,13 +60,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dinoscale.digest import sha256_file
-from dinoscale.errors import UserError
+from dinoscale.errors import StorageError, UserError, environment_error
 
 EXTRACTOR_VERSION = "2"  # 2: torch anti-aliased resize instead of MONAI Gaussian pre-smoothing
 FORMAT = 3  # 3: .npy shards committed one by one, then meta.json; 2: one features.npy per entry
@@ -271,13 +278,40 @@ def _verify_file(path: str, sha: str, what: str, digest: str) -> None:
     _VERIFIED.add(memo)
 
 
-def _write_atomic_local(path: Path, data: bytes) -> None:
+@contextmanager
+def _storage_errors(root, path, needed: int = 0):
+    """An ``OSError`` of the machine's storage while writing ``path`` (full, read-only, not permitted, the root
+    gone) becomes one ``StorageError`` naming it; any other error passes unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        err = environment_error(e, path, root, needed)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _write_atomic_local(path: Path, data: bytes, root=None) -> None:
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _storage_errors(root or path.parent, path, len(data)):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)  # a full disk must not keep the half-written commit
+            raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the file system went away or read-only: nothing more to clean
 
 
 class FeatureStore:
@@ -295,6 +329,9 @@ class FeatureStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.local = "file" in protocols or "local" in protocols
         self.root: Path | str = Path(path) if self.local else path.rstrip("/")
+        # a local root seen when the store was opened and gone when it writes is the storage path removed or
+        # unmounted under a running sweep: a writer says so instead of making the folders again (on another disk)
+        self.root_existed = self.local and Path(path).is_dir()
         default_cache = (
             os.environ.get("DINOSCALE_FEATURE_CACHE") or Path(tempfile.gettempdir()) / "dinoscale-feature-cache"
         )
@@ -393,7 +430,7 @@ class FeatureStore:
         }
         blob = json.dumps(meta).encode()
         if self.local:
-            _write_atomic_local(Path(final) / META, blob)
+            _write_atomic_local(Path(final) / META, blob, self.root)
             return Path(final)
         self.fs.pipe_file(f"{final}/{META}", blob)  # the commit
         return final
@@ -610,9 +647,13 @@ class ShardWriter:
         self.dtype = np.dtype(key.dtype)
         self.name = shard_name(index, count)
         d = Path(store._dir(key.digest)) if store.local else store.cache_dir / "uploads" / key.digest
-        d.mkdir(parents=True, exist_ok=True)
+        self._root = store.root if store.local else store.cache_dir
         self.tmp = d / f".tmp-{self.name}-{uuid.uuid4().hex[:8]}.npy"
-        self._f = open(self.tmp, "wb")
+        if store.local and store.root_existed and not Path(store.root).is_dir():  # gone: not made anew here
+            raise environment_error(FileNotFoundError(errno.ENOENT, "gone"), self.tmp, Path(store.root).parent)
+        with _storage_errors(self._root, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.tmp, "wb")
         self._offset: int | None = None
         self._row_shape: tuple[int, ...] | None = None
         self._written = np.zeros(self.n_rows, bool)
@@ -623,7 +664,11 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()  # e.g. the disk filled at the flush: the partial file goes, nothing is committed
+                raise
         else:
             self.abort()
 
@@ -634,9 +679,15 @@ class ShardWriter:
             "fortran_order": False,
             "shape": (self.n_rows, *row_shape),
         }
-        np.lib.format.write_array_header_1_0(self._f, header)  # 64-byte aligned, as np.save writes it
-        self._offset = self._f.tell()
-        self._f.truncate(self._offset + self.n_rows * self._row_bytes)
+        with _storage_errors(self._root, self.tmp):
+            np.lib.format.write_array_header_1_0(self._f, header)  # 64-byte aligned, as np.save writes it
+            self._offset = self._f.tell()
+            self._f.truncate(self._offset + self.n_rows * self._row_bytes)
+
+    @property
+    def _needed(self) -> int:
+        """Bytes of the whole shard file once its rows are known (0 before)."""
+        return 0 if self._offset is None else self._offset + self.n_rows * self._row_bytes
 
     @property
     def _row_bytes(self) -> int:
@@ -660,8 +711,9 @@ class ShardWriter:
         order = np.argsort(rows, kind="stable")
         r, v = rows[order], values[order]
         cut = np.flatnonzero(np.diff(r) != 1) + 1  # contiguous runs: one pwrite each
-        for a, b in zip(np.r_[0, cut], np.r_[cut, len(r)]):
-            os.pwrite(fd, v[a:b].tobytes(), self._offset + int(r[a]) * rb)
+        with _storage_errors(self._root, self.tmp, self._needed):
+            for a, b in zip(np.r_[0, cut], np.r_[cut, len(r)]):
+                os.pwrite(fd, v[a:b].tobytes(), self._offset + int(r[a]) * rb)
         self._written[r] = True
 
     def close(self) -> str:
@@ -670,9 +722,10 @@ class ShardWriter:
         if not self._written.all():
             missing = np.flatnonzero(~self._written)
             raise FeatureStoreError(f"shard {self.index} of {self.count}: rows {missing[:10].tolist()} never written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with _storage_errors(self._root, self.tmp, self._needed):  # a full disk may only show at the flush
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
         sha = sha256_file(self.tmp)
         self.bytes = self.tmp.stat().st_size
         file = f"{self.name}-{sha[:12]}.npy"
@@ -693,17 +746,26 @@ class ShardWriter:
         }
         try:
             if store.local:
-                os.replace(self.tmp, Path(d) / file)
-                _write_atomic_local(Path(d) / f"{self.name}.json", json.dumps(commit).encode())
+                with _storage_errors(self._root, Path(d) / file):
+                    os.replace(self.tmp, Path(d) / file)
+                try:
+                    _write_atomic_local(Path(d) / f"{self.name}.json", json.dumps(commit).encode(), self._root)
+                except BaseException:
+                    if not self.store.has_shard(self.key, self.index, self.count):  # no other writer committed it
+                        _unlink_quietly(Path(d) / file)  # uncommitted data would only hold the space
+                    raise
             else:
                 store.fs.put_file(str(self.tmp), f"{d}/{file}")  # one PUT: complete or absent
                 store.fs.pipe_file(f"{d}/{self.name}.json", json.dumps(commit).encode())  # the shard's commit
         finally:
-            self.tmp.unlink(missing_ok=True)
+            _unlink_quietly(self.tmp)
         return file
 
     def abort(self) -> None:
+        """Drop the partial file; quietly, as it runs while another error (often a full disk) is on its way."""
         try:
-            self._f.close()
+            self._f.close()  # flushes what is buffered: may fail again on a full disk
+        except OSError:
+            pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            _unlink_quietly(self.tmp)

@@ -25,6 +25,7 @@ import yaml
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.preflight import with_room_needed
 from dinoscale.sweep.plan import FeatureSetPlan, Plan, volume_window
 from dinoscale.sweep.progress import CountingWriter, ProgressCounter
 
@@ -376,8 +377,11 @@ def run_extraction_stage(
                 user = user_error_of(e)
                 if user is not None:
                     _cancel(pending)
-                    commit_complete(plan, store)  # feature sets whose shards all landed are usable as they are
-                    raise _in_job(user, job, len(pending)) from None
+                    try:
+                        commit_complete(plan, store)  # feature sets whose shards all landed are usable as they are
+                    except (UserError, OSError):
+                        pass  # a full or read-only store refuses these commits too: the worker's error says it
+                    raise _in_job(with_room_needed(user, plan, store), job, len(pending)) from None
                 errors.append(f"{job.label} ({', '.join(s.label for s in job.shards)}): {e}")
                 continue
             report.per_job.append(res)

@@ -26,8 +26,18 @@ from ray import tune
 from dinoscale import pseudonym, record, settings
 from dinoscale.analysis import report_folder
 from dinoscale.console import capture_third_party, console, log_file
-from dinoscale.errors import SweepInterrupted, describe, signal_name, user_error_of
+from dinoscale.errors import (
+    StorageError,
+    SweepInterrupted,
+    TrackingError,
+    describe,
+    environment_error,
+    signal_name,
+    user_error_of,
+)
+from dinoscale.features import FeatureStore
 from dinoscale.mlflow_ui import browse_hint
+from dinoscale.preflight import _no_retries, failure_line, tracking_failure_of, tracking_store_failure
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.describe import parent_description
@@ -297,15 +307,19 @@ def run_sweep(
         state.status = "interrupted"
         message = _record_interruption(client, plan, state, signal_name(signum), stage)
         raise SweepInterrupted(signum, message) from None
-    except BaseException:
-        client.set_terminated(parent_id, "FAILED")
+    except BaseException as e:
         state.status = "failed"
+        stopped = _stopped_by_surroundings(e, client, plan, state, stage)  # a full disk, a store gone: one message
+        if stopped is not None:
+            raise stopped from None
+        client.set_terminated(parent_id, "FAILED")
         raise
     finally:
         signals.stop()
-        state.save(plan.storage)
+        _save_state(state, plan.storage)
         if monitor is not None:
-            monitor.finish()
+            with contextlib.suppress(Exception):  # its last samples go to a store that may be what failed
+                monitor.finish()
     wall = time.perf_counter() - t0
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
@@ -355,6 +369,63 @@ def _record_interruption(client, plan: Plan, state: SweepState, signame: str, st
         f"in the store; {recorded}. Resume with --resume and the same spec: finished cells are not rerun, stored "
         "features are not extracted again"
     )
+
+
+def _stopped_by_surroundings(exc: BaseException, client, plan: Plan, state: SweepState, stage: str):
+    """A storage or tracking store that failed mid-sweep (full, read-only, gone: ``StorageError`` /
+    ``TrackingError``, also behind Ray's wrappers and MLflow's exceptions), as one user error that says what
+    was kept; the parent run is marked FAILED where the store still takes it (``SweepState.for_resume`` accepts
+    a failed sweep), and ``resumable`` tells the command line to print the resume command. None: not such a
+    failure (a bug keeps its traceback)."""
+    user = user_error_of(exc)
+    if not isinstance(user, (StorageError, TrackingError)):
+        user = tracking_failure_of(exc, state.tracking_uri, state.parent_run_id)
+    if user is None:
+        return None
+    try:
+        with _no_retries():  # a server that went away is not retried for minutes
+            client.set_terminated(state.parent_run_id, "FAILED")
+        recorded = f"parent run {state.parent_run_id} marked FAILED"
+    except Exception:  # noqa: BLE001 - the record may be what failed; the sweep state on disk still resumes
+        recorded = "the MLflow record could not be updated"
+    try:
+        store = FeatureStore(plan.storage / "features")
+        stored = sum(1 for fs in plan.feature_sets if fs.key is not None and not fs.online and store.has(fs.key))
+        kept = f"{stored}/{sum(1 for fs in plan.feature_sets if not fs.online)} feature sets in the store"
+    except OSError:
+        kept = "the feature sets committed before it are kept"
+    resumable = user.__dict__.get("resumable", True)  # False: tracking_failure_of found the record itself lost
+    told = (TrackingError if isinstance(user, TrackingError) else StorageError)(
+        f"{user}. The sweep {state.sweep_id} stopped in the {stage} ({kept} under '{plan.storage}'; {recorded})"
+        + (
+            ": once fixed, continue it with --resume (finished cells are not rerun, stored features not "
+            "extracted again)"
+            if resumable
+            else ""
+        )
+    )
+    told.__dict__.update({k: v for k, v in user.__dict__.items() if k != "resumable"})
+    told.resumable = resumable
+    return told
+
+
+def _save_state(state: SweepState, storage: Path) -> None:
+    """The sweep state, saved as the sweep ends. On a full or vanished storage it may not be: after a failure
+    that is harmless (the state saved at the start says 'running', which ``--resume`` accepts) and the error
+    on its way says what happened; after a finished sweep, whose every cell is recorded, a warning says it."""
+    try:
+        state.save(storage)
+    except OSError as e:
+        if state.status == "finished":
+            told = environment_error(e, root=storage)
+            if told is None:
+                raise
+            console.print(
+                f"warning: sweep {state.sweep_id} finished and is recorded, but its state could not be marked "
+                f"finished: {describe(told)}",
+                style="yellow",
+                markup=False,
+            )
 
 
 def _system_metrics(run_id: str, tracking_uri: str, step: int):
@@ -611,18 +682,17 @@ def _selection_stage(plan: Plan, ctx, has_gpu: bool, quiet: bool, progress) -> l
 
 class _UserErrorsInOneLine(logging.Filter):
     """Tune logs a failed trial with the whole remote traceback; a user error is logged as its message
-    (the cell's MLflow run keeps the traceback). Other errors keep Tune's traceback."""
+    (the cell's MLflow run keeps the traceback), a tracking store that failed (a connection refused, a database
+    that cannot be written) as the line that says so (Tune's error file keeps the traceback). Other errors keep
+    Tune's traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
         user = user_error_of(exc) if isinstance(exc, BaseException) else None
-        if user is not None:
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                f"{record.getMessage()}: {describe(user)}",
-                (),
-                None,
-                None,
-            )
+        store = tracking_store_failure(exc) if isinstance(exc, BaseException) and user is None else None
+        if user is not None or store is not None:  # a tracking store gone: each retry's traceback says nothing new
+            said = describe(user) if user is not None else f"the tracking store failed: {failure_line(store)}"
+            record.msg, record.args, record.exc_info, record.exc_text = f"{record.getMessage()}: {said}", (), None, None
         return True
 
 
