@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dinoscale.features.recipe import FeatureRecipe
+
 
 @dataclass(frozen=True)
 class BackboneInfo:
@@ -56,8 +58,9 @@ class Cell:
     # {'probe': 'linear', 'volume_pool': ...} or the segmentation probe's {'probe': 'segmentation', 'head', ...}
     configurations: tuple[dict, ...] = ()
     finetune_head: dict | None = None
-    window: tuple[float, float] | None = None  # CT window in HU (images read by lora / full cells)
-    interpolation: str = "bicubic"
+    # how a unit becomes the encoder's input and its features (dinoscale.features.recipe): the feature sets'
+    # recipe (frozen cells; online grids are computed by it), the input transform of lora / full cells
+    recipe: FeatureRecipe | None = None
     search: dict = field(default_factory=dict)  # n_trials, seed
     bootstrap: dict = field(default_factory=dict)  # resamples, level, seed, macro_min_patients, min_interval_units
     params: dict = field(default_factory=dict)  # protocol constants logged with the run
