@@ -101,15 +101,18 @@ class FeatureRecipe:
         }[self.color]
         out = {
             "encoder": self.backbone,  # the weights digest: in as_dict (it names the library versions)
-            "colour": colour if self.view == "images" else "volumes: see channel map",
+            "colour": colour
+            if self.view == "images"
+            else "volumes: the channel map below"
+            if self.volume is not None
+            else "grey slices replicated to R, G, B"
+            + (f" ({self.fusion} fused into the channels)" if self.fusion else ""),
             "intensity": scale,
             "resize": f"{self.resolution} px square, {self.interpolation}, anti-aliased ({self.antialias})",
             "normalisation": f"mean {list(self.mean)}, std {list(self.std)} (the encoder's pretrained config)",
         }
         if self.volume is not None:
             out.update({f"volume {k}": v for k, v in self.volume.describe().items()})
-        elif self.fusion:
-            out["fusion"] = f"{self.fusion} fused into the encoder's channels"
         out["tokens"] = self.tokens + (f", pooled per volume by {self.pool}" if self.view == "volumes" else "")
         out["view"] = self.view
         out["storage"] = f"{self.dtype}; extractor version {self.extractor_version}"

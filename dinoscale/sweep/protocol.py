@@ -43,17 +43,6 @@ _VIEWS = {
 }
 
 
-_COLOURS = {
-    "grey": "grey: one channel replicated to R, G, B (colour files averaged to grey), then the backbone's mean / std",
-    "rgb": "RGB kept as R, G, B (alpha dropped, grey files replicated), then the backbone's mean / std",
-}
-
-
-def _colour(plan: Plan) -> str:
-    recipes = [c.recipe for c in plan.cells if c.recipe is not None and c.recipe.view == "images"]
-    return recipes[0].color if recipes else "grey"
-
-
 def plan_recipes(plan: Plan) -> list:
     """The distinct feature recipes of a plan's cells, in cell order (``dinoscale.features.recipe``)."""
     return list(dict.fromkeys(c.recipe for c in plan.cells if c.recipe is not None))
@@ -140,7 +129,6 @@ def protocol_data(plan: Plan) -> dict:
     features = {
         "resolutions": _fmt(spec.resolutions) + " px (square; images / slices resized, anti-aliased)",
         "interpolation": f.interpolation,
-        "colour": _COLOURS[_colour(plan)],
         "token set": f"{f.tokens}: {_TOKENS.get(f.tokens, f.tokens)}",
         "volume pooling": f"{f.volume_pool} over slices (3D classification, vector probes)",
         "storage dtype": f.dtype,
