@@ -3,7 +3,7 @@
 The plan (``dinoscale.sweep.plan``) builds cells; trials (``dinoscale.sweep.trial``) only read them.
 A cell's position in the grid is its ``axes`` (the names of ``dinoscale.record.AXES``), logged as
 params (and as metrics where numeric); the rest is how to run it: the feature view and token set it
-reads, the CT window, the dumped probe or strategy config, the feature keys per split, the search
+reads, its feature recipe (how a unit becomes features), the dumped probe or strategy config, the feature keys per split, the search
 budget and the protocol constants it logs. A lora / full cell also carries the configurations its
 search trains (each one Ray Tune trial, a "unit" of the trial stage) and the head they train under.
 """
