@@ -257,7 +257,7 @@ def test_a_sweep_sees_colour_red_against_green(tmp_path):
         "storage": {"path": str(tmp_path / "store")},
         "ray": {"num_cpus": 2},
     }
-    parse_spec(spec)  # valid before it runs
+    experiment = parse_spec(spec).experiment_name  # valid before it runs
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     done = subprocess.run(
         [sys.executable, "-m", "dinoscale.cli", "sweep", str(tmp_path / "spec.yaml"), "--no-analysis"],
@@ -269,7 +269,7 @@ def test_a_sweep_sees_colour_red_against_green(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     mlflow.set_tracking_uri(spec["tracking"]["uri"])
-    runs = mlflow.search_runs(experiment_names=["red-green"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     cells = [r for r in runs if r.data.tags.get(record.ROLE) == "cell"]
     assert len(cells) == 1
     cell = cells[0]
