@@ -39,7 +39,9 @@ class FeatureRecipe:
     std: tuple[float, ...]
     # the pixels
     color: str = "grey"  # the dataset's colour model (COLORS); 2D images
-    intensity: str = "minmax"  # INTENSITIES; 'window' needs ``window``
+    # INTENSITIES; 'window' needs ``window``. The default is today's mapping (each 2D image's / volume's own
+    # min-max) and is decided here only: the plan states 'window' when the spec has a CT window, else nothing.
+    intensity: str = "minmax"
     window: tuple[float, float] | None = None  # CT window in HU (intensity 'window')
     interpolation: str = "bicubic"  # bicubic | bilinear | area
     antialias: str = "separable"  # ANTIALIAS

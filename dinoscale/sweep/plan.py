@@ -191,8 +191,8 @@ def feature_recipe(
         mean=tuple(bb.mean),
         std=tuple(bb.std),
         color=color if view == "images" else "grey",
-        intensity="window" if window is not None else "minmax",
-        window=tuple(window) if window is not None else None,
+        # a CT window, else the recipe's default intensity mapping (features/recipe.py: its one home)
+        **({"intensity": "window", "window": tuple(window)} if window is not None else {}),
         interpolation=f.interpolation,
         antialias="separable" if view == "images" else "gaussian",
         volume=volume if view != "images" else None,
