@@ -82,7 +82,7 @@ def _backbone(name: str):
 
 
 def throughput(name: str, res: int, batch: int, n: int) -> dict:
-    from dinoscale.features.extract import extract_features
+    from dinoscale.features.extract import extract_features, recipe_for
     from dinoscale.models import gflops_per_image
 
     bb = _backbone(name)
@@ -93,7 +93,7 @@ def throughput(name: str, res: int, batch: int, n: int) -> dict:
     def ours():
         return torch.from_numpy(
             extract_features(
-                bb, data, res, "cls_mean_patch", batch_size=batch, device=dev, num_workers=WORKERS, progress=False
+                bb, recipe_for(bb, res), data, batch_size=batch, device=dev, num_workers=WORKERS, progress=False
             )[0]
         )
 
@@ -101,7 +101,7 @@ def throughput(name: str, res: int, batch: int, n: int) -> dict:
         return bare_loop(model, data, batch, bb.num_prefix_tokens)
 
     warm = Images(data.x[: 2 * batch])
-    extract_features(bb, warm, res, batch_size=batch, device=dev, num_workers=0, progress=False)
+    extract_features(bb, recipe_for(bb, res), warm, batch_size=batch, device=dev, num_workers=0, progress=False)
     bare_loop(model, warm, batch, bb.num_prefix_tokens)
     t = {"bare": [], "dinoscale": []}
     outs = {}
@@ -131,18 +131,22 @@ def throughput(name: str, res: int, batch: int, n: int) -> dict:
 
 def oom_backoff() -> dict:
     """Cap this process at ~4 GiB and ask for batch 256 of ViT-L @512: must back off, not fail."""
-    from dinoscale.features.extract import extract_features
+    from dinoscale.features.extract import extract_features, recipe_for
 
     bb = _backbone("dinov3-vitl16")
     dev = torch.device("cuda")
     data = Images(torch.randn(256, 3, 512, 512, generator=torch.Generator().manual_seed(1)))
-    ref, _ = extract_features(bb, Images(data.x[:8]), 512, batch_size=8, device=dev, num_workers=0, progress=False)
+    ref, _ = extract_features(
+        bb, recipe_for(bb, 512), Images(data.x[:8]), batch_size=8, device=dev, num_workers=0, progress=False
+    )
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, 4 * 2**30 / total))
     try:
         t0 = time.perf_counter()
-        feats, stats = extract_features(bb, data, 512, batch_size=256, device=dev, num_workers=0, progress=False)
+        feats, stats = extract_features(
+            bb, recipe_for(bb, 512), data, batch_size=256, device=dev, num_workers=0, progress=False
+        )
         seconds = time.perf_counter() - t0
         ok, err = True, ""
     except Exception as e:  # noqa: BLE001 - reported in the table

@@ -79,14 +79,14 @@ def bare_timm_loop(model, batches, num_prefix: int) -> np.ndarray:
 
 def bench_throughput(backbone: str, resolution: int, batch: int, n_images: int, reps: int) -> dict:
     from dinoscale.data.preprocess import ImageFiles, build_transform
-    from dinoscale.features.extract import extract_features
+    from dinoscale.features.extract import extract_features, recipe_for
     from dinoscale.models import load_backbone
 
     bb = load_backbone(backbone, "random", 0)
     model, cpu = bb.model.eval(), torch.device("cpu")
     tmp = Path(tempfile.mkdtemp(prefix="dinoscale-bench-"))
     paths = _png_files(tmp, n_images)
-    transform = build_transform(resolution, bb.mean, bb.std, "bicubic")
+    transform = build_transform(recipe_for(bb, resolution))
     preloaded = [transform(p) for p in paths]  # the same preprocessed tensors for both, in memory
 
     class Preloaded(torch.utils.data.Dataset):
@@ -103,7 +103,7 @@ def bench_throughput(backbone: str, resolution: int, batch: int, n_images: int, 
 
     def ours_preloaded():
         return extract_features(
-            bb, Preloaded(), resolution, "cls_mean_patch", batch_size=batch, device=cpu, progress=False
+            bb, recipe_for(bb, resolution), Preloaded(), batch_size=batch, device=cpu, progress=False
         )[0]
 
     def bare_files():
@@ -111,9 +111,7 @@ def bench_throughput(backbone: str, resolution: int, batch: int, n_images: int, 
         return bare_timm_loop(model, loader, bb.num_prefix_tokens)
 
     def ours_files():
-        return extract_features(
-            bb, paths, resolution, "cls_mean_patch", "bicubic", batch_size=batch, device=cpu, progress=False
-        )[0]
+        return extract_features(bb, recipe_for(bb, resolution), paths, batch_size=batch, device=cpu, progress=False)[0]
 
     bare_preloaded(), ours_preloaded()  # warm-up (allocator, oneDNN kernels)
     modes = {"preloaded": (bare_preloaded, ours_preloaded), "files": (bare_files, ours_files)}
@@ -343,26 +341,28 @@ def bench_store(backbone: str, resolution: int, n_images: int, reps: int) -> dic
 
     from dinoscale.features import FeatureKey, FeatureStore
     from dinoscale.features import store as store_mod
-    from dinoscale.features.extract import extract_features
+    from dinoscale.features.extract import extract_features, recipe_for
     from dinoscale.models import load_backbone
 
     bb = load_backbone(backbone, "random", 0)
     tmp = Path(tempfile.mkdtemp(prefix="dinoscale-bench-store-"))
     paths = _png_files(tmp, n_images)
-    key = FeatureKey(
-        bb.defn.arch_id, bb.weights["digest"], resolution, "bicubic", "n", "cls_mean_patch", "bench", "float16"
-    )
+    key = FeatureKey(recipe_for(bb, resolution, dtype="float16"), "bench")
     stores = {
         "local": FeatureStore(tmp / "store"),
         "memory": FeatureStore(f"memory://bench-{uuid.uuid4().hex[:6]}/store"),
     }
-    feats, _ = extract_features(bb, paths, resolution, batch_size=32, device=torch.device("cpu"), progress=False)
+    feats, _ = extract_features(
+        bb, recipe_for(bb, resolution), paths, batch_size=32, device=torch.device("cpu"), progress=False
+    )
     for s in stores.values():
         s.put(key, feats, [str(i) for i in range(n_images)])
     t = {"extract": [], **{f"read_{n}": [] for n in stores}}
     for _ in range(reps):
         t0 = time.perf_counter()
-        extract_features(bb, paths, resolution, batch_size=32, device=torch.device("cpu"), progress=False)
+        extract_features(
+            bb, recipe_for(bb, resolution), paths, batch_size=32, device=torch.device("cpu"), progress=False
+        )
         t["extract"].append(time.perf_counter() - t0)
         for n, s in stores.items():
             store_mod._VERIFIED.clear()  # each read verifies again (a process verifies a shard once)

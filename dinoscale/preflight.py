@@ -431,7 +431,7 @@ def check_all_weights(spec) -> str:
 def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
     """Run the checks in order and return (the plan, the report). The plan is built here because it
     prepares the dataset: the data root's layout is checked by the dataset's adapter."""
-    from dinoscale.data.checks import decode_sample
+    from dinoscale.data.checks import colour_files_under_grey, decode_sample
     from dinoscale.sweep.plan import build_plan, check_runnable, storage_root
     from dinoscale.tracking import default_artifact_location
 
@@ -453,6 +453,12 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         check_runnable(plan)
         n = decode_sample(plan.dataset)
         report.checks["data"] = f"{len(plan.dataset.manifest)} rows, {n} sample file(s) decoded"
+        colour = colour_files_under_grey(plan.dataset)
+        if colour:  # a grey pipeline would average the hue of colour files away: said before anything runs
+            report.checks["data"] += (
+                f"; WARNING: {len(colour)} sampled file(s) are colour (first: {colour[0]}) but dataset "
+                f"'{plan.dataset.name}' reaches the encoder as grey: set dataset.color: rgb to keep colour"
+            )
         from dinoscale.sweep.inputs import prepare_label_maps
 
         if prepare_label_maps(plan):  # labels outside the probe's classes named before extraction

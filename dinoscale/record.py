@@ -40,6 +40,7 @@ INTERVAL = "dinoscale.interval"  # why a run's headline has no interval (too few
 RAY_TRIAL_ID = "ray.trial_id"
 RAY_NODE_ID = "ray.node_id"
 FEATURE_KEYS = "features.keys"  # split:digest of the feature sets a cell read
+RECIPE_DIGEST = "features.recipe"  # the digest of the cell's feature recipe (dinoscale.features.recipe)
 
 # The experiment's kind, as the MLflow UI reads it (3.x): a model-training experiment, not a GenAI one.
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -124,6 +125,7 @@ TRACEBACK = "error/traceback.txt"
 RESOLVED_SPEC = "spec/resolved.yaml"
 PROTOCOL = "protocol/protocol.md"  # the sweep's protocol table (every constant; dinoscale.sweep.protocol)
 PROTOCOL_JSON = "protocol/protocol.json"
+FEATURE_RECIPES = "protocol/feature_recipes.json"  # recipe digest -> every field of the sweep's feature recipes
 EXTRACTION_DIR = "extraction"
 FEATURE_SETS = "extraction/feature_sets.json"  # per feature set: predicted and measured bytes, shards
 REPORT_DIR = "report"

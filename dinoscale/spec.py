@@ -105,6 +105,12 @@ class DatasetSpec(Strict):
         description="CT window mapped to [0, 1]: a preset (lung, mediastinum, bone, brain, abdomen) or "
         "[HU min, HU max]; none: each image's min-max",
     )
+    color: Literal["auto", "grey", "rgb"] = Field(
+        "auto",
+        description="2D images: the colour model the encoder sees. rgb: colour kept as R, G, B (alpha dropped, grey "
+        "files replicated); grey: one channel replicated to R, G, B (colour files averaged); auto: the dataset's "
+        "declaration (whole-slide tiles and the MedMNIST+ colour sets: rgb; a generic manifest: grey)",
+    )
     tile_mpp: float | None = Field(
         None,
         gt=0,

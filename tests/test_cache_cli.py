@@ -6,12 +6,12 @@ import numpy as np
 from typer.testing import CliRunner
 
 from dinoscale.cli import app
-from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 
 KEY = FeatureKey(
-    "vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc", "float16"
+    FeatureRecipe("vit_small_patch16_dinov3", "random-seed0", 64, (0.5,) * 3, (0.25,) * 3, dtype="float16"), "abc"
 )
-OTHER = dataclasses.replace(KEY, resolution=128)
+OTHER = dataclasses.replace(KEY, recipe=KEY.recipe.with_(resolution=128))
 
 
 def _store(tmp_path):

@@ -143,10 +143,11 @@ def test_nih_unknown_label_is_refused(tmp_path):
 
 def test_corrupt_image_names_its_file(tmp_path):
     from dinoscale.data.preprocess import build_transform
+    from dinoscale.features import FeatureRecipe
 
     _write_nih(tmp_path / "nih", bad_png=True)
     ds = prepare_dataset(DatasetSpec(name="nih-chestxray14", root=str(tmp_path / "nih")), tmp_path)
-    t = build_transform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    t = build_transform(FeatureRecipe("t", "w", 32, (0.5,) * 3, (0.25,) * 3))
     good = t(ds.manifest.path[1])
     assert good.shape == (3, 32, 32)
     with pytest.raises(DataError, match=r"00000000_000.png: the PNG/JPEG/TIFF reader \(MONAI PILReader\) failed"):
@@ -159,8 +160,9 @@ def test_model_input_from_a_real_dicom_file():
     from pydicom.data import get_testdata_file
 
     from dinoscale.data.preprocess import build_transform
+    from dinoscale.features import FeatureRecipe
 
-    t = build_transform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    t = build_transform(FeatureRecipe("t", "w", 32, (0.5,) * 3, (0.25,) * 3))
     x = t(get_testdata_file("CT_small.dcm"))
     assert x.shape == (3, 32, 32)
     # scaled to [0, 1] then normalised with mean 0.5 / std 0.25 (resizing to 32 px smooths the small bright bones)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dinoscale.data import DataError, prepare_dataset
 from dinoscale.data.splits import LeakageError
+from dinoscale.features import FeatureRecipe
 from dinoscale.spec import DatasetSpec, PhantomSpec, SplitSpec
 
 pydicom = pytest.importorskip("pydicom")
@@ -95,7 +96,9 @@ def test_ct_window_presets_through_the_sweeps_volume_path(tmp_path):
     hu = np.array([-2000.0, -1350.0, -600.0, 150.0, 3000.0], np.float32)
     nib.save(nib.Nifti1Image(np.tile(hu[:, None, None], (1, 4, 2)), np.eye(4)), str(tmp_path / "ct.nii.gz"))
     for window, expected in (("lung", [0, 0, 0.5, 1, 1]), ((-1000.0, 1000.0), [0, 0, 0.2, 0.575, 1])):
-        load, to_input = build_volume_transform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), window=window_range(window))
+        load, to_input = build_volume_transform(
+            FeatureRecipe("t", "w", 32, (0.5,) * 3, (0.25,) * 3, intensity="window", window=window_range(window))
+        )
         vol = load(str(tmp_path / "ct.nii.gz"))
         np.testing.assert_allclose(vol[:, 0, 0].numpy(), expected, atol=1e-6)
     x = to_input(vol[..., 0])

@@ -11,6 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from dinoscale.features import FeatureRecipe
+
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
@@ -46,7 +48,9 @@ def test_dicom_series_folder_is_one_volume_sorted_by_position_in_hu(tmp_path):
 
     expected_hu = _series(tmp_path / "series")
     lo, hi = -1024.0, 3071.0
-    load, _ = build_volume_transform(32, [0.5] * 3, [0.5] * 3, window=(lo, hi))
+    load, _ = build_volume_transform(
+        FeatureRecipe("t", "w", 32, (0.5,) * 3, (0.5,) * 3, intensity="window", window=(lo, hi))
+    )
     vol = load(str(tmp_path / "series"))
     assert tuple(vol.shape) == (128, 128, 5)  # x, y, slices, whatever the file order
     # reoriented to RAS: DICOM's patient axes are LPS, so the first row / column (L, P) end up last (R->L, A->P)
@@ -54,7 +58,7 @@ def test_dicom_series_folder_is_one_volume_sorted_by_position_in_hu(tmp_path):
 
 
 def test_a_dicom_series_feeds_volume_extraction_and_its_digest_tracks_the_files(tmp_path):
-    from dinoscale.features.extract import extract_volume_slices
+    from dinoscale.features.extract import extract_volume_slices, recipe_for
     from dinoscale.models import load_backbone
 
     _series(tmp_path / "s1")
@@ -63,11 +67,9 @@ def test_a_dicom_series_feeds_volume_extraction_and_its_digest_tracks_the_files(
 
     feats, stats = extract_volume_slices(
         xs,
+        recipe_for(xs, 32, view="slices", antialias="gaussian", window=(-160, 240)),
         [str(tmp_path / "s1")],
         [5],
-        32,
-        "cls_mean_patch",
-        window=(-160, 240),
         device=torch.device("cpu"),
         num_workers=0,
     )
@@ -144,11 +146,13 @@ def test_a_ct_window_applies_to_2d_dicom_slices():
 
     path = get_testdata_file("CT_small.dcm")
     hu = read_image(path)
-    x = build_transform(128, [0.0] * 3, [1.0] * 3, window=(-125, 225))(path)[0].numpy()
+    x = build_transform(FeatureRecipe("t", "w", 128, (0.0,) * 3, (1.0,) * 3, intensity="window", window=(-125, 225)))(
+        path
+    )[0].numpy()
     assert x.shape == (128, 128) and x.min() >= -1e-3 and x.max() <= 1 + 1e-3
     air = hu < -400  # clipped to the bottom of the window; soft tissue inside it
     assert x[air].max() < 0.05 and 0.2 < np.median(x[(hu > -50) & (hu < 100)]) < 0.6
-    plain = build_transform(128, [0.0] * 3, [1.0] * 3)(path)[0].numpy()
+    plain = build_transform(FeatureRecipe("t", "w", 128, (0.0,) * 3, (1.0,) * 3))(path)[0].numpy()
     tissue = (hu > -100) & (hu < 200)
     assert x[tissue].std() > 3 * plain[tissue].std()  # the window spreads soft tissue over [0, 1]; min-max does not
 
@@ -173,7 +177,7 @@ def test_real_mni152_template_and_tissue_maps_stay_aligned_through_the_readers(t
 
     vol, spacing = read_volume(t1_path)
     assert vol.shape == (1, 197, 233, 189) and spacing == (1.0, 1.0, 1.0)  # RAS already, 1 mm
-    load, _ = build_volume_transform(64, [0.5] * 3, [0.5] * 3)
+    load, _ = build_volume_transform(FeatureRecipe("t", "w", 64, (0.5,) * 3, (0.5,) * 3))
     t1 = load(str(t1_path)).numpy()  # [X, Y, Z] in [0, 1], as extraction reads it
     y = load_label_maps([str(mask_path)], [189], n_classes=3)[0]  # (Z, X, Y): slice k = axial slice k
     t1_slices = np.moveaxis(t1, -1, 0)

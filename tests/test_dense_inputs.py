@@ -8,11 +8,16 @@ import torch
 
 from dinoscale.data import DataError
 from dinoscale.data.masks import load_label_maps
-from dinoscale.features.extract import extract_features, extract_volume_slices
+from dinoscale.features.extract import extract_features, extract_volume_slices, recipe_for
 from dinoscale.metrics import variation_of_information
 from dinoscale.models import load_backbone
 from dinoscale.probes.segmentation import affinity_targets, agglomerate_affinities
 from test_extraction_volumes import CPU, Slices, _volumes
+
+
+def SL(backbone, tokens, **fields):
+    """The recipe of per-slice features at 32 px."""
+    return recipe_for(backbone, 32, view="slices", tokens=tokens, antialias="gaussian", **fields)
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +28,19 @@ def xs():
 def test_slice_rows_are_each_slice_in_volume_order(xs, tmp_path):
     paths = _volumes(tmp_path, n=3)  # 5, 6 and 7 slices
     n = [5, 6, 7]
-    grids, stats = extract_volume_slices(xs, paths, n, 32, "patch_grid", batch_size=4, device=CPU, num_workers=2)
+    grids, stats = extract_volume_slices(xs, SL(xs, "patch_grid"), paths, n, batch_size=4, device=CPU, num_workers=2)
     assert grids.shape == (18, xs.model.num_features, 2, 2) and stats.slices == 18 and stats.images == 3
     for v, p in enumerate(paths):
-        ref, _ = extract_features(xs, Slices(p, xs, 32), 32, "patch_grid", batch_size=8, device=CPU, num_workers=0)
+        ref, _ = extract_features(
+            xs, recipe_for(xs, 32, tokens="patch_grid"), Slices(p, xs, 32), batch_size=8, device=CPU, num_workers=0
+        )
         np.testing.assert_allclose(grids[sum(n[:v]) : sum(n[: v + 1])], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_a_volume_with_another_slice_count_than_the_manifest_names_its_file(xs, tmp_path):
     paths = _volumes(tmp_path, n=2)
     with pytest.raises(DataError, match=r"vol1\.nii\.gz: 6 slices .* the manifest says 9"):
-        extract_volume_slices(xs, paths, [5, 9], 32, "cls_mean_patch", device=CPU, num_workers=0)
+        extract_volume_slices(xs, SL(xs, "cls_mean_patch"), paths, [5, 9], device=CPU, num_workers=0)
 
 
 def _pet_pair(tmp_path, shape=(24, 24, 4), pet_shape=None, hot=True):
@@ -51,10 +58,10 @@ def test_pet_is_fused_into_the_input_channels(xs, tmp_path):
     ct, hot = _pet_pair(tmp_path)
     _, cold = _pet_pair(tmp_path, hot=False)
     a, _ = extract_volume_slices(
-        xs, [ct], [4], 32, "cls_mean_patch", window=(-160, 240), pet_paths=[hot], device=CPU, num_workers=0
+        xs, SL(xs, "cls_mean_patch", window=(-160, 240)), [ct], [4], pet_paths=[hot], device=CPU, num_workers=0
     )
     b, _ = extract_volume_slices(
-        xs, [ct], [4], 32, "cls_mean_patch", window=(-160, 240), pet_paths=[cold], device=CPU, num_workers=0
+        xs, SL(xs, "cls_mean_patch", window=(-160, 240)), [ct], [4], pet_paths=[cold], device=CPU, num_workers=0
     )
     assert a.shape == b.shape == (4, xs.model.num_features * 2)
     assert np.abs(a - b).max() > 1e-3  # the PET lesion changes the features of the same CT
@@ -64,7 +71,7 @@ def test_pet_of_another_shape_than_its_ct_names_both_files(xs, tmp_path):
     ct, _ = _pet_pair(tmp_path)
     _, pet = _pet_pair(tmp_path / ".." / tmp_path.name, pet_shape=(20, 24, 4))
     with pytest.raises(DataError, match=r"pet1\.nii\.gz: PET shape \(20, 24, 4\) differs from its CT .*ct\.nii\.gz"):
-        extract_volume_slices(xs, [ct], [4], 32, "cls_mean_patch", pet_paths=[pet], device=CPU, num_workers=0)
+        extract_volume_slices(xs, SL(xs, "cls_mean_patch"), [ct], [4], pet_paths=[pet], device=CPU, num_workers=0)
 
 
 def _mask(tmp_path, name, arr):
@@ -136,5 +143,5 @@ def test_probes_must_fit_the_task_before_anything_runs(tmp_path):
     ok = plan("mri")
     check_runnable(ok)
     assert {f.view for f in ok.feature_sets} == {"slices"} and all(
-        f.key.tokens == "patch_grid@slices" for f in ok.feature_sets
+        (f.key.recipe.tokens, f.key.recipe.view) == ("patch_grid", "slices") for f in ok.feature_sets
     )

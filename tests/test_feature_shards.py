@@ -11,10 +11,23 @@ import numpy as np
 import pytest
 
 from conftest import tiny_spec_dict
-from dinoscale.features import FeatureKey, FeatureStore, FeatureStoreError
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore, FeatureStoreError
 from dinoscale.features import store as store_mod
 
-KEY = FeatureKey("vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "m", "patch_grid@slices", "abc", "float16")
+KEY = FeatureKey(
+    FeatureRecipe(
+        "vit_small_patch16_dinov3",
+        "random-seed0",
+        64,
+        (0.5,) * 3,
+        (0.25,) * 3,
+        view="slices",
+        tokens="patch_grid",
+        antialias="gaussian",
+        dtype="float16",
+    ),
+    "abc",
+)
 
 
 def test_rows_stream_in_any_order_and_read_back_through_small_windows(tmp_path, monkeypatch):

@@ -1,36 +1,23 @@
 """Feature store keys, atomic writes, verification; extraction of CLS ⊕ mean-patch features."""
 
-import dataclasses
 import multiprocessing as mp
 
 import numpy as np
 import pytest
 import torch
 
-from dinoscale.features import FeatureKey, FeatureStore, FeatureStoreError
-from dinoscale.features.extract import extract_features, pool_tokens
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore, FeatureStoreError
+from dinoscale.features.extract import extract_features, pool_tokens, recipe_for
 
-KEY = FeatureKey(
-    "vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "mean=..,std=..", "cls_mean_patch", "abc123", "float16"
-)
+RECIPE = FeatureRecipe("vit_small_patch16_dinov3", "random-seed0", 64, (0.5,) * 3, (0.25,) * 3, dtype="float16")
+KEY = FeatureKey(RECIPE, "abc123")
 
 
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("resolution", 128),
-        ("weights_digest", "sha256:x"),
-        ("interpolation", "bilinear"),
-        ("tokens", "cls"),
-        ("manifest_digest", "def"),
-        ("dtype", "float32"),
-        ("normalisation", "other"),
-        ("backbone", "vit_base_patch16_dinov3"),
-        ("extractor_version", "999"),
-    ],
-)
-def test_every_key_field_changes_the_digest(field, value):
-    assert dataclasses.replace(KEY, **{field: value}).digest != KEY.digest
+def test_the_key_is_the_recipe_applied_to_rows():
+    # every recipe field: tests/test_recipe.py
+    assert FeatureKey(RECIPE.with_(resolution=128), "abc123").digest != KEY.digest
+    assert FeatureKey(RECIPE, "def").digest != KEY.digest
+    assert FeatureKey(RECIPE, "abc123").digest == KEY.digest
 
 
 def test_put_get_roundtrip_stores_float16(tmp_path):
@@ -108,10 +95,10 @@ def test_extract_features_from_files(tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (80, 80), dtype=np.uint8)).save(p)
         paths.append(str(p))
     bb = load_backbone("dinov3-demo-xs", "random", 0)
-    feats, stats = extract_features(bb, paths, resolution=48, batch_size=2, device=torch.device("cpu"))
+    feats, stats = extract_features(bb, recipe_for(bb, 48), paths, batch_size=2, device=torch.device("cpu"))
     assert feats.shape == (5, 2 * 96)
     assert stats.images == 5 and stats.forward_passes == 3
-    again, _ = extract_features(bb, paths[2:3], resolution=48, batch_size=1, device=torch.device("cpu"))
+    again, _ = extract_features(bb, recipe_for(bb, 48), paths[2:3], batch_size=1, device=torch.device("cpu"))
     np.testing.assert_allclose(again[0], feats[2], atol=1e-5)  # batch composition does not change a sample's features
 
 

@@ -143,7 +143,7 @@ def test_channel_map_is_a_setting_in_the_feature_key(tmp_path):
 def test_each_channel_through_the_encoder_averages_its_features(tmp_path):
     """'each' runs every sequence as grey and averages: the mean of four grey extractions, one per channel."""
     from dinoscale.data.volumes import VolumeInput, channel_map
-    from dinoscale.features.extract import extract_volume_slices, pick_device
+    from dinoscale.features.extract import extract_volume_slices, pick_device, recipe_for
     from dinoscale.models import load_backbone
 
     _, ds = _replica(tmp_path, "msd", "Task01_BrainTumour")
@@ -152,15 +152,16 @@ def test_each_channel_through_the_encoder_averages_its_features(tmp_path):
     bb = load_backbone("dinov3-demo-xs", "random", 0)
     names = ("FLAIR", "T1w", "t1gd", "T2w")
     each = VolumeInput(channel_map(names, ChannelSpec(mode="each")))
-    common = dict(token_set="cls_mean_patch", device=pick_device(), num_workers=0, progress=False)
-    x, _ = extract_volume_slices(bb, [path], [16], 32, volume=each, **common)
+    common = dict(device=pick_device(), num_workers=0, progress=False)
+    grey = recipe_for(bb, 32, view="slices", antialias="gaussian")
+    x, _ = extract_volume_slices(bb, grey.with_(volume=each), [path], [16], **common)
     singles = []
     for k in range(4):
         one = tmp_path / f"ch{k}.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(vol.dataobj)[..., k], vol.affine), str(one))
-        singles.append(extract_volume_slices(bb, [str(one)], [16], 32, **common)[0])
+        singles.append(extract_volume_slices(bb, grey, [str(one)], [16], **common)[0])
     assert np.allclose(x, np.mean(singles, axis=0), atol=1e-5)
-    picked = extract_volume_slices(bb, [path], [16], 32, volume=ds.volume, **common)[0]
+    picked = extract_volume_slices(bb, grey.with_(volume=ds.volume), [path], [16], **common)[0]
     assert not np.allclose(picked, x)
 
 

@@ -8,14 +8,14 @@ import re
 import numpy as np
 import pytest
 
-from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.features import rows as rows_mod
 from dinoscale.features.rows import RowView
 from dinoscale.probes import BagSplit, SegSplit, Split
 
 
 def _store_rows(tmp_path, x, name="k"):
-    key = FeatureKey("b", "w", 32, "bicubic", "n", name, "m", "float32")
+    key = FeatureKey(FeatureRecipe("b", "w", 32, (0.5,) * 3, (0.25,) * 3, tokens=name), "m")
     store = FeatureStore(tmp_path)
     store.put(key, x, [str(i) for i in range(len(x))])
     return store.get(key).rows

@@ -130,10 +130,9 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
     entries = FeatureStore(tmp_path / "store" / "features").entries()
     assert len(entries) == 3
     for e in entries:
-        assert (
-            e["key"]["tokens"] == "cls_mean_patch@volume-mean"
-            and "window=[-1350.0, 150.0]" in e["key"]["normalisation"]
-        )
+        k = e["key"]  # the recipe's fields (dinoscale.features.recipe), its digest and the rows'
+        assert (k["tokens"], k["view"], k["pool"]) == ("cls_mean_patch", "volumes", "mean")
+        assert k["intensity"] == "window" and k["window"] == [-1350.0, 150.0] and k["recipe_digest"]
         assert e["shape"][0] == (ds.manifest["split"] == e["split"]).sum()  # one row per volume
     assert out.extraction.images == int(ds.manifest["n_slices"].sum())  # backbone inputs: every slice once
 

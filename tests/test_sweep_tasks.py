@@ -150,7 +150,9 @@ def test_petct_sweep_fuses_pet_into_the_features(tmp_path, ray_local):
     spec = parse_spec(_spec(tmp_path, "petct", probe, n_patients=12))
     out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
     assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
-    assert all("pet_suv" in f.key.normalisation and "window" in f.key.normalisation for f in out.plan.feature_sets)
+    assert all(
+        "pet_suv" in f.recipe.volume.signature() and f.recipe.intensity == "window" for f in out.plan.feature_sets
+    )
     _, runs = _children(out)
     assert all("test_dice" in r.data.metrics or r.data.tags.get("dinoscale.error") for r in runs)
 

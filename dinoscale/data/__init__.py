@@ -66,4 +66,27 @@ def prepare_dataset(spec: DatasetSpec, storage: Path) -> PreparedDataset:
         if not (ds.manifest["split"] == s).any():
             raise DataError(f"dataset '{spec.name}': split '{s}' is empty; more patients are needed")
     ds.resolve_volumes(spec)  # channel map and common grid of volumes (dinoscale.data.volumes)
+    ds.color = resolve_color(spec, ds.color, ds.volumetric)
     return ds
+
+
+def dataset_color(spec: DatasetSpec) -> str:
+    """The colour model of a dataset before it is prepared: the spec's ``dataset.color``, else the adapter's."""
+    return resolve_color(spec, "", False)
+
+
+def resolve_color(spec: DatasetSpec, found: str, volumetric: bool) -> str:
+    """The colour model 2D images reach the encoder in (grey | rgb): the spec's ``dataset.color`` unless 'auto',
+    else what the adapter found in the files (``found``), else its declaration. Volumes: grey (their channel
+    map says what the encoder sees)."""
+    wanted = getattr(spec, "color", "auto")
+    if volumetric:
+        if wanted == "rgb":
+            raise DataError(
+                f"dataset '{spec.name}' holds volumes; dataset.color applies to 2D images "
+                "(multi-channel volumes: dataset.channels)"
+            )
+        return "grey"
+    if wanted != "auto":
+        return wanted
+    return found or get_dataset(spec.name).declared_color(getattr(spec, "subset", None))

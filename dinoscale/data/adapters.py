@@ -235,7 +235,12 @@ MEDMNIST_CLASSES = {
 }
 
 
-@register_dataset("medmnist", task="auto")
+def _medmnist_color(subset: str | None) -> str:
+    """The published colour model of a MedMNIST+ subset (PathMNIST, DermaMNIST, BloodMNIST, RetinaMNIST: RGB)."""
+    return "rgb" if MEDMNIST_CLASSES.get(re.sub(r"_\d+$", "", subset or ""), (0, False, False))[2] else "grey"
+
+
+@register_dataset("medmnist", task="auto", color=_medmnist_color)
 def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "MedMNIST+", MEDMNIST_LAYOUT, MEDMNIST_SOURCE)
     if not spec.subset:
@@ -262,6 +267,11 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
     classes = list(spec.classes) if spec.classes else [f"class_{k}" for k in range(n_cls)]
     if len(classes) != n_cls:
         raise DataError(f"{path}: {n_cls} classes in the labels, {len(classes)} named in dataset.classes")
+    # 2D colour sets store (N, S, S, 3), 3D sets (N, S, S, S): the published subset name tells them apart
+    shape0 = frames[0][2]
+    colour = len(shape0) == 4 and (
+        MEDMNIST_CLASSES[base][2] if base in MEDMNIST_CLASSES else (shape0[-1] in (3, 4) and shape0[-1] != shape0[1])
+    )
     rows = []
     for split, y, shape in frames:
         bad = np.flatnonzero((y < 0).any(1) | (y >= (2 if multilabel else n_cls)).any(1))
@@ -281,12 +291,12 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
                     "npz_key": f"{split}_images",
                     "npz_index": i,
                     "split": split,
-                    **({"n_slices": shape[-1]} if len(shape) == 4 else {}),  # an item [x, y, z]: slices last
+                    **({"n_slices": shape[-1]} if len(shape) == 4 and not colour else {}),  # [x, y, z]: slices last
                     **dict(zip(classes, onehot[i].astype(int).tolist())),
                 }
             )
     df = pd.DataFrame(rows)
-    return PreparedDataset(
+    ds = PreparedDataset(
         spec.name,
         "multilabel" if multilabel else "multiclass",
         classes,
@@ -294,6 +304,8 @@ def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
         _real(spec, f"MedMNIST+ {spec.subset}", root, "official (no patient ids: sample-level)"),
         root,
     )
+    ds.color = "rgb" if colour else "grey"
+    return ds
 
 
 # ---------------------------------------------------------------- Medical Segmentation Decathlon
@@ -441,6 +453,7 @@ WSI_SOURCE = "Camelyon16/17 (https://camelyon17.grand-challenge.org), tiled with
 @register_dataset(
     "wsi-tiles",
     task="mil",
+    color="rgb",  # H&E-stained tiles: stain colour carries diagnostic information
     published=PublishedSize(
         399,
         "slide",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dinoscale.data.dataset import DataError, PreparedDataset
-from dinoscale.data.readers import BAD_FILE_HINT
+from dinoscale.data.readers import BAD_FILE_HINT, read_image
 from dinoscale.record import DATA_SKIPPED, DATA_SKIPPED_FILES
 
 SMALL_DATASET = 64  # 2D rows: up to this many, the pre-flight decodes every file (well under a second)
@@ -155,3 +155,22 @@ def decode_sample(ds: PreparedDataset, per_split: int | None = None) -> int:
             + "\nReplace or remove them (or set dataset.on_bad_file: skip to drop unreadable files, recorded)"
         )
     return len(files)
+
+
+def colour_files_under_grey(ds: PreparedDataset, per_split: int = 2) -> list[str]:
+    """Pre-flight: files of a sample of each split that hold colour (channels that differ) while the dataset's
+    images reach the encoder as grey (``ds.color``): the grey model would average their hue away. Empty for
+    RGB datasets and volumes."""
+    if ds.volumetric or ds.color != "grey":
+        return []
+    found = []
+    for split in ("train", "val", "test"):
+        items = ds.sources(split).items
+        for k in sorted({0, len(items) - 1, *range(0, len(items), max(1, len(items) // per_split))})[:per_split]:
+            try:
+                img = read_image(items[k])
+            except DataError:
+                continue  # decode_sample names unreadable files
+            if img.ndim == 3 and img.shape[-1] >= 3 and float(np.ptp(img[..., :3], axis=-1).max()) > 0:
+                found.append(str(items[k]))
+    return found

@@ -191,6 +191,9 @@ class PreparedDataset:
     replicates_reason: str = ""
     channel_names: tuple[str, ...] = ()  # volumes: the channels of each image file (MSD: dataset.json's modality)
     volume: VolumeInput | None = None  # set from the spec when prepared (dinoscale.data.volumes)
+    # 2D images: the colour model the encoder sees, grey | rgb ('' = the adapter's declaration, DatasetDef.color);
+    # resolved with the spec's dataset.color when prepared (dinoscale.data.prepare_dataset)
+    color: str = ""
     geometry: dict[str, tuple] = field(
         default_factory=dict
     )  # volumes on a common grid: sample id -> native (shape, spacing)
@@ -453,6 +456,12 @@ class DatasetDef:
         return size.units if size is not None else None
 
     replicates: str = "resplit"  # how replicates vary its split (PreparedDataset.replicates), known before preparing
+    # its colour model (grey | rgb), known before preparing: a value, or a function of dataset.subset
+    # (MedMNIST+: by subset); the prepared dataset may say otherwise from its files (PreparedDataset.color)
+    color: str | Callable[[str | None], str] = "grey"
+
+    def declared_color(self, subset: str | None = None) -> str:
+        return self.color(subset) if callable(self.color) else self.color
 
 
 _REGISTRY: dict[str, DatasetDef] = {}
@@ -466,15 +475,17 @@ def register_dataset(
     task: str = "multilabel",
     published: PublishedSize | dict[str, PublishedSize] | None = None,
     replicates: str = "resplit",
+    color: str | Callable[[str | None], str] = "grey",
 ):
     """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``. ``published``: its
     published size (``published_images``: the same for a set of 2D images); ``replicates``: 'fixed' where the
-    protocol fixes the split (replicates then vary initialisation only)."""
+    protocol fixes the split (replicates then vary initialisation only); ``color``: its colour model, grey or
+    rgb (or a function of ``dataset.subset``), what ``dataset.color: auto`` resolves to."""
     if published is None and published_images is not None:
         published = PublishedSize(published_images)
 
     def deco(fn: Callable[..., PreparedDataset]):
-        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published, replicates)
+        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published, replicates, color)
         return fn
 
     return deco

@@ -388,5 +388,9 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
 
 for _kind in _TASK:
     register_dataset(
-        f"phantom-{_kind}", phantom=True, task=_TASK[_kind], replicates="fixed" if _kind == "em" else "resplit"
+        f"phantom-{_kind}",
+        phantom=True,
+        task=_TASK[_kind],
+        replicates="fixed" if _kind == "em" else "resplit",
+        color="rgb" if _kind == "wsi" else "grey",  # H&E-stained tiles
     )((lambda k: lambda spec, storage: _prepare(k, spec, storage))(_kind))

@@ -1,7 +1,9 @@
 """Image preprocessing through MONAI readers and transforms (imported lazily: MONAI takes ~10 s).
 
-Grey-scale medical images -> [0, 1] -> resized to the trial resolution (anti-aliased) -> three
-channels -> normalised with the backbone's mean/std.
+Every step is a field of the feature recipe (``dinoscale.features.recipe.FeatureRecipe``) and nothing else:
+the file's channels under the dataset's colour model (grey replicated, RGB kept, alpha dropped) ->
+intensities to [0, 1] (own min-max or a CT window) -> resized to the recipe's resolution (anti-aliased)
+-> three channels -> normalised with the encoder's mean / std.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from dinoscale.data.dataset import DataError
 from dinoscale.data.volumes import PET_SUV_RANGE, VolumeInput, channel_map, to_grid  # noqa: F401  (PET_SUV_RANGE re-exported)
+from dinoscale.features.recipe import FeatureRecipe
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
 
@@ -32,37 +35,45 @@ def resize_antialiased(img: torch.Tensor, resolution: int, interpolation: str = 
     )[0]
 
 
-def build_transform(
-    resolution: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bicubic",
-    window: tuple[float, float] | None = None,
-):
-    """path -> [3, resolution, resolution] tensor. Any 2D file MONAI reads (PNG, TIFF, JPEG, DICOM with
-    rescale slope/intercept and MONOCHROME1 inverted) via ``dinoscale.data.readers.read_image``.
-    ``window``: a CT window (HU min, max) mapped to [0, 1], clipped (DICOM CT slices); default: the
-    image's own min-max."""
+def to_channels(img: np.ndarray, color: str) -> np.ndarray:
+    """A 2D image as read ([rows, cols] or [rows, cols, C]) -> channels first under the recipe's colour model:
+    'grey': [1, rows, cols] (a colour file averaged over R, G, B, as always); 'rgb': [3, rows, cols] for a
+    colour file (alpha dropped), [1, rows, cols] for a grey one (replicated after resizing)."""
+    if img.ndim == 2:
+        return img[None]
+    if img.shape[-1] == 2:  # grey + alpha
+        return img[None, ..., 0]
+    if color == "grey":
+        return img[..., :3].mean(-1)[None]
+    return np.ascontiguousarray(np.moveaxis(img[..., :3], -1, 0))
+
+
+def build_transform(recipe: FeatureRecipe):
+    """path -> [3, resolution, resolution] tensor under ``recipe`` (``dinoscale.features.recipe``). Any 2D file
+    MONAI reads (PNG, TIFF, JPEG, DICOM with rescale slope/intercept and MONOCHROME1 inverted) via
+    ``dinoscale.data.readers.read_image``; its channels under the recipe's colour model (``to_channels``);
+    intensities to [0, 1] (``intensity``: a CT window in HU, clipped, or the image's own min-max, over all
+    its channels at once so that hue is kept); resized, anti-aliased; grey replicated to three channels;
+    the encoder's mean / std."""
     from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel, ScaleIntensity, ScaleIntensityRange
 
     from dinoscale.data.readers import read_image
 
-    tail = Compose(
-        [
-            ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
-            if window is not None
-            else ScaleIntensity(minv=0.0, maxv=1.0),
-            Lambda(lambda x: resize_antialiased(x, resolution, interpolation)),
-            RepeatChannel(repeats=3),
-            NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True),
-        ]
+    window, resolution, interpolation = recipe.window, recipe.resolution, recipe.interpolation
+    scale = (
+        ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+        if recipe.intensity == "window"
+        else ScaleIntensity(minv=0.0, maxv=1.0)
     )
+    resize = Lambda(lambda x: resize_antialiased(x, resolution, interpolation))
+    norm = NormalizeIntensity(subtrahend=list(recipe.mean), divisor=list(recipe.std), channel_wise=True)
+    grey = Compose([scale, resize, RepeatChannel(repeats=3), norm])
+    colour = Compose([scale, resize, norm])
 
     def transform(path: str) -> torch.Tensor:
-        img = read_image(path)  # [rows, cols] float32; errors name the file
-        return torch.as_tensor(tail(img[None]), dtype=torch.float32).as_subclass(
-            torch.Tensor
-        )  # plain tensor, no MetaTensor
+        img = to_channels(read_image(path), recipe.color)  # [1 or 3, rows, cols] float32; errors name the file
+        x = (grey if img.shape[0] == 1 else colour)(img)
+        return torch.as_tensor(x, dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, no MetaTensor
 
     return transform
 
@@ -91,15 +102,7 @@ def fusion_signature(channels: tuple[str, ...]) -> str:
     return channel_map(own + tuple(channels)).signature()
 
 
-def build_volume_transform(
-    resolution: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bicubic",
-    window: tuple[float, float] | None = None,
-    fuse_pet: bool = False,
-    volume: VolumeInput | None = None,
-):
+def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
     """(load_volume, slice_transform) for slice-wise extraction of 3D volumes (NIfTI, DICOM series, ...).
 
     ``load_volume(item)`` reads through ``dinoscale.data.readers.read_volume`` (reoriented to RAS, the one
@@ -111,8 +114,10 @@ def build_volume_transform(
     channel map: grey repeated; three picked channels (a 'mean' entry: the mean of the other picked ones);
     or, in 'each' mode, [C, 3, r, r]: every channel as grey, for features averaged over channels.
 
-    ``volume``: the dataset's channel map and grid (``dinoscale.data.volumes.VolumeInput``); None: grey on the
-    volume's own grid, or with ``fuse_pet`` the PET/CT default (``load_volume((ct_path, pet_path))``: CT
+    Everything comes from ``recipe`` (``dinoscale.features.recipe``): its resolution, interpolation, intensity
+    mapping (window), mean / std, and ``volume``: the dataset's channel map and grid
+    (``dinoscale.data.volumes.VolumeInput``); None: grey on the volume's own grid, or with ``fuse_pet`` (rows
+    that carry a PET beside each CT) the PET/CT default (``load_volume((ct_path, pet_path))``: CT
     windowed, PET in SUV, and their mean, so one forward pass sees both modalities).
     """
     from monai.transforms import (
@@ -126,6 +131,8 @@ def build_volume_transform(
 
     from dinoscale.data.readers import read_volume
 
+    window = recipe.window if recipe.intensity == "window" else None
+    resolution, interpolation, volume = recipe.resolution, recipe.interpolation, recipe.volume
     if volume is None:
         volume = VolumeInput(channel_map(("ct", "pet") if fuse_pet else ("image",)))
     cmap, grid = volume.channels, volume.grid
@@ -141,7 +148,7 @@ def build_volume_transform(
     }
     resize = Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True)
     to3 = RepeatChannel(repeats=3)
-    norm = NormalizeIntensity(subtrahend=list(mean), divisor=list(std), channel_wise=True)
+    norm = NormalizeIntensity(subtrahend=list(recipe.mean), divisor=list(recipe.std), channel_wise=True)
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
     sources = cmap.sources
     local = [sources.index(i) if i >= 0 else -1 for i in cmap.pick]  # pick entries as positions in `sources`

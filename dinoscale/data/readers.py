@@ -5,8 +5,10 @@
 - Volumes (``read_volume``: NIfTI through NibabelReader, DICOM series folders through PydicomReader,
   HDF5 blocks): reoriented to RAS with MONAI's ``Orientation``, optional resampling to a voxel
   spacing, the spacing returned with the array; layout [C, X, Y, Z] (axial slice k is ``vol[..., k]``).
-- PNG / JPEG / TIFF (PILReader): [rows, cols], colour averaged to grey.
-- Items of ``.npz`` arrays (MedMNIST+, ``read_npz_ref``): one image [rows, cols] (colour averaged) or
+- PNG / JPEG / TIFF (PILReader): [rows, cols] for grey files, [rows, cols, C] for colour ones (C = 3, or 4
+  with alpha, 2 for grey + alpha): the file's channels. Readers never decide colour: the feature recipe
+  does (``dinoscale.features.recipe``: grey replicated, RGB kept, alpha dropped; ``data.preprocess.to_channels``).
+- Items of ``.npz`` arrays (MedMNIST+, ``read_npz_ref``): one image [rows, cols] (or [rows, cols, 3]) or
   one volume, memory-mapped from the (uncompressed) archive: reading an item never loads the array.
 
 Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing,
@@ -115,23 +117,24 @@ def read_dicom(path: str | Path) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """A 2D image of any supported kind -> float32 [rows, cols] (grey; colour averaged)."""
+    """A 2D image of any supported kind -> float32 [rows, cols] (grey) or [rows, cols, C] (the file's colour
+    channels, alpha included: the recipe decides what reaches the encoder)."""
     kind = file_kind(path)
     if kind == "dicom":
         arr = read_dicom(path)
     elif kind == "raster":
         arr = np.asarray(_read("raster", path), dtype=np.float32)
-        if arr.ndim == 3:
-            arr = arr[..., :3].mean(-1)
     elif kind == "npz_item":
-        arr = read_npz_ref(str(path)).astype(np.float32)
-        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # MedMNIST+ colour sets: [H, W, 3]
-            arr = arr[..., :3].mean(-1)
+        arr = read_npz_ref(str(path)).astype(np.float32)  # MedMNIST+ colour sets: [H, W, 3]
     else:
         what = "no reader for this file type" if kind == "unknown" else f"a {kind} file is a volume, not a 2D image"
         raise DataError(f"{path}: {what} (2D images: {', '.join(_RASTER_SUFFIXES)}, .dcm)")
-    if arr.ndim != 2:
-        raise DataError(f"{path}: expected a 2D image, got shape {tuple(arr.shape)}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (2, 3, 4))):
+        raise DataError(
+            f"{path}: expected a 2D image (grey, or 3 / 4 colour channels last), got shape {tuple(arr.shape)}"
+        )
     return arr
 
 

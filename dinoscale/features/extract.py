@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dinoscale.features.recipe import SLICE_AXIS, FeatureRecipe
 from dinoscale.models import BackboneFacts, LoadedBackbone
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,36 @@ def forward_token_set(backbone: LoadedBackbone, x: torch.Tensor, ts: TokenSet) -
         h, w = x.shape[-2] // p, x.shape[-1] // p
         return grid.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], h, w)
     return pool_tokens(tokens, backbone.num_prefix_tokens, ts.name, backbone.has_cls)
+
+
+def _check_recipe(backbone: LoadedBackbone, recipe: FeatureRecipe, need_multiple: bool = True) -> TokenSet:
+    """The recipe's token set, checked against the loaded backbone, and the recipe's encoder against it: the
+    weights and the normalisation the recipe names are the ones loaded (else the key would lie)."""
+    ts = check_token_set(backbone, recipe.tokens)
+    if backbone.weights.get("digest", recipe.weights_digest) != recipe.weights_digest:
+        raise RuntimeError(
+            f"{backbone.defn.name}: loaded weights {backbone.weights['digest']} differ from the recipe's {recipe.weights_digest}"
+        )
+    if need_multiple and recipe.resolution % backbone.patch_size:
+        raise ValueError(
+            f"resolution {recipe.resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}"
+        )
+    return ts
+
+
+def recipe_for(backbone: LoadedBackbone, resolution: int, **fields) -> FeatureRecipe:
+    """The recipe of ``backbone`` (its architecture, weights digest and own mean / std) at ``resolution``;
+    ``fields``: any other recipe field (tokens, color, window + intensity, view, pool, volume, dtype, ...)."""
+    if fields.get("window") is not None:
+        fields.setdefault("intensity", "window")
+    return FeatureRecipe(
+        backbone=backbone.defn.arch_id,
+        weights_digest=backbone.weights["digest"],
+        resolution=resolution,
+        mean=tuple(float(v) for v in backbone.mean),
+        std=tuple(float(v) for v in backbone.std),
+        **fields,
+    )
 
 
 @dataclass
@@ -220,40 +251,35 @@ def _prepare(backbone: LoadedBackbone, device: torch.device):
 @torch.inference_mode()
 def extract_features(
     backbone: LoadedBackbone,
-    paths: Sequence[str] | torch.utils.data.Dataset,
-    resolution: int,
-    token_set: str = "cls_mean_patch",
-    interpolation: str = "bicubic",
-    batch_size: int = 32,
+    recipe: FeatureRecipe,
+    rows: Sequence[str] | torch.utils.data.Dataset,
     device: torch.device | None = None,
+    out=None,
+    *,
+    batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool | None = None,
-    out_dtype: str = "float32",
-    window: tuple[float, float] | None = None,
-    out=None,
 ) -> tuple[np.ndarray | None, ExtractionStats]:
-    """Features of 2D images, in input order: [N, D] (or [N, D, H/p, W/p] for ``patch_grid``).
+    """Features of 2D images under ``recipe``, in input order: [N, D] (or [N, D, H/p, W/p] for ``patch_grid``).
 
-    ``paths``: image files (read through MONAI) or any Dataset of preprocessed [3, H, W] tensors.
-    ``window``: CT window (HU) for DICOM CT slices; default: each image's min-max.
+    ``recipe``: everything that decides the features (``dinoscale.features.recipe``); the keyword arguments
+    decide only how fast they come (batch, loader workers, progress bar), never their values.
+    ``rows``: image files (read through MONAI under the recipe's colour model, intensity mapping, resize and
+    normalisation) or any Dataset of preprocessed [3, H, W] tensors.
     ``out``: a sink (``write(rows, values)``, e.g. a store ``ShardWriter``) that receives each batch as it
-    is computed, so memory is one batch; then the returned array is None. Default: returned in memory.
+    is computed, so memory is one batch; then the returned array is None. Default: returned in memory
+    (in the recipe's dtype).
     """
     from dinoscale.data.preprocess import ImageFiles, build_transform
 
-    ts = check_token_set(backbone, token_set)
-    if resolution % backbone.patch_size:
-        raise ValueError(
-            f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}"
-        )
+    resolution = recipe.resolution
+    ts = _check_recipe(backbone, recipe)
     device = device or pick_device()
     _prepare(backbone, device)
-    if isinstance(paths, torch.utils.data.Dataset):
-        dataset = paths
+    if isinstance(rows, torch.utils.data.Dataset):
+        dataset = rows
     else:
-        dataset = ImageFiles(
-            list(paths), build_transform(resolution, backbone.mean, backbone.std, interpolation, window)
-        )
+        dataset = ImageFiles(list(rows), build_transform(recipe))
     workers = default_workers(device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -265,7 +291,7 @@ def extract_features(
     )
     run = _Runner(backbone, ts, device, batch_size)
     n, done, t0 = len(dataset), 0, time.perf_counter()
-    sink = out if out is not None else ArraySink(n, out_dtype)
+    sink = out if out is not None else ArraySink(n, recipe.dtype)
     with _progress(n, f"{backbone.defn.name}@{resolution}", progress) as bar:
         for x in loader:
             y = run(x).numpy()
@@ -317,41 +343,35 @@ def _volume_loader(
 @torch.inference_mode()
 def extract_volume_features(
     backbone: LoadedBackbone,
-    paths: Sequence[str],
-    resolution: int,
-    token_set: str = "cls_mean_patch",
-    pool: str = "mean",
-    interpolation: str = "bicubic",
-    batch_size: int = 32,
-    axis: int = -1,
-    window: tuple[float, float] | None = None,
+    recipe: FeatureRecipe,
+    rows: Sequence[str],
     device: torch.device | None = None,
+    out=None,
+    *,
+    batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool | None = None,
-    out=None,
-    volume=None,
 ) -> tuple[np.ndarray | None, ExtractionStats]:
-    """Per-volume features of 3D volumes (NIfTI etc. through MONAI), slice by slice along ``axis``.
+    """Per-volume features of 3D volumes (NIfTI etc. through MONAI) under ``recipe`` (view 'volumes'), slice
+    by slice along the slice axis (RAS: axial).
 
-    Slice features are pooled per volume as they stream past (``pool``: mean, max, or mean_max =
-    mean ⊕ max); only [volumes, D] running sums/maxima are kept. ``window``: CT window (HU min, max)
-    mapped to [0, 1]; default: each volume's min-max. ``out``: a sink given the pooled rows at the end
-    (then None is returned), as for ``extract_features``. ``volume``: the dataset's channel map and grid
-    (``dinoscale.data.volumes.VolumeInput``; None: grey volumes on their own grid).
+    Slice features are pooled per volume as they stream past (``recipe.pool``: mean, max, or mean_max =
+    mean ⊕ max); only [volumes, D] running sums/maxima are kept. The recipe's intensity mapping (a CT window,
+    else each volume's min-max), channel map and grid (``recipe.volume``) decide the slices. ``out``: a sink
+    given the pooled rows at the end (then None is returned), as for ``extract_features``.
     """
     from dinoscale.data.preprocess import build_volume_transform
 
+    paths, pool, resolution = list(rows), recipe.pool, recipe.resolution
     if pool not in ("mean", "max", "mean_max"):
         raise ValueError(f"unknown volume pooling '{pool}' (mean, max, mean_max)")
-    ts = check_token_set(backbone, token_set)
+    ts = _check_recipe(backbone, recipe, need_multiple=False)
     if ts.grid:
-        raise ValueError("patch_grid of volumes is not pooled per volume; extract slices with extract_features")
+        raise ValueError("patch_grid of volumes is not pooled per volume; extract slices with extract_volume_slices")
     device = device or pick_device()
     _prepare(backbone, device)
-    load_volume, slice_transform = build_volume_transform(
-        resolution, backbone.mean, backbone.std, interpolation, window, volume=volume
-    )
-    loader = _volume_loader(paths, load_volume, slice_transform, axis, batch_size, device, num_workers)
+    load_volume, slice_transform = build_volume_transform(recipe)
+    loader = _volume_loader(paths, load_volume, slice_transform, SLICE_AXIS, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
     sums: np.ndarray | None = None
     maxs: np.ndarray | None = None
@@ -387,52 +407,41 @@ def extract_volume_features(
 @torch.inference_mode()
 def extract_volume_slices(
     backbone: LoadedBackbone,
-    paths: Sequence[str],
+    recipe: FeatureRecipe,
+    rows: Sequence[str],
     n_slices: Sequence[int],
-    resolution: int,
-    token_set: str = "patch_grid",
-    interpolation: str = "bicubic",
-    batch_size: int = 32,
-    axis: int = -1,
-    window: tuple[float, float] | None = None,
     pet_paths: Sequence[str] | None = None,
     device: torch.device | None = None,
+    out=None,
+    *,
+    batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool | None = None,
-    out_dtype: str = "float32",
-    out=None,
-    volume=None,
 ) -> tuple[np.ndarray | None, ExtractionStats]:
-    """Per-slice features of 3D volumes, one row per slice, volume after volume (slice k of volume v at
-    row ``sum(n_slices[:v]) + k``): [sum(n_slices), D] or, for ``patch_grid``, [sum, D, h, w].
-    ``out``: a sink receiving each batch of rows at their offsets (memory: one batch and one volume per
-    loader worker, whatever the number of volumes); then None is returned.
+    """Per-slice features of 3D volumes under ``recipe`` (view 'slices'), one row per slice, volume after
+    volume (slice k of volume v at row ``sum(n_slices[:v]) + k``): [sum(n_slices), D] or, for
+    ``patch_grid``, [sum, D, h, w]. ``out``: a sink receiving each batch of rows at their offsets (memory:
+    one batch and one volume per loader worker, whatever the number of volumes); then None is returned.
 
     The rows feed segmentation heads (slice feature maps, stacked back into volumes by the trial) and
-    the attention pooling of 3D classification. ``n_slices``: the manifest's slice count per volume;
-    a volume with another count is an error naming its file. ``pet_paths``: PET volumes co-registered
-    with the CT ``paths``, fused into the three input channels (see ``build_volume_transform``).
-    ``volume``: the dataset's channel map and common grid (``dinoscale.data.volumes.VolumeInput``): then
-    ``n_slices`` are the grid's slices.
+    the attention pooling of 3D classification. The rows are ``rows`` (volume files), ``n_slices`` (the
+    manifest's slice count per volume, of the recipe's grid if it has one; a volume with another count
+    is an error naming its file) and ``pet_paths``: PET volumes co-registered with the CT ``rows``, fused
+    into the three input channels (see ``build_volume_transform``).
     """
     from dinoscale.data import DataError
     from dinoscale.data.preprocess import build_volume_transform
 
-    ts = check_token_set(backbone, token_set)
-    if resolution % backbone.patch_size:
-        raise ValueError(
-            f"resolution {resolution} is not a multiple of {backbone.defn.name}'s patch size {backbone.patch_size}"
-        )
+    paths, resolution, axis = list(rows), recipe.resolution, SLICE_AXIS
+    ts = _check_recipe(backbone, recipe)
     device = device or pick_device()
     _prepare(backbone, device)
-    load_volume, slice_transform = build_volume_transform(
-        resolution, backbone.mean, backbone.std, interpolation, window, fuse_pet=pet_paths is not None, volume=volume
-    )
+    load_volume, slice_transform = build_volume_transform(recipe, fuse_pet=pet_paths is not None)
     items = list(zip(paths, pet_paths)) if pet_paths is not None else list(paths)
     offsets = np.concatenate([[0], np.cumsum(n_slices)]).astype(np.int64)
     loader = _volume_loader(items, load_volume, slice_transform, axis, batch_size, device, num_workers)
     run = _Runner(backbone, ts, device, batch_size)
-    sink = out if out is not None else ArraySink(int(offsets[-1]), out_dtype)
+    sink = out if out is not None else ArraySink(int(offsets[-1]), recipe.dtype)
     seen = np.zeros(offsets[-1], bool)
     t0 = time.perf_counter()
     with _progress(int(offsets[-1]), f"{backbone.defn.name}@{resolution} slices", progress) as bar:

@@ -61,15 +61,15 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dinoscale.digest import sha256_file
 from dinoscale.errors import StorageError, UserError, environment_error
+from dinoscale.features.recipe import EXTRACTOR_VERSION, FeatureRecipe  # noqa: F401  (EXTRACTOR_VERSION re-exported)
 
-EXTRACTOR_VERSION = "2"  # 2: torch anti-aliased resize instead of MONAI Gaussian pre-smoothing
 FORMAT = 3  # 3: .npy shards committed one by one, then meta.json; 2: one features.npy per entry
 LEGACY_DATA_FILE = "features.npy"  # format 2
 META = "meta.json"
@@ -87,20 +87,29 @@ class FeatureStoreError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class FeatureKey:
-    backbone: str  # timm architecture id (with overrides)
-    weights_digest: str
-    resolution: int
-    interpolation: str
-    normalisation: str  # mean/std as text
-    tokens: str
+    """A feature set's store key: its recipe (everything that turns a unit into features,
+    ``dinoscale.features.recipe``) applied to the rows of one manifest split. Two recipes that differ in any
+    field, or two different sets of rows, never share an entry."""
+
+    recipe: FeatureRecipe
     manifest_digest: str
-    dtype: str
-    extractor_version: str = EXTRACTOR_VERSION
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps({"recipe": self.recipe.digest, "rows": self.manifest_digest}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
+
+    @property
+    def weights_digest(self) -> str:
+        return self.recipe.weights_digest
+
+    @property
+    def dtype(self) -> str:
+        return self.recipe.dtype
+
+    def as_dict(self) -> dict:
+        """What an entry's ``meta.json`` records of its key: the recipe's fields, its digest and the rows'."""
+        return {**self.recipe.as_dict(), "recipe_digest": self.recipe.digest, "manifest_digest": self.manifest_digest}
 
 
 def shard_name(index: int, count: int) -> str:
@@ -414,7 +423,7 @@ class FeatureStore:
         row_shape = list(next(iter(shapes))) if shapes else list(shards[0]["shape"][1:])
         meta = {
             "format": FORMAT,
-            "key": asdict(key),
+            "key": key.as_dict(),
             "digest": key.digest,
             "shape": [start, *row_shape],
             "dtype": shards[0]["dtype"],

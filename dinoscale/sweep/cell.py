@@ -3,7 +3,7 @@
 The plan (``dinoscale.sweep.plan``) builds cells; trials (``dinoscale.sweep.trial``) only read them.
 A cell's position in the grid is its ``axes`` (the names of ``dinoscale.record.AXES``), logged as
 params (and as metrics where numeric); the rest is how to run it: the feature view and token set it
-reads, the CT window, the dumped probe or strategy config, the feature keys per split, the search
+reads, its feature recipe (how a unit becomes features), the dumped probe or strategy config, the feature keys per split, the search
 budget and the protocol constants it logs. A lora / full cell also carries the configurations its
 search trains (each one Ray Tune trial, a "unit" of the trial stage) and the head they train under.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from dinoscale.features.recipe import FeatureRecipe
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ class Cell:
     # {'probe': 'linear', 'volume_pool': ...} or the segmentation probe's {'probe': 'segmentation', 'head', ...}
     configurations: tuple[dict, ...] = ()
     finetune_head: dict | None = None
-    window: tuple[float, float] | None = None  # CT window in HU (images read by lora / full cells)
-    interpolation: str = "bicubic"
+    # how a unit becomes the encoder's input and its features (dinoscale.features.recipe): the feature sets'
+    # recipe (frozen cells; online grids are computed by it), the input transform of lora / full cells
+    recipe: FeatureRecipe | None = None
     search: dict = field(default_factory=dict)  # n_trials, seed
     bootstrap: dict = field(default_factory=dict)  # resamples, level, seed, macro_min_patients, min_interval_units
     params: dict = field(default_factory=dict)  # protocol constants logged with the run

@@ -24,9 +24,9 @@ import yaml
 
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
-from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.preflight import with_room_needed
-from dinoscale.sweep.plan import FeatureSetPlan, Plan, volume_window
+from dinoscale.sweep.plan import FeatureSetPlan, Plan
 from dinoscale.sweep.progress import CountingWriter, ProgressCounter
 
 
@@ -35,12 +35,18 @@ class ShardInputs:
     """One shard of one feature set: manifest rows ``start:stop`` of a split, in one view."""
 
     split: str
-    key: FeatureKey
-    view: str  # images | volumes | slices (dinoscale.probes.registry.VIEWS)
-    tokens: str
+    key: FeatureKey  # its recipe (how a unit becomes features) and the split's rows
     index: int
     count: int
     sources: RowSources  # the shard's rows as the readers open them
+
+    @property
+    def recipe(self) -> FeatureRecipe:
+        return self.key.recipe
+
+    @property
+    def view(self) -> str:  # images | volumes | slices (dinoscale.probes.registry.VIEWS)
+        return self.key.recipe.view
 
     @property
     def paths(self) -> list[str]:
@@ -65,18 +71,21 @@ class ShardInputs:
 
 @dataclass
 class ExtractionJob:
-    """One Ray task: shards of one backbone x weights x resolution, extracted with one model load."""
+    """One Ray task: shards of one backbone x weights x resolution, extracted with one model load. What each
+    shard computes is its recipe (``ShardInputs.recipe``); the job says only which model to load and how
+    fast to run (the batch size decides no value)."""
 
     backbone: str
     weights: str
     weights_seed: int
     resolution: int
-    interpolation: str
     batch_size: int
     shards: list[ShardInputs]
-    volume_pool: str = "mean"  # volumes view: how slice features are pooled per volume
-    window: tuple[float, float] | None = None  # CT window (HU): volumes, and 2D CT slices
     extra: dict = field(default_factory=dict)  # stored with every shard (e.g. the predicted peak memory)
+
+    @property
+    def recipes(self) -> list[FeatureRecipe]:
+        return list(dict.fromkeys(s.recipe for s in self.shards))
 
     @property
     def label(self) -> str:
@@ -114,7 +123,7 @@ def plan_jobs(plan: Plan, store: FeatureStore | None = None) -> list[ExtractionJ
         done = set(store.shards_committed(fs.key, len(parts)))
         for i, src in enumerate(parts):
             if i not in done:
-                shard = ShardInputs(fs.split, fs.key, fs.view, fs.tokens, i, len(parts), src)
+                shard = ShardInputs(fs.split, fs.key, i, len(parts), src)
                 groups.setdefault((fs.backbone, fs.resolution), []).append((shard, fs.extraction_peak))
     jobs = []
     for (bb, res), shards in groups.items():
@@ -132,11 +141,8 @@ def plan_jobs(plan: Plan, store: FeatureStore | None = None) -> list[ExtractionJ
                 bb.weights,
                 bb.weights_seed,
                 res,
-                spec.features.interpolation,
                 spec.features.batch_size,
                 [s for s, _ in pack],
-                spec.features.volume_pool,
-                volume_window(spec),
                 {"predicted_peak_bytes": max(p for _, p in pack)},
             )
             for pack in packs
@@ -145,48 +151,16 @@ def plan_jobs(plan: Plan, store: FeatureStore | None = None) -> list[ExtractionJ
 
 
 def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device):
+    """One shard through the extractor: its recipe and its rows, nothing else decides the features."""
     from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices
 
+    run = {"device": device, "out": writer, "batch_size": job.batch_size}
     if s.view == "volumes":
-        return extract_volume_features(
-            backbone,
-            s.paths,
-            job.resolution,
-            s.tokens,
-            job.volume_pool,
-            job.interpolation,
-            job.batch_size,
-            window=job.window,
-            device=device,
-            out=writer,
-            volume=s.sources.volume,
-        )[1]
+        return extract_volume_features(backbone, s.recipe, s.paths, **run)[1]
     if s.view == "slices":
-        return extract_volume_slices(
-            backbone,
-            s.paths,
-            s.sources.n_slices,
-            job.resolution,
-            s.tokens,
-            job.interpolation,
-            job.batch_size,
-            window=job.window,
-            pet_paths=s.sources.channels.get("pet"),
-            device=device,
-            out=writer,
-            volume=s.sources.volume,
-        )[1]
-    return extract_features(
-        backbone,
-        s.paths,
-        job.resolution,
-        s.tokens,
-        job.interpolation,
-        job.batch_size,
-        device,
-        window=job.window,
-        out=writer,
-    )[1]
+        pet = s.sources.channels.get("pet")
+        return extract_volume_slices(backbone, s.recipe, s.paths, s.sources.n_slices, pet, **run)[1]
+    return extract_features(backbone, s.recipe, s.paths, **run)[1]
 
 
 def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str = "") -> dict:

@@ -221,29 +221,21 @@ class OnlineGrids:
 
         items = _index(key, len(self))
         c, bb = self.cell, self._model()
-        common = dict(
-            interpolation=c.interpolation,
-            batch_size=c.feature_batch,
-            window=c.window,
-            device=self.device,
-            progress=False,
-        )
+        recipe = c.recipe  # the feature sets' own recipe: patch grids, rounded to the stored dtype
+        common = dict(device=self.device, batch_size=c.feature_batch, progress=False)
         if not self.volumes:
             paths = [self.sources.items[i] for i in items]
-            x, _ = extract_features(bb, paths, c.resolution, "patch_grid", out_dtype=c.feature_dtype, **common)
+            x, _ = extract_features(bb, recipe, paths, **common)
             return x.astype(np.float32)
         pet = self.sources.channels.get("pet")
         out = []
         for i in items:
             x, _ = extract_volume_slices(
                 bb,
+                recipe,
                 [self.sources.items[i]],
                 [self.sources.n_slices[i]],
-                c.resolution,
-                "patch_grid",
                 pet_paths=[pet[i]] if pet else None,
-                out_dtype=c.feature_dtype,
-                volume=self.sources.volume,
                 **common,
             )
             out.append(x.astype(np.float32))

@@ -21,6 +21,7 @@ from dinoscale.data import (
     SPLITS,
     DataError,
     PreparedDataset,
+    dataset_color,
     dataset_replicates,
     dataset_task,
     prepare_dataset,
@@ -28,12 +29,12 @@ from dinoscale.data import (
 )
 from dinoscale.data.splits import describe_recipe, replicate_recipe
 from dinoscale.errors import UserError
-from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
 from dinoscale.probes import get_probe
 from dinoscale.probes.registry import GRID_TOKENS
 from dinoscale.provenance import Provenance
-from dinoscale.spec import SweepSpec
+from dinoscale.spec import FeaturesSpec, SweepSpec
 from dinoscale.sweep import cost
 from dinoscale.sweep.cell import BackboneInfo, Cell
 from dinoscale.tasks import get_task, task_names
@@ -82,7 +83,8 @@ class FeatureSetPlan:
     cached: bool
     n_slices: int = 0  # backbone forward passes (= n_images for 2D and pooled-volume views count slices)
     view: str = "images"  # how the rows are laid out (dinoscale.probes.registry.VIEWS)
-    tokens: str = ""  # token set of the rows (the key's ``tokens`` adds the view suffix)
+    tokens: str = ""  # token set of the rows
+    recipe: FeatureRecipe | None = None  # how a unit becomes features (with data, the key carries it too)
     n_rows: int = 0  # stored rows: images / tiles, volumes, or slices
     row_elements: int = 0  # values per row (the token set's width, or D x h x w for grids)
     dtype: str = "float16"
@@ -164,38 +166,46 @@ def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
     return window_range(spec.dataset.window) if spec.dataset.window is not None else None
 
 
-def feature_key(
-    spec: SweepSpec,
+def feature_recipe(
+    f: FeaturesSpec,
     bb: BackboneInfo,
     resolution: int,
-    manifest_digest: str,
     view: str = "images",
     tokens: str | None = None,
+    *,
+    color: str = "grey",
+    window: tuple[float, float] | None = None,
     channels: tuple[str, ...] = (),
     volume=None,
-) -> FeatureKey:
-    """The store key of one feature set; ``view``: images | volumes | slices; ``channels``: extra inputs fused
-    into the encoder's channels (('pet',) for PET/CT) under their default channel map; ``volume``: the
-    dataset's channel map and common grid (``dinoscale.data.volumes.VolumeInput``), which then decides."""
-    from dinoscale.data.preprocess import fusion_signature
-
-    f = spec.features
-    tokens = tokens or f.tokens
-    # the CT window, the PET fusion and the per-volume pooling change the features: all in the key
-    window = volume_window(spec)
-    norm = f"mean={list(bb.mean)},std={list(bb.std)}" + (f",window={list(window)}" if window else "")
-    norm += volume.signature() if volume is not None else fusion_signature(channels)
-    suffix = {"images": "", "volumes": f"@volume-{f.volume_pool}", "slices": "@slices"}[view]
-    return FeatureKey(
+) -> FeatureRecipe:
+    """The one recipe of a feature set (``dinoscale.features.recipe``): the encoder and its own mean / std,
+    the dataset's colour model (2D images), the intensity mapping (``window``: a CT window, else each
+    image's / volume's min-max), the resize, the volumes' channel map and grid (``volume``, or ``channels``
+    fused under their default map), the token set and pooling, the storage dtype. ``view``: images |
+    volumes | slices."""
+    return FeatureRecipe(
         backbone=bb.arch_id,
         weights_digest=bb.weights_digest,
         resolution=resolution,
+        mean=tuple(bb.mean),
+        std=tuple(bb.std),
+        color=color if view == "images" else "grey",
+        # a CT window, else the recipe's default intensity mapping (features/recipe.py: its one home)
+        **({"intensity": "window", "window": tuple(window)} if window is not None else {}),
         interpolation=f.interpolation,
-        normalisation=norm,
-        tokens=tokens + suffix,
-        manifest_digest=manifest_digest,
+        antialias="separable" if view == "images" else "gaussian",
+        volume=volume if view != "images" else None,
+        fusion=",".join(channels) if view != "images" and volume is None else "",
+        view=view,
+        tokens=tokens or f.tokens,
+        pool=f.volume_pool if view == "volumes" else "",
         dtype=f.dtype,
     )
+
+
+def feature_key(recipe: FeatureRecipe, manifest_digest: str) -> FeatureKey:
+    """The store key of one feature set: its recipe applied to one split's rows."""
+    return FeatureKey(recipe, manifest_digest)
 
 
 def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
@@ -280,6 +290,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
     }
     grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
     feature_sets: list[FeatureSetPlan] = []
+    recipes: dict[tuple, FeatureRecipe] = {}  # (backbone, resolution, view, tokens) -> the feature sets' recipe
     keys: dict[tuple, dict[str, str]] = {}  # (backbone, resolution, view, tokens) -> split -> digest
     online: set[tuple] = set()  # (backbone, resolution, view, tokens) computed inside the trials
     for bb, res in itertools.product(infos, spec.resolutions):
@@ -291,9 +302,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False, estimated=True) for split in SPLITS)
             continue
         for view, tokens in dict.fromkeys(reads.values()):
-            sets = [
-                _feature_set(spec, bb, res, view, tokens, split, ds, published, store, manifests) for split in SPLITS
-            ]
+            recipe = recipes[(bb.name, res, view, tokens)] = _recipe_of(spec, bb, res, view, tokens, ds)
+            sets = [_feature_set(spec, recipe, bb, split, ds, published, store, manifests) for split in SPLITS]
             group = (bb.name, res, view, tokens)
             budget = spec.features.cache_budget_gb
             if (view, tokens) in grid_views and (
@@ -308,8 +318,6 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
 
     common = {
         "task": task,
-        "interpolation": spec.features.interpolation,
-        "window": volume_window(spec),
         "search": spec.search.model_dump(mode="json"),
         "bootstrap": {
             **spec.metrics.bootstrap.model_dump(mode="json"),
@@ -333,6 +341,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             continue
         for probe in spec.probes:
             view, tokens = reads.get(probe.kind, ("images", spec.features.tokens))
+            recipe = recipes.get((bb.name, res, view, tokens)) or _recipe_of(spec, bb, res, view, tokens, ds)
             fk = keys.get((bb.name, res, view, tokens), {})
             is_online = (bb.name, res, view, tokens) in online
             config = probe.model_dump(mode="json")
@@ -360,6 +369,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                     gflops_per_image=gflops,
                     view=view,
                     tokens=tokens,
+                    recipe=recipe,
                     feature_keys=tuple(sorted(fk.items())),
                     probe_config=config,
                     params=_protocol_params(spec, bb, gflops, config, "probe", replicate),
@@ -385,12 +395,28 @@ def _typical_pixels(spec: SweepSpec, published, resolution: int) -> int:
     return resolution**2
 
 
-def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split: str, ds, published, store, manifests):
+def _recipe_of(spec: SweepSpec, bb: BackboneInfo, res: int, view: str, tokens: str, ds) -> FeatureRecipe:
+    """The recipe of one (backbone, resolution, view, tokens) group of feature sets: what the spec's features
+    part says, with the dataset's colour model (its adapter's declaration without data), CT window and volumes."""
+    return feature_recipe(
+        spec.features,
+        bb,
+        res,
+        view,
+        tokens,
+        color=ds.color if ds is not None else dataset_color(spec.dataset),
+        window=volume_window(spec),
+        channels=ds.channels if ds is not None and view != "images" else (),
+        volume=ds.volume if ds is not None and view != "images" else None,
+    )
+
+
+def _feature_set(spec, recipe: FeatureRecipe, bb: BackboneInfo, split: str, ds, published, store, manifests):
     """One split's feature set: its key and cache status (with data), its rows, bytes and shards, and the
     predicted memory of the task that extracts it."""
     import numpy as np
 
-    f = spec.features
+    f, res, view, tokens = spec.features, recipe.resolution, recipe.view, recipe.tokens
     width = cost.row_elements(tokens, view, bb.embed_dim, res // bb.patch_size, f.volume_pool)
     itemsize = np.dtype(f.dtype).itemsize
     if ds is not None:
@@ -400,9 +426,7 @@ def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split
         shards = tuple(
             cost.shard_ranges(passes, [r * width * itemsize for r in per_row], f.shard_forward_passes, f.shard_mb << 20)
         )
-        channels = ds.channels if view != "images" else ()
-        volume = ds.volume if view != "images" else None
-        key = feature_key(spec, bb, res, manifests[split], view=view, tokens=tokens, channels=channels, volume=volume)
+        key = feature_key(recipe, manifests[split])
         cached = store.has(key)
         committed = 0 if cached else len(store.shards_committed(key, len(shards)))
         n_units, n_passes, n_rows = len(passes), int(sum(passes)), int(sum(per_row))
@@ -449,6 +473,7 @@ def _feature_set(spec, bb: BackboneInfo, res: int, view: str, tokens: str, split
         n_passes,
         view,
         tokens,
+        recipe=recipe,
         n_rows=n_rows,
         row_elements=width,
         dtype=f.dtype,
@@ -576,6 +601,7 @@ def _key_axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) 
 
 
 def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate) -> list[Cell]:
+    volumetric = ds.volumetric if ds is not None else False
     """lora / full cells: the encoder is trained on images under the task's head; each cell searches the
     same number of configurations (sampled once by the plan, dinoscale.search), memory permitting."""
     from dinoscale.search import finetune_configurations
@@ -629,6 +655,7 @@ def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, 
                 strategy_config=config,
                 configurations=configurations,
                 finetune_head=head,
+                recipe=_recipe_of(spec, bb, res, "slices" if volumetric else "images", spec.features.tokens, ds),
                 params=params,
                 replicate=replicate,
                 **common,

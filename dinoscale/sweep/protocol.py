@@ -43,6 +43,35 @@ _VIEWS = {
 }
 
 
+def plan_recipes(plan: Plan) -> list:
+    """The distinct feature recipes of a plan's cells, in cell order (``dinoscale.features.recipe``)."""
+    return list(dict.fromkeys(c.recipe for c in plan.cells if c.recipe is not None))
+
+
+def recipes_data(plan: Plan) -> dict:
+    """Recipe digest -> every field of the recipe: the parent run's ``record.FEATURE_RECIPES``."""
+    return {r.digest: r.as_dict() for r in plan_recipes(plan)}
+
+
+def recipe_summary(plan: Plan) -> dict:
+    """The recipe of the sweep's feature sets, step by step: a step shared by every recipe once, one that
+    varies (the encoder, the resolution) with its values."""
+    recipes = plan_recipes(plan)
+    steps: dict[str, list[str]] = {}
+    for r in recipes:
+        for k, v in r.describe().items():
+            if k != "digest":
+                steps.setdefault(k, [])
+                if v not in steps[k]:
+                    steps[k].append(v)
+    out = {k: v[0] if len(v) == 1 else " / ".join(v) for k, v in steps.items()}
+    out["recipes"] = (
+        f"{len(recipes)} (one per backbone x resolution x view; every field and digest in "
+        "protocol/feature_recipes.json of the sweep's run; each cell run tagged features.recipe)"
+    )
+    return out
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -100,7 +129,6 @@ def protocol_data(plan: Plan) -> dict:
     features = {
         "resolutions": _fmt(spec.resolutions) + " px (square; images / slices resized, anti-aliased)",
         "interpolation": f.interpolation,
-        "grey to RGB": "grey replicated to 3 channels, then the backbone's mean / std",
         "token set": f"{f.tokens}: {_TOKENS.get(f.tokens, f.tokens)}",
         "volume pooling": f"{f.volume_pool} over slices (3D classification, vector probes)",
         "storage dtype": f.dtype,
@@ -144,6 +172,7 @@ def protocol_data(plan: Plan) -> dict:
         "data and splits": data,
         "backbones": backbones,
         "features": features,
+        "feature recipe": recipe_summary(plan),
         "probes": probes,
         "strategies": strategies,
         "search": {
@@ -170,7 +199,7 @@ def protocol_markdown(plan: Plan) -> str:
         lines.extend(f"| {k} | {_cell(v)} |" for k, v in rows.items())
         lines.append("")
 
-    for section in ("data and splits", "backbones", "features"):
+    for section in ("data and splits", "backbones", "features", "feature recipe"):
         lines += [f"### {section.capitalize()}", ""]
         table(data[section])
     for label, rows in data["probes"].items():

@@ -165,10 +165,11 @@ def _open_parent(
     )
     parent_id = parent.info.run_id
     client.log_text(parent_id, spec.resolved_yaml(), record.RESOLVED_SPEC)
-    from dinoscale.sweep.protocol import protocol_data, protocol_markdown
+    from dinoscale.sweep.protocol import protocol_data, protocol_markdown, recipes_data
 
     client.log_text(parent_id, protocol_markdown(plan), record.PROTOCOL)  # every constant, for a line-by-line reading
     client.log_dict(parent_id, protocol_data(plan), record.PROTOCOL_JSON)
+    client.log_dict(parent_id, recipes_data(plan), record.FEATURE_RECIPES)  # how each feature set was computed
     log_batch(
         client,
         parent_id,

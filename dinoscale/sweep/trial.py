@@ -245,16 +245,13 @@ class FinetuneInputs:
 
 
 def finetune_inputs(cell: Cell, ctx: SweepContext) -> FinetuneInputs:
-    from dinoscale.models import backbone_facts
     from dinoscale.train.data import unit_samples
 
-    facts = backbone_facts(cell.backbone.name, hub=cell.backbone.weights_kind == "hub")
     head = cell.finetune_head
     n_classes = int(head["n_classes"]) if head["probe"] == "segmentation" else None
     rep_train, rep_val, _, _ = replicate_units(cell, ctx)  # the replicate's train / val draw; test is fixed
     train, val, test = (
-        unit_samples(units, cell.resolution, facts.mean, facts.std, cell.interpolation, cell.window, n_classes)
-        for units in (rep_train, rep_val, ctx.splits["test"])
+        unit_samples(units, cell.recipe, n_classes) for units in (rep_train, rep_val, ctx.splits["test"])
     )
     out_size = tuple(train.read_target(0).shape) if n_classes is not None else None
     volumetric = rep_train.n_slices is not None
@@ -404,6 +401,7 @@ def _run_tags(cell: Cell, ctx: SweepContext) -> dict:
         record.CELL: cell.id,
         record.WEIGHTS_KIND: cell.backbone.weights_kind,
         record.WEIGHTS_DIGEST: cell.backbone.weights_digest,
+        **({record.RECIPE_DIGEST: cell.recipe.digest} if cell.recipe is not None else {}),
         record.RAY_TRIAL_ID: tune.get_context().get_trial_id() or "",
         record.RAY_NODE_ID: ray.get_runtime_context().get_node_id(),
     }

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dinoscale.data import SplitUnits
+from dinoscale.features.recipe import FeatureRecipe
 
 
 def collate_units(batch):
@@ -35,29 +36,21 @@ class UnitSamples(torch.utils.data.Dataset):
         return self.read_input(i), self.read_target(i)
 
 
-def unit_samples(
-    units: SplitUnits,
-    resolution: int,
-    mean,
-    std,
-    interpolation: str = "bicubic",
-    window: tuple[float, float] | None = None,
-    n_classes: int | None = None,
-) -> UnitSamples:
-    """``n_classes``: segmentation (targets are label maps with values in [0, n_classes)); None: classification."""
+def unit_samples(units: SplitUnits, recipe: FeatureRecipe, n_classes: int | None = None) -> UnitSamples:
+    """Inputs under ``recipe`` (the cell's, ``dinoscale.features.recipe``: colour model, intensity mapping,
+    resize, the encoder's mean / std, the volumes' channel map and grid), as extraction reads them.
+    ``n_classes``: segmentation (targets are label maps with values in [0, n_classes)); None: classification."""
     from dinoscale.data.preprocess import build_transform, build_volume_transform
 
     volumetric = units.n_slices is not None
     if volumetric:
-        load_volume, slice_transform = build_volume_transform(
-            resolution, mean, std, interpolation, window, volume=units.volume
-        )
+        load_volume, slice_transform = build_volume_transform(recipe)
 
         def read_input(i: int) -> torch.Tensor:
             vol = load_volume(units.items[i])
             return torch.stack([slice_transform(vol.select(-1, k)) for k in range(vol.shape[-1])])
     else:
-        transform = build_transform(resolution, mean, std, interpolation, window)
+        transform = build_transform(recipe)
 
         def read_input(i: int) -> torch.Tensor:
             return transform(units.items[i])

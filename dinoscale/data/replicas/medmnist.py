@@ -55,8 +55,9 @@ def write_medmnist(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repl
             )
         else:
             images = np.stack([grey_image(rng, size, bool(p)) for p in positive])
-            if colour:
-                images = np.repeat(images[..., None], 3, axis=-1)
+            if colour:  # real colour: a stain-like tint, its hue shifted in positive images (pink / purple)
+                tint = np.where(positive[:, None], [[0.55, 0.35, 0.85]], [[0.95, 0.55, 0.75]])
+                images = (images[..., None] * tint[:, None, None, :]).astype(np.uint8)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     broken = None
     if variant == "bad_label":
