@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, free_port, tiny_spec_dict
 from dinoscale import __version__, record, settings
 from dinoscale.cli import OnBadFile, Variant, app
-from dinoscale.features import FeatureKey, FeatureStore
+from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.mlflow_ui import browse_hint
 from dinoscale.tracking import resolve_tracking_uri, runs_table_url
 
@@ -216,7 +216,9 @@ def test_a_ray_address_that_answers_is_announced(spec_path):
 
 
 def _one_entry(root: Path) -> str:
-    key = FeatureKey("vit_small_patch16_dinov3", "random-seed0", 64, "bicubic", "m", "cls_mean_patch", "abc", "float16")
+    key = FeatureKey(
+        FeatureRecipe("vit_small_patch16_dinov3", "random-seed0", 64, (0.5,) * 3, (0.25,) * 3, dtype="float16"), "abc"
+    )
     FeatureStore(root / "features").put(key, np.ones((3, 4), np.float32), list("abc"), extra={"split": "train"})
     return key.digest
 

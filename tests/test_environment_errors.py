@@ -98,13 +98,13 @@ def test_storage_failures_are_told_as_one_storage_error():
 def test_full_store_raises_a_storage_error_and_keeps_what_was_committed(tmp_path):
     """A feature store on a file system that fills: the write that fails names its file and the bytes it
     needed; no partial or uncommitted file is left to hold the space; what was committed reads back."""
-    from dinoscale.features import FeatureKey, FeatureStore
+    from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 
     with tmpfs(tmp_path / "fs", "64k") as mnt:
         store = FeatureStore(mnt / "features")
-        small = FeatureKey("vit", "w", 32, "bilinear", "n", "cls", "m1", "float16")
+        small = FeatureKey(FeatureRecipe("vit", "w", 32, (0.5,) * 3, (0.25,) * 3, tokens="cls", dtype="float16"), "m1")
         store.put(small, np.ones((8, 16), np.float32), [f"s{i}" for i in range(8)])
-        big = FeatureKey("vit", "w", 32, "bilinear", "n", "cls", "m2", "float16")
+        big = FeatureKey(FeatureRecipe("vit", "w", 32, (0.5,) * 3, (0.25,) * 3, tokens="cls", dtype="float16"), "m2")
         with pytest.raises(StorageError) as caught:
             store.put(big, np.ones((200, 256), np.float32), [f"b{i}" for i in range(200)])
         err = caught.value
@@ -119,12 +119,12 @@ def test_full_store_raises_a_storage_error_and_keeps_what_was_committed(tmp_path
 def test_a_storage_path_removed_under_the_store_is_not_made_anew(tmp_path):
     """The storage path deleted (or unmounted) while a sweep writes: the store says so instead of quietly making
     the folders again (on whatever disk is below), and removes nothing else."""
-    from dinoscale.features import FeatureKey, FeatureStore
+    from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 
-    first = FeatureKey("vit", "w", 32, "bilinear", "n", "cls", "m0", "float16")
+    first = FeatureKey(FeatureRecipe("vit", "w", 32, (0.5,) * 3, (0.25,) * 3, tokens="cls", dtype="float16"), "m0")
     FeatureStore(tmp_path / "store" / "features").put(first, np.ones((4, 8), np.float32), list("abcd"))
     store = FeatureStore(tmp_path / "store" / "features")  # as an extraction task opens it
-    key = FeatureKey("vit", "w", 32, "bilinear", "n", "cls", "m", "float16")
+    key = FeatureKey(FeatureRecipe("vit", "w", 32, (0.5,) * 3, (0.25,) * 3, tokens="cls", dtype="float16"), "m")
     shutil.rmtree(tmp_path / "store")
     with pytest.raises(StorageError) as caught:
         store.put(key, np.ones((4, 8), np.float32), list("abcd"))

@@ -88,6 +88,7 @@ def test_the_unit_follows_the_dataset(tmp_path):
 def test_third_party_output_goes_to_the_log_file(tmp_path, capsys):
     path = tmp_path / "logs" / "sweep.log"
     logging.getLogger("ray.tune").info("held before the file is known")
+    logging.captureWarnings(False)  # pytest records each test's warnings: route them anew, as a fresh process does
     console_module.capture_third_party(None)
     logging.getLogger("mlflow.system_metrics").info("Started monitoring system metrics.")
     assert console_module.capture_third_party(path) == path
