@@ -131,6 +131,24 @@ def test_spec_probe_that_does_not_fit_the_task(tmp_path, shared):
     user_error(["sweep", path], "segmentation", "Probes that fit", kind="spec")
 
 
+@pytest.mark.parametrize(
+    "dataset, probe",
+    [
+        ("nih-chestxray14", "segmentation"),
+        ("phantom-mri", "linear"),
+        ("wsi-tiles", "knn"),
+        ("phantom-em", "segmentation"),
+    ],
+)
+def test_validate_refuses_a_probe_that_does_not_fit_the_datasets_task(tmp_path, shared, dataset, probe):
+    """Where the dataset registry states the task (and, with a published size, the units), ``validate`` refuses
+    what the pre-flight would: it no longer says ok to a spec the sweep then refuses."""
+    where = {} if dataset.startswith("phantom") else {"root": str(tmp_path)}
+    path = spec_file(tmp_path, shared, dataset={"name": dataset, **where}, probes=[{"kind": probe}])
+    out = user_error(["validate", path], "probes", f"['{probe}'] do not fit dataset '{dataset}'", kind="spec")
+    assert "Probes that fit" in out and " ok " not in out
+
+
 # ---------------------------------------------------------------- data
 
 

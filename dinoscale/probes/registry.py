@@ -196,6 +196,31 @@ def probe_kinds() -> list[str]:
     return sorted(_PROBES)
 
 
+def unfit_message(
+    kinds: list[str], dataset: str, task: str, volumetric: bool | None, bagged: bool | None
+) -> str | None:
+    """Why the probes ``kinds`` cannot run on a dataset, with the probes that can (None when all fit).
+    ``volumetric`` / ``bagged`` None: not known yet (a spec checked without its data): only the task is
+    checked, as a 2D dataset of single images would be for the units."""
+    known = volumetric is not None and bagged is not None
+
+    def reason(kind: str) -> str | None:
+        d = get_probe(kind)
+        if not known:
+            return d.unfit_reason(task, False, True) if task not in d.tasks else None
+        return d.unfit_reason(task, bool(volumetric), bool(bagged))
+
+    unfit = {k: r for k in kinds if (r := reason(k))}
+    if not unfit:
+        return None
+    fitting = [k for k in probe_kinds() if reason(k) is None]
+    return (
+        f"probe(s) {list(unfit)} do not fit dataset '{dataset}' ({task} task){' of 3D volumes' if volumetric else ''}: "
+        + "; ".join(unfit.values())
+        + f". Probes that fit: {', '.join(fitting)}"
+    )
+
+
 def _validate_probe(value: Any) -> ProbeSpecBase:
     """Dispatch a spec's probe entry to its probe's spec class by ``kind`` (errors keep their key path)."""
     if isinstance(value, ProbeSpecBase):
