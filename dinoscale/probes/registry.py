@@ -62,15 +62,16 @@ class SegSplit:
 
 
 def grid_edges(grid: dict[str, list], selected: dict) -> dict[str, str]:
-    """The hyper-parameters whose value chosen on val sits on an edge of a grid of at least 3 values:
-    {name: 'top' | 'bottom'}. A choice on the edge says the grid may not contain the optimum."""
+    """The hyper-parameters whose value chosen on val sits on an edge of a grid of at least 2 values:
+    {name: 'top' | 'bottom'}. A choice on the edge says the grid may not contain the optimum. A bottom of 0
+    (no weight decay) is the end of its range, not an edge: nothing below it was left out."""
     out = {}
     for name, values in grid.items():
         values = sorted(set(values))
-        if len(values) >= 3 and name in selected:
+        if len(values) >= 2 and name in selected:
             if selected[name] == values[-1]:
                 out[name] = "top"
-            elif selected[name] == values[0]:
+            elif selected[name] == values[0] and values[0] != 0:
                 out[name] = "bottom"
     return out
 
