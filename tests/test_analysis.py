@@ -83,6 +83,42 @@ def _verdict(metric, half_width):
     return fit_power_law(X4, metric, metric - half_width, metric + half_width, "params")
 
 
+def test_a_verdict_never_says_improves_when_its_exponent_interval_reaches_zero():
+    """Issue 26: the paired comparison of the end points says "improves", the fitted exponent's interval
+    reaches below 0 (and up to its optimiser bound): the verdict says no reliable trend, quoting both."""
+    fit = fit_power_law(
+        [1, 2, 4, 8], np.array([0.712, 0.731, 0.696, 0.741]), *_band([0.712, 0.731, 0.696, 0.741], 0.02), "params"
+    )
+    assert fit.trend == "no_trend" and "improves" not in fit.verdict
+    assert fit.verdict.startswith("no reliable trend with params: params=8 scores above params=1 on paired resamples")
+    assert fit.alpha_low <= 0 and "includes 0" in fit.verdict and "+5 (its bound)" in fit.verdict
+    assert fit.notes == ["the paired comparison alone says 'improves with params'"] and fit.extrapolation is None
+    up = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)  # a clean improvement keeps its words and its exponent
+    assert up.trend == "improves" and up.alpha_low > 0 and up.alpha_identified
+
+
+def test_a_parameter_at_its_optimiser_bound_is_reported_not_identified():
+    """The fits table shows "not identified" where the fit stopped on a bound (alpha +-5, floor 0), not the
+    bound's number (the issue's alpha interval of +-5 and floor of 3.7e-14)."""
+    from dinoscale.analysis.curves import Curve, fits_table
+
+    m = np.array([0.70, 0.71, 0.70, 0.75])
+    fit = fit_power_law([1, 2, 4, 8], m, m - 0.03, m + 0.03, "params")
+    assert not fit.alpha_identified and max(abs(fit.alpha_low), abs(fit.alpha_high)) >= 4.95
+    assert not fit.floor_identified and fit.floor < 1e-9
+    row = fits_table([Curve({}, "params", "", np.array([1, 2, 4, 8]), m, m - 0.03, m + 0.03, [], fit)]).iloc[0]
+    assert row.alpha == row.alpha_ci_high == row.floor_error == row.amplitude == "not identified"
+    assert not row.exponent_identified
+    good = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)
+    good_row = fits_table([Curve({}, "params", "", X4, good.band["metric"][:4], X4, X4, [], good)]).iloc[0]
+    assert isinstance(good_row.alpha, float) and good_row.alpha > 0
+
+
+def _band(metric, half_width):
+    metric = np.array(metric)
+    return metric - half_width, metric + half_width
+
+
 def test_verdicts_on_constructed_cases():
     up = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)
     assert (up.trend, up.verdict) == ("improves", "improves with params") and up.exponent_identified
