@@ -462,3 +462,18 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
     assert "DEMO RUN" in head[2] and "PHANTOM" in head[3]  # the sweep's provenance, decided once, comes first
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/fits.csv", "report/auroc_vs_params.png"} <= arts
+    # one interval per cell (issue 26): the report's is the trial's, as MLflow holds it, to the last digit
+    logged = {
+        client.get_run(r.info.run_id).data.params["backbone"]: client.get_run(r.info.run_id).data.metrics
+        for r in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
+    assert len(cells) == len(logged) == 4
+    for c in cells.itertuples():
+        m = logged[c.backbone]
+        assert (c.low, c.high) == (
+            m["test_macro_auroc_ci_low"],
+            m["test_macro_auroc_ci_high"],
+        )
+    # one selection rule: the answer names the val-selected cell and shows val with its n
+    answer = (out / "report.md").read_text()
+    assert "chosen on validation: val " in answer

@@ -228,14 +228,21 @@ def bootstrap_cells(
             cell = _replicate_draws(per_run[:, idx], rng)
         columns.append(cell)
         q = (1 - level) / 2
+        low, high = _quantile(cell, q), _quantile(cell, 1 - q)
+        logged = g[[f"{METRIC}_ci_low", f"{METRIC}_ci_high"]].to_numpy(float)
+        # one interval per cell: a single run's is the trial's own, as MLflow and the terminal have it (the draws,
+        # paired across cells, still carry the comparisons and the fits)
+        if len(g) == 1 and np.isfinite(logged).all() and logged[0, 1] > logged[0, 0] and np.isfinite(cell).any():
+            low, high = float(logged[0, 0]), float(logged[0, 1])
         rows.append(
             {
                 **dict(zip(CELL_KEYS, key)),
                 "metric": g[METRIC].mean(),
-                "low": _quantile(cell, q),
-                "high": _quantile(cell, 1 - q),
+                "low": low,
+                "high": high,
                 "seeds": g[record.REPLICATE_AXIS].nunique(),
                 "val_metric": g["val_metric"].mean(),
+                "n_val": pd.to_numeric(g["n_val"], errors="coerce").mean() if "n_val" in g else np.nan,
                 "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
                 "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
                 "uncertainty": _uncertainty_words(g),
