@@ -477,3 +477,25 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
     # one selection rule: the answer names the val-selected cell and shows val with its n
     answer = (out / "report.md").read_text()
     assert "chosen on validation: val " in answer
+
+
+def test_the_answer_says_when_the_data_cannot_tell_the_val_choice_from_the_test_leader():
+    """Issue 26: the answer names the val-selected cell with its val (and n); a cell with a better test value is
+    named under it, with whether the intervals let the data tell them apart - never two cells each "best"."""
+    from dinoscale.analysis.compare import best_configurations
+    from dinoscale.analysis.report import _answer
+
+    def runs(leader_low):
+        return pd.DataFrame(
+            [
+                _run("a", "frozen", 0.834, 0.803, 0.859, backbone="demo-s", val_macro_auroc=0.90, n_val=6),
+                _run("b", "lora", 0.889, leader_low, 0.93, backbone="demo-m", val_macro_auroc=0.85, n_val=6),
+            ]
+        )
+
+    for leader_low, words in ((0.85, "so the data cannot tell them apart"), (0.87, "validation ranked them otherwise")):
+        cd = bootstrap_cells(runs(leader_low), resamples=200)
+        lines = [text for _, text in _answer(cd, best_configurations(cd), cd.headline)]
+        assert "frozen" in lines[0] and "0.834 [0.803, 0.859], chosen on validation: val 0.900 (n=6)" in lines[0]
+        assert lines[1].startswith("on test, demo-m (1.00M params) at 224px, linear probe, lora scores 0.889")
+        assert "val 0.850 (n=6)" in lines[1] and words in lines[1]

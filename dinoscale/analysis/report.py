@@ -268,6 +268,7 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
                 + f"; {_cost_words(cost[b.cell])}",
             )
         )
+        lines += _test_leader_lines(cd, b, h)
         cheap = cheapest_as_good(cd, pd.Series(b._asdict()))
         if cheap is None:
             lines.append((1, f"cheapest as good: cannot tell ({NO_INTERVALS})"))
@@ -301,6 +302,24 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
             rule = "beats every cheaper configuration on val" if on_val else "beats every cheaper configuration"
             lines.append((1, f"cost frontier ({cost_name}; each step {rule}): {steps}"))
     return lines
+
+
+def _test_leader_lines(cd: CellDraws, b, h: Headline) -> list[tuple[int, str]]:
+    """Where the cell chosen on val is not the one with the best test value: whether the data can tell the two
+    apart (their 95% test intervals overlap or not), instead of two different cells each looking "best"."""
+    if b.chosen_on != "validation":
+        return []
+    g = cd.cells[(cd.cells.modality == b.modality) & (cd.cells.dataset == b.dataset)]
+    top = g.metric.idxmax() if h.goal == "max" else g.metric.idxmin()
+    if top == b.cell:
+        return []
+    chosen, lead = cd.cells.loc[b.cell], cd.cells.loc[top]
+    said = f"on test, {_describe(lead, h)} scores {_value(lead, h)}{_val_words(lead, ', val')}"
+    if not all(np.isfinite([chosen.low, chosen.high, lead.low, lead.high])):
+        return [(1, f"{said}; without intervals the data cannot tell it from the chosen one ({NO_INTERVALS})")]
+    if lead.low <= chosen.high and chosen.low <= lead.high:
+        return [(1, f"{said}: its 95% interval overlaps the chosen one's, so the data cannot tell them apart")]
+    return [(1, f"{said}, better than the chosen one's whole 95% interval: validation ranked them otherwise")]
 
 
 def _figures(
