@@ -477,6 +477,13 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
     # one selection rule: the answer names the val-selected cell and shows val with its n
     answer = (out / "report.md").read_text()
     assert "chosen on validation: val " in answer
+    # the cells table reads as a person would: encoder names, parameters in M, the interval in one column
+    html = (out / "report.html").read_text()
+    cells_html = html[html.index("<h2>Cells</h2>") :]
+    assert "<th>encoder</th>" in cells_html and "<th>params (M)</th>" in cells_html and "<td>1.0</td>" in cells_html
+    assert "<th>n_params</th>" not in cells_html and "<th>uncertainty</th>" not in cells_html
+    first = cells.iloc[0]
+    assert f"{first.metric:.3f} [{first.low:.3f}, {first.high:.3f}]" in cells_html
 
 
 def test_the_answer_says_when_the_data_cannot_tell_the_val_choice_from_the_test_leader():
