@@ -9,7 +9,7 @@ the sweep's parent run carries ``dinoscale.headline`` (= ``test_<name>``) and
   volume or slide); the analysis recomputes macro AUROC on patient resamples.
 - segmentation / instance segmentation: ``sample_id, patient_id`` (``group`` where the dataset reports
   samples separately, e.g. CREMI's A / B / C) and one column per per-volume metric (``dice``,
-  ``hd95_mm``, ``detection_rate``, ``fp_volume_ml``, ``voi``, ``arand``, ...; conventions in
+  ``hd95_mm``, ``detection_rate``, ``lesion_detection_rate``, ``fp_volume_ml``, ``voi``, ``arand``, ...; conventions in
   ``dinoscale.metrics.CONVENTIONS``); the headline's column is ``<name>`` and the analysis resamples
   patients and averages it (NaN values skipped).
 """

@@ -12,7 +12,8 @@ table of each sweep (``CONVENTIONS``; ``dinoscale.sweep.protocol``):
   (patients); the value is reported with the count instead;
 - segmentation: Dice on the cases whose ground truth holds the structure (AutoPET convention),
   HD95 in the volume's physical units with a penalty distance for a missed or spurious structure,
-  a detection rate, and false-positive / false-negative volumes of unmatched connected components;
+  a per-structure detection rate, a lesion-wise detection rate (connected components) with the count of
+  false-positive lesions, and false-positive / false-negative volumes of unmatched connected components;
 - EM instances: VOI and adapted Rand error under the CREMI convention (a border mask, one ignore label).
 """
 
@@ -46,8 +47,13 @@ CONVENTIONS: dict[str, str] = {
     "volume's voxel spacing; px where the file records none), on the volumes where the ground truth or the "
     "prediction holds the structure; a missed or a spurious structure scores the penalty distance, the "
     "diagonal of the volume's field of view; absent from both: undefined",
-    "detection": "detection rate: share of (volume, structure) pairs with the structure in the ground truth "
-    "whose prediction overlaps it; false-positive rate: share of pairs without it that predict it",
+    "detection": "detection rate (per structure): share of (volume, structure) pairs with the structure in the "
+    "ground truth whose prediction overlaps it; false-positive rate: share of pairs without it that predict it",
+    "lesion detection": "lesion_detection_rate: per volume, the share of its ground-truth lesions (connected "
+    "components of each structure; 18-connectivity in 3D, 8 in 2D) that at least one predicted voxel of the "
+    "same structure overlaps (IoU > 0), over every structure; undefined for a volume without lesions; "
+    "false_positive_lesions: per volume, the predicted components that touch no ground-truth voxel of their "
+    "structure",
     "FP / FN volume": "AutoPET: volume (ml; voxels where the spacing is unknown) of predicted connected "
     "components touching no ground-truth voxel (FP) and of ground-truth components touching no predicted "
     "voxel (FN); 18-connectivity in 3D, 8 in 2D; summed over structures",
@@ -363,8 +369,8 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
 
     pred, target = np.asarray(pred), np.asarray(target)
     n, shape = len(target), target.shape[1:]
-    per_volume = spacing is not None and np.ndim(spacing) == 2
-    spacings = [tuple(spacing[i]) if per_volume else spacing for i in range(n)]
+    given = per_volume_spacings(spacing, n)
+    spacings = given or [None] * n
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below) and about its own deprecations
@@ -374,7 +380,7 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
                 t,
                 include_background=False,
                 percentile=95,
-                spacing=[tuple(float(v) for v in sp) for sp in spacings] if spacing is not None else None,
+                spacing=given,
             )
             .numpy()
             .astype(np.float64)
@@ -387,26 +393,47 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
     return h
 
 
+@dataclass(frozen=True)
+class Components:
+    """The connected components of one binary map against another (18-connectivity in 3D, 8 in 2D)."""
+
+    count: int  # components of the map
+    touched: int  # of them, those that at least one voxel of the other map overlaps (IoU > 0)
+    unmatched_voxels: int  # voxels of the components that no voxel of the other map overlaps
+
+
+def components(a: np.ndarray, b: np.ndarray) -> Components:
+    """The connected components of binary map ``a`` and which of them ``b`` overlaps."""
+    from scipy import ndimage
+
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    lab, n = ndimage.label(a, structure=ndimage.generate_binary_structure(a.ndim, 2))
+    if n == 0:
+        return Components(0, 0, 0)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    hit = np.zeros(n + 1, dtype=bool)
+    hit[np.unique(lab[a & b])] = True
+    hit[0] = True
+    return Components(n, int(hit.sum()) - 1, int(sizes[~hit].sum()))
+
+
 def unmatched_component_voxels(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
     """AutoPET's false-positive and false-negative voxel counts for one binary map: voxels of predicted
     connected components that touch no ground-truth voxel, and of ground-truth components that touch no
     predicted voxel (18-connectivity in 3D, 8 in 2D)."""
-    from scipy import ndimage
+    return components(pred, target).unmatched_voxels, components(target, pred).unmatched_voxels
 
-    pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
-    structure = ndimage.generate_binary_structure(pred.ndim, 2)
 
-    def unmatched(a, b):
-        lab, n = ndimage.label(a, structure=structure)
-        if n == 0:
-            return 0
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        hit = np.zeros(n + 1, dtype=bool)
-        hit[np.unique(lab[b & a])] = True
-        hit[0] = True
-        return int(sizes[~hit].sum())
-
-    return unmatched(pred, target), unmatched(target, pred)
+def per_volume_spacings(spacing, n: int) -> list | None:
+    """``spacing`` as one entry per volume: None (unknown) stays None; one spacing (a sequence of numbers) is
+    every volume's; a sequence of ``n`` spacings is taken as given."""
+    if spacing is None:
+        return None
+    if np.ndim(spacing) == 1:
+        return [tuple(float(v) for v in spacing)] * n
+    if np.ndim(spacing) != 2 or len(spacing) != n:
+        raise ValueError(f"spacing: one spacing for every volume or one per volume ({n}), got {spacing!r}")
+    return [tuple(float(v) for v in sp) for sp in spacing]
 
 
 def segmentation_per_volume(
@@ -419,37 +446,47 @@ def segmentation_per_volume(
 ) -> dict[str, np.ndarray]:
     """Per-volume values from label maps (n_volumes, *spatial) under ``CONVENTIONS``.
 
-    ``spacing``: per-volume voxel spacing in mm in the arrays' axis order (None: unknown, distances in
-    voxels). Returns ``dice`` (mean over the structures the ground truth holds) and ``dice_<structure>``,
-    ``hd95_mm`` (``hd95_px`` without spacing; mean over structures, penalty for missed / spurious ones),
-    ``detection_rate`` and ``false_positive_rate`` (per volume, over its positive / negative structures),
+    ``spacing``: voxel spacing in mm in the arrays' axis order, one for every volume or one per volume (None:
+    unknown, distances in voxels). Returns ``dice`` (mean over the structures the ground truth holds) and
+    ``dice_<structure>``, ``hd95_mm`` (``hd95_px`` without spacing; mean over structures, penalty for missed /
+    spurious ones), ``detection_rate`` and ``false_positive_rate`` (per volume, over its positive / negative
+    structures), ``lesion_detection_rate`` and ``false_positive_lesions`` (connected components),
     ``fp_volume_ml`` / ``fn_volume_ml`` (``fp_voxels`` / ``fn_voxels`` without spacing). NaN where undefined."""
     import warnings
 
     names = class_names or [str(c) for c in range(1, n_classes)]
     pred, target = np.asarray(pred), np.asarray(target)
-    mm = spacing is not None
+    spacings = per_volume_spacings(spacing, len(target))
+    mm = spacings is not None
     d = dice_per_volume(pred, target, n_classes)
     in_gt = np.stack([[(t == c).any() for c in range(1, n_classes)] for t in target])
     in_pred = np.stack([[(p == c).any() for c in range(1, n_classes)] for p in pred])
     hit = np.stack([[((p == c) & (t == c)).any() for c in range(1, n_classes)] for p, t in zip(pred, target)])
-    fp, fn = np.zeros(len(target)), np.zeros(len(target))
+    # per volume: fp / fn voxels, ground-truth lesions, those found, predicted lesions touching no ground truth
+    counts = np.zeros((len(target), 5))
     for i, (p, t) in enumerate(zip(pred, target)):
-        voxel = float(np.prod(spacing[i])) / 1000.0 if mm else 1.0  # mm^3 -> ml
         for c in range(1, n_classes):
-            a, b = unmatched_component_voxels(p == c, t == c)
-            fp[i] += a * voxel
-            fn[i] += b * voxel
+            found, made = components(t == c, p == c), components(p == c, t == c)
+            counts[i] += (
+                made.unmatched_voxels,
+                found.unmatched_voxels,
+                found.count,
+                found.touched,
+                made.count - made.touched,
+            )
+    voxel = np.array([np.prod(sp) / 1000.0 for sp in spacings]) if mm else np.ones(len(target))  # mm^3 -> ml
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
         out = {"dice": np.nanmean(d, axis=1), **{f"dice_{n}": d[:, j] for j, n in enumerate(names)}}
         if hd95:
-            out["hd95_mm" if mm else "hd95_px"] = np.nanmean(hd95_per_volume(pred, target, n_classes, spacing), axis=1)
+            out["hd95_mm" if mm else "hd95_px"] = np.nanmean(hd95_per_volume(pred, target, n_classes, spacings), axis=1)
         out["detection_rate"] = np.where(in_gt.any(1), (hit & in_gt).sum(1) / in_gt.sum(1), np.nan)
         neg = ~in_gt
         out["false_positive_rate"] = np.where(neg.any(1), (in_pred & neg).sum(1) / neg.sum(1), np.nan)
-    out["fp_volume_ml" if mm else "fp_voxels"] = fp
-    out["fn_volume_ml" if mm else "fn_voxels"] = fn
+        out["lesion_detection_rate"] = np.where(counts[:, 2] > 0, counts[:, 3] / counts[:, 2], np.nan)
+    out["false_positive_lesions"] = counts[:, 4]
+    out["fp_volume_ml" if mm else "fp_voxels"] = counts[:, 0] * voxel
+    out["fn_volume_ml" if mm else "fn_voxels"] = counts[:, 1] * voxel
     return out
 
 
@@ -550,11 +587,12 @@ def cremi_border_px(spacing=None) -> float:
 def instance_per_volume(pred: np.ndarray, target: np.ndarray, spacing=None) -> dict[str, np.ndarray]:
     """Per-volume EM instance metrics under the CREMI convention (``CONVENTIONS['VOI / ARAND']``): ``voi``
     (split + merge, bits), ``voi_split``, ``voi_merge``, ``arand`` and ``cremi_score`` = sqrt(VOI x ARAND)
-    (the CREMI leaderboard's combined score). ``spacing``: per-volume spacing (nm) in the arrays' axis order
-    (sections first), for the border mask."""
+    (the CREMI leaderboard's combined score). ``spacing``: spacing (nm) in the arrays' axis order (sections
+    first), one for every volume or one per volume, for the border mask."""
     rows = []
-    for i, (p, t) in enumerate(zip(pred, target)):
-        gt = cremi_ground_truth(t, cremi_border_px(None if spacing is None else spacing[i]))
+    spacings = per_volume_spacings(spacing, len(target)) or [None] * len(target)
+    for p, t, sp in zip(pred, target, spacings):
+        gt = cremi_ground_truth(t, cremi_border_px(sp))
         split, merge = variation_of_information(p, gt)
         rows.append([split, merge, adapted_rand_error(p, gt)[0]])
     vals = np.array(rows, dtype=np.float64).reshape(-1, 3)

@@ -12,8 +12,10 @@ In order, cheapest first, each failure one ``UserError`` naming the thing, what 
    fit its architecture: names and shapes are compared on the meta device with the file memory-mapped,
    so a multi-GB checkpoint is not read into the driver's memory.
 4. **data**: the data root holds the adapter's layout (the plan prepares the dataset, which checks it),
-   every probe and strategy fits the dataset's task (``check_runnable``), and a sample of each split's
-   files decodes (``dinoscale.data.checks.decode_sample``).
+   every probe and strategy fits the dataset's task (``check_runnable``), a sample of each split's
+   files decodes (``dinoscale.data.checks.decode_sample``), every class of a macro metric can be scored
+   on the test split (``macro_class_set_words``), and a CT window fits the data it is applied to
+   (``check_window``: the modality the dataset states, the share of decoded voxels it saturates).
 5. **tracking, writable**: the store answers as MLflow (one request, 5 s, no retries) and takes a write:
    the sweep's experiment is created if needed and tagged ``dinoscale.preflight``. Last, so that a sweep
    refused for its spec or data leaves nothing in the record.
@@ -425,6 +427,82 @@ def check_all_weights(spec) -> str:
     return ", ".join(found + ([f"{n_random} random init"] if n_random else []))
 
 
+# ---------------------------------------------------------------- science: what the data lets the numbers mean
+
+# A CT window that saturates more than this share of the sampled voxels to white (above its top) leaves too little
+# of the data to read: CT holds little above any preset's top (bone, contrast, metal: a few %), data in other
+# units (MRI, already-normalised arrays) much more.
+WINDOW_SATURATED_MAX = 0.5
+_CT_NAMES = ("ct",)  # how a dataset that states its modality (MSD's dataset.json) names CT
+
+
+def macro_class_set_words(ds, k: int) -> str | None:
+    """The classes a macro metric can average on the test split (each needs a positive and a negative test
+    patient; ``k`` of each to be in the class set), in words for the report line. Raises ``DataError`` when no
+    class has both - the metric would be undefined and every cell would fail after extraction. None for dense
+    tasks."""
+    from dinoscale.data.errors import DataError
+    from dinoscale.metrics import macro_class_set
+    from dinoscale.tasks import get_task
+
+    if get_task(ds.task).dense or not ds.classes:
+        return None
+    df = ds.split("test")
+    y, ids = df[ds.classes].to_numpy(dtype=float) > 0, df["patient_id"].astype(str).to_numpy()
+    n_patients = len(set(ids))
+    full, any_ = macro_class_set(y, ids, k), macro_class_set(y, ids, 1)
+    pos = {c: len(set(ids[y[:, j]])) for j, c in enumerate(ds.classes)}
+    if not any_.any():
+        counts = ", ".join(f"{c} ({pos[c]} positive, {n_patients - pos[c]} negative)" for c in ds.classes)
+        raise DataError(
+            f"dataset '{ds.name}': no class has both a positive and a negative patient in the test split "
+            f"({n_patients} patients): {counts}; macro AUROC would be undefined in every cell. Enlarge the test "
+            "split (dataset.split.test_fraction) or add patients"
+        )
+    words = f"macro AUROC over {int(full.sum()) or int(any_.sum())} of {len(ds.classes)} classes"
+    left = [c for j, c in enumerate(ds.classes) if not any_[j]]
+    if left:
+        words += f" (no positive or no negative test patient, per class only: {', '.join(left)})"
+    return words
+
+
+def check_window(plan) -> str | None:
+    """A CT window (HU) against the data it is applied to: refused where the dataset states a modality other
+    than CT (MSD's dataset.json), or where it saturates more than ``WINDOW_SATURATED_MAX`` of the voxels of a
+    decoded sample (one volume per split). Returns the clipped share in words (None: no window)."""
+    from dinoscale.data.checks import sample_rows
+    from dinoscale.data.errors import DataError
+    from dinoscale.data.readers import read_volume
+    from dinoscale.sweep.plan import volume_window
+
+    window, ds = volume_window(plan.spec), plan.dataset
+    if window is None or not ds.volumetric:
+        return None
+    lo, hi = window
+    low = high = total = 0
+    for row in sample_rows(ds, 1):
+        vol, _ = read_volume(str(ds.manifest.at[row, "path"]))
+        low, high, total = low + int((vol < lo).sum()), high + int((vol > hi).sum()), total + vol.size
+    clipped, saturated = (low + high) / max(total, 1), high / max(total, 1)
+    name = plan.spec.dataset.window
+    what = f"dataset.window {name if isinstance(name, str) else list(name)} = [{lo:g}, {hi:g}] HU"
+    stated = [c for c in ds.channel_names if c]
+    where = f"dataset '{ds.name}'" + (f" ({plan.spec.dataset.subset})" if plan.spec.dataset.subset else "")
+    sample = f"it clips {clipped:.0%} of the sampled voxels ({saturated:.0%} to white)"
+    if stated and not any(c.lower() in _CT_NAMES for c in stated):
+        raise DataError(
+            f"{what} is a CT window, but {where} states its modality as {', '.join(stated)}, not CT; {sample}. "
+            "Remove dataset.window (each volume is then scaled by its own min-max)"
+        )
+    if saturated > WINDOW_SATURATED_MAX:
+        raise DataError(
+            f"{what} saturates {saturated:.0%} of the sampled voxels of {where} (more than "
+            f"{WINDOW_SATURATED_MAX:.0%}): the data are not in Hounsfield units for this window. Remove "
+            "dataset.window or choose one that fits the data's units"
+        )
+    return f"window clips {clipped:.0%} of sampled voxels"
+
+
 # ---------------------------------------------------------------- all of it
 
 
@@ -459,6 +537,10 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
                 f"; WARNING: {len(colour)} sampled file(s) are colour (first: {colour[0]}) but dataset "
                 f"'{plan.dataset.name}' reaches the encoder as grey: set dataset.color: rgb to keep colour"
             )
+        # science: the macro metric's class set on the test split, the CT window against the data's units
+        for words in (macro_class_set_words(plan.dataset, spec.metrics.macro_min_patients), check_window(plan)):
+            if words:
+                report.checks["data"] += f"; {words}"
         from dinoscale.sweep.inputs import prepare_label_maps
 
         if prepare_label_maps(plan):  # labels outside the probe's classes named before extraction

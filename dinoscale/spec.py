@@ -555,6 +555,28 @@ class SweepSpec(Strict):
                 raise ValueError(f"resolutions must be multiples of {b.name}'s patch size {patch}, got {bad}")
         return self
 
+    @field_validator("probes")
+    @classmethod
+    def _probes_fit_the_dataset(cls, v: list, info) -> list:
+        """Probes that do not serve the dataset's task, refused by ``validate`` as by the pre-flight: the dataset
+        registry states the task and, where it records the published size, the units (volumes, slides)."""
+        from dinoscale.data import get_dataset
+        from dinoscale.probes.registry import unfit_message
+
+        ds = info.data.get("dataset")
+        if ds is None:  # the dataset failed its own validation (reported there)
+            return v
+        d = get_dataset(ds.name)
+        if d.task == "auto":  # only the data tells (manifest, MedMNIST+): checked by the pre-flight
+            return v
+        size = d.published_size(ds.subset)
+        unfit = unfit_message(
+            [p.kind for p in v], ds.name, d.task, size.volumetric if size else None, size.bagged if size else None
+        )
+        if unfit:
+            raise ValueError(unfit)
+        return v
+
     @model_validator(mode="after")
     def _unique_axes(self) -> SweepSpec:
         names = [b.name + "@" + b.weights for b in self.backbones]

@@ -83,6 +83,42 @@ def _verdict(metric, half_width):
     return fit_power_law(X4, metric, metric - half_width, metric + half_width, "params")
 
 
+def test_a_verdict_never_says_improves_when_its_exponent_interval_reaches_zero():
+    """Issue 26: the paired comparison of the end points says "improves", the fitted exponent's interval
+    reaches below 0 (and up to its optimiser bound): the verdict says no reliable trend, quoting both."""
+    fit = fit_power_law(
+        [1, 2, 4, 8], np.array([0.712, 0.731, 0.696, 0.741]), *_band([0.712, 0.731, 0.696, 0.741], 0.02), "params"
+    )
+    assert fit.trend == "no_trend" and "improves" not in fit.verdict
+    assert fit.verdict.startswith("no reliable trend with params: params=8 scores above params=1 on paired resamples")
+    assert fit.alpha_low <= 0 and "includes 0" in fit.verdict and "+5 (its bound)" in fit.verdict
+    assert fit.notes == ["the paired comparison alone says 'improves with params'"] and fit.extrapolation is None
+    up = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)  # a clean improvement keeps its words and its exponent
+    assert up.trend == "improves" and up.alpha_low > 0 and up.alpha_identified
+
+
+def test_a_parameter_at_its_optimiser_bound_is_reported_not_identified():
+    """The fits table shows "not identified" where the fit stopped on a bound (alpha +-5, floor 0), not the
+    bound's number (the issue's alpha interval of +-5 and floor of 3.7e-14)."""
+    from dinoscale.analysis.curves import Curve, fits_table
+
+    m = np.array([0.70, 0.71, 0.70, 0.75])
+    fit = fit_power_law([1, 2, 4, 8], m, m - 0.03, m + 0.03, "params")
+    assert not fit.alpha_identified and max(abs(fit.alpha_low), abs(fit.alpha_high)) >= 4.95
+    assert not fit.floor_identified and fit.floor < 1e-9
+    row = fits_table([Curve({}, "params", "", np.array([1, 2, 4, 8]), m, m - 0.03, m + 0.03, [], fit)]).iloc[0]
+    assert row.alpha == row.alpha_ci_high == row.floor_error == row.amplitude == "not identified"
+    assert not row.exponent_identified
+    good = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)
+    good_row = fits_table([Curve({}, "params", "", X4, good.band["metric"][:4], X4, X4, [], good)]).iloc[0]
+    assert isinstance(good_row.alpha, float) and good_row.alpha > 0
+
+
+def _band(metric, half_width):
+    metric = np.array(metric)
+    return metric - half_width, metric + half_width
+
+
 def test_verdicts_on_constructed_cases():
     up = _verdict([0.70, 0.78, 0.84, 0.88], 0.005)
     assert (up.trend, up.verdict) == ("improves", "improves with params") and up.exponent_identified
@@ -426,3 +462,47 @@ def test_analyze_sweep_reads_mlflow_resamples_patients_and_attaches_report(tmp_p
     assert "DEMO RUN" in head[2] and "PHANTOM" in head[3]  # the sweep's provenance, decided once, comes first
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/fits.csv", "report/auroc_vs_params.png"} <= arts
+    # one interval per cell (issue 26): the report's is the trial's, as MLflow holds it, to the last digit
+    logged = {
+        client.get_run(r.info.run_id).data.params["backbone"]: client.get_run(r.info.run_id).data.metrics
+        for r in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
+    assert len(cells) == len(logged) == 4
+    for c in cells.itertuples():
+        m = logged[c.backbone]
+        assert (c.low, c.high) == (
+            m["test_macro_auroc_ci_low"],
+            m["test_macro_auroc_ci_high"],
+        )
+    # one selection rule: the answer names the val-selected cell and shows val with its n
+    answer = (out / "report.md").read_text()
+    assert "chosen on validation: val " in answer
+    # the cells table reads as a person would: encoder names, parameters in M, the interval in one column
+    html = (out / "report.html").read_text()
+    cells_html = html[html.index("<h2>Cells</h2>") :]
+    assert "<th>encoder</th>" in cells_html and "<th>params (M)</th>" in cells_html and "<td>1.0</td>" in cells_html
+    assert "<th>n_params</th>" not in cells_html and "<th>uncertainty</th>" not in cells_html
+    first = cells.iloc[0]
+    assert f"{first.metric:.3f} [{first.low:.3f}, {first.high:.3f}]" in cells_html
+
+
+def test_the_answer_says_when_the_data_cannot_tell_the_val_choice_from_the_test_leader():
+    """Issue 26: the answer names the val-selected cell with its val (and n); a cell with a better test value is
+    named under it, with whether the intervals let the data tell them apart - never two cells each "best"."""
+    from dinoscale.analysis.compare import best_configurations
+    from dinoscale.analysis.report import _answer
+
+    def runs(leader_low):
+        return pd.DataFrame(
+            [
+                _run("a", "frozen", 0.834, 0.803, 0.859, backbone="demo-s", val_macro_auroc=0.90, n_val=6),
+                _run("b", "lora", 0.889, leader_low, 0.93, backbone="demo-m", val_macro_auroc=0.85, n_val=6),
+            ]
+        )
+
+    for leader_low, words in ((0.85, "so the data cannot tell them apart"), (0.87, "validation ranked them otherwise")):
+        cd = bootstrap_cells(runs(leader_low), resamples=200)
+        lines = [text for _, text in _answer(cd, best_configurations(cd), cd.headline)]
+        assert "frozen" in lines[0] and "0.834 [0.803, 0.859], chosen on validation: val 0.900 (n=6)" in lines[0]
+        assert lines[1].startswith("on test, demo-m (1.00M params) at 224px, linear probe, lora scores 0.889")
+        assert "val 0.850 (n=6)" in lines[1] and words in lines[1]

@@ -142,3 +142,56 @@ def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     va, vb = rng.random(30), rng.random(30)
     pv = paired_bootstrap(np.zeros(30), va, vb, np.arange(30), metric=mean_score, resamples=100)
     assert pv.difference == pytest.approx(va.mean() - vb.mean())
+
+
+def _ten_lesions() -> np.ndarray:
+    """One 3D volume with ten separate 2x2x2 lesions of structure 1 (gaps of 2 voxels, so none touch)."""
+    gt = np.zeros((4, 8, 40), int)
+    for k in range(10):
+        gt[1:3, 2:4, 4 * k : 4 * k + 2] = 1
+    return gt
+
+
+def test_lesion_wise_detection_counts_connected_lesions_not_the_structure():
+    """Finding 1 of 10 lesions: the per-structure rate says 1.0 (the structure was found), the lesion-wise rate
+    0.1; a predicted blob away from every lesion is one false-positive lesion."""
+    from dinoscale.metrics import segmentation_per_volume
+
+    gt = _ten_lesions()
+    one = np.zeros_like(gt)
+    one[1, 2, 0] = 1  # a single voxel inside the first lesion
+    one[3, 6, 38] = 1  # one voxel outside every lesion
+    seven = gt.copy()
+    seven[:, :, 28:] = 0  # lesions 8-10 missed
+    out = segmentation_per_volume(np.stack([one, seven, gt]), np.stack([gt, gt, gt]), 2, hd95=False)
+    assert out["detection_rate"].tolist() == [1.0, 1.0, 1.0]
+    assert out["lesion_detection_rate"].tolist() == pytest.approx([0.1, 0.7, 1.0])
+    assert out["false_positive_lesions"].tolist() == [1, 0, 0]
+    empty = segmentation_per_volume(np.zeros((1, 4, 8, 40), int), np.zeros((1, 4, 8, 40), int), 2, hd95=False)
+    assert np.isnan(empty["lesion_detection_rate"][0])  # no lesion: undefined, not 0 or 1
+
+
+def test_one_spacing_for_every_volume_equals_the_same_spacing_per_volume():
+    """``spacing`` may be one tuple (every volume's) or one per volume; the volumes (ml) and HD95 (mm) agree, and
+    a per-volume list scales each volume by its own spacing."""
+    from dinoscale.metrics import instance_per_volume, segmentation_per_volume
+
+    gt = np.stack([_ten_lesions()] * 2)
+    pred = np.zeros_like(gt)
+    pred[:, 1, 6, 38] = 1  # one false-positive voxel in each volume, all lesions missed
+    sp = (2.0, 1.0, 0.5)  # 1 mm^3 per voxel
+    one = segmentation_per_volume(pred, gt, 2, spacing=sp)
+    each = segmentation_per_volume(pred, gt, 2, spacing=[sp, sp])
+    assert one["fp_volume_ml"].tolist() == pytest.approx([0.001, 0.001])  # not prod(sp[i]): 0.002, 0.001
+    assert one["fn_volume_ml"].tolist() == pytest.approx([0.08, 0.08])  # ten 8-voxel lesions of 1 mm^3
+    for k in one:
+        np.testing.assert_allclose(one[k], each[k])
+    mixed = segmentation_per_volume(pred, gt, 2, spacing=[sp, (1.0, 1.0, 1.0)], hd95=False)
+    assert mixed["fn_volume_ml"].tolist() == pytest.approx([0.08, 0.08])
+    bigger = segmentation_per_volume(pred, gt, 2, spacing=[sp, (4.0, 1.0, 0.5)], hd95=False)
+    assert bigger["fn_volume_ml"].tolist() == pytest.approx([0.08, 0.16])
+    inst_one = instance_per_volume(gt, gt, spacing=(40.0, 4.0, 4.0))
+    inst_each = instance_per_volume(gt, gt, spacing=[(40.0, 4.0, 4.0)] * 2)
+    np.testing.assert_allclose(inst_one["voi"], inst_each["voi"])
+    with pytest.raises(ValueError, match="one per volume"):
+        segmentation_per_volume(pred, gt, 2, spacing=[sp, sp, sp])

@@ -63,7 +63,7 @@ def test_linear_probe_on_separable_data_reaches_auroc_1():
     train, val, test = _separable()
     res = run_probe(LinearProbeSpec(kind="linear", epochs=100, batch_size=32), train, val, test)
     assert macro_auroc(test.y, res.test_scores) == 1.0
-    assert res.candidates == 32 and set(res.selected) == {"lr", "weight_decay"}
+    assert res.candidates == 16 * 6 and set(res.selected) == {"lr", "weight_decay"}
 
 
 def test_linear_heads_are_independent_and_selected_on_val():

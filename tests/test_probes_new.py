@@ -176,6 +176,8 @@ def test_search_probe_uses_a_fixed_budget_and_reports_the_val_choice():
 
 def test_new_probe_kinds_parse_in_a_sweep_spec(tiny_spec):
     raw = tiny_spec.model_dump(mode="json")
+    # a dataset whose task only its data tells (the spec cannot refuse a probe for its task before reading it)
+    raw["dataset"] = {"name": "manifest", "root": "data"}
     raw["probes"] = [
         {"kind": "logreg"},
         {"kind": "pool"},

@@ -131,6 +131,24 @@ def test_spec_probe_that_does_not_fit_the_task(tmp_path, shared):
     user_error(["sweep", path], "segmentation", "Probes that fit", kind="spec")
 
 
+@pytest.mark.parametrize(
+    "dataset, probe",
+    [
+        ("nih-chestxray14", "segmentation"),
+        ("phantom-mri", "linear"),
+        ("wsi-tiles", "knn"),
+        ("phantom-em", "segmentation"),
+    ],
+)
+def test_validate_refuses_a_probe_that_does_not_fit_the_datasets_task(tmp_path, shared, dataset, probe):
+    """Where the dataset registry states the task (and, with a published size, the units), ``validate`` refuses
+    what the pre-flight would: it no longer says ok to a spec the sweep then refuses."""
+    where = {} if dataset.startswith("phantom") else {"root": str(tmp_path)}
+    path = spec_file(tmp_path, shared, dataset={"name": dataset, **where}, probes=[{"kind": probe}])
+    out = user_error(["validate", path], "probes", f"['{probe}'] do not fit dataset '{dataset}'", kind="spec")
+    assert "Probes that fit" in out and " ok " not in out
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -804,3 +822,61 @@ def test_interrupted_sweep_resumes_with_nothing_lost(tmp_path):
     assert {m: m.stat().st_mtime_ns for m in (tmp_path / "store" / "features").rglob("meta.json")} == stored
     history = client.get_metric_history(parent().info.run_id, "extraction_feature_sets_extracted")
     assert [m.value for m in sorted(history, key=lambda m: m.step)][-1] == 0
+
+
+# ---------------------------------------------------------------- science checks of the pre-flight (issue 26)
+
+
+def _one_error_line(res: subprocess.CompletedProcess, kind: str) -> str:
+    """Exit 2, no traceback, and the error on exactly one line of stderr; returns that line."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "RayTaskError" not in out
+    lines = [x for x in res.stderr.splitlines() if f"{kind} error:" in x]
+    assert len(lines) == 1, res.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_test_split_without_a_scorable_class_is_refused_before_extraction(tmp_path, shared):
+    """No class has both a positive and a negative test patient: macro AUROC is undefined in every cell. The
+    pre-flight says so in one line listing the classes (it was a RuntimeError traceback from inside each trial,
+    after extraction)."""
+    root = write_png_dataset(tmp_path / "d", split=True)
+    csv = root / "manifest.csv"
+    csv.write_text(csv.read_text().replace(",Nodule,test", ",,test"))  # every test patient negative
+    res = _cli(["sweep", spec_file(tmp_path, shared, **{"dataset.root": str(root)}), "--no-analysis"], tmp_path)
+    line = _one_error_line(res, "data")
+    assert "no class has both a positive and a negative patient in the test split (4 patients)" in line
+    assert "Nodule (0 positive, 4 negative)" in line and "Enlarge the test split" in line
+    assert "Extraction stage" not in res.stdout + res.stderr
+    assert not list((tmp_path / "store").rglob("shard-*.npy"))  # nothing extracted
+
+
+@pytest.mark.slow
+def test_a_ct_window_on_mri_is_refused_naming_the_window_and_the_modality(tmp_path, shared):
+    """A ``modality: ct`` spec with the lung window on MSD BrainTumour (MRI, as its dataset.json states): one
+    line naming the window, the modality and the share of decoded voxels it clips; nothing extracted."""
+    from dinoscale.data.replicas import get_replica
+    from dinoscale.spec import DatasetSpec
+
+    subset = "Task01_BrainTumour"
+    rep = get_replica("msd").write(tmp_path / "msd", DatasetSpec(name="msd", root="x", subset=subset))
+    spec = spec_file(
+        tmp_path,
+        shared,
+        filename="mri-as-ct.yaml",
+        **{
+            "name": "user-errors-window",
+            "modality": "ct",
+            "dataset": {"name": "msd", "root": str(rep.root), "subset": subset, "window": "lung"},
+            "probes": [{"kind": "segmentation", "n_classes": 4, "steps": 4, "crop": 16}],
+            "features": {"tokens": "patch_grid"},
+        },
+    )
+    res = _cli(["sweep", spec, "--no-analysis"], tmp_path)
+    line = _one_error_line(res, "data")
+    assert "dataset.window lung = [-1350, 150] HU is a CT window" in line
+    assert f"dataset 'msd' ({subset}) states its modality as FLAIR, T1w, t1gd, T2w, not CT" in line
+    assert "of the sampled voxels" in line and "Remove dataset.window" in line
+    assert not list((tmp_path / "store").rglob("shard-*.npy"))

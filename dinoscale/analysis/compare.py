@@ -83,13 +83,19 @@ def cheapest_as_good(cd: CellDraws, best: pd.Series) -> dict | None:
     }
 
 
-def pareto_frontier(cells: pd.DataFrame, cost: pd.Series, goal: str = "max") -> list:
-    """Indices of the cells no cheaper (or equally cheap) cell matches or beats, cheapest first: at each
-    cost the best cell, kept when it beats every cheaper one."""
+def selection_column(cells: pd.DataFrame) -> str:
+    """The column cells are ranked by: ``val_metric`` where every cell logged it (reported on test), else
+    ``metric`` (test: optimistic), as ``best_configurations`` chooses."""
+    return "val_metric" if "val_metric" in cells and cells["val_metric"].notna().all() else "metric"
+
+
+def pareto_frontier(cells: pd.DataFrame, cost: pd.Series, goal: str = "max", by: str = "metric") -> list:
+    """Indices of the cells no cheaper (or equally cheap) cell matches or beats on ``by``, cheapest first: at
+    each cost the best cell, kept when it beats every cheaper one."""
     known = cost.dropna()
     frontier, best = [], None
     for _, idx in known.groupby(known, sort=True).groups.items():
-        values = cells.loc[idx, "metric"]
+        values = cells.loc[idx, by]
         i = values.idxmax() if goal == "max" else values.idxmin()
         m = values[i]
         if best is None or (m > best if goal == "max" else m < best):

@@ -19,7 +19,7 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
-from dinoscale.analysis.scaling import ScalingFit, describe_points, fit_curve
+from dinoscale.analysis.scaling import NOT_IDENTIFIED, ScalingFit, describe_points, fit_curve
 from dinoscale.analysis.sources import NOT_STATED
 from dinoscale.headline import AUROC, Headline
 
@@ -145,6 +145,11 @@ def fits_table(curves: list[Curve], headline: Headline = AUROC) -> pd.DataFrame:
     return pd.DataFrame([_fit_row(c, headline) for c in curves])
 
 
+def _identified(value, identified: bool):
+    """A fitted value, or the words NOT_IDENTIFIED where the fit left it at an optimiser bound (None: no fit)."""
+    return value if value is None or identified else NOT_IDENTIFIED
+
+
 def _fit_row(c: Curve, headline: Headline = AUROC) -> dict:
     f = c.fit
     row = {
@@ -156,14 +161,15 @@ def _fit_row(c: Curve, headline: Headline = AUROC) -> dict:
         "verdict": f.verdict,
         "family": "saturating power law" if f.fitted else None,
         "error": fitted_error(headline),
-        "alpha": f.alpha,
-        "alpha_ci_low": f.alpha_low,
-        "alpha_ci_high": f.alpha_high,
+        # a parameter at its optimiser bound is "not identified", not a number (``ScalingFit.alpha_identified``)
+        "alpha": _identified(f.alpha, f.alpha_identified),
+        "alpha_ci_low": _identified(f.alpha_low, f.alpha_identified),
+        "alpha_ci_high": _identified(f.alpha_high, f.alpha_identified),
         "exponent_identified": f.exponent_identified,
-        "amplitude": f.amplitude,
-        "floor_error": f.floor,
-        "floor_error_ci_low": f.floor_low,
-        "floor_error_ci_high": f.floor_high,
+        "amplitude": _identified(f.amplitude, f.alpha_identified),
+        "floor_error": _identified(f.floor, f.floor_identified),
+        "floor_error_ci_low": _identified(f.floor_low, f.floor_identified),
+        "floor_error_ci_high": _identified(f.floor_high, f.floor_identified),
         "resamples_fitted": f.resamples_fitted,
     }
     b = f.broken

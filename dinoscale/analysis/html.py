@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
+import numpy as np
 import pandas as pd
 
 from dinoscale.analysis.sources import headline_sentence
@@ -69,13 +70,42 @@ def _table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
 
 
 def _cells(rc) -> str:
-    h = rc.headline
-    cells = rc.cells.drop(columns=["pairing", "headline", "goal"], errors="ignore")
-    return _table(
-        cells.rename(
-            columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high", "val_metric": h.val}
-        )
+    """The cells as a person reads them: the encoder's name, parameters in M, the headline with its interval in
+    one column, val with its n, compute; columns that hold one value everywhere are said once under the table
+    (so it fits a 1400 px page without scrolling sideways). Every column: results.csv."""
+    h, c = rc.headline, rc.cells
+    if c.empty:
+        return "<p>none</p>"
+
+    def num(v, fmt):
+        return "-" if pd.isna(v) else format(v, fmt)
+
+    table = pd.DataFrame(
+        {
+            "modality": c.get("modality"),
+            "dataset": c.get("dataset"),
+            "encoder": c["backbone"],
+            "params (M)": [num(v / 1e6, ".1f") for v in pd.to_numeric(c["n_params"], errors="coerce")],
+            "resolution": [num(v, "g") for v in pd.to_numeric(c["resolution"], errors="coerce")],
+            "probe": c["probe"],
+            "strategy": c["strategy"],
+            f"{h.test} [95% CI]": [
+                num(m, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) and pd.notna(hi) else "")
+                for m, lo, hi in zip(c["metric"], c["low"], c["high"])
+            ],
+            f"{h.val} (n)": [
+                num(v, ".3f") + (f" ({int(n)})" if pd.notna(n) else "")
+                for v, n in zip(c["val_metric"], c.get("n_val", pd.Series(np.nan, index=c.index)))
+            ],
+            "GFLOPs / image": [num(v, ".3g") for v in pd.to_numeric(c.get("gflops"), errors="coerce")],
+            "seeds": c.get("seeds"),
+        }
     )
+    same = [k for k in table.columns if k in ("modality", "dataset", "strategy", "seeds") and table[k].nunique() <= 1]
+    said = "; ".join(f"{k}: {table[k].iloc[0]}" for k in same)
+    if "uncertainty" in c and c["uncertainty"].nunique() == 1:
+        said += ("; " if said else "") + f"intervals: {c['uncertainty'].iloc[0]}"
+    return _table(table.drop(columns=same)) + (f"<p>{escape(said)}.</p>" if said else "")
 
 
 def _answer(rc) -> str:

@@ -24,6 +24,7 @@ from dinoscale.analysis.compare import (
     compare_strategies,
     compute_cost,
     pareto_frontier,
+    selection_column,
     summarize_strategies,
 )
 from dinoscale.analysis.curves import AXES, GROUP_KEYS, Curve, build_curves, fits_table
@@ -198,14 +199,16 @@ def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, 
     for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
         group = dict(zip(GROUP_KEYS, gkey))
         mine = [c for c in curves if c.group == group]
-        best = g.loc[g.metric.idxmax() if h.goal == "max" else g.metric.idxmin()]
+        by = selection_column(g)  # one selection rule everywhere: val where every cell logged it
+        best = g.loc[g[by].idxmax() if h.goal == "max" else g[by].idxmin()]
         title = " · ".join(
             f"{group[k]}{' probe' if k == 'probe' else ''}"
             for k in keys
             if not (k == "dataset" and group[k] == "unknown")
         )
         title += (
-            f" ({len(g)} cell{'s' if len(g) != 1 else ''}; top {short_name(h)} {_value(best, h)} at {_config(best)})"
+            f" ({len(g)} cell{'s' if len(g) != 1 else ''}; top {short_name(h)} {_value(best, h)} at {_config(best)}"
+            f"{_val_words(best) if by == 'val_metric' else ', ranked on test'})"
         )
         lines = _block_lines(mine, h) or ["a single configuration: nothing to compare"]
         out.setdefault(str(group["modality"]), []).append((title, lines))
@@ -216,6 +219,14 @@ def _value(r, h: Headline = AUROC) -> str:
     if np.isfinite(r.low) and np.isfinite(r.high):
         return f"{r.metric:.3f} [{r.low:.3f}, {r.high:.3f}]"
     return f"{r.metric:.3f} ({NO_INTERVALS})"
+
+
+def _val_words(r, lead: str = ", chosen on validation: val") -> str:
+    """``, chosen on validation: val 0.812 (n=24)``: the value the selection saw, and on how many val units ('' unknown)."""
+    if "val_metric" not in r.index or not np.isfinite(r.val_metric):
+        return ""
+    n = f" (n={int(r.n_val)})" if "n_val" in r.index and np.isfinite(r.n_val) else ""
+    return f"{lead} {r.val_metric:.3f}{n}"
 
 
 def _config(r) -> str:
@@ -252,9 +263,12 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
         lines.append(
             (
                 0,
-                f"{where}: {_describe(r, h)}: {h.label} {_value(r, h)}, chosen on {b.chosen_on}; {_cost_words(cost[b.cell])}",
+                f"{where}: {_describe(r, h)}: {h.label} {_value(r, h)}"
+                + (_val_words(r) if b.chosen_on == "validation" else f", chosen on {b.chosen_on}")
+                + f"; {_cost_words(cost[b.cell])}",
             )
         )
+        lines += _test_leader_lines(cd, b, h)
         cheap = cheapest_as_good(cd, pd.Series(b._asdict()))
         if cheap is None:
             lines.append((1, f"cheapest as good: cannot tell ({NO_INTERVALS})"))
@@ -268,20 +282,44 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
             lines.append(
                 (
                     1,
-                    f"cheapest as good: {_describe(c, h)}: {_value(c, h)}, {_cost_words(cost[cheap['cell']])}{ratio} "
+                    f"cheapest as good: {_describe(c, h)}: {_value(c, h)}{_val_words(c, ', val')}, "
+                    f"{_cost_words(cost[cheap['cell']])}{ratio} "
                     f"(its 95% interval overlaps the best's; ranked by {cheap['ranked_by']})",
                 )
             )
         g = cd.cells[(cd.cells.modality == b.modality) & (cd.cells.dataset == b.dataset)]
-        front = pareto_frontier(g, cost[g.index], h.goal)
+        by = selection_column(g)
+        front = pareto_frontier(g, cost[g.index], h.goal, by)
         if len(front) > 1:
             several = g[["probe", "strategy"]].drop_duplicates().shape[0] > 1
+            on_val = by == "val_metric"
             steps = " -> ".join(
-                f"{_config(g.loc[i])}{_probe_words(g.loc[i]) if several else ''} {g.loc[i, 'metric']:.3f} ({cost[i]:.3g})"
+                f"{_config(g.loc[i])}{_probe_words(g.loc[i]) if several else ''} "
+                + (f"val {g.loc[i, 'val_metric']:.3f} / test " if on_val else "")
+                + f"{g.loc[i, 'metric']:.3f} ({cost[i]:.3g})"
                 for i in front
             )
-            lines.append((1, f"cost frontier ({cost_name}; each step beats every cheaper configuration): {steps}"))
+            rule = "beats every cheaper configuration on val" if on_val else "beats every cheaper configuration"
+            lines.append((1, f"cost frontier ({cost_name}; each step {rule}): {steps}"))
     return lines
+
+
+def _test_leader_lines(cd: CellDraws, b, h: Headline) -> list[tuple[int, str]]:
+    """Where the cell chosen on val is not the one with the best test value: whether the data can tell the two
+    apart (their 95% test intervals overlap or not), instead of two different cells each looking "best"."""
+    if b.chosen_on != "validation":
+        return []
+    g = cd.cells[(cd.cells.modality == b.modality) & (cd.cells.dataset == b.dataset)]
+    top = g.metric.idxmax() if h.goal == "max" else g.metric.idxmin()
+    if top == b.cell:
+        return []
+    chosen, lead = cd.cells.loc[b.cell], cd.cells.loc[top]
+    said = f"on test, {_describe(lead, h)} scores {_value(lead, h)}{_val_words(lead, ', val')}"
+    if not all(np.isfinite([chosen.low, chosen.high, lead.low, lead.high])):
+        return [(1, f"{said}; without intervals the data cannot tell it from the chosen one ({NO_INTERVALS})")]
+    if lead.low <= chosen.high and chosen.low <= lead.high:
+        return [(1, f"{said}: its 95% interval overlaps the chosen one's, so the data cannot tell them apart")]
+    return [(1, f"{said}, better than the chosen one's whole 95% interval: validation ranked them otherwise")]
 
 
 def _figures(
@@ -320,7 +358,7 @@ def _key_figures(cd: CellDraws, best: pd.DataFrame, out_dir: Path, title: str, p
         )
         if p is not None:
             figures.append((f"{where}: {short_name(h)} [95% CI] over model size x resolution ({direction(h)})", p))
-        front = pareto_frontier(g, cost[g.index], h.goal)
+        front = pareto_frontier(g, cost[g.index], h.goal, selection_column(g))
         p = plot_frontier(
             g, cost[g.index], front, out_dir / f"{prefix}frontier.png", f"{title} - {where}", prov, h, cost_name
         )

@@ -253,6 +253,7 @@ def bootstrap_cells(
                 "high": high,
                 "seeds": _replicates(g),
                 "val_metric": g["val_metric"].mean(),
+                "n_val": pd.to_numeric(g["n_val"], errors="coerce").mean() if "n_val" in g else np.nan,
                 "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
                 "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
                 "uncertainty": _uncertainty_words(g),
@@ -263,10 +264,11 @@ def bootstrap_cells(
 
 
 def _own_interval(g: pd.DataFrame, headline: Headline) -> tuple[float, float] | None:
-    """A cell of one run drawn from its own logged interval shows that interval itself (its draws, a normal
-    approximation of it, serve the comparisons): a report's cells read back from its results.csv keep their
-    intervals exactly. None for any other cell (its interval comes from its draws)."""
-    if len(g) != 1 or g["_pairing"].iloc[0] != "":
+    """A cell of one run shows the interval its trial logged (one interval per cell: the terminal, MLflow and the
+    report agree to the last digit, and a report's cells read back from its results.csv keep theirs); its draws
+    (patient resamples, or a normal approximation of the logged interval) still serve the comparisons and fits.
+    None for a cell of several runs (replicates pooled: its interval comes from its draws)."""
+    if len(g) != 1:
         return None
     lo, hi = float(g[f"{METRIC}_ci_low"].iloc[0]), float(g[f"{METRIC}_ci_high"].iloc[0])
     if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):

@@ -35,6 +35,10 @@ FIT_RESAMPLES = 400  # refits per curve for the intervals (vectorised: cheap)
 _MONOTONE = ("improves", "saturates", "degrades")
 _ALPHA_BOUND = 5.0  # |alpha| beyond this is not a scaling law but a step
 _ERR_SD_FLOOR = 1e-3  # a point known "exactly" would otherwise dominate the weighted loss
+# A fitted parameter this close to an optimiser bound (relative to the bound's range) is where the optimiser
+# stopped, not an estimate: reported "not identified" instead of a number.
+_AT_BOUND = 0.01
+NOT_IDENTIFIED = "not identified"
 
 
 def to_error(values, goal: str = "max"):
@@ -113,14 +117,43 @@ class ScalingFit:
     def fitted(self) -> bool:
         return self.alpha is not None
 
+    floor_upper: float = 1.0  # the optimiser's upper bound on the floor (its lower bound is 0)
+
+    @property
+    def alpha_identified(self) -> bool:
+        """The exponent and both ends of its interval stay off the optimiser's bounds (+-``_ALPHA_BOUND``)."""
+        return self.fitted and all(
+            abs(v) < _ALPHA_BOUND * (1 - _AT_BOUND) for v in (self.alpha, self.alpha_low, self.alpha_high)
+        )
+
+    @property
+    def floor_identified(self) -> bool:
+        """The floor's point estimate stays off its bounds (0 and ``floor_upper``)."""
+        return (
+            self.fitted
+            and self.floor is not None
+            and _AT_BOUND * 1e-4 * self.floor_upper < self.floor < self.floor_upper * (1 - _AT_BOUND)
+        )
+
     @property
     def exponent_identified(self) -> bool:
         """Worth quoting: fitted, a reliable monotone trend, and an interval that stays off the search bounds."""
-        return (
-            self.fitted
-            and self.trend in _MONOTONE
-            and max(abs(self.alpha_low), abs(self.alpha_high)) < _ALPHA_BOUND * 0.99
-        )
+        return self.alpha_identified and self.trend in _MONOTONE
+
+    def alpha_interval_words(self) -> str:
+        """The exponent's interval, an end at an optimiser bound said as such: ``[-0.0125, +5 (its bound)]``."""
+
+        def end(v: float) -> str:
+            return f"{v:+g} (its bound)" if abs(v) >= _ALPHA_BOUND * (1 - _AT_BOUND) else f"{v:.3g}"
+
+        return f"[{end(self.alpha_low)}, {end(self.alpha_high)}]" if self.fitted else ""
+
+    def alpha_words(self) -> str:
+        """``alpha 0.086 [0.025, 0.61]``, or ``alpha not identified [0.0099, +5 (its bound)]``."""
+        if not self.fitted:
+            return "no exponent"
+        point = f"{self.alpha:.3g}" if self.alpha_identified else NOT_IDENTIFIED
+        return f"alpha {point} {self.alpha_interval_words()}"
 
     def predict_metric(self, x: np.ndarray) -> np.ndarray:
         return to_error((self.floor or 0.0) + self.amplitude * np.asarray(x, dtype=float) ** (-self.alpha), self.goal)
@@ -457,16 +490,34 @@ def fit_curve(
         goal=goal,
     )
     fit.floor_low, fit.floor_high = _interval(thetas[:, 0], level)
+    fit.floor_upper = float(_saturating_bounds(u, err)[1][0])
+    _agree_with_the_interval(fit, x)
     fit.band = _curve_band(x, u_ref, thetas, level, goal)
     if n >= MIN_POINTS_BROKEN:
         fit.broken = _fit_broken(u, err, sd, theta, u_ref)
     if (
-        n >= MIN_POINTS_EXTRAPOLATION and trend in _MONOTONE
+        n >= MIN_POINTS_EXTRAPOLATION and fit.trend in _MONOTONE
     ):  # a law that does not describe the data cannot extrapolate it
         fit.extrapolation = _extrapolation(x, metric, draws, level, resamples, rng, goal)
     if trend == "peaks":
         fit.notes.append("a saturating power law cannot peak: its exponent is not a description of this curve")
     return fit
+
+
+def _agree_with_the_interval(fit: ScalingFit, x: np.ndarray) -> None:
+    """The model-free verdict and the fitted exponent's interval must say the same thing: an improvement whose
+    exponent interval reaches 0 or below (or a degradation whose interval reaches 0 or above) is not reliable,
+    and the verdict says so instead of the paired comparison's "improves" / "degrades"."""
+    better = fit.trend in ("improves", "saturates")
+    if not ((better and fit.alpha_low <= 0) or (fit.trend == "degrades" and fit.alpha_high >= 0)):
+        return
+    ends = f"{fit.axis}={x[-1]:.3g} scores {'above' if better else 'below'} {fit.axis}={x[0]:.3g} on paired resamples"
+    fit.notes.append(f"the paired comparison alone says '{fit.verdict}'")
+    fit.trend = "no_trend"
+    fit.verdict = (
+        f"no reliable trend with {fit.axis}: {ends}, but the fitted exponent's interval "
+        f"{fit.alpha_interval_words()} includes 0"
+    )
 
 
 def _curve_band(x, u_ref, thetas, level, goal: str = "max") -> dict[str, np.ndarray]:

@@ -46,6 +46,7 @@ OPTIONAL_COLUMNS = {
     "macro_min_patients": None,
     "min_interval_units": None,
     "selection_edge": "",  # a choice on a grid edge (record.SELECTION_EDGE), warned about in the report
+    "n_val": None,  # val units the selection saw (shown next to the val metric)
 }
 PREDICTIONS_ARTIFACT = record.PREDICTIONS
 KNOWN_HEADLINES = tuple(_BY_TEST_NAME.values())
@@ -538,6 +539,7 @@ def _run_row(r, headline: Headline) -> dict:
         "macro_min_patients": m.get("macro_min_patients", p.get("macro_min_patients")),
         "selection_edge": r.data.tags.get(record.SELECTION_EDGE, ""),
         "min_interval_units": p.get("min_interval_units"),
+        "n_val": m.get("n_val"),
     }
 
 

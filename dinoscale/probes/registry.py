@@ -62,15 +62,16 @@ class SegSplit:
 
 
 def grid_edges(grid: dict[str, list], selected: dict) -> dict[str, str]:
-    """The hyper-parameters whose value chosen on val sits on an edge of a grid of at least 3 values:
-    {name: 'top' | 'bottom'}. A choice on the edge says the grid may not contain the optimum."""
+    """The hyper-parameters whose value chosen on val sits on an edge of a grid of at least 2 values:
+    {name: 'top' | 'bottom'}. A choice on the edge says the grid may not contain the optimum. A bottom of 0
+    (no weight decay) is the end of its range, not an edge: nothing below it was left out."""
     out = {}
     for name, values in grid.items():
         values = sorted(set(values))
-        if len(values) >= 3 and name in selected:
+        if len(values) >= 2 and name in selected:
             if selected[name] == values[-1]:
                 out[name] = "top"
-            elif selected[name] == values[0]:
+            elif selected[name] == values[0] and values[0] != 0:
                 out[name] = "bottom"
     return out
 
@@ -194,6 +195,31 @@ def get_probe(kind: str) -> ProbeDef:
 def probe_kinds() -> list[str]:
     load_probes()
     return sorted(_PROBES)
+
+
+def unfit_message(
+    kinds: list[str], dataset: str, task: str, volumetric: bool | None, bagged: bool | None
+) -> str | None:
+    """Why the probes ``kinds`` cannot run on a dataset, with the probes that can (None when all fit).
+    ``volumetric`` / ``bagged`` None: not known yet (a spec checked without its data): only the task is
+    checked, as a 2D dataset of single images would be for the units."""
+    known = volumetric is not None and bagged is not None
+
+    def reason(kind: str) -> str | None:
+        d = get_probe(kind)
+        if not known:
+            return d.unfit_reason(task, False, True) if task not in d.tasks else None
+        return d.unfit_reason(task, bool(volumetric), bool(bagged))
+
+    unfit = {k: r for k in kinds if (r := reason(k))}
+    if not unfit:
+        return None
+    fitting = [k for k in probe_kinds() if reason(k) is None]
+    return (
+        f"probe(s) {list(unfit)} do not fit dataset '{dataset}' ({task} task){' of 3D volumes' if volumetric else ''}: "
+        + "; ".join(unfit.values())
+        + f". Probes that fit: {', '.join(fitting)}"
+    )
 
 
 def _validate_probe(value: Any) -> ProbeSpecBase:

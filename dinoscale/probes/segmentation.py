@@ -528,6 +528,8 @@ def _rules(spec, task: str) -> dict:
         "inference": "tiled: overlapping token tiles of the crop size (stride half a tile), logits at native "
         "resolution averaged over overlaps",
         "init": "torch default, seeded by the replicate",
+        "regularisation": f"AdamW's decoupled weight decay {spec.weight_decay}, fixed (not searched); the step "
+        "budget and random crops; source: the DINOv2 linear segmentation evaluation (AdamW, wd 1e-4)",
     }
     if spec.kind == "affinity":
         return {
@@ -535,12 +537,13 @@ def _rules(spec, task: str) -> dict:
             "head": "light conv decoder (3D for volumes) predicting nearest-neighbour affinities",
             "loss": "BCE + soft Dice on the affinities",
             "instances": f"{spec.agglomeration} on the affinities, segments / seeds under {spec.min_size} px dropped",
-            "selection": "lr x threshold on val VOI under the CREMI convention (lower is better)",
+            "selection": "lr x threshold on val VOI under the CREMI convention (lower is better); a choice on an "
+            "edge of a grid of 2 or more values is tagged",
         }
     return {
         **common,
         "loss": "Dice (foreground classes, pooled over the batch) + cross-entropy (MONAI DiceCELoss)",
-        "selection": "lr on val Dice (positive cases)",
+        "selection": "lr on val Dice (positive cases); a choice on an edge of a grid of 2 or more values is tagged",
     }
 
 

@@ -32,7 +32,7 @@ from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
 from dinoscale.probes import get_probe
-from dinoscale.probes.registry import GRID_TOKENS
+from dinoscale.probes.registry import GRID_TOKENS, unfit_message
 from dinoscale.provenance import Provenance
 from dinoscale.spec import FeaturesSpec, SweepSpec
 from dinoscale.sweep import cost
@@ -670,17 +670,9 @@ def check_runnable(plan: Plan) -> None:
     ds, spec = plan.dataset, plan.spec
     if ds.task not in task_names():
         raise NotRunnableError(f"dataset '{ds.name}' has task '{ds.task}', which no probe serves")
-    unfit = {p.kind: r for p in spec.probes if (r := get_probe(p.kind).unfit_reason(ds.task, ds.volumetric, ds.bagged))}
+    unfit = unfit_message([p.kind for p in spec.probes], ds.name, ds.task, ds.volumetric, ds.bagged)
     if unfit:
-        from dinoscale.probes import probe_kinds
-
-        fitting = [k for k in probe_kinds() if get_probe(k).unfit_reason(ds.task, ds.volumetric, ds.bagged) is None]
-        raise NotRunnableError(
-            f"probe(s) {list(unfit)} do not fit dataset '{ds.name}' ({ds.task} task)"
-            f"{' of 3D volumes' if ds.volumetric else ''}: "
-            + "; ".join(unfit.values())
-            + f". Probes that fit: {', '.join(fitting)}"
-        )
+        raise NotRunnableError(unfit)
     if "frozen" in spec.strategies and not ds.has_masks and any(get_probe(p.kind).input == "grid" for p in spec.probes):
         raise NotRunnableError(f"dataset '{ds.name}' lists no label maps (masks); segmentation heads train on them")
     if (
