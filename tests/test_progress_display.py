@@ -85,7 +85,9 @@ def test_the_unit_follows_the_dataset(tmp_path):
     assert display.extraction_unit(plan) == "images"
 
 
-def test_third_party_output_goes_to_the_log_file(tmp_path, capsys):
+def test_third_party_output_goes_to_the_log_file(tmp_path, capsys, monkeypatch):
+    for name, value in (("path", None), ("handler", None), ("held", [])):  # a fresh process: nothing routed yet
+        monkeypatch.setattr(console_module._Capture, name, value)
     path = tmp_path / "logs" / "sweep.log"
     logging.getLogger("ray.tune").info("held before the file is known")
     logging.captureWarnings(False)  # pytest records each test's warnings: route them anew, as a fresh process does
