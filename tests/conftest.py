@@ -19,6 +19,14 @@ for _var in (
     os.environ.pop(_var, None)
 
 
+@pytest.fixture(autouse=True)
+def _settings_stay_in_their_test(monkeypatch):
+    """A command run in-process (CliRunner) turns its --tracking-uri / --storage / --address flags into this
+    process's DINOSCALE_* variables (dinoscale.settings.apply_flags): undone after each test."""
+    for var in ("DINOSCALE_TRACKING_URI", "DINOSCALE_STORAGE", "DINOSCALE_RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+
+
 def tiny_spec_dict(tmp_path: Path, **overrides) -> dict:
     """A demo spec small enough for tests: 2 backbones x 2 resolutions x 2 probes, ~100 images."""
     spec = yaml.safe_load((ROOT / "sweeps" / "demo" / "xray.yaml").read_text())

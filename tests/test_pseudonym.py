@@ -63,7 +63,7 @@ def test_sweep_logs_pseudonymised_predictions_that_join_back_with_the_key(tmp_pa
     out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
     assert [r["state"] for r in out.rows] == ["FINISHED"]
     client = MlflowClient(d["tracking"]["uri"])
-    exp = client.get_experiment_by_name("dinoscale-xray")
+    exp = client.get_experiment_by_name(f"dinoscale-{d['name']}")
     (child,) = client.search_runs([exp.experiment_id], f"tags.`{record.ROLE}` = '{record.ROLE_CELL}'")
     text = client.download_artifacts(child.info.run_id, record.PREDICTIONS, str(tmp_path / "dl"))
     preds = pd.read_csv(text, dtype={"sample_id": str, "patient_id": str})

@@ -253,7 +253,7 @@ def test_sweep_on_slurm_stops_at_the_time_limit_signal_and_resumes_in_the_next_j
     client = MlflowClient(spec["tracking"]["uri"])
 
     def a_cell_finished() -> bool:
-        exp = client.get_experiment_by_name("dinoscale-xray")
+        exp = client.get_experiment_by_name("dinoscale-slurm-demo")
         if exp is None:
             return False
         runs = client.search_runs([exp.experiment_id], f"tags.`{record.ROLE}` = '{record.ROLE_CELL}'")
@@ -277,7 +277,7 @@ def test_sweep_on_slurm_stops_at_the_time_limit_signal_and_resumes_in_the_next_j
     assert _job(second, env)["ExitCode"] == "0:0", log2[-4000:]
     assert "--resume" in log2
 
-    exp = client.get_experiment_by_name("dinoscale-xray")
+    exp = client.get_experiment_by_name("dinoscale-slurm-demo")
     parents = client.search_runs([exp.experiment_id], f"tags.`{record.ROLE}` = '{record.ROLE_SWEEP}'")
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert parents[0].data.tags[record.RESUMES] == "1"

@@ -140,7 +140,7 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
 def test_a_probe_that_does_not_fit_the_task_is_refused_before_anything_runs(tmp_path):
     import yaml
 
-    from dinoscale.sweep.plan import NotRunnableError
+    from dinoscale.spec import SpecError
 
     raw = yaml.safe_load(open(ROOT / "sweeps/demo/mri.yaml"))
     raw.update(
@@ -149,8 +149,9 @@ def test_a_probe_that_does_not_fit_the_task_is_refused_before_anything_runs(tmp_
         probes=[{"kind": "linear"}],
         features={"tokens": "cls_mean_patch"},
     )
+    # the dataset registry states the task: refused when the spec is read, before a sweep could start
     with pytest.raises(
-        NotRunnableError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation task\)"
+        SpecError, match=r"probe\(s\) \['linear'\] do not fit dataset 'phantom-mri' \(segmentation task\)"
     ):
         run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "store" / "features").exists()  # nothing started
