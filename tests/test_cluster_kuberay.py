@@ -222,10 +222,11 @@ def test_storage_claim_is_shared_by_all_nodes():
 
 @pytest.fixture
 def fake_kubectl(tmp_path):
-    """A kubectl that records its arguments and the manifest it is given."""
+    """A kubectl that records its arguments and the manifest it is given, one file pair per call named by its
+    start time (the two ends of a `kubectl ... | kubectl apply -f -` pipe start together: a count would collide)."""
     script = tmp_path / "kubectl"
     script.write_text(
-        f'#!/bin/sh\nn=$(ls "{tmp_path}" | grep -c "^call-.*args$")\n'
+        f"#!/bin/sh\nn=$(date +%s%N)-$$\n"
         f'printf "%s " "$@" > "{tmp_path}/call-$n.args"\ncat > "{tmp_path}/call-$n.yaml"\n'
     )
     script.chmod(0o755)
@@ -251,8 +252,8 @@ def _cluster_job(fake_kubectl, *args) -> tuple[str, dict]:
     )
     assert r.returncode == 0, r.stderr
     d = fake_kubectl.parent
-    n = len(list(d.glob("call-*.args"))) - 1
-    return (d / f"call-{n}.args").read_text().strip(), yaml.safe_load((d / f"call-{n}.yaml").read_text())
+    last = max(d.glob("call-*.args"), key=lambda f: int(f.stem.split("-")[1]))  # the latest call
+    return last.read_text().strip(), yaml.safe_load(last.with_suffix(".yaml").read_text())
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
