@@ -117,3 +117,22 @@ def chromium() -> str:
             pytest.fail(why)
         pytest.skip(why)
     return exe
+
+
+def wait_until_serving(proc, url: str, log: Path, what: str, timeout: float) -> None:
+    """Wait for a server started as ``proc`` to answer ``{url}/health``; fail with its log if it exits or stays
+    silent for ``timeout`` seconds."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"{what} exited early:\n{log.read_text()[-3000:]}"
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import ROOT, free_port, tiny_spec_dict
+from conftest import ROOT, free_port, tiny_spec_dict, wait_until_serving
 from dinoscale import __version__, record, settings
 from dinoscale.cli import OnBadFile, Variant, app
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
@@ -277,17 +277,7 @@ def test_dinoscale_ui_serves_the_runs_table_of_the_store_in_use(tmp_path):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, f"dinoscale ui exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"dinoscale ui did not answer on {url} within 180 s:\n{log.read_text()[-3000:]}")
+        wait_until_serving(proc, url, log, "dinoscale ui", 180)
         printed = log.read_text()
         link = runs_table_url(url, exp)
         assert f"dinoscale-ui-test: {link}" in printed, printed

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, CHROMIUM_FLAGS, ROOT, free_port, tiny_spec_dict
+from conftest import ARTIFACTS, CHROMIUM_FLAGS, ROOT, free_port, tiny_spec_dict, wait_until_serving
 from dinoscale import record
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.runner import run_sweep
@@ -65,17 +64,7 @@ def make_ui(sweep):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, f"make ui exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"make ui did not answer on {url} within 120 s:\n{log.read_text()[-3000:]}")
+        wait_until_serving(proc, url, log, "make ui", 120)
         yield url, log.read_text()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
