@@ -1,6 +1,7 @@
 import copy
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,23 +9,31 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# A developer's shell must not redirect the suite: tests that need these variables set them themselves.
-for _var in (
+# A developer's shell must not redirect the suite either: tests that need these variables set them themselves.
+_SETTING_VARS = (
     "MLFLOW_TRACKING_URI",
     "RAY_ADDRESS",
     "DINOSCALE_TRACKING_URI",
     "DINOSCALE_STORAGE",
     "DINOSCALE_RAY_ADDRESS",
-):
-    os.environ.pop(_var, None)
+)
 
 
 @pytest.fixture(autouse=True)
-def _settings_stay_in_their_test(monkeypatch):
+def _settings_stay_in_their_test():
     """A command run in-process (CliRunner) turns its --tracking-uri / --storage / --address flags into this
-    process's DINOSCALE_* variables (dinoscale.settings.apply_flags): undone after each test."""
-    for var in ("DINOSCALE_TRACKING_URI", "DINOSCALE_STORAGE", "DINOSCALE_RAY_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
+    process's DINOSCALE_* variables (dinoscale.settings.apply_flags), and ``mlflow.set_tracking_uri`` sets
+    MLFLOW_TRACKING_URI: either would send every later test's sweep to this test's store (the settings
+    precedence puts them above the spec). Each test starts and ends without them."""
+    for var in _SETTING_VARS:
+        os.environ.pop(var, None)
+    yield
+    leaked = {var for var in _SETTING_VARS if os.environ.pop(var, None) is not None}
+    if "MLFLOW_TRACKING_URI" in leaked:
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(None)  # mlflow's own copy of it too
+        # nothing in dinoscale sets it, and a user's notebook would keep it: a leak is a bug of its own
+        pytest.fail("MLFLOW_TRACKING_URI was left set (mlflow.set_tracking_uri?): use MlflowClient(uri)")
 
 
 def tiny_spec_dict(tmp_path: Path, **overrides) -> dict:

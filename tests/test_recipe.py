@@ -3,16 +3,18 @@ and it is all the extractor is told. Colour reaches the encoder as colour."""
 
 import dataclasses
 import inspect
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 from PIL import Image
 
 from dinoscale import record
@@ -268,13 +270,16 @@ def test_a_sweep_sees_colour_red_against_green(tmp_path):
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    mlflow.set_tracking_uri(spec["tracking"]["uri"])
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    # a client of its own: mlflow.set_tracking_uri would set MLFLOW_TRACKING_URI for every later test
+    client = MlflowClient(spec["tracking"]["uri"])
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     cells = [r for r in runs if r.data.tags.get(record.ROLE) == "cell"]
     assert len(cells) == 1
     cell = cells[0]
     assert cell.data.metrics["test_macro_auroc"] >= 0.95, cell.data.metrics
     parent = next(r for r in runs if r.data.tags.get(record.ROLE) == "sweep")
-    recipes = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/{record.FEATURE_RECIPES}")
+    recipes = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, record.FEATURE_RECIPES, str(tmp_path))).read_text()
+    )
     digest = cell.data.tags[record.RECIPE_DIGEST]
     assert recipes[digest]["color"] == "rgb" and recipes[digest]["resolution"] == 32
