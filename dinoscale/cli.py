@@ -481,7 +481,8 @@ def analyze(
         help="the parent run id of the sweep to report on (default: the latest sweep of SPEC)",
     ),
     out: Path | None = typer.Option(
-        None, help="output folder (default: reports/<spec name>; with --csv, reports/<file name>)"
+        None,
+        help="output folder (default: reports/<spec name>, the reports folder from DINOSCALE_REPORTS if set; with --csv, reports/<file name>)",
     ),
     headline: str | None = typer.Option(
         None,
@@ -533,7 +534,7 @@ def analyze(
             uri,
             s.experiment_name,
             sweep,
-            out or Path("reports") / report_folder(s),
+            out or settings.reports_root(None, on_cluster=False) / report_folder(s),
             spec_name=s.name,
             spec_digest=s.digest(),
         )

@@ -8,7 +8,14 @@ setting        flag                      dinoscale variable       ecosystem vari
 tracking URI   ``--tracking-uri``        DINOSCALE_TRACKING_URI   MLFLOW_TRACKING_URI     ``tracking.uri``
 storage        ``--storage``             DINOSCALE_STORAGE        -                       ``storage.path``
 Ray cluster    ``--address``             DINOSCALE_RAY_ADDRESS    RAY_ADDRESS             ``ray.address``
+reports        ``analyze --out``         DINOSCALE_REPORTS        -                       -
 =============  ========================  =======================  ======================  ===============
+
+Reports go to ``<project>/reports/<spec name>/`` on a laptop. A sweep that joins a cluster (a Ray address from
+any of the above) writes them under its storage instead, ``<storage>/reports/<spec name>/``: the storage is
+the one path every node and the user see, while the driver's folder on a cluster is a container's, a pod's
+or a batch node's (the Slurm job's, the Ray job's working copy) and may be gone or unwritable when the sweep
+ends. The last line of every sweep names the folder; the report is also attached to the parent run.
 
 The command line hands its flags to ``apply_flags``, which sets the DINOSCALE_* variables of this process:
 every module below (runner, pre-flight, rehearsal) then reads the same answer here, without a flag
@@ -30,6 +37,7 @@ from dinoscale.errors import UserError
 
 TRACKING_VARS = ("DINOSCALE_TRACKING_URI", "MLFLOW_TRACKING_URI")
 STORAGE_VARS = ("DINOSCALE_STORAGE",)
+REPORTS_VARS = ("DINOSCALE_REPORTS",)
 RAY_VARS = ("DINOSCALE_RAY_ADDRESS", "RAY_ADDRESS")
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"  # the spec's default (TrackingSpec.uri)
 DEFAULT_STORAGE = ".dinoscale"  # the spec's default (StorageSpec.path)
@@ -72,6 +80,16 @@ def storage_root(spec_path: str | None, flag: str | None = None, project_dir: Pa
     """The storage root as an absolute path (relative paths: the project folder)."""
     p = Path(os.path.expandvars(storage(spec_path, flag))).expanduser()
     return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
+
+
+def reports_root(storage_root: Path | None, on_cluster: bool, project_dir: Path | None = None) -> Path:
+    """The folder that holds ``<spec name>/`` reports (see the module's docstring)."""
+    if os.environ.get(REPORTS_VARS[0]):
+        p = Path(os.path.expandvars(os.environ[REPORTS_VARS[0]])).expanduser()
+        return (p if p.is_absolute() else (project_dir or Path.cwd()) / p).resolve()
+    return (
+        storage_root / "reports" if on_cluster and storage_root else (project_dir or Path.cwd()).resolve() / "reports"
+    )
 
 
 def ray_address(spec_address: str | None, flag: str | None = None) -> str | None:

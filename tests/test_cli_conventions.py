@@ -165,6 +165,14 @@ def test_precedence_of_each_setting(monkeypatch, tmp_path):
     assert settings.storage_root("rel", project_dir=tmp_path) == tmp_path / "env"
     assert settings.storage_root("rel", str(tmp_path / "flag")) == tmp_path / "flag"
 
+    # reports: the project's on a laptop, the storage's on a cluster (the one path every node sees), the variable's
+    assert settings.reports_root(tmp_path / "store", on_cluster=False, project_dir=tmp_path) == tmp_path / "reports"
+    assert (
+        settings.reports_root(tmp_path / "store", on_cluster=True, project_dir=tmp_path) == tmp_path / "store/reports"
+    )
+    monkeypatch.setenv("DINOSCALE_REPORTS", "out")
+    assert settings.reports_root(tmp_path / "store", on_cluster=True, project_dir=tmp_path) == tmp_path / "out"
+
 
 @pytest.mark.slow
 def test_preflight_writes_to_the_store_mlflow_tracking_uri_names(spec_path, tmp_path):

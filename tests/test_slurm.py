@@ -286,6 +286,9 @@ def test_sweep_on_slurm_stops_at_the_time_limit_signal_and_resumes_in_the_next_j
     assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 resolutions x 2 probes, none run twice
     assert {c.info.status for c in children} == {"FINISHED"}
     assert not list((root / "home" / ".dinoscale" / "slurm").glob("ray-token-*"))  # tokens removed at the end
+    # a sweep on a cluster writes its report under the storage every node sees, not into the submit folder
+    report = work / "store" / "reports" / "slurm-demo" / "report.html"
+    assert report.is_file() and f"report: {report}" in " ".join(log2.split()), log2[-2000:]
 
 
 def _wait_job(job: str, env: dict, check, timeout: float, work: Path) -> None:

@@ -293,11 +293,12 @@ def run_sweep(
         if analyze and n_failed < len(rows):
             from dinoscale.analysis import analyze_sweep
 
+            on_cluster = settings.ray_address(spec.ray.address, address) is not None
             report_dir = analyze_sweep(
                 tracking_uri,
                 spec.experiment_name,
                 parent_id,
-                project_dir / "reports" / report_folder(spec),
+                settings.reports_root(plan.storage, on_cluster, project_dir) / report_folder(spec),
                 provenance=provenance,
                 quiet=quiet,
             )
