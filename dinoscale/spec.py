@@ -103,13 +103,24 @@ class DatasetSpec(Strict):
     window: str | tuple[float, float] | None = Field(
         None,
         description="CT window mapped to [0, 1]: a preset (lung, mediastinum, bone, brain, abdomen) or "
-        "[HU min, HU max]; none: each image's min-max",
+        "[HU min, HU max]; none: see dataset.intensity",
     )
     color: Literal["auto", "grey", "rgb"] = Field(
         "auto",
         description="2D images: the colour model the encoder sees. rgb: colour kept as R, G, B (alpha dropped, grey "
         "files replicated); grey: one channel replicated to R, G, B (colour files averaged); auto: the dataset's "
         "declaration (whole-slide tiles and the MedMNIST+ colour sets: rgb; a generic manifest: grey)",
+    )
+    intensity: Literal["auto", "minmax", "range", "percentiles", "window"] = Field(
+        "auto",
+        description="how intensities become [0, 1] before the encoder's mean / std: range (2D: the file's declared "
+        "range, 8-bit / 255, 16-bit / 65535, a DICOM's VOI window or stored bits), percentiles (of the nonzero "
+        "values, see dataset.percentiles), minmax (each image's / volume's own), window (dataset.window, HU). "
+        "auto: a CT window where one is set, else range for 2D images, percentiles for MRI volumes, minmax for "
+        "other volumes (`dinoscale protocol` states the one used and why)",
+    )
+    percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="intensity 'percentiles': the lower and upper percentile of the nonzero values"
     )
     tile_mpp: float | None = Field(
         None,
@@ -155,6 +166,13 @@ class DatasetSpec(Strict):
             raise ValueError(f"window must be [HU min, HU max] with min < max, got {list(v)}")
         return v
 
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v):
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError(f"percentiles must be [lower, upper] with 0 <= lower < upper <= 100, got {list(v)}")
+        return v
+
     @field_validator("spacing")
     @classmethod
     def _spacing(cls, v):
@@ -190,6 +208,10 @@ class DatasetSpec(Strict):
                 raise ValueError(f"'phantom' settings only apply to phantom datasets, not '{self.name}'")
             if not self.root:
                 raise ValueError(f"dataset '{self.name}' is real data and needs a 'root' (its folder)")
+        if self.intensity == "window" and self.window is None:
+            raise ValueError("intensity 'window' needs dataset.window (a preset or [HU min, HU max])")
+        if self.window is not None and self.intensity not in ("auto", "window"):
+            raise ValueError(f"dataset.window is set but dataset.intensity is '{self.intensity}': drop one of them")
         return self
 
 

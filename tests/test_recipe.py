@@ -40,6 +40,7 @@ CHANGED = {
     "color": "rgb",
     "intensity": ("window", (-160.0, 240.0)),  # a window comes with its intensity mapping
     "window": ("window", (-1000.0, 400.0)),
+    "percentiles": (1.0, 99.0),
     "interpolation": "bilinear",
     "antialias": "gaussian",
     "volume": VolumeInput(channel_map(("FLAIR", "T1w", "t1gd", "T2w"))),
@@ -58,6 +59,8 @@ def _changed(recipe: FeatureRecipe, name: str) -> FeatureRecipe:
         return recipe.with_(intensity=value[0], window=value[1])
     if name == "pool":
         return recipe.with_(view="volumes", pool="max")
+    if name == "percentiles":
+        return recipe.with_(intensity="percentiles", percentiles=value)
     return recipe.with_(**{name: value})
 
 
@@ -73,6 +76,8 @@ def test_each_recipe_field_changes_the_store_key(name):
     assert len({other, BASE}) == 2  # frozen and hashable
     if name == "window":  # a second window: another key than the first one too
         assert other.digest != _changed(BASE, "intensity").digest
+    if name == "percentiles":  # other percentiles: another key than the first ones
+        assert other.digest != BASE.with_(intensity="percentiles", percentiles=(0.5, 99.5)).digest
     grid = VolumeInput(channel_map(("image",)), VolumeGrid(spacing=(1.0, 1.0, 2.0), shape=(32, 32, 8)))
     if name == "volume":  # the common grid as much as the channel map
         assert BASE.with_(volume=grid).digest not in (BASE.digest, other.digest)
@@ -91,6 +96,10 @@ def test_an_incoherent_recipe_is_refused():
         BASE.with_(intensity="window")
     with pytest.raises(ValueError, match="pooling"):
         BASE.with_(view="volumes")
+    with pytest.raises(ValueError, match="percentiles"):
+        BASE.with_(intensity="percentiles")
+    with pytest.raises(ValueError, match="2D files"):
+        BASE.with_(intensity="range", view="slices")
 
 
 def test_extraction_receives_only_the_recipe_and_the_rows():

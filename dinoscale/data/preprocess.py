@@ -2,7 +2,8 @@
 
 Every step is a field of the feature recipe (``dinoscale.features.recipe.FeatureRecipe``) and nothing else:
 the file's channels under the dataset's colour model (grey replicated, RGB kept, alpha dropped) ->
-intensities to [0, 1] (own min-max or a CT window) -> resized to the recipe's resolution (anti-aliased)
+intensities to [0, 1] (the recipe's mapping: the file's declared range, percentiles of the nonzero values,
+own min-max or a CT window) -> resized to the recipe's resolution (anti-aliased)
 -> three channels -> normalised with the encoder's mean / std.
 """
 
@@ -55,27 +56,57 @@ def build_transform(recipe: FeatureRecipe):
     intensities to [0, 1] (``intensity``: a CT window in HU, clipped, or the image's own min-max, over all
     its channels at once so that hue is kept); resized, anti-aliased; grey replicated to three channels;
     the encoder's mean / std."""
-    from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel, ScaleIntensity, ScaleIntensityRange
+    from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel
 
-    from dinoscale.data.readers import read_image
+    from dinoscale.data.readers import declared_range, read_image
 
-    window, resolution, interpolation = recipe.window, recipe.resolution, recipe.interpolation
-    scale = (
-        ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
-        if recipe.intensity == "window"
-        else ScaleIntensity(minv=0.0, maxv=1.0)
-    )
+    resolution, interpolation = recipe.resolution, recipe.interpolation
+    scale = intensity_scaler(recipe)
     resize = Lambda(lambda x: resize_antialiased(x, resolution, interpolation))
     norm = NormalizeIntensity(subtrahend=list(recipe.mean), divisor=list(recipe.std), channel_wise=True)
-    grey = Compose([scale, resize, RepeatChannel(repeats=3), norm])
-    colour = Compose([scale, resize, norm])
+    grey = Compose([resize, RepeatChannel(repeats=3), norm])
+    colour = Compose([resize, norm])
+    file_range = recipe.intensity == "range"
 
     def transform(path: str) -> torch.Tensor:
         img = to_channels(read_image(path), recipe.color)  # [1 or 3, rows, cols] float32; errors name the file
+        img = scale(torch.as_tensor(img), declared_range(path) if file_range else None)
         x = (grey if img.shape[0] == 1 else colour)(img)
         return torch.as_tensor(x, dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, no MetaTensor
 
     return transform
+
+
+def intensity_scaler(recipe: FeatureRecipe):
+    """``scale(x, file_range=None)``: the recipe's intensity mapping of one image or volume channel to [0, 1],
+    over all its channels at once (hue kept): a CT window (HU), the file's declared range (``file_range``,
+    from ``readers.declared_range``), percentiles of the nonzero values, or the array's own min-max; clipped."""
+    intensity = recipe.intensity
+    if intensity == "window":
+        lo_hi = recipe.window
+    elif intensity == "percentiles":
+        q = torch.tensor([p / 100 for p in recipe.percentiles], dtype=torch.float64)
+
+    def scale(x: torch.Tensor, file_range: tuple[float, float] | None = None) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if intensity == "window":
+            lo, hi = lo_hi
+        elif intensity == "range":
+            lo, hi = file_range
+        elif intensity == "percentiles":
+            nonzero = x[x != 0].to(torch.float64)
+            if nonzero.numel() == 0:
+                return torch.zeros_like(x)
+            if nonzero.numel() > 2**24 - 1:  # torch.quantile's limit: an even subsample of the voxels
+                nonzero = nonzero[:: nonzero.numel() // (2**24 - 1) + 1]
+            lo, hi = (float(v) for v in torch.quantile(nonzero, q))
+        else:
+            lo, hi = float(x.min()), float(x.max())
+        if hi <= lo:
+            return torch.zeros_like(x)  # a constant image: zero, as MONAI's ScaleIntensity makes it
+        return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+    return scale
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -108,7 +139,7 @@ def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
     ``load_volume(item)`` reads through ``dinoscale.data.readers.read_volume`` (reoriented to RAS, the one
     volume reader of extraction, label maps and tests), maps each channel's intensities to [0, 1] once per
     volume (a CT ``window`` in HU if given, else the volume's min-max; PET in SUV ``PET_SUV_RANGE``, clipped;
-    MRI sequences by their own min-max), so that every slice of a volume shares one intensity scale, and
+    MRI sequences by the recipe's mapping: percentiles of the nonzero voxels by default), so that every slice of a volume shares one intensity scale, and
     puts the volume on the common grid of ``volume`` (resampled, centre-cropped / zero-padded) if it has
     one. ``slice_transform(slice)`` resizes one slice and makes the encoder's three channels under the
     channel map: grey repeated; three picked channels (a 'mean' entry: the mean of the other picked ones);
@@ -131,20 +162,16 @@ def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
 
     from dinoscale.data.readers import read_volume
 
-    window = recipe.window if recipe.intensity == "window" else None
     resolution, interpolation, volume = recipe.resolution, recipe.interpolation, recipe.volume
     if volume is None:
         volume = VolumeInput(channel_map(("ct", "pet") if fuse_pet else ("image",)))
     cmap, grid = volume.channels, volume.grid
-    scale = (
-        ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
-        if window is not None
-        else ScaleIntensity(minv=0.0, maxv=1.0)
-    )
+    minmax = ScaleIntensity(minv=0.0, maxv=1.0)
+    own = minmax if recipe.intensity == "minmax" else intensity_scaler(recipe)  # the window, or percentiles
     scalers = {
-        "window": scale,
+        "window": own,  # a CT channel or a volume's one channel: the recipe's mapping
         "suv": ScaleIntensityRange(a_min=PET_SUV_RANGE[0], a_max=PET_SUV_RANGE[1], b_min=0.0, b_max=1.0, clip=True),
-        "minmax": ScaleIntensity(minv=0.0, maxv=1.0),
+        "minmax": minmax if recipe.intensity == "window" else own,  # MRI sequences: never a CT window
     }
     resize = Resize(spatial_size=(resolution, resolution), mode=_MODES[interpolation], anti_aliasing=True)
     to3 = RepeatChannel(repeats=3)

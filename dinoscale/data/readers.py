@@ -11,6 +11,9 @@
 - Items of ``.npz`` arrays (MedMNIST+, ``read_npz_ref``): one image [rows, cols] (or [rows, cols, 3]) or
   one volume, memory-mapped from the (uncompressed) archive: reading an item never loads the array.
 
+``declared_range`` is the value range a 2D file's encoding declares (its bit depth; a DICOM's VOI window or
+stored bits), read from the header: the recipe's 'range' intensity mapping.
+
 Everything returns plain float32 numpy arrays in the file's physical units (HU for CT); windowing,
 scaling to [0, 1], resizing, grey to 3 channels and the backbone's normalisation are the transforms
 of ``dinoscale.data.preprocess`` (the one path extraction and fine-tuning take).
@@ -307,3 +310,69 @@ def read_npz_ref(ref: str) -> np.ndarray:
     if not 0 <= index < len(arr):
         raise DataError(f"{path}: '{key}' has {len(arr)} items, index {index} is out of range")
     return np.array(arr[index])
+
+
+# PIL modes with a fixed sample depth; 'I' (32-bit) and 'F' (float) state none: PNG / TIFF say their bit depth
+_PIL_DEPTH = {"1": 1, "L": 8, "LA": 8, "P": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8, "I;16": 16}
+_PIL_DEPTH |= {"I;16B": 16, "I;16L": 16}
+
+
+def declared_range(path: str | Path) -> tuple[float, float]:
+    """The value range a 2D file's encoding declares, in the units ``read_image`` returns: [0, 2^bits - 1] of
+    a PNG / TIFF / JPEG / BMP (its bit depth) or of an integer ``.npz`` array; for DICOM its VOI window
+    (Window Center / Width, 0028,1050 / 0028,1051: the first, linear, PS3.3 C.11.2.1.2) where stated, else
+    the range of its stored bits (0028,0101; signed per 0028,0103) through Rescale Slope / Intercept. A file
+    that declares none (float TIFF or arrays) is a DataError naming it and the mappings that need no range."""
+    kind = file_kind(path)
+    if kind == "dicom":
+        return _dicom_range(path)
+    depth = None
+    if kind == "npz_item":
+        dtype = read_npz_ref(str(path)).dtype
+        depth = np.iinfo(dtype).bits if np.issubdtype(dtype, np.unsignedinteger) else None
+    elif kind == "raster":
+        depth = _raster_depth(path)
+    if depth is None:
+        raise DataError(
+            f"{path}: its encoding declares no value range (floating point or 32-bit samples), which "
+            "dataset.intensity 'range' needs; set dataset.intensity: percentiles or minmax"
+        )
+    return 0.0, float(2**depth - 1)
+
+
+def _raster_depth(path) -> int | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode, tags = im.mode, getattr(im, "tag_v2", {})
+            if im.format == "PNG":
+                with open(path, "rb") as f:  # IHDR: the bit depth is byte 24 of every PNG
+                    return int(f.read(25)[24]) if mode not in ("1", "P") else 8
+            if im.format == "TIFF" and 258 in tags:
+                bits = tags[258]
+                return int(bits[0] if isinstance(bits, tuple) else bits) if tags.get(339, 1) == 1 else None
+            return _PIL_DEPTH.get(mode)
+    except OSError as e:
+        raise DataError(f"{path}: {_READERS['raster']} failed: {_cause(e)}; {BAD_FILE_HINT}") from e
+
+
+def _dicom_range(path) -> tuple[float, float]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as e:
+        raise DataError(f"{path}: {_READERS['dicom']} failed: {_cause(e)}; {BAD_FILE_HINT}") from e
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None:
+        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+        if w >= 1:
+            return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    ends = sorted((lo * slope + intercept, hi * slope + intercept))
+    return ends[0], ends[1]

@@ -21,7 +21,33 @@ from typing import Any
 
 EXTRACTOR_VERSION = "3"  # 3: the recipe (colour kept); 2: torch anti-aliased resize instead of MONAI's
 COLORS = ("grey", "rgb")  # a dataset's colour model: grey (replicated to R, G, B) | rgb (kept; alpha dropped)
-INTENSITIES = ("minmax", "window")  # each image's / volume's own min-max to [0, 1] | a CT window (HU), clipped
+# How intensities become [0, 1] (clipped): each image's / volume's own min-max | the range the file's encoding
+# declares (2D: 8-bit / 255, 16-bit / 65535, a DICOM's VOI window or its stored bits) | percentiles of the
+# nonzero values | a CT window in HU. ``resolve_intensity`` states the default per modality and its source.
+INTENSITIES = ("minmax", "range", "percentiles", "window")
+INTENSITY_WORDS = {
+    "minmax": "each image's own min-max to [0, 1]",
+    "range": "the range the file's encoding declares to [0, 1]: 8-bit / 255, 16-bit / 65535; DICOM: its VOI "
+    "window (0028,1050/1051) if it states one, else its stored bits (0028,0101) after rescale slope / intercept",
+    "percentiles": "the {lo:g}th-{hi:g}th percentiles of the nonzero values to [0, 1], clipped",
+    "window": "CT window {window} HU mapped to [0, 1], clipped",
+}
+# The default of each kind of data ('auto'), with its reason and source (``dinoscale protocol`` prints it).
+DEFAULT_PERCENTILES = (0.5, 99.5)
+INTENSITY_DEFAULTS = {
+    "ct window": ("window", "a stated CT window: HU are absolute units (the reference benchmark windows CT)"),
+    "2D images": (
+        "range",
+        "as DINO-style pipelines feed images (torchvision's ToTensor divides 8-bit by 255); unlike min-max it "
+        "does not move with burnt-in markers or one bright pixel",
+    ),
+    "mri": (
+        "percentiles",
+        "MRI has no absolute scale: robust percentiles of the nonzero (body) voxels, 0.5-99.5 as in MONAI's "
+        "ScaleIntensityRangePercentiles recipes and nnU-Net's clipping",
+    ),
+    "other volumes": ("minmax", "no scale stated for this modality (PET channels: SUV, see the channel map)"),
+}
 VIEWS = ("images", "volumes", "slices")
 # How a 2D image or a slice is resized: torch's separable anti-aliasing filter (2D images) or MONAI's
 # Gaussian pre-smoothing (slices of volumes), both before the interpolation of ``interpolation``.
@@ -43,6 +69,7 @@ class FeatureRecipe:
     # min-max) and is decided here only: the plan states 'window' when the spec has a CT window, else nothing.
     intensity: str = "minmax"
     window: tuple[float, float] | None = None  # CT window in HU (intensity 'window')
+    percentiles: tuple[float, float] | None = None  # lower, upper percentile of nonzero values ('percentiles')
     interpolation: str = "bicubic"  # bicubic | bilinear | area
     antialias: str = "separable"  # ANTIALIAS
     volume: Any = None  # volumes: channel map + common grid (dinoscale.data.volumes.VolumeInput); None: grey, own grid
@@ -61,6 +88,10 @@ class FeatureRecipe:
             raise ValueError(f"unknown intensity mapping '{self.intensity}' ({', '.join(INTENSITIES)})")
         if (self.intensity == "window") != (self.window is not None):
             raise ValueError("intensity 'window' and a window (HU min, max) go together")
+        if (self.intensity == "percentiles") != (self.percentiles is not None):
+            raise ValueError("intensity 'percentiles' and percentiles (lower, upper) go together")
+        if self.intensity == "range" and self.view != "images":
+            raise ValueError("intensity 'range' is for 2D files (a volume is read as float: its range is not kept)")
         if self.view not in VIEWS:
             raise ValueError(f"unknown view '{self.view}' ({', '.join(VIEWS)})")
         if self.antialias not in ANTIALIAS:
@@ -90,13 +121,15 @@ class FeatureRecipe:
 
     def describe(self) -> dict[str, str]:
         """The recipe in words, one line per step (``dinoscale protocol``)."""
-        scale = (
-            f"CT window {list(self.window)} HU mapped to [0, 1], clipped"
-            if self.intensity == "window"
-            else "each image's own min-max to [0, 1]"
-            + (" (volumes: once per volume, every slice on one scale)" if self.view != "images" else "")
-            + ("; colour images over all their channels at once (hue kept)" if self.color == "rgb" else "")
-        )
+        words = INTENSITY_WORDS[self.intensity]
+        lo, hi = self.percentiles or (0, 0)
+        scale = words.format(window=list(self.window or ()), lo=lo, hi=hi)
+        if self.intensity != "window":
+            scale = (
+                scale
+                + (" (volumes: once per volume, every slice on one scale)" if self.view != "images" else "")
+                + ("; colour images over all their channels at once (hue kept)" if self.color == "rgb" else "")
+            )
         colour = {
             "grey": "grey: one channel replicated to R, G, B (colour files averaged to grey)",
             "rgb": "RGB kept as R, G, B (alpha dropped; grey files replicated)",
@@ -120,3 +153,30 @@ class FeatureRecipe:
         out["storage"] = f"{self.dtype}; extractor version {self.extractor_version}"
         out["digest"] = self.digest
         return out
+
+
+def resolve_intensity(
+    asked: str, view: str, modality: str, window: tuple[float, float] | None, percentiles=DEFAULT_PERCENTILES
+) -> tuple[dict, str]:
+    """The recipe's intensity fields for the spec's ``dataset.intensity`` (``asked``; 'auto': the default of
+    this kind of data, ``INTENSITY_DEFAULTS``) and the reason, for the protocol table."""
+    if asked == "auto":
+        kind = (
+            "ct window"
+            if window is not None
+            else "2D images"
+            if view == "images"
+            else "mri"
+            if modality == "mri"
+            else "other volumes"
+        )
+        asked, why = INTENSITY_DEFAULTS[kind]
+        why = f"default for {kind}: {why}"
+    else:
+        why = "the spec's dataset.intensity"
+    fields_ = {"intensity": asked}
+    if asked == "window":
+        fields_["window"] = tuple(window)
+    elif asked == "percentiles":
+        fields_["percentiles"] = tuple(float(p) for p in percentiles)
+    return fields_, why

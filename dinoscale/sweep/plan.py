@@ -30,6 +30,7 @@ from dinoscale.data import (
 from dinoscale.data.splits import describe_recipe, replicate_recipe
 from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
+from dinoscale.features.recipe import DEFAULT_PERCENTILES, resolve_intensity
 from dinoscale.models import backbone_facts, get_backbone, weights_identity
 from dinoscale.probes import get_probe
 from dinoscale.probes.registry import GRID_TOKENS, unfit_message
@@ -177,10 +178,13 @@ def feature_recipe(
     window: tuple[float, float] | None = None,
     channels: tuple[str, ...] = (),
     volume=None,
+    intensity: str = "auto",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    modality: str = "",
 ) -> FeatureRecipe:
     """The one recipe of a feature set (``dinoscale.features.recipe``): the encoder and its own mean / std,
-    the dataset's colour model (2D images), the intensity mapping (``window``: a CT window, else each
-    image's / volume's min-max), the resize, the volumes' channel map and grid (``volume``, or ``channels``
+    the dataset's colour model (2D images), the intensity mapping (``intensity``: 'auto' is the default of this
+    kind of data, ``features.recipe.resolve_intensity``; ``window``: a CT window), the resize, the volumes' channel map and grid (``volume``, or ``channels``
     fused under their default map), the token set and pooling, the storage dtype. ``view``: images |
     volumes | slices."""
     return FeatureRecipe(
@@ -190,8 +194,7 @@ def feature_recipe(
         mean=tuple(bb.mean),
         std=tuple(bb.std),
         color=color if view == "images" else "grey",
-        # a CT window, else the recipe's default intensity mapping (features/recipe.py: its one home)
-        **({"intensity": "window", "window": tuple(window)} if window is not None else {}),
+        **_intensity_fields(intensity, view, modality, window, percentiles),
         interpolation=f.interpolation,
         antialias="separable" if view == "images" else "gaussian",
         volume=volume if view != "images" else None,
@@ -201,6 +204,18 @@ def feature_recipe(
         pool=f.volume_pool if view == "volumes" else "",
         dtype=f.dtype,
     )
+
+
+def _intensity_fields(intensity: str, view: str, modality: str, window, percentiles) -> dict:
+    """The recipe's intensity mapping (its defaults and their sources: ``features.recipe.resolve_intensity``)."""
+    if intensity == "range" and view != "images":
+        raise NotRunnableError(
+            "dataset.intensity 'range' (the file's declared range) is for 2D images: volumes are read as floats; "
+            "use percentiles, minmax or a CT window (dataset.window)"
+        )
+    if intensity == "window" and window is None:
+        raise NotRunnableError("dataset.intensity 'window' needs dataset.window (a preset or [HU min, HU max])")
+    return resolve_intensity(intensity, view, modality, window, percentiles)[0]
 
 
 def feature_key(recipe: FeatureRecipe, manifest_digest: str) -> FeatureKey:
@@ -408,6 +423,9 @@ def _recipe_of(spec: SweepSpec, bb: BackboneInfo, res: int, view: str, tokens: s
         window=volume_window(spec),
         channels=ds.channels if ds is not None and view != "images" else (),
         volume=ds.volume if ds is not None and view != "images" else None,
+        intensity=spec.dataset.intensity,
+        percentiles=spec.dataset.percentiles,
+        modality=spec.modality,
     )
 
 

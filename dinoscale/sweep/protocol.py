@@ -15,6 +15,7 @@ from typing import Any
 
 from dinoscale.data import dataset_replicates
 from dinoscale.data.splits import describe_recipe, replicate_recipe
+from dinoscale.features.recipe import resolve_intensity
 from dinoscale.metrics import CONVENTIONS
 from dinoscale.probes import get_probe
 from dinoscale.sweep.plan import Plan, volume_window
@@ -82,6 +83,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _intensity_words(plan: Plan) -> str:
+    """The mapping of each view's feature sets and why (``dinoscale.features.recipe.resolve_intensity``)."""
+    spec, out = plan.spec, {}
+    for fs in plan.feature_sets:
+        r = fs.recipe
+        if r is None or fs.view in out:
+            continue
+        _, why = resolve_intensity(spec.dataset.intensity, fs.view, spec.modality, r.window, spec.dataset.percentiles)
+        out[fs.view] = f"{r.describe()['intensity']} ({why})"
+    return "; ".join(f"{view}: {words}" for view, words in out.items()) if len(out) > 1 else "".join(out.values())
+
+
 def protocol_data(plan: Plan) -> dict:
     """The protocol constants of a planned sweep, as nested data (sections -> {constant: value})."""
     spec, ds = plan.spec, plan.dataset
@@ -106,9 +119,8 @@ def protocol_data(plan: Plan) -> dict:
         "replicate policy": f"spec: {split.replicates}; dataset: {dataset_policy}"
         + (f" ({ds.replicates_reason})" if ds is not None and ds.replicates_reason else "")
         + (f"; {folds} cross-validation folds" if folds else ""),
-        "CT window": f"{_fmt(spec.dataset.window)} = {_fmt(list(window))} HU, clipped to [0, 1]"
-        if window
-        else "none: each image / volume scaled by its own min-max",
+        "CT window": f"{_fmt(spec.dataset.window)} = {_fmt(list(window))} HU, clipped to [0, 1]" if window else "none",
+        "intensity mapping": _intensity_words(plan),
     }
     if ds is not None and ds.channels:
         from dinoscale.data.preprocess import PET_SUV_RANGE
