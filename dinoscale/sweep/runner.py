@@ -213,26 +213,11 @@ def run_sweep(
     ``verbose``: third-party logging and warnings on the terminal too (always in the sweep's log file)."""
     from mlflow.tracking import MlflowClient
 
-    from dinoscale.preflight import check_storage_on_nodes, preflight
+    from dinoscale.preflight import check_storage_on_nodes
 
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
-    log_path = sweep_log_path(spec, project_dir)
-    capture_third_party(log_path, verbose)
-    if not verbose:  # Tune's new output engine prints its configuration box and a TensorBoard hint at any verbosity
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
-    plan, checks = preflight(spec, project_dir, tracking_uri, resume)  # storage, tracking, weights, data: before Ray
-    provenance = plan.provenance()
-    if not quiet:
-        print_banner(plan, provenance)
-        print_plan(plan)
-        console.print(checks.line())
-    # every task must fit the memory a node declares: refused before any run is recorded or work starts
-    _init_ray(spec, address)
-    capture_third_party(log_path, verbose)  # ray.init installs Ray's own handlers again
-    check_cluster_memory(plan)
-
+    plan, tracking_uri = _checked_plan(spec, project_dir, address, resume, quiet, verbose)
     client = MlflowClient(tracking_uri)
     dataset_inputs = split_dataset_inputs(plan.dataset)  # built once: the parent and every child log them
     state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume, dataset_inputs, annotations)
@@ -243,6 +228,7 @@ def run_sweep(
         console.print(f"MLflow: {verb}, experiment '{spec.experiment_name}', parent run {parent_id} ({tracking_uri})")
 
     rows: list[dict] = []
+    report_dir = None
     monitor = _system_metrics(parent_id, tracking_uri, step)
     signals, stage = SweepSignals().start(), "start of Ray"
     try:
@@ -256,52 +242,11 @@ def run_sweep(
         if signals.fired:  # Tune stopped gracefully and saved its state; the sweep stops here
             raise KeyboardInterrupt
         stage = "summary and analysis"
-        headline = get_task(plan.dataset.task).headline
-        rows = _collect_rows(plan, grid, headline)
-        n_failed = sum(r["state"] != "FINISHED" for r in rows)
-        log_batch(
-            client,
-            parent_id,
-            step=step,
-            metrics={
-                "trials_total": len(rows),
-                "trials_failed": n_failed,
-                "trials_wall_seconds": trials_seconds,
-                "trials_reused_from_record": sum(r["reused"] for r in rows),
-                **_best_metrics(rows, headline),
-            },
-        )
-        client.set_tag(parent_id, record.DESCRIPTION, parent_description(plan, rows))  # + the headline result
-        if not quiet:
-            print_summary(
-                rows,
-                f"{spec.name}: {headline.label} with patient-level {int(spec.metrics.bootstrap.level * 100)}% "
-                f"bootstrap CI"
-                + (
-                    " - REHEARSAL (replica data / random weights), not a result"
-                    if provenance.rehearsal
-                    else " - DEMO (phantom data / random weights)"
-                    if provenance.demo
-                    else ""
-                ),
-                headline,
-            )
-            for r in rows:
-                if r["state"] != "FINISHED":
-                    console.print(f"cell {r['cell']} failed: {r['error'] or 'no result'}", style="red", markup=False)
-        report_dir = None
-        if analyze and n_failed < len(rows):
-            from dinoscale.analysis import analyze_sweep
-
+        rows = _collect_rows(plan, grid, get_task(plan.dataset.task).headline)
+        _summarise(plan, client, parent_id, step, rows, trials_seconds, quiet)
+        if analyze and any(r["state"] == "FINISHED" for r in rows):
             on_cluster = settings.ray_address(spec.ray.address, address) is not None
-            report_dir = analyze_sweep(
-                tracking_uri,
-                spec.experiment_name,
-                parent_id,
-                settings.reports_root(plan.storage, on_cluster, project_dir) / report_folder(spec),
-                provenance=provenance,
-                quiet=quiet,
-            )
+            report_dir = _analyze(plan, tracking_uri, parent_id, on_cluster, project_dir, quiet)
         client.set_terminated(parent_id, "FINISHED")
         state.status = "finished"
     except KeyboardInterrupt:
@@ -325,15 +270,94 @@ def run_sweep(
     wall = time.perf_counter() - t0
     client.log_metric(parent_id, "sweep_wall_seconds", wall, step=step)
     if not quiet:
-        console.print(
-            f"Sweep finished in {wall:.0f}s: {len(rows) - n_failed}/{len(rows)} cells ok; report: "
-            f"{report_dir / 'report.html' if report_dir else '-'}. "
-            + browse_hint(tracking_uri, state.experiment_id, project_dir),
-            markup=False,
-        )
-        if log_file() is not None:
-            console.print(f"Library logs and warnings (Ray, Tune, MLflow, MONAI): {log_file()}", markup=False)
+        _last_lines(rows, wall, report_dir, tracking_uri, state, project_dir)
     return SweepOutcome(plan, parent_id, state.experiment_id, tracking_uri, rows, extraction, wall, report_dir, state)
+
+
+def _checked_plan(
+    spec: SweepSpec, project_dir: Path, address: str | None, resume: bool, quiet: bool, verbose: bool
+) -> tuple[Plan, str]:
+    """The plan and the tracking URI, once everything that can be checked before work starts is (the
+    pre-flight: storage, tracking, weights, data; then the memory of the cluster's nodes), shown to the user;
+    Ray started (or joined) and library logs routed to the sweep's log file."""
+    from dinoscale.preflight import preflight
+
+    log_path = sweep_log_path(spec, project_dir)
+    capture_third_party(log_path, verbose)
+    if not verbose:  # Tune's new output engine prints its configuration box and a TensorBoard hint at any verbosity
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri, project_dir)
+    plan, checks = preflight(spec, project_dir, tracking_uri, resume)  # storage, tracking, weights, data: before Ray
+    if not quiet:
+        print_banner(plan, plan.provenance())
+        print_plan(plan)
+        console.print(checks.line())
+    # every task must fit the memory a node declares: refused before any run is recorded or work starts
+    _init_ray(spec, address)
+    capture_third_party(log_path, verbose)  # ray.init installs Ray's own handlers again
+    check_cluster_memory(plan)
+    return plan, tracking_uri
+
+
+def _summarise(plan: Plan, client, parent_id: str, step: int, rows: list[dict], trials_seconds: float, quiet: bool):
+    """The sweep's totals and best result on its parent run (metrics, description) and on the terminal."""
+    spec, headline, provenance = plan.spec, get_task(plan.dataset.task).headline, plan.provenance()
+    n_failed = sum(r["state"] != "FINISHED" for r in rows)
+    log_batch(
+        client,
+        parent_id,
+        step=step,
+        metrics={
+            "trials_total": len(rows),
+            "trials_failed": n_failed,
+            "trials_wall_seconds": trials_seconds,
+            "trials_reused_from_record": sum(r["reused"] for r in rows),
+            **_best_metrics(rows, headline),
+        },
+    )
+    client.set_tag(parent_id, record.DESCRIPTION, parent_description(plan, rows))  # + the headline result
+    if quiet:
+        return
+    label = (
+        " - REHEARSAL (replica data / random weights), not a result"
+        if provenance.rehearsal
+        else " - DEMO (phantom data / random weights)"
+        if provenance.demo
+        else ""
+    )
+    level = int(spec.metrics.bootstrap.level * 100)
+    print_summary(rows, f"{spec.name}: {headline.label} with patient-level {level}% bootstrap CI{label}", headline)
+    for r in rows:
+        if r["state"] != "FINISHED":
+            console.print(f"cell {r['cell']} failed: {r['error'] or 'no result'}", style="red", markup=False)
+
+
+def _analyze(plan: Plan, tracking_uri: str, parent_id: str, on_cluster: bool, project_dir: Path, quiet: bool) -> Path:
+    """The sweep's report, attached to its parent run (``settings.reports_root``: the project's reports/ on a
+    laptop, the storage's on a cluster)."""
+    from dinoscale.analysis import analyze_sweep
+
+    spec = plan.spec
+    return analyze_sweep(
+        tracking_uri,
+        spec.experiment_name,
+        parent_id,
+        settings.reports_root(plan.storage, on_cluster, project_dir) / report_folder(spec),
+        provenance=plan.provenance(),
+        quiet=quiet,
+    )
+
+
+def _last_lines(rows: list[dict], wall: float, report_dir, tracking_uri: str, state: SweepState, project_dir: Path):
+    n_ok = sum(r["state"] == "FINISHED" for r in rows)
+    console.print(
+        f"Sweep finished in {wall:.0f}s: {n_ok}/{len(rows)} cells ok; report: "
+        f"{report_dir / 'report.html' if report_dir else '-'}. "
+        + browse_hint(tracking_uri, state.experiment_id, project_dir),
+        markup=False,
+    )
+    if log_file() is not None:
+        console.print(f"Library logs and warnings (Ray, Tune, MLflow, MONAI): {log_file()}", markup=False)
 
 
 def _record_interruption(client, plan: Plan, state: SweepState, signame: str, stage: str) -> str:
