@@ -15,6 +15,7 @@ from typing import Any
 
 from dinoscale.data import dataset_replicates
 from dinoscale.data.splits import describe_recipe, replicate_recipe
+from dinoscale.data.volumes import PET_SUV_RANGE
 from dinoscale.features.recipe import resolve_intensity
 from dinoscale.metrics import CONVENTIONS
 from dinoscale.probes import get_probe
@@ -99,6 +100,39 @@ def protocol_data(plan: Plan) -> dict:
     """The protocol constants of a planned sweep, as nested data (sections -> {constant: value})."""
     spec, ds = plan.spec, plan.dataset
     task_name = ds.task if ds is not None else (plan.cells[0].task if plan.cells else "")
+    strategies = {"strategies": ", ".join(spec.strategies)}
+    for s in spec.strategies:
+        if s in ("lora", "full"):
+            strategies[s] = _fmt(getattr(spec.finetuning, s).model_dump(mode="json"))
+    return {
+        "sweep": {
+            "name": spec.name,
+            "modality": spec.modality,
+            "profile": spec.profile,
+            "spec digest": spec.digest(),
+            "cells": str(len(plan.cells)),
+        },
+        "data and splits": _data_section(plan, task_name),
+        "backbones": {
+            bb.name: f"{bb.arch_id}; weights {bb.weights} ({bb.weights_kind}); {bb.n_params:,} params; patch "
+            f"{bb.patch_size}; mean {_fmt(list(bb.mean))}, std {_fmt(list(bb.std))}; tokens per image "
+            + ", ".join(f"{r}px: {bb.tokens_per_image(r)}" for r in spec.resolutions)
+            for bb in {c.backbone.name: c.backbone for c in plan.cells}.values()
+        },
+        "features": _features_section(spec.features, spec.resolutions),
+        "feature recipe": recipe_summary(plan),
+        "probes": _probes_section(plan, task_name),
+        "strategies": strategies,
+        "search": {
+            "trials per frozen cell": f"{spec.search.n_trials} ({'seeded TPE over the probe space' if spec.search.n_trials > 1 else 'the probe grid only'}), sampler seed {spec.search.seed}",
+            "selection": "on val only; test is scored once, for the chosen configuration",
+        },
+        "metrics and intervals": _metrics_section(spec, task_name),
+    }
+
+
+def _data_section(plan: Plan, task_name: str) -> dict:
+    spec, ds = plan.spec, plan.dataset
     task = get_task(task_name) if task_name else None
     split = spec.dataset.split
     folds = ds.folds if ds is not None else 0
@@ -123,47 +157,46 @@ def protocol_data(plan: Plan) -> dict:
         "intensity mapping": _intensity_words(plan),
     }
     if ds is not None and ds.channels:
-        from dinoscale.data.preprocess import PET_SUV_RANGE
-
         data["extra channels"] = (
             f"{', '.join(ds.channels)} fused into the encoder's channels (PET SUV range {_fmt(list(PET_SUV_RANGE))})"
         )
     if ds is not None and ds.volume is not None:  # the channel map and the common grid of the volumes
         for k, v in ds.volume.describe().items():
             data[f"volume {k}"] = v
-    backbones = {
-        bb.name: f"{bb.arch_id}; weights {bb.weights} ({bb.weights_kind}); {bb.n_params:,} params; patch "
-        f"{bb.patch_size}; mean {_fmt(list(bb.mean))}, std {_fmt(list(bb.std))}; tokens per image "
-        + ", ".join(f"{r}px: {bb.tokens_per_image(r)}" for r in spec.resolutions)
-        for bb in {c.backbone.name: c.backbone for c in plan.cells}.values()
-    }
-    f = spec.features
-    features = {
-        "resolutions": _fmt(spec.resolutions) + " px (square; images / slices resized, anti-aliased)",
+    return data
+
+
+def _features_section(f, resolutions: list[int]) -> dict:
+    return {
+        "resolutions": _fmt(resolutions) + " px (square; images / slices resized, anti-aliased)",
         "interpolation": f.interpolation,
         "token set": f"{f.tokens}: {_TOKENS.get(f.tokens, f.tokens)}",
         "volume pooling": f"{f.volume_pool} over slices (3D classification, vector probes)",
         "storage dtype": f.dtype,
         "extraction batch": str(f.batch_size),
     }
+
+
+def _probes_section(plan: Plan, task_name: str) -> dict:
+    spec, ds = plan.spec, plan.dataset
     volumetric = ds.volumetric if ds is not None else None
     probes = {}
     for p in spec.probes:
         d = get_probe(p.kind)
         entry = {"description": d.description}
         if volumetric is not None:
-            view = d.view(volumetric)
-            entry["reads"] = f"{_VIEWS[view]}; tokens {d.tokens(f.tokens)}"
+            entry["reads"] = f"{_VIEWS[d.view(volumetric)]}; tokens {d.tokens(spec.features.tokens)}"
         entry.update({k: _fmt(v) for k, v in p.model_dump(mode="json").items() if k != "kind"})
         if d.rules is not None:
             entry.update(d.rules(p, task_name))
         probes[p.label] = entry
-    strategies = {"strategies": ", ".join(spec.strategies)}
-    for s in spec.strategies:
-        if s in ("lora", "full"):
-            strategies[s] = _fmt(getattr(spec.finetuning, s).model_dump(mode="json"))
+    return probes
+
+
+def _metrics_section(spec, task_name: str) -> dict:
+    task = get_task(task_name) if task_name else None
     b = spec.metrics.bootstrap
-    metrics = {
+    return {
         "bootstrap": f"{b.resamples} patient resamples, {b.level:.0%} percentile interval, seed {b.seed}",
         **(
             {"macro class set": f">= {spec.metrics.macro_min_patients} positive and negative test patients per class"}
@@ -172,26 +205,6 @@ def protocol_data(plan: Plan) -> dict:
         ),
         "minimum units for an interval": f"{spec.metrics.min_interval_units} test patients",
         **{k: CONVENTIONS[k] for k in _CONVENTIONS_OF.get(task_name, tuple(CONVENTIONS))},
-    }
-    return {
-        "sweep": {
-            "name": spec.name,
-            "modality": spec.modality,
-            "profile": spec.profile,
-            "spec digest": spec.digest(),
-            "cells": str(len(plan.cells)),
-        },
-        "data and splits": data,
-        "backbones": backbones,
-        "features": features,
-        "feature recipe": recipe_summary(plan),
-        "probes": probes,
-        "strategies": strategies,
-        "search": {
-            "trials per frozen cell": f"{spec.search.n_trials} ({'seeded TPE over the probe space' if spec.search.n_trials > 1 else 'the probe grid only'}), sampler seed {spec.search.seed}",
-            "selection": "on val only; test is scored once, for the chosen configuration",
-        },
-        "metrics and intervals": metrics,
     }
 
 
