@@ -160,8 +160,6 @@ def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
         ScaleIntensityRange,
     )
 
-    from dinoscale.data.readers import read_volume
-
     resolution, interpolation, volume = recipe.resolution, recipe.interpolation, recipe.volume
     if volume is None:
         volume = VolumeInput(channel_map(("ct", "pet") if fuse_pet else ("image",)))
@@ -179,6 +177,29 @@ def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
     to_channel_first = EnsureChannelFirst(channel_dim="no_channel")
     sources = cmap.sources
     local = [sources.index(i) if i >= 0 else -1 for i in cmap.pick]  # pick entries as positions in `sources`
+
+    load_volume = _volume_loader(cmap, grid, scalers)
+
+    def slice_transform(img2d: torch.Tensor) -> torch.Tensor:
+        if img2d.ndim == 2:  # grey
+            return _plain(norm(to3(resize(to_channel_first(img2d)))))
+        x = resize(img2d)  # [K, r, r]
+        if cmap.mode == "each":
+            return torch.stack([_plain(norm(to3(x[k : k + 1]))) for k in range(x.shape[0])])
+        if local == [0, 1, -1] and x.shape[0] == 2:  # two channels and their mean (PET/CT)
+            return _plain(norm(torch.cat([x, x.mean(0, keepdim=True)])))
+        others = x.mean(0) if -1 in local else None
+        return _plain(norm(torch.stack([x[j] if j >= 0 else others for j in local])))
+
+    return load_volume, slice_transform
+
+
+def _volume_loader(cmap, grid, scalers: dict):
+    """``load_volume(item)``: co-registered files read and stacked as channels, each channel scaled by its kind's
+    scaler, the volume put on the common ``grid`` (see ``build_volume_transform``)."""
+    from dinoscale.data.readers import read_volume
+
+    sources = cmap.sources
 
     def load_volume(item) -> torch.Tensor:
         files = [item] if isinstance(item, str) else list(item)
@@ -203,18 +224,7 @@ def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
             out = torch.as_tensor(to_grid(out.numpy(), spacing, grid))
         return out[0] if cmap.grey else out  # grey: [X, Y, Z]; else [K, X, Y, Z] (RAS)
 
-    def slice_transform(img2d: torch.Tensor) -> torch.Tensor:
-        if img2d.ndim == 2:  # grey
-            return _plain(norm(to3(resize(to_channel_first(img2d)))))
-        x = resize(img2d)  # [K, r, r]
-        if cmap.mode == "each":
-            return torch.stack([_plain(norm(to3(x[k : k + 1]))) for k in range(x.shape[0])])
-        if local == [0, 1, -1] and x.shape[0] == 2:  # two channels and their mean (PET/CT)
-            return _plain(norm(torch.cat([x, x.mean(0, keepdim=True)])))
-        others = x.mean(0) if -1 in local else None
-        return _plain(norm(torch.stack([x[j] if j >= 0 else others for j in local])))
-
-    return load_volume, slice_transform
+    return load_volume
 
 
 def _plain(x) -> torch.Tensor:
