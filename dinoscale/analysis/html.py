@@ -9,6 +9,8 @@ from html import escape
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
+from dinoscale.analysis.curves import ALPHA_CI
 from dinoscale.analysis.sources import headline_sentence
 from dinoscale.provenance import DEMO_HEADLINE
 
@@ -27,8 +29,7 @@ figure{margin:1em 0} figcaption{font-size:13px;color:#555}
 .block h4{margin:.8em 0 .2em}
 """
 _FITS_SHOWN = [
-    "modality",
-    "dataset",
+    *record.CONTEXT_COLUMNS,
     "probe",
     "strategy",
     "axis",
@@ -37,8 +38,7 @@ _FITS_SHOWN = [
     "trend",
     "error",
     "alpha",
-    "alpha_ci_low",
-    "alpha_ci_high",
+    *ALPHA_CI,
     "floor_error",
     "lolo_consistent",
 ]
@@ -82,8 +82,7 @@ def _cells(rc) -> str:
 
     table = pd.DataFrame(
         {
-            "modality": c.get("modality"),
-            "dataset": c.get("dataset"),
+            **{k: c.get(k) for k in record.CONTEXT_COLUMNS},
             "encoder": c["backbone"],
             "params (M)": [num(v / 1e6, ".1f") for v in pd.to_numeric(c["n_params"], errors="coerce")],
             "resolution": [num(v, "g") for v in pd.to_numeric(c["resolution"], errors="coerce")],
@@ -101,7 +100,7 @@ def _cells(rc) -> str:
             "seeds": c.get("seeds"),
         }
     )
-    same = [k for k in table.columns if k in ("modality", "dataset", "strategy", "seeds") and table[k].nunique() <= 1]
+    same = [k for k in table.columns if k in (*record.CONTEXT_COLUMNS, "strategy", "seeds") and table[k].nunique() <= 1]
     said = "; ".join(f"{k}: {table[k].iloc[0]}" for k in same)
     if "uncertainty" in c and c["uncertainty"].nunique() == 1:
         said += ("; " if said else "") + f"intervals: {c['uncertainty'].iloc[0]}"

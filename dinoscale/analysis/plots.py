@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
 from dinoscale.analysis.curves import AXIS_LABELS, Curve, fitted_error
 from dinoscale.headline import AUROC, Headline
 
@@ -55,7 +56,7 @@ def plot_axis(
         return None
     panels: dict[tuple, list[Curve]] = {}
     for c in curves:
-        panels.setdefault((c.group["dataset"], c.group["probe"], c.group["strategy"]), []).append(c)
+        panels.setdefault((c.group[record.DATASET_PARAM], c.group["probe"], c.group["strategy"]), []).append(c)
     n = len(panels)
     cols = min(n, 3)
     rows = int(np.ceil(n / cols))

@@ -47,6 +47,8 @@ from dinoscale.headline import AUROC, Headline
 from dinoscale.provenance import DEMO_HEADLINE, Provenance
 from dinoscale.record import CELL_KEYS
 
+MODALITY, DATASET = record.CONTEXT_COLUMNS
+
 RESAMPLES = 500
 
 
@@ -195,7 +197,7 @@ AXIS_WORDS = {"params": "model size", "resolution": "resolution", "gflops": "com
 
 def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, list[tuple[str, list[str]]]]:
     out: dict[str, list[tuple[str, list[str]]]] = {}
-    keys = [k for k in GROUP_KEYS if k != "modality"]
+    keys = [k for k in GROUP_KEYS if k != MODALITY]
     for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
         group = dict(zip(GROUP_KEYS, gkey))
         mine = [c for c in curves if c.group == group]
@@ -204,14 +206,14 @@ def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, 
         title = " · ".join(
             f"{group[k]}{' probe' if k == 'probe' else ''}"
             for k in keys
-            if not (k == "dataset" and group[k] == "unknown")
+            if not (k == DATASET and group[k] == "unknown")
         )
         title += (
             f" ({len(g)} cell{'s' if len(g) != 1 else ''}; top {short_name(h)} {_value(best, h)} at {_config(best)}"
             f"{_val_words(best) if by == 'val_metric' else ', ranked on test'})"
         )
         lines = _block_lines(mine, h) or ["a single configuration: nothing to compare"]
-        out.setdefault(str(group["modality"]), []).append((title, lines))
+        out.setdefault(str(group[MODALITY]), []).append((title, lines))
     return out
 
 
@@ -255,7 +257,7 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
     """Per (modality, dataset): the best configuration, the cheapest whose interval overlaps it, and the
     cost frontier."""
     lines = []
-    several = cd.cells.groupby("modality")["dataset"].nunique().to_dict()
+    several = cd.cells.groupby(MODALITY)[DATASET].nunique().to_dict()
     for b in best.itertuples():
         where = b.modality if several.get(b.modality, 1) == 1 else f"{b.modality} / {b.dataset}"
         r = cd.cells.loc[b.cell]
@@ -326,10 +328,10 @@ def _figures(
     curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str, h: Headline = AUROC
 ) -> list[tuple[str, Path]]:
     figures = []
-    modalities = sorted({c.group["modality"] for c in curves})
+    modalities = sorted({c.group[MODALITY] for c in curves})
     for modality in modalities:
         prefix = "" if len(modalities) == 1 else f"{modality}_"
-        mine = [c for c in curves if c.group["modality"] == modality]
+        mine = [c for c in curves if c.group[MODALITY] == modality]
         for axis in AXES:
             p = plot_axis(
                 mine, axis, out_dir / f"{prefix}{file_stem(h)}_vs_{axis}.png", f"{title} - {modality}", prov, h
@@ -460,7 +462,7 @@ def write_report(
     if isinstance(provenance, Provenance):
         demo, banner, provenance = provenance.demo, provenance.headline or DEMO_HEADLINE, provenance.lines()
     else:
-        demo = "random" in set(runs["weights"].dropna().astype(str))
+        demo = "random" in set(runs[record.WEIGHTS_PARAM].dropna().astype(str))
     provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
     cd = bootstrap_cells(
         runs.drop(columns=["_line"], errors="ignore"), predictions, resamples=resamples, seed=seed, headline=headline

@@ -23,27 +23,29 @@ import pandas as pd
 from dinoscale import record
 from dinoscale.headline import _BY_TEST_NAME, AUROC, Headline, headline_from_tags
 
-GENERIC = ("metric", "metric_ci_low", "metric_ci_high")  # internal names of test_<name>, _ci_low, _ci_high
+METRIC = "metric"  # the internal name of test_<name>
+GENERIC = (METRIC, *record.ci_names(METRIC))  # internal names of test_<name>, _ci_low, _ci_high
+MODALITY, DATASET, WEIGHTS = record.MODALITY_PARAM, record.DATASET_PARAM, record.WEIGHTS_PARAM
 AXIS_COLUMNS = list(record.AXIS_NAMES)
 CELL_COLUMNS = list(record.CELL_KEYS)
 
 
 def result_columns(headline: Headline = AUROC) -> list[str]:
     """Columns every results table has, for this headline."""
-    return AXIS_COLUMNS + [headline.test, f"{headline.test}_ci_low", f"{headline.test}_ci_high"]
+    return AXIS_COLUMNS + [headline.test, *record.ci_names(headline.test)]
 
 
 RESULT_COLUMNS = result_columns(AUROC)  # the classification tables of before headlines existed
 # optional: filled with a stated default when a table lacks them (never guessed from other columns)
 OPTIONAL_COLUMNS = {
-    "modality": "unknown",
-    "dataset": "unknown",
-    "weights": None,
-    "tokens_per_image": None,
-    "gflops": None,
+    MODALITY: "unknown",
+    DATASET: "unknown",
+    WEIGHTS: None,
+    record.TOKENS_PER_IMAGE: None,
+    record.GFLOPS: None,
     "run_id": None,
     # protocol constants the analysis applies as the trial did (dinoscale.metrics): absent -> the defaults
-    "macro_min_patients": None,
+    record.MACRO_MIN_PATIENTS: None,
     "min_interval_units": None,
     "selection_edge": "",  # a choice on a grid edge (record.SELECTION_EDGE), warned about in the report
     "n_val": None,  # val units the selection saw (shown next to the val metric)
@@ -116,7 +118,7 @@ def sweep_headline(tags: dict) -> Headline:
 
 
 def _is_interval(column: str) -> bool:
-    return column.endswith("_ci_low") or column.endswith("_ci_high")
+    return column.endswith(record.SUFFIXES)
 
 
 def detect_headline(columns, name: str | None = None, goal: str | None = None) -> Headline:
@@ -235,7 +237,7 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     """
     if df.attrs.get("tidy") == headline.test:
         return df
-    t, lo_col, hi_col = headline.test, f"{headline.test}_ci_low", f"{headline.test}_ci_high"
+    t, (lo_col, hi_col) = headline.test, record.ci_names(headline.test)
     if t not in df.columns:
         raise ValueError(f"no {t} column; columns are {[c for c in df.columns if c != '_line']}")
     notes = list(df.attrs.get("notes", []))
@@ -293,10 +295,10 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     if "seed" not in df.columns:
         df["seed"] = 0
     df["seed"] = [NOT_STATED if b else v for v, b in zip(df["seed"], _blank(df["seed"]))]
-    for col in ("modality", "dataset"):
+    for col in record.CONTEXT_COLUMNS:
         if col in df.columns:
             df[col] = [OPTIONAL_COLUMNS[col] if b else str(v).strip() for v, b in zip(df[col], _blank(df[col]))]
-    for col in ("gflops", "tokens_per_image"):
+    for col in (record.GFLOPS, record.TOKENS_PER_IMAGE):
         if col in df.columns:
             df[col] = df[col].map(lambda v, c=col: _number(v, c)).astype(float)
     df = complete_columns(df)
@@ -310,7 +312,7 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
 
 
 def _check_range(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
-    t, cols = h.test, [h.test, f"{h.test}_ci_low", f"{h.test}_ci_high", h.val]
+    t, cols = h.test, [h.test, *record.ci_names(h.test), h.val]
     v = df[t]
     if h.goal == "min":
         if (v < 0).any():
@@ -330,7 +332,8 @@ def _check_range(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
 
 
 def _check_intervals(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
-    v, lo, hi = df[h.test], df[f"{h.test}_ci_low"], df[f"{h.test}_ci_high"]
+    lo_col, hi_col = record.ci_names(h.test)
+    v, lo, hi = df[h.test], df[lo_col], df[hi_col]
     absent = lo.isna() | hi.isna()
     zero = ~absent & (hi == lo)
     outside = ~absent & ~zero & ((lo > v + 1e-9) | (hi < v - 1e-9))
@@ -356,9 +359,7 @@ def as_generic(df: pd.DataFrame, headline: Headline | None = None) -> tuple[pd.D
         df = df.drop(columns=[c for c in (*GENERIC, "val_metric") if c in df.columns])
         df = df.rename(
             columns={
-                headline.test: "metric",
-                f"{headline.test}_ci_low": "metric_ci_low",
-                f"{headline.test}_ci_high": "metric_ci_high",
+                **dict(zip((headline.test, *record.ci_names(headline.test)), GENERIC)),
                 headline.val: "val_metric",
             }
         )
@@ -389,7 +390,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     dup = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
     if dup:
         raise ValueError(f"{path}: column(s) {dup} appear more than once; keep one of each")
-    known = [*AXIS_COLUMNS, *OPTIONAL_COLUMNS, "gflops_per_image"]
+    known = [*AXIS_COLUMNS, *OPTIONAL_COLUMNS, record.GFLOPS_PER_IMAGE]
     lower = {c.lower(): c for c in known}
     df = df.rename(
         columns={
@@ -398,8 +399,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
             if c.lower() in lower and lower[c.lower()] != c and lower[c.lower()] not in df.columns
         }
     )
-    if "gflops" not in df.columns and "gflops_per_image" in df.columns:
-        df = df.rename(columns={"gflops_per_image": "gflops"})
+    if record.GFLOPS not in df.columns and record.GFLOPS_PER_IMAGE in df.columns:
+        df = df.rename(columns={record.GFLOPS_PER_IMAGE: record.GFLOPS})
     if df.empty:
         raise ValueError(f"{path}: a header but no rows")
     df["_line"] = df.index + 2  # the file's line of each row (the header is line 1), for messages
@@ -453,7 +454,7 @@ def from_report_cells(
         raise ValueError(f"a report's cell table on {h.test}, not {asked}")
     _checked_goal(h, goal)
     out = df.drop(columns=["headline", "goal"]).rename(
-        columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high", "val_metric": h.val}
+        columns={"metric": h.test, **dict(zip(("low", "high"), record.ci_names(h.test))), "val_metric": h.val}
     )
     paired = "pairing" in df.columns and df["pairing"].fillna("").astype(str).str.startswith("patients").any()
     pooled = "seeds" in df.columns and (pd.to_numeric(df["seeds"], errors="coerce") > 1).any()
@@ -525,18 +526,17 @@ def _run_row(r, headline: Headline) -> dict:
     p, m = r.data.params, r.data.metrics
     t = headline.test
     return {
-        "modality": p.get("modality", "unknown"),
-        "dataset": p.get("dataset", "unknown"),
-        "weights": p.get("weights"),
+        MODALITY: p.get(MODALITY, "unknown"),
+        DATASET: p.get(DATASET, "unknown"),
+        WEIGHTS: p.get(WEIGHTS),
         **{a.name: _axis_value(a, p, m) for a in record.AXES},
         t: m.get(t),
-        f"{t}_ci_low": m.get(f"{t}_ci_low"),
-        f"{t}_ci_high": m.get(f"{t}_ci_high"),
+        **{c: m.get(c) for c in record.ci_names(t)},
         headline.val: m.get(headline.val),
-        "tokens_per_image": m.get("tokens_per_image"),
-        "gflops": m.get("gflops_per_image", m.get("gflops")),
+        record.TOKENS_PER_IMAGE: m.get(record.TOKENS_PER_IMAGE),
+        record.GFLOPS: m.get(record.GFLOPS_PER_IMAGE, m.get(record.GFLOPS)),
         "run_id": r.info.run_id,
-        "macro_min_patients": m.get("macro_min_patients", p.get("macro_min_patients")),
+        record.MACRO_MIN_PATIENTS: m.get(record.MACRO_MIN_PATIENTS, p.get(record.MACRO_MIN_PATIENTS)),
         "selection_edge": r.data.tags.get(record.SELECTION_EDGE, ""),
         "min_interval_units": p.get("min_interval_units"),
         "n_val": m.get("n_val"),
@@ -641,14 +641,14 @@ def provenance_gaps(df: pd.DataFrame, provenance: list[str]) -> list[str]:
     """Lines saying what the table states about data and weights, where the caller said nothing."""
     lines = []
     if not any(line.lower().startswith("data") for line in provenance):
-        named = sorted(set(df["dataset"].dropna().astype(str)) - {"unknown"}) if "dataset" in df else []
+        named = sorted(set(df[DATASET].dropna().astype(str)) - {"unknown"}) if DATASET in df else []
         lines.append(
             f"data: {', '.join(named)} (as named in the results; origin not recorded)"
             if named
             else "data: not stated in the results"
         )
     if not any(line.lower().startswith("weight") for line in provenance):
-        kinds = sorted(set(df["weights"].dropna().astype(str))) if "weights" in df else []
+        kinds = sorted(set(df[WEIGHTS].dropna().astype(str))) if WEIGHTS in df else []
         if "random" in kinds:
             lines.append("weights: RANDOM init for at least one backbone - no pretrained features")
         lines.append(

@@ -30,6 +30,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.splits import assign_patient_splits
+from dinoscale.provenance import PHANTOM, data_tags
 
 GENERATOR = "phantom-xray"
 GENERATOR_VERSION = "1"
@@ -162,10 +163,5 @@ def prepare_phantom_xray(spec, storage: Path) -> PreparedDataset:
         classes=list(CLASSES),
         manifest=df,
         root=root,
-        provenance={
-            "data.source": "phantom",
-            "data.generator": f"{GENERATOR} v{GENERATOR_VERSION}",
-            "data.seed": str(ph.seed),
-            "data.name": spec.name,
-        },
+        provenance=data_tags(PHANTOM, spec.name, generator=f"{GENERATOR} v{GENERATOR_VERSION}", seed=ph.seed),
     )
