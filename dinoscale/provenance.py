@@ -82,6 +82,17 @@ class Provenance:
         }
         return cls(tags.get(record.PROFILE, "unknown"), data, kinds, weights_known=False)
 
+    @classmethod
+    def from_table(cls, sources: dict[str, str | None], weights: list[str]) -> Provenance:
+        """A results table's: its datasets (name -> data source where known, None where not) and the weights
+        its rows name. Synthetic data anywhere in the table makes all of it a demo, as random weights do."""
+        known = {s for s in sources.values() if s}
+        source = next((s for s in SYNTHETIC_SOURCES if s in known), REAL if known == {REAL} else None)
+        data = {record.DATA_SOURCE: source} if source else {}
+        if sources:
+            data[record.DATA_NAME] = ", ".join(sorted(sources))
+        return cls("unknown", data, tuple(sorted({w for w in weights if w})), weights_known=False)
+
     @property
     def source(self) -> str:
         return self.data.get(record.DATA_SOURCE, "unknown")
@@ -123,9 +134,12 @@ class Provenance:
                 f"lesions in real anatomy ({d.get(record.DATA_BASE, '')}), labels are synthetic, not patient data"
             )
         elif self.source == PHANTOM:
-            out.append(
-                f"data: PHANTOM ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic, not patient data"
+            how = (
+                f"{d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}"
+                if record.DATA_GENERATOR in d
+                else d.get(record.DATA_NAME, "generated")
             )
+            out.append(f"data: PHANTOM ({how}) - synthetic, not patient data")
         elif d.get(record.DATA_NAME):
             out.append(f"data: {d[record.DATA_NAME]} ({d.get(record.DATA_ROOT, '')})")
         counts = Counter(self.weights)

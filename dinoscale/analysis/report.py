@@ -41,6 +41,7 @@ from dinoscale.analysis.sources import (
     headline_sentence,
     provenance_gaps,
     short_name,
+    table_provenance,
     tidy_results,
 )
 from dinoscale.headline import AUROC, Headline
@@ -458,12 +459,12 @@ def write_report(
     runs = tidy_results(df, headline)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, headline)
-    banner = DEMO_HEADLINE
     if isinstance(provenance, Provenance):
-        demo, banner, provenance = provenance.demo, provenance.headline or DEMO_HEADLINE, provenance.lines()
-    else:
-        demo = "random" in set(runs[record.WEIGHTS_PARAM].dropna().astype(str))
-    provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
+        decided, provenance = provenance, provenance.lines()
+    else:  # lines about a results table: the table says what it holds, and Provenance decides on it
+        decided = table_provenance(runs)
+        provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []), decided)
+    demo, banner = decided.demo, decided.headline or DEMO_HEADLINE
     cd = bootstrap_cells(
         runs.drop(columns=["_line"], errors="ignore"), predictions, resamples=resamples, seed=seed, headline=headline
     )

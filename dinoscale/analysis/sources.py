@@ -22,6 +22,7 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.headline import _BY_TEST_NAME, AUROC, Headline, headline_from_tags
+from dinoscale.provenance import PHANTOM, REAL, Provenance
 
 METRIC = "metric"  # the internal name of test_<name>
 GENERIC = (METRIC, *record.ci_names(METRIC))  # internal names of test_<name>, _ci_low, _ci_high
@@ -637,20 +638,54 @@ def read_predictions(path: str | Path, what: str, headline: Headline = AUROC) ->
     return df
 
 
-def provenance_gaps(df: pd.DataFrame, provenance: list[str]) -> list[str]:
-    """Lines saying what the table states about data and weights, where the caller said nothing."""
+def table_provenance(df: pd.DataFrame) -> Provenance:
+    """A results table's provenance, for ``Provenance`` to decide on: the weights its rows name and the source of
+    each dataset it names (its ``data.source`` column where it has one, else the dataset registry's word on a
+    dataset dinoscale generates; a name the registry does not know is of unknown origin)."""
+    named = sorted(set(df[DATASET].dropna().astype(str)) - {"unknown"}) if DATASET in df else []
+    if record.DATA_SOURCE in df:
+        sources = {n: _first(df.loc[df[DATASET].astype(str) == n, record.DATA_SOURCE]) for n in named}
+    else:
+        sources = _registry_sources(named)
+    weights = list(df[WEIGHTS].dropna().astype(str)) if WEIGHTS in df else []
+    return Provenance.from_table(sources, weights)
+
+
+def _first(values: pd.Series) -> str | None:
+    values = values.dropna().astype(str)
+    return values.iloc[0] if len(values) else None
+
+
+def _registry_sources(names: list[str]) -> dict[str, str | None]:
+    if not names:
+        return {}
+    # imported here: the dataset registry discovers every adapter module (about 4 s, measured), which a report
+    # on a table that names no dataset never needs
+    from dinoscale.data import dataset_names, is_phantom
+
+    known = set(dataset_names())
+    return {n: (PHANTOM if is_phantom(n) else REAL) if n in known else None for n in names}
+
+
+def provenance_gaps(df: pd.DataFrame, provenance: list[str], decided: Provenance | None = None) -> list[str]:
+    """Lines saying what the table states about data and weights, where the caller said nothing; what is
+    generated or random is said in ``Provenance``'s words (``decided``: the table's, by default)."""
+    decided = decided or table_provenance(df)
+    said = decided.lines()
     lines = []
     if not any(line.lower().startswith("data") for line in provenance):
         named = sorted(set(df[DATASET].dropna().astype(str)) - {"unknown"}) if DATASET in df else []
-        lines.append(
-            f"data: {', '.join(named)} (as named in the results; origin not recorded)"
-            if named
-            else "data: not stated in the results"
-        )
+        if decided.synthetic_data:
+            lines += [line for line in said if line.startswith("data:")]
+        else:
+            lines.append(
+                f"data: {', '.join(named)} (as named in the results; origin not recorded)"
+                if named
+                else "data: not stated in the results"
+            )
     if not any(line.lower().startswith("weight") for line in provenance):
-        kinds = sorted(set(df[WEIGHTS].dropna().astype(str))) if WEIGHTS in df else []
-        if "random" in kinds:
-            lines.append("weights: RANDOM init for at least one backbone - no pretrained features")
+        kinds = sorted(set(decided.weights))
+        lines += [line for line in said if line.startswith("weights: RANDOM")]
         lines.append(
             f"weights: {', '.join(kinds)} (as stated in the results)" if kinds else "weights: not stated in the results"
         )
