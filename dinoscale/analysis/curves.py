@@ -24,6 +24,15 @@ from dinoscale.analysis.sources import NOT_STATED
 from dinoscale.headline import AUROC, Headline
 
 GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset, probe, strategy (+ new axes)
+# grouping axes that the fixed wording ("<backbone>@<res>, <probe> probe, <strategy>") does not name: said as "axis: value"
+EXTRA_AXES = tuple(a for a in record.GROUP_AXES if a not in ("probe", "strategy"))
+
+
+def axes_words(r, sep: str = ", ") -> str:
+    """``, tokens: cls`` for a cell (a row or a dict) on a grouping axis beyond probe and strategy ('' for none)."""
+    return "".join(f"{sep}{a}: {r[a]}" for a in EXTRA_AXES if a in r)
+
+
 AXES = {  # axis -> (x column, the column each curve holds fixed, or None when all cells pool)
     "params": ("n_params", "resolution"),
     "resolution": ("resolution", "backbone"),

@@ -30,8 +30,7 @@ figure{margin:1em 0} figcaption{font-size:13px;color:#555}
 """
 _FITS_SHOWN = [
     *record.CONTEXT_COLUMNS,
-    "probe",
-    "strategy",
+    *record.GROUP_AXES,  # probe, strategy and any axis added to the record
     "axis",
     "at",
     "n_points",
@@ -86,8 +85,7 @@ def _cells(rc) -> str:
             "encoder": c["backbone"],
             "params (M)": [num(v / 1e6, ".1f") for v in pd.to_numeric(c["n_params"], errors="coerce")],
             "resolution": [num(v, "g") for v in pd.to_numeric(c["resolution"], errors="coerce")],
-            "probe": c["probe"],
-            "strategy": c["strategy"],
+            **{a: c[a] for a in record.GROUP_AXES if a in c},
             f"{h.test} [95% CI]": [
                 num(m, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) and pd.notna(hi) else "")
                 for m, lo, hi in zip(c["metric"], c["low"], c["high"])
@@ -100,7 +98,11 @@ def _cells(rc) -> str:
             "seeds": c.get("seeds"),
         }
     )
-    same = [k for k in table.columns if k in (*record.CONTEXT_COLUMNS, "strategy", "seeds") and table[k].nunique() <= 1]
+    same = [
+        k
+        for k in table.columns
+        if k in (*record.CONTEXT_COLUMNS, *record.GROUP_AXES, "seeds") and k != "probe" and table[k].nunique() <= 1
+    ]
     said = "; ".join(f"{k}: {table[k].iloc[0]}" for k in same)
     if "uncertainty" in c and c["uncertainty"].nunique() == 1:
         said += ("; " if said else "") + f"intervals: {c['uncertainty'].iloc[0]}"

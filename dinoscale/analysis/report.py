@@ -27,7 +27,7 @@ from dinoscale.analysis.compare import (
     selection_column,
     summarize_strategies,
 )
-from dinoscale.analysis.curves import AXES, GROUP_KEYS, Curve, build_curves, fits_table
+from dinoscale.analysis.curves import AXES, EXTRA_AXES, GROUP_KEYS, Curve, axes_words, build_curves, fits_table
 from dinoscale.analysis.html import render_html
 from dinoscale.analysis.plots import plot_axis, plot_frontier, plot_heatmap, plot_strategies
 from dinoscale.analysis.resample import CellDraws, bootstrap_cells
@@ -205,7 +205,7 @@ def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, 
         by = selection_column(g)  # one selection rule everywhere: val where every cell logged it
         best = g.loc[g[by].idxmax() if h.goal == "max" else g[by].idxmin()]
         title = " · ".join(
-            f"{group[k]}{' probe' if k == 'probe' else ''}"
+            f"{group[k]} probe" if k == "probe" else f"{k}: {group[k]}" if k in EXTRA_AXES else str(group[k])
             for k in keys
             if not (k == DATASET and group[k] == "unknown")
         )
@@ -238,7 +238,7 @@ def _config(r) -> str:
 
 
 def _probe_words(r) -> str:
-    return f" {r.probe}/{r.strategy}"
+    return f" {r.probe}/{r.strategy}{axes_words(r)}"
 
 
 def _size(n_params: float) -> str:
@@ -247,7 +247,7 @@ def _size(n_params: float) -> str:
 
 def _describe(r, h: Headline) -> str:
     res = "resolution not stated" if pd.isna(r.resolution) else f"{r.resolution:g}px"
-    return f"{r.backbone} ({_size(r.n_params)}) at {res}, {r.probe} probe, {r.strategy}"
+    return f"{r.backbone} ({_size(r.n_params)}) at {res}, {r.probe} probe, {r.strategy}{axes_words(r)}"
 
 
 def _cost_words(cost: float) -> str:
@@ -294,7 +294,7 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
         by = selection_column(g)
         front = pareto_frontier(g, cost[g.index], h.goal, by)
         if len(front) > 1:
-            several = g[["probe", "strategy"]].drop_duplicates().shape[0] > 1
+            several = g[list(record.GROUP_AXES)].drop_duplicates().shape[0] > 1
             on_val = by == "val_metric"
             steps = " -> ".join(
                 f"{_config(g.loc[i])}{_probe_words(g.loc[i]) if several else ''} "

@@ -165,7 +165,7 @@ def complete_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 NO_INTERVALS = "no intervals: point estimates only"  # the label of every verdict that rests on points alone
 NOT_STATED = "not stated"  # a text axis (backbone, probe, strategy) a table leaves blank
-_TEXT_AXES = ("backbone", "probe", "strategy")
+_TEXT_AXES = tuple(a.name for a in record.AXES if not a.numeric)  # backbone, probe, strategy (+ new categorical axes)
 _SCALING_AXES = {"n_params": "params", "resolution": "resolution"}  # column -> the axis it is the x of
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
