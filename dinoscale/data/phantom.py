@@ -30,6 +30,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.splits import assign_patient_splits
+from dinoscale.datasettings import PhantomSpec
 from dinoscale.provenance import PHANTOM, data_tags
 
 GENERATOR = "phantom-xray"
@@ -141,8 +142,6 @@ def generate(
 
 @register_dataset("phantom-xray", phantom=True)
 def prepare_phantom_xray(spec, storage: Path) -> PreparedDataset:
-    from dinoscale.spec import PhantomSpec
-
     ph = spec.phantom or PhantomSpec()
     cfg = {
         "seed": ph.seed,

@@ -30,6 +30,7 @@ import pandas as pd
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.layout import atomic_dir
 from dinoscale.data.splits import assign_patient_splits
+from dinoscale.datasettings import PhantomSpec
 from dinoscale.provenance import PHANTOM, data_tags
 
 VERSION = "2"  # 2: spheres are round in millimetres (v1 flattened them along z to under a slice)
@@ -342,8 +343,6 @@ _MASK_LABELS = {"mri": MRI_LABELS, "petct": PETCT_LABELS, "em": {}}
 
 
 def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
-    from dinoscale.spec import PhantomSpec
-
     ph = spec.phantom or PhantomSpec()
     cfg = {
         "generator": f"phantom-{kind}",
