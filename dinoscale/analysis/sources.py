@@ -238,12 +238,28 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     """
     if df.attrs.get("tidy") == headline.test:
         return df
-    t, (lo_col, hi_col) = headline.test, record.ci_names(headline.test)
-    if t not in df.columns:
-        raise ValueError(f"no {t} column; columns are {[c for c in df.columns if c != '_line']}")
+    if headline.test not in df.columns:
+        raise ValueError(f"no {headline.test} column; columns are {[c for c in df.columns if c != '_line']}")
     notes = list(df.attrs.get("notes", []))
     df = df.reset_index(drop=True).copy()
     df.attrs = {}
+    df = _headline_values(df, headline, notes)
+    _text_axes(df, notes)
+    _scaling_axes(df, notes)
+    _other_columns(df)
+    df = complete_columns(df)
+    dup = df.duplicated([*CELL_COLUMNS, "seed"], keep=False)
+    if dup.any():
+        notes.append(
+            f"{_rows(int(dup.sum()))} repeat a configuration and seed ({_where(df, dup)}): averaged as replicates"
+        )
+    df.attrs = {"headline": headline, "notes": notes, "tidy": headline.test}
+    return df
+
+
+def _headline_values(df: pd.DataFrame, headline: Headline, notes: list[str]) -> pd.DataFrame:
+    """The rows with a numeric headline value, its interval and val columns numeric, range and intervals checked."""
+    t, (lo_col, hi_col) = headline.test, record.ci_names(headline.test)
     value = pd.to_numeric(df[t], errors="coerce")
     bad = ~np.isfinite(value.to_numpy(float))
     if bad.all():
@@ -260,6 +276,11 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         notes.append(f"no interval column(s) {missing_ci}: every verdict rests on point estimates only")
     else:
         _check_intervals(df, headline, notes)
+    return df
+
+
+def _text_axes(df: pd.DataFrame, notes: list[str]) -> None:
+    """Every categorical axis as stripped text, ``not stated`` where blank or absent (a backbone named by its size)."""
     # a report's cell table has pooled its replicates: its ``seeds`` column says how many, no seed axis is missing
     absent = [c for c in AXIS_COLUMNS if c not in df.columns and not (c == "seed" and "seeds" in df.columns)]
     if absent:
@@ -277,6 +298,10 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         if blank.any():
             notes.append(f"{col}: blank in {_rows(int(blank.sum()))} ({_where(df, blank)}), read as '{NOT_STATED}'")
         df[col] = [NOT_STATED if b else str(v).strip() for v, b in zip(df[col], blank)]
+
+
+def _scaling_axes(df: pd.DataFrame, notes: list[str]) -> None:
+    """Size and resolution as numbers (the forms papers print read too); NaN where blank or unreadable, said so."""
     for col, axis in _SCALING_AXES.items():
         raw = df[col] if col in df.columns else pd.Series(np.nan, index=df.index)
         num = raw.map(lambda v, c=col: _number(v, c)).astype(float)
@@ -293,6 +318,10 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
                     f"{col}: {shown} not a positive number ({_where(df, unread)}); left out of the {axis} axis only"
                 )
         df[col] = num
+
+
+def _other_columns(df: pd.DataFrame) -> None:
+    """The seed (``not stated`` where blank; 0 where absent), the context as text, compute and tokens as numbers."""
     if "seed" not in df.columns:
         df["seed"] = 0
     df["seed"] = [NOT_STATED if b else v for v, b in zip(df["seed"], _blank(df["seed"]))]
@@ -302,14 +331,6 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     for col in (record.GFLOPS, record.TOKENS_PER_IMAGE):
         if col in df.columns:
             df[col] = df[col].map(lambda v, c=col: _number(v, c)).astype(float)
-    df = complete_columns(df)
-    dup = df.duplicated([*CELL_COLUMNS, "seed"], keep=False)
-    if dup.any():
-        notes.append(
-            f"{_rows(int(dup.sum()))} repeat a configuration and seed ({_where(df, dup)}): averaged as replicates"
-        )
-    df.attrs = {"headline": headline, "notes": notes, "tidy": headline.test}
-    return df
 
 
 def _check_range(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
