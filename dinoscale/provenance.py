@@ -120,6 +120,16 @@ class Provenance:
             return REHEARSAL_HEADLINE
         return DEMO_HEADLINE if self.demo else None
 
+    @property
+    def label(self) -> str:
+        """The few words after a table's caption: what is not real about these numbers ('' for a real result)."""
+        if self.rehearsal:
+            return "REHEARSAL (replica data / random weights), not a result"
+        if not self.demo:
+            return ""
+        why = [w for w, on in (("phantom data", self.synthetic_data), ("random weights", self.random_weights)) if on]
+        return f"DEMO ({' / '.join(why) or 'demo profile'})"
+
     def lines(self) -> list[str]:
         """One line about the data and one or two about the weights, in capitals where not real."""
         d, out = self.data, []

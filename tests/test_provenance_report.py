@@ -76,3 +76,12 @@ def test_the_table_rule_is_provenances():
     assert not Provenance.from_table({"x": None}, ["hub"]).demo  # origin unknown: not claimed either way
     tags = Provenance.from_table({"x": PHANTOM}, ["hub"]).tags()
     assert tags[record.DEMO] == "true" and tags[record.DATA_SOURCE] == PHANTOM
+
+
+def test_the_caption_label_says_what_is_not_real():
+    """The words the sweep's summary puts after its caption come from the same decider (lead: runner.py:281-285)."""
+    assert Provenance("paper", {record.DATA_SOURCE: PHANTOM}, ("hub",)).label == "DEMO (phantom data)"
+    assert Provenance("paper", {record.DATA_SOURCE: REAL}, ("random",)).label == "DEMO (random weights)"
+    assert Provenance("demo", {record.DATA_SOURCE: REAL}, ("hub",)).label == "DEMO (demo profile)"
+    assert Provenance("paper", {record.DATA_SOURCE: REAL}, ("hub",)).label == ""
+    assert Provenance("rehearsal", {}, ("random",)).label.startswith("REHEARSAL")
