@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from dinoscale import settings
+from dinoscale import record, settings
 from dinoscale.errors import StorageError, TrackingError, environment_error, free_space, size_text
 
 CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
 REQUEST_TIMEOUT_S = 5  # one MLflow request during pre-flight (no retries): a server that hangs fails in 5 s
-PREFLIGHT_TAG = "dinoscale.preflight"
 
 
 @dataclass
@@ -297,7 +296,7 @@ def check_tracking(uri: str, experiment: str, artifact_location: str | None = No
         try:
             client = MlflowClient(uri)
             exp_id = ensure_experiment(client, experiment, artifact_location)
-            client.set_experiment_tag(exp_id, PREFLIGHT_TAG, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            client.set_experiment_tag(exp_id, record.PREFLIGHT, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         except Exception as e:  # noqa: BLE001 - MLflow raises MlflowException, requests and SQLAlchemy errors
             raise TrackingError(_tracking_failure(uri, e)) from e
     return f"{redact(uri)} (experiment '{experiment}')"

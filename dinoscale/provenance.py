@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from dinoscale import record
 
-SYNTHETIC_SOURCES = ("phantom", "semi-synthetic")
+REAL, PHANTOM, SEMI_SYNTHETIC = "real", "phantom", "semi-synthetic"  # the values of record.DATA_SOURCE
+SYNTHETIC_SOURCES = (PHANTOM, SEMI_SYNTHETIC)
 DEMO_NOTE = "DEMO: phantom data and/or random weights - numbers exercise the pipeline, they say nothing about DINOv3"
 DEMO_HEADLINE = "DEMO RUN: the numbers exercise the pipeline; they say nothing about DINOv3 on real data."
 REHEARSAL_NOTE = (
@@ -27,6 +28,36 @@ REHEARSAL_HEADLINE = (
     "REHEARSAL, NOT A RESULT: a paper spec run on a generated replica of its dataset's published layout with "
     "random weights and scaled-down models; the numbers say nothing about DINOv3 or the data."
 )
+
+
+def data_tags(
+    source: str,
+    name: str,
+    *,
+    root: object = None,
+    split: str | None = None,
+    generator: str | None = None,
+    seed: object = None,
+    base: str | None = None,
+    patient_ids: str | None = None,
+) -> dict[str, str]:
+    """A dataset's ``data.*`` tags (``PreparedDataset.provenance``), the fields it has; the adapters' one spelling."""
+    fields = {
+        record.DATA_SOURCE: source,
+        record.DATA_NAME: name,
+        record.DATA_ROOT: root,
+        record.DATA_SPLIT: split,
+        record.DATA_GENERATOR: generator,
+        record.DATA_SEED: seed,
+        record.DATA_BASE: base,
+        record.DATA_PATIENT_IDS: patient_ids,
+    }
+    return {k: str(v) for k, v in fields.items() if v is not None}
+
+
+def is_synthetic(data: dict[str, str]) -> bool:
+    """Generated data (a phantom, or synthetic labels on real anatomy), from a dataset's ``data.*`` tags."""
+    return data.get(record.DATA_SOURCE) in SYNTHETIC_SOURCES
 
 
 @dataclass(frozen=True)
@@ -45,9 +76,22 @@ class Provenance:
         """What a sweep's parent run recorded (sweeps of any version: absent tags stay unknown)."""
         kinds = tuple(k for k in tags.get(record.WEIGHTS_KINDS, "").split(",") if k)
         data = {
-            k: v for k, v in tags.items() if k.startswith("data.") and not k.startswith(record.MANIFEST_DIGEST_PREFIX)
+            k: v
+            for k, v in tags.items()
+            if k.startswith(record.DATA_PREFIX) and not k.startswith(record.MANIFEST_DIGEST_PREFIX)
         }
         return cls(tags.get(record.PROFILE, "unknown"), data, kinds, weights_known=False)
+
+    @classmethod
+    def from_table(cls, sources: dict[str, str | None], weights: list[str]) -> Provenance:
+        """A results table's: its datasets (name -> data source where known, None where not) and the weights
+        its rows name. Synthetic data anywhere in the table makes all of it a demo, as random weights do."""
+        known = {s for s in sources.values() if s}
+        source = next((s for s in SYNTHETIC_SOURCES if s in known), REAL if known == {REAL} else None)
+        data = {record.DATA_SOURCE: source} if source else {}
+        if sources:
+            data[record.DATA_NAME] = ", ".join(sorted(sources))
+        return cls("unknown", data, tuple(sorted({w for w in weights if w})), weights_known=False)
 
     @property
     def source(self) -> str:
@@ -55,7 +99,7 @@ class Provenance:
 
     @property
     def synthetic_data(self) -> bool:
-        return self.source in SYNTHETIC_SOURCES
+        return is_synthetic(self.data)
 
     @property
     def random_weights(self) -> bool:
@@ -76,6 +120,16 @@ class Provenance:
             return REHEARSAL_HEADLINE
         return DEMO_HEADLINE if self.demo else None
 
+    @property
+    def label(self) -> str:
+        """The few words after a table's caption: what is not real about these numbers ('' for a real result)."""
+        if self.rehearsal:
+            return "REHEARSAL (replica data / random weights), not a result"
+        if not self.demo:
+            return ""
+        why = [w for w, on in (("phantom data", self.synthetic_data), ("random weights", self.random_weights)) if on]
+        return f"DEMO ({' / '.join(why) or 'demo profile'})"
+
     def lines(self) -> list[str]:
         """One line about the data and one or two about the weights, in capitals where not real."""
         d, out = self.data, []
@@ -84,15 +138,18 @@ class Provenance:
                 f"data: REHEARSAL REPLICA of {d.get(record.DATA_NAME, 'the dataset')}'s published layout "
                 f"({d.get(record.DATA_ROOT, '')}) - generated files, not patient data"
             )
-        elif self.source == "semi-synthetic":
+        elif self.source == SEMI_SYNTHETIC:
             out.append(
                 f"data: SEMI-SYNTHETIC ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic "
                 f"lesions in real anatomy ({d.get(record.DATA_BASE, '')}), labels are synthetic, not patient data"
             )
-        elif self.source == "phantom":
-            out.append(
-                f"data: PHANTOM ({d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}) - synthetic, not patient data"
+        elif self.source == PHANTOM:
+            how = (
+                f"{d.get(record.DATA_GENERATOR)}, seed {d.get(record.DATA_SEED)}"
+                if record.DATA_GENERATOR in d
+                else d.get(record.DATA_NAME, "generated")
             )
+            out.append(f"data: PHANTOM ({how}) - synthetic, not patient data")
         elif d.get(record.DATA_NAME):
             out.append(f"data: {d[record.DATA_NAME]} ({d.get(record.DATA_ROOT, '')})")
         counts = Counter(self.weights)

@@ -80,6 +80,7 @@ DATA_BASE = "data.base"  # semi-synthetic: the real file the synthetic findings 
 DATA_SPLIT = "data.split"
 DATA_SKIPPED = "data.skipped"  # how many files on_bad_file=skip dropped
 DATA_SKIPPED_FILES = "data.skipped_files"  # their names (the first few)
+DATA_PATIENT_IDS = "data.patient_ids"  # how patient ids were derived, where the files do not say
 MANIFEST_DIGEST_PREFIX = "data.manifest_digest."  # + split
 WEIGHTS_KINDS = "weights.kinds"  # on the parent: every kind of weights in the sweep (random, hub, file)
 WEIGHTS_KIND = "weights.kind"  # on a child: its backbone's
@@ -93,8 +94,9 @@ REHEARSAL_SOURCE_SPEC = REHEARSAL_PREFIX + "source_spec"  # the paper spec's fil
 REHEARSAL_SOURCE_DIGEST = REHEARSAL_PREFIX + "source_digest"  # its digest (dinoscale validate prints it)
 REHEARSAL_VARIANT = REHEARSAL_PREFIX + "variant"  # ok | corrupt_file | bad_label | mask_shape
 REHEARSAL_REPLICA = REHEARSAL_PREFIX + "replica_root"  # where the replica was written
+DATA_PREFIX = "data."  # every tag a dataset records about itself
 PROVENANCE_PREFIXES = (
-    "data.",
+    DATA_PREFIX,
     WEIGHTS_KINDS,
     PROFILE,
     MODALITY,
@@ -103,6 +105,34 @@ PROVENANCE_PREFIXES = (
     REHEARSAL,
     REHEARSAL_PREFIX,
 )  # copied from parent to children
+
+PREFLIGHT = "dinoscale.preflight"  # on an experiment: when the pre-flight last proved it can write there
+
+# Tag namespaces this module owns: any tag of the form ``<namespace><name>`` is defined here, nowhere else.
+TAG_NAMESPACES = ("dinoscale.", DATA_PREFIX, "weights.", REHEARSAL_PREFIX)
+
+# ---------------------------------------------------------------- params and metrics of a cell run
+
+# Written by the plan / the trial on every cell run, read back by the analysis into a results table.
+MODALITY_PARAM = "modality"
+DATASET_PARAM = "dataset"
+WEIGHTS_PARAM = "weights"  # the backbone's weights source (random | hub | a file)
+# single-word params: a word like these is a name where it is a key of a run's params or a results table
+WORD_PARAMS = (MODALITY_PARAM, DATASET_PARAM, WEIGHTS_PARAM)
+MACRO_MIN_PATIENTS = "macro_min_patients"  # param and metric: the fewest positive patients a class needs
+TOKENS_PER_IMAGE = "tokens_per_image"  # metric: tokens the encoder sees per image at the cell's resolution
+GFLOPS_PER_IMAGE = "gflops_per_image"  # metric (and plan param): the compute axis
+GFLOPS = "gflops"  # its name in a results table
+# A metric's interval: <metric>_ci_low / <metric>_ci_high (metrics.Interval writes them, everyone reads them)
+CI_LOW = "_ci_low"
+CI_HIGH = "_ci_high"
+SUFFIXES = (CI_LOW, CI_HIGH)
+
+
+def ci_names(metric: str) -> tuple[str, str]:
+    """The names of ``metric``'s interval bounds: (``<metric>_ci_low``, ``<metric>_ci_high``)."""
+    return metric + CI_LOW, metric + CI_HIGH
+
 
 # ---------------------------------------------------------------- metrics: predicted against measured
 
@@ -184,6 +214,6 @@ CELL_AXES = tuple(a.name for a in AXES if not a.replicate)
 # Axes that split results into separate curves (everything that is neither a scaling axis, nor the
 # backbone that the size axis stands for, nor a replicate).
 GROUP_AXES = tuple(a.name for a in AXES if not (a.numeric or a.name == "backbone"))
-CONTEXT_COLUMNS = ("modality", "dataset")  # what a results table says beyond the axes
+CONTEXT_COLUMNS = (MODALITY_PARAM, DATASET_PARAM)  # what a results table says beyond the axes
 # The columns that identify a configuration in a results table: context, grouping axes, then the rest.
 CELL_KEYS = CONTEXT_COLUMNS + GROUP_AXES + tuple(a for a in CELL_AXES if a not in GROUP_AXES)

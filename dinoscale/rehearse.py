@@ -107,9 +107,6 @@ def transform(
     lean: bool = False,
 ) -> tuple[dict, dict]:
     """The paper spec (as loaded from its YAML) -> (the rehearsal's spec dict, the changes as record tags)."""
-    from dinoscale.probes.registry import probe_spec_class
-    from dinoscale.spec import FullStrategySpec, LoraStrategySpec
-
     s = copy.deepcopy(raw)
     changes: dict[str, str] = {record.REHEARSAL_SOURCE_SPEC: source}
     s["name"] = f"{raw['name']}-rehearsal"
@@ -118,7 +115,17 @@ def transform(
     s["dataset"] = dict(raw["dataset"], root=str(replica_root))
     if on_bad_file:
         s["dataset"]["on_bad_file"] = on_bad_file
-    cut: list[str] = []
+    cut: list[str] = []  # what was scaled down, in order (the rehearsal.cuts tag)
+    _scale_grid(raw, s, changes, cut, lean)
+    _scale_fits(raw, s, cut)
+    _scale_budgets(raw, s, cut, replicates)
+    _run_here(raw, s, changes)
+    changes[record.REHEARSAL_PREFIX + "cuts"] = "; ".join(cut) or "none"
+    return s, changes
+
+
+def _scale_grid(raw: dict, s: dict, changes: dict[str, str], cut: list[str], lean: bool) -> None:
+    """Backbones onto the demo ladder with random weights, resolutions onto its sizes (``lean``: the two ends)."""
     bmap = map_backbones([b["name"] for b in raw["backbones"]])
     s["backbones"] = [dict(b, name=bmap[b["name"]], weights="random") for b in raw["backbones"]]
     if lean and len(s["backbones"]) > 2:
@@ -134,6 +141,13 @@ def transform(
         s["resolutions"] = [min(s["resolutions"]), max(s["resolutions"])]
         cut.append(f"resolutions (lean) {len(rmap)}->2")
     changes[record.REHEARSAL_PREFIX + "resolutions"] = ",".join(f"{r}->{rmap[r]}" for r in raw["resolutions"])
+
+
+def _scale_fits(raw: dict, s: dict, cut: list[str]) -> None:
+    """Each probe's and each fine-tuning strategy's search cut to the rehearsal's sizes."""
+    from dinoscale.probes.registry import probe_spec_class
+    from dinoscale.spec import FullStrategySpec, LoraStrategySpec
+
     probes = []
     for p in raw["probes"]:
         p = dict(p)
@@ -154,6 +168,10 @@ def transform(
                 entry["batch_size"] = min(int(entry.get("batch_size", 32)), 8)
                 ft[kind] = entry
         s["finetuning"] = ft
+
+
+def _scale_budgets(raw: dict, s: dict, cut: list[str], replicates: int) -> None:
+    """Search trials, replicates, bootstrap resamples and the extraction batch cut to the rehearsal's."""
     search = dict(raw.get("search", {}))
     if search.get("n_trials", 1) > SEARCH_TRIALS:
         cut.append(f"search.n_trials {search['n_trials']}->{SEARCH_TRIALS}")
@@ -173,6 +191,10 @@ def transform(
     feats = dict(raw.get("features", {}))
     feats["batch_size"] = min(int(feats.get("batch_size", 32)), 32)
     s["features"] = feats
+
+
+def _run_here(raw: dict, s: dict, changes: dict[str, str]) -> None:
+    """On this machine (one CPU per task, no cluster address, no stated node memory), in its own experiment."""
     res = dict(raw.get("resources", {}))
     res.update({"cpus_per_trial": 1, "cpus_per_extraction": 1})
     res.pop("node_memory_gb", None)
@@ -182,8 +204,6 @@ def transform(
     tracking = dict(raw.get("tracking", {}))
     tracking["experiment"] = f"{tracking.get('experiment') or 'dinoscale-' + raw['name']}-rehearsal"
     s["tracking"] = tracking
-    changes[record.REHEARSAL_PREFIX + "cuts"] = "; ".join(cut) or "none"
-    return s, changes
 
 
 def _raw_spec(path: Path, overrides: Sequence[str] = ()) -> dict:

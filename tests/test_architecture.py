@@ -1,8 +1,8 @@
 """The shape of the package: no import circles, and a probe is added from one file.
 
 The import graph is read from the source with the standard library's ``ast`` (every ``import``,
-module-level or inside a function, except those under ``if TYPE_CHECKING``), so a lazy import that
-closes a circle counts as much as a top-level one.
+module-level, inside a function or under ``if TYPE_CHECKING``), so a lazy import or a type-only import
+that closes a circle counts as much as a top-level one.
 """
 
 from __future__ import annotations
@@ -26,22 +26,11 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
     """dinoscale modules imported by ``module`` (``from a import b`` counts ``a.b`` when that is a module)."""
     out: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "dinoscale")
         elif isinstance(node, ast.ImportFrom):
@@ -111,7 +100,11 @@ def test_the_checker_finds_a_circle():
     tree = ast.parse(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dinoscale.x import y\ndef f():\n    import dinoscale.z\n"
     )
-    assert _imports(tree, "dinoscale.m", False, {"dinoscale.x", "dinoscale.x.y", "dinoscale.z"}) == {"dinoscale.z"}
+    # a type-only import is an edge too: a circle through TYPE_CHECKING is still a circle of the design
+    assert _imports(tree, "dinoscale.m", False, {"dinoscale.x", "dinoscale.x.y", "dinoscale.z"}) == {
+        "dinoscale.x.y",
+        "dinoscale.z",
+    }
 
 
 def test_no_import_circles_in_the_package():
@@ -123,9 +116,18 @@ def test_no_import_circles_in_the_package():
 def test_leaf_modules_import_nothing_of_dinoscale():
     """The registries and the record schema are leaves: anyone may import them without a circle."""
     graph = import_graph()
-    for leaf in ("dinoscale.record", "dinoscale.probes.registry", "dinoscale.console"):
+    for leaf in ("dinoscale.record", "dinoscale.probes.registry", "dinoscale.console", "dinoscale.datasettings"):
         assert graph[leaf] == set(), (leaf, graph[leaf])
     assert graph["dinoscale.provenance"] == {"dinoscale.record"}
+
+
+def test_the_spec_reads_the_data_package_and_never_the_reverse():
+    """spec.py validates datasets against data/'s registry; data/ reads the types it needs from the leaf
+    ``datasettings`` (PhantomSpec, DatasetSettings), not from the spec, even for type checking."""
+    graph = import_graph()
+    back = {m: graph[m] & {"dinoscale.spec"} for m in graph if m == "dinoscale.data" or m.startswith("dinoscale.data.")}
+    assert {m: e for m, e in back.items() if e} == {}
+    assert any(m.startswith("dinoscale.data") for m in graph["dinoscale.spec"])  # the forward arrow is real
 
 
 def test_trials_do_not_import_the_plan_or_the_spec():

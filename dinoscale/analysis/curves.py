@@ -24,6 +24,15 @@ from dinoscale.analysis.sources import NOT_STATED
 from dinoscale.headline import AUROC, Headline
 
 GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset, probe, strategy (+ new axes)
+# grouping axes that the fixed wording ("<backbone>@<res>, <probe> probe, <strategy>") does not name: said as "axis: value"
+EXTRA_AXES = tuple(a for a in record.GROUP_AXES if a not in ("probe", "strategy"))
+
+
+def axes_words(r, sep: str = ", ") -> str:
+    """``, tokens: cls`` for a cell (a row or a dict) on a grouping axis beyond probe and strategy ('' for none)."""
+    return "".join(f"{sep}{a}: {r[a]}" for a in EXTRA_AXES if a in r)
+
+
 AXES = {  # axis -> (x column, the column each curve holds fixed, or None when all cells pool)
     "params": ("n_params", "resolution"),
     "resolution": ("resolution", "backbone"),
@@ -48,11 +57,11 @@ class Curve:
 
 def gflops_column(cells: pd.DataFrame) -> tuple[pd.Series, str | None]:
     """Per cell: logged GFLOPs, else the 2 x params x tokens estimate, else NaN (never invented)."""
-    logged = pd.to_numeric(cells["gflops"], errors="coerce")
+    logged = pd.to_numeric(cells[record.GFLOPS], errors="coerce")
     estimate = (
         2
         * pd.to_numeric(cells["n_params"], errors="coerce")
-        * pd.to_numeric(cells["tokens_per_image"], errors="coerce")
+        * pd.to_numeric(cells[record.TOKENS_PER_IMAGE], errors="coerce")
         / 1e9
     )
     out = logged.where(logged.notna(), estimate)
@@ -132,8 +141,12 @@ def build_curves(cd: CellDraws, seed: int = 0) -> tuple[list[Curve], list[str]]:
     return curves, notes
 
 
+ALPHA_CI = record.ci_names("alpha")  # the fits table's interval columns
+FLOOR_CI = record.ci_names("floor_error")
+
+
 def _group_name(group: dict) -> str:
-    return " ".join(str(group[k]) for k in GROUP_KEYS if k != "modality")
+    return " ".join(str(group[k]) for k in GROUP_KEYS if k != record.MODALITY_PARAM)
 
 
 def fitted_error(headline: Headline) -> str:
@@ -163,13 +176,13 @@ def _fit_row(c: Curve, headline: Headline = AUROC) -> dict:
         "error": fitted_error(headline),
         # a parameter at its optimiser bound is "not identified", not a number (``ScalingFit.alpha_identified``)
         "alpha": _identified(f.alpha, f.alpha_identified),
-        "alpha_ci_low": _identified(f.alpha_low, f.alpha_identified),
-        "alpha_ci_high": _identified(f.alpha_high, f.alpha_identified),
+        ALPHA_CI[0]: _identified(f.alpha_low, f.alpha_identified),
+        ALPHA_CI[1]: _identified(f.alpha_high, f.alpha_identified),
         "exponent_identified": f.exponent_identified,
         "amplitude": _identified(f.amplitude, f.alpha_identified),
         "floor_error": _identified(f.floor, f.floor_identified),
-        "floor_error_ci_low": _identified(f.floor_low, f.floor_identified),
-        "floor_error_ci_high": _identified(f.floor_high, f.floor_identified),
+        FLOOR_CI[0]: _identified(f.floor_low, f.floor_identified),
+        FLOOR_CI[1]: _identified(f.floor_high, f.floor_identified),
         "resamples_fitted": f.resamples_fitted,
     }
     b = f.broken

@@ -9,6 +9,8 @@ from html import escape
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
+from dinoscale.analysis.curves import ALPHA_CI
 from dinoscale.analysis.sources import headline_sentence
 from dinoscale.provenance import DEMO_HEADLINE
 
@@ -27,18 +29,15 @@ figure{margin:1em 0} figcaption{font-size:13px;color:#555}
 .block h4{margin:.8em 0 .2em}
 """
 _FITS_SHOWN = [
-    "modality",
-    "dataset",
-    "probe",
-    "strategy",
+    *record.CONTEXT_COLUMNS,
+    *record.GROUP_AXES,  # probe, strategy and any axis added to the record
     "axis",
     "at",
     "n_points",
     "trend",
     "error",
     "alpha",
-    "alpha_ci_low",
-    "alpha_ci_high",
+    *ALPHA_CI,
     "floor_error",
     "lolo_consistent",
 ]
@@ -82,13 +81,11 @@ def _cells(rc) -> str:
 
     table = pd.DataFrame(
         {
-            "modality": c.get("modality"),
-            "dataset": c.get("dataset"),
+            **{k: c.get(k) for k in record.CONTEXT_COLUMNS},
             "encoder": c["backbone"],
             "params (M)": [num(v / 1e6, ".1f") for v in pd.to_numeric(c["n_params"], errors="coerce")],
             "resolution": [num(v, "g") for v in pd.to_numeric(c["resolution"], errors="coerce")],
-            "probe": c["probe"],
-            "strategy": c["strategy"],
+            **{a: c[a] for a in record.GROUP_AXES if a in c},
             f"{h.test} [95% CI]": [
                 num(m, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) and pd.notna(hi) else "")
                 for m, lo, hi in zip(c["metric"], c["low"], c["high"])
@@ -101,7 +98,11 @@ def _cells(rc) -> str:
             "seeds": c.get("seeds"),
         }
     )
-    same = [k for k in table.columns if k in ("modality", "dataset", "strategy", "seeds") and table[k].nunique() <= 1]
+    same = [
+        k
+        for k in table.columns
+        if k in (*record.CONTEXT_COLUMNS, *record.GROUP_AXES, "seeds") and k != "probe" and table[k].nunique() <= 1
+    ]
     said = "; ".join(f"{k}: {table[k].iloc[0]}" for k in same)
     if "uncertainty" in c and c["uncertainty"].nunique() == 1:
         said += ("; " if said else "") + f"intervals: {c['uncertainty'].iloc[0]}"

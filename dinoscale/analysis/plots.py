@@ -1,5 +1,6 @@
-"""PNG figures: small multiples per modality (one panel per dataset x probe x strategy), every point
-with its interval, every fitted curve with its bootstrap band."""
+"""PNG figures: small multiples per modality (one panel per dataset x every grouping axis of the record:
+probe, strategy and any axis added to ``record.AXES``), every point with its interval, every fitted curve
+with its bootstrap band."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinoscale.analysis.curves import AXIS_LABELS, Curve, fitted_error
+from dinoscale import record
+from dinoscale.analysis.curves import AXIS_LABELS, Curve, axes_words, fitted_error
 from dinoscale.headline import AUROC, Headline
 
 
@@ -20,6 +22,32 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# one curve panel per dataset x grouping axis (a modality's figure holds its datasets); one heatmap panel per
+# grouping axis (a heatmap is drawn per modality x dataset): two values of any recorded axis never share a panel
+CURVE_PANEL_KEYS = (record.DATASET_PARAM, *record.GROUP_AXES)
+HEATMAP_PANEL_KEYS = record.GROUP_AXES
+
+
+def panel_title(keys: dict) -> str:
+    """``probe: linear | frozen`` (the dataset first where it is a key; ``| axis: value`` for any further axis)."""
+    head = [str(keys[record.DATASET_PARAM])] if record.DATASET_PARAM in keys else []
+    return " | ".join([*head, f"probe: {keys['probe']}", str(keys["strategy"])]) + axes_words(keys, " | ")
+
+
+def curve_panels(curves: list[Curve]) -> list[tuple[dict, list[Curve]]]:
+    """The panels of one axis' figure: its curves grouped by dataset and every grouping axis, in order."""
+    panels: dict[tuple, list[Curve]] = {}
+    for c in curves:
+        panels.setdefault(tuple(str(c.group[k]) for k in CURVE_PANEL_KEYS), []).append(c)
+    return [(dict(zip(CURVE_PANEL_KEYS, key)), cs) for key, cs in sorted(panels.items())]
+
+
+def heatmap_panels(cells: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """One dataset's heatmap panels: its cells grouped by every grouping axis (a cell per size x resolution each)."""
+    keys = [k for k in HEATMAP_PANEL_KEYS if k in cells.columns]
+    return [(dict(zip(keys, key)), g) for key, g in cells.groupby(keys, sort=True, dropna=False)]
 
 
 def _panel(ax, curves: list[Curve]) -> None:
@@ -53,17 +81,15 @@ def plot_axis(
     curves = [c for c in curves if c.axis == axis]
     if not any(len(c.x) > 1 for c in curves):  # single points on every curve: nothing to see on this axis
         return None
-    panels: dict[tuple, list[Curve]] = {}
-    for c in curves:
-        panels.setdefault((c.group["dataset"], c.group["probe"], c.group["strategy"]), []).append(c)
+    panels = curve_panels(curves)
     n = len(panels)
     cols = min(n, 3)
     rows = int(np.ceil(n / cols))
     plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.9 * rows + 0.6), squeeze=False, sharey=True)
-    for ax, ((dataset, probe, strategy), cs) in zip(axes.flat, sorted(panels.items())):
+    for ax, (keys, cs) in zip(axes.flat, panels):
         _panel(ax, cs)
-        ax.set_title(f"{dataset} | probe: {probe} | {strategy}", fontsize=9)
+        ax.set_title(panel_title(keys), fontsize=9)
         ax.set_xlabel(AXIS_LABELS[axis], fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -88,7 +114,10 @@ def plot_strategies(comparisons: pd.DataFrame, path: Path, title: str, headline:
     if comparisons.empty:
         return None
     plt = _pyplot()
-    labels = [f"{r.other} - {r.baseline} | {r.probe} | {r.backbone}@{r.resolution}" for r in comparisons.itertuples()]
+    labels = [
+        f"{r['other']} - {r['baseline']} | {r['probe']}{axes_words(r, ' | ')} | {r['backbone']}@{r['resolution']}"
+        for _, r in comparisons.iterrows()
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
     y = np.arange(len(labels))
     d = comparisons["delta"].to_numpy()
@@ -130,11 +159,11 @@ def plot_heatmap(
     best=None,
     cheapest=None,
 ) -> Path | None:
-    """The headline (and its interval) over model size x resolution, one panel per probe | strategy, one
-    colour scale for all (brighter is better, whatever the goal); ``best`` (a cell index) boxed in red,
+    """The headline (and its interval) over model size x resolution, one panel per value of the grouping axes
+    (probe | strategy | any axis added to the record: ``heatmap_panels``), one colour scale for all (brighter is better, whatever the goal); ``best`` (a cell index) boxed in red,
     ``cheapest`` (the cheapest cell as good) in dashed red.
     None when every panel would hold a single cell."""
-    panels = list(cells.groupby(["probe", "strategy"], sort=True))
+    panels = heatmap_panels(cells)
     if all(len(g) < 2 for _, g in panels):
         return None
     sizes = cells.assign(_size=[_row_key(b, n) for b, n in zip(cells["backbone"], cells["n_params"])])
@@ -160,7 +189,7 @@ def plot_heatmap(
         vmin, vmax = vmin - 0.01, vmax + 0.01
     cmap = plt.get_cmap("viridis" if headline.goal == "max" else "viridis_r")
     image = None
-    for ax, ((probe, strategy), g) in zip(axes.flat, panels):
+    for ax, (keys, g) in zip(axes.flat, panels):
         grid = np.full((len(rows), len(columns)), np.nan)
         for idx, r in g.iterrows():
             i = rows.index(_row_key(r["backbone"], r["n_params"]))
@@ -189,7 +218,7 @@ def plot_heatmap(
             range(len(rows)), [_size_label(b, n) for b, n in zip(sizes["backbone"], sizes["n_params"])], fontsize=7
         )
         ax.set_xlabel("input resolution (px)", fontsize=8)
-        ax.set_title(f"probe: {probe} | {strategy}", fontsize=9)
+        ax.set_title(panel_title(keys), fontsize=9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.85, label=headline.label)

@@ -27,7 +27,7 @@ from dinoscale.analysis.compare import (
     selection_column,
     summarize_strategies,
 )
-from dinoscale.analysis.curves import AXES, GROUP_KEYS, Curve, build_curves, fits_table
+from dinoscale.analysis.curves import AXES, EXTRA_AXES, GROUP_KEYS, Curve, axes_words, build_curves, fits_table
 from dinoscale.analysis.html import render_html
 from dinoscale.analysis.plots import plot_axis, plot_frontier, plot_heatmap, plot_strategies
 from dinoscale.analysis.resample import CellDraws, bootstrap_cells
@@ -41,11 +41,14 @@ from dinoscale.analysis.sources import (
     headline_sentence,
     provenance_gaps,
     short_name,
+    table_provenance,
     tidy_results,
 )
 from dinoscale.headline import AUROC, Headline
 from dinoscale.provenance import DEMO_HEADLINE, Provenance
 from dinoscale.record import CELL_KEYS
+
+MODALITY, DATASET = record.CONTEXT_COLUMNS
 
 RESAMPLES = 500
 
@@ -195,23 +198,23 @@ AXIS_WORDS = {"params": "model size", "resolution": "resolution", "gflops": "com
 
 def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, list[tuple[str, list[str]]]]:
     out: dict[str, list[tuple[str, list[str]]]] = {}
-    keys = [k for k in GROUP_KEYS if k != "modality"]
+    keys = [k for k in GROUP_KEYS if k != MODALITY]
     for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
         group = dict(zip(GROUP_KEYS, gkey))
         mine = [c for c in curves if c.group == group]
         by = selection_column(g)  # one selection rule everywhere: val where every cell logged it
         best = g.loc[g[by].idxmax() if h.goal == "max" else g[by].idxmin()]
         title = " · ".join(
-            f"{group[k]}{' probe' if k == 'probe' else ''}"
+            f"{group[k]} probe" if k == "probe" else f"{k}: {group[k]}" if k in EXTRA_AXES else str(group[k])
             for k in keys
-            if not (k == "dataset" and group[k] == "unknown")
+            if not (k == DATASET and group[k] == "unknown")
         )
         title += (
             f" ({len(g)} cell{'s' if len(g) != 1 else ''}; top {short_name(h)} {_value(best, h)} at {_config(best)}"
             f"{_val_words(best) if by == 'val_metric' else ', ranked on test'})"
         )
         lines = _block_lines(mine, h) or ["a single configuration: nothing to compare"]
-        out.setdefault(str(group["modality"]), []).append((title, lines))
+        out.setdefault(str(group[MODALITY]), []).append((title, lines))
     return out
 
 
@@ -235,7 +238,7 @@ def _config(r) -> str:
 
 
 def _probe_words(r) -> str:
-    return f" {r.probe}/{r.strategy}"
+    return f" {r.probe}/{r.strategy}{axes_words(r)}"
 
 
 def _size(n_params: float) -> str:
@@ -244,7 +247,7 @@ def _size(n_params: float) -> str:
 
 def _describe(r, h: Headline) -> str:
     res = "resolution not stated" if pd.isna(r.resolution) else f"{r.resolution:g}px"
-    return f"{r.backbone} ({_size(r.n_params)}) at {res}, {r.probe} probe, {r.strategy}"
+    return f"{r.backbone} ({_size(r.n_params)}) at {res}, {r.probe} probe, {r.strategy}{axes_words(r)}"
 
 
 def _cost_words(cost: float) -> str:
@@ -255,7 +258,7 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
     """Per (modality, dataset): the best configuration, the cheapest whose interval overlaps it, and the
     cost frontier."""
     lines = []
-    several = cd.cells.groupby("modality")["dataset"].nunique().to_dict()
+    several = cd.cells.groupby(MODALITY)[DATASET].nunique().to_dict()
     for b in best.itertuples():
         where = b.modality if several.get(b.modality, 1) == 1 else f"{b.modality} / {b.dataset}"
         r = cd.cells.loc[b.cell]
@@ -291,7 +294,7 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
         by = selection_column(g)
         front = pareto_frontier(g, cost[g.index], h.goal, by)
         if len(front) > 1:
-            several = g[["probe", "strategy"]].drop_duplicates().shape[0] > 1
+            several = g[list(record.GROUP_AXES)].drop_duplicates().shape[0] > 1
             on_val = by == "val_metric"
             steps = " -> ".join(
                 f"{_config(g.loc[i])}{_probe_words(g.loc[i]) if several else ''} "
@@ -326,10 +329,10 @@ def _figures(
     curves: list[Curve], comparisons: pd.DataFrame, out_dir: Path, title: str, prov: str, h: Headline = AUROC
 ) -> list[tuple[str, Path]]:
     figures = []
-    modalities = sorted({c.group["modality"] for c in curves})
+    modalities = sorted({c.group[MODALITY] for c in curves})
     for modality in modalities:
         prefix = "" if len(modalities) == 1 else f"{modality}_"
-        mine = [c for c in curves if c.group["modality"] == modality]
+        mine = [c for c in curves if c.group[MODALITY] == modality]
         for axis in AXES:
             p = plot_axis(
                 mine, axis, out_dir / f"{prefix}{file_stem(h)}_vs_{axis}.png", f"{title} - {modality}", prov, h
@@ -456,12 +459,12 @@ def write_report(
     runs = tidy_results(df, headline)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, headline)
-    banner = DEMO_HEADLINE
     if isinstance(provenance, Provenance):
-        demo, banner, provenance = provenance.demo, provenance.headline or DEMO_HEADLINE, provenance.lines()
-    else:
-        demo = "random" in set(runs["weights"].dropna().astype(str))
-    provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []))
+        decided, provenance = provenance, provenance.lines()
+    else:  # lines about a results table: the table says what it holds, and Provenance decides on it
+        decided = table_provenance(runs)
+        provenance = list(provenance or []) + provenance_gaps(runs, list(provenance or []), decided)
+    demo, banner = decided.demo, decided.headline or DEMO_HEADLINE
     cd = bootstrap_cells(
         runs.drop(columns=["_line"], errors="ignore"), predictions, resamples=resamples, seed=seed, headline=headline
     )

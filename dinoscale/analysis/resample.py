@@ -50,6 +50,7 @@ from dinoscale.metrics import (
 
 CELL_KEYS = list(record.CELL_KEYS)  # modality, dataset, probe, strategy, backbone, n_params, resolution (+ new axes)
 METRIC = "metric"  # the headline's test value in the internal naming (sources.as_generic)
+METRIC_CI = record.ci_names(METRIC)
 
 
 @dataclass
@@ -141,7 +142,7 @@ def metric_range(headline: Headline) -> tuple[float, float]:
 def _interval_draws(row, resamples: int, level: float, rng, headline: Headline = AUROC) -> np.ndarray:
     """Draws from a run's logged interval; all NaN where it has none (or a zero-width one): its
     uncertainty is unknown and what rests on it is said to rest on point estimates only."""
-    lo, hi = row[f"{METRIC}_ci_low"], row[f"{METRIC}_ci_high"]
+    lo, hi = row[METRIC_CI[0]], row[METRIC_CI[1]]
     if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
         return np.full(resamples, np.nan)
     sd = (hi - lo) / (2 * NormalDist().inv_cdf(1 - (1 - level) / 2))
@@ -182,7 +183,7 @@ def run_draws(
             by_test_set.setdefault(_test_set_signature(predictions[rid]), []).append(rid)
     for signature, rids in by_test_set.items():
         preds = [predictions[r] for r in rids]
-        ks = [_run_constant(runs, r, "macro_min_patients", MACRO_MIN_PATIENTS) for r in rids]
+        ks = [_run_constant(runs, r, record.MACRO_MIN_PATIENTS, MACRO_MIN_PATIENTS) for r in rids]
         units = preds[0]["patient_id"].astype(str).nunique()
         need = max(_run_constant(runs, r, "min_interval_units", MIN_INTERVAL_UNITS) for r in rids)
         if units < need:  # no resampling of a handful of units: no interval (point estimates only)
@@ -254,8 +255,8 @@ def bootstrap_cells(
                 "seeds": _replicates(g),
                 "val_metric": g["val_metric"].mean(),
                 "n_val": pd.to_numeric(g["n_val"], errors="coerce").mean() if "n_val" in g else np.nan,
-                "tokens_per_image": pd.to_numeric(g["tokens_per_image"], errors="coerce").mean(),
-                "gflops": pd.to_numeric(g["gflops"], errors="coerce").mean(),
+                record.TOKENS_PER_IMAGE: pd.to_numeric(g[record.TOKENS_PER_IMAGE], errors="coerce").mean(),
+                record.GFLOPS: pd.to_numeric(g[record.GFLOPS], errors="coerce").mean(),
                 "uncertainty": _uncertainty_words(g),
                 "pairing": ",".join(sorted(set(g["_pairing"]))),
             }
@@ -270,7 +271,7 @@ def _own_interval(g: pd.DataFrame, headline: Headline) -> tuple[float, float] | 
     None for a cell of several runs (replicates pooled: its interval comes from its draws)."""
     if len(g) != 1:
         return None
-    lo, hi = float(g[f"{METRIC}_ci_low"].iloc[0]), float(g[f"{METRIC}_ci_high"].iloc[0])
+    lo, hi = float(g[METRIC_CI[0]].iloc[0]), float(g[METRIC_CI[1]].iloc[0])
     if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
         return None
     return tuple(float(np.clip(v, *metric_range(headline))) for v in (lo, hi))
@@ -310,7 +311,7 @@ def _uncertainty_words(g: pd.DataFrame) -> str:
     if len(small):
         units = small.iloc[0].split(":", 1)[1]
         return f"none: {units} test unit(s), too few to resample (point estimates only); {n_rep} replicate(s)"
-    lo, hi = g[f"{METRIC}_ci_low"].to_numpy(float), g[f"{METRIC}_ci_high"].to_numpy(float)
+    lo, hi = g[METRIC_CI[0]].to_numpy(float), g[METRIC_CI[1]].to_numpy(float)
     if ((g["_pairing"] == "").to_numpy() & ~(np.isfinite(lo) & np.isfinite(hi) & (hi > lo))).any():
         return "none: no interval for at least one run (point estimates only)"
     source = "patients (per-sample predictions)" if (g["_pairing"] != "").all() else "per-run intervals"

@@ -22,28 +22,31 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.headline import _BY_TEST_NAME, AUROC, Headline, headline_from_tags
+from dinoscale.provenance import PHANTOM, REAL, Provenance
 
-GENERIC = ("metric", "metric_ci_low", "metric_ci_high")  # internal names of test_<name>, _ci_low, _ci_high
+METRIC = "metric"  # the internal name of test_<name>
+GENERIC = (METRIC, *record.ci_names(METRIC))  # internal names of test_<name>, _ci_low, _ci_high
+MODALITY, DATASET, WEIGHTS = record.MODALITY_PARAM, record.DATASET_PARAM, record.WEIGHTS_PARAM
 AXIS_COLUMNS = list(record.AXIS_NAMES)
 CELL_COLUMNS = list(record.CELL_KEYS)
 
 
 def result_columns(headline: Headline = AUROC) -> list[str]:
     """Columns every results table has, for this headline."""
-    return AXIS_COLUMNS + [headline.test, f"{headline.test}_ci_low", f"{headline.test}_ci_high"]
+    return AXIS_COLUMNS + [headline.test, *record.ci_names(headline.test)]
 
 
 RESULT_COLUMNS = result_columns(AUROC)  # the classification tables of before headlines existed
 # optional: filled with a stated default when a table lacks them (never guessed from other columns)
 OPTIONAL_COLUMNS = {
-    "modality": "unknown",
-    "dataset": "unknown",
-    "weights": None,
-    "tokens_per_image": None,
-    "gflops": None,
+    MODALITY: "unknown",
+    DATASET: "unknown",
+    WEIGHTS: None,
+    record.TOKENS_PER_IMAGE: None,
+    record.GFLOPS: None,
     "run_id": None,
     # protocol constants the analysis applies as the trial did (dinoscale.metrics): absent -> the defaults
-    "macro_min_patients": None,
+    record.MACRO_MIN_PATIENTS: None,
     "min_interval_units": None,
     "selection_edge": "",  # a choice on a grid edge (record.SELECTION_EDGE), warned about in the report
     "n_val": None,  # val units the selection saw (shown next to the val metric)
@@ -116,7 +119,7 @@ def sweep_headline(tags: dict) -> Headline:
 
 
 def _is_interval(column: str) -> bool:
-    return column.endswith("_ci_low") or column.endswith("_ci_high")
+    return column.endswith(record.SUFFIXES)
 
 
 def detect_headline(columns, name: str | None = None, goal: str | None = None) -> Headline:
@@ -162,7 +165,7 @@ def complete_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 NO_INTERVALS = "no intervals: point estimates only"  # the label of every verdict that rests on points alone
 NOT_STATED = "not stated"  # a text axis (backbone, probe, strategy) a table leaves blank
-_TEXT_AXES = ("backbone", "probe", "strategy")
+_TEXT_AXES = tuple(a.name for a in record.AXES if not a.numeric)  # backbone, probe, strategy (+ new categorical axes)
 _SCALING_AXES = {"n_params": "params", "resolution": "resolution"}  # column -> the axis it is the x of
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
@@ -235,12 +238,28 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     """
     if df.attrs.get("tidy") == headline.test:
         return df
-    t, lo_col, hi_col = headline.test, f"{headline.test}_ci_low", f"{headline.test}_ci_high"
-    if t not in df.columns:
-        raise ValueError(f"no {t} column; columns are {[c for c in df.columns if c != '_line']}")
+    if headline.test not in df.columns:
+        raise ValueError(f"no {headline.test} column; columns are {[c for c in df.columns if c != '_line']}")
     notes = list(df.attrs.get("notes", []))
     df = df.reset_index(drop=True).copy()
     df.attrs = {}
+    df = _headline_values(df, headline, notes)
+    _text_axes(df, notes)
+    _scaling_axes(df, notes)
+    _other_columns(df)
+    df = complete_columns(df)
+    dup = df.duplicated([*CELL_COLUMNS, "seed"], keep=False)
+    if dup.any():
+        notes.append(
+            f"{_rows(int(dup.sum()))} repeat a configuration and seed ({_where(df, dup)}): averaged as replicates"
+        )
+    df.attrs = {"headline": headline, "notes": notes, "tidy": headline.test}
+    return df
+
+
+def _headline_values(df: pd.DataFrame, headline: Headline, notes: list[str]) -> pd.DataFrame:
+    """The rows with a numeric headline value, its interval and val columns numeric, range and intervals checked."""
+    t, (lo_col, hi_col) = headline.test, record.ci_names(headline.test)
     value = pd.to_numeric(df[t], errors="coerce")
     bad = ~np.isfinite(value.to_numpy(float))
     if bad.all():
@@ -257,6 +276,11 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         notes.append(f"no interval column(s) {missing_ci}: every verdict rests on point estimates only")
     else:
         _check_intervals(df, headline, notes)
+    return df
+
+
+def _text_axes(df: pd.DataFrame, notes: list[str]) -> None:
+    """Every categorical axis as stripped text, ``not stated`` where blank or absent (a backbone named by its size)."""
     # a report's cell table has pooled its replicates: its ``seeds`` column says how many, no seed axis is missing
     absent = [c for c in AXIS_COLUMNS if c not in df.columns and not (c == "seed" and "seeds" in df.columns)]
     if absent:
@@ -274,6 +298,10 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         if blank.any():
             notes.append(f"{col}: blank in {_rows(int(blank.sum()))} ({_where(df, blank)}), read as '{NOT_STATED}'")
         df[col] = [NOT_STATED if b else str(v).strip() for v, b in zip(df[col], blank)]
+
+
+def _scaling_axes(df: pd.DataFrame, notes: list[str]) -> None:
+    """Size and resolution as numbers (the forms papers print read too); NaN where blank or unreadable, said so."""
     for col, axis in _SCALING_AXES.items():
         raw = df[col] if col in df.columns else pd.Series(np.nan, index=df.index)
         num = raw.map(lambda v, c=col: _number(v, c)).astype(float)
@@ -290,27 +318,23 @@ def tidy_results(df: pd.DataFrame, headline: Headline) -> pd.DataFrame:
                     f"{col}: {shown} not a positive number ({_where(df, unread)}); left out of the {axis} axis only"
                 )
         df[col] = num
+
+
+def _other_columns(df: pd.DataFrame) -> None:
+    """The seed (``not stated`` where blank; 0 where absent), the context as text, compute and tokens as numbers."""
     if "seed" not in df.columns:
         df["seed"] = 0
     df["seed"] = [NOT_STATED if b else v for v, b in zip(df["seed"], _blank(df["seed"]))]
-    for col in ("modality", "dataset"):
+    for col in record.CONTEXT_COLUMNS:
         if col in df.columns:
             df[col] = [OPTIONAL_COLUMNS[col] if b else str(v).strip() for v, b in zip(df[col], _blank(df[col]))]
-    for col in ("gflops", "tokens_per_image"):
+    for col in (record.GFLOPS, record.TOKENS_PER_IMAGE):
         if col in df.columns:
             df[col] = df[col].map(lambda v, c=col: _number(v, c)).astype(float)
-    df = complete_columns(df)
-    dup = df.duplicated([*CELL_COLUMNS, "seed"], keep=False)
-    if dup.any():
-        notes.append(
-            f"{_rows(int(dup.sum()))} repeat a configuration and seed ({_where(df, dup)}): averaged as replicates"
-        )
-    df.attrs = {"headline": headline, "notes": notes, "tidy": headline.test}
-    return df
 
 
 def _check_range(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
-    t, cols = h.test, [h.test, f"{h.test}_ci_low", f"{h.test}_ci_high", h.val]
+    t, cols = h.test, [h.test, *record.ci_names(h.test), h.val]
     v = df[t]
     if h.goal == "min":
         if (v < 0).any():
@@ -330,7 +354,8 @@ def _check_range(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
 
 
 def _check_intervals(df: pd.DataFrame, h: Headline, notes: list[str]) -> None:
-    v, lo, hi = df[h.test], df[f"{h.test}_ci_low"], df[f"{h.test}_ci_high"]
+    lo_col, hi_col = record.ci_names(h.test)
+    v, lo, hi = df[h.test], df[lo_col], df[hi_col]
     absent = lo.isna() | hi.isna()
     zero = ~absent & (hi == lo)
     outside = ~absent & ~zero & ((lo > v + 1e-9) | (hi < v - 1e-9))
@@ -356,9 +381,7 @@ def as_generic(df: pd.DataFrame, headline: Headline | None = None) -> tuple[pd.D
         df = df.drop(columns=[c for c in (*GENERIC, "val_metric") if c in df.columns])
         df = df.rename(
             columns={
-                headline.test: "metric",
-                f"{headline.test}_ci_low": "metric_ci_low",
-                f"{headline.test}_ci_high": "metric_ci_high",
+                **dict(zip((headline.test, *record.ci_names(headline.test)), GENERIC)),
                 headline.val: "val_metric",
             }
         )
@@ -389,7 +412,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     dup = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
     if dup:
         raise ValueError(f"{path}: column(s) {dup} appear more than once; keep one of each")
-    known = [*AXIS_COLUMNS, *OPTIONAL_COLUMNS, "gflops_per_image"]
+    known = [*AXIS_COLUMNS, *OPTIONAL_COLUMNS, record.GFLOPS_PER_IMAGE]
     lower = {c.lower(): c for c in known}
     df = df.rename(
         columns={
@@ -398,8 +421,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
             if c.lower() in lower and lower[c.lower()] != c and lower[c.lower()] not in df.columns
         }
     )
-    if "gflops" not in df.columns and "gflops_per_image" in df.columns:
-        df = df.rename(columns={"gflops_per_image": "gflops"})
+    if record.GFLOPS not in df.columns and record.GFLOPS_PER_IMAGE in df.columns:
+        df = df.rename(columns={record.GFLOPS_PER_IMAGE: record.GFLOPS})
     if df.empty:
         raise ValueError(f"{path}: a header but no rows")
     df["_line"] = df.index + 2  # the file's line of each row (the header is line 1), for messages
@@ -453,7 +476,7 @@ def from_report_cells(
         raise ValueError(f"a report's cell table on {h.test}, not {asked}")
     _checked_goal(h, goal)
     out = df.drop(columns=["headline", "goal"]).rename(
-        columns={"metric": h.test, "low": f"{h.test}_ci_low", "high": f"{h.test}_ci_high", "val_metric": h.val}
+        columns={"metric": h.test, **dict(zip(("low", "high"), record.ci_names(h.test))), "val_metric": h.val}
     )
     paired = "pairing" in df.columns and df["pairing"].fillna("").astype(str).str.startswith("patients").any()
     pooled = "seeds" in df.columns and (pd.to_numeric(df["seeds"], errors="coerce") > 1).any()
@@ -525,18 +548,17 @@ def _run_row(r, headline: Headline) -> dict:
     p, m = r.data.params, r.data.metrics
     t = headline.test
     return {
-        "modality": p.get("modality", "unknown"),
-        "dataset": p.get("dataset", "unknown"),
-        "weights": p.get("weights"),
+        MODALITY: p.get(MODALITY, "unknown"),
+        DATASET: p.get(DATASET, "unknown"),
+        WEIGHTS: p.get(WEIGHTS),
         **{a.name: _axis_value(a, p, m) for a in record.AXES},
         t: m.get(t),
-        f"{t}_ci_low": m.get(f"{t}_ci_low"),
-        f"{t}_ci_high": m.get(f"{t}_ci_high"),
+        **{c: m.get(c) for c in record.ci_names(t)},
         headline.val: m.get(headline.val),
-        "tokens_per_image": m.get("tokens_per_image"),
-        "gflops": m.get("gflops_per_image", m.get("gflops")),
+        record.TOKENS_PER_IMAGE: m.get(record.TOKENS_PER_IMAGE),
+        record.GFLOPS: m.get(record.GFLOPS_PER_IMAGE, m.get(record.GFLOPS)),
         "run_id": r.info.run_id,
-        "macro_min_patients": m.get("macro_min_patients", p.get("macro_min_patients")),
+        record.MACRO_MIN_PATIENTS: m.get(record.MACRO_MIN_PATIENTS, p.get(record.MACRO_MIN_PATIENTS)),
         "selection_edge": r.data.tags.get(record.SELECTION_EDGE, ""),
         "min_interval_units": p.get("min_interval_units"),
         "n_val": m.get("n_val"),
@@ -637,20 +659,54 @@ def read_predictions(path: str | Path, what: str, headline: Headline = AUROC) ->
     return df
 
 
-def provenance_gaps(df: pd.DataFrame, provenance: list[str]) -> list[str]:
-    """Lines saying what the table states about data and weights, where the caller said nothing."""
+def table_provenance(df: pd.DataFrame) -> Provenance:
+    """A results table's provenance, for ``Provenance`` to decide on: the weights its rows name and the source of
+    each dataset it names (its ``data.source`` column where it has one, else the dataset registry's word on a
+    dataset dinoscale generates; a name the registry does not know is of unknown origin)."""
+    named = sorted(set(df[DATASET].dropna().astype(str)) - {"unknown"}) if DATASET in df else []
+    if record.DATA_SOURCE in df:
+        sources = {n: _first(df.loc[df[DATASET].astype(str) == n, record.DATA_SOURCE]) for n in named}
+    else:
+        sources = _registry_sources(named)
+    weights = list(df[WEIGHTS].dropna().astype(str)) if WEIGHTS in df else []
+    return Provenance.from_table(sources, weights)
+
+
+def _first(values: pd.Series) -> str | None:
+    values = values.dropna().astype(str)
+    return values.iloc[0] if len(values) else None
+
+
+def _registry_sources(names: list[str]) -> dict[str, str | None]:
+    if not names:
+        return {}
+    # imported here: the dataset registry discovers every adapter module (about 4 s, measured), which a report
+    # on a table that names no dataset never needs
+    from dinoscale.data import dataset_names, is_phantom
+
+    known = set(dataset_names())
+    return {n: (PHANTOM if is_phantom(n) else REAL) if n in known else None for n in names}
+
+
+def provenance_gaps(df: pd.DataFrame, provenance: list[str], decided: Provenance | None = None) -> list[str]:
+    """Lines saying what the table states about data and weights, where the caller said nothing; what is
+    generated or random is said in ``Provenance``'s words (``decided``: the table's, by default)."""
+    decided = decided or table_provenance(df)
+    said = decided.lines()
     lines = []
     if not any(line.lower().startswith("data") for line in provenance):
-        named = sorted(set(df["dataset"].dropna().astype(str)) - {"unknown"}) if "dataset" in df else []
-        lines.append(
-            f"data: {', '.join(named)} (as named in the results; origin not recorded)"
-            if named
-            else "data: not stated in the results"
-        )
+        named = sorted(set(df[DATASET].dropna().astype(str)) - {"unknown"}) if DATASET in df else []
+        if decided.synthetic_data:
+            lines += [line for line in said if line.startswith("data:")]
+        else:
+            lines.append(
+                f"data: {', '.join(named)} (as named in the results; origin not recorded)"
+                if named
+                else "data: not stated in the results"
+            )
     if not any(line.lower().startswith("weight") for line in provenance):
-        kinds = sorted(set(df["weights"].dropna().astype(str))) if "weights" in df else []
-        if "random" in kinds:
-            lines.append("weights: RANDOM init for at least one backbone - no pretrained features")
+        kinds = sorted(set(decided.weights))
+        lines += [line for line in said if line.startswith("weights: RANDOM")]
         lines.append(
             f"weights: {', '.join(kinds)} (as stated in the results)" if kinds else "weights: not stated in the results"
         )

@@ -8,7 +8,6 @@ volume with its patient, split and labels, and which then describes its own shap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dinoscale.data.dataset import (  # noqa: F401
     EXTRA_COLUMNS,
@@ -24,9 +23,7 @@ from dinoscale.data.dataset import (  # noqa: F401
     register_dataset,
     slice_row_ids,
 )
-
-if TYPE_CHECKING:
-    from dinoscale.spec import DatasetSpec
+from dinoscale.datasettings import DatasetSettings
 
 
 def dataset_task(name: str) -> str:
@@ -52,7 +49,7 @@ def is_phantom(name: str) -> bool:
     return get_dataset(name).phantom
 
 
-def prepare_dataset(spec: DatasetSpec, storage: Path) -> PreparedDataset:
+def prepare_dataset(spec: DatasetSettings, storage: Path) -> PreparedDataset:
     """Index (real) or generate (phantom) the dataset and assign patient-level splits."""
     from dinoscale.data.splits import check_no_leakage
 
@@ -70,12 +67,12 @@ def prepare_dataset(spec: DatasetSpec, storage: Path) -> PreparedDataset:
     return ds
 
 
-def dataset_color(spec: DatasetSpec) -> str:
+def dataset_color(spec: DatasetSettings) -> str:
     """The colour model of a dataset before it is prepared: the spec's ``dataset.color``, else the adapter's."""
     return resolve_color(spec, "", False)
 
 
-def resolve_color(spec: DatasetSpec, found: str, volumetric: bool) -> str:
+def resolve_color(spec: DatasetSettings, found: str, volumetric: bool) -> str:
     """The colour model 2D images reach the encoder in (grey | rgb): the spec's ``dataset.color`` unless 'auto',
     else what the adapter found in the files (``found``), else its declaration. Volumes: grey (their channel
     map says what the encoder sees)."""

@@ -19,6 +19,7 @@ from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, re
 from dinoscale.data.layout import data_root, patient_splits, require
 from dinoscale.data.readers import npz_member
 from dinoscale.data.splits import assign_patient_folds
+from dinoscale.provenance import REAL, data_tags
 
 
 def _header_shape(path: Path, on_bad: str, skipped: list) -> tuple[int, ...] | None:
@@ -41,7 +42,7 @@ def _same_shape(img: Path, img_shape, other: Path, other_shape) -> None:
 
 
 def _real(spec, title, root, split_how, **kw) -> dict:
-    return {"data.source": "real", "data.name": title, "data.root": str(root), "data.split": split_how, **kw}
+    return data_tags(REAL, title, root=root, split=split_how, **kw)
 
 
 # ---------------------------------------------------------------- RSNA Pneumonia (DICOM)
@@ -498,7 +499,7 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
     official = df.pop("_split")
     df["split"], how = patient_splits(df, spec, official if (official != "").all() else None)
     return PreparedDataset(
-        spec.name, "mil", ["tumor"], df, _real(spec, "WSI tile bags", root, how, **{"data.patient_ids": pid_rule}), root
+        spec.name, "mil", ["tumor"], df, _real(spec, "WSI tile bags", root, how, patient_ids=pid_rule), root
     )
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from dinoscale.data.errors import DataError  # noqa: F401  (re-exported: raised by every adapter)
 from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref, npz_ref  # noqa: F401  (re-exported)
 from dinoscale.data.volumes import VolumeGrid, VolumeInput
+from dinoscale.provenance import is_synthetic
 
 SPLITS = ("train", "val", "test")
 # Columns beyond the 2D core, in the manifest where a dataset kind needs them:
@@ -270,7 +271,7 @@ class PreparedDataset:
     @property
     def is_phantom(self) -> bool:
         """Generated data (a phantom, or synthetic labels on real anatomy): never results about patients."""
-        return self.provenance.get("data.source") in ("phantom", "semi-synthetic")
+        return is_synthetic(self.provenance)
 
     # ---------------------------------------------------------------- units
 

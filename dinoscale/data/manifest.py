@@ -19,6 +19,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import SPLITS, DataError, PreparedDataset, register_dataset
 from dinoscale.data.layout import check_labels, data_root, patient_splits
+from dinoscale.provenance import REAL, data_tags
 
 LAYOUT = __doc__.split("Expected at ``root``")[1].split("Relative paths")[0].strip(" :\n").rstrip()
 SOURCE = "your own CSV (see the layout above)"
@@ -94,10 +95,5 @@ def prepare_manifest(spec, storage: Path) -> PreparedDataset:
         classes=classes,
         manifest=df,
         root=base,
-        provenance={
-            "data.source": "real",
-            "data.name": f"manifest {csv.name}",
-            "data.root": str(base),
-            "data.split": how,
-        },
+        provenance=data_tags(REAL, f"manifest {csv.name}", root=base, split=how),
     )

@@ -20,6 +20,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.splits import assign_patient_splits, carve_val_from_train
+from dinoscale.provenance import REAL, data_tags
 
 CLASSES = [
     "Atelectasis",
@@ -117,10 +118,5 @@ def prepare_nih(spec, storage: Path) -> PreparedDataset:
         classes=list(CLASSES),
         manifest=df,
         root=root,
-        provenance={
-            "data.source": "real",
-            "data.name": "NIH ChestX-ray14",
-            "data.root": str(root),
-            "data.split": split_source,
-        },
+        provenance=data_tags(REAL, "NIH ChestX-ray14", root=root, split=split_source),
     )

@@ -30,6 +30,8 @@ import pandas as pd
 
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.splits import assign_patient_splits
+from dinoscale.datasettings import PhantomSpec
+from dinoscale.provenance import PHANTOM, data_tags
 
 GENERATOR = "phantom-xray"
 GENERATOR_VERSION = "1"
@@ -140,8 +142,6 @@ def generate(
 
 @register_dataset("phantom-xray", phantom=True)
 def prepare_phantom_xray(spec, storage: Path) -> PreparedDataset:
-    from dinoscale.spec import PhantomSpec
-
     ph = spec.phantom or PhantomSpec()
     cfg = {
         "seed": ph.seed,
@@ -162,10 +162,5 @@ def prepare_phantom_xray(spec, storage: Path) -> PreparedDataset:
         classes=list(CLASSES),
         manifest=df,
         root=root,
-        provenance={
-            "data.source": "phantom",
-            "data.generator": f"{GENERATOR} v{GENERATOR_VERSION}",
-            "data.seed": str(ph.seed),
-            "data.name": spec.name,
-        },
+        provenance=data_tags(PHANTOM, spec.name, generator=f"{GENERATOR} v{GENERATOR_VERSION}", seed=ph.seed),
     )

@@ -30,6 +30,8 @@ import pandas as pd
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.layout import atomic_dir
 from dinoscale.data.splits import assign_patient_splits
+from dinoscale.datasettings import PhantomSpec
+from dinoscale.provenance import PHANTOM, data_tags
 
 VERSION = "2"  # 2: spheres are round in millimetres (v1 flattened them along z to under a slice)
 EM_VERSION = "3"  # 3: CREMI's layout (three HDF5 samples A / B / C, section split); v2: one NIfTI volume per patient
@@ -299,13 +301,9 @@ def _prepare_em(spec, root: Path, ph) -> PreparedDataset:
         classes=[],
         manifest=pd.DataFrame(rows),
         root=root,
-        provenance={
-            "data.source": "phantom",
-            "data.generator": f"phantom-em v{EM_VERSION}",
-            "data.seed": str(ph.seed),
-            "data.name": spec.name,
-            "data.split": CREMI_SPLIT,
-        },
+        provenance=data_tags(
+            PHANTOM, spec.name, generator=f"phantom-em v{EM_VERSION}", seed=ph.seed, split=CREMI_SPLIT
+        ),
         replicates="fixed",
         replicates_reason=CREMI_SPLIT,
     )
@@ -345,8 +343,6 @@ _MASK_LABELS = {"mri": MRI_LABELS, "petct": PETCT_LABELS, "em": {}}
 
 
 def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
-    from dinoscale.spec import PhantomSpec
-
     ph = spec.phantom or PhantomSpec()
     cfg = {
         "generator": f"phantom-{kind}",
@@ -377,12 +373,7 @@ def _prepare(kind: str, spec, storage: Path) -> PreparedDataset:
         manifest=df,
         root=root,
         mask_labels=dict(_MASK_LABELS.get(kind, {})),
-        provenance={
-            "data.source": "phantom",
-            "data.generator": f"phantom-{kind} v{VERSION}",
-            "data.seed": str(ph.seed),
-            "data.name": spec.name,
-        },
+        provenance=data_tags(PHANTOM, spec.name, generator=f"phantom-{kind} v{VERSION}", seed=ph.seed),
     )
 
 

@@ -26,7 +26,9 @@ import pandas as pd
 from dinoscale.data.dataset import DataError, PreparedDataset, register_dataset
 from dinoscale.data.layout import atomic_dir
 from dinoscale.data.splits import assign_patient_splits
+from dinoscale.datasettings import PhantomSpec
 from dinoscale.digest import sha256_file
+from dinoscale.provenance import SEMI_SYNTHETIC, data_tags
 
 GENERATOR = "semireal-ct"
 VERSION = "1"
@@ -89,8 +91,6 @@ def _write_dicom(template, hu: np.ndarray, path: Path, uid_seed: str) -> None:
 
 @register_dataset("semireal-ct", phantom=True)
 def prepare_semireal_ct(spec, storage: Path) -> PreparedDataset:
-    from dinoscale.spec import PhantomSpec
-
     ph = spec.phantom or PhantomSpec()
     base_path, template = base_slice()
     base_sha = sha256_file(base_path)
@@ -148,11 +148,11 @@ def prepare_semireal_ct(spec, storage: Path) -> PreparedDataset:
         classes=list(CLASSES),
         manifest=df,
         root=root,
-        provenance={
-            "data.source": "semi-synthetic",
-            "data.generator": f"{GENERATOR} v{VERSION}",
-            "data.seed": str(ph.seed),
-            "data.name": spec.name,
-            "data.base": f"pydicom {BASE_FILE} sha256:{base_sha[:16]}",
-        },
+        provenance=data_tags(
+            SEMI_SYNTHETIC,
+            spec.name,
+            generator=f"{GENERATOR} v{VERSION}",
+            seed=ph.seed,
+            base=f"pydicom {BASE_FILE} sha256:{base_sha[:16]}",
+        ),
     )
