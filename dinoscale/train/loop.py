@@ -1,5 +1,5 @@
-"""One fine-tuning run (``lora`` or ``full``, one configuration of a cell's search), resumable and
-early-stopped on val.
+"""One fine-tuning run (``lora``, ``full`` or any training strategy, one configuration of a cell's search),
+resumable and early-stopped on val.
 
 Determinism across interruptions: each epoch reseeds torch and the loader's shuffle from
 (seed, epoch), and the checkpoint written at the end of every epoch holds the trainable weights,
@@ -25,19 +25,19 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinoscale.strategies.registry import get_strategy
 from dinoscale.train.data import collate_units
-from dinoscale.train.llrd import llrd_param_groups
-from dinoscale.train.lora import apply_lora
-from dinoscale.train.model import ImageClassifier, Segmenter, VolumeClassifier
+from dinoscale.train.heads import Shape, build_under_head
+from dinoscale.train.model import ImageClassifier
 from dinoscale.train.objective import Objective, classification
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 @dataclass
 class FinetuneConfig:
-    strategy: Literal["lora", "full"]
+    strategy: str  # a training strategy (dinoscale.strategies)
     lr: float = 1e-4
     weight_decay: float = 0.05
     epochs: int = 10
@@ -65,9 +65,19 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast, CUDA only (ignored on CPU)
     num_workers: int = 0
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # a strategy's own settings not named above
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
+
+    @classmethod
+    def of(cls, configuration: dict, **kw) -> FinetuneConfig:
+        """A configuration of a cell (``Cell.configurations[k]``): the settings named above as fields, the
+        strategy's own others under ``options``."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in {**configuration, **kw}.items() if k in names}
+        extra = {k: v for k, v in configuration.items() if k not in names}
+        return cls(**known, options={**known.get("options", {}), **extra})
 
     @property
     def micro(self) -> int:
@@ -88,14 +98,12 @@ class FinetuneResult:
 
 
 def prepare_backbone(backbone: nn.Module, cfg: FinetuneConfig) -> nn.Module:
-    """LoRA adapters (backbone frozen) or every weight trainable, and gradient checkpointing if asked."""
-    if cfg.strategy == "lora":
-        backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
-    elif cfg.strategy == "full":
-        for p in backbone.parameters():
-            p.requires_grad = True
-    else:
-        raise ValueError(f"unknown strategy '{cfg.strategy}' (lora | full; frozen runs on cached features)")
+    """The backbone made trainable as its strategy says (``StrategyDef.prepare``: LoRA adapters with the
+    backbone frozen, every weight trainable, ...), and gradient checkpointing if asked."""
+    defn = get_strategy(cfg.strategy)
+    if not defn.trains_encoder:
+        raise ValueError(f"strategy '{cfg.strategy}' trains no encoder (it runs on cached features)")
+    backbone = defn.prepare(backbone, cfg)
     if cfg.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
         backbone.set_grad_checkpointing(True)
     return backbone
@@ -118,25 +126,20 @@ def build_model(
     num_prefix_tokens: int | None = None,
     out_size: tuple[int, ...] | None = None,
 ) -> nn.Module:
-    """The model of a fine-tuning cell: ``head`` is the cell's ``finetune_head`` ({'probe': 'linear',
-    'volume_pool': ...} for classification, the segmentation probe's settings for segmentation)."""
+    """The model of a fine-tuning cell: ``head`` is the cell's ``finetune_head`` (``dinoscale.train.heads``:
+    {'probe': 'linear', 'volume_pool': ...} for classification, the segmentation probe's settings for
+    segmentation)."""
     torch.manual_seed(cfg.seed)  # adapters' and head's init: the same for every configuration and every retry
     backbone = prepare_backbone(backbone, cfg)
-    if head["probe"] == "segmentation":
-        from dinoscale.probes.segmentation import build_head
-
-        dec = build_head(
-            head["head"], backbone.num_features, int(head["n_classes"]), int(head["hidden_dim"]), volumetric
-        )
-        return Segmenter(backbone, dec, out_size, patch_size, num_prefix_tokens)
-    if volumetric:
-        return VolumeClassifier(backbone, n_out, head.get("volume_pool", "mean"), num_prefix_tokens)
-    return ImageClassifier(backbone, n_out, num_prefix_tokens)
+    return build_under_head(backbone, head, Shape(n_out, volumetric, patch_size, num_prefix_tokens, out_size))
 
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    if cfg.strategy == "full":
-        groups = llrd_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
+    """AdamW over the strategy's groups (``StrategyDef.param_groups``; ``full``: layer-wise decay), else
+    weight decay on the trained matrices and none on biases and norms."""
+    defn = get_strategy(cfg.strategy)
+    if defn.param_groups is not None:
+        groups = defn.param_groups(model, cfg)
     else:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [

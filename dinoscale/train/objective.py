@@ -6,7 +6,8 @@
   plus cross-entropy; the frozen segmentation probe's loss); argmax label maps kept; val: mean
   foreground Dice per image / volume (empty-in-both structures skipped), as the frozen probe selects.
 
-Every val metric is maximised (``dinoscale.tasks.TaskDef.val_metrics`` maps it to the record's sign).
+Which head uses which objective: ``dinoscale.train.heads``. Every val metric is maximised
+(``dinoscale.tasks.TaskDef.val_metrics`` maps it to the record's sign).
 """
 
 from __future__ import annotations
@@ -52,10 +53,3 @@ def segmentation(n_classes: int) -> Objective:
         return float(np.nanmean(dice_per_volume(pred, y, n_classes)))
 
     return Objective(f"segmentation({n_classes})", loss, lambda logits: logits.argmax(1), val_metric, False)
-
-
-def for_head(head: dict) -> Objective:
-    """The objective of a cell's fine-tuning head (``Cell.finetune_head``)."""
-    if head["probe"] == "segmentation":
-        return segmentation(int(head["n_classes"]))
-    return classification()
