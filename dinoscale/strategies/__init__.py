@@ -13,6 +13,7 @@ from dinoscale.strategies.registry import (  # noqa: F401
     SearchSpaceBase,
     StrategyDef,
     StrategySpecBase,
+    TrainingSpecBase,
     get_strategy,
     load_strategies,
     register_strategy,

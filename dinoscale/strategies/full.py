@@ -7,8 +7,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from dinoscale.strategies.lora import BUDGET, GRAD_CHECKPOINTING
 from dinoscale.strategies.registry import (
+    BUDGET,
+    GRAD_CHECKPOINTING,
     LinRange,
     LogRange,
     SearchSpaceBase,

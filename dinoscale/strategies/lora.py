@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 
 from dinoscale.strategies.registry import (
+    BUDGET,
+    GRAD_CHECKPOINTING,
     FloatChoices,
     IntChoices,
     LinRange,
@@ -18,13 +20,6 @@ from dinoscale.strategies.registry import (
     register_strategy,
 )
 from dinoscale.train.lora import apply_lora, target_regex
-
-BUDGET = (
-    "configurations searched per cell (the same for every cell of this strategy); none: the sweep's "
-    "search.n_trials, i.e. the frozen cells' budget. Configuration 0 is the stated values above, the "
-    "others are sampled from 'space'. 1: the stated values only"
-)
-GRAD_CHECKPOINTING = "true: always on; false: the plan turns it on where a trial would not fit in GPU memory"
 
 
 class LoraSearchSpace(SearchSpaceBase):

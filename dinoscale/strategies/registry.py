@@ -96,6 +96,30 @@ class StrategySpecBase(BaseModel):
 
 
 NOT_CONFIGURATION = ("kind", "budget", "space")  # spec fields that are not settings of a configuration
+# What the plan, the training loop and the selection read of every training strategy's settings
+LOOP_FIELDS = ("epochs", "batch_size", "grad_checkpointing", "budget")
+BUDGET = (
+    "configurations searched per cell (the same for every cell of this strategy); none: the sweep's "
+    "search.n_trials, i.e. the frozen cells' budget. Configuration 0 is the stated values above, the "
+    "others are sampled from 'space'. 1: the stated values only"
+)
+GRAD_CHECKPOINTING = "true: always on; false: the plan turns it on where a trial would not fit in GPU memory"
+
+
+class TrainingSpecBase(StrategySpecBase):
+    """A base for a new training strategy's settings: the training loop's (``dinoscale.train.FinetuneConfig``)
+    with their defaults; a subclass adds its own fields (passed to its ``prepare`` as ``cfg.options``), its
+    ``kind`` literal and its ``space``. (``lora`` and ``full`` state every field themselves.)"""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(10, ge=1, description="epochs per configuration (the search's max; early stopping may cut)")
+    warmup_epochs: float = Field(1.0, ge=0)
+    batch_size: int = Field(32, ge=1, description="effective batch (the plan may split it into micro-batches)")
+    patience: int | None = Field(3, ge=1, description="early stopping on val (epochs without improvement)")
+    grad_checkpointing: bool = Field(False, description=GRAD_CHECKPOINTING)
+    budget: int | None = Field(None, ge=1, description=BUDGET)
+
 
 PrepareFn = Callable[[Any, Any], Any]  # (backbone nn.Module, FinetuneConfig) -> the backbone, trainable as it says
 GradsFn = Callable[[Any], "str | None"]  # (its spec) -> regex of backbone parameter names given gradients; None: all
@@ -153,6 +177,9 @@ def register_strategy(defn: StrategyDef) -> StrategyDef:
         if space is None or not (isinstance(space.annotation, type) and issubclass(space.annotation, SearchSpaceBase)):
             raise TypeError(f"strategy '{defn.kind}': its spec class needs space: <a SearchSpaceBase subclass>")
         scales(space.annotation)
+        missing = [f for f in LOOP_FIELDS if f not in defn.spec.model_fields]
+        if missing:
+            raise TypeError(f"strategy '{defn.kind}': its spec class lacks {missing} (subclass TrainingSpecBase)")
         if defn.prepare is None:
             raise TypeError(f"strategy '{defn.kind}' trains the encoder: it needs prepare=(backbone, cfg) -> backbone")
     _STRATEGIES[defn.kind] = defn
