@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
+from dinoscale.probes import get_probe, run_probe
 from dinoscale.probes.registry import SpaceFn  # (optuna.Trial, base spec/config) -> field overrides
 from dinoscale.strategies.registry import NOT_CONFIGURATION, get_strategy
 
@@ -92,7 +93,7 @@ class StudyResult:
 
 
 def _summary(study) -> StudyResult:
-    import optuna
+    import optuna  # lazy: optuna takes over a second to import; frozen cells with n_trials > 1 only
 
     states = [t.state for t in study.trials]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -119,7 +120,7 @@ def _summary(study) -> StudyResult:
 def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed: int = 0) -> tuple[StudyResult, Any]:
     """Maximise ``objective(trial) -> (val_metric, payload)`` with seeded TPE; returns the summary and the
     payload of the best trial."""
-    import optuna
+    import optuna  # lazy: as above
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 2)))
@@ -140,8 +141,6 @@ def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed
 def search_probe(spec, train, val, test, n_trials: int = 10, seed: int = 0, space: SpaceFn | None = None):
     """Returns ``(ProbeResult of the best val configuration, StudyResult)``; the result's ``selected``
     merges the study's parameters with the probe's own inner choice."""
-    from dinoscale.probes import get_probe, run_probe
-
     space = space or get_probe(spec.kind).space
     if space is None:
         raise ValueError(f"probe '{spec.kind}' declares no search space; use search.n_trials: 1 (its own grid)")

@@ -156,3 +156,36 @@ def test_a_strategy_added_from_one_file_runs_in_a_sweep(tmp_path, monkeypatch):
     chosen = configs[int(run.data.tags[record.SELECTED_CONFIGURATION])]
     assert run.data.metrics["trainable_params"] == _expected_trainable(chosen["blocks"], n_out)
     assert (out.report_dir / "report.md").is_file()
+
+
+def test_a_strategy_that_trains_no_head_of_the_task_is_refused_before_anything_runs(tmp_path):
+    from typing import Literal
+
+    from pydantic import Field
+
+    from dinoscale.strategies import LogRange, SearchSpaceBase, StrategyDef, TrainingSpecBase, register_strategy
+    from dinoscale.sweep.plan import NotRunnableError, build_plan, check_runnable
+
+    class Space(SearchSpaceBase):
+        lr: LogRange = (1e-3, 1e-2)
+
+    class Spec(TrainingSpecBase):
+        kind: Literal["segonly"] = "segonly"
+        space: Space = Field(default_factory=Space)
+
+    register_strategy(StrategyDef("segonly", Spec, prepare=lambda backbone, cfg: backbone, heads=("segmentation",)))
+    try:
+        raw = tiny_spec_dict(
+            tmp_path,
+            strategies=["segonly"],
+            backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
+            resolutions=[32],
+        )
+        plan = build_plan(parse_spec(raw), tmp_path, require_data=True)
+        assert plan.cells == []
+        with pytest.raises(
+            NotRunnableError, match=r"strategies \['segonly'\] train under heads \[\['segmentation'\]\]"
+        ):
+            check_runnable(plan)
+    finally:
+        registry._STRATEGIES.pop("segonly", None)

@@ -713,6 +713,13 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         raise NotRunnableError(
             f"strategies {training} train the encoder under a task head; {why}. Use strategies: [frozen]."
         )
+    headless = [s for s in training if finetune_heads(spec, ds.task) and not finetune_heads(spec, ds.task, s)]
+    if headless:
+        heads = sorted({h["probe"] for h in finetune_heads(spec, ds.task)})
+        raise NotRunnableError(
+            f"strategies {headless} train under heads {[list(get_strategy(s).heads) for s in headless]}; "
+            f"'{ds.name}' is a {shape} whose cells train under {heads}. Drop them from strategies."
+        )
     if task.dense and not ds.volumetric and any(h["head"] == "conv3d" for h in finetune_heads(spec, ds.task)):
         raise NotRunnableError(f"head 'conv3d' needs volumes; '{ds.name}' holds 2D images (use head: conv)")
     if task.dense and ds.volumetric:

@@ -318,56 +318,15 @@ def finetune(
         "oom_backoffs": 0,
     }
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    resumed = None
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state.update({k: saved[k] for k in (*_COUNTERS, "best_model") if k in saved})
-        resumed = state["epoch"]
-        if saved.get("final"):  # a finished run, compacted: its result, no training
-            if state["best_model"] is not None:
-                _load_trainable(model, state["best_model"])
-            return _result(model, state, bool(saved.get("stopped_early", False)), resumed)
-        _load_trainable(model, saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+    resumed, finished = _resume(ckpt, state, model, opt, sched)
+    if finished is not None:  # a finished run, compacted: its result, no training
+        return finished
     stopped = False
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
             stopped = True
             break
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(
-            train,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            drop_last=False,
-            pin_memory=device.type == "cuda",
-            collate_fn=collate_units,
-        )
-        model.train()
-        losses = []
-        for x, y in loader:
-            losses.append(_train_step(model, opt, x, y, objective, state, device, cfg.amp))
-            sched.step()
-        out, yv = evaluate(model, val, objective, state["micro_batch_size"], device, cfg.amp, cfg.num_workers)
-        metric = float(objective.val_metric(yv, out))
-        improved = np.isfinite(metric) and metric > state["best_val"]
-        if improved:
-            state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
-        else:
-            state["bad_epochs"] += 1
-        record = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_metric": metric,
-            "best_val": float(state["best_val"]),
-            "lr": sched.get_last_lr()[-1],
-            "micro_batch_size": state["micro_batch_size"],
-        }
-        state["history"].append(record)
-        state["epoch"] = epoch
+        record = _train_epoch(model, opt, sched, train, val, cfg, objective, state, epoch, device)
         if ckpt is not None:
             _save(
                 ckpt,
@@ -383,6 +342,63 @@ def finetune(
     if state["best_model"] is not None:
         _load_trainable(model, state["best_model"])
     return _result(model, state, stopped, resumed)
+
+
+def _resume(ckpt: Path | None, state: dict, model, opt, sched) -> tuple[int | None, FinetuneResult | None]:
+    """Continue from a checkpoint if there is one: (the epoch it had reached or None, the result of a finished
+    run, which trains no more, or None)."""
+    if ckpt is None or not ckpt.is_file():
+        return None, None
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state.update({k: saved[k] for k in (*_COUNTERS, "best_model") if k in saved})
+    resumed = state["epoch"]
+    if saved.get("final"):
+        if state["best_model"] is not None:
+            _load_trainable(model, state["best_model"])
+        return resumed, _result(model, state, bool(saved.get("stopped_early", False)), resumed)
+    _load_trainable(model, saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return resumed, None
+
+
+def _train_epoch(model, opt, sched, train, val, cfg: FinetuneConfig, objective, state: dict, epoch: int, device):
+    """One epoch (seeded from (seed, epoch), so a resumed run draws the same batches), then val: the state's
+    counters and best weights updated; returns the epoch's record."""
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_units,
+    )
+    model.train()
+    losses = []
+    for x, y in loader:
+        losses.append(_train_step(model, opt, x, y, objective, state, device, cfg.amp))
+        sched.step()
+    out, yv = evaluate(model, val, objective, state["micro_batch_size"], device, cfg.amp, cfg.num_workers)
+    metric = float(objective.val_metric(yv, out))
+    improved = np.isfinite(metric) and metric > state["best_val"]
+    if improved:
+        state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
+    else:
+        state["bad_epochs"] += 1
+    record = {
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)),
+        "val_metric": metric,
+        "best_val": float(state["best_val"]),
+        "lr": sched.get_last_lr()[-1],
+        "micro_batch_size": state["micro_batch_size"],
+    }
+    state["history"].append(record)
+    state["epoch"] = epoch
+    return record
 
 
 def compact_checkpoint(checkpoint_dir: str | Path, stopped_early: bool = False) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinoscale.metrics import dice_per_volume, macro_auroc
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -31,8 +33,6 @@ class Objective:
 
 
 def classification() -> Objective:
-    from dinoscale.metrics import macro_auroc
-
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), y.float().reshape(len(y), -1))
 
@@ -40,9 +40,7 @@ def classification() -> Objective:
 
 
 def segmentation(n_classes: int) -> Objective:
-    from monai.losses import DiceCELoss
-
-    from dinoscale.metrics import dice_per_volume
+    from monai.losses import DiceCELoss  # lazy: MONAI takes seconds to import and only dense cells need it
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
