@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -614,7 +615,5 @@ _STRATEGY_SPECS = {
 
 def __getattr__(name: str) -> Any:
     if name in _STRATEGY_SPECS:
-        import importlib
-
         return getattr(importlib.import_module(_STRATEGY_SPECS[name]), name)
     raise AttributeError(f"module 'dinoscale.spec' has no attribute '{name}'")
