@@ -58,8 +58,9 @@ def run(
     cap_gib: float | None = None,
 ) -> dict:
     from dinoscale.models import load_backbone
+    from dinoscale.strategies import get_strategy
     from dinoscale.train import FinetuneConfig, build_model, finetune
-    from dinoscale.train.memory import activation_facts, estimate_bytes
+    from dinoscale.train.memory import estimate_bytes, strategy_facts
     from dinoscale.train.objective import classification, segmentation
 
     cfg = FinetuneConfig(
@@ -83,9 +84,9 @@ def run(
         bb.model, cfg, head, 3 if seg else 4, bool(slices), bb.patch_size, bb.num_prefix_tokens, out_size
     )
     train, val = Labelled(n, res, 0, slices, seg), Labelled(max(8, n // 4), res, 1, slices, seg)
-    facts = activation_facts(backbone, res, strategy, tuple(cfg.lora_targets))
+    facts, trained = strategy_facts(get_strategy(strategy).spec(), backbone, res)  # the strategy's defaults
     head_values = (3 * res * res * (slices or 1)) if seg else 0
-    estimate = estimate_bytes(facts, strategy, batch, slices or 1, grad_ckpt, True, 0, head_values) / 2**30
+    estimate = estimate_bytes(facts, batch, slices or 1, grad_ckpt, True, trained, head_values) / 2**30
     cuda = device == "cuda"
     if cuda:
         if cap_gib is not None:

@@ -4,10 +4,10 @@
   study inside the cell's trial (seeded TPE). Each trial overrides some of the probe spec's fields (the
   search space its module declares in its ``ProbeDef``); the probe still does its own vectorised grid
   (e.g. all lr x wd heads) inside a trial.
-- LoRA / full fine-tuning, ``finetune_configurations(strategy_spec, budget, seed)``: the configurations
-  a cell searches, decided by the plan before anything runs. Configuration 0 is the spec's stated
-  values; the others are a Latin hypercube sample of the strategy's ``space`` (log-uniform learning
-  rate and weight decay, uniform warm-up / layer decay / dropout, LoRA rank and alpha as choices).
+- LoRA / full (any training strategy), ``finetune_configurations(strategy_spec, budget, seed)``: the
+  configurations a cell searches, decided by the plan before anything runs. Configuration 0 is the spec's
+  stated values; the others are a Latin hypercube sample of the strategy's ``space``, declared once in its
+  spec class (``dinoscale.strategies.<kind>``: each field's type says log-uniform, uniform or a choice).
   Each configuration is its own Ray Tune trial (a whole GPU), stopped early by asynchronous successive
   halving inside its cell (``dinoscale.sweep.schedule``). Why not an Optuna study with a pruner inside
   one trial per cell: its configurations would run one after another on the cell's one GPU, a pruned
@@ -25,38 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import qmc
 
+from dinoscale.probes import get_probe, run_probe
 from dinoscale.probes.registry import SpaceFn  # (optuna.Trial, base spec/config) -> field overrides
-
-# What each strategy's search space samples and how: spec field -> (FinetuneConfig field, scale).
-# 'log' and 'linear' fields are [low, high] ranges; 'choice' fields are lists.
-SEARCHED: dict[str, dict[str, tuple[str, str]]] = {
-    "lora": {
-        "lr": ("lr", "log"),
-        "weight_decay": ("weight_decay", "log"),
-        "warmup_epochs": ("warmup_epochs", "linear"),
-        "rank": ("lora_rank", "choice"),
-        "alpha": ("lora_alpha", "choice"),
-        "dropout": ("lora_dropout", "linear"),
-    },
-    "full": {
-        "lr": ("lr", "log"),
-        "weight_decay": ("weight_decay", "log"),
-        "layer_decay": ("layer_decay", "linear"),
-        "warmup_epochs": ("warmup_epochs", "linear"),
-    },
-}
-# Fixed settings of a strategy spec, renamed where FinetuneConfig names them otherwise.
-_FIXED_NAMES = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"}
-_NOT_CONFIG = ("kind", "budget", "space")
+from dinoscale.strategies.registry import NOT_CONFIGURATION, get_strategy
 
 
 def stated_configuration(strategy_spec: dict) -> dict:
-    """The strategy spec's stated values as ``FinetuneConfig`` keyword arguments (configuration 0)."""
+    """The strategy spec's stated values as ``FinetuneConfig`` keyword arguments (configuration 0), named as
+    its strategy says (``StrategyDef.config_names``)."""
+    names = get_strategy(strategy_spec["kind"]).config_names
     out = {"strategy": strategy_spec["kind"]}
     for k, v in strategy_spec.items():
-        if k not in _NOT_CONFIG:
-            out[_FIXED_NAMES.get(k, k)] = list(v) if isinstance(v, (list, tuple)) else v
+        if k not in NOT_CONFIGURATION:
+            out[names.get(k, k)] = list(v) if isinstance(v, (list, tuple)) else v
     return out
 
 
@@ -64,11 +47,11 @@ def finetune_configurations(strategy_spec: dict, budget: int, seed: int) -> list
     """``budget`` configurations (``FinetuneConfig`` keyword arguments) for one cell: the stated values,
     then ``budget - 1`` points of a Latin hypercube over the searched hyper-parameters (scipy's, seeded:
     each range is cut into ``budget - 1`` strata and every stratum is sampled once). ``strategy_spec``:
-    a dumped ``LoraStrategySpec`` / ``FullStrategySpec``. The same (spec, budget, seed) give the same list."""
-    from scipy.stats import qmc
-
+    a dumped strategy spec (``finetuning.<kind>``); what is searched and how is its ``space``, the scale
+    of each field read from its type (``dinoscale.strategies.registry``). The same (spec, budget, seed)
+    give the same list."""
     base = stated_configuration(strategy_spec)
-    searched = SEARCHED[strategy_spec["kind"]]
+    searched = get_strategy(strategy_spec["kind"]).space()
     space = strategy_spec["space"]
     out = [dict(base)]
     n = budget - 1
@@ -96,7 +79,7 @@ def _draw(domain, scale: str, u: float):
 
 def searched_names(strategy: str) -> list[str]:
     """The ``FinetuneConfig`` fields a strategy's search varies (logged as ``selected.<name>``)."""
-    return [target for target, _ in SEARCHED[strategy].values()]
+    return get_strategy(strategy).searched_names()
 
 
 @dataclass
@@ -110,7 +93,7 @@ class StudyResult:
 
 
 def _summary(study) -> StudyResult:
-    import optuna
+    import optuna  # lazy: optuna takes over a second to import; frozen cells with n_trials > 1 only
 
     states = [t.state for t in study.trials]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -137,7 +120,7 @@ def _summary(study) -> StudyResult:
 def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed: int = 0) -> tuple[StudyResult, Any]:
     """Maximise ``objective(trial) -> (val_metric, payload)`` with seeded TPE; returns the summary and the
     payload of the best trial."""
-    import optuna
+    import optuna  # lazy: as above
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 2)))
@@ -158,8 +141,6 @@ def run_study(objective: Callable[[Any], tuple[float, Any]], n_trials: int, seed
 def search_probe(spec, train, val, test, n_trials: int = 10, seed: int = 0, space: SpaceFn | None = None):
     """Returns ``(ProbeResult of the best val configuration, StudyResult)``; the result's ``selected``
     merges the study's parameters with the probe's own inner choice."""
-    from dinoscale.probes import get_probe, run_probe
-
     space = space or get_probe(spec.kind).space
     if space is None:
         raise ValueError(f"probe '{spec.kind}' declares no search space; use search.n_trials: 1 (its own grid)")

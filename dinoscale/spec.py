@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dinoscale.datasettings import PhantomSpec  # a spec section, kept in a leaf that data/ reads too
 from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class
 from dinoscale.specfile import SpecError, load_raw
+from dinoscale.strategies.registry import (
+    StrategyKind,
+    StrategySettings,
+    StrategySpecBase,
+    settings_with_kinds,
+    strategy_spec_class,
+)
 
 
 class Strict(BaseModel):
@@ -222,120 +230,6 @@ class BackboneSpec(Strict):
         return self.name
 
 
-def _range(low: float, high: float, log: bool) -> tuple[float, float]:
-    if not low <= high:
-        raise ValueError(f"a search range is [low, high] with low <= high, got {[low, high]}")
-    if log and low <= 0:
-        raise ValueError(f"a log-uniform range needs low > 0, got {[low, high]}")
-    return (low, high)
-
-
-LogRange = tuple[float, float]  # [low, high], sampled log-uniformly; low == high fixes the value
-LinRange = tuple[float, float]  # [low, high], sampled uniformly
-
-
-class LoraSearchSpace(Strict):
-    """What the per-cell search samples for ``lora`` (Latin hypercube, seeded; dinoscale.search). A range
-    with low == high, or a single choice, fixes that hyper-parameter."""
-
-    lr: LogRange = Field((1e-4, 3e-3), description="learning rate, log-uniform")
-    weight_decay: LogRange = Field((1e-5, 1e-1), description="AdamW weight decay (adapters + head), log-uniform")
-    warmup_epochs: LinRange = Field((0.0, 1.0), description="linear warm-up before the cosine decay, uniform")
-    rank: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1, description="LoRA rank, a choice")
-    alpha: list[float] = Field(
-        default_factory=lambda: [8.0, 16.0, 32.0], min_length=1, description="LoRA alpha (scale alpha / rank), a choice"
-    )
-    dropout: LinRange = Field((0.0, 0.2), description="dropout on the LoRA path, uniform")
-
-    @field_validator("lr", "weight_decay")
-    @classmethod
-    def _log(cls, v):
-        return _range(*v, log=True)
-
-    @field_validator("warmup_epochs", "dropout")
-    @classmethod
-    def _lin(cls, v):
-        return _range(*v, log=False)
-
-    @field_validator("rank", "alpha")
-    @classmethod
-    def _positive(cls, v):
-        if any(x <= 0 for x in v):
-            raise ValueError(f"choices must be positive, got {v}")
-        return v
-
-
-class FullSearchSpace(Strict):
-    """What the per-cell search samples for ``full`` (Latin hypercube, seeded; dinoscale.search)."""
-
-    lr: LogRange = Field((1e-5, 5e-4), description="learning rate of the head and last block, log-uniform")
-    weight_decay: LogRange = Field((1e-3, 0.3), description="AdamW weight decay, log-uniform")
-    layer_decay: LinRange = Field((0.5, 0.95), description="layer-wise learning-rate decay, uniform")
-    warmup_epochs: LinRange = Field((0.0, 1.0), description="linear warm-up before the cosine decay, uniform")
-
-    @field_validator("lr", "weight_decay")
-    @classmethod
-    def _log(cls, v):
-        return _range(*v, log=True)
-
-    @field_validator("warmup_epochs", "layer_decay")
-    @classmethod
-    def _lin(cls, v):
-        if v[0] < 0:
-            raise ValueError(f"must be >= 0, got {list(v)}")
-        return _range(*v, log=False)
-
-
-_BUDGET = (
-    "configurations searched per cell (the same for every cell of this strategy); none: the sweep's "
-    "search.n_trials, i.e. the frozen cells' budget. Configuration 0 is the stated values above, the "
-    "others are sampled from 'space'. 1: the stated values only"
-)
-
-
-class LoraStrategySpec(Strict):
-    """LoRA through peft on the attention projections of the backbone, plus a trained head. The values
-    here are the stated defaults (configuration 0 of a search); ``space`` is what the search samples."""
-
-    kind: Literal["lora"] = "lora"
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[Literal["qkv", "proj", "fc1", "fc2"]] = Field(
-        default_factory=lambda: ["qkv", "proj"], min_length=1, description="module names inside each block"
-    )
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(10, ge=1, description="epochs per configuration (the search's max; early stopping may cut)")
-    warmup_epochs: float = Field(1.0, ge=0)
-    batch_size: int = Field(32, ge=1, description="effective batch (the plan may split it into micro-batches)")
-    patience: int | None = Field(3, ge=1, description="early stopping on val (epochs without improvement)")
-    grad_checkpointing: bool = Field(
-        False, description="true: always on; false: the plan turns it on where a trial would not fit in GPU memory"
-    )
-    budget: int | None = Field(None, ge=1, description=_BUDGET)
-    space: LoraSearchSpace = Field(default_factory=LoraSearchSpace)
-
-
-class FullStrategySpec(Strict):
-    """End-to-end fine-tuning with layer-wise learning-rate decay, AdamW, warm-up + cosine. The values
-    here are the stated defaults (configuration 0 of a search); ``space`` is what the search samples."""
-
-    kind: Literal["full"] = "full"
-    lr: float = Field(1e-4, gt=0, description="learning rate of the head and last block; earlier layers decay")
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    weight_decay: float = Field(0.05, ge=0)
-    epochs: int = Field(10, ge=1, description="epochs per configuration (the search's max; early stopping may cut)")
-    warmup_epochs: float = Field(1.0, ge=0)
-    batch_size: int = Field(32, ge=1, description="effective batch (the plan may split it into micro-batches)")
-    patience: int | None = Field(3, ge=1)
-    grad_checkpointing: bool = Field(
-        False, description="true: always on; false: the plan turns it on where a trial would not fit in GPU memory"
-    )
-    budget: int | None = Field(None, ge=1, description=_BUDGET)
-    space: FullSearchSpace = Field(default_factory=FullSearchSpace)
-
-
 class EarlyStoppingSpec(Strict):
     """Asynchronous successive halving (ASHA) among the configurations of one cell, run by Ray Tune: at
     rungs of ``grace_epochs * reduction_factor**k`` epochs, a configuration whose val metric is below the
@@ -348,11 +242,22 @@ class EarlyStoppingSpec(Strict):
 
 class FinetuningSpec(Strict):
     """Settings of the strategies that train the encoder (one cell per backbone x resolution x head x seed,
-    each searching ``budget`` configurations)."""
+    each searching ``budget`` configurations): one entry per registered training strategy
+    (``finetuning.<kind>``, validated by the spec class its module registers, ``dinoscale.strategies``),
+    defaults filled in, and the early stopping they share."""
 
-    lora: LoraStrategySpec = Field(default_factory=LoraStrategySpec)
-    full: FullStrategySpec = Field(default_factory=FullStrategySpec)
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, StrategySettings] = Field(init=False)
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_entries(cls, data: Any) -> Any:
+        return settings_with_kinds(data if data is not None else {}, set(cls.model_fields))
+
+    def of(self, kind: str) -> StrategySpecBase:
+        """The settings of training strategy ``kind``."""
+        return (self.__pydantic_extra__ or {})[kind]
 
 
 class SearchSpec(Strict):
@@ -518,10 +423,11 @@ class SweepSpec(Strict):
     backbones: list[BackboneSpec] = Field(min_length=1)
     resolutions: list[int] = Field(min_length=1)
     probes: list[ProbeSpec] = Field(min_length=1)
-    strategies: list[Literal["frozen", "lora", "full"]] = Field(
+    strategies: list[StrategyKind] = Field(
         default_factory=lambda: ["frozen"],
         min_length=1,
-        description="frozen: probes on cached features; lora / full: the encoder is trained (settings under 'finetuning')",
+        description="frozen: probes on cached features; lora / full (and any registered strategy, "
+        "dinoscale.strategies): the encoder is trained (settings under 'finetuning')",
     )
     finetuning: FinetuningSpec = Field(default_factory=FinetuningSpec, description="lora / full settings")
     seeds: list[int] = Field(
@@ -664,9 +570,12 @@ def _allowed_keys(loc: list, raw: dict) -> list[str]:
             continue
         model = _model_of(annotation, node)
         field = model.model_fields.get(part) if model is not None else None
-        if field is None:
+        if field is None and model is FinetuningSpec and strategy_spec_class(part) is not None:
+            annotation = strategy_spec_class(part)  # finetuning.<kind>: its strategy's spec class
+        elif field is None:
             return []
-        annotation = field.annotation
+        else:
+            annotation = field.annotation
         node = node.get(part, {}) if isinstance(node, dict) else {}
     model = _model_of(annotation, node)
     return list(model.model_fields) if model is not None else []
@@ -699,3 +608,19 @@ def _unknown_name(what: str, value: str, known: list[str]) -> str:
     if hint:
         msg += f" (did you mean '{hint[0]}'?)"
     return msg + f"; known: {', '.join(known)}"
+
+
+# The strategies' spec classes live in their modules (dinoscale.strategies.<kind>), which import torch (a
+# second or more): importing the spec must stay quick (the CLI's first screen), so they are re-exported lazily.
+_STRATEGY_SPECS = {
+    "LoraStrategySpec": "dinoscale.strategies.lora",
+    "LoraSearchSpace": "dinoscale.strategies.lora",
+    "FullStrategySpec": "dinoscale.strategies.full",
+    "FullSearchSpace": "dinoscale.strategies.full",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STRATEGY_SPECS:
+        return getattr(importlib.import_module(_STRATEGY_SPECS[name]), name)
+    raise AttributeError(f"module 'dinoscale.spec' has no attribute '{name}'")

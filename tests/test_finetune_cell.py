@@ -4,8 +4,9 @@ import pytest
 
 from conftest import tiny_spec_dict
 from dinoscale.spec import parse_spec
+from dinoscale.sweep.finetune import configuration_dir, evaluate_finetune_cell
 from dinoscale.sweep.plan import build_plan
-from dinoscale.sweep.trial import SweepContext, configuration_dir, evaluate_cell
+from dinoscale.sweep.trial import SweepContext
 from dinoscale.train import checkpoint_summary
 
 
@@ -32,7 +33,7 @@ def test_a_lora_cell_selects_its_best_configuration_on_val_and_scores_test(tmp_p
         parent_run_id="",
     )
     root = str(tmp_path / "checkpoints")
-    out = evaluate_cell(cell, ctx, checkpoint_root=root)
+    out = evaluate_finetune_cell(cell, ctx, checkpoint_root=root)
     best = {k: checkpoint_summary(configuration_dir(root, cell, k))["best_val"] for k in range(2)}
     chosen = out["selected"]["configuration"]
     assert best[chosen] == max(best.values())

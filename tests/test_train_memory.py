@@ -6,9 +6,10 @@ import torch
 from conftest import tiny_spec_dict
 from dinoscale.models import load_backbone
 from dinoscale.spec import parse_spec
+from dinoscale.strategies import get_strategy
 from dinoscale.sweep.plan import NotRunnableError, build_plan, check_runnable
 from dinoscale.train.lora import apply_lora
-from dinoscale.train.memory import GIB, activation_facts, estimate_bytes, fit_in_memory
+from dinoscale.train.memory import GIB, activation_facts, estimate_bytes, fit_in_memory, strategy_facts
 
 
 def _saved_bytes_per_image(name: str, res: int, strategy: str) -> float:
@@ -36,15 +37,15 @@ def _saved_bytes_per_image(name: str, res: int, strategy: str) -> float:
 @pytest.mark.parametrize("strategy", ["full", "lora"])
 @pytest.mark.parametrize("name, res", [("dinov3-demo-xs", 64), ("dinov3-demo-s", 128)])
 def test_activation_bytes_measured_on_the_meta_device_match_a_real_forward(name, res, strategy):
-    estimate = activation_facts(name, res, strategy, ("qkv", "proj")).bytes_per_image
+    estimate = strategy_facts(get_strategy(strategy).spec(), name, res)[0].bytes_per_image  # lora: qkv, proj
     assert estimate == pytest.approx(_saved_bytes_per_image(name, res, strategy), rel=0.05)
 
 
 def test_checkpointing_then_micro_batches_are_chosen_before_giving_up():
-    facts = activation_facts("dinov3-vitb16", 512, "full", ())
+    facts = activation_facts("dinov3-vitb16", 512)  # every weight gets gradients (full)
 
     def est(micro, ckpt):
-        return estimate_bytes(facts, "full", micro, 1, ckpt)
+        return estimate_bytes(facts, micro, 1, ckpt, trainable=facts.n_params)
 
     plain, ckpt = est(64, False), est(64, True)
     assert ckpt < plain and est(32, True) < ckpt
@@ -55,7 +56,7 @@ def test_checkpointing_then_micro_batches_are_chosen_before_giving_up():
     assert (m.grad_checkpointing, m.micro_batch_size, m.fits) == (True, 16, True)
     assert not fit_in_memory(est, 64, est(1, True) - 1).fits
     # a volume of 40 slices costs 40 images of activations
-    assert estimate_bytes(facts, "full", 2, 40) - estimate_bytes(facts, "full", 2, 1) == pytest.approx(
+    assert estimate_bytes(facts, 2, 40) - estimate_bytes(facts, 2, 1) == pytest.approx(
         2 * 39 * facts.bytes_per_image * 0.5 * 1.15
     )
 

@@ -35,16 +35,19 @@ from dinoscale.models import backbone_facts, get_backbone, weights_identity
 from dinoscale.probes import get_probe
 from dinoscale.probes.registry import GRID_TOKENS, unfit_message
 from dinoscale.provenance import Provenance
+from dinoscale.search import finetune_configurations
 from dinoscale.spec import FeaturesSpec, SweepSpec
+from dinoscale.strategies.registry import TRAINING, get_strategy
 from dinoscale.sweep import cost
 from dinoscale.sweep.cell import BackboneInfo, Cell
 from dinoscale.tasks import get_task, task_names
+from dinoscale.train.heads import dense_classes, head_settings
+from dinoscale.train.memory import estimate_bytes, fit_in_memory, strategy_facts
 
-TRAINING_STRATEGIES = ("lora", "full")
-# The probe label of lora / full cells on classification: a linear head trained with the encoder. Labelled
-# 'linear' so that frozen-linear, lora and full cells of one backbone x resolution x seed pair up in
-# comparisons. On segmentation the head is the spec's segmentation probe, and so is the label.
-FINETUNE_HEAD = "linear"
+# The strategies that train the encoder: a live view of the strategy registry (dinoscale.strategies). Their
+# cells train under a task head (dinoscale.train.heads), labelled as the probe it stands for ('linear' on
+# classification, the spec's segmentation probe on dense tasks) so frozen and trained cells pair up.
+TRAINING_STRATEGIES = TRAINING
 
 
 class NotRunnableError(UserError, RuntimeError):
@@ -544,16 +547,15 @@ def _trial_memory(
     return {"resident_bytes": resident, "predicted_peak_bytes": cost.trial_peak_bytes(shape)}
 
 
-def finetune_heads(spec: SweepSpec, task: str) -> list[dict]:
-    """The heads lora / full cells train under: a linear head on CLS ⊕ mean patch (volumes: pooled over the
-    slices as the frozen volumes view pools them) for classification; for dense tasks, the spec's
-    segmentation probe entries (decoder kind, classes, width)."""
-    if not get_task(task).dense:
-        return [{"probe": FINETUNE_HEAD, "volume_pool": spec.features.volume_pool}]
-    heads = []
-    for p in spec.probes:
-        if p.kind == "segmentation" and task in get_probe(p.kind).tasks:
-            heads.append({"probe": p.kind, "head": p.head, "n_classes": p.n_classes, "hidden_dim": p.hidden_dim})
+def finetune_heads(spec: SweepSpec, task: str, strategy: str | None = None) -> list[dict]:
+    """The heads training cells train under (``dinoscale.train.heads``): a linear head on CLS ⊕ mean patch
+    (volumes: pooled over the slices as the frozen volumes view pools them) for classification; for dense
+    tasks, the spec's segmentation probe entries (decoder kind, classes, width). ``strategy``: only the
+    heads it can train (``StrategyDef.heads``)."""
+    serving = [p for p in spec.probes if task in get_probe(p.kind).tasks]
+    heads = head_settings(get_task(task).dense, serving, spec.features.volume_pool)
+    if strategy is not None:
+        heads = [h for h in heads if h["probe"] in get_strategy(strategy).heads]
     return heads
 
 
@@ -564,32 +566,29 @@ def _sample_shape(ds: PreparedDataset | None, head: dict) -> tuple[int, int]:
         return 1, 0
     units = ds.units("train")
     images = max(units.n_slices) if units.n_slices else 1
-    if head["probe"] != "segmentation" or not units.masks:
+    n_classes = dense_classes(head)
+    if n_classes is None or not units.masks:
         return images, 0
     from dinoscale.data.masks import load_label_maps
 
     grid = units.volume.grid if (units.n_slices and units.volume is not None) else None
     first = load_label_maps(units.masks[:1], units.n_slices[:1] if units.n_slices else None, grid=grid)[0]
-    return images, int(head["n_classes"]) * int(first.size)
+    return images, n_classes * int(first.size)
 
 
 def training_memory(
     spec: SweepSpec, ds: PreparedDataset | None, bb: BackboneInfo, resolution: int, strategy: str, head: dict
 ):
     """The GPU memory of one training trial of this cell, and how it is made to fit in
-    ``resources.gpu_memory_gib`` (gradient checkpointing, then micro-batches): ``dinoscale.train.memory``."""
-    from dinoscale.train.memory import activation_facts, estimate_bytes, fit_in_memory, lora_adapter_params
-
-    st = getattr(spec.finetuning, strategy)
-    targets = tuple(getattr(st, "targets", ()))
-    facts = activation_facts(bb.name, resolution, strategy, targets)
+    ``resources.gpu_memory_gib`` (gradient checkpointing, then micro-batches): ``dinoscale.train.memory``,
+    with the strategy's memory model (what gets gradients, what the optimiser updates)."""
+    st = spec.finetuning.of(strategy)
+    facts, trained = strategy_facts(st, bb.name, resolution)
     images, head_values = _sample_shape(ds, head)
-    extra = 4 * facts.embed_dim * 64  # a head: linear (2D x classes) or a light decoder, tens of thousands of weights
-    if strategy == "lora":
-        extra += lora_adapter_params(facts, max([st.rank, *st.space.rank]), targets)
+    head_params = 4 * facts.embed_dim * 64  # linear (2D x classes) or a light decoder: tens of thousands of weights
 
     def estimate(micro: int, ckpt: bool) -> float:
-        return estimate_bytes(facts, strategy, micro, images, ckpt, True, extra, head_values)
+        return estimate_bytes(facts, micro, images, ckpt, True, trained + head_params, head_values)
 
     return fit_in_memory(estimate, st.batch_size, spec.resources.gpu_memory_gib * 2**30, st.grad_checkpointing)
 
@@ -619,17 +618,16 @@ def _key_axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) 
 
 
 def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate) -> list[Cell]:
+    """Cells of a training strategy (lora, full, ...): the encoder is trained on images under the task's head;
+    each cell searches the same number of configurations (sampled once by the plan, dinoscale.search),
+    memory permitting."""
     volumetric = ds.volumetric if ds is not None else False
-    """lora / full cells: the encoder is trained on images under the task's head; each cell searches the
-    same number of configurations (sampled once by the plan, dinoscale.search), memory permitting."""
-    from dinoscale.search import finetune_configurations
-
-    st = getattr(spec.finetuning, strategy)
+    st = spec.finetuning.of(strategy)
     config = st.model_dump(mode="json")
     budget = st.budget or spec.search.n_trials
     early = spec.finetuning.early_stopping.model_dump(mode="json")
     cells = []
-    for head in finetune_heads(spec, task):
+    for head in finetune_heads(spec, task, strategy):
         mem = training_memory(spec, ds, bb, res, strategy, head)
         fitted = {
             "grad_checkpointing": mem.grad_checkpointing,
@@ -732,6 +730,13 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
     if why:
         raise NotRunnableError(
             f"strategies {training} train the encoder under a task head; {why}. Use strategies: [frozen]."
+        )
+    headless = [s for s in training if finetune_heads(spec, ds.task) and not finetune_heads(spec, ds.task, s)]
+    if headless:
+        heads = sorted({h["probe"] for h in finetune_heads(spec, ds.task)})
+        raise NotRunnableError(
+            f"strategies {headless} train under heads {[list(get_strategy(s).heads) for s in headless]}; "
+            f"'{ds.name}' is a {shape} whose cells train under {heads}. Drop them from strategies."
         )
     if task.dense and not ds.volumetric and any(h["head"] == "conv3d" for h in finetune_heads(spec, ds.task)):
         raise NotRunnableError(f"head 'conv3d' needs volumes; '{ds.name}' holds 2D images (use head: conv)")

@@ -542,8 +542,10 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     per cell, seconds)."""
 
     from dinoscale.sweep.cell import parse_unit
+    from dinoscale.sweep.finetune import open_finetune_cell_runs
     from dinoscale.sweep.schedule import CellSuccessiveHalving
-    from dinoscale.sweep.trial import SweepContext, open_finetune_cell_runs, unit_trainable
+    from dinoscale.sweep.trial import SweepContext
+    from dinoscale.sweep.units import unit_trainable
 
     spec, ds = plan.spec, plan.dataset
     parent_tags = client.get_run(state.parent_run_id).data.tags
@@ -675,7 +677,7 @@ def _selection_stage(plan: Plan, ctx, has_gpu: bool, quiet: bool, progress) -> l
     Ray task per cell, a GPU each where the cluster has them, all cells at once)."""
     import ray
 
-    from dinoscale.sweep.trial import finalize_finetune_cell
+    from dinoscale.sweep.finetune import finalize_finetune_cell
 
     cells = [c for c in plan.cells if c.trains_encoder]
     if not cells:
@@ -749,8 +751,8 @@ class _StopRecorder(tune.Callback):
         from mlflow.tracking import MlflowClient
 
         from dinoscale.sweep.cell import parse_unit
+        from dinoscale.sweep.finetune import record_stopped_configuration
         from dinoscale.sweep.schedule import stopped_at
-        from dinoscale.sweep.trial import record_stopped_configuration
 
         cell_id, k = parse_unit(trial.config["unit"])
         if k is None:

@@ -1,11 +1,12 @@
-"""Adaptation strategies that train the encoder on images (not cached features).
+"""Training the encoder on images (not cached features), for the strategies that do.
 
-``frozen`` lives in ``dinoscale.probes`` (probes on cached features). Here:
+What each strategy is (its settings, search space, trainable, memory model, heads) is declared in its
+module of ``dinoscale.strategies``; the mechanics it uses live here:
 - ``lora``: peft LoRA adapters on the attention projections (``apply_lora``), backbone frozen;
 - ``full``: every weight trained, layer-wise learning-rate decay (``llrd_param_groups``).
-Both train one configuration through ``finetune`` (AdamW, warm-up + cosine, bf16 autocast on CUDA,
+Every training strategy trains one configuration through ``finetune`` (AdamW, warm-up + cosine, bf16 autocast on CUDA,
 micro-batches with an out-of-memory back-off, early stopping on val, resumable checkpoints) under
-the head of the cell's task (``build_model``: linear on 2D images or pooled volume slices, a
+the head of the cell's task (``build_model``, ``heads``: linear on 2D images or pooled volume slices, a
 segmentation decoder on patch-token grids; ``objective``), and score with ``evaluate``.
 ``memory`` estimates a training trial's GPU memory for the plan.
 """

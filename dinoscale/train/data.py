@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from dinoscale.data import SplitUnits
+from dinoscale.data.masks import load_label_maps
+from dinoscale.data.preprocess import build_transform, build_volume_transform
 from dinoscale.features.recipe import FeatureRecipe
 
 
@@ -40,8 +42,6 @@ def unit_samples(units: SplitUnits, recipe: FeatureRecipe, n_classes: int | None
     """Inputs under ``recipe`` (the cell's, ``dinoscale.features.recipe``: colour model, intensity mapping,
     resize, the encoder's mean / std, the volumes' channel map and grid), as extraction reads them.
     ``n_classes``: segmentation (targets are label maps with values in [0, n_classes)); None: classification."""
-    from dinoscale.data.preprocess import build_transform, build_volume_transform
-
     volumetric = units.n_slices is not None
     if volumetric:
         load_volume, slice_transform = build_volume_transform(recipe)
@@ -60,7 +60,6 @@ def unit_samples(units: SplitUnits, recipe: FeatureRecipe, n_classes: int | None
         def read_target(i: int) -> torch.Tensor:
             return torch.as_tensor(np.asarray(units.labels[i]), dtype=torch.float32)
     else:
-        from dinoscale.data.masks import load_label_maps
 
         def read_target(i: int) -> torch.Tensor:
             n = [units.n_slices[i]] if volumetric else None

@@ -1,5 +1,5 @@
-"""One fine-tuning run (``lora`` or ``full``, one configuration of a cell's search), resumable and
-early-stopped on val.
+"""One fine-tuning run (``lora``, ``full`` or any training strategy, one configuration of a cell's search),
+resumable and early-stopped on val.
 
 Determinism across interruptions: each epoch reseeds torch and the loader's shuffle from
 (seed, epoch), and the checkpoint written at the end of every epoch holds the trainable weights,
@@ -25,19 +25,19 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinoscale.strategies.registry import get_strategy
 from dinoscale.train.data import collate_units
-from dinoscale.train.llrd import llrd_param_groups
-from dinoscale.train.lora import apply_lora
-from dinoscale.train.model import ImageClassifier, Segmenter, VolumeClassifier
+from dinoscale.train.heads import Shape, build_under_head
+from dinoscale.train.model import ImageClassifier
 from dinoscale.train.objective import Objective, classification
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 @dataclass
 class FinetuneConfig:
-    strategy: Literal["lora", "full"]
+    strategy: str  # a training strategy (dinoscale.strategies)
     lr: float = 1e-4
     weight_decay: float = 0.05
     epochs: int = 10
@@ -65,9 +65,19 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast, CUDA only (ignored on CPU)
     num_workers: int = 0
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # a strategy's own settings not named above
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
+
+    @classmethod
+    def of(cls, configuration: dict, **kw) -> FinetuneConfig:
+        """A configuration of a cell (``Cell.configurations[k]``): the settings named above as fields, the
+        strategy's own others under ``options``."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in {**configuration, **kw}.items() if k in names}
+        extra = {k: v for k, v in configuration.items() if k not in names}
+        return cls(**known, options={**known.get("options", {}), **extra})
 
     @property
     def micro(self) -> int:
@@ -88,14 +98,12 @@ class FinetuneResult:
 
 
 def prepare_backbone(backbone: nn.Module, cfg: FinetuneConfig) -> nn.Module:
-    """LoRA adapters (backbone frozen) or every weight trainable, and gradient checkpointing if asked."""
-    if cfg.strategy == "lora":
-        backbone = apply_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
-    elif cfg.strategy == "full":
-        for p in backbone.parameters():
-            p.requires_grad = True
-    else:
-        raise ValueError(f"unknown strategy '{cfg.strategy}' (lora | full; frozen runs on cached features)")
+    """The backbone made trainable as its strategy says (``StrategyDef.prepare``: LoRA adapters with the
+    backbone frozen, every weight trainable, ...), and gradient checkpointing if asked."""
+    defn = get_strategy(cfg.strategy)
+    if not defn.trains_encoder:
+        raise ValueError(f"strategy '{cfg.strategy}' trains no encoder (it runs on cached features)")
+    backbone = defn.prepare(backbone, cfg)
     if cfg.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
         backbone.set_grad_checkpointing(True)
     return backbone
@@ -118,25 +126,20 @@ def build_model(
     num_prefix_tokens: int | None = None,
     out_size: tuple[int, ...] | None = None,
 ) -> nn.Module:
-    """The model of a fine-tuning cell: ``head`` is the cell's ``finetune_head`` ({'probe': 'linear',
-    'volume_pool': ...} for classification, the segmentation probe's settings for segmentation)."""
+    """The model of a fine-tuning cell: ``head`` is the cell's ``finetune_head`` (``dinoscale.train.heads``:
+    {'probe': 'linear', 'volume_pool': ...} for classification, the segmentation probe's settings for
+    segmentation)."""
     torch.manual_seed(cfg.seed)  # adapters' and head's init: the same for every configuration and every retry
     backbone = prepare_backbone(backbone, cfg)
-    if head["probe"] == "segmentation":
-        from dinoscale.probes.segmentation import build_head
-
-        dec = build_head(
-            head["head"], backbone.num_features, int(head["n_classes"]), int(head["hidden_dim"]), volumetric
-        )
-        return Segmenter(backbone, dec, out_size, patch_size, num_prefix_tokens)
-    if volumetric:
-        return VolumeClassifier(backbone, n_out, head.get("volume_pool", "mean"), num_prefix_tokens)
-    return ImageClassifier(backbone, n_out, num_prefix_tokens)
+    return build_under_head(backbone, head, Shape(n_out, volumetric, patch_size, num_prefix_tokens, out_size))
 
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    if cfg.strategy == "full":
-        groups = llrd_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
+    """AdamW over the strategy's groups (``StrategyDef.param_groups``; ``full``: layer-wise decay), else
+    weight decay on the trained matrices and none on biases and norms."""
+    defn = get_strategy(cfg.strategy)
+    if defn.param_groups is not None:
+        groups = defn.param_groups(model, cfg)
     else:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [
@@ -315,56 +318,15 @@ def finetune(
         "oom_backoffs": 0,
     }
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    resumed = None
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state.update({k: saved[k] for k in (*_COUNTERS, "best_model") if k in saved})
-        resumed = state["epoch"]
-        if saved.get("final"):  # a finished run, compacted: its result, no training
-            if state["best_model"] is not None:
-                _load_trainable(model, state["best_model"])
-            return _result(model, state, bool(saved.get("stopped_early", False)), resumed)
-        _load_trainable(model, saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+    resumed, finished = _resume(ckpt, state, model, opt, sched)
+    if finished is not None:  # a finished run, compacted: its result, no training
+        return finished
     stopped = False
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
             stopped = True
             break
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(
-            train,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            drop_last=False,
-            pin_memory=device.type == "cuda",
-            collate_fn=collate_units,
-        )
-        model.train()
-        losses = []
-        for x, y in loader:
-            losses.append(_train_step(model, opt, x, y, objective, state, device, cfg.amp))
-            sched.step()
-        out, yv = evaluate(model, val, objective, state["micro_batch_size"], device, cfg.amp, cfg.num_workers)
-        metric = float(objective.val_metric(yv, out))
-        improved = np.isfinite(metric) and metric > state["best_val"]
-        if improved:
-            state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
-        else:
-            state["bad_epochs"] += 1
-        record = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_metric": metric,
-            "best_val": float(state["best_val"]),
-            "lr": sched.get_last_lr()[-1],
-            "micro_batch_size": state["micro_batch_size"],
-        }
-        state["history"].append(record)
-        state["epoch"] = epoch
+        record = _train_epoch(model, opt, sched, train, val, cfg, objective, state, epoch, device)
         if ckpt is not None:
             _save(
                 ckpt,
@@ -380,6 +342,63 @@ def finetune(
     if state["best_model"] is not None:
         _load_trainable(model, state["best_model"])
     return _result(model, state, stopped, resumed)
+
+
+def _resume(ckpt: Path | None, state: dict, model, opt, sched) -> tuple[int | None, FinetuneResult | None]:
+    """Continue from a checkpoint if there is one: (the epoch it had reached or None, the result of a finished
+    run, which trains no more, or None)."""
+    if ckpt is None or not ckpt.is_file():
+        return None, None
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state.update({k: saved[k] for k in (*_COUNTERS, "best_model") if k in saved})
+    resumed = state["epoch"]
+    if saved.get("final"):
+        if state["best_model"] is not None:
+            _load_trainable(model, state["best_model"])
+        return resumed, _result(model, state, bool(saved.get("stopped_early", False)), resumed)
+    _load_trainable(model, saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return resumed, None
+
+
+def _train_epoch(model, opt, sched, train, val, cfg: FinetuneConfig, objective, state: dict, epoch: int, device):
+    """One epoch (seeded from (seed, epoch), so a resumed run draws the same batches), then val: the state's
+    counters and best weights updated; returns the epoch's record."""
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_units,
+    )
+    model.train()
+    losses = []
+    for x, y in loader:
+        losses.append(_train_step(model, opt, x, y, objective, state, device, cfg.amp))
+        sched.step()
+    out, yv = evaluate(model, val, objective, state["micro_batch_size"], device, cfg.amp, cfg.num_workers)
+    metric = float(objective.val_metric(yv, out))
+    improved = np.isfinite(metric) and metric > state["best_val"]
+    if improved:
+        state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
+    else:
+        state["bad_epochs"] += 1
+    record = {
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)),
+        "val_metric": metric,
+        "best_val": float(state["best_val"]),
+        "lr": sched.get_last_lr()[-1],
+        "micro_batch_size": state["micro_batch_size"],
+    }
+    state["history"].append(record)
+    state["epoch"] = epoch
+    return record
 
 
 def compact_checkpoint(checkpoint_dir: str | Path, stopped_early: bool = False) -> None:

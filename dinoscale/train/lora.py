@@ -24,7 +24,7 @@ def apply_lora(
     backbone: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("qkv", "proj"), dropout: float = 0.0
 ) -> nn.Module:
     """Injects LoRA adapters in place and freezes every non-adapter weight. Returns the backbone."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft takes seconds to import; lora cells only
 
     for module in backbone.modules():
         # _qkvb variants: make timm call self.qkv(x) (the LoRA-wrapped layer) and add the bias after

@@ -8,9 +8,10 @@ peak = weights (fp32) + gradients and AdamW's two moments of the trainable param
 The activations are measured, not typed in: ``forward_features`` runs in train mode on the meta device
 (no memory, no weights) under ``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor
 autograd keeps for the backward pass; the bytes of a batch of 2 minus those of a batch of 1 are one
-image's (the weights it keeps cancel). For ``lora`` only the adapted projections' inputs are kept
-(frozen layers need no input for their weight gradient): measured with gradients on exactly those
-weights. On the meta device attention runs PyTorch's math path, which keeps the attention
+image's (the weights it keeps cancel). Only the inputs of layers whose weights get gradients are kept
+(frozen layers need no input for their weight gradient): each strategy says which (``StrategyDef.grads``:
+``lora`` the adapted projections, ``full`` every weight) and they are measured with gradients on exactly
+those weights; the parameters its optimiser updates are its ``trained_params``. On the meta device attention runs PyTorch's math path, which keeps the attention
 probabilities ([..., T, T]); they are left out and replaced by what a fused attention kernel (flash /
 memory-efficient, as GPUs run) keeps instead: three (tokens x dim) tensors per block, a figure taken
 from the real saved tensors of the CPU's fused kernel (tests/test_train_memory.py checks the total
@@ -23,9 +24,13 @@ block's activations while it is recomputed.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
+
+from dinoscale.models.backbones import _create, get_backbone
+from dinoscale.strategies.registry import get_strategy
 
 GIB = 2**30
 _OVERHEAD_FACTOR = 1.15
@@ -47,22 +52,17 @@ class ActivationFacts:
 
 
 @functools.cache
-def activation_facts(
-    backbone: str, resolution: int, strategy: str, lora_targets: tuple[str, ...] = ()
-) -> ActivationFacts:
-    from dinoscale.models.backbones import _create, get_backbone
-    from dinoscale.train.lora import target_regex
-
+def activation_facts(backbone: str, resolution: int, grads: str | None = None) -> ActivationFacts:
+    """``grads``: a regex (full match) of the backbone's parameter names whose gradients the strategy
+    computes (its ``StrategyDef.grads``); None: every parameter."""
     defn = get_backbone(backbone)
     with torch.device("meta"):
         model = _create(defn, pretrained=False)
     model.train()
-    if strategy == "lora":
-        import re
-
-        pattern = re.compile(target_regex(list(lora_targets)))
+    if grads is not None:
+        pattern = re.compile(grads)
         for name, p in model.named_parameters():
-            p.requires_grad = bool(pattern.fullmatch(name.rsplit(".", 1)[0])) and name.endswith("weight")
+            p.requires_grad = bool(pattern.fullmatch(name))
     n_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -89,11 +89,13 @@ def activation_facts(
     return ActivationFacts(float(two - one + fused), blocks, tokens, dim, n_params, trainable)
 
 
-def lora_adapter_params(facts: ActivationFacts, rank: int, targets) -> int:
-    """Adapter parameters: rank x (in + out) per adapted projection per block."""
-    d = facts.embed_dim
-    sizes = {"qkv": d + 3 * d, "proj": 2 * d, "fc1": d + 4 * d, "fc2": 4 * d + d}
-    return facts.n_blocks * rank * sum(sizes[t] for t in targets)
+def strategy_facts(strategy_spec, backbone: str, resolution: int) -> tuple[ActivationFacts, int]:
+    """A training strategy's memory model applied to one backbone at one resolution: the activation facts
+    measured with gradients where it computes them, and the parameters its optimiser updates (head excluded)."""
+    defn = get_strategy(strategy_spec.kind)
+    facts = activation_facts(backbone, resolution, defn.grads(strategy_spec) if defn.grads else None)
+    trained = defn.trained_params(strategy_spec, facts) if defn.trained_params else facts.trainable_params
+    return facts, trained
 
 
 @dataclass(frozen=True)
@@ -110,17 +112,16 @@ class MemoryEstimate:
 
 def estimate_bytes(
     facts: ActivationFacts,
-    strategy: str,
     micro_batch: int,
     images_per_sample: int = 1,
     grad_checkpointing: bool = False,
     amp: bool = True,
-    trainable_extra: int = 0,
+    trainable: int = 0,
     head_values_per_sample: int = 0,
 ) -> float:
-    """``images_per_sample``: slices of a volume (1 for 2D); ``trainable_extra``: head / adapter parameters;
-    ``head_values_per_sample``: logits a segmentation head produces per sample (classes x pixels)."""
-    trainable = (facts.n_params if strategy == "full" else 0) + trainable_extra
+    """``images_per_sample``: slices of a volume (1 for 2D); ``trainable``: the parameters the optimiser
+    updates (the strategy's, ``strategy_facts``, and the head's); ``head_values_per_sample``: logits a
+    segmentation head produces per sample (classes x pixels)."""
     act = facts.bytes_per_image * (_AMP_FACTOR if amp else 1.0)
     if grad_checkpointing:
         per_block_input = facts.tokens * facts.embed_dim * 4

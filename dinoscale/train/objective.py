@@ -6,7 +6,8 @@
   plus cross-entropy; the frozen segmentation probe's loss); argmax label maps kept; val: mean
   foreground Dice per image / volume (empty-in-both structures skipped), as the frozen probe selects.
 
-Every val metric is maximised (``dinoscale.tasks.TaskDef.val_metrics`` maps it to the record's sign).
+Which head uses which objective: ``dinoscale.train.heads``. Every val metric is maximised
+(``dinoscale.tasks.TaskDef.val_metrics`` maps it to the record's sign).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from dinoscale.metrics import dice_per_volume, macro_auroc
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,6 @@ class Objective:
 
 
 def classification() -> Objective:
-    from dinoscale.metrics import macro_auroc
-
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), y.float().reshape(len(y), -1))
 
@@ -39,9 +40,7 @@ def classification() -> Objective:
 
 
 def segmentation(n_classes: int) -> Objective:
-    from monai.losses import DiceCELoss
-
-    from dinoscale.metrics import dice_per_volume
+    from monai.losses import DiceCELoss  # lazy: MONAI takes seconds to import and only dense cells need it
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
@@ -52,10 +51,3 @@ def segmentation(n_classes: int) -> Objective:
         return float(np.nanmean(dice_per_volume(pred, y, n_classes)))
 
     return Objective(f"segmentation({n_classes})", loss, lambda logits: logits.argmax(1), val_metric, False)
-
-
-def for_head(head: dict) -> Objective:
-    """The objective of a cell's fine-tuning head (``Cell.finetune_head``)."""
-    if head["probe"] == "segmentation":
-        return segmentation(int(head["n_classes"]))
-    return classification()
