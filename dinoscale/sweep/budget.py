@@ -112,7 +112,7 @@ READ_MB_S = {"local": 1000.0, "shared": 250.0}  # a node's read rate: local NVMe
 def load_calibration(path: str | os.PathLike | None = None) -> dict:
     """The CPU table in use: ``DINOSCALE_CALIBRATION`` (a file `dinoscale calibrate` wrote), else the shipped one."""
     path = path or os.environ.get("DINOSCALE_CALIBRATION")
-    if path and Path(path).is_file():
+    if path and path != os.devnull and Path(path).is_file():
         return json.loads(Path(path).read_text())
     return {
         "label": CALIBRATION_LABEL,
@@ -533,3 +533,67 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
+
+
+BLOCK_BEGIN = "<!-- plan-budget:begin (python -m dinoscale.sweep.budget --write: `dinoscale plan` of each paper spec) -->"
+BLOCK_END = "<!-- plan-budget:end -->"
+
+
+def paper_budget_block(root: Path, launchers: list[str]) -> str:
+    """The figures README.md and cluster/README.md quote: `dinoscale plan` of every paper spec without its data
+    (published sizes), priced on each launcher, with the shipped calibration. Deterministic."""
+    import tempfile
+
+    from dinoscale.spec import load_spec
+    from dinoscale.sweep.plan import build_plan
+
+    saved = {k: os.environ.pop(k, None) for k in ("DINOSCALE_DATA", "DINOSCALE_CALIBRATION", "DINOSCALE_STORAGE")}
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["DINOSCALE_DATA"] = str(Path(tmp) / "no-data")  # published sizes, whatever is mounted here
+            os.environ["DINOSCALE_STORAGE"] = str(Path(tmp) / "store")
+            specs = [load_spec(p) for p in sorted((root / "sweeps").glob("*.yaml"))]
+            for spec in (s for s in specs if s.profile == "paper"):
+                plan = build_plan(spec, Path(tmp))
+                for launcher in launchers:
+                    cluster = cluster_from_launcher(root / launcher)
+                    rows.append(budget_row(plan, plan_budget(plan, cluster, load_calibration(path=os.devnull))))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+    gpus = sorted({GPUS[g].name for g in GPUS if any(f"x {g})" in r["cluster"] for r in rows)})
+    note = (
+        f"Data-less plans (published dataset sizes), every worker busy, spot and on-demand prices of "
+        f"`cluster/costs.yaml`; encoder at {UTILISATION:g} x the dense bf16 peak of "
+        + ", ".join(f"{g} ({GPUS[g].bf16_tflops:g} TFLOP/s)" for g in gpus)
+        + f"; decoding {CALIBRATION_LABEL}. `dinoscale plan SPEC --cluster LAUNCHER` shows the stages."
+    )
+    return "\n".join([BLOCK_BEGIN, markdown_table(rows), "", note, BLOCK_END])
+
+
+def replace_block(text: str, block: str) -> str:
+    a, b = text.index(BLOCK_BEGIN), text.index(BLOCK_END) + len(BLOCK_END)
+    return text[:a] + block + text[b:]
+
+
+README_LAUNCHERS = {
+    "README.md": ["cluster/launcher/aws.yaml"],
+    "cluster/README.md": ["cluster/launcher/aws.yaml", "cluster/launcher/gcp.yaml"],
+}
+
+
+if __name__ == "__main__":  # python -m dinoscale.sweep.budget --write: regenerate the quoted figures
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    for name, launchers in README_LAUNCHERS.items():
+        path = root / name
+        new = replace_block(path.read_text(), paper_budget_block(root, launchers))
+        if "--write" in sys.argv:
+            path.write_text(new)
+            print(f"written {path}")
+        else:
+            print(new[new.index(BLOCK_BEGIN) : new.index(BLOCK_END) + len(BLOCK_END)])
