@@ -535,7 +535,9 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-BLOCK_BEGIN = "<!-- plan-budget:begin (python -m dinoscale.sweep.budget --write: `dinoscale plan` of each paper spec) -->"
+BLOCK_BEGIN = (
+    "<!-- plan-budget:begin (python -m dinoscale.sweep.budget --write: `dinoscale plan` of each paper spec) -->"
+)
 BLOCK_END = "<!-- plan-budget:end -->"
 
 
