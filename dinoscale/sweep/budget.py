@@ -587,6 +587,28 @@ README_LAUNCHERS = {
 }
 
 
+# ---------------------------------------------------------------- calibration against what ran
+
+# Logged on the parent run beside what the runner measures (extraction_wall_seconds, trials_wall_seconds)
+PREDICTED_EXTRACTION = "predicted_extraction_wall_seconds"
+PREDICTED_TRIALS = "predicted_trials_wall_seconds"
+PREDICTED_GPU_HOURS = "predicted_gpu_hours"
+MEASURED = {PREDICTED_EXTRACTION: "extraction_wall_seconds", PREDICTED_TRIALS: "trials_wall_seconds"}
+
+
+def predicted_metrics(plan, address: str | None = None) -> dict[str, float]:
+    """The plan's prediction of each stage on the cluster it runs on (this machine without a Ray address)."""
+    try:
+        b = plan_budget(plan, this_machine() if address is None else plan_cluster(plan.spec))
+    except Exception:  # a prediction never stops a sweep (e.g. a launcher YAML that does not parse)
+        return {}
+    return {
+        PREDICTED_EXTRACTION: b.extraction_wall_s,
+        PREDICTED_TRIALS: b.trials_wall_s,
+        PREDICTED_GPU_HOURS: b.gpu_hours,
+    }
+
+
 if __name__ == "__main__":  # python -m dinoscale.sweep.budget --write: regenerate the quoted figures
     import sys
 
