@@ -107,6 +107,9 @@ DATASET_INPUT = {
     "semireal-ct": "nifti_gz",
 }
 READ_MB_S = {"local": 1000.0, "shared": 250.0}  # a node's read rate: local NVMe / a network share (EFS, Filestore)
+# Bytes of one input as the dataset is published, where its files compress unlike the calibration's synthetic
+# ones (else the calibration's bytes, scaled by pixels): NIH ChestX-ray14 ~42 GB of PNGs / 112,120 images.
+PUBLISHED_INPUT_BYTES = {"nih-chestxray14": 42e9 / 112_120}
 
 
 def load_calibration(path: str | os.PathLike | None = None) -> dict:
@@ -143,6 +146,7 @@ class Cluster:
     boot_minutes: float = 0.0  # billed per worker before its first task
     read_mb_s: float = READ_MB_S["local"]
     storage_gb_month: float | None = None  # the shared store's price
+    read_gb: float | None = None  # its price per GB read (EFS Elastic throughput), if it bills reads
 
     def describe(self) -> str:
         what = f"{self.gpus:g} x {self.gpu.name}" if self.gpu else "no GPU"
@@ -195,6 +199,7 @@ def cluster_from_launcher(path: Path, costs_path: Path | None = None) -> Cluster
         boot_minutes=float(costs.get("boot_minutes", {}).get(provider, 0)),
         read_mb_s=READ_MB_S["shared"],
         storage_gb_month=storage.get("gb_month"),
+        read_gb=storage.get("read_gb"),
     )
 
 
@@ -302,6 +307,11 @@ class Budget:
         node_hours = busy / slots_per_node + c.workers * c.boot_minutes / 60
         return node_hours * price + self.wall_s / 3600 * c.head_price
 
+    def read_dollars(self) -> float | None:
+        """The shared store's charge for reading the inputs (each feature set reads them once)."""
+        g = self.cluster.read_gb
+        return None if g is None else self.read_bytes / 1e9 * g
+
     def storage_month_dollars(self) -> float | None:
         g = self.cluster.storage_gb_month
         return None if g is None else self.disk_bytes / 1e9 * g
@@ -385,7 +395,7 @@ def _extraction(spec, sets, kind, pixels, cal, gpu, read_mb_s) -> StageCost:
     s = StageCost("extraction", f"{f0.backbone.name}@{f0.resolution} {f0.view}", inputs=n, flops=flops)
     s.tasks = max(1, math.ceil(n / spec.features.shard_forward_passes))
     s.decode_s = n * entry["seconds"] * scale / cores
-    s.read_bytes = n * entry["bytes"] * scale
+    s.read_bytes = n * PUBLISHED_INPUT_BYTES.get(spec.dataset.name, entry["bytes"] * scale)
     s.disk_s = s.read_bytes / (read_mb_s * 1e6)
     s.fixed_s = s.tasks * cal["task_fixed_seconds"]
     if gpu is not None:

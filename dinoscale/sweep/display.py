@@ -225,6 +225,7 @@ def _print_budget(plan: Plan, b) -> None:
         f"{n_shards} shard(s) ({plan.spec.features.dtype})"
         + (f", {dollars(store)}/month on the shared store" if store is not None else "")
         + (f"; inputs read: {si_bytes(b.read_bytes)}" if b.read_bytes else "")
+        + (f" ({dollars(b.read_dollars())} of reads)" if b.read_bytes and b.read_dollars() is not None else "")
         + f"; trials hold up to {plan.spec.features.resident_mb:,} MiB of a split in memory and stream larger ones"
     )
     for w in b.warnings:
