@@ -87,11 +87,13 @@ DECODE = {
     "npz_item": {"seconds": 0.0001269, "pixels": 50176, "bytes": 50176},
 }
 CPU_GFLOPS = 46.0  # encoder forward on one CPU core (fp32, dinov3-demo-m at 224 px, batch 8), GFLOP/s
-# Fixed costs measured on the demo sweeps (sweeps/demo/xray.yaml, this machine): a trial's own process, its
-# bootstrap intervals and MLflow record; an extraction task's start (a worker importing torch / timm / MONAI,
-# the model built). Figures of a CPU machine; a GPU node's are of the same order.
+# Fixed costs, from the demo sweep measured on an unloaded dev machine (docs ENVIRONMENT.md, 2026-11-28:
+# sweeps/demo/xray.yaml, 2 cores: 32 trials in ~70 s on 2 slots, 16 extraction tasks in 90 s of which ~35 s is
+# encoder work): a trial's own process, its bootstrap intervals and MLflow record (~4 s); an extraction task's
+# start, model build and shard commits (~7 s). `dinoscale calibrate` does not measure them (they come from a
+# sweep: benchmarks/bench_plan.py). A GPU node's are of the same order.
 TRIAL_FIXED_SECONDS = 4.0
-TASK_FIXED_SECONDS = 5.0
+TASK_FIXED_SECONDS = 7.0
 
 # The input kind of each adapter's files when the plan has no data (with data: the manifest's first file says).
 DATASET_INPUT = {
