@@ -75,18 +75,20 @@ GPUS = {
 # pixels of a dataset's inputs), and bytes per input on disk. Volumes (NIfTI, HDF5) are per slice / section.
 # Written by `dinoscale calibrate --python` on the machine named in CALIBRATION_LABEL.
 CALIBRATION_LABEL = (
-    "measured on AMD EPYC (this project's CI machine, 2 shared cores), 2026-12-05, by `dinoscale calibrate`"
+    "measured on AMD EPYC (this project's CI machine, 2 cores, load average 5.5: shared), 2026-12-05, "
+    "by `dinoscale calibrate`"
 )
 DECODE = {
-    "png": {"seconds": 0.01102, "pixels": 1048576, "bytes": 730915},
-    "jpeg": {"seconds": 0.0163, "pixels": 1048576, "bytes": 275665},
-    "tile": {"seconds": 0.001518, "pixels": 50176, "bytes": 105139},
-    "dicom": {"seconds": 0.0139, "pixels": 1048576, "bytes": 1049274},
-    "nifti_gz": {"seconds": 0.01113, "pixels": 262144, "bytes": 262040},
-    "hdf5": {"seconds": 0.01387, "pixels": 1562500, "bytes": 1562756},
-    "npz_item": {"seconds": 0.0001269, "pixels": 50176, "bytes": 50176},
+    "png": {"seconds": 0.01859, "pixels": 1048576, "bytes": 730915},
+    "jpeg": {"seconds": 0.02719, "pixels": 1048576, "bytes": 275665},
+    "tile": {"seconds": 0.002455, "pixels": 50176, "bytes": 105139},
+    "dicom": {"seconds": 0.01581, "pixels": 1048576, "bytes": 1049274},
+    "nifti_gz": {"seconds": 0.0268, "pixels": 262144, "bytes": 262040},
+    "npz_volume": {"seconds": 0.004513, "pixels": 4096, "bytes": 4096},
+    "hdf5": {"seconds": 0.01679, "pixels": 1562500, "bytes": 1562756},
+    "npz_item": {"seconds": 0.000147, "pixels": 50176, "bytes": 50176},
 }
-CPU_GFLOPS = 46.0  # encoder forward on one CPU core (fp32, dinov3-demo-m at 224 px, batch 8), GFLOP/s
+CPU_GFLOPS = 36.1  # encoder forward on one CPU core (fp32, dinov3-demo-m at 224 px, batch 8), GFLOP/s
 # Fixed costs, from the demo sweep measured on an unloaded dev machine (docs ENVIRONMENT.md, 2026-11-28:
 # sweeps/demo/xray.yaml, 2 cores: 32 trials in ~70 s on 2 slots, 16 extraction tasks in 90 s of which ~35 s is
 # encoder work): a trial's own process, its bootstrap intervals and MLflow record (~4 s); an extraction task's
@@ -377,6 +379,8 @@ def input_kind(plan) -> tuple[str, int]:
             kind = fk
         elif fk == "nifti":
             kind = "nifti_gz"
+    if kind == "npz_item" and any(f.view != "images" for f in plan.feature_sets):
+        kind = "npz_volume"  # MedMNIST+ 3D: volumes through the volume transform
     pub = plan.published or published_size(spec.dataset.name, spec.dataset.subset)
     if spec.dataset.phantom is not None:
         pixels = spec.dataset.phantom.image_size**2

@@ -2,9 +2,10 @@
 
 For each input kind it writes synthetic files in the published formats (a 1024 px grey PNG radiograph, a
 1024 px RGB JPEG, a 224 px RGB slide tile, a 1024 px 8-bit DICOM radiograph, a 512 x 512 x 32 int16 NIfTI.gz
-CT, a 1250 px x 8-section HDF5 EM block, 224 px items of an uncompressed ``.npz``) and times, on one core,
-the real path of an extraction: the readers of ``dinoscale.data.readers`` and the anti-aliased resize of
-``dinoscale.data.preprocess`` to 224 px. Synthetic pixels compress differently from real ones (a smooth phantom
+CT, a 1250 px x 8-section HDF5 EM block, 224 px images and 64^3 volumes in an uncompressed ``.npz``) and
+times, on one core, the real path of an extraction: the readers of ``dinoscale.data.readers`` and the resize
+of ``dinoscale.data.preprocess`` to 224 px (2D images: the separable anti-aliased resize; volumes: the volume
+transform, MONAI's per-slice resize with Gaussian anti-aliasing). Synthetic pixels compress differently from real ones (a smooth phantom
 plus noise): the figures are of the right order, not exact for a given dataset. It also times a demo-ladder
 ViT forward pass on one core (GFLOP/s, FLOPs counted on the model). The result is a JSON file the plan reads
 (``DINOSCALE_CALIBRATION``), or with ``--python`` the table to ship in ``dinoscale/sweep/budget.py``.
@@ -13,6 +14,7 @@ ViT forward pass on one core (GFLOP/s, FLOPs counted on the model). The result i
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import tempfile
 import time
@@ -58,6 +60,12 @@ def _writers(root: Path, rng) -> dict[str, tuple[Callable[[], None], int, int, i
     """kind -> (read + preprocess one unit, inputs per unit, pixels per input, bytes per input)."""
     from PIL import Image
 
+    from dinoscale.data.preprocess import build_volume_transform
+    from dinoscale.features.recipe import FeatureRecipe
+
+    load_volume, slice_transform = build_volume_transform(
+        FeatureRecipe("calibration", "random", RESOLUTION, (0.5,) * 3, (0.5,) * 3, antialias="gaussian", view="slices")
+    )
     out = {}
     for kind, side, ch, suffix in (("png", 1024, 1, "png"), ("jpeg", 1024, 3, "jpg"), ("tile", 224, 3, "png")):
         p = root / f"{kind}.{suffix}"
@@ -77,12 +85,21 @@ def _writers(root: Path, rng) -> dict[str, tuple[Callable[[], None], int, int, i
     p = root / "ct.nii.gz"
     nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 1.5, 1.0])), str(p))
 
-    def nifti(p=p):
-        v, _ = read_volume(p)
+    def nifti(p=p):  # the extraction's own volume path: read_volume, intensity mapping, MONAI per-slice resize
+        v = load_volume(str(p))
         for k in range(v.shape[-1]):
-            _resize(v[0, ..., k])
+            slice_transform(v[..., k])
 
     out["nifti_gz"] = (nifti, depth, 512 * 512, p.stat().st_size // depth)
+    p = root / "volumes.npz"  # MedMNIST+ 3D: 64^3 items of an uncompressed .npz
+    np.savez(p, train_images=np.stack([np.stack([_image(rng, 64)] * 64, axis=-1) for _ in range(4)]))
+
+    def npz_volume(p=p):
+        v = torch.as_tensor(read_npz_ref(npz_ref(str(p), "train_images", 0)).astype(np.float32))
+        for k in range(v.shape[-1]):
+            slice_transform(v[..., k])
+
+    out["npz_volume"] = (npz_volume, 64, 64 * 64, 64 * 64)
     import h5py
 
     p, sections = root / "em.h5", 8
@@ -129,6 +146,7 @@ def encoder_gflops(min_seconds: float, name: str = "dinov3-demo-m", batch: int =
 
 def calibrate(min_seconds: float = 1.0, progress: Callable[[str], None] | None = None) -> dict:
     """The CPU table of the budget, measured here (one thread)."""
+    load = os.getloadavg()[0]  # the machine may be shared: the figures are of this moment
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -143,7 +161,8 @@ def calibrate(min_seconds: float = 1.0, progress: Callable[[str], None] | None =
     finally:
         torch.set_num_threads(threads)
     return {
-        "label": f"measured on {cpu_model()}, {datetime.date.today().isoformat()}, by `dinoscale calibrate`",
+        "label": f"measured on {cpu_model()} ({os.cpu_count()} cores, load average {load:.1f}), "
+        f"{datetime.date.today().isoformat()}, by `dinoscale calibrate`",
         "decode": decode,
         "cpu_gflops": gflops,
         # fixed costs come from a sweep, not from here: kept from the shipped table
