@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dinoscale.data.preprocess import resize_antialiased
-from dinoscale.data.readers import read_hdf5_ref, read_image, read_npz_ref, read_volume
+from dinoscale.data.readers import read_hdf5_ref, read_image, read_npz_ref
 from dinoscale.data.refs import hdf5_ref, npz_ref
 from dinoscale.sweep import budget
 
