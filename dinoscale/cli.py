@@ -305,7 +305,11 @@ def plan(
     settings.apply_flags(storage=storage)
     s = _load(spec, sets)
     if cluster is not None and not cluster.is_file():
-        raise typer.BadParameter(f"{cluster}: no such cluster-launcher YAML (e.g. cluster/launcher/aws.yaml)")
+        from dinoscale.errors import UserError
+
+        raise UserError(
+            f"--cluster {cluster}: no such file; give a Ray cluster-launcher YAML, e.g. cluster/launcher/aws.yaml"
+        )
     check_storage(storage_root(s), write=False)  # a phantom dataset is generated there even for a dry run
     _quiet_libraries(s, "plan", verbose)
     p = build_plan(s)

@@ -148,3 +148,16 @@ def test_calibrate_measures_every_input_kind_with_the_real_readers(tmp_path):
     assert set(cal["decode"]) == set(DECODE) and all(e["seconds"] > 0 for e in cal["decode"].values())
     assert cal["label"].startswith("measured on ") and cal["cpu_gflops"] > 0
     assert load_calibration(str(out))["decode"]["png"]["seconds"] == cal["decode"]["png"]["seconds"]
+
+
+def test_a_cluster_file_that_is_not_a_launcher_is_one_message(tmp_path, no_data, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dinoscale.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "c.yaml"
+    bad.write_text("available_node_types: {head: {resources: {CPU: 0}}}\n")
+    for arg, says in ((str(tmp_path / "nope.yaml"), "no such file"), (str(bad), "no GPU worker type")):
+        res = CliRunner().invoke(app, ["plan", str(ROOT / "sweeps/xray.yaml"), "--cluster", arg])
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output

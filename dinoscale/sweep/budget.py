@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from dinoscale.errors import UserError
 from dinoscale.probes import get_probe
 
 # Sustained share of the dense bf16 peak that ViT inference reaches (batched, bf16 autocast): 30-50 % is what
@@ -173,7 +174,10 @@ def default_launcher() -> Path | None:
 def cluster_from_launcher(path: Path, costs_path: Path | None = None) -> Cluster:
     """A Ray cluster-launcher YAML (``cluster/launcher/*.yaml``) priced with ``cluster/costs.yaml``: its preferred
     GPU worker type (highest ``priority``), ``max_workers`` of them, the head's price and the boot minutes."""
-    conf = yaml.safe_load(Path(path).read_text())
+    try:
+        conf = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not a readable cluster-launcher YAML ({type(e).__name__}: {e})") from e
     costs_path = costs_path or Path(path).resolve().parents[1] / "costs.yaml"
     costs = yaml.safe_load(costs_path.read_text()) if costs_path.is_file() else {}
     instances = costs.get("instances", {})
@@ -181,7 +185,7 @@ def cluster_from_launcher(path: Path, costs_path: Path | None = None) -> Cluster
     head = types.get(conf.get("head_node_type", "head"), {})
     workers = [t for t in types.values() if t.get("resources", {}).get("GPU", 0) > 0 and t.get("max_workers", 0)]
     if not workers:
-        raise ValueError(f"{path}: no GPU worker type (resources: {{GPU: n}}, max_workers > 0)")
+        raise UserError(f"{path}: no GPU worker type in available_node_types (resources: {{GPU: n}}, max_workers > 0)")
     w = max(workers, key=lambda t: t.get("priority", 0))
     res = w["resources"]
     acc = next((k.removeprefix("accelerator_type_") for k in res if k.startswith("accelerator_type_")), "")
