@@ -310,9 +310,12 @@ class Budget:
         price = c.price_spot if spot and c.price_spot is not None else c.price_on_demand
         if price is None:
             return None
-        busy = sum(s.seconds for s in self.extraction + self.trials) / 3600  # slot-hours
-        slots_per_node = max(1, self.extraction_slots // max(1, c.workers))
-        node_hours = busy / slots_per_node + c.workers * c.boot_minutes / 60
+        nodes = max(1, c.workers)
+        node_hours = (  # slot-hours of each stage over the slots a node holds, + every worker's boot
+            sum(s.seconds for s in self.extraction) / 3600 / max(1, self.extraction_slots // nodes)
+            + sum(s.seconds for s in self.trials) / 3600 / max(1, self.trial_slots // nodes)
+            + c.workers * c.boot_minutes / 60
+        )
         return node_hours * price + self.wall_s / 3600 * c.head_price
 
     def read_dollars(self) -> float | None:
