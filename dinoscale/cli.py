@@ -287,19 +287,70 @@ def plan(
     sets: list[str] | None = _set_option(),
     storage: str | None = _storage_option(),
     verbose: bool = _verbose_option(),
+    cluster: Path | None = typer.Option(
+        None,
+        "--cluster",
+        help="price the plan on this Ray cluster-launcher YAML (e.g. cluster/launcher/aws.yaml) with "
+        "cluster/costs.yaml; default: the project's AWS launcher for paper specs, this machine otherwise",
+    ),
+    markdown: bool = typer.Option(False, "--markdown", help="print only the budget, as a markdown table"),
 ) -> None:
-    """Dry run: cells, cached vs to-extract feature sets, trial count and estimated compute."""
+    """Dry run: cells, feature sets to extract, and the budget: wall-clock on a named cluster, GPU-hours,
+    dollars (on demand and spot), bytes on disk, and what bounds each stage."""
     from dinoscale.preflight import check_storage
+    from dinoscale.sweep.budget import budget_row, markdown_table, plan_budget, plan_cluster
     from dinoscale.sweep.display import print_banner, print_plan
     from dinoscale.sweep.plan import build_plan, storage_root
 
     settings.apply_flags(storage=storage)
     s = _load(spec, sets)
+    if cluster is not None and not cluster.is_file():
+        from dinoscale.errors import UserError
+
+        raise UserError(
+            f"--cluster {cluster}: no such file; give a Ray cluster-launcher YAML, e.g. cluster/launcher/aws.yaml"
+        )
     check_storage(storage_root(s), write=False)  # a phantom dataset is generated there even for a dry run
     _quiet_libraries(s, "plan", verbose)
     p = build_plan(s)
+    b = plan_budget(p, plan_cluster(s, cluster))
+    if markdown:
+        typer.echo(markdown_table([budget_row(p, b)]))
+        return
     print_banner(p)
-    print_plan(p)
+    print_plan(p, b)
+
+
+@app.command()
+def calibrate(
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="write the table here (JSON; the plan reads it from the environment variable DINOSCALE_CALIBRATION)",
+    ),
+    python: bool = typer.Option(False, "--python", help="print the table as shipped in dinoscale/sweep/budget.py"),
+    seconds: float = typer.Option(1.0, "--seconds", min=0.05, help="time each measurement for at least this long"),
+) -> None:
+    """Measure this machine's decode + preprocess throughput per CPU core for each input kind (PNG, JPEG, slide
+    tiles, DICOM, NIfTI.gz slices, HDF5 sections, .npz items) with the real readers, and the encoder on one core."""
+    import json
+
+    from dinoscale.sweep.calibrate import as_python
+    from dinoscale.sweep.calibrate import calibrate as measure
+
+    cal = measure(seconds, progress=lambda kind: typer.echo(f"  {kind}: measured", err=True))
+    typer.echo(cal["label"])
+    for kind, e in cal["decode"].items():
+        rate = 1 / e["seconds"] if e["seconds"] else float("inf")
+        px = f"{round(e['pixels'] ** 0.5)} px"
+        typer.echo(f"  {kind:<9} {px:>8}  {e['seconds'] * 1e3:8.2f} ms/input  {rate:8.1f} inputs/s per core")
+    typer.echo(f"  encoder on one CPU core: {cal['cpu_gflops']:.1f} GFLOP/s")
+    if python:
+        typer.echo(as_python(cal))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cal, indent=1))
+        typer.echo(f"written {out}; use it with DINOSCALE_CALIBRATION={out}")
 
 
 @app.command()

@@ -65,7 +65,7 @@ def test_cli_plan_prints_the_grid(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["plan", str(ROOT / "sweeps/xray.yaml")])
     assert res.exit_code == 0, res.output
     assert "72 cells" in res.output and "Data not available" in res.output
-    assert "from the published dataset size" in res.output and "GPU-hours" in res.output
+    assert "from the published dataset size" in res.output and "GPU-h" in res.output and "spot" in res.output
     assert "DINOSCALE_DATA not set" in res.output
     assert "dinov3-vitl16" in res.output
 

@@ -57,7 +57,7 @@ def test_cli_plan_shows_bytes_memory_and_the_right_units(no_data, monkeypatch):
     monkeypatch.chdir(no_data)
     res = CliRunner().invoke(app, ["plan", str(ROOT / "sweeps/mri.yaml")], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    assert "slice forward passes" in res.output and "484 volumes x ~155 slices" in res.output
+    assert "k slices" in res.output and "484 volumes x ~155 slices" in res.output
     assert "on disk" in res.output and "extraction task RAM" in res.output and "GiB" in res.output
     assert "nnU-Net" in res.output  # the source of the typical sizes
 

@@ -241,7 +241,33 @@ def _medmnist_color(subset: str | None) -> str:
     return "rgb" if MEDMNIST_CLASSES.get(re.sub(r"_\d+$", "", subset or ""), (0, False, False))[2] else "grey"
 
 
-@register_dataset("medmnist", task="auto", color=_medmnist_color)
+# Published sizes (images or volumes, all splits): MedMNIST v2 (Yang et al. 2023, Sci. Data 10:41, Table 1) and
+# MedMNIST+ (Doerrich et al. 2024, arXiv 2404.15786: the same samples at 64 / 128 / 224 px, 3D at 64^3), as the
+# medmnist package's INFO n_samples sums them. Keyed by dataset.subset: '<name>' is the 28 px file, '<name>_<S>'.
+MEDMNIST_SAMPLES = {
+    **dict(pathmnist=107_180, chestmnist=112_120, dermamnist=10_015, octmnist=109_309, pneumoniamnist=5_856),
+    **dict(retinamnist=1_600, breastmnist=780, bloodmnist=17_092, tissuemnist=236_386),
+    **dict(organamnist=58_830, organcmnist=23_583, organsmnist=25_211),
+    **dict(organmnist3d=1_742, nodulemnist3d=1_633, adrenalmnist3d=1_584, fracturemnist3d=1_370),
+    **dict(vesselmnist3d=1_908, synapsemnist3d=1_759),
+}
+_MEDMNIST_CITE = (
+    "MedMNIST v2 (Yang et al. 2023, Sci. Data) / MedMNIST+ (Doerrich et al. 2024): the medmnist INFO counts"
+)
+MEDMNIST_PUBLISHED = {
+    name + ("" if size == 28 else f"_{size}"): PublishedSize(
+        n,
+        "volume" if name.endswith("3d") else "image",
+        per_unit=size if name.endswith("3d") else 1.0,  # a 3D item is size^3: `size` axial slices
+        pixels=(size, size),
+        source=_MEDMNIST_CITE,
+    )
+    for name, n in MEDMNIST_SAMPLES.items()
+    for size in ((28, 64) if name.endswith("3d") else (28, 64, 128, 224))
+}
+
+
+@register_dataset("medmnist", task="auto", color=_medmnist_color, published=MEDMNIST_PUBLISHED)
 def prepare_medmnist(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "MedMNIST+", MEDMNIST_LAYOUT, MEDMNIST_SOURCE)
     if not spec.subset:

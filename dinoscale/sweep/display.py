@@ -12,6 +12,7 @@ from rich.table import Table
 from dinoscale.console import console
 from dinoscale.provenance import Provenance
 from dinoscale.record import AXIS_NAMES
+from dinoscale.sweep.budget import si, si_bytes
 from dinoscale.sweep.plan import Plan
 
 
@@ -35,83 +36,71 @@ def _unit_name(plan: Plan, view: str) -> str:
     return "volumes"
 
 
-def print_plan(plan: Plan) -> None:
-    from dinoscale.sweep.cost import gib
-    from dinoscale.sweep.plan import memory_problems, plan_node_memory
+def _table(title: str, columns: dict[str, str]) -> Table:
+    """A borderless table: its columns fit 80 (tests/test_plan_budget.py), its title wraps."""
+    t = Table(title=title, title_justify="left", padding=(0, 1), pad_edge=False, box=None, header_style="bold")
+    for name, justify in columns.items():
+        t.add_column(name, justify=justify)
+    return t
+
+
+def print_plan(plan: Plan, budget=None) -> None:
+    """The plan as a budget: its feature sets, the stages with their bound, wall-clock on a named cluster,
+    GPU-hours, dollars, bytes, memory against the cluster's nodes (every offending task)."""
+    from dinoscale.sweep.budget import plan_budget, plan_cluster
 
     spec = plan.spec
-    n_cached = len([f for f in plan.feature_sets if f.cached])
-    n_online = len([f for f in plan.feature_sets if f.online])
-    t = Table(
-        title=f"Feature sets - one backbone forward pass per backbone x resolution x view x split: "
-        f"{n_cached} cached, {len(plan.missing)} to extract" + (f", {n_online} online" if n_online else "")
-    )
-    for col in (
-        "backbone",
-        "params",
-        "res",
-        "view",
-        "units (train/val/test)",
-        "forward passes",
-        "status",
-        "est. GFLOP",
-        "keys",
-    ):
-        t.add_column(
-            col,
-            justify="right" if col in ("params", "res", "forward passes", "est. GFLOP") else "left",
-            no_wrap=col == "backbone",
-        )
-    m = Table(title="Bytes and memory - predicted per feature set (host RAM: the peak of one task)")
-    for col in ("backbone", "res", "view", "on disk", "shards", "extraction task RAM", "trial RAM (largest)"):
-        m.add_column(col, justify="left" if col in ("backbone", "view") else "right", no_wrap=col == "backbone")
+    budget = budget or plan_budget(plan, plan_cluster(spec))
+    est = "~" if plan.dataset is None else ""
     groups: dict = {}
     for fs in plan.feature_sets:
         groups.setdefault((fs.backbone.name, fs.resolution, fs.view, fs.tokens), []).append(fs)
+    n_cached = len([f for f in plan.feature_sets if f.cached])
+    n_online = len([f for f in plan.feature_sets if f.online])
+    t = _table(
+        f"Feature sets: one forward pass per backbone x resolution x view x split; {n_cached} cached, "
+        f"{len(plan.missing)} to extract" + (f", {n_online} online" if n_online else ""),
+        {
+            "feature set": "left",
+            "view": "left",
+            "inputs": "right",
+            "on disk": "right",
+            "shards": "right",
+            "status": "left",
+        },
+    )
     trial_ram: dict = {}
     for c in plan.cells:
         if c.memory.get("predicted_peak_bytes"):
             k = (c.backbone.name, c.resolution, c.view, c.tokens)
             trial_ram[k] = max(trial_ram.get(k, 0.0), c.memory["predicted_peak_bytes"])
-    est = "~" if plan.dataset is None else ""
+    m = _table(
+        "Host memory, predicted peak of one task",
+        {"feature set": "left", "view": "left", "extraction task RAM": "right", "trial RAM (largest)": "right"},
+    )
     for (name, res, view, tokens), sets in groups.items():
-        cached = sum(f.cached for f in sets)
-        shards = sum(f.n_shards for f in sets)
-        committed = sum(f.committed_shards for f in sets)
-        if sets[0].online:
-            status = "[cyan]online[/cyan]"
-        elif sets[0].key is None:
-            status = "[red]no data[/red]"
-        elif cached == len(sets):
-            status = "[green]cached[/green]"
-        else:
-            status = f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]" + (
-                f" ({committed}/{shards} shards kept)" if committed else ""
-            )
-        todo = sum(f.gflops for f in sets if not f.cached and not f.online)
-        passes = sum(f.n_slices or f.n_images for f in sets)
-        shown_view = view + (" (grid)" if tokens == "patch_grid" else "")
         t.add_row(
-            name,
-            f"{sets[0].backbone.n_params / 1e6:.2f}M",
-            str(res),
-            shown_view,
-            est + "/".join(f"{f.n_images:,}" for f in sets) + f" {_unit_name(plan, view)}",
-            f"{est}{passes:,}",
-            status,
-            f"{todo:,.0f}",
-            " ".join(f.key.digest[:8] for f in sets) if sets[0].key else "-",
+            f"{name}@{res}",
+            view + (" grid" if tokens == "patch_grid" else ""),
+            est + si(sum(f.n_slices or f.n_images for f in sets)) + f" {_input_name(plan, view)}",
+            est + si_bytes(sum(f.nbytes for f in sets)) if not sets[0].online else "online",
+            str(sum(f.n_shards for f in sets)),
+            _status(sets),
         )
         m.add_row(
-            name,
-            str(res),
-            shown_view,
-            est + gib(sum(f.nbytes for f in sets)) + (" (online: not stored)" if sets[0].online else ""),
-            str(shards),
-            est + gib(max(f.extraction_peak for f in sets)),
-            est + gib(trial_ram[(name, res, view, tokens)]) if (name, res, view, tokens) in trial_ram else "-",
+            f"{name}@{res}",
+            view,
+            est + si_bytes(max(f.extraction_peak for f in sets)),
+            est + si_bytes(trial_ram[(name, res, view, tokens)]) if (name, res, view, tokens) in trial_ram else "-",
         )
     console.print(t)
+    if plan.dataset is None and plan.published is not None:
+        console.print(
+            f"  [dim]counts from the published dataset size: {plan.published.describe(spec.dataset.tile_mpp)}"
+            + (f"; {plan.published.source}" if plan.published.source else "")
+            + "[/dim]"
+        )
+    _print_stages(plan, budget)
     console.print(m)
     axes = (
         f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
@@ -125,52 +114,142 @@ def print_plan(plan: Plan) -> None:
     )
     if training:
         print_finetuning(plan, training)
-    missing_images = plan.forward_passes()
-    res = spec.resources
-    gpu_hours = plan.estimated_gflops() / (res.assumed_gpu_tflops * 1e3) / 3600
-    unit = (
-        "slice"
-        if any(f.view != "images" for f in plan.feature_sets)
-        else "tile"
-        if _unit_name(plan, "images") == "tiles"
-        else "image"
+    _print_budget(plan, budget)
+    _print_memory(plan, budget)
+    if plan.dataset_error:
+        console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
+
+
+def _input_name(plan: Plan, view: str) -> str:
+    unit = _unit_name(plan, view)
+    return {"volumes": "slices", "images": "images", "tiles": "tiles"}.get(unit, unit)
+
+
+def _status(sets) -> str:
+    cached = sum(f.cached for f in sets)
+    shards = sum(f.n_shards for f in sets)
+    committed = sum(f.committed_shards for f in sets)
+    if sets[0].online:
+        return "[cyan]online[/cyan]"
+    if sets[0].key is None:
+        return "[red]no data[/red]"
+    if cached == len(sets):
+        return "[green]cached[/green]"
+    kept = f" ({committed}/{shards} kept)" if committed else ""
+    return f"[yellow]extract {len(sets) - cached}/{len(sets)}[/yellow]{kept}"
+
+
+def _print_stages(plan: Plan, b) -> None:
+    """Per feature set to extract: the slot time of decoding, the encoder and the reads, and the bound."""
+    from dinoscale.sweep.budget import UTILISATION, duration, si
+
+    gpu = b.cluster.gpu if b.cluster.gpus else None
+    enc = f"{gpu.name} x {UTILISATION:g}" if gpu else "CPU"
+    t = _table(
+        f"Extraction stage on {b.cluster.name}: time of each feature set's tasks in one slot",
+        {
+            "feature set": "left",
+            "FLOP": "right",
+            "decode": "right",
+            f"encoder ({enc})": "right",
+            "read": "right",
+            "bound": "left",
+        },
     )
-    source = ""
-    if plan.dataset is None:
-        source = " (from the published dataset size)"
-        if plan.published is not None:
-            source = f" (from the published dataset size: {plan.published.describe(spec.dataset.tile_mpp)})"
+    for s in b.extraction:
+        t.add_row(
+            s.what.split(" ")[0], si(s.flops), duration(s.decode_s), duration(s.compute_s), duration(s.disk_s), s.bound
+        )
+    if b.extraction:
+        console.print(t)
+
+
+def _print_budget(plan: Plan, b) -> None:
+    from dinoscale.sweep.budget import UTILISATION, dollars, duration, si_bytes
+
+    c = b.cluster
+    t = _table(
+        f"Budget on {c.describe()}",
+        {"stage": "left", "work (slot-h)": "right", "bound": "left", "wall-clock": "right", "GPU-h": "right"},
+    )
+    by_stage: dict[str, list] = {}
+    for s in b.extraction + b.trials:
+        by_stage.setdefault(s.stage, []).append(s)
+    if b.boot_s:
+        t.add_row("node boot", "-", "-", duration(b.boot_s), "-")
+    for stage, items in by_stage.items():
+        bounds: dict[str, float] = {}
+        for s in items:
+            bounds[s.bound] = bounds.get(s.bound, 0.0) + s.seconds
+        slots = b.extraction_slots if stage == "extraction" else b.trial_slots
+        gpu_h = sum(s.seconds * s.gpu_share for s in items) / 3600 if c.gpu else 0.0
+        t.add_row(
+            f"{stage} ({len(items)})",
+            f"{sum(s.seconds for s in items) / 3600:.3g}",
+            max(bounds, key=bounds.get),
+            duration(b._wall(items, slots)),
+            f"{gpu_h:.3g}" if c.gpu else "-",
+        )
+    t.add_row(
+        "[bold]total[/bold]",
+        "",
+        "",
+        f"[bold]{duration(b.wall_s)}[/bold]",
+        f"[bold]{b.gpu_hours:.3g}[/bold]" if c.gpu else "-",
+    )
+    console.print(t)
     console.print(
-        f"[bold]Extraction:[/bold] {len(plan.missing)} feature sets to extract, {n_cached} cached; "
-        f"{missing_images:,} {unit} forward passes{source}, "
-        f"~{plan.estimated_gflops():,.0f} GFLOP (FLOPs per image measured on each model) "
-        f"= ~{gpu_hours:.2g} GPU-hours at an assumed {res.assumed_gpu_tflops:g} TFLOP/s"
+        "  [dim]bound: decode = the task's CPU cores decoding + resizing its inputs "
+        f"({b.calibration}); GPU = FLOPs measured on each model / (dense bf16 peak x {UTILISATION:g}); "
+        "CPU = the encoder or probe on the task's cores; disk = its inputs at the node's read rate; fixed = a "
+        "task's / trial's start, intervals and record. Wall-clock spreads the work over "
+        f"{b.extraction_slots} extraction and {b.trial_slots} trial slots.[/dim]"
     )
-    if plan.dataset is None and plan.published is not None and plan.published.source:
-        console.print(f"  [dim]published size: {plan.published.source}[/dim]")
-    on_disk = sum(f.nbytes for f in plan.feature_sets if not f.online)
+    if c.gpu:
+        console.print(f"  [dim]{c.gpu.name}: {c.gpu.source}[/dim]")
+    else:
+        console.print(
+            "  [dim]no GPU here: priced on this machine; `--cluster cluster/launcher/aws.yaml` for a GPU cluster[/dim]"
+        )
+    spot, on_demand = b.dollars(spot=True), b.dollars(spot=False)
+    if on_demand is not None:
+        console.print(
+            f"[bold]Cost:[/bold] {dollars(on_demand)} on demand, {dollars(spot)} spot "
+            f"({c.instance} workers at {dollars(c.price_on_demand)}/h, spot {dollars(c.price_spot)}/h, + head and "
+            f"{c.boot_minutes:g} min boot each; prices: cluster/costs.yaml)"
+        )
+    store = b.storage_month_dollars()
+    n_shards = sum(f.n_shards for f in plan.feature_sets if not f.online)
     console.print(
-        f"[bold]Store:[/bold] {est}{gib(on_disk)} of features in {sum(f.n_shards for f in plan.feature_sets if not f.online)} "
-        f"shard(s) ({spec.features.dtype}; at most {spec.features.shard_forward_passes:,} inputs and "
-        f"{spec.features.shard_mb:,} MiB per shard, one Ray task each); trials hold up to "
-        f"{spec.features.resident_mb:,} MiB of a split's features in memory and stream larger splits"
+        f"[bold]Store:[/bold] {'~' if plan.dataset is None else ''}{si_bytes(b.disk_bytes)} of features in "
+        f"{n_shards} shard(s) ({plan.spec.features.dtype})"
+        + (f", {dollars(store)}/month on the shared store" if store is not None else "")
+        + (f"; inputs read: {si_bytes(b.read_bytes)}" if b.read_bytes else "")
+        + (f" ({dollars(b.read_dollars())} of reads)" if b.read_bytes and b.read_dollars() is not None else "")
+        + f"; trials hold up to {plan.spec.features.resident_mb:,} MiB of a split in memory and stream larger ones"
     )
-    console.print(
-        f"[bold]Resources:[/bold] extraction task {res.cpus_per_extraction:g} CPU + {res.gpus_per_extraction:g} GPU; "
-        f"frozen trial {res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU; lora/full trial "
-        f"{res.cpus_per_trial:g} CPU + {res.gpus_per_training_trial:g} GPU (GPU shares apply only where the "
-        f"cluster has GPUs); {res.trial_retries} retries per trial"
-        + (f"; at most {res.max_concurrent_trials} trials at once" if res.max_concurrent_trials else "")
-    )
-    node, how = plan_node_memory(spec)
+    for w in b.warnings:
+        console.print(f"[yellow]Warning:[/yellow] {w}")
+
+
+def _print_memory(plan: Plan, b) -> None:
+    """Every task that would not fit a node of the cluster (its memory, or resources.node_memory_gb)."""
+    from dinoscale.sweep.cost import gib
+    from dinoscale.sweep.plan import memory_problems
+
+    if plan.spec.resources.node_memory_gb is not None:
+        node, how = plan.spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb"
+    else:
+        node, how = (
+            b.cluster.memory_bytes,
+            f"a node of {b.cluster.name}" + (f" ({b.cluster.instance})" if b.cluster.instance else ""),
+        )
     problems = memory_problems(plan, node)
     if problems:
         console.print(
             f"[red]Memory:[/red] {len(problems)} task(s) would not fit the {gib(node)} of {how}; a sweep would be "
-            "refused:\n  " + "\n  ".join(problems[:8])
+            "refused:\n  " + "\n  ".join(problems)
         )
-    if plan.dataset_error:
-        console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
 
 
 def print_finetuning(plan: Plan, cells) -> None:

@@ -39,6 +39,7 @@ from dinoscale.features import FeatureStore
 from dinoscale.mlflow_ui import browse_hint
 from dinoscale.preflight import _no_retries, failure_line, tracking_failure_of, tracking_store_failure
 from dinoscale.spec import SweepSpec
+from dinoscale.sweep.budget import predicted_metrics
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.describe import parent_description
 from dinoscale.sweep.display import (
@@ -223,6 +224,7 @@ def run_sweep(
     state = _open_parent(client, spec, plan, tracking_uri, project_dir, resume, dataset_inputs, annotations)
     state.save(plan.storage)
     parent_id, step = state.parent_run_id, state.attempts - 1
+    log_batch(client, parent_id, step=step, metrics=predicted_metrics(plan, address))  # beside what runs
     if not quiet:
         verb = f"resuming sweep {state.sweep_id} (attempt {state.attempts})" if resume else f"sweep {state.sweep_id}"
         console.print(f"MLflow: {verb}, experiment '{spec.experiment_name}', parent run {parent_id} ({tracking_uri})")
