@@ -135,3 +135,55 @@ def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
     assert cached_hub_file(get_backbone("biomedclip")).name == "open_clip_pytorch_model.bin"
     missing = weights_need("uni2-h", "hub")
     assert not missing.found and "hf download MahmoodLab/UNI2-h" in missing.todo and "gated" in missing.todo
+
+
+# ---------------------------------------------------------------- the spec names families compactly
+
+
+def _demo_raw(**changes) -> dict:
+    import yaml
+
+    with open("sweeps/demo/xray.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw.update(resolutions=[224], **changes)
+    return raw
+
+
+def test_encoders_expand_into_backbones_and_the_old_list_still_works():
+    from dinoscale.spec import SweepSpec
+
+    raw = _demo_raw(encoders=[{"family": "dinov3-demo", "sizes": ["xs", "s"]}, {"family": "dinov2-demo"}])
+    raw["backbones"] = [{"name": "timm:resnet18", "weights": "random"}]
+    spec = SweepSpec.model_validate(raw)
+    names = [b.name for b in spec.backbones]
+    assert names == [
+        "timm:resnet18",
+        "dinov3-demo-xs",
+        "dinov3-demo-s",
+        "dinov2-demo-xs",
+        "dinov2-demo-s",
+        "dinov2-demo-m",
+    ]
+    assert [family_of(n) for n in names[1:]] == ["dinov3-demo"] * 2 + ["dinov2-demo"] * 3
+    # the resolved spec holds backbones only: written either way, one digest
+    raw2 = _demo_raw()
+    raw2["backbones"] = [{"name": n, "weights": "random"} for n in names]
+    assert SweepSpec.model_validate(raw2).digest() == spec.digest()
+    assert "encoders" not in spec.resolved_yaml()
+
+
+@pytest.mark.parametrize(
+    "encoders, words",
+    [
+        ([{"family": "raddino"}], "encoders.0.family: unknown encoder family 'raddino' (did you mean 'rad-dino'?)"),
+        ([{"family": "dinov3", "sizes": ["s", "xl"]}], "unknown size of family dinov3 'xl' (did you mean 'l'?)"),
+    ],
+)
+def test_an_unknown_family_or_size_is_one_message_naming_the_key(tmp_path, encoders, words):
+    import yaml
+
+    raw = _demo_raw(encoders=encoders)
+    raw.pop("backbones")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
