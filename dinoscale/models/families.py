@@ -571,8 +571,9 @@ def config_overrides(size: Size) -> dict:
 
 def family_of(backbone: str) -> str:
     """The family a backbone belongs to: its declared family, the family of its timm architecture
-    (``timm:vit_base_patch14_dinov2.lvd142m`` -> dinov2), else the backbone itself (a family of one), so
-    that an unknown encoder is never pooled with another on a size curve."""
+    (``timm:vit_base_patch14_dinov2.lvd142m`` -> dinov2), else '' (not stated: a ``timm:`` model outside
+    every family, or a name in a published results table; such cells share one size curve, as before
+    families existed)."""
     found = size_of(backbone)
     if found is not None:
         return found[0].name
@@ -580,4 +581,4 @@ def family_of(backbone: str) -> str:
         arch = backbone[len("timm:") :].partition(".")[0]
         if arch in _BY_ARCH:
             return _BY_ARCH[arch]
-    return backbone
+    return ""
