@@ -133,6 +133,13 @@ def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
     assert weights_need("dinov2-vits14", "hub").found
     assert weights_need("rad-dino", "hub").found
     assert cached_hub_file(get_backbone("biomedclip")).name == "open_clip_pytorch_model.bin"
+    # timm's local-dir: a folder holding the weights file
+    from safetensors.torch import save_file
+
+    (tmp_path / "local").mkdir()
+    save_file(sd, str(tmp_path / "local" / "model.safetensors"))
+    local = load_backbone("dinov2-vits14", f"local-dir:{tmp_path / 'local'}")
+    assert local.weights["kind"] == "file" and local.weights["path"].endswith("local/model.safetensors")
     missing = weights_need("uni2-h", "hub")
     assert not missing.found and "hf download MahmoodLab/UNI2-h" in missing.todo and "gated" in missing.todo
 
@@ -187,3 +194,43 @@ def test_an_unknown_family_or_size_is_one_message_naming_the_key(tmp_path, encod
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     r = CliRunner().invoke(app, ["validate", str(tmp_path / "s.yaml")])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- dinoscale weights SPEC
+
+
+def test_weights_command_names_every_missing_set_once(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = load_backbone("dinov2-vits14", "random", seed=3).model
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    _fake_hf_cache(tmp_path / "hub", "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", state_dict=sd)
+    raw = _demo_raw(encoders=[{"family": "dinov2", "sizes": ["s", "b"], "weights": "hub"}])
+    raw["backbones"] = [
+        {"name": "rad-dino", "weights": "hub"},
+        {"name": "uni", "weights": "hub"},
+        {"name": "dinov3-demo-xs", "weights": "random"},
+    ]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+
+    r = CliRunner().invoke(app, ["weights", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert r.output.count("3 of 5 backbone weight set(s) are missing") == 1
+    for name, command in (
+        ("rad-dino", "hf download microsoft/rad-dino model.safetensors"),
+        ("uni", "hf download MahmoodLab/UNI model.safetensors (gated"),
+        ("dinov2-vitb14", "hf download timm/vit_base_patch14_dinov2.lvd142m model.safetensors"),
+    ):
+        assert f"  - {name} (weights: hub) looked for at " in r.output and command in r.output
+    found = [x for x in r.output.splitlines() if x.startswith("found")]
+    assert len(found) == 2 and "dinov3-demo-xs" in found[0] and "random" in found[0]
+    assert "dinov2-vits14" in found[1] and str(tmp_path / "hub") in found[1]
+
+    raw["backbones"] = raw["backbones"][2:]
+    raw["encoders"][0]["sizes"] = ["s"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["weights", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 0 and "MISSING" not in r.output
