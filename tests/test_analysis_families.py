@@ -5,7 +5,12 @@ import numpy as np
 import pandas as pd
 
 from dinoscale.analysis import bootstrap_cells
-from dinoscale.analysis.compare import compare_families, family_verdict, summarize_families
+from dinoscale.analysis.compare import (
+    compare_families,
+    compare_families_at_compute,
+    family_verdict,
+    summarize_families,
+)
 from dinoscale.analysis.curves import build_curves
 from dinoscale.metrics import macro_auroc, patient_bootstrap
 from dinoscale.models.families import family_of
@@ -104,3 +109,21 @@ def test_unpaired_cells_say_so():
     runs, _ = _runs(resolutions=(224,))
     cmp = compare_families(bootstrap_cells(runs, None, resamples=300))
     assert (cmp.paired == "unpaired (independent draws)").all()
+
+
+def test_families_compared_at_matched_compute():
+    runs, preds = _runs()
+    runs["tokens_per_image"] = [
+        1 + (r // 14) ** 2 if b.startswith("dinov2") else 5 + (r // 16) ** 2
+        for b, r in zip(runs.backbone, runs.resolution)
+    ]
+    cd = bootstrap_cells(runs, preds, resamples=300)
+    cmp = compare_families_at_compute(cd)
+    assert len(cmp) > 0 and (cmp.paired == "paired over patients").all()
+    ratio = np.maximum(cmp.gflops, cmp.other_gflops) / np.minimum(cmp.gflops, cmp.other_gflops)
+    assert (ratio <= 1.5).all()
+    # dinov3-demo-m@112 (2.8M params x 54 tokens) meets the nearest cost of the other family, dinov2-demo-xs@224
+    # (0.5M x 257: 1.2x less), not dinov2-demo-m@112 (3.0M x 65: 1.3x more)
+    row = cmp.set_index("backbone").loc["dinov3-demo-m@112"]
+    assert row.other_backbone == "dinov2-demo-xs@224" and row.delta_low > 0
+    assert (cmp.family == "dinov3-demo").all()

@@ -299,3 +299,60 @@ def family_verdict(cd: CellDraws) -> list[str]:
         words = _words(r.other_backbone, r.backbone, lo, hi, cd.headline.goal, r.delta)
         lines.append(f"{mod} {ds}: DINOv3's best vs the best other family: {family_difference_words(r)} - {words}")
     return lines
+
+
+MATCHED_COMPUTE = 1.5  # two cells are at matched compute when their forward GFLOPs per image differ by <= 1.5x
+
+
+def compare_families_at_compute(cd: CellDraws, tolerance: float = MATCHED_COMPUTE) -> pd.DataFrame:
+    """Families compared at matched compute: each cell of the first family (DINOv3 first) against the cell of
+    the other family nearest to it in forward GFLOPs per image (any resolution), kept where the two costs differ
+    by at most ``tolerance`` x; the difference's interval as in ``compare_families``. Empty where no GFLOPs (or
+    tokens per image to estimate them) are in the results."""
+    from dinoscale.analysis.curves import family_column
+
+    cells = cd.cells.copy()
+    cells[FAMILY] = family_column(cells)
+    cells["cost"], _ = compute_cost(cells)
+    cells = cells[cells.cost.notna() & (cells.cost > 0)]
+    q = (1 - cd.level) / 2
+    keys = [k for k in FAMILY_POSITION if k != "resolution"]
+    rows = []
+    for key, g in cells.groupby(keys, sort=True, dropna=False):
+        for fa, fb in combinations(sorted(g[FAMILY].unique(), key=_family_rank), 2):
+            ga, gb = g[g[FAMILY] == fa], g[g[FAMILY] == fb]
+            for i, a in ga.iterrows():
+                j = (np.log(gb.cost) - np.log(a.cost)).abs().idxmin()
+                b = gb.loc[j]
+                ratio = max(a.cost, b.cost) / min(a.cost, b.cost)
+                if ratio > tolerance:
+                    continue
+                diff = cd.draws[:, cd.cells.index.get_loc(i)] - cd.draws[:, cd.cells.index.get_loc(j)]
+                lo, hi = np.nanquantile(diff, [q, 1 - q]) if np.isfinite(diff).any() else (np.nan, np.nan)
+                delta = a.metric - b.metric
+                rows.append(
+                    {
+                        **dict(zip(keys, key)),
+                        "family": fa,
+                        "backbone": f"{a.backbone}@{a.resolution:g}",
+                        "gflops": a.cost,
+                        "other_family": fb,
+                        "other_backbone": f"{b.backbone}@{b.resolution:g}",
+                        "other_gflops": b.cost,
+                        "delta": delta,
+                        "delta_low": float(lo),
+                        "delta_high": float(hi),
+                        "paired": "paired over patients"
+                        if _paired(a, b)
+                        else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                        "verdict": _words(
+                            f"{b.backbone}@{b.resolution:g}",
+                            f"{a.backbone}@{a.resolution:g}",
+                            lo,
+                            hi,
+                            cd.headline.goal,
+                            delta,
+                        ),
+                    }
+                )
+    return pd.DataFrame(rows)
