@@ -619,11 +619,39 @@ def ui(
 
 @app.command()
 def backbones() -> None:
-    """List the backbone registry."""
-    from dinoscale.models import BACKBONES
+    """List the encoder families (loader, sizes -> backbone names, gating) and any timm model as timm:<name>."""
+    from dinoscale.models.families import FAMILIES
 
-    for b in BACKBONES.values():
-        typer.echo(f"{b.name:20s} {b.arch_id:60s} {b.description}" + (f" [hub tag: {b.hub_tag}]" if b.hub_tag else ""))
+    for f in FAMILIES:
+        gate = "gated" if f.gated else "open"
+        typer.echo(f"{f.name:16s} {f.loader:13s} {gate:6s} {f.domain:10s} {f.title}")
+        sizes = ", ".join(f"{s.key}={s.backbone}" for s in f.sizes)
+        typer.echo(f"{'':16s} sizes: {sizes}")
+        typer.echo(
+            f"{'':16s} input {f.native_resolution or '3D'} px, mean {list(f.mean)}, std {list(f.std)}; "
+            f"tokens: {f.tokens}"
+        )
+        typer.echo(f"{'':16s} pooling: protocol {f.pooling_protocol}; upstream {f.pooling_upstream}")
+        typer.echo(f"{'':16s} licence: {f.licence}" + (f"; {f.notes}" if f.notes else ""))
+    typer.echo("any other timm model: timm:<architecture>[.<pretrained tag>] (a family of its own)")
+
+
+@app.command()
+def weights(
+    spec: Path = typer.Argument(..., help="sweep spec YAML"),
+    sets: list[str] | None = _set_option(),
+) -> None:
+    """List the weights a spec needs and where each is looked for (no network); exit 2 naming every missing one."""
+    from dinoscale.models import missing_weights_error, weights_need
+
+    s = _load(spec, sets)
+    needs = [weights_need(b.name, b.weights) for b in s.backbones]
+    for n in needs:
+        mark = "found  " if n.found else "MISSING"
+        typer.echo(f"{mark} {n.backbone:20s} {n.family:14s} {n.weights:8s} {n.where}")
+    error = missing_weights_error(needs)
+    if error is not None:
+        raise error
 
 
 @app.command()

@@ -230,6 +230,67 @@ class BackboneSpec(Strict):
         return self.name
 
 
+class EncoderSpec(Strict):
+    """A family and its sizes, written compactly (``encoders: [{family: dinov3, sizes: [s, b, l]}]``); expanded
+    into one backbone entry per size when the spec is read (``SweepSpec.backbones``, the resolved spec)."""
+
+    family: str = Field(description="encoder family (`dinoscale backbones`), e.g. dinov3, rad-dino, uni")
+    sizes: list[str] | None = Field(
+        None, min_length=1, description="the family's sizes by key (e.g. [s, b, l]); none: every size it has"
+    )
+    weights: str = Field("random", description="as a backbone's weights: random | hub | a file | local-dir:<folder>")
+    weights_seed: int = 0
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from dinoscale.models.families import family_names, get_family
+
+        try:
+            return get_family(v).name
+        except KeyError:
+            raise ValueError(_unknown_name("encoder family", v, family_names())) from None
+
+    @model_validator(mode="after")
+    def _known_sizes(self) -> EncoderSpec:
+        from dinoscale.models.families import get_family
+
+        family = get_family(self.family)
+        for k in self.sizes or []:
+            if k not in family.size_keys:
+                raise ValueError(_unknown_name(f"size of family {family.name}", k, family.size_keys))
+        return self
+
+    def backbones(self) -> list[dict]:
+        from dinoscale.models.families import get_family
+
+        family = get_family(self.family)
+        keys = self.sizes or family.size_keys
+        entry = {"weights": self.weights, "weights_seed": self.weights_seed}
+        return [{"name": family.size(k).backbone, **entry} for k in keys]
+
+
+def _expand_encoders(data: Any) -> Any:
+    """``encoders:`` (families and sizes) appended to ``backbones:`` as plain entries; the resolved spec, its
+    digest and everything downstream see backbones only."""
+    if not isinstance(data, dict) or "encoders" not in data:
+        return data
+    data = dict(data)
+    raw = data.pop("encoders") or []
+    if not isinstance(raw, list):
+        raise ValueError("encoders: a list of {family: ..., sizes: [...]} entries")
+    expanded = []
+    for i, item in enumerate(raw):
+        try:
+            expanded += EncoderSpec.model_validate(item).backbones()
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in (f"encoders.{i}", *err["loc"]))
+            raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    data["backbones"] = list(data.get("backbones") or []) + expanded
+    return data
+
+
 class EarlyStoppingSpec(Strict):
     """Asynchronous successive halving (ASHA) among the configurations of one cell, run by Ray Tune: at
     rungs of ``grace_epochs * reduction_factor**k`` epochs, a configuration whose val metric is below the
@@ -420,7 +481,11 @@ class SweepSpec(Strict):
     )
     description: str = ""
     dataset: DatasetSpec
-    backbones: list[BackboneSpec] = Field(min_length=1)
+    backbones: list[BackboneSpec] = Field(
+        min_length=1,
+        description="the encoders, one entry per model; or compactly by family under 'encoders:' "
+        "([{family: dinov3, sizes: [s, b]}, {family: rad-dino}]), expanded into these entries",
+    )
     resolutions: list[int] = Field(min_length=1)
     probes: list[ProbeSpec] = Field(min_length=1)
     strategies: list[StrategyKind] = Field(
@@ -444,6 +509,11 @@ class SweepSpec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
     ray: RaySpec = RaySpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encoders(cls, data: Any) -> Any:
+        return _expand_encoders(data)
 
     @field_validator("resolutions")
     @classmethod

@@ -18,6 +18,7 @@ from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
 from dinoscale.analysis.sources import NO_INTERVALS
 from dinoscale.headline import AUROC, Headline
+from dinoscale.models.families import FAMILY_PARAM
 
 STRATEGY_ORDER = ["frozen", "lora", "full"]  # cheapest first; unknown strategies follow, sorted
 PAIR_KEYS = [k for k in record.CELL_KEYS if k != "strategy"]  # the cell position strategies are compared at
@@ -182,3 +183,176 @@ def summarize_strategies(comparisons: pd.DataFrame, headline: Headline = AUROC) 
             f"no reliable difference in {len(g) - better - worse}; median delta {g['delta'].median():+.3f}{units}"
         )
     return lines
+
+
+# ---------------------------------------------------------------- encoder families compared
+
+
+FAMILY = FAMILY_PARAM
+FAMILY_POSITION = [k for k in record.CELL_KEYS if k not in ("backbone", "n_params")]  # where families meet
+
+
+def _family_rank(name: str) -> tuple[int, str]:
+    """DINOv3 first (the family the comparison is about), then the others by name."""
+    return (0 if name.startswith("dinov3") else 1, name)
+
+
+def _best_of(g: pd.DataFrame, by: str, goal: str):
+    return g.loc[g[by].idxmax() if goal == "max" else g[by].idxmin()]
+
+
+def compare_families(cd: CellDraws) -> pd.DataFrame:
+    """Each family's best cell at every (modality, dataset, probe, strategy, resolution), chosen on validation
+    where every cell logged it (else on test), and every pair of families there: delta = metric(first) -
+    metric(second), DINOv3 first, with the interval of the difference of the two cells' bootstrap draws (paired
+    over patients where both were resampled on the same test patients)."""
+    from dinoscale.analysis.curves import family_column
+
+    cells = cd.cells.copy()
+    cells[FAMILY] = family_column(cells)
+    by = selection_column(cells)
+    q = (1 - cd.level) / 2
+    rows = []
+    for key, g in cells.groupby(FAMILY_POSITION, sort=True, dropna=False):
+        families = sorted(g[FAMILY].unique(), key=_family_rank)
+        if len(families) < 2:
+            continue
+        best = {f: _best_of(g[g[FAMILY] == f], by, cd.headline.goal) for f in families}
+        for fa, fb in combinations(families, 2):
+            a, b = best[fa], best[fb]
+            diff = cd.draws[:, cells.index.get_loc(a.name)] - cd.draws[:, cells.index.get_loc(b.name)]
+            lo, hi = np.nanquantile(diff, [q, 1 - q]) if np.isfinite(diff).any() else (np.nan, np.nan)
+            delta = a.metric - b.metric
+            rows.append(
+                {
+                    **dict(zip(FAMILY_POSITION, key)),
+                    "family": fa,
+                    "backbone": a.backbone,
+                    "other_family": fb,
+                    "other_backbone": b.backbone,
+                    "delta": delta,
+                    "delta_low": float(lo),
+                    "delta_high": float(hi),
+                    "paired": "paired over patients"
+                    if _paired(a, b)
+                    else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                    "verdict": _words(b.backbone, a.backbone, lo, hi, cd.headline.goal, delta),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def family_difference_words(r) -> str:
+    """'dinov3-vitb16 - rad-dino: +0.012 [-0.004, 0.027] (paired over patients)'."""
+    interval = "" if np.isnan(r.delta_low) else f" [{r.delta_low:+.3f}, {r.delta_high:+.3f}]"
+    return f"{r.backbone} − {r.other_backbone}: {r.delta:+.3f}{interval} ({r.paired})"
+
+
+def summarize_families(comparisons: pd.DataFrame, headline: Headline = AUROC) -> list[str]:
+    """One line per family pair and resolution, grouped by modality, dataset, probe and strategy."""
+    if comparisons.empty:
+        return []
+    units = f"{headline.test}, {'higher' if headline.goal == 'max' else 'lower'} is better"
+    lines = []
+    for (mod, ds, probe, strategy), g in comparisons.groupby(["modality", "dataset", "probe", "strategy"], sort=True):
+        lines.append(f"{mod} {ds} · {probe} probe · {strategy} (each family's best cell per resolution; {units}):")
+        for _, r in g.sort_values(["family", "other_family", "resolution"]).iterrows():
+            lines.append(
+                f"  {r.family} vs {r.other_family} at resolution {r.resolution:g}: {family_difference_words(r)} - "
+                f"{r.verdict}"
+            )
+    return lines
+
+
+def family_verdict(cd: CellDraws) -> list[str]:
+    """Which family wins per (modality, dataset), and whether DINOv3's best cell beats the best cell of every
+    other family, with the interval of the difference (both chosen as ``best_configurations`` chooses)."""
+    from dinoscale.analysis.curves import family_column
+
+    cells = cd.cells.copy()
+    cells[FAMILY] = family_column(cells)
+    by = selection_column(cells)
+    q = (1 - cd.level) / 2
+    lines = []
+    for (mod, ds), g in cells.groupby(list(record.CONTEXT_COLUMNS), sort=True):
+        if g[FAMILY].nunique() < 2:
+            continue
+        top = _best_of(g, by, cd.headline.goal)
+        lines.append(f"{mod} {ds}: the best cell is {top.backbone} (family {top[FAMILY] or 'not stated'})")
+        ours = g[g[FAMILY].str.startswith("dinov3")]
+        others = g[~g[FAMILY].str.startswith("dinov3")]
+        if ours.empty or others.empty:
+            continue
+        a, b = _best_of(ours, by, cd.headline.goal), _best_of(others, by, cd.headline.goal)
+        diff = cd.draws[:, cells.index.get_loc(a.name)] - cd.draws[:, cells.index.get_loc(b.name)]
+        lo, hi = np.nanquantile(diff, [q, 1 - q]) if np.isfinite(diff).any() else (np.nan, np.nan)
+        r = pd.Series(
+            {
+                "backbone": f"{a.backbone}@{a.resolution:g}",
+                "other_backbone": f"{b.backbone}@{b.resolution:g}",
+                "delta": a.metric - b.metric,
+                "delta_low": lo,
+                "delta_high": hi,
+                "paired": "paired over patients" if _paired(a, b) else "unpaired (independent draws)",
+            }
+        )
+        words = _words(r.other_backbone, r.backbone, lo, hi, cd.headline.goal, r.delta)
+        lines.append(f"{mod} {ds}: DINOv3's best vs the best other family: {family_difference_words(r)} - {words}")
+    return lines
+
+
+MATCHED_COMPUTE = 1.5  # two cells are at matched compute when their forward GFLOPs per image differ by <= 1.5x
+
+
+def compare_families_at_compute(cd: CellDraws, tolerance: float = MATCHED_COMPUTE) -> pd.DataFrame:
+    """Families compared at matched compute: each cell of the first family (DINOv3 first) against the cell of
+    the other family nearest to it in forward GFLOPs per image (any resolution), kept where the two costs differ
+    by at most ``tolerance`` x; the difference's interval as in ``compare_families``. Empty where no GFLOPs (or
+    tokens per image to estimate them) are in the results."""
+    from dinoscale.analysis.curves import family_column
+
+    cells = cd.cells.copy()
+    cells[FAMILY] = family_column(cells)
+    cells["cost"], _ = compute_cost(cells)
+    cells = cells[cells.cost.notna() & (cells.cost > 0)]
+    q = (1 - cd.level) / 2
+    keys = [k for k in FAMILY_POSITION if k != "resolution"]
+    rows = []
+    for key, g in cells.groupby(keys, sort=True, dropna=False):
+        for fa, fb in combinations(sorted(g[FAMILY].unique(), key=_family_rank), 2):
+            ga, gb = g[g[FAMILY] == fa], g[g[FAMILY] == fb]
+            for i, a in ga.iterrows():
+                j = (np.log(gb.cost) - np.log(a.cost)).abs().idxmin()
+                b = gb.loc[j]
+                ratio = max(a.cost, b.cost) / min(a.cost, b.cost)
+                if ratio > tolerance:
+                    continue
+                diff = cd.draws[:, cd.cells.index.get_loc(i)] - cd.draws[:, cd.cells.index.get_loc(j)]
+                lo, hi = np.nanquantile(diff, [q, 1 - q]) if np.isfinite(diff).any() else (np.nan, np.nan)
+                delta = a.metric - b.metric
+                rows.append(
+                    {
+                        **dict(zip(keys, key)),
+                        "family": fa,
+                        "backbone": f"{a.backbone}@{a.resolution:g}",
+                        "gflops": a.cost,
+                        "other_family": fb,
+                        "other_backbone": f"{b.backbone}@{b.resolution:g}",
+                        "other_gflops": b.cost,
+                        "delta": delta,
+                        "delta_low": float(lo),
+                        "delta_high": float(hi),
+                        "paired": "paired over patients"
+                        if _paired(a, b)
+                        else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                        "verdict": _words(
+                            f"{b.backbone}@{b.resolution:g}",
+                            f"{a.backbone}@{a.resolution:g}",
+                            lo,
+                            hi,
+                            cd.headline.goal,
+                            delta,
+                        ),
+                    }
+                )
+    return pd.DataFrame(rows)

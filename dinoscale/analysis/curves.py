@@ -2,8 +2,9 @@
 
 Per (modality, dataset, probe, strategy): the headline's error (1 - metric for a higher-is-better
 headline, the metric itself for a lower-is-better one: ``scaling.to_error``) against parameters
-(one curve per resolution), against input resolution (one per backbone; tokens grow as resolution squared) and against forward
-GFLOPs per image (all cells pooled). GFLOPs are taken as logged; where a run did not log them they
+(one curve per encoder family and resolution: a RAD-DINO ViT-B is never a point on DINOv3's size curve),
+against input resolution (one per backbone; tokens grow as resolution squared) and against forward
+GFLOPs per image (all cells pooled: the compute frontier across families). GFLOPs are taken as logged; where a run did not log them they
 are estimated as 2 x params x tokens (and the report says so); with neither, the cell is left out of
 that axis. A cell whose size or resolution a table does not state is left out of that axis only; a
 curve with a point of unknown uncertainty (no interval) is described by its points alone
@@ -22,6 +23,7 @@ from dinoscale.analysis.resample import CellDraws
 from dinoscale.analysis.scaling import NOT_IDENTIFIED, ScalingFit, describe_points, fit_curve
 from dinoscale.analysis.sources import NOT_STATED
 from dinoscale.headline import AUROC, Headline
+from dinoscale.models.families import FAMILY_PARAM, family_of
 
 GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset, probe, strategy (+ new axes)
 # grouping axes that the fixed wording ("<backbone>@<res>, <probe> probe, <strategy>") does not name: said as "axis: value"
@@ -33,8 +35,8 @@ def axes_words(r, sep: str = ", ") -> str:
     return "".join(f"{sep}{a}: {r[a]}" for a in EXTRA_AXES if a in r)
 
 
-AXES = {  # axis -> (x column, the column each curve holds fixed, or None when all cells pool)
-    "params": ("n_params", "resolution"),
+AXES = {  # axis -> (x column, the column(s) each curve holds fixed, or None when all cells pool)
+    "params": ("n_params", (FAMILY_PARAM, "resolution")),
     "resolution": ("resolution", "backbone"),
     "gflops": ("gflops", None),
 }
@@ -75,6 +77,35 @@ def gflops_column(cells: pd.DataFrame) -> tuple[pd.Series, str | None]:
     return out, f"GFLOPs as logged; estimated as 2 x params x tokens per image for {estimated} cell(s) (not measured)"
 
 
+def family_column(cells: pd.DataFrame) -> pd.Series:
+    """Each cell's encoder family: as recorded where a run logged it, else from its backbone's name
+    (``dinoscale.models.families.family_of``; '' where no family is known)."""
+    derived = cells["backbone"].astype(str).map(family_of)
+    if FAMILY_PARAM in cells:
+        return cells[FAMILY_PARAM].where(cells[FAMILY_PARAM].notna(), derived).astype(str)
+    return derived
+
+
+def _slices(sub: pd.DataFrame, fixed) -> list[tuple[str, pd.DataFrame]]:
+    """The cells of each curve along an axis, and the words for what the curve holds fixed. The size axis holds
+    the family and the resolution; the family is named only where the group has more than one."""
+    if fixed is None:
+        return [("all backbones x resolutions", sub)]
+    if isinstance(fixed, str):
+        fixed = (fixed,)
+    cols = list(fixed)
+    named = [c for c in cols if c != FAMILY_PARAM or sub[FAMILY_PARAM].nunique() > 1]
+    out = []
+    for values, s in sub.groupby(cols, sort=True, dropna=False):
+        value = dict(zip(cols, values if isinstance(values, tuple) else (values,)))
+        words = [f"{c}={_res(value[c]) if c == 'resolution' else value[c]}" for c in named if c != FAMILY_PARAM]
+        at = ", ".join(words) or "all"
+        if FAMILY_PARAM in named:
+            at += f" ({value[FAMILY_PARAM] or 'family not stated'})"
+        out.append((at, s))
+    return out
+
+
 def _merge_equal_x(x: np.ndarray, index: np.ndarray) -> list[tuple[float, np.ndarray]]:
     return [(float(v), index[x == v]) for v in np.unique(x)]
 
@@ -106,6 +137,7 @@ def _res(r) -> str:
 def build_curves(cd: CellDraws, seed: int = 0) -> tuple[list[Curve], list[str]]:
     """The curves of every group and axis, and notes on the cells each axis had to leave out."""
     cells = cd.cells.copy()
+    cells[FAMILY_PARAM] = family_column(cells)
     curves, notes = [], []
     for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
         group = dict(zip(GROUP_KEYS, gkey))
@@ -125,15 +157,7 @@ def build_curves(cd: CellDraws, seed: int = 0) -> tuple[list[Curve], list[str]]:
             sub = sub[known]
             if sub.empty:
                 continue
-            slices = (
-                [("all backbones x resolutions", sub)]
-                if fixed is None
-                else [
-                    (f"{fixed}={_res(v) if fixed == 'resolution' else v}", s)
-                    for v, s in sub.groupby(fixed, sort=True, dropna=False)
-                ]
-            )
-            for at, s in slices:
+            for at, s in _slices(sub, fixed):
                 c = _curve(cd, s, x_col, axis, at, group, seed)
                 if note:
                     c.notes.append(note)

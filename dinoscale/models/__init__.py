@@ -7,6 +7,7 @@ from dinoscale.models.backbones import (  # noqa: F401
     BackboneFacts,
     LoadedBackbone,
     WeightsError,
+    WeightsNeed,
     backbone_facts,
     backbone_names,
     check_weights,
@@ -15,5 +16,8 @@ from dinoscale.models.backbones import (  # noqa: F401
     hub_weights_file,
     is_backbone,
     load_backbone,
+    missing_weights_error,
+    require_loader,
     weights_identity,
+    weights_need,
 )

@@ -28,6 +28,7 @@ import torch
 
 from dinoscale.digest import sha256_file
 from dinoscale.errors import UserError
+from dinoscale.models import families
 
 TIMM_PREFIX = "timm:"
 
@@ -41,10 +42,16 @@ class WeightsError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class BackboneDef:
     name: str
-    timm_name: str
+    timm_name: str  # timm architecture; for other loaders, the model class / name (families.Size.arch)
     arch_overrides: dict = field(default_factory=dict)
-    hub_tag: str | None = None  # timm pretrained tag; None: no published weights
+    hub_tag: str | None = None  # timm pretrained tag; None: no published weights through timm's own repos
     description: str = ""
+    family: str = ""  # dinoscale.models.families (empty: a timm:<name> outside every family)
+    loader: str = families.TIMM
+    hf_repo: str | None = None  # the family's own Hub repo (loaders other than timm)
+    mean: tuple[float, ...] | None = None  # declared by the family; None: timm's pretrained_cfg
+    std: tuple[float, ...] | None = None
+    gated: bool = False
 
     @property
     def arch_id(self) -> str:
@@ -52,40 +59,30 @@ class BackboneDef:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.arch_overrides.items()))
         return self.timm_name + (f"[{extra}]" if extra else "")
 
+    @property
+    def has_weights(self) -> bool:
+        return self.hub_tag is not None or self.hf_repo is not None
 
-def _dinov3(name, timm_name, desc, **overrides) -> BackboneDef:
-    return BackboneDef(name, timm_name, dict(overrides), None if overrides else "lvd1689m", desc)
+
+def _from_family(f: families.Family, s: families.Size) -> BackboneDef:
+    declared = f.loader != families.TIMM  # timm's own pretrained_cfg states mean / std for timm-tag families
+    return BackboneDef(
+        name=s.backbone,
+        timm_name=s.arch,
+        arch_overrides=families.config_overrides(s),
+        hub_tag=None if s.demo or f.loader != families.TIMM else s.tag,
+        description=f"{f.title}, size {s.key}",
+        family=f.name,
+        loader=f.loader,
+        hf_repo=None if s.demo else s.hf_repo,
+        mean=tuple(f.mean) if declared else None,
+        std=tuple(f.std) if declared else None,
+        gated=f.gated and s.hf_repo is not None and not s.demo,  # the family's own repo is the gated one
+    )
 
 
-BACKBONES: dict[str, BackboneDef] = {
-    b.name: b
-    for b in [
-        _dinov3("dinov3-vits16", "vit_small_patch16_dinov3", "DINOv3 ViT-S/16 (~21.6M)"),
-        _dinov3("dinov3-vits16plus", "vit_small_plus_patch16_dinov3", "DINOv3 ViT-S+/16 (~28.7M)"),
-        _dinov3("dinov3-vitb16", "vit_base_patch16_dinov3", "DINOv3 ViT-B/16 (~85.6M)"),
-        _dinov3("dinov3-vitl16", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16 (~303M)"),
-        _dinov3("dinov3-vith16plus", "vit_huge_plus_patch16_dinov3", "DINOv3 ViT-H+/16 (~840M)"),
-        # demo ladder: DINOv3 arch, reduced width/depth, random weights only
-        _dinov3(
-            "dinov3-demo-xs", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=96, depth=3, num_heads=2
-        ),
-        _dinov3(
-            "dinov3-demo-s", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=144, depth=4, num_heads=3
-        ),
-        _dinov3(
-            "dinov3-demo-m", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=192, depth=6, num_heads=3
-        ),
-        _dinov3(
-            "dinov3-demo-l", "vit_small_patch16_dinov3", "demo ladder, DINOv3 arch", embed_dim=256, depth=8, num_heads=4
-        ),
-        # other families, for comparison (patch 14; resolutions multiple of 16*14=224 keep both grids exact)
-        BackboneDef("dinov2-vits14", "vit_small_patch14_dinov2", {}, "lvd142m", "DINOv2 ViT-S/14 (CLS, no registers)"),
-        BackboneDef("dinov2-vitb14", "vit_base_patch14_dinov2", {}, "lvd142m", "DINOv2 ViT-B/14 (CLS, no registers)"),
-        BackboneDef(
-            "dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2", {}, "lvd142m", "DINOv2 ViT-S/14 + 4 registers"
-        ),
-    ]
-}
+# Every size of every family (families.py), by its registry name.
+BACKBONES: dict[str, BackboneDef] = {s.backbone: _from_family(f, s) for f in families.FAMILIES for s in f.sizes}
 
 
 def backbone_names() -> list[str]:
@@ -114,7 +111,14 @@ def _timm_def(spec: str) -> BackboneDef:
     tags = [t.partition(".")[2] for t in timm.list_pretrained(arch + ".*")] or []
     if tag and tag not in tags:
         raise KeyError(f"timm architecture '{arch}' has no pretrained tag '{tag}'; known: {', '.join(tags) or 'none'}")
-    return BackboneDef(TIMM_PREFIX + spec, arch, {}, tag or (tags[0] if tags else None), f"timm {spec}")
+    return BackboneDef(
+        TIMM_PREFIX + spec,
+        arch,
+        {},
+        tag or (tags[0] if tags else None),
+        f"timm {spec}",
+        family=families.family_of(TIMM_PREFIX + spec),
+    )
 
 
 def get_backbone(name: str) -> BackboneDef:
@@ -150,14 +154,55 @@ class BackboneFacts:
 
 
 def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Module:
+    """The model of a backbone, built by its family's loader from the architecture alone (weights are read
+    into it afterwards, from a file: ``_load_file_into``). A loader whose package is missing is a user error
+    naming the package and its install command."""
+    require_loader(defn)
+    if defn.loader == families.TRANSFORMERS:
+        return _create_transformers(defn, **kwargs)
+    if defn.loader not in (families.TIMM, families.TIMM_HUB):
+        raise WeightsError(
+            f"backbone '{defn.name}' (family {defn.family}) loads through {defn.loader}; dinoscale declares it "
+            "(`dinoscale backbones`, `dinoscale weights`) but does not build it yet"
+        )
     import timm
 
     name = defn.timm_name + (f".{tag}" if tag else "")
-    kw = dict(
-        defn.arch_overrides, num_classes=0, **_extra_kwargs(defn.timm_name, tuple(sorted(defn.arch_overrides.items())))
-    )
+    overrides = _timm_kwargs(defn.arch_overrides)
+    kw = dict(overrides, num_classes=0, **_extra_kwargs(defn.timm_name, tuple(sorted(defn.arch_overrides.items()))))
     kw.update(kwargs)
     return timm.create_model(name, **kw)
+
+
+def _timm_kwargs(overrides: dict) -> dict:
+    """Architecture kwargs as data (families.py) to what timm takes: named layers to their classes."""
+    from timm.layers import SwiGLUPacked
+
+    layers = {"swiglu_packed": SwiGLUPacked}
+    return {k: layers.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+
+
+def _create_transformers(defn: BackboneDef, **kwargs) -> torch.nn.Module:
+    from dinoscale.models.hf import TransformersEncoder  # imports transformers: only for these families
+
+    kwargs.pop("pretrained", None)
+    config_class = families.TRANSFORMERS_CONFIGS[defn.timm_name]
+    return TransformersEncoder(defn.timm_name, config_class, defn.arch_overrides, defn.mean, defn.std)
+
+
+def require_loader(defn: BackboneDef) -> None:
+    """The package a backbone's loader needs is importable, else a ``WeightsError`` naming it and how to
+    install it (found without importing it)."""
+    import importlib.util
+
+    fam = families.find_family(defn.family)
+    needs = fam.requires if fam is not None else families.PACKAGES[defn.loader]
+    module, install = needs
+    if importlib.util.find_spec(module) is None:
+        raise WeightsError(
+            f"backbone '{defn.name}' (family {defn.family}) needs the Python package '{module}', which is not "
+            f"installed; install it with `{install}`"
+        )
 
 
 @functools.cache
@@ -166,8 +211,10 @@ def _extra_kwargs(timm_name: str, overrides: tuple) -> dict:
     model serves every sweep resolution (timm interpolates the position embedding)."""
     import timm
 
+    if not timm.is_model(timm_name):  # other loaders: their wrappers take any size already
+        return {}
     with torch.device("meta"):
-        m = timm.create_model(timm_name, pretrained=False, num_classes=0, **dict(overrides))
+        m = timm.create_model(timm_name, pretrained=False, num_classes=0, **_timm_kwargs(dict(overrides)))
     return {"dynamic_img_size": True} if getattr(m, "dynamic_img_size", None) is False else {}
 
 
@@ -191,8 +238,8 @@ def _facts_of(model: torch.nn.Module, defn: BackboneDef) -> BackboneFacts:
         num_prefix_tokens=prefix,
         num_registers=prefix - int(has_cls),
         output=output,
-        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=defn.mean or tuple(float(v) for v in cfg.get("mean", families.IMAGENET_MEAN)),
+        std=defn.std or tuple(float(v) for v in cfg.get("std", families.IMAGENET_STD)),
     )
 
 
@@ -227,21 +274,79 @@ def gflops_per_image(name: str, resolution: int) -> float:
 # ---------------------------------------------------------------- weights
 
 
+LOCAL_DIR = "local-dir:"  # weights: local-dir:/folder (as timm names it): the folder's weights file
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
 def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, str]:
     """What identifies the weights *before* loading them (for plans and feature keys)."""
     import timm
 
     if weights == "random":
-        # A seeded init is reproducible for a given torch/timm; both are part of its identity.
-        return {"kind": "random", "digest": f"random-seed{seed}-torch{torch.__version__}-timm{timm.__version__}"}
+        # A seeded init is reproducible for a given torch/timm (/transformers); they are part of its identity.
+        libs = f"torch{torch.__version__}-timm{timm.__version__}"
+        if defn.loader == families.TRANSFORMERS:
+            from importlib.metadata import version
+
+            libs += f"-transformers{version('transformers')}"
+        return {"kind": "random", "digest": f"random-seed{seed}-{libs}"}
     if weights == "hub":
-        if defn.hub_tag is None:
+        if not defn.has_weights:
             raise WeightsError(f"backbone '{defn.name}' has no published weights; use weights: random or a file")
+        if defn.hf_repo:
+            return {"kind": "hub", "digest": f"hub:{defn.hf_repo}"}
         return {"kind": "hub", "digest": f"hub:{defn.timm_name}.{defn.hub_tag}"}
-    path = Path(os.path.expandvars(weights)).expanduser()
+    path = local_weights_file(weights)
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' not found (backbone '{defn.name}')")
     return {"kind": "file", "digest": "sha256:" + sha256_file(path), "path": str(path)}
+
+
+def local_weights_file(weights: str) -> Path:
+    """A weights file given in a spec: a path, or ``local-dir:<folder>`` (its model.safetensors,
+    pytorch_model.bin or open_clip_pytorch_model.bin, the first found)."""
+    if weights.startswith(LOCAL_DIR):
+        folder = Path(os.path.expandvars(weights[len(LOCAL_DIR) :])).expanduser()
+        found = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
+        return found[0] if found else folder / WEIGHT_FILES[0]
+    return Path(os.path.expandvars(weights)).expanduser()
+
+
+def hub_source(defn: BackboneDef) -> tuple[str, list[str]]:
+    """The Hub repo of a backbone's published weights and the file names looked for in it."""
+    import timm
+
+    if not defn.has_weights:
+        raise WeightsError(f"backbone '{defn.name}' has no published weights; use weights: random or a file")
+    if defn.hf_repo:
+        return defn.hf_repo, list(WEIGHT_FILES)
+    cfg = timm.models.get_pretrained_cfg(f"{defn.timm_name}.{defn.hub_tag}")
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        raise WeightsError(
+            f"{defn.name}: timm tag '{defn.hub_tag}' is not on the Hugging Face hub; download it and give the file"
+        )
+    return repo, [n for n in (getattr(cfg, "hf_hub_filename", None), *WEIGHT_FILES[:2]) if n]
+
+
+def cached_hub_file(defn: BackboneDef) -> Path | None:
+    """The backbone's hub weights in the local Hugging Face cache (the cache's own layout:
+    models--org--name/snapshots/<rev>/<file>, found through refs/main), or None. Never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, names = hub_source(defn)
+    for n in names:
+        hit = try_to_load_from_cache(repo, n, cache_dir=str(hf_cache_dir()))
+        if isinstance(hit, str) and Path(hit).is_file():
+            return Path(hit)
+    return None
+
+
+def download_command(defn: BackboneDef) -> str:
+    """How to put a backbone's hub weights into the cache, on a connected machine."""
+    repo, names = hub_source(defn)
+    gate = f" (gated: accept the licence at https://huggingface.co/{repo} first and set HF_TOKEN)" if defn.gated else ""
+    return f"hf download {repo} {names[0]}{gate}"
 
 
 def _truthy(v: str | None) -> bool:
@@ -271,27 +376,14 @@ def hub_weights_file(defn: BackboneDef, download: bool = True) -> Path | None:
     and reachable. Offline or unreachable fails at once (not after timm's ~47 s of retries).
     The token comes from ``HF_TOKEN`` and is never logged or put in an error message.
     ``download=False`` (pre-flight): None when the file is not cached but the hub is reachable."""
-    import timm
-
-    if defn.hub_tag is None:
-        raise WeightsError(f"backbone '{defn.name}' has no published weights; use weights: random or a file")
-    cfg = timm.models.get_pretrained_cfg(f"{defn.timm_name}.{defn.hub_tag}")
-    repo = getattr(cfg, "hf_hub_id", None)
-    if not repo:
-        raise WeightsError(
-            f"{defn.name}: timm tag '{defn.hub_tag}' is not on the Hugging Face hub; download it and give the file"
-        )
-    names = [n for n in (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin") if n]
+    repo, names = hub_source(defn)
+    hit = cached_hub_file(defn)
+    if hit is not None:
+        return hit
     cache = hf_cache_dir()
-    from huggingface_hub import try_to_load_from_cache
-
-    for n in names:
-        hit = try_to_load_from_cache(repo, n, cache_dir=str(cache))
-        if isinstance(hit, str) and Path(hit).is_file():
-            return Path(hit)
     what = f"weights for '{defn.name}' (hub repo {repo}) are not in the local Hugging Face cache {cache}"
     todo = (
-        f"download them on a connected machine (`hf download {repo} model.safetensors`) into that cache, "
+        f"download them on a connected machine (`{download_command(defn)}`) into that cache, "
         "or give the file as weights: /path/model.safetensors"
     )
     if _truthy(os.environ.get("HF_HUB_OFFLINE")):
@@ -494,3 +586,53 @@ def load_backbone(name: str, weights: str = "random", seed: int = 0) -> LoadedBa
         std=facts.std,
         facts=facts,
     )
+
+
+# ---------------------------------------------------------------- what a spec needs (dinoscale weights)
+
+
+@dataclass(frozen=True)
+class WeightsNeed:
+    """One backbone's weights as a spec asks for them: where they are looked for, whether they are there
+    (looked up without the network), and what to do when they are not."""
+
+    backbone: str
+    weights: str
+    family: str
+    where: str
+    found: bool
+    todo: str = ""
+
+
+def weights_need(name: str, weights: str) -> WeightsNeed:
+    defn = get_backbone(name)
+    try:
+        require_loader(defn)
+    except WeightsError as e:
+        return WeightsNeed(name, weights, defn.family, f"loader {defn.loader}", False, str(e).split("; ", 1)[-1])
+    if weights == "random":
+        return WeightsNeed(name, weights, defn.family, "seeded random init (no file)", True)
+    if weights == "hub":
+        repo, names = hub_source(defn)
+        cache = hf_cache_dir()
+        where = f"{cache}/models--{repo.replace('/', '--')} ({' | '.join(names)})"
+        if _truthy(os.environ.get("HF_HUB_OFFLINE")):
+            where += "; HF_HUB_OFFLINE: the cache only"
+        hit = cached_hub_file(defn)
+        return WeightsNeed(
+            name, weights, defn.family, str(hit) if hit else where, hit is not None, download_command(defn)
+        )
+    path = local_weights_file(weights)
+    todo = "copy the file there" + (f" (from the hub: `{download_command(defn)}`)" if defn.has_weights else "")
+    return WeightsNeed(name, weights, defn.family, str(path), path.is_file(), todo)
+
+
+def missing_weights_error(needs: list[WeightsNeed]) -> WeightsError | None:
+    """One error naming every missing item and what fetches it (None when nothing is missing)."""
+    missing = [n for n in needs if not n.found]
+    if not missing:
+        return None
+    lines = [f"{len(missing)} of {len(needs)} backbone weight set(s) are missing on this machine:"]
+    lines += [f"  - {n.backbone} (weights: {n.weights}) looked for at {n.where}: {n.todo}" for n in missing]
+    lines.append("fetch them on a connected machine into the same places (or set HF_HOME / HF_HUB_CACHE), then rerun")
+    return WeightsError("\n".join(lines))

@@ -1,0 +1,236 @@
+"""Encoder families: every declared size is built by its loader (random init, no network) and its measured
+token layout, width and patch size match what its family declares; a loader whose package is missing is
+named with its install command; weights are found offline in the Hugging Face cache layout."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dinoscale.cli import app
+from dinoscale.models import WeightsError, backbone_facts, get_backbone, load_backbone
+from dinoscale.models.backbones import _create
+from dinoscale.models.families import FAMILIES, family_of, get_family
+
+SIZES = [(f, s) for f in FAMILIES for s in f.sizes]
+RES = 224  # a multiple of 14, 16 and 32: every declared grid is exact
+
+
+def _installed(family) -> bool:
+    return importlib.util.find_spec(family.requires[0]) is not None
+
+
+def test_registry_has_the_comparison_families_each_fully_declared():
+    real = [f for f in FAMILIES if f.domain != "demo"]
+    assert len(real) >= 12
+    names = {f.name for f in real}
+    assert {"dinov3", "dinov3-convnext", "dinov2", "dinov2-reg", "rad-dino", "biomedclip", "medsiglip"} <= names
+    assert {"uni", "conch", "virchow2", "h-optimus", "phikon", "ct-fm", "resnet50"} <= names
+    for f in real:
+        assert f.sizes and f.licence and f.source and f.pooling_upstream and f.tokens
+        assert f.pooling_protocol in ("cls", "mean_patch", "cls_mean_patch")
+        assert len(f.mean) == len(f.std)
+        for s in f.sizes:
+            assert get_backbone(s.backbone).family == f.name
+            assert family_of(s.backbone) == f.name
+    assert {s.key for s in get_family("dinov3").sizes} == {"s", "s+", "b", "l", "h+"}
+    assert [s.backbone for s in get_family("uni").sizes] == ["uni", "uni2-h"]
+
+
+@pytest.mark.parametrize("family, size", SIZES, ids=[s.backbone for _, s in SIZES])
+def test_each_size_is_built_and_matches_its_declared_layout(family, size):
+    if not _installed(family):
+        pytest.skip(f"{family.name} loads through '{family.requires[0]}', not installed ({family.requires[1]})")
+    facts = backbone_facts(size.backbone)
+    assert (facts.embed_dim, facts.patch_size, facts.num_prefix_tokens) == (size.width, size.patch, size.prefix)
+    assert facts.mean == tuple(family.mean) and facts.std == tuple(family.std)  # into the recipe, as declared
+    with torch.device("meta"):  # the whole architecture, no memory: the real-size models are GBs
+        model = _create(get_backbone(size.backbone), pretrained=False).eval()
+        out = model.forward_features(torch.empty(1, 3, RES, RES))
+    grid = RES // size.patch
+    if size.prefix or facts.output == "tokens":
+        assert tuple(out.shape) == (1, size.prefix + grid * grid, size.width)
+    else:
+        assert tuple(out.shape) == (1, size.width, grid, grid)
+
+
+@pytest.mark.parametrize("name", ["dinov2-demo-xs", "rad-dino"])
+def test_a_timm_and_a_transformers_family_run_with_random_weights(name):
+    bb = load_backbone(name, "random", seed=0)
+    with torch.inference_mode():
+        tokens = bb.model.forward_features(torch.randn(2, 3, 56, 56))
+    assert tokens.shape == (2, bb.num_prefix_tokens + (56 // bb.patch_size) ** 2, bb.facts.embed_dim)
+    assert torch.isfinite(tokens).all() and tokens.std() > 0
+
+
+def test_a_missing_loader_package_is_named_with_its_install_command():
+    absent = [f for f in FAMILIES if not _installed(f)]
+    if not absent:
+        pytest.skip("every loader package is installed here")
+    for f in absent:
+        with pytest.raises(WeightsError, match=rf"'{f.requires[0]}'.*{f.requires[1].split()[0]}"):
+            backbone_facts(f.sizes[0].backbone)
+
+
+def test_backbones_command_lists_families_with_loader_sizes_and_gating():
+    r = CliRunner().invoke(app, ["backbones"])
+    assert r.exit_code == 0, r.output
+    for f in FAMILIES:
+        line = next(x for x in r.output.splitlines() if x.startswith(f.name + " "))
+        assert f.loader in line and ("gated" if f.gated else "open") in line
+    assert "sizes: s=dinov3-vits16, s+=dinov3-vits16plus, b=dinov3-vitb16" in r.output
+    assert "uni2-h" in r.output
+
+
+def test_unknown_family_suggests_the_near_name():
+    with pytest.raises(KeyError, match="did you mean rad-dino"):
+        get_family("raddino")
+
+
+def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None, state_dict=None) -> None:
+    """The Hugging Face hub cache's own layout: blobs/<sha>, refs/main, snapshots/<rev>/<file> -> blob."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(rev)
+    tmp = root / "blobs" / "incoming"
+    if state_dict is not None:
+        save_file(state_dict, str(tmp))
+    else:
+        tmp.write_bytes(payload or b"not read")
+    blob = root / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
+    tmp.rename(blob)
+    snap = root / "snapshots" / rev
+    snap.mkdir(parents=True)
+    os.symlink(os.path.relpath(blob, snap), snap / filename)
+
+
+def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
+    """A timm family is loaded from the cache with HF_HUB_OFFLINE set; an open_clip and a transformers
+    family's files are found there too (their repos, their file names)."""
+    from dinoscale.models.backbones import cached_hub_file, weights_need
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = load_backbone("dinov2-vits14", "random", seed=3).model
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    _fake_hf_cache(tmp_path, "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", state_dict=sd)
+    _fake_hf_cache(tmp_path, "microsoft/rad-dino", "model.safetensors")
+    _fake_hf_cache(tmp_path, "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin")
+
+    bb = load_backbone("dinov2-vits14", "hub")
+    assert bb.weights["kind"] == "hub" and str(tmp_path) in bb.weights["path"]
+    x = torch.randn(1, 3, 56, 56)
+    with torch.inference_mode():
+        assert torch.allclose(bb.model.forward_features(x), src.forward_features(x))
+    assert weights_need("dinov2-vits14", "hub").found
+    assert weights_need("rad-dino", "hub").found
+    assert cached_hub_file(get_backbone("biomedclip")).name == "open_clip_pytorch_model.bin"
+    # timm's local-dir: a folder holding the weights file
+    from safetensors.torch import save_file
+
+    (tmp_path / "local").mkdir()
+    save_file(sd, str(tmp_path / "local" / "model.safetensors"))
+    local = load_backbone("dinov2-vits14", f"local-dir:{tmp_path / 'local'}")
+    assert local.weights["kind"] == "file" and local.weights["path"].endswith("local/model.safetensors")
+    missing = weights_need("uni2-h", "hub")
+    assert not missing.found and "hf download MahmoodLab/UNI2-h" in missing.todo and "gated" in missing.todo
+
+
+# ---------------------------------------------------------------- the spec names families compactly
+
+
+def _demo_raw(**changes) -> dict:
+    import yaml
+
+    with open("sweeps/demo/xray.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw.update(resolutions=[224], **changes)
+    return raw
+
+
+def test_encoders_expand_into_backbones_and_the_old_list_still_works():
+    from dinoscale.spec import SweepSpec
+
+    raw = _demo_raw(encoders=[{"family": "dinov3-demo", "sizes": ["xs", "s"]}, {"family": "dinov2-demo"}])
+    raw["backbones"] = [{"name": "timm:resnet18", "weights": "random"}]
+    spec = SweepSpec.model_validate(raw)
+    names = [b.name for b in spec.backbones]
+    assert names == [
+        "timm:resnet18",
+        "dinov3-demo-xs",
+        "dinov3-demo-s",
+        "dinov2-demo-xs",
+        "dinov2-demo-s",
+        "dinov2-demo-m",
+    ]
+    assert [family_of(n) for n in names[1:]] == ["dinov3-demo"] * 2 + ["dinov2-demo"] * 3
+    # the resolved spec holds backbones only: written either way, one digest
+    raw2 = _demo_raw()
+    raw2["backbones"] = [{"name": n, "weights": "random"} for n in names]
+    assert SweepSpec.model_validate(raw2).digest() == spec.digest()
+    assert "encoders" not in spec.resolved_yaml()
+
+
+@pytest.mark.parametrize(
+    "encoders, words",
+    [
+        ([{"family": "raddino"}], "encoders.0.family: unknown encoder family 'raddino' (did you mean 'rad-dino'?)"),
+        ([{"family": "dinov3", "sizes": ["s", "xl"]}], "unknown size of family dinov3 'xl' (did you mean 'l'?)"),
+    ],
+)
+def test_an_unknown_family_or_size_is_one_message_naming_the_key(tmp_path, encoders, words):
+    import yaml
+
+    raw = _demo_raw(encoders=encoders)
+    raw.pop("backbones")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- dinoscale weights SPEC
+
+
+def test_weights_command_names_every_missing_set_once(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = load_backbone("dinov2-vits14", "random", seed=3).model
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    _fake_hf_cache(tmp_path / "hub", "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", state_dict=sd)
+    raw = _demo_raw(encoders=[{"family": "dinov2", "sizes": ["s", "b"], "weights": "hub"}])
+    raw["backbones"] = [
+        {"name": "rad-dino", "weights": "hub"},
+        {"name": "uni", "weights": "hub"},
+        {"name": "dinov3-demo-xs", "weights": "random"},
+    ]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+
+    r = CliRunner().invoke(app, ["weights", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert r.output.count("3 of 5 backbone weight set(s) are missing") == 1
+    for name, command in (
+        ("rad-dino", "hf download microsoft/rad-dino model.safetensors"),
+        ("uni", "hf download MahmoodLab/UNI model.safetensors (gated"),
+        ("dinov2-vitb14", "hf download timm/vit_base_patch14_dinov2.lvd142m model.safetensors"),
+    ):
+        assert f"  - {name} (weights: hub) looked for at " in r.output and command in r.output
+    found = [x for x in r.output.splitlines() if x.startswith("found")]
+    assert len(found) == 2 and "dinov3-demo-xs" in found[0] and "random" in found[0]
+    assert "dinov2-vits14" in found[1] and str(tmp_path / "hub") in found[1]
+
+    raw["backbones"] = raw["backbones"][2:]
+    raw["encoders"][0]["sizes"] = ["s"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["weights", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 0 and "MISSING" not in r.output
