@@ -271,7 +271,7 @@ class Budget:
     trial_slots: int = 1
 
     @staticmethod
-    def _wall(stages: list[StageCost], slots: int) -> float:
+    def wall_of(stages: list[StageCost], slots: int) -> float:
         if not stages:
             return 0.0
         longest = max(s.seconds / max(1, s.tasks) for s in stages)
@@ -279,11 +279,11 @@ class Budget:
 
     @property
     def extraction_wall_s(self) -> float:
-        return self._wall(self.extraction, self.extraction_slots)
+        return self.wall_of(self.extraction, self.extraction_slots)
 
     @property
     def trials_wall_s(self) -> float:
-        return self._wall(self.trials, self.trial_slots)
+        return self.wall_of(self.trials, self.trial_slots)
 
     @property
     def boot_s(self) -> float:

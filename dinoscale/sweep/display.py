@@ -187,7 +187,7 @@ def _print_budget(plan: Plan, b) -> None:
             f"{stage} ({len(items)})",
             f"{sum(s.seconds for s in items) / 3600:.3g}",
             max(bounds, key=bounds.get),
-            duration(b._wall(items, slots)),
+            duration(b.wall_of(items, slots)),
             f"{gpu_h:.3g}" if c.gpu else "-",
         )
     t.add_row(
