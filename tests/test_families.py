@@ -234,3 +234,39 @@ def test_weights_command_names_every_missing_set_once(tmp_path, monkeypatch):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     r = CliRunner().invoke(app, ["weights", str(tmp_path / "s.yaml")])
     assert r.exit_code == 0 and "MISSING" not in r.output
+
+
+def test_transformers_checkpoints_load_by_their_own_key_names(tmp_path):
+    """A Dinov2Model checkpoint (RAD-DINO, Phikon-v2 layout) and a full SigLIP checkpoint (vision + text towers:
+    MedSigLIP's layout) load into the wrapper with every tensor matched; small configs, random weights."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from dinoscale.models.backbones import _load_file_into
+    from dinoscale.models.hf import TransformersEncoder
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56)
+    dino = transformers.Dinov2Model(transformers.Dinov2Config(patch_size=14, **tiny)).eval()
+    save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(tmp_path / "dino.safetensors"))
+    siglip = transformers.SiglipModel(
+        transformers.SiglipConfig(
+            vision_config=dict(patch_size=14, **tiny),
+            text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        )
+    ).eval()
+    save_file({k: v.contiguous() for k, v in siglip.state_dict().items()}, str(tmp_path / "siglip.safetensors"))
+    x = torch.randn(1, 3, 56, 56)
+    for cls, cfg, file, ref in (
+        ("Dinov2Model", "Dinov2Config", "dino.safetensors", lambda: dino(pixel_values=x).last_hidden_state),
+        (
+            "SiglipVisionModel",
+            "SiglipVisionConfig",
+            "siglip.safetensors",
+            lambda: siglip.vision_model(x).last_hidden_state,
+        ),
+    ):
+        torch.manual_seed(1)
+        model = TransformersEncoder(cls, cfg, dict(patch_size=14, **tiny), (0.5,) * 3, (0.5,) * 3).eval()
+        _load_file_into(model, get_backbone("rad-dino"), tmp_path / file)  # a mismatch would raise, naming it
+        with torch.inference_mode():
+            assert torch.allclose(model.forward_features(x), ref(), atol=1e-5)

@@ -61,7 +61,7 @@ class FeatureRecipe:
     backbone: str  # timm architecture id (with overrides)
     weights_digest: str
     resolution: int  # square input side in pixels
-    mean: tuple[float, ...]  # the encoder's own normalisation (timm's pretrained_cfg of the backbone)
+    mean: tuple[float, ...]  # the encoder's own normalisation: its family's (models/families.py), else timm's cfg
     std: tuple[float, ...]
     # the pixels
     color: str = "grey"  # the dataset's colour model (COLORS); 2D images

@@ -1,4 +1,5 @@
-"""Backbones: one registry of named encoders, their timm architecture and weight sources as data."""
+"""Backbones: one registry of named encoders, built from the encoder families (``families.py``: loader, sizes,
+preprocessing, tokens and pooling, licence, offline weights, as data) and any timm model by name."""
 
 from dinoscale.models.backbones import (  # noqa: F401
     BACKBONES,

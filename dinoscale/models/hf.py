@@ -46,18 +46,17 @@ class TransformersEncoder(torch.nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: TransformersEncoder) -> dict:
-    """A transformers checkpoint's keys onto the wrapper: a full SigLIP (vision + text) keeps its vision tower;
-    an ``AutoModel`` checkpoint saved with a task head keeps its base model."""
+    """A transformers checkpoint's keys onto the wrapper, whichever way it was saved: the vision model alone
+    (with or without its ``vision_model.`` / ``dinov2.`` / ``model.`` prefix, which differs across transformers
+    versions) or a whole model: a SigLIP's text tower and logit scale, a task head, are left out. A key that fits
+    nowhere is kept as it is, so that the load reports it."""
+    own = set(model.state_dict())
+    prefixes = ("", "vision_model.", "dinov2.", "model.")
+    skip = ("text_model.", "logit_scale", "logit_bias", "classifier.")
     out = {}
     for k, v in state_dict.items():
-        if model.model_class == "SiglipVisionModel":
-            if not k.startswith("vision_model."):
-                continue
-        else:
-            for prefix in ("dinov2.", "model."):
-                if k.startswith(prefix):
-                    k = k[len(prefix) :]
-            if k.startswith(("classifier.", "head.")):
-                continue
-        out["hf." + k] = v
+        if k.startswith(skip):
+            continue
+        fits = [f"hf.{k[len(p) :]}" for p in prefixes if k.startswith(p) and f"hf.{k[len(p) :]}" in own]
+        out[fits[0] if fits else f"hf.{k}"] = v
     return out

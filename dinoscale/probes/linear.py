@@ -61,12 +61,33 @@ class LinearProbeSpec(ProbeSpecBase):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1, description="lr is scaled by batch_size/256 (DINOv2 protocol)")
     momentum: float = Field(0.9, ge=0, lt=1)
+    pca: int | None = Field(
+        None,
+        ge=1,
+        description="width-fair probe: project the standardised features on their first k principal components "
+        "(fitted on train, whitened) before the heads, as HEST does before its ridge probe, so that a 2560-d "
+        "encoder does not win by width; none: every feature dimension",
+    )
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray):
     mu = train.mean(0, keepdims=True)
     sd = train.std(0, keepdims=True) + 1e-6
     return [(a - mu) / sd for a in (train, *others)]
+
+
+def principal_axes(x, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` principal axes (d, k) of the rows of ``x`` (already centred: standardised with train's own
+    statistics) and their standard deviations (k,), from the d x d covariance summed block by block (a streamed
+    split is never held whole). ``k`` above the width is the width."""
+    cov, n = None, 0
+    for b in [x] if isinstance(x, torch.Tensor) else x.blocks():
+        b = b.double()
+        cov = b.T @ b if cov is None else cov + b.T @ b
+        n += len(b)
+    values, vectors = torch.linalg.eigh(cov / max(n - 1, 1))
+    top = torch.argsort(values, descending=True)[: min(k, len(values))]
+    return vectors[:, top].float().numpy(), values[top].clamp_min(1e-12).sqrt().float().numpy()
 
 
 def _macro_auroc_per_head(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -105,6 +126,9 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     mu, sd = column_stats(train.x)
     sd = sd + 1e-6
     xtr, xva, xte = (as_batches(s.x, lambda a: (a - mu) / sd) for s in (train, val, test))
+    if spec.pca:  # width-fair: the same k whitened principal components for every encoder
+        axes, scale = principal_axes(xtr, spec.pca)
+        xtr, xva, xte = (as_batches(s.x, lambda a: ((a - mu) / sd) @ axes / scale) for s in (train, val, test))
     ytr = torch.as_tensor(np.asarray(train.y, dtype=np.float32))
     grid = [(lr, wd) for lr in spec.learning_rates for wd in spec.weight_decays]
     n_heads, (n, d), c = len(grid), xtr.shape, ytr.shape[1]
@@ -174,7 +198,13 @@ def _rules(spec, task: str) -> dict:
         "heads": f"{len(spec.learning_rates) * len(spec.weight_decays)} (every lr x weight decay), trained at once on "
         "the same batches",
         "init": f"weights N(0, {INIT_STD}^2) seeded by the replicate, bias 0",
-        "features": "standardised with the train split's mean and std",
+        "features": "standardised with the train split's mean and std"
+        + (
+            f", then projected on their first {spec.pca} principal components fitted on train, whitened "
+            "(width-fair: every encoder's probe sees the same number of dimensions; HEST's PCA before ridge)"
+            if spec.pca
+            else ""
+        ),
         "regularisation": "weight decay wd: L2 on the weights (not the biases) added to the batch-mean loss, i.e. "
         "scikit-learn's C = 1 / (wd x n_train); source: DINOv2 / DINOv3 use none (ImageNet's 1.28M images), a "
         "grid of decades to wd 1 reaches C = 1 / n_train, the low end of DINOv3's logistic-regression C sweep",
