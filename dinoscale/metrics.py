@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from dinoscale import record
+
 # A macro metric's classes: at least this many positive (and negative) patients in test, fixed before resampling.
 # With k positive patients, a patient resample misses all of them with probability ~exp(-k) (k=5: 0.7 %).
 MACRO_MIN_PATIENTS = 5
@@ -123,7 +125,7 @@ class Interval:
         """The value, and its bounds where there is an interval (no interval: no ``_ci_`` keys at all)."""
         out = {name: self.value}
         if self.defined:
-            out.update({f"{name}_ci_low": self.low, f"{name}_ci_high": self.high})
+            out.update(dict(zip(record.ci_names(name), (self.low, self.high))))
         return out
 
 
@@ -289,8 +291,8 @@ class PairedInterval:
     def as_dict(self, name: str) -> dict[str, float]:
         return {
             f"{name}_diff": self.difference,
-            f"{name}_diff_ci_low": self.low,
-            f"{name}_diff_ci_high": self.high,
+            f"{name}_diff" + record.CI_LOW: self.low,
+            f"{name}_diff" + record.CI_HIGH: self.high,
             f"{name}_diff_p": self.p_value,
         }
 

@@ -134,6 +134,9 @@ def ci_names(metric: str) -> tuple[str, str]:
     return metric + CI_LOW, metric + CI_HIGH
 
 
+METRIC_CI = ci_names("metric")  # the driver's row of a cell (runner, display, describe): its headline's interval
+
+
 # ---------------------------------------------------------------- metrics: predicted against measured
 
 # The plan predicts bytes on disk and peak memory before a sweep starts; a run logs what it measured

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from dinoscale import record
 from dinoscale.headline import AUROC, DICE, VOI, Headline
 from dinoscale.metrics import MACRO_MIN_PATIENTS, MIN_INTERVAL_UNITS
 
@@ -89,7 +90,7 @@ def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[
         "bootstrap_resamples_valid": ci.resamples,
         "interval_units": ci.units,
         "macro_auroc_classes": int(classes.sum()),
-        "macro_min_patients": k,
+        record.MACRO_MIN_PATIENTS: k,
     }
     predictions = pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids})
     for j, c in enumerate(s.classes):

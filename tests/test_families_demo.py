@@ -48,7 +48,12 @@ def test_two_family_demo_has_per_family_curves_and_a_paired_comparison(tmp_path)
     html = (report / "report.html").read_text()
     assert "resolution=112 (dinov3-demo)" in html and "resolution=112 (dinov2-demo)" in html
     assert (report / "auroc_vs_params.png").stat().st_size > 0
-    assert "RANDOM" in (report / "report.md").read_text()  # labelled as random weights
+    md = (report / "report.md").read_text()
+    assert "RANDOM" in md  # labelled as random weights
+    # the comparison the report makes: its own section, each resolution's paired difference, the file beside it
+    assert "## Encoder families" in md and md.count("paired over patients") >= 2
+    assert "<h2>Encoder families</h2>" in html
+    assert (report / "families.csv").is_file() and "families.csv" in md
 
     spec = load_spec(SPEC)
     df, info = results_from_mlflow(uri, spec.experiment_name, None, with_predictions=True, spec_name=spec.name)

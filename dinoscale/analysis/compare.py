@@ -34,8 +34,8 @@ def best_configurations(cd: CellDraws) -> pd.DataFrame:
         best = g.loc[score.idxmax() if cd.headline.goal == "max" else score.idxmin()]
         rows.append(
             {
-                "modality": modality,
-                "dataset": dataset,
+                record.MODALITY_PARAM: modality,
+                record.DATASET_PARAM: dataset,
                 "cell": best.name,
                 "backbone": best.backbone,
                 "n_params": best.n_params,

@@ -153,11 +153,15 @@ def render_html(rc) -> str:
     parts += [_figure(cap, path.read_bytes()) for cap, path in rc.key_figures]
     parts += _blocks(rc)
     parts += ["<h2>Strategies</h2>", _list(rc.strategies or ["only one strategy in these results"])]
+    if rc.families:  # one family: nothing to compare, no section
+        parts += ["<h2>Encoder families</h2>", _list([x.strip() for x in rc.families])]
     parts += ["<h2>Method</h2>", _list(rc.method)]
     parts += ["<h2>Scaling curves</h2>"] + [_figure(cap, path.read_bytes()) for cap, path in rc.figures]
     parts += ["<h2>Fitted parameters</h2>", _table(rc.fits, _FITS_SHOWN), "<p>All columns: fits.csv.</p>"]
     if not rc.comparisons.empty:
         parts += ["<h2>Strategy differences</h2>", _table(rc.comparisons)]
+    if not rc.family_comparisons.empty:
+        parts += ["<h2>Encoder family differences (paired, same test patients)</h2>", _table(rc.family_comparisons)]
     parts += ["<h2>Cells</h2>", _cells(rc)]
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(rc.title)}</title>'

@@ -21,10 +21,13 @@ from dinoscale import record
 from dinoscale.analysis.compare import (
     best_configurations,
     cheapest_as_good,
+    compare_families,
     compare_strategies,
     compute_cost,
+    family_verdict,
     pareto_frontier,
     selection_column,
+    summarize_families,
     summarize_strategies,
 )
 from dinoscale.analysis.curves import AXES, EXTRA_AXES, GROUP_KEYS, Curve, axes_words, build_curves, fits_table
@@ -75,6 +78,8 @@ class ReportContent:
     banner: str = DEMO_HEADLINE  # the line above a demo's provenance (a rehearsal's says REHEARSAL)
     key_figures: list[tuple[str, Path]] = field(default_factory=list)  # heatmaps and cost frontiers
     notes: list[str] = field(default_factory=list)  # what the analysis left out or assumed, and why
+    families: list[str] = field(default_factory=list)  # encoder families compared (compare.summarize_families)
+    family_comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _method(cd: CellDraws) -> list[str]:
@@ -404,6 +409,10 @@ def _verdict_blocks_markdown(rc: ReportContent) -> list[str]:
             md += [f"**{title}**", ""] + [f"- {v}" for v in lines] + [""]
     if rc.strategies:  # one strategy: nothing to compare, no section
         md += ["## Strategies", ""] + [f"- {s}" for s in rc.strategies]
+    if rc.families:  # one family: nothing to compare, no section
+        md += ["", "## Encoder families", ""] + [
+            f"  - {s.strip()}" if s.startswith("  ") else f"- {s}" for s in rc.families
+        ]
     return md + [""]
 
 
@@ -470,6 +479,7 @@ def write_report(
     )
     curves, curve_notes = build_curves(cd, seed=seed)
     comparisons = compare_strategies(cd)
+    families = compare_families(cd)
     best = best_configurations(cd)
     prov = " | ".join(provenance)
     rc = ReportContent(
@@ -488,6 +498,8 @@ def write_report(
         banner=banner,
         key_figures=_key_figures(cd, best, out_dir, title, prov),
         notes=list(runs.attrs.get("notes", [])) + curve_notes,
+        families=family_verdict(cd) + summarize_families(families, headline),
+        family_comparisons=families,
     )
     _write_files(rc, out_dir)
     return out_dir
@@ -520,6 +532,9 @@ def _write_files(rc: ReportContent, out_dir: Path) -> None:
     if not rc.comparisons.empty:
         rc.comparisons.to_csv(out_dir / "strategies.csv", index=False)
         rc.files.append("strategies.csv (strategy differences)")
+    if not rc.family_comparisons.empty:
+        rc.family_comparisons.to_csv(out_dir / "families.csv", index=False)
+        rc.files.append("families.csv (paired differences between encoder families)")
     rc.files += ["report.html (self-contained)", "verdicts.md"]
     (out_dir / "verdicts.md").write_text(_verdicts_markdown(rc))
     (out_dir / "report.md").write_text(_markdown(rc))

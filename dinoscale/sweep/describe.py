@@ -8,6 +8,7 @@ its rows (``parent_description(plan, rows)``). Markdown, as the MLflow UI render
 
 from __future__ import annotations
 
+from dinoscale import record
 from dinoscale.sweep.plan import Plan
 from dinoscale.tasks import get_task
 
@@ -63,7 +64,7 @@ def result_words(rows: list[dict], headline) -> str:
     best = best_row(rows, headline.goal) if headline is not None else None
     if best is None:
         return f"none ({tally})"
-    lo, hi = best.get("metric_ci_low"), best.get("metric_ci_high")
+    lo, hi = (best.get(k) for k in record.METRIC_CI)
     interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
     where = (
         f"{best.get('backbone')} @ {best.get('resolution')}px, {best.get('probe')} probe, {best.get('strategy')}"

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from dinoscale import record
 from dinoscale.console import console
 from dinoscale.provenance import Provenance
 from dinoscale.record import AXIS_NAMES
@@ -317,7 +318,7 @@ def print_summary(rows: list[dict], title: str, headline=None) -> None:
         ),
     ):
         if r.get("state") == "FINISHED":
-            value = _with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"])
+            value = _with_ci(r["metric"], *(r[k] for k in record.METRIC_CI))
             val = f"{r['val_metric']:.3f}"
         else:
             value, val = "-", "-"
@@ -373,7 +374,7 @@ def _print_grid(rows: list[dict], title: str, headline) -> None:
             if r is None:
                 values.append("")
             elif r.get("state") == "FINISHED":
-                values.append(_with_ci(r["metric"], r["metric_ci_low"], r["metric_ci_high"]))
+                values.append(_with_ci(r["metric"], *(r[k] for k in record.METRIC_CI)))
             else:
                 values.append(f"[red]{r.get('state', '?')}[/red]")
         t.add_row(*(str(v) for v in key), *values)
@@ -436,7 +437,7 @@ class SweepProgress:
                 row["elapsed"] = f"{self._time() - row['started']:.1f}s"
         m = self.metric
         if result and result.get(m) is not None:
-            row["auroc"] = _with_ci(result[m], result.get(f"{m}_ci_low"), result.get(f"{m}_ci_high"))
+            row["auroc"] = _with_ci(result[m], *(result.get(k) for k in record.ci_names(m)))
         row["state"] = state
         if self.live is not None:
             self.live.update(self._render())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from dinoscale import record
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
@@ -194,8 +195,8 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
             "forward_seconds": 0.0,
             "stored": 0,  # feature sets committed by this task
             "shards_stored": 0,
-            "gflops_per_image": gflops,
-            "oom_backoffs": 0,
+            record.GFLOPS_PER_IMAGE: gflops,
+            record.OOM_BACKOFFS: 0,
             "weights_sha256": backbone.weights.get("sha256", ""),
         }
         for s in job.shards:
@@ -214,7 +215,7 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
                 "view": s.view,
                 "n_params": backbone.n_params,
                 "weights_kind": backbone.weights["kind"],
-                "gflops_per_image": gflops,
+                record.GFLOPS_PER_IMAGE: gflops,
                 "device": str(device),
                 **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {}),
             }
@@ -232,7 +233,7 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
             out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
             out["batches"] += stats.forward_passes
             out["forward_seconds"] += stats.seconds
-            out["oom_backoffs"] += stats.oom_backoffs
+            out[record.OOM_BACKOFFS] += stats.oom_backoffs
         del backbone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -152,8 +152,8 @@ def select_configuration(
     val_scored, _ = task.score(val_out, val_y if dense else None, scoring_of(cell, ctx, inputs.n_classes, "val"))
     h = task.headline
     val_interval = {
-        f"{h.val}_ci_low": val_scored.get(f"{h.test}_ci_low"),
-        f"{h.val}_ci_high": val_scored.get(f"{h.test}_ci_high"),
+        h.val + record.CI_LOW: val_scored.get(h.test + record.CI_LOW),
+        h.val + record.CI_HIGH: val_scored.get(h.test + record.CI_HIGH),
     }
     counts = {s: sum(o["state"] == s for o in outcomes) for s in record.CONFIGURATION_STATES}
     epochs = cell.configurations[0]["epochs"]
@@ -165,7 +165,7 @@ def select_configuration(
         record.CONFIGURATIONS_FAILED: len(outcomes) - counts[record.CONFIG_COMPLETE] - counts[record.CONFIG_STOPPED],
         record.CONFIGURATION_EPOCHS: sum(int(o.get("epochs") or 0) for o in outcomes),
         record.CONFIGURATION_EPOCHS_BUDGET: len(cell.configurations) * epochs,
-        record.BEST_EPOCH: chosen.get("best_epoch", -1),
+        record.BEST_EPOCH: chosen.get(record.BEST_EPOCH, -1),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "search_trials": len(cell.configurations),
     }
@@ -191,7 +191,7 @@ def evaluate_finetune_cell(cell: Cell, ctx: SweepContext, checkpoint_root: str |
                 "state": record.CONFIG_COMPLETE,
                 "best": res.best_val,
                 "epochs": res.epochs_run,
-                "best_epoch": res.best_epoch + 1,
+                record.BEST_EPOCH: res.best_epoch + 1,
             }
         )
     out = select_configuration(cell, ctx, outcomes, checkpoint_root, inputs, trained)
@@ -290,9 +290,9 @@ def _epoch_reporter(client, run_id: str, cell: Cell, unit: dict):
             record.EPOCH: epoch + 1,
             record.SELECTION_VALUE: value,
             **task.val_metrics(value),
-            record.TRAIN_LOSS: rec["train_loss"],
+            record.TRAIN_LOSS: rec[record.TRAIN_LOSS],
             record.SCHEDULED_LR: rec["lr"],
-            record.MICRO_BATCH_SIZE: rec["micro_batch_size"],
+            record.MICRO_BATCH_SIZE: rec[record.MICRO_BATCH_SIZE],
         }
         with_retries(log_batch, client, run_id, metrics=metrics, step=epoch + 1)
         tune.report({**unit, **metrics})  # the scheduler decides here; a stop ends this thread (SystemExit)
@@ -314,7 +314,9 @@ def record_stopped_configuration(client, ctx: SweepContext, cell: Cell, k: int, 
     summary = checkpoint_summary(ckpt_dir) if ckpt_dir else None
     metrics = {record.EPOCHS_RUN: epochs}
     if summary is not None:
-        metrics.update({record.BEST_SELECTION_VALUE: summary["best_val"], record.BEST_EPOCH: summary["best_epoch"] + 1})
+        metrics.update(
+            {record.BEST_SELECTION_VALUE: summary["best_val"], record.BEST_EPOCH: summary[record.BEST_EPOCH] + 1}
+        )
         compact_checkpoint(ckpt_dir)
     tags = {record.CONFIGURATION_STATE: record.CONFIG_STOPPED, record.STOPPED_AT_EPOCH: str(epochs)}
     with_retries(log_batch, client, run_id, metrics=metrics, tags=tags)
@@ -347,7 +349,7 @@ def configuration_outcomes(client, ctx: SweepContext, cell: Cell) -> list[dict]:
                 "state": state,
                 "best": m.get(record.BEST_SELECTION_VALUE),
                 "epochs": int(m.get(record.EPOCHS_RUN, m.get(record.EPOCH, 0))),
-                "best_epoch": int(m.get(record.BEST_EPOCH, 0)),
+                record.BEST_EPOCH: int(m.get(record.BEST_EPOCH, 0)),
                 "stopped_at_epoch": r.data.tags.get(record.STOPPED_AT_EPOCH, ""),
                 "run_id": r.info.run_id,
             }

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinoscale import settings
+from dinoscale import record, settings
 from dinoscale.data import (
     SPLITS,
     DataError,
@@ -231,7 +231,7 @@ def _trial_key(spec: SweepSpec, cell_fields: dict) -> str:
     blob = json.dumps(
         {
             "sweep": spec.name,
-            "dataset": spec.dataset.model_dump(mode="json"),
+            record.DATASET_PARAM: spec.dataset.model_dump(mode="json"),
             "metrics": spec.metrics.model_dump(mode="json"),
             # how features are sharded, held or budgeted changes no number: not part of a result's identity
             "features": spec.features.model_dump(
@@ -263,13 +263,13 @@ def _protocol_params(
     """The constants a cell's run logs beside its axes, so a reader can compare with a paper line by line."""
     return {
         "replicate_split": describe_recipe(replicate),
-        "macro_min_patients": spec.metrics.macro_min_patients,
+        record.MACRO_MIN_PATIENTS: spec.metrics.macro_min_patients,
         "min_interval_units": spec.metrics.min_interval_units,
-        "dataset": spec.dataset.name,
-        "modality": spec.modality,
+        record.DATASET_PARAM: spec.dataset.name,
+        record.MODALITY_PARAM: spec.modality,
         "backbone_arch": bb.arch_id,
-        "weights": bb.weights,
-        "gflops_per_image": round(gflops, 4),
+        record.WEIGHTS_PARAM: bb.weights,
+        record.GFLOPS_PER_IMAGE: round(gflops, 4),
         "tokens": spec.features.tokens,
         "interpolation": spec.features.interpolation,
         "feature_dtype": spec.features.dtype,
@@ -339,7 +339,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         "search": spec.search.model_dump(mode="json"),
         "bootstrap": {
             **spec.metrics.bootstrap.model_dump(mode="json"),
-            "macro_min_patients": spec.metrics.macro_min_patients,
+            record.MACRO_MIN_PATIENTS: spec.metrics.macro_min_patients,
             "min_interval_units": spec.metrics.min_interval_units,
         },
     }
@@ -609,7 +609,7 @@ def _key_axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) 
     """What of a cell's coordinates its trial key hashes: the weights themselves, not the parameter count."""
     return {
         "backbone": bb.name,
-        "weights": bb.weights_digest,
+        record.WEIGHTS_PARAM: bb.weights_digest,
         "resolution": res,
         "probe": probe,
         "strategy": strategy,
@@ -631,7 +631,7 @@ def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, 
         mem = training_memory(spec, ds, bb, res, strategy, head)
         fitted = {
             "grad_checkpointing": mem.grad_checkpointing,
-            "micro_batch_size": mem.micro_batch_size,
+            record.MICRO_BATCH_SIZE: mem.micro_batch_size,
             "num_workers": max(0, int(spec.resources.cpus_per_trial) - 1),  # loader workers beside the trainer
         }
         configurations = tuple(

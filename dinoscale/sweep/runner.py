@@ -176,7 +176,7 @@ def _open_parent(
         parent_id,
         params={
             "sweep": spec.name,
-            "dataset": spec.dataset.name,
+            record.DATASET_PARAM: spec.dataset.name,
             "backbones": ",".join(b.name for b in spec.backbones),
             "resolutions": ",".join(map(str, spec.resolutions)),
             "probes": ",".join(p.kind for p in spec.probes),
@@ -506,7 +506,7 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
             "extraction_images_forwarded": extraction.images,
             "extraction_forward_seconds": extraction.forward_seconds,
             "extraction_wall_seconds": extraction.wall_seconds,
-            "extraction_oom_backoffs": sum(j.get("oom_backoffs", 0) for j in extraction.per_job),
+            "extraction_" + record.OOM_BACKOFFS: sum(j.get(record.OOM_BACKOFFS, 0) for j in extraction.per_job),
             **extraction_record(extraction),
         },
     )
@@ -812,8 +812,8 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
                 "error": _error_text(result.error),
                 "user_error": user_error_of(result.error) is not None,
                 "metric": m.get(h.test),
-                "metric_ci_low": m.get(f"{h.test}_ci_low"),
-                "metric_ci_high": m.get(f"{h.test}_ci_high"),
+                record.METRIC_CI[0]: m.get(h.test + record.CI_LOW),
+                record.METRIC_CI[1]: m.get(h.test + record.CI_HIGH),
                 "val_metric": m.get(h.val),
                 h.test: m.get(h.test),
                 "selected": ", ".join(f"{k[9:]}={m[k]:g}" for k in sorted(m) if k.startswith("selected_")),
@@ -822,7 +822,7 @@ def _collect_rows(plan: Plan, grid, headline) -> list[dict]:
                     f"{k[len(h.test) + 1 :]} {m[k]:.3f}" for k in sorted(m) if k.startswith(f"{h.test}.")
                 ),
                 "interval_note": ""
-                if m.get(f"{h.test}_ci_low") is not None or h.test not in m
+                if m.get(h.test + record.CI_LOW) is not None or h.test not in m
                 else f"{int(m.get('interval_units', 0))} test patient(s), fewer than "
                 f"{plan.spec.metrics.min_interval_units}",
                 "mlflow_run_id": m.get("mlflow_run_id"),

@@ -92,7 +92,7 @@ def scoring_of(cell: Cell, ctx: SweepContext, n_classes: int | None = None, spli
         seed=b["seed"],
         spacing=label_spacing(units, bool(units.n_slices)) if get_task(cell.task).dense else None,
         groups=units.groups,
-        macro_min_patients=b.get("macro_min_patients", 5),
+        macro_min_patients=b.get(record.MACRO_MIN_PATIENTS, 5),
         min_interval_units=b.get("min_interval_units", 10),
     )
 
@@ -165,8 +165,8 @@ def _axes_metrics(cell: Cell, ctx: SweepContext) -> dict:
     test = ctx.splits["test"]
     return {
         **{name: cell.axes[name] for name in record.NUMERIC_AXES if name in cell.axes},
-        "tokens_per_image": cell.backbone.tokens_per_image(cell.resolution),
-        "gflops_per_image": cell.gflops_per_image,  # the compute axis
+        record.TOKENS_PER_IMAGE: cell.backbone.tokens_per_image(cell.resolution),
+        record.GFLOPS_PER_IMAGE: cell.gflops_per_image,  # the compute axis
         "n_train": len(ctx.splits["train"].sample_ids),
         "n_val": len(ctx.splits["val"].sample_ids),
         "n_test": len(test.sample_ids),
@@ -279,7 +279,7 @@ def log_cell_result(client, run_id: str, cell: Cell, out: dict, pseudonym_key: b
     tags = {f"{record.SELECTED_PREFIX}{k}": v for k, v in out["selected"].items()}
     if out.get("edges"):
         tags[record.SELECTION_EDGE] = edge_text(out["edges"])
-    if headline.test in out["metrics"] and f"{headline.test}_ci_low" not in out["metrics"]:
+    if headline.test in out["metrics"] and headline.test + record.CI_LOW not in out["metrics"]:
         tags[record.INTERVAL] = interval_note(out["metrics"], cell)
     with_retries(log_batch, client, run_id, params=cell_params(cell), metrics=out["metrics"], tags=tags)
     buf = io.StringIO()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinoscale import record
 from dinoscale.strategies.registry import get_strategy
 from dinoscale.train.data import collate_units
 from dinoscale.train.heads import Shape, build_under_head
@@ -245,7 +246,7 @@ def _train_step(model, opt, x, y, objective: Objective, state: dict, device, amp
     """One optimizer step on one batch; on CUDA out-of-memory the micro-batch halves (sticky) and the
     batch is redone from zeroed gradients."""
     while True:
-        micro = state["micro_batch_size"]
+        micro = state[record.MICRO_BATCH_SIZE]
         opt.zero_grad(set_to_none=True)
         try:
             loss = _backward_batch(model, x, y, objective, micro, device, amp)
@@ -262,25 +263,35 @@ def _train_step(model, opt, x, y, objective: Objective, state: dict, device, amp
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        state["micro_batch_size"], state["oom_backoffs"] = max(1, micro // 2), state["oom_backoffs"] + 1
-        log.warning("out of memory at micro-batch %d: retrying the batch with %d", micro, state["micro_batch_size"])
+        state[record.MICRO_BATCH_SIZE], state[record.OOM_BACKOFFS] = max(1, micro // 2), state[record.OOM_BACKOFFS] + 1
+        log.warning(
+            "out of memory at micro-batch %d: retrying the batch with %d", micro, state[record.MICRO_BATCH_SIZE]
+        )
 
 
 def _result(model, state: dict, stopped: bool, resumed) -> FinetuneResult:
     return FinetuneResult(
         model,
         float(state["best_val"]),
-        int(state["best_epoch"]),
+        int(state[record.BEST_EPOCH]),
         int(state["epoch"]) + 1,
         stopped,
         list(state["history"]),
         resumed,
-        int(state["micro_batch_size"]),
-        int(state["oom_backoffs"]),
+        int(state[record.MICRO_BATCH_SIZE]),
+        int(state[record.OOM_BACKOFFS]),
     )
 
 
-_COUNTERS = ("epoch", "best_val", "best_epoch", "bad_epochs", "history", "micro_batch_size", "oom_backoffs")
+_COUNTERS = (
+    "epoch",
+    "best_val",
+    record.BEST_EPOCH,
+    "bad_epochs",
+    "history",
+    record.MICRO_BATCH_SIZE,
+    record.OOM_BACKOFFS,
+)
 
 
 def finetune(
@@ -310,12 +321,12 @@ def finetune(
     state = {
         "epoch": -1,
         "best_val": -math.inf,
-        "best_epoch": -1,
+        record.BEST_EPOCH: -1,
         "bad_epochs": 0,
         "history": [],
         "best_model": None,
-        "micro_batch_size": cfg.micro,
-        "oom_backoffs": 0,
+        record.MICRO_BATCH_SIZE: cfg.micro,
+        record.OOM_BACKOFFS: 0,
     }
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     resumed, finished = _resume(ckpt, state, model, opt, sched)
@@ -326,7 +337,7 @@ def finetune(
         if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
             stopped = True
             break
-        record = _train_epoch(model, opt, sched, train, val, cfg, objective, state, epoch, device)
+        epoch_record = _train_epoch(model, opt, sched, train, val, cfg, objective, state, epoch, device)
         if ckpt is not None:
             _save(
                 ckpt,
@@ -338,7 +349,7 @@ def finetune(
                 },
             )
         if on_epoch is not None:
-            on_epoch(epoch, record)
+            on_epoch(epoch, epoch_record)
     if state["best_model"] is not None:
         _load_trainable(model, state["best_model"])
     return _result(model, state, stopped, resumed)
@@ -381,24 +392,24 @@ def _train_epoch(model, opt, sched, train, val, cfg: FinetuneConfig, objective, 
     for x, y in loader:
         losses.append(_train_step(model, opt, x, y, objective, state, device, cfg.amp))
         sched.step()
-    out, yv = evaluate(model, val, objective, state["micro_batch_size"], device, cfg.amp, cfg.num_workers)
+    out, yv = evaluate(model, val, objective, state[record.MICRO_BATCH_SIZE], device, cfg.amp, cfg.num_workers)
     metric = float(objective.val_metric(yv, out))
     improved = np.isfinite(metric) and metric > state["best_val"]
     if improved:
         state.update(best_val=metric, best_epoch=epoch, bad_epochs=0, best_model=_trainable_state(model))
     else:
         state["bad_epochs"] += 1
-    record = {
+    epoch_record = {
         "epoch": epoch,
-        "train_loss": float(np.mean(losses)),
+        record.TRAIN_LOSS: float(np.mean(losses)),
         "val_metric": metric,
         "best_val": float(state["best_val"]),
         "lr": sched.get_last_lr()[-1],
-        "micro_batch_size": state["micro_batch_size"],
+        record.MICRO_BATCH_SIZE: state[record.MICRO_BATCH_SIZE],
     }
-    state["history"].append(record)
+    state["history"].append(epoch_record)
     state["epoch"] = epoch
-    return record
+    return epoch_record
 
 
 def compact_checkpoint(checkpoint_dir: str | Path, stopped_early: bool = False) -> None:
