@@ -434,11 +434,12 @@ class ResourcesSpec(Strict):
         description="memory of one GPU assumed by the plan for lora / full trials (a planning figure): a trial "
         "estimated above it gets gradient checkpointing, then smaller micro-batches, instead of failing",
     )
-    assumed_gpu_tflops: float = Field(
-        100.0,
-        gt=0,
-        description="sustained bf16 TFLOP/s assumed for the plan's "
-        "GPU-hour estimate (a planning figure, not a measurement)",
+    cell_order: Literal["cheapest", "grid"] = Field(
+        "cheapest",
+        description="the order cells are run in. cheapest: one replicate of every cell before the next, frozen "
+        "before lora before full, then by forward GFLOPs per image (small encoders and resolutions first), so a "
+        "sweep stopped halfway already has whole curves; grid: the spec's order (backbone, resolution, strategy, "
+        "seed, probe). `dinoscale plan` shows it",
     )
 
 

@@ -83,3 +83,19 @@ def test_any_timm_model_by_name_with_measured_facts(tmp_path):
     raw = tiny_spec_dict(tmp_path, backbones=[{"name": "timm:convnext_atto"}], features={"tokens": "cls"})
     with pytest.raises(Exception, match="(?i)cls"):
         build_plan(parse_spec(raw), tmp_path)
+
+
+def test_cells_run_cheapest_first_one_replicate_before_the_next(tmp_path):
+    """A sweep stopped halfway has whole curves (issue 28): every seed-0 cell before any seed-1 cell, frozen before
+    the training strategies, the smaller forward pass first; `resources.cell_order: grid` keeps the spec's order."""
+
+    d = tiny_spec_dict(tmp_path, seeds=[0, 1])
+    cells = build_plan(parse_spec(d), tmp_path).cells
+    seeds = [c.seed for c in cells]
+    assert seeds == sorted(seeds)
+    first = [c.gflops_per_image for c in cells if c.seed == 0]
+    assert first == sorted(first) and first[0] < first[-1]
+    d["resources"] = {**d.get("resources", {}), "cell_order": "grid"}
+    grid = build_plan(parse_spec(d), tmp_path).cells
+    assert [c.seed for c in grid[:4]] == [0, 0, 1, 1]  # backbone, resolution, strategy, seed, probe
+    assert sorted(c.id for c in grid) == sorted(c.id for c in cells)

@@ -113,12 +113,24 @@ def print_plan(plan: Plan, budget=None) -> None:
         f"[bold]Trials:[/bold] {len(plan.cells)} cells ({axes}), {n_trials} Ray Tune trials"
         + (" (one per frozen cell, one per lora / full configuration)" if training else ", one per cell")
     )
+    console.print(f"  [dim]order: {_order_words(plan)}[/dim]")
     if training:
         print_finetuning(plan, training)
     _print_budget(plan, budget)
     _print_memory(plan, budget)
     if plan.dataset_error:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
+
+
+def _order_words(plan: Plan) -> str:
+    """The order the cells run in (``resources.cell_order``), with the first few."""
+    first = ", ".join(c.id for c in plan.cells[:3]) + (", ..." if len(plan.cells) > 3 else "")
+    if plan.spec.resources.cell_order == "grid":
+        return f"the spec's grid order ({first})"
+    return (
+        f"cheapest first, one replicate of every cell before the next, so a sweep stopped halfway has whole "
+        f"curves ({first}; resources.cell_order: grid for the spec's order)"
+    )
 
 
 def _input_name(plan: Plan, view: str) -> str:

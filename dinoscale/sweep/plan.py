@@ -281,59 +281,19 @@ def _protocol_params(
 
 def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: bool = False) -> Plan:
     root = storage_root(spec, project_dir)
-    store = FeatureStore(root / "features")
-    try:
-        ds: PreparedDataset | None = prepare_dataset(spec.dataset, root)
-        ds_error = None
-    except DataError as e:
-        if require_data:
-            raise
-        ds, ds_error = None, str(e)
-
+    ds, ds_error = _prepared_dataset(spec, root, require_data)
     infos = [backbone_info(b.name, b.weights, b.weights_seed) for b in spec.backbones]
-    frozen = "frozen" in spec.strategies
-    if frozen:
+    if "frozen" in spec.strategies:
         from dinoscale.features.extract import check_token_set
 
         for b in spec.backbones:  # e.g. CLS features from a model without a CLS token: fail before anything runs
             check_token_set(backbone_facts(b.name), spec.features.tokens)
-    task = ds.task if ds is not None else dataset_task(spec.dataset.name)
-    manifests: dict[str, str] = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
-    published = published_size(spec.dataset.name, spec.dataset.subset) if ds is None else None
-    volumetric = ds.volumetric if ds is not None else bool(published and published.volumetric)
-    # what each probe reads: its view of this dataset and its token set
-    reads = {
-        p.kind: (get_probe(p.kind).view(volumetric), get_probe(p.kind).tokens(spec.features.tokens))
-        for p in spec.probes
-    }
-    grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
-    feature_sets: list[FeatureSetPlan] = []
-    recipes: dict[tuple, FeatureRecipe] = {}  # (backbone, resolution, view, tokens) -> the feature sets' recipe
-    keys: dict[tuple, dict[str, str]] = {}  # (backbone, resolution, view, tokens) -> split -> digest
-    online: set[tuple] = set()  # (backbone, resolution, view, tokens) computed inside the trials
     for bb, res in itertools.product(infos, spec.resolutions):
         if res % bb.patch_size:
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
-        if not frozen:
-            continue
-        if ds is None and published is None:
-            feature_sets.extend(FeatureSetPlan(bb, res, split, None, 0, False, estimated=True) for split in SPLITS)
-            continue
-        for view, tokens in dict.fromkeys(reads.values()):
-            recipe = recipes[(bb.name, res, view, tokens)] = _recipe_of(spec, bb, res, view, tokens, ds)
-            sets = [_feature_set(spec, recipe, bb, split, ds, published, store, manifests) for split in SPLITS]
-            group = (bb.name, res, view, tokens)
-            budget = spec.features.cache_budget_gb
-            if (view, tokens) in grid_views and (
-                spec.features.online or (budget is not None and sum(f.nbytes for f in sets) > budget * 2**30)
-            ):
-                online.add(group)
-                sets = [dataclasses.replace(f, online=True, cached=False) for f in sets]
-            for f in sets:
-                if f.key is not None and not f.online:
-                    keys.setdefault(group, {})[f.split] = f.key.digest
-            feature_sets.extend(sets)
-
+    published = published_size(spec.dataset.name, spec.dataset.subset) if ds is None else None
+    sets = _FeatureSets.of(spec, infos, ds, published, FeatureStore(root / "features"))
+    task = ds.task if ds is not None else dataset_task(spec.dataset.name)
     common = {
         "task": task,
         "search": spec.search.model_dump(mode="json"),
@@ -343,7 +303,6 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             "min_interval_units": spec.metrics.min_interval_units,
         },
     }
-    bags = {s: len(ds.units(s).sample_ids) for s in SPLITS} if ds is not None and ds.bagged else None
     cells = []
     for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
         gflops = bb.gflops_per_image(res)
@@ -355,51 +314,128 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             ds.folds if ds is not None else 0,
         )
         if strategy in TRAINING_STRATEGIES:
-            cells.extend(_finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate))
-            continue
-        for probe in spec.probes:
-            view, tokens = reads.get(probe.kind, ("images", spec.features.tokens))
-            recipe = recipes.get((bb.name, res, view, tokens)) or _recipe_of(spec, bb, res, view, tokens, ds)
-            fk = keys.get((bb.name, res, view, tokens), {})
-            is_online = (bb.name, res, view, tokens) in online
-            config = probe.model_dump(mode="json")
-            axes = _axes(bb, res, probe.kind, strategy, seed)
-            key = _trial_key(
-                spec,
-                {
-                    **_key_axes(bb, res, probe.kind, strategy, seed),
-                    "features": fk,
-                    "probe_config": config,
-                    **({"online": True} if is_online else {}),
-                    "replicate": replicate,
-                },
+            cells.extend(
+                _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, sets.manifests, common, replicate)
             )
-            reads_sets = [
-                f
-                for f in feature_sets
-                if (f.backbone.name, f.resolution, f.view, f.tokens) == (bb.name, res, view, tokens)
-            ]
-            cells.append(
-                Cell(
-                    axes,
-                    bb,
-                    key,
-                    gflops_per_image=gflops,
-                    view=view,
-                    tokens=tokens,
-                    recipe=recipe,
-                    feature_keys=tuple(sorted(fk.items())),
-                    probe_config=config,
-                    params=_protocol_params(spec, bb, gflops, config, "probe", replicate),
-                    replicate=replicate,
-                    online=is_online,
-                    feature_dtype=spec.features.dtype,
-                    feature_batch=spec.features.batch_size,
-                    memory=_trial_memory(spec, probe, reads_sets, ds, published, is_online, bags),
-                    **common,
+        else:
+            cells.extend(_frozen_cells(spec, ds, sets, bb, res, strategy, seed, replicate, common))
+    return Plan(spec, ds, ds_error, order_cells(cells, spec), sets.feature_sets, root, published)
+
+
+def order_cells(cells: list[Cell], spec: SweepSpec) -> list[Cell]:
+    """The order the trials run in (``resources.cell_order``): 'cheapest' puts one replicate of every cell
+    before the next, frozen before the training strategies (in the spec's order), then the smaller forward
+    pass first, so that a sweep stopped halfway has whole curves; 'grid' keeps the spec's order."""
+    if spec.resources.cell_order == "grid":
+        return cells
+    seeds, strategies = {s: i for i, s in enumerate(spec.seeds)}, {s: i for i, s in enumerate(spec.strategies)}
+    rank = {id(c): i for i, c in enumerate(cells)}  # ties keep the grid's order (probes of one cell together)
+    return sorted(
+        cells,
+        key=lambda c: (seeds[c.seed], c.strategy != "frozen", strategies[c.strategy], c.gflops_per_image, rank[id(c)]),
+    )
+
+
+def _prepared_dataset(spec: SweepSpec, root: Path, require_data: bool) -> tuple[PreparedDataset | None, str | None]:
+    """The dataset, or None and why (a plan without data counts from the published size)."""
+    try:
+        return prepare_dataset(spec.dataset, root), None
+    except DataError as e:
+        if require_data:
+            raise
+        return None, str(e)
+
+
+@dataclass
+class _FeatureSets:
+    """The feature sets of a sweep's frozen cells, and what the cells need to find theirs."""
+
+    feature_sets: list[FeatureSetPlan]
+    reads: dict[str, tuple[str, str]]  # probe kind -> (view, tokens) it reads
+    recipes: dict[tuple, FeatureRecipe]  # (backbone, resolution, view, tokens) -> the sets' recipe
+    keys: dict[tuple, dict[str, str]]  # (backbone, resolution, view, tokens) -> split -> digest
+    online: set[tuple]  # (backbone, resolution, view, tokens) computed inside the trials
+    manifests: dict[str, str]  # split -> manifest digest (with data)
+    published: object
+    bags: dict[str, int] | None  # MIL datasets: bags per split
+
+    @classmethod
+    def of(cls, spec: SweepSpec, infos: list[BackboneInfo], ds, published, store: FeatureStore) -> _FeatureSets:
+        manifests = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
+        volumetric = ds.volumetric if ds is not None else bool(published and published.volumetric)
+        reads = {
+            p.kind: (get_probe(p.kind).view(volumetric), get_probe(p.kind).tokens(spec.features.tokens))
+            for p in spec.probes
+        }
+        bags = {s: len(ds.units(s).sample_ids) for s in SPLITS} if ds is not None and ds.bagged else None
+        out = cls([], reads, {}, {}, set(), manifests, published, bags)
+        if "frozen" not in spec.strategies:
+            return out
+        grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
+        budget = spec.features.cache_budget_gb
+        for bb, res in itertools.product(infos, spec.resolutions):
+            if ds is None and published is None:
+                out.feature_sets.extend(
+                    FeatureSetPlan(bb, res, split, None, 0, False, estimated=True) for split in SPLITS
                 )
+                continue
+            for view, tokens in dict.fromkeys(reads.values()):
+                group = (bb.name, res, view, tokens)
+                recipe = out.recipes[group] = _recipe_of(spec, bb, res, view, tokens, ds)
+                sets = [_feature_set(spec, recipe, bb, split, ds, published, store, manifests) for split in SPLITS]
+                if (view, tokens) in grid_views and (
+                    spec.features.online or (budget is not None and sum(f.nbytes for f in sets) > budget * 2**30)
+                ):
+                    out.online.add(group)
+                    sets = [dataclasses.replace(f, online=True, cached=False) for f in sets]
+                for f in sets:
+                    if f.key is not None and not f.online:
+                        out.keys.setdefault(group, {})[f.split] = f.key.digest
+                out.feature_sets.extend(sets)
+        return out
+
+
+def _frozen_cells(spec: SweepSpec, ds, sets: _FeatureSets, bb, res, strategy, seed, replicate, common) -> list[Cell]:
+    """One cell per probe of a frozen (backbone, resolution, seed): its feature sets, trial key and memory."""
+    gflops, cells = bb.gflops_per_image(res), []
+    for probe in spec.probes:
+        view, tokens = sets.reads.get(probe.kind, ("images", spec.features.tokens))
+        group = (bb.name, res, view, tokens)
+        recipe = sets.recipes.get(group) or _recipe_of(spec, bb, res, view, tokens, ds)
+        fk, is_online = sets.keys.get(group, {}), group in sets.online
+        config = probe.model_dump(mode="json")
+        key = _trial_key(
+            spec,
+            {
+                **_key_axes(bb, res, probe.kind, strategy, seed),
+                "features": fk,
+                "probe_config": config,
+                **({"online": True} if is_online else {}),
+                "replicate": replicate,
+            },
+        )
+        reads_sets = [f for f in sets.feature_sets if (f.backbone.name, f.resolution, f.view, f.tokens) == group]
+        cells.append(
+            Cell(
+                _axes(bb, res, probe.kind, strategy, seed),
+                bb,
+                key,
+                gflops_per_image=gflops,
+                view=view,
+                tokens=tokens,
+                recipe=recipe,
+                feature_keys=tuple(sorted(fk.items())),
+                probe_config=config,
+                params=_protocol_params(spec, bb, gflops, config, "probe", replicate),
+                replicate=replicate,
+                online=is_online,
+                feature_dtype=spec.features.dtype,
+                feature_batch=spec.features.batch_size,
+                memory=_trial_memory(spec, probe, reads_sets, ds, sets.published, is_online, sets.bags),
+                **common,
             )
-    return Plan(spec, ds, ds_error, cells, feature_sets, root, published)
+        )
+    return cells
 
 
 def _typical_pixels(spec: SweepSpec, published, resolution: int) -> int:

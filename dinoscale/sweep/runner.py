@@ -320,13 +320,7 @@ def _summarise(plan: Plan, client, parent_id: str, step: int, rows: list[dict], 
     client.set_tag(parent_id, record.DESCRIPTION, parent_description(plan, rows))  # + the headline result
     if quiet:
         return
-    label = (
-        " - REHEARSAL (replica data / random weights), not a result"
-        if provenance.rehearsal
-        else " - DEMO (phantom data / random weights)"
-        if provenance.demo
-        else ""
-    )
+    label = f" - {provenance.label}" if provenance.label else ""  # the one provenance decision's words
     level = int(spec.metrics.bootstrap.level * 100)
     print_summary(rows, f"{spec.name}: {headline.label} with patient-level {level}% bootstrap CI{label}", headline)
     for r in rows:
@@ -546,32 +540,10 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     from dinoscale.sweep.cell import parse_unit
     from dinoscale.sweep.finetune import open_finetune_cell_runs
     from dinoscale.sweep.schedule import CellSuccessiveHalving
-    from dinoscale.sweep.trial import SweepContext
     from dinoscale.sweep.units import unit_trainable
 
     spec, ds = plan.spec, plan.dataset
-    parent_tags = client.get_run(state.parent_run_id).data.tags
-    run_tags = {k: v for k, v in parent_tags.items() if k.startswith(record.PROVENANCE_PREFIXES)}
-    ctx = SweepContext(
-        cells={c.id: c for c in plan.cells},
-        classes=ds.classes,
-        splits={s: ds.units(s) for s in ("train", "val", "test")},
-        mask_labels=dict(ds.mask_labels),
-        checkpoint_root=str(plan.storage / "checkpoints"),
-        store_root=str(plan.storage / "features"),
-        tracking_uri=state.tracking_uri,
-        experiment_id=state.experiment_id,
-        parent_run_id=state.parent_run_id,
-        run_tags={
-            **run_tags,
-            record.SWEEP_ID: state.sweep_id,
-            record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
-        },
-        dataset_inputs=dataset_inputs,
-        pseudonym_key=pseudonym.key_for(spec, plan.storage),
-        sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
-        schedule_state=str(SweepState.folder(plan.storage, spec.name) / f"{state.sweep_id}.schedule.json"),
-    )
+    ctx = _sweep_context(plan, state, client, dataset_inputs)
     training = [c for c in plan.cells if c.trains_encoder]
     ctx.cell_runs = open_finetune_cell_runs(training, ctx, client)  # before their configurations start
     has_gpu = cluster_has_gpus()  # from the node types, not the nodes up now (workers start at zero)
@@ -638,6 +610,44 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
                 selected = _selection_stage(plan, ctx, has_gpu, quiet, progress)
     finally:
         tune_log.removeFilter(quiet_user_errors)
+    return _cell_results(grids, selected, timer), time.perf_counter() - t0
+
+
+def _sweep_context(plan: Plan, state: SweepState, client, dataset_inputs: list):
+    """What every trial of the sweep reads (``trial.SweepContext``): the cells, the dataset's units, where the
+    store, the checkpoints and the record are, the tags each child run copies."""
+    from dinoscale.sweep.trial import SweepContext
+
+    spec, ds = plan.spec, plan.dataset
+    parent_tags = client.get_run(state.parent_run_id).data.tags
+    run_tags = {k: v for k, v in parent_tags.items() if k.startswith(record.PROVENANCE_PREFIXES)}
+    return SweepContext(
+        cells={c.id: c for c in plan.cells},
+        classes=ds.classes,
+        splits={s: ds.units(s) for s in ("train", "val", "test")},
+        mask_labels=dict(ds.mask_labels),
+        checkpoint_root=str(plan.storage / "checkpoints"),
+        store_root=str(plan.storage / "features"),
+        tracking_uri=state.tracking_uri,
+        experiment_id=state.experiment_id,
+        parent_run_id=state.parent_run_id,
+        run_tags={
+            **run_tags,
+            record.SWEEP_ID: state.sweep_id,
+            record.GIT_COMMIT: parent_tags.get(record.GIT_COMMIT, ""),
+        },
+        dataset_inputs=dataset_inputs,
+        pseudonym_key=pseudonym.key_for(spec, plan.storage),
+        sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
+        schedule_state=str(SweepState.folder(plan.storage, spec.name) / f"{state.sweep_id}.schedule.json"),
+    )
+
+
+def _cell_results(grids: list, selected: list, timer: _TrialTimer) -> CellResults:
+    """One result per cell: the frozen cells' trials (a configuration's trial is not a cell's result) and the
+    selected lora / full cells, with each cell's wall time seen from the driver."""
+    from dinoscale.sweep.cell import parse_unit
+
     results = CellResults()
     for grid in grids:
         for result in grid:
@@ -648,7 +658,7 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     for unit, seconds in timer.wall.items():  # a lora / full cell: the sum over its configurations
         wall[parse_unit(unit)[0]] = wall.get(parse_unit(unit)[0], 0.0) + seconds
     results.trial_wall_s = wall  # seen from the driver: scheduling + actor start + the trial's own work
-    return results, time.perf_counter() - t0
+    return results
 
 
 FINETUNE_SUFFIX = "-finetune"  # the Tune experiment of the lora / full configurations, beside the frozen cells'
