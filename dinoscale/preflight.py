@@ -418,9 +418,19 @@ def tracking_store_failure(exc: BaseException | None, depth: int = 0) -> BaseExc
 
 
 def check_all_weights(spec) -> str:
-    """Each backbone's weights resolve and fit its architecture (``dinoscale.models.check_weights``)."""
+    """Each backbone's weights resolve and fit its architecture (``dinoscale.models.check_weights``). Every
+    missing set is named in one message, each with what fetches it (``dinoscale weights SPEC`` lists them all):
+    a file that is not there, a loader package that is not installed, hub weights not in the cache when
+    HF_HUB_OFFLINE says the hub cannot be reached (otherwise the extraction downloads them)."""
     from dinoscale.models import check_weights
+    from dinoscale.models.backbones import hub_offline, missing_weights_error, weights_need
 
+    offline = hub_offline()
+    needs = [weights_need(b.name, b.weights) for b in spec.backbones]
+    missing = [n for n in needs if not n.found and (n.weights != "hub" or offline or n.where.startswith("loader "))]
+    error = missing_weights_error(missing)
+    if error is not None:
+        raise error
     found = [f"{b.name}: {check_weights(b.name, b.weights)}" for b in spec.backbones if b.weights != "random"]
     n_random = sum(b.weights == "random" for b in spec.backbones)
     return ", ".join(found + ([f"{n_random} random init"] if n_random else []))

@@ -229,6 +229,12 @@ def test_weights_command_names_every_missing_set_once(tmp_path, monkeypatch):
     assert len(found) == 2 and "dinov3-demo-xs" in found[0] and "random" in found[0]
     assert "dinov2-vits14" in found[1] and str(tmp_path / "hub") in found[1]
 
+    # the sweep's pre-flight says the same, once, before anything runs
+    r = CliRunner().invoke(app, ["preflight", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.output.count("backbone weight set(s) are missing") == 1, r.output
+    assert all(f"  - {n} (weights: hub)" in r.output for n in ("rad-dino", "uni", "dinov2-vitb14")), r.output
+
     raw["backbones"] = raw["backbones"][2:]
     raw["encoders"][0]["sizes"] = ["s"]
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))

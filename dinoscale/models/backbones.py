@@ -353,6 +353,11 @@ def _truthy(v: str | None) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: the hub is not asked, only its cache."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE"))
+
+
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment at call time (not at import)."""
     if os.environ.get("HF_HUB_CACHE"):
