@@ -146,7 +146,7 @@ def _scale_grid(raw: dict, s: dict, changes: dict[str, str], cut: list[str], lea
 def _scale_fits(raw: dict, s: dict, cut: list[str]) -> None:
     """Each probe's and each fine-tuning strategy's search cut to the rehearsal's sizes."""
     from dinoscale.probes.registry import probe_spec_class
-    from dinoscale.spec import FullStrategySpec, LoraStrategySpec
+    from dinoscale.strategies.registry import get_strategy, training_kinds
 
     probes = []
     for p in raw["probes"]:
@@ -156,17 +156,17 @@ def _scale_fits(raw: dict, s: dict, cut: list[str]) -> None:
         probes.append(p)
     s["probes"] = probes
     strategies = raw.get("strategies", ["frozen"])
-    if any(k in strategies for k in ("lora", "full")):
+    training = [k for k in strategies if k in training_kinds()]  # any registered training strategy
+    if training:
         ft = copy.deepcopy(raw.get("finetuning", {}))
-        for kind, model in (("lora", LoraStrategySpec), ("full", FullStrategySpec)):
-            if kind in strategies:
-                entry = dict(ft.get(kind, {}))
-                _cut(entry, FINETUNE_CUTS, cut, f"finetuning.{kind}", _field_defaults(model))
-                if entry.get("budget") is None:
-                    entry["budget"] = FINETUNE_CUTS["budget"]
-                    cut.append(f"finetuning.{kind}.budget search.n_trials->{FINETUNE_CUTS['budget']}")
-                entry["batch_size"] = min(int(entry.get("batch_size", 32)), 8)
-                ft[kind] = entry
+        for kind in training:
+            entry = dict(ft.get(kind, {}))
+            _cut(entry, FINETUNE_CUTS, cut, f"finetuning.{kind}", _field_defaults(get_strategy(kind).spec))
+            if entry.get("budget") is None:
+                entry["budget"] = FINETUNE_CUTS["budget"]
+                cut.append(f"finetuning.{kind}.budget search.n_trials->{FINETUNE_CUTS['budget']}")
+            entry["batch_size"] = min(int(entry.get("batch_size", 32)), 8)
+            ft[kind] = entry
         s["finetuning"] = ft
 
 

@@ -20,6 +20,7 @@ from dinoscale.data.volumes import PET_SUV_RANGE
 from dinoscale.features.recipe import resolve_intensity
 from dinoscale.metrics import CONVENTIONS
 from dinoscale.probes import get_probe
+from dinoscale.strategies.registry import TRAINING
 from dinoscale.sweep.plan import Plan, volume_window
 from dinoscale.tasks import get_task
 
@@ -103,8 +104,8 @@ def protocol_data(plan: Plan) -> dict:
     task_name = ds.task if ds is not None else (plan.cells[0].task if plan.cells else "")
     strategies = {"strategies": ", ".join(spec.strategies)}
     for s in spec.strategies:
-        if s in ("lora", "full"):
-            strategies[s] = _fmt(getattr(spec.finetuning, s).model_dump(mode="json"))
+        if s in TRAINING:  # any registered training strategy: its stated values and search space
+            strategies[s] = _fmt(spec.finetuning.of(s).model_dump(mode="json"))
     return {
         "sweep": {
             "name": spec.name,
