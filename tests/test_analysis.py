@@ -506,3 +506,62 @@ def test_the_answer_says_when_the_data_cannot_tell_the_val_choice_from_the_test_
         assert "frozen" in lines[0] and "0.834 [0.803, 0.859], chosen on validation: val 0.900 (n=6)" in lines[0]
         assert lines[1].startswith("on test, demo-m (1.00M params) at 224px, linear probe, lora scores 0.889")
         assert "val 0.850 (n=6)" in lines[1] and words in lines[1]
+
+
+def test_val_intervals_that_overlap_are_said_not_hidden_behind_one_best():
+    """Issue 26: a frozen cell logs its val metric's patient-level interval; where the best and the runner-up on
+    validation overlap there, the answer says validation cannot tell them apart; where they do not, it says
+    nothing more. The val interval is shown with the val value and survives a report's results.csv."""
+    from dinoscale.analysis.compare import best_configurations
+    from dinoscale.analysis.report import _answer
+
+    def runs(second_high):
+        ci = ("val_macro_auroc_ci_low", "val_macro_auroc_ci_high")
+        return pd.DataFrame(
+            [
+                _run("a", "frozen", 0.834, 0.803, 0.859, backbone="demo-s", val_macro_auroc=0.90, n_val=30)
+                | dict(zip(ci, (0.85, 0.95))),
+                _run("b", "frozen", 0.820, 0.79, 0.85, backbone="demo-m", val_macro_auroc=0.80, n_val=30)
+                | dict(zip(ci, (0.70, second_high))),
+            ]
+        )
+
+    for second_high, said in ((0.88, True), (0.84, False)):
+        cd = bootstrap_cells(runs(second_high), resamples=200)
+        lines = [text for _, text in _answer(cd, best_configurations(cd), cd.headline)]
+        assert "chosen on validation: val 0.900 [0.850, 0.950] (n=30)" in lines[0], lines
+        told = [x for x in lines if x.startswith("validation cannot tell it from")]
+        assert bool(told) is said, lines
+        if said:
+            assert "demo-m" in told[0] and f"val 0.800 [0.700, {second_high:.3f}]" in told[0]
+
+
+def test_every_point_of_the_frontier_plot_is_numbered_and_named(tmp_path):
+    """Issue 26: each point of the cost plot can be identified (a number on the plot, its configuration in a key
+    beside it, frontier points starred), not only the frontier's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dinoscale.analysis.plots import _identify_points, plot_frontier
+
+    cells = pd.DataFrame(
+        {
+            "backbone": ["s", "s", "b", "b"],
+            "resolution": [32, 64, 32, 64],
+            "probe": ["linear", "knn", "linear", "knn"],
+            "strategy": ["frozen"] * 4,
+            "metric": [0.7, 0.6, 0.8, 0.75],
+            "low": [0.6, 0.5, 0.7, 0.65],
+            "high": [0.8, 0.7, 0.9, 0.85],
+        },
+        index=["c1", "c2", "c3", "c4"],
+    )
+    cost = pd.Series([1.0, 4.0, 3.0, 12.0], index=cells.index)
+    fig, ax = plt.subplots()
+    key = _identify_points(fig, ax, cells, cost, ["c1", "c3"])
+    plt.close(fig)
+    assert len(key) == 4 and key[0].startswith("1* s@32 linear|frozen") and key[1].startswith("2* b@32 ")
+    assert key[2].startswith("3  s@64 knn") and key[3].startswith("4  b@64 knn")
+    assert plot_frontier(cells, cost, ["c1", "c3"], tmp_path / "f.png", "t", "p").stat().st_size > 0

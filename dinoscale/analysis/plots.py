@@ -231,6 +231,37 @@ def plot_heatmap(
     return path
 
 
+KEYED_POINTS = 48  # up to this many points, each is numbered on the plot and named in a key beside it
+
+
+def _identify_points(fig, ax, cells: pd.DataFrame, cost: pd.Series, frontier: list) -> list[str]:
+    """Every point can be told from the plot alone: numbered (frontier points in bold) with a key to the right
+    naming its configuration; above ``KEYED_POINTS`` only the frontier's points are named, on the plot."""
+    placed = [i for i in cells.index if pd.notna(cost.get(i))]
+    on_front = set(frontier)
+    if len(placed) > KEYED_POINTS:
+        for i in frontier:
+            r = cells.loc[i]
+            label = f"{r['backbone']}@{_resolution_label(r['resolution'])}"
+            ax.annotate(label, (cost[i], r["metric"]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        return []
+    order = sorted(placed, key=lambda i: (cost[i], -cells.loc[i, "metric"]))
+    key = []
+    for n, i in enumerate(order, 1):
+        r = cells.loc[i]
+        weight = "bold" if i in on_front else "normal"
+        ax.annotate(
+            str(n), (cost[i], r["metric"]), textcoords="offset points", xytext=(3, 3), fontsize=6, weight=weight
+        )
+        extra = "".join(f", {a}: {r[a]}" for a in record.GROUP_AXES if a not in ("probe", "strategy") and a in r)
+        key.append(
+            f"{n}{'*' if i in on_front else ' '} {r['backbone']}@{_resolution_label(r['resolution'])} "
+            f"{r['probe']}|{r['strategy']}{extra}"
+        )
+    fig.text(1.01, 0.5, "\n".join(["* on the frontier", *key]), fontsize=5.5, family="monospace", va="center")
+    return key
+
+
 def plot_frontier(
     cells: pd.DataFrame,
     cost: pd.Series,
@@ -268,15 +299,7 @@ def plot_frontier(
         )
     if frontier:
         ax.step(cost[frontier], cells.loc[frontier, "metric"], where="post", color="black", lw=1.3, label="frontier")
-        for i in frontier:
-            r = cells.loc[i]
-            ax.annotate(
-                f"{r['backbone']}@{_resolution_label(r['resolution'])}",
-                (cost[i], r["metric"]),
-                textcoords="offset points",
-                xytext=(4, 6),
-                fontsize=7,
-            )
+    _identify_points(fig, ax, cells, cost, frontier)
     ax.set_xscale("log")
     ax.set_xlabel(cost_label)
     ax.set_ylabel(headline.label)
@@ -286,6 +309,6 @@ def plot_frontier(
         "higher is better)" if headline.goal == "max" else "lower is better)"
     )
     ax.set_title("\n".join(textwrap.fill(line, 100) for line in [title, provenance, legend]), fontsize=8)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # the key beside the axes included
     plt.close(fig)
     return path

@@ -234,7 +234,34 @@ def _val_words(r, lead: str = ", chosen on validation: val") -> str:
     if "val_metric" not in r.index or not np.isfinite(r.val_metric):
         return ""
     n = f" (n={int(r.n_val)})" if "n_val" in r.index and np.isfinite(r.n_val) else ""
-    return f"{lead} {r.val_metric:.3f}{n}"
+    ci = f" [{r.val_low:.3f}, {r.val_high:.3f}]" if _has_val_interval(r) else ""
+    return f"{lead} {r.val_metric:.3f}{ci}{n}"
+
+
+def _has_val_interval(r) -> bool:
+    return "val_low" in r.index and np.isfinite(r.val_low) and np.isfinite(r.val_high)
+
+
+def _val_tie_line(cd: CellDraws, b, h: Headline) -> list[tuple[int, str]]:
+    """When the runner-up on validation has a val interval that overlaps the best's, the data cannot tell them
+    apart: said instead of letting 'best' stand alone."""
+    g = cd.cells[(cd.cells.modality == b.modality) & (cd.cells.dataset == b.dataset)]
+    if b.chosen_on != "validation" or len(g) < 2:
+        return []
+    ranked = g.sort_values("val_metric", ascending=h.goal != "max")
+    first, second = ranked.iloc[0], ranked.iloc[1]
+    if not (_has_val_interval(first) and _has_val_interval(second)):
+        return []
+    if first.val_low > second.val_high or second.val_low > first.val_high:
+        return []
+    return [
+        (
+            1,
+            f"validation cannot tell it from {_describe(second, h)} (val {second.val_metric:.3f} "
+            f"[{second.val_low:.3f}, {second.val_high:.3f}]): their val intervals overlap, so 'best' is the "
+            "higher point estimate among configurations the data does not separate",
+        )
+    ]
 
 
 def _config(r) -> str:
@@ -276,6 +303,7 @@ def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, s
                 + f"; {_cost_words(cost[b.cell])}",
             )
         )
+        lines += _val_tie_line(cd, b, h)
         lines += _test_leader_lines(cd, b, h)
         cheap = cheapest_as_good(cd, pd.Series(b._asdict()))
         if cheap is None:

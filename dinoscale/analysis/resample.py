@@ -254,6 +254,7 @@ def bootstrap_cells(
                 "high": high,
                 "seeds": _replicates(g),
                 "val_metric": g["val_metric"].mean(),
+                **dict(zip(("val_low", "val_high"), _own_val_interval(g))),
                 "n_val": pd.to_numeric(g["n_val"], errors="coerce").mean() if "n_val" in g else np.nan,
                 record.TOKENS_PER_IMAGE: pd.to_numeric(g[record.TOKENS_PER_IMAGE], errors="coerce").mean(),
                 record.GFLOPS: pd.to_numeric(g[record.GFLOPS], errors="coerce").mean(),
@@ -262,6 +263,16 @@ def bootstrap_cells(
             }
         )
     return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
+
+
+def _own_val_interval(g: pd.DataFrame) -> tuple[float, float]:
+    """A one-run cell's val interval as its trial logged it (over the val patients of its replicate); NaN for
+    several runs (each validated on its own draw) or where none was logged."""
+    cols = [c for c in record.ci_names("val_metric") if c in g]
+    if len(g) != 1 or len(cols) != 2:
+        return np.nan, np.nan
+    lo, hi = (pd.to_numeric(g[c], errors="coerce").iloc[0] for c in cols)
+    return float(lo), float(hi)
 
 
 def _own_interval(g: pd.DataFrame, headline: Headline) -> tuple[float, float] | None:

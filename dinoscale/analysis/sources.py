@@ -26,6 +26,7 @@ from dinoscale.provenance import PHANTOM, REAL, Provenance
 
 METRIC = "metric"  # the internal name of test_<name>
 GENERIC = (METRIC, *record.ci_names(METRIC))  # internal names of test_<name>, _ci_low, _ci_high
+VAL = ("val_metric", *record.ci_names("val_metric"))  # and of val_<name> with its interval (where logged)
 MODALITY, DATASET, WEIGHTS = record.MODALITY_PARAM, record.DATASET_PARAM, record.WEIGHTS_PARAM
 AXIS_COLUMNS = list(record.AXIS_NAMES)
 CELL_COLUMNS = list(record.CELL_KEYS)
@@ -378,14 +379,14 @@ def as_generic(df: pd.DataFrame, headline: Headline | None = None) -> tuple[pd.D
     headline = headline or detect_headline(df.columns)
     df = complete_columns(df)
     if headline.test in df.columns:
-        df = df.drop(columns=[c for c in (*GENERIC, "val_metric") if c in df.columns])
+        df = df.drop(columns=[c for c in (*GENERIC, *VAL) if c in df.columns])
         df = df.rename(
             columns={
                 **dict(zip((headline.test, *record.ci_names(headline.test)), GENERIC)),
-                headline.val: "val_metric",
+                **dict(zip((headline.val, *record.ci_names(headline.val)), VAL)),
             }
         )
-    for col in (*GENERIC, "val_metric"):
+    for col in (*GENERIC, *VAL):
         if col not in df.columns:
             if col == "metric":
                 raise ValueError(f"the results have no {headline.test} column")
@@ -476,7 +477,12 @@ def from_report_cells(
         raise ValueError(f"a report's cell table on {h.test}, not {asked}")
     _checked_goal(h, goal)
     out = df.drop(columns=["headline", "goal"]).rename(
-        columns={"metric": h.test, **dict(zip(("low", "high"), record.ci_names(h.test))), "val_metric": h.val}
+        columns={
+            "metric": h.test,
+            **dict(zip(("low", "high"), record.ci_names(h.test))),
+            "val_metric": h.val,
+            **dict(zip(("val_low", "val_high"), record.ci_names(h.val))),
+        }
     )
     paired = "pairing" in df.columns and df["pairing"].fillna("").astype(str).str.startswith("patients").any()
     pooled = "seeds" in df.columns and (pd.to_numeric(df["seeds"], errors="coerce") > 1).any()

@@ -70,6 +70,7 @@ def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Probe
     return ProbeResult(
         test_scores=test_scores,
         val_metric=float(val_metric[best_k]),
+        val_scores=val_scores[best_k],
         selected={"k": best_k},
         candidates=len(val_metric),
         # k clipped to the train size is as large as k can be: not an edge to widen

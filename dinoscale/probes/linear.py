@@ -178,6 +178,7 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     return ProbeResult(
         test_scores=test_scores,
         val_metric=float(val_metrics[best]),
+        val_scores=val_scores[best],
         selected=selected,
         candidates=n_heads,
         extra={"val_loss": float(val_loss[best])},

@@ -91,6 +91,7 @@ def fit_logreg(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     return ProbeResult(
         test_scores=scores[best][1],
         val_metric=float(val_metric[best]),
+        val_scores=scores[best][0],
         selected={"C": best},
         candidates=len(val_metric),
         edges=grid_edges({"C": list(spec.cs)}, {"C": best}),

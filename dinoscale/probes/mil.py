@@ -191,12 +191,13 @@ def _fit_grid(
             loss = float(-(yv * np.log(sv + 1e-7) + (1 - yv) * np.log(1 - sv + 1e-7)).mean())
         key = (np.nan_to_num(auc, nan=-np.inf), -loss)
         if best is None or key > best[0]:
-            best = (key, cfg, auc, loss, model)
-    _, cfg, auc, loss, model = best
+            best = (key, cfg, auc, loss, model, sv)
+    _, cfg, auc, loss, model, sv = best
     grid = {k: [c[k] for c in configs] for k in ("lr", "weight_decay")}
     return ProbeResult(
         test_scores=_predict(model, te, exclusive=exclusive),
         val_metric=float(auc),
+        val_scores=sv,
         selected=dict(cfg),
         candidates=len(configs),
         extra={"val_loss": loss},

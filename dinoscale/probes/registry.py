@@ -84,6 +84,9 @@ class ProbeResult:
     candidates: int  # configurations compared on val
     extra: dict = field(default_factory=dict)
     edges: dict = field(default_factory=dict)  # selected values on a grid edge (``grid_edges``): tagged and warned
+    # the chosen configuration's val outputs (as test_scores): the val metric's patient-level interval, so that
+    # two cells whose val intervals overlap are not called different (None: the probe does not give them)
+    val_scores: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------- descriptors

@@ -141,6 +141,7 @@ def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
                 "selection_on_edge": int(bool(result.edges)),
             },
             getattr(probe_spec, "n_classes", None),
+            val_scores=result.val_scores,
         )
     out["edges"] = {k: (result.selected.get(k), where) for k, where in result.edges.items()}
     out["metrics"].update(_memory_metrics(cell, peak))
@@ -183,9 +184,11 @@ def scored(
     selected: dict,
     extra: dict,
     n_classes: int | None = None,
+    val_scores: np.ndarray | None = None,
 ) -> dict:
-    """Test metrics as the task scores them (with their patient-level interval), the val metric, the mirrored
-    axes and the per-unit predictions table."""
+    """Test metrics as the task scores them (with their patient-level interval), the val metric (with its
+    interval over the val patients where the probe gives its val outputs), the mirrored axes and the per-unit
+    predictions table."""
     task = get_task(cell.task)
     scoring = scoring_of(cell, ctx, n_classes)
     test = ctx.splits["test"]
@@ -199,11 +202,25 @@ def scored(
     metrics = {
         **metrics,
         **task.val_metrics(val_metric),
+        **val_interval(cell, ctx, val_scores, n_classes),
         **_axes_metrics(cell, ctx),
         **extra,
         **{f"selected_{k}": v for k, v in selected.items() if isinstance(v, (int, float))},
     }
     return {"metrics": metrics, "selected": selected, "predictions": predictions, "edges": {}}
+
+
+def val_interval(cell: Cell, ctx: SweepContext, val_scores: np.ndarray | None, n_classes: int | None) -> dict:
+    """The headline's val metric interval (``<val metric>_ci_low / _ci_high``): the chosen configuration's val
+    outputs scored as test is, resampling the val patients of the cell's replicate. Empty for dense tasks (their
+    val is the training objective's) and probes that do not give val outputs."""
+    task = get_task(cell.task)
+    if val_scores is None or task.dense:
+        return {}
+    val_scored, _ = task.score(val_scores, None, scoring_of(cell, ctx, n_classes, "val"))
+    h = task.headline
+    bounds = zip(record.ci_names(h.val), record.ci_names(h.test))
+    return {name: val_scored[of] for name, of in bounds if val_scored.get(of) is not None}
 
 
 def interval_note(metrics: dict, cell: Cell) -> str:
