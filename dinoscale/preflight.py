@@ -518,7 +518,7 @@ def check_window(plan) -> str | None:
 def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
     """Run the checks in order and return (the plan, the report). The plan is built here because it
     prepares the dataset: the data root's layout is checked by the dataset's adapter."""
-    from dinoscale.data.checks import colour_files_under_grey, decode_sample
+    from dinoscale.data.checks import colour_files_under_grey, decode_sample, range_barely_used
     from dinoscale.sweep.plan import build_plan, check_runnable, storage_root
     from dinoscale.tracking import default_artifact_location
 
@@ -546,6 +546,13 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
                 f"; WARNING: {len(colour)} sampled file(s) are colour (first: {colour[0]}) but dataset "
                 f"'{plan.dataset.name}' reaches the encoder as grey: set dataset.color: rgb to keep colour"
             )
+        flat = range_barely_used(plan.dataset) if _intensity_of(plan) == "range" else None
+        if flat:  # 'range' over a container much wider than the data: nearly flat inputs, said before extraction
+            report.checks["data"] += (
+                f"; WARNING: the sampled images span at most {flat[0]:.1%} of the value range their files declare "
+                f"(e.g. {flat[1]}): under dataset.intensity 'range' the encoder sees nearly flat images; set "
+                "dataset.intensity: percentiles (or a CT window)"
+            )
         # science: the macro metric's class set on the test split, the CT window against the data's units
         for words in (macro_class_set_words(plan.dataset, spec.metrics.macro_min_patients), check_window(plan)):
             if words:
@@ -563,6 +570,11 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         if found is not None:
             check_parent_run(tracking_uri, found)
     return plan, report
+
+
+def _intensity_of(plan) -> str | None:
+    """The 2D feature sets' intensity mapping (None without 2D feature sets)."""
+    return next((fs.recipe.intensity for fs in plan.feature_sets if fs.recipe and fs.view == "images"), None)
 
 
 def check_parent_run(uri: str, state) -> None:

@@ -121,3 +121,29 @@ def test_the_file_range_on_volumes_is_refused_by_the_plan(tmp_path):
     d["storage"] = {"path": str(tmp_path / "store")}
     with pytest.raises(NotRunnableError, match="'range'.*is for 2D images"):
         build_plan(parse_spec(d), tmp_path)
+
+
+def test_images_that_barely_use_their_declared_range_are_said_before_the_sweep(tmp_path):
+    """12-bit-like data in 16-bit PNGs (values up to 1000 of 65535) under 'range': the pre-flight check names the
+    share used and the setting to change; 8-bit images spanning their range pass."""
+    import pandas as pd
+
+    from dinoscale.data import prepare_dataset
+    from dinoscale.data.checks import range_barely_used
+    from dinoscale.spec import DatasetSpec
+
+    rng = np.random.default_rng(0)
+    for name, dtype, top in (("deep", np.uint16, 1000), ("full", np.uint8, 255)):
+        root = tmp_path / name
+        (root / "img").mkdir(parents=True)
+        rows = []
+        for i in range(12):
+            _png(root / "img" / f"{i}.png", rng.integers(0, top, (16, 16)).astype(dtype))
+            rows.append({"path": f"img/{i}.png", "patient_id": f"P{i}", "a": i % 2})
+        pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+        ds = prepare_dataset(DatasetSpec(name="manifest", root=str(root), classes=["a"]), tmp_path / name)
+        flat = range_barely_used(ds)
+        if name == "deep":
+            assert flat is not None and flat[0] < 0.02 and flat[1].endswith(".png")
+        else:
+            assert flat is None

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dinoscale.data.dataset import DataError, PreparedDataset
-from dinoscale.data.readers import BAD_FILE_HINT, read_image
+from dinoscale.data.readers import BAD_FILE_HINT, declared_range, read_image
 from dinoscale.record import DATA_SKIPPED, DATA_SKIPPED_FILES
 
 SMALL_DATASET = 64  # 2D rows: up to this many, the pre-flight decodes every file (well under a second)
@@ -174,3 +174,27 @@ def colour_files_under_grey(ds: PreparedDataset, per_split: int = 2) -> list[str
             if img.ndim == 3 and img.shape[-1] >= 3 and float(np.ptp(img[..., :3], axis=-1).max()) > 0:
                 found.append(str(items[k]))
     return found
+
+
+RANGE_USED_MIN = 0.05  # sampled images that span less of their declared range than this read as nearly constant
+
+
+def range_barely_used(ds: PreparedDataset, per_split: int = 2) -> tuple[float, str] | None:
+    """Pre-flight, for the 'range' intensity mapping: the largest share of its declared value range that a
+    sampled 2D file spans (``readers.declared_range``), with the file, when every sampled file spans less than
+    ``RANGE_USED_MIN`` of it (a 16-bit container holding 12-bit data, CT slices without a VOI window): the encoder
+    would see nearly flat images. None when the range is used, or for volumes."""
+    if ds.volumetric:
+        return None
+    used, where = 0.0, ""
+    for split in ("train", "val", "test"):
+        items = ds.sources(split).items
+        for k in sorted({0, len(items) - 1})[:per_split]:
+            try:
+                img, (lo, hi) = read_image(items[k]), declared_range(items[k])
+            except DataError:
+                continue  # decode_sample names unreadable files; the extraction names a file with no range
+            share = float(np.ptp(img)) / max(hi - lo, 1e-12)
+            if share >= used:
+                used, where = share, str(items[k])
+    return (used, where) if where and used < RANGE_USED_MIN else None
