@@ -270,7 +270,7 @@ def _headline_values(df: pd.DataFrame, headline: Headline, notes: list[str]) -> 
         df, value = df[~bad].reset_index(drop=True), value[~bad].reset_index(drop=True)
     df[t] = value
     missing_ci = [c for c in (lo_col, hi_col) if c not in df.columns]
-    for c in (lo_col, hi_col, headline.val):
+    for c in (lo_col, hi_col, headline.val, *record.ci_names(headline.val)):
         df[c] = pd.to_numeric(df[c], errors="coerce") if c in df.columns else np.nan
     _check_range(df, headline, notes)
     if missing_ci:
@@ -561,6 +561,7 @@ def _run_row(r, headline: Headline) -> dict:
         t: m.get(t),
         **{c: m.get(c) for c in record.ci_names(t)},
         headline.val: m.get(headline.val),
+        **{c: m.get(c) for c in record.ci_names(headline.val)},
         record.TOKENS_PER_IMAGE: m.get(record.TOKENS_PER_IMAGE),
         record.GFLOPS: m.get(record.GFLOPS_PER_IMAGE, m.get(record.GFLOPS)),
         "run_id": r.info.run_id,
@@ -612,7 +613,10 @@ def results_from_mlflow(
     )
     rows = [_run_row(r, headline) for r in runs if r.info.status == "FINISHED" and headline.test in r.data.metrics]
     df = complete_columns(
-        pd.DataFrame(rows, columns=result_columns(headline) + [headline.val] + list(OPTIONAL_COLUMNS))
+        pd.DataFrame(
+            rows,
+            columns=result_columns(headline) + [headline.val, *record.ci_names(headline.val)] + list(OPTIONAL_COLUMNS),
+        )
     )
     df.attrs["headline"] = headline
     df.attrs["parent_run_id"] = parent_run_id
