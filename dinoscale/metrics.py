@@ -19,6 +19,7 @@ table of each sweep (``CONVENTIONS``; ``dinoscale.sweep.protocol``):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -365,7 +366,6 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
     units of ``spacing``: one spacing for every volume, or one per volume (sequences in the arrays' axis
     order); None: voxels. A missed or spurious class scores ``field_diagonal`` (the penalty); a class absent
     from both prediction and ground truth is undefined (NaN)."""
-    import warnings
 
     from monai.metrics import compute_hausdorff_distance
 
@@ -454,7 +454,6 @@ def segmentation_per_volume(
     spurious ones), ``detection_rate`` and ``false_positive_rate`` (per volume, over its positive / negative
     structures), ``lesion_detection_rate`` and ``false_positive_lesions`` (connected components),
     ``fp_volume_ml`` / ``fn_volume_ml`` (``fp_voxels`` / ``fn_voxels`` without spacing). NaN where undefined."""
-    import warnings
 
     names = class_names or [str(c) for c in range(1, n_classes)]
     pred, target = np.asarray(pred), np.asarray(target)

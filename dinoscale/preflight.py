@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
@@ -37,7 +38,10 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 from dinoscale import record, settings
+from dinoscale.data.errors import DataError
 from dinoscale.errors import StorageError, TrackingError, environment_error, free_space, size_text
+from dinoscale.features import FeatureStore  # lazy: the CLI imports this module before anything heavy
+from dinoscale.sweep.state import ResumeError, SweepState
 
 CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
 REQUEST_TIMEOUT_S = 5  # one MLflow request during pre-flight (no retries): a server that hangs fails in 5 s
@@ -101,7 +105,6 @@ FREE_SPACE_MARGIN = 1.1  # the plan predicts the rows' bytes; commits, headers a
 def bytes_to_extract(plan, store=None) -> tuple[int, int]:
     """(predicted bytes, feature sets) the extraction still has to write: the plan's missing feature sets, less
     the shards the store holds already (an interrupted or failed extraction)."""
-    from dinoscale.features import FeatureStore  # lazy: the CLI imports this module before anything heavy
 
     store = store or FeatureStore(plan.storage / "features")
     need = sets = 0
@@ -372,7 +375,6 @@ def tracking_failure_of(exc: BaseException, uri: str, run_id: str | None = None)
 
 def _sqlite_holds_run(db: Path, run_id: str) -> bool:
     """Read directly (not through MLflow's pooled connections, which may still read a deleted file)."""
-    import sqlite3
 
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
@@ -450,7 +452,6 @@ def macro_class_set_words(ds, k: int) -> str | None:
     patient; ``k`` of each to be in the class set), in words for the report line. Raises ``DataError`` when no
     class has both - the metric would be undefined and every cell would fail after extraction. None for dense
     tasks."""
-    from dinoscale.data.errors import DataError
     from dinoscale.metrics import macro_class_set
     from dinoscale.tasks import get_task
 
@@ -480,7 +481,6 @@ def check_window(plan) -> str | None:
     than CT (MSD's dataset.json), or where it saturates more than ``WINDOW_SATURATED_MAX`` of the voxels of a
     decoded sample (one volume per split). Returns the clipped share in words (None: no window)."""
     from dinoscale.data.checks import sample_rows
-    from dinoscale.data.errors import DataError
     from dinoscale.data.readers import read_volume
     from dinoscale.sweep.plan import volume_window
 
@@ -527,8 +527,6 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         root = storage_root(spec, project_dir)
         report.checks["storage"] = check_storage(root)
         if resume:  # there is a sweep of this spec to resume (ResumeError names what is missing or changed)
-            from dinoscale.sweep.state import SweepState
-
             found = SweepState.for_resume(root, spec.name, spec.digest())
             report.checks["storage"] += f", sweep {found.sweep_id} to resume"
     with report.step("tracking"):  # reachable now (seconds); written to last, once the sweep can run
@@ -582,8 +580,6 @@ def check_parent_run(uri: str, state) -> None:
     another URI, holds none); raises ``ResumeError`` saying how to start again."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from dinoscale.sweep.state import ResumeError
 
     with _no_retries():
         try:

@@ -38,8 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinoscale import record
+from dinoscale.console import capture_third_party, console
 from dinoscale.errors import UserError
+from dinoscale.probes.registry import probe_spec_class
+from dinoscale.spec import expand_encoders, load_spec, parse_spec
 from dinoscale.specfile import load_raw, provenance_tags
+from dinoscale.strategies.registry import get_strategy, training_kinds
 
 LADDER = ("dinov3-demo-xs", "dinov3-demo-s", "dinov3-demo-m", "dinov3-demo-l")
 PATCH = 16  # the demo ladder's patch size
@@ -106,7 +110,10 @@ def transform(
     replicates: int = MAX_SEEDS,
     lean: bool = False,
 ) -> tuple[dict, dict]:
-    """The paper spec (as loaded from its YAML) -> (the rehearsal's spec dict, the changes as record tags)."""
+    """The paper spec (as loaded from its YAML) -> (the rehearsal's spec dict, the changes as record tags).
+    Encoders named by family and size (``encoders:``) are expanded into backbones first, so that each maps onto
+    the demo ladder like any other backbone."""
+    raw = expand_encoders(raw)
     s = copy.deepcopy(raw)
     changes: dict[str, str] = {record.REHEARSAL_SOURCE_SPEC: source}
     s["name"] = f"{raw['name']}-rehearsal"
@@ -145,8 +152,6 @@ def _scale_grid(raw: dict, s: dict, changes: dict[str, str], cut: list[str], lea
 
 def _scale_fits(raw: dict, s: dict, cut: list[str]) -> None:
     """Each probe's and each fine-tuning strategy's search cut to the rehearsal's sizes."""
-    from dinoscale.probes.registry import probe_spec_class
-    from dinoscale.strategies.registry import get_strategy, training_kinds
 
     probes = []
     for p in raw["probes"]:
@@ -207,8 +212,6 @@ def _run_here(raw: dict, s: dict, changes: dict[str, str]) -> None:
 
 
 def _raw_spec(path: Path, overrides: Sequence[str] = ()) -> dict:
-    from dinoscale.spec import load_spec
-
     load_spec(path, overrides)  # the paper spec itself must validate (its own errors, named against its own file)
     return load_raw(path, overrides)  # its `extends` merged, the --set overrides applied
 
@@ -227,7 +230,6 @@ def prepare(
     (``<storage>/rehearsal/<dataset>/<variant>``, rewritten each time) and return the rehearsal's spec."""
     from dinoscale.data import is_phantom
     from dinoscale.data.replicas import VARIANTS, get_replica, replica_names
-    from dinoscale.spec import parse_spec
     from dinoscale.sweep.plan import storage_root
 
     spec_path = Path(spec_path)
@@ -287,7 +289,6 @@ def rehearse(
     """Write the replica and run the rehearsal's sweep; returns (Rehearsal, SweepOutcome). ``overrides``:
     ``key.path=value`` changes to the paper spec (``--set``), applied before the rehearsal's own. ``verbose``:
     library logs and warnings on the terminal too."""
-    from dinoscale.console import capture_third_party, console
     from dinoscale.sweep.runner import run_sweep
 
     capture_third_party(None, verbose)  # held until the sweep names its log file

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dinoscale.datasettings import PhantomSpec  # a spec section, kept in a leaf that data/ reads too
-from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class
+from dinoscale.models.families import family_names, get_family
+from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class, unfit_message
 from dinoscale.specfile import SpecError, load_raw
 from dinoscale.strategies.registry import (
     StrategyKind,
@@ -244,8 +246,6 @@ class EncoderSpec(Strict):
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
-        from dinoscale.models.families import family_names, get_family
-
         try:
             return get_family(v).name
         except KeyError:
@@ -253,8 +253,6 @@ class EncoderSpec(Strict):
 
     @model_validator(mode="after")
     def _known_sizes(self) -> EncoderSpec:
-        from dinoscale.models.families import get_family
-
         family = get_family(self.family)
         for k in self.sizes or []:
             if k not in family.size_keys:
@@ -262,15 +260,13 @@ class EncoderSpec(Strict):
         return self
 
     def backbones(self) -> list[dict]:
-        from dinoscale.models.families import get_family
-
         family = get_family(self.family)
         keys = self.sizes or family.size_keys
         entry = {"weights": self.weights, "weights_seed": self.weights_seed}
         return [{"name": family.size(k).backbone, **entry} for k in keys]
 
 
-def _expand_encoders(data: Any) -> Any:
+def expand_encoders(data: Any) -> Any:
     """``encoders:`` (families and sizes) appended to ``backbones:`` as plain entries; the resolved spec, its
     digest and everything downstream see backbones only."""
     if not isinstance(data, dict) or "encoders" not in data:
@@ -514,7 +510,7 @@ class SweepSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _encoders(cls, data: Any) -> Any:
-        return _expand_encoders(data)
+        return expand_encoders(data)
 
     @field_validator("resolutions")
     @classmethod
@@ -545,7 +541,6 @@ class SweepSpec(Strict):
         registry states the task and, where it records the published size, the units (volumes, slides)."""
         # lazy: the data package (its registry) adds ~0.9 s to importing spec (0.4 s alone), measured
         from dinoscale.data import get_dataset
-        from dinoscale.probes.registry import unfit_message
 
         ds = info.data.get("dataset")
         if ds is None:  # the dataset failed its own validation (reported there)
@@ -628,7 +623,6 @@ def _describe_error(err: dict, raw: dict) -> str:
 
 def _allowed_keys(loc: list, raw: dict) -> list[str]:
     """Field names of the model found by walking ``loc`` from SweepSpec (lists and unions included)."""
-    import typing
 
     annotation: Any = SweepSpec
     node: Any = raw
@@ -653,8 +647,6 @@ def _allowed_keys(loc: list, raw: dict) -> list[str]:
 
 
 def _model_of(annotation: Any, node: Any) -> Any:
-    import typing
-
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         if annotation is ProbeSpecBase:  # a probe entry: the class registered for its kind
             return probe_spec_class(node) or ProbeSpecBase

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -58,7 +59,6 @@ class TaskDef:
 def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[dict, pd.DataFrame]:
     """Macro AUROC over a class set fixed before resampling (``metrics.macro_class_set``) with its
     patient-level bootstrap interval, per-class AUROC, per-unit scores."""
-    from functools import partial
 
     from dinoscale.metrics import auroc_per_class, macro_auroc, macro_class_set, patient_bootstrap
 

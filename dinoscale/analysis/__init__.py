@@ -26,8 +26,10 @@ from dinoscale.analysis.sources import (  # noqa: F401
     results_from_mlflow,
     sweep_headline,
 )
+from dinoscale.console import console, print_markdown
 from dinoscale.provenance import Provenance
 from dinoscale.record import REPORT_DIR, SWEEP_ID
+from dinoscale.spec import SweepSpec, load_spec  # validating a spec imports timm (seconds): only when asked
 
 if TYPE_CHECKING:
     from dinoscale.spec import SweepSpec
@@ -80,8 +82,6 @@ def analyze_sweep(
         if f.is_file():
             client.log_artifact(info["parent_run_id"], str(f), REPORT_DIR)
     if not quiet:
-        from dinoscale.console import console, print_markdown
-
         console.print(
             f"Report on {headline.test} ({'higher' if headline.goal == 'max' else 'lower'} is better): "
             f"{out_dir / 'report.html'} (also attached to parent run {info['parent_run_id']}); "
@@ -105,7 +105,6 @@ def sweep_results(
     DINOSCALE_TRACKING_URI), relative SQLite paths resolved against ``project_dir`` (default: the current folder).
     ``df.attrs`` carries the ``headline``, the ``parent_run_id`` and the sweep's ``provenance``, so
     ``write_report(df, folder)`` needs nothing else."""
-    from dinoscale.spec import SweepSpec, load_spec  # validating a spec imports timm (seconds): only when asked
     from dinoscale.tracking import resolve_tracking_uri
 
     s = spec if isinstance(spec, SweepSpec) else load_spec(spec)

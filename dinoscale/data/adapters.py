@@ -12,6 +12,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
@@ -582,8 +583,6 @@ CREMI_SOURCE = "https://cremi.org/data/"
     replicates="fixed",
 )
 def prepare_cremi(spec, storage: Path) -> PreparedDataset:
-    import h5py
-
     root = data_root(spec, "CREMI", CREMI_LAYOUT, CREMI_SOURCE)
     wanted = [s.strip() for s in (spec.subset or "A,B,C").split(",")]
     rows = []

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
+from PIL import Image
 
 from dinoscale.data.dataset import DataError, PreparedDataset
 from dinoscale.data.readers import BAD_FILE_HINT, declared_range, read_image
@@ -58,8 +60,6 @@ def _file_reason(p: Path, kind: str, decode: bool) -> str | None:
             if decode:
                 ds.pixel_array  # noqa: B018 - decodes the pixels (codec, truncation)
         elif kind == "raster":
-            from PIL import Image
-
             with Image.open(p) as im:
                 if decode:
                     im.load()
@@ -75,8 +75,6 @@ def _file_reason(p: Path, kind: str, decode: bool) -> str | None:
                 if decode and len(arr):
                     np.asarray(arr[-1])  # the last item: a truncated archive fails on its way there
         elif kind == "hdf5":
-            import h5py
-
             with h5py.File(p, "r") as f:
                 if decode:
                     f.visititems(_touch_last_element)
@@ -89,8 +87,6 @@ def _file_reason(p: Path, kind: str, decode: bool) -> str | None:
 
 
 def _touch_last_element(name, obj) -> None:
-    import h5py
-
     if isinstance(obj, h5py.Dataset) and obj.size:
         obj[tuple(s - 1 for s in obj.shape)]
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from dinoscale.data.errors import DataError  # noqa: F401  (re-exported: raised by every adapter)
 from dinoscale.data.refs import REF_SEP, hdf5_ref, is_hdf5_ref, npz_ref  # noqa: F401  (re-exported)
-from dinoscale.data.volumes import VolumeGrid, VolumeInput
+from dinoscale.data.volumes import VolumeGrid, VolumeInput, channel_map, native_geometry, resampled_shape, resolve_grid
 from dinoscale.provenance import is_synthetic
 
 SPLITS = ("train", "val", "test")
@@ -227,7 +227,6 @@ class PreparedDataset:
     def resolve_volumes(self, spec) -> None:
         """Fix the channel map and the common grid of the volumes from the spec's dataset part
         (``dataset.channels``, ``dataset.spacing``, ``dataset.grid``; see ``dinoscale.data.volumes``)."""
-        from dinoscale.data.volumes import channel_map, native_geometry, resolve_grid
 
         if not self.volumetric:
             if getattr(spec, "channels", None) is not None or getattr(spec, "spacing", None) is not None:
@@ -260,7 +259,6 @@ class PreparedDataset:
             return df["n_slices"].astype(int).tolist()
         if g.shape is not None:
             return [int(g.shape[2])] * len(df)
-        from dinoscale.data.volumes import resampled_shape
 
         return [resampled_shape(*self.geometry[str(sid)], g.spacing)[2] for sid in df["sample_id"]]
 

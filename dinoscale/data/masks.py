@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from dinoscale.data.dataset import DataError
+from dinoscale.data.volumes import to_grid
 
 
 def _read_mask(path: str, volume: bool, grid=None, n_classes: int | None = None) -> np.ndarray:
     from dinoscale.data.readers import _read, file_kind, read_volume
-    from dinoscale.data.volumes import to_grid
 
     if volume:
         arr, spacing = read_volume(path, mode="nearest", dtype=None)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.splits import assign_patient_splits
@@ -93,7 +94,6 @@ def generate(
     out_dir: Path, seed: int, n_patients: int, images_per_patient: tuple[int, int], image_size: int
 ) -> pd.DataFrame:
     """Write PNGs and ``manifest.csv`` into ``out_dir`` (atomically); returns the manifest."""
-    from PIL import Image
 
     out_dir = Path(out_dir)
     marker = out_dir / "manifest.csv"

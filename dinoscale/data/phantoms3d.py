@@ -24,8 +24,10 @@ import hashlib
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from dinoscale.data.dataset import PreparedDataset, register_dataset
 from dinoscale.data.layout import atomic_dir
@@ -247,8 +249,6 @@ def _writer(kind: str, ph):
                         }
                     )
             elif kind == "wsi":
-                from PIL import Image
-
                 for i in range(n_items):
                     slide = f"{pid}_S{i}"
                     (tmp / slide).mkdir()
@@ -278,7 +278,6 @@ def _writer(kind: str, ph):
 
 def _write_em_samples(tmp: Path, n: int, depth: int, seed: int) -> None:
     """CREMI's files: sample_<X>_phantom.hdf with raw and neuron ids [z, y, x] and resolution (40, 4, 4) nm."""
-    import h5py
 
     resolution = (EM_SPACING[2], EM_SPACING[1], EM_SPACING[0])  # [z, y, x], nm
     for j, (sample, cells) in enumerate(EM_SAMPLES.items()):

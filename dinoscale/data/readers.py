@@ -21,11 +21,14 @@ of ``dinoscale.data.preprocess`` (the one path extraction and fine-tuning take).
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+import h5py
 import numpy as np
+from PIL import Image
 
 from dinoscale.data.errors import DataError
 from dinoscale.data.refs import REF_SEP, is_hdf5_ref, is_npz_ref, parse_npz_ref
@@ -216,7 +219,6 @@ def volume_spacing(item: str | Path) -> tuple[float, ...] | None:
 
 def hdf5_spacing(ref: str) -> tuple[float, float, float] | None:
     """The ``resolution`` attribute ([z, y, x], CREMI: nm) of an HDF5 block's dataset as [x, y, z]; None if absent."""
-    import h5py
 
     path, key, _ = ref.split(REF_SEP)
     try:
@@ -242,7 +244,6 @@ def volume_kind(path: str | Path) -> str:
 def read_hdf5_ref(ref: str) -> np.ndarray:
     """The sections [z0, z1) of an HDF5 dataset stored [z, y, x] -> an array [x, y, z] (NIfTI's layout:
     section k is ``vol[..., k]``), so images and masks read this way stay voxel-aligned."""
-    import h5py
 
     path, key, zz = ref.split(REF_SEP)
     z0, z1 = (int(v) for v in zz.split(":"))
@@ -269,8 +270,6 @@ def npz_member(path: str | Path, key: str) -> np.ndarray:
 
 @cache
 def _npz_member(path: str, key: str, _mtime: int) -> np.ndarray:
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             info = z.getinfo(f"{key}.npy")
@@ -341,8 +340,6 @@ def declared_range(path: str | Path) -> tuple[float, float]:
 
 
 def _raster_depth(path) -> int | None:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             mode, tags = im.mode, getattr(im, "tag_v2", {})

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dinoscale.data.dataset import DataError
 from dinoscale.data.layout import atomic_dir
@@ -94,8 +95,6 @@ def tile_slide(
                     rgb = np.asarray(slide.read_region((x0, y0), lvl, (tile_size, tile_size)).convert("RGB"))
                     frac = tissue_fraction(rgb)
                     if frac >= min_tissue:
-                        from PIL import Image
-
                         name = f"tile_{x0}_{y0}.png"
                         Image.fromarray(rgb).save(tmp / name)
                         rows.append(f"{name},{x0},{y0},{frac:.4f}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dinoscale.features.recipe import SLICE_AXIS, FeatureRecipe
 from dinoscale.models import BackboneFacts, LoadedBackbone
@@ -235,7 +236,6 @@ class ArraySink:
 
 
 def _progress(total: int, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
 
     # disable=None: quiet when stderr is not a terminal (Ray workers, CI logs).
     return tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress, leave=False)

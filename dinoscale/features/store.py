@@ -64,6 +64,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 
 from dinoscale.digest import sha256_file
@@ -331,8 +332,6 @@ class FeatureStore:
     live under ``<root>/labels`` locally, under ``cache_dir`` for object stores."""
 
     def __init__(self, root: str | Path, storage_options: dict | None = None, cache_dir: str | Path | None = None):
-        import fsspec
-
         self.url = str(root)
         self.fs, path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)

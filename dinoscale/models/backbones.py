@@ -15,16 +15,23 @@ cache is looked at before the network, and an offline machine fails at once with
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
+import importlib.util
 import io
 import os
+import pickle
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from safetensors.torch import load_file
 
 from dinoscale.digest import sha256_file
 from dinoscale.errors import UserError
@@ -104,8 +111,6 @@ def _timm_def(spec: str) -> BackboneDef:
 
     arch, _, tag = spec.partition(".")
     if not timm.is_model(arch):
-        import difflib
-
         hint = difflib.get_close_matches(arch, timm.list_models(), n=3)
         raise KeyError(f"unknown timm architecture '{arch}'" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
     tags = [t.partition(".")[2] for t in timm.list_pretrained(arch + ".*")] or []
@@ -193,7 +198,6 @@ def _create_transformers(defn: BackboneDef, **kwargs) -> torch.nn.Module:
 def require_loader(defn: BackboneDef) -> None:
     """The package a backbone's loader needs is importable, else a ``WeightsError`` naming it and how to
     install it (found without importing it)."""
-    import importlib.util
 
     fam = families.find_family(defn.family)
     needs = fam.requires if fam is not None else families.PACKAGES[defn.loader]
@@ -286,8 +290,6 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
         # A seeded init is reproducible for a given torch/timm (/transformers); they are part of its identity.
         libs = f"torch{torch.__version__}-timm{timm.__version__}"
         if defn.loader == families.TRANSFORMERS:
-            from importlib.metadata import version
-
             libs += f"-transformers{version('transformers')}"
         return {"kind": "random", "digest": f"random-seed{seed}-{libs}"}
     if weights == "hub":
@@ -332,7 +334,6 @@ def hub_source(defn: BackboneDef) -> tuple[str, list[str]]:
 def cached_hub_file(defn: BackboneDef) -> Path | None:
     """The backbone's hub weights in the local Hugging Face cache (the cache's own layout:
     models--org--name/snapshots/<rev>/<file>, found through refs/main), or None. Never the network."""
-    from huggingface_hub import try_to_load_from_cache
 
     repo, names = hub_source(defn)
     for n in names:
@@ -399,7 +400,6 @@ def hub_weights_file(defn: BackboneDef, download: bool = True) -> Path | None:
         )
     if not download:
         return None
-    from huggingface_hub import hf_hub_download
 
     token = os.environ.get("HF_TOKEN") or None
     last: Exception | None = None
@@ -432,8 +432,6 @@ def _read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A file's tensors by name, never unpickling objects. ``mmap``: tensors stay on disk until touched
     (pre-flight checks names and shapes without reading a multi-GB file into memory)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
@@ -461,8 +459,6 @@ def _torch_load_tensors(path: Path, mmap: bool):
     """``torch.load(weights_only=True)``: plain tensors and containers only, nothing in the file is run.
     A checkpoint that pickles Python objects (a class, numpy arrays, argparse options) is refused, with
     the object named and how to convert the file."""
-    import pickle
-    import re
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

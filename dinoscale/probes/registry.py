@@ -15,6 +15,7 @@ A leaf module: it imports nothing from dinoscale, so the spec can import it with
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import pkgutil
@@ -236,8 +237,6 @@ def _validate_probe(value: Any) -> ProbeSpecBase:
     kind = value["kind"]
     load_probes()
     if kind not in _PROBES:
-        import difflib
-
         hint = difflib.get_close_matches(str(kind), probe_kinds(), n=1)
         raise PydanticCustomError(
             "probe_kind",

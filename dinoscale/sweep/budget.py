@@ -28,13 +28,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import yaml
 
+from dinoscale.data.refs import is_hdf5_ref
 from dinoscale.errors import UserError
 from dinoscale.probes import get_probe
+from dinoscale.spec import load_spec
 
 # Sustained share of the dense bf16 peak that ViT inference reaches (batched, bf16 autocast): 30-50 % is what
 # published inference benchmarks of ViT-B/L reach on A100 / H100; 0.4 is a planning figure, stated, not measured.
@@ -160,8 +164,6 @@ class Cluster:
 
 
 def this_machine() -> Cluster:
-    import psutil
-
     return Cluster("this machine", 1, float(os.cpu_count() or 1), 0.0, float(psutil.virtual_memory().total))
 
 
@@ -372,7 +374,6 @@ def input_kind(plan) -> tuple[str, int]:
     """The decode table's kind of the plan's inputs and their typical pixels (per image, slice or section)."""
     from dinoscale.data import published_size
     from dinoscale.data.readers import file_kind
-    from dinoscale.data.refs import is_hdf5_ref
 
     spec, ds = plan.spec, plan.dataset
     kind = DATASET_INPUT.get(spec.dataset.name, "png")
@@ -567,9 +568,7 @@ BLOCK_END = "<!-- plan-budget:end -->"
 def paper_budget_block(root: Path, launchers: list[str]) -> str:
     """The figures README.md and cluster/README.md quote: `dinoscale plan` of every paper spec without its data
     (published sizes), priced on each launcher, with the shipped calibration. Deterministic."""
-    import tempfile
 
-    from dinoscale.spec import load_spec
     from dinoscale.sweep.plan import build_plan
 
     saved = {k: os.environ.pop(k, None) for k in ("DINOSCALE_DATA", "DINOSCALE_CALIBRATION", "DINOSCALE_STORAGE")}

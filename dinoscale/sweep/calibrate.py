@@ -21,12 +21,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
+from PIL import Image
 
 from dinoscale.data.preprocess import resize_antialiased
 from dinoscale.data.readers import read_hdf5_ref, read_image, read_npz_ref
 from dinoscale.data.refs import hdf5_ref, npz_ref
+from dinoscale.features.recipe import FeatureRecipe
 from dinoscale.sweep import budget
 
 RESOLUTION = 224
@@ -58,10 +61,8 @@ def _resize(arr: np.ndarray) -> None:
 
 def _writers(root: Path, rng) -> dict[str, tuple[Callable[[], None], int, int, int]]:
     """kind -> (read + preprocess one unit, inputs per unit, pixels per input, bytes per input)."""
-    from PIL import Image
 
     from dinoscale.data.preprocess import build_volume_transform
-    from dinoscale.features.recipe import FeatureRecipe
 
     load_volume, slice_transform = build_volume_transform(
         FeatureRecipe("calibration", "random", RESOLUTION, (0.5,) * 3, (0.5,) * 3, antialias="gaussian", view="slices")
@@ -100,7 +101,6 @@ def _writers(root: Path, rng) -> dict[str, tuple[Callable[[], None], int, int, i
             slice_transform(v[..., k])
 
     out["npz_volume"] = (npz_volume, 64, 64 * 64, 64 * 64)
-    import h5py
 
     p, sections = root / "em.h5", 8
     with h5py.File(p, "w") as f:

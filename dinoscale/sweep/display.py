@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Group
 from rich.live import Live
 from rich.panel import Panel
@@ -11,9 +13,11 @@ from rich.table import Table
 
 from dinoscale import record
 from dinoscale.console import console
+from dinoscale.headline import AUROC
 from dinoscale.provenance import Provenance
 from dinoscale.record import AXIS_NAMES
-from dinoscale.sweep.budget import si, si_bytes
+from dinoscale.sweep.budget import UTILISATION, dollars, duration, plan_budget, plan_cluster, si, si_bytes
+from dinoscale.sweep.cost import gib
 from dinoscale.sweep.plan import Plan
 
 
@@ -48,7 +52,6 @@ def _table(title: str, columns: dict[str, str]) -> Table:
 def print_plan(plan: Plan, budget=None) -> None:
     """The plan as a budget: its feature sets, the stages with their bound, wall-clock on a named cluster,
     GPU-hours, dollars, bytes, memory against the cluster's nodes (every offending task)."""
-    from dinoscale.sweep.budget import plan_budget, plan_cluster
 
     spec = plan.spec
     budget = budget or plan_budget(plan, plan_cluster(spec))
@@ -154,7 +157,6 @@ def _status(sets) -> str:
 
 def _print_stages(plan: Plan, b) -> None:
     """Per feature set to extract: the slot time of decoding, the encoder and the reads, and the bound."""
-    from dinoscale.sweep.budget import UTILISATION, duration, si
 
     gpu = b.cluster.gpu if b.cluster.gpus else None
     enc = f"{gpu.name} x {UTILISATION:g}" if gpu else "CPU"
@@ -178,8 +180,6 @@ def _print_stages(plan: Plan, b) -> None:
 
 
 def _print_budget(plan: Plan, b) -> None:
-    from dinoscale.sweep.budget import UTILISATION, dollars, duration, si_bytes
-
     c = b.cluster
     t = _table(
         f"Budget on {c.describe()}",
@@ -247,7 +247,6 @@ def _print_budget(plan: Plan, b) -> None:
 
 def _print_memory(plan: Plan, b) -> None:
     """Every task that would not fit a node of the cluster (its memory, or resources.node_memory_gb)."""
-    from dinoscale.sweep.cost import gib
     from dinoscale.sweep.plan import memory_problems
 
     if plan.spec.resources.node_memory_gb is not None:
@@ -309,7 +308,6 @@ def _axis_text(name: str, value) -> str:
 def print_summary(rows: list[dict], title: str, headline=None) -> None:
     """One row per cell: the grid axes that vary in this sweep, the headline with its interval, the val
     metric it was selected on and what was selected."""
-    from dinoscale.headline import AUROC
 
     headline = headline or AUROC
     if len(rows) > 12 and len({r.get("resolution") for r in rows}) > 1:
@@ -414,10 +412,6 @@ class SweepProgress:
     (``progress_event``); nothing of it is handed to Ray."""
 
     def __init__(self, cell_ids: list[str], headline=None):
-        import time
-
-        from dinoscale.headline import AUROC
-
         self.metric = (headline or AUROC).test
         self._time = time.perf_counter
         self.cells = {c: {"state": "PENDING", "auroc": "", "started": None, "elapsed": ""} for c in cell_ids}
@@ -491,8 +485,6 @@ class ExtractionProgress:
     with the rate in the dataset's unit and an ETA on a terminal; in logs a line every ``every`` seconds."""
 
     def __init__(self, unit: str, every: float = 30.0):
-        import time
-
         self.unit, self.every, self._time = unit, every, time.monotonic
         self.bar: Progress | None = None
         self._task = None

@@ -26,6 +26,7 @@ from dinoscale import record
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
+from dinoscale.memory import PeakRSS
 from dinoscale.preflight import with_room_needed
 from dinoscale.sweep.plan import FeatureSetPlan, Plan
 from dinoscale.sweep.progress import CountingWriter, ProgressCounter
@@ -174,7 +175,6 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
     import torch
 
     from dinoscale.features.extract import pick_device
-    from dinoscale.memory import PeakRSS
     from dinoscale.models import gflops_per_image, load_backbone
 
     store = FeatureStore(store_root)
@@ -426,7 +426,6 @@ def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError
 def extraction_record(report: ExtractionReport) -> dict:
     """The stage's metrics for the parent run: shards, bytes on disk and peak memory, each measured next to
     the plan's prediction (names from ``dinoscale.record``)."""
-    from dinoscale import record
 
     out = {
         record.EXTRACTION_SHARDS_EXTRACTED: report.shards_extracted,

@@ -16,6 +16,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import psutil
+
 from dinoscale import record, settings
 from dinoscale.data import (
     SPLITS,
@@ -111,7 +114,6 @@ class FeatureSetPlan:
     @property
     def nbytes(self) -> int:
         """Predicted size on disk: rows x row width x dtype, plus one ``.npy`` header per shard."""
-        import numpy as np
 
         return self.n_rows * self.row_elements * np.dtype(self.dtype).itemsize + self.n_shards * cost.NPY_HEADER_BYTES
 
@@ -471,7 +473,6 @@ def _recipe_of(spec: SweepSpec, bb: BackboneInfo, res: int, view: str, tokens: s
 def _feature_set(spec, recipe: FeatureRecipe, bb: BackboneInfo, split: str, ds, published, store, manifests):
     """One split's feature set: its key and cache status (with data), its rows, bytes and shards, and the
     predicted memory of the task that extracts it."""
-    import numpy as np
 
     f, res, view, tokens = spec.features, recipe.resolution, recipe.view, recipe.tokens
     width = cost.row_elements(tokens, view, bb.embed_dim, res // bb.patch_size, f.volume_pool)
@@ -828,6 +829,5 @@ def plan_node_memory(spec: SweepSpec) -> tuple[float, str]:
     """The node memory a dry run checks against: the spec's, else this machine's."""
     if spec.resources.node_memory_gb is not None:
         return spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb"
-    import psutil
 
     return float(psutil.virtual_memory().total), "this machine"

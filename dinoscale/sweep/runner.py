@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ray import tune
 
+import dinoscale
 from dinoscale import pseudonym, record, settings
 from dinoscale.analysis import report_folder
 from dinoscale.console import capture_third_party, console, log_file
@@ -37,10 +38,17 @@ from dinoscale.errors import (
 )
 from dinoscale.features import FeatureStore
 from dinoscale.mlflow_ui import browse_hint
-from dinoscale.preflight import _no_retries, failure_line, tracking_failure_of, tracking_store_failure
+from dinoscale.preflight import (
+    _no_retries,
+    check_storage_on_nodes,
+    failure_line,
+    preflight,
+    tracking_failure_of,
+    tracking_store_failure,
+)
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.budget import predicted_metrics
-from dinoscale.sweep.cell import Cell
+from dinoscale.sweep.cell import Cell, parse_unit
 from dinoscale.sweep.describe import parent_description
 from dinoscale.sweep.display import (
     ExtractionProgress,
@@ -88,8 +96,6 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
         from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-        import dinoscale
 
         if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
             # Inside `ray job submit`: the job's runtime env already ships the code, and a second one
@@ -214,8 +220,6 @@ def run_sweep(
     ``verbose``: third-party logging and warnings on the terminal too (always in the sweep's log file)."""
     from mlflow.tracking import MlflowClient
 
-    from dinoscale.preflight import check_storage_on_nodes
-
     t0 = time.perf_counter()
     project_dir = (project_dir or Path.cwd()).resolve()
     plan, tracking_uri = _checked_plan(spec, project_dir, address, resume, quiet, verbose)
@@ -282,7 +286,6 @@ def _checked_plan(
     """The plan and the tracking URI, once everything that can be checked before work starts is (the
     pre-flight: storage, tracking, weights, data; then the memory of the cluster's nodes), shown to the user;
     Ray started (or joined) and library logs routed to the sweep's log file."""
-    from dinoscale.preflight import preflight
 
     log_path = sweep_log_path(spec, project_dir)
     capture_third_party(log_path, verbose)
@@ -359,7 +362,6 @@ def _last_lines(rows: list[dict], wall: float, report_dir, tracking_uri: str, st
 def _record_interruption(client, plan: Plan, state: SweepState, signame: str, stage: str) -> str:
     """Mark the parent run and the cell runs still RUNNING as KILLED (quickly: no MLflow retries, a
     scheduler's grace period is short) and say what was kept and how to continue."""
-    from dinoscale.preflight import _no_retries
 
     parent_id = state.parent_run_id
     done = killed = 0
@@ -381,7 +383,6 @@ def _record_interruption(client, plan: Plan, state: SweepState, signame: str, st
         recorded = f"parent run {parent_id} marked KILLED"
     except Exception as e:  # noqa: BLE001 - the state file still allows a resume; say what could not be recorded
         recorded = f"the MLflow record could not be updated ({type(e).__name__}); the sweep state on disk was"
-    from dinoscale.features import FeatureStore
 
     store = FeatureStore(plan.storage / "features")
     stored = sum(1 for fs in plan.feature_sets if fs.key is not None and store.has(fs.key))
@@ -537,7 +538,6 @@ def _trial_stage(plan: Plan, state: SweepState, client, quiet: bool, dataset_inp
     ``CellSuccessiveHalving``); then the selection of lora / full cells (Ray tasks). Returns (one result
     per cell, seconds)."""
 
-    from dinoscale.sweep.cell import parse_unit
     from dinoscale.sweep.finetune import open_finetune_cell_runs
     from dinoscale.sweep.schedule import CellSuccessiveHalving
     from dinoscale.sweep.units import unit_trainable
@@ -646,7 +646,6 @@ def _sweep_context(plan: Plan, state: SweepState, client, dataset_inputs: list):
 def _cell_results(grids: list, selected: list, timer: _TrialTimer) -> CellResults:
     """One result per cell: the frozen cells' trials (a configuration's trial is not a cell's result) and the
     selected lora / full cells, with each cell's wall time seen from the driver."""
-    from dinoscale.sweep.cell import parse_unit
 
     results = CellResults()
     for grid in grids:
@@ -762,7 +761,6 @@ class _StopRecorder(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         from mlflow.tracking import MlflowClient
 
-        from dinoscale.sweep.cell import parse_unit
         from dinoscale.sweep.finetune import record_stopped_configuration
         from dinoscale.sweep.schedule import stopped_at
 
@@ -784,8 +782,6 @@ class _ProgressCallback(tune.Callback):
 
     @staticmethod
     def _cell(trial) -> tuple[str, bool]:
-        from dinoscale.sweep.cell import parse_unit
-
         cell, k = parse_unit(trial.config["unit"])
         return cell, k is None
 

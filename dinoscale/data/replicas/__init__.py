@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 
 def save_nifti(path: Path, arr, affine) -> None:
     """A NIfTI file as scanners' converters write it: qform and sform set (code 1), units mm."""
@@ -37,7 +39,6 @@ def save_nifti(path: Path, arr, affine) -> None:
 
 def ellipsoid(shape, centre, radii):
     """A boolean ellipsoid (a ball when the radii are equal) in an array of ``shape``."""
-    import numpy as np
 
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0

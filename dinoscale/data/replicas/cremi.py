@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from dinoscale.data.phantoms3d import EM_SAMPLES, _render_em
@@ -26,8 +27,6 @@ RESOLUTION = (40.0, 4.0, 4.0)  # nm, [z, y, x]
 
 @register_replica("cremi", variants=("corrupt_file", "mask_shape"))
 def write_cremi(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replica:
-    import h5py
-
     root = Path(root)
     wanted = [s.strip() for s in (spec.subset or "A,B,C").split(",")]
     files = []
