@@ -40,6 +40,8 @@ from pathlib import Path
 from dinoscale import record
 from dinoscale.console import capture_third_party, console
 from dinoscale.errors import UserError
+from dinoscale.models import backbone_facts
+from dinoscale.models.backbones import get_backbone
 from dinoscale.probes.registry import probe_spec_class
 from dinoscale.spec import expand_encoders, load_spec, parse_spec
 from dinoscale.specfile import load_raw, provenance_tags
@@ -47,6 +49,8 @@ from dinoscale.strategies.registry import get_strategy, training_kinds
 
 LADDER = ("dinov3-demo-xs", "dinov3-demo-s", "dinov3-demo-m", "dinov3-demo-l")
 PATCH = 16  # the demo ladder's patch size
+DOMAIN_LADDER = tuple(f"dinov2-demo-{k}" for k in ("xs", "s", "m", "l", "xl"))  # the other families, compared
+BOTH_PATCHES = 112  # the least common multiple of 16 and 14 (the two ladders' patch sizes): 112, 224, ... px
 MAX_SEEDS = 1  # replicates kept by default (``replicates`` asks for more: CV folds, resplit draws)
 # probe / strategy field -> the most a rehearsal runs of it
 CUTS = {"epochs": 3, "steps": 12, "max_iter": 100}
@@ -76,18 +80,28 @@ def _ordered_map(values: list, targets: list) -> dict:
 
 
 def map_backbones(names: list[str]) -> dict[str, str]:
-    """Each backbone -> a rung of the demo ladder, in order of parameter count (the size axis keeps its
-    values and its order). More than four backbones: the largest share the top rung (refused by the spec as
-    duplicates, so named in the error)."""
-    from dinoscale.models import backbone_facts
+    """Each backbone -> a rung of a demo ladder, in order of parameter count (the size axis keeps its values
+    and its order). A sweep of one family maps onto the DINOv3 demo ladder; a comparison of families keeps
+    DINOv3 on it and maps the other families onto the DINOv2 demo ladder (``DOMAIN_LADDER``, a stand-in for
+    the domain encoders), so the family comparison is rehearsed too. More backbones than rungs: the largest
+    share the top rung (refused by the spec as duplicates, so named in the error)."""
+    families = {n: get_backbone(n).family for n in dict.fromkeys(names)}
+    dinov3 = [n for n, f in families.items() if f.startswith("dinov3")]
+    groups = [(list(families), LADDER)]
+    if 0 < len(dinov3) < len(families):
+        groups = [(dinov3, LADDER), ([n for n in families if n not in dinov3], DOMAIN_LADDER)]
+    out = {}
+    for members, ladder in groups:
+        by_size = sorted(members, key=lambda n: (backbone_facts(n).n_params or 0, n))
+        out |= {n: ladder[min(i, len(ladder) - 1)] for i, n in enumerate(by_size)}
+    return out
 
-    by_size = sorted(dict.fromkeys(names), key=lambda n: (backbone_facts(n).n_params or 0, n))
-    return {n: LADDER[min(i, len(LADDER) - 1)] for i, n in enumerate(by_size)}
 
-
-def map_resolutions(resolutions: list[int]) -> dict[int, int]:
-    """Resolutions in order -> 32, 48, 64, ... (multiples of the demo ladder's patch size, as many values)."""
-    return _ordered_map(sorted(resolutions), [PATCH * (2 + i) for i in range(len(resolutions))])
+def map_resolutions(resolutions: list[int], step: int = PATCH) -> dict[int, int]:
+    """Resolutions in order -> 32, 48, 64, ... px (multiples of the demo ladder's patch size), or 112, 224, ...
+    for two ladders (``step`` ``BOTH_PATCHES``), as many values."""
+    first = 2 if step == PATCH else 1
+    return _ordered_map(sorted(resolutions), [step * (first + i) for i in range(len(resolutions))])
 
 
 def _cut(d: dict, cuts: dict, changed: list[str], where: str, defaults: dict | None = None) -> None:
@@ -135,14 +149,20 @@ def _scale_grid(raw: dict, s: dict, changes: dict[str, str], cut: list[str], lea
     """Backbones onto the demo ladder with random weights, resolutions onto its sizes (``lean``: the two ends)."""
     bmap = map_backbones([b["name"] for b in raw["backbones"]])
     s["backbones"] = [dict(b, name=bmap[b["name"]], weights="random") for b in raw["backbones"]]
-    if lean and len(s["backbones"]) > 2:
-        ends = {min(bmap.values(), key=LADDER.index), max(bmap.values(), key=LADDER.index)}
+    ladders = [lad for lad in (LADDER, DOMAIN_LADDER) if any(v in lad for v in bmap.values())]
+    if lean and len(s["backbones"]) > 2 * len(ladders):  # the two ends of each ladder
+        ends = {
+            f(mapped, key=lad.index)
+            for lad in ladders
+            for f in (min, max)
+            for mapped in [[v for v in bmap.values() if v in lad]]
+        }
         s["backbones"] = [b for b in s["backbones"] if b["name"] in ends]
         cut.append(f"backbones (lean) {len(bmap)}->{len(s['backbones'])}")
     changes[record.REHEARSAL_PREFIX + "backbones"] = ",".join(
         f"{b['name']}({b.get('weights', 'random')})->{bmap[b['name']]}(random)" for b in raw["backbones"]
     )
-    rmap = map_resolutions(list(raw["resolutions"]))
+    rmap = map_resolutions(list(raw["resolutions"]), BOTH_PATCHES if len(ladders) > 1 else PATCH)
     s["resolutions"] = [rmap[r] for r in raw["resolutions"]]
     if lean and len(s["resolutions"]) > 2:
         s["resolutions"] = [min(s["resolutions"]), max(s["resolutions"])]

@@ -68,6 +68,26 @@ def test_transform_maps_to_the_demo_ladder_and_records_every_change(tmp_path):
     assert lean["resolutions"] == [32, 80] and lean["seeds"] == [0, 1]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps" / "compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_comparison_of_families_rehearses_on_two_demo_ladders(path, tmp_path):
+    """Issue 25: each comparison spec rehearses with its families kept apart: DINOv3 on the DINOv3 demo ladder, the
+    other families on the DINOv2 demo ladder (patch 14), resolutions exact for both patch sizes; the lean
+    rehearsal keeps both ends of each ladder, so the report still pairs the families."""
+    from dinoscale.rehearse import _raw_spec, transform
+    from dinoscale.spec import parse_spec
+
+    raw = _raw_spec(path)
+    for lean in (False, True):
+        s, changes = transform(raw, str(path), tmp_path / "replica", lean=lean)
+        spec = parse_spec(s)
+        names = [b.name for b in spec.backbones]
+        assert {n.rsplit("-", 1)[0] for n in names} == {"dinov3-demo", "dinov2-demo"}, names
+        assert all(r % 112 == 0 for r in spec.resolutions) and len(set(names)) == len(names)
+        if lean:
+            assert len(names) == 4 and len(spec.resolutions) <= 2
+    assert "->dinov2-demo-" in changes[record.REHEARSAL_PREFIX + "backbones"]
+
+
 def test_rehearsal_provenance_is_labelled_everywhere():
     from dinoscale.provenance import REHEARSAL_HEADLINE, Provenance
 

@@ -510,7 +510,14 @@ FAMILIES: tuple[Family, ...] = (
         TIMM,
         tuple(
             _demo(k, "dinov2-demo", "vit_small_patch14_dinov2", w, 14, 1, d, h)
-            for k, w, d, h in (("xs", 96, 3, 2), ("s", 144, 4, 3), ("m", 192, 6, 3))
+            # five rungs: a rehearsal maps up to five domain encoders of a comparison spec onto them
+            for k, w, d, h in (
+                ("xs", 96, 3, 2),
+                ("s", 144, 4, 3),
+                ("m", 192, 6, 3),
+                ("l", 256, 8, 4),
+                ("xl", 320, 8, 5),
+            )
         ),
         IMAGENET_MEAN,
         IMAGENET_STD,
