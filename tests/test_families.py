@@ -170,8 +170,10 @@ def test_encoders_expand_into_backbones_and_the_old_list_still_works():
         "dinov2-demo-xs",
         "dinov2-demo-s",
         "dinov2-demo-m",
-    ]
-    assert [family_of(n) for n in names[1:]] == ["dinov3-demo"] * 2 + ["dinov2-demo"] * 3
+        "dinov2-demo-l",
+        "dinov2-demo-xl",
+    ]  # a family without sizes: every size it has
+    assert [family_of(n) for n in names[1:]] == ["dinov3-demo"] * 2 + ["dinov2-demo"] * 5
     # the resolved spec holds backbones only: written either way, one digest
     raw2 = _demo_raw()
     raw2["backbones"] = [{"name": n, "weights": "random"} for n in names]
