@@ -56,6 +56,11 @@ class TaskDef:
         return {self.headline.val: val_metric if self.headline.goal == "max" else -val_metric}
 
 
+class UndefinedMetric(RuntimeError):
+    """The split holds no unit the headline metric is defined on (a class without both kinds of patient, no
+    volume with a structure): the test split's is refused by the pre-flight; a small val split has no interval."""
+
+
 def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[dict, pd.DataFrame]:
     """Macro AUROC over a class set fixed before resampling (``metrics.macro_class_set``) with its
     patient-level bootstrap interval, per-class AUROC, per-unit scores."""
@@ -69,7 +74,7 @@ def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[
         k = 1
         classes = macro_class_set(y, s.patient_ids, k)
     if not classes.any():
-        raise RuntimeError(
+        raise UndefinedMetric(
             f"no class has both a positive and a negative patient in test ({len(set(s.patient_ids))} patients): "
             "macro AUROC is undefined; enlarge the test split"
         )
@@ -106,7 +111,9 @@ def _per_volume(values: dict[str, np.ndarray], headline: Headline, s: Scoring) -
     metrics["n_test_volumes_scored"] = int(np.isfinite(values[headline.name]).sum())
     metrics["interval_units"] = len(set(np.asarray(s.patient_ids).astype(str)))
     if headline.test not in metrics:
-        raise RuntimeError(f"no test volume has a defined {headline.name} (no volume's ground truth holds a structure)")
+        raise UndefinedMetric(
+            f"no test volume has a defined {headline.name} (no volume's ground truth holds a structure)"
+        )
     table = pd.DataFrame({"sample_id": s.sample_ids, "patient_id": s.patient_ids, **values})
     if s.groups is not None:  # per sample (CREMI A / B / C), as the benchmark reports them: means, no interval
         table.insert(2, "group", list(s.groups))

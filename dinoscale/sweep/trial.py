@@ -37,7 +37,7 @@ from dinoscale.probes import SegSplit, get_probe, run_probe
 from dinoscale.search import search_probe
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.inputs import label_spacing, probe_inputs, repartition
-from dinoscale.tasks import Scoring, get_task
+from dinoscale.tasks import Scoring, UndefinedMetric, get_task
 from dinoscale.tracking import find_or_create_child, finished_child_metrics, log_batch, with_retries
 
 
@@ -217,7 +217,10 @@ def val_interval(cell: Cell, ctx: SweepContext, val_scores: np.ndarray | None, n
     task = get_task(cell.task)
     if val_scores is None or task.dense:
         return {}
-    val_scored, _ = task.score(val_scores, None, scoring_of(cell, ctx, n_classes, "val"))
+    try:
+        val_scored, _ = task.score(val_scores, None, scoring_of(cell, ctx, n_classes, "val"))
+    except UndefinedMetric:  # a val split too small for the metric (no class with both kinds of patient)
+        return {}
     h = task.headline
     bounds = zip(record.ci_names(h.val), record.ci_names(h.test))
     return {name: val_scored[of] for name, of in bounds if val_scored.get(of) is not None}
