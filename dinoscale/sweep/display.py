@@ -161,7 +161,7 @@ def _print_stages(plan: Plan, b) -> None:
     gpu = b.cluster.gpu if b.cluster.gpus else None
     enc = f"{gpu.name} x {UTILISATION:g}" if gpu else "CPU"
     t = _table(
-        f"Extraction stage on {b.cluster.name}: time of each feature set's tasks in one slot",
+        f"Extraction time on {b.cluster.name}: each feature set's tasks in one slot",
         {
             "feature set": "left",
             "FLOP": "right",
