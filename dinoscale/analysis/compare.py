@@ -113,6 +113,13 @@ def _paired(a: pd.Series, b: pd.Series) -> bool:
     return bool(a.pairing) and a.pairing == b.pairing and a.pairing.startswith("patients:") and "," not in a.pairing
 
 
+def _pairing_words(a: pd.Series, b: pd.Series, lo: float) -> str:
+    """How a difference's interval was drawn: the same patient resamples for both cells, or not."""
+    if _paired(a, b):
+        return "paired over patients"
+    return "no intervals" if np.isnan(lo) else "unpaired (independent draws)"
+
+
 def compare_strategies(cd: CellDraws) -> pd.DataFrame:
     """One row per cell position and strategy pair: delta = metric(other) - metric(baseline), in the
     headline's units (so a better 'other' has delta > 0 for a higher-is-better headline, < 0 otherwise)."""
@@ -135,9 +142,7 @@ def compare_strategies(cd: CellDraws) -> pd.DataFrame:
                     "delta": delta,
                     "delta_low": float(lo),
                     "delta_high": float(hi),
-                    "paired": "paired over patients"
-                    if _paired(a, b)
-                    else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                    "paired": _pairing_words(a, b, lo),
                     "verdict": _words(a.strategy, b.strategy, lo, hi, cd.headline.goal, delta),
                 }
             )
@@ -233,9 +238,7 @@ def compare_families(cd: CellDraws) -> pd.DataFrame:
                     "delta": delta,
                     "delta_low": float(lo),
                     "delta_high": float(hi),
-                    "paired": "paired over patients"
-                    if _paired(a, b)
-                    else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                    "paired": _pairing_words(a, b, lo),
                     "verdict": _words(b.backbone, a.backbone, lo, hi, cd.headline.goal, delta),
                 }
             )
@@ -342,9 +345,7 @@ def compare_families_at_compute(cd: CellDraws, tolerance: float = MATCHED_COMPUT
                         "delta": delta,
                         "delta_low": float(lo),
                         "delta_high": float(hi),
-                        "paired": "paired over patients"
-                        if _paired(a, b)
-                        else ("no intervals" if np.isnan(lo) else "unpaired (independent draws)"),
+                        "paired": _pairing_words(a, b, lo),
                         "verdict": _words(
                             f"{b.backbone}@{b.resolution:g}",
                             f"{a.backbone}@{a.resolution:g}",
