@@ -123,6 +123,9 @@ MACRO_MIN_PATIENTS = "macro_min_patients"  # param and metric: the fewest positi
 TOKENS_PER_IMAGE = "tokens_per_image"  # metric: tokens the encoder sees per image at the cell's resolution
 GFLOPS_PER_IMAGE = "gflops_per_image"  # metric (and plan param): the compute axis
 GFLOPS = "gflops"  # its name in a results table
+# metric (and results-table column): the patients a cell's replicate trained on (after its training-set-size
+# subset, where the sweep has that axis): the x of the label-efficiency curve
+N_TRAIN_PATIENTS = "n_train_patients"
 # A metric's interval: <metric>_ci_low / <metric>_ci_high (metrics.Interval writes them, everyone reads them)
 CI_LOW = "_ci_low"
 CI_HIGH = "_ci_high"
@@ -197,6 +200,9 @@ class Axis:
     numeric: bool = False
     scaling: bool = False
     replicate: bool = False
+    # an optional axis: the value of a run or a table that does not state it (a sweep without the axis), which
+    # the report's words leave unsaid; None: the axis is in every sweep
+    default: str | None = None
 
 
 AXES: tuple[Axis, ...] = (
@@ -205,11 +211,17 @@ AXES: tuple[Axis, ...] = (
     Axis("resolution", numeric=True, scaling=True),
     Axis("probe"),
     Axis("strategy"),
+    # the training-set size (spec ``train_size``): a fraction of the train patients ('0.1'), a count ('20pt') or k
+    # patients per class ('5shot'), drawn per replicate (dinoscale.data.splits.train_subset_recipe); 'all' where a
+    # sweep has no such axis. A grouping axis: the label-efficiency curve runs across it (x: N_TRAIN_PATIENTS)
+    Axis("train_size", default="all"),
     # the replicate axis: seed k seeds initialisation and batch order and draws replicate k's train / val
     # split (dinoscale.data.splits.replicate_recipe); replicates are pooled by the analysis, never a curve
     Axis("seed", numeric=True, replicate=True),
 )
 REPLICATE_AXIS = next(a.name for a in AXES if a.replicate)
+TRAIN_SIZE_AXIS = "train_size"
+AXIS_DEFAULTS = {a.name: a.default for a in AXES if a.default is not None}
 AXIS_NAMES = tuple(a.name for a in AXES)
 NUMERIC_AXES = tuple(a.name for a in AXES if a.numeric)
 # Where a cell sits in the grid, replicates aside (a configuration whose replicates are pooled).

@@ -469,6 +469,46 @@ class RaySpec(Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all)")
 
 
+class TrainSizeSpec(Strict):
+    """The training-set-size axis (label efficiency): exactly one of fractions, patients or shots. Each replicate
+    draws its subsets from its own train patients, by patient, stratified by label and nested (a smaller size's
+    patients are inside a larger's); val and test are untouched, and the features are those of the whole split
+    (each size costs probe fits only)."""
+
+    fractions: list[float] | None = Field(
+        None, description="fractions of the train patients, in (0, 1], e.g. [0.01, 0.1, 1.0] (1: all of them)"
+    )
+    patients: list[int] | None = Field(None, description="numbers of train patients, e.g. [20, 100, 500]")
+    shots: list[int] | None = Field(
+        None, description="k train patients per class, e.g. [1, 5, 10] (multi-label: k positive patients per class)"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TrainSizeSpec:
+        given = [k for k in ("fractions", "patients", "shots") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of fractions, patients or shots (got {given or 'none'})")
+        values = getattr(self, given[0])
+        if not values:
+            raise ValueError(f"{given[0]}: at least one value")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{given[0]}: duplicate values in {values}")
+        if given[0] == "fractions" and not all(0 < v <= 1 for v in values):
+            raise ValueError(f"fractions must be in (0, 1], got {values}")
+        if given[0] != "fractions" and not all(v >= 1 for v in values):
+            raise ValueError(f"{given[0]} must be at least 1, got {values}")
+        return self
+
+    @property
+    def unit(self) -> str:
+        return next(k for k in ("fractions", "patients", "shots") if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> list[float]:
+        """The sizes, smallest first."""
+        return sorted(getattr(self, self.unit))
+
+
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     modality: Literal["xray", "ct", "mri", "wsi", "em", "petct"]
@@ -498,6 +538,11 @@ class SweepSpec(Strict):
         description="replicates: seed k seeds each probe's initialisation and batch order and, per "
         "dataset.split.replicates, draws replicate k's train / val split (0: the dataset's own); the analysis "
         "pools replicates with the patient bootstrap",
+    )
+    train_size: TrainSizeSpec | None = Field(
+        None,
+        description="the training-set-size axis (label efficiency): fractions, counts or k per class of the train "
+        "patients, drawn per replicate by patient, stratified and nested; none: every train patient",
     )
     search: SearchSpec = SearchSpec()
     features: FeaturesSpec = FeaturesSpec()
@@ -571,8 +616,12 @@ class SweepSpec(Strict):
         return self.tracking.experiment or f"dinoscale-{self.name}"
 
     def digest(self) -> str:
-        """Hash of the resolved spec (every default filled in)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Hash of the resolved spec (every default filled in; an optional axis the spec leaves out, such as
+        train_size, is left out too, so the digests of specs from before the axis existed stand)."""
+        dumped = self.model_dump(mode="json")
+        if dumped.get("train_size") is None:
+            dumped.pop("train_size", None)
+        blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def resolved_yaml(self) -> str:

@@ -30,9 +30,15 @@ GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset,
 EXTRA_AXES = tuple(a for a in record.GROUP_AXES if a not in ("probe", "strategy"))
 
 
+def stated_axes(r) -> list[str]:
+    """The grouping axes beyond probe and strategy a cell (a row or a dict) states: an optional axis at its
+    default (a sweep without it) goes unsaid."""
+    return [a for a in EXTRA_AXES if a in r and r[a] != record.AXIS_DEFAULTS.get(a)]
+
+
 def axes_words(r, sep: str = ", ") -> str:
     """``, tokens: cls`` for a cell (a row or a dict) on a grouping axis beyond probe and strategy ('' for none)."""
-    return "".join(f"{sep}{a}: {r[a]}" for a in EXTRA_AXES if a in r)
+    return "".join(f"{sep}{a}: {r[a]}" for a in stated_axes(r))
 
 
 AXES = {  # axis -> (x column, the column(s) each curve holds fixed, or None when all cells pool)

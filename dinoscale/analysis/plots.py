@@ -253,7 +253,7 @@ def _identify_points(fig, ax, cells: pd.DataFrame, cost: pd.Series, frontier: li
         ax.annotate(
             str(n), (cost[i], r["metric"]), textcoords="offset points", xytext=(3, 3), fontsize=6, weight=weight
         )
-        extra = "".join(f", {a}: {r[a]}" for a in record.GROUP_AXES if a not in ("probe", "strategy") and a in r)
+        extra = axes_words(r)
         key.append(
             f"{n}{'*' if i in on_front else ' '} {r['backbone']}@{_resolution_label(r['resolution'])} "
             f"{r['probe']}|{r['strategy']}{extra}"

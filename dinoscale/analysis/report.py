@@ -212,7 +212,7 @@ def _blocks(curves: list[Curve], cells: pd.DataFrame, h: Headline) -> dict[str, 
         title = " · ".join(
             f"{group[k]} probe" if k == "probe" else f"{k}: {group[k]}" if k in EXTRA_AXES else str(group[k])
             for k in keys
-            if not (k == DATASET and group[k] == "unknown")
+            if not (k == DATASET and group[k] == "unknown") and group[k] != record.AXIS_DEFAULTS.get(k)
         )
         title += (
             f" ({len(g)} cell{'s' if len(g) != 1 else ''}; top {short_name(h)} {_value(best, h)} at {_config(best)}"

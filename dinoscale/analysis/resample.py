@@ -257,12 +257,17 @@ def bootstrap_cells(
                 **dict(zip(("val_low", "val_high"), _own_val_interval(g))),
                 "n_val": pd.to_numeric(g["n_val"], errors="coerce").mean() if "n_val" in g else np.nan,
                 record.TOKENS_PER_IMAGE: pd.to_numeric(g[record.TOKENS_PER_IMAGE], errors="coerce").mean(),
+                record.N_TRAIN_PATIENTS: _mean_of(g, record.N_TRAIN_PATIENTS),
                 record.GFLOPS: pd.to_numeric(g[record.GFLOPS], errors="coerce").mean(),
                 "uncertainty": _uncertainty_words(g),
                 "pairing": ",".join(sorted(set(g["_pairing"]))),
             }
         )
     return CellDraws(pd.DataFrame(rows), np.column_stack(columns), level, headline)
+
+
+def _mean_of(g: pd.DataFrame, column: str) -> float:
+    return pd.to_numeric(g[column], errors="coerce").mean() if column in g else np.nan
 
 
 def _own_val_interval(g: pd.DataFrame) -> tuple[float, float]:

@@ -51,6 +51,7 @@ OPTIONAL_COLUMNS = {
     "min_interval_units": None,
     "selection_edge": "",  # a choice on a grid edge (record.SELECTION_EDGE), warned about in the report
     "n_val": None,  # val units the selection saw (shown next to the val metric)
+    record.N_TRAIN_PATIENTS: None,  # patients trained on: the x of the label-efficiency curve
 }
 PREDICTIONS_ARTIFACT = record.PREDICTIONS
 KNOWN_HEADLINES = tuple(_BY_TEST_NAME.values())
@@ -283,9 +284,15 @@ def _headline_values(df: pd.DataFrame, headline: Headline, notes: list[str]) -> 
 def _text_axes(df: pd.DataFrame, notes: list[str]) -> None:
     """Every categorical axis as stripped text, ``not stated`` where blank or absent (a backbone named by its size)."""
     # a report's cell table has pooled its replicates: its ``seeds`` column says how many, no seed axis is missing
-    absent = [c for c in AXIS_COLUMNS if c not in df.columns and not (c == "seed" and "seeds" in df.columns)]
+    absent = [
+        c
+        for c in AXIS_COLUMNS
+        if c not in df.columns and not (c == "seed" and "seeds" in df.columns) and c not in record.AXIS_DEFAULTS
+    ]
     if absent:
         notes.append(f"column(s) {absent} not in the table: each taken as one value ({NOT_STATED})")
+    for col, default in record.AXIS_DEFAULTS.items():  # an optional axis: a table without it is at its default
+        df[col] = [default if _is_blank(v) else str(v).strip() for v in df.get(col, pd.Series(None, index=df.index))]
     for col in _TEXT_AXES:
         if col == "backbone" and col not in df.columns and "n_params" in df.columns:
             df[col] = [
@@ -543,9 +550,10 @@ def find_sweep(
 
 
 def _axis_value(axis: record.Axis, params: dict, metrics: dict):
-    """A numeric axis from its mirrored metric (as an int where it is one), the others from params."""
+    """A numeric axis from its mirrored metric (as an int where it is one), the others from params (an optional
+    axis a run does not state: its default)."""
     if not axis.numeric:
-        return params.get(axis.name)
+        return params.get(axis.name, axis.default)
     v = metrics.get(axis.name, 0)
     return int(v) if float(v).is_integer() else v
 
@@ -569,6 +577,7 @@ def _run_row(r, headline: Headline) -> dict:
         "selection_edge": r.data.tags.get(record.SELECTION_EDGE, ""),
         "min_interval_units": p.get("min_interval_units"),
         "n_val": m.get("n_val"),
+        record.N_TRAIN_PATIENTS: m.get(record.N_TRAIN_PATIENTS),
     }
 
 

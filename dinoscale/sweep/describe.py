@@ -43,6 +43,8 @@ def _grid_words(plan: Plan) -> str:
         (len(spec.strategies), "strategy", "strategies"),
         (len(spec.seeds), "seed", "seeds"),
     ]
+    if spec.train_size is not None:
+        axes.append((len(spec.train_size.values), "training-set size", "training-set sizes"))
     n = len(plan.cells)
     return " x ".join(f"{k} {one if k == 1 else many}" for k, one, many in axes) + f" = {n} cell{'' if n == 1 else 's'}"
 

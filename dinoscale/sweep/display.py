@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from rich.console import Group
 from rich.live import Live
 from rich.panel import Panel
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from dinoscale import record
 from dinoscale.console import console
+from dinoscale.data.splits import TRAIN_SIZE_UNITS, replicate_indices, train_size_label
 from dinoscale.headline import AUROC
 from dinoscale.provenance import Provenance
 from dinoscale.record import AXIS_NAMES
@@ -109,6 +111,7 @@ def print_plan(plan: Plan, budget=None) -> None:
     axes = (
         f"{len(spec.backbones)} backbones x {len(spec.resolutions)} resolutions x {len(spec.probes)} probes x "
         f"{len(spec.strategies)} strategies x {len(spec.seeds)} seeds"
+        + (f" x {len(spec.train_size.values)} training-set sizes" if spec.train_size else "")
     )
     training = [c for c in plan.cells if c.trains_encoder]
     n_trials = sum(len(c.unit_ids) for c in plan.cells)
@@ -117,12 +120,37 @@ def print_plan(plan: Plan, budget=None) -> None:
         + (" (one per frozen cell, one per lora / full configuration)" if training else ", one per cell")
     )
     console.print(f"  [dim]order: {_order_words(plan)}[/dim]")
+    if spec.train_size is not None:
+        console.print(f"  [dim]{train_size_words(plan)}[/dim]")
     if training:
         print_finetuning(plan, training)
     _print_budget(plan, budget)
     _print_memory(plan, budget)
     if plan.dataset_error:
         console.print(f"[red]Data not available[/red] - the plan is shown without cache status:\n{plan.dataset_error}")
+
+
+def train_size_words(plan: Plan) -> str:
+    """The training-set-size axis in a line: the sizes, the patients each keeps of replicate 0's train patients
+    (where the data is there to count), and what they cost."""
+    ts = plan.spec.train_size
+    sizes = ", ".join(train_size_label(ts.unit, v) for v in ts.values)
+    counts = ""
+    if plan.dataset is not None:
+        cell = next(c for c in plan.cells if c.seed == plan.spec.seeds[0])
+        train, val = plan.dataset.units("train"), plan.dataset.units("val")
+        y = np.concatenate([train.labels, val.labels])
+        n = []
+        for v in ts.values:
+            rep = {**cell.replicate, "train": {**cell.replicate["train"], "value": float(v)}}
+            tr, _ = replicate_indices(train.patient_ids, val.patient_ids, rep, train.folds, val.folds, labels=y)
+            pids = np.concatenate([train.patient_ids, val.patient_ids])[tr]
+            n.append(str(len(set(pids))))
+        counts = f" = {', '.join(n)} train patients (replicate {cell.seed})"
+    return (
+        f"training-set sizes ({TRAIN_SIZE_UNITS[ts.unit]}): {sizes}{counts}; drawn per replicate by patient, "
+        "stratified by label, nested; val and test fixed; features shared by every size (probe fits only)"
+    )
 
 
 def _order_words(plan: Plan) -> str:

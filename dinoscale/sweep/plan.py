@@ -30,7 +30,7 @@ from dinoscale.data import (
     prepare_dataset,
     published_size,
 )
-from dinoscale.data.splits import describe_recipe, replicate_recipe
+from dinoscale.data.splits import describe_recipe, replicate_recipe, train_size_label, train_subset_recipe
 from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.features.recipe import DEFAULT_PERCENTILES, resolve_intensity
@@ -306,7 +306,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         },
     }
     cells = []
-    for bb, res, strategy, seed in itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds):
+    grid = itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds, _train_sizes(spec))
+    for bb, res, strategy, seed, size in grid:
         gflops = bb.gflops_per_image(res)
         replicate = replicate_recipe(
             seed,
@@ -315,13 +316,28 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             spec.dataset.split.replicates,
             ds.folds if ds is not None else 0,
         )
+        if size is not None:  # the training-set-size axis: a subset of the replicate's train patients
+            replicate = {
+                **replicate,
+                "train": train_subset_recipe(spec.train_size.unit, size, spec.dataset.split.seed, seed),
+            }
         if strategy in TRAINING_STRATEGIES:
-            cells.extend(
-                _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, sets.manifests, common, replicate)
-            )
+            new = _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, sets.manifests, common, replicate)
         else:
-            cells.extend(_frozen_cells(spec, ds, sets, bb, res, strategy, seed, replicate, common))
+            new = _frozen_cells(spec, ds, sets, bb, res, strategy, seed, replicate, common)
+        cells.extend(new if size is None else [_at_train_size(c, spec.train_size.unit, size) for c in new])
     return Plan(spec, ds, ds_error, order_cells(cells, spec), sets.feature_sets, root, published)
+
+
+def _train_sizes(spec: SweepSpec) -> list:
+    """The training-set sizes of the grid: [None] (every train patient) where the spec has no such axis."""
+    return spec.train_size.values if spec.train_size is not None else [None]
+
+
+def _at_train_size(cell: Cell, unit: str, size: float) -> Cell:
+    """A cell at one training-set size: the axis in its position (its id and params); the features, their
+    store keys and recipe are those of the whole split (a size costs probe fits only)."""
+    return dataclasses.replace(cell, axes={**cell.axes, record.TRAIN_SIZE_AXIS: train_size_label(unit, size)})
 
 
 def order_cells(cells: list[Cell], spec: SweepSpec) -> list[Cell]:

@@ -71,8 +71,10 @@ def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str
 def replicate_units(cell: Cell, ctx: SweepContext) -> tuple[SplitUnits, SplitUnits, np.ndarray, np.ndarray]:
     """The cell's replicate: its train and val units and their positions in the dataset's train + val units."""
     train, val = ctx.splits["train"], ctx.splits["val"]
-    tr_idx, va_idx = replicate_indices(train.patient_ids, val.patient_ids, cell.replicate, train.folds, val.folds)
     both = SplitUnits.concat(train, val)
+    tr_idx, va_idx = replicate_indices(
+        train.patient_ids, val.patient_ids, cell.replicate, train.folds, val.folds, labels=both.labels
+    )
     return both.take(tr_idx), both.take(va_idx), tr_idx, va_idx
 
 
@@ -108,7 +110,7 @@ def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
         t0 = time.perf_counter()
         train, val, test = (_probe_inputs(cell, ctx, store, s, probe_spec) for s in ("train", "val", "test"))
         rep_train, rep_val, tr_idx, va_idx = replicate_units(cell, ctx)
-        if cell.replicate.get("mode", "dataset") != "dataset":
+        if cell.replicate.get("mode", "dataset") != "dataset" or cell.replicate.get("train"):
             train, val = repartition(train, val, tr_idx, va_idx)
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -172,6 +174,8 @@ def _axes_metrics(cell: Cell, ctx: SweepContext) -> dict:
         "n_val": len(ctx.splits["val"].sample_ids),
         "n_test": len(test.sample_ids),
         "n_test_patients": len(set(test.patient_ids)),
+        # the label-efficiency axis' x: the patients the cell's replicate trained on (its subset, if any)
+        record.N_TRAIN_PATIENTS: len(set(replicate_units(cell, ctx)[0].patient_ids)),
     }
 
 
