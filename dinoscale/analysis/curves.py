@@ -46,7 +46,12 @@ AXES = {  # axis -> (x column, the column(s) each curve holds fixed, or None whe
     "resolution": ("resolution", "backbone"),
     "gflops": ("gflops", None),
 }
-AXIS_LABELS = {"params": "parameters", "resolution": "input resolution (px)", "gflops": "forward GFLOPs per image"}
+AXIS_LABELS = {
+    "params": "parameters",
+    "resolution": "input resolution (px)",
+    "gflops": "forward GFLOPs per image",
+    "patients": "training patients (one point per training-set size)",
+}
 
 
 @dataclass

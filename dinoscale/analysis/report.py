@@ -32,6 +32,8 @@ from dinoscale.analysis.compare import (
 )
 from dinoscale.analysis.curves import AXES, EXTRA_AXES, GROUP_KEYS, Curve, axes_words, build_curves, fits_table
 from dinoscale.analysis.html import render_html
+from dinoscale.analysis.labels import AXIS as LABEL_AXIS
+from dinoscale.analysis.labels import label_curves, label_lines
 from dinoscale.analysis.plots import plot_axis, plot_frontier, plot_heatmap, plot_strategies
 from dinoscale.analysis.resample import CellDraws, bootstrap_cells
 from dinoscale.analysis.scaling import MIN_POINTS, MIN_POINTS_BROKEN, MIN_POINTS_EXTRAPOLATION
@@ -286,6 +288,18 @@ def _cost_words(cost: float) -> str:
     return f"{cost:.3g} GFLOPs per image" if np.isfinite(cost) else "compute not stated"
 
 
+def _label_method(curves: list[Curve]) -> list[str]:
+    if not any(c.axis == LABEL_AXIS for c in curves):
+        return []
+    return [
+        "Label efficiency: per backbone x resolution, the headline against the training patients of each "
+        "training-set size (averaged over the replicates); every replicate draws its own nested, stratified subsets "
+        "by patient, so an interval pooling the replicates carries the subset draw. The same saturating law is "
+        "fitted on the error; the answer names the smallest size whose interval overlaps full data's (or the "
+        "largest size's)."
+    ]
+
+
 def _answer(cd: CellDraws, best: pd.DataFrame, h: Headline) -> list[tuple[int, str]]:
     """Per (modality, dataset): the best configuration, the cheapest whose interval overlaps it, and the
     cost frontier."""
@@ -366,7 +380,7 @@ def _figures(
     for modality in modalities:
         prefix = "" if len(modalities) == 1 else f"{modality}_"
         mine = [c for c in curves if c.group[MODALITY] == modality]
-        for axis in AXES:
+        for axis in (*AXES, LABEL_AXIS):
             p = plot_axis(
                 mine, axis, out_dir / f"{prefix}{file_stem(h)}_vs_{axis}.png", f"{title} - {modality}", prov, h
             )
@@ -450,15 +464,24 @@ def _verdicts_markdown(rc: ReportContent) -> str:
 
 
 def _cells_markdown(cells: pd.DataFrame, h: Headline = AUROC) -> str:
+    # an optional axis (train_size) gets a column where the sweep states it, and the patients each cell trained on
+    extra = [a for a in record.AXIS_DEFAULTS if a in cells and (cells[a] != record.AXIS_DEFAULTS[a]).any()]
+    n_train = record.N_TRAIN_PATIENTS if extra and record.N_TRAIN_PATIENTS in cells else None
+    heads = extra + ([n_train] if n_train else [])
     table = [
-        f"| modality | dataset | probe | strategy | backbone | params | resolution | {h.label} [95% CI] | seeds |",
-        "|---|---|---|---|---|---:|---:|---|---:|",
+        f"| modality | dataset | probe | strategy | {''.join(f'{a} | ' for a in heads)}backbone | params | resolution | "
+        f"{h.label} [95% CI] | seeds |",
+        f"|---|---|---|---|{'---|' * len(extra)}{'---:|' if n_train else ''}---|---:|---:|---|---:|",
     ]
     for r in cells.sort_values([*CELL_KEYS[:-3], "resolution", "n_params"]).itertuples():
         res = "not stated" if pd.isna(r.resolution) else f"{r.resolution:g}"
         params = f"{r.n_params / 1e6:.2f}M" if np.isfinite(r.n_params) else "not stated"
+        row = dict(r._asdict())
+        cols = "".join(f"{row[a]} | " for a in extra)
+        if n_train:
+            cols += "not stated | " if pd.isna(row[n_train]) else f"{row[n_train]:.0f} | "
         table.append(
-            f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {r.backbone} | {params} | "
+            f"| {r.modality} | {r.dataset} | {r.probe} | {r.strategy} | {cols}{r.backbone} | {params} | "
             f"{res} | {_value(r, h)} | {r.seeds} |"
         )
     return "\n".join(table)
@@ -506,6 +529,7 @@ def write_report(
         runs.drop(columns=["_line"], errors="ignore"), predictions, resamples=resamples, seed=seed, headline=headline
     )
     curves, curve_notes = build_curves(cd, seed=seed)
+    curves += label_curves(cd, seed=seed)  # the training-set-size axis, where the sweep has one
     comparisons = compare_strategies(cd)
     families = compare_families(cd)
     best = best_configurations(cd)
@@ -513,10 +537,10 @@ def write_report(
     rc = ReportContent(
         title=title,
         provenance=provenance,
-        method=_method(cd) + _selection_warnings(runs),
+        method=_method(cd) + _label_method(curves) + _selection_warnings(runs),
         figures=_figures(curves, comparisons, out_dir, title, prov, headline),
         verdicts=_blocks(curves, cd.cells, headline),
-        best=_answer(cd, best, headline),
+        best=_answer(cd, best, headline) + label_lines(curves, headline, cd.level),
         strategies=summarize_strategies(comparisons, headline),
         cells=cd.cells.assign(headline=headline.test, goal=headline.goal),
         fits=fits_table(curves, headline),

@@ -15,7 +15,7 @@ from typing import Any
 
 from dinoscale import record
 from dinoscale.data import dataset_replicates
-from dinoscale.data.splits import describe_recipe, replicate_recipe
+from dinoscale.data.splits import TRAIN_SIZE_UNITS, describe_recipe, replicate_recipe, train_size_label
 from dinoscale.data.volumes import PET_SUV_RANGE
 from dinoscale.features.recipe import resolve_intensity
 from dinoscale.metrics import CONVENTIONS
@@ -133,6 +133,18 @@ def protocol_data(plan: Plan) -> dict:
     }
 
 
+def _train_size_words(spec) -> str:
+    """The training-set-size axis (label efficiency) as the protocol states it."""
+    ts = spec.train_size
+    sizes = ", ".join(train_size_label(ts.unit, v) for v in ts.values)
+    return (
+        f"{ts.unit} ({TRAIN_SIZE_UNITS[ts.unit]}): {sizes}; each replicate draws its subsets from its own train "
+        f"patients by patient, stratified by label (the classes positive in a patient's units), nested across sizes "
+        f"(one order per replicate, seeded by (split seed {spec.dataset.split.seed}, replicate)); val and test fixed; "
+        "the features are the whole split's (a size costs probe fits only); lora / full cells train on the same subsets"
+    )
+
+
 def _data_section(plan: Plan, task_name: str) -> dict:
     spec, ds = plan.spec, plan.dataset
     task = get_task(task_name) if task_name else None
@@ -155,6 +167,7 @@ def _data_section(plan: Plan, task_name: str) -> dict:
         "replicate policy": f"spec: {split.replicates}; dataset: {dataset_policy}"
         + (f" ({ds.replicates_reason})" if ds is not None and ds.replicates_reason else "")
         + (f"; {folds} cross-validation folds" if folds else ""),
+        **({"training-set size": _train_size_words(spec)} if spec.train_size is not None else {}),
         "CT window": f"{_fmt(spec.dataset.window)} = {_fmt(list(window))} HU, clipped to [0, 1]" if window else "none",
         "intensity mapping": _intensity_words(plan),
     }
