@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dinoscale import record
 from dinoscale.datasettings import PhantomSpec  # a spec section, kept in a leaf that data/ reads too
 from dinoscale.models.families import family_names, get_family
 from dinoscale.probes.registry import ProbeSpec, ProbeSpecBase, probe_spec_class, unfit_message
@@ -618,9 +619,8 @@ class SweepSpec(Strict):
     def digest(self) -> str:
         """Hash of the resolved spec (every default filled in; an optional axis the spec leaves out, such as
         train_size, is left out too, so the digests of specs from before the axis existed stand)."""
-        dumped = self.model_dump(mode="json")
-        if dumped.get("train_size") is None:
-            dumped.pop("train_size", None)
+        # the spec's key is the axis' name in the record
+        dumped = self.model_dump(mode="json", exclude={record.TRAIN_SIZE_AXIS} if self.train_size is None else None)
         blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, tiny_spec_dict
 from dinoscale import record
 from dinoscale.data.splits import replicate_indices, train_subset_patients, train_subset_recipe
-from dinoscale.spec import parse_spec
+from dinoscale.spec import load_spec, parse_spec
 
 DEMO = ROOT / "sweeps" / "demo" / "xray-labels.yaml"
 
@@ -154,8 +154,8 @@ def test_cells_per_size_share_the_features_and_training_cells_follow_the_same_su
 @pytest.mark.slow
 def test_the_demo_reports_the_label_efficiency_curve_and_the_size_that_matches(tmp_path):
     """The demo as shipped (3 fractions x 2 replicates), on fewer, smaller phantom images (CI's time)."""
-    spec = yaml.safe_load(DEMO.read_text())
-    assert spec["profile"] == "demo" and len(spec["train_size"]["fractions"]) == 3 and len(spec["seeds"]) == 2
+    spec = load_spec(DEMO)
+    assert spec.profile == "demo" and len(spec.train_size.fractions) == 3 and len(spec.seeds) == 2
     uri = f"sqlite:///{tmp_path}/m.db"
     done = subprocess.run(
         [
@@ -176,7 +176,7 @@ def test_the_demo_reports_the_label_efficiency_curve_and_the_size_that_matches(t
     sentence = next(line for line in md.splitlines() if "Label efficiency (" in line)
     assert "matches full data" in sentence or "no smaller training set matches full data" in sentence
     assert (report / "auroc_vs_patients.png").stat().st_size > 0 and "auroc_vs_patients.png" in md
-    cells = pd.read_csv(report / "results.csv")
+    cells = pd.read_csv(report / "results.csv", dtype={record.TRAIN_SIZE_AXIS: str})
     assert sorted(cells[record.TRAIN_SIZE_AXIS].astype(str)) == ["0.1", "0.3", "1"]
     assert (cells.seeds == 2).all() and (cells.low < cells.metric).all() and (cells.metric < cells.high).all()
     n = cells.sort_values(record.N_TRAIN_PATIENTS)[record.N_TRAIN_PATIENTS].to_numpy()

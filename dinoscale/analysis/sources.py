@@ -281,6 +281,13 @@ def _headline_values(df: pd.DataFrame, headline: Headline, notes: list[str]) -> 
     return df
 
 
+def _axis_text(v) -> str:
+    """A categorical axis value as text; a number as the record writes it (a CSV reads the size '1' as 1.0)."""
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+        return f"{float(v):g}"
+    return str(v).strip()
+
+
 def _text_axes(df: pd.DataFrame, notes: list[str]) -> None:
     """Every categorical axis as stripped text, ``not stated`` where blank or absent (a backbone named by its size)."""
     # a report's cell table has pooled its replicates: its ``seeds`` column says how many, no seed axis is missing
@@ -292,7 +299,7 @@ def _text_axes(df: pd.DataFrame, notes: list[str]) -> None:
     if absent:
         notes.append(f"column(s) {absent} not in the table: each taken as one value ({NOT_STATED})")
     for col, default in record.AXIS_DEFAULTS.items():  # an optional axis: a table without it is at its default
-        df[col] = [default if _is_blank(v) else str(v).strip() for v in df.get(col, pd.Series(None, index=df.index))]
+        df[col] = [default if _is_blank(v) else _axis_text(v) for v in df.get(col, pd.Series(None, index=df.index))]
     for col in _TEXT_AXES:
         if col == "backbone" and col not in df.columns and "n_params" in df.columns:
             df[col] = [
