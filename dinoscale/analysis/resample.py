@@ -234,6 +234,8 @@ def bootstrap_cells(
     rng = np.random.default_rng(seed)
     runs, headline = as_generic(runs, headline or runs.attrs.get("headline"))
     runs = runs.reset_index(drop=True)
+    # an optional axis a table does not state is at its default (sources.tidy_results says the same)
+    runs = runs.assign(**{a: d for a, d in record.AXIS_DEFAULTS.items() if a not in runs})
     per_run, pairing = run_draws(runs, predictions or {}, resamples, level, rng, headline)
     runs = runs.assign(_pairing=pairing)
     rows, columns = [], []
