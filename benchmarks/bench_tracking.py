@@ -3,7 +3,7 @@
 baseline:   what a sweep did before the pre-flight: its first MLflow call (``get_experiment_by_name``,
             as ``ensure_experiment`` makes it) with MLflow's default HTTP policy (retries with backoff,
             a 120 s request timeout), until it raises
-candidate:  ``dinoscale.preflight.check_tracking`` (a TCP connect within 5 s, then one MLflow request
+candidate:  ``dinoscale.sweep.preflight.check_tracking`` (a TCP connect within 5 s, then one MLflow request
             with a 5 s timeout and no retries), until it raises ``TrackingError``
 
 Three servers, all on this machine so that the run needs no network:
@@ -79,7 +79,7 @@ def main() -> None:
     )
     from mlflow.tracking import MlflowClient
 
-    from dinoscale.preflight import check_tracking
+    from dinoscale.sweep.preflight import check_tracking
 
     policy = {
         "max_retries": MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(),

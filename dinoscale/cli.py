@@ -224,7 +224,7 @@ def _quiet_libraries(spec, command: str, verbose: bool = False) -> None:
     from dinoscale.sweep.plan import storage_root
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    capture_third_party(storage_root(spec) / "logs" / f"{command}-{spec.name}-{stamp}.log", verbose)
+    capture_third_party(storage_root(spec.storage) / "logs" / f"{command}-{spec.name}-{stamp}.log", verbose)
 
 
 def _load(spec_path: Path, overrides: Sequence[str] | None = ()):
@@ -238,8 +238,8 @@ def _tracking_server_first(spec_path: Path, overrides: Sequence[str] | None = ()
     """A tracking server that is down, reported within seconds of the command's start: before the spec's
     validation imports torch and timm (5-15 s on 2 cores). The URI the sweep will use (``settings``), the
     spec's read from its YAML (``extends`` and --set applied; the full validation comes next)."""
-    from dinoscale.preflight import check_tracking_server
     from dinoscale.specfile import load_raw
+    from dinoscale.sweep.preflight import check_tracking_server
 
     tracking = load_raw(spec_path, overrides or ()).get("tracking")
     spec_uri = tracking.get("uri") if isinstance(tracking, dict) else None
@@ -297,10 +297,10 @@ def plan(
 ) -> None:
     """Dry run: cells, feature sets to extract, and the budget: wall-clock on a named cluster, GPU-hours,
     dollars (on demand and spot), bytes on disk, and what bounds each stage."""
-    from dinoscale.preflight import check_storage
     from dinoscale.sweep.budget import budget_row, markdown_table, plan_budget, plan_cluster
     from dinoscale.sweep.display import print_banner, print_plan
     from dinoscale.sweep.plan import build_plan, storage_root
+    from dinoscale.sweep.preflight import check_storage
 
     settings.apply_flags(storage=storage)
     s = _load(spec, sets)
@@ -310,7 +310,7 @@ def plan(
         raise UserError(
             f"--cluster {cluster}: no such file; give a Ray cluster-launcher YAML, e.g. cluster/launcher/aws.yaml"
         )
-    check_storage(storage_root(s), write=False)  # a phantom dataset is generated there even for a dry run
+    check_storage(storage_root(s.storage), write=False)  # a phantom dataset is generated there even for a dry run
     _quiet_libraries(s, "plan", verbose)
     p = build_plan(s)
     b = plan_budget(p, plan_cluster(s, cluster))
@@ -507,7 +507,7 @@ def preflight_cmd(
     `dinoscale sweep` runs the same checks first. The list of checks: ERRORS.md."""
     settings.apply_flags(tracking_uri=tracking_uri, storage=storage)
     _tracking_server_first(spec, sets)
-    from dinoscale.preflight import preflight
+    from dinoscale.sweep.preflight import preflight
     from dinoscale.tracking import resolve_tracking_uri
 
     s = _load(spec, sets)
@@ -574,7 +574,7 @@ def analyze(
     settings.apply_flags(tracking_uri=tracking_uri)
     _tracking_server_first(spec, sets)  # a server that is down: at once, not after MLflow's minutes of retries
     from dinoscale.analysis import analyze_sweep, report_folder
-    from dinoscale.preflight import check_tracking_reachable
+    from dinoscale.sweep.preflight import check_tracking_reachable
     from dinoscale.tracking import resolve_tracking_uri
 
     s = _load(spec, sets)

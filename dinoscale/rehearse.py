@@ -274,7 +274,7 @@ def prepare(
         raise RehearsalError(
             f"--variant {variant}: the {name} replica cannot write it (its variants: ok, {', '.join(writer.variants)})"
         )
-    root = storage_root(paper, project_dir) / "rehearsal" / name / variant
+    root = storage_root(paper.storage, project_dir) / "rehearsal" / name / variant
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)

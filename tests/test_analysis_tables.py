@@ -231,7 +231,7 @@ SEEN = {"report": 0, "error": 0, "no_intervals": 0}
 
 @pytest.mark.slow
 @settings(
-    max_examples=100,
+    max_examples=60,  # 82 s at 100 on CI; 60 still sees every generator (the test below checks the outcomes)
     deadline=None,
     derandomize=True,
     database=None,
@@ -268,4 +268,4 @@ def test_the_generated_tables_covered_reports_and_errors():
     if sum(SEEN.values()) == 0:
         pytest.skip("the property test did not run in this session (-k or -m deselected it)")
     print(f"generated tables: {SEEN}")
-    assert SEEN["report"] >= 50 and SEEN["error"] >= 5 and SEEN["no_intervals"] >= 5, SEEN
+    assert SEEN["report"] >= 30 and SEEN["error"] >= 3 and SEEN["no_intervals"] >= 3, SEEN

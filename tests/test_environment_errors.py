@@ -211,7 +211,7 @@ def test_a_tracking_store_gone_mid_sweep_is_told_with_its_uri(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from dinoscale.preflight import _no_retries, tracking_failure_of
+    from dinoscale.sweep.preflight import no_retries, tracking_failure_of
 
     folder = tmp_path / "tracking"
     folder.mkdir()
@@ -246,7 +246,7 @@ def test_a_tracking_store_gone_mid_sweep_is_told_with_its_uri(tmp_path):
     )
 
     down = f"http://127.0.0.1:{free_port()}"
-    with _no_retries(), pytest.raises(MlflowException) as caught:
+    with no_retries(), pytest.raises(MlflowException) as caught:
         MlflowClient(down).get_experiment_by_name("x")
     told = tracking_failure_of(caught.value, down)
     assert told.resumable and f"the MLflow tracking store {down} failed mid-sweep: the server stopped answering" in str(
@@ -267,7 +267,7 @@ def test_resume_against_a_store_without_the_sweep_is_refused_in_the_preflight(tm
     resume is refused with what to do, before anything runs - not a crash when the run is looked up."""
     from mlflow.tracking import MlflowClient
 
-    from dinoscale.preflight import check_parent_run
+    from dinoscale.sweep.preflight import check_parent_run
     from dinoscale.sweep.state import ResumeError, SweepState
 
     uri = f"sqlite:///{tmp_path}/new.db"

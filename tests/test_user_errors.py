@@ -339,7 +339,7 @@ def _timed(args: list, *names: str, limit_s: float = 15.0) -> float:
     case of a run would otherwise charge several seconds of imports on 2 shared cores to it)."""
     import mlflow.tracking  # noqa: F401
 
-    import dinoscale.preflight  # noqa: F401
+    import dinoscale.sweep.preflight  # noqa: F401
     import dinoscale.sweep.runner  # noqa: F401
 
     t0 = time.perf_counter()
@@ -563,7 +563,7 @@ def test_signals_raise_outside_tune_and_stop_tune_gracefully_inside():
 @pytest.mark.slow
 def test_every_node_sees_the_storage_path(tmp_path, ray_local):
     """On a cluster, a task on each alive node reads back a file the driver wrote under the storage path."""
-    from dinoscale.preflight import check_storage_on_nodes
+    from dinoscale.sweep.preflight import check_storage_on_nodes
 
     assert check_storage_on_nodes(tmp_path) is None  # one node: nothing to check
     assert check_storage_on_nodes(tmp_path, min_nodes=1) == "seen by all 1 nodes"

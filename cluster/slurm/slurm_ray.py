@@ -88,7 +88,7 @@ def sbatch_options(spec: SweepSpec, a: argparse.Namespace) -> list[str]:
 
 
 def resume_flag(spec: SweepSpec) -> str:
-    state = SweepState.load_latest(storage_root(spec, Path.cwd()), spec.name)
+    state = SweepState.load_latest(storage_root(spec.storage, Path.cwd()), spec.name)
     if state is None or state.status == "finished":
         return ""
     if state.spec_digest != spec.digest():

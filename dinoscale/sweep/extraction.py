@@ -27,8 +27,8 @@ from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.memory import PeakRSS
-from dinoscale.preflight import with_room_needed
 from dinoscale.sweep.plan import FeatureSetPlan, Plan
+from dinoscale.sweep.preflight import with_room_needed
 from dinoscale.sweep.progress import CountingWriter, ProgressCounter
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from dinoscale import record, settings
 from dinoscale.data import (
@@ -31,6 +30,7 @@ from dinoscale.data import (
     published_size,
 )
 from dinoscale.data.splits import describe_recipe, replicate_recipe, train_size_label, train_subset_recipe
+from dinoscale.data.windows import window_range
 from dinoscale.errors import UserError
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
 from dinoscale.features.recipe import DEFAULT_PERCENTILES, resolve_intensity
@@ -39,7 +39,7 @@ from dinoscale.probes import get_probe
 from dinoscale.probes.registry import GRID_TOKENS, unfit_message
 from dinoscale.provenance import Provenance
 from dinoscale.search import finetune_configurations
-from dinoscale.spec import FeaturesSpec, SweepSpec
+from dinoscale.spec import DatasetSpec, FeaturesSpec, StorageSpec, SweepSpec, TrainSizeSpec
 from dinoscale.strategies.registry import TRAINING, get_strategy
 from dinoscale.sweep import cost
 from dinoscale.sweep.cell import BackboneInfo, Cell
@@ -161,15 +161,14 @@ class Plan:
         )
 
 
-def storage_root(spec: SweepSpec, project_dir: Path | None = None) -> Path:
+def storage_root(storage: StorageSpec, project_dir: Path | None = None) -> Path:
     """The one storage setting (``dinoscale.settings``): --storage / DINOSCALE_STORAGE, else ``storage.path``."""
-    return settings.storage_root(spec.storage.path, project_dir=project_dir)
+    return settings.storage_root(storage.path, project_dir=project_dir)
 
 
-def volume_window(spec: SweepSpec) -> tuple[float, float] | None:
-    from dinoscale.data.windows import window_range
-
-    return window_range(spec.dataset.window) if spec.dataset.window is not None else None
+def volume_window(dataset: DatasetSpec) -> tuple[float, float] | None:
+    """The CT window of ``dataset.window`` (a preset or [HU min, HU max]) as a range, or None."""
+    return window_range(dataset.window) if dataset.window is not None else None
 
 
 def feature_recipe(
@@ -282,8 +281,8 @@ def _protocol_params(
 
 
 def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: bool = False) -> Plan:
-    root = storage_root(spec, project_dir)
-    ds, ds_error = _prepared_dataset(spec, root, require_data)
+    root = storage_root(spec.storage, project_dir)
+    ds, ds_error = _prepared_dataset(spec.dataset, root, require_data)
     infos = [backbone_info(b.name, b.weights, b.weights_seed) for b in spec.backbones]
     if "frozen" in spec.strategies:
         from dinoscale.features.extract import check_token_set
@@ -294,7 +293,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         if res % bb.patch_size:
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
     published = published_size(spec.dataset.name, spec.dataset.subset) if ds is None else None
-    sets = _FeatureSets.of(spec, infos, ds, published, FeatureStore(root / "features"))
+    data = _Data.of(spec, ds, published)
+    sets = _FeatureSets.of(data, spec, infos, FeatureStore(root / "features"))
     task = ds.task if ds is not None else dataset_task(spec.dataset.name)
     common = {
         "task": task,
@@ -306,9 +306,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
         },
     }
     cells = []
-    grid = itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds, _train_sizes(spec))
+    grid = itertools.product(infos, spec.resolutions, spec.strategies, spec.seeds, _train_sizes(spec.train_size))
     for bb, res, strategy, seed, size in grid:
-        gflops = bb.gflops_per_image(res)
         replicate = replicate_recipe(
             seed,
             spec.dataset.split.seed,
@@ -322,46 +321,111 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
                 "train": train_subset_recipe(spec.train_size.unit, size, spec.dataset.split.seed, seed),
             }
         if strategy in TRAINING_STRATEGIES:
-            new = _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, sets.manifests, common, replicate)
+            new = _finetune_cells(spec, data, task, bb, res, strategy, seed, sets.manifests, common, replicate)
         else:
-            new = _frozen_cells(spec, ds, sets, bb, res, strategy, seed, replicate, common)
-        cells.extend(new if size is None else [_at_train_size(c, spec.train_size.unit, size) for c in new])
-    return Plan(spec, ds, ds_error, order_cells(cells, spec), sets.feature_sets, root, published)
+            new = _frozen_cells(spec, data, sets, bb, res, strategy, seed, replicate, common)
+        cells.extend(new if size is None else [_at_train_size(c, spec.train_size, size) for c in new])
+    ordered = order_cells(cells, spec.resources.cell_order, spec.seeds, spec.strategies)
+    return Plan(spec, ds, ds_error, ordered, sets.feature_sets, root, published)
 
 
-def _train_sizes(spec: SweepSpec) -> list:
+def _train_sizes(train_size: TrainSizeSpec | None) -> list:
     """The training-set sizes of the grid: [None] (every train patient) where the spec has no such axis."""
-    return spec.train_size.values if spec.train_size is not None else [None]
+    return train_size.values if train_size is not None else [None]
 
 
-def _at_train_size(cell: Cell, unit: str, size: float) -> Cell:
+def _at_train_size(cell: Cell, train_size: TrainSizeSpec, size: float) -> Cell:
     """A cell at one training-set size: the axis in its position (its id and params); the features, their
     store keys and recipe are those of the whole split (a size costs probe fits only)."""
-    return dataclasses.replace(cell, axes={**cell.axes, record.TRAIN_SIZE_AXIS: train_size_label(unit, size)})
-
-
-def order_cells(cells: list[Cell], spec: SweepSpec) -> list[Cell]:
-    """The order the trials run in (``resources.cell_order``): 'cheapest' puts one replicate of every cell
-    before the next, frozen before the training strategies (in the spec's order), then the smaller forward
-    pass first, so that a sweep stopped halfway has whole curves; 'grid' keeps the spec's order."""
-    if spec.resources.cell_order == "grid":
-        return cells
-    seeds, strategies = {s: i for i, s in enumerate(spec.seeds)}, {s: i for i, s in enumerate(spec.strategies)}
-    rank = {id(c): i for i, c in enumerate(cells)}  # ties keep the grid's order (probes of one cell together)
-    return sorted(
-        cells,
-        key=lambda c: (seeds[c.seed], c.strategy != "frozen", strategies[c.strategy], c.gflops_per_image, rank[id(c)]),
+    return dataclasses.replace(
+        cell, axes={**cell.axes, record.TRAIN_SIZE_AXIS: train_size_label(train_size.unit, size)}
     )
 
 
-def _prepared_dataset(spec: SweepSpec, root: Path, require_data: bool) -> tuple[PreparedDataset | None, str | None]:
+def order_cells(cells: list[Cell], order: str, seeds: list[int], strategies: list[str]) -> list[Cell]:
+    """The order the trials run in (``resources.cell_order``): 'cheapest' puts one replicate of every cell
+    before the next, frozen before the training strategies (in the spec's order), then the smaller forward
+    pass first, so that a sweep stopped halfway has whole curves; 'grid' keeps the spec's order."""
+    if order == "grid":
+        return cells
+    seed_rank, strategy_rank = {s: i for i, s in enumerate(seeds)}, {s: i for i, s in enumerate(strategies)}
+    rank = {id(c): i for i, c in enumerate(cells)}  # ties keep the grid's order (probes of one cell together)
+    return sorted(
+        cells,
+        key=lambda c: (
+            seed_rank[c.seed],
+            c.strategy != "frozen",
+            strategy_rank[c.strategy],
+            c.gflops_per_image,
+            rank[id(c)],
+        ),
+    )
+
+
+def _prepared_dataset(
+    dataset: DatasetSpec, root: Path, require_data: bool
+) -> tuple[PreparedDataset | None, str | None]:
     """The dataset, or None and why (a plan without data counts from the published size)."""
     try:
-        return prepare_dataset(spec.dataset, root), None
+        return prepare_dataset(dataset, root), None
     except DataError as e:
         if require_data:
             raise
         return None, str(e)
+
+
+@dataclass(frozen=True)
+class _Data:
+    """What the recipe, feature-set and memory helpers read: the dataset and features parts of the spec, the
+    prepared dataset (None without data: the published size counts then) and where the work runs."""
+
+    dataset: DatasetSpec
+    features: FeaturesSpec
+    modality: str
+    ds: PreparedDataset | None
+    published: object  # dinoscale.data.PublishedSize, without data
+    on_gpu: bool  # the paper profile: extraction and trials on GPUs
+    extraction_workers: int  # loader workers of one extraction task on a GPU node
+
+    @classmethod
+    def of(cls, spec: SweepSpec, ds: PreparedDataset | None, published) -> _Data:
+        gpu = spec.profile == "paper"
+        workers = min(8, max(1, int(spec.resources.cpus_per_extraction) - 1)) if gpu else 0
+        return cls(spec.dataset, spec.features, spec.modality, ds, published, gpu, workers)
+
+    @property
+    def volumetric(self) -> bool:
+        return self.ds.volumetric if self.ds is not None else bool(self.published and self.published.volumetric)
+
+    def recipe(self, bb: BackboneInfo, res: int, view: str, tokens: str) -> FeatureRecipe:
+        """The recipe of one (backbone, resolution, view, tokens) group of feature sets: what the spec's features
+        part says, with the dataset's colour model (its adapter's declaration without data), CT window and
+        volumes."""
+        ds, volumes = self.ds, self.ds is not None and view != "images"
+        return feature_recipe(
+            self.features,
+            bb,
+            res,
+            view,
+            tokens,
+            color=ds.color if ds is not None else dataset_color(self.dataset),
+            window=volume_window(self.dataset),
+            channels=ds.channels if volumes else (),
+            volume=ds.volume if volumes else None,
+            intensity=self.dataset.intensity,
+            percentiles=self.dataset.percentiles,
+            modality=self.modality,
+        )
+
+    def typical_pixels(self, resolution: int) -> int:
+        """In-plane pixels of one input (label maps, volumes in a loader): the phantom's size, the published
+        typical size, else the resolution."""
+        ph, published = self.dataset.phantom, self.published
+        if ph is not None:
+            return ph.image_size**2
+        if published is not None and published.pixels[0]:
+            return published.pixels[0] * published.pixels[1]
+        return resolution**2
 
 
 @dataclass
@@ -378,11 +442,12 @@ class _FeatureSets:
     bags: dict[str, int] | None  # MIL datasets: bags per split
 
     @classmethod
-    def of(cls, spec: SweepSpec, infos: list[BackboneInfo], ds, published, store: FeatureStore) -> _FeatureSets:
+    def of(cls, data: _Data, spec: SweepSpec, infos: list[BackboneInfo], store: FeatureStore) -> _FeatureSets:
+        """``spec``: its probes, strategies and resolutions (the grid the sets serve)."""
+        ds, published = data.ds, data.published
         manifests = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
-        volumetric = ds.volumetric if ds is not None else bool(published and published.volumetric)
         reads = {
-            p.kind: (get_probe(p.kind).view(volumetric), get_probe(p.kind).tokens(spec.features.tokens))
+            p.kind: (get_probe(p.kind).view(data.volumetric), get_probe(p.kind).tokens(data.features.tokens))
             for p in spec.probes
         }
         bags = {s: len(ds.units(s).sample_ids) for s in SPLITS} if ds is not None and ds.bagged else None
@@ -390,7 +455,7 @@ class _FeatureSets:
         if "frozen" not in spec.strategies:
             return out
         grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
-        budget = spec.features.cache_budget_gb
+        budget = data.features.cache_budget_gb
         for bb, res in itertools.product(infos, spec.resolutions):
             if ds is None and published is None:
                 out.feature_sets.extend(
@@ -399,10 +464,10 @@ class _FeatureSets:
                 continue
             for view, tokens in dict.fromkeys(reads.values()):
                 group = (bb.name, res, view, tokens)
-                recipe = out.recipes[group] = _recipe_of(spec, bb, res, view, tokens, ds)
-                sets = [_feature_set(spec, recipe, bb, split, ds, published, store, manifests) for split in SPLITS]
+                recipe = out.recipes[group] = data.recipe(bb, res, view, tokens)
+                sets = [_feature_set(data, recipe, bb, split, store, manifests) for split in SPLITS]
                 if (view, tokens) in grid_views and (
-                    spec.features.online or (budget is not None and sum(f.nbytes for f in sets) > budget * 2**30)
+                    data.features.online or (budget is not None and sum(f.nbytes for f in sets) > budget * 2**30)
                 ):
                     out.online.add(group)
                     sets = [dataclasses.replace(f, online=True, cached=False) for f in sets]
@@ -413,13 +478,15 @@ class _FeatureSets:
         return out
 
 
-def _frozen_cells(spec: SweepSpec, ds, sets: _FeatureSets, bb, res, strategy, seed, replicate, common) -> list[Cell]:
+def _frozen_cells(
+    spec: SweepSpec, data: _Data, sets: _FeatureSets, bb, res, strategy, seed, replicate, common
+) -> list[Cell]:
     """One cell per probe of a frozen (backbone, resolution, seed): its feature sets, trial key and memory."""
     gflops, cells = bb.gflops_per_image(res), []
     for probe in spec.probes:
         view, tokens = sets.reads.get(probe.kind, ("images", spec.features.tokens))
         group = (bb.name, res, view, tokens)
-        recipe = sets.recipes.get(group) or _recipe_of(spec, bb, res, view, tokens, ds)
+        recipe = sets.recipes.get(group) or data.recipe(bb, res, view, tokens)
         fk, is_online = sets.keys.get(group, {}), group in sets.online
         config = probe.model_dump(mode="json")
         key = _trial_key(
@@ -449,48 +516,19 @@ def _frozen_cells(spec: SweepSpec, ds, sets: _FeatureSets, bb, res, strategy, se
                 online=is_online,
                 feature_dtype=spec.features.dtype,
                 feature_batch=spec.features.batch_size,
-                memory=_trial_memory(spec, probe, reads_sets, ds, sets.published, is_online, sets.bags),
+                memory=_trial_memory(data, probe, reads_sets, is_online, sets.bags),
                 **common,
             )
         )
     return cells
 
 
-def _typical_pixels(spec: SweepSpec, published, resolution: int) -> int:
-    """In-plane pixels of one input (label maps, volumes in a loader): the phantom's size, the published
-    typical size, else the resolution."""
-    ph = spec.dataset.phantom
-    if ph is not None:
-        return ph.image_size**2
-    if published is not None and published.pixels[0]:
-        return published.pixels[0] * published.pixels[1]
-    return resolution**2
-
-
-def _recipe_of(spec: SweepSpec, bb: BackboneInfo, res: int, view: str, tokens: str, ds) -> FeatureRecipe:
-    """The recipe of one (backbone, resolution, view, tokens) group of feature sets: what the spec's features
-    part says, with the dataset's colour model (its adapter's declaration without data), CT window and volumes."""
-    return feature_recipe(
-        spec.features,
-        bb,
-        res,
-        view,
-        tokens,
-        color=ds.color if ds is not None else dataset_color(spec.dataset),
-        window=volume_window(spec),
-        channels=ds.channels if ds is not None and view != "images" else (),
-        volume=ds.volume if ds is not None and view != "images" else None,
-        intensity=spec.dataset.intensity,
-        percentiles=spec.dataset.percentiles,
-        modality=spec.modality,
-    )
-
-
-def _feature_set(spec, recipe: FeatureRecipe, bb: BackboneInfo, split: str, ds, published, store, manifests):
+def _feature_set(data: _Data, recipe: FeatureRecipe, bb: BackboneInfo, split: str, store, manifests):
     """One split's feature set: its key and cache status (with data), its rows, bytes and shards, and the
     predicted memory of the task that extracts it."""
 
-    f, res, view, tokens = spec.features, recipe.resolution, recipe.view, recipe.tokens
+    f, res, view, tokens = data.features, recipe.resolution, recipe.view, recipe.tokens
+    ds, published = data.ds, data.published
     width = cost.row_elements(tokens, view, bb.embed_dim, res // bb.patch_size, f.volume_pool)
     itemsize = np.dtype(f.dtype).itemsize
     if ds is not None:
@@ -507,9 +545,9 @@ def _feature_set(spec, recipe: FeatureRecipe, bb: BackboneInfo, split: str, ds, 
         volume_slices = max(passes) if ds.volumetric else 0
         estimated = False
     else:
-        frac = {"val": spec.dataset.split.val_fraction, "test": spec.dataset.split.test_fraction}
+        frac = {"val": data.dataset.split.val_fraction, "test": data.dataset.split.test_fraction}
         frac["train"] = 1 - frac["val"] - frac["test"]
-        per = published.inputs_per_unit(spec.dataset.tile_mpp)
+        per = published.inputs_per_unit(data.dataset.tile_mpp)
         units = published.units * frac[split]  # fractions of the inputs (CREMI cuts sections, not blocks)
         if published.bagged:  # manifest rows are tiles
             n_units, passes_per_unit = round(units * per), 1.0
@@ -525,17 +563,16 @@ def _feature_set(spec, recipe: FeatureRecipe, bb: BackboneInfo, split: str, ds, 
         volume_slices = round(per) if published.volumetric else 0
     n_shards = len(shards) if shards else (n_shards if ds is None else 1)
     largest_shard = max((b - a for a, b in shards), default=n_units // max(1, n_shards))
-    gpu = spec.profile == "paper"
     shape = cost.ExtractionShape(
         n_params=bb.n_params,
         resolution=res,
-        tokens_per_image=0 if gpu else bb.tokens_per_image(res),  # on a GPU the activations are in device memory
+        tokens_per_image=0 if data.on_gpu else bb.tokens_per_image(res),  # on a GPU: activations in device memory
         embed_dim=bb.embed_dim,
         batch_size=f.batch_size,
         row_elements=width,
-        volume_voxels=_typical_pixels(spec, published, res) * volume_slices if view != "images" else 0,
+        volume_voxels=data.typical_pixels(res) * volume_slices if view != "images" else 0,
         pooled_rows=largest_shard if view == "volumes" else 0,
-        workers=min(8, max(1, int(spec.resources.cpus_per_extraction) - 1)) if gpu else 0,
+        workers=data.extraction_workers,
     )
     return FeatureSetPlan(
         bb,
@@ -559,12 +596,11 @@ def _feature_set(spec, recipe: FeatureRecipe, bb: BackboneInfo, split: str, ds, 
     )
 
 
-def _trial_memory(
-    spec: SweepSpec, probe, sets: list[FeatureSetPlan], ds, published, online: bool, bags: dict | None
-) -> dict:
+def _trial_memory(data: _Data, probe, sets: list[FeatureSetPlan], online: bool, bags: dict | None) -> dict:
     """The trial's feature budget and its predicted peak host memory (``dinoscale.sweep.cost``)."""
     defn = get_probe(probe.kind)
-    resident = spec.features.resident_mb << 20
+    ds, published = data.ds, data.published
+    resident = data.features.resident_mb << 20
     if not sets:
         return {"resident_bytes": resident}
     by_split = {f.split: f for f in sets}
@@ -573,12 +609,12 @@ def _trial_memory(
         if bags is not None and defn.input == "bag":
             items[split] = bags[split]
         elif ds is None and published is not None and published.bagged:
-            items[split] = max(1, round(f.n_images / max(1.0, published.inputs_per_unit(spec.dataset.tile_mpp))))
+            items[split] = max(1, round(f.n_images / max(1.0, published.inputs_per_unit(data.dataset.tile_mpp))))
         else:
             items[split] = f.n_images
     labels = None
     if defn.input == "grid":
-        pixels = _typical_pixels(spec, published, sets[0].resolution)
+        pixels = data.typical_pixels(sets[0].resolution)
         labels = {s: f.n_slices * pixels for s, f in by_split.items()}
     bb = sets[0].backbone
     shape = cost.TrialShape(
@@ -591,22 +627,22 @@ def _trial_memory(
         batch_size=getattr(probe, "batch_size", 256),
         label_voxels=labels,
         n_out=getattr(probe, "n_classes", 3),
-        on_gpu=spec.profile == "paper",
+        on_gpu=data.on_gpu,
         online_params=bb.n_params if online else 0,
-        online_batch_bytes=(spec.features.batch_size * bb.tokens_per_image(sets[0].resolution) * bb.embed_dim * 4 * 12)
+        online_batch_bytes=(data.features.batch_size * bb.tokens_per_image(sets[0].resolution) * bb.embed_dim * 4 * 12)
         if online
         else 0.0,
     )
     return {"resident_bytes": resident, "predicted_peak_bytes": cost.trial_peak_bytes(shape)}
 
 
-def finetune_heads(spec: SweepSpec, task: str, strategy: str | None = None) -> list[dict]:
+def finetune_heads(probes: list, volume_pool: str, task: str, strategy: str | None = None) -> list[dict]:
     """The heads training cells train under (``dinoscale.train.heads``): a linear head on CLS ⊕ mean patch
     (volumes: pooled over the slices as the frozen volumes view pools them) for classification; for dense
-    tasks, the spec's segmentation probe entries (decoder kind, classes, width). ``strategy``: only the
-    heads it can train (``StrategyDef.heads``)."""
-    serving = [p for p in spec.probes if task in get_probe(p.kind).tasks]
-    heads = head_settings(get_task(task).dense, serving, spec.features.volume_pool)
+    tasks, the spec's segmentation probe entries (decoder kind, classes, width). ``probes``: the spec's probe
+    entries; ``strategy``: only the heads it can train (``StrategyDef.heads``)."""
+    serving = [p for p in probes if task in get_probe(p.kind).tasks]
+    heads = head_settings(get_task(task).dense, serving, volume_pool)
     if strategy is not None:
         heads = [h for h in heads if h["probe"] in get_strategy(strategy).heads]
     return heads
@@ -630,12 +666,12 @@ def _sample_shape(ds: PreparedDataset | None, head: dict) -> tuple[int, int]:
 
 
 def training_memory(
-    spec: SweepSpec, ds: PreparedDataset | None, bb: BackboneInfo, resolution: int, strategy: str, head: dict
+    st, gpu_memory_gib: float, ds: PreparedDataset | None, bb: BackboneInfo, resolution: int, head: dict
 ):
     """The GPU memory of one training trial of this cell, and how it is made to fit in
     ``resources.gpu_memory_gib`` (gradient checkpointing, then micro-batches): ``dinoscale.train.memory``,
-    with the strategy's memory model (what gets gradients, what the optimiser updates)."""
-    st = spec.finetuning.of(strategy)
+    with the strategy's memory model (what gets gradients, what the optimiser updates). ``st``: the
+    strategy's part of ``finetuning``."""
     facts, trained = strategy_facts(st, bb.name, resolution)
     images, head_values = _sample_shape(ds, head)
     head_params = 4 * facts.embed_dim * 64  # linear (2D x classes) or a light decoder: tens of thousands of weights
@@ -643,7 +679,7 @@ def training_memory(
     def estimate(micro: int, ckpt: bool) -> float:
         return estimate_bytes(facts, micro, images, ckpt, True, trained + head_params, head_values)
 
-    return fit_in_memory(estimate, st.batch_size, spec.resources.gpu_memory_gib * 2**30, st.grad_checkpointing)
+    return fit_in_memory(estimate, st.batch_size, gpu_memory_gib * 2**30, st.grad_checkpointing)
 
 
 def _axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) -> dict:
@@ -670,18 +706,19 @@ def _key_axes(bb: BackboneInfo, res: int, probe: str, strategy: str, seed: int) 
     }
 
 
-def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, common, replicate) -> list[Cell]:
+def _finetune_cells(spec, data: _Data, task, bb, res, strategy, seed, manifests, common, replicate) -> list[Cell]:
     """Cells of a training strategy (lora, full, ...): the encoder is trained on images under the task's head;
     each cell searches the same number of configurations (sampled once by the plan, dinoscale.search),
-    memory permitting."""
-    volumetric = ds.volumetric if ds is not None else False
+    memory permitting. ``spec``: the whole spec is the identity of a result (its trial key)."""
+    ds, gflops = data.ds, bb.gflops_per_image(res)
+    view = "slices" if ds is not None and ds.volumetric else "images"
     st = spec.finetuning.of(strategy)
     config = st.model_dump(mode="json")
     budget = st.budget or spec.search.n_trials
     early = spec.finetuning.early_stopping.model_dump(mode="json")
     cells = []
-    for head in finetune_heads(spec, task, strategy):
-        mem = training_memory(spec, ds, bb, res, strategy, head)
+    for head in finetune_heads(spec.probes, data.features.volume_pool, task, strategy):
+        mem = training_memory(st, spec.resources.gpu_memory_gib, ds, bb, res, head)
         fitted = {
             "grad_checkpointing": mem.grad_checkpointing,
             record.MICRO_BATCH_SIZE: mem.micro_batch_size,
@@ -724,7 +761,7 @@ def _finetune_cells(spec, ds, task, bb, res, strategy, seed, gflops, manifests, 
                 strategy_config=config,
                 configurations=configurations,
                 finetune_head=head,
-                recipe=_recipe_of(spec, bb, res, "slices" if volumetric else "images", spec.features.tokens, ds),
+                recipe=data.recipe(bb, res, view, data.features.tokens),
                 params=params,
                 replicate=replicate,
                 **common,
@@ -765,6 +802,10 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
     spec's segmentation head (2D images, volumes slice by slice); each trial must fit in GPU memory."""
     ds, spec = plan.dataset, plan.spec
     task = get_task(ds.task)
+
+    def heads(strategy: str | None = None) -> list[dict]:
+        return finetune_heads(spec.probes, spec.features.volume_pool, ds.task, strategy)
+
     shape = f"{ds.task} dataset{' of 3D volumes' if ds.volumetric else ''}"
     finetunable = ", ".join(t for t in task_names() if get_task(t).finetunable)
     why = None
@@ -776,7 +817,7 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         why = f"'{ds.name}' fuses extra input channels {list(ds.channels)}, which they do not read yet"
     elif ds.volume is not None and ds.volume.channels.mode == "each":
         why = "dataset.channels.mode 'each' averages features over channels, which they do not train through"
-    elif task.dense and not finetune_heads(spec, ds.task):
+    elif task.dense and not heads():
         why = f"'{ds.name}' is a {shape}: they train the spec's segmentation probe as their head, and it lists none"
     elif task.dense and not ds.has_masks:
         why = f"'{ds.name}' lists no label maps (masks) to train a segmentation head on"
@@ -784,14 +825,14 @@ def _check_finetunable(plan: Plan, training: list[str]) -> None:
         raise NotRunnableError(
             f"strategies {training} train the encoder under a task head; {why}. Use strategies: [frozen]."
         )
-    headless = [s for s in training if finetune_heads(spec, ds.task) and not finetune_heads(spec, ds.task, s)]
+    headless = [s for s in training if heads() and not heads(s)]
     if headless:
-        heads = sorted({h["probe"] for h in finetune_heads(spec, ds.task)})
+        served = sorted({h["probe"] for h in heads()})
         raise NotRunnableError(
             f"strategies {headless} train under heads {[list(get_strategy(s).heads) for s in headless]}; "
-            f"'{ds.name}' is a {shape} whose cells train under {heads}. Drop them from strategies."
+            f"'{ds.name}' is a {shape} whose cells train under {served}. Drop them from strategies."
         )
-    if task.dense and not ds.volumetric and any(h["head"] == "conv3d" for h in finetune_heads(spec, ds.task)):
+    if task.dense and not ds.volumetric and any(h["head"] == "conv3d" for h in heads()):
         raise NotRunnableError(f"head 'conv3d' needs volumes; '{ds.name}' holds 2D images (use head: conv)")
     if task.dense and ds.volumetric:
         depths = {n for s in SPLITS for n in (ds.units(s).n_slices or [])}
@@ -839,11 +880,3 @@ def check_memory(plan: Plan, node_bytes: float, how: str) -> None:
             "(trials then stream their splits), use features.online for grid probes, give the nodes more memory "
             "(resources.node_memory_gb states it), or lower features.batch_size."
         )
-
-
-def plan_node_memory(spec: SweepSpec) -> tuple[float, str]:
-    """The node memory a dry run checks against: the spec's, else this machine's."""
-    if spec.resources.node_memory_gb is not None:
-        return spec.resources.node_memory_gb * 2**30, "resources.node_memory_gb"
-
-    return float(psutil.virtual_memory().total), "this machine"

@@ -155,7 +155,7 @@ def _data_section(plan: Plan, task_name: str) -> dict:
         str(seed): describe_recipe(replicate_recipe(seed, split.seed, dataset_policy, split.replicates, folds))
         for seed in spec.seeds
     }
-    window = volume_window(spec)
+    window = volume_window(spec.dataset)
     data = {
         record.DATASET_PARAM: spec.dataset.name + (f" ({spec.dataset.subset})" if spec.dataset.subset else ""),
         "data source": (ds.provenance.get(record.DATA_SOURCE, "?") if ds is not None else "not available when planned"),

@@ -6,7 +6,7 @@ run and Tune experiment again: finished cells are not rerun (Tune's state, and t
 second line of defence), cached feature sets are not extracted again, and every cell keeps exactly
 one child run.
 
-Nothing starts before the pre-flight (``dinoscale.preflight``: storage, tracking, weights, data) has
+Nothing starts before the pre-flight (``dinoscale.sweep.preflight``: storage, tracking, weights, data) has
 passed. SIGINT / SIGTERM stop the sweep cleanly (``dinoscale.sweep.interrupt``): the parent run and
 unfinished cell runs are marked KILLED and ``SweepInterrupted`` says how to resume.
 """
@@ -38,14 +38,6 @@ from dinoscale.errors import (
 )
 from dinoscale.features import FeatureStore
 from dinoscale.mlflow_ui import browse_hint
-from dinoscale.preflight import (
-    _no_retries,
-    check_storage_on_nodes,
-    failure_line,
-    preflight,
-    tracking_failure_of,
-    tracking_store_failure,
-)
 from dinoscale.spec import SweepSpec
 from dinoscale.sweep.budget import predicted_metrics
 from dinoscale.sweep.cell import Cell, parse_unit
@@ -62,6 +54,14 @@ from dinoscale.sweep.display import (
 from dinoscale.sweep.extraction import check_cluster_memory, cluster_has_gpus, extraction_record
 from dinoscale.sweep.interrupt import SweepSignals
 from dinoscale.sweep.plan import NotRunnableError, Plan, build_plan, check_runnable  # noqa: F401  (re-exported)
+from dinoscale.sweep.preflight import (
+    check_storage_on_nodes,
+    failure_line,
+    no_retries,
+    preflight,
+    tracking_failure_of,
+    tracking_store_failure,
+)
 from dinoscale.sweep.state import SweepState, new_sweep_id
 from dinoscale.tasks import get_task
 from dinoscale.tracking import (
@@ -115,7 +115,7 @@ def sweep_log_path(spec: SweepSpec, project_dir: Path) -> Path:
     """Where a sweep's third-party logs and warnings go: ``<storage>/logs/<spec name>-<time>.log``."""
     from dinoscale.sweep.plan import storage_root
 
-    return storage_root(spec, project_dir) / "logs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return storage_root(spec.storage, project_dir) / "logs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def trial_resources(cell: Cell, spec: SweepSpec, has_gpu: bool) -> dict[str, float]:
@@ -366,7 +366,7 @@ def _record_interruption(client, plan: Plan, state: SweepState, signame: str, st
     parent_id = state.parent_run_id
     done = killed = 0
     try:
-        with _no_retries():
+        with no_retries():
             client.set_tag(
                 parent_id, record.INTERRUPTED, f"{signame} during the {stage}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
             )
@@ -406,7 +406,7 @@ def _stopped_by_surroundings(exc: BaseException, client, plan: Plan, state: Swee
     if user is None:
         return None
     try:
-        with _no_retries():  # a server that went away is not retried for minutes
+        with no_retries():  # a server that went away is not retried for minutes
             client.set_terminated(state.parent_run_id, "FAILED")
         recorded = f"parent run {state.parent_run_id} marked FAILED"
     except Exception:  # noqa: BLE001 - the record may be what failed; the sweep state on disk still resumes

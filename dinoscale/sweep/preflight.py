@@ -271,7 +271,7 @@ def check_tracking_reachable(uri: str) -> None:
 
 
 @contextmanager
-def _no_retries():
+def no_retries():
     """MLflow's HTTP client retries a failed request for minutes by default; pre-flight asks once."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -295,7 +295,7 @@ def check_tracking(uri: str, experiment: str, artifact_location: str | None = No
 
     from dinoscale.tracking import ensure_experiment
 
-    with _no_retries():
+    with no_retries():
         try:
             client = MlflowClient(uri)
             exp_id = ensure_experiment(client, experiment, artifact_location)
@@ -484,7 +484,7 @@ def check_window(plan) -> str | None:
     from dinoscale.data.readers import read_volume
     from dinoscale.sweep.plan import volume_window
 
-    window, ds = volume_window(plan.spec), plan.dataset
+    window, ds = volume_window(plan.spec.dataset), plan.dataset
     if window is None or not ds.volumetric:
         return None
     lo, hi = window
@@ -518,13 +518,15 @@ def check_window(plan) -> str | None:
 def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
     """Run the checks in order and return (the plan, the report). The plan is built here because it
     prepares the dataset: the data root's layout is checked by the dataset's adapter."""
+    # here, not at module level: the CLI imports this module to try the tracking server before torch, timm and
+    # MONAI are imported (the plan imports them; ~3 s on an idle core, BENCHMARKS.md "tracking pre-flight")
     from dinoscale.data.checks import colour_files_under_grey, decode_sample, range_barely_used
     from dinoscale.sweep.plan import build_plan, check_runnable, storage_root
     from dinoscale.tracking import default_artifact_location
 
     report, found = PreflightReport(), None
     with report.step("storage"):
-        root = storage_root(spec, project_dir)
+        root = storage_root(spec.storage, project_dir)
         report.checks["storage"] = check_storage(root)
         if resume:  # there is a sweep of this spec to resume (ResumeError names what is missing or changed)
             found = SweepState.for_resume(root, spec.name, spec.digest())
@@ -581,7 +583,7 @@ def check_parent_run(uri: str, state) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    with _no_retries():
+    with no_retries():
         try:
             MlflowClient(uri).get_run(state.parent_run_id)
             return
