@@ -13,7 +13,8 @@ table of each sweep (``CONVENTIONS``; ``dinoscale.sweep.protocol``):
 - segmentation: Dice on the cases whose ground truth holds the structure (AutoPET convention),
   HD95 in the volume's physical units with a penalty distance for a missed or spurious structure,
   a per-structure detection rate, a lesion-wise detection rate (connected components) with the count of
-  false-positive lesions, and false-positive / false-negative volumes of unmatched connected components;
+  false-positive lesions, false-positive / false-negative volumes of unmatched connected components, and
+  IoU per structure where the ground truth or the prediction holds it (EndoVis challenge IoU), binary IoU beside;
 - EM instances: VOI and adapted Rand error under the CREMI convention (a border mask, one ignore label).
 """
 
@@ -57,6 +58,9 @@ CONVENTIONS: dict[str, str] = {
     "same structure overlaps (IoU > 0), over every structure; undefined for a volume without lesions; "
     "false_positive_lesions: per volume, the predicted components that touch no ground-truth voxel of their "
     "structure",
+    "IoU": "per image (volume) and structure, |P & G| / |P | G| where the ground truth or the prediction holds "
+    "the structure; absent from both: undefined (EndoVis challenge IoU); an image's IoU is the mean over its "
+    "defined structures; binary IoU: every structure together against background (instrument vs tissue)",
     "FP / FN volume": "AutoPET: volume (ml; voxels where the spacing is unknown) of predicted connected "
     "components touching no ground-truth voxel (FP) and of ground-truth components touching no predicted "
     "voxel (FN); 18-connectivity in 3D, 8 in 2D; summed over structures",
@@ -354,6 +358,26 @@ def dice_per_volume(
     return d
 
 
+def iou_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """((N, C-1) IoU per volume and foreground class, (N,) binary IoU) from label maps (N, *spatial), under
+    ``CONVENTIONS['IoU']``: NaN where neither the ground truth nor the prediction holds the class (binary: holds
+    any foreground)."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    n = len(target)
+    per = np.full((n, n_classes - 1), np.nan)
+    binary = np.full(n, np.nan)
+    for i in range(n):
+        p, t = pred[i], target[i]
+        for c in range(1, n_classes):
+            union = np.count_nonzero((p == c) | (t == c))
+            if union:
+                per[i, c - 1] = np.count_nonzero((p == c) & (t == c)) / union
+        union = np.count_nonzero((p > 0) | (t > 0))
+        if union:
+            binary[i] = np.count_nonzero((p > 0) & (t > 0)) / union
+    return per, binary
+
+
 def field_diagonal(shape, spacing=None) -> float:
     """The diagonal of a volume's field of view in its physical units (voxels where ``spacing`` is None):
     the HD95 penalty of a missed or spurious structure."""
@@ -453,7 +477,9 @@ def segmentation_per_volume(
     ``dice_<structure>``, ``hd95_mm`` (``hd95_px`` without spacing; mean over structures, penalty for missed /
     spurious ones), ``detection_rate`` and ``false_positive_rate`` (per volume, over its positive / negative
     structures), ``lesion_detection_rate`` and ``false_positive_lesions`` (connected components),
-    ``fp_volume_ml`` / ``fn_volume_ml`` (``fp_voxels`` / ``fn_voxels`` without spacing). NaN where undefined."""
+    ``fp_volume_ml`` / ``fn_volume_ml`` (``fp_voxels`` / ``fn_voxels`` without spacing), ``iou`` (mean over the
+    structures the ground truth or the prediction holds), ``iou_<structure>`` and ``iou_binary``. NaN where
+    undefined."""
 
     names = class_names or [str(c) for c in range(1, n_classes)]
     pred, target = np.asarray(pred), np.asarray(target)
@@ -479,6 +505,9 @@ def segmentation_per_volume(
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: volumes without any structure
         out = {"dice": np.nanmean(d, axis=1), **{f"dice_{n}": d[:, j] for j, n in enumerate(names)}}
+        iou, binary = iou_per_volume(pred, target, n_classes)
+        out.update({"iou": np.nanmean(iou, axis=1), "iou_binary": binary})
+        out.update({f"iou_{n}": iou[:, j] for j, n in enumerate(names)})
         if hd95:
             out["hd95_mm" if mm else "hd95_px"] = np.nanmean(hd95_per_volume(pred, target, n_classes, spacings), axis=1)
         out["detection_rate"] = np.where(in_gt.any(1), (hit & in_gt).sum(1) / in_gt.sum(1), np.nan)

@@ -145,8 +145,9 @@ def _by_volume(fn, pred, target, spacing=None, chunk: int = 8) -> dict[str, np.n
 
 
 def score_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
-    """Dice (positive cases, mean foreground and per structure), HD95 (mm, penalty for missed / spurious
-    structures), detection and false-positive rates, FP / FN volumes per volume; means with patient intervals."""
+    """Dice (positive cases, mean foreground and per structure), IoU (per structure and binary), HD95 (mm,
+    penalty for missed / spurious structures), detection and false-positive rates, FP / FN volumes per volume;
+    means with patient intervals."""
     from dinoscale.metrics import segmentation_per_volume
 
     names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]

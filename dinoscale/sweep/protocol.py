@@ -37,7 +37,7 @@ _CONVENTIONS_OF = {
     "multilabel": ("macro AUROC", "intervals"),
     "multiclass": ("macro AUROC", "intervals"),
     "mil": ("macro AUROC", "intervals"),
-    "segmentation": ("intervals", "Dice", "HD95", "detection", "lesion detection", "FP / FN volume"),
+    "segmentation": ("intervals", "Dice", "IoU", "HD95", "detection", "lesion detection", "FP / FN volume"),
     "instance_segmentation": ("intervals", "VOI / ARAND"),
 }
 _VIEWS = {
