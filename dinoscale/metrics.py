@@ -683,3 +683,31 @@ def instance_summary(
 ) -> dict[str, float]:
     """EM instance metrics per volume with intervals: VOI split / merge / sum and adapted Rand error."""
     return summarise_per_volume(instance_per_volume(pred, target, spacing), patient_ids, resamples, level, seed)
+
+
+def difference_bootstrap(
+    a: tuple[np.ndarray, np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray, np.ndarray],
+    metric=macro_auroc,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    min_units: int = MIN_INTERVAL_UNITS,
+) -> Interval:
+    """``metric(a) - metric(b)`` of two independent sets of patients (``(y, s, patient_ids)`` each, e.g. an
+    internal and an external test set): its percentile interval from resampling the patients of each set on its
+    own (independent draws, paired by draw number). No interval when either set has fewer than ``min_units``
+    patients; ``units``: the smaller set's patients."""
+    units = min(len(set(np.asarray(p).astype(str))) for _, _, p in (a, b))
+    value = metric(a[0], a[1]) - metric(b[0], b[1])
+    if units < min_units:
+        return Interval(value, float("nan"), float("nan"), level, 0, units)
+    draws = zip(_patient_resamples(a[2], resamples, seed), _patient_resamples(b[2], resamples, seed + 1))
+    values = []
+    for ia, ib in draws:
+        v = metric(a[0][ia], a[1][ia]) - metric(b[0][ib], b[1][ib])
+        if np.isfinite(v):
+            values.append(v)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha]) if values else (np.nan, np.nan)
+    return Interval(value, float(lo), float(hi), level, len(values), units)

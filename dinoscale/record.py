@@ -232,3 +232,30 @@ GROUP_AXES = tuple(a.name for a in AXES if not (a.numeric or a.name == "backbone
 CONTEXT_COLUMNS = (MODALITY_PARAM, DATASET_PARAM)  # what a results table says beyond the axes
 # The columns that identify a configuration in a results table: context, grouping axes, then the rest.
 CELL_KEYS = CONTEXT_COLUMNS + GROUP_AXES + tuple(a for a in CELL_AXES if a not in GROUP_AXES)
+
+# ---------------------------------------------------------------- external test sets (spec ``external``)
+
+# A cell's probe (fitted on its train, selected on val) also scores each external test set; its metrics are
+# one family per set: external.<label>.<metric>, with intervals as every metric (ci_names). The metrics:
+EXTERNAL_PREFIX = "external."
+EXTERNAL_METRIC = "macro_auroc"  # the headline on the external set, over the mapped classes only
+EXTERNAL_INTERNAL = "internal_macro_auroc"  # the internal test headline restricted to the same mapped classes
+EXTERNAL_DROP = "drop"  # internal - external, interval from independent patient resamples of both sets
+EXTERNAL_UNITS = "n_units"  # external units scored
+EXTERNAL_PATIENTS = "n_patients"  # external patients (the interval's resampled units)
+EXTERNAL_CLASSES = "n_classes"  # internal classes the external set maps onto
+EXTERNAL_METRICS = (EXTERNAL_METRIC, EXTERNAL_INTERNAL, EXTERNAL_DROP)
+EXTERNAL_DIGEST = "external_feature_keys"  # tag of a cell run: <label>:<feature-store digest>, comma-separated
+
+
+def external_name(label: str, metric: str) -> str:
+    """The name of ``metric`` of external test set ``label``: ``external.<label>.<metric>``."""
+    return f"{EXTERNAL_PREFIX}{label}.{metric}"
+
+
+def parse_external_name(name: str) -> tuple[str, str] | None:
+    """(label, metric) of an external metric's name (its interval bounds included), else None."""
+    if not name.startswith(EXTERNAL_PREFIX):
+        return None
+    label, _, metric = name[len(EXTERNAL_PREFIX) :].rpartition(".")
+    return (label, metric) if label else None

@@ -51,6 +51,7 @@ class Cell:
     view: str = "images"  # the feature-set view it reads (dinoscale.probes.registry.VIEWS); '' for lora / full
     tokens: str = ""
     feature_keys: tuple[tuple[str, str], ...] = ()  # (split, feature-store digest)
+    external_keys: tuple[tuple[str, str], ...] = ()  # (external test set label, feature-store digest)
     probe_config: dict | None = None  # the probe's dumped spec (frozen cells)
     strategy_config: dict | None = None  # the strategy's dumped spec (lora / full cells)
     # lora / full: the configurations the cell's search trains (dinoscale.train.FinetuneConfig keyword

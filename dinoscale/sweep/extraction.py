@@ -109,7 +109,7 @@ class ExtractionReport:
 
 
 def _shard_sources(plan: Plan, fs: FeatureSetPlan) -> list[RowSources]:
-    src = plan.dataset.sources(fs.split)
+    src = plan.rows(fs)
     return [src.part(a, b) for a, b in (fs.shards or [(0, len(src.ids))])]
 
 

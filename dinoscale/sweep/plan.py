@@ -23,12 +23,14 @@ from dinoscale.data import (
     SPLITS,
     DataError,
     PreparedDataset,
+    RowSources,
     dataset_color,
     dataset_replicates,
     dataset_task,
     prepare_dataset,
     published_size,
 )
+from dinoscale.data.external import EXTERNAL_SPLIT, class_mapping, external_dataset
 from dinoscale.data.splits import describe_recipe, replicate_recipe, train_size_label, train_subset_recipe
 from dinoscale.data.windows import window_range
 from dinoscale.errors import UserError
@@ -101,6 +103,7 @@ class FeatureSetPlan:
     online: bool = False  # grid features computed inside the trials instead of cached
     estimated: bool = False  # counts from the dataset's published size (no data)
     extraction_peak: float = 0.0  # predicted host memory of one extraction task of this set (bytes)
+    external: str = ""  # the external test set (spec ``external``) whose rows it holds; '' for the internal ones
 
     @property
     def tokens_per_image(self) -> int:
@@ -122,6 +125,23 @@ class FeatureSetPlan:
         return self.n_rows * self.row_elements * 4
 
 
+@dataclass(frozen=True)
+class ExternalSet:
+    """An external test set (spec ``external``) as the plan resolved it: its rows relabelled onto the internal
+    classes (``dinoscale.data.external``), the mapping, and the data part its recipe reads (colour, intensity)."""
+
+    label: str
+    dataset: PreparedDataset
+    mapping: dict[str, str]  # external class -> internal class
+    rows: str  # all | test: which of its rows are scored
+    data: _Data
+
+    @property
+    def classes(self) -> list[str]:
+        """The internal classes it is scored on."""
+        return self.dataset.classes
+
+
 @dataclass
 class Plan:
     spec: SweepSpec
@@ -131,6 +151,12 @@ class Plan:
     feature_sets: list[FeatureSetPlan]
     storage: Path
     published: object = None  # dinoscale.data.PublishedSize the counts come from when there is no data
+    externals: dict[str, ExternalSet] = dataclasses.field(default_factory=dict)  # label -> external test set
+
+    def rows(self, fs: FeatureSetPlan) -> RowSources:
+        """The rows a feature set is extracted from: its split of the internal dataset, or its external set's."""
+        ds = self.externals[fs.external].dataset if fs.external else self.dataset
+        return ds.sources(fs.split)
 
     @property
     def missing(self) -> list[FeatureSetPlan]:
@@ -294,7 +320,8 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             raise ValueError(f"resolution {res} is not a multiple of {bb.name}'s patch size {bb.patch_size}")
     published = published_size(spec.dataset.name, spec.dataset.subset) if ds is None else None
     data = _Data.of(spec, ds, published)
-    sets = _FeatureSets.of(data, spec, infos, FeatureStore(root / "features"))
+    externals = external_sets(spec, ds, root, require_data)
+    sets = _FeatureSets.of(data, spec, infos, FeatureStore(root / "features"), externals)
     task = ds.task if ds is not None else dataset_task(spec.dataset.name)
     common = {
         "task": task,
@@ -326,7 +353,34 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             new = _frozen_cells(spec, data, sets, bb, res, strategy, seed, replicate, common)
         cells.extend(new if size is None else [_at_train_size(c, spec.train_size, size) for c in new])
     ordered = order_cells(cells, spec.resources.cell_order, spec.seeds, spec.strategies)
-    return Plan(spec, ds, ds_error, ordered, sets.feature_sets, root, published)
+    return Plan(spec, ds, ds_error, ordered, sets.feature_sets, root, published, externals)
+
+
+def external_sets(spec: SweepSpec, ds: PreparedDataset | None, root: Path, require_data: bool) -> dict:
+    """The external test sets (spec ``external``), each prepared by its adapter and mapped onto the internal
+    classes (an unmapped class is refused here, before anything runs). None without the internal data."""
+    out: dict[str, ExternalSet] = {}
+    if ds is None or not spec.external:
+        return out
+    if get_task(ds.task).dense:
+        raise NotRunnableError(
+            f"external test sets score classification cells; '{ds.name}' is a {ds.task} dataset (drop 'external')"
+        )
+    for e in spec.external:
+        try:
+            ext = prepare_dataset(e.dataset, root)
+        except DataError as err:
+            if require_data:
+                raise DataError(f"external '{e.label}': {err}") from None
+            continue  # a plan without the external data: its sets are not counted
+        if get_task(ext.task).dense:
+            raise NotRunnableError(
+                f"external '{e.label}': '{ext.name}' is a {ext.task} dataset; external sets classify"
+            )
+        mapping = class_mapping(e.label, ext.classes, ds.classes, e.classes, e.drop)
+        mapped = external_dataset(ext, e.split, mapping, ds.classes)
+        out[e.label] = ExternalSet(e.label, mapped, mapping, e.split, _Data.of(spec, mapped, None, e.dataset))
+    return out
 
 
 def _train_sizes(train_size: TrainSizeSpec | None) -> list:
@@ -388,10 +442,11 @@ class _Data:
     extraction_workers: int  # loader workers of one extraction task on a GPU node
 
     @classmethod
-    def of(cls, spec: SweepSpec, ds: PreparedDataset | None, published) -> _Data:
+    def of(cls, spec: SweepSpec, ds: PreparedDataset | None, published, dataset: DatasetSpec | None = None) -> _Data:
+        """``dataset``: the section of the data (an external set's); default the spec's ``dataset``."""
         gpu = spec.profile == "paper"
         workers = min(8, max(1, int(spec.resources.cpus_per_extraction) - 1)) if gpu else 0
-        return cls(spec.dataset, spec.features, spec.modality, ds, published, gpu, workers)
+        return cls(dataset or spec.dataset, spec.features, spec.modality, ds, published, gpu, workers)
 
     @property
     def volumetric(self) -> bool:
@@ -440,10 +495,14 @@ class _FeatureSets:
     manifests: dict[str, str]  # split -> manifest digest (with data)
     published: object
     bags: dict[str, int] | None  # MIL datasets: bags per split
+    external: dict[tuple, dict[str, str]] = dataclasses.field(default_factory=dict)  # group -> label -> digest
 
     @classmethod
-    def of(cls, data: _Data, spec: SweepSpec, infos: list[BackboneInfo], store: FeatureStore) -> _FeatureSets:
-        """``spec``: its probes, strategies and resolutions (the grid the sets serve)."""
+    def of(
+        cls, data: _Data, spec: SweepSpec, infos: list[BackboneInfo], store: FeatureStore, externals: dict | None = None
+    ) -> _FeatureSets:
+        """``spec``: its probes, strategies and resolutions (the grid the sets serve); ``externals``: the external
+        test sets, each with one feature set per group read by a vector probe."""
         ds, published = data.ds, data.published
         manifests = {s: ds.manifest_digest(s) for s in SPLITS} if ds is not None else {}
         reads = {
@@ -475,6 +534,20 @@ class _FeatureSets:
                     if f.key is not None and not f.online:
                         out.keys.setdefault(group, {})[f.split] = f.key.digest
                 out.feature_sets.extend(sets)
+                if (view, tokens) not in grid_views:
+                    out.feature_sets.extend(out.external_sets(externals or {}, bb, res, view, tokens, store))
+        return out
+
+    def external_sets(self, externals: dict, bb, res: int, view: str, tokens: str, store) -> list[FeatureSetPlan]:
+        """One feature set per external test set for a (backbone, resolution, view, tokens) group: the same
+        recipe as the internal sets, resolved from the external data (its colour model, its intensity)."""
+        out = []
+        for label, ext in externals.items():
+            recipe = ext.data.recipe(bb, res, view, tokens)
+            manifests = {EXTERNAL_SPLIT: ext.dataset.manifest_digest(EXTERNAL_SPLIT)}
+            f = _feature_set(ext.data, recipe, bb, EXTERNAL_SPLIT, store, manifests)
+            self.external.setdefault((bb.name, res, view, tokens), {})[label] = f.key.digest
+            out.append(dataclasses.replace(f, external=label))
         return out
 
 
@@ -488,6 +561,7 @@ def _frozen_cells(
         group = (bb.name, res, view, tokens)
         recipe = sets.recipes.get(group) or data.recipe(bb, res, view, tokens)
         fk, is_online = sets.keys.get(group, {}), group in sets.online
+        ext = sets.external.get(group, {}) if get_probe(probe.kind).input == "vector" else {}
         config = probe.model_dump(mode="json")
         key = _trial_key(
             spec,
@@ -496,6 +570,7 @@ def _frozen_cells(
                 "features": fk,
                 "probe_config": config,
                 **({"online": True} if is_online else {}),
+                **({"external": _external_identity(spec, ext)} if ext else {}),
                 "replicate": replicate,
             },
         )
@@ -510,6 +585,7 @@ def _frozen_cells(
                 tokens=tokens,
                 recipe=recipe,
                 feature_keys=tuple(sorted(fk.items())),
+                external_keys=tuple(ext.items()),
                 probe_config=config,
                 params=_protocol_params(spec, bb, gflops, config, "probe", replicate),
                 replicate=replicate,
@@ -521,6 +597,11 @@ def _frozen_cells(
             )
         )
     return cells
+
+
+def _external_identity(spec: SweepSpec, keys: dict[str, str]) -> list:
+    """What of the external sets a cell's result depends on: each one's section and feature set."""
+    return [[e.model_dump(mode="json"), keys[e.label]] for e in spec.external or [] if e.label in keys]
 
 
 def _feature_set(data: _Data, recipe: FeatureRecipe, bb: BackboneInfo, split: str, store, manifests):

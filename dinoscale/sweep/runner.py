@@ -27,6 +27,7 @@ import dinoscale
 from dinoscale import pseudonym, record, settings
 from dinoscale.analysis import report_folder
 from dinoscale.console import capture_third_party, console, log_file
+from dinoscale.data.external import EXTERNAL_SPLIT
 from dinoscale.errors import (
     StorageError,
     SweepInterrupted,
@@ -640,6 +641,8 @@ def _sweep_context(plan: Plan, state: SweepState, client, dataset_inputs: list):
         pseudonym_key=pseudonym.key_for(spec, plan.storage),
         sources={s: ds.sources(s) for s in ("train", "val", "test")} if any(c.online for c in plan.cells) else {},
         schedule_state=str(SweepState.folder(plan.storage, spec.name) / f"{state.sweep_id}.schedule.json"),
+        externals={label: e.dataset.units(EXTERNAL_SPLIT) for label, e in plan.externals.items()},
+        external_classes={label: e.classes for label, e in plan.externals.items()},
     )
 
 

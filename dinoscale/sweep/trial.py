@@ -36,6 +36,7 @@ from dinoscale.memory import PeakRSS
 from dinoscale.probes import SegSplit, get_probe, run_probe
 from dinoscale.search import search_probe
 from dinoscale.sweep.cell import Cell
+from dinoscale.sweep.external import cut_outputs, external_metrics, with_external_rows
 from dinoscale.sweep.inputs import label_spacing, probe_inputs, repartition
 from dinoscale.tasks import Scoring, UndefinedMetric, get_task
 from dinoscale.tracking import find_or_create_child, finished_child_metrics, log_batch, with_retries
@@ -60,6 +61,8 @@ class SweepContext:
     cell_runs: dict[str, str] = field(default_factory=dict)  # training cell id -> its MLflow run (opened first)
     schedule_state: str | None = None  # the early-stopping scheduler's rungs and stops (dinoscale.sweep.schedule)
     pseudonym_key: bytes | None = None  # identifiers in logged predictions are keyed hashes (dinoscale.pseudonym)
+    externals: dict[str, SplitUnits] = field(default_factory=dict)  # external test set label -> its units
+    external_classes: dict[str, list[str]] = field(default_factory=dict)  # label -> internal classes it maps onto
 
 
 def _probe_inputs(cell: Cell, ctx: SweepContext, store: FeatureStore, split: str, probe_spec):
@@ -112,6 +115,9 @@ def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
         rep_train, rep_val, tr_idx, va_idx = replicate_units(cell, ctx)
         if cell.replicate.get("mode", "dataset") != "dataset" or cell.replicate.get("train"):
             train, val = repartition(train, val, tr_idx, va_idx)
+        test, sizes = with_external_rows(
+            cell, ctx.externals, ctx.external_classes, ctx.classes, store, test, probe_spec
+        )
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
         n_trials = cell.search.get("n_trials", 1)
@@ -122,12 +128,13 @@ def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
         else:
             result = run_probe(probe_spec, train, val, test, seed=cell.seed)
         t_probe = time.perf_counter() - t1
+        test_scores, ext_scores = cut_outputs(result.test_scores, sizes)
         dim = train.x[0].shape[-1] if isinstance(train.x, list) else train.x.shape[-3 if train.x.ndim >= 4 else 1]
         target = test.y if isinstance(test, SegSplit) else None
         out = scored(
             cell,
             ctx,
-            result.test_scores,
+            test_scores,
             target,
             result.val_metric,
             result.selected,
@@ -147,6 +154,8 @@ def evaluate_cell(cell: Cell, ctx: SweepContext) -> dict:
         )
     out["edges"] = {k: (result.selected.get(k), where) for k, where in result.edges.items()}
     out["metrics"].update(_memory_metrics(cell, peak))
+    ext = (ctx.externals, ctx.external_classes, ctx.classes, ext_scores, cell.bootstrap)
+    out["metrics"].update(external_metrics(ctx.splits["test"], test_scores, *ext))
     return out
 
 
@@ -271,6 +280,8 @@ def cell_trainable(cell: Cell, ctx: SweepContext) -> None:
         tune.report({**done, "cell": cell.id, "reused_record": 1, "time_own_work_s": time.perf_counter() - t_start})
         return
     tags = {**run_tags(cell, ctx), record.FEATURE_KEYS: ",".join(f"{s}:{d}" for s, d in cell.feature_keys)}
+    if cell.external_keys:
+        tags[record.EXTERNAL_DIGEST] = ",".join(f"{label}:{d}" for label, d in cell.external_keys)
     run_id = with_retries(
         find_or_create_child, client, ctx.experiment_id, ctx.parent_run_id, cell.trial_key, cell.id, tags
     )
