@@ -155,6 +155,8 @@ def render_html(rc) -> str:
     parts += ["<h2>Strategies</h2>", _list(rc.strategies or ["only one strategy in these results"])]
     if rc.families:  # one family: nothing to compare, no section
         parts += ["<h2>Encoder families</h2>", _list([x.strip() for x in rc.families])]
+    if not rc.external.empty:
+        parts += ["<h2>External test sets</h2>", _table(rc.external), "<p>All columns: external.csv.</p>"]
     parts += ["<h2>Method</h2>", _list(rc.method)]
     parts += ["<h2>Scaling curves</h2>"] + [_figure(cap, path.read_bytes()) for cap, path in rc.figures]
     parts += ["<h2>Fitted parameters</h2>", _table(rc.fits, _FITS_SHOWN), "<p>All columns: fits.csv.</p>"]

@@ -31,6 +31,7 @@ from dinoscale.analysis.compare import (
     summarize_strategies,
 )
 from dinoscale.analysis.curves import AXES, EXTRA_AXES, GROUP_KEYS, Curve, axes_words, build_curves, fits_table
+from dinoscale.analysis.external import external_lines, external_markdown, external_table
 from dinoscale.analysis.html import render_html
 from dinoscale.analysis.labels import AXIS as LABEL_AXIS
 from dinoscale.analysis.labels import label_curves, label_lines
@@ -82,6 +83,7 @@ class ReportContent:
     notes: list[str] = field(default_factory=list)  # what the analysis left out or assumed, and why
     families: list[str] = field(default_factory=list)  # encoder families compared (compare.summarize_families)
     family_comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
+    external: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell and external set (analysis.external)
 
 
 def _method(cd: CellDraws) -> list[str]:
@@ -435,6 +437,7 @@ def _markdown(rc: ReportContent) -> str:
     md += _answer_markdown(rc)
     md += [f"![{cap}]({p.name})\n" for cap, p in rc.key_figures]
     md += _verdict_blocks_markdown(rc)
+    md += external_markdown(rc.external)
     md += ["## Method", ""] + rc.method + [""]
     md += [f"![{cap}]({p.name})\n" for cap, p in rc.figures]
     md += ["", "## Results", "", _cells_markdown(rc.cells, rc.headline)]
@@ -533,6 +536,7 @@ def write_report(
     comparisons = compare_strategies(cd)
     families = compare_families(cd)
     best = best_configurations(cd)
+    external = external_table(runs)
     prov = " | ".join(provenance)
     rc = ReportContent(
         title=title,
@@ -540,7 +544,9 @@ def write_report(
         method=_method(cd) + _label_method(curves) + _selection_warnings(runs),
         figures=_figures(curves, comparisons, out_dir, title, prov, headline),
         verdicts=_blocks(curves, cd.cells, headline),
-        best=_answer(cd, best, headline) + label_lines(curves, headline, cd.level),
+        best=_answer(cd, best, headline)
+        + label_lines(curves, headline, cd.level)
+        + external_lines(external, best, headline.label),
         strategies=summarize_strategies(comparisons, headline),
         cells=cd.cells.assign(headline=headline.test, goal=headline.goal),
         fits=fits_table(curves, headline),
@@ -552,6 +558,7 @@ def write_report(
         notes=list(runs.attrs.get("notes", [])) + curve_notes,
         families=family_verdict(cd) + summarize_families(families, headline),
         family_comparisons=families,
+        external=external,
     )
     _write_files(rc, out_dir)
     return out_dir
@@ -587,6 +594,9 @@ def _write_files(rc: ReportContent, out_dir: Path) -> None:
     if not rc.family_comparisons.empty:
         rc.family_comparisons.to_csv(out_dir / "families.csv", index=False)
         rc.files.append("families.csv (paired differences between encoder families)")
+    if not rc.external.empty:
+        rc.external.to_csv(out_dir / "external.csv", index=False)
+        rc.files.append("external.csv (internal and external test sets per cell, with the drop)")
     rc.files += ["report.html (self-contained)", "verdicts.md"]
     (out_dir / "verdicts.md").write_text(_verdicts_markdown(rc))
     (out_dir / "report.md").write_text(_markdown(rc))

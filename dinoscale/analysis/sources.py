@@ -585,6 +585,7 @@ def _run_row(r, headline: Headline) -> dict:
         "min_interval_units": p.get("min_interval_units"),
         "n_val": m.get("n_val"),
         record.N_TRAIN_PATIENTS: m.get(record.N_TRAIN_PATIENTS),
+        **{k: v for k, v in m.items() if record.parse_external_name(k)},  # external test sets, where the sweep has them
     }
 
 
@@ -631,7 +632,10 @@ def results_from_mlflow(
     df = complete_columns(
         pd.DataFrame(
             rows,
-            columns=result_columns(headline) + [headline.val, *record.ci_names(headline.val)] + list(OPTIONAL_COLUMNS),
+            columns=result_columns(headline)
+            + [headline.val, *record.ci_names(headline.val)]
+            + list(OPTIONAL_COLUMNS)
+            + sorted({k for row in rows for k in row if record.parse_external_name(k)}),
         )
     )
     df.attrs["headline"] = headline
