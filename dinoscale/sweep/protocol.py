@@ -15,6 +15,7 @@ from typing import Any
 
 from dinoscale import record
 from dinoscale.data import dataset_replicates
+from dinoscale.data.external import EXTERNAL_SPLIT
 from dinoscale.data.splits import TRAIN_SIZE_UNITS, describe_recipe, replicate_recipe, train_size_label
 from dinoscale.data.volumes import PET_SUV_RANGE
 from dinoscale.features.recipe import resolve_intensity
@@ -130,7 +131,32 @@ def protocol_data(plan: Plan) -> dict:
             "selection": "on val only; test is scored once, for the chosen configuration",
         },
         "metrics and intervals": _metrics_section(spec, task_name),
+        **({"external test sets": _external_section(plan)} if spec.external else {}),
     }
+
+
+def _external_section(plan: Plan) -> dict:
+    """Each external test set: its dataset, the rows scored, the class mapping, and how it is scored."""
+    out = {}
+    for e in plan.spec.external or []:
+        ext = plan.externals.get(e.label)
+        where = f"{e.dataset.name}" + (f" ({e.dataset.subset})" if e.dataset.subset else "")
+        if ext is None:
+            out[e.label] = f"{where}, rows: {e.split}; not prepared (no data here): mapping checked when it is"
+            continue
+        units = ext.dataset.units(EXTERNAL_SPLIT)
+        mapping = ", ".join(f"{a} -> {b}" for a, b in ext.mapping.items())
+        dropped = f"; dropped: {', '.join(e.drop)}" if e.drop else ""
+        out[e.label] = (
+            f"{where}, rows: {e.split} ({len(units.sample_ids)} units, {len(set(units.patient_ids))} patients); "
+            f"classes: {mapping}{dropped}; colour {ext.dataset.color}"
+        )
+    out["scoring"] = (
+        "each frozen cell's probe (fitted on its train, chosen on val) scores the external rows with the same "
+        "model; macro AUROC over the mapped internal classes with patients in both sets; internal test on the "
+        "same classes; drop = internal - external, interval from independent patient resamples of both sets"
+    )
+    return out
 
 
 def _train_size_words(spec) -> str:
@@ -245,9 +271,10 @@ def protocol_markdown(plan: Plan) -> str:
     for label, rows in data["probes"].items():
         lines += [f"### Probe: {label}", ""]
         table(rows)
-    for section in ("strategies", "search", "metrics and intervals"):
-        lines += [f"### {section.capitalize()}", ""]
-        table(data[section])
+    for section in ("strategies", "search", "metrics and intervals", "external test sets"):
+        if section in data:
+            lines += [f"### {section.capitalize()}", ""]
+            table(data[section])
     return "\n".join(lines)
 
 
