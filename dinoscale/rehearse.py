@@ -274,12 +274,12 @@ def prepare(
         raise RehearsalError(
             f"--variant {variant}: the {name} replica cannot write it (its variants: ok, {', '.join(writer.variants)})"
         )
-    root = storage_root(paper.storage, project_dir) / "rehearsal" / name / variant
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    replica = writer.write(root, paper.dataset, variant=variant, seed=seed)
+    base = storage_root(paper.storage, project_dir) / "rehearsal"
+    replica = writer.write(_fresh(base / name / variant), paper.dataset, variant=variant, seed=seed)
     s, changes = transform(raw, str(spec_path), replica.root, on_bad_file, replicates, lean)
+    external = _external_replicas(paper, s, base, seed, str(spec_path))
+    if external:
+        changes[record.REHEARSAL_PREFIX + "external_replicas"] = ", ".join(external)
     changes.update(
         {
             record.REHEARSAL_SOURCE_DIGEST: paper.digest(),
@@ -291,6 +291,38 @@ def prepare(
     if replica.broken:
         changes[record.REHEARSAL_PREFIX + "broken"] = replica.broken
     return Rehearsal(parse_spec(s, source=f"{spec_path} (rehearsal)"), replica, changes)
+
+
+def _fresh(root: Path) -> Path:
+    """An empty folder for a replica (rewritten each time)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    return root
+
+
+def _external_replicas(paper, s: dict, base: Path, seed: int, spec_path: str) -> list[str]:
+    """The replica of each external test set's dataset (``<storage>/rehearsal/<dataset>/external-<label>``),
+    its ``root`` in the rehearsal's spec pointed there; generated (phantom) external sets stay as they are."""
+    from dinoscale.data import is_phantom
+    from dinoscale.data.replicas import get_replica, replica_names
+
+    written = []
+    for i, e in enumerate(paper.external or []):
+        if is_phantom(e.dataset.name):
+            continue
+        try:
+            writer = get_replica(e.dataset.name)
+        except KeyError:
+            raise RehearsalError(
+                f"{spec_path}: external '{e.label}': dataset '{e.dataset.name}' has no replica writer, so it cannot "
+                f"be rehearsed; datasets with one: {', '.join(replica_names())}"
+            ) from None
+        # another seed than the internal replica's: other patients, other images
+        replica = writer.write(_fresh(base / e.dataset.name / f"external-{e.label}"), e.dataset, seed=seed + 1 + i)
+        s["external"][i]["dataset"] = dict(s["external"][i]["dataset"], root=str(replica.root))
+        written.append(f"{e.label}: {replica.root}")
+    return written
 
 
 def rehearse(
