@@ -34,7 +34,8 @@ def class_mapping(
         raise ExternalMappingError(
             f"{where}: drop lists {unknown_drop}, which the external dataset does not have (its classes: {external})"
         )
-    mapping = dict(given) if given is not None else {c: c for c in external if c not in drop}
+    # omitted: each external class onto the internal class of its name (one without such a class is unmapped)
+    mapping = dict(given) if given is not None else {c: c for c in external if c not in drop and c in internal}
     not_external = [c for c in mapping if c not in external]
     onto_unknown = {e: i for e, i in mapping.items() if i not in internal}
     unmapped = [c for c in external if c not in mapping and c not in drop]

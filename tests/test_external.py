@@ -1,0 +1,211 @@
+"""External test sets (issue 29 part 2, "does it hold at another hospital"): the class mapping refused before
+anything runs (exit 2, one line), the fitted probe scoring external rows exactly as it scores test, the drop and
+its interval on a known shift, a phantom sweep with external metrics and the report's section, and the NIH-14 ->
+RSNA spec's rehearsal prepared (replicas, roots, mapping, external feature sets)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, separable_splits, tiny_spec_dict
+from dinoscale import record
+from dinoscale.data.external import ExternalMappingError, class_mapping
+from dinoscale.metrics import difference_bootstrap, macro_auroc
+from dinoscale.probes import Split, run_probe
+from dinoscale.spec import parse_spec
+from dinoscale.specfile import SpecError
+from dinoscale.sweep.external import cut_outputs
+
+INTERNAL = ["cardiomegaly", "effusion", "nodule", "fibrosis"]
+
+
+def _spec(tmp_path: Path, external: list, **extra) -> dict:
+    d = tiny_spec_dict(tmp_path, backbones=[{"name": "dinov3-demo-xs", "weights": "random"}], resolutions=[32])
+    d["probes"] = [dict(d["probes"][0], epochs=20)]
+    d["dataset"]["phantom"].update({"n_patients": 40, "image_size": 64})
+    d["external"] = external
+    d.update(extra)
+    return d
+
+
+def _phantom(seed: int) -> dict:
+    return {
+        "name": "phantom-xray",
+        "phantom": {"seed": seed, "n_patients": 40, "images_per_patient": [2, 3], "image_size": 64},
+    }
+
+
+def test_the_mapping_is_checked_whole_and_names_the_set_the_class_and_the_fix():
+    same = class_mapping("b", ["Pneumonia", "Other"], ["Pneumonia", "Edema"], {"Pneumonia": "Pneumonia"}, ["Other"])
+    assert same == {"Pneumonia": "Pneumonia"}
+    assert class_mapping("b", INTERNAL[:2], INTERNAL, None, []) == {c: c for c in INTERNAL[:2]}
+    cases = [
+        (["Pneumonia", "Other"], {"Pneumonia": "Pneumonia"}, [], ["'Other'", "drop"]),  # unmapped, not dropped
+        (["Pneumonia"], {"Pneumonia": "Pneumonitis"}, [], ["unknown internal class", "Pneumonitis"]),
+        (["Pneumonia"], None, ["Opacity"], ["drop lists", "Opacity"]),
+        (["Lung Opacity"], None, [], ["'Lung Opacity'", "external.classes"]),  # same names, none internal
+    ]
+    for external, given, drop, words in cases:
+        with pytest.raises(ExternalMappingError) as e:
+            class_mapping("rsna", external, ["Pneumonia", "Edema"], given, drop)
+        msg = str(e.value)
+        assert msg.startswith("external 'rsna': ") and "\n" not in msg
+        assert all(w in msg for w in words), msg
+
+
+@pytest.mark.slow
+def test_an_unmapped_external_class_stops_the_command_before_anything_runs(tmp_path):
+    ext = [{"label": "site2", "dataset": _phantom(3), "classes": {"cardiomegaly": "cardiomegaly"}, "drop": ["nodule"]}]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path, ext)))
+    done = subprocess.run(
+        [sys.executable, "-m", "dinoscale.cli", "plan", str(path)], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [x for x in (done.stdout + done.stderr).splitlines() if "external 'site2'" in x]
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "['effusion', 'fibrosis']" in lines[0] and "drop:" in lines[0]
+    assert not (tmp_path / "store" / "features").exists() or not any((tmp_path / "store" / "features").rglob("*.npy"))
+
+
+def test_dense_datasets_and_duplicate_labels_are_refused_by_validation(tmp_path):
+    em = {"name": "phantom-em", "phantom": {"seed": 0}}
+    for external, words in (
+        ([{"label": "a", "dataset": em}], ["external 'a'", "classification"]),
+        ([{"label": "a", "dataset": _phantom(1)}, {"label": "a", "dataset": _phantom(2)}], ["duplicate labels"]),
+    ):
+        with pytest.raises(SpecError) as e:
+            parse_spec(_spec(tmp_path, external))
+        assert all(w in str(e.value) for w in words), str(e.value)
+    no_external = parse_spec(_spec(tmp_path, None))
+    assert "external" not in no_external.model_dump(mode="json", exclude={"external"})
+    assert (
+        no_external.digest() == parse_spec({k: v for k, v in _spec(tmp_path, None).items() if k != "external"}).digest()
+    )
+
+
+@pytest.mark.parametrize(
+    "probe", [{"kind": "linear", "epochs": 30}, {"kind": "logreg"}, {"kind": "knn", "ks": [5, 10]}]
+)
+def test_external_rows_appended_to_test_get_the_scores_of_the_same_fitted_model(probe):
+    """Every vector probe scores a test row from train (and val) alone: test + external rows together give test
+    exactly the outputs it gets alone, and each external row what it gets alone."""
+    from dinoscale.probes import get_probe
+
+    train, val, test = separable_splits(n=240, d=16, c=3, seed=0)
+    _, _, ext = separable_splits(n=120, d=16, c=3, seed=5)
+    spec = get_probe(probe["kind"]).spec.model_validate(probe)
+    alone = run_probe(spec, train, val, test, seed=0).test_scores
+    ext_alone = run_probe(spec, train, val, ext, seed=0).test_scores
+    both = Split(np.concatenate([test.x, ext.x]), np.concatenate([test.y, ext.y]))
+    scores, parts = cut_outputs(
+        run_probe(spec, train, val, both, seed=0).test_scores, {"": len(test.y), "e": len(ext.y)}
+    )
+    np.testing.assert_allclose(scores, alone, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(parts["e"], ext_alone, rtol=1e-4, atol=1e-5)
+
+
+def _scored_set(n_patients: int, separation: float, seed: int):
+    rng = np.random.default_rng(seed)
+    pids = np.repeat([f"p{i}" for i in range(n_patients)], 2)
+    y = np.repeat(rng.integers(0, 2, (n_patients, 1)), 2, axis=0).astype(float)
+    s = y * separation + rng.normal(size=y.shape)
+    return y, s, pids
+
+
+def test_the_drop_has_the_sign_of_the_shift_and_an_interval_that_resamples_both_sets():
+    internal = _scored_set(80, 3.0, 0)  # AUROC ~0.98
+    shifted = _scored_set(80, 0.5, 1)  # AUROC ~0.64: a known drop of ~0.3
+    same = _scored_set(80, 3.0, 2)
+    drop = difference_bootstrap(internal, shifted, macro_auroc, resamples=300, seed=0)
+    assert drop.value == pytest.approx(macro_auroc(*internal[:2]) - macro_auroc(*shifted[:2]))
+    assert 0.15 < drop.value and 0 < drop.low < drop.value < drop.high
+    none = difference_bootstrap(internal, same, macro_auroc, resamples=300, seed=0)
+    assert none.low < 0 < none.high
+    # wider than either set's own interval: both sets' patients are resampled
+    from dinoscale.metrics import patient_bootstrap
+
+    own = patient_bootstrap(*shifted, resamples=300, seed=1)
+    assert drop.high - drop.low > own.high - own.low
+    few = difference_bootstrap(internal, _scored_set(6, 3.0, 3), macro_auroc, resamples=50)
+    assert np.isnan(few.low) and few.units == 6
+
+
+@pytest.mark.slow
+def test_a_phantom_sweep_scores_each_external_set_and_reports_the_drop(tmp_path):
+    """Two external sets of another phantom cohort (seed 7): one with the same classes (no shift: the drop's
+    interval holds 0), one with two findings swapped (a known shift: external AUROC ~0.5, the drop > 0)."""
+    ext = [
+        {"label": "same", "dataset": _phantom(7), "drop": ["nodule", "fibrosis"]},
+        {
+            "label": "swapped",
+            "dataset": _phantom(7),
+            "classes": {"cardiomegaly": "effusion", "effusion": "cardiomegaly"},
+            "drop": ["nodule", "fibrosis"],
+        },
+    ]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path, ext, name="xray-external-test")))
+    env = {"DINOSCALE_REPORTS": str(tmp_path / "reports"), "PATH": str(Path(sys.executable).parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "dinoscale.cli", "sweep", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**__import__("os").environ, **env},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").search_runs(
+        [
+            mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+            .get_experiment_by_name("dinoscale-xray-external-test")
+            .experiment_id
+        ],
+        f"tags.`{record.CELL}` != ''",
+    )
+    (run,) = [r for r in runs if r.info.status == "FINISHED"]
+    m = run.data.metrics
+    for label in ("same", "swapped"):
+        for metric in record.EXTERNAL_METRICS:
+            name = record.external_name(label, metric)
+            assert name in m and all(c in m for c in record.ci_names(name)), name
+        assert m[record.external_name(label, record.EXTERNAL_CLASSES)] == 2
+    same, swapped = (record.external_name(x, record.EXTERNAL_DROP) for x in ("same", "swapped"))
+    assert m[same + record.CI_LOW] < 0 < m[same + record.CI_HIGH]
+    assert m[swapped + record.CI_LOW] > 0 and m[record.external_name("swapped", record.EXTERNAL_METRIC)] < 0.7
+    report = tmp_path / "reports" / "xray-external-test"
+    md = (report / "report.md").read_text()
+    assert "## External test sets" in md and "on swapped (external, 2 classes mapped) the best cell" in md
+    table = pd.read_csv(report / "external.csv")
+    assert set(table["external_set"]) == {"same", "swapped"} and (table["drop_high"] >= table["drop_low"]).all()
+
+
+@pytest.mark.slow
+def test_the_nih_to_rsna_spec_rehearses_with_a_replica_of_each_external_dataset(tmp_path):
+    """The rehearsal writes RSNA's replica beside NIH-14's, points the external root there, and the plan maps
+    RSNA's Pneumonia onto NIH-14's and gives every frozen group an external feature set (the sweep itself runs as
+    any rehearsal: `dinoscale rehearse sweeps/xray-external-rsna.yaml --lean`, 8 cells in ~150 s here)."""
+    from dinoscale.rehearse import prepare
+    from dinoscale.sweep.plan import build_plan
+    from dinoscale.sweep.protocol import protocol_markdown
+
+    spec = ROOT / "sweeps" / "xray-external-rsna.yaml"
+    r = prepare(spec, project_dir=tmp_path, lean=True, overrides=[f"storage.path={tmp_path / 'store'}"])
+    (ext,) = r.spec.external
+    assert Path(ext.dataset.root).is_dir() and "rsna-pneumonia" in ext.dataset.root
+    assert Path(ext.dataset.root) != Path(r.spec.dataset.root)
+    plan = build_plan(r.spec, project_dir=tmp_path, require_data=True)
+    (mapped,) = plan.externals.values()
+    assert mapped.mapping == {"Pneumonia": "Pneumonia"} and mapped.classes == ["Pneumonia"]
+    internal = {(f.backbone.name, f.resolution) for f in plan.feature_sets if not f.external}
+    external = {(f.backbone.name, f.resolution) for f in plan.feature_sets if f.external == "rsna"}
+    assert external == internal and all(c.external_keys for c in plan.cells)
+    assert len(plan.rows(next(f for f in plan.feature_sets if f.external)).ids) == len(mapped.dataset.manifest)
+    assert "| rsna | rsna-pneumonia, rows: all" in protocol_markdown(plan)
