@@ -3,6 +3,7 @@ anything runs (exit 2, one line), the fitted probe scoring external rows exactly
 its interval on a known shift, a phantom sweep with external metrics and the report's section, and the NIH-14 ->
 RSNA spec's rehearsal prepared (replicas, roots, mapping, external feature sets)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,8 @@ def test_the_drop_has_the_sign_of_the_shift_and_an_interval_that_resamples_both_
 @pytest.mark.slow
 def test_a_phantom_sweep_scores_each_external_set_and_reports_the_drop(tmp_path):
     """Two external sets of another phantom cohort (seed 7): one with the same classes (no shift: the drop's
-    interval holds 0), one with two findings swapped (a known shift: external AUROC ~0.5, the drop > 0)."""
+        interval holds 0), one with two findings swapped (a known shift: the labels no longer match what the probe
+    learnt, so the drop is well above the first set's and its interval above 0)."""
     ext = [
         {"label": "same", "dataset": _phantom(7), "drop": ["nodule", "fibrosis"]},
         {
@@ -151,13 +153,12 @@ def test_a_phantom_sweep_scores_each_external_set_and_reports_the_drop(tmp_path)
     ]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(_spec(tmp_path, ext, name="xray-external-test")))
-    env = {"DINOSCALE_REPORTS": str(tmp_path / "reports"), "PATH": str(Path(sys.executable).parent)}
     done = subprocess.run(
         [sys.executable, "-m", "dinoscale.cli", "sweep", str(path)],
         capture_output=True,
         text=True,
         timeout=400,
-        env={**__import__("os").environ, **env},
+        env={**os.environ, "DINOSCALE_REPORTS": str(tmp_path / "reports")},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     import mlflow
@@ -179,7 +180,7 @@ def test_a_phantom_sweep_scores_each_external_set_and_reports_the_drop(tmp_path)
         assert m[record.external_name(label, record.EXTERNAL_CLASSES)] == 2
     same, swapped = (record.external_name(x, record.EXTERNAL_DROP) for x in ("same", "swapped"))
     assert m[same + record.CI_LOW] < 0 < m[same + record.CI_HIGH]
-    assert m[swapped + record.CI_LOW] > 0 and m[record.external_name("swapped", record.EXTERNAL_METRIC)] < 0.7
+    assert m[swapped + record.CI_LOW] > 0 and m[swapped] > m[same] + 0.1
     report = tmp_path / "reports" / "xray-external-test"
     md = (report / "report.md").read_text()
     assert "## External test sets" in md and "on swapped (external, 2 classes mapped) the best cell" in md
