@@ -238,12 +238,12 @@ CELL_KEYS = CONTEXT_COLUMNS + GROUP_AXES + tuple(a for a in CELL_AXES if a not i
 # A cell's probe (fitted on its train, selected on val) also scores each external test set; its metrics are
 # one family per set: external.<label>.<metric>, with intervals as every metric (ci_names). The metrics:
 EXTERNAL_PREFIX = "external."
-EXTERNAL_METRIC = "macro_auroc"  # the headline on the external set, over the mapped classes only
-EXTERNAL_INTERNAL = "internal_macro_auroc"  # the internal test headline restricted to the same mapped classes
+EXTERNAL_METRIC = "auroc"  # macro AUROC: the headline on the external set, over the mapped classes only
+EXTERNAL_INTERNAL = "internal_auroc"  # the internal test headline restricted to the same mapped classes
 EXTERNAL_DROP = "drop"  # internal - external, interval from independent patient resamples of both sets
-EXTERNAL_UNITS = "n_units"  # external units scored
-EXTERNAL_PATIENTS = "n_patients"  # external patients (the interval's resampled units)
-EXTERNAL_CLASSES = "n_classes"  # internal classes the external set maps onto
+EXTERNAL_UNITS = "units"  # external units scored
+EXTERNAL_PATIENTS = "patients"  # external patients (the interval's resampled units)
+EXTERNAL_CLASSES = "classes"  # internal classes the external set maps onto
 EXTERNAL_METRICS = (EXTERNAL_METRIC, EXTERNAL_INTERNAL, EXTERNAL_DROP)
 EXTERNAL_DIGEST = "external_feature_keys"  # tag of a cell run: <label>:<feature-store digest>, comma-separated
 
