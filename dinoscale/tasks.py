@@ -17,7 +17,17 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.headline import AUROC, DICE, VOI, Headline
-from dinoscale.metrics import MACRO_MIN_PATIENTS, MIN_INTERVAL_UNITS, NEGATIVE_PATIENTS, NEGATIVE_UNITS
+from dinoscale.metrics import (
+    FRAME_METRICS,
+    MACRO_MIN_PATIENTS,
+    MIN_INTERVAL_UNITS,
+    NEGATIVE_PATIENTS,
+    NEGATIVE_UNITS,
+    frame_metric,
+    patient_bootstrap,
+    per_video_accuracy,
+    volume_bootstrap,
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,6 @@ def score_video_frames(test_scores: np.ndarray, _target, s: Scoring) -> tuple[di
     with frame-level negatives, ``metrics.CONVENTIONS['macro AUROC (frames)']``) as the headline, and the
     frame metrics the benchmark reports (accuracy, macro precision / recall / F1, Jaccard; the mean per-video
     accuracy), each with its video-level bootstrap interval (``CONVENTIONS['frame metrics']``)."""
-    from dinoscale.metrics import FRAME_METRICS, frame_metric, patient_bootstrap, per_video_accuracy, volume_bootstrap
-
     metrics, predictions = score_classification(test_scores, None, s, NEGATIVE_UNITS)
     metrics[record.MACRO_NEGATIVES] = 1
     for name in FRAME_METRICS:

@@ -93,8 +93,8 @@ def prepare_kvasir_capsule(spec, storage: Path) -> PreparedDataset:
                 continue
             rows.append(_frame_row(name, videos.get(name) or kvasir_video_id(name), path, fold, label))
     df = pd.DataFrame(rows)
-    _no_video_in_two(df, "fold", "Kvasir-Capsule official_splits")
-    official = df.pop("fold").map(lambda f: "test" if f == test_fold else "train")
+    _no_video_in_two(df, "part", "Kvasir-Capsule official_splits")
+    official = df.pop("part").map(lambda f: "test" if f == test_fold else "train")
     df["split"], how = patient_splits(df, spec, official)
     how += f" by video ({test_fold} tests)" if spec.split.official else " (by video)"
     ds = PreparedDataset(
@@ -180,7 +180,7 @@ def prepare_autolaparo(spec, storage: Path) -> PreparedDataset:
             split = next(s for s, vids in AUTOLAPARO_SPLIT.items() if v in vids)
             rows.append(_frame_row(f"{video}/{path.name}", video, path, split, AUTOLAPARO_PHASES[phase - 1]))
     df = pd.DataFrame(rows)
-    official = df.pop("fold")
+    official = df.pop("part")
     df["split"], how = patient_splits(df, spec, official)
     if spec.split.official:
         how += " by video (01-10 train, 11-14 val, 15-21 test)"
@@ -233,7 +233,7 @@ def _frame_files(folder: Path) -> dict[int, Path]:
 
 
 def _frame_row(sample_id: str, video: str, path: Path, fold: str, label: str) -> dict:
-    return {"sample_id": sample_id, "patient_id": str(video), "path": str(path), "fold": fold, "label": label}
+    return {"sample_id": sample_id, "patient_id": str(video), "path": str(path), "part": fold, "label": label}
 
 
 def _one_hot(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:

@@ -18,6 +18,7 @@ features has something to learn; the numbers of a rehearsal still mean nothing.
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,6 @@ def colour_frame(rng, size: tuple[int, int], base: tuple, mark: tuple, radius: f
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
     """``n`` well-separated saturated colours (hues round the wheel)."""
-    import colorsys
-
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(k / n, 0.9, 0.95)) for k in range(n)]
 
 
@@ -90,7 +89,7 @@ def _kvasir_frames(rng) -> list[dict]:
             mine.append([f for f, c in KVASIR_FOLDERS.items() if c is None][v])
         for frame, label in enumerate(mine):
             folder = folder_of.get(label, label)
-            out.append({"video": video, "frame": 10 * frame + 1, "fold": fold, "label": label, "folder": folder})
+            out.append({"video": video, "frame": 10 * frame + 1, "part": fold, "label": label, "folder": folder})
     return out
 
 
@@ -111,7 +110,7 @@ def write_kvasir_capsule(root: Path, spec, variant: str = "ok", seed: int = 0) -
     (root / "official_splits").mkdir(exist_ok=True)
     broken = None
     for fold in ("split_0", "split_1"):
-        table = pd.DataFrame([{"filename": f["filename"], "label": f["label"]} for f in listed if f["fold"] == fold])
+        table = pd.DataFrame([{"filename": f["filename"], "label": f["label"]} for f in listed if f["part"] == fold])
         if variant == "bad_label" and fold == "split_1":
             table.loc[2, "label"] = "Erythema"  # the folder's spelling, not the split's
             broken = "official_splits/split_1.csv line 4: label 'Erythema'"
