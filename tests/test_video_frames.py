@@ -146,6 +146,23 @@ def test_video_frames_are_scored_with_intervals_over_videos():
     assert (table["predicted"] == np.array(s.classes)[scores.argmax(1)]).all()
 
 
+def test_the_analysis_resamples_a_frame_task_with_its_own_class_set_rule():
+    """The report recomputes macro AUROC on video resamples with the class set the trial used (the run logs
+    ``macro_negative_units``): phases all present in every video are averaged, not dropped."""
+    from dinoscale.analysis.resample import _fixed_classes, _patient_draws
+
+    rng = np.random.default_rng(2)
+    videos = np.repeat([f"{v:02d}" for v in range(12)], 14)
+    y = np.tile(np.eye(7), (24, 1)).astype(int)  # every phase in every video, twice
+    scores = rng.random(y.shape) + y
+    p = pd.DataFrame({"sample_id": map(str, range(len(y))), "patient_id": videos})
+    for j, c in enumerate(AUTOLAPARO_PHASES):
+        p[f"label_{c}"], p[f"score_{c}"] = y[:, j], scores[:, j]
+    assert _fixed_classes(p, 5) == [] and _fixed_classes(p, 5, NEGATIVE_UNITS) == AUTOLAPARO_PHASES
+    draws = _patient_draws([p], 50, rng, [5], [NEGATIVE_UNITS])
+    assert np.isfinite(draws).all() and (draws > 0.5).all()
+
+
 # ---------------------------------------------------------------- a paper spec, end to end
 
 
