@@ -23,6 +23,7 @@ import pandas as pd
 
 from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.layout import data_root, patient_splits, require
+from dinoscale.data.splits import LeakageError
 from dinoscale.provenance import REAL, data_tags
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -248,7 +249,7 @@ def _no_video_in_two(df: pd.DataFrame, column: str, where: str) -> None:
     if (parts > 1).any():
         video = parts.index[int(np.argmax(parts.to_numpy() > 1))]
         found = sorted(df.loc[df["patient_id"] == video, column].unique())
-        raise DataError(f"{where}: video {video} has frames in {found}; a split by video holds each video in one")
+        raise LeakageError(f"{where}: video {video} has frames in {found}; a split by video holds each video in one")
 
 
 def _tags(title: str, root: Path, how: str, videos: str) -> dict:
