@@ -31,6 +31,10 @@ from dinoscale import record
 # A macro metric's classes: at least this many positive (and negative) patients in test, fixed before resampling.
 # With k positive patients, a patient resample misses all of them with probability ~exp(-k) (k=5: 0.7 %).
 MACRO_MIN_PATIENTS = 5
+# Who is a negative patient of a class in the macro class-set rule: one none of whose units holds the label
+# (images of a patient), or one any of whose units lacks it (frames of a video: a video holds most classes).
+NEGATIVE_PATIENTS = "patients"
+NEGATIVE_UNITS = "units"
 # No bootstrap interval over fewer independent units (patients, or volumes where each is its own unit).
 MIN_INTERVAL_UNITS = 10
 # EM (CREMI): ground-truth pixels within this distance (nm, in the section plane) of a label boundary are ignored.
@@ -42,6 +46,17 @@ CONVENTIONS: dict[str, str] = {
     "macro AUROC": f"mean of per-class AUROC over the classes with >= {MACRO_MIN_PATIENTS} positive and >= "
     f"{MACRO_MIN_PATIENTS} negative patients in test, fixed before resampling; a resample in which one of them "
     "is single-valued is dropped (counted in bootstrap_resamples_valid); the other classes are reported per class",
+    "macro AUROC (frames)": f"video-frame tasks (the video is the patient): mean of per-class AUROC over frames, "
+    f"over the classes with >= {MACRO_MIN_PATIENTS} videos holding a frame of the class and >= "
+    f"{MACRO_MIN_PATIENTS} videos holding a frame of another class in test (every video holds frames of most "
+    "classes), fixed before resampling; videos resampled whole",
+    "frame metrics": "video-frame tasks: the predicted class of a frame is the argmax of its scores; accuracy over "
+    "all test frames; macro precision, recall, F1 and Jaccard (IoU) averaged over the classes present in the "
+    "ground truth of the frames scored (scikit-learn's labels= those classes, zero_division=0: a present class "
+    "never predicted has precision 0; a class predicted but absent from the ground truth is left out of the "
+    "averages, its frames still count as errors in accuracy and in the recall of their true classes); "
+    "video_accuracy: the mean over test videos of each video's frame accuracy (phase-recognition convention); "
+    "intervals resample videos whole, the class set re-read in each resample",
     "intervals": f"percentile bootstrap over patients (a patient's images / volumes resampled together); none "
     f"over fewer than {MIN_INTERVAL_UNITS} patients (the count is logged instead)",
     "Dice": "per structure, on the volumes whose ground truth holds it (AutoPET convention: positive cases); "
@@ -99,9 +114,13 @@ def macro_auroc(y: np.ndarray, s: np.ndarray, classes=None) -> float:
     return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
 
 
-def macro_class_set(y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_PATIENTS) -> np.ndarray:
+def macro_class_set(
+    y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_PATIENTS, negatives: str = NEGATIVE_PATIENTS
+) -> np.ndarray:
     """(C,) bool: the classes a macro metric averages, fixed before resampling: at least ``k`` patients with
-    the label and ``k`` without it (a patient counts as positive when any of its images is)."""
+    the label and ``k`` without it. A patient counts as positive when any of its images is; as negative when
+    none is (``negatives='patients'``), or when any of its units lacks the label (``'units'``: the frames of a
+    video, where every video holds frames of most classes; ``CONVENTIONS['macro AUROC (frames)']``)."""
     y = np.asarray(y, dtype=bool)
     if y.ndim == 1:
         y = y[:, None]
@@ -110,6 +129,10 @@ def macro_class_set(y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_P
     pos = np.zeros((inverse.max() + 1 if len(ids) else 0, y.shape[1]), dtype=bool)
     np.logical_or.at(pos, inverse, y)
     n_pos = pos.sum(0)
+    if negatives == NEGATIVE_UNITS:
+        neg = np.zeros_like(pos)
+        np.logical_or.at(neg, inverse, ~y)
+        return (n_pos >= k) & (neg.sum(0) >= k)
     return (n_pos >= k) & (len(pos) - n_pos >= k)
 
 
@@ -230,6 +253,72 @@ def multiclass_balanced_accuracy(y: np.ndarray, s: np.ndarray) -> float:
     pred = np.asarray(s).argmax(1)
     recalls = [np.mean(pred[true == c] == c) for c in np.unique(true)]
     return float(np.mean(recalls))
+
+
+# ---------------------------------------------------------------- frame metrics of single-label tasks (argmax)
+# Video-frame classification (Kvasir-Capsule, AutoLaparo phases) reports these rather than AUROC; the rules are
+# ``CONVENTIONS['frame metrics']``.
+
+FRAME_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "jaccard")
+
+
+def _class_indices(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    return y.argmax(1) if y.ndim == 2 else y.astype(int)
+
+
+def frame_confusion(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) confusion counts, rows the true class, columns the predicted one."""
+    return np.bincount(true * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def frame_metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 / Jaccard over the classes present in the ground truth (the
+    rows with frames); zero_division 0 as scikit-learn's. NaN for an empty confusion."""
+    n = cm.sum()
+    if n == 0:
+        return dict.fromkeys(FRAME_METRICS, float("nan"))
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        union = support + predicted - tp
+        jaccard = np.where(union > 0, tp / union, 0.0)
+    return {
+        "accuracy": float(tp.sum() / n),
+        "macro_precision": float(precision[present].mean()),
+        "macro_recall": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "jaccard": float(jaccard[present].mean()),
+    }
+
+
+def frame_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    """The frame metrics of scores ``s`` (n, C) against one-hot ``y`` (n, C) or class indices (n,)."""
+    s = np.asarray(s)
+    return frame_metrics_from_confusion(frame_confusion(_class_indices(y), s.argmax(1), s.shape[1]))
+
+
+def frame_metric(name: str):
+    """One frame metric as a ``patient_bootstrap`` metric ``(y, s) -> float``."""
+
+    def metric(y: np.ndarray, s: np.ndarray) -> float:
+        return frame_metrics(y, s)[name]
+
+    metric.__name__ = name
+    return metric
+
+
+def per_video_accuracy(y: np.ndarray, s: np.ndarray, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(videos, accuracy of each video's frames), videos sorted: the phase-recognition literature's accuracy is
+    their mean."""
+    hit = _class_indices(y) == np.asarray(s).argmax(1)
+    ids = np.asarray(video_ids).astype(str)
+    videos, inverse = np.unique(ids, return_inverse=True)
+    return videos, np.bincount(inverse, weights=hit) / np.bincount(inverse)
 
 
 def choose_thresholds(y_val: np.ndarray, s_val: np.ndarray, metric: str = "f1") -> np.ndarray:

@@ -460,7 +460,8 @@ def macro_class_set_words(ds, k: int) -> str | None:
     df = ds.split("test")
     y, ids = df[ds.classes].to_numpy(dtype=float) > 0, df["patient_id"].astype(str).to_numpy()
     n_patients = len(set(ids))
-    full, any_ = macro_class_set(y, ids, k), macro_class_set(y, ids, 1)
+    rule = get_task(ds.task).negatives
+    full, any_ = macro_class_set(y, ids, k, rule), macro_class_set(y, ids, 1, rule)
     pos = {c: len(set(ids[y[:, j]])) for j, c in enumerate(ds.classes)}
     if not any_.any():
         counts = ", ".join(f"{c} ({pos[c]} positive, {n_patients - pos[c]} negative)" for c in ds.classes)
