@@ -9,7 +9,7 @@ how that output is scored with a patient-level interval. Probes say which tasks 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -165,6 +165,29 @@ def score_instances(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[d
     return _per_volume(_by_volume(instance_per_volume, pred, target, s.spacing), VOI, s)
 
 
+def score_registration(warped: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
+    """Registration: the units come in pairs, fixed then moving (``dinoscale.probes.registration``); ``warped`` holds
+    each pair's warped moving labels, ``target`` every unit's label map. Per pair: Dice per structure, HD95 and
+    ASD of the warped labels against the fixed ones, and the same for the identity transform (the moving labels
+    unwarped: ``<metric>_identity``, the stated baseline); means with patient intervals."""
+    from dinoscale.metrics import registration_per_pair
+
+    target = np.asarray(target)
+    if len(target) != 2 * len(warped):
+        raise ValueError(f"registration: {len(warped)} warped label maps for {len(target)} units (pairs: 2 units each)")
+    fixed, moving = target[0::2], target[1::2]
+    names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]
+    spacing = None if s.spacing is None else s.spacing[0::2]
+    values = registration_per_pair(np.asarray(warped), fixed, moving, s.n_classes, names, spacing)
+    pairs = replace(
+        s,
+        sample_ids=[f"{a}->{b}" for a, b in zip(s.sample_ids[0::2], s.sample_ids[1::2])],
+        patient_ids=np.asarray(s.patient_ids)[0::2],
+        groups=None if s.groups is None else list(s.groups)[0::2],
+    )
+    return _per_volume(values, DICE, pairs)
+
+
 _TASKS: dict[str, TaskDef] = {}
 
 
@@ -179,6 +202,8 @@ for _t in (
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
     TaskDef("instance_segmentation", VOI, score_instances, dense=True),
+    # pairs (fixed, moving) of a patient's images; headline: the warped labels' Dice (identity beside it)
+    TaskDef("registration", DICE, score_registration, dense=True),
 ):
     register_task(_t)
 
