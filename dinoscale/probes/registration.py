@@ -78,9 +78,12 @@ def _grid(x: np.ndarray) -> np.ndarray:
 
 
 def register_pair(fixed, moving, moving_labels: np.ndarray, spec: RegistrationProbeSpec, lam: float, seed: int):
-    """(warped moving labels, displacement (ndim, *S) in label-map voxels) of one pair of grids."""
+    """(warped moving labels, displacement (ndim, *S) in label-map voxels) of one pair of grids. On the trial's GPU
+    where it has one (a paper sweep's ``gpus_per_trial``), else the CPU."""
     shape = moving_labels.shape
     f, m = pca_maps(_grid(np.asarray(fixed)), _grid(np.asarray(moving)), spec.pca_channels, seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    f, m = f.to(device), m.to(device)
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     f, m = (F.interpolate(t[None], size=shape, mode=mode, align_corners=False)[0] for t in (f, m))
     scale = torch.cat([f, m]).std().clamp_min(1e-6)
@@ -94,6 +97,7 @@ def register_pair(fixed, moving, moving_labels: np.ndarray, spec: RegistrationPr
         iterations=spec.steps,
         lr=spec.lr,
     )
+    disp = disp.cpu()
     return warp_labels(moving_labels, disp, spec.n_classes), disp.numpy()
 
 
