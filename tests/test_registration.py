@@ -168,3 +168,20 @@ def test_the_camus_spec_rehearses_end_to_end_with_the_identity_baseline(tmp_path
     protocol = client.download_artifacts(parent.info.run_id, record.PROTOCOL, str(tmp_path))
     text = open(protocol).read()
     assert "ConvexAdam" in text and "identity transform" in text
+
+
+def test_acdc_adapter_reads_the_replica_as_ed_es_volume_pairs(tmp_path):
+    from dinoscale.data import prepare_dataset
+    from dinoscale.data.replicas import get_replica
+    from dinoscale.spec import DatasetSpec
+
+    spec = DatasetSpec(name="acdc", root=str(tmp_path / "ACDC"), split={"val_fraction": 0.2})
+    get_replica("acdc").write(tmp_path / "ACDC", spec)
+    ds = prepare_dataset(spec, tmp_path / "store")
+    m = ds.manifest
+    assert ds.task == "registration" and ds.volumetric and ds.mask_labels == {1: "RV", 2: "myocardium", 3: "LV"}
+    assert m.groupby("split")["patient_id"].nunique().to_dict() == {"train": 8, "val": 2, "test": 4}
+    assert set(m.loc[m["split"] == "test", "patient_id"]) == {f"patient{i}" for i in range(101, 105)}
+    ed_es = m["sample_id"].str.extract(r"frame(\d+)")[0].astype(int).to_numpy()
+    assert (ed_es[0::2] == 1).all() and (ed_es[1::2] > 1).all()  # fixed ED (frame 1), then moving ES
+    assert (m["patient_id"].to_numpy()[0::2] == m["patient_id"].to_numpy()[1::2]).all()
