@@ -79,6 +79,12 @@ CONVENTIONS: dict[str, str] = {
     "FP / FN volume": "AutoPET: volume (ml; voxels where the spacing is unknown) of predicted connected "
     "components touching no ground-truth voxel (FP) and of ground-truth components touching no predicted "
     "voxel (FN); 18-connectivity in 3D, 8 in 2D; summed over structures",
+    "registration": "the moving label map warped by the displacement (one-hot maps warped bilinearly, arg-max) "
+    "against the fixed label map, per pair: Dice per structure on the pairs whose fixed map holds it (a pair's "
+    "Dice: the mean over them); HD95 (95th percentile) and ASD (symmetric average surface distance), MONAI, in mm "
+    "from the pair's spacing, px where the label maps carry none (CAMUS: px of the 128 x 128 grid, as the "
+    "reference benchmark reports), a missed or spurious structure scoring the field-of-view diagonal; every "
+    "value also for the identity transform (the moving labels unwarped), the stated baseline: <metric>_identity",
     "VOI / ARAND": f"CREMI: ground-truth pixels within {CREMI_BORDER_NM:g} nm of a label boundary in their "
     f"section are set to the ignore label {EM_IGNORE_LABEL} (CREMI's border mask; {CREMI_PIXEL_NM:g} nm pixels "
     "assumed where a block records no resolution), and both VOI (split = H(seg|gt), merge = H(gt|seg), bits) "
@@ -606,6 +612,63 @@ def segmentation_per_volume(
     out["false_positive_lesions"] = counts[:, 4]
     out["fp_volume_ml" if mm else "fp_voxels"] = counts[:, 0] * voxel
     out["fn_volume_ml" if mm else "fn_voxels"] = counts[:, 1] * voxel
+    return out
+
+
+def asd_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacing=None) -> np.ndarray:
+    """(N, C-1) symmetric average surface distance per volume and foreground class (MONAI's
+    ``compute_average_surface_distance``, ``symmetric=True``: the mean over both surfaces' points of the distance
+    to the other surface), in the units of ``spacing`` (None: voxels); missed / spurious and absent classes as
+    ``hd95_per_volume`` (the penalty distance; NaN)."""
+    from monai.metrics import compute_average_surface_distance
+
+    pred, target = np.asarray(pred), np.asarray(target)
+    n, shape = len(target), target.shape[1:]
+    given = per_volume_spacings(spacing, n)
+    spacings = given or [None] * n
+    p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below)
+        a = compute_average_surface_distance(p, t, include_background=False, symmetric=True, spacing=given)
+    a = a.numpy().astype(np.float64)
+    in_gt, in_pred = _present(t)[:, 1:], _present(p)[:, 1:]
+    penalty = np.array([field_diagonal(shape, sp) for sp in spacings])[:, None]
+    a = np.where(in_gt ^ in_pred, penalty, a)
+    a[~(in_gt | in_pred)] = np.nan
+    a[~np.isfinite(a)] = np.nan
+    return a
+
+
+def registration_per_pair(
+    warped: np.ndarray,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    n_classes: int,
+    class_names: list[str] | None = None,
+    spacing=None,
+) -> dict[str, np.ndarray]:
+    """Per-pair values of a registration from label maps (n_pairs, *spatial) under ``CONVENTIONS['registration']``:
+    the warped moving labels against the fixed labels, and the same for the moving labels themselves (the identity
+    transform, the stated baseline: ``<name>_identity``). ``dice`` (mean over the structures the fixed map holds)
+    and ``dice_<structure>``, ``hd95_mm`` / ``asd_mm`` (``_px`` without spacing; means over structures) and
+    ``hd95_<structure>_*`` / ``asd_<structure>_*``."""
+    names = class_names or [str(c) for c in range(1, n_classes)]
+    spacings = per_volume_spacings(spacing, len(fixed))
+    unit = "mm" if spacings is not None else "px"
+    out: dict[str, np.ndarray] = {}
+    for suffix, pred in (("", warped), (record.IDENTITY_SUFFIX, moving)):
+        d = dice_per_volume(pred, fixed, n_classes)
+        h = hd95_per_volume(pred, fixed, n_classes, spacings)
+        a = asd_per_volume(pred, fixed, n_classes, spacings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: pairs without any structure
+            out["dice" + suffix] = np.nanmean(d, axis=1)
+            out[f"hd95_{unit}{suffix}"] = np.nanmean(h, axis=1)
+            out[f"asd_{unit}{suffix}"] = np.nanmean(a, axis=1)
+        for j, n in enumerate(names):
+            out[f"dice_{n}{suffix}"] = d[:, j]
+            out[f"hd95_{n}_{unit}{suffix}"] = h[:, j]
+            out[f"asd_{n}_{unit}{suffix}"] = a[:, j]
     return out
 
 

@@ -140,6 +140,9 @@ def ci_names(metric: str) -> tuple[str, str]:
 
 
 METRIC_CI = ci_names("metric")  # the driver's row of a cell (runner, display, describe): its headline's interval
+# Registration: every per-pair metric of the warped labels also for the identity transform (the stated baseline),
+# as <metric>_identity (test_dice_identity beside test_dice); written by dinoscale.metrics, read by the analysis
+IDENTITY_SUFFIX = "_identity"
 
 
 # ---------------------------------------------------------------- metrics: predicted against measured

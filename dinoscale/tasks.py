@@ -9,7 +9,7 @@ how that output is scored with a patient-level interval. Probes say which tasks 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -61,6 +61,7 @@ class TaskDef:
     finetunable: bool = False  # lora / full cells can train the encoder under its head (dinoscale.train.objective)
     exclusive: bool = False  # one label per unit (multiclass): probes train softmax cross-entropy, not BCE
     negatives: str = NEGATIVE_PATIENTS  # the macro class-set rule's negative patient (dinoscale.metrics)
+    paired: bool = False  # units come in (fixed, moving) pairs, one output per pair (registration)
 
     def val_metrics(self, val_metric: float) -> dict[str, float]:
         """Probes maximise their selection value; a lower-is-better headline is selected as its negative."""
@@ -208,6 +209,38 @@ def score_instances(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[d
     return _per_volume(_by_volume(instance_per_volume, pred, target, s.spacing), VOI, s)
 
 
+def score_registration(warped, target, s: Scoring) -> tuple[dict, pd.DataFrame]:
+    """Registration: the units come in pairs, fixed then moving (``dinoscale.probes.registration``); ``warped`` holds
+    each pair's warped moving labels, ``target`` every unit's label map (arrays, or lists of native volumes whose
+    shapes differ between pairs). Per pair: Dice per structure, HD95 and ASD of the warped labels against the fixed
+    ones, and the same for the identity transform (the moving labels unwarped: ``<metric>_identity``, the stated
+    baseline); means with patient intervals."""
+    from dinoscale.metrics import registration_per_pair
+
+    if len(target) != 2 * len(warped):
+        raise ValueError(f"registration: {len(warped)} warped label maps for {len(target)} units (pairs: 2 units each)")
+    names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]
+    per_pair = [
+        registration_per_pair(
+            np.asarray(warped[k])[None],
+            np.asarray(target[2 * k])[None],
+            np.asarray(target[2 * k + 1])[None],
+            s.n_classes,
+            names,
+            None if s.spacing is None else [s.spacing[2 * k]],
+        )
+        for k in range(len(warped))
+    ]
+    values = {name: np.concatenate([v[name] for v in per_pair]) for name in per_pair[0]} if per_pair else {}
+    pairs = replace(
+        s,
+        sample_ids=[f"{a}->{b}" for a, b in zip(s.sample_ids[0::2], s.sample_ids[1::2])],
+        patient_ids=np.asarray(s.patient_ids)[0::2],
+        groups=None if s.groups is None else list(s.groups)[0::2],
+    )
+    return _per_volume(values, DICE, pairs)
+
+
 _TASKS: dict[str, TaskDef] = {}
 
 
@@ -224,6 +257,8 @@ for _t in (
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
     TaskDef("instance_segmentation", VOI, score_instances, dense=True),
+    # pairs (fixed, moving) of a patient's images; headline: the warped labels' Dice (identity beside it)
+    TaskDef("registration", DICE, score_registration, dense=True, paired=True),
 ):
     register_task(_t)
 

@@ -40,6 +40,7 @@ _CONVENTIONS_OF = {
     "mil": ("macro AUROC", "intervals"),
     "segmentation": ("intervals", "Dice", "IoU", "HD95", "detection", "lesion detection", "FP / FN volume"),
     "instance_segmentation": ("intervals", "VOI / ARAND"),
+    "registration": ("intervals", "registration"),
 }
 _VIEWS = {
     "images": "one feature row per image",
