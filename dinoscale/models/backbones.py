@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -165,6 +166,13 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     require_loader(defn)
     if defn.loader == families.TRANSFORMERS:
         return _create_transformers(defn, **kwargs)
+    if defn.loader == families.OPEN_CLIP or defn.family in _PACKAGE_BUILDERS:
+        from dinoscale.models import clip  # imports timm only; each builder imports its own package
+
+        builder = (
+            clip.build_open_clip if defn.loader == families.OPEN_CLIP else getattr(clip, _PACKAGE_BUILDERS[defn.family])
+        )
+        return builder(defn.arch_overrides, defn.mean, defn.std)
     if defn.loader not in (families.TIMM, families.TIMM_HUB):
         raise WeightsError(
             f"backbone '{defn.name}' (family {defn.family}) loads through {defn.loader}; dinoscale declares it "
@@ -177,6 +185,10 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     kw = dict(overrides, num_classes=0, **_extra_kwargs(defn.timm_name, tuple(sorted(defn.arch_overrides.items()))))
     kw.update(kwargs)
     return timm.create_model(name, **kw)
+
+
+# loader 'package' families dinoscale builds: family -> builder in dinoscale.models.clip
+_PACKAGE_BUILDERS = {"conch": "build_conch"}
 
 
 def _timm_kwargs(overrides: dict) -> dict:
@@ -289,8 +301,8 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
     if weights == "random":
         # A seeded init is reproducible for a given torch/timm (/transformers); they are part of its identity.
         libs = f"torch{torch.__version__}-timm{timm.__version__}"
-        if defn.loader == families.TRANSFORMERS:
-            libs += f"-transformers{version('transformers')}"
+        if defn.loader in (families.TRANSFORMERS, families.OPEN_CLIP, families.PACKAGE):
+            libs += f"-{_loader_version(defn)}"
         return {"kind": "random", "digest": f"random-seed{seed}-{libs}"}
     if weights == "hub":
         if not defn.has_weights:
@@ -302,6 +314,21 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' not found (backbone '{defn.name}')")
     return {"kind": "file", "digest": "sha256:" + sha256_file(path), "path": str(path)}
+
+
+def _loader_version(defn: BackboneDef) -> str:
+    """The loader package and its installed version (part of a seeded init's identity)."""
+    fam = families.find_family(defn.family)
+    module = (fam.requires if fam is not None else families.PACKAGES[defn.loader])[0]
+    try:
+        return f"{module}{version(module)}"
+    except importlib.metadata.PackageNotFoundError:  # import name != distribution name (open_clip_torch)
+        return f"{module}{version(_distributions().get(module, [module])[0])}"
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: ~1 s, once
 
 
 def local_weights_file(weights: str) -> Path:

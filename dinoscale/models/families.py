@@ -240,6 +240,14 @@ FAMILIES: tuple[Family, ...] = (
                 16,
                 1,
                 hf_repo="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                # its open_clip_config.json: embed_dim + vision_cfg (the text tower is never built)
+                overrides=(
+                    ("embed_dim", 512),
+                    ("timm_model_name", "vit_base_patch16_224"),
+                    ("timm_pool", ""),
+                    ("timm_proj", "linear"),
+                    ("image_size", 224),
+                ),
             ),
         ),
         OPENAI_CLIP_MEAN,
@@ -342,7 +350,30 @@ FAMILIES: tuple[Family, ...] = (
         "CONCH (pathology vision-language, ViT-B/16)",
         "pathology",
         PACKAGE,
-        (Size("b", "conch", "conch_ViT-B-16", 768, 16, 1, hf_repo="MahmoodLab/CONCH"),),
+        (
+            Size(
+                "b",
+                "conch",
+                "conch_ViT-B-16",
+                768,
+                16,
+                1,
+                hf_repo="MahmoodLab/CONCH",
+                # conch/open_clip_custom/model_configs/conch_ViT-B-16.json: embed dims + vision_cfg
+                overrides=(
+                    ("embed_dim", 512),
+                    ("embed_dim_caption", 768),
+                    ("image_size", 448),
+                    ("patch_size", 16),
+                    ("attentional_pool_caption", True),
+                    ("attentional_pool_contrast", True),
+                    ("attn_pooler_heads", 8),
+                    ("n_queries_contrast", 1),
+                    ("n_queries_caption", 256),
+                    ("output_tokens", True),
+                ),
+            ),
+        ),
         OPENAI_CLIP_MEAN,
         OPENAI_CLIP_STD,
         448,
@@ -351,8 +382,9 @@ FAMILIES: tuple[Family, ...] = (
         "cls",
         "CC-BY-NC-ND-4.0",
         True,
-        "huggingface.co/MahmoodLab/CONCH model card; github.com/mahmoodlab/CONCH",
-        package=("conch", "pip install git+https://github.com/Mahmoodlab/CONCH.git"),
+        "huggingface.co/MahmoodLab/CONCH model card; github.com/mahmoodlab/CONCH (conch_ViT-B-16.json; PyPI's "
+        "conch-fork 0.1.0 ships that repository's conch package file for file)",
+        package=("conch", "pip install conch-fork"),
     ),
     Family(
         "virchow2",
