@@ -90,7 +90,8 @@ def test_unknown_family_suggests_the_near_name():
 
 
 def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None, state_dict=None) -> None:
-    """The Hugging Face hub cache's own layout: blobs/<sha>, refs/main, snapshots/<rev>/<file> -> blob."""
+    """The Hugging Face hub cache's own layout: blobs/<sha>, refs/main, snapshots/<rev>/<file> -> blob.
+    A state dict is written as its file name says: .safetensors, or torch.save for a .bin."""
     import hashlib
 
     from safetensors.torch import save_file
@@ -101,8 +102,10 @@ def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(rev)
     tmp = root / "blobs" / "incoming"
-    if state_dict is not None:
+    if state_dict is not None and filename.endswith(".safetensors"):
         save_file(state_dict, str(tmp))
+    elif state_dict is not None:
+        torch.save(state_dict, tmp)
     else:
         tmp.write_bytes(payload or b"not read")
     blob = root / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
@@ -113,17 +116,14 @@ def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None
 
 
 def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
-    """A timm family is loaded from the cache with HF_HUB_OFFLINE set; an open_clip and a transformers
-    family's files are found there too (their repos, their file names)."""
-    from dinoscale.models.backbones import cached_hub_file, weights_need
+    """A timm family is loaded from the cache with HF_HUB_OFFLINE set, and from timm's local-dir:."""
+    from dinoscale.models.backbones import weights_need
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = load_backbone("dinov2-vits14", "random", seed=3).model
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}
     _fake_hf_cache(tmp_path, "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", state_dict=sd)
-    _fake_hf_cache(tmp_path, "microsoft/rad-dino", "model.safetensors")
-    _fake_hf_cache(tmp_path, "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin")
 
     bb = load_backbone("dinov2-vits14", "hub")
     assert bb.weights["kind"] == "hub" and str(tmp_path) in bb.weights["path"]
@@ -131,8 +131,6 @@ def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
     with torch.inference_mode():
         assert torch.allclose(bb.model.forward_features(x), src.forward_features(x))
     assert weights_need("dinov2-vits14", "hub").found
-    assert weights_need("rad-dino", "hub").found
-    assert cached_hub_file(get_backbone("biomedclip")).name == "open_clip_pytorch_model.bin"
     # timm's local-dir: a folder holding the weights file
     from safetensors.torch import save_file
 
@@ -142,6 +140,65 @@ def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
     assert local.weights["kind"] == "file" and local.weights["path"].endswith("local/model.safetensors")
     missing = weights_need("uni2-h", "hub")
     assert not missing.found and "hf download MahmoodLab/UNI2-h" in missing.todo and "gated" in missing.todo
+
+
+def _clip_checkpoint(visual: dict) -> dict:
+    """A whole open_clip / CONCH checkpoint around a vision tower's tensors: text tower, logit scale."""
+    text = {
+        "text.transformer.embeddings.word_embeddings.weight": torch.randn(8, 4),
+        "text.proj.0.weight": torch.ones(2),
+    }
+    return {**visual, **text, "logit_scale": torch.tensor(4.6)}
+
+
+@pytest.mark.parametrize(
+    "name, repo, filename, to_file",
+    [
+        # open_clip: BiomedCLIP's repo holds the whole CLIP (visual.* + text.*) as open_clip_pytorch_model.bin
+        (
+            "biomedclip",
+            "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            "open_clip_pytorch_model.bin",
+            _clip_checkpoint,
+        ),
+        # transformers: RAD-DINO's model.safetensors holds a Dinov2Model's own key names (no hf. prefix)
+        (
+            "rad-dino",
+            "microsoft/rad-dino",
+            "model.safetensors",
+            lambda sd: {k.removeprefix("hf."): v for k, v in sd.items()},
+        ),
+    ],
+)
+def test_open_clip_and_transformers_weights_load_offline_from_the_hf_cache(
+    tmp_path, monkeypatch, name, repo, filename, to_file
+):
+    """Through the real loader: the family's repo and file name in the cache layout, HF_HUB_OFFLINE set, the
+    checkpoint in its upstream key layout (made from the architecture on the meta device: no second random
+    init of a ViT-B); every tensor of the file lands in the model, which then runs."""
+    from dinoscale.models.backbones import weights_need
+
+    fam = get_family(name)
+    if not _installed(fam):
+        pytest.skip(f"{fam.name} loads through '{fam.requires[0]}', not installed ({fam.requires[1]})")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not weights_need(name, "hub").found
+    with torch.device("meta"):
+        layout = _create(get_backbone(name), pretrained=False).state_dict()
+    torch.manual_seed(3)
+    sd = {k: torch.randn(v.shape) * 0.02 for k, v in layout.items()}
+    _fake_hf_cache(tmp_path, repo, filename, state_dict=to_file(sd))
+
+    assert weights_need(name, "hub").found
+    bb = load_backbone(name, "hub")  # a key that did not fit would raise, naming it
+    assert bb.weights["kind"] == "hub" and bb.weights["path"].endswith(filename) and str(tmp_path) in bb.weights["path"]
+    own = bb.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items())
+    side = 4 * bb.patch_size
+    with torch.inference_mode():
+        tokens = bb.model.forward_features(torch.randn(1, 3, side, side))
+    assert tokens.shape == (1, bb.num_prefix_tokens + 16, fam.sizes[0].width) and torch.isfinite(tokens).all()
 
 
 # ---------------------------------------------------------------- the spec names families compactly

@@ -45,8 +45,10 @@ class VisionTowerEncoder(torch.nn.Module):
 
 def build_open_clip(config: dict, mean, std) -> VisionTowerEncoder:
     """open_clip's vision tower from an open_clip model config's ``embed_dim`` + ``vision_cfg`` keys (a timm
-    trunk, ``timm_model_pretrained`` false: nothing is downloaded). The trunk is rebuilt with
-    ``dynamic_img_size`` (same parameters, same names) so that one model serves every sweep resolution."""
+    trunk, ``timm_model_pretrained`` false: nothing is downloaded). open_clip builds the timm trunk at its fixed
+    input size; dinoscale's trunk is the same timm model with ``dynamic_img_size`` (same parameters, same names)
+    so that one model serves every sweep resolution. open_clip's tower is laid out on the meta device and only
+    its head materialised (one random init of the trunk, not two: seconds for a ViT-B on a CPU)."""
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     cfg = dict(config)
@@ -54,12 +56,17 @@ def build_open_clip(config: dict, mean, std) -> VisionTowerEncoder:
     vision = CLIPVisionCfg(**cfg, timm_model_pretrained=False)
     if not vision.timm_model_name:
         raise ValueError("dinoscale builds open_clip vision towers with a timm trunk only (vision_cfg.timm_model_name)")
-    visual = _build_vision_tower(embed_dim, vision)
-    trunk = visual.trunk
-    if getattr(trunk, "dynamic_img_size", None) is False:
-        pool = {"global_pool": vision.timm_pool} if vision.timm_pool else {}
-        visual.trunk = timm.create_model(vision.timm_model_name, num_classes=0, dynamic_img_size=True, **pool)
-        assert [k for k, _ in visual.trunk.named_parameters()] == [k for k, _ in trunk.named_parameters()]
+    with torch.device("meta"):
+        visual = _build_vision_tower(embed_dim, vision)
+    layout = [(k, p.shape) for k, p in visual.trunk.named_parameters()]
+    pool = {"global_pool": vision.timm_pool} if vision.timm_pool else {}
+    visual.trunk = timm.create_model(vision.timm_model_name, num_classes=0, dynamic_img_size=True, **pool)
+    assert [(k, p.shape) for k, p in visual.trunk.named_parameters()] == layout, "trunk differs from open_clip's"
+    device = next(visual.trunk.parameters()).device  # meta when the caller builds on meta (facts, FLOPs)
+    visual.head.to_empty(device=device)
+    for m in visual.head.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()  # open_clip's head init: the layers' own
     return VisionTowerEncoder(visual, vision.image_size, mean, std)
 
 
