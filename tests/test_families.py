@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from dinoscale.cli import app
-from dinoscale.models import WeightsError, backbone_facts, get_backbone, load_backbone
+from dinoscale.models import WeightsError, backbone_facts, get_backbone, load_backbone, weights_identity
 from dinoscale.models.backbones import _create
 from dinoscale.models.families import FAMILIES, family_of, get_family
 
@@ -46,32 +46,40 @@ def test_each_size_is_built_and_matches_its_declared_layout(family, size):
     facts = backbone_facts(size.backbone)
     assert (facts.embed_dim, facts.patch_size, facts.num_prefix_tokens) == (size.width, size.patch, size.prefix)
     assert facts.mean == tuple(family.mean) and facts.std == tuple(family.std)  # into the recipe, as declared
+    dims, channels = family.spatial_dims, len(family.mean)  # a 3D family: volumes [B, C, D, H, W]
     with torch.device("meta"):  # the whole architecture, no memory: the real-size models are GBs
         model = _create(get_backbone(size.backbone), pretrained=False).eval()
-        out = model.forward_features(torch.empty(1, 3, RES, RES))
+        out = model.forward_features(torch.empty(1, channels, *[RES] * dims))
     grid = RES // size.patch
     if size.prefix or facts.output == "tokens":
         assert tuple(out.shape) == (1, size.prefix + grid * grid, size.width)
     else:
-        assert tuple(out.shape) == (1, size.width, grid, grid)
+        assert tuple(out.shape) == (1, size.width, *[grid] * dims)
 
 
-@pytest.mark.parametrize("name", ["dinov2-demo-xs", "rad-dino"])
-def test_a_timm_and_a_transformers_family_run_with_random_weights(name):
-    bb = load_backbone(name, "random", seed=0)
+def test_a_family_runs_with_random_weights():
+    """(A transformers, an open_clip and a MONAI family run in the offline-weights test below.)"""
+    bb = load_backbone("dinov2-demo-xs", "random", seed=0)
     with torch.inference_mode():
         tokens = bb.model.forward_features(torch.randn(2, 3, 56, 56))
     assert tokens.shape == (2, bb.num_prefix_tokens + (56 // bb.patch_size) ** 2, bb.facts.embed_dim)
     assert torch.isfinite(tokens).all() and tokens.std() > 0
 
 
-def test_a_missing_loader_package_is_named_with_its_install_command():
-    absent = [f for f in FAMILIES if not _installed(f)]
-    if not absent:
-        pytest.skip("every loader package is installed here")
-    for f in absent:
-        with pytest.raises(WeightsError, match=rf"'{f.requires[0]}'.*{f.requires[1].split()[0]}"):
-            backbone_facts(f.sizes[0].backbone)
+@pytest.mark.parametrize("name", ["conch", "biomedclip"])
+def test_a_missing_loader_package_is_named_with_its_install_command(monkeypatch, name):
+    """The package hidden as Python hides a blocked import (``sys.modules[name] = None``): building the model and
+    listing its weights name the package and its install command."""
+    import sys
+
+    from dinoscale.models.backbones import weights_need
+
+    module, install = get_family(name).requires
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(WeightsError, match=rf"'{module}', which is not installed; install it with `{install}`"):
+        _create(get_backbone(name), pretrained=False)
+    need = weights_need(name, "hub")
+    assert not need.found and install in need.todo
 
 
 def test_backbones_command_lists_families_with_loader_sizes_and_gating():
@@ -168,9 +176,16 @@ def _clip_checkpoint(visual: dict) -> dict:
             "model.safetensors",
             lambda sd: {k.removeprefix("hf."): v for k, v in sd.items()},
         ),
+        # MONAI (3D): CT-FM's feature-extractor file holds the SegResEncoder's own keys (conv_init.*, layers.*)
+        (
+            "ct-fm",
+            "project-lighter/ct_fm_feature_extractor",
+            "model.safetensors",
+            lambda sd: {k.removeprefix("encoder."): v for k, v in sd.items()},
+        ),
     ],
 )
-def test_open_clip_and_transformers_weights_load_offline_from_the_hf_cache(
+def test_open_clip_transformers_and_monai_weights_load_offline_from_the_hf_cache(
     tmp_path, monkeypatch, name, repo, filename, to_file
 ):
     """Through the real loader: the family's repo and file name in the cache layout, HF_HUB_OFFLINE set, the
@@ -187,7 +202,7 @@ def test_open_clip_and_transformers_weights_load_offline_from_the_hf_cache(
     with torch.device("meta"):
         layout = _create(get_backbone(name), pretrained=False).state_dict()
     torch.manual_seed(3)
-    sd = {k: torch.randn(v.shape) * 0.02 for k, v in layout.items()}
+    sd = {k: _fill(k, v) for k, v in layout.items()}
     _fake_hf_cache(tmp_path, repo, filename, state_dict=to_file(sd))
 
     assert weights_need(name, "hub").found
@@ -195,10 +210,21 @@ def test_open_clip_and_transformers_weights_load_offline_from_the_hf_cache(
     assert bb.weights["kind"] == "hub" and bb.weights["path"].endswith(filename) and str(tmp_path) in bb.weights["path"]
     own = bb.model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in sd.items())
-    side = 4 * bb.patch_size
+    dims = fam.spatial_dims
+    side = (2 if dims == 2 else 1) * bb.patch_size
     with torch.inference_mode():
-        tokens = bb.model.forward_features(torch.randn(1, 3, side, side))
-    assert tokens.shape == (1, bb.num_prefix_tokens + 16, fam.sizes[0].width) and torch.isfinite(tokens).all()
+        out = bb.model.forward_features(torch.randn(1, len(fam.mean), *[side] * dims))
+    expected = (1, bb.num_prefix_tokens + 4, fam.sizes[0].width) if dims == 2 else (1, fam.sizes[0].width, 1, 1, 1)
+    assert tuple(out.shape) == expected and torch.isfinite(out).all()
+    # a seeded random init of this family is identified with its loader package's version
+    assert f"-{fam.requires[0]}" in weights_identity(get_backbone(name), "random", 0)["digest"]
+
+
+def _fill(key: str, like: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor of that shape: small random weights, unit running variances, integer counters."""
+    if not like.is_floating_point():
+        return torch.zeros(like.shape, dtype=like.dtype)
+    return torch.ones(like.shape) if key.endswith("running_var") else torch.randn(like.shape) * 0.02
 
 
 # ---------------------------------------------------------------- the spec names families compactly
@@ -335,3 +361,18 @@ def test_transformers_checkpoints_load_by_their_own_key_names(tmp_path):
         _load_file_into(model, get_backbone("rad-dino"), tmp_path / file)  # a mismatch would raise, naming it
         with torch.inference_mode():
             assert torch.allclose(model.forward_features(x), ref(), atol=1e-5)
+
+
+def test_a_3d_encoder_is_refused_at_preflight_naming_it():
+    """CT-FM is built and its weights checked, but the extraction feeds 2D images and slices: the pre-flight
+    refuses a spec naming it before anything runs, in one message (a UserError: exit 2 at the CLI)."""
+    from dinoscale.errors import UserError
+    from dinoscale.preflight import check_dimensions
+    from dinoscale.spec import SweepSpec
+
+    raw = _demo_raw(encoders=[{"family": "ct-fm"}])
+    raw["backbones"] = [{"name": "dinov3-demo-xs", "weights": "random"}]
+    with pytest.raises(UserError, match=r"backbone\(s\) ct-fm encode 3D volumes.*Remove them.*rad-dino") as e:
+        check_dimensions(SweepSpec.model_validate(raw))
+    assert "dinov3-demo-xs" not in str(e.value)
+    check_dimensions(SweepSpec.model_validate(_demo_raw()))  # the demo's 2D backbones pass

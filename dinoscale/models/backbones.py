@@ -166,6 +166,10 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     require_loader(defn)
     if defn.loader == families.TRANSFORMERS:
         return _create_transformers(defn, **kwargs)
+    if defn.loader == families.MONAI:
+        from dinoscale.models.volume import VolumeEncoder  # imports MONAI (~10 s): only for 3D families
+
+        return VolumeEncoder(defn.name, defn.arch_overrides, defn.mean, defn.std)
     if defn.loader == families.OPEN_CLIP or defn.family in _PACKAGE_BUILDERS:
         from dinoscale.models import clip  # imports timm only; each builder imports its own package
 
@@ -301,7 +305,7 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
     if weights == "random":
         # A seeded init is reproducible for a given torch/timm (/transformers); they are part of its identity.
         libs = f"torch{torch.__version__}-timm{timm.__version__}"
-        if defn.loader in (families.TRANSFORMERS, families.OPEN_CLIP, families.PACKAGE):
+        if defn.loader in (families.TRANSFORMERS, families.OPEN_CLIP, families.PACKAGE, families.MONAI):
             libs += f"-{_loader_version(defn)}"
         return {"kind": "random", "digest": f"random-seed{seed}-{libs}"}
     if weights == "hub":

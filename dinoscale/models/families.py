@@ -27,7 +27,8 @@ TIMM_HUB = "timm hf-hub"  # timm architecture with the family's kwargs; weights 
 TRANSFORMERS = "transformers"  # a Hugging Face transformers vision model (AutoModel class + config)
 OPEN_CLIP = "open_clip"  # open_clip
 PACKAGE = "package"  # the family's own package
-LOADERS = (TIMM, TIMM_HUB, TRANSFORMERS, OPEN_CLIP, PACKAGE)
+MONAI = "monai"  # a MONAI network class (3D CT encoders)
+LOADERS = (TIMM, TIMM_HUB, TRANSFORMERS, OPEN_CLIP, PACKAGE, MONAI)
 
 # MLflow: the family of a child run's backbone (a param); the analysis falls back on ``family_of(backbone)``
 # for runs that do not carry it. (To be moved into dinoscale/record.py by its owner.)
@@ -44,6 +45,7 @@ PACKAGES = {
     TIMM_HUB: ("timm", "pip install timm"),
     TRANSFORMERS: ("transformers", "pip install transformers"),
     OPEN_CLIP: ("open_clip", "pip install open_clip_torch"),
+    MONAI: ("monai", "pip install monai"),
 }
 
 
@@ -83,6 +85,7 @@ class Family:
     package: tuple[str, str] | None = None  # (import name, install command) for loader PACKAGE
     notes: str = ""
     aliases: tuple[str, ...] = field(default=())
+    spatial_dims: int = 2  # 3: a volume encoder, which dinoscale's 2D / slice extraction cannot feed yet
 
     @property
     def requires(self) -> tuple[str, str]:
@@ -485,8 +488,25 @@ FAMILIES: tuple[Family, ...] = (
         "ct-fm",
         "CT-FM (3D SegResNet encoder, CT)",
         "ct",
-        PACKAGE,
-        (Size("b", "ct-fm", "SegResEncoder", 512, 16, 0, hf_repo="project-lighter/ct_fm_feature_extractor"),),
+        MONAI,
+        (
+            Size(
+                "b",
+                "ct-fm",
+                "SegResEncoder",
+                512,
+                16,
+                0,
+                hf_repo="project-lighter/ct_fm_feature_extractor",
+                # MONAI's defaults otherwise (batch norm, ReLU): a checkpoint of another norm fails the load, named
+                overrides=(
+                    ("spatial_dims", 3),
+                    ("in_channels", 1),
+                    ("init_filters", 32),
+                    ("blocks_down", (1, 2, 2, 4, 4)),
+                ),
+            ),
+        ),
         (0.0,),
         (1.0,),
         0,
@@ -495,9 +515,13 @@ FAMILIES: tuple[Family, ...] = (
         "mean_patch",
         "see the model card (project-lighter)",
         False,
-        "huggingface.co/project-lighter/ct_fm_feature_extractor model card (lighter_zoo.SegResEncoder)",
-        package=("lighter_zoo", "pip install lighter-zoo"),
-        notes="3D: not yet read by dinoscale's 2D / slice pipeline (declared so that a spec names it and is told)",
+        "huggingface.co/project-lighter/ct_fm_feature_extractor model card (lighter_zoo.SegResEncoder, which is "
+        "MONAI's segresnet_ds.SegResEncoder with the Hub mixin); blocks_down (1, 2, 2, 4, 4) as TumorImagingBench "
+        "builds it; encoder-only safetensors with the encoder's own key names",
+        notes="3D: built, measured and its weights checked, but dinoscale's extraction reads 2D images and slices: "
+        "a sweep naming it is refused at pre-flight. Built with MONAI's class, not lighter-zoo (whose install "
+        "brings jupyter and ITK)",
+        spatial_dims=3,
     ),
     Family(
         "resnet50",
