@@ -41,6 +41,7 @@ from dinoscale import record, settings
 from dinoscale.data.errors import DataError
 from dinoscale.errors import StorageError, TrackingError, UserError, environment_error, free_space, size_text
 from dinoscale.features import FeatureStore  # lazy: the CLI imports this module before anything heavy
+from dinoscale.strategies.registry import training_kinds
 from dinoscale.sweep.state import ResumeError, SweepState
 
 CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
@@ -441,6 +442,33 @@ def check_dimensions(spec) -> None:
         )
 
 
+def check_fine_tunable(spec) -> None:
+    """The strategies that train the encoder (lora, full) are written for timm ViT blocks (``blocks.<i>.attn.qkv``
+    / ``.mlp``: LoRA's targets, layer-wise decay). A backbone without them (a transformers model, a CNN, a 3D
+    encoder) is refused here, all of them in one message naming their families and the fine-tunable ones."""
+    from dinoscale.models.backbones import backbone_facts, families, get_backbone
+
+    training = [s for s in spec.strategies if s in training_kinds()]
+    if not training:
+        return
+    bad = [b.name for b in spec.backbones if not backbone_facts(b.name).vit_blocks]
+    if not bad:
+        return
+    named = [f"{n} (family {get_backbone(n).family or 'none'}, {get_backbone(n).loader})" for n in bad]
+    ok = [
+        f.name
+        for f in families.FAMILIES
+        if f.domain != "demo"
+        and f.loader not in (families.TRANSFORMERS, families.MONAI)
+        and backbone_facts(f.sizes[0].backbone).vit_blocks
+    ]
+    raise UserError(
+        f"strategies {', '.join(training)} train the encoder through timm ViT blocks (blocks.<i>.attn / mlp), "
+        f"which backbone(s) {'; '.join(named)} do not have: fine-tuning them is not supported yet. Run them with "
+        f"strategies: [frozen], or fine-tune a family that has them: {', '.join(ok)}"
+    )
+
+
 def check_all_weights(spec) -> str:
     """Each backbone's weights resolve and fit its architecture (``dinoscale.models.check_weights``). Every
     missing set is named in one message, each with what fetches it (``dinoscale weights SPEC`` lists them all):
@@ -555,6 +583,7 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         check_tracking_reachable(tracking_uri)
     with report.step("weights"):
         check_dimensions(spec)
+        check_fine_tunable(spec)
         report.checks["weights"] = check_all_weights(spec)
     with report.step("data"):
         plan = build_plan(spec, project_dir, require_data=True)

@@ -376,3 +376,32 @@ def test_a_3d_encoder_is_refused_at_preflight_naming_it():
         check_dimensions(SweepSpec.model_validate(raw))
     assert "dinov3-demo-xs" not in str(e.value)
     check_dimensions(SweepSpec.model_validate(_demo_raw()))  # the demo's 2D backbones pass
+
+
+def test_a_wrapped_vit_family_is_fine_tunable_and_the_others_are_refused_at_preflight():
+    """CONCH's timm ViT trunk sits inside its vision tower (visual.trunk): LoRA adapts its blocks only, and the
+    full strategy's layer-wise decay puts its stem first and the tower's poolers last (on the meta device: the
+    structure, no compute). A transformers family has no such blocks: refused in one message (exit 2)."""
+    from dinoscale.errors import UserError
+    from dinoscale.preflight import check_fine_tunable
+    from dinoscale.spec import SweepSpec
+    from dinoscale.train import apply_lora, llrd_param_groups
+
+    with torch.device("meta"):
+        groups = llrd_param_groups(_create(get_backbone("conch"), pretrained=False), 1e-3, 0.5, 0.05)
+        lora = apply_lora(_create(get_backbone("conch"), pretrained=False), rank=4, targets=("qkv", "proj"))
+    layer = {n: g["layer"] for g in groups for n in g["names"]}
+    assert layer["visual.trunk.patch_embed.proj.weight"] == layer["visual.trunk.cls_token"] == 0
+    assert layer["visual.trunk.blocks.0.attn.qkv.weight"] == 1 and layer["visual.trunk.blocks.11.mlp.fc2.bias"] == 12
+    assert layer["visual.attn_pool_contrast.query"] == layer["visual.trunk.norm.weight"] == 13
+    adapted = [n for n, _ in lora.named_modules() if n.endswith("lora_A")]
+    assert len(adapted) == 24 and all(n.startswith("visual.trunk.blocks.") for n in adapted)
+    assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+    raw = _demo_raw(strategies=["frozen", "lora"], finetuning={"lora": {"epochs": 1}})
+    raw["backbones"] = [{"name": n, "weights": "random"} for n in ("dinov3-demo-xs", "rad-dino", "biomedclip")]
+    with pytest.raises(UserError, match=r"backbone\(s\) rad-dino \(family rad-dino, transformers\) do not") as e:
+        check_fine_tunable(SweepSpec.model_validate(raw))
+    assert "strategies: [frozen]" in str(e.value) and "biomedclip" in str(e.value).split("fine-tune a family")[-1]
+    raw["strategies"] = ["frozen"]
+    check_fine_tunable(SweepSpec.model_validate(raw))  # frozen features need no blocks

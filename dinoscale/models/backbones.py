@@ -153,6 +153,9 @@ class BackboneFacts:
     output: str  # 'tokens' ([B, prefix + patches, D]) or 'spatial' ([B, D, h, w])
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # timm ViT blocks (``blocks.<i>.attn.qkv`` and ``.mlp``, also inside a family's wrapper): what LoRA's targets
+    # and the full strategy's layer-wise decay are written for
+    vit_blocks: bool = False
 
     @property
     def normalisation(self) -> str:
@@ -260,7 +263,14 @@ def _facts_of(model: torch.nn.Module, defn: BackboneDef) -> BackboneFacts:
         output=output,
         mean=defn.mean or tuple(float(v) for v in cfg.get("mean", families.IMAGENET_MEAN)),
         std=defn.std or tuple(float(v) for v in cfg.get("std", families.IMAGENET_STD)),
+        vit_blocks=_has_vit_blocks(model),
     )
+
+
+def _has_vit_blocks(model: torch.nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    first = blocks[0] if isinstance(blocks, (torch.nn.Sequential, torch.nn.ModuleList)) and len(blocks) else None
+    return first is not None and hasattr(getattr(first, "attn", None), "qkv") and hasattr(first, "mlp")
 
 
 @functools.cache

@@ -36,6 +36,15 @@ class VisionTowerEncoder(torch.nn.Module):
     def cls_token(self):
         return self.visual.trunk.cls_token
 
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The trunk's transformer blocks (``visual.trunk.blocks.<i>``): what LoRA's targets, layer-wise decay and
+        the memory model find, as on a timm ViT."""
+        return self.visual.trunk.blocks
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.trunk.set_grad_checkpointing(enable)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual.trunk.forward_features(x)
 
