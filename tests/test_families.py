@@ -198,7 +198,8 @@ def test_open_clip_transformers_and_monai_weights_load_offline_from_the_hf_cache
         pytest.skip(f"{fam.name} loads through '{fam.requires[0]}', not installed ({fam.requires[1]})")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not weights_need(name, "hub").found
+    missing = weights_need(name, "hub")
+    assert not missing.found and f"hf download {repo} {filename}" in missing.todo  # the family's own file name
     with torch.device("meta"):
         layout = _create(get_backbone(name), pretrained=False).state_dict()
     torch.manual_seed(3)

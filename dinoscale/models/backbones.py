@@ -57,6 +57,7 @@ class BackboneDef:
     family: str = ""  # dinoscale.models.families (empty: a timm:<name> outside every family)
     loader: str = families.TIMM
     hf_repo: str | None = None  # the family's own Hub repo (loaders other than timm)
+    hf_file: str | None = None  # its weights file there, when the family states it (looked for first)
     mean: tuple[float, ...] | None = None  # declared by the family; None: timm's pretrained_cfg
     std: tuple[float, ...] | None = None
     gated: bool = False
@@ -83,6 +84,7 @@ def _from_family(f: families.Family, s: families.Size) -> BackboneDef:
         family=f.name,
         loader=f.loader,
         hf_repo=None if s.demo else s.hf_repo,
+        hf_file=s.hf_file,
         mean=tuple(f.mean) if declared else None,
         std=tuple(f.std) if declared else None,
         gated=f.gated and s.hf_repo is not None and not s.demo,  # the family's own repo is the gated one
@@ -362,7 +364,8 @@ def hub_source(defn: BackboneDef) -> tuple[str, list[str]]:
     if not defn.has_weights:
         raise WeightsError(f"backbone '{defn.name}' has no published weights; use weights: random or a file")
     if defn.hf_repo:
-        return defn.hf_repo, list(WEIGHT_FILES)
+        first = [defn.hf_file] if defn.hf_file else []
+        return defn.hf_repo, first + [n for n in WEIGHT_FILES if n not in first]
     cfg = timm.models.get_pretrained_cfg(f"{defn.timm_name}.{defn.hub_tag}")
     repo = getattr(cfg, "hf_hub_id", None)
     if not repo:

@@ -62,6 +62,7 @@ class Size:
     prefix: int
     tag: str | None = None  # timm pretrained tag (loader timm)
     hf_repo: str | None = None  # the Hub repo of its weights (loaders other than timm)
+    hf_file: str | None = None  # the weights file in that repo, where known (the download command names it)
     overrides: tuple[tuple[str, object], ...] = ()  # architecture kwargs (timm) or config kwargs (transformers)
     demo: bool = False  # a reduced model for CPU demos: random weights only, never a result
 
@@ -243,6 +244,7 @@ FAMILIES: tuple[Family, ...] = (
                 16,
                 1,
                 hf_repo="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                hf_file="open_clip_pytorch_model.bin",
                 # its open_clip_config.json: embed_dim + vision_cfg (the text tower is never built)
                 overrides=(
                     ("embed_dim", 512),
@@ -362,6 +364,7 @@ FAMILIES: tuple[Family, ...] = (
                 16,
                 1,
                 hf_repo="MahmoodLab/CONCH",
+                hf_file="pytorch_model.bin",  # the file conch's create_model downloads
                 # conch/open_clip_custom/model_configs/conch_ViT-B-16.json: embed dims + vision_cfg
                 overrides=(
                     ("embed_dim", 512),
