@@ -519,8 +519,8 @@ FAMILIES: tuple[Family, ...] = (
         "see the model card (project-lighter)",
         False,
         "huggingface.co/project-lighter/ct_fm_feature_extractor model card (lighter_zoo.SegResEncoder, which is "
-        "MONAI's segresnet_ds.SegResEncoder with the Hub mixin); blocks_down (1, 2, 2, 4, 4) as TumorImagingBench "
-        "builds it; encoder-only safetensors with the encoder's own key names",
+        "MONAI's segresnet_ds.SegResEncoder with the Hub mixin); blocks_down (1, 2, 2, 4, 4) as published CT-FM feature "
+        "extractors build it (MONAI defaults otherwise); encoder-only safetensors with the encoder's own key names",
         notes="3D: built, measured and its weights checked, but dinoscale's extraction reads 2D images and slices: "
         "a sweep naming it is refused at pre-flight. Built with MONAI's class, not lighter-zoo (whose install "
         "brings jupyter and ITK)",
