@@ -31,6 +31,10 @@ from dinoscale import record
 # A macro metric's classes: at least this many positive (and negative) patients in test, fixed before resampling.
 # With k positive patients, a patient resample misses all of them with probability ~exp(-k) (k=5: 0.7 %).
 MACRO_MIN_PATIENTS = 5
+# Who is a negative patient of a class in the macro class-set rule: one none of whose units holds the label
+# (images of a patient), or one any of whose units lacks it (frames of a video: a video holds most classes).
+NEGATIVE_PATIENTS = "patients"
+NEGATIVE_UNITS = "units"
 # No bootstrap interval over fewer independent units (patients, or volumes where each is its own unit).
 MIN_INTERVAL_UNITS = 10
 # EM (CREMI): ground-truth pixels within this distance (nm, in the section plane) of a label boundary are ignored.
@@ -42,6 +46,17 @@ CONVENTIONS: dict[str, str] = {
     "macro AUROC": f"mean of per-class AUROC over the classes with >= {MACRO_MIN_PATIENTS} positive and >= "
     f"{MACRO_MIN_PATIENTS} negative patients in test, fixed before resampling; a resample in which one of them "
     "is single-valued is dropped (counted in bootstrap_resamples_valid); the other classes are reported per class",
+    "macro AUROC (frames)": f"video-frame tasks (the video is the patient): mean of per-class AUROC over frames, "
+    f"over the classes with >= {MACRO_MIN_PATIENTS} videos holding a frame of the class and >= "
+    f"{MACRO_MIN_PATIENTS} videos holding a frame of another class in test (every video holds frames of most "
+    "classes), fixed before resampling; videos resampled whole",
+    "frame metrics": "video-frame tasks: the predicted class of a frame is the argmax of its scores; accuracy over "
+    "all test frames; macro precision, recall, F1 and Jaccard (IoU) averaged over the classes present in the "
+    "ground truth of the frames scored (scikit-learn's labels= those classes, zero_division=0: a present class "
+    "never predicted has precision 0; a class predicted but absent from the ground truth is left out of the "
+    "averages, its frames still count as errors in accuracy and in the recall of their true classes); "
+    "video_accuracy: the mean over test videos of each video's frame accuracy (phase-recognition convention); "
+    "intervals resample videos whole, the class set re-read in each resample",
     "intervals": f"percentile bootstrap over patients (a patient's images / volumes resampled together); none "
     f"over fewer than {MIN_INTERVAL_UNITS} patients (the count is logged instead)",
     "Dice": "per structure, on the volumes whose ground truth holds it (AutoPET convention: positive cases); "
@@ -64,6 +79,12 @@ CONVENTIONS: dict[str, str] = {
     "FP / FN volume": "AutoPET: volume (ml; voxels where the spacing is unknown) of predicted connected "
     "components touching no ground-truth voxel (FP) and of ground-truth components touching no predicted "
     "voxel (FN); 18-connectivity in 3D, 8 in 2D; summed over structures",
+    "registration": "the moving label map warped by the displacement (one-hot maps warped bilinearly, arg-max) "
+    "against the fixed label map, per pair: Dice per structure on the pairs whose fixed map holds it (a pair's "
+    "Dice: the mean over them); HD95 (95th percentile) and ASD (symmetric average surface distance), MONAI, in mm "
+    "from the pair's spacing, px where the label maps carry none (CAMUS: px of the 128 x 128 grid, as the "
+    "reference benchmark reports), a missed or spurious structure scoring the field-of-view diagonal; every "
+    "value also for the identity transform (the moving labels unwarped), the stated baseline: <metric>_identity",
     "VOI / ARAND": f"CREMI: ground-truth pixels within {CREMI_BORDER_NM:g} nm of a label boundary in their "
     f"section are set to the ignore label {EM_IGNORE_LABEL} (CREMI's border mask; {CREMI_PIXEL_NM:g} nm pixels "
     "assumed where a block records no resolution), and both VOI (split = H(seg|gt), merge = H(gt|seg), bits) "
@@ -99,9 +120,13 @@ def macro_auroc(y: np.ndarray, s: np.ndarray, classes=None) -> float:
     return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
 
 
-def macro_class_set(y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_PATIENTS) -> np.ndarray:
+def macro_class_set(
+    y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_PATIENTS, negatives: str = NEGATIVE_PATIENTS
+) -> np.ndarray:
     """(C,) bool: the classes a macro metric averages, fixed before resampling: at least ``k`` patients with
-    the label and ``k`` without it (a patient counts as positive when any of its images is)."""
+    the label and ``k`` without it. A patient counts as positive when any of its images is; as negative when
+    none is (``negatives='patients'``), or when any of its units lacks the label (``'units'``: the frames of a
+    video, where every video holds frames of most classes; ``CONVENTIONS['macro AUROC (frames)']``)."""
     y = np.asarray(y, dtype=bool)
     if y.ndim == 1:
         y = y[:, None]
@@ -110,6 +135,10 @@ def macro_class_set(y: np.ndarray, patient_ids: np.ndarray, k: int = MACRO_MIN_P
     pos = np.zeros((inverse.max() + 1 if len(ids) else 0, y.shape[1]), dtype=bool)
     np.logical_or.at(pos, inverse, y)
     n_pos = pos.sum(0)
+    if negatives == NEGATIVE_UNITS:
+        neg = np.zeros_like(pos)
+        np.logical_or.at(neg, inverse, ~y)
+        return (n_pos >= k) & (neg.sum(0) >= k)
     return (n_pos >= k) & (len(pos) - n_pos >= k)
 
 
@@ -230,6 +259,72 @@ def multiclass_balanced_accuracy(y: np.ndarray, s: np.ndarray) -> float:
     pred = np.asarray(s).argmax(1)
     recalls = [np.mean(pred[true == c] == c) for c in np.unique(true)]
     return float(np.mean(recalls))
+
+
+# ---------------------------------------------------------------- frame metrics of single-label tasks (argmax)
+# Video-frame classification (Kvasir-Capsule, AutoLaparo phases) reports these rather than AUROC; the rules are
+# ``CONVENTIONS['frame metrics']``.
+
+FRAME_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "jaccard")
+
+
+def _class_indices(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    return y.argmax(1) if y.ndim == 2 else y.astype(int)
+
+
+def frame_confusion(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) confusion counts, rows the true class, columns the predicted one."""
+    return np.bincount(true * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def frame_metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 / Jaccard over the classes present in the ground truth (the
+    rows with frames); zero_division 0 as scikit-learn's. NaN for an empty confusion."""
+    n = cm.sum()
+    if n == 0:
+        return dict.fromkeys(FRAME_METRICS, float("nan"))
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        union = support + predicted - tp
+        jaccard = np.where(union > 0, tp / union, 0.0)
+    return {
+        "accuracy": float(tp.sum() / n),
+        "macro_precision": float(precision[present].mean()),
+        "macro_recall": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "jaccard": float(jaccard[present].mean()),
+    }
+
+
+def frame_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    """The frame metrics of scores ``s`` (n, C) against one-hot ``y`` (n, C) or class indices (n,)."""
+    s = np.asarray(s)
+    return frame_metrics_from_confusion(frame_confusion(_class_indices(y), s.argmax(1), s.shape[1]))
+
+
+def frame_metric(name: str):
+    """One frame metric as a ``patient_bootstrap`` metric ``(y, s) -> float``."""
+
+    def metric(y: np.ndarray, s: np.ndarray) -> float:
+        return frame_metrics(y, s)[name]
+
+    metric.__name__ = name
+    return metric
+
+
+def per_video_accuracy(y: np.ndarray, s: np.ndarray, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(videos, accuracy of each video's frames), videos sorted: the phase-recognition literature's accuracy is
+    their mean."""
+    hit = _class_indices(y) == np.asarray(s).argmax(1)
+    ids = np.asarray(video_ids).astype(str)
+    videos, inverse = np.unique(ids, return_inverse=True)
+    return videos, np.bincount(inverse, weights=hit) / np.bincount(inverse)
 
 
 def choose_thresholds(y_val: np.ndarray, s_val: np.ndarray, metric: str = "f1") -> np.ndarray:
@@ -517,6 +612,63 @@ def segmentation_per_volume(
     out["false_positive_lesions"] = counts[:, 4]
     out["fp_volume_ml" if mm else "fp_voxels"] = counts[:, 0] * voxel
     out["fn_volume_ml" if mm else "fn_voxels"] = counts[:, 1] * voxel
+    return out
+
+
+def asd_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacing=None) -> np.ndarray:
+    """(N, C-1) symmetric average surface distance per volume and foreground class (MONAI's
+    ``compute_average_surface_distance``, ``symmetric=True``: the mean over both surfaces' points of the distance
+    to the other surface), in the units of ``spacing`` (None: voxels); missed / spurious and absent classes as
+    ``hd95_per_volume`` (the penalty distance; NaN)."""
+    from monai.metrics import compute_average_surface_distance
+
+    pred, target = np.asarray(pred), np.asarray(target)
+    n, shape = len(target), target.shape[1:]
+    given = per_volume_spacings(spacing, n)
+    spacings = given or [None] * n
+    p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below)
+        a = compute_average_surface_distance(p, t, include_background=False, symmetric=True, spacing=given)
+    a = a.numpy().astype(np.float64)
+    in_gt, in_pred = _present(t)[:, 1:], _present(p)[:, 1:]
+    penalty = np.array([field_diagonal(shape, sp) for sp in spacings])[:, None]
+    a = np.where(in_gt ^ in_pred, penalty, a)
+    a[~(in_gt | in_pred)] = np.nan
+    a[~np.isfinite(a)] = np.nan
+    return a
+
+
+def registration_per_pair(
+    warped: np.ndarray,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    n_classes: int,
+    class_names: list[str] | None = None,
+    spacing=None,
+) -> dict[str, np.ndarray]:
+    """Per-pair values of a registration from label maps (n_pairs, *spatial) under ``CONVENTIONS['registration']``:
+    the warped moving labels against the fixed labels, and the same for the moving labels themselves (the identity
+    transform, the stated baseline: ``<name>_identity``). ``dice`` (mean over the structures the fixed map holds)
+    and ``dice_<structure>``, ``hd95_mm`` / ``asd_mm`` (``_px`` without spacing; means over structures) and
+    ``hd95_<structure>_*`` / ``asd_<structure>_*``."""
+    names = class_names or [str(c) for c in range(1, n_classes)]
+    spacings = per_volume_spacings(spacing, len(fixed))
+    unit = "mm" if spacings is not None else "px"
+    out: dict[str, np.ndarray] = {}
+    for suffix, pred in (("", warped), (record.IDENTITY_SUFFIX, moving)):
+        d = dice_per_volume(pred, fixed, n_classes)
+        h = hd95_per_volume(pred, fixed, n_classes, spacings)
+        a = asd_per_volume(pred, fixed, n_classes, spacings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: pairs without any structure
+            out["dice" + suffix] = np.nanmean(d, axis=1)
+            out[f"hd95_{unit}{suffix}"] = np.nanmean(h, axis=1)
+            out[f"asd_{unit}{suffix}"] = np.nanmean(a, axis=1)
+        for j, n in enumerate(names):
+            out[f"dice_{n}{suffix}"] = d[:, j]
+            out[f"hd95_{n}_{unit}{suffix}"] = h[:, j]
+            out[f"asd_{n}_{unit}{suffix}"] = a[:, j]
     return out
 
 

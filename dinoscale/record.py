@@ -120,6 +120,8 @@ WEIGHTS_PARAM = "weights"  # the backbone's weights source (random | hub | a fil
 # single-word params: a word like these is a name where it is a key of a run's params or a results table
 WORD_PARAMS = (MODALITY_PARAM, DATASET_PARAM, WEIGHTS_PARAM)
 MACRO_MIN_PATIENTS = "macro_min_patients"  # param and metric: the fewest positive patients a class needs
+# metric: 1 where the macro class set counts a patient negative when any of its units lacks the label (frames)
+MACRO_NEGATIVES = "macro_negative_units"
 TOKENS_PER_IMAGE = "tokens_per_image"  # metric: tokens the encoder sees per image at the cell's resolution
 GFLOPS_PER_IMAGE = "gflops_per_image"  # metric (and plan param): the compute axis
 GFLOPS = "gflops"  # its name in a results table
@@ -138,6 +140,9 @@ def ci_names(metric: str) -> tuple[str, str]:
 
 
 METRIC_CI = ci_names("metric")  # the driver's row of a cell (runner, display, describe): its headline's interval
+# Registration: every per-pair metric of the warped labels also for the identity transform (the stated baseline),
+# as <metric>_identity (test_dice_identity beside test_dice); written by dinoscale.metrics, read by the analysis
+IDENTITY_SUFFIX = "_identity"
 
 
 # ---------------------------------------------------------------- metrics: predicted against measured

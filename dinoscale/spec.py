@@ -533,7 +533,7 @@ class ExternalSpec(Strict):
 
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    modality: Literal["xray", "ct", "mri", "wsi", "em", "petct", "endoscopy"]
+    modality: Literal["xray", "ct", "mri", "wsi", "em", "petct", "endoscopy", "ultrasound"]
     profile: Literal["demo", "paper", "rehearsal"] = Field(
         description="demo: phantom data, random weights, CPU; paper: real data and weights, GPUs; rehearsal: a paper "
         "spec run by `dinoscale rehearse` on a replica of its dataset with random weights (never a result)"

@@ -9,7 +9,7 @@ how that output is scored with a patient-level interval. Probes say which tasks 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -17,7 +17,17 @@ import pandas as pd
 
 from dinoscale import record
 from dinoscale.headline import AUROC, DICE, VOI, Headline
-from dinoscale.metrics import MACRO_MIN_PATIENTS, MIN_INTERVAL_UNITS
+from dinoscale.metrics import (
+    FRAME_METRICS,
+    MACRO_MIN_PATIENTS,
+    MIN_INTERVAL_UNITS,
+    NEGATIVE_PATIENTS,
+    NEGATIVE_UNITS,
+    frame_metric,
+    patient_bootstrap,
+    per_video_accuracy,
+    volume_bootstrap,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class TaskDef:
     dense: bool = False  # the probe's input is a patch-token grid and its output a label map per unit
     finetunable: bool = False  # lora / full cells can train the encoder under its head (dinoscale.train.objective)
     exclusive: bool = False  # one label per unit (multiclass): probes train softmax cross-entropy, not BCE
+    negatives: str = NEGATIVE_PATIENTS  # the macro class-set rule's negative patient (dinoscale.metrics)
+    paired: bool = False  # units come in (fixed, moving) pairs, one output per pair (registration)
 
     def val_metrics(self, val_metric: float) -> dict[str, float]:
         """Probes maximise their selection value; a lower-is-better headline is selected as its negative."""
@@ -61,18 +73,21 @@ class UndefinedMetric(RuntimeError):
     volume with a structure): the test split's is refused by the pre-flight; a small val split has no interval."""
 
 
-def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[dict, pd.DataFrame]:
-    """Macro AUROC over a class set fixed before resampling (``metrics.macro_class_set``) with its
-    patient-level bootstrap interval, per-class AUROC, per-unit scores."""
+def score_classification(
+    test_scores: np.ndarray, _target, s: Scoring, negatives: str = NEGATIVE_PATIENTS
+) -> tuple[dict, pd.DataFrame]:
+    """Macro AUROC over a class set fixed before resampling (``metrics.macro_class_set``; ``negatives``: who
+    is a negative patient of a class) with its patient-level bootstrap interval, per-class AUROC, per-unit
+    scores."""
 
     from dinoscale.metrics import auroc_per_class, macro_auroc, macro_class_set, patient_bootstrap
 
     y = s.labels
     k = s.macro_min_patients
-    classes = macro_class_set(y, s.patient_ids, k)
+    classes = macro_class_set(y, s.patient_ids, k, negatives)
     if not classes.any():  # no class reaches k patients: the stated fallback, logged as the k used
         k = 1
-        classes = macro_class_set(y, s.patient_ids, k)
+        classes = macro_class_set(y, s.patient_ids, k, negatives)
     if not classes.any():
         raise UndefinedMetric(
             f"no class has both a positive and a negative patient in test ({len(set(s.patient_ids))} patients): "
@@ -101,6 +116,34 @@ def score_classification(test_scores: np.ndarray, _target, s: Scoring) -> tuple[
     for j, c in enumerate(s.classes):
         predictions[f"label_{c}"] = y[:, j].astype(int)
         predictions[f"score_{c}"] = test_scores[:, j]
+    return metrics, predictions
+
+
+def score_video_frames(test_scores: np.ndarray, _target, s: Scoring) -> tuple[dict, pd.DataFrame]:
+    """Frames of videos, one class each, the video as the patient: macro AUROC over frames (its class set read
+    with frame-level negatives, ``metrics.CONVENTIONS['macro AUROC (frames)']``) as the headline, and the
+    frame metrics the benchmark reports (accuracy, macro precision / recall / F1, Jaccard; the mean per-video
+    accuracy), each with its video-level bootstrap interval (``CONVENTIONS['frame metrics']``)."""
+    metrics, predictions = score_classification(test_scores, None, s, NEGATIVE_UNITS)
+    metrics[record.MACRO_NEGATIVES] = 1
+    for name in FRAME_METRICS:
+        ci = patient_bootstrap(
+            s.labels,
+            test_scores,
+            s.patient_ids,
+            metric=frame_metric(name),
+            resamples=s.resamples,
+            level=s.level,
+            seed=s.seed,
+            min_units=s.min_interval_units,
+        )
+        metrics.update(ci.as_dict(f"test_{name}"))
+    videos, acc = per_video_accuracy(s.labels, test_scores, s.patient_ids)
+    metrics.update(
+        volume_bootstrap(acc, None, s.resamples, s.level, s.seed, s.min_interval_units).as_dict("test_video_accuracy")
+    )
+    metrics["n_test_videos"] = len(videos)
+    predictions.insert(2, "predicted", [s.classes[j] for j in np.asarray(test_scores).argmax(1)])
     return metrics, predictions
 
 
@@ -166,6 +209,38 @@ def score_instances(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[d
     return _per_volume(_by_volume(instance_per_volume, pred, target, s.spacing), VOI, s)
 
 
+def score_registration(warped, target, s: Scoring) -> tuple[dict, pd.DataFrame]:
+    """Registration: the units come in pairs, fixed then moving (``dinoscale.probes.registration``); ``warped`` holds
+    each pair's warped moving labels, ``target`` every unit's label map (arrays, or lists of native volumes whose
+    shapes differ between pairs). Per pair: Dice per structure, HD95 and ASD of the warped labels against the fixed
+    ones, and the same for the identity transform (the moving labels unwarped: ``<metric>_identity``, the stated
+    baseline); means with patient intervals."""
+    from dinoscale.metrics import registration_per_pair
+
+    if len(target) != 2 * len(warped):
+        raise ValueError(f"registration: {len(warped)} warped label maps for {len(target)} units (pairs: 2 units each)")
+    names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]
+    per_pair = [
+        registration_per_pair(
+            np.asarray(warped[k])[None],
+            np.asarray(target[2 * k])[None],
+            np.asarray(target[2 * k + 1])[None],
+            s.n_classes,
+            names,
+            None if s.spacing is None else [s.spacing[2 * k]],
+        )
+        for k in range(len(warped))
+    ]
+    values = {name: np.concatenate([v[name] for v in per_pair]) for name in per_pair[0]} if per_pair else {}
+    pairs = replace(
+        s,
+        sample_ids=[f"{a}->{b}" for a, b in zip(s.sample_ids[0::2], s.sample_ids[1::2])],
+        patient_ids=np.asarray(s.patient_ids)[0::2],
+        groups=None if s.groups is None else list(s.groups)[0::2],
+    )
+    return _per_volume(values, DICE, pairs)
+
+
 _TASKS: dict[str, TaskDef] = {}
 
 
@@ -177,13 +252,17 @@ def register_task(task: TaskDef) -> TaskDef:
 for _t in (
     TaskDef("multilabel", AUROC, score_classification, finetunable=True),  # binary is multilabel with one class
     TaskDef("multiclass", AUROC, score_classification, finetunable=True, exclusive=True),
+    # frames of videos, one class each; the video is the patient (Kvasir-Capsule, AutoLaparo phases)
+    TaskDef("video_frames", AUROC, score_video_frames, finetunable=True, exclusive=True, negatives=NEGATIVE_UNITS),
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
     TaskDef("instance_segmentation", VOI, score_instances, dense=True),
+    # pairs (fixed, moving) of a patient's images; headline: the warped labels' Dice (identity beside it)
+    TaskDef("registration", DICE, score_registration, dense=True, paired=True),
 ):
     register_task(_t)
 
-CLASSIFICATION = ("multilabel", "multiclass")
+CLASSIFICATION = ("multilabel", "multiclass", "video_frames")
 
 
 def get_task(name: str) -> TaskDef:

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from dinoscale.cli import app
-from dinoscale.models import WeightsError, backbone_facts, get_backbone, load_backbone
+from dinoscale.models import WeightsError, backbone_facts, get_backbone, load_backbone, weights_identity
 from dinoscale.models.backbones import _create
 from dinoscale.models.families import FAMILIES, family_of, get_family
 
@@ -46,32 +46,40 @@ def test_each_size_is_built_and_matches_its_declared_layout(family, size):
     facts = backbone_facts(size.backbone)
     assert (facts.embed_dim, facts.patch_size, facts.num_prefix_tokens) == (size.width, size.patch, size.prefix)
     assert facts.mean == tuple(family.mean) and facts.std == tuple(family.std)  # into the recipe, as declared
+    dims, channels = family.spatial_dims, len(family.mean)  # a 3D family: volumes [B, C, D, H, W]
     with torch.device("meta"):  # the whole architecture, no memory: the real-size models are GBs
         model = _create(get_backbone(size.backbone), pretrained=False).eval()
-        out = model.forward_features(torch.empty(1, 3, RES, RES))
+        out = model.forward_features(torch.empty(1, channels, *[RES] * dims))
     grid = RES // size.patch
     if size.prefix or facts.output == "tokens":
         assert tuple(out.shape) == (1, size.prefix + grid * grid, size.width)
     else:
-        assert tuple(out.shape) == (1, size.width, grid, grid)
+        assert tuple(out.shape) == (1, size.width, *[grid] * dims)
 
 
-@pytest.mark.parametrize("name", ["dinov2-demo-xs", "rad-dino"])
-def test_a_timm_and_a_transformers_family_run_with_random_weights(name):
-    bb = load_backbone(name, "random", seed=0)
+def test_a_family_runs_with_random_weights():
+    """(A transformers, an open_clip and a MONAI family run in the offline-weights test below.)"""
+    bb = load_backbone("dinov2-demo-xs", "random", seed=0)
     with torch.inference_mode():
         tokens = bb.model.forward_features(torch.randn(2, 3, 56, 56))
     assert tokens.shape == (2, bb.num_prefix_tokens + (56 // bb.patch_size) ** 2, bb.facts.embed_dim)
     assert torch.isfinite(tokens).all() and tokens.std() > 0
 
 
-def test_a_missing_loader_package_is_named_with_its_install_command():
-    absent = [f for f in FAMILIES if not _installed(f)]
-    if not absent:
-        pytest.skip("every loader package is installed here")
-    for f in absent:
-        with pytest.raises(WeightsError, match=rf"'{f.requires[0]}'.*{f.requires[1].split()[0]}"):
-            backbone_facts(f.sizes[0].backbone)
+@pytest.mark.parametrize("name", ["conch", "biomedclip"])
+def test_a_missing_loader_package_is_named_with_its_install_command(monkeypatch, name):
+    """The package hidden as Python hides a blocked import (``sys.modules[name] = None``): building the model and
+    listing its weights name the package and its install command."""
+    import sys
+
+    from dinoscale.models.backbones import weights_need
+
+    module, install = get_family(name).requires
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(WeightsError, match=rf"'{module}', which is not installed; install it with `{install}`"):
+        _create(get_backbone(name), pretrained=False)
+    need = weights_need(name, "hub")
+    assert not need.found and install in need.todo
 
 
 def test_backbones_command_lists_families_with_loader_sizes_and_gating():
@@ -90,7 +98,8 @@ def test_unknown_family_suggests_the_near_name():
 
 
 def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None, state_dict=None) -> None:
-    """The Hugging Face hub cache's own layout: blobs/<sha>, refs/main, snapshots/<rev>/<file> -> blob."""
+    """The Hugging Face hub cache's own layout: blobs/<sha>, refs/main, snapshots/<rev>/<file> -> blob.
+    A state dict is written as its file name says: .safetensors, or torch.save for a .bin."""
     import hashlib
 
     from safetensors.torch import save_file
@@ -101,8 +110,10 @@ def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(rev)
     tmp = root / "blobs" / "incoming"
-    if state_dict is not None:
+    if state_dict is not None and filename.endswith(".safetensors"):
         save_file(state_dict, str(tmp))
+    elif state_dict is not None:
+        torch.save(state_dict, tmp)
     else:
         tmp.write_bytes(payload or b"not read")
     blob = root / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
@@ -113,17 +124,14 @@ def _fake_hf_cache(cache, repo: str, filename: str, payload: bytes | None = None
 
 
 def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
-    """A timm family is loaded from the cache with HF_HUB_OFFLINE set; an open_clip and a transformers
-    family's files are found there too (their repos, their file names)."""
-    from dinoscale.models.backbones import cached_hub_file, weights_need
+    """A timm family is loaded from the cache with HF_HUB_OFFLINE set, and from timm's local-dir:."""
+    from dinoscale.models.backbones import weights_need
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = load_backbone("dinov2-vits14", "random", seed=3).model
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}
     _fake_hf_cache(tmp_path, "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", state_dict=sd)
-    _fake_hf_cache(tmp_path, "microsoft/rad-dino", "model.safetensors")
-    _fake_hf_cache(tmp_path, "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin")
 
     bb = load_backbone("dinov2-vits14", "hub")
     assert bb.weights["kind"] == "hub" and str(tmp_path) in bb.weights["path"]
@@ -131,8 +139,6 @@ def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
     with torch.inference_mode():
         assert torch.allclose(bb.model.forward_features(x), src.forward_features(x))
     assert weights_need("dinov2-vits14", "hub").found
-    assert weights_need("rad-dino", "hub").found
-    assert cached_hub_file(get_backbone("biomedclip")).name == "open_clip_pytorch_model.bin"
     # timm's local-dir: a folder holding the weights file
     from safetensors.torch import save_file
 
@@ -142,6 +148,84 @@ def test_weights_found_offline_in_the_hf_cache_layout(tmp_path, monkeypatch):
     assert local.weights["kind"] == "file" and local.weights["path"].endswith("local/model.safetensors")
     missing = weights_need("uni2-h", "hub")
     assert not missing.found and "hf download MahmoodLab/UNI2-h" in missing.todo and "gated" in missing.todo
+
+
+def _clip_checkpoint(visual: dict) -> dict:
+    """A whole open_clip / CONCH checkpoint around a vision tower's tensors: text tower, logit scale."""
+    text = {
+        "text.transformer.embeddings.word_embeddings.weight": torch.randn(8, 4),
+        "text.proj.0.weight": torch.ones(2),
+    }
+    return {**visual, **text, "logit_scale": torch.tensor(4.6)}
+
+
+@pytest.mark.parametrize(
+    "name, repo, filename, to_file",
+    [
+        # open_clip: BiomedCLIP's repo holds the whole CLIP (visual.* + text.*) as open_clip_pytorch_model.bin
+        (
+            "biomedclip",
+            "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            "open_clip_pytorch_model.bin",
+            _clip_checkpoint,
+        ),
+        # transformers: RAD-DINO's model.safetensors holds a Dinov2Model's own key names (no hf. prefix)
+        (
+            "rad-dino",
+            "microsoft/rad-dino",
+            "model.safetensors",
+            lambda sd: {k.removeprefix("hf."): v for k, v in sd.items()},
+        ),
+        # MONAI (3D): CT-FM's feature-extractor file holds the SegResEncoder's own keys (conv_init.*, layers.*)
+        (
+            "ct-fm",
+            "project-lighter/ct_fm_feature_extractor",
+            "model.safetensors",
+            lambda sd: {k.removeprefix("encoder."): v for k, v in sd.items()},
+        ),
+    ],
+)
+def test_open_clip_transformers_and_monai_weights_load_offline_from_the_hf_cache(
+    tmp_path, monkeypatch, name, repo, filename, to_file
+):
+    """Through the real loader: the family's repo and file name in the cache layout, HF_HUB_OFFLINE set, the
+    checkpoint in its upstream key layout (made from the architecture on the meta device: no second random
+    init of a ViT-B); every tensor of the file lands in the model, which then runs."""
+    from dinoscale.models.backbones import weights_need
+
+    fam = get_family(name)
+    if not _installed(fam):
+        pytest.skip(f"{fam.name} loads through '{fam.requires[0]}', not installed ({fam.requires[1]})")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = weights_need(name, "hub")
+    assert not missing.found and f"hf download {repo} {filename}" in missing.todo  # the family's own file name
+    with torch.device("meta"):
+        layout = _create(get_backbone(name), pretrained=False).state_dict()
+    torch.manual_seed(3)
+    sd = {k: _fill(k, v) for k, v in layout.items()}
+    _fake_hf_cache(tmp_path, repo, filename, state_dict=to_file(sd))
+
+    assert weights_need(name, "hub").found
+    bb = load_backbone(name, "hub")  # a key that did not fit would raise, naming it
+    assert bb.weights["kind"] == "hub" and bb.weights["path"].endswith(filename) and str(tmp_path) in bb.weights["path"]
+    own = bb.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items())
+    dims = fam.spatial_dims
+    side = (2 if dims == 2 else 1) * bb.patch_size
+    with torch.inference_mode():
+        out = bb.model.forward_features(torch.randn(1, len(fam.mean), *[side] * dims))
+    expected = (1, bb.num_prefix_tokens + 4, fam.sizes[0].width) if dims == 2 else (1, fam.sizes[0].width, 1, 1, 1)
+    assert tuple(out.shape) == expected and torch.isfinite(out).all()
+    # a seeded random init of this family is identified with its loader package's version
+    assert f"-{fam.requires[0]}" in weights_identity(get_backbone(name), "random", 0)["digest"]
+
+
+def _fill(key: str, like: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor of that shape: small random weights, unit running variances, integer counters."""
+    if not like.is_floating_point():
+        return torch.zeros(like.shape, dtype=like.dtype)
+    return torch.ones(like.shape) if key.endswith("running_var") else torch.randn(like.shape) * 0.02
 
 
 # ---------------------------------------------------------------- the spec names families compactly
@@ -278,3 +362,47 @@ def test_transformers_checkpoints_load_by_their_own_key_names(tmp_path):
         _load_file_into(model, get_backbone("rad-dino"), tmp_path / file)  # a mismatch would raise, naming it
         with torch.inference_mode():
             assert torch.allclose(model.forward_features(x), ref(), atol=1e-5)
+
+
+def test_a_3d_encoder_is_refused_at_preflight_naming_it():
+    """CT-FM is built and its weights checked, but the extraction feeds 2D images and slices: the pre-flight
+    refuses a spec naming it before anything runs, in one message (a UserError: exit 2 at the CLI)."""
+    from dinoscale.errors import UserError
+    from dinoscale.sweep.preflight import check_dimensions
+    from dinoscale.spec import SweepSpec
+
+    raw = _demo_raw(encoders=[{"family": "ct-fm"}])
+    raw["backbones"] = [{"name": "dinov3-demo-xs", "weights": "random"}]
+    with pytest.raises(UserError, match=r"backbone\(s\) ct-fm encode 3D volumes.*Remove them.*rad-dino") as e:
+        check_dimensions(SweepSpec.model_validate(raw))
+    assert "dinov3-demo-xs" not in str(e.value)
+    check_dimensions(SweepSpec.model_validate(_demo_raw()))  # the demo's 2D backbones pass
+
+
+def test_a_wrapped_vit_family_is_fine_tunable_and_the_others_are_refused_at_preflight():
+    """CONCH's timm ViT trunk sits inside its vision tower (visual.trunk): LoRA adapts its blocks only, and the
+    full strategy's layer-wise decay puts its stem first and the tower's poolers last (on the meta device: the
+    structure, no compute). A transformers family has no such blocks: refused in one message (exit 2)."""
+    from dinoscale.errors import UserError
+    from dinoscale.sweep.preflight import check_fine_tunable
+    from dinoscale.spec import SweepSpec
+    from dinoscale.train import apply_lora, llrd_param_groups
+
+    with torch.device("meta"):
+        groups = llrd_param_groups(_create(get_backbone("conch"), pretrained=False), 1e-3, 0.5, 0.05)
+        lora = apply_lora(_create(get_backbone("conch"), pretrained=False), rank=4, targets=("qkv", "proj"))
+    layer = {n: g["layer"] for g in groups for n in g["names"]}
+    assert layer["visual.trunk.patch_embed.proj.weight"] == layer["visual.trunk.cls_token"] == 0
+    assert layer["visual.trunk.blocks.0.attn.qkv.weight"] == 1 and layer["visual.trunk.blocks.11.mlp.fc2.bias"] == 12
+    assert layer["visual.attn_pool_contrast.query"] == layer["visual.trunk.norm.weight"] == 13
+    adapted = [n for n, _ in lora.named_modules() if n.endswith("lora_A")]
+    assert len(adapted) == 24 and all(n.startswith("visual.trunk.blocks.") for n in adapted)
+    assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+    raw = _demo_raw(strategies=["frozen", "lora"], finetuning={"lora": {"epochs": 1}})
+    raw["backbones"] = [{"name": n, "weights": "random"} for n in ("dinov3-demo-xs", "rad-dino", "biomedclip")]
+    with pytest.raises(UserError, match=r"backbone\(s\) rad-dino \(family rad-dino, transformers\) do not") as e:
+        check_fine_tunable(SweepSpec.model_validate(raw))
+    assert "strategies: [frozen]" in str(e.value) and "biomedclip" in str(e.value).split("fine-tune a family")[-1]
+    raw["strategies"] = ["frozen"]
+    check_fine_tunable(SweepSpec.model_validate(raw))  # frozen features need no blocks

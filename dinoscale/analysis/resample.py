@@ -43,6 +43,8 @@ from dinoscale.headline import AUROC, Headline
 from dinoscale.metrics import (
     MACRO_MIN_PATIENTS,
     MIN_INTERVAL_UNITS,
+    NEGATIVE_PATIENTS,
+    NEGATIVE_UNITS,
     _patient_resamples,
     auroc_per_class,
     macro_class_set,
@@ -77,18 +79,20 @@ def _shared_patients(preds: list[pd.DataFrame], resamples: int, rng):
     return [_aligned(p, order) for p in preds], draws
 
 
-def _fixed_classes(p: pd.DataFrame, k: int) -> list[str]:
-    """A run's macro class set, fixed before resampling, as the trial fixed it (``metrics.macro_class_set``,
-    falling back to k = 1 when no class reaches k)."""
+def _fixed_classes(p: pd.DataFrame, k: int, negatives: str = NEGATIVE_PATIENTS) -> list[str]:
+    """A run's macro class set, fixed before resampling, as the trial fixed it (``metrics.macro_class_set``
+    with the run's rule of negatives, falling back to k = 1 when no class reaches k)."""
     classes = [c[len("label_") :] for c in p.columns if c.startswith("label_")]
     y, pid = p[[f"label_{c}" for c in classes]].to_numpy(float), p["patient_id"].astype(str).to_numpy()
-    keep = macro_class_set(y, pid, k)
+    keep = macro_class_set(y, pid, k, negatives)
     if not keep.any():
-        keep = macro_class_set(y, pid, 1)
+        keep = macro_class_set(y, pid, 1, negatives)
     return [c for c, kept in zip(classes, keep) if kept]
 
 
-def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng, ks: list[int] | None = None) -> np.ndarray:
+def _patient_draws(
+    preds: list[pd.DataFrame], resamples: int, rng, ks: list[int] | None = None, rules: list[str] | None = None
+) -> np.ndarray:
     """(resamples, runs) macro AUROC under shared patient resamples; all runs share one test set. Each run's
     class set is fixed before resampling (``ks``: its macro_min_patients); a resample in which one of its
     classes is single-valued is NaN for that run (dropped from its quantiles)."""
@@ -96,7 +100,7 @@ def _patient_draws(preds: list[pd.DataFrame], resamples: int, rng, ks: list[int]
     ks = ks or [MACRO_MIN_PATIENTS] * len(preds)
     labels, scores, owner = [], [], []
     for j, p in enumerate(aligned):
-        classes = _fixed_classes(p, ks[j])
+        classes = _fixed_classes(p, ks[j], (rules or [NEGATIVE_PATIENTS] * len(preds))[j])
         labels.append(p[[f"label_{c}" for c in classes]].to_numpy(float))
         scores.append(p[[f"score_{c}" for c in classes]].to_numpy(float))
         owner += [j] * len(classes)
@@ -184,6 +188,9 @@ def run_draws(
     for signature, rids in by_test_set.items():
         preds = [predictions[r] for r in rids]
         ks = [_run_constant(runs, r, record.MACRO_MIN_PATIENTS, MACRO_MIN_PATIENTS) for r in rids]
+        rules = [
+            NEGATIVE_UNITS if _run_constant(runs, r, record.MACRO_NEGATIVES, 0) else NEGATIVE_PATIENTS for r in rids
+        ]
         units = preds[0]["patient_id"].astype(str).nunique()
         need = max(_run_constant(runs, r, "min_interval_units", MIN_INTERVAL_UNITS) for r in rids)
         if units < need:  # no resampling of a handful of units: no interval (point estimates only)
@@ -193,7 +200,7 @@ def run_draws(
             draws = (
                 _volume_draws(preds, headline.name, resamples, rng)
                 if headline.per_volume
-                else _patient_draws(preds, resamples, rng, ks)
+                else _patient_draws(preds, resamples, rng, ks, rules)
             )
             tag = f"patients:{signature}"
         for j, rid in enumerate(rids):

@@ -48,6 +48,7 @@ OPTIONAL_COLUMNS = {
     "run_id": None,
     # protocol constants the analysis applies as the trial did (dinoscale.metrics): absent -> the defaults
     record.MACRO_MIN_PATIENTS: None,
+    record.MACRO_NEGATIVES: None,  # 1: the class set's negatives are read per unit (video frames)
     "min_interval_units": None,
     "selection_edge": "",  # a choice on a grid edge (record.SELECTION_EDGE), warned about in the report
     "n_val": None,  # val units the selection saw (shown next to the val metric)
@@ -581,6 +582,7 @@ def _run_row(r, headline: Headline) -> dict:
         record.GFLOPS: m.get(record.GFLOPS_PER_IMAGE, m.get(record.GFLOPS)),
         "run_id": r.info.run_id,
         record.MACRO_MIN_PATIENTS: m.get(record.MACRO_MIN_PATIENTS, p.get(record.MACRO_MIN_PATIENTS)),
+        record.MACRO_NEGATIVES: m.get(record.MACRO_NEGATIVES),
         "selection_edge": r.data.tags.get(record.SELECTION_EDGE, ""),
         "min_interval_units": p.get("min_interval_units"),
         "n_val": m.get("n_val"),

@@ -284,6 +284,22 @@ def native_predictions(pred, masks: Sequence[str], native: Sequence[tuple], grid
     return preds, targets, spacings
 
 
+def native_pairs(pred, masks: Sequence[str], native: Sequence[tuple], grid: VolumeGrid):
+    """Registration on a common grid: units in pairs (fixed, moving), ``pred`` one warped moving label map per pair
+    (on the grid). Each mapped back to its fixed volume's native grid (a pair's frames share one acquisition), the
+    native label maps of both units in unit order, and the spacings per unit (what scoring in mm needs)."""
+    preds, fixed, spacings = native_predictions(pred, masks[0::2], native[0::2], grid)
+    targets = []
+    for f, m in zip(fixed, masks[1::2]):
+        moving = np.moveaxis(read_label_volume(m), -1, 0)
+        if moving.shape != f.shape:
+            raise DataError(
+                f"{m}: shape {moving.shape} differs from its pair's fixed volume {f.shape} (one acquisition)"
+            )
+        targets += [f, moving]
+    return preds, targets, [sp for sp in spacings for _ in (0, 1)]
+
+
 def read_label_volume(path: str) -> np.ndarray:
     """A label volume [X, Y, Z] (RAS, native grid, integer values) through the one volume reader."""
     from dinoscale.data.readers import read_volume

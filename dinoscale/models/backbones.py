@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -56,6 +57,7 @@ class BackboneDef:
     family: str = ""  # dinoscale.models.families (empty: a timm:<name> outside every family)
     loader: str = families.TIMM
     hf_repo: str | None = None  # the family's own Hub repo (loaders other than timm)
+    hf_file: str | None = None  # its weights file there, when the family states it (looked for first)
     mean: tuple[float, ...] | None = None  # declared by the family; None: timm's pretrained_cfg
     std: tuple[float, ...] | None = None
     gated: bool = False
@@ -82,6 +84,7 @@ def _from_family(f: families.Family, s: families.Size) -> BackboneDef:
         family=f.name,
         loader=f.loader,
         hf_repo=None if s.demo else s.hf_repo,
+        hf_file=s.hf_file,
         mean=tuple(f.mean) if declared else None,
         std=tuple(f.std) if declared else None,
         gated=f.gated and s.hf_repo is not None and not s.demo,  # the family's own repo is the gated one
@@ -152,6 +155,9 @@ class BackboneFacts:
     output: str  # 'tokens' ([B, prefix + patches, D]) or 'spatial' ([B, D, h, w])
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # timm ViT blocks (``blocks.<i>.attn.qkv`` and ``.mlp``, also inside a family's wrapper): what LoRA's targets
+    # and the full strategy's layer-wise decay are written for
+    vit_blocks: bool = False
 
     @property
     def normalisation(self) -> str:
@@ -165,6 +171,17 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     require_loader(defn)
     if defn.loader == families.TRANSFORMERS:
         return _create_transformers(defn, **kwargs)
+    if defn.loader == families.MONAI:
+        from dinoscale.models.volume import VolumeEncoder  # imports MONAI (~10 s): only for 3D families
+
+        return VolumeEncoder(defn.name, defn.arch_overrides, defn.mean, defn.std)
+    if defn.loader == families.OPEN_CLIP or defn.family in _PACKAGE_BUILDERS:
+        from dinoscale.models import clip  # imports timm only; each builder imports its own package
+
+        builder = (
+            clip.build_open_clip if defn.loader == families.OPEN_CLIP else getattr(clip, _PACKAGE_BUILDERS[defn.family])
+        )
+        return builder(defn.arch_overrides, defn.mean, defn.std)
     if defn.loader not in (families.TIMM, families.TIMM_HUB):
         raise WeightsError(
             f"backbone '{defn.name}' (family {defn.family}) loads through {defn.loader}; dinoscale declares it "
@@ -177,6 +194,10 @@ def _create(defn: BackboneDef, tag: str | None = None, **kwargs) -> torch.nn.Mod
     kw = dict(overrides, num_classes=0, **_extra_kwargs(defn.timm_name, tuple(sorted(defn.arch_overrides.items()))))
     kw.update(kwargs)
     return timm.create_model(name, **kw)
+
+
+# loader 'package' families dinoscale builds: family -> builder in dinoscale.models.clip
+_PACKAGE_BUILDERS = {"conch": "build_conch"}
 
 
 def _timm_kwargs(overrides: dict) -> dict:
@@ -244,7 +265,14 @@ def _facts_of(model: torch.nn.Module, defn: BackboneDef) -> BackboneFacts:
         output=output,
         mean=defn.mean or tuple(float(v) for v in cfg.get("mean", families.IMAGENET_MEAN)),
         std=defn.std or tuple(float(v) for v in cfg.get("std", families.IMAGENET_STD)),
+        vit_blocks=_has_vit_blocks(model),
     )
+
+
+def _has_vit_blocks(model: torch.nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    first = blocks[0] if isinstance(blocks, (torch.nn.Sequential, torch.nn.ModuleList)) and len(blocks) else None
+    return first is not None and hasattr(getattr(first, "attn", None), "qkv") and hasattr(first, "mlp")
 
 
 @functools.cache
@@ -289,8 +317,8 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
     if weights == "random":
         # A seeded init is reproducible for a given torch/timm (/transformers); they are part of its identity.
         libs = f"torch{torch.__version__}-timm{timm.__version__}"
-        if defn.loader == families.TRANSFORMERS:
-            libs += f"-transformers{version('transformers')}"
+        if defn.loader in (families.TRANSFORMERS, families.OPEN_CLIP, families.PACKAGE, families.MONAI):
+            libs += f"-{_loader_version(defn)}"
         return {"kind": "random", "digest": f"random-seed{seed}-{libs}"}
     if weights == "hub":
         if not defn.has_weights:
@@ -302,6 +330,21 @@ def weights_identity(defn: BackboneDef, weights: str, seed: int) -> dict[str, st
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' not found (backbone '{defn.name}')")
     return {"kind": "file", "digest": "sha256:" + sha256_file(path), "path": str(path)}
+
+
+def _loader_version(defn: BackboneDef) -> str:
+    """The loader package and its installed version (part of a seeded init's identity)."""
+    fam = families.find_family(defn.family)
+    module = (fam.requires if fam is not None else families.PACKAGES[defn.loader])[0]
+    try:
+        return f"{module}{version(module)}"
+    except importlib.metadata.PackageNotFoundError:  # import name != distribution name (open_clip_torch)
+        return f"{module}{version(_distributions().get(module, [module])[0])}"
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: ~1 s, once
 
 
 def local_weights_file(weights: str) -> Path:
@@ -321,7 +364,8 @@ def hub_source(defn: BackboneDef) -> tuple[str, list[str]]:
     if not defn.has_weights:
         raise WeightsError(f"backbone '{defn.name}' has no published weights; use weights: random or a file")
     if defn.hf_repo:
-        return defn.hf_repo, list(WEIGHT_FILES)
+        first = [defn.hf_file] if defn.hf_file else []
+        return defn.hf_repo, first + [n for n in WEIGHT_FILES if n not in first]
     cfg = timm.models.get_pretrained_cfg(f"{defn.timm_name}.{defn.hub_tag}")
     repo = getattr(cfg, "hf_hub_id", None)
     if not repo:

@@ -27,7 +27,8 @@ TIMM_HUB = "timm hf-hub"  # timm architecture with the family's kwargs; weights 
 TRANSFORMERS = "transformers"  # a Hugging Face transformers vision model (AutoModel class + config)
 OPEN_CLIP = "open_clip"  # open_clip
 PACKAGE = "package"  # the family's own package
-LOADERS = (TIMM, TIMM_HUB, TRANSFORMERS, OPEN_CLIP, PACKAGE)
+MONAI = "monai"  # a MONAI network class (3D CT encoders)
+LOADERS = (TIMM, TIMM_HUB, TRANSFORMERS, OPEN_CLIP, PACKAGE, MONAI)
 
 # MLflow: the family of a child run's backbone (a param); the analysis falls back on ``family_of(backbone)``
 # for runs that do not carry it. (To be moved into dinoscale/record.py by its owner.)
@@ -44,6 +45,7 @@ PACKAGES = {
     TIMM_HUB: ("timm", "pip install timm"),
     TRANSFORMERS: ("transformers", "pip install transformers"),
     OPEN_CLIP: ("open_clip", "pip install open_clip_torch"),
+    MONAI: ("monai", "pip install monai"),
 }
 
 
@@ -60,6 +62,7 @@ class Size:
     prefix: int
     tag: str | None = None  # timm pretrained tag (loader timm)
     hf_repo: str | None = None  # the Hub repo of its weights (loaders other than timm)
+    hf_file: str | None = None  # the weights file in that repo, where known (the download command names it)
     overrides: tuple[tuple[str, object], ...] = ()  # architecture kwargs (timm) or config kwargs (transformers)
     demo: bool = False  # a reduced model for CPU demos: random weights only, never a result
 
@@ -83,6 +86,7 @@ class Family:
     package: tuple[str, str] | None = None  # (import name, install command) for loader PACKAGE
     notes: str = ""
     aliases: tuple[str, ...] = field(default=())
+    spatial_dims: int = 2  # 3: a volume encoder, which dinoscale's 2D / slice extraction cannot feed yet
 
     @property
     def requires(self) -> tuple[str, str]:
@@ -240,6 +244,15 @@ FAMILIES: tuple[Family, ...] = (
                 16,
                 1,
                 hf_repo="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                hf_file="open_clip_pytorch_model.bin",
+                # its open_clip_config.json: embed_dim + vision_cfg (the text tower is never built)
+                overrides=(
+                    ("embed_dim", 512),
+                    ("timm_model_name", "vit_base_patch16_224"),
+                    ("timm_pool", ""),
+                    ("timm_proj", "linear"),
+                    ("image_size", 224),
+                ),
             ),
         ),
         OPENAI_CLIP_MEAN,
@@ -342,7 +355,31 @@ FAMILIES: tuple[Family, ...] = (
         "CONCH (pathology vision-language, ViT-B/16)",
         "pathology",
         PACKAGE,
-        (Size("b", "conch", "conch_ViT-B-16", 768, 16, 1, hf_repo="MahmoodLab/CONCH"),),
+        (
+            Size(
+                "b",
+                "conch",
+                "conch_ViT-B-16",
+                768,
+                16,
+                1,
+                hf_repo="MahmoodLab/CONCH",
+                hf_file="pytorch_model.bin",  # the file conch's create_model downloads
+                # conch/open_clip_custom/model_configs/conch_ViT-B-16.json: embed dims + vision_cfg
+                overrides=(
+                    ("embed_dim", 512),
+                    ("embed_dim_caption", 768),
+                    ("image_size", 448),
+                    ("patch_size", 16),
+                    ("attentional_pool_caption", True),
+                    ("attentional_pool_contrast", True),
+                    ("attn_pooler_heads", 8),
+                    ("n_queries_contrast", 1),
+                    ("n_queries_caption", 256),
+                    ("output_tokens", True),
+                ),
+            ),
+        ),
         OPENAI_CLIP_MEAN,
         OPENAI_CLIP_STD,
         448,
@@ -351,8 +388,9 @@ FAMILIES: tuple[Family, ...] = (
         "cls",
         "CC-BY-NC-ND-4.0",
         True,
-        "huggingface.co/MahmoodLab/CONCH model card; github.com/mahmoodlab/CONCH",
-        package=("conch", "pip install git+https://github.com/Mahmoodlab/CONCH.git"),
+        "huggingface.co/MahmoodLab/CONCH model card; github.com/mahmoodlab/CONCH (conch_ViT-B-16.json; PyPI's "
+        "conch-fork 0.1.0 ships that repository's conch package file for file)",
+        package=("conch", "pip install conch-fork"),
     ),
     Family(
         "virchow2",
@@ -453,8 +491,25 @@ FAMILIES: tuple[Family, ...] = (
         "ct-fm",
         "CT-FM (3D SegResNet encoder, CT)",
         "ct",
-        PACKAGE,
-        (Size("b", "ct-fm", "SegResEncoder", 512, 16, 0, hf_repo="project-lighter/ct_fm_feature_extractor"),),
+        MONAI,
+        (
+            Size(
+                "b",
+                "ct-fm",
+                "SegResEncoder",
+                512,
+                16,
+                0,
+                hf_repo="project-lighter/ct_fm_feature_extractor",
+                # MONAI's defaults otherwise (batch norm, ReLU): a checkpoint of another norm fails the load, named
+                overrides=(
+                    ("spatial_dims", 3),
+                    ("in_channels", 1),
+                    ("init_filters", 32),
+                    ("blocks_down", (1, 2, 2, 4, 4)),
+                ),
+            ),
+        ),
         (0.0,),
         (1.0,),
         0,
@@ -463,9 +518,13 @@ FAMILIES: tuple[Family, ...] = (
         "mean_patch",
         "see the model card (project-lighter)",
         False,
-        "huggingface.co/project-lighter/ct_fm_feature_extractor model card (lighter_zoo.SegResEncoder)",
-        package=("lighter_zoo", "pip install lighter-zoo"),
-        notes="3D: not yet read by dinoscale's 2D / slice pipeline (declared so that a spec names it and is told)",
+        "huggingface.co/project-lighter/ct_fm_feature_extractor model card (lighter_zoo.SegResEncoder, which is "
+        "MONAI's segresnet_ds.SegResEncoder with the Hub mixin); blocks_down (1, 2, 2, 4, 4) as published CT-FM feature "
+        "extractors build it (MONAI defaults otherwise); encoder-only safetensors with the encoder's own key names",
+        notes="3D: built, measured and its weights checked, but dinoscale's extraction reads 2D images and slices: "
+        "a sweep naming it is refused at pre-flight. Built with MONAI's class, not lighter-zoo (whose install "
+        "brings jupyter and ITK)",
+        spatial_dims=3,
     ),
     Family(
         "resnet50",

@@ -8,7 +8,7 @@ In order, cheapest first, each failure one ``UserError`` naming the thing, what 
 2. **tracking, reachable**: the MLflow server accepts a TCP connection (a SQLite / folder store: its path
    is not under a file). A server that is down or unroutable is reported in at most 5 s instead of
    MLflow's minutes of retries. Nothing is written yet.
-3. **weights**: each backbone's weights resolve (file, or the Hugging Face cache / a reachable hub) and
+3. **weights**: each backbone takes 2D images (a 3D encoder such as CT-FM is refused); its weights resolve (file, or the Hugging Face cache / a reachable hub) and
    fit its architecture: names and shapes are compared on the meta device with the file memory-mapped,
    so a multi-GB checkpoint is not read into the driver's memory.
 4. **data**: the data root holds the adapter's layout (the plan prepares the dataset, which checks it),
@@ -39,8 +39,9 @@ from urllib.parse import urlparse, urlunparse
 
 from dinoscale import record, settings
 from dinoscale.data.errors import DataError
-from dinoscale.errors import StorageError, TrackingError, environment_error, free_space, size_text
+from dinoscale.errors import StorageError, TrackingError, UserError, environment_error, free_space, size_text
 from dinoscale.features import FeatureStore  # lazy: the CLI imports this module before anything heavy
+from dinoscale.strategies.registry import training_kinds
 from dinoscale.sweep.state import ResumeError, SweepState
 
 CONNECT_TIMEOUT_S = 5.0  # a tracking host that does not accept a TCP connection in this time is down
@@ -419,6 +420,55 @@ def tracking_store_failure(exc: BaseException | None, depth: int = 0) -> BaseExc
 # ---------------------------------------------------------------- weights
 
 
+def check_dimensions(spec) -> None:
+    """Every backbone takes 2D images: the extraction feeds images and slices of volumes. A 3D encoder (a family
+    with ``spatial_dims`` 3, e.g. CT-FM) is declared, built and its weights checked, but cannot be swept yet:
+    refused here, all such backbones in one message."""
+    from dinoscale.models.backbones import families, get_backbone
+
+    volume = [
+        b.name
+        for b in spec.backbones
+        if getattr(families.find_family(get_backbone(b.name).family), "spatial_dims", 2) == 3
+    ]
+    if volume:
+        two_d = [
+            f.name for f in families.FAMILIES if f.spatial_dims == 2 and f.domain in ("radiology", "ct", "general")
+        ]
+        raise UserError(
+            f"backbone(s) {', '.join(volume)} encode 3D volumes, and dinoscale's extraction feeds encoders 2D images "
+            "and slices of volumes: they cannot be swept yet. Remove them from backbones / encoders in the spec "
+            f"(2D families for CT slices: {', '.join(two_d)}; `dinoscale backbones` lists all)"
+        )
+
+
+def check_fine_tunable(spec) -> None:
+    """The strategies that train the encoder (lora, full) are written for timm ViT blocks (``blocks.<i>.attn.qkv``
+    / ``.mlp``: LoRA's targets, layer-wise decay). A backbone without them (a transformers model, a CNN, a 3D
+    encoder) is refused here, all of them in one message naming their families and the fine-tunable ones."""
+    from dinoscale.models.backbones import backbone_facts, families, get_backbone
+
+    training = [s for s in spec.strategies if s in training_kinds()]
+    if not training:
+        return
+    bad = [b.name for b in spec.backbones if not backbone_facts(b.name).vit_blocks]
+    if not bad:
+        return
+    named = [f"{n} (family {get_backbone(n).family or 'none'}, {get_backbone(n).loader})" for n in bad]
+    ok = [
+        f.name
+        for f in families.FAMILIES
+        if f.domain != "demo"
+        and f.loader not in (families.TRANSFORMERS, families.MONAI)
+        and backbone_facts(f.sizes[0].backbone).vit_blocks
+    ]
+    raise UserError(
+        f"strategies {', '.join(training)} train the encoder through timm ViT blocks (blocks.<i>.attn / mlp), "
+        f"which backbone(s) {'; '.join(named)} do not have: fine-tuning them is not supported yet. Run them with "
+        f"strategies: [frozen], or fine-tune a family that has them: {', '.join(ok)}"
+    )
+
+
 def check_all_weights(spec) -> str:
     """Each backbone's weights resolve and fit its architecture (``dinoscale.models.check_weights``). Every
     missing set is named in one message, each with what fetches it (``dinoscale weights SPEC`` lists them all):
@@ -460,7 +510,8 @@ def macro_class_set_words(ds, k: int) -> str | None:
     df = ds.split("test")
     y, ids = df[ds.classes].to_numpy(dtype=float) > 0, df["patient_id"].astype(str).to_numpy()
     n_patients = len(set(ids))
-    full, any_ = macro_class_set(y, ids, k), macro_class_set(y, ids, 1)
+    rule = get_task(ds.task).negatives
+    full, any_ = macro_class_set(y, ids, k, rule), macro_class_set(y, ids, 1, rule)
     pos = {c: len(set(ids[y[:, j]])) for j, c in enumerate(ds.classes)}
     if not any_.any():
         counts = ", ".join(f"{c} ({pos[c]} positive, {n_patients - pos[c]} negative)" for c in ds.classes)
@@ -534,6 +585,8 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
     with report.step("tracking"):  # reachable now (seconds); written to last, once the sweep can run
         check_tracking_reachable(tracking_uri)
     with report.step("weights"):
+        check_dimensions(spec)
+        check_fine_tunable(spec)
         report.checks["weights"] = check_all_weights(spec)
     with report.step("data"):
         plan = build_plan(spec, project_dir, require_data=True)

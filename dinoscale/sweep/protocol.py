@@ -37,9 +37,11 @@ _TOKENS = {
 _CONVENTIONS_OF = {
     "multilabel": ("macro AUROC", "intervals"),
     "multiclass": ("macro AUROC", "intervals"),
+    "video_frames": ("macro AUROC (frames)", "frame metrics", "intervals"),
     "mil": ("macro AUROC", "intervals"),
     "segmentation": ("intervals", "Dice", "IoU", "HD95", "detection", "lesion detection", "FP / FN volume"),
     "instance_segmentation": ("intervals", "VOI / ARAND"),
+    "registration": ("intervals", "registration"),
 }
 _VIEWS = {
     "images": "one feature row per image",

@@ -29,7 +29,7 @@ from ray import tune
 from dinoscale import pseudonym, record
 from dinoscale.data import SplitUnits
 from dinoscale.data.splits import replicate_indices
-from dinoscale.data.volumes import native_predictions
+from dinoscale.data.volumes import native_pairs, native_predictions
 from dinoscale.errors import describe, user_error_of
 from dinoscale.features import FeatureStore
 from dinoscale.memory import PeakRSS
@@ -209,7 +209,8 @@ def scored(
     if task.dense and target is not None and grid is not None and test.native is not None:
         # volumes on a common grid: predictions mapped back to each volume's native grid and scored against
         # its native label map with its native spacing (metrics in mm on the data as published)
-        test_output, target, spacing = native_predictions(test_output, test.masks, test.native, grid)
+        to_native = native_pairs if task.paired else native_predictions
+        test_output, target, spacing = to_native(test_output, test.masks, test.native, grid)
         scoring = replace(scoring, spacing=spacing)
     metrics, predictions = task.score(test_output, target, scoring)
     metrics = {

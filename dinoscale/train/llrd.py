@@ -15,8 +15,13 @@ from torch import nn
 _STEM = ("cls_token", "reg_token", "pos_embed", "patch_embed", "rope", "mask_token")
 
 
+# the timm ViT trunk inside a family's wrapper (models/clip.py: open_clip's and CONCH's vision towers); what
+# else the wrapper holds (their pooling / projection heads) comes after the blocks
+_TRUNK = "visual.trunk."
+
+
 def layer_id(name: str, n_blocks: int) -> int:
-    name = name.removeprefix("backbone.")
+    name = name.removeprefix("backbone.").removeprefix(_TRUNK)
     m = re.match(r"blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
@@ -37,7 +42,7 @@ def llrd_param_groups(
         if not p.requires_grad:
             continue
         layer = layer_id(name, n_blocks)
-        decay = p.ndim > 1 and not name.removeprefix("backbone.").startswith(_STEM[:3])
+        decay = p.ndim > 1 and not name.removeprefix("backbone.").removeprefix(_TRUNK).startswith(_STEM[:3])
         scale = layer_decay ** (n_blocks + 1 - layer)
         g = groups.setdefault(
             (layer, decay),
