@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,6 +24,7 @@ from dinoscale.specfile import SpecError
 from dinoscale.sweep.external import cut_outputs
 
 INTERNAL = ["cardiomegaly", "effusion", "nodule", "fibrosis"]
+REHEARSED = ROOT / "sweeps" / "xray-external-rsna.yaml"
 
 
 def _spec(tmp_path: Path, external: list, **extra) -> dict:
@@ -161,8 +163,6 @@ def test_a_phantom_sweep_scores_each_external_set_and_reports_the_drop(tmp_path)
         env={**os.environ, "DINOSCALE_REPORTS": str(tmp_path / "reports")},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    import mlflow
-
     runs = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").search_runs(
         [
             mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
@@ -189,24 +189,32 @@ def test_a_phantom_sweep_scores_each_external_set_and_reports_the_drop(tmp_path)
 
 
 @pytest.mark.slow
-def test_the_nih_to_rsna_spec_rehearses_with_a_replica_of_each_external_dataset(tmp_path):
-    """The rehearsal writes RSNA's replica beside NIH-14's, points the external root there, and the plan maps
-    RSNA's Pneumonia onto NIH-14's and gives every frozen group an external feature set (the sweep itself runs as
-    any rehearsal: `dinoscale rehearse sweeps/xray-external-rsna.yaml --lean`, 8 cells in ~150 s here)."""
-    from dinoscale.rehearse import prepare
-    from dinoscale.sweep.plan import build_plan
+def test_the_nih_to_rsna_spec_rehearses_end_to_end_with_a_replica_of_each_external_dataset(tmp_path, monkeypatch):
+    """The rehearsal writes RSNA's replica beside NIH-14's and points the external root there; the plan maps RSNA's
+    Pneumonia onto NIH-14's and gives the frozen group an external feature set; the cell's run and the report carry
+    the external results. One cell (the spec's grid cut by --set; `dinoscale rehearse sweeps/xray-external-rsna.yaml
+    --lean` runs 8 cells the same way)."""
+    from dinoscale.rehearse import rehearse
     from dinoscale.sweep.protocol import protocol_markdown
 
-    spec = ROOT / "sweeps" / "xray-external-rsna.yaml"
-    r = prepare(spec, project_dir=tmp_path, lean=True, overrides=[f"storage.path={tmp_path / 'store'}"])
+    monkeypatch.setenv("DINOSCALE_STORAGE", str(tmp_path / "store"))
+    monkeypatch.setenv("DINOSCALE_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    monkeypatch.setenv("DINOSCALE_REPORTS", str(tmp_path / "reports"))
+    one_cell = ["backbones=[{name: dinov3-vits16, weights: hub}]", "resolutions=[256]", "probes=[{kind: linear}]"]
+    r, out = rehearse(REHEARSED, lean=True, quiet=True, project_dir=tmp_path, overrides=one_cell)
     (ext,) = r.spec.external
-    assert Path(ext.dataset.root).is_dir() and "rsna-pneumonia" in ext.dataset.root
-    assert Path(ext.dataset.root) != Path(r.spec.dataset.root)
-    plan = build_plan(r.spec, project_dir=tmp_path, require_data=True)
+    assert Path(ext.dataset.root).is_dir() and Path(ext.dataset.root).parent.name == "rsna-pneumonia"
+    plan = out.plan
     (mapped,) = plan.externals.values()
     assert mapped.mapping == {"Pneumonia": "Pneumonia"} and mapped.classes == ["Pneumonia"]
-    internal = {(f.backbone.name, f.resolution) for f in plan.feature_sets if not f.external}
-    external = {(f.backbone.name, f.resolution) for f in plan.feature_sets if f.external == "rsna"}
-    assert external == internal and all(c.external_keys for c in plan.cells)
-    assert len(plan.rows(next(f for f in plan.feature_sets if f.external)).ids) == len(mapped.dataset.manifest)
+    (fs,) = [f for f in plan.feature_sets if f.external == "rsna"]
+    assert len(plan.rows(fs).ids) == len(mapped.dataset.manifest) and all(c.external_keys for c in plan.cells)
     assert "| rsna | rsna-pneumonia, rows: all" in protocol_markdown(plan)
+    assert [row["cell"] for row in out.rows if row["state"] != "FINISHED"] == []
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name(r.spec.experiment_name).experiment_id
+    (run,) = client.search_runs([exp], f"tags.`{record.CELL}` != ''")
+    drop = record.external_name("rsna", record.EXTERNAL_DROP)
+    assert drop in run.data.metrics and run.data.metrics[record.external_name("rsna", record.EXTERNAL_CLASSES)] == 1
+    md = (out.report_dir / "report.md").read_text()
+    assert "## External test sets" in md and "on rsna (external, 1 class mapped) the best cell" in md
