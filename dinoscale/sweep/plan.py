@@ -514,6 +514,7 @@ class _FeatureSets:
         if "frozen" not in spec.strategies:
             return out
         grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
+        vector_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "vector"}
         budget = data.features.cache_budget_gb
         for bb, res in itertools.product(infos, spec.resolutions):
             if ds is None and published is None:
@@ -534,7 +535,7 @@ class _FeatureSets:
                     if f.key is not None and not f.online:
                         out.keys.setdefault(group, {})[f.split] = f.key.digest
                 out.feature_sets.extend(sets)
-                if (view, tokens) not in grid_views:
+                if (view, tokens) in vector_views:  # external sets are scored by vector probes only
                     out.feature_sets.extend(out.external_sets(externals or {}, bb, res, view, tokens, store))
         return out
 
