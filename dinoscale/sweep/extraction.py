@@ -601,7 +601,9 @@ def run_extraction_stage(
     errors = []
     if jobs:
         has_gpu = cluster_has_gpus()
-        remote = ray.remote(run_fused_job if fused else run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
+        remote = ray.remote(run_fused_job if fused else run_job).options(
+            num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2
+        )
         counter = ray.remote(num_cpus=0)(ProgressCounter).remote() if on_progress else None
         total = sum(s.n_rows for job in jobs for s in job.shards)
         pending = {remote.remote(job, str(store_root), counter, str(i)): job for i, job in enumerate(jobs)}
