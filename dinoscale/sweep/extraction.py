@@ -15,11 +15,14 @@ Ray (``max_retries``), skipping the shards committed meanwhile. Trials never ext
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -27,12 +30,12 @@ from dinoscale import record
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
-from dinoscale.features.extract import pick_device
+from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices, pick_device
 from dinoscale.features.fused import FusedTarget, PassRows, Segment, extract_fused
 from dinoscale.memory import PeakRSS
 from dinoscale.models import gflops_per_image, load_backbone
 from dinoscale.preflight import with_room_needed
-from dinoscale.sweep import cost
+from dinoscale.sweep import budget, cost
 from dinoscale.sweep.plan import FeatureSetPlan, Plan, plan_node_memory
 from dinoscale.sweep.progress import CountingWriter, ProgressCounter
 
@@ -279,8 +282,6 @@ def _pack_fused(plan: Plan, sets: list[FeatureSetPlan], passes: list[FusedPass],
 
 def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device):
     """One shard through the extractor: its recipe and its rows, nothing else decides the features."""
-    from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices
-
     run = {"device": device, "out": writer, "batch_size": job.batch_size}
     if s.view == "volumes":
         return extract_volume_features(backbone, s.recipe, s.paths, **run)[1]
@@ -297,11 +298,6 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
     ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach. ``counter``: a
     ``ProgressCounter`` actor told the rows written under ``counter_key`` as they land (the driver's
     progress bar)."""
-    import torch
-
-    from dinoscale.features.extract import pick_device
-    from dinoscale.models import gflops_per_image, load_backbone
-
     store = FeatureStore(store_root)
     t0 = time.perf_counter()
     if counter is not None:
@@ -387,25 +383,11 @@ def run_fused_job(job: FusedJob, store_root: str, counter=None, counter_key: str
         device = pick_device()
         out["device"] = str(device)
         encoders = {name: load_backbone(name, w, seed) for name, w, seed in job.backbones}
-        for p in job.passes:
-            targets = _fused_targets(p, encoders, store, device, counter, counter_key)
-            if not targets:
-                continue
-            rows = PassRows(p.sources.items, p.sources.channels.get("pet"), p.sources.n_slices)
-            stats = extract_fused(
-                targets, rows, device, batch_size=job.batch_size, num_workers=job.extra.get("workers")
-            )
-            out["shards_stored"] += sum(len(t.segments) for t in targets)
-            out["stored"] += _commit_complete_keys(store, p.shards)
-            out["images"] += stats.entries
-            out["slices"] += stats.inputs
-            out["batches"] += stats.forward_passes
-            out["forward_seconds"] += stats.seconds
-            out[record.OOM_BACKOFFS] += stats.oom_backoffs
-            out["decodes"] += stats.decodes
-            out["entries"] += stats.entries
-            out["decode_seconds"] += stats.decode_seconds
-            out["transform_seconds"] += stats.transform_seconds
+        gpu = _GpuUtilisation() if device.type == "cuda" else contextlib.nullcontext()
+        with gpu:
+            _run_passes(job, encoders, store, device, out, counter, counter_key)
+        if isinstance(gpu, _GpuUtilisation) and gpu.samples:
+            out[record.EXTRACTION_GPU_UTILIZATION] = float(np.mean(gpu.samples))
         del encoders
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -418,6 +400,50 @@ def run_fused_job(job: FusedJob, store_root: str, counter=None, counter_key: str
         out["decode_seconds"] / out["forward_seconds"] if out["forward_seconds"] else 0.0
     )
     return out
+
+
+def _run_passes(job: FusedJob, encoders: dict, store: FeatureStore, device, out: dict, counter, counter_key) -> None:
+    """Each pass of the job through ``extract_fused``, its figures added to ``out``."""
+    for p in job.passes:
+        targets = _fused_targets(p, encoders, store, device, counter, counter_key)
+        if not targets:
+            continue
+        rows = PassRows(p.sources.items, p.sources.channels.get("pet"), p.sources.n_slices)
+        stats = extract_fused(targets, rows, device, batch_size=job.batch_size, num_workers=job.extra.get("workers"))
+        out["shards_stored"] += sum(len(t.segments) for t in targets)
+        out["stored"] += _commit_complete_keys(store, p.shards)
+        out["images"] += stats.entries
+        out["slices"] += stats.inputs
+        out["batches"] += stats.forward_passes
+        out["forward_seconds"] += stats.seconds
+        out[record.OOM_BACKOFFS] += stats.oom_backoffs
+        out["decodes"] += stats.decodes
+        out["entries"] += stats.entries
+        out["decode_seconds"] += stats.decode_seconds
+        out["transform_seconds"] += stats.transform_seconds
+
+
+class _GpuUtilisation:
+    """The GPU's utilisation (%, NVML through ``torch.cuda.utilization``) sampled twice a second while a fused job
+    runs; no samples where NVML is missing."""
+
+    def __enter__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # noqa: BLE001 - NVML (pynvml) not installed: utilisation is optional telemetry
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
 
 
 def _fused_targets(
@@ -601,6 +627,8 @@ def run_extraction_stage(
     errors = []
     if jobs:
         has_gpu = cluster_has_gpus()
+        if fused and has_gpu:
+            _feed_workers(plan, jobs)
         remote = ray.remote(run_fused_job if fused else run_job).options(
             num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2
         )
@@ -659,6 +687,14 @@ def run_extraction_stage(
     return report
 
 
+def _feed_workers(plan: Plan, jobs: list[FusedJob]) -> None:
+    """Loader workers of each fused job on a GPU: as many as its encoders need to keep pace with the decode
+    (``budget.fused_feed``: the calibration's decode per core against the encoders' FLOPs on the plan's GPU)."""
+    feed = {frozenset(f.backbones): f.workers for f in budget.fused_feed(plan, budget.plan_cluster(plan.spec))}
+    for job in jobs:
+        job.extra["workers"] = feed.get(frozenset(b for b, _, _ in job.backbones))
+
+
 def _poll(counter, polled, total: int, on_progress):
     """Ask the counter for its rows without blocking the stage: the previous question's answer, if ready."""
     import ray
@@ -696,7 +732,8 @@ def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError
 
 def extraction_record(report: ExtractionReport) -> dict:
     """The stage's metrics for the parent run: shards, bytes on disk and peak memory, each measured next to
-    the plan's prediction (names from ``dinoscale.record``)."""
+    the plan's prediction, and its feed: files read per file, encoder inputs per second of the stage, the tasks'
+    decode time share and the GPU's utilisation where there is one (names from ``dinoscale.record``)."""
 
     out = {
         record.EXTRACTION_SHARDS_EXTRACTED: report.shards_extracted,
@@ -705,6 +742,15 @@ def extraction_record(report: ExtractionReport) -> dict:
     if report.per_feature_set:
         out[record.FEATURE_BYTES_MEASURED] = sum(f["measured_bytes"] for f in report.per_feature_set)
         out[record.FEATURE_BYTES_PREDICTED] = sum(f["predicted_bytes"] for f in report.per_feature_set)
+    if report.files:
+        out[record.EXTRACTION_DECODES_PER_FILE] = report.decodes_per_file
+    if report.wall_seconds > 0 and report.images:
+        out[record.EXTRACTION_IMAGES_PER_SECOND] = report.images / report.wall_seconds
+    if report.forward_seconds > 0 and report.decode_seconds > 0:
+        out[record.EXTRACTION_DECODE_SHARE] = report.decode_seconds / report.forward_seconds
+    gpu = [j[record.EXTRACTION_GPU_UTILIZATION] for j in report.per_job if record.EXTRACTION_GPU_UTILIZATION in j]
+    if gpu:
+        out[record.EXTRACTION_GPU_UTILIZATION] = float(np.mean(gpu))
     if report.per_job:
         worst = max(report.per_job, key=lambda j: j.get("peak_rss_bytes", 0))
         out[record.EXTRACTION_PEAK_RSS_MB] = worst.get("peak_rss_bytes", 0) / 2**20
