@@ -2,8 +2,10 @@
 
 Three stages, each with the resource that bounds it and why:
 
-- **extraction**: every feature set decodes its inputs once (a file is read once per backbone x resolution x
-  view: ``sweep/extraction.py`` packs tasks per backbone and resolution) and runs the encoder over every input.
+- **extraction**: every feature set runs the encoder over every input; the table charges each set the decode of
+  its inputs (one read per backbone x resolution x view), an upper bound since fused extraction
+  (``sweep/extraction.py``) reads each file once for every set of a pass: ``fused_feed`` prices that pass (one
+  decode per input, the encoders of the pass side by side, the loader workers and the bound).
   Per task the loader's CPU cores decode while the GPU encodes, so a task takes the longest of three times:
   *decode* (inputs x measured CPU seconds per input / the task's CPU cores), *GPU* (FLOPs measured on each
   model / (published dense bf16 peak x ``UTILISATION``)), *disk* (bytes read / the node's read rate). The

@@ -124,6 +124,17 @@ class ExtractionReport:
     def decodes_per_file(self) -> float:
         return self.decodes / self.files if self.files else 0.0
 
+    def add(self, res: dict) -> None:
+        """One task's figures (``run_job`` / ``run_fused_job``)."""
+        self.per_job.append(res)
+        self.feature_sets_extracted += res["stored"]
+        self.shards_extracted += res["shards_stored"]
+        self.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
+        self.forward_batches += res["batches"]
+        self.forward_seconds += res["forward_seconds"]
+        self.decodes += res["decodes"]
+        self.decode_seconds += res.get("decode_seconds", 0.0)
+
 
 def _shard_sources(plan: Plan, fs: FeatureSetPlan) -> list[RowSources]:
     src = plan.dataset.sources(fs.split)
@@ -656,14 +667,7 @@ def run_extraction_stage(
                     raise _in_job(with_room_needed(user, plan, store), job, len(pending)) from None
                 errors.append(f"{job.label} ({', '.join(s.label for s in job.shards)}): {e}")
                 continue
-            report.per_job.append(res)
-            report.feature_sets_extracted += res["stored"]
-            report.shards_extracted += res["shards_stored"]
-            report.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
-            report.forward_batches += res["batches"]
-            report.forward_seconds += res["forward_seconds"]
-            report.decodes += res["decodes"]
-            report.decode_seconds += res.get("decode_seconds", 0.0)
+            report.add(res)
             if on_done:
                 on_done(res)
         if counter is not None:
