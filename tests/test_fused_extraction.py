@@ -19,6 +19,7 @@ from dinoscale.features.extract import extract_volume_features, extract_volume_s
 from dinoscale.features.fused import FusedTarget, PassRows, Segment, extract_fused
 from dinoscale.models import load_backbone
 from dinoscale.spec import parse_spec
+from dinoscale.sweep import budget
 from dinoscale.sweep.extraction import plan_fused_jobs, plan_jobs, run_fused_job, run_job
 from dinoscale.sweep.plan import build_plan
 
@@ -137,9 +138,13 @@ def test_encoders_that_do_not_fit_one_device_are_split_into_passes(tmp_path):
     raw = tiny_spec_dict(tmp_path)
     raw["dataset"]["phantom"].update({"n_patients": 12, "images_per_patient": [1, 2], "image_size": 64})
     raw["resources"] = {**raw.get("resources", {}), "gpu_memory_gib": 0.001}
-    jobs = plan_fused_jobs(build_plan(parse_spec(raw), tmp_path))
+    plan = build_plan(parse_spec(raw), tmp_path)
+    jobs = plan_fused_jobs(plan)
     assert sorted(b for j in jobs for b, _, _ in j.backbones) == ["dinov3-demo-s", "dinov3-demo-xs"]
     assert all(len(j.backbones) == 1 and j.extra["fused_groups"] == 2 for j in jobs)
+    feed = budget.fused_feed(plan, budget.this_machine())  # what `dinoscale plan` shows: the same 2 passes
+    assert [f.backbones for f in feed] == [("dinov3-demo-xs",), ("dinov3-demo-s",)]
+    assert all(f.bound in ("decode", "encoder") and f.workers == 0 for f in feed)  # the CPU decodes inline
 
 
 # ---------------------------------------------------------------- killed and resumed

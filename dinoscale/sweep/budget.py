@@ -404,11 +404,12 @@ def fused_feed(plan, cluster: Cluster, cal: dict | None = None) -> list[Feed]:
     if not sets:
         return []
     gpu = cluster.gpu if cluster.gpus else None
-    device = (gpu.memory_gib if gpu else res.gpu_memory_gib) * 2**30
+    device = res.gpu_memory_gib * 2**30  # the spec's planning figure, as the extraction stage packs its passes
+    host = res.node_memory_gb * 2**30 if res.node_memory_gb is not None else cluster.memory_bytes
     kind, pixels = input_kind(plan)
     entry = cal["decode"].get(kind) or DECODE[kind]
     out = []
-    for g in cost.fused_groups(sets, spec.features.batch_size, device, cluster.memory_bytes):
+    for g in cost.fused_groups(sets, spec.features.batch_size, device, host):
         group = [f for f in sets if f.backbone.name in g.backbones]
         inputs = {f.split: max(f.n_slices, f.n_images) for f in group}  # decoded once per split, whatever the sets
         total = sum(f.backbone.gflops_per_image(f.resolution) * 1e9 * max(f.n_slices, f.n_images) for f in group)
