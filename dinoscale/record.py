@@ -157,6 +157,13 @@ FEATURE_BYTES_MEASURED = "features_bytes_measured"  # the sweep's feature sets i
 FEATURE_BYTES_PREDICTED = "features_bytes_predicted"
 EXTRACTION_SHARDS_EXTRACTED = "extraction_shards_extracted"
 EXTRACTION_SHARDS_CACHED = "extraction_shards_cached"  # committed by an earlier, interrupted run
+# The feed of the extraction stage (fused extraction, dinoscale.features.fused): files read per manifest file
+# (1: each decoded once for every feature set of the sweep), encoder inputs per second of the stage's tasks,
+# the share of their time spent decoding files, and the GPU's utilisation where there is one.
+EXTRACTION_DECODES_PER_FILE = "extraction_decodes_per_file"
+EXTRACTION_IMAGES_PER_SECOND = "extraction_images_per_second"
+EXTRACTION_DECODE_SHARE = "extraction_decode_share"
+EXTRACTION_GPU_UTILIZATION = "extraction_gpu_utilization"
 
 # ---------------------------------------------------------------- artifacts
 

@@ -368,8 +368,8 @@ def test_a_3d_encoder_is_refused_at_preflight_naming_it():
     """CT-FM is built and its weights checked, but the extraction feeds 2D images and slices: the pre-flight
     refuses a spec naming it before anything runs, in one message (a UserError: exit 2 at the CLI)."""
     from dinoscale.errors import UserError
-    from dinoscale.sweep.preflight import check_dimensions
     from dinoscale.spec import SweepSpec
+    from dinoscale.sweep.preflight import check_dimensions
 
     raw = _demo_raw(encoders=[{"family": "ct-fm"}])
     raw["backbones"] = [{"name": "dinov3-demo-xs", "weights": "random"}]
@@ -384,8 +384,8 @@ def test_a_wrapped_vit_family_is_fine_tunable_and_the_others_are_refused_at_pref
     full strategy's layer-wise decay puts its stem first and the tower's poolers last (on the meta device: the
     structure, no compute). A transformers family has no such blocks: refused in one message (exit 2)."""
     from dinoscale.errors import UserError
-    from dinoscale.sweep.preflight import check_fine_tunable
     from dinoscale.spec import SweepSpec
+    from dinoscale.sweep.preflight import check_fine_tunable
     from dinoscale.train import apply_lora, llrd_param_groups
 
     with torch.device("meta"):

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_spec_dict
+from dinoscale import record
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.runner import run_sweep
 
@@ -63,6 +64,9 @@ def test_sweep_records_one_child_run_per_cell_with_provenance(project):
     pm = client.get_run(out.parent_run_id).data.metrics
     assert pm["features_bytes_measured"] == pm["features_bytes_predicted"] > 0
     assert pm["memory_extraction_peak_rss_mb"] > 0 and pm["memory_extraction_peak_rss_predicted_mb"] > 0
+    # the extraction stage's feed (fused: each file decoded once for the 12 feature sets)
+    assert pm[record.EXTRACTION_DECODES_PER_FILE] == 1.0 and out.extraction.decodes == out.extraction.files > 0
+    assert pm[record.EXTRACTION_IMAGES_PER_SECOND] > 0 and 0 < pm[record.EXTRACTION_DECODE_SHARE] < 1
     sets = json.loads(
         open(client.download_artifacts(out.parent_run_id, "extraction/feature_sets.json", str(tmp))).read()
     )

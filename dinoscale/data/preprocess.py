@@ -10,6 +10,7 @@ own min-max or a CT window) -> resized to the recipe's resolution (anti-aliased)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,9 +57,36 @@ def build_transform(recipe: FeatureRecipe):
     intensities to [0, 1] (``intensity``: a CT window in HU, clipped, or the image's own min-max, over all
     its channels at once so that hue is kept); resized, anti-aliased; grey replicated to three channels;
     the encoder's mean / std."""
-    from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel
+    from_decoded = decoded_image_transform(recipe)
+    file_range = recipe.intensity == "range"
 
+    def transform(path: str) -> torch.Tensor:
+        return from_decoded(decode_image(path, file_range))
+
+    return transform
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One 2D file as read, before any recipe: its pixels (``read_image``) and the range its encoding declares
+    (``declared_range``, read only where a recipe maps intensities by it). Fused extraction reads each file
+    into one of these once and hands it to the transform of every recipe that reads the file."""
+
+    pixels: np.ndarray
+    file_range: tuple[float, float] | None = None
+
+
+def decode_image(path: str, file_range: bool = False) -> DecodedImage:
+    """The one decode of a 2D file (errors name the file)."""
     from dinoscale.data.readers import declared_range, read_image
+
+    return DecodedImage(read_image(path), declared_range(path) if file_range else None)
+
+
+def decoded_image_transform(recipe: FeatureRecipe):
+    """``DecodedImage`` -> [3, resolution, resolution] tensor under ``recipe``: the steps of ``build_transform``
+    after the read, so features computed from one shared decode are those of a read per recipe."""
+    from monai.transforms import Compose, Lambda, NormalizeIntensity, RepeatChannel
 
     resolution, interpolation = recipe.resolution, recipe.interpolation
     scale = intensity_scaler(recipe)
@@ -68,9 +96,9 @@ def build_transform(recipe: FeatureRecipe):
     colour = Compose([resize, norm])
     file_range = recipe.intensity == "range"
 
-    def transform(path: str) -> torch.Tensor:
-        img = to_channels(read_image(path), recipe.color)  # [1 or 3, rows, cols] float32; errors name the file
-        img = scale(torch.as_tensor(img), declared_range(path) if file_range else None)
+    def transform(decoded: DecodedImage) -> torch.Tensor:
+        img = to_channels(decoded.pixels, recipe.color)  # [1 or 3, rows, cols] float32
+        img = scale(torch.as_tensor(img), decoded.file_range if file_range else None)
         x = (grey if img.shape[0] == 1 else colour)(img)
         return torch.as_tensor(x, dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, no MetaTensor
 
@@ -194,16 +222,27 @@ def build_volume_transform(recipe: FeatureRecipe, fuse_pet: bool = False):
     return load_volume, slice_transform
 
 
-def _volume_loader(cmap, grid, scalers: dict):
-    """``load_volume(item)``: co-registered files read and stacked as channels, each channel scaled by its kind's
-    scaler, the volume put on the common ``grid`` (see ``build_volume_transform``)."""
+def decode_volume(item) -> list[tuple[np.ndarray, tuple]]:
+    """The one decode of a volume row: each of its co-registered files (a PET beside its CT) read through
+    ``read_volume`` as (array [C, X, Y, Z] RAS, spacing). Fused extraction reads each file once per pass and
+    hands the parts to every recipe's ``prepare_volume``."""
     from dinoscale.data.readers import read_volume
 
+    return [read_volume(f) for f in volume_files(item)]
+
+
+def volume_files(item) -> list[str]:
+    return [item] if isinstance(item, str) else list(item)
+
+
+def _volume_loader(cmap, grid, scalers: dict):
+    """``load_volume(item)``: co-registered files read and stacked as channels, each channel scaled by its kind's
+    scaler, the volume put on the common ``grid`` (see ``build_volume_transform``); ``load_volume.prepare(item,
+    parts)``: the same from files already decoded (``decode_volume``)."""
     sources = cmap.sources
 
-    def load_volume(item) -> torch.Tensor:
-        files = [item] if isinstance(item, str) else list(item)
-        parts = [read_volume(f) for f in files]  # co-registered files (PET beside its CT) stacked as channels
+    def prepare(item, parts: list[tuple[np.ndarray, tuple]]) -> torch.Tensor:
+        files = volume_files(item)
         spacing = parts[0][1]
         for f, (v, _) in zip(files[1:], parts[1:]):
             if v.shape[1:] != parts[0][0].shape[1:]:
@@ -224,6 +263,10 @@ def _volume_loader(cmap, grid, scalers: dict):
             out = torch.as_tensor(to_grid(out.numpy(), spacing, grid))
         return out[0] if cmap.grey else out  # grey: [X, Y, Z]; else [K, X, Y, Z] (RAS)
 
+    def load_volume(item) -> torch.Tensor:
+        return prepare(item, decode_volume(item))
+
+    load_volume.prepare = prepare
     return load_volume
 
 

@@ -2,8 +2,10 @@
 
 Three stages, each with the resource that bounds it and why:
 
-- **extraction**: every feature set decodes its inputs once (a file is read once per backbone x resolution x
-  view: ``sweep/extraction.py`` packs tasks per backbone and resolution) and runs the encoder over every input.
+- **extraction**: every feature set runs the encoder over every input; the table charges each set the decode of
+  its inputs (one read per backbone x resolution x view), an upper bound since fused extraction
+  (``sweep/extraction.py``) reads each file once for every set of a pass: ``fused_feed`` prices that pass (one
+  decode per input, the encoders of the pass side by side, the loader workers and the bound).
   Per task the loader's CPU cores decode while the GPU encodes, so a task takes the longest of three times:
   *decode* (inputs x measured CPU seconds per input / the task's CPU cores), *GPU* (FLOPs measured on each
   model / (published dense bf16 peak x ``UTILISATION``)), *disk* (bytes read / the node's read rate). The
@@ -39,6 +41,7 @@ from dinoscale.data.refs import is_hdf5_ref
 from dinoscale.errors import UserError
 from dinoscale.probes import get_probe
 from dinoscale.spec import load_spec
+from dinoscale.sweep import cost
 
 # Sustained share of the dense bf16 peak that ViT inference reaches (batched, bf16 autocast): 30-50 % is what
 # published inference benchmarks of ViT-B/L reach on A100 / H100; 0.4 is a planning figure, stated, not measured.
@@ -271,6 +274,7 @@ class Budget:
     warnings: list[str] = field(default_factory=list)
     extraction_slots: int = 1
     trial_slots: int = 1
+    feed: list[Feed] = field(default_factory=list)  # the fused passes of the extraction stage and their bound
 
     @staticmethod
     def wall_of(stages: list[StageCost], slots: int) -> float:
@@ -354,6 +358,7 @@ def plan_budget(plan, cluster: Cluster, calibration: dict | None = None) -> Budg
         b.extraction.append(_extraction(spec, sets, kind, pixels, cal, gpu, cluster.read_mb_s / per_node_ext))
     for c in plan.cells:
         b.trials.append(_trial(spec, plan, c, cal, gpu))
+    b.feed = fused_feed(plan, cluster, cal)
     b.disk_bytes = float(sum(f.nbytes for f in plan.feature_sets if not f.online))
     if b.disk_bytes > DISK_WARNING_BYTES:
         b.warnings.append(
@@ -362,6 +367,62 @@ def plan_budget(plan, cluster: Cluster, calibration: dict | None = None) -> Budg
             "keep only what fits), trading disk for a forward pass per trial"
         )
     return b
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One fused extraction pass (``sweep/extraction.py``: its encoders share a device, each file decoded once):
+    per input (an image, or a slice of a volume), the seconds of its decode on one core and of every encoder of
+    the pass, and the loader processes that keep the encoders fed."""
+
+    backbones: tuple[str, ...]
+    decode_s: float  # one decode + resize, one core (the calibration's figure)
+    encode_s: float  # the pass's encoders on the task's GPU share (or its CPU cores)
+    workers: int  # loader processes (0: decoding inline, on the CPU)
+    gpu: bool
+
+    @property
+    def bound(self) -> str:
+        return "decode" if self.decode_s / max(1, self.workers) > self.encode_s else "encoder"
+
+    @property
+    def images_per_second(self) -> float:
+        """Inputs per second of the pass: the slower of its decode (over its workers) and its encoders."""
+        if not self.gpu:  # one CPU pool: decoding and encoding add up
+            return 1.0 / max(self.decode_s + self.encode_s, 1e-12)
+        return 1.0 / max(self.decode_s / max(1, self.workers), self.encode_s, 1e-12)
+
+
+def fused_feed(plan, cluster: Cluster, cal: dict | None = None) -> list[Feed]:
+    """The extraction stage's fused passes on ``cluster`` (``cost.fused_groups``: encoders packed per device) and
+    their feed: a GPU gets the loader workers its encoders need to keep pace with the decode (measured per core by
+    the calibration: ``dinoscale calibrate``; else the shipped table), at most the task's cores less one (the
+    driver loop); the bound is whichever of decode and encoders is slower."""
+    cal = cal or load_calibration()
+    spec, res = plan.spec, plan.spec.resources
+    sets = plan.missing if plan.dataset is not None else [f for f in plan.feature_sets if not f.online]
+    if not sets:
+        return []
+    gpu = cluster.gpu if cluster.gpus else None
+    device = res.gpu_memory_gib * 2**30  # the spec's planning figure, as the extraction stage packs its passes
+    host = res.node_memory_gb * 2**30 if res.node_memory_gb is not None else cluster.memory_bytes
+    kind, pixels = input_kind(plan)
+    entry = cal["decode"].get(kind) or DECODE[kind]
+    out = []
+    for g in cost.fused_groups(sets, spec.features.batch_size, device, host):
+        group = [f for f in sets if f.backbone.name in g.backbones]
+        inputs = {f.split: max(f.n_slices, f.n_images) for f in group}  # decoded once per split, whatever the sets
+        total = sum(f.backbone.gflops_per_image(f.resolution) * 1e9 * max(f.n_slices, f.n_images) for f in group)
+        flops = total / max(1, sum(inputs.values()))  # every encoder of the pass, per decoded input
+        decode_s = entry["seconds"] * pixels / entry["pixels"]  # per image, or per slice of a volume
+        if gpu is not None:
+            encode_s = flops / (gpu.sustained_flops * res.gpus_per_extraction)
+            cap = max(1, min(8, int(res.cpus_per_extraction) - 1))
+            workers = max(1, min(cap, math.ceil(decode_s / max(encode_s, 1e-12))))
+        else:
+            encode_s, workers = flops / (max(cal["cpu_gflops"], 1e-3) * 1e9 * res.cpus_per_extraction), 0
+        out.append(Feed(g.backbones, decode_s, encode_s, workers, gpu is not None))
+    return out
 
 
 def _per_node(cluster: Cluster, cpus: float, gpus: float) -> int:

@@ -173,3 +173,46 @@ def trial_peak_bytes(t: TrialShape) -> float:
 
 def gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """Encoders that share one fused extraction pass (one decode of each file) and what the pass holds."""
+
+    backbones: tuple[str, ...]
+    host_bytes: float  # the pass's task: base + every encoder's weights + the largest set's work
+    device_bytes: float  # the encoders' fp32 weights + the largest forward batch's activations (on a GPU)
+
+
+def fused_groups(sets: Sequence, batch_size: int, device_budget: float, host_budget: float) -> list[FusedGroup]:
+    """The encoders of a sweep's feature sets (``FeatureSetPlan``) packed into fused passes, smallest first: all in
+    one pass where their weights and the largest batch fit one device (``device_budget``) and one task's host
+    memory (``host_budget``), else as many passes as needed (each file is then decoded once per pass). An encoder
+    that fits neither alone gets a pass of its own (the plan's memory check names it)."""
+    by_bb: dict[str, list] = {}
+    for f in sets:
+        by_bb.setdefault(f.backbone.name, []).append(f)
+    order = sorted(by_bb, key=lambda b: by_bb[b][0].backbone.n_params)
+    groups: list[FusedGroup] = []
+    current: list[str] = []
+    for name in order:
+        trial = _fused_group(current + [name], by_bb, batch_size)
+        if current and (trial.device_bytes > device_budget or trial.host_bytes > host_budget):
+            groups.append(_fused_group(current, by_bb, batch_size))
+            current = [name]
+        else:
+            current.append(name)
+    if current:
+        groups.append(_fused_group(current, by_bb, batch_size))
+    return groups
+
+
+def _fused_group(names: list[str], by_bb: dict, batch_size: int) -> FusedGroup:
+    sets = [f for n in names for f in by_bb[n]]
+    weights = sum(by_bb[n][0].backbone.n_params * 4 for n in names)
+    work = max((f.extraction_peak - f.backbone.n_params * 4 for f in sets), default=0.0)
+    acts = max(
+        (batch_size * f.backbone.tokens_per_image(f.resolution) * f.backbone.embed_dim * 4 * 12 for f in sets),
+        default=0,
+    )
+    return FusedGroup(tuple(names), work + weights, weights + acts)

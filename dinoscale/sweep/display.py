@@ -205,6 +205,30 @@ def _print_stages(plan: Plan, b) -> None:
         )
     if b.extraction:
         console.print(t)
+    _print_feed(b)
+
+
+def _print_feed(b) -> None:
+    """The fused passes of the extraction stage: each file decoded once per pass (one pass where the encoders fit
+    one device, else the plan says how it splits them), the loader workers and what bounds the pass."""
+    if not b.feed:
+        return
+    n = len(b.feed)
+    console.print(
+        "  [dim]fused extraction: "
+        + (
+            "every encoder in one pass, each file decoded once"
+            if n == 1
+            else f"encoders split into {n} passes (they do not fit one device together): each file decoded {n} times"
+        )
+        + "[/dim]"
+    )
+    for f in b.feed:
+        workers = f"{f.workers} loader worker(s)" if f.gpu else "decoding inline on the CPU"
+        console.print(
+            f"  [dim]  {' + '.join(f.backbones)}: decode {f.decode_s * 1e3:.3g} ms / input (one core), encoders "
+            f"{f.encode_s * 1e3:.3g} ms / input, {workers}: {f.bound}-bound, ~{si(f.images_per_second)} inputs/s[/dim]"
+        )
 
 
 def _print_budget(plan: Plan, b) -> None:

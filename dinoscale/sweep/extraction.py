@@ -15,19 +15,27 @@ Ray (``max_retries``), skipping the shards committed meanwhile. Trials never ext
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 from dinoscale import record
 from dinoscale.data import RowSources
 from dinoscale.errors import UserError, user_error_of
 from dinoscale.features import FeatureKey, FeatureRecipe, FeatureStore
+from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices, pick_device
+from dinoscale.features.fused import FusedTarget, PassRows, Segment, extract_fused
 from dinoscale.memory import PeakRSS
-from dinoscale.sweep.plan import FeatureSetPlan, Plan
+from dinoscale.models import gflops_per_image, load_backbone
+from dinoscale.sweep import budget, cost
+from dinoscale.sweep.plan import FeatureSetPlan, Plan, plan_node_memory
 from dinoscale.sweep.preflight import with_room_needed
 from dinoscale.sweep.progress import CountingWriter, ProgressCounter
 
@@ -41,6 +49,8 @@ class ShardInputs:
     index: int
     count: int
     sources: RowSources  # the shard's rows as the readers open them
+    start: int = 0  # its first manifest row in the split
+    backbone: str = ""  # the backbone that extracts it (fused jobs: one of the job's encoders)
 
     @property
     def recipe(self) -> FeatureRecipe:
@@ -104,8 +114,26 @@ class ExtractionReport:
     forward_batches: int = 0
     forward_seconds: float = 0.0
     wall_seconds: float = 0.0
+    decodes: int = 0  # files read by the stage's tasks (a PET beside its CT is a file of its own)
+    files: int = 0  # distinct files of the entries the stage extracted
+    decode_seconds: float = 0.0  # of the tasks' time, reading files (fused tasks measure it)
     per_job: list[dict] = field(default_factory=list)
     per_feature_set: list[dict] = field(default_factory=list)  # predicted vs measured bytes of every set
+
+    @property
+    def decodes_per_file(self) -> float:
+        return self.decodes / self.files if self.files else 0.0
+
+    def add(self, res: dict) -> None:
+        """One task's figures (``run_job`` / ``run_fused_job``)."""
+        self.per_job.append(res)
+        self.feature_sets_extracted += res["stored"]
+        self.shards_extracted += res["shards_stored"]
+        self.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
+        self.forward_batches += res["batches"]
+        self.forward_seconds += res["forward_seconds"]
+        self.decodes += res["decodes"]
+        self.decode_seconds += res.get("decode_seconds", 0.0)
 
 
 def _shard_sources(plan: Plan, fs: FeatureSetPlan) -> list[RowSources]:
@@ -152,10 +180,119 @@ def plan_jobs(plan: Plan, store: FeatureStore | None = None) -> list[ExtractionJ
     return jobs
 
 
+@dataclass
+class FusedPass:
+    """Manifest rows ``start:stop`` of one split, decoded once, and the missing shards of every feature set of
+    the pass's encoders that reads them (each shard inside the range: the range's ends are shard ends of all)."""
+
+    split: str
+    start: int
+    stop: int
+    sources: RowSources
+    shards: list[ShardInputs]
+
+    @property
+    def label(self) -> str:
+        return f"{self.split} rows {self.start}:{self.stop}"
+
+
+@dataclass
+class FusedJob:
+    """One Ray task of fused extraction: its encoders loaded once and sharing the device, and the passes they
+    extract (``dinoscale.features.fused``). ``backbones``: (name, weights, weights seed) of each encoder."""
+
+    backbones: list[tuple[str, str, int]]
+    passes: list[FusedPass]
+    batch_size: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shards(self) -> list[ShardInputs]:
+        return [s for p in self.passes for s in p.shards]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(dict.fromkeys(f"{s.backbone}@{s.recipe.resolution}" for s in self.shards))
+
+
+def _common_cuts(sets: list[FeatureSetPlan], n: int) -> list[tuple[int, int]]:
+    """Ranges of a split whose ends are shard ends of every feature set in ``sets`` (a shard never straddles two
+    passes; sets sharded alike, as by ``features.shard_forward_passes``, keep every shard end)."""
+    cuts = set.intersection(*[{b for _, b in (f.shards or [(0, n)])} for f in sets]) | {0}
+    ends = sorted(c for c in cuts if c <= n)
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def fused_encoder_groups(plan: Plan) -> list[cost.FusedGroup]:
+    """The encoders of the missing feature sets in fused passes: one pass where they fit one GPU (the spec's
+    ``resources.gpu_memory_gib``) and one task's host memory (the node's, ``plan_node_memory``), else several."""
+    spec = plan.spec
+    node, _ = plan_node_memory(spec.resources)
+    return cost.fused_groups(plan.missing, spec.features.batch_size, spec.resources.gpu_memory_gib * 2**30, node)
+
+
+def plan_fused_jobs(plan: Plan, store: FeatureStore | None = None) -> list[FusedJob]:
+    """The Ray tasks of fused extraction: per pass group of encoders and split, ranges of the split's rows cut at
+    shard ends common to its feature sets, each with the shards not yet committed, packed up to
+    ``features.shard_forward_passes`` inputs a task (one decode per input, whatever the number of sets)."""
+    if plan.dataset is None:
+        raise RuntimeError(f"cannot extract without data: {plan.dataset_error}")
+    store = store or FeatureStore(plan.storage / "features")
+    jobs, groups = [], fused_encoder_groups(plan)
+    for group in groups:
+        sets = [f for f in plan.missing if f.backbone.name in group.backbones]
+        passes = [p for split in dict.fromkeys(f.split for f in sets) for p in _fused_passes(plan, sets, split, store)]
+        for job in _pack_fused(plan, sets, passes, group):
+            job.extra["fused_groups"] = len(groups)  # passes over each file: 1 where every encoder fits one device
+            jobs.append(job)
+    return jobs
+
+
+def _fused_passes(plan: Plan, sets: list[FeatureSetPlan], split: str, store: FeatureStore) -> list[FusedPass]:
+    sets = [f for f in sets if f.split == split]
+    src = plan.dataset.sources(split)
+    missing = []
+    for f in sets:
+        ranges = list(f.shards or [(0, len(src.ids))])
+        done = set(store.shards_committed(f.key, len(ranges)))
+        missing += [(f, i, a, b, len(ranges)) for i, (a, b) in enumerate(ranges) if i not in done]
+    passes = []
+    for a, b in _common_cuts(sets, len(src.ids)):
+        shards = [
+            ShardInputs(split, f.key, i, count, src.part(sa, sb), sa, f.backbone.name)
+            for f, i, sa, sb, count in missing
+            if a <= sa and sb <= b
+        ]
+        if shards:
+            passes.append(FusedPass(split, a, b, src.part(a, b), shards))
+    return passes
+
+
+def _pack_fused(plan: Plan, sets: list[FeatureSetPlan], passes: list[FusedPass], group) -> list[FusedJob]:
+    spec, infos = plan.spec, {f.backbone.name: f.backbone for f in sets}
+    packs, current, load = [], [], 0
+    for p in passes:
+        n = sum(p.sources.forward_passes())
+        if current and load + n > spec.features.shard_forward_passes:
+            packs.append(current)
+            current, load = [], 0
+        current.append(p)
+        load += n
+    if current:
+        packs.append(current)
+    return [
+        FusedJob(
+            [(b.name, b.weights, b.weights_seed) for n in group.backbones if (b := infos.get(n)) is not None],
+            pack,
+            spec.features.batch_size,
+            {"predicted_peak_bytes": group.host_bytes},
+        )
+        for pack in packs
+    ]
+
+
 def _extract_shard(backbone, job: ExtractionJob, s: ShardInputs, writer, device):
     """One shard through the extractor: its recipe and its rows, nothing else decides the features."""
-    from dinoscale.features.extract import extract_features, extract_volume_features, extract_volume_slices
-
     run = {"device": device, "out": writer, "batch_size": job.batch_size}
     if s.view == "volumes":
         return extract_volume_features(backbone, s.recipe, s.paths, **run)[1]
@@ -172,11 +309,6 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
     ``store_root``: a local path or an fsspec URL (s3://, gs://) every worker can reach. ``counter``: a
     ``ProgressCounter`` actor told the rows written under ``counter_key`` as they land (the driver's
     progress bar)."""
-    import torch
-
-    from dinoscale.features.extract import pick_device
-    from dinoscale.models import gflops_per_image, load_backbone
-
     store = FeatureStore(store_root)
     t0 = time.perf_counter()
     if counter is not None:
@@ -195,6 +327,7 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
             "forward_seconds": 0.0,
             "stored": 0,  # feature sets committed by this task
             "shards_stored": 0,
+            "decodes": 0,
             record.GFLOPS_PER_IMAGE: gflops,
             record.OOM_BACKOFFS: 0,
             "weights_sha256": backbone.weights.get("sha256", ""),
@@ -230,6 +363,7 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
                 store.commit(key, s.count)
                 out["stored"] += 1
             out["images"] += stats.images
+            out["decodes"] += len(_files(s.sources, s.view))  # the shard's reader opens each of its files once
             out["slices"] += stats.slices or stats.images  # 2D: one forward pass per image
             out["batches"] += stats.forward_passes
             out["forward_seconds"] += stats.seconds
@@ -242,6 +376,172 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
     out["peak_rss_bytes"] = peak.bytes
     out["peak_rss_predicted_bytes"] = job.extra.get("predicted_peak_bytes", 0.0)
     return out
+
+
+def run_fused_job(job: FusedJob, store_root: str, counter=None, counter_key: str = "") -> dict:
+    """Plain function (callable without Ray): load the job's encoders once (they share the device), then run each
+    pass (``dinoscale.features.fused.extract_fused``: each file decoded once, every shard written and committed
+    as soon as its rows are in, those committed meanwhile skipped), and commit every feature set whose shards
+    are all there. Returns the ``run_job`` figures plus the decodes, decode time share and images / s."""
+    store = FeatureStore(store_root)
+    t0 = time.perf_counter()
+    if counter is not None:
+        counter.reset.remote(counter_key)
+    out = {"job": job.label, "shards": [s.label for s in job.shards], "stored": 0, "shards_stored": 0}
+    out.update({"images": 0, "slices": 0, "batches": 0, "forward_seconds": 0.0, record.OOM_BACKOFFS: 0})
+    out.update({"decodes": 0, "entries": 0, "decode_seconds": 0.0, "transform_seconds": 0.0})
+    with PeakRSS() as peak:
+        device = pick_device()
+        out["device"] = str(device)
+        encoders = {name: load_backbone(name, w, seed) for name, w, seed in job.backbones}
+        gpu = _GpuUtilisation() if device.type == "cuda" else contextlib.nullcontext()
+        with gpu:
+            _run_passes(job, encoders, store, device, out, counter, counter_key)
+        if isinstance(gpu, _GpuUtilisation) and gpu.samples:
+            out[record.EXTRACTION_GPU_UTILIZATION] = float(np.mean(gpu.samples))
+        del encoders
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out["wall_seconds"] = time.perf_counter() - t0
+    out["node"] = _node_id()
+    out["peak_rss_bytes"] = peak.bytes
+    out["peak_rss_predicted_bytes"] = job.extra.get("predicted_peak_bytes", 0.0)
+    out[record.EXTRACTION_IMAGES_PER_SECOND] = out["slices"] / out["forward_seconds"] if out["forward_seconds"] else 0.0
+    out[record.EXTRACTION_DECODE_SHARE] = (
+        out["decode_seconds"] / out["forward_seconds"] if out["forward_seconds"] else 0.0
+    )
+    return out
+
+
+def _run_passes(job: FusedJob, encoders: dict, store: FeatureStore, device, out: dict, counter, counter_key) -> None:
+    """Each pass of the job through ``extract_fused``, its figures added to ``out``."""
+    for p in job.passes:
+        targets = _fused_targets(p, encoders, store, device, counter, counter_key)
+        if not targets:
+            continue
+        rows = PassRows(p.sources.items, p.sources.channels.get("pet"), p.sources.n_slices)
+        stats = extract_fused(targets, rows, device, batch_size=job.batch_size, num_workers=job.extra.get("workers"))
+        out["shards_stored"] += sum(len(t.segments) for t in targets)
+        out["stored"] += _commit_complete_keys(store, p.shards)
+        out["images"] += stats.entries
+        out["slices"] += stats.inputs
+        out["batches"] += stats.forward_passes
+        out["forward_seconds"] += stats.seconds
+        out[record.OOM_BACKOFFS] += stats.oom_backoffs
+        out["decodes"] += stats.decodes
+        out["entries"] += stats.entries
+        out["decode_seconds"] += stats.decode_seconds
+        out["transform_seconds"] += stats.transform_seconds
+
+
+class _GpuUtilisation:
+    """The GPU's utilisation (%, NVML through ``torch.cuda.utilization``) sampled twice a second while a fused job
+    runs; no samples where NVML is missing."""
+
+    def __enter__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # noqa: BLE001 - NVML (pynvml) not installed: utilisation is optional telemetry
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def _fused_targets(
+    p: FusedPass, encoders: dict, store: FeatureStore, device, counter, counter_key
+) -> list[FusedTarget]:
+    """The pass's feature sets as fused targets: each shard not committed meanwhile (by another worker) one
+    segment, its sink the store's shard writer (rows counted for the progress bar)."""
+    segments: dict[tuple, list[Segment]] = {}
+    for s in p.shards:
+        enc = encoders[s.backbone]
+        if enc.weights["digest"] != s.key.weights_digest:
+            raise RuntimeError(
+                f"{s.backbone}: loaded weights {enc.weights['digest']} differ from the planned {s.key.weights_digest}"
+            )
+        if store.has(s.key) or store.has_shard(s.key, s.index, s.count):
+            if counter is not None:
+                counter.add.remote(counter_key, s.n_rows)
+            continue
+        start = s.start - p.start
+        opener = _ShardOpener(store, s, _shard_extra(s, enc, device), counter, counter_key)
+        segments.setdefault((s.backbone, s.key), []).append(Segment(start, start + len(s.sources.ids), opener))
+    return [FusedTarget(encoders[bb], key.recipe, segs) for (bb, key), segs in segments.items()]
+
+
+def _shard_extra(s: ShardInputs, backbone, device) -> dict:
+    """What a shard's commit record keeps of its encoder (as ``run_job`` writes it)."""
+    return {
+        "backbone_name": s.backbone,
+        "split": s.split,
+        "view": s.view,
+        "n_params": backbone.n_params,
+        "weights_kind": backbone.weights["kind"],
+        record.GFLOPS_PER_IMAGE: gflops_per_image(s.backbone, s.recipe.resolution),
+        "device": str(device),
+        **({"weights_sha256": backbone.weights["sha256"]} if "sha256" in backbone.weights else {}),
+    }
+
+
+@dataclass
+class _ShardOpener:
+    """A fused segment's sink: the shard's writer, opened at its first rows, its rows counted for the progress
+    bar, closed (committed) with the seconds it was open."""
+
+    store: FeatureStore
+    shard: ShardInputs
+    extra: dict
+    counter: object = None
+    counter_key: str = ""
+
+    def __call__(self):
+        s = self.shard
+        rows_per_id = s.sources.n_slices if s.view == "slices" else None
+        writer = self.store.shard_writer(s.key, s.index, s.count, s.n_rows, s.sources.ids, rows_per_id, self.extra)
+        return _CountedShard(CountingWriter(writer, self.counter, self.counter_key), time.perf_counter())
+
+
+@dataclass
+class _CountedShard:
+    writer: CountingWriter
+    opened: float
+
+    def write(self, rows, values) -> None:
+        self.writer.write(rows, values)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.extra["seconds"] = time.perf_counter() - self.opened
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _commit_complete_keys(store: FeatureStore, shards: list[ShardInputs]) -> int:
+    """Commit the feature sets of ``shards`` whose shards are all in the store; returns how many."""
+    n = 0
+    for key, count in dict.fromkeys((s.key, s.count) for s in shards):
+        if not store.has(key) and len(store.shards_committed(key, count)) == count:
+            store.commit(key, count)
+            n += 1
+    return n
+
+
+def _files(sources: RowSources, view: str) -> list[str]:
+    """The files a shard's reader opens: its items, and the PET beside each CT where the slices fuse one."""
+    pet = sources.channels.get("pet") if view == "slices" else None
+    return list(sources.items) + list(pet or [])
 
 
 def _node_id() -> str:
@@ -316,25 +616,33 @@ def cluster_has_gpus() -> bool:
 
 
 def run_extraction_stage(
-    plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None, on_progress=None
+    plan: Plan, store_root: Path, num_cpus: float, num_gpus: float, on_done=None, on_progress=None, fused=True
 ) -> ExtractionReport:
     """Submit one Ray task per job (GPU resources where the cluster has GPUs), wait for all, then commit
     the feature sets whose shards are complete. A job that fails keeps the shards it committed.
 
-    ``on_progress(done_rows, total_rows)``: called about twice a second with the rows the tasks have
-    written so far (images, slices, volumes or tiles, as stored), from a ``ProgressCounter`` actor."""
+    ``fused``: fused jobs (``plan_fused_jobs``: each file decoded once for every feature set that reads it);
+    False: one job per backbone x resolution (``plan_jobs``, each reading its files itself: the baseline of
+    ``benchmarks/bench_fused.py``). ``on_progress(done_rows, total_rows)``: called about twice a second with the
+    rows the tasks have written so far (images, slices, volumes or tiles, as stored), from a ``ProgressCounter``
+    actor."""
     import ray
 
     store = FeatureStore(store_root)
     report = ExtractionReport(feature_sets_cached=len([f for f in plan.feature_sets if f.cached]))
-    jobs = plan_jobs(plan, store)
+    jobs = plan_fused_jobs(plan, store) if fused else plan_jobs(plan, store)
+    report.files = len({f for job in jobs for s in job.shards for f in _files(s.sources, s.view)})
     report.shards_extracted = 0
     report.shards_cached = sum(f.committed_shards for f in plan.missing)
     t0 = time.perf_counter()
     errors = []
     if jobs:
         has_gpu = cluster_has_gpus()
-        remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2)
+        if fused and has_gpu:
+            _feed_workers(plan, jobs)
+        remote = ray.remote(run_fused_job if fused else run_job).options(
+            num_cpus=num_cpus, num_gpus=num_gpus if has_gpu else 0, max_retries=2
+        )
         counter = ray.remote(num_cpus=0)(ProgressCounter).remote() if on_progress else None
         total = sum(s.n_rows for job in jobs for s in job.shards)
         pending = {remote.remote(job, str(store_root), counter, str(i)): job for i, job in enumerate(jobs)}
@@ -359,12 +667,7 @@ def run_extraction_stage(
                     raise _in_job(with_room_needed(user, plan, store), job, len(pending)) from None
                 errors.append(f"{job.label} ({', '.join(s.label for s in job.shards)}): {e}")
                 continue
-            report.per_job.append(res)
-            report.feature_sets_extracted += res["stored"]
-            report.shards_extracted += res["shards_stored"]
-            report.images += res["slices"]  # backbone inputs: 2D images, or slices of volumes
-            report.forward_batches += res["batches"]
-            report.forward_seconds += res["forward_seconds"]
+            report.add(res)
             if on_done:
                 on_done(res)
         if counter is not None:
@@ -386,6 +689,14 @@ def run_extraction_stage(
             )
         )
     return report
+
+
+def _feed_workers(plan: Plan, jobs: list[FusedJob]) -> None:
+    """Loader workers of each fused job on a GPU: as many as its encoders need to keep pace with the decode
+    (``budget.fused_feed``: the calibration's decode per core against the encoders' FLOPs on the plan's GPU)."""
+    feed = {frozenset(f.backbones): f.workers for f in budget.fused_feed(plan, budget.plan_cluster(plan.spec))}
+    for job in jobs:
+        job.extra["workers"] = feed.get(frozenset(b for b, _, _ in job.backbones))
 
 
 def _poll(counter, polled, total: int, on_progress):
@@ -425,7 +736,8 @@ def _in_job(error: UserError, job: ExtractionJob, n_cancelled: int) -> UserError
 
 def extraction_record(report: ExtractionReport) -> dict:
     """The stage's metrics for the parent run: shards, bytes on disk and peak memory, each measured next to
-    the plan's prediction (names from ``dinoscale.record``)."""
+    the plan's prediction, and its feed: files read per file, encoder inputs per second of the stage, the tasks'
+    decode time share and the GPU's utilisation where there is one (names from ``dinoscale.record``)."""
 
     out = {
         record.EXTRACTION_SHARDS_EXTRACTED: report.shards_extracted,
@@ -434,6 +746,15 @@ def extraction_record(report: ExtractionReport) -> dict:
     if report.per_feature_set:
         out[record.FEATURE_BYTES_MEASURED] = sum(f["measured_bytes"] for f in report.per_feature_set)
         out[record.FEATURE_BYTES_PREDICTED] = sum(f["predicted_bytes"] for f in report.per_feature_set)
+    if report.files:
+        out[record.EXTRACTION_DECODES_PER_FILE] = report.decodes_per_file
+    if report.wall_seconds > 0 and report.images:
+        out[record.EXTRACTION_IMAGES_PER_SECOND] = report.images / report.wall_seconds
+    if report.forward_seconds > 0 and report.decode_seconds > 0:
+        out[record.EXTRACTION_DECODE_SHARE] = report.decode_seconds / report.forward_seconds
+    gpu = [j[record.EXTRACTION_GPU_UTILIZATION] for j in report.per_job if record.EXTRACTION_GPU_UTILIZATION in j]
+    if gpu:
+        out[record.EXTRACTION_GPU_UTILIZATION] = float(np.mean(gpu))
     if report.per_job:
         worst = max(report.per_job, key=lambda j: j.get("peak_rss_bytes", 0))
         out[record.EXTRACTION_PEAK_RSS_MB] = worst.get("peak_rss_bytes", 0) / 2**20

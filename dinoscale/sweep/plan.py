@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from dinoscale import record, settings
 from dinoscale.data import (
@@ -41,7 +42,7 @@ from dinoscale.probes import get_probe
 from dinoscale.probes.registry import GRID_TOKENS, unfit_message
 from dinoscale.provenance import Provenance
 from dinoscale.search import finetune_configurations
-from dinoscale.spec import DatasetSpec, FeaturesSpec, StorageSpec, SweepSpec, TrainSizeSpec
+from dinoscale.spec import DatasetSpec, FeaturesSpec, ResourcesSpec, StorageSpec, SweepSpec, TrainSizeSpec
 from dinoscale.strategies.registry import TRAINING, get_strategy
 from dinoscale.sweep import cost
 from dinoscale.sweep.cell import BackboneInfo, Cell
@@ -962,3 +963,10 @@ def check_memory(plan: Plan, node_bytes: float, how: str) -> None:
             "(trials then stream their splits), use features.online for grid probes, give the nodes more memory "
             "(resources.node_memory_gb states it), or lower features.batch_size."
         )
+
+
+def plan_node_memory(resources: ResourcesSpec) -> tuple[float, str]:
+    """The node memory a task is sized against: ``resources.node_memory_gb``, else this machine's."""
+    if resources.node_memory_gb is not None:
+        return resources.node_memory_gb * 2**30, "resources.node_memory_gb"
+    return float(psutil.virtual_memory().total), "this machine"

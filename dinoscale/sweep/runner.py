@@ -476,7 +476,10 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
 
     def on_done(r: dict) -> None:
         what = (
-            f"{r['images']} volumes ({r['slices']} slices)"
+            f"{r['entries']} files decoded once for {len(r['shards'])} shard(s), {r['slices']} encoder inputs "
+            f"({r[record.EXTRACTION_IMAGES_PER_SECOND]:.0f}/s, {r[record.EXTRACTION_DECODE_SHARE]:.0%} decoding)"
+            if "entries" in r
+            else f"{r['images']} volumes ({r['slices']} slices)"
             if r.get("slices", 0) > r["images"]
             else f"{r['images']} images"
         )
@@ -507,7 +510,8 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
         },
     )
     for i, job in enumerate(extraction.per_job):  # what each job measured: GFLOPs per image, weights' sha256, memory
-        name = job["job"].replace("@", "_r") + (f"_task{i}" if len(extraction.per_job) > 1 else "")
+        one = len(extraction.per_job) == 1
+        name = ("fused" if "entries" in job else job["job"].replace("@", "_r")) + ("" if one else f"_task{i}")
         client.log_dict(parent_id, job, f"{record.EXTRACTION_DIR}/{name}.json")
     if extraction.per_feature_set:
         client.log_dict(parent_id, extraction.per_feature_set, record.FEATURE_SETS)
@@ -515,6 +519,7 @@ def _extraction_stage(plan: Plan, client, parent_id: str, step: int, quiet: bool
         console.print(
             f"  {extraction.feature_sets_extracted} extracted, {extraction.feature_sets_cached} cached, "
             f"{extraction.images} image forward passes, {extraction.wall_seconds:.1f}s wall"
+            + (f", {extraction.decodes_per_file:.2g} decode(s) per file" if extraction.files else "")
         )
     return extraction
 
