@@ -153,7 +153,7 @@ def plan_jobs(plan: Plan, store: FeatureStore | None = None) -> list[ExtractionJ
         done = set(store.shards_committed(fs.key, len(parts)))
         for i, src in enumerate(parts):
             if i not in done:
-                shard = ShardInputs(fs.split, fs.key, i, len(parts), src)
+                shard = ShardInputs(fs.label, fs.key, i, len(parts), src)
                 groups.setdefault((fs.backbone, fs.resolution), []).append((shard, fs.extraction_peak))
     jobs = []
     for (bb, res), shards in groups.items():
@@ -241,16 +241,21 @@ def plan_fused_jobs(plan: Plan, store: FeatureStore | None = None) -> list[Fused
     jobs, groups = [], fused_encoder_groups(plan)
     for group in groups:
         sets = [f for f in plan.missing if f.backbone.name in group.backbones]
-        passes = [p for split in dict.fromkeys(f.split for f in sets) for p in _fused_passes(plan, sets, split, store)]
+        rows = dict.fromkeys((f.external, f.split) for f in sets)  # the internal splits and each external set
+        passes = [
+            p
+            for source in rows
+            for p in _fused_passes(plan, [f for f in sets if (f.external, f.split) == source], store)
+        ]
         for job in _pack_fused(plan, sets, passes, group):
             job.extra["fused_groups"] = len(groups)  # passes over each file: 1 where every encoder fits one device
             jobs.append(job)
     return jobs
 
 
-def _fused_passes(plan: Plan, sets: list[FeatureSetPlan], split: str, store: FeatureStore) -> list[FusedPass]:
-    sets = [f for f in sets if f.split == split]
-    src = plan.dataset.sources(split)
+def _fused_passes(plan: Plan, sets: list[FeatureSetPlan], store: FeatureStore) -> list[FusedPass]:
+    """``sets``: feature sets of the same rows (one split, or one external test set's: ``Plan.rows``)."""
+    src, split = plan.rows(sets[0]), sets[0].label
     missing = []
     for f in sets:
         ranges = list(f.shards or [(0, len(src.ids))])

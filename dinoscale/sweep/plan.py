@@ -107,6 +107,11 @@ class FeatureSetPlan:
     external: str = ""  # the external test set (spec ``external``) whose rows it holds; '' for the internal ones
 
     @property
+    def label(self) -> str:
+        """Its rows in words: the split, or ``external:<label>`` for an external test set's."""
+        return f"{self.split}:{self.external}" if self.external else self.split
+
+    @property
     def tokens_per_image(self) -> int:
         return self.backbone.tokens_per_image(self.resolution)
 
