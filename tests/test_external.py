@@ -113,6 +113,26 @@ def test_external_rows_appended_to_test_get_the_scores_of_the_same_fitted_model(
     np.testing.assert_allclose(parts["e"], ext_alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("probe", [{"kind": "pool", "epochs": 5}, {"kind": "abmil", "epochs": 5}])
+def test_external_bags_appended_to_test_get_the_scores_of_the_same_fitted_model(probe):
+    from dinoscale.probes import BagSplit, get_probe
+
+    def bags(n, seed):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, (n, 1)).astype(np.float32)
+        x = [rng.normal(size=(int(rng.integers(3, 7)), 8)).astype(np.float32) + 2 * y[i, 0] for i in range(n)]
+        return BagSplit(x, y)
+
+    train, val, test, ext = bags(40, 0), bags(20, 1), bags(20, 2), bags(15, 3)
+    spec = get_probe(probe["kind"]).spec.model_validate(probe)
+    alone = run_probe(spec, train, val, test, seed=0).test_scores
+    ext_alone = run_probe(spec, train, val, ext, seed=0).test_scores
+    both = BagSplit(list(test.x) + list(ext.x), np.concatenate([test.y, ext.y]))
+    scores, parts = cut_outputs(run_probe(spec, train, val, both, seed=0).test_scores, {"": 20, "e": 15})
+    np.testing.assert_allclose(scores, alone, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(parts["e"], ext_alone, rtol=1e-4, atol=1e-5)
+
+
 def _scored_set(n_patients: int, separation: float, seed: int):
     rng = np.random.default_rng(seed)
     pids = np.repeat([f"p{i}" for i in range(n_patients)], 2)

@@ -3,9 +3,10 @@ each external set's rows too, and each set is reported on the internal classes i
 
 The external rows are scored by the same fitted model as test: they are appended to the test split (a view of
 both feature sets; nothing is read before the probe asks) and the probe's test outputs are cut back apart.
-Every vector probe scores a test row from the train (and val) rows alone - linear and logistic heads, k-NN
-votes, their standardisation fitted on train - so the test outputs are those of a fit without the external
-rows, and each external row's output is what the same model gives it.
+Every vector and bag probe scores a test unit from the train (and val) units alone - linear and logistic
+heads, k-NN votes, pooled and attention-MIL heads over a bag, their standardisation fitted on train - so the
+test outputs are those of a fit without the external units, and each external unit's output is what the same
+model gives it (``tests/test_external.py`` checks each probe).
 
 Metrics, one family per set (names: ``dinoscale.record.external_name``): the macro AUROC on the external set,
 the internal test macro AUROC over the same classes, and the drop (internal - external); each with its
@@ -25,7 +26,7 @@ from dinoscale import record
 from dinoscale.data import SplitUnits
 from dinoscale.features.rows import take_items
 from dinoscale.metrics import difference_bootstrap, macro_auroc, macro_class_set, patient_bootstrap
-from dinoscale.probes import Split
+from dinoscale.probes import BagSplit, Split
 from dinoscale.sweep.cell import Cell
 from dinoscale.sweep.inputs import probe_inputs
 
@@ -34,7 +35,7 @@ def with_external_rows(cell: Cell, externals: dict, ext_classes: dict, classes: 
     """The test input with every external set's rows appended (labels padded onto the internal classes), and
     the number of rows of each part (test first) to cut the probe's outputs apart again. ``externals``: label ->
     its ``SplitUnits``; ``ext_classes``: label -> the internal classes it is labelled with."""
-    if not cell.external_keys or not isinstance(test, Split):
+    if not cell.external_keys or not isinstance(test, (Split, BagSplit)):
         return test, {}
     xs, ys, sizes = [test.x], [np.asarray(test.y)], {"": len(test.y)}
     for label, digest in cell.external_keys:
@@ -45,6 +46,8 @@ def with_external_rows(cell: Cell, externals: dict, ext_classes: dict, classes: 
         xs.append(ext.x)
         ys.append(y)
         sizes[label] = len(units.sample_ids)
+    if isinstance(test, BagSplit):  # bags (slides, pooled volumes): the lists of bags one after the other
+        return BagSplit([b for x in xs for b in x], np.concatenate(ys), test.exclusive), sizes
     n = sum(sizes.values())
     return Split(take_items(xs, np.arange(n)), np.concatenate(ys), test.exclusive), sizes
 

@@ -54,6 +54,8 @@ from dinoscale.train.memory import estimate_bytes, fit_in_memory, strategy_facts
 # cells train under a task head (dinoscale.train.heads), labelled as the probe it stands for ('linear' on
 # classification, the spec's segmentation probe on dense tasks) so frozen and trained cells pair up.
 TRAINING_STRATEGIES = TRAINING
+# the probe inputs whose fitted model scores external test sets (a vector or a bag per unit; not label maps)
+EXTERNAL_INPUTS = ("vector", "bag")
 
 
 class NotRunnableError(UserError, RuntimeError):
@@ -520,7 +522,7 @@ class _FeatureSets:
         if "frozen" not in spec.strategies:
             return out
         grid_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "grid"}
-        vector_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input == "vector"}
+        scored_views = {reads[p.kind] for p in spec.probes if get_probe(p.kind).input in EXTERNAL_INPUTS}
         budget = data.features.cache_budget_gb
         for bb, res in itertools.product(infos, spec.resolutions):
             if ds is None and published is None:
@@ -541,7 +543,7 @@ class _FeatureSets:
                     if f.key is not None and not f.online:
                         out.keys.setdefault(group, {})[f.split] = f.key.digest
                 out.feature_sets.extend(sets)
-                if (view, tokens) in vector_views:  # external sets are scored by vector probes only
+                if (view, tokens) in scored_views:  # external sets are scored by vector and bag probes
                     out.feature_sets.extend(out.external_sets(externals or {}, bb, res, view, tokens, store))
         return out
 
@@ -568,7 +570,7 @@ def _frozen_cells(
         group = (bb.name, res, view, tokens)
         recipe = sets.recipes.get(group) or data.recipe(bb, res, view, tokens)
         fk, is_online = sets.keys.get(group, {}), group in sets.online
-        ext = sets.external.get(group, {}) if get_probe(probe.kind).input == "vector" else {}
+        ext = sets.external.get(group, {}) if get_probe(probe.kind).input in EXTERNAL_INPUTS else {}
         config = probe.model_dump(mode="json")
         key = _trial_key(
             spec,
