@@ -583,7 +583,11 @@ def _frozen_cells(
                 "replicate": replicate,
             },
         )
-        reads_sets = [f for f in sets.feature_sets if (f.backbone.name, f.resolution, f.view, f.tokens) == group]
+        reads_sets = [
+            f
+            for f in sets.feature_sets
+            if (f.backbone.name, f.resolution, f.view, f.tokens) == group and not f.external
+        ]
         cells.append(
             Cell(
                 _axes(bb, res, probe.kind, strategy, seed),
