@@ -116,7 +116,7 @@ def drop_unreadable(ds: PreparedDataset) -> None:
 def sample_rows(ds: PreparedDataset, per_split: int) -> list[int]:
     """Up to ``per_split`` rows of each split, spread over it (first and last included), in manifest order."""
     rows: list[int] = []
-    for split in ("train", "val", "test"):
+    for split in ds.manifest["split"].unique():  # train, val, test (an external test set: its one split)
         idx = ds.manifest.index[ds.manifest["split"] == split]
         if len(idx) == 0:
             continue

@@ -593,6 +593,9 @@ def preflight(spec, project_dir: Path, tracking_uri: str, resume: bool = False):
         check_runnable(plan)
         n = decode_sample(plan.dataset)
         report.checks["data"] = f"{len(plan.dataset.manifest)} rows, {n} sample file(s) decoded"
+        for label, ext in plan.externals.items():  # each external test set's files, as the internal ones
+            m = decode_sample(ext.dataset)
+            report.checks["data"] += f"; external '{label}': {len(ext.dataset.manifest)} rows, {m} file(s) decoded"
         colour = colour_files_under_grey(plan.dataset)
         if colour:  # a grey pipeline would average the hue of colour files away: said before anything runs
             report.checks["data"] += (
