@@ -56,7 +56,8 @@ validate: $(STAMP)
 # sweeps/PROTOCOL.md: every protocol constant of the paper profiles (tests check it is current)
 protocol: $(STAMP)
 	$(BIN)/dinoscale protocol sweeps/xray.yaml sweeps/ct.yaml sweeps/mri.yaml sweeps/wsi.yaml sweeps/em.yaml \
-		sweeps/petct.yaml sweeps/kvasir-capsule.yaml sweeps/autolaparo.yaml --out sweeps/PROTOCOL.md
+		sweeps/petct.yaml sweeps/kvasir-capsule.yaml sweeps/autolaparo.yaml sweeps/endovis2018.yaml \
+		sweeps/camus.yaml sweeps/mri-acdc.yaml --out sweeps/PROTOCOL.md
 
 # The latest sweep of SPEC, reported in reports/<spec name>/ (SWEEP=<parent run id> for another sweep of it)
 analyze: $(STAMP)

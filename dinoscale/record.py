@@ -119,6 +119,9 @@ DATASET_PARAM = "dataset"
 WEIGHTS_PARAM = "weights"  # the backbone's weights source (random | hub | a file)
 # single-word params: a word like these is a name where it is a key of a run's params or a results table
 WORD_PARAMS = (MODALITY_PARAM, DATASET_PARAM, WEIGHTS_PARAM)
+# a results table's column: the encoder family of a cell's backbone (dinoscale.models.families); runs that do
+# not carry it get ``families.family_of(backbone)``
+FAMILY_PARAM = "family"
 MACRO_MIN_PATIENTS = "macro_min_patients"  # param and metric: the fewest positive patients a class needs
 # metric: 1 where the macro class set counts a patient negative when any of its units lacks the label (frames)
 MACRO_NEGATIVES = "macro_negative_units"

@@ -534,7 +534,22 @@ def test_dense_heads_train_on_native_crops_and_predict_tiled():
 
 # ---------------------------------------------------------------- the protocol table
 
-PAPER_SPECS = [f"sweeps/{m}.yaml" for m in ("xray", "ct", "mri", "wsi", "em", "petct", "kvasir-capsule", "autolaparo")]
+PAPER_SPECS = [
+    f"sweeps/{m}.yaml"
+    for m in (
+        "xray",
+        "ct",
+        "mri",
+        "wsi",
+        "em",
+        "petct",
+        "kvasir-capsule",
+        "autolaparo",
+        "endovis2018",
+        "camus",
+        "mri-acdc",
+    )
+]
 
 
 def test_the_protocol_table_lists_every_constant_of_the_sweep(tmp_path, tiny_spec):

@@ -18,7 +18,6 @@ from dinoscale import record
 from dinoscale.analysis.resample import CellDraws
 from dinoscale.analysis.sources import NO_INTERVALS
 from dinoscale.headline import AUROC, Headline
-from dinoscale.models.families import FAMILY_PARAM
 
 STRATEGY_ORDER = ["frozen", "lora", "full"]  # cheapest first; unknown strategies follow, sorted
 PAIR_KEYS = [k for k in record.CELL_KEYS if k != "strategy"]  # the cell position strategies are compared at
@@ -193,7 +192,7 @@ def summarize_strategies(comparisons: pd.DataFrame, headline: Headline = AUROC) 
 # ---------------------------------------------------------------- encoder families compared
 
 
-FAMILY = FAMILY_PARAM
+FAMILY = record.FAMILY_PARAM
 FAMILY_POSITION = [k for k in record.CELL_KEYS if k not in ("backbone", "n_params")]  # where families meet
 
 

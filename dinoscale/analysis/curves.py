@@ -23,7 +23,7 @@ from dinoscale.analysis.resample import CellDraws
 from dinoscale.analysis.scaling import NOT_IDENTIFIED, ScalingFit, describe_points, fit_curve
 from dinoscale.analysis.sources import NOT_STATED
 from dinoscale.headline import AUROC, Headline
-from dinoscale.models.families import FAMILY_PARAM, family_of
+from dinoscale.models.families import family_of
 
 GROUP_KEYS = [*record.CONTEXT_COLUMNS, *record.GROUP_AXES]  # modality, dataset, probe, strategy (+ new axes)
 # grouping axes that the fixed wording ("<backbone>@<res>, <probe> probe, <strategy>") does not name: said as "axis: value"
@@ -42,7 +42,7 @@ def axes_words(r, sep: str = ", ") -> str:
 
 
 AXES = {  # axis -> (x column, the column(s) each curve holds fixed, or None when all cells pool)
-    "params": ("n_params", (FAMILY_PARAM, "resolution")),
+    "params": ("n_params", (record.FAMILY_PARAM, "resolution")),
     "resolution": ("resolution", "backbone"),
     "gflops": ("gflops", None),
 }
@@ -92,8 +92,8 @@ def family_column(cells: pd.DataFrame) -> pd.Series:
     """Each cell's encoder family: as recorded where a run logged it, else from its backbone's name
     (``dinoscale.models.families.family_of``; '' where no family is known)."""
     derived = cells["backbone"].astype(str).map(family_of)
-    if FAMILY_PARAM in cells:
-        return cells[FAMILY_PARAM].where(cells[FAMILY_PARAM].notna(), derived).astype(str)
+    if record.FAMILY_PARAM in cells:
+        return cells[record.FAMILY_PARAM].where(cells[record.FAMILY_PARAM].notna(), derived).astype(str)
     return derived
 
 
@@ -105,14 +105,14 @@ def _slices(sub: pd.DataFrame, fixed) -> list[tuple[str, pd.DataFrame]]:
     if isinstance(fixed, str):
         fixed = (fixed,)
     cols = list(fixed)
-    named = [c for c in cols if c != FAMILY_PARAM or sub[FAMILY_PARAM].nunique() > 1]
+    named = [c for c in cols if c != record.FAMILY_PARAM or sub[record.FAMILY_PARAM].nunique() > 1]
     out = []
     for values, s in sub.groupby(cols, sort=True, dropna=False):
         value = dict(zip(cols, values if isinstance(values, tuple) else (values,)))
-        words = [f"{c}={_res(value[c]) if c == 'resolution' else value[c]}" for c in named if c != FAMILY_PARAM]
+        words = [f"{c}={_res(value[c]) if c == 'resolution' else value[c]}" for c in named if c != record.FAMILY_PARAM]
         at = ", ".join(words) or "all"
-        if FAMILY_PARAM in named:
-            at += f" ({value[FAMILY_PARAM] or 'family not stated'})"
+        if record.FAMILY_PARAM in named:
+            at += f" ({value[record.FAMILY_PARAM] or 'family not stated'})"
         out.append((at, s))
     return out
 
@@ -148,7 +148,7 @@ def _res(r) -> str:
 def build_curves(cd: CellDraws, seed: int = 0) -> tuple[list[Curve], list[str]]:
     """The curves of every group and axis, and notes on the cells each axis had to leave out."""
     cells = cd.cells.copy()
-    cells[FAMILY_PARAM] = family_column(cells)
+    cells[record.FAMILY_PARAM] = family_column(cells)
     curves, notes = [], []
     for gkey, g in cells.groupby(GROUP_KEYS, sort=True):
         group = dict(zip(GROUP_KEYS, gkey))

@@ -30,10 +30,6 @@ PACKAGE = "package"  # the family's own package
 MONAI = "monai"  # a MONAI network class (3D CT encoders)
 LOADERS = (TIMM, TIMM_HUB, TRANSFORMERS, OPEN_CLIP, PACKAGE, MONAI)
 
-# MLflow: the family of a child run's backbone (a param); the analysis falls back on ``family_of(backbone)``
-# for runs that do not carry it. (To be moved into dinoscale/record.py by its owner.)
-FAMILY_PARAM = "family"
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
