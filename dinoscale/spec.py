@@ -529,6 +529,11 @@ class ExternalSpec(Strict):
         "the same name. Every external class must be mapped or listed in 'drop'",
     )
     drop: list[str] = Field(default_factory=list, description="external classes left out (not scored)")
+    centers: list[str | int] | None = Field(
+        None,
+        description="only the rows of these centres (hospitals), by the dataset's centre column (a slide table's "
+        "'center', e.g. Camelyon17's five centres): the unseen centres of an external validation; none: every row",
+    )
 
 
 class SweepSpec(Strict):

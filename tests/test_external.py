@@ -135,6 +135,32 @@ def test_external_bags_appended_to_test_get_the_scores_of_the_same_fitted_model(
     np.testing.assert_allclose(parts["e"], ext_alone, rtol=1e-4, atol=1e-5)
 
 
+def test_an_external_set_keeps_the_rows_of_the_centres_it_names(tmp_path):
+    """Camelyon16 -> Camelyon17's unseen centres: the replica's slide table states each slide's centre."""
+    from dinoscale.data import prepare_dataset
+    from dinoscale.data.external import EXTERNAL_SPLIT, external_dataset
+    from dinoscale.data.replicas import get_replica
+    from dinoscale.spec import DatasetSpec
+
+    c17 = DatasetSpec(name="wsi-tiles", root=str(tmp_path / "c17"), subset="camelyon17")
+    c16 = DatasetSpec(name="wsi-tiles", root=str(tmp_path / "c16"))
+    for spec in (c17, c16):
+        get_replica("wsi-tiles").write(Path(spec.root), spec)
+    ds = prepare_dataset(c17, tmp_path)
+    unseen = external_dataset(ds, "all", {"tumor": "tumor"}, ["tumor"], "c17", centers=[1, 3, 4])
+    units = unseen.units(EXTERNAL_SPLIT)
+    numbers = {int(p.split("_")[1]) for p in units.patient_ids}
+    assert numbers and {n % 5 for n in numbers} == {1, 3, 4}  # the replica's patients sit in centres p % 5
+    assert len(units.sample_ids) == 5 * len(numbers)  # every slide of those patients, none of the others
+    for data, centers, words in (
+        (ds, ["7"], "centers ['7'] hold no rows"),
+        (prepare_dataset(c16, tmp_path), ["1"], "no centre"),
+    ):
+        with pytest.raises(ExternalMappingError) as e:
+            external_dataset(data, "all", {"tumor": "tumor"}, ["tumor"], "c17", centers=centers)
+        assert words in str(e.value) and "external 'c17'" in str(e.value)
+
+
 def _scored_set(n_patients: int, separation: float, seed: int):
     rng = np.random.default_rng(seed)
     pids = np.repeat([f"p{i}" for i in range(n_patients)], 2)

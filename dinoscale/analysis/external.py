@@ -47,7 +47,7 @@ def external_table(runs: pd.DataFrame) -> pd.DataFrame:
         for metric in _COUNTS:
             part[metric] = pd.to_numeric(runs.get(record.external_name(label, metric)), errors="coerce")
         part["seeds"] = 1
-        rows.append(part[part["drop"].notna() | part[SET].notna()])
+        rows.append(part[part[record.EXTERNAL_PATIENTS].notna()])  # scored, comparable or not
     both = pd.concat(rows, ignore_index=True)
     values = [c for c in both.columns if c not in keys and c not in (SET + "_set", "seeds")]
     agg = {**{c: "mean" for c in values}, "seeds": "sum"}
@@ -55,6 +55,8 @@ def external_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _value(v: float, lo: float, hi: float) -> str:
+    if not np.isfinite(v):
+        return "undefined"
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else f"{v:.3f} (no interval)"
 
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
+from dinoscale.data.dataset import CENTER_COLUMN, DataError, PreparedDataset, PublishedSize, register_dataset
 from dinoscale.data.layout import data_root, patient_splits, require
 from dinoscale.data.readers import npz_member
 from dinoscale.data.splits import assign_patient_folds
@@ -473,7 +473,7 @@ def prepare_autopet(spec, storage: Path) -> PreparedDataset:
 
 # ---------------------------------------------------------------- tiled WSI bags (tile folders per slide)
 
-WSI_LAYOUT = """    slides.csv                 slide_id,label[,patient_id][,split]   (label: normal | tumor)
+WSI_LAYOUT = """    slides.csv                 slide_id,label[,patient_id][,split][,center]   (label: normal | tumor)
     <slide_id>/*.png|jpg|tif   the slide's tiles (e.g. 224 px at 20x, tissue only)"""
 WSI_SOURCE = "Camelyon16/17 (https://camelyon17.grand-challenge.org), tiled with your tiler of choice"
 
@@ -520,6 +520,7 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
                     "path": str(t),
                     "tumor": int(s.label == "tumor"),
                     "_split": getattr(s, "split", ""),
+                    **({CENTER_COLUMN: str(s.center)} if "center" in slides.columns else {}),
                 }
             )
     df = pd.DataFrame(rows)

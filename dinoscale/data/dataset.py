@@ -49,6 +49,9 @@ EXTRA_COLUMNS = (
     "sample",
     "fold",
 )
+# the centre (hospital) a row comes from, where a dataset states it (a slide table's 'center' column): metadata that
+# changes no feature and no label, so not in the manifest digest; external test sets select centres by it
+CENTER_COLUMN = "center"
 FILE_COLUMNS = ("mask_path", "pet_path")
 # Extra co-registered inputs of a row, by name -> manifest column (the row's ``path`` is the first channel).
 CHANNEL_COLUMNS = {"pet": "pet_path"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dinoscale.data.dataset import PreparedDataset
+from dinoscale.data.dataset import CENTER_COLUMN, PreparedDataset
 from dinoscale.errors import UserError
 
 EXTERNAL_SPLIT = "external"  # the one split of an external set: the rows it scores
@@ -58,11 +58,29 @@ def class_mapping(
     raise ExternalMappingError(f"{where}: {why}")
 
 
-def external_dataset(ds: PreparedDataset, rows: str, mapping: dict[str, str], internal: list[str]) -> PreparedDataset:
+def external_dataset(
+    ds: PreparedDataset, rows: str, mapping: dict[str, str], internal: list[str], label: str = "", centers=None
+) -> PreparedDataset:
     """The rows ``rows`` (all | test) of ``ds`` in the one split ``EXTERNAL_SPLIT``, labelled with the internal
-    classes ``mapping`` reaches (in the internal order)."""
+    classes ``mapping`` reaches (in the internal order); ``centers``: only the rows of these centres."""
     df = ds.manifest if rows == "all" else ds.manifest[ds.manifest["split"] == "test"]
+    if centers is not None:
+        df = _of_centers(df, ds.name, label, [str(c) for c in centers])
     targets = [c for c in internal if c in mapping.values()]
     labels = {t: df[[e for e, i in mapping.items() if i == t]].max(axis=1).astype(int) for t in targets}
     out = df.drop(columns=list(ds.classes)).assign(split=EXTERNAL_SPLIT, **labels).reset_index(drop=True)
     return dataclasses.replace(ds, classes=targets, manifest=out, _digests={})
+
+
+def _of_centers(df, name: str, label: str, centers: list[str]):
+    """The rows of ``centers`` (the dataset's centre column), refused whole when it has no such column or rows."""
+    if CENTER_COLUMN not in df.columns:
+        raise ExternalMappingError(
+            f"external '{label}': centers {centers} asked, but dataset '{name}' states no centre per row (a "
+            f"'{CENTER_COLUMN}' column in its table, e.g. slides.csv); add it or drop 'centers'"
+        )
+    have = sorted(set(df[CENTER_COLUMN].astype(str)))
+    missing = [c for c in centers if c not in have]
+    if missing:
+        raise ExternalMappingError(f"external '{label}': centers {missing} hold no rows; the dataset's centres: {have}")
+    return df[df[CENTER_COLUMN].astype(str).isin(centers)]

@@ -386,7 +386,7 @@ def external_sets(spec: SweepSpec, ds: PreparedDataset | None, root: Path, requi
                 f"external '{e.label}': '{ext.name}' is a {ext.task} dataset; external sets classify"
             )
         mapping = class_mapping(e.label, ext.classes, ds.classes, e.classes, e.drop)
-        mapped = external_dataset(ext, e.split, mapping, ds.classes)
+        mapped = external_dataset(ext, e.split, mapping, ds.classes, e.label, e.centers)
         out[e.label] = ExternalSet(e.label, mapped, mapping, e.split, _Data.of(spec, mapped, None, e.dataset))
     return out
 

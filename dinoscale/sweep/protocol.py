@@ -149,6 +149,7 @@ def _external_section(plan: Plan) -> dict:
         units = ext.dataset.units(EXTERNAL_SPLIT)
         mapping = ", ".join(f"{a} -> {b}" for a, b in ext.mapping.items())
         dropped = f"; dropped: {', '.join(e.drop)}" if e.drop else ""
+        dropped += f"; centres {', '.join(map(str, e.centers))} only" if e.centers is not None else ""
         out[e.label] = (
             f"{where}, rows: {e.split} ({len(units.sample_ids)} units, {len(set(units.patient_ids))} patients); "
             f"classes: {mapping}{dropped}; colour {ext.dataset.color}"

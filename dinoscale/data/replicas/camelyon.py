@@ -29,8 +29,13 @@ TILES = (6, 10)  # per slide (the real slides: thousands)
 def _slides(subset: str, rng) -> list[dict]:
     if subset == "camelyon17":
         return [
-            {"slide_id": f"patient_{p:03d}_node_{k}", "patient_id": f"patient_{p:03d}", "tumor": rng.random() < 0.4}
-            for p in range(8)
+            {
+                "slide_id": f"patient_{p:03d}_node_{k}",
+                "patient_id": f"patient_{p:03d}",
+                "tumor": rng.random() < 0.15,  # per slide: about half the patients have no tumour slide
+                "center": str(p % 5),  # the release's five centres, as a tiler's table states them
+            }
+            for p in range(20)
             for k in range(5)
         ]
     out = [{"slide_id": f"normal_{i:03d}", "tumor": False, "split": "train"} for i in range(1, 13)]
@@ -64,6 +69,7 @@ def write_slides(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replic
                 "label": "tumor" if s["tumor"] else "normal",
                 "patient_id": s["patient_id"],
                 **({"split": s["split"]} if "split" in s else {}),
+                **({"center": s["center"]} if "center" in s else {}),
             }
             for s in slides
         ]
@@ -84,7 +90,7 @@ def write_slides(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replic
             "`dinoscale tile-slides` writes them (tile_<x>_<y>.png)",
             "Camelyon16 slide names and its official train/test split"
             if subset != "camelyon17"
-            else "Camelyon17 slide names patient_NNN_node_K, five slides per patient",
+            else "Camelyon17 slide names patient_NNN_node_K, five slides per patient, and a center column (0-4)",
         ],
         leaves_out=[
             f"{len(slides)} slides of {TILES[0]}-{TILES[1] - 1} tiles at {TILE} px (real: 399 / 1,000 slides of "
