@@ -98,7 +98,7 @@ def test_lora_cell_on_mri_segmentation_adapts_the_encoder_under_the_decoder(tmp_
     "demo, why",
     [
         ("wsi", "is a mil dataset"),
-        ("em", "the tasks they can train on are multilabel, multiclass, segmentation"),
+        ("em", "the tasks they can train on are multilabel, multiclass, video_frames, segmentation"),
         ("petct", "fuses extra input channels \\['pet'\\]"),
     ],
 )
