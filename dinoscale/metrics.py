@@ -488,6 +488,18 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
 
     from monai.metrics import compute_hausdorff_distance
 
+    return _surface_distance(
+        lambda p, t, given: compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=given),
+        pred,
+        target,
+        n_classes,
+        spacing,
+    )
+
+
+def _surface_distance(compute, pred, target, n_classes: int, spacing) -> np.ndarray:
+    """(N, C-1) of a MONAI surface distance ``compute(onehot pred, onehot target, spacing)``, with the penalty
+    distance (``field_diagonal``) for a missed or spurious class and NaN for one absent from both."""
     pred, target = np.asarray(pred), np.asarray(target)
     n, shape = len(target), target.shape[1:]
     given = per_volume_spacings(spacing, n)
@@ -495,23 +507,13 @@ def hd95_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacin
     p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below) and about its own deprecations
-        h = (
-            compute_hausdorff_distance(
-                p,
-                t,
-                include_background=False,
-                percentile=95,
-                spacing=given,
-            )
-            .numpy()
-            .astype(np.float64)
-        )
+        d = compute(p, t, given).numpy().astype(np.float64)
     in_gt, in_pred = _present(t)[:, 1:], _present(p)[:, 1:]
     penalty = np.array([field_diagonal(shape, sp) for sp in spacings])[:, None]
-    h = np.where(in_gt ^ in_pred, penalty, h)  # missed or spurious
-    h[~(in_gt | in_pred)] = np.nan
-    h[~np.isfinite(h)] = np.nan
-    return h
+    d = np.where(in_gt ^ in_pred, penalty, d)  # missed or spurious
+    d[~(in_gt | in_pred)] = np.nan
+    d[~np.isfinite(d)] = np.nan
+    return d
 
 
 @dataclass(frozen=True)
@@ -622,21 +624,15 @@ def asd_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int, spacing
     ``hd95_per_volume`` (the penalty distance; NaN)."""
     from monai.metrics import compute_average_surface_distance
 
-    pred, target = np.asarray(pred), np.asarray(target)
-    n, shape = len(target), target.shape[1:]
-    given = per_volume_spacings(spacing, n)
-    spacings = given or [None] * n
-    p, t = _onehot(pred, n_classes), _onehot(target, n_classes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns per empty class (handled below)
-        a = compute_average_surface_distance(p, t, include_background=False, symmetric=True, spacing=given)
-    a = a.numpy().astype(np.float64)
-    in_gt, in_pred = _present(t)[:, 1:], _present(p)[:, 1:]
-    penalty = np.array([field_diagonal(shape, sp) for sp in spacings])[:, None]
-    a = np.where(in_gt ^ in_pred, penalty, a)
-    a[~(in_gt | in_pred)] = np.nan
-    a[~np.isfinite(a)] = np.nan
-    return a
+    return _surface_distance(
+        lambda p, t, given: compute_average_surface_distance(
+            p, t, include_background=False, symmetric=True, spacing=given
+        ),
+        pred,
+        target,
+        n_classes,
+        spacing,
+    )
 
 
 def registration_per_pair(

@@ -376,11 +376,16 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
         del backbone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    _task_figures(out, job, t0, peak)
+    return out
+
+
+def _task_figures(out: dict, job, t0: float, peak: PeakRSS) -> None:
+    """What every extraction task reports about itself: wall time, node, peak memory against the plan's."""
     out["wall_seconds"] = time.perf_counter() - t0
     out["node"] = _node_id()
     out["peak_rss_bytes"] = peak.bytes
     out["peak_rss_predicted_bytes"] = job.extra.get("predicted_peak_bytes", 0.0)
-    return out
 
 
 def run_fused_job(job: FusedJob, store_root: str, counter=None, counter_key: str = "") -> dict:
@@ -407,10 +412,7 @@ def run_fused_job(job: FusedJob, store_root: str, counter=None, counter_key: str
         del encoders
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    out["wall_seconds"] = time.perf_counter() - t0
-    out["node"] = _node_id()
-    out["peak_rss_bytes"] = peak.bytes
-    out["peak_rss_predicted_bytes"] = job.extra.get("predicted_peak_bytes", 0.0)
+    _task_figures(out, job, t0, peak)
     out[record.EXTRACTION_IMAGES_PER_SECOND] = out["slices"] / out["forward_seconds"] if out["forward_seconds"] else 0.0
     out[record.EXTRACTION_DECODE_SHARE] = (
         out["decode_seconds"] / out["forward_seconds"] if out["forward_seconds"] else 0.0
