@@ -281,14 +281,7 @@ def extract_features(
     else:
         dataset = ImageFiles(list(rows), build_transform(recipe))
     workers = default_workers(device) if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
+    loader = input_loader(dataset, batch_size, workers, device)
     run = _Runner(backbone, ts, device, batch_size)
     n, done, t0 = len(dataset), 0, time.perf_counter()
     sink = out if out is not None else ArraySink(n, recipe.dtype)
@@ -331,8 +324,14 @@ def _volume_loader(
 ) -> torch.utils.data.DataLoader:
     """Batches of (volume index, slice index, slice count, slice tensor), one volume in memory per worker."""
     workers = default_workers(device) if num_workers is None else min(num_workers, len(items))
+    return input_loader(_VolumeSlices(items, load_volume, slice_transform, axis), batch_size, workers, device)
+
+
+def input_loader(dataset, batch_size: int, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """The loader every extraction reads its inputs through: ``workers`` decode beside the encoder, pinned
+    memory on a GPU, four batches prefetched per worker."""
     return torch.utils.data.DataLoader(
-        _VolumeSlices(items, load_volume, slice_transform, axis),
+        dataset,
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",

@@ -31,7 +31,7 @@ from dinoscale.data.preprocess import (
     decoded_image_transform,
     volume_files,
 )
-from dinoscale.features.extract import _check_recipe, _prepare, _Runner, default_workers
+from dinoscale.features.extract import _check_recipe, _prepare, _Runner, default_workers, input_loader
 from dinoscale.features.recipe import SLICE_AXIS, FeatureRecipe
 from dinoscale.models import LoadedBackbone
 
@@ -310,13 +310,7 @@ def extract_fused(
     workers = default_workers(device) if num_workers is None else num_workers
     if volumes:
         workers = min(workers, len(units))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
+    loader = input_loader(dataset, batch_size, workers, device)
     runs = [_TargetRun(t, slot, device, batch_size, rows) for t, slot in zip(targets, slots)]
     stats, t0 = FusedStats(entries=len(units)), time.perf_counter()
     try:
