@@ -40,6 +40,7 @@ def data_tags(
     seed: object = None,
     base: str | None = None,
     patient_ids: str | None = None,
+    excluded: str | None = None,
 ) -> dict[str, str]:
     """A dataset's ``data.*`` tags (``PreparedDataset.provenance``), the fields it has; the adapters' one spelling."""
     fields = {
@@ -51,6 +52,7 @@ def data_tags(
         record.DATA_SEED: seed,
         record.DATA_BASE: base,
         record.DATA_PATIENT_IDS: patient_ids,
+        record.DATA_EXCLUDED: excluded,
     }
     return {k: str(v) for k, v in fields.items() if v is not None}
 

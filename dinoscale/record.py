@@ -81,6 +81,7 @@ DATA_SPLIT = "data.split"
 DATA_SKIPPED = "data.skipped"  # how many files on_bad_file=skip dropped
 DATA_SKIPPED_FILES = "data.skipped_files"  # their names (the first few)
 DATA_PATIENT_IDS = "data.patient_ids"  # how patient ids were derived, where the files do not say
+DATA_EXCLUDED = "data.excluded"  # what the protocol leaves out of the dataset and why (e.g. Camelyon17 ITC slides)
 MANIFEST_DIGEST_PREFIX = "data.manifest_digest."  # + split
 WEIGHTS_KINDS = "weights.kinds"  # on the parent: every kind of weights in the sweep (random, hub, file)
 WEIGHTS_KIND = "weights.kind"  # on a child: its backbone's

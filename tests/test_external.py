@@ -136,8 +136,14 @@ def test_external_bags_appended_to_test_get_the_scores_of_the_same_fitted_model(
 
 
 def test_an_external_set_keeps_the_rows_of_the_centres_it_names(tmp_path):
-    """Camelyon16 -> Camelyon17's unseen centres: the replica's slide table states each slide's centre."""
+    """Camelyon16 -> Camelyon17's unseen centres: with the release's stage_labels.csv beside the tiler's table,
+    each slide's centre comes from its patient number (20 per centre), ITC slides are left out and recorded, and
+    a label that contradicts the slide's stage is refused in one message."""
+    import pandas as pd
+
+    from dinoscale import record
     from dinoscale.data import prepare_dataset
+    from dinoscale.data.dataset import DataError
     from dinoscale.data.external import EXTERNAL_SPLIT, external_dataset
     from dinoscale.data.replicas import get_replica
     from dinoscale.spec import DatasetSpec
@@ -146,12 +152,19 @@ def test_an_external_set_keeps_the_rows_of_the_centres_it_names(tmp_path):
     c16 = DatasetSpec(name="wsi-tiles", root=str(tmp_path / "c16"))
     for spec in (c17, c16):
         get_replica("wsi-tiles").write(Path(spec.root), spec)
+    stages = pd.read_csv(tmp_path / "c17" / "stage_labels.csv")
+    slide_stage = {p.removesuffix(".tif"): s for p, s in zip(stages["patient"], stages["stage"]) if p.endswith(".tif")}
+    itc = {k for k, v in slide_stage.items() if v == "itc"}
+    assert itc and "center" not in pd.read_csv(tmp_path / "c17" / "slides.csv").columns
     ds = prepare_dataset(c17, tmp_path)
+    assert not itc & set(ds.manifest["bag_id"]) and len(set(ds.manifest["bag_id"])) == len(slide_stage) - len(itc)
+    assert ds.provenance[record.DATA_EXCLUDED] == f"{len(itc)} isolated-tumour-cell (itc) slides of stage_labels.csv"
     unseen = external_dataset(ds, "all", {"tumor": "tumor"}, ["tumor"], "c17", centers=[1, 3, 4])
     units = unseen.units(EXTERNAL_SPLIT)
     numbers = {int(p.split("_")[1]) for p in units.patient_ids}
-    assert numbers and {n % 5 for n in numbers} == {1, 3, 4}  # the replica's patients sit in centres p % 5
-    assert len(units.sample_ids) == 5 * len(numbers)  # every slide of those patients, none of the others
+    assert numbers and {n // 20 for n in numbers} == {1, 3, 4}  # centre c holds patients 20c ... 20c + 19
+    expected = {k for k in slide_stage if k not in itc and int(k.split("_")[1]) // 20 in (1, 3, 4)}
+    assert set(units.sample_ids) == expected  # every non-ITC slide of those centres, none of the others
     for data, centers, words in (
         (ds, ["7"], "centers ['7'] hold no rows"),
         (prepare_dataset(c16, tmp_path), ["1"], "no centre"),
@@ -159,6 +172,12 @@ def test_an_external_set_keeps_the_rows_of_the_centres_it_names(tmp_path):
         with pytest.raises(ExternalMappingError) as e:
             external_dataset(data, "all", {"tumor": "tumor"}, ["tumor"], "c17", centers=centers)
         assert words in str(e.value) and "external 'c17'" in str(e.value)
+    table = pd.read_csv(tmp_path / "c17" / "slides.csv")
+    negative = next(i for i, sid in enumerate(table["slide_id"]) if slide_stage[sid] == "negative")
+    table.loc[negative, "label"] = "tumor"
+    table.to_csv(tmp_path / "c17" / "slides.csv", index=False)
+    with pytest.raises(DataError, match=rf"line {negative + 2}: slide '\S+' is labelled 'tumor' but stage_labels"):
+        prepare_dataset(c17, tmp_path)
 
 
 def _scored_set(n_patients: int, separation: float, seed: int):

@@ -474,7 +474,8 @@ def prepare_autopet(spec, storage: Path) -> PreparedDataset:
 # ---------------------------------------------------------------- tiled WSI bags (tile folders per slide)
 
 WSI_LAYOUT = """    slides.csv                 slide_id,label[,patient_id][,split][,center]   (label: normal | tumor)
-    <slide_id>/*.png|jpg|tif   the slide's tiles (e.g. 224 px at 20x, tissue only)"""
+    <slide_id>/*.png|jpg|tif   the slide's tiles (e.g. 224 px at 20x, tissue only)
+    stage_labels.csv           optional, Camelyon17's own table (patient,stage): ITC slides left out, centres"""
 WSI_SOURCE = "Camelyon16/17 (https://camelyon17.grand-challenge.org), tiled with your tiler of choice"
 
 
@@ -502,6 +503,7 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
     for i, lab in enumerate(slides["label"]):
         if lab not in allowed:
             raise DataError(f"{csv}, line {i + 2}: label '{lab}' not in the class list {allowed}")
+    slides, excluded = _camelyon17_stages(root, slides, csv)
     pid_rule = _slide_patients(slides, spec, csv)
     rows = []
     for s in slides.itertuples(index=False):
@@ -526,9 +528,55 @@ def prepare_wsi_tiles(spec, storage: Path) -> PreparedDataset:
     df = pd.DataFrame(rows)
     official = df.pop("_split")
     df["split"], how = patient_splits(df, spec, official if (official != "").all() else None)
-    return PreparedDataset(
-        spec.name, "mil", ["tumor"], df, _real(spec, "WSI tile bags", root, how, patient_ids=pid_rule), root
-    )
+    tags = _real(spec, "WSI tile bags", root, how, patient_ids=pid_rule, excluded=excluded)
+    return PreparedDataset(spec.name, "mil", ["tumor"], df, tags, root)
+
+
+# Camelyon17's release (https://camelyon17.grand-challenge.org/Data/) ships stage_labels.csv: a row per patient
+# (patient_NNN.zip, its pN-stage) and a row per slide (patient_NNN_node_K.tif: negative | itc | micro | macro).
+# Its 100 training patients come from five centres, 20 consecutive patients each (the release's center_0 ...
+# center_4 folders: patient_000-019 in center_0, ..., patient_080-099 in center_4).
+C17_STAGES = "stage_labels.csv"
+C17_LABEL = {"negative": "normal", "micro": "tumor", "macro": "tumor"}  # itc: left out, as the reference does
+C17_SLIDE = re.compile(r"patient_(\d+)_node_\d+")
+C17_PATIENTS_PER_CENTER = 20
+
+
+def _camelyon17_stages(root: Path, slides: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, str | None]:
+    """Where the tile root holds Camelyon17's stage table: each slide's label checked against its stage, the
+    isolated-tumour-cell (ITC) slides left out (the reference benchmark removes them: an ITC is neither normal
+    nor a metastasis), and each training slide's centre stated from its patient number where slides.csv has no
+    'center' column. Returns the slides kept and what was left out (a ``data.excluded`` tag), or None."""
+    path = root / C17_STAGES
+    if not path.is_file():
+        return slides, None
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"patient", "stage"} <= set(table.columns):
+        raise DataError(f"{path}: expected Camelyon17's columns 'patient,stage', found {list(table.columns)}")
+    stages = {
+        p.removesuffix(".tif"): st.strip().lower()
+        for p, st in zip(table["patient"], table["stage"])
+        if p.endswith(".tif")
+    }
+    itc = []
+    for i, s in enumerate(slides.itertuples(index=False)):
+        stage = stages.get(s.slide_id)
+        if stage is None:
+            continue
+        if stage != "itc" and stage not in C17_LABEL:
+            raise DataError(f"{path}: slide '{s.slide_id}' has stage '{stage}'; expected negative, itc, micro or macro")
+        if stage == "itc":
+            itc.append(s.slide_id)
+        elif C17_LABEL[stage] != s.label:
+            raise DataError(
+                f"{csv}, line {i + 2}: slide '{s.slide_id}' is labelled '{s.label}' but {C17_STAGES} gives stage "
+                f"'{stage}' ({C17_LABEL[stage]}); correct the label in {csv.name}"
+            )
+    kept = slides[~slides["slide_id"].isin(itc)].copy()
+    numbers = [C17_SLIDE.fullmatch(x) for x in kept["slide_id"]]
+    if "center" not in kept.columns and all(m and int(m.group(1)) < 5 * C17_PATIENTS_PER_CENTER for m in numbers):
+        kept["center"] = [str(int(m.group(1)) // C17_PATIENTS_PER_CENTER) for m in numbers]
+    return kept, f"{len(itc)} isolated-tumour-cell (itc) slides of {C17_STAGES}"
 
 
 # Slide naming of cohorts known to hold several slides per patient: a table of such slides needs patient ids.
