@@ -15,8 +15,9 @@ analysis. Only what makes it a CPU-sized run changes, each change recorded on ev
   DINOv3 architecture (``dinov3-demo-xs/s/m/l``; ViT-S/B/L -> xs/s/m), so the size axis keeps its values;
 - resolutions mapped in order onto small multiples of the patch size (32, 48, 64, ...; as many values);
 - training budgets cut (``CUTS``: probe epochs / steps / iterations, fine-tuning epochs and search
-  budgets, Optuna trials, bootstrap resamples) and the replicates to the first seed (``replicates=k``
-  keeps k: the replicate path, CV folds included, at k times the cost);
+  budgets, Optuna trials, bootstrap resamples), a resampling grid (``dataset.grid``) halved until no axis
+  exceeds ``GRID_MAX`` voxels, and the replicates to the first seed (``replicates=k`` keeps k: the replicate
+  path, CV folds included, at k times the cost);
 - resources: one CPU per trial and per extraction task (the paper's 4-8 CPUs per trial would never be
   scheduled on a laptop); GPU fractions stay as written (used only where the cluster has GPUs).
 
@@ -57,6 +58,7 @@ CUTS = {"epochs": 3, "steps": 12, "max_iter": 100}
 FINETUNE_CUTS = {"epochs": 1, "budget": 2, "patience": 1}
 SEARCH_TRIALS = 1
 BOOTSTRAP_RESAMPLES = 100
+GRID_MAX = 64  # a resampling grid (dataset.grid) halved until its largest axis is at most this (the replicas are small)
 
 
 class RehearsalError(UserError):
@@ -216,6 +218,13 @@ def _scale_budgets(raw: dict, s: dict, cut: list[str], replicates: int) -> None:
     feats = dict(raw.get("features", {}))
     feats["batch_size"] = min(int(feats.get("batch_size", 32)), 32)
     s["features"] = feats
+    grid = raw["dataset"].get("grid")
+    if grid and max(grid) > GRID_MAX:
+        factor = 1
+        while max(grid) / factor > GRID_MAX:
+            factor *= 2
+        s["dataset"]["grid"] = [max(1, g // factor) for g in grid]
+        cut.append(f"dataset.grid {list(grid)}->{s['dataset']['grid']}")
 
 
 def _run_here(raw: dict, s: dict, changes: dict[str, str]) -> None:

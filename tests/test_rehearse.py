@@ -211,6 +211,8 @@ def _runs(uri: str, experiment: str):
 # sweeps/camus.yaml in tests/test_registration.py (with the registration task's own checks)
 # sweeps/xray-external-rsna.yaml in tests/test_external.py (one cell, with its external results checked)
 IN_PROCESS = [s for s in REHEARSABLE if s.stem not in ("xray", "autolaparo", "camus", "xray-external-rsna")]
+# Rehearsed with more than the first replicate: the replicate path of that spec's split (MSD: validation fold k)
+REPLICATES = {"mri": 2}
 
 
 @pytest.mark.slow
@@ -219,7 +221,7 @@ def test_every_paper_spec_rehearses_end_to_end(spec, isolated):
     from dinoscale.rehearse import rehearse
     from dinoscale.tasks import get_task
 
-    r, out = rehearse(spec, lean=True, quiet=True, project_dir=isolated)
+    r, out = rehearse(spec, lean=True, quiet=True, project_dir=isolated, replicates=REPLICATES.get(spec.stem, 1))
     assert [row["cell"] for row in out.rows if row["state"] != "FINISHED"] == []
     runs = _runs(f"sqlite:///{isolated}/mlruns.db", r.spec.experiment_name)
     parents = [x for x in runs if x.data.tags.get(record.ROLE) == record.ROLE_SWEEP]
@@ -235,6 +237,9 @@ def test_every_paper_spec_rehearses_end_to_end(spec, isolated):
         text = (out.report_dir / name).read_text()
         assert "REHEARSAL, NOT A RESULT" in text and "REHEARSAL REPLICA of" in text
     assert out.report_dir.parent.name == "reports" and out.report_dir.name.endswith("-rehearsal")
+    if spec.stem == "mri":  # MSD Task01: 5-fold CV by case, replicate k validates on fold k; distances in mm
+        assert {c.data.params["replicate_split"] for c in cells} == {f"validation fold {k} of 5" for k in (0, 1)}
+        assert all("test_hd95_mm" in c.data.metrics for c in cells)
 
 
 @pytest.mark.slow

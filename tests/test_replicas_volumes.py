@@ -274,8 +274,8 @@ def test_msd_folds_are_by_patient_and_replicates_validate_on_each(tmp_path):
 def _paper(
     tmp_path: Path, spec_file: str, data_root: Path, resolution: int = 32, steps: int = 30, seeds=(0, 1), **dataset
 ) -> dict:
-    """The paper spec scaled down as a rehearsal does it (the lead switches this to ``dinoscale rehearse``):
-    demo ladder with random weights, one small resolution, the probe's steps cut, a light bootstrap; the
+    """The paper spec scaled down as a rehearsal does it, but with enough probe steps and resolution for a known
+    answer (the plain rehearsals of every paper spec are tests/test_rehearse.py): demo ladder with random weights, one small resolution, the probe's steps cut, a light bootstrap; the
     dataset part (adapter, subset, window, channels, spacing, split) is the paper's."""
     raw = yaml.safe_load((ROOT / "sweeps" / spec_file).read_text())
     raw["dataset"]["root"] = str(data_root)
@@ -309,16 +309,6 @@ def _rehearse(tmp_path, spec_file, name, subset=None, **scale):
 
 
 @pytest.mark.slow
-def test_mri_paper_spec_on_the_task01_replica(tmp_path, ray_local):
-    spec, out, runs = _rehearse(tmp_path, "mri.yaml", "msd", "Task01_BrainTumour")
-    for r in runs:
-        m = r.data.metrics
-        assert np.isfinite(m["test_dice"]) and "test_hd95_mm" in m
-    folds = sorted(r.data.params["replicate_split"] for r in runs)
-    assert folds == ["validation fold 0 of 5", "validation fold 1 of 5"]
-
-
-@pytest.mark.slow
 def test_spleen_paper_spec_on_the_task09_replica_scores_on_the_native_grid(tmp_path, ray_local):
     # 4 x 4 tokens a slice (64 px) and 200 steps: enough for a linear head on random features to find the spleen
     spec, out, runs = _rehearse(
@@ -329,13 +319,6 @@ def test_spleen_paper_spec_on_the_task09_replica_scores_on_the_native_grid(tmp_p
         # scored on each case's native grid: a prediction mapped back misaligned would score ~0 (measured: 0.41)
         assert 0.1 < m["test_dice"] <= 1.0 and np.isfinite(m["test_hd95_mm"])
         assert m["n_test_volumes_scored"] == 4
-
-
-@pytest.mark.slow
-def test_petct_paper_spec_on_the_autopet_replica(tmp_path, ray_local):
-    spec, out, runs = _rehearse(tmp_path, "petct.yaml", "autopet", seeds=[0])
-    for r in runs:
-        assert np.isfinite(r.data.metrics["test_dice"])
 
 
 def test_volumes_of_one_shape_keep_their_grid_and_their_feature_keys(tmp_path):
