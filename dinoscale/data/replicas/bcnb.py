@@ -25,8 +25,8 @@ from dinoscale.data.replicas import Replica, register_replica
 from dinoscale.data.replicas._pixels import truncate
 from dinoscale.data.xlsx import write_xlsx
 
-PATIENTS = 30  # 6 test patients and 5 folds of the other 24 (5-fold CV with a 0.2 test share)
-GRID = (2, 4)  # tiles per slide (rows, columns) of TILE px; real slides: thousands
+PATIENTS = 20  # 4 test patients and 5 folds of the other 16 (5-fold CV with a 0.2 test share)
+GRID = (2, 3)  # tiles per slide (rows, columns) of TILE px; real slides: thousands
 COLUMNS = [
     "Patient ID",
     "Age(years)",
