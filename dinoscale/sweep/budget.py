@@ -114,6 +114,7 @@ DATASET_INPUT = {
     "autopet": "nifti_gz",
     "cremi": "hdf5",
     "wsi-tiles": "tile",
+    "bcnb": "tile",  # JPEG slides, tiled into PNG tiles once (dinoscale.data.bcnb)
     "medmnist": "npz_item",
     "phantom-xray": "png",
     "semireal-ct": "nifti_gz",

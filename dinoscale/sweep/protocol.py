@@ -178,7 +178,8 @@ def _data_section(plan: Plan, task_name: str) -> dict:
     spec, ds = plan.spec, plan.dataset
     task = get_task(task_name) if task_name else None
     split = spec.dataset.split
-    folds = ds.folds if ds is not None else 0
+    # without data, the folds the spec states (split.folds: none leaves them to the dataset, known only with data)
+    folds = ds.folds if ds is not None else (split.folds or 0)
     dataset_policy = ds.replicates if ds is not None else dataset_replicates(spec.dataset.name)
     recipes = {
         str(seed): describe_recipe(replicate_recipe(seed, split.seed, dataset_policy, split.replicates, folds))
