@@ -548,6 +548,7 @@ PAPER_SPECS = [
         "endovis2018",
         "camus",
         "mri-acdc",
+        "endoscopy-edd2020",
     )
 ]
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tifffile
 from PIL import Image
 
 from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
@@ -83,8 +84,6 @@ def _size(img: Path) -> tuple[int, int]:
 
 
 def _read_binary(mask: Path, img: Path, shape: tuple[int, int]) -> np.ndarray:
-    import tifffile
-
     try:
         arr = np.asarray(tifffile.imread(mask))
     except Exception as e:

@@ -16,7 +16,9 @@ from dinoscale.data.dataset import DataError
 from dinoscale.data.volumes import to_grid
 
 
-def _read_mask(path: str, volume: bool, grid=None, n_classes: int | None = None, multilabel: bool = False) -> np.ndarray:
+def _read_mask(
+    path: str, volume: bool, grid=None, n_classes: int | None = None, multilabel: bool = False
+) -> np.ndarray:
     from dinoscale.data.readers import _read, file_kind, read_volume
 
     if volume:
