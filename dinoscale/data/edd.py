@@ -58,8 +58,8 @@ def _masks(root: Path) -> dict[str, dict[str, Path]]:
         stem, _, cls = f.stem.rpartition("_")
         if cls not in CLASSES:
             raise DataError(
-                f"{f}: class label '{cls}' outside EDD2020's class_list.txt ({', '.join(CLASSES)}); expected "
-                f"masks/<stem>_<class>.tif. Expected layout:\n{LAYOUT}"
+                f"{f}: class label '{cls}' outside EDD2020's class_list.txt ({', '.join(CLASSES)}); masks are "
+                "named masks/<stem>_<class>.tif"
             )
         out.setdefault(stem, {})[cls] = f
     return out

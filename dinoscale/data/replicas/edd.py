@@ -23,9 +23,8 @@ from PIL import Image
 
 from dinoscale.data.edd import CLASSES
 from dinoscale.data.replicas import Replica, ellipsoid, register_replica
-from dinoscale.data.replicas._pixels import truncate
 
-FRAMES = (("ACB", 6), ("AJ", 6), ("B", 6))  # centre code, frames (real: 386 frames)
+FRAMES = (("ACB", 5), ("AJ", 5), ("B", 5))  # centre code, frames (real: 386 frames)
 SIZES = ((96, 120), (104, 128), (112, 136))  # (rows, cols) per centre (real: larger, several sizes)
 TINT = {  # class -> RGB of its region (real lesions are subtle; tinted here so the probe can find them)
     "BE": (200, 120, 60),
@@ -72,7 +71,8 @@ def _bbox_lines(masks: dict[str, np.ndarray]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@register_replica("edd2020", variants=("corrupt_file", "bad_label", "mask_shape"))
+# no corrupt_file variant: an unreadable JPEG frame is the readers' case, rehearsed with Kvasir-Capsule's JPEG frames
+@register_replica("edd2020", variants=("bad_label", "mask_shape"))
 def write_edd2020(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replica:
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -98,8 +98,6 @@ def write_edd2020(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repli
                     broken = f"{root / 'masks' / name}: shape {arr.shape} differs from its frame"
                 tifffile.imwrite(root / "masks" / name, arr)
             written.append(root / "originalImages" / f"{stem}.jpg")
-    if variant == "corrupt_file":
-        broken = truncate(written[0])
     return Replica(
         root=root,
         dataset="edd2020",
