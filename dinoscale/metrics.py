@@ -76,6 +76,11 @@ CONVENTIONS: dict[str, str] = {
     "IoU": "per image (volume) and structure, |P & G| / |P | G| where the ground truth or the prediction holds "
     "the structure; absent from both: undefined (EndoVis challenge IoU); an image's IoU is the mean over its "
     "defined structures; binary IoU: every structure together against background (instrument vs tissue)",
+    "multi-label masks": "structures that may overlap (EDD2020), one binary map each (bit-packed in one label "
+    "map): every structure scored on its own map, the prediction a sigmoid > 0.5 per structure; Dice on the images "
+    "whose ground truth holds the structure (positive cases), IoU where the ground truth or the prediction holds it, "
+    "undefined where neither does; an image's Dice / IoU: the mean over its defined structures (mIoU over "
+    "structures); detection and false-positive rates per structure as for label maps",
     "FP / FN volume": "AutoPET: volume (ml; voxels where the spacing is unknown) of predicted connected "
     "components touching no ground-truth voxel (FP) and of ground-truth components touching no predicted "
     "voxel (FN); 18-connectivity in 3D, 8 in 2D; summed over structures",
@@ -614,6 +619,61 @@ def segmentation_per_volume(
     out["false_positive_lesions"] = counts[:, 4]
     out["fp_volume_ml" if mm else "fp_voxels"] = counts[:, 0] * voxel
     out["fn_volume_ml" if mm else "fn_voxels"] = counts[:, 1] * voxel
+    return out
+
+
+# ---------------------------------------------------------------- multi-label (overlapping) masks
+
+MAX_OVERLAPPING = 8  # structures of a bit-packed uint8 label map (bit c-1 holds structure c)
+
+
+def pack_labels(binary) -> np.ndarray:
+    """(C, *spatial) binary maps of C <= ``MAX_OVERLAPPING`` structures that may overlap -> one uint8 map
+    (*spatial) whose bit c-1 is set where structure c is (0: none). Overlapping masks travel through the
+    single-channel label-map path (caches, crops, tiles) unchanged."""
+    binary = np.asarray(binary, dtype=bool)
+    if len(binary) > MAX_OVERLAPPING:
+        raise ValueError(f"{len(binary)} overlapping structures; a uint8 map holds at most {MAX_OVERLAPPING}")
+    out = np.zeros(binary.shape[1:], np.uint8)
+    for c, m in enumerate(binary):
+        out[m] |= np.uint8(1 << c)
+    return out
+
+
+def unpack_labels(packed, n_structures: int) -> np.ndarray:
+    """Bit-packed maps (N, *spatial) -> bool (N, n_structures, *spatial): structure c where bit c-1 is set."""
+    packed = np.asarray(packed).astype(np.int64)
+    bits = (1 << np.arange(n_structures)).reshape((1, n_structures) + (1,) * (packed.ndim - 1))
+    return (packed[:, None] & bits) > 0
+
+
+def multilabel_per_volume(
+    pred: np.ndarray, target: np.ndarray, n_classes: int, class_names: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Per-image values of overlapping structures from bit-packed maps (n, *spatial) (``pack_labels``), each
+    structure scored on its own binary map under ``CONVENTIONS['multi-label masks']``: ``dice_<structure>``
+    (NaN where the ground truth lacks it), ``iou_<structure>`` (NaN where neither map holds it), ``dice`` and
+    ``iou`` (means over the structures defined on the image), ``detection_rate`` and ``false_positive_rate``.
+    ``n_classes`` counts the background, as for label maps: n_classes - 1 structures."""
+    k = n_classes - 1
+    names = class_names or [str(c) for c in range(1, n_classes)]
+    p, t = unpack_labels(pred, k), unpack_labels(target, k)
+    axes = tuple(range(2, p.ndim))
+    inter = (p & t).sum(axes).astype(np.float64)
+    n_p, n_t = p.sum(axes).astype(np.float64), t.sum(axes).astype(np.float64)
+    in_gt, in_pred = n_t > 0, n_p > 0
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: images without any structure
+        dice = np.where(in_gt, 2 * inter / (n_p + n_t), np.nan)
+        union = n_p + n_t - inter
+        iou = np.where(union > 0, inter / union, np.nan)
+        out = {"dice": np.nanmean(dice, axis=1), "iou": np.nanmean(iou, axis=1)}
+        out.update({f"dice_{n}": dice[:, j] for j, n in enumerate(names)})
+        out.update({f"iou_{n}": iou[:, j] for j, n in enumerate(names)})
+        hit = in_gt & (inter > 0)
+        out["detection_rate"] = np.where(in_gt.any(1), hit.sum(1) / in_gt.sum(1), np.nan)
+        neg = ~in_gt
+        out["false_positive_rate"] = np.where(neg.any(1), (in_pred & neg).sum(1) / neg.sum(1), np.nan)
     return out
 
 

@@ -62,6 +62,9 @@ class TaskDef:
     exclusive: bool = False  # one label per unit (multiclass): probes train softmax cross-entropy, not BCE
     negatives: str = NEGATIVE_PATIENTS  # the macro class-set rule's negative patient (dinoscale.metrics)
     paired: bool = False  # units come in (fixed, moving) pairs, one output per pair (registration)
+    # segmentation whose structures may overlap: one binary map each, bit-packed in the label map
+    # (dinoscale.metrics.pack_labels); probes train a sigmoid per structure (BCE + Dice), not a softmax
+    overlapping: bool = False
 
     def val_metrics(self, val_metric: float) -> dict[str, float]:
         """Probes maximise their selection value; a lower-is-better headline is selected as its negative."""
@@ -200,6 +203,17 @@ def score_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tupl
     return _per_volume(values, DICE, s)
 
 
+def score_multilabel_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
+    """Overlapping structures (bit-packed maps, ``dinoscale.metrics.pack_labels``): Dice and IoU per structure,
+    each on its own binary map, their means over the structures defined on an image (Dice: the headline; IoU:
+    the mIoU over structures), detection and false-positive rates; means with patient intervals."""
+    from dinoscale.metrics import multilabel_per_volume
+
+    names = [s.structures.get(c, str(c)) for c in range(1, s.n_classes)]
+    values = _by_volume(lambda p, t, _sp: multilabel_per_volume(p, t, s.n_classes, names), pred, target)
+    return _per_volume(values, DICE, s)
+
+
 def score_instances(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:
     """EM instances: VOI (split + merge) and adapted Rand error per volume under the CREMI convention (border
     mask, ground-truth label 0 ignored), per sample where the dataset has samples, with intervals where the
@@ -256,6 +270,8 @@ for _t in (
     TaskDef("video_frames", AUROC, score_video_frames, finetunable=True, exclusive=True, negatives=NEGATIVE_UNITS),
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
+    # structures that may overlap (EDD2020): a sigmoid per structure; Dice / IoU per structure on its own map
+    TaskDef("multilabel_segmentation", DICE, score_multilabel_segmentation, dense=True, overlapping=True),
     TaskDef("instance_segmentation", VOI, score_instances, dense=True),
     # pairs (fixed, moving) of a patient's images; headline: the warped labels' Dice (identity beside it)
     TaskDef("registration", DICE, score_registration, dense=True, paired=True),

@@ -549,6 +549,7 @@ PAPER_SPECS = [
         "camus",
         "mri-acdc",
         "wsi-bcnb",
+        "endoscopy-edd2020",
     )
 ]
 

@@ -16,7 +16,9 @@ from dinoscale.data.dataset import DataError
 from dinoscale.data.volumes import to_grid
 
 
-def _read_mask(path: str, volume: bool, grid=None, n_classes: int | None = None) -> np.ndarray:
+def _read_mask(
+    path: str, volume: bool, grid=None, n_classes: int | None = None, multilabel: bool = False
+) -> np.ndarray:
     from dinoscale.data.readers import _read, file_kind, read_volume
 
     if volume:
@@ -25,7 +27,7 @@ def _read_mask(path: str, volume: bool, grid=None, n_classes: int | None = None)
             raise DataError(f"{path}: a label map with {arr.shape[0]} channels; expected one")
         arr = np.asarray(arr[0])
         if grid is not None:  # labels checked on the native map: resampling may drop a lone voxel
-            _check_labels(path, arr.astype(np.int64), n_classes)
+            _check_labels(path, arr.astype(np.int64), n_classes, multilabel)
             arr = to_grid(arr, spacing, grid, labels=True)
     else:
         arr = np.asarray(_read(file_kind(path), path))
@@ -37,7 +39,11 @@ def _read_mask(path: str, volume: bool, grid=None, n_classes: int | None = None)
 
 
 def load_label_maps(
-    mask_paths: Sequence[str] | None, n_slices: Sequence[int] | None, n_classes: int | None = None, grid=None
+    mask_paths: Sequence[str] | None,
+    n_slices: Sequence[int] | None,
+    n_classes: int | None = None,
+    grid=None,
+    multilabel: bool = False,
 ) -> np.ndarray:
     """(n, H, W) for 2D images, (n, S, H, W) for volumes (slices along the file's last axis).
 
@@ -45,13 +51,15 @@ def load_label_maps(
     (nearest) and centre-cropped / zero-padded like its image; ``n_slices`` are then the grid's.
 
     ``n_classes``: semantic labels must lie in [0, n_classes); None: instance ids (any non-negative).
+    ``multilabel``: bit-packed overlapping structures (``dinoscale.metrics.pack_labels``): only bits of the
+    n_classes - 1 structures may be set.
     Every mask must have the same shape (they are stacked), and a volume's mask as many slices as the
     manifest says its image has."""
     if not mask_paths:
         raise DataError("this dataset lists no masks (manifest column 'mask_path'); segmentation probes need them")
     maps = []
     for i, path in enumerate(mask_paths):
-        arr = _read_mask(path, volume=n_slices is not None, grid=grid, n_classes=n_classes)
+        arr = _read_mask(path, volume=n_slices is not None, grid=grid, n_classes=n_classes, multilabel=multilabel)
         if n_slices is not None:
             if arr.ndim != 3 or arr.shape[-1] != int(n_slices[i]):
                 raise DataError(
@@ -61,7 +69,7 @@ def load_label_maps(
             arr = np.moveaxis(arr, -1, 0)  # (S, H, W)
         elif arr.ndim != 2:
             raise DataError(f"{path}: expected a 2D label map, got shape {tuple(arr.shape)}")
-        _check_labels(path, arr, n_classes)
+        _check_labels(path, arr, n_classes, multilabel)
         if maps and arr.shape != maps[0].shape:
             raise DataError(
                 f"{path}: mask shape {tuple(arr.shape)} differs from {mask_paths[0]} {tuple(maps[0].shape)}; "
@@ -71,9 +79,18 @@ def load_label_maps(
     return np.stack(maps)
 
 
-def _check_labels(path: str, arr: np.ndarray, n_classes: int | None) -> None:
+def _check_labels(path: str, arr: np.ndarray, n_classes: int | None, multilabel: bool = False) -> None:
     if arr.min(initial=0) < 0:
         raise DataError(f"{path}: negative label {int(arr.min())}")
+    if multilabel and n_classes is not None and arr.max(initial=0) >= 1 << (n_classes - 1):
+        bits = sorted({b + 1 for v in np.unique(arr) for b in range(int(v).bit_length()) if int(v) >> b & 1})
+        raise DataError(
+            f"{path}: structure(s) {[b for b in bits if b >= n_classes][:10]} of a bit-packed multi-label map beyond "
+            f"the probe's {n_classes - 1} structures (n_classes {n_classes} counts the background); set the "
+            "probe's n_classes to the dataset's structure count + 1"
+        )
+    if multilabel:
+        return
     if n_classes is not None and arr.max(initial=0) >= n_classes:
         bad = sorted(int(v) for v in np.unique(arr[arr >= n_classes]))
         raise DataError(

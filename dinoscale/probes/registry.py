@@ -52,7 +52,8 @@ class BagSplit:
 class SegSplit:
     """Patch-token grids and label maps for segmentation heads.
 
-    2D: ``x`` (n, D, h, w), ``y`` (n, H, W) int class labels (or instance ids for affinity heads).
+    2D: ``x`` (n, D, h, w), ``y`` (n, H, W) int class labels (or instance ids for affinity heads; or
+    bit-packed overlapping structures where ``multilabel``).
     3D: ``x`` (n, S, D, h, w) — S slices of a volume stacked — and ``y`` (n, S, H, W).
     """
 
@@ -60,6 +61,9 @@ class SegSplit:
     y: np.ndarray
     volume_ids: np.ndarray | None = None  # patient / volume of each item, for intervals
     spacing: list[tuple[float, ...]] | None = None  # per item, in the label maps' axis order (metrics in mm / nm)
+    # the label maps bit-pack structures that may overlap (dinoscale.metrics.pack_labels; the task says so):
+    # segmentation heads train a sigmoid per structure instead of a softmax over classes
+    multilabel: bool = False
 
 
 def grid_edges(grid: dict[str, list], selected: dict) -> dict[str, str]:

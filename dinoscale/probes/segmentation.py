@@ -14,7 +14,9 @@ many small ones, instead of a few epochs over three items. Inference is **tiled*
 overlapping token tiles (stride half a tile), logits at native resolution averaged where tiles overlap,
 one item at a time, so memory is bounded by the tile, not the volume.
 
-Semantic heads train with MONAI's DiceCELoss; affinity heads predict nearest-neighbour affinities
+Semantic heads train with MONAI's DiceCELoss (softmax over classes); where the dataset's structures may overlap
+(a multi-label task: bit-packed label maps, ``dinoscale.metrics.pack_labels``) a sigmoid per structure with
+binary cross-entropy + soft Dice; affinity heads predict nearest-neighbour affinities
 (BCE + soft Dice) that ``agglomerate_affinities`` turns into instances (seeded watershed or connected
 components). The learning rate (and for affinities the threshold) is chosen on val: semantic heads by
 Dice on the positive cases, affinity heads by VOI under the CREMI convention (``dinoscale.metrics``).
@@ -61,7 +63,12 @@ class SegmentationProbeSpec(_CropTraining):
         description="linear: BatchNorm + 1x1 conv, bilinear up; conv: light 2D decoder; "
         "conv3d: slice maps stacked into a light 3D decoder",
     )
-    n_classes: int = Field(2, ge=2, description="including background (label 0)")
+    n_classes: int = Field(
+        2,
+        ge=2,
+        description="including background (label 0); where structures may overlap (a multi-label dataset): "
+        "the structure count + 1",
+    )
     learning_rates: list[float] = Field(default_factory=lambda: [1e-3], min_length=1)
 
     @property
@@ -421,9 +428,29 @@ def _sigmoid(logits: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(logits).numpy()
 
 
+def _unpacked(k: int):
+    """Bit-packed label maps (b, *spatial) -> float (b, k, *spatial) binary targets, one channel per structure."""
+
+    def fn(packed: torch.Tensor) -> torch.Tensor:
+        bits = (1 << torch.arange(k)).reshape((1, k) + (1,) * (packed.ndim - 1))
+        return ((packed.long().unsqueeze(1) & bits) > 0).float()
+
+    return fn
+
+
+def _packed(logits: torch.Tensor) -> np.ndarray:
+    """(k, *spatial) logits -> a bit-packed uint8 map: structure c where its sigmoid exceeds 0.5 (logit > 0)."""
+    from dinoscale.metrics import pack_labels
+
+    return pack_labels((logits > 0).numpy())
+
+
 def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
     """test_scores: predicted label maps (n_test, *spatial); val_metric: mean foreground Dice per item (on
-    the items whose ground truth holds each structure)."""
+    the items whose ground truth holds each structure). Where the split's structures may overlap
+    (``SegSplit.multilabel``): ``fit_multilabel_segmentation``."""
+    if train.multilabel:
+        return fit_multilabel_segmentation(spec, train, val, test, seed)
     from monai.losses import DiceCELoss
 
     from dinoscale.metrics import dice_per_volume
@@ -455,6 +482,53 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
     return ProbeResult(
         test_scores=test_pred,
         val_metric=dice,
+        selected={"lr": lr},
+        candidates=len(spec.learning_rates),
+        extra={"head": head},
+        edges=grid_edges({"lr": spec.learning_rates}, {"lr": lr}),
+    )
+
+
+def fit_multilabel_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
+    """Structures that may overlap (bit-packed label maps, ``dinoscale.metrics.pack_labels``): the head gives
+    n_classes - 1 logits per pixel, one per structure (no background channel), trained with per-structure binary
+    cross-entropy + soft Dice (sigmoid, pooled over the batch, as DiceCE pools it for label maps); a structure
+    is predicted where its sigmoid exceeds 0.5. test_scores: bit-packed predicted maps; val_metric: mean Dice
+    per item over the structures its ground truth holds (``dinoscale.metrics.multilabel_per_volume``)."""
+    from monai.losses import DiceLoss
+
+    from dinoscale.metrics import multilabel_per_volume
+
+    k = spec.n_classes - 1
+    xtr = _features(train)
+    volumetric = xtr.ndim == 5
+    labels = _labels(train)
+    unpack = _unpacked(k)
+    target = (
+        unpack(labels)
+        if isinstance(labels, torch.Tensor)
+        else MappedBatches(labels, unpack, shape=(len(labels), k, *labels.shape[1:]))
+    )
+    dice = DiceLoss(sigmoid=True, batch=True)
+    loss_fn = lambda logits, t: F.binary_cross_entropy_with_logits(logits, t) + dice(logits, t)  # noqa: E731
+    best = None
+    for lr in spec.learning_rates:
+        torch.manual_seed(seed)
+        head = build_head(spec.head, xtr.shape[-3], k, spec.hidden_dim, volumetric)
+        _train(head, spec, xtr, target, loss_fn, lr, seed)
+        per_item = [
+            multilabel_per_volume(p[None], np.asarray(val.y[i : i + 1]), spec.n_classes)["dice"]
+            for i, p in _predicted(head, spec, val, k, _packed)
+        ]
+        with np.errstate(all="ignore"):
+            value = float(np.nanmean(np.concatenate(per_item))) if per_item else float("nan")
+        if best is None or np.nan_to_num(value, nan=-1) > np.nan_to_num(best[0], nan=-1):
+            best = (value, lr, head)
+    value, lr, head = best
+    test_pred = np.stack([p for _, p in _predicted(head, spec, test, k, _packed)])
+    return ProbeResult(
+        test_scores=test_pred,
+        val_metric=value,
         selected={"lr": lr},
         candidates=len(spec.learning_rates),
         extra={"head": head},
@@ -540,6 +614,15 @@ def _rules(spec, task: str) -> dict:
             "selection": "lr x threshold on val VOI under the CREMI convention (lower is better); a choice on an "
             "edge of a grid of 2 or more values is tagged",
         }
+    if task == "multilabel_segmentation":
+        return {
+            **common,
+            "head": "one logit per structure (no background channel): structures may overlap",
+            "loss": "binary cross-entropy per structure + soft Dice (sigmoid, pooled over the batch; MONAI DiceLoss)",
+            "prediction": "a structure where its sigmoid exceeds 0.5 (bit-packed label map)",
+            "selection": "lr on val Dice (per structure on its own map, positive cases); a choice on an edge of a "
+            "grid of 2 or more values is tagged",
+        }
     return {
         **common,
         "loss": "Dice (foreground classes, pooled over the batch) + cross-entropy (MONAI DiceCELoss)",
@@ -559,7 +642,7 @@ register_probe(
         "segmentation",
         SegmentationProbeSpec,
         fit_segmentation,
-        tasks=("segmentation",),
+        tasks=("segmentation", "multilabel_segmentation"),
         input="grid",
         space=_space,
         streams=True,

@@ -89,8 +89,10 @@ def stacked(rows, index: np.ndarray, per_unit: np.ndarray, units: SplitUnits, wh
     return RowView(rows, index, group=None if units.n_slices is None else int(per_unit[0]), resident_bytes=resident)
 
 
-def _mask_fingerprint(masks: list[str], n_slices, n_classes, grid=None) -> str:
+def _mask_fingerprint(masks: list[str], n_slices, n_classes, grid=None, multilabel: bool = False) -> str:
     what = [masks, list(map(int, n_slices)) if n_slices else None, n_classes]
+    if multilabel:  # bit-packed structures: other label checks (digests of single-label maps unchanged)
+        what.append("bits")
     if grid is not None:  # label maps on a common grid (dinoscale.data.volumes): another grid, other maps
         what.append(grid.signature())
     h = hashlib.sha256(json.dumps(what).encode())
@@ -100,19 +102,27 @@ def _mask_fingerprint(masks: list[str], n_slices, n_classes, grid=None) -> str:
     return h.hexdigest()[:32]
 
 
-def label_maps(store: FeatureStore, units: SplitUnits, volumes: bool, n_classes: int | None, resident: int) -> RowView:
+def label_maps(
+    store: FeatureStore,
+    units: SplitUnits,
+    volumes: bool,
+    n_classes: int | None,
+    resident: int,
+    multilabel: bool = False,
+) -> RowView:
     """The split's label maps as a view of a ``.npy`` cache (built once, one mask at a time): (n, S, H, W) for
     volumes, (n, H, W) for 2D images. Semantic labels in [0, n_classes) are stored as uint8 (up to 256
-    classes), instance ids as int64."""
+    classes), instance ids as int64; ``multilabel``: bit-packed overlapping structures (n_classes - 1 bits)."""
     from dinoscale.data.masks import load_label_maps
 
     if not units.masks:
         load_label_maps(units.masks, None)  # the data module's message: this dataset lists no masks
     n_slices = units.n_slices if volumes else None
     grid = units.volume.grid if (volumes and units.volume is not None) else None
-    path = store.local_dir / "labels" / f"{_mask_fingerprint(units.masks, n_slices, n_classes, grid)}.npy"
+    path = store.local_dir / "labels" / f"{_mask_fingerprint(units.masks, n_slices, n_classes, grid, multilabel)}.npy"
     if not path.is_file():
-        _write_label_maps(path, units.masks, n_slices, n_classes, partial(load_label_maps, grid=grid))
+        load = partial(load_label_maps, grid=grid, multilabel=multilabel)
+        _write_label_maps(path, units.masks, n_slices, n_classes, load)
     shape, dtype, offset = _npy_header(str(path))
     rows = FeatureRows([_Shard(str(path), 0, shape[0], offset)], dtype, shape[1:])
     return RowView(rows, resident_bytes=resident)
@@ -128,14 +138,14 @@ def prepare_label_maps(plan) -> int:
     if ds is None or not ds.has_masks:
         return 0
     wanted = {
-        (int(c.probe_config["n_classes"]), c.view == "slices")
+        (int(c.probe_config["n_classes"]), c.view == "slices", get_task(c.task).overlapping)
         for c in plan.cells
         if get_task(c.task).dense and (c.probe_config or {}).get("n_classes") is not None
     }
     store = FeatureStore(plan.storage / "features")
-    for n_classes, volumes in sorted(wanted):
+    for n_classes, volumes, multilabel in sorted(wanted):
         for split in SPLITS:
-            label_maps(store, ds.units(split), volumes, n_classes, 0)
+            label_maps(store, ds.units(split), volumes, n_classes, 0, multilabel)
     return len(wanted) * len(SPLITS)
 
 
@@ -260,7 +270,11 @@ def _in_memory(inp):
     if isinstance(inp, BagSplit):
         return BagSplit([np.asarray(b, dtype=np.float32) for b in inp.x], inp.y, inp.exclusive)
     return SegSplit(
-        np.asarray(inp.x, dtype=np.float32), np.asarray(inp.y).astype(np.int64), inp.volume_ids, inp.spacing
+        np.asarray(inp.x, dtype=np.float32),
+        np.asarray(inp.y).astype(np.int64),
+        inp.volume_ids,
+        inp.spacing,
+        inp.multilabel,
     )
 
 
@@ -279,14 +293,15 @@ def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split
     exclusive = get_task(cell.task).exclusive
     if form == "grid":
         volumes = cell.view == "slices"
-        y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident)
+        multilabel = get_task(cell.task).overlapping
+        y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident, multilabel)
         spacing = label_spacing(units, volumes)
         if cell.online:
             src = sources or RowSources(units.sample_ids, units.items, units.n_slices, volume=units.volume)
-            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing)
+            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing, multilabel)
         rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
         x = stacked(rows, index, per_unit, units, "feature maps", resident)
-        return SegSplit(x, y, units.patient_ids, spacing)
+        return SegSplit(x, y, units.patient_ids, spacing, multilabel)
     rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
     if form == "bag":
         ends = np.cumsum(per_unit)
@@ -316,7 +331,7 @@ def repartition(train, val, train_idx, val_idx):
             if train.spacing is not None and val.spacing is not None:
                 both = list(train.spacing) + list(val.spacing)
                 spacing = [both[i] for i in idx]
-            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing)
+            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing, train.multilabel)
         return Split(take_items([train.x, val.x], idx), y, train.exclusive)
 
     return take(train_idx), take(val_idx)

@@ -40,6 +40,7 @@ _CONVENTIONS_OF = {
     "video_frames": ("macro AUROC (frames)", "frame metrics", "intervals"),
     "mil": ("macro AUROC", "intervals"),
     "segmentation": ("intervals", "Dice", "IoU", "HD95", "detection", "lesion detection", "FP / FN volume"),
+    "multilabel_segmentation": ("intervals", "multi-label masks"),
     "instance_segmentation": ("intervals", "VOI / ARAND"),
     "registration": ("intervals", "registration"),
 }
