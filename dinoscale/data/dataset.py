@@ -319,8 +319,8 @@ class PreparedDataset:
                 folds=first["fold"].astype(int).to_numpy() if "fold" in first.columns else None,
             )
         masks = None
-        if "mask_key" in df.columns:
-            masks = _items(df, "path", "mask_key")
+        if "mask_key" in df.columns:  # HDF5 label blocks: in the image's file (CREMI) or their own (AC3/AC4)
+            masks = _items(df, "mask_path" if "mask_path" in df.columns else "path", "mask_key")
         elif "mask_path" in df.columns:
             masks = df["mask_path"].tolist()
         spacing, native, grid = None, None, self.grid
