@@ -548,6 +548,8 @@ PAPER_SPECS = [
         "endovis2018",
         "camus",
         "mri-acdc",
+        "petct-hecktor",
+        "em-ac3ac4",
     )
 ]
 

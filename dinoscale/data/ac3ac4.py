@@ -16,8 +16,8 @@ package is https://lichtman.rc.fas.harvard.edu/vast/AC3AC4Package.zip, whose inn
 Verified from public code and READMEs: the four file names, the 'main' key, [z, y, x] order, AC4's 100 x 1024 x
 1024, 6 x 6 x 29 nm (one README; the SNEMI3D pages say 6 x 6 x 30), AC3's 256 sections (SNEMI3D: test = AC3's
 first 100, the last 156 a validation volume). Not verified: the label dtype (any integer type is accepted) and
-whether the files carry a ``resolution`` attribute (the reader falls back to unit spacing; VOI / adapted Rand
-need none).
+whether the files carry a ``resolution`` attribute (where they do not, the metrics take 6 x 6 x 29 nm: CREMI's
+25 nm border mask is then ~4 px wide, not the 6 px of CREMI's 4 nm pixels).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ SOURCE = (
 KEY = "main"
 # (volume, first section, end section) per split: the protocol's fixed cut
 PROTOCOL = {"train": ("AC4", 0, 80), "val": ("AC4", 80, 100), "test": ("AC3", 0, 100)}
-SPLIT = "fixed by the protocol: train AC4 sections 0-79, val AC4 80-99, test AC3 0-99"
+SPACING_NM = (6.0, 6.0, 29.0)  # [x, y, z]: 6 x 6 nm pixels, 29 nm sections (30 nm on the SNEMI3D pages)
+SPLIT = "train AC4 sections 0-79, val AC4 80-99, test AC3 sections 0-99"
 
 
 def _shape(path: Path) -> tuple[int, ...]:
@@ -52,7 +53,7 @@ def _shape(path: Path) -> tuple[int, ...]:
                 raise DataError(f"{path}: dataset '{KEY}' holds {d.dtype}, not numbers")
             return tuple(int(s) for s in d.shape)
     except (OSError, KeyError) as e:
-        raise DataError(f"{path}: not an AC3/AC4 volume ({type(e).__name__}: {e}). Expected layout:\n{LAYOUT}") from e
+        raise DataError(f"{path}: not an AC3/AC4 volume with a dataset '{KEY}' ({type(e).__name__}: {e})") from e
 
 
 def _volume(root: Path, name: str, need: int) -> tuple[Path, Path]:
@@ -85,6 +86,7 @@ def _volume(root: Path, name: str, need: int) -> tuple[Path, Path]:
         "sections (train 80, val 20) and AC3's first 100 (test)",
     ),
     replicates="fixed",
+    split_rule=SPLIT,
 )
 def prepare_ac3ac4(spec, storage: Path) -> PreparedDataset:
     root = data_root(spec, "AC3/AC4", LAYOUT, SOURCE)
@@ -117,4 +119,5 @@ def prepare_ac3ac4(spec, storage: Path) -> PreparedDataset:
         root,
         replicates="fixed",
         replicates_reason=SPLIT,
+        stated_spacing=SPACING_NM,  # the files record none (the CREMI border mask needs the pixel size)
     )
