@@ -69,3 +69,19 @@ def test_ac3ac4_split_is_the_protocols_sections(tmp_path):
     (tmp_path / "AC4_labels.h5").unlink()
     with pytest.raises(DataError, match=r"AC4_labels\.h5 not found"):
         prepare_dataset(spec, tmp_path / "store")
+
+
+def test_aggregated_dice_accumulates_over_the_split_as_hecktor_2022():
+    from dinoscale.tasks import _aggregated_dice
+
+    target = np.zeros((3, 4, 4), np.int64)
+    pred = np.zeros_like(target)
+    target[0, :2, :2] = 1  # 4 GTVp voxels, half found
+    pred[0, :1, :2] = 1
+    target[1, 2:, 2:] = 2  # 4 GTVn voxels, all found, 4 spurious ones beside
+    pred[1, 2:, :] = 2
+    pred[2, 0, 0] = 1  # a GTVp predicted where the ground truth has none: counts (no volume dropped)
+    out = _aggregated_dice(pred, target, 3, ["GTVp", "GTVn"])
+    assert out["test_dice_agg_GTVp"] == pytest.approx(2 * 2 / (3 + 4))
+    assert out["test_dice_agg_GTVn"] == pytest.approx(2 * 4 / (8 + 4))
+    assert out["test_dice_agg"] == pytest.approx((4 / 7 + 8 / 12) / 2)

@@ -40,7 +40,16 @@ _CONVENTIONS_OF = {
     "multiclass": ("macro AUROC", "intervals"),
     "video_frames": ("macro AUROC (frames)", "frame metrics", "intervals"),
     "mil": ("macro AUROC", "intervals"),
-    "segmentation": ("intervals", "Dice", "IoU", "HD95", "detection", "lesion detection", "FP / FN volume"),
+    "segmentation": (
+        "intervals",
+        "Dice",
+        "aggregated Dice",
+        "IoU",
+        "HD95",
+        "detection",
+        "lesion detection",
+        "FP / FN volume",
+    ),
     "instance_segmentation": ("intervals", "VOI / ARAND"),
     "registration": ("intervals", "registration"),
 }
