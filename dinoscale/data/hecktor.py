@@ -95,18 +95,20 @@ def _pet_on_ct(ct: Path, pet: Path, storage: Path) -> Path:
     out = storage / "hecktor" / h.hexdigest()[:16] / pet.name.replace("__PT", "__PT_on_CT")
     if out.is_file():
         return out
-    imgs = []
-    for f in (ct, pet):
-        try:
-            img = nib.load(str(f))
-            imgs.append((img, np.asarray(img.dataobj, dtype=np.float32)))
-        except Exception as e:
-            raise DataError(f"{f}: cannot read the NIfTI volume ({type(e).__name__}: {e})") from e
-    (ct_img, _), (pet_img, pet_arr) = imgs
-    moved = resample_from_to(nib.Nifti1Image(pet_arr, pet_img.affine), ct_img, order=1, cval=0.0)
+    ct_img = nib.load(str(ct))  # its grid only (the header was read already): the CT's voxels are not read here
+    try:
+        pet_img = nib.load(str(pet))
+        pet_arr = np.asarray(pet_img.dataobj, dtype=np.float32)
+    except Exception as e:
+        raise DataError(f"{pet}: cannot read the NIfTI volume ({type(e).__name__}: {e})") from e
+    grid = (tuple(ct_img.shape[:3]), ct_img.affine)
+    moved = resample_from_to(nib.Nifti1Image(pet_arr, pet_img.affine), grid, order=1, cval=0.0)
+    img = nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), ct_img.affine)
+    img.set_qform(ct_img.affine, code=1)
+    img.set_sform(ct_img.affine, code=1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{out.name}")
-    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), ct_img.affine, ct_img.header), str(tmp))
+    nib.save(img, str(tmp))
     os.replace(tmp, out)  # a concurrent writer of the same file loses harmlessly
     return out
 
