@@ -20,7 +20,7 @@ from dinoscale.data.phantoms3d import _render_em
 from dinoscale.data.replicas import Replica, register_replica
 from dinoscale.data.replicas._pixels import truncate
 
-SIDE = 40  # px per section side (real: 1024)
+SIDE = 24  # px per section side (real: 1024)
 SECTIONS = {"AC4": 100, "AC3": 108}  # real: 100 and 256; the protocol reads AC4 0-99 and AC3 0-99
 
 
@@ -30,7 +30,7 @@ def write_ac3ac4(root: Path, spec, variant: str = "ok", seed: int = 0) -> Replic
     root.mkdir(parents=True, exist_ok=True)
     written = {}
     for j, (name, depth) in enumerate(SECTIONS.items()):
-        img, ids = _render_em(SIDE, depth, np.random.default_rng([seed, 2000 + j]), k=40)
+        img, ids = _render_em(SIDE, depth, np.random.default_rng([seed, 2000 + j]), k=24)
         raw = np.ascontiguousarray(np.transpose(img, (2, 1, 0))).astype(np.uint8)  # [z, y, x]
         lab = np.ascontiguousarray(np.transpose(ids, (2, 1, 0))).astype(np.uint32)
         if variant == "mask_shape" and name == "AC3":

@@ -22,18 +22,7 @@ from dinoscale.data.replicas import Replica, ellipsoid, register_replica, save_n
 from dinoscale.data.replicas._pixels import truncate
 
 CENTRES = ("CHUM", "CHUP", "CHUS", "CHUV", "HGJ", "HMR", "MDA")
-CASES = (
-    "CHUM-001",
-    "CHUM-002",
-    "CHUP-005",
-    "CHUS-003",
-    "CHUV-001",
-    "HGJ-007",
-    "HMR-004",
-    "MDA-001",
-    "MDA-002",
-    "MDA-003",
-)
+CASES = ("CHUM-001", "CHUP-005", "CHUS-003", "CHUV-001", "HGJ-007", "HMR-004", "MDA-001", "MDA-002")  # all 7 centres
 CLINICAL = [
     "PatientID",
     "Task 1",
@@ -53,7 +42,7 @@ CLINICAL = [
 
 def _case(rng, with_nodes: bool) -> dict:
     """CT (HU) and its label map on a ~1 mm grid; the PET (SUV) on a 4 mm grid covering more than the CT."""
-    side, depth = int(rng.choice([40, 44, 48])), int(rng.integers(10, 14))
+    side, depth = int(rng.choice([32, 36, 40])), int(rng.integers(8, 12))
     sxy, sz = float(rng.choice([0.977, 1.0, 1.17])), 3.0
     shape = (side, side, depth)
     c = ((side - 1) / 2, (side - 1) / 2, (depth - 1) / 2)
@@ -158,7 +147,7 @@ def write_hecktor(root: Path, spec, variant: str = "ok", seed: int = 0) -> Repli
             "hecktor2022_endpoint_training.csv (PatientID, Relapse, RFS)",
         ],
         leaves_out=[
-            f"size: {len(CASES)} cases of 40-48 px and 10-13 slices (published: 524 cases, CT 512 x 512)",
+            f"size: {len(CASES)} cases of 32-40 px and 8-11 slices (published: 524 cases, CT 512 x 512)",
             "the CT / PET dtypes and PET units of the real files (int16 HU and SUV assumed, not verified); the "
             "CenterID codes (unverified: written as indices); anatomy (an ellipsoid neck with FDG-avid balls)",
             "the test release (imagesTs, 359 cases of other centres, labels not public)",
