@@ -767,7 +767,9 @@ def test_interrupted_sweep_resumes_with_nothing_lost(tmp_path):
     from conftest import tiny_spec_dict
     from dinoscale import record
 
-    raw = tiny_spec_dict(tmp_path, backbones=[{"name": "dinov3-demo-xs", "weights": "random"}], name="xray-interrupt")
+    raw = tiny_spec_dict(
+        tmp_path, backbones=[{"name": "dinov3-demo-xs", "weights": "random"}], name="xray-interrupt"
+    )
     # 1 backbone x 2 resolutions x 2 probes x 3 seeds = 12 cells, one at a time: a cell takes ~1 s, so after the
     # first has finished, the stop (SIGTERM, then Tune's graceful stop) must leave some unfinished even on a
     # loaded machine (with 4 cells, CI once saw all 4 finish before the driver stopped)
