@@ -57,7 +57,8 @@ validate: $(STAMP)
 protocol: $(STAMP)
 	$(BIN)/dinoscale protocol sweeps/xray.yaml sweeps/ct.yaml sweeps/mri.yaml sweeps/wsi.yaml sweeps/em.yaml \
 		sweeps/petct.yaml sweeps/kvasir-capsule.yaml sweeps/autolaparo.yaml sweeps/endovis2018.yaml \
-		sweeps/camus.yaml sweeps/mri-acdc.yaml sweeps/wsi-bcnb.yaml sweeps/endoscopy-edd2020.yaml --out sweeps/PROTOCOL.md
+		sweeps/camus.yaml sweeps/mri-acdc.yaml sweeps/wsi-bcnb.yaml sweeps/endoscopy-edd2020.yaml \
+		sweeps/petct-hecktor.yaml sweeps/em-ac3ac4.yaml --out sweeps/PROTOCOL.md
 
 # The latest sweep of SPEC, reported in reports/<spec name>/ (SWEEP=<parent run id> for another sweep of it)
 analyze: $(STAMP)

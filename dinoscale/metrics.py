@@ -62,6 +62,10 @@ CONVENTIONS: dict[str, str] = {
     "Dice": "per structure, on the volumes whose ground truth holds it (AutoPET convention: positive cases); "
     "on the others a prediction of it is scored by the false-positive volume and the false-positive rate; "
     "a volume's Dice is the mean over the structures its ground truth holds",
+    "aggregated Dice": "dice_agg_<structure>: 2 x the voxels of the structure in both the prediction and the "
+    "ground truth, summed over all test volumes, over the voxels of it in either, summed likewise (HECKTOR 2022's "
+    "DSCagg: volumes without the structure count, no volume is dropped); dice_agg: the mean over the structures "
+    "with voxels in some volume; one value per test split, no interval",
     "HD95": "95th-percentile symmetric Hausdorff distance (MONAI) in the volume's physical units (mm: from each "
     "volume's voxel spacing; px where the file records none), on the volumes where the ground truth or the "
     "prediction holds the structure; a missed or a spurious structure scores the penalty distance, the "
@@ -456,6 +460,19 @@ def dice_per_volume(
     off = 0 if include_background else 1
     d[~_present(t)[:, off:]] = np.nan
     return d
+
+
+def dice_overlaps(pred: np.ndarray, target: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Per volume and foreground class ``c``: ``overlap_c`` (voxels of c in both) and ``sizes_c`` (voxels of c in
+    the prediction plus in the ground truth), the sums the aggregated Dice (``CONVENTIONS['aggregated Dice']``)
+    accumulates over a test split."""
+    out = {}
+    for c in range(1, n_classes):
+        out[f"overlap_{c}"] = np.array([np.count_nonzero((p == c) & (t == c)) for p, t in zip(pred, target)])
+        out[f"sizes_{c}"] = np.array(
+            [np.count_nonzero(p == c) + np.count_nonzero(t == c) for p, t in zip(pred, target)]
+        )
+    return out
 
 
 def iou_per_volume(pred: np.ndarray, target: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

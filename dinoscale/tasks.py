@@ -200,7 +200,24 @@ def score_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tupl
     values = _by_volume(
         lambda p, t, sp: segmentation_per_volume(p, t, s.n_classes, names, spacing=sp), pred, target, s.spacing
     )
-    return _per_volume(values, DICE, s)
+    metrics, table = _per_volume(values, DICE, s)
+    metrics.update(_aggregated_dice(pred, target, s.n_classes, names))
+    return metrics, table
+
+
+def _aggregated_dice(pred, target, n_classes: int, names: list[str]) -> dict[str, float]:
+    """HECKTOR 2022's DSCagg per structure and their mean over a test split (``CONVENTIONS['aggregated Dice']``)."""
+    from dinoscale.metrics import dice_overlaps
+
+    sums = _by_volume(lambda p, t, sp: dice_overlaps(p, t, n_classes), pred, target)
+    out = {}
+    for c, name in enumerate(names, start=1):
+        sizes = float(sums[f"sizes_{c}"].sum())
+        if sizes > 0:
+            out[f"test_dice_agg_{name}"] = 2.0 * float(sums[f"overlap_{c}"].sum()) / sizes
+    if out:
+        out["test_dice_agg"] = float(np.mean(list(out.values())))
+    return out
 
 
 def score_multilabel_segmentation(pred: np.ndarray, target: np.ndarray, s: Scoring) -> tuple[dict, pd.DataFrame]:

@@ -550,6 +550,8 @@ PAPER_SPECS = [
         "mri-acdc",
         "wsi-bcnb",
         "endoscopy-edd2020",
+        "petct-hecktor",
+        "em-ac3ac4",
     )
 ]
 

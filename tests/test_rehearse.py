@@ -135,7 +135,7 @@ def test_a_broken_replica_gives_one_clear_line(spec, variant, isolated):
     # the message names the culprit: the broken file, or the CSV / array and the label
     replica = Path(isolated / "store" / "rehearsal" / _dataset(spec) / variant)
     if variant in ("corrupt_file", "mask_shape"):
-        assert str(replica) in message and re.search(r"\.(png|jpg|nii\.gz|hdf|npz|dcm)\b", message), message
+        assert str(replica) in message and re.search(r"\.(png|jpg|nii\.gz|hdf|h5|npz|dcm)\b", message), message
     else:
         assert re.search(r"label|value|outside|not 0 or 1", message), message
 

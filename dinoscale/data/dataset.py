@@ -201,6 +201,9 @@ class PreparedDataset:
     geometry: dict[str, tuple] = field(
         default_factory=dict
     )  # volumes on a common grid: sample id -> native (shape, spacing)
+    # HDF5 label blocks whose file records no ``resolution``: their spacing [x, y, z] as the publication states it
+    # (AC3/AC4: 6 x 6 x 29 nm), for metrics in physical units (the CREMI border mask)
+    stated_spacing: tuple[float, float, float] | None = None
     _digests: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- shape
@@ -319,15 +322,15 @@ class PreparedDataset:
                 folds=first["fold"].astype(int).to_numpy() if "fold" in first.columns else None,
             )
         masks = None
-        if "mask_key" in df.columns:
-            masks = _items(df, "path", "mask_key")
+        if "mask_key" in df.columns:  # HDF5 label blocks: in the image's file (CREMI) or their own (AC3/AC4)
+            masks = _items(df, "mask_path" if "mask_path" in df.columns else "path", "mask_key")
         elif "mask_path" in df.columns:
             masks = df["mask_path"].tolist()
         spacing, native, grid = None, None, self.grid
         if masks is not None and self.volumetric:  # metrics in physical units: each volume's own spacing
             from dinoscale.data.readers import volume_spacing
 
-            spacing = [volume_spacing(m) for m in masks]
+            spacing = [volume_spacing(m) or self.stated_spacing for m in masks]
             if grid is not None:  # label maps on the grid; test scored on each volume's native grid
                 native = [self.geometry[str(sid)] for sid in ids]
                 if grid.spacing is not None:
@@ -461,6 +464,9 @@ class DatasetDef:
     # its colour model (grey | rgb), known before preparing: a value, or a function of dataset.subset
     # (MedMNIST+: by subset); the prepared dataset may say otherwise from its files (PreparedDataset.color)
     color: str | Callable[[str | None], str] = "grey"
+    # a split the protocol fixes (AC3/AC4: which sections train, validate and test), in words; '' where the spec's
+    # dataset.split draws it
+    split_rule: str = ""
 
     def declared_color(self, subset: str | None = None) -> str:
         return self.color(subset) if callable(self.color) else self.color
@@ -478,16 +484,18 @@ def register_dataset(
     published: PublishedSize | dict[str, PublishedSize] | None = None,
     replicates: str = "resplit",
     color: str | Callable[[str | None], str] = "grey",
+    split_rule: str = "",
 ):
     """Decorate an adapter ``fn(spec: DatasetSpec, storage: Path) -> PreparedDataset``. ``published``: its
     published size (``published_images``: the same for a set of 2D images); ``replicates``: 'fixed' where the
     protocol fixes the split (replicates then vary initialisation only); ``color``: its colour model, grey or
-    rgb (or a function of ``dataset.subset``), what ``dataset.color: auto`` resolves to."""
+    rgb (or a function of ``dataset.subset``), what ``dataset.color: auto`` resolves to; ``split_rule``: a split the
+    protocol fixes, in words (the protocol table states it instead of dataset.split)."""
     if published is None and published_images is not None:
         published = PublishedSize(published_images)
 
     def deco(fn: Callable[..., PreparedDataset]):
-        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published, replicates, color)
+        _REGISTRY[name] = DatasetDef(name, fn, phantom, task, published, replicates, color, split_rule)
         return fn
 
     return deco

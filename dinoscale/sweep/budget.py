@@ -112,7 +112,9 @@ DATASET_INPUT = {
     "ct-rate": "nifti_gz",
     "msd": "nifti_gz",
     "autopet": "nifti_gz",
+    "hecktor2022": "nifti_gz",
     "cremi": "hdf5",
+    "ac3ac4": "hdf5",
     "wsi-tiles": "tile",
     "bcnb": "tile",  # JPEG slides, tiled into PNG tiles once (dinoscale.data.bcnb)
     "medmnist": "npz_item",

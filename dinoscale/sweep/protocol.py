@@ -15,6 +15,7 @@ from typing import Any
 
 from dinoscale import record
 from dinoscale.data import dataset_replicates
+from dinoscale.data.dataset import get_dataset
 from dinoscale.data.external import EXTERNAL_SPLIT
 from dinoscale.data.splits import TRAIN_SIZE_UNITS, describe_recipe, replicate_recipe, train_size_label
 from dinoscale.data.volumes import PET_SUV_RANGE
@@ -39,7 +40,16 @@ _CONVENTIONS_OF = {
     "multiclass": ("macro AUROC", "intervals"),
     "video_frames": ("macro AUROC (frames)", "frame metrics", "intervals"),
     "mil": ("macro AUROC", "intervals"),
-    "segmentation": ("intervals", "Dice", "IoU", "HD95", "detection", "lesion detection", "FP / FN volume"),
+    "segmentation": (
+        "intervals",
+        "Dice",
+        "aggregated Dice",
+        "IoU",
+        "HD95",
+        "detection",
+        "lesion detection",
+        "FP / FN volume",
+    ),
     "multilabel_segmentation": ("intervals", "multi-label masks"),
     "instance_segmentation": ("intervals", "VOI / ARAND"),
     "registration": ("intervals", "registration"),
@@ -192,8 +202,7 @@ def _data_section(plan: Plan, task_name: str) -> dict:
         "data source": (ds.provenance.get(record.DATA_SOURCE, "?") if ds is not None else "not available when planned"),
         "task": task_name or "?",
         "headline": f"{task.headline.test} ({task.headline.label}; goal {task.headline.goal})" if task else "?",
-        "split": f"patient-level; val {split.val_fraction:g}, test {split.test_fraction:g} of patients where "
-        f"the dataset has no official list (official lists used: {split.official}); shuffle seed {split.seed}",
+        "split": _split_words(spec),
         "replicates (seeds)": "; ".join(f"{k}: {v}" for k, v in recipes.items()),
         "replicate policy": f"spec: {split.replicates}; dataset: {dataset_policy}"
         + (f" ({ds.replicates_reason})" if ds is not None and ds.replicates_reason else "")
@@ -210,6 +219,17 @@ def _data_section(plan: Plan, task_name: str) -> dict:
         for k, v in ds.volume.describe().items():
             data[f"volume {k}"] = v
     return data
+
+
+def _split_words(spec) -> str:
+    fixed = get_dataset(spec.dataset.name).split_rule
+    if fixed:  # the protocol's own split: dataset.split is not read
+        return f"{fixed} (fixed by the dataset's protocol; dataset.split not read)"
+    split = spec.dataset.split
+    return (
+        f"patient-level; val {split.val_fraction:g}, test {split.test_fraction:g} of patients where "
+        f"the dataset has no official list (official lists used: {split.official}); shuffle seed {split.seed}"
+    )
 
 
 def _features_section(f, resolutions: list[int]) -> dict:
