@@ -79,6 +79,19 @@ def test_each_task_reads_with_its_labels_channels_and_grid(task, tmp_path):
     assert list((rep.root / task / "imagesTr").glob("._*"))  # the tarballs' resource forks, listed by no entry
 
 
+@pytest.mark.parametrize("variant", ["mask_shape", "corrupt_file"])
+def test_a_broken_two_channel_task_is_named_before_anything_runs(variant, tmp_path):
+    """Task05's (x, y, z, 2) images against (x, y, z) label maps: a label map of another shape, a truncated image
+    (the variants tests/test_rehearse.py runs on Task09's single-channel files)."""
+    from dinoscale.data import DataError
+
+    task = "Task05_Prostate"
+    rep = get_replica("msd").write(tmp_path / "msd", DatasetSpec(name="msd", root="x", subset=task), variant)
+    with pytest.raises(DataError) as e:
+        prepare_dataset(DatasetSpec(name="msd", root=str(rep.root), subset=task), tmp_path / "store")
+    assert rep.broken.split(":")[0] in str(e.value)
+
+
 # One backbone at one resolution per task: what each task adds is its data (layout, labels, channels, window, grid);
 # the lean 2 x 2 grid on a Decathlon replica is rehearsed by sweeps/ct-msd-spleen.yaml and sweeps/mri.yaml in
 # tests/test_rehearse.py. One Tune trial is most of a rehearsal's time (~12 s on a loaded 2-core machine; four:
