@@ -198,7 +198,9 @@ class Grid:
 
 
 _CT = {"lps": True, "side": (20, 24, 28), "depth": (6, 10)}
-# Medians: nnU-Net's fingerprints (module docstring); ranges around them and the thickness mix: not verified.
+# Medians: nnU-Net's fingerprints (module docstring); ranges around them and the thickness mix: not verified (Task08 /
+# Task10 draw 5 mm twice: their median slice is thicker than nnU-Net's target, so most cases are thick-sliced).
+# Task01 / Task09: the grids their writers (_brain_case, _ct_case) have always used, described here for the tests.
 GRIDS = {
     "Task01_BrainTumour": Grid((1.0, 1.0), (1.0,), False, (24,), (16, 16)),
     "Task02_Heart": Grid((1.25, 1.25), (1.37,), False, (20, 24), (8, 10)),
