@@ -58,7 +58,9 @@ protocol: $(STAMP)
 	$(BIN)/dinoscale protocol sweeps/xray.yaml sweeps/ct.yaml sweeps/mri.yaml sweeps/wsi.yaml sweeps/em.yaml \
 		sweeps/petct.yaml sweeps/kvasir-capsule.yaml sweeps/autolaparo.yaml sweeps/endovis2018.yaml \
 		sweeps/camus.yaml sweeps/mri-acdc.yaml sweeps/wsi-bcnb.yaml sweeps/endoscopy-edd2020.yaml \
-		sweeps/petct-hecktor.yaml sweeps/em-ac3ac4.yaml --out sweeps/PROTOCOL.md
+		sweeps/petct-hecktor.yaml sweeps/em-ac3ac4.yaml sweeps/ct-msd-spleen.yaml sweeps/mri-msd-heart.yaml \
+		sweeps/ct-msd-liver.yaml sweeps/mri-msd-hippocampus.yaml sweeps/mri-msd-prostate.yaml sweeps/ct-msd-lung.yaml \
+		sweeps/ct-msd-pancreas.yaml sweeps/ct-msd-hepaticvessel.yaml sweeps/ct-msd-colon.yaml --out sweeps/PROTOCOL.md
 
 # The latest sweep of SPEC, reported in reports/<spec name>/ (SWEEP=<parent run id> for another sweep of it)
 analyze: $(STAMP)

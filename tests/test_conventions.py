@@ -552,6 +552,15 @@ PAPER_SPECS = [
         "endoscopy-edd2020",
         "petct-hecktor",
         "em-ac3ac4",
+        "ct-msd-spleen",
+        "mri-msd-heart",
+        "ct-msd-liver",
+        "mri-msd-hippocampus",
+        "mri-msd-prostate",
+        "ct-msd-lung",
+        "ct-msd-pancreas",
+        "ct-msd-hepaticvessel",
+        "ct-msd-colon",
     )
 ]
 
