@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 
 from dinoscale.data.dataset import CENTER_COLUMN, DataError, PreparedDataset, PublishedSize, register_dataset
-from dinoscale.data.layout import data_root, patient_splits, require
+from dinoscale.data.layout import data_root, fold_splits, patient_splits, require
 from dinoscale.data.readers import npz_member
-from dinoscale.data.splits import assign_patient_folds
 from dinoscale.provenance import REAL, data_tags
 
 
@@ -393,14 +392,7 @@ def prepare_msd(spec, storage: Path) -> PreparedDataset:
     df = pd.DataFrame(rows)
     # MSD publishes no labelled test set; the reference benchmark cross-validates by case (5 folds): folds of
     # the train + val cases (replicate k validates on fold k), with a test share of the cases held out.
-    folds = MSD_FOLDS if spec.split.folds is None else spec.split.folds
-    if folds:
-        df["split"], df["fold"] = assign_patient_folds(
-            df["patient_id"], folds, spec.split.test_fraction, spec.split.seed
-        )
-        how = f"{folds}-fold cross-validation by case (test: {spec.split.test_fraction:g} of the cases held out)"
-    else:
-        df["split"], how = patient_splits(df, spec)
+    how = fold_splits(df, spec, MSD_FOLDS, unit="cases")
     modality = meta.get("modality") or {}
     ds = PreparedDataset(
         spec.name,

@@ -43,10 +43,9 @@ import pandas as pd
 from PIL import Image
 
 from dinoscale.data.dataset import DataError, PreparedDataset, PublishedSize, register_dataset
-from dinoscale.data.layout import atomic_dir, data_root, patient_splits, require
+from dinoscale.data.layout import atomic_dir, data_root, fold_splits, require
 from dinoscale.data.readers import BAD_FILE_HINT
 from dinoscale.data.slides import TILER_VERSION, tissue_fraction
-from dinoscale.data.splits import assign_patient_folds
 from dinoscale.data.xlsx import read_xlsx
 from dinoscale.provenance import REAL, data_tags
 
@@ -213,14 +212,7 @@ def prepare_bcnb(spec, storage: Path) -> PreparedDataset:
     if not rows:
         raise DataError(f"{TITLE}: no readable slide under {root / 'WSIs'}. Expected layout:\n{LAYOUT}")
     df = pd.DataFrame(rows)
-    folds = FOLDS if spec.split.folds is None else spec.split.folds
-    if folds:
-        df["split"], df["fold"] = assign_patient_folds(
-            df["patient_id"], folds, spec.split.test_fraction, spec.split.seed
-        )
-        how = f"{folds}-fold cross-validation by patient (test: {spec.split.test_fraction:g} of the patients held out)"
-    else:
-        df["split"], how = patient_splits(df, spec)
+    how = fold_splits(df, spec, FOLDS)
     tags = data_tags(REAL, TITLE, root=root, split=how, patient_ids="Patient ID (one slide per patient)")
     ds = PreparedDataset(spec.name, "mil", classes, df, tags, root)
     ds.skipped.extend(skipped)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from dinoscale.data.dataset import DataError
-from dinoscale.data.splits import assign_patient_splits, carve_val_from_train
+from dinoscale.data.splits import assign_patient_folds, assign_patient_splits, carve_val_from_train
 
 
 def data_root(spec, title: str, layout: str, source: str, want_file: bool = False) -> Path:
@@ -52,6 +52,18 @@ def patient_splits(df: pd.DataFrame, spec, official: pd.Series | None = None) ->
     return assign_patient_splits(
         df["patient_id"], spec.split.val_fraction, spec.split.test_fraction, spec.split.seed
     ), "patient-level random"
+
+
+def fold_splits(df: pd.DataFrame, spec, default_folds: int, unit: str = "patients") -> str:
+    """Cross-validation by patient where the protocol asks for it (``split.folds``, else ``default_folds``; 0: a
+    patient-level split instead): ``split`` and ``fold`` columns set on ``df`` (replicate k validates on fold k,
+    a test share of the ``unit`` held out). Returns how the split was made (the ``data.split`` tag)."""
+    folds = default_folds if spec.split.folds is None else spec.split.folds
+    if not folds:
+        df["split"], how = patient_splits(df, spec)
+        return how
+    df["split"], df["fold"] = assign_patient_folds(df["patient_id"], folds, spec.split.test_fraction, spec.split.seed)
+    return f"{folds}-fold cross-validation by {unit.rstrip('s')} (test: {spec.split.test_fraction:g} of the {unit} held out)"
 
 
 def atomic_dir(out_dir: Path, write: Callable[[Path], None], marker: str = "manifest.csv") -> None:
