@@ -348,7 +348,7 @@ def build_plan(spec: SweepSpec, project_dir: Path | None = None, require_data: b
             spec.dataset.split.seed,
             ds.replicates if ds is not None else dataset_replicates(spec.dataset.name),
             spec.dataset.split.replicates,
-            ds.folds if ds is not None else 0,
+            ds.folds if ds is not None else (spec.dataset.split.folds or 0),  # without data: the spec's folds
         )
         if size is not None:  # the training-set-size axis: a subset of the replicate's train patients
             replicate = {
