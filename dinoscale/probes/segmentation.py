@@ -473,15 +473,25 @@ def fit_segmentation(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed:
         ]
         with np.errstate(all="ignore"):
             dice = float(np.nanmean(np.concatenate(per_volume)))
-        if best is None or np.nan_to_num(dice, nan=-1) > np.nan_to_num(best[0], nan=-1):
+        if _improves(dice, best):
             best = (dice, lr, head)
     dice, lr, head = best
     test_pred = np.stack(
         [p.astype(_label_dtype(spec.n_classes)) for _, p in _predicted(head, spec, test, spec.n_classes, _argmax)]
     )
+    return _lr_selected(spec, dice, lr, head, test_pred)
+
+
+def _improves(value: float, best) -> bool:
+    """Whether a candidate's val value beats the best so far (NaN loses to any number)."""
+    return best is None or np.nan_to_num(value, nan=-1) > np.nan_to_num(best[0], nan=-1)
+
+
+def _lr_selected(spec, value: float, lr: float, head, test_pred: np.ndarray) -> ProbeResult:
+    """A dense head chosen over the learning rates on val: its test output, val value and selection edges."""
     return ProbeResult(
         test_scores=test_pred,
-        val_metric=dice,
+        val_metric=value,
         selected={"lr": lr},
         candidates=len(spec.learning_rates),
         extra={"head": head},
@@ -522,18 +532,10 @@ def fit_multilabel_segmentation(spec, train: SegSplit, val: SegSplit, test: SegS
         ]
         with np.errstate(all="ignore"):
             value = float(np.nanmean(np.concatenate(per_item))) if per_item else float("nan")
-        if best is None or np.nan_to_num(value, nan=-1) > np.nan_to_num(best[0], nan=-1):
+        if _improves(value, best):
             best = (value, lr, head)
     value, lr, head = best
-    test_pred = np.stack([p for _, p in _predicted(head, spec, test, k, _packed)])
-    return ProbeResult(
-        test_scores=test_pred,
-        val_metric=value,
-        selected={"lr": lr},
-        candidates=len(spec.learning_rates),
-        extra={"head": head},
-        edges=grid_edges({"lr": spec.learning_rates}, {"lr": lr}),
-    )
+    return _lr_selected(spec, value, lr, head, np.stack([p for _, p in _predicted(head, spec, test, k, _packed)]))
 
 
 def fit_affinity(spec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0) -> ProbeResult:
