@@ -56,7 +56,8 @@ CONVENTIONS: dict[str, str] = {
     "never predicted has precision 0; a class predicted but absent from the ground truth is left out of the "
     "averages, its frames still count as errors in accuracy and in the recall of their true classes); "
     "video_accuracy: the mean over test videos of each video's frame accuracy (phase-recognition convention); "
-    "intervals resample videos whole, the class set re-read in each resample",
+    "intervals resample videos whole, the class set re-read in each resample; macro F1 is the task's headline (the "
+    "endoscopy tables' F1): probes and fine-tuning select their configuration on val macro F1",
     "intervals": f"percentile bootstrap over patients (a patient's images / volumes resampled together); none "
     f"over fewer than {MIN_INTERVAL_UNITS} patients (the count is logged instead)",
     "Dice": "per structure, on the volumes whose ground truth holds it (AutoPET convention: positive cases); "
@@ -325,6 +326,16 @@ def frame_metric(name: str):
 
     metric.__name__ = name
     return metric
+
+
+def selection_metric(name: str):
+    """What a probe maximises on val to choose its configuration, by the task's headline name (``Split.select``):
+    macro AUROC over the classes defined in val, or a frame metric of the argmax class (video-frame tasks)."""
+    if name in FRAME_METRICS:
+        return frame_metric(name)
+    if name == "macro_auroc":
+        return macro_auroc
+    raise ValueError(f"no selection metric '{name}'; known: macro_auroc, {', '.join(FRAME_METRICS)}")
 
 
 def per_video_accuracy(y: np.ndarray, s: np.ndarray, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

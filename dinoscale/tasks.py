@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dinoscale import record
-from dinoscale.headline import AUROC, DICE, VOI, Headline
+from dinoscale.headline import AUROC, DICE, MACRO_F1, VOI, Headline
 from dinoscale.metrics import (
     FRAME_METRICS,
     MACRO_MIN_PATIENTS,
@@ -123,10 +123,11 @@ def score_classification(
 
 
 def score_video_frames(test_scores: np.ndarray, _target, s: Scoring) -> tuple[dict, pd.DataFrame]:
-    """Frames of videos, one class each, the video as the patient: macro AUROC over frames (its class set read
-    with frame-level negatives, ``metrics.CONVENTIONS['macro AUROC (frames)']``) as the headline, and the
-    frame metrics the benchmark reports (accuracy, macro precision / recall / F1, Jaccard; the mean per-video
-    accuracy), each with its video-level bootstrap interval (``CONVENTIONS['frame metrics']``)."""
+    """Frames of videos, one class each, the video as the patient: the frame metrics the benchmark reports
+    (accuracy, macro precision / recall / F1 -- the headline, as the endoscopy tables report F1 -- and Jaccard;
+    the mean per-video accuracy), each with its video-level bootstrap interval (``CONVENTIONS['frame metrics']``),
+    and macro AUROC over frames (its class set read with frame-level negatives,
+    ``CONVENTIONS['macro AUROC (frames)']``)."""
     metrics, predictions = score_classification(test_scores, None, s, NEGATIVE_UNITS)
     metrics[record.MACRO_NEGATIVES] = 1
     for name in FRAME_METRICS:
@@ -284,7 +285,7 @@ for _t in (
     TaskDef("multilabel", AUROC, score_classification, finetunable=True),  # binary is multilabel with one class
     TaskDef("multiclass", AUROC, score_classification, finetunable=True, exclusive=True),
     # frames of videos, one class each; the video is the patient (Kvasir-Capsule, AutoLaparo phases)
-    TaskDef("video_frames", AUROC, score_video_frames, finetunable=True, exclusive=True, negatives=NEGATIVE_UNITS),
+    TaskDef("video_frames", MACRO_F1, score_video_frames, finetunable=True, exclusive=True, negatives=NEGATIVE_UNITS),
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
     # structures that may overlap (EDD2020): a sigmoid per structure; Dice / IoU per structure on its own map
@@ -294,6 +295,12 @@ for _t in (
     TaskDef("registration", DICE, score_registration, dense=True, paired=True),
 ):
     register_task(_t)
+
+
+def selection_words(task: str | None) -> str:
+    """The val metric a probe selects on, in words for the protocol table: its task's headline."""
+    return get_task(task or "multilabel").headline.label.removeprefix("test ")
+
 
 CLASSIFICATION = ("multilabel", "multiclass", "video_frames")
 

@@ -137,7 +137,7 @@ def test_video_frames_are_scored_with_intervals_over_videos():
     task = get_task("video_frames")
     s = Scoring(list(map(str, range(len(videos)))), videos, y, ["a", "b", "c", "d"], resamples=200)
     metrics, table = task.score(scores, None, s)
-    assert task.exclusive and task.headline.test == "test_macro_auroc" and metrics["macro_auroc_classes"] == 4
+    assert task.exclusive and task.headline.test == "test_macro_f1" and metrics["macro_auroc_classes"] == 4
     for name in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "jaccard", "video_accuracy"):
         lo, hi = (metrics[f"test_{name}{end}"] for end in (record.CI_LOW, record.CI_HIGH))
         assert lo <= metrics[f"test_{name}"] <= hi
@@ -163,6 +163,80 @@ def test_the_analysis_resamples_a_frame_task_with_its_own_class_set_rule():
     assert np.isfinite(draws).all() and (draws > 0.5).all()
 
 
+def _auroc_and_f1_disagree(rng, n: int = 240, c: int = 4):
+    """Frames on which scores that rank every class perfectly can still put most argmaxes on the wrong class
+    (a large constant added to one class): macro AUROC 1, macro F1 low; the other scores rank worse but argmax
+    right."""
+    true = np.arange(n) % c
+    y = np.eye(c)[true]
+    ranked_wrong_argmax = y * 0.2 + rng.random((n, c)) * 0.1
+    ranked_wrong_argmax[:, 0] += 0.5  # class 0 wins every argmax; each column still ranks its class first
+    noisy_right_argmax = y + rng.random((n, c)) * 1.4
+    return y, ranked_wrong_argmax, noisy_right_argmax
+
+
+@pytest.mark.parametrize("kind", ["linear", "knn", "logreg"])
+def test_a_video_frame_probe_selects_its_configuration_on_the_headline_macro_f1(kind):
+    """The probes choose on val by the task's headline: macro F1 of the argmax class for video frames (the
+    endoscopy tables' F1), macro AUROC for the other classification tasks; the value they return is it."""
+    from dinoscale.metrics import macro_auroc, selection_metric
+    from dinoscale.probes.registry import Split, get_probe
+
+    rng = np.random.default_rng(3)
+    y, wrong, right = _auroc_and_f1_disagree(rng)
+    assert macro_auroc(y, wrong) > macro_auroc(y, right) and frame_metrics(y, wrong)["macro_f1"] < 0.4
+    assert selection_metric("macro_f1")(y, right) > frame_metrics(y, wrong)["macro_f1"] + 0.3
+
+    true = y.argmax(1)
+    x = (np.eye(4)[true] * 2 + rng.normal(0, 1, (len(y), 4))).astype(np.float32)
+    x = np.hstack([x, rng.normal(0, 1, (len(y), 12)).astype(np.float32)])
+    select = get_task("video_frames").headline.name
+    tr, va, te = (Split(x[i::3], y[i::3], exclusive=True, select=select) for i in range(3))
+    defn = get_probe(kind)
+    result = defn.fit(defn.spec(kind=kind), tr, va, te, seed=0)
+    assert result.val_metric == pytest.approx(frame_metrics(va.y, result.val_scores)["macro_f1"])
+    default = defn.fit(defn.spec(kind=kind), *(Split(s.x, s.y, exclusive=True) for s in (tr, va, te)), seed=0)
+    assert default.val_metric == pytest.approx(macro_auroc(va.y, default.val_scores))
+
+
+def test_fine_tuning_a_video_frame_cell_selects_on_val_macro_f1_too():
+    """LoRA / full cells choose their epoch and configuration on the same val metric the frozen probes use."""
+    from dinoscale.metrics import macro_auroc
+    from dinoscale.train.heads import head_settings, objective_for
+
+    y, wrong, right = _auroc_and_f1_disagree(np.random.default_rng(5))
+    (head,) = head_settings(False, [], "mean")
+    video = objective_for(head, get_task("video_frames").headline.name)
+    assert video.val_metric(y, wrong) == pytest.approx(frame_metrics(y, wrong)["macro_f1"])
+    assert video.val_metric(y, right) > video.val_metric(y, wrong)
+    assert objective_for(head).val_metric(y, wrong) == pytest.approx(macro_auroc(y, wrong))
+
+
+def test_the_analysis_recomputes_a_frame_headline_on_video_resamples():
+    """The report's draws of macro F1 (or accuracy, ``--metric accuracy``) come from the predictions on video
+    resamples: centred on the run's value, spread like the trial's video-level interval."""
+    from dinoscale.analysis.resample import _frame_draws, _usable
+    from dinoscale.headline import ACCURACY, MACRO_F1
+    from dinoscale.metrics import frame_metric, patient_bootstrap
+
+    rng = np.random.default_rng(4)
+    videos = np.repeat([f"{v:02d}" for v in range(15)], 16)
+    y = np.eye(4)[rng.integers(0, 4, len(videos))]
+    scores = rng.random(y.shape) + 0.6 * y
+    p = pd.DataFrame({"sample_id": map(str, range(len(y))), "patient_id": videos})
+    for j, c in enumerate("abcd"):
+        p[f"label_{c}"], p[f"score_{c}"] = y[:, j], scores[:, j]
+    assert _usable(p, MACRO_F1) and _usable(p, ACCURACY)
+    for h in (MACRO_F1, ACCURACY):
+        draws = _frame_draws([p, p], h.name, 400, rng)
+        point = frame_metrics(y, scores)[h.name]
+        assert (draws[:, 0] == draws[:, 1]).all()  # one test set: the same resamples for every run
+        trial = patient_bootstrap(y, scores, videos, metric=frame_metric(h.name), resamples=400, seed=0)
+        lo, hi = np.quantile(draws[:, 0], [0.025, 0.975])
+        assert abs(np.mean(draws[:, 0]) - point) < 0.03
+        assert lo < point < hi and abs((hi - lo) - (trial.high - trial.low)) < 0.5 * (trial.high - trial.low)
+
+
 # ---------------------------------------------------------------- a paper spec, end to end
 
 
@@ -185,6 +259,10 @@ def test_the_autolaparo_spec_rehearses_to_its_headline_and_frame_metrics(tmp_pat
     cell = next(x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get(record.ROLE) == record.ROLE_CELL)
     m = cell.data.metrics
     assert np.isfinite(m["test_macro_auroc"]) and m["n_test_videos"] == 7
+    # the headline is the tables' macro F1, selected on val by it (the linear probe's val value is val macro F1)
+    parent = client.get_run(cell.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags[record.HEADLINE] == "test_macro_f1" and 0 <= m["val_macro_f1"] <= 1
+    assert "val_macro_auroc" not in m
     assert all(0 <= m[f"test_{k}"] <= 1 for k in ("accuracy", "macro_f1", "jaccard", "video_accuracy"))
     assert m["test_accuracy"] > 1 / len(AUTOLAPARO_PHASES)  # the replica's phases are learnable
     assert cell.data.tags[record.DATA_PATIENT_IDS] == "video number (01-21)"

@@ -41,12 +41,14 @@ from dinoscale import record
 from dinoscale.analysis.sources import as_generic
 from dinoscale.headline import AUROC, Headline
 from dinoscale.metrics import (
+    FRAME_METRICS,
     MACRO_MIN_PATIENTS,
     MIN_INTERVAL_UNITS,
     NEGATIVE_PATIENTS,
     NEGATIVE_UNITS,
     _patient_resamples,
     auroc_per_class,
+    frame_metrics,
     macro_class_set,
 )
 
@@ -119,6 +121,22 @@ def _patient_draws(
     return out
 
 
+def _frame_draws(preds: list[pd.DataFrame], name: str, resamples: int, rng) -> np.ndarray:
+    """(resamples, runs) a frame metric (``metrics.FRAME_METRICS``: the argmax class of each frame's scores) under
+    shared video resamples, as the trial's interval resamples videos."""
+    aligned, draws = _shared_patients(preds, resamples, rng)
+    per_run = []
+    for p in aligned:
+        classes = [c[len("label_") :] for c in p.columns if c.startswith("label_")]
+        per_run.append(
+            (p[[f"label_{c}" for c in classes]].to_numpy(float), p[[f"score_{c}" for c in classes]].to_numpy(float))
+        )
+    out = np.empty((resamples, len(preds)))
+    for b, idx in enumerate(draws):
+        out[b] = [frame_metrics(y[idx], s[idx])[name] for y, s in per_run]
+    return out
+
+
 def _volume_draws(preds: list[pd.DataFrame], column: str, resamples: int, rng) -> np.ndarray:
     """(resamples, runs) mean of a per-volume metric under shared patient resamples (NaN volumes skipped,
     NaN where a resample has no defined value: ``metrics.mean_score`` for every run at once)."""
@@ -157,7 +175,7 @@ def _usable(p: pd.DataFrame, headline: Headline) -> bool:
     """Predictions the headline can be recomputed from (others are left out; the run uses its interval)."""
     if headline.per_volume:
         return headline.name in p.columns
-    return headline.name == AUROC.name and any(c.startswith("label_") for c in p.columns)
+    return headline.name in (AUROC.name, *FRAME_METRICS) and any(c.startswith("label_") for c in p.columns)
 
 
 def _run_constant(runs: pd.DataFrame, rid: str, column: str, default: int) -> int:
@@ -197,11 +215,12 @@ def run_draws(
             draws = np.full((resamples, len(preds)), np.nan)
             tag = f"units:{units}"
         else:
-            draws = (
-                _volume_draws(preds, headline.name, resamples, rng)
-                if headline.per_volume
-                else _patient_draws(preds, resamples, rng, ks, rules)
-            )
+            if headline.per_volume:
+                draws = _volume_draws(preds, headline.name, resamples, rng)
+            elif headline.name in FRAME_METRICS:
+                draws = _frame_draws(preds, headline.name, resamples, rng)
+            else:
+                draws = _patient_draws(preds, resamples, rng, ks, rules)
             tag = f"patients:{signature}"
         for j, rid in enumerate(rids):
             out[:, position[rid]] = draws[:, j]

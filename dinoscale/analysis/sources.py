@@ -60,7 +60,9 @@ KNOWN_HEADLINES = tuple(_BY_TEST_NAME.values())
 
 def short_name(h: Headline) -> str:
     """The metric in a word, for captions: AUROC, Dice, VOI, HD95..."""
-    return {"macro_auroc": "AUROC", "dice": "Dice"}.get(h.name, h.name.upper())
+    return {"macro_auroc": "AUROC", "dice": "Dice", "macro_f1": "macro F1", "accuracy": "accuracy"}.get(
+        h.name, h.name.upper()
+    )
 
 
 def file_stem(h: Headline) -> str:

@@ -12,9 +12,9 @@ import torch
 from pydantic import Field
 
 from dinoscale.features.rows import as_batches
-from dinoscale.metrics import macro_auroc
+from dinoscale.metrics import selection_metric
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
-from dinoscale.tasks import CLASSIFICATION
+from dinoscale.tasks import CLASSIFICATION, selection_words
 
 
 class KnnProbeSpec(ProbeSpecBase):
@@ -64,7 +64,8 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float, chunk: int = 4
 
 def fit_knn(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     val_scores = knn_scores(train.x, train.y, val.x, spec.ks, spec.temperature)
-    val_metric = {k: macro_auroc(val.y, s) for k, s in val_scores.items()}
+    metric = selection_metric(val.select)
+    val_metric = {k: metric(val.y, s) for k, s in val_scores.items()}
     best_k = max(val_metric, key=lambda k: (np.nan_to_num(val_metric[k], nan=-1), -k))
     test_scores = knn_scores(train.x, train.y, test.x, [best_k], spec.temperature)[best_k]
     return ProbeResult(
@@ -86,7 +87,7 @@ def _rules(spec, task: str) -> dict:
     return {
         "similarity": "cosine of L2-normalised features; votes weighted by exp(sim / T), per label (multi-label) "
         "or per class (multiclass)",
-        "selection": "k on val macro AUROC (ties: smaller k); k clipped to the train size",
+        "selection": f"k on val {selection_words(task)} (ties: smaller k); k clipped to the train size",
         "init": "none (deterministic): replicates differ by their train / val split only",
     }
 

@@ -29,9 +29,9 @@ import torch
 from pydantic import Field
 
 from dinoscale.features.rows import as_batches, column_stats, over_rows
-from dinoscale.metrics import auroc_per_class
+from dinoscale.metrics import auroc_per_class, selection_metric
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
-from dinoscale.tasks import CLASSIFICATION
+from dinoscale.tasks import CLASSIFICATION, selection_words
 
 # The DINOv2/DINOv3 linear-evaluation grid (13 learning rates from 1e-5 to 0.1, scaled by batch/256),
 # extended upward to 1.0: with the loss summed over labels and standardised features, the optimum of
@@ -100,6 +100,15 @@ def _macro_auroc_per_head(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return np.where(finite.any(1), np.where(finite, per, 0).sum(1) / finite.sum(1), np.nan)
 
 
+def _selection_per_head(y: np.ndarray, scores: np.ndarray, select: str) -> np.ndarray:
+    """(H,) val selection metric of each head (``Split.select``): macro AUROC in one rank pass, a frame metric
+    (video-frame tasks: macro F1 of the argmax class) head by head."""
+    if select == "macro_auroc":
+        return _macro_auroc_per_head(y, scores)
+    metric = selection_metric(select)
+    return np.array([metric(y, head) for head in scores])
+
+
 def _probabilities(z: torch.Tensor, n_heads: int, c: int, exclusive: bool) -> torch.Tensor:
     """Logits (n, heads x C) -> per-head probabilities in place: softmax over each head's C columns
     (multiclass) or a sigmoid per label."""
@@ -166,8 +175,8 @@ def fit_linear(spec, train: Split, val: Split, test: Split, seed: int = 0) -> Pr
     # val: every head (one GEMM); test: only the selected head
     val_scores = over_rows(xva, lambda t: _probabilities(torch.addmm(b, t, w), n_heads, c, exclusive))
     val_scores = val_scores.view(len(xva), n_heads, c).permute(1, 0, 2).numpy()
-    val_metrics = _macro_auroc_per_head(val.y, val_scores)
-    # ties in val AUROC (common when val is easy) are broken by val loss: a barely trained head
+    val_metrics = _selection_per_head(val.y, val_scores, val.select)
+    # ties in the val metric (common when val is easy) are broken by val loss: a barely trained head
     # ranks perfectly by chance of its init far less often than it calibrates well
     val_loss = _val_loss(np.asarray(val.y), val_scores, exclusive)
     order = np.lexsort((val_loss, -np.nan_to_num(val_metrics, nan=-np.inf)))
@@ -209,7 +218,7 @@ def _rules(spec, task: str) -> dict:
         "regularisation": "weight decay wd: L2 on the weights (not the biases) added to the batch-mean loss, i.e. "
         "scikit-learn's C = 1 / (wd x n_train); source: DINOv2 / DINOv3 use none (ImageNet's 1.28M images), a "
         "grid of decades to wd 1 reaches C = 1 / n_train, the low end of DINOv3's logistic-regression C sweep",
-        "selection": "val macro AUROC (ties: lower val loss) over every lr x wd head; a choice on an edge of a grid "
+        "selection": f"val {selection_words(task)} (ties: lower val loss) over every lr x wd head; a choice on an edge of a grid "
         "of 2 or more values is tagged and warned about (wd 0 is the end of its range, not an edge)",
     }
 

@@ -12,10 +12,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from dinoscale.metrics import macro_auroc
+from dinoscale.metrics import selection_metric
 from dinoscale.probes.linear import _standardise
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, Split, grid_edges, register_probe
-from dinoscale.tasks import CLASSIFICATION
+from dinoscale.tasks import CLASSIFICATION, selection_words
 
 # Decades from 1e-5 to 10, a subset of DINOv3's logistic-regression sweep (C = 10^linspace(-6, 5, 45)): on
 # standardised 384-1024-d features with 3,000 train rows and NIH-like prevalences the C tuned on val is 1e-3 to
@@ -85,7 +85,8 @@ def _multinomial(xtr, y, qs, cs, max_iter, out):
 
 def fit_logreg(spec, train: Split, val: Split, test: Split, seed: int = 0) -> ProbeResult:
     scores = logreg_scores(train, [val.x, test.x], list(spec.cs), spec.max_iter)
-    val_metric = {c: macro_auroc(val.y, s[0]) for c, s in scores.items()}
+    metric = selection_metric(val.select)
+    val_metric = {c: metric(val.y, s[0]) for c, s in scores.items()}
     # ties broken towards stronger regularisation (smaller C)
     best = max(val_metric, key=lambda c: (np.nan_to_num(val_metric[c], nan=-1), -c))
     return ProbeResult(
@@ -108,7 +109,7 @@ def _rules(spec, task: str) -> dict:
         "features": "standardised with the train split's mean and std",
         "regularisation": f"L2, C in {list(spec.cs)} (C multiplies the summed loss: wd = 1 / (C n_train)); "
         "source: decades of DINOv3's logistic-regression sweep 10^-6 .. 10^5",
-        "selection": "C on val macro AUROC (ties: smaller C); a choice on an edge of the grid is tagged",
+        "selection": f"C on val {selection_words(task)} (ties: smaller C); a choice on an edge of the grid is tagged",
         "init": "none (convex, deterministic): replicates differ by their train / val split only",
     }
 

@@ -20,9 +20,9 @@ from pydantic import Field
 from torch import nn
 
 from dinoscale.features.rows import LazyList, column_stats, fits_in_memory
-from dinoscale.metrics import macro_auroc
+from dinoscale.metrics import selection_metric
 from dinoscale.probes.registry import BagSplit, ProbeDef, ProbeResult, ProbeSpecBase, grid_edges, register_probe
-from dinoscale.tasks import CLASSIFICATION
+from dinoscale.tasks import CLASSIFICATION, selection_words
 
 
 class PoolProbeSpec(ProbeSpecBase):
@@ -184,7 +184,7 @@ def _fit_grid(
             exclusive,
         )
         sv = _predict(model, va, exclusive=exclusive)
-        auc = macro_auroc(val.y, sv)
+        auc = selection_metric(val.select)(val.y, sv)
         if exclusive:
             loss = float(-(yv * np.log(sv + 1e-7)).sum(1).mean())
         else:
@@ -233,7 +233,7 @@ def _rules(spec, task: str) -> dict:
         "weights by lr x wd: at lr 1e-3 and wd 1e-4, 1e-7 a step, close to none)"
         + (f"; dropout {spec.dropout} on the instance embedding" if spec.kind == "abmil" else "")
         + "; source: AdamW as in ABMIL / CLAM, a small grid, not tuned for width",
-        "selection": "val macro AUROC (ties: lower val loss) over the grid; a choice on an edge of a grid of 2 or "
+        "selection": f"val {selection_words(task)} (ties: lower val loss) over the grid; a choice on an edge of a grid of 2 or "
         "more values is tagged",
     }
 

@@ -37,6 +37,7 @@ class Split:
     x: np.ndarray  # (n, d) float32
     y: np.ndarray  # (n, C) 0/1
     exclusive: bool = False  # one label per unit (multiclass, one-hot y): softmax cross-entropy, not BCE
+    select: str = "macro_auroc"  # the task's headline: what the probe selects its configuration on, on val
 
 
 @dataclass
@@ -46,6 +47,7 @@ class BagSplit:
     x: list[np.ndarray]  # one (n_i, d) array per bag
     y: np.ndarray  # (n_bags, C) 0/1
     exclusive: bool = False  # one label per bag (multiclass): softmax cross-entropy
+    select: str = "macro_auroc"  # the task's headline: what the probe selects its configuration on, on val
 
 
 @dataclass

@@ -47,9 +47,9 @@ def with_external_rows(cell: Cell, externals: dict, ext_classes: dict, classes: 
         ys.append(y)
         sizes[label] = len(units.sample_ids)
     if isinstance(test, BagSplit):  # bags (slides, pooled volumes): the lists of bags one after the other
-        return BagSplit([b for x in xs for b in x], np.concatenate(ys), test.exclusive), sizes
+        return BagSplit([b for x in xs for b in x], np.concatenate(ys), test.exclusive, test.select), sizes
     n = sum(sizes.values())
-    return Split(take_items(xs, np.arange(n)), np.concatenate(ys), test.exclusive), sizes
+    return Split(take_items(xs, np.arange(n)), np.concatenate(ys), test.exclusive, test.select), sizes
 
 
 def cut_outputs(scores: np.ndarray, sizes: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

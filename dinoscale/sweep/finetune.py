@@ -80,7 +80,7 @@ class FinetuneInputs:
         )
 
     def objective(self, cell: Cell):
-        return objective_for(cell.finetune_head)
+        return objective_for(cell.finetune_head, get_task(cell.task).headline.name)
 
 
 def finetune_inputs(cell: Cell, ctx: SweepContext) -> FinetuneInputs:

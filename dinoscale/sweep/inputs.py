@@ -266,9 +266,9 @@ def probe_inputs(
 
 def _in_memory(inp):
     if isinstance(inp, Split):
-        return Split(np.asarray(inp.x, dtype=np.float32), inp.y, inp.exclusive)
+        return Split(np.asarray(inp.x, dtype=np.float32), inp.y, inp.exclusive, inp.select)
     if isinstance(inp, BagSplit):
-        return BagSplit([np.asarray(b, dtype=np.float32) for b in inp.x], inp.y, inp.exclusive)
+        return BagSplit([np.asarray(b, dtype=np.float32) for b in inp.x], inp.y, inp.exclusive, inp.select)
     return SegSplit(
         np.asarray(inp.x, dtype=np.float32),
         np.asarray(inp.y).astype(np.int64),
@@ -290,7 +290,7 @@ def label_spacing(units: SplitUnits, volume: bool) -> list | None:
 def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources=None):
     resident = int(cell.memory.get("resident_bytes", 1 << 30))
     form = get_probe(cell.probe).input
-    exclusive = get_task(cell.task).exclusive
+    exclusive, select = get_task(cell.task).exclusive, get_task(cell.task).headline.name
     if form == "grid":
         volumes = cell.view == "slices"
         multilabel = get_task(cell.task).overlapping
@@ -306,10 +306,10 @@ def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split
     if form == "bag":
         ends = np.cumsum(per_unit)
         bags = [RowView(rows, index[e - n : e], resident_bytes=resident) for e, n in zip(ends, per_unit)]
-        return BagSplit(bags, units.labels, exclusive)
+        return BagSplit(bags, units.labels, exclusive, select)
     if (per_unit != 1).any():
         raise RuntimeError(f"feature set of {cell.id} ({split}) has several rows per unit; a vector probe needs one")
-    return Split(RowView(rows, index, resident_bytes=resident), units.labels, exclusive)
+    return Split(RowView(rows, index, resident_bytes=resident), units.labels, exclusive, select)
 
 
 def repartition(train, val, train_idx, val_idx):
@@ -322,7 +322,7 @@ def repartition(train, val, train_idx, val_idx):
         y = take_items([train.y, val.y], idx)
         if isinstance(train, BagSplit):
             bags = list(train.x) + list(val.x)
-            return BagSplit([bags[i] for i in idx], y, train.exclusive)
+            return BagSplit([bags[i] for i in idx], y, train.exclusive, train.select)
         if isinstance(train, SegSplit):
             ids = None
             if train.volume_ids is not None and val.volume_ids is not None:
@@ -332,6 +332,6 @@ def repartition(train, val, train_idx, val_idx):
                 both = list(train.spacing) + list(val.spacing)
                 spacing = [both[i] for i in idx]
             return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing, train.multilabel)
-        return Split(take_items([train.x, val.x], idx), y, train.exclusive)
+        return Split(take_items([train.x, val.x], idx), y, train.exclusive, train.select)
 
     return take(train_idx), take(val_idx)

@@ -16,11 +16,12 @@ read it through here. A strategy lists the heads it can train (``StrategyDef.hea
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
+from dinoscale.metrics import selection_metric
 from dinoscale.probes.segmentation import build_head
 from dinoscale.train.model import ImageClassifier, Segmenter, VolumeClassifier
 from dinoscale.train.objective import Objective, classification, segmentation
@@ -91,9 +92,13 @@ def dense_classes(head: dict) -> int | None:
     return int(head["n_classes"]) if get_head(head).dense else None
 
 
-def objective_for(head: dict) -> Objective:
-    """The objective of a cell's fine-tuning head (``Cell.finetune_head``)."""
-    return get_head(head).objective(head)
+def objective_for(head: dict, select: str = "macro_auroc") -> Objective:
+    """The objective of a cell's fine-tuning head (``Cell.finetune_head``); a classification head's val metric is
+    the task's headline (``select``: macro AUROC, or a video-frame task's macro F1), as the frozen probes select."""
+    objective = get_head(head).objective(head)
+    if not get_head(head).dense and select != "macro_auroc":
+        objective = replace(objective, val_metric=selection_metric(select))
+    return objective
 
 
 def build_under_head(backbone: nn.Module, head: dict, shape: Shape) -> nn.Module:
