@@ -65,6 +65,8 @@ class TaskDef:
     # segmentation whose structures may overlap: one binary map each, bit-packed in the label map
     # (dinoscale.metrics.pack_labels); probes train a sigmoid per structure (BCE + Dice), not a softmax
     overlapping: bool = False
+    # the independent unit splits keep whole and intervals resample: a patient, or a video for frames of videos
+    unit: str = "patient"
 
     def val_metrics(self, val_metric: float) -> dict[str, float]:
         """Probes maximise their selection value; a lower-is-better headline is selected as its negative."""
@@ -285,7 +287,15 @@ for _t in (
     TaskDef("multilabel", AUROC, score_classification, finetunable=True),  # binary is multilabel with one class
     TaskDef("multiclass", AUROC, score_classification, finetunable=True, exclusive=True),
     # frames of videos, one class each; the video is the patient (Kvasir-Capsule, AutoLaparo phases)
-    TaskDef("video_frames", MACRO_F1, score_video_frames, finetunable=True, exclusive=True, negatives=NEGATIVE_UNITS),
+    TaskDef(
+        "video_frames",
+        MACRO_F1,
+        score_video_frames,
+        finetunable=True,
+        exclusive=True,
+        negatives=NEGATIVE_UNITS,
+        unit="video",
+    ),
     TaskDef("mil", AUROC, score_classification),  # one label vector per bag (slide)
     TaskDef("segmentation", DICE, score_segmentation, dense=True, finetunable=True),
     # structures that may overlap (EDD2020): a sigmoid per structure; Dice / IoU per structure on its own map

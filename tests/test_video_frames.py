@@ -237,6 +237,21 @@ def test_the_analysis_recomputes_a_frame_headline_on_video_resamples():
         assert lo < point < hi and abs((hi - lo) - (trial.high - trial.low)) < 0.5 * (trial.high - trial.low)
 
 
+def test_the_protocol_table_states_videos_as_the_unit_and_macro_f1_as_the_selection():
+    """The committed protocol document (kept current by test_conventions) says what the video specs do: splits and
+    intervals by video, the headline macro F1, every probe selecting on it."""
+    text = (ROOT / "sweeps" / "PROTOCOL.md").read_text()
+    for name in ("kvasir-capsule-paper", "autolaparo-paper"):
+        section = text.split(f"## Protocol: {name}")[1].split("\n## Protocol:")[0]
+        assert "| headline | test_macro_f1" in section and "| split | video-level;" in section
+        assert "1000 video resamples" in section and "10 test videos" in section
+        assert "patient" not in section.split("### Metrics")[0].split("| split |")[1].split("\n")[0]
+        probes = [
+            line for line in section.splitlines() if line.startswith("| selection |") and "on val only" not in line
+        ]
+        assert len(probes) == 2 and all("val macro F1 (frames, argmax class)" in line for line in probes)
+
+
 # ---------------------------------------------------------------- a paper spec, end to end
 
 

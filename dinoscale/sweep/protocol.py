@@ -202,8 +202,8 @@ def _data_section(plan: Plan, task_name: str) -> dict:
         "data source": (ds.provenance.get(record.DATA_SOURCE, "?") if ds is not None else "not available when planned"),
         "task": task_name or "?",
         "headline": f"{task.headline.test} ({task.headline.label}; goal {task.headline.goal})" if task else "?",
-        "split": _split_words(spec),
-        "replicates (seeds)": "; ".join(f"{k}: {v}" for k, v in recipes.items()),
+        "split": _in_units(_split_words(spec), task),
+        "replicates (seeds)": _in_units("; ".join(f"{k}: {v}" for k, v in recipes.items()), task),
         "replicate policy": f"spec: {split.replicates}; dataset: {dataset_policy}"
         + (f" ({ds.replicates_reason})" if ds is not None and ds.replicates_reason else "")
         + (f"; {folds} cross-validation folds" if folds else ""),
@@ -219,6 +219,13 @@ def _data_section(plan: Plan, task_name: str) -> dict:
         for k, v in ds.volume.describe().items():
             data[f"volume {k}"] = v
     return data
+
+
+def _in_units(words: str, task) -> str:
+    """Protocol words about patients said of the task's independent unit (a video for frames of videos)."""
+    if task is None or task.unit == "patient":
+        return words
+    return words.replace("patients", f"{task.unit}s").replace("patient", task.unit)
 
 
 def _split_words(spec) -> str:
@@ -262,7 +269,7 @@ def _probes_section(plan: Plan, task_name: str) -> dict:
 def _metrics_section(spec, task_name: str) -> dict:
     task = get_task(task_name) if task_name else None
     b = spec.metrics.bootstrap
-    return {
+    words = {
         "bootstrap": f"{b.resamples} patient resamples, {b.level:.0%} percentile interval, seed {b.seed}",
         **(
             {"macro class set": f">= {spec.metrics.macro_min_patients} positive and negative test patients per class"}
@@ -270,6 +277,9 @@ def _metrics_section(spec, task_name: str) -> dict:
             else {}
         ),
         "minimum units for an interval": f"{spec.metrics.min_interval_units} test patients",
+    }
+    return {
+        **{k: _in_units(v, task) for k, v in words.items()},
         **{k: CONVENTIONS[k] for k in _CONVENTIONS_OF.get(task_name, tuple(CONVENTIONS))},
     }
 
