@@ -254,3 +254,11 @@ def test_acdc_adapter_reads_the_replica_as_ed_es_volume_pairs(tmp_path):
     ed_es = m["sample_id"].str.extract(r"frame(\d+)")[0].astype(int).to_numpy()
     assert (ed_es[0::2] == 1).all() and (ed_es[1::2] > 1).all()  # fixed ED (frame 1), then moving ES
     assert (m["patient_id"].to_numpy()[0::2] == m["patient_id"].to_numpy()[1::2]).all()
+    # the probe's images (foreground mask, MIND-SSC): each volume on its label map's grid, slices first
+    from dinoscale.data.masks import load_label_maps
+    from dinoscale.sweep.inputs import ImageMaps
+
+    units = ds.units("test")
+    image, labels = ImageMaps(units.items, True)[1], load_label_maps(units.masks[1:2], units.n_slices[1:2], 4)[0]
+    assert image.shape == labels.shape and image[labels == 3].mean() > 2 * image[labels == 0].mean()
+    assert foreground_mask(image)[labels > 0].mean() > 0.9
