@@ -111,7 +111,7 @@ def token_mask(mask: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
 def pca_maps(fixed: np.ndarray, moving: np.ndarray, channels: int, seed: int, masks=None):
     """Both grids (D, *g) projected on the top ``channels`` principal components of their tokens together.
     ``masks`` (two boolean (*g) token masks): the PCA fitted on and applied to the tokens inside them only, 0
-    outside; fewer masked tokens than ``channels`` + 1: all tokens (an image without a foreground)."""
+    outside; an image with no more than ``channels`` / 2 foreground tokens (none found, say): all tokens of both."""
     d = fixed.shape[0]
     tokens = [torch.as_tensor(np.asarray(a, np.float32)).reshape(d, -1).T for a in (fixed, moving)]
     keep = [torch.ones(len(t), dtype=torch.bool) for t in tokens]
