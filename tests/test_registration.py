@@ -262,3 +262,7 @@ def test_acdc_adapter_reads_the_replica_as_ed_es_volume_pairs(tmp_path):
     image, labels = ImageMaps(units.items, True)[1], load_label_maps(units.masks[1:2], units.n_slices[1:2], 4)[0]
     assert image.shape == labels.shape and image[labels == 3].mean() > 2 * image[labels == 0].mean()
     assert foreground_mask(image)[labels > 0].mean() > 0.9
+    # a replicate's regrouped split (dinoscale.sweep.inputs.repartition) keeps each unit's image
+    ims = ImageMaps(units.items, True)
+    joined = ImageMaps.joined([ims, ImageMaps(units.items[::-1], True)], [1, len(ims)])
+    assert joined.items == [units.items[1], units.items[-1]]
