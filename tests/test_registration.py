@@ -13,8 +13,9 @@ from conftest import ROOT
 from dinoscale import record
 from dinoscale.data.replicas.camus import echo_pair
 from dinoscale.metrics import registration_per_pair
-from dinoscale.probes.convex_adam import convex_adam, warp
-from dinoscale.probes.registration import RegistrationProbeSpec, register_pair
+from dinoscale.probes.convex_adam import convex_adam, convex_step, inconsistency, warp
+from dinoscale.probes.mind import mind_ssc
+from dinoscale.probes.registration import RegistrationProbeSpec, foreground_mask, pca_maps, register_pair, token_mask
 from dinoscale.probes.registry import SegSplit
 from dinoscale.tasks import Scoring, get_task
 
@@ -23,28 +24,90 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum()) for c in (1, 2, 3)]))
 
 
-def test_a_phantom_pair_is_registered_to_its_known_deformation():
-    """The demo: an echo-like ED frame is its ES frame under a known smooth contraction u (ED(x) = ES(x + u(x)));
-    the registration probe (joint PCA of the two feature maps, ConvexAdam) registers ES onto ED. The warped ES labels
-    beat the identity transform's Dice by far, and the recovered displacement is u within a fraction of its size."""
+def _phantom():
     p = echo_pair(np.random.default_rng(0), 64)
     # feature maps standing in for patch tokens: the frame at 4 scales (D = 4 channels at full resolution)
     feats = {k: np.stack([ndimage.gaussian_filter(p[k] / 255.0, s) for s in (0.5, 1, 2, 4)]) for k in ("ed", "es")}
-    spec = RegistrationProbeSpec(pca_channels=4)
-    warped, disp = register_pair(feats["ed"], feats["es"], p["es_gt"], spec, 1.25, seed=0)
+    return p, feats
+
+
+@pytest.mark.parametrize("features", ["dino", "mind", "dino+mind"])
+def test_a_phantom_pair_is_registered_to_its_known_deformation(features):
+    """The demo: an echo-like ED frame is its ES frame under a known smooth contraction u (ED(x) = ES(x + u(x)));
+    the registration probe (joint PCA of the two feature maps on their foreground, and / or the frames' MIND-SSC;
+    inverse-consistent ConvexAdam) registers ES onto ED. The warped ES labels beat the identity transform's Dice
+    by far, and the recovered displacement is u within a fraction of its size."""
+    p, feats = _phantom()
+    spec = RegistrationProbeSpec(pca_channels=4, features=features)
+    images = (p["ed"].astype(np.float32), p["es"].astype(np.float32))  # the foreground mask and MIND read them
+    warped, disp = register_pair(feats["ed"], feats["es"], p["es_gt"], spec, 1.25, seed=0, images=images)
     identity, registered = _dice(p["es_gt"], p["ed_gt"]), _dice(warped, p["ed_gt"])
     heart = (p["ed_gt"] > 0) | (p["es_gt"] > 0)
     magnitude = np.linalg.norm(p["u"], axis=0)[heart].mean()
     endpoint_error = np.linalg.norm(disp - p["u"], axis=0)[heart].mean()
     print(
-        f"Dice identity {identity:.3f} -> registered {registered:.3f}; EPE {endpoint_error:.2f} px of {magnitude:.2f}"
+        f"{features}: Dice identity {identity:.3f} -> registered {registered:.3f}; "
+        f"EPE {endpoint_error:.2f} px of {magnitude:.2f}"
     )
     assert identity < 0.8 and registered > identity + 0.15
     assert magnitude > 1.5 and endpoint_error < 0.3 * magnitude
 
 
-def test_convex_adam_recovers_a_smooth_3d_deformation():
-    """The same optimiser on volumes: a ball moved by a known smooth shift is brought back."""
+def test_the_inverse_consistent_convex_step_is_closer_to_invertible():
+    """convexAdam's ic=True: the convex step run both ways and made inverse-consistent; the forward field composed
+    with the backward one is nearer the identity (|u_fwd(x) + u_bwd(x + u_fwd(x))|) than the two one-way fields
+    are, on the phantom pair (2D) and a ball moved by a smooth shift (3D)."""
+    p, feats = _phantom()
+    ball_fixed, ball_moving, _, _ = _ball()
+    pairs = {
+        "2D": [torch.tensor(feats[k]).float()[None] for k in ("ed", "es")],
+        "3D": [torch.tensor(v).float()[None, None] for v in (ball_fixed, ball_moving)],
+    }
+    for what, (fix, mov) in pairs.items():
+        grid_sp, hw = (4, 4) if what == "2D" else (2, 2)
+        one_way = convex_step(fix, mov, grid_sp, hw, ic=False)[0], convex_step(mov, fix, grid_sp, hw, ic=False)[0]
+        fwd, bwd = convex_step(fix, mov, grid_sp, hw, ic=True)
+        before, after = inconsistency(*one_way), inconsistency(fwd, bwd)
+        print(f"{what}: inverse-consistency error {before:.3f} -> {after:.3f} coarse voxels")
+        assert after < 0.5 * before and fwd.abs().mean() > 0.5 * one_way[0].abs().mean()  # not shrunk to 0
+
+
+def test_the_foreground_mask_keeps_the_sector_and_the_pca_only_its_tokens():
+    """DINO-Reg's mask on an echo frame: the heart (dark cavities included) inside, the corners beside the
+    sector's apex (top) out; the PCA is fitted on (and gives values to) the foreground tokens only."""
+    p, feats = _phantom()
+    mask = foreground_mask(p["ed"])
+    assert mask[p["ed_gt"] > 0].all() and not mask[:10, :10].any() and not mask[:10, -10:].any()
+    grid = token_mask(mask, (16, 16))
+    assert 0.2 < grid.mean() < mask.mean()  # tokens wholly inside the foreground: fewer than its pixels
+    f, m = pca_maps(feats["ed"], feats["es"], 3, 0, masks=[token_mask(mask, (64, 64))] * 2)
+    assert (f[:, ~token_mask(mask, (64, 64))] == 0).all() and f.abs().sum() > 0
+    # a volume's slices are masked one at a time
+    assert (foreground_mask(np.stack([p["ed"], p["es"]]))[0] == mask).all()
+
+
+def test_mind_ssc_has_its_known_values_on_a_ramp():
+    """MIND-SSC (convexAdam's MINDSSC, radius 1, dilation 2): on an intensity ramp along the first axis, the 8
+    neighbour pairs that span that axis differ by d^2 and the 4 others by 0, so away from the border they read
+    exp(-d^2 / (8 d^2 / 12)) = exp(-1.5) and exp(0) = 1. In 2D (4 channels), on the diagonal ramp x + y, two pairs
+    differ by (2d)^2 and two by 0: exp(-4 d^2 / 2 d^2) = exp(-2) and 1. Unchanged by an affine change of
+    intensities."""
+    ramp = torch.arange(12, dtype=torch.float32)[:, None, None].expand(12, 12, 12)
+    mind = mind_ssc(ramp)
+    inner = mind[:, 4:-4, 4:-4, 4:-4].reshape(12, -1)
+    values = sorted(float(v) for v in inner.mean(1))
+    assert mind.shape == (12, 12, 12, 12) and float(inner.std(1).max()) < 1e-6
+    assert values[:8] == pytest.approx([np.exp(-1.5)] * 8, abs=1e-5) and values[8:] == pytest.approx([1.0] * 4)
+    flat = mind_ssc(ramp[:, :, 0] + ramp[:, :, 0].T)
+    assert sorted(float(v) for v in flat[:, 4:-4, 4:-4].reshape(4, -1).mean(1)) == pytest.approx(
+        [np.exp(-2.0)] * 2 + [1.0] * 2, abs=1e-5
+    )
+    img = torch.tensor(np.random.default_rng(0).normal(size=(10, 10, 10))).float()
+    assert torch.allclose(mind_ssc(img), mind_ssc(3 * img + 7), atol=1e-5)
+
+
+def _ball():
+    """A ball (24^3) and its copy moved by a known smooth shift u: fixed(x) = moving(x + u(x))."""
     shape = (24, 24, 24)
     g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
     centre = np.array([11.5, 11.5, 11.5])[:, None, None, None]
@@ -52,6 +115,12 @@ def test_convex_adam_recovers_a_smooth_3d_deformation():
     ball = ((g - centre) ** 2).sum(0) <= 6.0**2
     moving = ndimage.gaussian_filter(ball.astype(np.float64), 1.0)
     fixed = ndimage.map_coordinates(moving, g + u, order=1, mode="nearest")
+    return fixed, moving, u, ball
+
+
+def test_convex_adam_recovers_a_smooth_3d_deformation():
+    """The same optimiser on volumes: a ball moved by a known smooth shift is brought back."""
+    fixed, moving, u, ball = _ball()
     disp = convex_adam(torch.tensor(fixed)[None], torch.tensor(moving)[None], grid_sp=2, disp_hw=2, iterations=40)
     warped = warp(torch.tensor(moving)[None, None].float(), disp[None])[0, 0].numpy()
     assert np.abs(warped - fixed).mean() < 0.5 * np.abs(moving - fixed).mean()
@@ -185,3 +254,15 @@ def test_acdc_adapter_reads_the_replica_as_ed_es_volume_pairs(tmp_path):
     ed_es = m["sample_id"].str.extract(r"frame(\d+)")[0].astype(int).to_numpy()
     assert (ed_es[0::2] == 1).all() and (ed_es[1::2] > 1).all()  # fixed ED (frame 1), then moving ES
     assert (m["patient_id"].to_numpy()[0::2] == m["patient_id"].to_numpy()[1::2]).all()
+    # the probe's images (foreground mask, MIND-SSC): each volume on its label map's grid, slices first
+    from dinoscale.data.masks import load_label_maps
+    from dinoscale.sweep.inputs import ImageMaps
+
+    units = ds.units("test")
+    image, labels = ImageMaps(units.items, True)[1], load_label_maps(units.masks[1:2], units.n_slices[1:2], 4)[0]
+    assert image.shape == labels.shape and image[labels == 3].mean() > 2 * image[labels == 0].mean()
+    assert foreground_mask(image)[labels > 0].mean() > 0.9
+    # a replicate's regrouped split (dinoscale.sweep.inputs.repartition) keeps each unit's image
+    ims = ImageMaps(units.items, True)
+    joined = ImageMaps.joined([ims, ImageMaps(units.items[::-1], True)], [1, len(ims)])
+    assert joined.items == [units.items[1], units.items[-1]]

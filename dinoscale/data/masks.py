@@ -79,6 +79,21 @@ def load_label_maps(
     return np.stack(maps)
 
 
+def image_on_label_grid(item, volume: bool, grid=None) -> np.ndarray:
+    """An item's image on its label map's grid, grey float32 in the file's units: a 2D image (H, W) as the
+    readers give it (colour channels averaged); a volume's first channel (S, H, W), put on the common ``grid``
+    like its label map (``to_grid``, linear) and slices first as ``load_label_maps`` stacks them."""
+    from dinoscale.data.readers import read_image, read_volume
+
+    if not volume:
+        arr = read_image(item)
+        return (arr[..., :3].mean(-1) if arr.ndim == 3 else arr).astype(np.float32)
+    first = item if isinstance(item, str) else list(item)[0]
+    vol, spacing = read_volume(first)
+    arr = to_grid(np.asarray(vol[0], np.float32), spacing, grid) if grid is not None else np.asarray(vol[0])
+    return np.moveaxis(arr, -1, 0).astype(np.float32)
+
+
 def _check_labels(path: str, arr: np.ndarray, n_classes: int | None, multilabel: bool = False) -> None:
     if arr.min(initial=0) < 0:
         raise DataError(f"{path}: negative label {int(arr.min())}")

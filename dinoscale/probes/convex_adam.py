@@ -8,14 +8,19 @@ built in, SimpleITK and nibabel required); CAMUS is 2D. This module is the same 
    smoothed by two 3-wide box filters, as the package does);
 3. coupled convex optimisation: the arg-min displacement, box-smoothed, then six rounds of arg-min of
    cost + coeff * |d - smoothed field|^2 with coeff 0.003 ... 1 (the package's schedule);
+3b. inverse consistency (``ic=True``, the package's default): the same convex step from the reversed correlation
+   volume (moving -> fixed) gives the backward field; both coarse fields are then made inverse-consistent by the
+   package's iterative scheme (``inverse_consistency``, 15 rounds): each field := 0.5 x (itself - the other field
+   sampled at x + itself), so that u_fwd(x) + u_bwd(x + u_fwd(x)) shrinks towards 0; the forward field goes on;
 4. Adam instance optimisation of the field on the ``grid_sp_adam`` grid, initialised by step 3: feature SSD after
    warping (channel mean x 12, as the package) plus ``lambda_weight`` x the diffusion regulariser (squared forward differences), the field smoothed
    by three 3-wide box filters (the package's B-spline-like smoothing) before each warp, lr 1 voxel, ``iterations``
    steps; upsampled (bi/trilinear) to full resolution.
 
-Not reproduced: the package's optional inverse-consistency step (``ic=True``) and fp16. Displacements are in
-voxels of the full-resolution maps, axis order of the arrays: ``warp(moving, disp)(x) = moving(x + disp(x))``,
-which the optimiser makes close to ``fixed(x)``.
+Not reproduced: fp16 on GPU; and in the inverse-consistency step the package samples with ``grid_sample``'s zero
+padding, here the border value (as every warp of this module). Displacements are in voxels of the
+full-resolution maps, axis order of the arrays: ``warp(moving, disp)(x) = moving(x + disp(x))``, which the
+optimiser makes close to ``fixed(x)``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.nn import functional as F
 
 COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # convexAdam's coupled_convex schedule
 SSD_SCALE = 12.0  # convexAdam weighs the channel-mean SSD x 12 against lambda x the diffusion term
+IC_ITERATIONS = 15  # convexAdam's convex_adam_pt calls inverse_consistency(..., iter=15)
 
 
 def _box(x: torch.Tensor, k: int = 3, times: int = 1) -> torch.Tensor:
@@ -87,6 +93,32 @@ def coupled_convex(cost: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return smooth
 
 
+def inverse_consistency(fwd: torch.Tensor, bwd: torch.Tensor, iterations: int = IC_ITERATIONS):
+    """Two fields (1, ndim, *s) in voxels made inverse-consistent (convexAdam's ``inverse_consistency``): each
+    round, both from the previous round's pair, ``fwd := 0.5 (fwd - warp(bwd, fwd))`` and ``bwd := 0.5 (bwd -
+    warp(fwd, bwd))``. A pair already inverse-consistent (``bwd(x + fwd(x)) = -fwd(x)``) is a fixed point."""
+    for _ in range(iterations):
+        fwd, bwd = 0.5 * (fwd - warp(bwd, fwd)), 0.5 * (bwd - warp(fwd, bwd))
+    return fwd, bwd
+
+
+def inconsistency(fwd: torch.Tensor, bwd: torch.Tensor) -> float:
+    """Mean |fwd(x) + bwd(x + fwd(x))| (voxels): 0 for a pair of fields inverse to each other."""
+    return float((fwd + warp(bwd, fwd)).norm(dim=1).mean())
+
+
+def convex_step(fix: torch.Tensor, mov: torch.Tensor, grid_sp: int, disp_hw: int, ic: bool = True):
+    """The coupled convex step on the coarse grid: (forward, backward) fields (1, ndim, *s) in coarse voxels,
+    made inverse-consistent where ``ic`` (backward None otherwise); ``fix`` / ``mov`` (1, C, *S)."""
+    fix_c, mov_c = _pool(fix, grid_sp), _pool(mov, grid_sp)
+    cost, offsets = correlate(fix_c, mov_c, disp_hw)
+    fwd = coupled_convex(cost, offsets)
+    if not ic:
+        return fwd, None
+    bwd = coupled_convex(correlate(mov_c, fix_c, disp_hw)[0], offsets)
+    return inverse_consistency(fwd, bwd)
+
+
 def _diffusion(d: torch.Tensor) -> torch.Tensor:
     nd = d.ndim - 2
     return sum(torch.diff(d, dim=2 + i).pow(2).mean() for i in range(nd))
@@ -102,14 +134,14 @@ def convex_adam(
     lambda_weight: float = 1.25,
     iterations: int = 80,
     lr: float = 1.0,
+    ic: bool = True,
 ) -> torch.Tensor:
     """The displacement (ndim, *S) in voxels taking ``moving`` (C, *S) onto ``fixed`` (C, *S), 2D or 3D feature
-    maps of one shape: ``warp(moving, disp) ~ fixed``."""
+    maps of one shape: ``warp(moving, disp) ~ fixed``. ``ic``: the convex step made inverse-consistent."""
     fix, mov = fixed.float().unsqueeze(0), moving.float().unsqueeze(0)
     shape = fix.shape[2:]
     with torch.no_grad():
-        cost, offsets = correlate(_pool(fix, grid_sp), _pool(mov, grid_sp), disp_hw)
-        coarse = coupled_convex(cost, offsets) * grid_sp  # full-resolution voxels
+        coarse = convex_step(fix, mov, grid_sp, disp_hw, ic)[0] * grid_sp  # full-resolution voxels
         fix_a, mov_a = _pool(fix, grid_sp_adam), _pool(mov, grid_sp_adam)
         start = _resize(coarse, fix_a.shape[2:]) / grid_sp_adam  # Adam-grid voxels
     if iterations <= 0 or lambda_weight <= 0:  # the package skips instance optimisation at lambda 0

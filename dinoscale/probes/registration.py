@@ -5,11 +5,17 @@ patient; ``dinoscale.data.camus``), so a split's items ``2k`` and ``2k + 1`` are
 one patient). For each pair, as DINO-Reg (Song et al., MICCAI 2024) does:
 
 1. the fixed and moving patch-token grids, their tokens stacked, reduced jointly by PCA (``torch.pca_lowrank``,
-   centred) to ``pca_channels`` channels, so both maps share one basis;
+   centred) to ``pca_channels`` channels, so both maps share one basis. ``pca_mask: foreground`` (DINO-Reg's
+   ``DINOReg_useMask``): the PCA is fitted on, and projects, only the tokens inside each image's foreground
+   (``foreground_mask``: DINO-Reg's threshold / largest component / fill / opening, per 2D slice, on the images
+   at the label maps' grid that the task hands the probe, ``SegSplit.images``); tokens outside are 0 (the
+   foreground mean);
 2. the PCA maps resized (bilinear; trilinear for volumes) to the label maps' shape and scaled by one overall
-   standard deviation;
-3. ConvexAdam on them (``dinoscale.probes.convex_adam``: SSD correlation volume, coupled convex optimisation,
-   Adam instance optimisation with a diffusion regulariser);
+   standard deviation; ``features: mind`` replaces them by the images' MIND-SSC (``dinoscale.probes.mind``,
+   ConvexAdam's own features: the classical baseline), ``dino+mind`` concatenates both (the reference benchmark's
+   ACDC setting), the DINO block then scaled to the MIND block's standard deviation;
+3. ConvexAdam on them (``dinoscale.probes.convex_adam``: SSD correlation volume, coupled convex optimisation in
+   both directions made inverse-consistent, Adam instance optimisation with a diffusion regulariser);
 4. the moving label map warped by the displacement (one-hot maps warped bilinearly, arg-max).
 
 Nothing is trained: the train split is not read. The diffusion weight is chosen on val by the warped labels'
@@ -25,9 +31,11 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
+from scipy import ndimage
 from torch.nn import functional as F
 
 from dinoscale.probes.convex_adam import convex_adam, warp
+from dinoscale.probes.mind import DILATION, RADIUS, mind_ssc
 from dinoscale.probes.registry import ProbeDef, ProbeResult, ProbeSpecBase, SegSplit, grid_edges, register_probe
 
 
@@ -45,6 +53,18 @@ class RegistrationProbeSpec(ProbeSpecBase):
     )
     steps: int = Field(80, ge=0, description="Adam instance-optimisation steps (convexAdam: 80)")
     lr: float = Field(1.0, gt=0, description="Adam learning rate, in voxels of the Adam grid (convexAdam: 1)")
+    inverse_consistency: bool = Field(
+        True,
+        description="ConvexAdam: the convex step run both ways and made inverse-consistent (convexAdam ic=True)",
+    )
+    pca_mask: Literal["foreground", "none"] = Field(
+        "foreground", description="PCA fitted on the foreground tokens only (DINO-Reg's mask), or on all tokens"
+    )
+    features: Literal["dino", "mind", "dino+mind"] = Field(
+        "dino",
+        description="what ConvexAdam matches: the PCA'd patch tokens, the images' MIND-SSC (convexAdam's "
+        "features), or both concatenated (the reference benchmark's ACDC setting)",
+    )
 
 
 def pairs(split: SegSplit, what: str) -> int:
@@ -59,17 +79,55 @@ def pairs(split: SegSplit, what: str) -> int:
     return n // 2
 
 
-def pca_maps(fixed: np.ndarray, moving: np.ndarray, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both grids (D, *g) projected on the top ``channels`` principal components of their tokens together."""
+MASK_LEVEL, MASK_PERCENTILE, MASK_OPENING, TOKEN_FILL = 0.05, 97, 5, 0.99  # DINO-Reg's mask constants
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """DINO-Reg's foreground of an image (2D, or a volume's slices (S, H, W) one at a time): intensities scaled
+    to [0, 1] by the minimum and the 97th percentile, above 0.05; the largest connected component, its holes
+    filled, opened by a 5 x 5 square, the largest component of that."""
+    img = np.asarray(image, np.float32)
+    if img.ndim == 3:
+        return np.stack([foreground_mask(sl) for sl in img])
+    lo, hi = float(img.min()), float(np.percentile(img, MASK_PERCENTILE))
+    mask = (np.clip(img, lo, hi) - lo) / (hi - lo or 1.0) > MASK_LEVEL
+    for step in range(2):
+        lab, n = ndimage.label(mask)
+        if n == 0:
+            return mask
+        mask = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+        if step == 0:
+            mask = ndimage.binary_opening(ndimage.binary_fill_holes(mask), np.ones((MASK_OPENING,) * 2, bool))
+    return mask
+
+
+def token_mask(mask: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """A foreground mask on the token grid: the tokens whose area lies (99 %) inside it, as DINO-Reg keeps the
+    resized mask above 0.99."""
+    m = torch.as_tensor(np.asarray(mask, np.float32))[None, None]
+    return F.interpolate(m, size=tuple(grid), mode="area")[0, 0].numpy() >= TOKEN_FILL
+
+
+def pca_maps(fixed: np.ndarray, moving: np.ndarray, channels: int, seed: int, masks=None):
+    """Both grids (D, *g) projected on the top ``channels`` principal components of their tokens together.
+    ``masks`` (two boolean (*g) token masks): the PCA fitted on and applied to the tokens inside them only, 0
+    outside; an image with no more than ``channels`` / 2 foreground tokens (none found, say): all tokens of both."""
     d = fixed.shape[0]
-    tokens = torch.cat([torch.as_tensor(np.asarray(a, np.float32)).reshape(d, -1).T for a in (fixed, moving)])
-    q = min(channels, d, tokens.shape[0])
+    tokens = [torch.as_tensor(np.asarray(a, np.float32)).reshape(d, -1).T for a in (fixed, moving)]
+    keep = [torch.ones(len(t), dtype=torch.bool) for t in tokens]
+    if masks is not None and min(int(np.sum(m)) for m in masks) * 2 > channels:
+        keep = [torch.as_tensor(np.asarray(m, bool).reshape(-1)) for m in masks]
+    both = torch.cat([t[k] for t, k in zip(tokens, keep)])
+    q = min(channels, d, both.shape[0])
     torch.manual_seed(seed)
-    mean = tokens.mean(0, keepdim=True)
-    _, _, v = torch.pca_lowrank(tokens - mean, q=q, center=False)
-    proj = ((tokens - mean) @ v).T  # (q, 2 * tokens)
-    half = proj.shape[1] // 2
-    return proj[:, :half].reshape(q, *fixed.shape[1:]), proj[:, half:].reshape(q, *moving.shape[1:])
+    mean = both.mean(0, keepdim=True)
+    _, _, v = torch.pca_lowrank(both - mean, q=q, center=False)
+    out = []
+    for t, k, a in zip(tokens, keep, (fixed, moving)):
+        proj = torch.zeros(len(t), q)
+        proj[k] = (t[k] - mean) @ v
+        out.append(proj.T.reshape(q, *a.shape[1:]))
+    return out[0], out[1]
 
 
 def _grid(x: np.ndarray) -> np.ndarray:
@@ -77,25 +135,58 @@ def _grid(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 1, 0) if x.ndim == 4 else x
 
 
-def register_pair(fixed, moving, moving_labels: np.ndarray, spec: RegistrationProbeSpec, lam: float, seed: int):
-    """(warped moving labels, displacement (ndim, *S) in label-map voxels) of one pair of grids. On the trial's GPU
-    where it has one (a paper sweep's ``gpus_per_trial``), else the CPU."""
-    shape = moving_labels.shape
-    f, m = pca_maps(_grid(np.asarray(fixed)), _grid(np.asarray(moving)), spec.pca_channels, seed)
+def feature_maps(fixed, moving, images, shape, spec: RegistrationProbeSpec, seed: int, device):
+    """The two maps (C, *shape) ConvexAdam matches (``spec.features``), at the label maps' ``shape``."""
+    needs_images = spec.features != "dino" or spec.pca_mask == "foreground"
+    if needs_images and images is None:
+        raise ValueError(
+            f"registration: features {spec.features!r} / pca_mask {spec.pca_mask!r} read the pair's images; "
+            "none given (the registration task hands them to the probe as SegSplit.images)"
+        )
+    if needs_images and any(np.shape(i) != tuple(shape) for i in images):
+        raise ValueError(f"registration: images of shapes {[np.shape(i) for i in images]}, label maps {shape}")
+    maps = []
+    if spec.features != "mind":
+        grids = [_grid(np.asarray(fixed)), _grid(np.asarray(moving))]
+        masks = None
+        if spec.pca_mask == "foreground":
+            masks = [token_mask(foreground_mask(i), g.shape[1:]) for i, g in zip(images, grids)]
+        f, m = pca_maps(*grids, spec.pca_channels, seed, masks)
+        mode = "bilinear" if len(shape) == 2 else "trilinear"
+        f, m = (F.interpolate(t.to(device)[None], size=shape, mode=mode, align_corners=False)[0] for t in (f, m))
+        maps.append((f, m))
+    if spec.features != "dino":
+        maps.append(tuple(mind_ssc(torch.as_tensor(np.asarray(i, np.float32), device=device)) for i in images))
+    if spec.features == "dino+mind":
+        target = torch.cat(maps[1]).std()
+    else:
+        target = torch.ones(())
+    if spec.features != "mind":  # the DINO block: unit std alone, the MIND block's std beside it
+        f, m = maps[0]
+        scale = torch.cat([f, m]).std().clamp_min(1e-6) / target.to(f.device)
+        maps[0] = (f / scale, m / scale)
+    return torch.cat([p[0] for p in maps]), torch.cat([p[1] for p in maps])
+
+
+def register_pair(
+    fixed, moving, moving_labels: np.ndarray, spec: RegistrationProbeSpec, lam: float, seed: int, images=None
+):
+    """(warped moving labels, displacement (ndim, *S) in label-map voxels) of one pair of grids; ``images``: the
+    (fixed, moving) images at the label maps' shape (the foreground mask and MIND-SSC read them). On the trial's
+    GPU where it has one (a paper sweep's ``gpus_per_trial``), else the CPU."""
+    shape = tuple(np.shape(moving_labels))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    f, m = f.to(device), m.to(device)
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    f, m = (F.interpolate(t[None], size=shape, mode=mode, align_corners=False)[0] for t in (f, m))
-    scale = torch.cat([f, m]).std().clamp_min(1e-6)
+    f, m = feature_maps(fixed, moving, images, shape, spec, seed, device)
     disp = convex_adam(
-        f / scale,
-        m / scale,
+        f,
+        m,
         grid_sp=spec.grid_sp,
         disp_hw=spec.disp_hw,
         grid_sp_adam=spec.grid_sp_adam,
         lambda_weight=lam,
         iterations=spec.steps,
         lr=spec.lr,
+        ic=spec.inverse_consistency,
     )
     disp = disp.cpu()
     return warp_labels(moving_labels, disp, spec.n_classes), disp.numpy()
@@ -121,7 +212,19 @@ def mean_dice(pred: np.ndarray, target: np.ndarray, n_classes: int) -> float:
 def register_split(split: SegSplit, spec: RegistrationProbeSpec, lam: float, seed: int, what: str) -> np.ndarray:
     """The warped moving label map of every pair of a split (n_pairs, *S)."""
     n = pairs(split, what)
-    out = [register_pair(split.x[2 * k], split.x[2 * k + 1], split.y[2 * k + 1], spec, lam, seed)[0] for k in range(n)]
+    ims = split.images
+    out = [
+        register_pair(
+            split.x[2 * k],
+            split.x[2 * k + 1],
+            split.y[2 * k + 1],
+            spec,
+            lam,
+            seed,
+            None if ims is None else (ims[2 * k], ims[2 * k + 1]),
+        )[0]
+        for k in range(n)
+    ]
     return np.stack(out) if out else np.zeros((0, *np.shape(split.y)[1:]), np.int64)
 
 
@@ -147,19 +250,48 @@ def fit_registration(spec: RegistrationProbeSpec, train: SegSplit, val: SegSplit
     )
 
 
+def _features_rule(spec: RegistrationProbeSpec) -> str:
+    mind = (
+        f"MIND-SSC of the images at the label maps' grid (radius {RADIUS}, dilation {DILATION}: convexAdam's "
+        "MINDSSC; 12 channels in 3D, 4 in 2D)"
+    )
+    if spec.features == "mind":
+        return mind + "; the patch tokens unused (the classical ConvexAdam baseline)"
+    mask = (
+        f"fitted on the tokens inside each image's foreground only, 0 outside (DINO-Reg's mask: intensities "
+        f"scaled by the minimum and the {MASK_PERCENTILE}th percentile to [0, 1], > {MASK_LEVEL:g}, largest "
+        f"component, holes filled, {MASK_OPENING} x "
+        f"{MASK_OPENING} opening, per 2D slice; a token kept where >= {TOKEN_FILL:.0%} of its area is foreground)"
+        if spec.pca_mask == "foreground"
+        else "fitted on all tokens"
+    )
+    dino = (
+        f"PCA of the fixed + moving patch tokens jointly (torch.pca_lowrank, centred) to {spec.pca_channels} "
+        f"channels, {mask}; resized bilinearly to the label maps"
+    )
+    if spec.features == "dino":
+        return dino + "; one overall std scaling"
+    return f"{dino}, scaled to the std of the {mind}, concatenated with them (the reference benchmark's ACDC setting)"
+
+
 def _rules(spec: RegistrationProbeSpec, task: str) -> dict:
+    ic = (
+        "both ways (fixed -> moving and moving -> fixed correlation volumes) and made inverse-consistent "
+        "(convexAdam's inverse_consistency: 15 rounds of u := (u - v(x + u)) / 2 for each field)"
+        if spec.inverse_consistency
+        else "one way; no inverse-consistency step"
+    )
     return {
         "pairs": "a split's items in pairs, fixed then moving (one patient's); the train split is not read",
-        "features": f"PCA of the fixed + moving patch tokens jointly (torch.pca_lowrank, centred) to "
-        f"{spec.pca_channels} channels; resized bilinearly to the label maps; one overall std scaling",
+        "feature maps": _features_rule(spec),
         "optimiser": f"ConvexAdam (dinoscale.probes.convex_adam, 2D / 3D): SSD correlation over +-{spec.disp_hw} "
-        f"coarse voxels on a {spec.grid_sp}-px grid, coupled convex optimisation (coupling 0.003 ... 1), then "
+        f"coarse voxels on a {spec.grid_sp}-px grid, coupled convex optimisation (coupling 0.003 ... 1) {ic}, then "
         f"{spec.steps} Adam steps (lr {spec.lr:g} voxel) on a {spec.grid_sp_adam}-px grid, SSD x 12 + lambda x "
-        "diffusion, field box-smoothed 3 x 3-wide; no inverse-consistency step",
+        "diffusion, field box-smoothed 3 x 3-wide",
         "selection": f"lambda in {spec.lambda_weights} chosen on val by the warped labels' mean foreground Dice",
         "init": "the convex step's field; deterministic given the features (PCA seeded by the replicate)",
-        "source": "DINO-Reg (Song et al., MICCAI 2024) features; ConvexAdam (Siebert et al. 2021), "
-        "convexAdam 0.2.0's constants",
+        "source": "DINO-Reg (Song et al., MICCAI 2024) features and foreground mask; ConvexAdam (Siebert et al. "
+        "2021), convexAdam 0.2.0's constants (ic=True); MIND-SSC (Heinrich et al. 2013)",
     }
 
 
@@ -170,6 +302,7 @@ register_probe(
         fit_registration,
         tasks=("registration",),
         input="grid",
+        images=True,
         description="PCA of fixed + moving patch tokens, ConvexAdam displacement, warped labels (DINO-Reg)",
         rules=_rules,
     )

@@ -66,6 +66,9 @@ class SegSplit:
     # the label maps bit-pack structures that may overlap (dinoscale.metrics.pack_labels; the task says so):
     # segmentation heads train a sigmoid per structure instead of a softmax over classes
     multilabel: bool = False
+    # the items' images on the label maps' grid ((H, W) or (S, H, W) float32 each, read when indexed), for probes
+    # whose descriptor asks for them (``ProbeDef.images``: registration's foreground mask and MIND-SSC)
+    images: Any = None
 
 
 def grid_edges(grid: dict[str, list], selected: dict) -> dict[str, str]:
@@ -141,6 +144,7 @@ class ProbeDef:
     # float32 arrays, the whole split in memory (the plan counts it so).
     streams: bool = False
     rules: RulesFn | None = None  # loss, optimiser, init, selection in words (dinoscale.sweep.protocol)
+    images: bool = False  # grid probes: its SegSplits carry the items' images on the label maps' grid
 
     def view(self, volumetric: bool) -> str:
         """The feature-set view the probe reads from a 2D (``volumetric=False``) or a 3D dataset."""

@@ -179,6 +179,29 @@ def _write_label_maps(path: Path, masks, n_slices, n_classes, load_label_maps) -
         tmp.unlink(missing_ok=True)
 
 
+class ImageMaps:
+    """The units' images on their label maps' grid (``dinoscale.data.masks.image_on_label_grid``), read one item
+    at a time when indexed: ``images[i]`` (H, W), or (S, H, W) for volumes. For probes that read the images
+    beside the features (``ProbeDef.images``: registration's foreground mask and MIND-SSC)."""
+
+    def __init__(self, items, volumes: bool, grid=None):
+        self.items, self.volumes, self.grid = list(items), volumes, grid
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from dinoscale.data.masks import image_on_label_grid
+
+        return image_on_label_grid(self.items[int(i)], self.volumes, self.grid)
+
+    @classmethod
+    def joined(cls, parts: list[ImageMaps], idx) -> ImageMaps:
+        """The items at positions ``idx`` of the parts one after the other (a replicate's regrouped split)."""
+        items = [it for p in parts for it in p.items]
+        return cls([items[int(i)] for i in idx], parts[0].volumes, parts[0].grid)
+
+
 class OnlineGrids:
     """Patch-token grids computed by the frozen backbone when a mini-batch asks for them (``features.online``):
     ``x[idx]`` reads the units' images or volumes and runs the backbone, like extraction but nothing is
@@ -275,6 +298,7 @@ def _in_memory(inp):
         inp.volume_ids,
         inp.spacing,
         inp.multilabel,
+        inp.images,  # read per item when the probe asks (ImageMaps)
     )
 
 
@@ -296,12 +320,14 @@ def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split
         multilabel = get_task(cell.task).overlapping
         y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident, multilabel)
         spacing = label_spacing(units, volumes)
+        images = ImageMaps(units.items, volumes, units.volume.grid if units.volume else None)
+        images = images if get_probe(cell.probe).images else None
         if cell.online:
             src = sources or RowSources(units.sample_ids, units.items, units.n_slices, volume=units.volume)
-            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing, multilabel)
+            return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing, multilabel, images)
         rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
         x = stacked(rows, index, per_unit, units, "feature maps", resident)
-        return SegSplit(x, y, units.patient_ids, spacing, multilabel)
+        return SegSplit(x, y, units.patient_ids, spacing, multilabel, images)
     rows, index, per_unit = unit_rows(store, dict(cell.feature_keys)[split], split, units, cell.view)
     if form == "bag":
         ends = np.cumsum(per_unit)
@@ -331,7 +357,10 @@ def repartition(train, val, train_idx, val_idx):
             if train.spacing is not None and val.spacing is not None:
                 both = list(train.spacing) + list(val.spacing)
                 spacing = [both[i] for i in idx]
-            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing, train.multilabel)
+            images = None
+            if train.images is not None and val.images is not None:
+                images = ImageMaps.joined([train.images, val.images], idx)
+            return SegSplit(take_items([train.x, val.x], idx), y, ids, spacing, train.multilabel, images)
         return Split(take_items([train.x, val.x], idx), y, train.exclusive, train.select)
 
     return take(train_idx), take(val_idx)
