@@ -1,5 +1,9 @@
-"""Segmentation, EM instance, PET/CT and whole-slide sweeps end to end: real Ray Tune, real SQLite
-MLflow, phantom volumes on disk, DINOv3-architecture models with random weights (no mocks)."""
+"""Segmentation and CT pooling sweeps end to end: real Ray Tune, real SQLite MLflow, phantom volumes on disk,
+DINOv3-architecture models with random weights (no mocks).
+
+EM instance segmentation (CREMI blocks, VOI / ARAND per sample without an interval), PET/CT fusion and whole-slide
+scoring per slide are checked on the rehearsals of sweeps/em.yaml, sweeps/petct.yaml and sweeps/wsi.yaml
+(tests/test_rehearse.py, TASK_CHECKS)."""
 
 from __future__ import annotations
 
@@ -106,74 +110,6 @@ def test_resumed_segmentation_sweep_extracts_and_evaluates_nothing_again(mri):
     }
 
 
-def test_em_affinity_sweep_logs_voi_and_arand_per_sample_without_an_interval(tmp_path, ray_local):
-    """phantom-em is CREMI's layout: three samples, one test block each. Three units are too few for a
-    bootstrap interval: the run says so (a tag, no _ci_ metrics) and reports A, B and C separately."""
-    probe = {
-        "kind": "affinity",
-        "steps": 20,
-        "crop": 32,
-        "crop_depth": 4,
-        "learning_rates": [0.01],
-        "thresholds": [0.9, 0.98],
-        "batch_size": 2,
-        "hidden_dim": 16,
-    }
-    raw = _spec(tmp_path, "em", probe)
-    raw["dataset"]["phantom"] = {"seed": 0, "image_size": 64, "depth": 12}
-    out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True)
-    assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
-    client, runs = _children(out)
-    parent = client.get_run(out.parent_run_id)
-    assert parent.data.tags["dinoscale.headline_goal"] == "min"
-    protocol = client.download_artifacts(out.parent_run_id, "protocol/protocol.md")
-    text = Path(protocol).read_text()
-    assert "steps | 20" in text and "CREMI" in text and "first sections train" in text
-    for run in runs:
-        m = run.data.metrics
-        assert m["test_voi"] == pytest.approx(m["test_voi_split"] + m["test_voi_merge"], abs=1e-9)
-        assert "test_voi_ci_low" not in m and "no interval: 3 test unit(s)" in run.data.tags["dinoscale.interval"]
-        assert 0 <= m["test_arand"] <= 1 and m["interval_units"] == 3
-        per_sample = [m[f"test_voi.{s}"] for s in "ABC"]
-        assert np.mean(per_sample) == pytest.approx(m["test_voi"], abs=1e-9)  # one block per sample
-        assert m["val_voi"] >= 0 and run.data.tags["selected.threshold"] in ("0.9", "0.98")
-        assert run.data.params["probe.steps"] == "20" and run.data.params["replicate_split"] == "the dataset's split"
-        preds = _predictions(client, run.info.run_id)
-        assert {"voi", "voi_split", "voi_merge", "arand", "cremi_score"} <= set(preds.columns)
-        assert preds["group"].tolist() == ["A", "B", "C"]
-    report = (out.report_dir / "report.md").read_text()
-    assert "no interval" in report
-
-
-def test_petct_sweep_fuses_pet_into_the_features(tmp_path, ray_local):
-    probe = {"kind": "segmentation", "head": "linear", "n_classes": 2, "steps": 10, "batch_size": 4}
-    spec = parse_spec(_spec(tmp_path, "petct", probe, n_patients=12))
-    out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
-    assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
-    assert all(
-        "pet_suv" in f.recipe.volume.signature() and f.recipe.intensity == "window" for f in out.plan.feature_sets
-    )
-    _, runs = _children(out)
-    assert all("test_dice" in r.data.metrics or r.data.tags.get("dinoscale.error") for r in runs)
-
-
-def test_wsi_sweep_scores_slides_not_tiles(tmp_path, ray_local):
-    probe = {"kind": "abmil", "epochs": 10, "batch_size": 4}
-    spec = parse_spec(_spec(tmp_path, "wsi", probe, n_patients=16, tiles_per_slide=6))
-    out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False)
-    assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
-    client, runs = _children(out)
-    test = out.plan.dataset.split("test")
-    slides = list(dict.fromkeys(test["bag_id"].astype(str)))
-    for run in runs:
-        m = run.data.metrics
-        assert m["n_test"] == len(slides) and m["n_test"] < len(test)  # one prediction per slide
-        preds = _predictions(client, run.info.run_id)
-        assert preds["sample_id"].tolist() == slides
-        truth = test.drop_duplicates("bag_id").set_index("bag_id")["tumor"]
-        assert (preds["label_tumor"].to_numpy() == truth.loc[slides].to_numpy()).all()
-
-
 def test_ct_pool_probe_reads_slice_rows_and_linear_reads_pooled_volumes(tmp_path, ray_local):
     raw = _spec(
         tmp_path,
@@ -199,36 +135,3 @@ def test_ct_pool_probe_reads_slice_rows_and_linear_reads_pooled_volumes(tmp_path
     pool = next(r for r in runs if r.data.params["probe"] == "pool")
     assert pool.data.tags["selected.pooling"] in ("mean", "attention")
     assert int(pool.data.metrics["n_test"]) == len(out.plan.dataset.split("test"))
-
-
-def test_cremi_hdf5_section_blocks_run_as_volumes(tmp_path, ray_local):
-    import h5py
-
-    ids = np.ones((20, 32, 32), np.uint64)
-    ids[:, :16, 16:], ids[:, 16:, :16], ids[:, 16:, 16:] = 2, 3, 4  # four neurons per section
-    raw = np.full(ids.shape, 200, np.uint8)
-    raw[:, 15:17, :], raw[:, :, 15:17] = 40, 40  # dark membranes between them
-    for s in "AB":
-        with h5py.File(tmp_path / f"sample_{s}_20160501.hdf", "w") as f:
-            f["volumes/raw"], f["volumes/labels/neuron_ids"] = raw, ids
-    raw_spec = _spec(
-        tmp_path, "em", {"kind": "affinity", "steps": 5, "thresholds": [0.5], "batch_size": 2, "hidden_dim": 8}
-    )
-    raw_spec["dataset"] = {
-        "name": "cremi",
-        "root": str(tmp_path),
-        "subset": "A,B",
-        "split": {"val_fraction": 0.2, "test_fraction": 0.25},
-    }
-    raw_spec["resolutions"], raw_spec["profile"] = [32], "paper"
-    out = run_sweep(parse_spec(raw_spec), project_dir=tmp_path, quiet=True, analyze=False)
-    assert [r["state"] for r in out.rows] == ["FINISHED"]
-    assert {f.split: f.n_slices for f in out.plan.feature_sets} == {
-        "train": 22,
-        "val": 8,
-        "test": 10,
-    }  # 11 / 4 / 5 sections x 2
-    client, runs = _children(out)
-    m = runs[0].data.metrics
-    assert m["n_test"] == 2 and np.isfinite(m["test_voi"]) and runs[0].data.tags["data.source"] == "real"
-    assert _predictions(client, runs[0].info.run_id)["sample_id"].tolist() == ["A:15-20", "B:15-20"]
