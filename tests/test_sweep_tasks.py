@@ -1,9 +1,9 @@
-"""Segmentation and CT pooling sweeps end to end: real Ray Tune, real SQLite MLflow, phantom volumes on disk,
+"""Segmentation sweeps end to end: real Ray Tune, real SQLite MLflow, phantom volumes on disk,
 DINOv3-architecture models with random weights (no mocks).
 
 EM instance segmentation (CREMI blocks, VOI / ARAND per sample without an interval), PET/CT fusion and whole-slide
 scoring per slide are checked on the rehearsals of sweeps/em.yaml, sweeps/petct.yaml and sweeps/wsi.yaml
-(tests/test_rehearse.py, TASK_CHECKS)."""
+(tests/test_rehearse.py, TASK_CHECKS); the CT pool probe on slice rows in tests/test_sweep.py's CT sweep."""
 
 from __future__ import annotations
 
@@ -108,30 +108,3 @@ def test_resumed_segmentation_sweep_extracts_and_evaluates_nothing_again(mri):
     assert {r["cell"]: round(r["metric"], 6) for r in again.rows} == {
         r["cell"]: round(r["metric"], 6) for r in first.rows
     }
-
-
-def test_ct_pool_probe_reads_slice_rows_and_linear_reads_pooled_volumes(tmp_path, ray_local):
-    raw = _spec(
-        tmp_path,
-        "ct",
-        {
-            "kind": "pool",
-            "poolings": ["mean", "attention"],
-            "epochs": 10,
-            "learning_rates": [0.01],
-            "weight_decays": [0.0001],
-            "batch_size": 8,
-        },
-        n_patients=12,
-    )
-    raw["probes"].append({"kind": "linear", "epochs": 10, "batch_size": 16})
-    raw["resolutions"] = [32]
-    out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
-    assert sorted(r["state"] for r in out.rows) == ["FINISHED"] * 2
-    views = {f.view for f in out.plan.feature_sets}
-    assert views == {"slices", "volumes"}  # two feature sets per split: one per view, each extracted once
-    assert out.extraction.feature_sets_extracted == 6
-    client, runs = _children(out)
-    pool = next(r for r in runs if r.data.params["probe"] == "pool")
-    assert pool.data.tags["selected.pooling"] in ("mean", "attention")
-    assert int(pool.data.metrics["n_test"]) == len(out.plan.dataset.split("test"))
