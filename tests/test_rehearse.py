@@ -220,6 +220,18 @@ ELSEWHERE = ("xray", "autolaparo", "camus", "xray-external-rsna", "ct-msd-spleen
 IN_PROCESS = [s for s in REHEARSABLE if s.stem not in ELSEWHERE]
 # Rehearsed with more than the first replicate: the replicate path of that spec's split (MSD: validation fold k)
 REPLICATES = {"mri": 2}
+# Rehearsed on one cell (the spec's first backbone at its first resolution): a second spec of a task kind whose lean
+# grid the spec named beside it rehearses here; what it adds is its dataset (layout, labels, split, external set),
+# as for the MSD tasks of tests/test_msd_tasks.py. One Tune trial is most of a rehearsal's time.
+ONE_CELL = {"em-ac3ac4": "em", "petct-hecktor": "petct", "wsi-bcnb": "wsi", "wsi-external-camelyon17": "wsi"}
+
+
+def _one_cell(spec: Path) -> tuple[str, ...]:
+    if spec.stem not in ONE_CELL:
+        return ()
+    raw = yaml.safe_load(spec.read_text())
+    b = raw["backbones"][0]
+    return f"resolutions=[{raw['resolutions'][0]}]", f"backbones=[{{name: {b['name']}, weights: {b['weights']}}}]"
 
 
 def _predictions(client, run_id: str):
@@ -292,12 +304,16 @@ def test_every_paper_spec_rehearses_end_to_end(spec, isolated):
     from dinoscale.rehearse import rehearse
     from dinoscale.tasks import get_task
 
-    r, out = rehearse(spec, lean=True, quiet=True, project_dir=isolated, replicates=REPLICATES.get(spec.stem, 1))
+    replicates = REPLICATES.get(spec.stem, 1)
+    r, out = rehearse(
+        spec, lean=True, quiet=True, project_dir=isolated, replicates=replicates, overrides=_one_cell(spec)
+    )
     assert [row["cell"] for row in out.rows if row["state"] != "FINISHED"] == []
     runs = _runs(f"sqlite:///{isolated}/mlruns.db", r.spec.experiment_name)
     parents = [x for x in runs if x.data.tags.get(record.ROLE) == record.ROLE_SWEEP]
     cells = [x for x in runs if x.data.tags.get(record.ROLE) == record.ROLE_CELL]
     assert len(parents) == 1 and len(cells) == len(out.plan.cells) > 0
+    assert spec.stem not in ONE_CELL or (len(cells) == 1 and ONE_CELL[spec.stem] in [s.stem for s in IN_PROCESS])
     headline = get_task(out.plan.dataset.task).headline.test
     for run in parents + cells:
         assert run.data.tags[record.REHEARSAL] == "true" and run.data.tags[record.PROFILE] == "rehearsal"
