@@ -29,7 +29,8 @@ def test_two_family_demo_has_per_family_curves_and_a_paired_comparison(tmp_path)
         [
             *(sys.executable, "-m", "dinoscale.cli", "sweep", os.path.abspath(SPEC), "--tracking-uri", uri),
             # the demo as shipped, on fewer and smaller phantom images (CI's time: the comparison is the point)
-            *("--set", "dataset.phantom.n_patients=60", "--set", "dataset.phantom.image_size=128"),
+            *("--set", "dataset.phantom.n_patients=40", "--set", "dataset.phantom.image_size=112"),
+            *("--set", "dataset.phantom.images_per_patient=[1,2]"),
             *("--set", "probes.0.epochs=20", "--set", "metrics.bootstrap.resamples=300"),
         ],
         cwd=tmp_path,

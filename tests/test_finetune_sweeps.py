@@ -1,18 +1,13 @@
-"""lora / full beyond 2D classification, and a fine-tuning search interrupted and resumed: real sweeps (Ray
-Tune, SQLite MLflow, MONAI readers, timm demo-ladder backbone with random weights), kept tiny."""
+"""lora / full beyond 2D classification: real sweeps (Ray Tune, SQLite MLflow, MONAI readers, timm demo-ladder
+backbone with random weights), kept tiny. A fine-tuning search killed and resumed is checked in the killed sweep
+of tests/test_orchestration.py (test_killed_driver_resumes_without_redoing_or_duplicating)."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_spec_dict
 from dinoscale import record
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.plan import NotRunnableError, build_plan, check_runnable
@@ -107,96 +102,3 @@ def test_fine_tuning_where_it_cannot_train_is_refused_before_anything_runs(tmp_p
     plan = build_plan(parse_spec(raw), tmp_path)
     with pytest.raises(NotRunnableError, match=rf"strategies \['lora'\] .*{why}.* Use strategies: \[frozen\]"):
         check_runnable(plan)
-
-
-# ---------------------------------------------------------------- interrupted and resumed
-
-
-def _config_runs(uri: str) -> list:
-    try:
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("dinoscale-xray-test")  # tiny_spec_dict's spec name
-        if exp is None:
-            return []
-        return client.search_runs([exp.experiment_id], f"tags.`{record.ROLE}` = 'configuration'", max_results=1000)
-    except Exception:  # the store may not exist yet
-        return []
-
-
-def test_interrupted_search_resumes_without_rerunning_or_duplicating_configurations(tmp_path, ray_local):
-    """A sweep process is killed (SIGKILL, with the Ray it started) once its first configuration has
-    finished and the next one is part-way (an epoch logged, none decided at a rung yet: grace 3 epochs);
-    the resumed sweep trains only what was left, the part-way configuration from its checkpoint, and
-    every configuration has one run."""
-    raw = tiny_spec_dict(
-        tmp_path,
-        strategies=["lora"],
-        resolutions=[32],
-        backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
-        probes=[{"kind": "linear"}],
-        search={"n_trials": 3},
-        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
-    )
-    # two epochs before the first rung (grace 3): the kill lands on a configuration part-way even on a fast machine
-    raw["finetuning"] = {
-        "lora": {"epochs": 4, "batch_size": 16, "rank": 4, "patience": None},
-        "early_stopping": {"grace_epochs": 3, "reduction_factor": 3},
-    }
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(raw))
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "dinoscale.cli", "sweep", str(spec_path), "--no-analysis"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and driver.poll() is None:
-            runs = _config_runs(uri)
-            states = [r.data.tags.get(record.CONFIGURATION_STATE) for r in runs]
-            part_way = [
-                r
-                for r in runs
-                if r.data.tags.get(record.CONFIGURATION_STATE) == "running"
-                and 1 <= r.data.metrics.get(record.EPOCH, 0) < 3
-            ]
-            if "complete" in states and part_way:
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die together
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    before = {r.data.tags[record.TRIAL_KEY]: r for r in _config_runs(uri)}
-    finished_before = {k: r for k, r in before.items() if r.data.tags[record.CONFIGURATION_STATE] != "running"}
-    assert 1 <= len(finished_before) < 3
-
-    out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False, resume=True)
-    assert [r["state"] for r in out.rows] == ["FINISHED"]
-    after = _config_runs(out.tracking_uri)
-    keys = [r.data.tags[record.TRIAL_KEY] for r in after]
-    assert len(keys) == 3 and len(set(keys)) == 3  # one run per configuration, none duplicated
-    by_key = {r.data.tags[record.TRIAL_KEY]: r for r in after}
-    for key, r in finished_before.items():  # not trained again
-        assert by_key[key].data.tags[record.EVALUATIONS] == "1"
-        assert by_key[key].info.end_time == r.info.end_time
-    for r in after:
-        assert r.data.tags[record.CONFIGURATION_STATE] in ("complete", "stopped")
-        epochs = client_history(out.tracking_uri, r.info.run_id)
-        assert epochs == list(range(1, int(r.data.metrics[record.EPOCHS_RUN]) + 1))  # each epoch trained once
-    interrupted = [k for k, r in before.items() if r.data.tags[record.CONFIGURATION_STATE] == "running"]
-    assert interrupted
-    for key in interrupted:  # the configuration the kill interrupted continued from its checkpoint
-        assert by_key[key].data.tags[record.EVALUATIONS] == "2"
-    cell = MlflowClient(out.tracking_uri).get_run(out.rows[0]["mlflow_run_id"])
-    assert cell.data.metrics[record.SEARCH_CONFIGURATIONS] == 3 and "test_macro_auroc" in cell.data.metrics
-
-
-def client_history(uri: str, run_id: str) -> list[int]:
-    return [h.step for h in MlflowClient(uri).get_metric_history(run_id, record.SELECTION_VALUE)]

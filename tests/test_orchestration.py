@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, tiny_spec_dict
+from dinoscale import record
 from dinoscale.spec import parse_spec
 from dinoscale.sweep.runner import run_sweep
 
@@ -88,8 +89,48 @@ def _write_spec(tmp_path, **overrides) -> str:
     return str(path)
 
 
+def _config_runs(uri: str) -> list:
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("dinoscale-xray-test")  # tiny_spec_dict's spec name
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], f"tags.`{record.ROLE}` = 'configuration'", max_results=1000)
+    except Exception:  # the store may not exist yet
+        return []
+
+
+def _killed_part_way(uri: str) -> bool:
+    """Both frozen cells finished, and in the lora cell's search one configuration finished and the next one
+    part-way (an epoch logged, none decided at a rung yet)."""
+    runs = _config_runs(uri)
+    states = [r.data.tags.get(record.CONFIGURATION_STATE) for r in runs]
+    part_way = [
+        r
+        for r in runs
+        if r.data.tags.get(record.CONFIGURATION_STATE) == "running" and 1 <= r.data.metrics.get(record.EPOCH, 0) < 3
+    ]
+    return "complete" in states and bool(part_way) and len(_finished_children(uri)) >= 2
+
+
 def test_killed_driver_resumes_without_redoing_or_duplicating(tmp_path, ray_local):
-    raw = dict(seeds=[0, 1, 2], resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    """A sweep process is killed (SIGKILL, with the Ray it started) once its frozen cells have finished and the
+    lora cell's search has finished its first configuration and the next one is part-way (grace 3 epochs: the
+    kill lands before a rung is decided). The resumed sweep runs only what was left: no cell or configuration
+    run twice or duplicated, no feature set extracted again, the part-way configuration from its checkpoint.
+    (The cells run one at a time, frozen before lora: resources.cell_order 'cheapest'.)"""
+    raw = dict(
+        strategies=["frozen", "lora"],
+        backbones=[{"name": "dinov3-demo-xs", "weights": "random"}],
+        resolutions=[32],
+        search={"n_trials": 3},
+        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
+    )
+    # two epochs before the first rung (grace 3): the kill lands on a configuration part-way even on a fast machine
+    raw["finetuning"] = {
+        "lora": {"epochs": 4, "batch_size": 16, "rank": 4, "patience": None},
+        "early_stopping": {"grace_epochs": 3, "reduction_factor": 3},
+    }
     spec_path = _write_spec(tmp_path, **raw)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -102,33 +143,61 @@ def test_killed_driver_resumes_without_redoing_or_duplicating(tmp_path, ray_loca
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and len(_finished_children(uri)) < 4 and driver.poll() is None:
-            time.sleep(0.3)
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and not _killed_part_way(uri):
+            time.sleep(0.2)
         assert driver.poll() is None, "the driver ended before it could be killed"
-        finished_before = {r.data.tags["dinoscale.trial_key"] for r in _finished_children(uri)}
+        finished_before = {r.data.tags[record.TRIAL_KEY] for r in _finished_children(uri)}
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die together
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    assert 4 <= len(finished_before) < 24
+    assert len(finished_before) == 2  # the frozen linear and k-NN cells; the lora cell is not finished
+    before = {r.data.tags[record.TRIAL_KEY]: r for r in _config_runs(uri)}
+    configs_done = {k: r for k, r in before.items() if r.data.tags[record.CONFIGURATION_STATE] != "running"}
+    assert 1 <= len(configs_done) < 3
 
     spec = parse_spec(tiny_spec_dict(tmp_path, **raw))
     out = run_sweep(spec, project_dir=tmp_path, quiet=True, analyze=False, resume=True)
-    assert [r["state"] for r in out.rows] == ["FINISHED"] * 24
+    assert [r["state"] for r in out.rows] == ["FINISHED"] * 3
     client = MlflowClient(out.tracking_uri)
     parents = client.search_runs([out.experiment_id], "tags.`dinoscale.role` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["dinoscale.resumes"] == "1"
     children = _children(client, out.experiment_id, out.parent_run_id)
     keys = [c.data.tags["dinoscale.trial_key"] for c in children]
-    assert len(keys) == 24 and len(set(keys)) == 24  # no cell has two child runs
+    assert len(keys) == 3 and len(set(keys)) == 3  # no cell has two child runs
     for c in children:
         if c.data.tags["dinoscale.trial_key"] in finished_before:
             assert c.data.tags["dinoscale.evaluations"] == "1", f"{c.data.tags['dinoscale.cell']} was rerun"
     extracted = [m.value for m in client.get_metric_history(out.parent_run_id, "extraction_feature_sets_extracted")]
-    assert sum(extracted) == 12 and extracted[-1] == 0  # no feature set extracted twice
+    assert sum(extracted) == 3 and extracted[-1] == 0  # no feature set extracted twice
+    _check_the_search_resumed(out, before, configs_done)
+
+
+def _check_the_search_resumed(out, before: dict, configs_done: dict) -> None:
+    """The lora cell's search: one run per configuration, the finished ones not trained again, the part-way one
+    continued from its checkpoint, every epoch trained once."""
+    client = MlflowClient(out.tracking_uri)
+    after = _config_runs(out.tracking_uri)
+    keys = [r.data.tags[record.TRIAL_KEY] for r in after]
+    assert len(keys) == 3 and len(set(keys)) == 3  # one run per configuration, none duplicated
+    by_key = {r.data.tags[record.TRIAL_KEY]: r for r in after}
+    for key, r in configs_done.items():  # not trained again
+        assert by_key[key].data.tags[record.EVALUATIONS] == "1"
+        assert by_key[key].info.end_time == r.info.end_time
+    for r in after:
+        assert r.data.tags[record.CONFIGURATION_STATE] in ("complete", "stopped")
+        epochs = [h.step for h in client.get_metric_history(r.info.run_id, record.SELECTION_VALUE)]
+        assert epochs == list(range(1, int(r.data.metrics[record.EPOCHS_RUN]) + 1))  # each epoch trained once
+    interrupted = [k for k, r in before.items() if r.data.tags[record.CONFIGURATION_STATE] == "running"]
+    assert interrupted
+    for key in interrupted:  # the configuration the kill interrupted continued from its checkpoint
+        assert by_key[key].data.tags[record.EVALUATIONS] == "2"
+    lora = next(r for r in out.rows if r["strategy"] == "lora")
+    cell = client.get_run(lora["mlflow_run_id"])
+    assert cell.data.metrics[record.SEARCH_CONFIGURATIONS] == 3 and "test_macro_auroc" in cell.data.metrics
 
 
 def test_resume_refuses_a_changed_spec(tmp_path, ray_local):

@@ -220,6 +220,92 @@ ELSEWHERE = ("xray", "autolaparo", "camus", "xray-external-rsna", "ct-msd-spleen
 IN_PROCESS = [s for s in REHEARSABLE if s.stem not in ELSEWHERE]
 # Rehearsed with more than the first replicate: the replicate path of that spec's split (MSD: validation fold k)
 REPLICATES = {"mri": 2}
+# Rehearsed on one cell (the spec's first backbone at its first resolution): a second spec of a task kind whose lean
+# grid the spec named beside it rehearses here; what it adds is its dataset (layout, labels, split, external set),
+# as for the MSD tasks of tests/test_msd_tasks.py. One Tune trial is most of a rehearsal's time.
+# (The grid is the scaling axes; the label type, multiclass / multilabel / binary, is the dataset's.)
+ONE_CELL = {
+    "em-ac3ac4": "em",  # EM affinities, VOI / ARAND
+    "petct-hecktor": "petct",  # PET/CT fused segmentation
+    "wsi-bcnb": "wsi",  # tile bags, ABMIL
+    "wsi-external-camelyon17": "wsi",
+    "endoscopy-edd2020": "endovis2018",  # RGB frames, linear segmentation head
+    "medmnist-3d": "ct",  # volumes as mean-pooled slices, linear + k-NN
+    "rsna": "medmnist-2d",  # 2D images, linear + k-NN
+    "kvasir-capsule": "medmnist-2d",
+}
+
+
+def _one_cell(spec: Path) -> tuple[str, ...]:
+    if spec.stem not in ONE_CELL:
+        return ()
+    raw = yaml.safe_load(spec.read_text())
+    b = raw["backbones"][0]
+    return f"resolutions=[{raw['resolutions'][0]}]", f"backbones=[{{name: {b['name']}, weights: {b['weights']}}}]"
+
+
+def _predictions(client, run_id: str):
+    import pandas as pd
+
+    path = client.download_artifacts(run_id, record.PREDICTIONS)
+    return pd.read_csv(path, dtype={"sample_id": str, "patient_id": str})
+
+
+def _cremi_blocks_scored_per_sample_without_an_interval(r, out, parent, cells, client):
+    """CREMI A/B/C, each sample's sections cut into train (first), val and test (last) blocks read from the HDF5 as
+    volumes. Three test units are too few for a bootstrap interval: the runs say so (a tag, no _ci_ metrics) and
+    report A, B and C separately."""
+    (probe,) = r.spec.probes
+    # the replica's 25 sections per sample: 16 train / 4 val / 5 test (20%, the last ones), x 3 samples
+    assert {(f.split, f.n_slices) for f in out.plan.feature_sets} == {("train", 48), ("val", 12), ("test", 15)}
+    assert parent.data.tags[record.HEADLINE_GOAL] == "min"
+    text = Path(client.download_artifacts(parent.info.run_id, "protocol/protocol.md")).read_text()
+    assert f"steps | {probe.steps}" in text and "CREMI" in text and "first sections train" in text
+    for run in cells:
+        m = run.data.metrics
+        assert m["test_voi"] == pytest.approx(m["test_voi_split"] + m["test_voi_merge"], abs=1e-9)
+        assert "test_voi_ci_low" not in m and "no interval: 3 test unit(s)" in run.data.tags[record.INTERVAL]
+        assert 0 <= m["test_arand"] <= 1 and m["interval_units"] == 3 and m["n_test"] == 3
+        per_sample = [m[f"test_voi.{s}"] for s in "ABC"]
+        assert np.mean(per_sample) == pytest.approx(m["test_voi"], abs=1e-9)  # one block per sample
+        assert m["val_voi"] >= 0 and float(run.data.tags["selected.threshold"]) in probe.thresholds
+        assert run.data.params["probe.steps"] == str(probe.steps)
+        assert run.data.params["replicate_split"] == "the dataset's split"
+        assert run.data.tags[record.DATA_SOURCE] == "real"
+        preds = _predictions(client, run.info.run_id)
+        assert {"voi", "voi_split", "voi_merge", "arand", "cremi_score"} <= set(preds.columns)
+        assert preds["group"].tolist() == ["A", "B", "C"]
+        assert preds["sample_id"].tolist() == ["A:20-25", "B:20-25", "C:20-25"]
+    assert "no interval" in (out.report_dir / "report.md").read_text()
+
+
+def _pet_fused_into_the_features(r, out, parent, cells, client):
+    """AutoPET: the PET (SUV) is a channel of the backbone's input beside the windowed CT, so it is in the key."""
+    assert out.plan.feature_sets
+    for f in out.plan.feature_sets:
+        assert "pet_suv" in f.recipe.volume.signature() and f.recipe.intensity == "window"
+    assert all("test_dice" in c.data.metrics for c in cells)
+
+
+def _slides_scored_not_tiles(r, out, parent, cells, client):
+    """Camelyon16: tiles are extracted, but ABMIL predicts (and is scored) once per slide."""
+    test = out.plan.dataset.split("test")
+    slides = list(dict.fromkeys(test["bag_id"].astype(str)))
+    truth = test.drop_duplicates("bag_id").set_index("bag_id")["tumor"]
+    for run in cells:
+        m = run.data.metrics
+        assert m["n_test"] == len(slides) and m["n_test"] < len(test)  # one prediction per slide
+        preds = _predictions(client, run.info.run_id)
+        assert preds["sample_id"].tolist() == slides
+        assert (preds["label_tumor"].to_numpy() == truth.loc[slides].to_numpy()).all()
+
+
+# The checks of a task kind's own path, on the rehearsal of the spec that runs it
+TASK_CHECKS = {
+    "em": _cremi_blocks_scored_per_sample_without_an_interval,
+    "petct": _pet_fused_into_the_features,
+    "wsi": _slides_scored_not_tiles,
+}
 
 
 @pytest.mark.slow
@@ -228,12 +314,18 @@ def test_every_paper_spec_rehearses_end_to_end(spec, isolated):
     from dinoscale.rehearse import rehearse
     from dinoscale.tasks import get_task
 
-    r, out = rehearse(spec, lean=True, quiet=True, project_dir=isolated, replicates=REPLICATES.get(spec.stem, 1))
+    replicates = REPLICATES.get(spec.stem, 1)
+    r, out = rehearse(
+        spec, lean=True, quiet=True, project_dir=isolated, replicates=replicates, overrides=_one_cell(spec)
+    )
     assert [row["cell"] for row in out.rows if row["state"] != "FINISHED"] == []
     runs = _runs(f"sqlite:///{isolated}/mlruns.db", r.spec.experiment_name)
     parents = [x for x in runs if x.data.tags.get(record.ROLE) == record.ROLE_SWEEP]
     cells = [x for x in runs if x.data.tags.get(record.ROLE) == record.ROLE_CELL]
     assert len(parents) == 1 and len(cells) == len(out.plan.cells) > 0
+    if spec.stem in ONE_CELL:  # one backbone at one resolution; the sibling rehearses the lean grid here
+        assert len(r.spec.backbones) == len(r.spec.resolutions) == 1
+        assert ONE_CELL[spec.stem] in [s.stem for s in IN_PROCESS if s.stem not in ONE_CELL]
     headline = get_task(out.plan.dataset.task).headline.test
     for run in parents + cells:
         assert run.data.tags[record.REHEARSAL] == "true" and run.data.tags[record.PROFILE] == "rehearsal"
@@ -247,6 +339,10 @@ def test_every_paper_spec_rehearses_end_to_end(spec, isolated):
     if spec.stem == "mri":  # MSD Task01: 5-fold CV by case, replicate k validates on fold k; distances in mm
         assert {c.data.params["replicate_split"] for c in cells} == {f"validation fold {k} of 5" for k in (0, 1)}
         assert all("test_hd95_mm" in c.data.metrics for c in cells)
+    if spec.stem in TASK_CHECKS:
+        from mlflow.tracking import MlflowClient
+
+        TASK_CHECKS[spec.stem](r, out, parents[0], cells, MlflowClient(f"sqlite:///{isolated}/mlruns.db"))
 
 
 @pytest.mark.slow

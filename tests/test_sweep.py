@@ -114,7 +114,8 @@ def test_failed_trial_is_recorded_with_traceback_while_the_sweep_goes_on(project
 
 
 def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local):
-    """3D classification: slice features pooled per volume (CT window in the key), then the same probes."""
+    """3D classification: slice features pooled per volume (CT window in the key) for the demo's probes (linear,
+    k-NN); the pool probe reads the per-slice rows of the same extraction and pools them itself."""
     import yaml
 
     from dinoscale.features import FeatureStore
@@ -128,17 +129,31 @@ def test_ct_volumes_are_extracted_slice_by_slice_and_pooled(tmp_path, ray_local)
     )
     raw["dataset"]["phantom"].update(n_patients=16, depth=8)
     raw["metrics"] = {"bootstrap": {"resamples": 200}}
+    pool = {"kind": "pool", "poolings": ["mean", "attention"], "epochs": 10, "learning_rates": [0.01]}
+    raw["probes"].append({**pool, "weight_decays": [0.0001], "batch_size": 8})
     out = run_sweep(parse_spec(raw), project_dir=tmp_path, quiet=True, analyze=False)
-    assert [r["state"] for r in out.rows] == ["FINISHED"] * 2
+    assert [r["state"] for r in out.rows] == ["FINISHED"] * 3
     ds = out.plan.dataset
+    assert {f.view for f in out.plan.feature_sets} == {"slices", "volumes"}
+    assert out.extraction.feature_sets_extracted == 6  # one feature set per view and split, each extracted once
     entries = FeatureStore(tmp_path / "store" / "features").entries()
-    assert len(entries) == 3
-    for e in entries:
+    volumes = [e for e in entries if e["key"]["view"] == "volumes"]
+    assert len(entries) == 6 and len(volumes) == 3
+    for e in volumes:
         k = e["key"]  # the recipe's fields (dinoscale.features.recipe), its digest and the rows'
         assert (k["tokens"], k["view"], k["pool"]) == ("cls_mean_patch", "volumes", "mean")
         assert k["intensity"] == "window" and k["window"] == [-1350.0, 150.0] and k["recipe_digest"]
         assert e["shape"][0] == (ds.manifest["split"] == e["split"]).sum()  # one row per volume
-    assert out.extraction.images == int(ds.manifest["n_slices"].sum())  # backbone inputs: every slice once
+    for e in entries:
+        if e["key"]["view"] == "slices":  # the pool probe's rows: one per slice
+            assert e["shape"][0] == ds.split(e["split"])["n_slices"].sum()
+    # backbone inputs: every slice once per view (the pooled volumes' feature sets and the slice rows)
+    assert out.extraction.images == 2 * int(ds.manifest["n_slices"].sum())
+    client = MlflowClient(out.tracking_uri)
+    runs = _children(client, out.experiment_id, out.parent_run_id)
+    pool_run = next(r for r in runs if r.data.params["probe"] == "pool")
+    assert pool_run.data.tags["selected.pooling"] in ("mean", "attention")
+    assert int(pool_run.data.metrics["n_test"]) == len(ds.split("test"))  # scored per volume
 
 
 def test_a_probe_that_does_not_fit_the_task_is_refused_before_anything_runs(tmp_path):
