@@ -376,8 +376,19 @@ def run_job(job: ExtractionJob, store_root: str, counter=None, counter_key: str 
         del backbone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    _settle(counter)
     _task_figures(out, job, t0, peak)
     return out
+
+
+def _settle(counter) -> None:
+    """Return only once the counter actor has taken every count this task sent. The counts go fire and forget,
+    and an actor runs one caller's calls in order, so the answer to one more call means they are all in: the
+    driver's last progress figure, read after the task ends, then counts every row it wrote."""
+    if counter is not None:
+        import ray
+
+        ray.get(counter.snapshot.remote())
 
 
 def _task_figures(out: dict, job, t0: float, peak: PeakRSS) -> None:
@@ -412,6 +423,7 @@ def run_fused_job(job: FusedJob, store_root: str, counter=None, counter_key: str
         del encoders
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    _settle(counter)
     _task_figures(out, job, t0, peak)
     out[record.EXTRACTION_IMAGES_PER_SECOND] = out["slices"] / out["forward_seconds"] if out["forward_seconds"] else 0.0
     out[record.EXTRACTION_DECODE_SHARE] = (
