@@ -314,14 +314,13 @@ def label_spacing(units: SplitUnits, volume: bool) -> list | None:
 def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split: str, probe_spec, sources=None):
     resident = int(cell.memory.get("resident_bytes", 1 << 30))
     form = get_probe(cell.probe).input
-    exclusive, select = get_task(cell.task).exclusive, get_task(cell.task).headline.name
+    task = get_task(cell.task)
     if form == "grid":
-        volumes = cell.view == "slices"
-        multilabel = get_task(cell.task).overlapping
+        volumes, multilabel = cell.view == "slices", task.overlapping
         y = label_maps(store, units, volumes, getattr(probe_spec, "n_classes", None), resident, multilabel)
         spacing = label_spacing(units, volumes)
-        images = ImageMaps(units.items, volumes, units.volume.grid if units.volume else None)
-        images = images if get_probe(cell.probe).images else None
+        grid = units.volume.grid if units.volume else None
+        images = ImageMaps(units.items, volumes, grid) if get_probe(cell.probe).images else None
         if cell.online:
             src = sources or RowSources(units.sample_ids, units.items, units.n_slices, volume=units.volume)
             return SegSplit(OnlineGrids(cell, src, volumes), y, units.patient_ids, spacing, multilabel, images)
@@ -332,10 +331,10 @@ def probe_inputs_views(cell: Cell, units: SplitUnits, store: FeatureStore, split
     if form == "bag":
         ends = np.cumsum(per_unit)
         bags = [RowView(rows, index[e - n : e], resident_bytes=resident) for e, n in zip(ends, per_unit)]
-        return BagSplit(bags, units.labels, exclusive, select)
+        return BagSplit(bags, units.labels, task.exclusive, task.headline.name)
     if (per_unit != 1).any():
         raise RuntimeError(f"feature set of {cell.id} ({split}) has several rows per unit; a vector probe needs one")
-    return Split(RowView(rows, index, resident_bytes=resident), units.labels, exclusive, select)
+    return Split(RowView(rows, index, resident_bytes=resident), units.labels, task.exclusive, task.headline.name)
 
 
 def repartition(train, val, train_idx, val_idx):
