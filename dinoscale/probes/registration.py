@@ -168,15 +168,13 @@ def feature_maps(fixed, moving, images, shape, spec: RegistrationProbeSpec, seed
     return torch.cat([p[0] for p in maps]), torch.cat([p[1] for p in maps])
 
 
-def register_pair(
-    fixed, moving, moving_labels: np.ndarray, spec: RegistrationProbeSpec, lam: float, seed: int, images=None
-):
-    """(warped moving labels, displacement (ndim, *S) in label-map voxels) of one pair of grids; ``images``: the
-    (fixed, moving) images at the label maps' shape (the foreground mask and MIND-SSC read them). On the trial's
-    GPU where it has one (a paper sweep's ``gpus_per_trial``), else the CPU."""
-    shape = tuple(np.shape(moving_labels))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    f, m = feature_maps(fixed, moving, images, shape, spec, seed, device)
+def _device() -> torch.device:
+    """The trial's GPU where it has one (a paper sweep's ``gpus_per_trial``), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _align(f: torch.Tensor, m: torch.Tensor, moving_labels: np.ndarray, spec: RegistrationProbeSpec, lam: float):
+    """(warped moving labels, displacement (ndim, *S) in label-map voxels): ConvexAdam on a pair's feature maps."""
     disp = convex_adam(
         f,
         m,
@@ -187,9 +185,17 @@ def register_pair(
         iterations=spec.steps,
         lr=spec.lr,
         ic=spec.inverse_consistency,
-    )
-    disp = disp.cpu()
+    ).cpu()
     return warp_labels(moving_labels, disp, spec.n_classes), disp.numpy()
+
+
+def register_pair(
+    fixed, moving, moving_labels: np.ndarray, spec: RegistrationProbeSpec, lam: float, seed: int, images=None
+):
+    """(warped moving labels, displacement (ndim, *S) in label-map voxels) of one pair of grids; ``images``: the
+    (fixed, moving) images at the label maps' shape (the foreground mask and MIND-SSC read them)."""
+    f, m = feature_maps(fixed, moving, images, tuple(np.shape(moving_labels)), spec, seed, _device())
+    return _align(f, m, moving_labels, spec, lam)
 
 
 def warp_labels(labels: np.ndarray, disp: torch.Tensor, n_classes: int) -> np.ndarray:
@@ -209,40 +215,36 @@ def mean_dice(pred: np.ndarray, target: np.ndarray, n_classes: int) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def register_split(split: SegSplit, spec: RegistrationProbeSpec, lam: float, seed: int, what: str) -> np.ndarray:
-    """The warped moving label map of every pair of a split (n_pairs, *S)."""
+def register_split(split: SegSplit, spec: RegistrationProbeSpec, lams, seed: int, what: str) -> dict:
+    """{diffusion weight: the warped moving label map of every pair of a split (n_pairs, *S)}. A pair's feature
+    maps (PCA, mask, MIND-SSC) do not depend on the weight: made once, registered with each weight."""
     n = pairs(split, what)
-    ims = split.images
-    out = [
-        register_pair(
-            split.x[2 * k],
-            split.x[2 * k + 1],
-            split.y[2 * k + 1],
-            spec,
-            lam,
-            seed,
-            None if ims is None else (ims[2 * k], ims[2 * k + 1]),
-        )[0]
-        for k in range(n)
-    ]
-    return np.stack(out) if out else np.zeros((0, *np.shape(split.y)[1:]), np.int64)
+    ims, device = split.images, _device()
+    warped: dict = {lam: [] for lam in lams}
+    for k in range(n):
+        labels = split.y[2 * k + 1]
+        images = None if ims is None else (ims[2 * k], ims[2 * k + 1])
+        f, m = feature_maps(split.x[2 * k], split.x[2 * k + 1], images, tuple(np.shape(labels)), spec, seed, device)
+        for lam in lams:
+            warped[lam].append(_align(f, m, labels, spec, lam)[0])
+    empty = np.zeros((0, *np.shape(split.y)[1:]), np.int64)
+    return {lam: np.stack(w) if w else empty for lam, w in warped.items()}
 
 
 def fit_registration(spec: RegistrationProbeSpec, train: SegSplit, val: SegSplit, test: SegSplit, seed: int = 0):
     """Each diffusion weight scored on val (warped-label Dice against the fixed labels), test registered with the
     chosen one. The train split is not read: registration optimises each pair on its own."""
     del train
-    n_val = pairs(val, "val")
     fixed_val = np.asarray(val.y)[0::2]
+    warped = register_split(val, spec, spec.lambda_weights, seed, "val")
     scores = {}
     for lam in spec.lambda_weights:
-        warped = register_split(val, spec, lam, seed, "val") if n_val else np.zeros((0,))
-        d = [mean_dice(w, f, spec.n_classes) for w, f in zip(warped, fixed_val)]
+        d = [mean_dice(w, f, spec.n_classes) for w, f in zip(warped[lam], fixed_val)]
         scores[lam] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
     best = max(scores, key=lambda k: -np.inf if np.isnan(scores[k]) else scores[k])
     selected = {"lambda_weight": best}
     return ProbeResult(
-        test_scores=register_split(test, spec, best, seed, "test"),
+        test_scores=register_split(test, spec, [best], seed, "test")[best],
         val_metric=scores[best],
         selected=selected,
         candidates=len(spec.lambda_weights),
